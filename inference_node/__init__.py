@@ -1,0 +1,1 @@
+"""Inference node: serves generation and embedding models over gRPC."""

@@ -1,0 +1,220 @@
+"""Assembly of an inference node: used by ``__main__`` and by the tests (in-process).
+
+Lifecycle: ``load_models`` (blocking, seconds) → ``start`` (engines, gRPC server, registry) →
+``drain`` (DRAINING in etcd and health, refuse new work, finish in-flight, revoke the lease) →
+``stop``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+
+import structlog
+from prometheus_client import CollectorRegistry
+
+from inference_node.config import NodeSettings
+from inference_node.engine.serial import SerialEngine
+from inference_node.engine.types import Engine
+from inference_node.metrics import EngineCollector, NodeMetrics
+from inference_node.models import (
+    Embedder,
+    LanguageModel,
+    is_embedder,
+    is_generator,
+    load_embedder,
+    load_language_model,
+)
+from inference_node.server import NodeServicer
+from sluice import __version__
+from sluice.registry import NODES_PREFIX, Registration, etcd_client
+from sluice.server import GrpcServer
+from sluice.v1 import common_pb2, node_pb2, node_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+EngineFactory = Callable[[LanguageModel, NodeSettings], Engine]
+
+
+def default_engine(lm: LanguageModel, settings: NodeSettings) -> Engine:
+    """The engine a node runs unless told otherwise."""
+    return SerialEngine(
+        lm, max_waiting=settings.max_waiting, kv_budget_bytes=settings.memory_budget_bytes
+    )
+
+
+def load_models(settings: NodeSettings) -> tuple[dict[str, LanguageModel], dict[str, Embedder]]:
+    """Load every model ``settings.models`` names (blocking: run it before serving)."""
+    generators: dict[str, LanguageModel] = {}
+    embedders: dict[str, Embedder] = {}
+    for name in settings.models:
+        started = time.perf_counter()
+        if is_embedder(name):
+            embedders[name] = load_embedder(name, device=settings.device, dtype=settings.dtype)
+        elif is_generator(name) or (settings.model_path is not None and not generators):
+            generators[name] = load_language_model(
+                name,
+                device=settings.device,
+                dtype=settings.dtype,
+                cache_dir=settings.model_cache_dir,
+                model_path=settings.model_path if not generators else None,
+            )
+        else:
+            raise ValueError(f"unknown model {name!r} (and no --model-path given)")
+        log.info("model_loaded", model=name, seconds=round(time.perf_counter() - started, 2))
+    return generators, embedders
+
+
+class NodeService:
+    """An inference node's parts, with an explicit lifecycle."""
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        registry: CollectorRegistry,
+        generators: dict[str, LanguageModel],
+        embedders: dict[str, Embedder],
+        *,
+        engine_factory: EngineFactory = default_engine,
+        metrics_address: str = "",
+    ) -> None:
+        self.settings = settings
+        self.node_id = settings.node_id or f"node-{uuid.uuid4().hex[:8]}"
+        self.engines: dict[str, Engine] = {
+            n: engine_factory(lm, settings) for n, lm in generators.items()
+        }
+        self._generators = generators
+        self._embedders = embedders
+        self._metrics_address = metrics_address
+        self.draining = False
+        self.drained = asyncio.Event()
+        """Set once a drain has finished (the node may exit)."""
+        self._drain_task: asyncio.Task[None] | None = None
+        self.etcd = etcd_client(settings.etcd_endpoint)
+        self.registration: Registration | None = None
+        self.server = GrpcServer(
+            "inference_node",
+            settings.server_options(quiet_methods=("/sluice.v1.Node/StreamLoad",)),
+            registry,
+        )
+        self.servicer = NodeServicer(
+            self.node_id,
+            {n: (lm, self.engines[n]) for n, lm in generators.items()},
+            embedders,
+            NodeMetrics(registry),
+            is_draining=lambda: self.draining,
+            start_drain=self._start_drain,
+            load_interval_s=settings.load_report_interval_ms / 1000,
+        )
+        registry.register(EngineCollector(lambda: {n: e.stats() for n, e in self.engines.items()}))
+        self.server.add(
+            node_pb2_grpc.add_NodeServicer_to_server,
+            self.servicer,
+            node_pb2.DESCRIPTOR.services_by_name["Node"].full_name,
+        )
+
+    @property
+    def address(self) -> str:
+        """``host:port`` published in the registry."""
+        host = self.settings.advertise_host or self.settings.host
+        return f"{host}:{self.server.port}"
+
+    def info(self) -> common_pb2.NodeInfo:
+        """What the node publishes about itself."""
+        s = self.settings
+        models = [
+            common_pb2.ModelInfo(
+                name=n,
+                kind=common_pb2.MODEL_KIND_GENERATE,
+                max_context_tokens=lm.max_context_tokens,
+                chat=lm.chat,
+            )
+            for n, lm in self._generators.items()
+        ] + [
+            common_pb2.ModelInfo(
+                name=n, kind=common_pb2.MODEL_KIND_EMBED, max_context_tokens=e.max_tokens
+            )
+            for n, e in self._embedders.items()
+        ]
+        return common_pb2.NodeInfo(
+            node_id=self.node_id,
+            address=self.address,
+            models=models,
+            pools=list(s.pools),
+            capacity=common_pb2.Capacity(
+                max_sequences=s.max_sequences,
+                max_batched_tokens=s.max_batched_tokens,
+                memory_budget_bytes=s.memory_budget_bytes,
+            ),
+            version=__version__,
+            state=common_pb2.NODE_STATE_DRAINING
+            if self.draining
+            else common_pb2.NODE_STATE_SERVING,
+            metrics_address=self._metrics_address,
+            device=s.device,
+            started_at_unix_ms=int(time.time() * 1000),
+        )
+
+    async def start(self) -> None:
+        """Start the engines and the server, then register in etcd."""
+        for engine in self.engines.values():
+            engine.start()
+        await self.server.start()
+        self.registration = Registration(
+            self.etcd,
+            NODES_PREFIX + self.node_id,
+            self.info().SerializeToString(),
+            self.settings.registry_ttl_seconds,
+        )
+        await self.registration.start()
+        log.info("node_registered", node_id=self.node_id, address=self.address)
+
+    def _start_drain(self, grace_s: float) -> None:
+        if self._drain_task is None:
+            self._drain_task = asyncio.create_task(
+                self.drain(grace_s or self.settings.drain_grace_seconds)
+            )
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Go DRAINING (registry and health), finish in-flight work, then leave the registry."""
+        if self.draining:
+            return
+        self.draining = True
+        grace = self.settings.drain_grace_seconds if grace_s is None else grace_s
+        log.info("node_draining", node_id=self.node_id, in_flight=self.servicer.in_flight)
+        await self.server.set_serving(False)
+        if self.registration is not None:
+            try:
+                await self.registration.update(self.info().SerializeToString())
+            except Exception as exc:
+                log.warning("drain_registry_update_failed", error=repr(exc))
+        await asyncio.gather(*(e.drain(grace) for e in self.engines.values()))
+        if self.registration is not None:
+            await self.registration.stop()
+        self.drained.set()
+        log.info("node_drained", node_id=self.node_id)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain (if not yet), stop serving, stop the engines."""
+        if self._drain_task is not None:
+            await self._drain_task
+        else:
+            await self.drain(grace_s)
+        await self.server.stop(1.0)
+        self._close()
+        await self.etcd.close()
+
+    async def crash(self) -> None:
+        """Fault injection: die without deregistering (the lease expires on its own)."""
+        if self.registration is not None:
+            self.registration.abandon()
+        await self.server.stop(0)
+        self._close()
+        await self.etcd.close()
+
+    def _close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+        self.servicer.close()

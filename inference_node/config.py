@@ -1,0 +1,48 @@
+"""Inference node settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from sluice.settings import ServiceSettings
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "sluice" / "models"
+
+
+class NodeSettings(ServiceSettings):
+    """Settings of an inference node (``SLUICE_*`` env, YAML file or flags)."""
+
+    node_id: str = ""
+    """Id in the registry; empty picks ``node-<random>``."""
+    models: list[str] = Field(default_factory=lambda: ["smollm2-135m-instruct", "all-minilm-l6-v2"])
+    """Models to load: generators (smollm2-135m-instruct, tiny-random-llama) and embedders
+    (all-minilm-l6-v2)."""
+    model_path: Path | None = None
+    """A Hugging Face causal-LM directory, served under the first generator name in ``models``."""
+    model_cache_dir: Path = Field(default_factory=_default_cache_dir)
+    """Where converted weights (GGUF → safetensors) are kept for fast later starts."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Device the models run on."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights and activations dtype."""
+    pools: list[str] = Field(default_factory=lambda: ["realtime"])
+    """Pools this node serves: realtime, finetune, or both."""
+    max_sequences: int = 32
+    """Most sequences the engine runs at once (published as capacity)."""
+    max_batched_tokens: int = 4096
+    """Most tokens per engine step (published as capacity)."""
+    memory_budget_bytes: int = 2 * 1024**3
+    """Bytes the KV cache may use."""
+    max_waiting: int = 256
+    """Requests queued in the engine beyond which new ones are refused (RESOURCE_EXHAUSTED)."""
+    advertise_host: str = ""
+    """Host published in the registry; empty means ``host``."""
+    load_report_interval_ms: int = 200
+    """Default interval of load reports."""
+    drain_grace_seconds: float = 30.0
+    """How long a drain waits for in-flight requests before cancelling them."""

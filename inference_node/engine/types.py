@@ -1,0 +1,153 @@
+"""The interface between an inference node's servicers and its generation engine.
+
+Servicers tokenize, build an :class:`EngineRequest` and iterate the stream that
+:meth:`Engine.submit` returns; how the engine schedules the model behind it (one request at a
+time, continuous batching, ...) is its own business.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+WORKLOAD_REALTIME = 1
+WORKLOAD_BATCH = 2
+WORKLOAD_FINETUNE = 3
+WORKLOAD_CLASSES: tuple[int, ...] = (WORKLOAD_REALTIME, WORKLOAD_BATCH, WORKLOAD_FINETUNE)
+
+
+class FinishReason(enum.Enum):
+    """Why a request stopped producing tokens."""
+
+    EOS = "eos"
+    LENGTH = "length"
+    STOP = "stop"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop.
+
+    ``temperature == 0`` is greedy; otherwise tokens are sampled with temperature and nucleus
+    (``top_p``) filtering from a generator seeded with ``seed`` (random when ``None``).
+    Generation stops at EOS (unless ``ignore_eos``), after ``max_new_tokens``, or when the text
+    contains one of ``stop`` (the stop string itself is never streamed).
+    """
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One generation request: an already tokenized prompt and its sampling parameters.
+
+    ``workload_class`` uses the proto ``WorkloadClass`` values: 1 realtime, 2 batch,
+    3 finetune (0, unspecified, is served as realtime). Lower values are served first.
+    """
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    workload_class: int = WORKLOAD_REALTIME
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """Output produced since the previous delta of the same request.
+
+    ``token_ids`` are the newly generated ids (an EOS id included) and ``text`` the newly
+    stable text, which may be empty while bytes of a character or a possible stop string are
+    held back. Concatenating every ``text`` gives the final completion. The last delta has
+    ``finish_reason`` set; counts are cumulative.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load.
+
+    ``running`` and ``waiting`` count requests per workload class. ``kv_used_bytes`` is the
+    size of the live KV cache, ``kv_budget_bytes`` what the engine may use for it.
+    ``decode_tokens_per_s`` is a moving average of the decode rate while busy and
+    ``queued_tokens`` an estimate of the tokens of work not yet done.
+    """
+
+    running: dict[int, int]
+    waiting: dict[int, int]
+    kv_used_bytes: int
+    kv_budget_bytes: int
+    decode_tokens_per_s: float
+    queued_tokens: int
+
+
+class DeltaStream(AsyncIterator[TokenDelta], abc.ABC):
+    """The stream :meth:`Engine.submit` returns: an async iterator of deltas that can be closed.
+
+    ``aclose`` (like dropping the stream or cancelling the task awaiting it) cancels the
+    request if it is still in flight, so ``contextlib.aclosing`` works with it.
+    """
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Stop iterating and cancel the request if it has not finished."""
+
+
+class EngineFullError(Exception):
+    """Raised by :meth:`Engine.submit` when the waiting queue is at its bound."""
+
+
+class EngineClosedError(Exception):
+    """Raised by :meth:`Engine.submit` once the engine is draining or closed."""
+
+
+class Engine(Protocol):
+    """A generation engine that owns a model and streams tokens to asyncio callers."""
+
+    def submit(self, request: EngineRequest) -> DeltaStream:
+        """Queue ``request`` and return its delta stream; call it on the event loop thread.
+
+        Validation happens here: ``ValueError`` for an invalid request (for example a prompt
+        plus ``max_new_tokens`` longer than the context), :class:`EngineFullError` when the
+        waiting queue is full, :class:`EngineClosedError` after ``drain`` or ``close``.
+        Deltas arrive as soon as each token is decoded; the last has ``finish_reason`` set.
+        Closing the stream (``aclose``), dropping it, or cancelling the task awaiting it
+        cancels the request and frees its slot at the engine's next step. An error inside the
+        engine is raised from the stream's ``__anext__``.
+        """
+        ...
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel a request; its stream ends with a ``CANCELLED`` delta. Unknown ids are ignored."""
+        ...
+
+    def stats(self) -> EngineStats:
+        """Current load; safe to call from any thread."""
+        ...
+
+    async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 - deadline is the contract
+        """Stop accepting requests, wait up to ``timeout`` seconds for in-flight ones to
+        finish, then cancel the rest."""
+        ...
+
+    def start(self) -> None:
+        """Start serving."""
+        ...
+
+    def close(self) -> None:
+        """Stop serving: cancel whatever is left, stop the engine thread and join it."""
+        ...

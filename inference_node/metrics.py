@@ -1,0 +1,77 @@
+"""Node metrics: counters recorded on the request path, gauges read from the engine at scrape."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import psutil
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from inference_node.engine.types import EngineStats
+
+CLASS_LABELS = {1: "realtime", 2: "batch", 3: "finetune"}
+
+
+class NodeMetrics:
+    """Counters of the node's request path."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.generated_tokens = Counter(
+            "sluice_node_generated_tokens",
+            "Tokens generated, by model.",
+            ["model"],
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "sluice_node_prompt_tokens",
+            "Prompt tokens processed, by model.",
+            ["model"],
+            registry=registry,
+        )
+        self.requests = Counter(
+            "sluice_node_requests",
+            "Requests finished, by model and finish reason.",
+            ["model", "finish_reason"],
+            registry=registry,
+        )
+
+
+class EngineCollector(Collector):
+    """Reads every engine's stats when Prometheus scrapes (no timer, nothing stale)."""
+
+    def __init__(self, stats: Callable[[], dict[str, EngineStats]]) -> None:
+        self._stats = stats
+        self._process = psutil.Process()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        running = GaugeMetricFamily(
+            "sluice_node_running_sequences",
+            "Sequences decoding.",
+            labels=["model", "workload_class"],
+        )
+        waiting = GaugeMetricFamily(
+            "sluice_node_waiting_sequences", "Sequences queued.", labels=["model", "workload_class"]
+        )
+        kv_used = GaugeMetricFamily(
+            "sluice_node_kv_cache_used_bytes", "KV cache bytes in use.", labels=["model"]
+        )
+        kv_budget = GaugeMetricFamily(
+            "sluice_node_kv_cache_budget_bytes", "KV cache bytes allowed.", labels=["model"]
+        )
+        rate = GaugeMetricFamily(
+            "sluice_node_decode_tokens_per_second", "Decode throughput (EWMA).", labels=["model"]
+        )
+        for model, stats in self._stats().items():
+            for cls, label in CLASS_LABELS.items():
+                running.add_metric([model, label], stats.running.get(cls, 0))
+                waiting.add_metric([model, label], stats.waiting.get(cls, 0))
+            kv_used.add_metric([model], stats.kv_used_bytes)
+            kv_budget.add_metric([model], stats.kv_budget_bytes)
+            rate.add_metric([model], stats.decode_tokens_per_s)
+        rss = GaugeMetricFamily(
+            "sluice_node_process_resident_memory_bytes", "Resident set size of the node process."
+        )
+        rss.add_metric([], self._process.memory_info().rss)
+        yield from (running, waiting, kv_used, kv_budget, rate, rss)

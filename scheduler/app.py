@@ -1,0 +1,139 @@
+"""Assembly of the scheduler: used by ``__main__`` and by the tests (in-process)."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from scheduler.config import SchedulerSettings
+from scheduler.dispatch import Dispatcher
+from scheduler.metrics import SchedulerMetrics
+from scheduler.nodes import NodeDirectory
+from scheduler.server import AdminServicer, InferenceServicer, JobsServicer, ModelCatalog
+from scheduler.tenants import TenantDirectory
+from scheduler.usage import UsageBook
+from sluice import __version__
+from sluice.registry import NODES_PREFIX, SCHEDULERS_PREFIX, PrefixView, Registration, etcd_client
+from sluice.server import GrpcServer
+from sluice.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    cache_pb2_grpc,
+    common_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+)
+
+PUBLIC_SERVICES = [
+    inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+    jobs_pb2.DESCRIPTOR.services_by_name["Jobs"].full_name,
+]
+
+
+def _decode_node(raw: bytes) -> common_pb2.NodeInfo:
+    info = common_pb2.NodeInfo()
+    info.ParseFromString(raw)
+    return info
+
+
+class SchedulerService:
+    """The scheduler's parts, with an explicit start/stop lifecycle."""
+
+    def __init__(
+        self,
+        settings: SchedulerSettings,
+        registry: CollectorRegistry,
+        tenants: TenantDirectory | None = None,
+    ) -> None:
+        self.settings = settings
+        self.scheduler_id = settings.scheduler_id or f"scheduler-{uuid.uuid4().hex[:8]}"
+        self.tenants = tenants or TenantDirectory.from_yaml(settings.tenants_file)
+        self.metrics = SchedulerMetrics(registry)
+        self.etcd = etcd_client(settings.etcd_endpoint)
+        self.view: PrefixView[common_pb2.NodeInfo] = PrefixView(
+            self.etcd, NODES_PREFIX, _decode_node
+        )
+        self.nodes = NodeDirectory(self.view)
+        self.usage = UsageBook()
+        self._cache_channel = (
+            grpc.aio.insecure_channel(
+                settings.cache_address, options=[("grpc.enable_http_proxy", 0)]
+            )
+            if settings.cache_address
+            else None
+        )
+        cache = cache_pb2_grpc.CacheStub(self._cache_channel) if self._cache_channel else None
+        self.dispatcher = Dispatcher(self.nodes, self.metrics, max_attempts=settings.max_attempts)
+        self.server = GrpcServer(
+            "scheduler",
+            settings.server_options(),
+            registry,
+            authenticate=self._authenticate,
+            guarded_services=PUBLIC_SERVICES,
+        )
+        catalog = ModelCatalog(list(settings.models), self.nodes)
+        self.server.add(
+            inference_pb2_grpc.add_InferenceServicer_to_server,
+            InferenceServicer(
+                settings, self.tenants, catalog, self.dispatcher, cache, self.metrics, self.usage
+            ),
+            PUBLIC_SERVICES[0],
+        )
+        self.server.add(
+            admin_pb2_grpc.add_AdminServicer_to_server,
+            AdminServicer(self.nodes, self.usage),
+            PUBLIC_SERVICES[1],
+        )
+        self.server.add(
+            jobs_pb2_grpc.add_JobsServicer_to_server, JobsServicer(), PUBLIC_SERVICES[2]
+        )
+        self.registration: Registration | None = None
+
+    def _authenticate(self, key: str) -> str | None:
+        tenant = self.tenants.authenticate(key)
+        return tenant.name if tenant else None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the public gRPC server."""
+        return self.server.address
+
+    async def start(self) -> None:
+        """Follow the registry, start serving, then announce this replica in etcd."""
+        await self.view.start()
+        self.nodes.start()
+        self.view.subscribe(lambda _n, _v: self._count_nodes())
+        self._count_nodes()
+        await self.server.start()
+        info = common_pb2.SchedulerInfo(
+            scheduler_id=self.scheduler_id, address=self.address, version=__version__
+        )
+        self.registration = Registration(
+            self.etcd,
+            SCHEDULERS_PREFIX + self.scheduler_id,
+            info.SerializeToString(),
+            self.settings.registry_ttl_seconds,
+        )
+        await self.registration.start()
+
+    def _count_nodes(self) -> None:
+        nodes = self.nodes.nodes()
+        serving = sum(n.info.state == common_pb2.NODE_STATE_SERVING for n in nodes)
+        self.metrics.nodes.labels("serving").set(serving)
+        self.metrics.nodes.labels("draining").set(len(nodes) - serving)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Leave the registry, finish in-flight calls, close every channel."""
+        if self.registration is not None:
+            await self.registration.stop()
+        await self.server.stop(grace_s)
+        await self.view.stop()
+        await self.nodes.close()
+        if self._cache_channel is not None:
+            await self._cache_channel.close()
+        await self.etcd.close()

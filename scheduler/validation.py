@@ -1,0 +1,122 @@
+"""Request validation: every rule broken is reported at once, as ``BadRequest`` violations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from scheduler.config import ModelSpec
+from scheduler.tenants import Tenant
+from sluice.errors import InvalidArgument, PermissionDenied
+from sluice.v1 import common_pb2, inference_pb2
+
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 64
+ROLES = frozenset({"system", "user", "assistant"})
+
+Catalog = Callable[[str], ModelSpec | None]
+"""Looks a model up by name (configured catalog, then models nodes advertise)."""
+
+
+def effective_class(workload_class: int) -> int:
+    """Unset class means REALTIME."""
+    return workload_class or common_pb2.WORKLOAD_CLASS_REALTIME
+
+
+def _check_access(tenant: Tenant, model: str, workload_class: int) -> None:
+    if not tenant.may_use_model(model):
+        raise PermissionDenied(f"tenant {tenant.name!r} may not use model {model!r}")
+    if not tenant.may_use_class(workload_class):
+        name = common_pb2.WorkloadClass.Name(workload_class)
+        raise PermissionDenied(f"tenant {tenant.name!r} may not submit {name} work")
+
+
+def validate_generate(
+    request: inference_pb2.GenerateRequest, tenant: Tenant, catalog: Catalog
+) -> inference_pb2.GenerateRequest:
+    """Check ``request`` and return a copy with defaults applied (class, max_new_tokens)."""
+    violations: list[tuple[str, str]] = []
+    spec = catalog(request.model) if request.model else None
+    if not request.model:
+        violations.append(("model", "required"))
+    elif spec is None:
+        violations.append(("model", f"unknown model {request.model!r}"))
+    elif spec.kind != "generate":
+        violations.append(("model", f"{request.model!r} is an embedding model; use Embed"))
+    if request.workload_class not in common_pb2.WorkloadClass.values():
+        violations.append(("workload_class", f"unknown value {request.workload_class}"))
+
+    has_prompt = bool(request.prompt.strip())
+    if has_prompt and request.messages:
+        violations.append(("messages", "set either prompt or messages, not both"))
+    elif not has_prompt and not request.messages:
+        violations.append(("prompt", "must not be empty (or send messages)"))
+    for i, message in enumerate(request.messages):
+        if message.role not in ROLES:
+            violations.append((f"messages[{i}].role", f"must be one of {sorted(ROLES)}"))
+        if not message.content.strip():
+            violations.append((f"messages[{i}].content", "must not be empty"))
+    chars = len(request.prompt) + sum(len(m.content) for m in request.messages)
+    if spec is not None and chars > spec.max_prompt_chars:
+        violations.append(("prompt", f"{chars} characters, limit {spec.max_prompt_chars}"))
+
+    options = request.options
+    if options.HasField("max_new_tokens"):
+        limit = spec.max_new_tokens if spec else None
+        if options.max_new_tokens <= 0:
+            violations.append(("options.max_new_tokens", "must be at least 1"))
+        elif limit is not None and options.max_new_tokens > limit:
+            violations.append(
+                ("options.max_new_tokens", f"{options.max_new_tokens} > limit {limit}")
+            )
+    if options.HasField("temperature") and not 0.0 <= options.temperature <= 2.0:
+        violations.append(("options.temperature", "must be in [0, 2]"))
+    if options.HasField("top_p") and not 0.0 < options.top_p <= 1.0:
+        violations.append(("options.top_p", "must be in (0, 1]"))
+    if len(options.stop) > MAX_STOP_STRINGS:
+        violations.append(("options.stop", f"at most {MAX_STOP_STRINGS} stop strings"))
+    for i, stop in enumerate(options.stop):
+        if not stop or len(stop) > MAX_STOP_CHARS:
+            violations.append((f"options.stop[{i}]", f"must be 1 to {MAX_STOP_CHARS} characters"))
+    if violations:
+        raise InvalidArgument(violations)
+
+    assert spec is not None
+    workload_class = effective_class(request.workload_class)
+    _check_access(tenant, request.model, workload_class)
+    normalized = inference_pb2.GenerateRequest()
+    normalized.CopyFrom(request)
+    normalized.workload_class = workload_class  # type: ignore[assignment]
+    if not options.HasField("max_new_tokens"):
+        normalized.options.max_new_tokens = spec.default_max_new_tokens
+    return normalized
+
+
+def validate_embed(
+    request: inference_pb2.EmbedRequest, tenant: Tenant, catalog: Catalog
+) -> inference_pb2.EmbedRequest:
+    """Check an embedding request; returns a copy with the class defaulted."""
+    violations: list[tuple[str, str]] = []
+    spec = catalog(request.model) if request.model else None
+    if not request.model:
+        violations.append(("model", "required"))
+    elif spec is None:
+        violations.append(("model", f"unknown model {request.model!r}"))
+    elif spec.kind != "embed":
+        violations.append(("model", f"{request.model!r} generates text; use Generate"))
+    if not request.inputs:
+        violations.append(("inputs", "at least one text required"))
+    elif spec is not None and len(request.inputs) > spec.max_inputs:
+        violations.append(("inputs", f"{len(request.inputs)} texts, limit {spec.max_inputs}"))
+    for i, text in enumerate(request.inputs):
+        if not text.strip():
+            violations.append((f"inputs[{i}]", "must not be empty"))
+        elif spec is not None and len(text) > spec.max_prompt_chars:
+            violations.append((f"inputs[{i}]", f"longer than {spec.max_prompt_chars} characters"))
+    if violations:
+        raise InvalidArgument(violations)
+    workload_class = effective_class(request.workload_class)
+    _check_access(tenant, request.model, workload_class)
+    normalized = inference_pb2.EmbedRequest()
+    normalized.CopyFrom(request)
+    normalized.workload_class = workload_class  # type: ignore[assignment]
+    return normalized

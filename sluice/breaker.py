@@ -1,0 +1,97 @@
+"""A small circuit breaker (closed → open → half-open), driven by an injected clock.
+
+Defaults follow the project's requirements: open after 5 consecutive failures, allow a
+half-open probe after 5 s, and never stay open longer than 30 s per round (the open time
+doubles on each failed probe, capped at ``max_open_s``).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+class BreakerState(enum.Enum):
+    """Breaker states."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    """When a breaker opens and how long it stays open."""
+
+    failure_threshold: int = 5
+    """Consecutive failures that open the breaker."""
+    open_s: float = 5.0
+    """Time open before a half-open probe is allowed."""
+    max_open_s: float = 30.0
+    """Longest open period of one round (after repeated failed probes)."""
+    close_after_successes: int = 1
+    """Successful probes needed to close again."""
+
+
+class CircuitBreaker:
+    """Tracks one dependency's health. Not thread-safe; use from one event loop."""
+
+    def __init__(
+        self, config: BreakerConfig | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.config = config or BreakerConfig()
+        self._clock = clock
+        self._state = BreakerState.CLOSED
+        self._failures = 0
+        self._successes = 0
+        self._opened_at = 0.0
+        self._open_for = self.config.open_s
+        self._probe_out = False
+
+    @property
+    def state(self) -> BreakerState:
+        """The current state (OPEN turns HALF_OPEN once its open period has passed)."""
+        if self._state is BreakerState.OPEN and self._clock() - self._opened_at >= self._open_for:
+            self._state = BreakerState.HALF_OPEN
+            self._probe_out = False
+        return self._state
+
+    def allow(self) -> bool:
+        """May a call go through now? In HALF_OPEN, only one probe at a time."""
+        state = self.state
+        if state is BreakerState.CLOSED:
+            return True
+        if state is BreakerState.HALF_OPEN and not self._probe_out:
+            self._probe_out = True
+            return True
+        return False
+
+    def record_success(self) -> None:
+        """A call succeeded."""
+        if self.state is BreakerState.HALF_OPEN:
+            self._successes += 1
+            self._probe_out = False
+            if self._successes >= self.config.close_after_successes:
+                self._state = BreakerState.CLOSED
+                self._open_for = self.config.open_s
+        self._failures = 0
+
+    def record_failure(self) -> None:
+        """A call failed."""
+        state = self.state
+        if state is BreakerState.HALF_OPEN:
+            self._open_for = min(self._open_for * 2, self.config.max_open_s)
+            self._trip()
+            return
+        self._failures += 1
+        if state is BreakerState.CLOSED and self._failures >= self.config.failure_threshold:
+            self._trip()
+
+    def _trip(self) -> None:
+        self._state = BreakerState.OPEN
+        self._opened_at = self._clock()
+        self._failures = 0
+        self._successes = 0
+        self._probe_out = False

@@ -1,0 +1,206 @@
+"""Server interceptors shared by every service.
+
+- :class:`ObservabilityInterceptor` (outermost): request id from ``x-request-id`` (or a new
+  one) bound into structlog's context, one ``rpc_finished`` summary line per RPC, RPC metrics,
+  and the mapping of :class:`sluice.errors.SluiceError` to a status with rich details. Any other
+  exception becomes ``INTERNAL`` with a generic message and one logged traceback.
+- :class:`AuthInterceptor`: for the methods it guards, turns the ``authorization`` metadata
+  into a tenant through an injected authenticator and sets :data:`sluice.context.tenant`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from typing import Any
+
+import grpc
+import structlog
+
+from sluice import context
+from sluice.errors import Internal, SluiceError, Unauthenticated
+from sluice.telemetry import RpcMetrics
+
+log = structlog.get_logger(__name__)
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+def _metadata(details_or_context: Any) -> dict[str, str]:
+    raw = (
+        details_or_context.invocation_metadata()
+        if callable(getattr(details_or_context, "invocation_metadata", None))
+        else details_or_context.invocation_metadata
+    )
+    out: dict[str, str] = {}
+    for item in raw or ():
+        key, value = item[0], item[1]
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+def _wrap(
+    handler: grpc.RpcMethodHandler,
+    method: str,
+    before: Callable[[grpc.aio.ServicerContext], Awaitable[None]],
+    after: Callable[[grpc.aio.ServicerContext, BaseException | None], Awaitable[None]],
+) -> grpc.RpcMethodHandler:
+    """Return ``handler`` with ``before`` run first and ``after`` run with the outcome.
+
+    ``after`` may raise (to turn an exception into a status); it is given ``None`` on success.
+    """
+    if handler.unary_unary or handler.stream_unary:
+        inner = handler.unary_unary or handler.stream_unary
+
+        async def unary(request: Any, ctx: grpc.aio.ServicerContext) -> Any:
+            await before(ctx)
+            try:
+                response = await inner(request, ctx)
+            except BaseException as exc:
+                await after(ctx, exc)
+                raise
+            await after(ctx, None)
+            return response
+
+        factory = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary
+            else grpc.stream_unary_rpc_method_handler
+        )
+        return factory(
+            unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    inner_stream = handler.unary_stream or handler.stream_stream
+
+    async def streaming(request: Any, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await before(ctx)
+        try:
+            result = inner_stream(request, ctx)
+            if hasattr(result, "__aiter__"):
+                async for item in result:
+                    yield item
+            else:  # a coroutine that writes with ctx.write()
+                await result
+        except BaseException as exc:
+            await after(ctx, exc)
+            raise
+        await after(ctx, None)
+
+    factory_s = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.unary_stream
+        else grpc.stream_stream_rpc_method_handler
+    )
+    return factory_s(
+        streaming,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    """Request ids, summary logs, RPC metrics and the domain-error → status mapping."""
+
+    def __init__(self, metrics: RpcMetrics, *, quiet_methods: Collection[str] = ()) -> None:
+        self._metrics = metrics
+        # Health checks and load streams are frequent; they are counted but not logged.
+        self._quiet = set(quiet_methods) | {
+            "/grpc.health.v1.Health/Check",
+            "/grpc.health.v1.Health/Watch",
+        }
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        incoming = _metadata(handler_call_details).get(context.REQUEST_ID_METADATA, "")
+        started: dict[str, float] = {}
+
+        async def before(ctx: grpc.aio.ServicerContext) -> None:
+            rid = incoming[:128] or uuid.uuid4().hex
+            context.request_id.set(rid)
+            structlog.contextvars.bind_contextvars(request_id=rid, rpc=method)
+            started["t"] = time.perf_counter()
+
+        async def after(ctx: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
+            elapsed = time.perf_counter() - started.get("t", time.perf_counter())
+            code = grpc.StatusCode.OK
+            error: SluiceError | None = None
+            if isinstance(exc, SluiceError):
+                error = exc
+            elif isinstance(exc, BaseException) and not isinstance(
+                exc, grpc.aio.AbortError | GeneratorExit
+            ):
+                if isinstance(exc, asyncio.CancelledError):
+                    code = grpc.StatusCode.CANCELLED
+                else:
+                    log.error("rpc_unhandled_exception", exc_info=exc)
+                    error = Internal("internal error")
+            elif exc is not None:
+                code = ctx.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+            if error is not None:
+                code = error.code
+            self._metrics.requests.labels(method, code.name).inc()
+            self._metrics.duration.labels(method).observe(elapsed)
+            if method not in self._quiet:
+                fields: dict[str, Any] = {
+                    "code": code.name,
+                    "duration_ms": round(elapsed * 1000, 3),
+                }
+                if error is not None:
+                    fields["reason"] = error.reason
+                    fields["error"] = error.message
+                (log.warning if error is not None else log.info)("rpc_finished", **fields)
+            if error is not None:
+                ctx.set_trailing_metadata(error.trailing_metadata())
+                await ctx.abort(error.code, error.message)
+
+        return _wrap(handler, method, before, after)
+
+
+Authenticator = Callable[[str], str | None]
+"""Maps an API key to a tenant name, or None when the key is unknown."""
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates ``authorization: Bearer <key>`` on the methods of the guarded services."""
+
+    def __init__(self, authenticate: Authenticator, guarded_services: Collection[str]) -> None:
+        self._authenticate = authenticate
+        self._prefixes = tuple(f"/{name}/" for name in guarded_services)
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(self._prefixes):
+            return handler
+        header = _metadata(handler_call_details).get("authorization", "")
+
+        async def before(ctx: grpc.aio.ServicerContext) -> None:
+            scheme, _, key = header.partition(" ")
+            if scheme.lower() != "bearer" or not key.strip():
+                raise Unauthenticated(
+                    "missing API key: send metadata 'authorization: Bearer <key>'",
+                    reason="API_KEY_MISSING",
+                )
+            tenant = self._authenticate(key.strip())
+            if tenant is None:
+                raise Unauthenticated("API key not valid")
+            context.tenant.set(tenant)
+            structlog.contextvars.bind_contextvars(tenant=tenant)
+
+        async def after(ctx: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
+            return None
+
+        return _wrap(handler, method, before, after)

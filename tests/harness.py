@@ -1,0 +1,149 @@
+"""Test harness: the services in-process on ephemeral ports, against real etcd and Redis.
+
+Everything binds 127.0.0.1 port 0; nothing is mocked. Fault injection goes through the real
+objects (``NodeService.crash`` stops a node without deregistering, as ``kill -9`` would).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from cache_service.app import CacheService
+from cache_service.config import CacheSettings
+from inference_node.app import NodeService
+from inference_node.config import NodeSettings
+from inference_node.models import Embedder, LanguageModel
+from scheduler.app import SchedulerService
+from scheduler.config import SchedulerSettings
+from scheduler.tenants import Tenant, TenantDirectory
+from sluice.auth import hash_api_key
+from sluice.v1 import admin_pb2_grpc, cache_pb2_grpc, common_pb2, inference_pb2_grpc
+
+API_KEY = "sk-sluice-test-key-alpha"
+OTHER_KEY = "sk-sluice-test-key-beta"
+
+
+def test_tenants() -> TenantDirectory:
+    """Two tenants with known keys."""
+    every_class = frozenset(
+        {
+            common_pb2.WORKLOAD_CLASS_REALTIME,
+            common_pb2.WORKLOAD_CLASS_BATCH,
+            common_pb2.WORKLOAD_CLASS_FINETUNE,
+        }
+    )
+    return TenantDirectory(
+        [
+            Tenant("alpha", 2.0, every_class, frozenset({"*"}), (hash_api_key(API_KEY),)),
+            Tenant(
+                "beta",
+                1.0,
+                frozenset({common_pb2.WORKLOAD_CLASS_BATCH}),
+                frozenset({"tiny-random-llama"}),
+                (hash_api_key(OTHER_KEY),),
+            ),
+        ]
+    )
+
+
+async def eventually(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02
+) -> None:
+    """Poll ``predicate`` until truthy; fail with its last value after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last value {value!r})")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class Suite:
+    """Cache service, nodes and a scheduler running in this event loop."""
+
+    etcd: str
+    redis_url: str
+    generators: dict[str, LanguageModel]
+    embedders: dict[str, Embedder]
+    tmp: Path
+    cache: CacheService | None = None
+    scheduler: SchedulerService | None = None
+    nodes: list[NodeService] = field(default_factory=list)
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    async def start_cache(self) -> CacheService:
+        settings = CacheSettings(redis_url=self.redis_url)
+        self.cache = CacheService(settings, CollectorRegistry())
+        await self.cache.start()
+        return self.cache
+
+    async def start_node(self, node_id: str = "", **overrides: Any) -> NodeService:
+        settings = NodeSettings(
+            etcd_endpoint=self.etcd,
+            node_id=node_id,
+            models=[*self.generators, *self.embedders],
+            registry_ttl_seconds=2,
+            drain_grace_seconds=5,
+            **overrides,
+        )
+        node = NodeService(settings, CollectorRegistry(), self.generators, self.embedders)
+        await node.start()
+        self.nodes.append(node)
+        return node
+
+    async def start_scheduler(self, **overrides: Any) -> SchedulerService:
+        settings = SchedulerSettings(
+            etcd_endpoint=self.etcd,
+            cache_address=self.cache.address if self.cache else "",
+            registry_ttl_seconds=2,
+            **overrides,
+        )
+        self.scheduler = SchedulerService(settings, CollectorRegistry(), tenants=test_tenants())
+        await self.scheduler.start()
+        return self.scheduler
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)])
+        self.channels.append(channel)
+        return channel
+
+    def inference(self) -> inference_pb2_grpc.InferenceStub:
+        assert self.scheduler is not None
+        return inference_pb2_grpc.InferenceStub(self.channel(self.scheduler.address))
+
+    def admin(self) -> admin_pb2_grpc.AdminStub:
+        assert self.scheduler is not None
+        return admin_pb2_grpc.AdminStub(self.channel(self.scheduler.address))
+
+    def cache_stub(self) -> cache_pb2_grpc.CacheStub:
+        assert self.cache is not None
+        return cache_pb2_grpc.CacheStub(self.channel(self.cache.address))
+
+    async def stop(self) -> None:
+        for channel in self.channels:
+            await channel.close()
+        if self.scheduler is not None:
+            await self.scheduler.stop(0.5)
+        for node in self.nodes:
+            if not node.drained.is_set() or node.server.port:
+                with contextlib.suppress(Exception):  # already crashed on purpose
+                    await node.stop(0.5)
+        if self.cache is not None:
+            await self.cache.stop(0.5)
+
+
+def auth(key: str = API_KEY) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying an API key."""
+    return (("authorization", f"Bearer {key}"),)
