@@ -1,0 +1,260 @@
+"""`sluice up`: the whole suite on one machine, as child processes.
+
+Order: etcd and Redis (real servers) → cache service → inference nodes → scheduler. Each child
+logs to ``<run-dir>/logs/<name>.log`` (JSON lines). ``start`` returns once every service answers
+``SERVING`` on ``grpc.health.v1`` and the scheduler sees every node; ``stop`` ends the children
+first (SIGTERM, then SIGKILL after the grace), then the stores. Endpoints go to
+``<run-dir>/endpoints.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sluice.auth import new_api_key, write_tenants_file
+from sluice.stores import (
+    StoreProcess,
+    environment_without_proxies,
+    etcd_process,
+    free_port,
+    redis_process,
+)
+from sluice.v1 import admin_pb2, admin_pb2_grpc
+
+DEV_KEY_FILE = "dev-api-key"
+ENDPOINTS_FILE = "endpoints.json"
+
+
+@dataclass
+class UpConfig:
+    """What `sluice up` starts."""
+
+    run_dir: Path = Path(".sluice")
+    nodes: int = 1
+    models: list[str] = field(default_factory=lambda: ["smollm2-135m-instruct", "all-minilm-l6-v2"])
+    tenants_file: Path | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    host: str = "127.0.0.1"
+    scheduler_port: int = 0
+    startup_timeout_s: float = 600.0
+    grace_s: float = 10.0
+
+
+@dataclass
+class Child:
+    """A service process we started."""
+
+    name: str
+    module: str
+    grpc_address: str
+    metrics_address: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    log: IO[bytes]
+
+
+@dataclass
+class Endpoints:
+    """Every address of a running suite (written to endpoints.json)."""
+
+    scheduler: dict[str, str]
+    cache: dict[str, str]
+    nodes: list[dict[str, str]]
+    etcd: str
+    redis: str
+    tenants_file: str
+    logs: str
+
+    def to_json(self) -> str:
+        """Pretty JSON."""
+        return json.dumps(asdict(self), indent=2)
+
+
+def read_endpoints(run_dir: Path) -> dict[str, Any]:
+    """The endpoints a running `sluice up` wrote."""
+    data: dict[str, Any] = json.loads((run_dir / ENDPOINTS_FILE).read_text())
+    return data
+
+
+class Supervisor:
+    """Starts and stops the suite."""
+
+    def __init__(self, config: UpConfig, say: Callable[[str], None] = lambda _m: None) -> None:
+        self.config = config
+        self.say = say
+        self.run_dir = config.run_dir.resolve()
+        self.logs = self.run_dir / "logs"
+        self.stores: list[StoreProcess] = []
+        self.children: list[Child] = []
+        self.api_key: str | None = None
+        self.endpoints: Endpoints | None = None
+
+    def _tenants(self) -> Path:
+        if self.config.tenants_file is not None:
+            return self.config.tenants_file.resolve()
+        path = self.run_dir / "tenants.yaml"
+        self.api_key = new_api_key()
+        write_tenants_file(path, [("dev", self.api_key)])
+        key_file = self.run_dir / DEV_KEY_FILE
+        key_file.write_text(self.api_key + "\n")
+        key_file.chmod(0o600)
+        return path
+
+    def _spawn(self, name: str, module: str, args: list[str]) -> Child:
+        host = self.config.host
+        port = (
+            self.config.scheduler_port
+            if module == "scheduler" and self.config.scheduler_port
+            else free_port(host)
+        )
+        metrics_port = free_port(host)
+        log_path = self.logs / f"{name}.log"
+        log = log_path.open("ab")
+        env = environment_without_proxies()
+        env.update({"SLUICE_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+        argv = [
+            sys.executable, "-m", module,
+            "--host", host, "--port", str(port),
+            "--metrics-host", host, "--metrics-port", str(metrics_port),
+            "--grace-seconds", str(self.config.grace_s),
+            *args,
+        ]  # fmt: skip
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        child = Child(name, module, f"{host}:{port}", f"{host}:{metrics_port}", proc, log_path, log)
+        self.children.append(child)
+        self.say(f"started {name} (pid {proc.pid}), log {log_path}")
+        return child
+
+    def _wait_serving(self, child: Child, deadline: float) -> None:
+        with grpc.insecure_channel(
+            child.grpc_address, options=[("grpc.enable_http_proxy", 0)]
+        ) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while True:
+                if child.proc.poll() is not None:
+                    tail = child.log_path.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"{child.name} exited with {child.proc.returncode}:\n{tail}")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{child.name} not SERVING after {self.config.startup_timeout_s}s"
+                    )
+                time.sleep(0.2)
+
+    def _wait_nodes_visible(self, scheduler: Child, deadline: float) -> None:
+        metadata = (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+        with grpc.insecure_channel(
+            scheduler.grpc_address, options=[("grpc.enable_http_proxy", 0)]
+        ) as ch:
+            stub = admin_pb2_grpc.AdminStub(ch)
+            while time.monotonic() < deadline:
+                try:
+                    reply = stub.ListNodes(
+                        admin_pb2.ListNodesRequest(), timeout=2, metadata=metadata
+                    )
+                    if sum(n.healthy for n in reply.nodes) >= self.config.nodes:
+                        return
+                except grpc.RpcError:
+                    if not metadata:  # no dev key to ask with: SERVING is all we can check
+                        return
+                time.sleep(0.2)
+        raise TimeoutError("the scheduler did not see every node in time")
+
+    def start(self) -> Endpoints:
+        """Start everything; returns once the suite serves."""
+        cfg = self.config
+        self.logs.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + cfg.startup_timeout_s
+        etcd = etcd_process(self.run_dir / "etcd-data", self.logs / "etcd.log", cfg.host).start()
+        self.stores.append(etcd)
+        self.say(f"etcd listening on {etcd.address}")
+        redis = redis_process(
+            self.run_dir / "redis-data", self.logs / "redis.log", cfg.host
+        ).start()
+        self.stores.append(redis)
+        redis_url = f"redis://{redis.address}/0"
+        self.say(f"redis listening on {redis.address}")
+        tenants = self._tenants()
+        common = ["--etcd-endpoint", etcd.address]
+        cache = self._spawn("cache", "cache_service", ["--redis-url", redis_url])
+        node_args = [
+            *common,
+            "--models", ",".join(cfg.models),
+            "--device", cfg.device,
+            "--dtype", cfg.dtype,
+        ]  # fmt: skip
+        nodes = [self._spawn("node-1", "inference_node", [*node_args, "--node-id", "node-1"])]
+        # The first node converts model weights once; the others then load the cached copy.
+        self._wait_serving(nodes[0], deadline)
+        for i in range(2, cfg.nodes + 1):
+            nodes.append(
+                self._spawn(f"node-{i}", "inference_node", [*node_args, "--node-id", f"node-{i}"])
+            )
+        scheduler = self._spawn(
+            "scheduler",
+            "scheduler",
+            [*common, "--tenants-file", str(tenants), "--cache-address", cache.grpc_address],
+        )
+        for child in [cache, *nodes, scheduler]:
+            self._wait_serving(child, deadline)
+        self._wait_nodes_visible(scheduler, deadline)
+        self.endpoints = Endpoints(
+            scheduler={"grpc": scheduler.grpc_address, "metrics": scheduler.metrics_address},
+            cache={"grpc": cache.grpc_address, "metrics": cache.metrics_address},
+            nodes=[
+                {"id": n.name, "grpc": n.grpc_address, "metrics": n.metrics_address} for n in nodes
+            ],
+            etcd=etcd.address,
+            redis=redis_url,
+            tenants_file=str(tenants),
+            logs=str(self.logs),
+        )
+        (self.run_dir / ENDPOINTS_FILE).write_text(self.endpoints.to_json())
+        return self.endpoints
+
+    def stop(self) -> None:
+        """Children first (scheduler, nodes, cache), then the stores; by PID only."""
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                child.proc.terminate()
+        for child in reversed(self.children):
+            try:
+                child.proc.wait(self.config.grace_s + 5)
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+            child.log.close()
+            self.say(f"stopped {child.name} (exit {child.proc.returncode})")
+        self.children.clear()
+        for store in reversed(self.stores):
+            store.stop()
+            self.say(f"stopped {store.name}")
+        self.stores.clear()
+        endpoints = self.run_dir / ENDPOINTS_FILE
+        if endpoints.exists():
+            endpoints.unlink()
+
+
+def dev_api_key(run_dir: Path) -> str | None:
+    """The development key a `sluice up` without tenants file created, if any."""
+    path = run_dir / DEV_KEY_FILE
+    return path.read_text().strip() if path.exists() else None
+
+
+__all__ = ["Endpoints", "Supervisor", "UpConfig", "dev_api_key", "read_endpoints"]
