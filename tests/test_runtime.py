@@ -1,0 +1,152 @@
+"""The shared runtime: settings precedence, errors → statuses, interceptors, metrics endpoint."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from prometheus_client import CollectorRegistry
+
+from sluice import context
+from sluice.errors import (
+    PUSHBACK_METADATA,
+    STATUS_DETAILS_METADATA,
+    InvalidArgument,
+    ResourceExhausted,
+    unpack_details,
+)
+from sluice.server import GrpcServer, ServerOptions
+from sluice.settings import ServiceSettings, load_settings, parse_settings
+from sluice.telemetry import MetricsServer
+from sluice.v1 import cache_pb2, cache_pb2_grpc
+
+
+def test_settings_precedence_defaults_file_env_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defaults < YAML file < SLUICE_* env < flags, field by field."""
+    config = tmp_path / "s.yaml"
+    config.write_text("port: 1111\nlog_level: debug\ngrace_seconds: 3\n")
+    monkeypatch.setenv("SLUICE_PORT", "2222")
+    monkeypatch.setenv("SLUICE_GRACE_SECONDS", "4")
+    s = parse_settings(ServiceSettings, ["--config", str(config), "--grace-seconds", "5"], "t")
+    assert s.metrics_port == 0  # default
+    assert s.log_level == "debug"  # file
+    assert s.port == 2222  # env beats file
+    assert s.grace_seconds == 5.0  # flag beats env
+    assert load_settings(ServiceSettings).port == 2222
+
+
+def test_settings_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    """A config path that does not exist is refused, not silently ignored."""
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_settings(ServiceSettings, config_file=tmp_path / "nope.yaml")
+
+
+def test_resource_exhausted_carries_retry_info_quota_failure_and_pushback() -> None:
+    """A refusal packs ErrorInfo, RetryInfo and QuotaFailure and sets grpc-retry-pushback-ms."""
+    err = ResourceExhausted(
+        "over quota",
+        retry_after_s=1.25,
+        reason="QUOTA_EXCEEDED",
+        quota_violations=[("tenant:a", "requests per second")],
+    )
+    trailers = dict(err.trailing_metadata())
+    assert trailers[PUSHBACK_METADATA] == "1250"
+    status = status_pb2.Status.FromString(trailers[STATUS_DETAILS_METADATA])  # type: ignore[arg-type]
+    assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    kinds = {type(d).__name__: d for d in unpack_details(status)}
+    assert kinds["ErrorInfo"].reason == "QUOTA_EXCEEDED"  # type: ignore[attr-defined]
+    assert kinds["RetryInfo"].retry_delay.seconds == 1  # type: ignore[attr-defined]
+    assert kinds["RetryInfo"].retry_delay.nanos == 250_000_000  # type: ignore[attr-defined]
+    assert kinds["QuotaFailure"].violations[0].subject == "tenant:a"  # type: ignore[attr-defined]
+
+
+def test_invalid_argument_lists_every_violation() -> None:
+    """BadRequest carries one field violation per broken rule."""
+    err = InvalidArgument([("a", "x"), ("b", "y")])
+    (bad,) = [d for d in err.details() if isinstance(d, error_details_pb2.BadRequest)]
+    assert [(v.field, v.description) for v in bad.field_violations] == [("a", "x"), ("b", "y")]
+    assert PUSHBACK_METADATA not in dict(err.trailing_metadata())
+
+
+class _ProbeCache(cache_pb2_grpc.CacheServicer):
+    """A servicer that exposes what the interceptors put in the context."""
+
+    async def Stats(
+        self, request: cache_pb2.StatsRequest, ctx: grpc.aio.ServicerContext
+    ) -> cache_pb2.StatsResponse:
+        rid = context.request_id.get()
+        return cache_pb2.StatsResponse(hits=len(rid), redis_available=rid == "rid-123")
+
+    async def Lookup(
+        self, request: cache_pb2.LookupRequest, ctx: grpc.aio.ServicerContext
+    ) -> cache_pb2.LookupResponse:
+        raise RuntimeError("secret internals")
+
+
+@pytest.fixture
+async def probe() -> AsyncIterator[tuple[cache_pb2_grpc.CacheStub, CollectorRegistry]]:
+    registry = CollectorRegistry()
+    server = GrpcServer("probe", ServerOptions(), registry)
+    server.add(cache_pb2_grpc.add_CacheServicer_to_server, _ProbeCache(), "sluice.v1.Cache")
+    await server.start()
+    channel = grpc.aio.insecure_channel(server.address, options=[("grpc.enable_http_proxy", 0)])
+    yield cache_pb2_grpc.CacheStub(channel), registry
+    await channel.close()
+    await server.stop(0)
+
+
+async def test_request_id_from_metadata_reaches_the_handler(
+    probe: tuple[cache_pb2_grpc.CacheStub, CollectorRegistry],
+) -> None:
+    """x-request-id metadata is what handlers read from sluice.context.request_id."""
+    stub, _ = probe
+    reply = await stub.Stats(cache_pb2.StatsRequest(), metadata=(("x-request-id", "rid-123"),))
+    assert reply.redis_available
+
+
+async def test_request_id_is_generated_when_absent(
+    probe: tuple[cache_pb2_grpc.CacheStub, CollectorRegistry],
+) -> None:
+    """Without metadata the handler still sees a (fresh, 32-hex) request id."""
+    stub, _ = probe
+    reply = await stub.Stats(cache_pb2.StatsRequest())
+    assert reply.hits == 32
+
+
+async def test_unhandled_exception_becomes_generic_internal(
+    probe: tuple[cache_pb2_grpc.CacheStub, CollectorRegistry],
+) -> None:
+    """An unexpected exception is INTERNAL with a generic message: no internals leak."""
+    stub, registry = probe
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Lookup(cache_pb2.LookupRequest())
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in (err.value.details() or "")
+    count = registry.get_sample_value(
+        "sluice_rpc_requests_total", {"method": "/sluice.v1.Cache/Lookup", "code": "INTERNAL"}
+    )
+    assert count == 1.0
+
+
+async def test_metrics_endpoint_serves_sluice_metrics(
+    probe: tuple[cache_pb2_grpc.CacheStub, CollectorRegistry],
+) -> None:
+    """/metrics on its own port shows the RPC counters with sluice_ names."""
+    stub, registry = probe
+    await stub.Stats(cache_pb2.StatsRequest())
+    metrics = MetricsServer(registry)
+    metrics.start()
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"http://{metrics.address}/metrics", timeout=5) as response:
+            body = response.read().decode()
+    finally:
+        metrics.stop()
+    assert 'sluice_rpc_requests_total{code="OK",method="/sluice.v1.Cache/Stats"} 1.0' in body
+    assert "sluice_rpc_duration_seconds_bucket" in body

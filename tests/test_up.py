@@ -1,0 +1,89 @@
+"""`sluice up` as a user runs it: real child processes, the CLI against them, clean stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SLUICE = [sys.executable, "-c", "from sluice.cli import main; main()"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.timeout(180)
+def test_sluice_up_serves_the_cli_and_stops_everything_on_sigterm(tmp_path: Path) -> None:
+    """`sluice up` writes endpoints.json, `sluice generate` and `sluice nodes` work against
+    it, and SIGTERM stops every child and store."""
+    run_dir = tmp_path / "run"
+    up = subprocess.Popen(
+        [*SLUICE, "up", "--run-dir", str(run_dir), "--models", "tiny-random-llama"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    try:
+        endpoints_file = run_dir / "endpoints.json"
+        deadline = time.monotonic() + 150
+        while not endpoints_file.exists():
+            assert up.poll() is None, up.stdout.read().decode() if up.stdout else ""
+            assert time.monotonic() < deadline, "sluice up did not come up"
+            time.sleep(0.2)
+        endpoints = json.loads(endpoints_file.read_text())
+        assert {"scheduler", "cache", "nodes", "etcd", "redis"} <= set(endpoints)
+        assert (run_dir / "dev-api-key").read_text().startswith("sk-sluice-")
+        assert "sha256:" in (run_dir / "tenants.yaml").read_text()
+
+        common = ["--run-dir", str(run_dir)]
+        gen = subprocess.run(
+            [*SLUICE, "generate", "hello", "--model", "tiny-random-llama", "--no-chat",
+             "--max-new-tokens", "5", *common],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert gen.returncode == 0, gen.stderr
+        assert "node-1" in gen.stderr and "5 tokens" in gen.stderr
+        nodes = subprocess.run(
+            [*SLUICE, "nodes", *common], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert nodes.returncode == 0, nodes.stderr
+        assert "node-1" in nodes.stdout
+        bad = subprocess.run(
+            [*SLUICE, "generate", "hello", "--model", "nope", "--no-chat", *common],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert bad.returncode == 1
+        assert "INVALID_ARGUMENT" in bad.stderr and "model" in bad.stderr
+
+        pids = [int(p) for p in _child_pids(up.pid)]
+        assert len(pids) >= 5  # etcd, redis, cache, node, scheduler
+        up.send_signal(signal.SIGTERM)
+        out, _ = up.communicate(timeout=60)
+        assert up.returncode == 0, out.decode()
+        assert not [p for p in pids if _alive(p)]
+        assert not endpoints_file.exists()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+
+
+def _child_pids(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return f.read().split()
