@@ -251,3 +251,18 @@ async def test_admin_lists_registered_nodes(running: Suite) -> None:
     assert node.circuit == admin_pb2.CIRCUIT_STATE_CLOSED
     assert {m.name for m in node.info.models} == {TINY, "all-minilm-l6-v2"}
     assert len(node.load.classes) == 3
+
+
+async def test_client_cancel_frees_the_node_slot(running: Suite) -> None:
+    """A client that goes away cancels the node's generation: the engine runs nothing after."""
+    engine = running.nodes[0].engines[TINY]
+    call = running.inference().Generate(
+        gen_request("cancel me", max_new_tokens=1000), metadata=auth()
+    )
+    await call.read()
+    assert sum(engine.stats().running.values()) == 1
+    call.cancel()
+    await eventually(lambda: sum(engine.stats().running.values()) == 0, timeout=5)
+    scheduler = running.scheduler
+    assert scheduler is not None
+    await eventually(lambda: scheduler.nodes.get("node-a").in_flight == 0)  # type: ignore[union-attr]
