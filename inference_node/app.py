@@ -16,7 +16,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from inference_node.config import NodeSettings
-from inference_node.engine.serial import SerialEngine
+from inference_node.engine import build_engine
 from inference_node.engine.types import Engine
 from inference_node.metrics import EngineCollector, NodeMetrics
 from inference_node.models import (
@@ -39,9 +39,13 @@ EngineFactory = Callable[[LanguageModel, NodeSettings], Engine]
 
 
 def default_engine(lm: LanguageModel, settings: NodeSettings) -> Engine:
-    """The engine a node runs unless told otherwise."""
-    return SerialEngine(
-        lm, max_waiting=settings.max_waiting, kv_budget_bytes=settings.memory_budget_bytes
+    """The engine a node runs unless told otherwise (continuous batching where supported)."""
+    return build_engine(
+        lm,
+        max_sequences=settings.max_sequences,
+        max_batched_tokens=settings.max_batched_tokens,
+        kv_budget_bytes=settings.memory_budget_bytes,
+        max_waiting=settings.max_waiting,
     )
 
 

@@ -34,8 +34,8 @@ class NodeSettings(ServiceSettings):
     """Pools this node serves: realtime, finetune, or both."""
     max_sequences: int = 32
     """Most sequences the engine runs at once (published as capacity)."""
-    max_batched_tokens: int = 4096
-    """Most tokens per engine step (published as capacity)."""
+    max_batched_tokens: int = 512
+    """Most tokens per engine step (decode plus prefill chunks; published as capacity)."""
     memory_budget_bytes: int = 2 * 1024**3
     """Bytes the KV cache may use."""
     max_waiting: int = 256

@@ -17,6 +17,7 @@ from inference_node.engine.types import (
     EngineFullError,
     EngineRequest,
     FinishReason,
+    RequestTooLargeError,
     SamplingParams,
 )
 from inference_node.metrics import NodeMetrics
@@ -107,6 +108,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             stream = engine.submit(engine_request)
         except ValueError as exc:
             raise InvalidArgument([("prompt", str(exc))]) from exc
+        except RequestTooLargeError as exc:
+            raise ResourceExhausted(str(exc), reason="KV_BUDGET_EXCEEDED") from exc
         except EngineFullError as exc:
             raise ResourceExhausted(
                 f"node {self._node_id} queue is full", retry_after_s=ENGINE_FULL_RETRY_S

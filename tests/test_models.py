@@ -129,13 +129,6 @@ def test_embedder_truncates_and_batches(embedder: Embedder) -> None:
     assert len(vectors[0]) == 384
 
 
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> LanguageModel:
-    """SmolLM2 converted from its GGUF into a per-session cache (~20-30 s on two cores)."""
-    cache_dir = tmp_path_factory.mktemp("model-cache")
-    return load_language_model("smollm2-135m-instruct", cache_dir=cache_dir)
-
-
 @pytest.mark.timeout(300)
 async def test_smollm2_answers_paris(smollm2: LanguageModel) -> None:
     """SmolLM2, converted from GGUF into the cache, answers the chat question with Paris.

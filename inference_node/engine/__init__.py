@@ -1,5 +1,7 @@
 """Generation engines: the :class:`Engine` interface and its implementations."""
 
+from inference_node.engine.batching import BatchingConfig, BatchingEngine
+from inference_node.engine.llama import supports
 from inference_node.engine.serial import SerialEngine
 from inference_node.engine.types import (
     WORKLOAD_BATCH,
@@ -13,15 +15,19 @@ from inference_node.engine.types import (
     EngineRequest,
     EngineStats,
     FinishReason,
+    RequestTooLargeError,
     SamplingParams,
     TokenDelta,
 )
+from inference_node.models import LanguageModel
 
 __all__ = [
     "WORKLOAD_BATCH",
     "WORKLOAD_CLASSES",
     "WORKLOAD_FINETUNE",
     "WORKLOAD_REALTIME",
+    "BatchingConfig",
+    "BatchingEngine",
     "DeltaStream",
     "Engine",
     "EngineClosedError",
@@ -29,7 +35,31 @@ __all__ = [
     "EngineRequest",
     "EngineStats",
     "FinishReason",
+    "RequestTooLargeError",
     "SamplingParams",
     "SerialEngine",
     "TokenDelta",
+    "build_engine",
 ]
+
+
+def build_engine(
+    lm: LanguageModel,
+    *,
+    max_sequences: int = 32,
+    max_batched_tokens: int = 512,
+    kv_budget_bytes: int = 2 * 1024**3,
+    max_waiting: int = 256,
+) -> Engine:
+    """The best engine for ``lm``: continuous batching for Llama-family models, else serial."""
+    if supports(lm.model):
+        return BatchingEngine(
+            lm,
+            BatchingConfig(
+                max_sequences=max_sequences,
+                max_batched_tokens=max_batched_tokens,
+                kv_budget_bytes=kv_budget_bytes,
+                max_waiting=max_waiting,
+            ),
+        )
+    return SerialEngine(lm, max_waiting=max_waiting, kv_budget_bytes=kv_budget_bytes)

@@ -111,6 +111,10 @@ class EngineFullError(Exception):
     """Raised by :meth:`Engine.submit` when the waiting queue is at its bound."""
 
 
+class RequestTooLargeError(Exception):
+    """Raised by :meth:`Engine.submit` when a request can never fit the engine's memory budget."""
+
+
 class EngineClosedError(Exception):
     """Raised by :meth:`Engine.submit` once the engine is draining or closed."""
 

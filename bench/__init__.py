@@ -1,0 +1,1 @@
+"""Benchmarks for Sluice (run from the repository root, e.g. ``python -m bench.engine``)."""

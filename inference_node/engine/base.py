@@ -1,0 +1,334 @@
+"""What every engine shares: the request lifecycle between the event loop and the engine thread.
+
+:meth:`ThreadedEngine.submit` (on the event loop) validates a request and hands it to the
+model-owning thread through a :class:`queue.Queue`; that thread sends each :class:`TokenDelta`
+back with ``loop.call_soon_threadsafe``. Closing, dropping or cancelling a stream cancels its
+request: at once while it waits, at the engine's next step while it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import math
+import queue
+import threading
+import weakref
+
+import structlog
+
+from inference_node.engine.text import eos_ids, kv_bytes_per_token
+from inference_node.engine.types import (
+    WORKLOAD_CLASSES,
+    WORKLOAD_REALTIME,
+    DeltaStream,
+    EngineClosedError,
+    EngineFullError,
+    EngineRequest,
+    EngineStats,
+    FinishReason,
+    RequestTooLargeError,
+    TokenDelta,
+)
+from inference_node.models import LanguageModel
+
+log = structlog.get_logger(__name__)
+
+_EWMA_ALPHA = 0.2
+_JOIN_TIMEOUT_S = 30.0
+
+
+class JobState(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    DONE = "done"
+
+
+class Job:
+    """Engine-side state of one request. ``state`` changes only under the engine's lock."""
+
+    def __init__(self, request: EngineRequest, workload_class: int, seq: int) -> None:
+        self.request = request
+        self.workload_class = workload_class
+        self.seq = seq
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[TokenDelta | BaseException] = asyncio.Queue()
+        self.state = JobState.WAITING
+        self.cancel_requested = False
+        self.generated = 0
+
+    def deliver(self, item: TokenDelta | BaseException) -> None:
+        """Hand ``item`` to the consumer's loop; a closed loop cancels the request."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:
+            self.cancel_requested = True
+
+    def final(self, reason: FinishReason) -> TokenDelta:
+        """An empty last delta finishing the request with ``reason``."""
+        return TokenDelta("", (), reason, len(self.request.prompt_token_ids), self.generated)
+
+
+class _DeltaStream(DeltaStream):
+    """The consumer's view of a request; closing, dropping or cancelling it cancels the job."""
+
+    def __init__(self, engine: ThreadedEngine, job: Job) -> None:
+        self._engine = engine
+        self._job = job
+        self._finished = False
+        # Garbage collection may run this in any thread, even one holding the engine's lock,
+        # so it only flags the job; the engine retires it without re-entering the lock.
+        self._finalizer = weakref.finalize(self, engine._abandon, job)
+        self._finalizer.atexit = False
+
+    async def __anext__(self) -> TokenDelta:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            item = await self._job.queue.get()
+        except asyncio.CancelledError:
+            self._stop()
+            raise
+        if isinstance(item, BaseException):
+            self._stop()
+            raise item
+        if item.finish_reason is not None:
+            self._finished = True
+            self._finalizer.detach()
+        return item
+
+    async def aclose(self) -> None:
+        """Stop iterating and cancel the request if it is still in flight."""
+        self._stop()
+
+    def _stop(self) -> None:
+        self._finished = True
+        if self._finalizer.detach() is not None:  # only once
+            self._engine._cancel_job(self._job)
+
+
+class ThreadedEngine:
+    """The asyncio side every engine shares: submit, cancel, stats, drain, start, close.
+
+    A subclass implements ``_run`` (the model-owning thread's loop) and may override
+    ``_check_fits`` (capacity checks at submit) and ``_thread_name``.
+    """
+
+    _thread_name = "engine"
+
+    def __init__(
+        self, lm: LanguageModel, *, max_waiting: int = 256, kv_budget_bytes: int | None = None
+    ) -> None:
+        if max_waiting < 1:
+            raise ValueError("max_waiting must be at least 1")
+        self._lm = lm
+        self._max_waiting = max_waiting
+        self._kv_per_token = kv_bytes_per_token(lm)
+        self._kv_budget = (
+            kv_budget_bytes
+            if kv_budget_bytes is not None
+            else self._kv_per_token * lm.max_context_tokens
+        )
+        self._vocab_size = int(lm.model.get_input_embeddings().num_embeddings)
+        self._eos_ids = eos_ids(lm)
+        self._inbox: queue.Queue[Job | None] = queue.Queue()
+        self._abandoned: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}
+        self._seq = itertools.count()
+        self._closed = False
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._idle_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._kv_used = 0
+        self._decode_rate = 0.0
+
+    # -- asyncio side ---------------------------------------------------------------------
+
+    def submit(self, request: EngineRequest) -> DeltaStream:
+        """Validate and queue ``request``; see :meth:`Engine.submit`."""
+        workload_class = self._validate(request)
+        self._reap()
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("engine is not accepting requests")
+            if request.request_id in self._jobs:
+                raise ValueError(f"request {request.request_id!r} is already in flight")
+            waiting = sum(
+                1
+                for j in self._jobs.values()
+                if j.state is JobState.WAITING and not j.cancel_requested
+            )
+            if waiting >= self._max_waiting:
+                raise EngineFullError(f"{waiting} requests are already waiting")
+            job = Job(request, workload_class, next(self._seq))
+            self._jobs[request.request_id] = job
+        self._inbox.put(job)
+        return _DeltaStream(self, job)
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel ``request_id``: at once if waiting, at the next step if running."""
+        with self._lock:
+            job = self._jobs.get(request_id)
+        if job is not None:
+            self._cancel_job(job)
+
+    def stats(self) -> EngineStats:
+        """Per-class counts, KV use and budget, decode rate and outstanding tokens."""
+        running = dict.fromkeys(WORKLOAD_CLASSES, 0)
+        waiting = dict.fromkeys(WORKLOAD_CLASSES, 0)
+        queued = 0
+        self._reap()
+        with self._lock:
+            for job in self._jobs.values():
+                params = job.request.params
+                if job.cancel_requested:
+                    continue
+                if job.state is JobState.RUNNING:
+                    running[job.workload_class] += 1
+                    queued += max(params.max_new_tokens - job.generated, 0)
+                elif job.state is JobState.WAITING:
+                    waiting[job.workload_class] += 1
+                    queued += len(job.request.prompt_token_ids) + params.max_new_tokens
+        return EngineStats(
+            running=running,
+            waiting=waiting,
+            kv_used_bytes=self._kv_used,
+            kv_budget_bytes=self._kv_budget,
+            decode_tokens_per_s=self._decode_rate,
+            queued_tokens=queued,
+        )
+
+    async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 - the Engine interface
+        """Refuse new requests, wait up to ``timeout`` s for in-flight ones, cancel the rest.
+
+        Cancelled running requests end at the engine's next step.
+        """
+        loop = asyncio.get_running_loop()
+        idle = asyncio.Event()
+        with self._lock:
+            self._closed = True
+            if self._jobs:
+                self._idle_waiters.append((loop, idle))
+            else:
+                idle.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await idle.wait()
+        with self._lock:
+            left = list(self._jobs.values())
+        for job in left:
+            self._cancel_job(job)
+        log.info("engine_drained", model=self._lm.name, cancelled=len(left))
+
+    def start(self) -> None:
+        """Start the engine thread (idempotent); ``EngineClosedError`` after :meth:`close`."""
+        if self._stopping.is_set():
+            raise EngineClosedError("engine is closed")
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name=f"{self._thread_name}-{self._lm.name}", daemon=True
+            )
+            self._thread.start()
+
+    def close(self) -> None:
+        """Cancel everything in flight, stop the engine thread and join it."""
+        with self._lock:
+            self._closed = True
+            left = list(self._jobs.values())
+        self._stopping.set()
+        self._inbox.put(None)
+        for job in left:
+            self._cancel_job(job)
+        if self._thread is not None:
+            self._thread.join(_JOIN_TIMEOUT_S)
+            if self._thread.is_alive():
+                log.warning("engine_thread_join_timeout", model=self._lm.name)
+
+    def _validate(self, request: EngineRequest) -> int:
+        params = request.params
+        prompt = request.prompt_token_ids
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if params.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if not (math.isfinite(params.temperature) and params.temperature >= 0):
+            raise ValueError("temperature must be a finite number >= 0")
+        if not 0 < params.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if any(not s for s in params.stop):
+            raise ValueError("stop strings must not be empty")
+        if request.workload_class not in (0, *WORKLOAD_CLASSES):
+            raise ValueError(f"unknown workload class {request.workload_class}")
+        total = len(prompt) + params.max_new_tokens
+        if total > self._lm.max_context_tokens:
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) plus max_new_tokens ({params.max_new_tokens})"
+                f" exceeds the context of {self._lm.max_context_tokens} tokens"
+            )
+        self._check_fits(total)
+        if min(prompt) < 0 or max(prompt) >= self._vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self._vocab_size})")
+        return request.workload_class or WORKLOAD_REALTIME
+
+    def _check_fits(self, total_tokens: int) -> None:
+        """Raise :class:`RequestTooLargeError` when a request of ``total_tokens`` can never fit."""
+        if total_tokens * self._kv_per_token > self._kv_budget:
+            raise RequestTooLargeError(
+                f"request needs {total_tokens * self._kv_per_token} bytes of KV cache, "
+                f"more than the budget of {self._kv_budget} bytes"
+            )
+
+    def _run(self) -> None:
+        """The engine thread's loop (owns the model)."""
+        raise NotImplementedError
+
+    def _abandon(self, job: Job) -> None:
+        """Flag a job whose stream was garbage collected; lock-free, any thread."""
+        job.cancel_requested = True
+        self._abandoned.put(job)
+
+    def _reap(self) -> None:
+        """Cancel the jobs of streams that were garbage collected."""
+        while True:
+            try:
+                job = self._abandoned.get_nowait()
+            except queue.Empty:
+                return
+            self._cancel_job(job)
+
+    def _cancel_job(self, job: Job) -> None:
+        """Cancel ``job``: end it now if waiting, flag it for the engine thread if running."""
+        with self._lock:
+            if job.state is JobState.DONE:
+                return
+            job.cancel_requested = True
+            if job.state is JobState.RUNNING:
+                return
+            self._retire(job)
+        job.deliver(job.final(FinishReason.CANCELLED))
+
+    def _retire(self, job: Job) -> None:
+        """Mark ``job`` done, forget it, wake drains once idle; the caller holds the lock."""
+        job.state = JobState.DONE
+        if self._jobs.get(job.request.request_id) is job:
+            del self._jobs[job.request.request_id]
+        if not self._jobs:
+            for loop, idle in self._idle_waiters:
+                with contextlib.suppress(RuntimeError):  # that loop is closed
+                    loop.call_soon_threadsafe(idle.set)
+            self._idle_waiters.clear()
+
+    def _finish(self, job: Job, item: TokenDelta | BaseException) -> None:
+        """End the running ``job`` with ``item``; called on the engine thread only."""
+        with self._lock:
+            self._retire(job)
+        job.deliver(item)
+
+    def _record_decode_step(self, seconds: float, tokens: int = 1) -> None:
+        """Fold one decode step (``tokens`` tokens in ``seconds``) into the EWMA rate."""
+        rate = tokens / max(seconds, 1e-9)
+        previous = self._decode_rate
+        self._decode_rate = rate if previous == 0 else previous + _EWMA_ALPHA * (rate - previous)

@@ -1,0 +1,310 @@
+"""Continuous (iteration-level) batching on one model-owning thread.
+
+Every engine step:
+
+1. new requests move from the inbox to the waiting heap, ordered by (workload class, arrival);
+   cancelled requests leave (a running one frees its slot now);
+2. admission: while the step's token budget (``max_batched_tokens`` minus one token per
+   decoding sequence) and a free slot last, the best waiting request gets a slot and a prefill
+   chunk. With every slot taken, a waiting REALTIME request preempts the running sequence of
+   the lowest class (latest arrival first); the victim goes back to the waiting heap with its
+   generated tokens appended to its prompt and is recomputed when readmitted: its stream
+   pauses, nothing already sent is lost or repeated;
+3. one forward pass (:class:`LlamaRunner.step`) runs the decode token of every running sequence
+   and every prefill chunk together;
+4. each row's token is sampled and streamed at once; finished sequences free their slots (the
+   last running sequence moves into the hole so running slots stay ``0..B-1``), and sequences
+   whose prefill completed join the running batch for the next step.
+
+So a request never waits for another's generation to end: it joins at the next step, and its
+first token comes out of the step that prefills it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import queue
+import time
+from dataclasses import dataclass
+
+import structlog
+import torch
+
+from inference_node.engine.base import Job, JobState, ThreadedEngine
+from inference_node.engine.llama import LlamaRunner, Prefill
+from inference_node.engine.text import TextStream, make_generator, sample
+from inference_node.engine.types import FinishReason, RequestTooLargeError, TokenDelta
+from inference_node.models import LanguageModel
+
+log = structlog.get_logger(__name__)
+
+MIN_SLOT_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Limits of a batching engine."""
+
+    max_sequences: int = 32
+    """Most sequences decoding at once (KV slots)."""
+    max_batched_tokens: int = 512
+    """Most tokens one step processes (decode tokens plus prefill chunks): bounds the time a
+    running stream waits while newcomers are prefilled."""
+    kv_budget_bytes: int = 2 * 1024**3
+    """Bytes of KV cache; with ``max_sequences`` it sets the longest sequence a slot holds."""
+    max_waiting: int = 256
+    """Requests waiting beyond which ``submit`` raises ``EngineFullError``."""
+
+
+class _Sequence:
+    """Engine-thread state of one admitted (or preempted) request."""
+
+    def __init__(self, job: Job, text: TextStream, generator: torch.Generator | None) -> None:
+        self.job = job
+        self.text = text
+        self.generator = generator
+        self.tokens: list[int] = list(job.request.prompt_token_ids)
+        """Prompt plus generated tokens; the cache holds the first ``computed`` of them."""
+        self.computed = 0
+        self.slot = -1
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """Waiting order: class first, then arrival."""
+        return (self.job.workload_class, self.job.seq)
+
+
+class BatchingEngine(ThreadedEngine):
+    """Continuous batching over :class:`LlamaRunner` (Llama-family models)."""
+
+    _thread_name = "batching-engine"
+
+    def __init__(self, lm: LanguageModel, config: BatchingConfig | None = None) -> None:
+        config = config or BatchingConfig()
+        super().__init__(lm, max_waiting=config.max_waiting, kv_budget_bytes=config.kv_budget_bytes)
+        self.config = config
+        per_token = LlamaRunner.bytes_per_token(lm.model)
+        slots = max(1, config.max_sequences)
+        max_len = min(lm.max_context_tokens, config.kv_budget_bytes // (slots * per_token))
+        if max_len < MIN_SLOT_TOKENS:
+            raise ValueError(
+                f"KV budget {config.kv_budget_bytes} B is too small for {slots} sequences "
+                f"(each needs at least {MIN_SLOT_TOKENS * per_token} B)"
+            )
+        self.slot_tokens = int(max_len)
+        self._runner = LlamaRunner(lm.model, slots=slots, max_len=self.slot_tokens)
+        self._slots: list[_Sequence | None] = [None] * slots
+        self._ready = 0  # slots 0.._ready-1 hold sequences that decode this step
+        self._waiting: list[tuple[tuple[int, int], _Sequence]] = []
+        self._kv_budget = slots * self.slot_tokens * per_token
+        log.info(
+            "batching_engine_ready",
+            model=lm.name,
+            slots=slots,
+            slot_tokens=self.slot_tokens,
+            kv_bytes=self._kv_budget,
+        )
+
+    def _check_fits(self, total_tokens: int) -> None:
+        if total_tokens > self.slot_tokens:
+            raise RequestTooLargeError(
+                f"request needs {total_tokens} tokens of KV cache; with a budget of "
+                f"{self.config.kv_budget_bytes} B over {len(self._slots)} sequences a sequence "
+                f"holds at most {self.slot_tokens}"
+            )
+
+    # -- engine thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        log.info("engine_started", model=self._lm.name)
+        while not self._stopping.is_set():
+            if not self._intake():
+                break
+            self._drop_cancelled()
+            try:
+                self._step()
+            except Exception as exc:
+                log.exception("engine_step_failed", model=self._lm.name)
+                self._fail_all(exc)
+        self._fail_all(None)
+        log.info("engine_stopped", model=self._lm.name)
+
+    def _active(self) -> list[_Sequence]:
+        return [s for s in self._slots if s is not None]
+
+    def _intake(self) -> bool:
+        """Move new jobs to the waiting heap; block while there is nothing to do."""
+        block = not self._waiting and not self._active()
+        while True:
+            try:
+                job = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            params = job.request.params
+            seq = _Sequence(
+                job,
+                TextStream(self._lm, params, len(job.request.prompt_token_ids), self._eos_ids),
+                make_generator(params, self._lm.device),
+            )
+            heapq.heappush(self._waiting, (seq.key, seq))
+            block = False
+
+    def _drop_cancelled(self) -> None:
+        for seq in sorted(self._active(), key=lambda s: -s.slot):
+            if seq.job.cancel_requested or self._stopping.is_set():
+                self._release(seq)
+                self._finish(seq.job, seq.text.final(FinishReason.CANCELLED))
+
+    def _release(self, seq: _Sequence) -> None:
+        """Free ``seq``'s slot, keeping running sequences in slots 0.._ready-1."""
+        slot = seq.slot
+        if slot < self._ready:
+            last = self._ready - 1
+            if slot != last:
+                moved = self._slots[last]
+                assert moved is not None
+                self._runner.move(last, slot, moved.computed)
+                moved.slot = slot
+                self._slots[slot] = moved
+            self._slots[last] = None
+            self._ready -= 1
+        else:
+            self._slots[slot] = None
+        seq.slot = -1
+
+    def _make_ready(self, seq: _Sequence) -> None:
+        """Move a freshly prefilled sequence into slot ``_ready`` and count it as running."""
+        target = self._ready
+        if seq.slot != target:
+            other = self._slots[target]
+            if other is not None:  # a sequence still prefilling: swap the two
+                free = self._slots.index(None)
+                self._runner.move(target, free, other.computed)
+                other.slot = free
+                self._slots[free] = other
+            self._runner.move(seq.slot, target, seq.computed)
+            self._slots[seq.slot] = None
+            seq.slot = target
+            self._slots[target] = seq
+        self._ready += 1
+
+    def _admit(self, budget: int) -> list[Prefill]:
+        """Continue partial prefills, then admit waiting requests (preempting if needed)."""
+        prefills: list[Prefill] = []
+        for seq in self._active():
+            if seq.slot >= self._ready and budget > 0:
+                budget -= self._plan_prefill(seq, budget, prefills)
+        while self._waiting and budget > 0:
+            _, candidate = self._waiting[0]
+            if candidate.job.state is JobState.DONE:
+                heapq.heappop(self._waiting)
+                continue
+            if None not in self._slots and not self._preempt_for(candidate):
+                break
+            heapq.heappop(self._waiting)
+            with self._lock:
+                if candidate.job.state is not JobState.WAITING or candidate.job.cancel_requested:
+                    continue
+                candidate.job.state = JobState.RUNNING
+            slot = self._slots.index(None, self._ready)
+            candidate.slot = slot
+            self._slots[slot] = candidate
+            budget -= self._plan_prefill(candidate, budget, prefills)
+        return prefills
+
+    def _plan_prefill(self, seq: _Sequence, budget: int, prefills: list[Prefill]) -> int:
+        start = seq.computed
+        n = min(len(seq.tokens) - start, budget)
+        prefills.append(
+            Prefill(
+                slot=seq.slot,
+                tokens=seq.tokens[start : start + n],
+                start=start,
+                wants_logits=start + n == len(seq.tokens),
+            )
+        )
+        return n
+
+    def _preempt_for(self, candidate: _Sequence) -> bool:
+        """Free a slot for ``candidate`` by preempting a lower-class sequence, if any."""
+        victims = [
+            s
+            for s in self._slots[: self._ready]
+            if s is not None and s.job.workload_class > candidate.job.workload_class
+        ]
+        if not victims:
+            return False
+        victim = max(victims, key=lambda s: s.key)
+        self._release(victim)
+        victim.computed = 0
+        with self._lock:
+            if victim.job.state is JobState.RUNNING:
+                victim.job.state = JobState.WAITING
+        heapq.heappush(self._waiting, (victim.key, victim))
+        log.info(
+            "sequence_preempted",
+            request_id=victim.job.request.request_id,
+            by=candidate.job.request.request_id,
+            generated=len(victim.text.generated),
+        )
+        return True
+
+    def _step(self) -> None:
+        prefills = self._admit(self.config.max_batched_tokens - self._ready)
+        ready = self._slots[: self._ready]
+        if not ready and not prefills:
+            return
+        decode_tokens = [s.tokens[-1] for s in ready if s is not None]
+        decode_positions = [len(s.tokens) - 1 for s in ready if s is not None]
+        started = time.perf_counter()
+        logits = self._runner.step(decode_tokens, decode_positions, prefills)
+        elapsed = time.perf_counter() - started
+        if decode_tokens:
+            self._record_decode_step(elapsed, len(decode_tokens))
+        rows: list[_Sequence] = [s for s in ready if s is not None]
+        for seq in ready:
+            assert seq is not None
+            seq.computed += 1
+        for p in prefills:
+            seq = self._slots[p.slot]
+            assert seq is not None
+            seq.computed += len(p.tokens)
+            if p.wants_logits:
+                rows.append(seq)
+        tokens = self._sample(logits, rows)
+        finished: list[tuple[_Sequence, TokenDelta]] = []
+        newly_ready: list[_Sequence] = []
+        for seq, token in zip(rows, tokens, strict=True):
+            delta = seq.text.push(token)
+            seq.tokens.append(token)
+            seq.job.generated = len(seq.text.generated)
+            if delta.finish_reason is not None:
+                finished.append((seq, delta))
+            else:
+                seq.job.deliver(delta)
+                if seq.slot >= self._ready:
+                    newly_ready.append(seq)
+        for seq, delta in sorted(finished, key=lambda f: -f[0].slot):
+            self._release(seq)
+            self._finish(seq.job, delta)
+        for seq in sorted(newly_ready, key=lambda s: s.slot):
+            self._make_ready(seq)
+        self._kv_used = sum(s.computed for s in self._active()) * self._kv_per_token
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Sequence]) -> list[int]:
+        greedy = torch.argmax(logits, dim=-1).tolist() if len(rows) else []
+        for i, seq in enumerate(rows):
+            if seq.generator is not None:
+                greedy[i] = sample(logits[i], seq.text.params, seq.generator)
+        return [int(t) for t in greedy]
+
+    def _fail_all(self, exc: BaseException | None) -> None:
+        """End every active sequence (with ``exc``, or cancelled when stopping)."""
+        for seq in self._active():
+            self._slots[seq.slot] = None
+            item = exc if exc is not None else seq.text.final(FinishReason.CANCELLED)
+            self._finish(seq.job, item)
+        self._ready = 0
+        self._kv_used = 0

@@ -1,0 +1,116 @@
+"""Token-level helpers shared by the engines: sampling, stop conditions, streaming text."""
+
+from __future__ import annotations
+
+import torch
+
+from inference_node.engine.types import FinishReason, SamplingParams, TokenDelta
+from inference_node.models import LanguageModel
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """A per-request generator seeded from ``params.seed`` (random if unset); none if greedy."""
+    if params.temperature == 0:
+        return None
+    generator = torch.Generator(device=device)
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+    return generator
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Greedy when temperature is 0, else temperature plus nucleus (top-p) sampling."""
+    if generator is None:
+        return int(torch.argmax(logits).item())
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > params.top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return int(order[choice].item())
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of ``text`` that could be the start of a stop string."""
+    longest = min(max((len(s) for s in stops), default=0) - 1, len(text))
+    for size in range(longest, 0, -1):
+        tail = text[-size:]
+        if any(s.startswith(tail) for s in stops):
+            return size
+    return 0
+
+
+def eos_ids(lm: LanguageModel) -> frozenset[int]:
+    """Every token id that ends a generation for ``lm``."""
+    ids: set[int] = set()
+    if lm.tokenizer.eos_token_id is not None:
+        ids.add(lm.tokenizer.eos_token_id)
+    configured = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, list | tuple):
+        ids.update(int(i) for i in configured)
+    return frozenset(ids)
+
+
+def kv_bytes_per_token(lm: LanguageModel) -> int:
+    """2 (K and V) x layers x KV heads x head size x bytes per element."""
+    config = lm.model.config
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = getattr(config, "head_dim", None) or int(getattr(config, "hidden_size", 0)) // heads
+    layers = int(getattr(config, "num_hidden_layers", 0))
+    element = torch.empty((), dtype=lm.dtype).element_size()
+    return 2 * layers * kv_heads * int(head_dim) * element
+
+
+class TextStream:
+    """One request's generated tokens and the text already streamed for them.
+
+    Each :meth:`push` decodes the whole completion (so multi-token characters come out whole)
+    and emits only the new stable suffix: a trailing partial UTF-8 character ("\\ufffd") and
+    any suffix that could still become a stop string are held back until disambiguated.
+    Concatenating every delta's text gives the final completion, stop string excluded.
+    """
+
+    def __init__(
+        self, lm: LanguageModel, params: SamplingParams, prompt_tokens: int, eos: frozenset[int]
+    ) -> None:
+        self._tokenizer = lm.tokenizer
+        self.params = params
+        self.prompt_tokens = prompt_tokens
+        self._eos = eos
+        self.generated: list[int] = []
+        self._emitted = ""
+
+    def push(self, token: int) -> TokenDelta:
+        """Add a token; the delta's ``finish_reason`` is set when the request must end."""
+        params = self.params
+        self.generated.append(token)
+        count = len(self.generated)
+        text = self._tokenizer.decode(self.generated)
+        reason: FinishReason | None = None
+        found = [i for i in (text.find(s) for s in params.stop) if i >= 0]
+        if found:
+            reason, text = FinishReason.STOP, text[: min(found)]
+        elif token in self._eos and not params.ignore_eos:
+            reason = FinishReason.EOS
+        elif count >= params.max_new_tokens:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            piece = text[len(self._emitted) :] if text.startswith(self._emitted) else ""
+            return TokenDelta(piece, (token,), reason, self.prompt_tokens, count)
+        stable = text.rstrip("\ufffd")
+        stable = stable[: len(stable) - held_back(stable, params.stop)]
+        piece = ""
+        if len(stable) > len(self._emitted) and stable.startswith(self._emitted):
+            piece, self._emitted = stable[len(self._emitted) :], stable
+        return TokenDelta(piece, (token,), None, self.prompt_tokens, count)
+
+    def final(self, reason: FinishReason) -> TokenDelta:
+        """An empty last delta ending the request with ``reason`` (e.g. CANCELLED)."""
+        return TokenDelta("", (), reason, self.prompt_tokens, len(self.generated))
