@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from inference_node.config import NodeSettings
 from inference_node.engine import build_engine
 from inference_node.engine.types import Engine
+from inference_node.gpu import GpuProbe
 from inference_node.metrics import EngineCollector, NodeMetrics
 from inference_node.models import (
     Embedder,
@@ -98,6 +99,7 @@ class NodeService:
         self._drain_task: asyncio.Task[None] | None = None
         self.etcd = etcd_client(settings.etcd_endpoint)
         self.registration: Registration | None = None
+        gpu = GpuProbe(settings.device)
         self.server = GrpcServer(
             "inference_node",
             settings.server_options(quiet_methods=("/sluice.v1.Node/StreamLoad",)),
@@ -111,8 +113,11 @@ class NodeService:
             is_draining=lambda: self.draining,
             start_drain=self._start_drain,
             load_interval_s=settings.load_report_interval_ms / 1000,
+            gpu=gpu,
         )
-        registry.register(EngineCollector(lambda: {n: e.stats() for n, e in self.engines.items()}))
+        registry.register(
+            EngineCollector(lambda: {n: e.stats() for n, e in self.engines.items()}, gpu)
+        )
         self.server.add(
             node_pb2_grpc.add_NodeServicer_to_server,
             self.servicer,

@@ -10,6 +10,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from inference_node.engine.types import EngineStats
+from inference_node.gpu import GpuProbe
 
 CLASS_LABELS = {1: "realtime", 2: "batch", 3: "finetune"}
 
@@ -41,8 +42,11 @@ class NodeMetrics:
 class EngineCollector(Collector):
     """Reads every engine's stats when Prometheus scrapes (no timer, nothing stale)."""
 
-    def __init__(self, stats: Callable[[], dict[str, EngineStats]]) -> None:
+    def __init__(
+        self, stats: Callable[[], dict[str, EngineStats]], gpu: GpuProbe | None = None
+    ) -> None:
         self._stats = stats
+        self._gpu = gpu
         self._process = psutil.Process()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -75,3 +79,16 @@ class EngineCollector(Collector):
         )
         rss.add_metric([], self._process.memory_info().rss)
         yield from (running, waiting, kv_used, kv_budget, rate, rss)
+        reading = self._gpu.read() if self._gpu is not None else None
+        if reading is not None:
+            free = GaugeMetricFamily("sluice_node_gpu_free_bytes", "Free GPU memory (CUDA).")
+            free.add_metric([], reading.free_bytes)
+            total = GaugeMetricFamily("sluice_node_gpu_total_bytes", "Total GPU memory (CUDA).")
+            total.add_metric([], reading.total_bytes)
+            util = GaugeMetricFamily(
+                "sluice_node_gpu_utilization_ratio", "GPU utilisation from NVML, 0-1; -1 unknown."
+            )
+            util.add_metric(
+                [], reading.utilization_percent / 100 if reading.utilization_percent >= 0 else -1
+            )
+            yield from (free, total, util)

@@ -20,6 +20,7 @@ from inference_node.engine.types import (
     RequestTooLargeError,
     SamplingParams,
 )
+from inference_node.gpu import GpuProbe
 from inference_node.metrics import NodeMetrics
 from inference_node.models import Embedder, LanguageModel
 from sluice.errors import InvalidArgument, ResourceExhausted, Unavailable
@@ -64,6 +65,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         is_draining: Callable[[], bool],
         start_drain: Callable[[float], None],
         load_interval_s: float = 0.2,
+        gpu: GpuProbe | None = None,
     ) -> None:
         self._node_id = node_id
         self._generators = generators
@@ -75,6 +77,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         # One thread owns the embedding models, as the engine thread owns the generator.
         self._embed_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self._process = psutil.Process()
+        self._gpu = gpu
         self.in_flight = 0
 
     def _refuse_if_draining(self) -> None:
@@ -185,6 +188,11 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             report.kv_budget_bytes += stats.kv_budget_bytes
             report.decode_tokens_per_s += stats.decode_tokens_per_s
             report.queued_tokens += stats.queued_tokens
+        reading = self._gpu.read() if self._gpu is not None else None
+        if reading is not None:
+            report.gpu_free_bytes = reading.free_bytes
+            report.gpu_total_bytes = reading.total_bytes
+            report.gpu_utilization_percent = reading.utilization_percent
         for cls in (1, 2, 3):
             report.classes.add(
                 workload_class=cls,  # type: ignore[arg-type]
