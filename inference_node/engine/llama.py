@@ -23,6 +23,8 @@ Grouped-query attention needs no repeated K/V: a decode query ``[B, H, D]`` is v
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +44,18 @@ def supports(model: Any) -> bool:
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         return getattr(config, "model_type", "") == "llama"
     return not getattr(config, "mlp_bias", False)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor. On CPU it is backed by an anonymous mmap, which the kernel zero-fills
+    page by page on first touch: allocating a 2 GiB cache costs nothing at start-up, and
+    resident memory grows with the tokens actually cached, not with the reservation."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = math.prod(shape)
+    size = count * torch.empty((), dtype=dtype).element_size()
+    buffer = mmap.mmap(-1, max(size, 1))
+    return torch.frombuffer(buffer, dtype=dtype, count=count).view(shape)
 
 
 @dataclass(frozen=True)
@@ -89,8 +103,8 @@ class LlamaRunner:
         self.lm_head = model.lm_head.weight
         self.layers = [self._fuse(layer) for layer in inner.layers]
         shape = (len(self.layers), slots, self.kv_heads, max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.k_cache = _zeros(shape, self.dtype, self.device)
+        self.v_cache = _zeros(shape, self.dtype, self.device)
         positions = torch.arange(max_len, device=self.device)[None, :]
         probe = torch.zeros(1, dtype=self.dtype, device=self.device)
         cos, sin = inner.rotary_emb(probe, positions)
