@@ -273,6 +273,7 @@ class BatchingEngine(ThreadedEngine):
             seq.computed += len(p.tokens)
             if p.wants_logits:
                 rows.append(seq)
+        self._kv_used = sum(s.computed for s in self._active()) * self._kv_per_token
         tokens = self._sample(logits, rows)
         finished: list[tuple[_Sequence, TokenDelta]] = []
         newly_ready: list[_Sequence] = []
@@ -286,12 +287,13 @@ class BatchingEngine(ThreadedEngine):
                 seq.job.deliver(delta)
                 if seq.slot >= self._ready:
                     newly_ready.append(seq)
-        for seq, delta in sorted(finished, key=lambda f: -f[0].slot):
+        for seq, _ in finished:
             self._release(seq)
+        self._kv_used = sum(s.computed for s in self._active()) * self._kv_per_token
+        for seq, delta in finished:
             self._finish(seq.job, delta)
         for seq in sorted(newly_ready, key=lambda s: s.slot):
             self._make_ready(seq)
-        self._kv_used = sum(s.computed for s in self._active()) * self._kv_per_token
 
     def _sample(self, logits: torch.Tensor, rows: list[_Sequence]) -> list[int]:
         greedy = torch.argmax(logits, dim=-1).tolist() if len(rows) else []
