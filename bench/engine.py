@@ -18,16 +18,9 @@ Results go to ``engine.json``, ``engine.md`` and ``engine.png`` under ``--out-di
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
-import importlib.metadata
 import json
 import os
-import platform
-import shlex
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Sequence
@@ -41,40 +34,25 @@ from bench.engine_common import (
     HF_STATIC,
     JOB_AUX,
     JOB_RUN,
-    OUTPUT_LENGTHS,
-    PROMPT_MAX_TOKENS,
-    PROMPT_MIN_TOKENS,
     SLUICE,
     SYSTEMS,
     JobSpec,
     failed_run,
 )
-from bench.engine_report import (
-    add_roofline,
-    compute_ratios,
-    evaluate_targets,
-    render_markdown,
-    render_text,
-    write_plot,
+from bench.engine_driver import (
+    REPO_ROOT,
+    build_report,
+    machine_info,
+    run_jobs,
+    write_outputs,
 )
+from bench.engine_report import render_text
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_CONCURRENCY = "1,8,32,64"
 MAX_AUTO_BASELINE_CONCURRENCY = 32
 DEFAULT_KV_BUDGET_BYTES = 2 * GIB
 DEFAULT_WORKER_TIMEOUT_S = 1800.0
-BUDGET_RESERVE_S = 15.0
-MIN_JOB_SECONDS = 20.0
-ERROR_TAIL_CHARS = 3000
-BUSY_LOAD_PER_CPU = 0.5
-WORKER_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 
 
 def _int_list(text: str) -> list[int]:
@@ -152,11 +130,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="stop starting workers once this much wall time is used (0: no limit)",
     )
+    p.add_argument(
+        "--wait-idle-s",
+        type=float,
+        default=60.0,
+        help="before each worker, wait up to this long for other processes to leave the CPU",
+    )
+    p.add_argument(
+        "--parallel-workers",
+        type=int,
+        default=1,
+        help="workers run at once; above 1 they disturb each other's timings (smoke tests only)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.requests < 1 or args.sequential_requests < 1:
         p.error("--requests and --sequential-requests must be at least 1")
+    if args.parallel_workers < 1:
+        p.error("--parallel-workers must be at least 1")
     if args.baseline_concurrency is None:
         args.baseline_concurrency = [
             c for c in args.concurrency if 1 < c <= MAX_AUTO_BASELINE_CONCURRENCY
@@ -176,6 +168,8 @@ def plan_jobs(args: argparse.Namespace) -> list[JobSpec]:
         "workload_requests": args.requests,
         "kv_budget_bytes": args.kv_budget_bytes,
         "max_batched_tokens": args.max_batched_tokens,
+        # Workers running side by side share the CPUs rather than fight over them.
+        "threads": max(1, (os.cpu_count() or 1) // args.parallel_workers),
     }
     jobs = [
         JobSpec(
@@ -208,51 +202,6 @@ def plan_jobs(args: argparse.Namespace) -> list[JobSpec]:
     return jobs
 
 
-def run_worker_process(spec: JobSpec, timeout_s: float, workdir: Path) -> dict[str, Any]:
-    """Run ``spec`` in a fresh ``python -m bench.engine --worker`` process and read its record.
-
-    A worker that fails, crashes or times out gives ``{"error": ...}`` instead.
-    """
-    name = f"{spec.kind}-{spec.system or 'aux'}-{spec.concurrency}"
-    out_path, log_path = workdir / f"{name}.json", workdir / f"{name}.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "bench.engine",
-        "--worker",
-        spec.to_json(),
-        "--worker-out",
-        str(out_path),
-    ]
-    env = {**os.environ, **WORKER_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    with log_path.open("wb") as log:
-        try:
-            proc = subprocess.run(
-                cmd,
-                cwd=REPO_ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=timeout_s,
-                check=False,
-            )
-            returncode: int | None = proc.returncode
-        except subprocess.TimeoutExpired:
-            returncode = None
-    log_tail = log_path.read_text(encoding="utf-8", errors="replace")[-ERROR_TAIL_CHARS:]
-    record: dict[str, Any] = {}
-    if out_path.is_file():
-        with contextlib.suppress(ValueError):
-            record = json.loads(out_path.read_text(encoding="utf-8"))
-    if returncode is None:
-        return {"error": f"worker timed out after {timeout_s:.0f} s", "error_detail": log_tail}
-    if returncode != 0 or not record:
-        error = record.get("error") or f"worker exited with status {returncode}"
-        return {"error": error, "error_detail": record.get("traceback") or log_tail}
-    return record
-
-
 def worker_main(spec_json: str, out_path: Path) -> int:
     """Entry point of a worker subprocess: run the job, write its record (or error) as JSON."""
     spec = JobSpec.from_json(spec_json)
@@ -268,159 +217,6 @@ def worker_main(spec_json: str, out_path: Path) -> int:
     return status
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU model and count, package versions and the load average (torch-free)."""
-    cpu_model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    versions = {}
-    for package in ("torch", "transformers"):
-        try:
-            versions[f"{package}_version"] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[f"{package}_version"] = "?"
-    return {
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count() or 1,
-        "python": platform.python_version(),
-        "loadavg_start": [round(v, 2) for v in os.getloadavg()],
-        **versions,
-    }
-
-
-def _agreement(runs: Sequence[dict[str, Any]]) -> dict[str, str]:
-    """How many of request 0's leading greedy tokens each run shares with hf_sequential."""
-    reference = next(
-        (
-            r.get("request0_head")
-            for r in runs
-            if r["system"] == HF_SEQUENTIAL and r.get("request0_head")
-        ),
-        None,
-    )
-    if not reference:
-        return {}
-    agreement = {}
-    for run in runs:
-        head = run.get("request0_head")
-        if run["system"] == HF_SEQUENTIAL or not head:
-            continue
-        same = 0
-        for mine, theirs in zip(head, reference, strict=False):
-            if mine != theirs:
-                break
-            same += 1
-        agreement[f"{run['system']}@{run['concurrency']}"] = f"{same}/{len(reference)}"
-    return agreement
-
-
-def build_report(
-    args: argparse.Namespace,
-    argv: Sequence[str],
-    machine: dict[str, Any],
-    aux: dict[str, Any],
-    runs: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """Assemble the JSON report from the aux record and the run records."""
-    measured = next((r for r in runs if not r.get("error")), {})
-    for key in ("torch_version", "transformers_version", "device_name"):
-        if key in aux:
-            machine[key] = aux[key]
-    machine["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
-    midbatch_ran = "midbatch_ttft_p99_s" in aux and not aux.get("midbatch_error")
-    midbatch: dict[str, Any] = {"ran": midbatch_ran}
-    if midbatch_ran:
-        midbatch.update(
-            {
-                k.removeprefix("midbatch_"): v
-                for k, v in aux.items()
-                if k.startswith("midbatch_") and not k.startswith("midbatch_ttft_p")
-            }
-        )
-    else:
-        midbatch["error"] = aux.get("midbatch_error") or aux.get("error") or "skipped"
-    parameters = int(measured.get("parameter_count", 0))
-    matmul_gflops = float(aux.get("matmul_gflops", 0.0))
-    add_roofline(runs, matmul_gflops, parameters)
-    report: dict[str, Any] = {
-        "schema_version": 1,
-        "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", "-m", "bench.engine", *argv]),
-        "machine": machine,
-        "config": {
-            "model": args.model,
-            "device": args.device,
-            "dtype": args.dtype,
-            "seed": args.seed,
-            "concurrency": args.concurrency,
-            "baseline_concurrency": args.baseline_concurrency,
-            "systems": args.systems,
-            "kv_budget_bytes": args.kv_budget_bytes,
-            "max_batched_tokens": args.max_batched_tokens,
-        },
-        "workload": {
-            "seed": args.seed,
-            "requests": args.requests,
-            "sequential_requests": min(args.sequential_requests, args.requests),
-            "prompt_tokens_min": PROMPT_MIN_TOKENS,
-            "prompt_tokens_max": PROMPT_MAX_TOKENS,
-            "max_new_tokens_choices": list(OUTPUT_LENGTHS),
-        },
-        "threads": aux.get("threads", measured.get("threads")),
-        "matmul_gflops": matmul_gflops,
-        "matmul": aux.get("matmul", {"error": aux.get("error", "not measured")}),
-        "parameter_count": parameters,
-        "weight_bytes": int(measured.get("weight_bytes", 0)),
-        "runs": runs,
-        "midbatch_ttft_p99_s": float(aux.get("midbatch_ttft_p99_s", 0.0)),
-        "midbatch_ttft_p50_s": float(aux.get("midbatch_ttft_p50_s", 0.0)),
-        "decode_step_s": float(aux.get("decode_step_s", 0.0)),
-        "prefill_s": float(aux.get("prefill_s", 0.0)),
-        "midbatch": midbatch,
-        "greedy_agreement": _agreement(runs),
-    }
-    for key in ("prefill_samples_s",):
-        if key in aux:
-            midbatch[key] = aux[key]
-    report["ratios"] = compute_ratios(runs)
-    report["targets"] = evaluate_targets(report)
-    return report
-
-
-def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Write engine.json, engine.md and engine.png (a stale PNG is removed if plotting fails)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path, png_path = (out_dir / f"engine.{ext}" for ext in ("json", "md", "png"))
-    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    md_path.write_text(render_markdown(report), encoding="utf-8")
-    try:
-        write_plot(report, png_path)
-    except Exception as exc:  # the numbers matter more than the picture
-        png_path.unlink(missing_ok=True)
-        print(f"warning: could not draw {png_path}: {exc}")
-        return [json_path, md_path]
-    return [json_path, md_path, png_path]
-
-
-def _progress(record: dict[str, Any], seconds: float) -> str:
-    if record.get("error"):
-        return f"{seconds:.1f} s  FAILED: {str(record['error']).strip().splitlines()[-1][:120]}"
-    if "output_tokens_per_s" in record:
-        return (
-            f"{seconds:.1f} s  {record['output_tokens_per_s']:.1f} out tok/s, "
-            f"TTFT p50 {record['ttft_p50_s']:.3f} s"
-        )
-    parts = [f"{seconds:.1f} s  matmul {record.get('matmul_gflops', 0):.1f} GFLOP/s"]
-    if "midbatch_ttft_p99_s" in record:
-        parts.append(f"mid-batch TTFT p99 {record['midbatch_ttft_p99_s']:.3f} s")
-    if record.get("midbatch_error"):
-        parts.append(f"mid-batch FAILED: {record['midbatch_error'][:100]}")
-    return ", ".join(parts)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (or, with ``--worker``, one of its jobs)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -434,35 +230,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"engine benchmark: {args.model} on {args.device} ({args.dtype}), "
         f"{args.requests} requests, seed {args.seed}, {len(jobs)} workers"
     )
-    load = machine["loadavg_start"][0]
-    if load > BUSY_LOAD_PER_CPU * machine["cpu_count"]:
-        print(f"warning: the machine is busy (load average {load}); timings will be noisy")
+    if args.parallel_workers > 1:
+        print(f"warning: {args.parallel_workers} workers run at once: timings are not comparable")
     aux: dict[str, Any] = {}
     runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
-        for number, spec in enumerate(jobs, 1):
-            timeout = args.worker_timeout_s
-            if args.time_budget_s > 0:
-                left = args.time_budget_s - (time.monotonic() - started) - BUDGET_RESERVE_S
-                timeout = min(timeout, left)
-            print(f"[{number}/{len(jobs)}] {spec.label} ... ", end="", flush=True)
-            job_started = time.monotonic()
-            if timeout < MIN_JOB_SECONDS:
-                record: dict[str, Any] = {"error": "skipped: --time-budget-s exhausted"}
-            else:
-                record = run_worker_process(spec, timeout, Path(tmp))
-            print(_progress(record, time.monotonic() - job_started), flush=True)
-            if spec.kind == JOB_AUX:
-                aux = record
-            elif record.get("error"):
-                runs.append(
-                    {
-                        **failed_run(spec, str(record["error"])),
-                        "error_detail": record.get("error_detail", ""),
-                    }
-                )
-            else:
-                runs.append(record)
+    for spec, record in run_jobs(jobs, args, started):
+        if spec.kind == JOB_AUX:
+            aux = record
+        elif record.get("error"):
+            failed = failed_run(spec, str(record["error"]))
+            runs.append({**failed, "error_detail": record.get("error_detail", "")})
+            runs[-1]["waited_for_idle_s"] = record["waited_for_idle_s"]
+        else:
+            runs.append(record)
     report = build_report(args, argv, machine, aux, runs)
     report["duration_s"] = time.monotonic() - started
     paths = write_outputs(report, args.out_dir)

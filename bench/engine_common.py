@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import resource
 from collections.abc import Iterable, Sequence
@@ -55,6 +56,7 @@ class JobSpec:
     workload_requests: int
     kv_budget_bytes: int
     max_batched_tokens: int
+    threads: int = 0  # torch threads; 0: one per CPU
     matmul_seconds: float = 1.5
     midbatch: bool = True
     midbatch_background: int = 31
@@ -155,6 +157,43 @@ def current_rss_bytes() -> int:
     return pages * resource.getpagesize()
 
 
+def cpu_sample() -> tuple[float, float, float]:
+    """Machine-wide busy and total CPU seconds (``/proc/stat``; steal counts as busy) and this
+    process's own CPU seconds, now."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    own = usage.ru_utime + usage.ru_stime
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            ticks = [int(v) for v in stat.readline().split()[1:9]]
+        hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return 0.0, 0.0, own
+    total = sum(ticks) / hz
+    idle = (ticks[3] + ticks[4]) / hz  # idle and iowait
+    return total - idle, total, own
+
+
+class CpuMeter:
+    """How much of the machine's CPU time this process and everything else used over a window.
+
+    Other processes on a small machine slow a run down badly (their threads and ours fight for
+    the same cores), so every measurement records ``other_cpu_fraction``.
+    """
+
+    def __init__(self) -> None:
+        self._start = cpu_sample()
+
+    def finish(self) -> dict[str, float]:
+        """``own_cpu_fraction`` and ``other_cpu_fraction`` of all CPU time since creation."""
+        busy, total, own = (b - a for a, b in zip(self._start, cpu_sample(), strict=True))
+        if total <= 0:
+            return {"own_cpu_fraction": 0.0, "other_cpu_fraction": 0.0}
+        return {
+            "own_cpu_fraction": min(1.0, own / total),
+            "other_cpu_fraction": min(1.0, max(0.0, busy - own) / total),
+        }
+
+
 def summarize_run(
     system: str, concurrency: int, results: Sequence[RequestResult], wall_s: float
 ) -> dict[str, Any]:
@@ -197,5 +236,6 @@ def failed_run(spec: JobSpec, error: str) -> dict[str, Any]:
         "latency_p50_s": 0.0,
         "latency_p99_s": 0.0,
         "peak_rss_bytes": 0,
+        "other_cpu_fraction": 0.0,
         "error": error,
     }

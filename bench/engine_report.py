@@ -33,8 +33,10 @@ TABLE_HEADER = (
     "roofline out",
     "roofline out+prompt",
     "wall (s)",
+    "other CPU",
     "note",
 )
+BUSY_RUN_FRACTION = 0.10  # other processes' share of machine CPU above which a run is suspect
 
 
 def add_roofline(runs: Sequence[dict[str, Any]], matmul_gflops: float, parameters: int) -> None:
@@ -126,22 +128,22 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     midbatch = report.get("midbatch", {})
     if midbatch.get("ran"):
         bound = report["prefill_s"] + 2 * report["decode_step_s"]
-        note = ""
-        if not midbatch.get("valid"):
-            note = (
-                f"condition not met: {midbatch.get('background_running_min')} of "
-                f"{midbatch.get('background')} background requests decoding"
-                + (", a probe timed out" if midbatch.get("timed_out") else "")
-            )
-        targets.append(
-            _target(
-                "mid-batch TTFT p99 <= prefill_s + 2 x decode_step_s",
-                report["midbatch_ttft_p99_s"],
-                bound,
-                at_most=True,
-                note=note,
-            )
+        target = _target(
+            "mid-batch TTFT p99 <= prefill_s + 2 x decode_step_s",
+            report["midbatch_ttft_p99_s"],
+            bound,
+            at_most=True,
         )
+        if midbatch.get("timed_out"):
+            target.update(status="FAIL", note="a probe got no token within the probe timeout")
+        elif not midbatch.get("valid"):
+            # Probes that did not arrive mid-batch measure nothing the target is about.
+            target.update(
+                status="n/a",
+                note=f"invalid: only {midbatch.get('background_running_min')} of "
+                f"{midbatch.get('background')} background requests were decoding",
+            )
+        targets.append(target)
     else:
         targets.append(
             _target(
@@ -193,6 +195,7 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
                 "-" if failed else f"{100 * run['roofline_fraction']:.2f}%",
                 "-" if failed else f"{100 * run['roofline_fraction_with_prompt']:.2f}%",
                 "-" if failed else _fmt(run["wall_s"], 1),
+                "-" if failed else f"{100 * run.get('other_cpu_fraction', 0.0):.0f}%",
                 _short(str(run["error"])) if failed else "",
             ]
         )
@@ -211,7 +214,7 @@ def _ratio_lines(report: dict[str, Any]) -> list[str]:
     ]
 
 
-def _target_lines(report: dict[str, Any]) -> list[str]:
+def _target_lines(report: dict[str, Any], *, markdown: bool = False) -> list[str]:
     lines = []
     for t in report["targets"]:
         detail = ""
@@ -223,7 +226,8 @@ def _target_lines(report: dict[str, Any]) -> list[str]:
             else:
                 detail = f" ({t['value']:.2f}x vs {t['threshold']:.2f}x)"
         note = f" [{t['note']}]" if t.get("note") else ""
-        lines.append(f"{t['status']:>4}  {t['name']}{detail}{note}")
+        status = f"**{t['status']}**" if markdown else f"{t['status']:>4}"
+        lines.append(f"{status}  {t['name']}{detail}{note}")
     return lines
 
 
@@ -233,8 +237,12 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
     lines = [
         f"workload: {workload['requests']} requests (seed {workload['seed']}), prompts "
         f"{workload['prompt_tokens_min']}-{workload['prompt_tokens_max']} tokens, max_new_tokens "
-        f"from {workload['max_new_tokens_choices']}, greedy, EOS ignored; C=1 runs serve the "
-        f"first {workload['sequential_requests']} requests",
+        f"from {workload['max_new_tokens_choices']}, greedy, EOS ignored"
+        + (
+            f"; C=1 runs serve the first {workload['sequential_requests']} requests"
+            if any(r["concurrency"] == 1 for r in report["runs"])
+            else ""
+        ),
         f"matmul roofline: {report['matmul_gflops']:.1f} GFLOP/s "
         f"({report.get('matmul', {}).get('dtype', '?')}); model parameters: "
         f"{report.get('parameter_count', 0):,}",
@@ -248,6 +256,16 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
         )
     else:
         lines.append(f"mid-batch: not measured ({mb.get('error', 'skipped')})")
+    busy = [
+        f"{r['system']}@{r['concurrency']}"
+        for r in report["runs"]
+        if r.get("other_cpu_fraction", 0.0) > BUSY_RUN_FRACTION
+    ]
+    if busy:
+        lines.append(
+            f"WARNING: other processes used over {BUSY_RUN_FRACTION:.0%} of the machine's CPU "
+            f"during {', '.join(busy)}: those numbers are unreliable; rerun on an idle machine"
+        )
     heads = report.get("greedy_agreement", {})
     if heads:
         parts = [f"{k} {v}" for k, v in heads.items()]
@@ -300,7 +318,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     out += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in table_rows(report)]
     out += ["", *(f"- {s}" for s in _summary_lines(report)), "", "## Ratios (output tokens/s)", ""]
     out += [f"- {r}" for r in _ratio_lines(report)]
-    out += ["", "## Targets", ""] + [f"- {t}" for t in _target_lines(report)]
+    out += ["", "## Targets", ""] + [f"- {t}" for t in _target_lines(report, markdown=True)]
     return "\n".join(out) + "\n"
 
 
@@ -312,6 +330,7 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, (throughput, ttft) = plt.subplots(1, 2, figsize=(12, 4.5))
+    concurrencies = sorted({r["concurrency"] for r in report["runs"]}) or [1]
     for system in SYSTEMS:
         runs = sorted(
             (r for r in report["runs"] if r["system"] == system and not r.get("error")),
@@ -327,6 +346,8 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
         (ttft, "Time to first token, p99", "TTFT p99 (s)"),
     ):
         axis.set_xscale("log", base=2)
+        axis.set_xticks(concurrencies, [str(c) for c in concurrencies])
+        axis.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
         axis.set_yscale("log")
         axis.set_xlabel("concurrency C (closed loop)")
         axis.set_ylabel(ylabel)

@@ -30,18 +30,27 @@ def _check_access(tenant: Tenant, model: str, workload_class: int) -> None:
         raise PermissionDenied(f"tenant {tenant.name!r} may not submit {name} work")
 
 
+def _model_spec(
+    model: str, kind: str, catalog: Catalog, violations: list[tuple[str, str]]
+) -> ModelSpec | None:
+    """The model's spec; records a violation when it is missing, unknown or the wrong kind."""
+    spec = catalog(model) if model else None
+    if not model:
+        violations.append(("model", "required"))
+    elif spec is None:
+        violations.append(("model", f"unknown model {model!r}"))
+    elif spec.kind != kind:
+        use = "Generate" if spec.kind == "generate" else "Embed"
+        violations.append(("model", f"{model!r} is a {spec.kind} model; use {use}"))
+    return spec if spec is not None and spec.kind == kind else None
+
+
 def validate_generate(
     request: inference_pb2.GenerateRequest, tenant: Tenant, catalog: Catalog
 ) -> inference_pb2.GenerateRequest:
     """Check ``request`` and return a copy with defaults applied (class, max_new_tokens)."""
     violations: list[tuple[str, str]] = []
-    spec = catalog(request.model) if request.model else None
-    if not request.model:
-        violations.append(("model", "required"))
-    elif spec is None:
-        violations.append(("model", f"unknown model {request.model!r}"))
-    elif spec.kind != "generate":
-        violations.append(("model", f"{request.model!r} is an embedding model; use Embed"))
+    spec = _model_spec(request.model, "generate", catalog, violations)
     if request.workload_class not in common_pb2.WorkloadClass.values():
         violations.append(("workload_class", f"unknown value {request.workload_class}"))
 
@@ -96,13 +105,7 @@ def validate_embed(
 ) -> inference_pb2.EmbedRequest:
     """Check an embedding request; returns a copy with the class defaulted."""
     violations: list[tuple[str, str]] = []
-    spec = catalog(request.model) if request.model else None
-    if not request.model:
-        violations.append(("model", "required"))
-    elif spec is None:
-        violations.append(("model", f"unknown model {request.model!r}"))
-    elif spec.kind != "embed":
-        violations.append(("model", f"{request.model!r} generates text; use Generate"))
+    spec = _model_spec(request.model, "embed", catalog, violations)
     if not request.inputs:
         violations.append(("inputs", "at least one text required"))
     elif spec is not None and len(request.inputs) > spec.max_inputs:

@@ -1,6 +1,7 @@
 """Generation engines: the :class:`Engine` interface and its implementations."""
 
 from inference_node.engine.batching import BatchingConfig, BatchingEngine
+from inference_node.engine.hosting import run_with_engine
 from inference_node.engine.llama import supports
 from inference_node.engine.serial import SerialEngine
 from inference_node.engine.types import (
@@ -40,6 +41,7 @@ __all__ = [
     "SerialEngine",
     "TokenDelta",
     "build_engine",
+    "run_with_engine",
 ]
 
 

@@ -60,13 +60,26 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 @dataclass(frozen=True)
 class _Layer:
+    """One decoder layer's weights, stored transposed (``[in, out]``, contiguous)."""
+
     ln1: torch.Tensor
-    qkv_w: torch.Tensor
+    qkv_t: torch.Tensor
     qkv_b: torch.Tensor | None
-    o_w: torch.Tensor
+    o_t: torch.Tensor
     ln2: torch.Tensor
-    gate_up_w: torch.Tensor
-    down_w: torch.Tensor
+    gate_up_t: torch.Tensor
+    down_t: torch.Tensor
+
+
+def _transposed(weight: torch.Tensor) -> torch.Tensor:
+    # ``x @ w_t`` with ``w_t`` contiguous ``[in, out]`` runs 2-3x faster than ``F.linear(x, w)``
+    # for the few-row products of decode steps on this CPU (MKL; measured 0.27 vs 0.85 ms at
+    # 32x576x1344) and the same for large ones.
+    return weight.detach().t().contiguous()
+
+
+def _mm(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
 
 
 @dataclass(frozen=True)
@@ -100,7 +113,7 @@ class LlamaRunner:
         inner = model.model
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
-        self.lm_head = model.lm_head.weight
+        self.lm_head_t = _transposed(model.lm_head.weight)
         self.layers = [self._fuse(layer) for layer in inner.layers]
         shape = (len(self.layers), slots, self.kv_heads, max_len, self.head_dim)
         self.k_cache = _zeros(shape, self.dtype, self.device)
@@ -123,18 +136,18 @@ class LlamaRunner:
 
     def _fuse(self, layer: Any) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv_w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).contiguous()
+        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
         qkv_b = None
         if attn.q_proj.bias is not None:
             qkv_b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).contiguous()
         return _Layer(
             ln1=layer.input_layernorm.weight,
-            qkv_w=qkv_w,
+            qkv_t=_transposed(qkv),
             qkv_b=qkv_b,
-            o_w=attn.o_proj.weight,
+            o_t=_transposed(attn.o_proj.weight),
             ln2=layer.post_attention_layernorm.weight,
-            gate_up_w=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous(),
-            down_w=mlp.down_proj.weight,
+            gate_up_t=_transposed(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+            down_t=_transposed(mlp.down_proj.weight),
         )
 
     def move(self, src: int, dst: int, length: int) -> None:
@@ -178,7 +191,7 @@ class LlamaRunner:
         decode = _DecodeBatch.build(pos[:batch], decode_positions) if batch else None
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for index, layer in enumerate(self.layers):
-            qkv = F.linear(self._rms(x, layer.ln1), layer.qkv_w, layer.qkv_b)
+            qkv = _mm(self._rms(x, layer.ln1), layer.qkv_t, layer.qkv_b)
             q = self._rope(qkv[:, :q_size].view(-1, self.heads, self.head_dim), cos, sin)
             k = self._rope(
                 qkv[:, q_size : q_size + kv_size].view(-1, self.kv_heads, self.head_dim), cos, sin
@@ -190,19 +203,19 @@ class LlamaRunner:
             for p, row in zip(prefills, offsets, strict=True):
                 rows = slice(row, row + len(p.tokens))
                 out[rows] = self._prefill_attention(index, p, q[rows], k[rows], v[rows])
-            x = x + F.linear(out.view(-1, q_size), layer.o_w)
-            gate_up = F.linear(self._rms(x, layer.ln2), layer.gate_up_w)
+            x = x + _mm(out.view(-1, q_size), layer.o_t)
+            gate_up = _mm(self._rms(x, layer.ln2), layer.gate_up_t)
             inter = gate_up.shape[-1] // 2
-            x = x + F.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], layer.down_w)
+            x = x + _mm(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], layer.down_t)
         rows_out = list(range(batch)) + [
             row + len(p.tokens) - 1
             for p, row in zip(prefills, offsets, strict=True)
             if p.wants_logits
         ]
         if not rows_out:
-            return torch.empty(0, self.lm_head.shape[0])
+            return torch.empty(0, self.lm_head_t.shape[1])
         picked = x.index_select(0, torch.tensor(rows_out, device=dev))
-        return F.linear(self._rms(picked, self.norm), self.lm_head).float()
+        return _mm(self._rms(picked, self.norm), self.lm_head_t).float()
 
     def _decode_attention(
         self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: _DecodeBatch

@@ -149,7 +149,11 @@ class Engine(Protocol):
         ...
 
     def start(self) -> None:
-        """Start serving."""
+        """Start serving on the engine's own thread."""
+        ...
+
+    def serve(self) -> None:
+        """Serve on the calling thread (instead of ``start``) until ``close``."""
         ...
 
     def close(self) -> None:

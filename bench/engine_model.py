@@ -1,0 +1,91 @@
+"""Model-side helpers shared by the engine benchmark's workers: loading, workload, facts."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.engine_common import BenchRequest, JobSpec, build_workload, random_prompt, token_pool
+from inference_node.models import LanguageModel, load_language_model
+
+HEAD_TOKENS = 16  # request 0's first tokens are kept to compare greedy outputs across systems
+WARMUP_PROMPT_TOKENS = 8
+WARMUP_NEW_TOKENS = 4
+
+
+def load_model(spec: JobSpec) -> LanguageModel:
+    """The model the job names, on its device and dtype (load time is never measured)."""
+    return load_language_model(
+        spec.model, device=spec.device, dtype=spec.dtype, cache_dir=Path(spec.cache_dir)
+    )
+
+
+def special_ids(lm: LanguageModel) -> set[int]:
+    """BOS, EOS and PAD ids from the config and tokenizer (kept out of prompts)."""
+    ids: set[int] = set()
+    config = lm.model.config
+    for value in (
+        getattr(config, "bos_token_id", None),
+        getattr(config, "eos_token_id", None),
+        getattr(config, "pad_token_id", None),
+        lm.tokenizer.eos_token_id,
+    ):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def vocab_size(lm: LanguageModel) -> int:
+    """Rows of the input embedding (what the engine validates prompt ids against)."""
+    return int(lm.model.get_input_embeddings().num_embeddings)
+
+
+def workload_for(lm: LanguageModel, spec: JobSpec) -> list[BenchRequest]:
+    """The job's full seeded workload for this model's vocabulary."""
+    return build_workload(spec.seed, spec.workload_requests, vocab_size(lm), special_ids(lm))
+
+
+def warmup_request(lm: LanguageModel) -> BenchRequest:
+    """A tiny request served (untimed) before each measurement."""
+    pool = token_pool(vocab_size(lm), special_ids(lm))
+    prompt = random_prompt(random.Random(0), pool, WARMUP_PROMPT_TOKENS)
+    return BenchRequest(-1, prompt, WARMUP_NEW_TOKENS)
+
+
+def pad_id(lm: LanguageModel) -> int:
+    """The id left padding uses: EOS, else 0."""
+    eos = lm.tokenizer.eos_token_id
+    return int(eos) if eos is not None else 0
+
+
+def kv_bytes_per_token(lm: LanguageModel) -> int:
+    """2 (K and V) × layers × KV heads × head size × bytes per element."""
+    config = lm.model.config
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
+    element = torch.empty((), dtype=lm.dtype).element_size()
+    return 2 * int(config.num_hidden_layers) * kv_heads * int(head_dim) * element
+
+
+def model_facts(lm: LanguageModel) -> dict[str, Any]:
+    """Parameter count, weight and KV sizes, torch threads: context for every run record."""
+    weights = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    weights += sum(b.numel() * b.element_size() for b in lm.model.buffers())
+    return {
+        "parameter_count": lm.parameter_count(),
+        "weight_bytes": int(weights),
+        "kv_bytes_per_token": kv_bytes_per_token(lm),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def sync_device(device: torch.device) -> None:
+    """Wait for queued GPU work (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
