@@ -1,33 +1,103 @@
-"""Composition root of an inference node: ``python -m inference_node [flags]``."""
+"""Composition root of an inference node: ``python -m inference_node [flags]``.
+
+The first generation engine runs its loop on the process's main thread (torch is faster there,
+see ``ThreadedEngine.serve``); asyncio (gRPC server, registry, metrics) runs on a helper
+thread. SIGTERM/SIGINT, or a finished Drain RPC, drains and stops the node.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
+import threading
 
+import structlog
 from prometheus_client import CollectorRegistry
 
-from inference_node.app import NodeService, load_models
+from inference_node.app import NodeService, default_engine, load_models
 from inference_node.config import NodeSettings
-from sluice.runner import Service, run_service
+from inference_node.engine import run_with_engine
 from sluice.settings import parse_settings
+from sluice.telemetry import MetricsServer, configure_logging
+
+log = structlog.get_logger("inference_node")
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT caught on the main thread, delivered to the event loop's thread."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+        self._pending = threading.Event()
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        self._pending.set()
+        if self._loop is not None and self._event is not None:
+            self._loop.call_soon_threadsafe(self._event.set)
+
+    async def wait(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._event = asyncio.Event()
+        if self._pending.is_set():
+            return
+        await self._event.wait()
 
 
 def main(argv: list[str]) -> None:
     """Load models, serve until SIGTERM/SIGINT or a finished Drain RPC, then exit."""
     settings = parse_settings(NodeSettings, argv, "Sluice inference node")
+    configure_logging(settings.log_format, settings.log_level)
+    stop = _StopSignal()
+    stop.install()
+    generators, embedders = load_models(settings)
+    registry = CollectorRegistry()
+    metrics = MetricsServer(registry, settings.metrics_host, settings.metrics_port)
+    metrics.start()
+    # Engines are built here; everything asyncio (gRPC server included) is built on the loop's
+    # own thread inside serve(), since grpc.aio objects bind to the loop that creates them.
+    engines = {name: default_engine(lm, settings) for name, lm in generators.items()}
+    main_engine = next(iter(engines.values()), None)
 
-    async def build(registry: CollectorRegistry, metrics_address: str) -> NodeService:
-        generators, embedders = await asyncio.to_thread(load_models, settings)
-        return NodeService(
-            settings, registry, generators, embedders, metrics_address=metrics_address
+    async def serve() -> None:
+        service = NodeService(
+            settings,
+            registry,
+            generators,
+            embedders,
+            engines=engines,
+            metrics_address=metrics.address,
         )
+        await service.start(main_engine_served_elsewhere=main_engine is not None)
+        log.info(
+            "service_ready",
+            service="inference_node",
+            address=service.address,
+            metrics=metrics.address,
+            node_id=service.node_id,
+        )
+        waiters = {
+            asyncio.ensure_future(stop.wait()),
+            asyncio.ensure_future(service.drained.wait()),
+        }
+        _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        await service.stop()
 
-    async def drained(service: Service) -> None:
-        assert isinstance(service, NodeService)
-        await service.drained.wait()
-
-    asyncio.run(run_service("inference_node", settings, build, until=drained))
+    try:
+        if main_engine is not None:
+            run_with_engine(main_engine, serve)
+        else:
+            asyncio.run(serve())
+    finally:
+        metrics.stop()
 
 
 if __name__ == "__main__":

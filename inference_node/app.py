@@ -83,11 +83,12 @@ class NodeService:
         embedders: dict[str, Embedder],
         *,
         engine_factory: EngineFactory = default_engine,
+        engines: dict[str, Engine] | None = None,
         metrics_address: str = "",
     ) -> None:
         self.settings = settings
         self.node_id = settings.node_id or f"node-{uuid.uuid4().hex[:8]}"
-        self.engines: dict[str, Engine] = {
+        self.engines: dict[str, Engine] = engines or {
             n: engine_factory(lm, settings) for n, lm in generators.items()
         }
         self._generators = generators
@@ -166,10 +167,17 @@ class NodeService:
             started_at_unix_ms=int(time.time() * 1000),
         )
 
-    async def start(self) -> None:
-        """Start the engines and the server, then register in etcd."""
+    @property
+    def main_engine(self) -> Engine | None:
+        """The engine ``__main__`` serves on the process's main thread (the first one)."""
+        return next(iter(self.engines.values()), None)
+
+    async def start(self, *, main_engine_served_elsewhere: bool = False) -> None:
+        """Start the engines (each on its own thread, except the main engine when the caller
+        serves it) and the server, then register in etcd."""
         for engine in self.engines.values():
-            engine.start()
+            if not (main_engine_served_elsewhere and engine is self.main_engine):
+                engine.start()
         await self.server.start()
         self.registration = Registration(
             self.etcd,
