@@ -96,3 +96,16 @@ async def test_unknown_model_on_node_is_invalid_argument(running: Suite) -> None
     with pytest.raises(grpc.aio.AioRpcError) as err:
         _ = [c async for c in stub.Generate(bad)]
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_request_beyond_kv_budget_is_resource_exhausted(suite: Suite) -> None:
+    """A request that can never fit a KV slot is refused RESOURCE_EXHAUSTED, reason
+    KV_BUDGET_EXCEEDED (tiny model: 512 B per token, 2 slots of 100 tokens)."""
+    node = await suite.start_node("node-small", max_sequences=2, memory_budget_bytes=2 * 100 * 512)
+    stub = node_pb2_grpc.NodeStub(suite.channel(node.address))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        _ = [c async for c in stub.Generate(node_request(max_new_tokens=200))]
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "at most 100" in (err.value.details() or "")
+    fits = [c async for c in stub.Generate(node_request(max_new_tokens=50))]
+    assert fits[-1].usage.completion_tokens == 50
