@@ -6,8 +6,9 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -43,6 +44,14 @@ def _connect(endpoint: str | None, api_key: str | None, run_dir: Path) -> AsyncC
     if api_key is None and not os.environ.get("SLUICE_API_KEY"):
         api_key = dev_api_key(run_dir)
     return AsyncClient(endpoint, api_key=api_key)
+
+
+def _call(coro: Coroutine[Any, Any, None]) -> None:
+    """Run a CLI command's coroutine; an RPC error becomes a clear message and exit code 1."""
+    try:
+        asyncio.run(coro)
+    except SluiceRpcError as exc:
+        raise _fail(exc) from exc
 
 
 def _fail(exc: SluiceRpcError) -> typer.Exit:
@@ -128,10 +137,7 @@ def generate(
                     f"{'cached' if last.cached else 'generated'}[/dim]"
                 )
 
-    try:
-        asyncio.run(run())
-    except SluiceRpcError as exc:
-        raise _fail(exc) from exc
+    _call(run())
 
 
 @app.command()
@@ -152,10 +158,7 @@ def embed(
                 console.print(f"{text!r}: [{head}, …] ({reply.dimensions} dims)")
             err.print(f"[dim]node {reply.node_id} · {reply.usage.prompt_tokens} tokens[/dim]")
 
-    try:
-        asyncio.run(run())
-    except SluiceRpcError as exc:
-        raise _fail(exc) from exc
+    _call(run())
 
 
 @app.command()
@@ -195,10 +198,7 @@ def nodes(
                 )
             console.print(table)
 
-    try:
-        asyncio.run(run())
-    except SluiceRpcError as exc:
-        raise _fail(exc) from exc
+    _call(run())
 
 
 @app.command()
