@@ -27,7 +27,8 @@ from bench.engine_common import (
     current_rss_bytes,
     summarize_run,
 )
-from bench.engine_model import HEAD_TOKENS, kv_bytes_per_token, pad_id, warmup_request
+from bench.engine_model import HEAD_TOKENS, pad_id, warmup_request
+from inference_node.engine.text import kv_bytes_per_token
 from inference_node.models import LanguageModel
 
 CB_PAGE_SIZE = 256

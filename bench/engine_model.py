@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from bench.engine_common import BenchRequest, JobSpec, build_workload, random_prompt, token_pool
+from inference_node.engine.text import kv_bytes_per_token  # reported with each run
 from inference_node.models import LanguageModel, load_language_model
 
 HEAD_TOKENS = 16  # request 0's first tokens are kept to compare greedy outputs across systems
@@ -61,16 +62,6 @@ def pad_id(lm: LanguageModel) -> int:
     """The id left padding uses: EOS, else 0."""
     eos = lm.tokenizer.eos_token_id
     return int(eos) if eos is not None else 0
-
-
-def kv_bytes_per_token(lm: LanguageModel) -> int:
-    """2 (K and V) × layers × KV heads × head size × bytes per element."""
-    config = lm.model.config
-    heads = int(getattr(config, "num_attention_heads", 1) or 1)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
-    element = torch.empty((), dtype=lm.dtype).element_size()
-    return 2 * int(config.num_hidden_layers) * kv_heads * int(head_dim) * element
 
 
 def model_facts(lm: LanguageModel) -> dict[str, Any]:

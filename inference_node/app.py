@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -35,8 +34,6 @@ from sluice.server import GrpcServer
 from sluice.v1 import common_pb2, node_pb2, node_pb2_grpc
 
 log = structlog.get_logger(__name__)
-
-EngineFactory = Callable[[LanguageModel, NodeSettings], Engine]
 
 
 def default_engine(lm: LanguageModel, settings: NodeSettings) -> Engine:
@@ -82,14 +79,13 @@ class NodeService:
         generators: dict[str, LanguageModel],
         embedders: dict[str, Embedder],
         *,
-        engine_factory: EngineFactory = default_engine,
         engines: dict[str, Engine] | None = None,
         metrics_address: str = "",
     ) -> None:
         self.settings = settings
         self.node_id = settings.node_id or f"node-{uuid.uuid4().hex[:8]}"
         self.engines: dict[str, Engine] = engines or {
-            n: engine_factory(lm, settings) for n, lm in generators.items()
+            n: default_engine(lm, settings) for n, lm in generators.items()
         }
         self._generators = generators
         self._embedders = embedders

@@ -70,6 +70,11 @@ class Dispatcher:
         )
         return fault
 
+    def _track(self, node: NodeHandle, delta: int) -> None:
+        """Count a request in (+1) or out (-1) of flight on ``node`` and in the gauge."""
+        node.in_flight += delta
+        self._metrics.in_flight.inc(delta)
+
     def _ok(self, node: NodeHandle) -> None:
         node.breaker.record_success()
         self._metrics.dispatches.labels(node.node_id, "ok").inc()
@@ -86,8 +91,7 @@ class Dispatcher:
             node = self._pick(req.model, req.workload_class, tried)
             tried.add(node.node_id)
             sent = 0
-            node.in_flight += 1
-            self._metrics.in_flight.inc()
+            self._track(node, +1)
             call = node.stub.Generate(
                 forward, timeout=self._remaining(deadline), metadata=self._metadata()
             )
@@ -113,8 +117,7 @@ class Dispatcher:
                     raise RemoteError(exc, prefix=f"node {node.node_id}: ") from exc
                 self._metrics.retries.inc()
             finally:
-                node.in_flight -= 1
-                self._metrics.in_flight.dec()
+                self._track(node, -1)
                 if not call.done():
                     call.cancel()
         raise AssertionError("unreachable")  # pragma: no cover
@@ -130,7 +133,7 @@ class Dispatcher:
         for attempt in range(self._max_attempts):
             node = self._pick(req.model, req.workload_class, tried)
             tried.add(node.node_id)
-            node.in_flight += 1
+            self._track(node, +1)
             try:
                 reply: inference_pb2.EmbedResponse = await node.stub.Embed(
                     forward, timeout=self._remaining(deadline), metadata=self._metadata()
@@ -146,5 +149,5 @@ class Dispatcher:
                     raise RemoteError(exc, prefix=f"node {node.node_id}: ") from exc
                 self._metrics.retries.inc()
             finally:
-                node.in_flight -= 1
+                self._track(node, -1)
         raise AssertionError("unreachable")  # pragma: no cover

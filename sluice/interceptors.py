@@ -28,18 +28,9 @@ log = structlog.get_logger(__name__)
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 
 
-def _metadata(details_or_context: Any) -> dict[str, str]:
-    raw = (
-        details_or_context.invocation_metadata()
-        if callable(getattr(details_or_context, "invocation_metadata", None))
-        else details_or_context.invocation_metadata
-    )
-    out: dict[str, str] = {}
-    for item in raw or ():
-        key, value = item[0], item[1]
-        if isinstance(value, str):
-            out[key] = value
-    return out
+def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
+    """The call's text metadata as a dict (binary ``-bin`` values are skipped)."""
+    return {k: v for k, v in details.invocation_metadata or () if isinstance(v, str)}
 
 
 def _wrap(

@@ -104,12 +104,22 @@ async def test_cache_hit_is_served_without_any_node(running: Suite) -> None:
 
 
 async def test_sampled_request_without_seed_is_never_cached(running: Suite) -> None:
-    """Non-deterministic requests skip the cache: nothing is stored for them."""
-    req = gen_request("random please")
-    req.options.temperature = 0.8
-    _ = [c async for c in running.inference().Generate(req, metadata=auth())]
-    stats = await running.cache_stub().Stats(cache_pb2.StatsRequest())
-    assert stats.stores == 0 and stats.hits == 0
+    """Non-deterministic requests skip the cache: nothing is stored for them.
+
+    Stores happen in the background, so a greedy request sent after the sampled one is the
+    marker: once its store has landed, the sampled one's would have too."""
+    stub, cache = running.inference(), running.cache_stub()
+    sampled = gen_request("random please")
+    sampled.options.temperature = 0.8
+    _ = [c async for c in stub.Generate(sampled, metadata=auth())]
+    _ = [c async for c in stub.Generate(gen_request("greedy marker"), metadata=auth())]
+    for _ in range(200):
+        if (await cache.Stats(cache_pb2.StatsRequest())).stores >= 1:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.1)  # room for a wrongly issued second store to land
+    stats = await cache.Stats(cache_pb2.StatsRequest())
+    assert stats.stores == 1 and stats.hits == 0
 
 
 @pytest.mark.parametrize("key", ["sk-sluice-wrong", ""])

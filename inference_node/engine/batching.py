@@ -83,7 +83,7 @@ class BatchingEngine(ThreadedEngine):
         config = config or BatchingConfig()
         super().__init__(lm, max_waiting=config.max_waiting, kv_budget_bytes=config.kv_budget_bytes)
         self.config = config
-        per_token = LlamaRunner.bytes_per_token(lm.model)
+        per_token = self._kv_per_token
         slots = max(1, config.max_sequences)
         max_len = min(lm.max_context_tokens, config.kv_budget_bytes // (slots * per_token))
         if max_len < MIN_SLOT_TOKENS:

@@ -124,16 +124,6 @@ class LlamaRunner:
         self.cos = cos[0].to(self.dtype).contiguous()  # [max_len, head_dim]
         self.sin = sin[0].to(self.dtype).contiguous()
 
-    @staticmethod
-    def bytes_per_token(model: Any) -> int:
-        """KV bytes one token of one sequence needs (K and V, every layer)."""
-        config = model.config
-        heads = int(config.num_attention_heads)
-        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-        element = next(model.parameters()).element_size()
-        return int(2 * int(config.num_hidden_layers) * kv_heads * head_dim * element)
-
     def _fuse(self, layer: Any) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
         qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
