@@ -70,7 +70,7 @@ def _hf_generate(
         mask[row, width - len(prompt) :] = 1
     streamer = FirstTokenStreamer()
     with torch.inference_mode():
-        out = lm.model.generate(
+        out = lm.hf_model().generate(
             input_ids=ids.to(lm.device),
             attention_mask=mask.to(lm.device),
             max_new_tokens=new_tokens,
@@ -178,7 +178,7 @@ def run_hf_generate_batch(
     closed loop of C requests is kept in flight, and ``streaming=True`` yields each token,
     which gives TTFT. ``eos_token_id=-1`` disables EOS.
     """
-    model = lm.model
+    model = lm.hf_model()
     size = spec.concurrency
     per_block = CB_PAGE_SIZE * kv_bytes_per_token(lm)
     longest = max(len(r.prompt) + r.max_new_tokens for r in workload)

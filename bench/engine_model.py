@@ -27,11 +27,11 @@ def load_model(spec: JobSpec) -> LanguageModel:
 def special_ids(lm: LanguageModel) -> set[int]:
     """BOS, EOS and PAD ids from the config and tokenizer (kept out of prompts)."""
     ids: set[int] = set()
-    config = lm.model.config
+    config = lm.config
     for value in (
-        getattr(config, "bos_token_id", None),
-        getattr(config, "eos_token_id", None),
-        getattr(config, "pad_token_id", None),
+        config.get("bos_token_id"),
+        config.get("eos_token_id"),
+        config.get("pad_token_id"),
         lm.tokenizer.eos_token_id,
     ):
         if isinstance(value, int):
@@ -43,7 +43,7 @@ def special_ids(lm: LanguageModel) -> set[int]:
 
 def vocab_size(lm: LanguageModel) -> int:
     """Rows of the input embedding (what the engine validates prompt ids against)."""
-    return int(lm.model.get_input_embeddings().num_embeddings)
+    return lm.vocab_size
 
 
 def workload_for(lm: LanguageModel, spec: JobSpec) -> list[BenchRequest]:
@@ -66,8 +66,7 @@ def pad_id(lm: LanguageModel) -> int:
 
 def model_facts(lm: LanguageModel) -> dict[str, Any]:
     """Parameter count, weight and KV sizes, torch threads: context for every run record."""
-    weights = sum(p.numel() * p.element_size() for p in lm.model.parameters())
-    weights += sum(b.numel() * b.element_size() for b in lm.model.buffers())
+    weights = lm.weight_bytes()
     return {
         "parameter_count": lm.parameter_count(),
         "weight_bytes": int(weights),

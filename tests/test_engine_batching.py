@@ -48,7 +48,7 @@ async def engine(lm: LanguageModel) -> AsyncIterator[BatchingEngine]:
 
 def prompts(lm: LanguageModel, lengths: list[int], seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    vocab = int(lm.model.config.vocab_size)
+    vocab = lm.vocab_size
     return [torch.randint(3, min(vocab, 250), (n,), generator=g).tolist() for n in lengths]
 
 
@@ -71,7 +71,7 @@ def ids_of(deltas: list[TokenDelta]) -> list[int]:
 
 
 def hf_greedy(lm: LanguageModel, ids: list[int], n: int) -> list[int]:
-    out = lm.model.generate(
+    out = lm.hf_model().generate(
         torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False
     )
     return out[0, len(ids) :].tolist()

@@ -82,7 +82,7 @@ async def test_greedy_is_deterministic_and_exact(engine: SerialEngine, lm: Langu
     prompt = lm.tokenizer.encode("Once upon a time")
     full = torch.tensor([prompt + _ids(first)[:-1]])
     with torch.inference_mode():
-        logits = lm.model(input_ids=full).logits[0, len(prompt) - 1 :]
+        logits = lm.hf_model()(input_ids=full).logits[0, len(prompt) - 1 :]
     assert logits.argmax(-1).tolist() == _ids(first)
 
 
@@ -126,7 +126,7 @@ async def test_eos_finishes(lm: LanguageModel) -> None:
     ids = _ids(await _collect(probe.submit(_request(lm, "probe", max_new_tokens=12))))
     probe.close()
     eos = ids[5]
-    lm.tokenizer.eos_token_id = eos  # make a token greedy decoding is known to produce the EOS
+    lm.eos_token_ids = frozenset({eos})  # a token greedy decoding is known to produce is the EOS
     engine = SerialEngine(lm)
     engine.start()
     try:
@@ -285,7 +285,7 @@ async def test_engine_errors_reach_the_stream(lm: LanguageModel) -> None:
             return self.model(**kwargs)
 
     engine = SerialEngine(lm)
-    lm.model = Flaky(lm.model)
+    lm._hf = Flaky(lm.hf_model())
     engine.start()
     try:
         with pytest.raises(RuntimeError, match="boom"):

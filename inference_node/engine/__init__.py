@@ -54,7 +54,7 @@ def build_engine(
     max_waiting: int = 256,
 ) -> Engine:
     """The best engine for ``lm``: continuous batching for Llama-family models, else serial."""
-    if supports(lm.model):
+    if supports(lm):
         return BatchingEngine(
             lm,
             BatchingConfig(

@@ -19,7 +19,7 @@ import weakref
 
 import structlog
 
-from inference_node.engine.text import eos_ids, kv_bytes_per_token
+from inference_node.engine.text import kv_bytes_per_token
 from inference_node.engine.types import (
     WORKLOAD_CLASSES,
     WORKLOAD_REALTIME,
@@ -131,8 +131,8 @@ class ThreadedEngine:
             if kv_budget_bytes is not None
             else self._kv_per_token * lm.max_context_tokens
         )
-        self._vocab_size = int(lm.model.get_input_embeddings().num_embeddings)
-        self._eos_ids = eos_ids(lm)
+        self._vocab_size = lm.vocab_size
+        self._eos_ids = lm.eos_token_ids
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._abandoned: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._lock = threading.Lock()

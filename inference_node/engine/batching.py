@@ -92,7 +92,7 @@ class BatchingEngine(ThreadedEngine):
                 f"(each needs at least {MIN_SLOT_TOKENS * per_token} B)"
             )
         self.slot_tokens = int(max_len)
-        self._runner = LlamaRunner(lm.model, slots=slots, max_len=self.slot_tokens)
+        self._runner = LlamaRunner(lm, slots=slots, max_len=self.slot_tokens)
         self._slots: list[_Sequence | None] = [None] * slots
         self._ready = 0  # slots 0.._ready-1 hold sequences that decode this step
         self._waiting: list[tuple[tuple[int, int], _Sequence]] = []

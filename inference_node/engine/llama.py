@@ -25,25 +25,19 @@ from __future__ import annotations
 
 import math
 import mmap
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+from inference_node.models import LanguageModel
+from inference_node.native import llama_unsupported_reason
 
 
-def supports(model: Any) -> bool:
-    """True when ``model`` is a Llama-family causal LM this runner can drive."""
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-        return False
-    if getattr(config, "hidden_act", "silu") != "silu":
-        return False
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return getattr(config, "model_type", "") == "llama"
-    return not getattr(config, "mlp_bias", False)
+def supports(lm: LanguageModel) -> bool:
+    """True when ``lm`` is a Llama-family causal LM this runner can drive."""
+    return lm.inv_freq is not None and llama_unsupported_reason(lm.config) is None
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -71,11 +65,15 @@ class _Layer:
     down_t: torch.Tensor
 
 
-def _transposed(weight: torch.Tensor) -> torch.Tensor:
-    # ``x @ w_t`` with ``w_t`` contiguous ``[in, out]`` runs 2-3x faster than ``F.linear(x, w)``
-    # for the few-row products of decode steps on this CPU (MKL; measured 0.27 vs 0.85 ms at
-    # 32x576x1344) and the same for large ones.
-    return weight.detach().t().contiguous()
+def _transposed(*weights: torch.Tensor) -> torch.Tensor:
+    """``weights`` (each ``[out_i, in]``) stacked along ``out`` and stored transposed, as one
+    contiguous ``[in, sum(out_i)]`` tensor, written in a single copy.
+
+    ``x @ w_t`` with ``w_t`` contiguous ``[in, out]`` runs 2-3x faster than ``F.linear(x, w)``
+    for the few-row products of decode steps on this CPU (MKL; measured 0.27 vs 0.85 ms at
+    32x576x1344) and the same for large ones.
+    """
+    return torch.cat([w.detach().t() for w in weights], dim=1)
 
 
 def _mm(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,49 +93,56 @@ class Prefill:
 
 
 class LlamaRunner:
-    """Owns the weights (shared with the HF model, fused copies for QKV and gate/up) and the
-    KV cache; ``step`` runs one engine iteration. Not thread-safe: one engine thread uses it."""
+    """Owns the weights (the model's state dict, fused copies for QKV and gate/up) and the KV
+    cache; ``step`` runs one engine iteration. Not thread-safe: one engine thread uses it."""
 
-    def __init__(self, model: Any, *, slots: int, max_len: int) -> None:
-        config = model.config
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-        self.heads = int(config.num_attention_heads)
-        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
-        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
+    def __init__(self, lm: LanguageModel, *, slots: int, max_len: int) -> None:
+        if lm.inv_freq is None:
+            raise ValueError(f"{lm.name} has no rotary frequencies; not a Llama-family model")
+        config, weights = lm.config, lm.weights
+        self.device = lm.device
+        self.dtype = lm.dtype
+        self.heads = int(config["num_attention_heads"])
+        self.kv_heads = int(config.get("num_key_value_heads") or self.heads)
+        self.head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // self.heads)
         self.group = self.heads // self.kv_heads
-        self.eps = float(config.rms_norm_eps)
+        self.eps = float(config["rms_norm_eps"])
         self.scale = self.head_dim**-0.5
         self.slots = slots
         self.max_len = max_len
-        inner = model.model
-        self.embed = inner.embed_tokens.weight
-        self.norm = inner.norm.weight
-        self.lm_head_t = _transposed(model.lm_head.weight)
-        self.layers = [self._fuse(layer) for layer in inner.layers]
+        self.embed = weights["model.embed_tokens.weight"]
+        self.norm = weights["model.norm.weight"]
+        self.lm_head_t = _transposed(weights.get("lm_head.weight", self.embed))
+        self.layers = [
+            self._fuse(weights, f"model.layers.{i}.")
+            for i in range(int(config["num_hidden_layers"]))
+        ]
         shape = (len(self.layers), slots, self.kv_heads, max_len, self.head_dim)
         self.k_cache = _zeros(shape, self.dtype, self.device)
         self.v_cache = _zeros(shape, self.dtype, self.device)
-        positions = torch.arange(max_len, device=self.device)[None, :]
-        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
-        cos, sin = inner.rotary_emb(probe, positions)
-        self.cos = cos[0].to(self.dtype).contiguous()  # [max_len, head_dim]
-        self.sin = sin[0].to(self.dtype).contiguous()
+        # Rotary tables as transformers computes them: float32 angles, then the model's dtype.
+        positions = torch.arange(max_len, device=self.device, dtype=torch.float32)
+        angles = positions[:, None] * lm.inv_freq.to(self.device, torch.float32)[None, :]
+        angles = torch.cat((angles, angles), dim=-1)
+        self.cos = (angles.cos() * lm.attention_scaling).to(self.dtype).contiguous()
+        self.sin = (angles.sin() * lm.attention_scaling).to(self.dtype).contiguous()
 
-    def _fuse(self, layer: Any) -> _Layer:
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    @staticmethod
+    def _fuse(weights: Mapping[str, torch.Tensor], prefix: str) -> _Layer:
+        attn, mlp = prefix + "self_attn.", prefix + "mlp."
         qkv_b = None
-        if attn.q_proj.bias is not None:
-            qkv_b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).contiguous()
+        if f"{attn}q_proj.bias" in weights:
+            qkv_b = torch.cat([weights[f"{attn}{p}_proj.bias"] for p in "qkv"]).contiguous()
         return _Layer(
-            ln1=layer.input_layernorm.weight,
-            qkv_t=_transposed(qkv),
+            ln1=weights[prefix + "input_layernorm.weight"],
+            qkv_t=_transposed(*(weights[f"{attn}{p}_proj.weight"] for p in "qkv")),
             qkv_b=qkv_b,
-            o_t=_transposed(attn.o_proj.weight),
-            ln2=layer.post_attention_layernorm.weight,
-            gate_up_t=_transposed(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-            down_t=_transposed(mlp.down_proj.weight),
+            o_t=_transposed(weights[attn + "o_proj.weight"]),
+            ln2=weights[prefix + "post_attention_layernorm.weight"],
+            gate_up_t=_transposed(
+                weights[mlp + "gate_proj.weight"], weights[mlp + "up_proj.weight"]
+            ),
+            down_t=_transposed(weights[mlp + "down_proj.weight"]),
         )
 
     def move(self, src: int, dst: int, length: int) -> None:

@@ -79,7 +79,7 @@ class SerialEngine(ThreadedEngine):
     def _generate(self, job: Job) -> None:
         """Prefill, then decode token by token, streaming stable text until a stop condition."""
         params = job.request.params
-        model, device = self._lm.model, self._lm.device
+        model, device = self._lm.hf_model(), self._lm.device
         generator = make_generator(params, device)
         text = TextStream(self._lm, params, len(job.request.prompt_token_ids), self._eos_ids)
         cache: Any = None

@@ -44,28 +44,15 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
     return 0
 
 
-def eos_ids(lm: LanguageModel) -> frozenset[int]:
-    """Every token id that ends a generation for ``lm``."""
-    ids: set[int] = set()
-    if lm.tokenizer.eos_token_id is not None:
-        ids.add(lm.tokenizer.eos_token_id)
-    configured = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif isinstance(configured, list | tuple):
-        ids.update(int(i) for i in configured)
-    return frozenset(ids)
-
-
 def kv_bytes_per_token(lm: LanguageModel) -> int:
     """2 (K and V) x layers x KV heads x head size x bytes per element."""
-    config = lm.model.config
-    heads = int(getattr(config, "num_attention_heads", 1) or 1)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = getattr(config, "head_dim", None) or int(getattr(config, "hidden_size", 0)) // heads
-    layers = int(getattr(config, "num_hidden_layers", 0))
+    config = lm.config
+    heads = int(config.get("num_attention_heads", 1) or 1)
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or int(config.get("hidden_size", 0)) // heads)
+    layers = int(config.get("num_hidden_layers", 0))
     element = torch.empty((), dtype=lm.dtype).element_size()
-    return 2 * layers * kv_heads * int(head_dim) * element
+    return 2 * layers * kv_heads * head_dim * element
 
 
 class TextStream:
