@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import grpc
 from prometheus_client import CollectorRegistry
 
+from scheduler.admission import AdmissionConfig
 from scheduler.config import SchedulerSettings
 from scheduler.dispatch import Dispatcher
-from scheduler.metrics import SchedulerMetrics
+from scheduler.gate import DispatchGate
+from scheduler.live_config import LiveTenants
+from scheduler.metrics import LiveState, NodeGaugeRow, SchedulerMetrics
 from scheduler.nodes import NodeDirectory
+from scheduler.queues import QueueConfig
+from scheduler.quotas import QuotaGate, quota_redis
+from scheduler.routing import OutlierConfig, OutlierDetector, RetryBudget
 from scheduler.server import AdminServicer, InferenceServicer, JobsServicer, ModelCatalog
 from scheduler.tenants import TenantDirectory
 from scheduler.usage import UsageBook
 from sluice import __version__
+from sluice.breaker import BreakerConfig
 from sluice.registry import NODES_PREFIX, SCHEDULERS_PREFIX, PrefixView, Registration, etcd_client
 from sluice.server import GrpcServer
 from sluice.v1 import (
@@ -58,8 +66,46 @@ class SchedulerService:
         self.view: PrefixView[common_pb2.NodeInfo] = PrefixView(
             self.etcd, NODES_PREFIX, _decode_node
         )
-        self.nodes = NodeDirectory(self.view)
+        breaker = BreakerConfig(
+            failure_threshold=settings.breaker_failures,
+            open_s=settings.breaker_open_seconds,
+            max_open_s=settings.breaker_max_open_seconds,
+            failure_rate=settings.breaker_failure_rate,
+            window_s=settings.breaker_window_seconds,
+        )
+        outliers = OutlierDetector(
+            time.monotonic,
+            OutlierConfig(factor=settings.outlier_factor, eject_s=settings.outlier_eject_seconds),
+        )
+        self.nodes = NodeDirectory(
+            self.view,
+            breaker_config=breaker,
+            outliers=outliers,
+            low_class_headroom=settings.low_class_headroom,
+            default_tokens_per_s=settings.default_tokens_per_s,
+        )
         self.usage = UsageBook()
+        self.gate = DispatchGate(
+            self.nodes,
+            self.tenants,
+            self.metrics,
+            queue_config=QueueConfig(
+                max_per_class=settings.max_queued_per_class,
+                max_per_tenant=settings.max_queued_per_tenant,
+                aging_s=settings.aging_seconds,
+                prompt_token_weight=settings.prompt_token_weight,
+            ),
+            admission_config=AdmissionConfig(default_tokens_per_s=settings.default_tokens_per_s),
+        )
+        self.quotas = QuotaGate(
+            quota_redis(settings.redis_url, settings.quota_timeout_seconds)
+            if settings.redis_url
+            else None,
+            self.metrics,
+            fail_closed=settings.quota_fail_closed,
+        )
+        self.live_tenants = LiveTenants(self.etcd, self.tenants, self.tenants.all(), self.metrics)
+        self.metrics.bind(LiveState(self.gate.queue_depths, self._node_rows))
         self._cache_channel = (
             grpc.aio.insecure_channel(
                 settings.cache_address, options=[("grpc.enable_http_proxy", 0)]
@@ -68,7 +114,12 @@ class SchedulerService:
             else None
         )
         cache = cache_pb2_grpc.CacheStub(self._cache_channel) if self._cache_channel else None
-        self.dispatcher = Dispatcher(self.nodes, self.metrics, max_attempts=settings.max_attempts)
+        self.dispatcher = Dispatcher(
+            self.nodes,
+            self.metrics,
+            max_attempts=settings.max_attempts,
+            budget=RetryBudget(time.monotonic, ratio=settings.retry_budget_ratio),
+        )
         self.server = GrpcServer(
             "scheduler",
             settings.server_options(),
@@ -80,13 +131,28 @@ class SchedulerService:
         self.server.add(
             inference_pb2_grpc.add_InferenceServicer_to_server,
             InferenceServicer(
-                settings, self.tenants, catalog, self.dispatcher, cache, self.metrics, self.usage
+                settings,
+                self.tenants,
+                catalog,
+                self.dispatcher,
+                cache,
+                self.metrics,
+                self.usage,
+                self.gate,
+                self.quotas,
             ),
             PUBLIC_SERVICES[0],
         )
         self.server.add(
             admin_pb2_grpc.add_AdminServicer_to_server,
-            AdminServicer(self.nodes, self.usage),
+            AdminServicer(
+                self.nodes,
+                self.usage,
+                self.tenants,
+                self.gate,
+                self.scheduler_id,
+                settings.default_tokens_per_s,
+            ),
             PUBLIC_SERVICES[1],
         )
         self.server.add(
@@ -98,6 +164,17 @@ class SchedulerService:
         tenant = self.tenants.authenticate(key)
         return tenant.name if tenant else None
 
+    def _node_rows(self) -> list[NodeGaugeRow]:
+        return [
+            NodeGaugeRow(
+                n.node_id,
+                n.breaker.state.value,
+                self.nodes.outliers.ejected(n.node_id),
+                n.score(),
+            )
+            for n in self.nodes.nodes()
+        ]
+
     @property
     def address(self) -> str:
         """``host:port`` of the public gRPC server."""
@@ -105,8 +182,10 @@ class SchedulerService:
 
     async def start(self) -> None:
         """Follow the registry, start serving, then announce this replica in etcd."""
+        await self.live_tenants.start()
         await self.view.start()
         self.nodes.start()
+        await self.gate.start()
         self.view.subscribe(lambda _n, _v: self._count_nodes())
         self._count_nodes()
         await self.server.start()
@@ -131,8 +210,11 @@ class SchedulerService:
         """Leave the registry, finish in-flight calls, close every channel."""
         if self.registration is not None:
             await self.registration.stop()
+        await self.gate.stop()
         await self.server.stop(grace_s)
+        await self.live_tenants.stop()
         await self.view.stop()
+        await self.quotas.close()
         await self.nodes.close()
         if self._cache_channel is not None:
             await self._cache_channel.close()

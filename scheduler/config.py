@@ -43,10 +43,55 @@ class SchedulerSettings(ServiceSettings):
     cache_timeout_seconds: float = 0.1
     """Budget of a cache lookup on the request path; slower counts as a miss."""
     default_deadline_seconds: float = 120.0
-    """Deadline applied to requests that arrive without one."""
+    """Deadline applied to requests that arrive without one, unless the tenant sets one for
+    the class."""
     max_attempts: int = 2
     """Nodes tried for one request while no token has reached the client."""
     models: list[ModelSpec] = Field(default_factory=lambda: list(DEFAULT_MODELS))
     """The model catalog; models that nodes advertise beyond it get default limits."""
     scheduler_id: str = ""
     """Id published under /sluice/schedulers/; empty picks a random one."""
+
+    # Quotas (global, Redis).
+    redis_url: str = ""
+    """Redis holding the quota buckets shared by every replica; empty disables quotas."""
+    quota_timeout_seconds: float = 0.1
+    """Connect and command timeout of the quota check: a dead Redis costs this, once a second."""
+    quota_fail_closed: list[str] = Field(default_factory=list)
+    """Quotas refused while Redis is unreachable (requests_per_second, tokens_per_minute,
+    max_concurrent); the others fail open (max_concurrent then holds per replica)."""
+
+    # Queues and admission.
+    max_queued_per_class: int = 1000
+    """Most requests queued per workload class on this replica."""
+    max_queued_per_tenant: int = 200
+    """Most requests one tenant may have queued per class on this replica."""
+    aging_seconds: float = 10.0
+    """Extra wait that lifts a lower class one rank (so nothing starves); 0 disables aging."""
+    prompt_token_weight: float = 0.5
+    """Cost of a prompt token relative to a generated token, for fairness and wait prediction."""
+    chars_per_token: float = 4.0
+    """Prompt characters per token, to estimate prompt tokens before the node counts them."""
+    default_tokens_per_s: float = 200.0
+    """Service rate assumed for a node not measured yet (weighted tokens per second)."""
+    low_class_headroom: float = 0.125
+    """Share of a node's sequences BATCH and FINETUNE leave free for REALTIME."""
+
+    # Failure handling.
+    breaker_failures: int = 5
+    """Consecutive failures that open a node's circuit."""
+    breaker_failure_rate: float = 0.5
+    """Failure share over the window that opens it too (with at least 20 calls); 0 disables."""
+    breaker_window_seconds: float = 10.0
+    """Window of the failure rate."""
+    breaker_open_seconds: float = 5.0
+    """Time open before a half-open probe."""
+    breaker_max_open_seconds: float = 30.0
+    """Longest open period of one round."""
+    retry_budget_ratio: float = 0.2
+    """Retries may add at most this share of extra load (over 10 s windows)."""
+    outlier_factor: float = 3.0
+    """A node whose TTFT or inter-token latency average exceeds this multiple of the peers'
+    median is ejected for ``outlier_eject_seconds``."""
+    outlier_eject_seconds: float = 15.0
+    """Ejection time of a latency outlier."""

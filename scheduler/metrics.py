@@ -1,20 +1,98 @@
-"""Scheduler metrics (injected registry, bounded labels)."""
+"""Scheduler metrics (injected registry, bounded labels: classes, configured tenants, nodes)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from sluice.telemetry import RPC_LATENCY_BUCKETS
+
+QUEUE_WAIT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+)  # fmt: skip
+CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+@dataclass(frozen=True)
+class NodeGaugeRow:
+    """One node's state at scrape time."""
+
+    node: str
+    circuit: str
+    ejected: bool
+    load_score: float
+
+
+@dataclass(frozen=True)
+class LiveState:
+    """Read at scrape time, so removed nodes and emptied queues leave no stale series."""
+
+    queue_depths: Callable[[], dict[tuple[str, str], int]]
+    """(class, tenant) → queued requests."""
+    nodes: Callable[[], Iterable[NodeGaugeRow]]
+
+
+class _LiveCollector(Collector):
+    def __init__(self, state: LiveState) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily(
+            "sluice_scheduler_queue_depth",
+            "Requests waiting in this replica's queues, by class and tenant.",
+            labels=["workload_class", "tenant"],
+        )
+        for (cls, tenant), n in sorted(self._state.queue_depths().items()):
+            depth.add_metric([cls, tenant], n)
+        yield depth
+        circuit = GaugeMetricFamily(
+            "sluice_scheduler_node_circuit_state",
+            "Circuit breaker per node: 0 closed, 1 half-open, 2 open.",
+            labels=["node"],
+        )
+        ejected = GaugeMetricFamily(
+            "sluice_scheduler_node_ejected",
+            "1 while a node is ejected as a latency outlier.",
+            labels=["node"],
+        )
+        score = GaugeMetricFamily(
+            "sluice_scheduler_node_load_score",
+            "Load score the router uses (estimated sequences / capacity + KV use).",
+            labels=["node"],
+        )
+        for row in self._state.nodes():
+            circuit.add_metric([row.node], CIRCUIT_VALUES.get(row.circuit, 0))
+            ejected.add_metric([row.node], int(row.ejected))
+            score.add_metric([row.node], row.load_score)
+        yield from (circuit, ejected, score)
 
 
 class SchedulerMetrics:
     """Everything the scheduler records."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
         self.requests = Counter(
             "sluice_scheduler_requests",
             "Requests by kind, workload class and outcome (ok, cached, refused, failed).",
             ["kind", "workload_class", "outcome"],
+            registry=registry,
+        )
+        self.admission = Counter(
+            "sluice_scheduler_admission_decisions",
+            "Admission decisions (admitted, refused, shed) by class and reason.",
+            ["workload_class", "decision", "reason"],
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "sluice_scheduler_queue_wait_seconds",
+            "Time from admission to dispatch, by class and tenant.",
+            ["workload_class", "tenant"],
+            buckets=QUEUE_WAIT_BUCKETS,
             registry=registry,
         )
         self.dispatches = Counter(
@@ -25,7 +103,13 @@ class SchedulerMetrics:
         )
         self.retries = Counter(
             "sluice_scheduler_retries",
-            "Requests retried on another node before any token reached the client.",
+            "Requests retried on another node after this node failed before any token.",
+            ["node"],
+            registry=registry,
+        )
+        self.retries_denied = Counter(
+            "sluice_scheduler_retries_denied",
+            "Retries not made because the retry budget was spent.",
             registry=registry,
         )
         self.cache = Counter(
@@ -52,3 +136,30 @@ class SchedulerMetrics:
             "Requests this scheduler has in flight on nodes.",
             registry=registry,
         )
+        self.quota_checks = Counter(
+            "sluice_scheduler_quota_checks",
+            "Quota checks by result (ok, exceeded, fail_open, fail_closed).",
+            ["result"],
+            registry=registry,
+        )
+        self.quota_backend_up = Gauge(
+            "sluice_scheduler_quota_backend_up",
+            "1 when the last quota check reached Redis, 0 when it failed.",
+            registry=registry,
+        )
+        self.outlier_ejections = Counter(
+            "sluice_scheduler_outlier_ejections",
+            "Nodes ejected for time-to-first-token or inter-token latency far above peers.",
+            ["node", "signal"],
+            registry=registry,
+        )
+        self.tenant_reloads = Counter(
+            "sluice_scheduler_tenant_config_reloads",
+            "Live tenant configuration changes from etcd, by result (applied, invalid, removed).",
+            ["result"],
+            registry=registry,
+        )
+
+    def bind(self, state: LiveState) -> None:
+        """Register the gauges read from live state at scrape time."""
+        self._registry.register(_LiveCollector(state))

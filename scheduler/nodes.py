@@ -2,13 +2,14 @@
 
 Nodes come from the etcd registry (:class:`sluice.registry.PrefixView`). For each node the
 directory keeps a gRPC channel, follows its ``grpc.health.v1`` status and its load stream, and
-counts the requests this scheduler has in flight there. A node is a candidate when it is
-registered, ``SERVING`` in the registry and in its health check, its circuit is closed (or
-half-open and probing), its pools admit the class, and it has the model loaded.
+keeps a :class:`scheduler.routing.LoadBook` (last report + what this scheduler sent since). A
+node is a candidate when it is registered, ``SERVING`` in the registry, its health check and
+its last load report (not draining), its circuit is not open, it is not ejected as a latency
+outlier, its pools admit the class and it has the model loaded. It can take a request when,
+on top of that, the load book says it has room.
 
-Choice: power of two choices (Mitzenmacher) on a load score: two random candidates, the less
-loaded wins. It keeps the herd off the single least-loaded node that every replica would pick
-from the same stale report, at the cost of sometimes not picking the very best node.
+Choice: :func:`scheduler.routing.power_of_two` on the load score, preferring the node that last
+served the same session or prompt prefix when scores tie.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,6 +25,8 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from scheduler.admission import ThroughputMeter
+from scheduler.routing import AffinityTable, LoadBook, OutlierDetector, power_of_two
 from sluice.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from sluice.registry import PrefixView
 from sluice.v1 import common_pb2, node_pb2, node_pb2_grpc
@@ -44,9 +48,10 @@ class NodeHandle:
     channel: grpc.aio.Channel
     stub: node_pb2_grpc.NodeStub
     breaker: CircuitBreaker
+    meter: ThroughputMeter
     healthy: bool = False
-    in_flight: int = 0
     load: common_pb2.LoadReport | None = None
+    book: LoadBook = field(default_factory=LoadBook)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -54,17 +59,31 @@ class NodeHandle:
         """The node's id."""
         return self.info.node_id
 
+    @property
+    def in_flight(self) -> int:
+        """Requests this scheduler has in flight on the node."""
+        return self.book.in_flight
+
+    @property
+    def draining(self) -> bool:
+        """True when the registry or the node's last load report says it is draining."""
+        return self.info.state != common_pb2.NODE_STATE_SERVING or (
+            self.load is not None and self.load.state == common_pb2.NODE_STATE_DRAINING
+        )
+
+    def service_rate(self, default: float) -> float:
+        """Weighted tokens per second the node retires: measured, reported, else ``default``."""
+        measured = max(self.meter.rate(), self.load.decode_tokens_per_s if self.load else 0.0)
+        return measured if measured > 0 else default
+
     def serves(self, model: str, workload_class: int) -> bool:
         """True when the node has ``model`` and a pool admitting ``workload_class``."""
         pool = POOL_FOR_CLASS.get(workload_class, "realtime")
         return pool in self.info.pools and any(m.name == model for m in self.info.models)
 
     def score(self) -> float:
-        """Lower is better: our own in-flight count plus the node's reported sequences."""
-        reported = 0
-        if self.load is not None:
-            reported = sum(c.running + c.waiting for c in self.load.classes)
-        return self.in_flight + 0.5 * reported
+        """Lower is better (see :meth:`scheduler.routing.LoadBook.score`)."""
+        return self.book.score()
 
 
 class NodeDirectory:
@@ -75,15 +94,33 @@ class NodeDirectory:
         view: PrefixView[common_pb2.NodeInfo],
         *,
         breaker_config: BreakerConfig | None = None,
+        outliers: OutlierDetector | None = None,
         rng: random.Random | None = None,
         channel_factory: Callable[[str], grpc.aio.Channel] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        low_class_headroom: float = 0.125,
+        default_tokens_per_s: float = 200.0,
     ) -> None:
         self._view = view
         self._breaker_config = breaker_config or BreakerConfig()
+        self.outliers = outliers or OutlierDetector(clock)
         self._rng = rng or random.Random()
         self._channel_factory = channel_factory or _default_channel
+        self._clock = clock
+        self._headroom = low_class_headroom
+        self._default_rate = default_tokens_per_s
         self._nodes: dict[str, NodeHandle] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._listeners: list[Callable[[], None]] = []
+        self.affinity = AffinityTable()
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` whenever capacity may have changed (report, health, node)."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     def start(self) -> None:
         """Follow the registry view (call after the view has synced)."""
@@ -104,31 +141,74 @@ class NodeDirectory:
         return {m.name: m for n in self._nodes.values() for m in n.info.models}
 
     def candidates(self, model: str, workload_class: int) -> list[NodeHandle]:
-        """Nodes that may take this request now."""
+        """Nodes that may take this request now (room aside)."""
         return [
             n
             for n in self._nodes.values()
-            if n.info.state == common_pb2.NODE_STATE_SERVING
+            if not n.draining
             and n.healthy
             and n.breaker.state is not BreakerState.OPEN
+            and not self.outliers.ejected(n.node_id)
             and n.serves(model, workload_class)
         ]
 
+    def has_room(self, node: NodeHandle, workload_class: int) -> bool:
+        """True when ``node`` can take one more request of ``workload_class``."""
+        return node.book.has_room(workload_class, self._headroom)
+
+    def room_for(self, model: str, workload_class: int) -> bool:
+        """True when some candidate has room for the request now."""
+        return any(self.has_room(n, workload_class) for n in self.candidates(model, workload_class))
+
+    def service_rate(self, model: str) -> float:
+        """Weighted tokens per second the nodes able to serve ``model`` (in any pool) retire
+        together; 0 when none can (every one draining, unhealthy, open or ejected)."""
+        return sum(
+            n.service_rate(self._default_rate)
+            for n in self._nodes.values()
+            if not n.draining
+            and n.healthy
+            and n.breaker.state is not BreakerState.OPEN
+            and not self.outliers.ejected(n.node_id)
+            and any(m.name == model for m in n.info.models)
+        )
+
     def pick(
-        self, model: str, workload_class: int, exclude: frozenset[str] = frozenset()
+        self,
+        model: str,
+        workload_class: int,
+        exclude: frozenset[str] = frozenset(),
+        *,
+        affinity: str = "",
+        need_room: bool = False,
     ) -> NodeHandle | None:
-        """Power of two choices among the candidates not in ``exclude``."""
-        pool = [n for n in self.candidates(model, workload_class) if n.node_id not in exclude]
+        """Power of two choices among the candidates not in ``exclude`` (with room, when
+        ``need_room``), preferring the node that last served ``affinity`` on a tie."""
+        pool = [
+            n
+            for n in self.candidates(model, workload_class)
+            if n.node_id not in exclude and (not need_room or self.has_room(n, workload_class))
+        ]
+        preferred = self._nodes.get(self.affinity.get(affinity) or "")
         while pool:
-            if len(pool) == 1:
-                chosen = pool[0]
-            else:
-                a, b = self._rng.sample(pool, 2)
-                chosen = a if a.score() <= b.score() else b
+            chosen = power_of_two(pool, NodeHandle.score, self._rng, preferred)
             if chosen.breaker.allow():
                 return chosen
             pool.remove(chosen)  # half-open with its probe already out
         return None
+
+    def dispatched(self, node: NodeHandle, tokens: float, affinity: str = "") -> None:
+        """Book a request sent to ``node``."""
+        node.book.on_dispatch(tokens)
+        self.affinity.put(affinity, node.node_id)
+
+    def finished(self, node: NodeHandle, cost: float) -> None:
+        """Book the end of a request on ``node`` (``cost``: requested weighted tokens, for the
+        throughput meter; 0 when it failed) and wake whoever waits for room."""
+        node.book.on_finish()
+        if cost > 0:
+            node.meter.record(cost)
+        self._changed()
 
     async def close(self) -> None:
         """Stop following nodes and close every channel."""
@@ -146,6 +226,8 @@ class NodeDirectory:
             return
         if current is not None and current.info.address == info.address:
             current.info = info
+            current.book.max_sequences = info.capacity.max_sequences or current.book.max_sequences
+            self._changed()
             return
         if current is not None:
             self._remove(name)
@@ -154,17 +236,22 @@ class NodeDirectory:
             info=info,
             channel=channel,
             stub=node_pb2_grpc.NodeStub(channel),
-            breaker=CircuitBreaker(self._breaker_config),
+            breaker=CircuitBreaker(self._breaker_config, self._clock),
+            meter=ThroughputMeter(self._clock),
         )
+        handle.book.max_sequences = info.capacity.max_sequences or handle.book.max_sequences
         handle.tasks = [
             asyncio.create_task(self._follow_health(handle), name=f"health {name}"),
             asyncio.create_task(self._follow_load(handle), name=f"load {name}"),
         ]
         self._nodes[name] = handle
         log.info("node_added", node_id=name, address=info.address)
+        self._changed()
 
     def _remove(self, name: str) -> None:
         handle = self._nodes.pop(name)
+        self.outliers.forget(name)
+        self._changed()
         for task in handle.tasks:
             task.cancel()
 
@@ -187,7 +274,8 @@ class NodeDirectory:
                     healthy = reply.status == health_pb2.HealthCheckResponse.SERVING
                     if healthy != handle.healthy:
                         log.info("node_health", node_id=handle.node_id, healthy=healthy)
-                    handle.healthy = healthy
+                        handle.healthy = healthy
+                        self._changed()
                     backoff = 0.1
             except grpc.aio.AioRpcError as exc:
                 if handle.healthy:
@@ -204,7 +292,15 @@ class NodeDirectory:
             try:
                 async for report in handle.stub.StreamLoad(node_pb2.StreamLoadRequest()):
                     handle.load = report
+                    handle.book.on_report(
+                        sum(c.running + c.waiting for c in report.classes),
+                        report.queued_tokens,
+                        report.kv_used_bytes,
+                        report.kv_budget_bytes,
+                        report.decode_tokens_per_s,
+                    )
                     backoff = 0.2
+                    self._changed()
             except grpc.aio.AioRpcError:
                 handle.load = None
             await asyncio.sleep(backoff)

@@ -1,29 +1,37 @@
 """Servicers of the scheduler's public services: Inference, Admin and (not yet) Jobs.
 
-They translate protobuf to calls on the scheduler's parts: tenants, validation, cache,
-node directory. The request path: validate → cache (deterministic requests) → pick a node →
-forward with the caller's deadline → stream back → store in the cache.
+They translate protobuf to calls on the scheduler's parts. The generation path: validate →
+cache (deterministic requests) → global quota (Redis) → admission, queue and dispatch
+(:class:`~scheduler.gate.DispatchGate`) → forward with the caller's deadline, retrying before
+the first token → stream back, charging generated tokens to the tenant's fair share → settle
+the quota with the tokens really used → store in the cache.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import grpc
 import structlog
 
 from scheduler.config import ModelSpec, SchedulerSettings
-from scheduler.dispatch import Dispatcher
+from scheduler.dispatch import Dispatcher, StreamStats
+from scheduler.gate import DispatchGate, affinity_key
 from scheduler.metrics import SchedulerMetrics
-from scheduler.nodes import NodeDirectory
+from scheduler.nodes import NodeDirectory, NodeHandle
+from scheduler.queues import CLASSES, QueuedRequest, class_name
+from scheduler.quotas import Lease, QuotaGate
 from scheduler.tenants import Tenant, TenantDirectory
-from scheduler.usage import UsageBook
+from scheduler.usage import TenantCounters, UsageBook
 from scheduler.validation import validate_embed, validate_generate
 from sluice import context
 from sluice.cache_keys import is_cacheable
-from sluice.errors import PermissionDenied, SluiceError, Unauthenticated, Unimplemented
+from sluice.errors import NotFound, PermissionDenied, SluiceError, Unauthenticated, Unimplemented
 from sluice.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -59,8 +67,15 @@ class ModelCatalog:
         return ModelSpec(name=name, kind=kind, max_new_tokens=limit)
 
 
-def _class_name(workload_class: int) -> str:
-    return common_pb2.WorkloadClass.Name(workload_class).removeprefix("WORKLOAD_CLASS_").lower()
+def _cached_chunk(cached: cache_pb2.CachedResponse) -> inference_pb2.GenerateChunk:
+    return inference_pb2.GenerateChunk(
+        text=cached.text,
+        token_ids=cached.token_ids,
+        finish_reason=cached.finish_reason,
+        usage=cached.usage,
+        cached=True,
+        node_id=cached.node_id,
+    )
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -75,6 +90,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         cache: cache_pb2_grpc.CacheStub | None,
         metrics: SchedulerMetrics,
         usage: UsageBook,
+        gate: DispatchGate,
+        quotas: QuotaGate,
     ) -> None:
         self._settings = settings
         self._tenants = tenants
@@ -83,6 +100,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._cache = cache
         self._metrics = metrics
         self._usage = usage
+        self._gate = gate
+        self._quotas = quotas
         self._background: set[asyncio.Task[None]] = set()
 
     def _tenant(self) -> Tenant:
@@ -91,10 +110,29 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             raise Unauthenticated("API key not valid")
         return tenant
 
-    def _deadline(self, ctx: grpc.aio.ServicerContext) -> float:
+    def _deadline(self, ctx: grpc.aio.ServicerContext, tenant: Tenant, cls: int) -> float:
+        """The caller's deadline, else the tenant's default for the class, else the global."""
         remaining = ctx.time_remaining()
-        budget = self._settings.default_deadline_seconds if remaining is None else remaining
-        return time.monotonic() + budget
+        if remaining is None:
+            return time.monotonic() + tenant.deadline_for(
+                cls, self._settings.default_deadline_seconds
+            )
+        return time.monotonic() + float(remaining)
+
+    def _queued(
+        self, req: inference_pb2.GenerateRequest, tenant: str, deadline: float
+    ) -> QueuedRequest:
+        chars = len(req.prompt) + sum(len(m.content) + 16 for m in req.messages)
+        return QueuedRequest(
+            request_id=uuid.uuid4().hex,
+            tenant=tenant,
+            workload_class=req.workload_class,
+            model=req.model,
+            prompt_tokens=max(1, math.ceil(chars / self._settings.chars_per_token)),
+            max_new_tokens=req.options.max_new_tokens,
+            deadline=deadline,
+            affinity=affinity_key(req),
+        )
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, ctx: grpc.aio.ServicerContext
@@ -102,39 +140,43 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         started = time.perf_counter()
         tenant = self._tenant()
         counters = self._usage.of(tenant.name)
-        try:
-            req = validate_generate(request, tenant, self._catalog)
-        except SluiceError:
-            counters.refused += 1
-            self._metrics.requests.labels(
-                "generate", _class_name(request.workload_class or 1), "refused"
-            ).inc()
-            raise
-        cls = _class_name(req.workload_class)
+        req = self._validated(request, tenant, counters)
+        cls = class_name(req.workload_class)
         structlog.contextvars.bind_contextvars(workload_class=cls, model=req.model)
-        counters.requests += 1
+        deadline = self._deadline(ctx, tenant, req.workload_class)
         counters.in_flight += 1
         outcome = "failed"
+        lease: Lease | None = None
+        stats = StreamStats()
+        item = self._queued(req, tenant.name, deadline)
         try:
             cached = await self._lookup(tenant.name, req)
             if cached is not None:
                 outcome = "cached"
+                counters.requests += 1
                 counters.cache_hits += 1
                 self._metrics.ttft.labels(cls).observe(time.perf_counter() - started)
-                yield inference_pb2.GenerateChunk(
-                    text=cached.text,
-                    token_ids=cached.token_ids,
-                    finish_reason=cached.finish_reason,
-                    usage=cached.usage,
-                    cached=True,
-                    node_id=cached.node_id,
-                )
+                yield _cached_chunk(cached)
                 return
+            outcome = "refused"  # until admitted
+            lease, node = await self._admit(tenant, item, counters)
+            outcome = "failed"  # until it completes
+            counters.requests += 1
             text: list[str] = []
             token_ids: list[int] = []
             last: inference_pb2.GenerateChunk | None = None
             first = True
-            async for chunk in self._dispatcher.generate(req, tenant.name, self._deadline(ctx)):
+            stream = self._dispatcher.generate(
+                req,
+                tenant.name,
+                deadline,
+                node,
+                cost=self._gate.cost(item),
+                affinity=item.affinity,
+                on_tokens=lambda n: self._gate.charge(item, n),
+                stats=stats,
+            )
+            async for chunk in stream:
                 if first:
                     self._metrics.ttft.labels(cls).observe(time.perf_counter() - started)
                     first = False
@@ -150,6 +192,55 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         finally:
             counters.in_flight -= 1
             self._metrics.requests.labels("generate", cls, outcome).inc()
+            self._settle(item, stats, lease)
+
+    def _validated(
+        self, request: inference_pb2.GenerateRequest, tenant: Tenant, counters: TenantCounters
+    ) -> inference_pb2.GenerateRequest:
+        try:
+            return validate_generate(request, tenant, self._catalog)
+        except SluiceError as exc:
+            counters.refuse(exc.reason)
+            self._metrics.requests.labels(
+                "generate", class_name(request.workload_class or 1), "refused"
+            ).inc()
+            raise
+
+    async def _admit(
+        self, tenant: Tenant, item: QueuedRequest, counters: TenantCounters
+    ) -> tuple[Lease, NodeHandle]:
+        """Quota, then admission and a booked node; a refusal is counted and raised."""
+        try:
+            lease = await self._quotas.acquire(
+                tenant,
+                item.prompt_tokens + item.max_new_tokens,
+                item.request_id,
+                item.deadline - time.monotonic(),
+            )
+        except SluiceError as exc:
+            counters.refuse(exc.reason)
+            raise
+        try:
+            return lease, await self._gate.acquire(item)
+        except BaseException as exc:
+            if isinstance(exc, SluiceError):
+                counters.refuse(exc.reason)
+            self._background_task(self._quotas.release(lease, 0))
+            raise
+
+    def _settle(self, item: QueuedRequest, stats: StreamStats, lease: Lease | None) -> None:
+        """After a generation: correct the fair-share charge and the quota with real counts."""
+        if stats.prompt_tokens:  # VTC: settle the prompt estimate with the true count
+            weight = self._settings.prompt_token_weight
+            self._gate.charge(item, (stats.prompt_tokens - item.prompt_tokens) * weight)
+        if lease is not None:
+            prompt = stats.prompt_tokens or (item.prompt_tokens if stats.dispatched else 0)
+            self._background_task(self._quotas.release(lease, prompt + stats.generated))
+
+    def _background_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _lookup(
         self, tenant: str, req: inference_pb2.GenerateRequest
@@ -201,9 +292,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             except grpc.aio.AioRpcError as exc:
                 log.warning("cache_store_failed", code=exc.code().name)
 
-        task = asyncio.create_task(store())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background_task(store())
 
     async def Embed(
         self, request: inference_pb2.EmbedRequest, ctx: grpc.aio.ServicerContext
@@ -212,29 +301,57 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         counters = self._usage.of(tenant.name)
         try:
             req = validate_embed(request, tenant, self._catalog)
-        except SluiceError:
-            counters.refused += 1
+        except SluiceError as exc:
+            counters.refuse(exc.reason)
             raise
-        cls = _class_name(req.workload_class)
-        counters.requests += 1
+        cls = class_name(req.workload_class)
+        deadline = self._deadline(ctx, tenant, req.workload_class)
+        chars = sum(len(t) for t in req.inputs)
+        tokens = max(1, math.ceil(chars / self._settings.chars_per_token))
         counters.in_flight += 1
         outcome = "failed"
+        lease: Lease | None = None
+        used = 0
         try:
-            reply = await self._dispatcher.embed(req, tenant.name, self._deadline(ctx))
-            counters.prompt_tokens += reply.usage.prompt_tokens
+            try:
+                lease = await self._quotas.acquire(
+                    tenant, tokens, uuid.uuid4().hex, deadline - time.monotonic()
+                )
+            except SluiceError as exc:
+                outcome = "refused"
+                counters.refuse(exc.reason)
+                raise
+            counters.requests += 1
+            reply = await self._dispatcher.embed(req, tenant.name, deadline)
+            used = reply.usage.prompt_tokens
+            counters.prompt_tokens += used
             outcome = "ok"
             return reply
         finally:
             counters.in_flight -= 1
             self._metrics.requests.labels("embed", cls, outcome).inc()
+            if lease is not None:
+                self._background_task(self._quotas.release(lease, used))
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     """``sluice.v1.Admin``: the fleet and tenant usage as this replica sees them."""
 
-    def __init__(self, nodes: NodeDirectory, usage: UsageBook) -> None:
+    def __init__(
+        self,
+        nodes: NodeDirectory,
+        usage: UsageBook,
+        tenants: TenantDirectory,
+        gate: DispatchGate,
+        scheduler_id: str,
+        default_tokens_per_s: float,
+    ) -> None:
         self._nodes = nodes
         self._usage = usage
+        self._tenants = tenants
+        self._gate = gate
+        self._scheduler_id = scheduler_id
+        self._default_rate = default_tokens_per_s
 
     async def ListNodes(
         self, request: admin_pb2.ListNodesRequest, ctx: grpc.aio.ServicerContext
@@ -244,6 +361,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             "open": admin_pb2.CIRCUIT_STATE_OPEN,
             "half_open": admin_pb2.CIRCUIT_STATE_HALF_OPEN,
         }
+        outliers = self._nodes.outliers
         return admin_pb2.ListNodesResponse(
             nodes=[
                 admin_pb2.NodeStatus(
@@ -252,6 +370,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                     circuit=circuit[n.breaker.state.value],
                     load=n.load,
                     in_flight=n.in_flight,
+                    ejected=outliers.ejected(n.node_id),
+                    load_score=n.score(),
+                    estimated_sequences=n.book.sequences(),
+                    ttft_seconds=outliers.latency(n.node_id, "ttft"),
+                    inter_token_seconds=outliers.latency(n.node_id, "itl"),
+                    service_tokens_per_second=n.service_rate(self._default_rate),
                 )
                 for n in self._nodes.nodes()
             ]
@@ -260,11 +384,29 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def GetTenantUsage(
         self, request: admin_pb2.GetTenantUsageRequest, ctx: grpc.aio.ServicerContext
     ) -> admin_pb2.TenantUsage:
-        own = context.tenant.get()
-        name = request.tenant or own
-        if name != own:
+        own = self._tenants.get(context.tenant.get())
+        if own is None:
+            raise Unauthenticated("API key not valid")
+        name = request.tenant or own.name
+        if name != own.name and not own.admin:
             raise PermissionDenied("a tenant may only read its own usage")
-        return self._usage.of(name).to_proto(name)
+        tenant = self._tenants.get(name)
+        if tenant is None:
+            raise NotFound(f"no tenant {name!r}")
+        usage = self._usage.of(name).to_proto(name)
+        usage.queued = sum(self._gate.queues.depth(c, name) for c in CLASSES)
+        usage.weight = tenant.weight
+        q = tenant.quotas
+        usage.quotas.CopyFrom(
+            admin_pb2.TenantQuotas(
+                requests_per_second=q.requests_per_second,
+                burst=q.bucket_size if q.requests_per_second else 0,
+                tokens_per_minute=q.tokens_per_minute,
+                max_concurrent=q.max_concurrent,
+            )
+        )
+        usage.scheduler_id = self._scheduler_id
+        return usage
 
 
 class JobsServicer(jobs_pb2_grpc.JobsServicer):

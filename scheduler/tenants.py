@@ -4,16 +4,26 @@
 tenants:
   - name: acme
     api_key_hashes: ["sha256:<hex of the key>"]   # `sluice` stores hashes only
-    weight: 2
+    weight: 2                                        # fair-share weight inside a class
     classes: [realtime, batch]                       # default: all
     models: ["*"]                                    # default: all
+    quotas:                                          # global across replicas; 0 = unlimited
+      requests_per_second: 20
+      burst: 40                                      # default: max(1, requests_per_second)
+      tokens_per_minute: 200000                      # prompt + generated
+      max_concurrent: 16
+    deadlines: {realtime: 30, batch: 600}            # applied when the call sets no deadline
+    admin: false                                     # may read every tenant's usage
 ```
-The tenant of a request always comes from its verified key, never from a request field.
+The tenant of a request always comes from its verified key, never from a request field. The
+same document, as YAML or JSON, under the etcd key ``/sluice/config/tenants`` replaces the file's
+tenants live (:mod:`scheduler.live_config`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +40,31 @@ CLASS_NAMES = {
 }
 
 
+class Quotas(BaseModel):
+    """Limits enforced globally (Redis token buckets shared by every scheduler replica)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests_per_second: float = Field(default=0.0, ge=0)
+    """Sustained request rate; 0 means unlimited."""
+    burst: int = Field(default=0, ge=0)
+    """Requests allowed at once above the rate; 0 means ``max(1, requests_per_second)``."""
+    tokens_per_minute: int = Field(default=0, ge=0)
+    """Prompt plus generated tokens per minute; 0 means unlimited."""
+    max_concurrent: int = Field(default=0, ge=0)
+    """Requests in flight at once (queued or running); 0 means unlimited."""
+
+    @property
+    def bucket_size(self) -> int:
+        """Size of the requests-per-second bucket."""
+        return self.burst or max(1, math.ceil(self.requests_per_second))
+
+    @property
+    def any(self) -> bool:
+        """True when some quota is set."""
+        return bool(self.requests_per_second or self.tokens_per_minute or self.max_concurrent)
+
+
 class TenantSpec(BaseModel):
     """One tenant as written in the tenants file."""
 
@@ -40,6 +75,19 @@ class TenantSpec(BaseModel):
     weight: float = Field(default=1.0, gt=0)
     classes: list[str] = Field(default_factory=lambda: list(CLASS_NAMES))
     models: list[str] = Field(default_factory=lambda: ["*"])
+    quotas: Quotas = Field(default_factory=Quotas)
+    deadlines: dict[str, float] = Field(default_factory=dict)
+    admin: bool = False
+
+    @field_validator("deadlines")
+    @classmethod
+    def _deadlines(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = set(value) - set(CLASS_NAMES)
+        if unknown:
+            raise ValueError(f"unknown classes {sorted(unknown)}; use {sorted(CLASS_NAMES)}")
+        if any(v <= 0 for v in value.values()):
+            raise ValueError("deadlines must be positive seconds")
+        return value
 
     @field_validator("api_key_hashes")
     @classmethod
@@ -75,6 +123,15 @@ class Tenant:
     classes: frozenset[int]
     models: frozenset[str]
     key_hashes: tuple[str, ...] = field(repr=False)
+    quotas: Quotas = field(default_factory=Quotas)
+    deadlines: Mapping[int, float] = field(default_factory=dict, hash=False)
+    """Default deadline in seconds per class, for calls that set none."""
+    admin: bool = False
+    """May read any tenant's usage."""
+
+    def deadline_for(self, workload_class: int, fallback: float) -> float:
+        """Seconds a call of ``workload_class`` without a deadline may take."""
+        return self.deadlines.get(workload_class, fallback)
 
     def may_use_model(self, model: str) -> bool:
         """True when the tenant may call ``model``."""
@@ -95,17 +152,14 @@ class TenantDirectory:
     @classmethod
     def from_yaml(cls, path: Path) -> TenantDirectory:
         """Load and validate a tenants file."""
-        data = yaml.safe_load(path.read_text()) or {}
-        spec = TenantsFile.model_validate(data)
-        return cls(
-            Tenant(
-                name=t.name,
-                weight=t.weight,
-                classes=frozenset(CLASS_NAMES[c] for c in t.classes),
-                models=frozenset(t.models),
-                key_hashes=tuple(t.api_key_hashes),
-            )
-            for t in spec.tenants
+        return cls(parse_tenants(path.read_text()))
+
+    def replace(self, tenants: Iterable[Tenant]) -> None:
+        """Swap in a new set of tenants at once (live reload); keys not listed stop working."""
+        fresh = {t.name: t for t in tenants}
+        self._tenants, self._by_hash = (
+            fresh,
+            {h: t for t in fresh.values() for h in t.key_hashes},
         )
 
     def authenticate(self, key: str) -> Tenant | None:
@@ -125,6 +179,29 @@ class TenantDirectory:
         """The tenant called ``name``."""
         return self._tenants.get(name)
 
+    def all(self) -> list[Tenant]:
+        """Every tenant."""
+        return list(self._tenants.values())
+
     def names(self) -> list[str]:
         """Every tenant name, sorted."""
         return sorted(self._tenants)
+
+
+def parse_tenants(text: str) -> list[Tenant]:
+    """Tenants from a YAML (or JSON) document; raises ``ValueError`` when it is invalid."""
+    data = yaml.safe_load(text) or {}
+    spec = TenantsFile.model_validate(data)
+    return [
+        Tenant(
+            name=t.name,
+            weight=t.weight,
+            classes=frozenset(CLASS_NAMES[c] for c in t.classes),
+            models=frozenset(t.models),
+            key_hashes=tuple(t.api_key_hashes),
+            quotas=t.quotas,
+            deadlines={CLASS_NAMES[c]: s for c, s in t.deadlines.items()},
+            admin=t.admin,
+        )
+        for t in spec.tenants
+    ]

@@ -1,14 +1,17 @@
 """A small circuit breaker (closed → open → half-open), driven by an injected clock.
 
-Defaults follow the project's requirements: open after 5 consecutive failures, allow a
-half-open probe after 5 s, and never stay open longer than 30 s per round (the open time
-doubles on each failed probe, capped at ``max_open_s``).
+Defaults follow the project's requirements: open after 5 consecutive failures (or, with
+``failure_rate`` set, when at least that share of the calls in the last ``window_s`` failed,
+over at least ``min_calls`` calls), allow a half-open probe after 5 s, and never stay open
+longer than 30 s per round (the open time doubles on each failed probe, capped at
+``max_open_s``).
 """
 
 from __future__ import annotations
 
 import enum
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +36,12 @@ class BreakerConfig:
     """Longest open period of one round (after repeated failed probes)."""
     close_after_successes: int = 1
     """Successful probes needed to close again."""
+    failure_rate: float = 0.0
+    """Share of failed calls within ``window_s`` that opens the breaker; 0 disables."""
+    window_s: float = 10.0
+    """Window of the failure rate."""
+    min_calls: int = 20
+    """Calls the window needs before its failure rate counts."""
 
 
 class CircuitBreaker:
@@ -49,6 +58,20 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._open_for = self.config.open_s
         self._probe_out = False
+        self._calls: deque[tuple[float, bool]] = deque()
+
+    def _window_tripped(self, ok: bool) -> bool:
+        """Record a call in the rate window; True when the failure rate opens the breaker."""
+        if self.config.failure_rate <= 0:
+            return False
+        now = self._clock()
+        self._calls.append((now, ok))
+        while self._calls and now - self._calls[0][0] > self.config.window_s:
+            self._calls.popleft()
+        if len(self._calls) < self.config.min_calls:
+            return False
+        failed = sum(1 for _, good in self._calls if not good)
+        return failed / len(self._calls) >= self.config.failure_rate
 
     @property
     def state(self) -> BreakerState:
@@ -76,6 +99,8 @@ class CircuitBreaker:
             if self._successes >= self.config.close_after_successes:
                 self._state = BreakerState.CLOSED
                 self._open_for = self.config.open_s
+        elif self._state is BreakerState.CLOSED:
+            self._window_tripped(True)
         self._failures = 0
 
     def record_failure(self) -> None:
@@ -86,7 +111,10 @@ class CircuitBreaker:
             self._trip()
             return
         self._failures += 1
-        if state is BreakerState.CLOSED and self._failures >= self.config.failure_threshold:
+        if state is not BreakerState.CLOSED:
+            return
+        by_rate = self._window_tripped(False)
+        if by_rate or self._failures >= self.config.failure_threshold:
             self._trip()
 
     def _trip(self) -> None:
@@ -95,3 +123,4 @@ class CircuitBreaker:
         self._failures = 0
         self._successes = 0
         self._probe_out = False
+        self._calls.clear()

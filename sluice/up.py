@@ -209,7 +209,15 @@ class Supervisor:
         scheduler = self._spawn(
             "scheduler",
             "scheduler",
-            [*common, "--tenants-file", str(tenants), "--cache-address", cache.grpc_address],
+            [
+                *common,
+                "--tenants-file",
+                str(tenants),
+                "--cache-address",
+                cache.grpc_address,
+                "--redis-url",
+                redis_url,
+            ],
         )
         for child in [cache, *nodes, scheduler]:
             self._wait_serving(child, deadline)

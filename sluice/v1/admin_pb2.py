@@ -25,25 +25,31 @@ _sym_db = _symbol_database.Default()
 from sluice.v1 import common_pb2 as sluice_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sluice/v1/admin.proto\x12\tsluice.v1\x1a\x16sluice/v1/common.proto\"\x12\n\x10ListNodesRequest\"\xa2\x01\n\nNodeStatus\x12!\n\x04info\x18\x01 \x01(\x0b\x32\x13.sluice.v1.NodeInfo\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12(\n\x07\x63ircuit\x18\x03 \x01(\x0e\x32\x17.sluice.v1.CircuitState\x12#\n\x04load\x18\x04 \x01(\x0b\x32\x15.sluice.v1.LoadReport\x12\x11\n\tin_flight\x18\x05 \x01(\x05\"9\n\x11ListNodesResponse\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.sluice.v1.NodeStatus\"\'\n\x15GetTenantUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\x99\x01\n\x0bTenantUsage\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x0f\n\x07refused\x18\x03 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x03\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x12\n\ncache_hits\x18\x07 \x01(\x03*|\n\x0c\x43ircuitState\x12\x1d\n\x19\x43IRCUIT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43IRCUIT_STATE_CLOSED\x10\x01\x12\x16\n\x12\x43IRCUIT_STATE_OPEN\x10\x02\x12\x1b\n\x17\x43IRCUIT_STATE_HALF_OPEN\x10\x03\x32\x9b\x01\n\x05\x41\x64min\x12\x46\n\tListNodes\x12\x1b.sluice.v1.ListNodesRequest\x1a\x1c.sluice.v1.ListNodesResponse\x12J\n\x0eGetTenantUsage\x12 .sluice.v1.GetTenantUsageRequest\x1a\x16.sluice.v1.TenantUsageb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sluice/v1/admin.proto\x12\tsluice.v1\x1a\x16sluice/v1/common.proto\"\x12\n\x10ListNodesRequest\"\xba\x02\n\nNodeStatus\x12!\n\x04info\x18\x01 \x01(\x0b\x32\x13.sluice.v1.NodeInfo\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12(\n\x07\x63ircuit\x18\x03 \x01(\x0e\x32\x17.sluice.v1.CircuitState\x12#\n\x04load\x18\x04 \x01(\x0b\x32\x15.sluice.v1.LoadReport\x12\x11\n\tin_flight\x18\x05 \x01(\x05\x12\x0f\n\x07\x65jected\x18\x06 \x01(\x08\x12\x12\n\nload_score\x18\x07 \x01(\x01\x12\x1b\n\x13\x65stimated_sequences\x18\x08 \x01(\x05\x12\x14\n\x0cttft_seconds\x18\t \x01(\x01\x12\x1b\n\x13inter_token_seconds\x18\n \x01(\x01\x12!\n\x19service_tokens_per_second\x18\x0b \x01(\x01\"9\n\x11ListNodesResponse\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.sluice.v1.NodeStatus\"\'\n\x15GetTenantUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\xf8\x02\n\x0bTenantUsage\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x0f\n\x07refused\x18\x03 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x03\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x12\n\ncache_hits\x18\x07 \x01(\x03\x12\x0e\n\x06queued\x18\x08 \x01(\x05\x12\x46\n\x11refused_by_reason\x18\t \x03(\x0b\x32+.sluice.v1.TenantUsage.RefusedByReasonEntry\x12\x0e\n\x06weight\x18\n \x01(\x01\x12\'\n\x06quotas\x18\x0b \x01(\x0b\x32\x17.sluice.v1.TenantQuotas\x12\x14\n\x0cscheduler_id\x18\x0c \x01(\t\x1a\x36\n\x14RefusedByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"m\n\x0cTenantQuotas\x12\x1b\n\x13requests_per_second\x18\x01 \x01(\x01\x12\r\n\x05\x62urst\x18\x02 \x01(\x05\x12\x19\n\x11tokens_per_minute\x18\x03 \x01(\x03\x12\x16\n\x0emax_concurrent\x18\x04 \x01(\x05*|\n\x0c\x43ircuitState\x12\x1d\n\x19\x43IRCUIT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43IRCUIT_STATE_CLOSED\x10\x01\x12\x16\n\x12\x43IRCUIT_STATE_OPEN\x10\x02\x12\x1b\n\x17\x43IRCUIT_STATE_HALF_OPEN\x10\x03\x32\x9b\x01\n\x05\x41\x64min\x12\x46\n\tListNodes\x12\x1b.sluice.v1.ListNodesRequest\x1a\x1c.sluice.v1.ListNodesResponse\x12J\n\x0eGetTenantUsage\x12 .sluice.v1.GetTenantUsageRequest\x1a\x16.sluice.v1.TenantUsageb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CIRCUITSTATE']._serialized_start=501
-  _globals['_CIRCUITSTATE']._serialized_end=625
+  _globals['_TENANTUSAGE_REFUSEDBYREASONENTRY']._loaded_options = None
+  _globals['_TENANTUSAGE_REFUSEDBYREASONENTRY']._serialized_options = b'8\001'
+  _globals['_CIRCUITSTATE']._serialized_start=987
+  _globals['_CIRCUITSTATE']._serialized_end=1111
   _globals['_LISTNODESREQUEST']._serialized_start=60
   _globals['_LISTNODESREQUEST']._serialized_end=78
   _globals['_NODESTATUS']._serialized_start=81
-  _globals['_NODESTATUS']._serialized_end=243
-  _globals['_LISTNODESRESPONSE']._serialized_start=245
-  _globals['_LISTNODESRESPONSE']._serialized_end=302
-  _globals['_GETTENANTUSAGEREQUEST']._serialized_start=304
-  _globals['_GETTENANTUSAGEREQUEST']._serialized_end=343
-  _globals['_TENANTUSAGE']._serialized_start=346
-  _globals['_TENANTUSAGE']._serialized_end=499
-  _globals['_ADMIN']._serialized_start=628
-  _globals['_ADMIN']._serialized_end=783
+  _globals['_NODESTATUS']._serialized_end=395
+  _globals['_LISTNODESRESPONSE']._serialized_start=397
+  _globals['_LISTNODESRESPONSE']._serialized_end=454
+  _globals['_GETTENANTUSAGEREQUEST']._serialized_start=456
+  _globals['_GETTENANTUSAGEREQUEST']._serialized_end=495
+  _globals['_TENANTUSAGE']._serialized_start=498
+  _globals['_TENANTUSAGE']._serialized_end=874
+  _globals['_TENANTUSAGE_REFUSEDBYREASONENTRY']._serialized_start=820
+  _globals['_TENANTUSAGE_REFUSEDBYREASONENTRY']._serialized_end=874
+  _globals['_TENANTQUOTAS']._serialized_start=876
+  _globals['_TENANTQUOTAS']._serialized_end=985
+  _globals['_ADMIN']._serialized_start=1114
+  _globals['_ADMIN']._serialized_end=1269
 # @@protoc_insertion_point(module_scope)

@@ -59,7 +59,7 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetTenantUsage(self, request, context):
-        """Usage of the calling tenant (or any tenant, for admin keys).
+        """Usage of the calling tenant (or any tenant, for tenants marked admin).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

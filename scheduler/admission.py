@@ -1,0 +1,186 @@
+"""Early admission control: refuse now what cannot start before its deadline.
+
+Synchronous and I/O-free, with an injected clock. The wait of a new request is predicted from
+the cost queued ahead of it (weighted tokens, the unit of :mod:`scheduler.queues`) divided by
+the measured service rate of the nodes that can serve its model:
+
+- ahead = everything queued for the model in higher classes
+  + the tenant's own queued cost in its class
+  + for every other tenant backlogged in the class, the part of its queue that fair queuing
+    serves first: ``min(its queued cost, (own queued + this request) x w_other / w_own)``;
+- plus, when no node has room now, one average request's cost (the next slot to free);
+- rate = the sum over eligible nodes of their service rate, measured in the same unit
+  (requested cost retired per second, :class:`ThroughputMeter`), so requests that stop before
+  ``max_new_tokens`` are accounted for without guessing their length.
+
+A request whose predicted wait exceeds the time to its deadline is refused at once with the
+predicted wait as its retry delay. Lower classes are predicted behind every higher class, so
+under pressure they are refused (and, when capacity shrinks, shed from the queue) first.
+Failure mode: the prediction is only as good as the rate; a fleet that has not reported a rate
+yet uses ``default_tokens_per_s`` per node.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from scheduler.queues import CLASSES, RANK, Clock, FairQueues, QueuedRequest
+
+OVERLOADED = "OVERLOADED"
+NO_CAPACITY = "NO_CAPACITY"
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """How waits are predicted and refusals timed."""
+
+    default_tokens_per_s: float = 200.0
+    """Service rate assumed for a node that has not been measured yet (weighted tokens/s)."""
+    min_retry_s: float = 0.05
+    """Smallest retry delay sent with a refusal."""
+    max_retry_s: float = 300.0
+    """Largest retry delay sent with a refusal."""
+    no_capacity_grace_s: float = 1.0
+    """How long a queued request may wait with no node able to serve it before it is shed."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The answer to one request: admitted, or refused with a predicted wait."""
+
+    admitted: bool
+    predicted_wait_s: float
+    reason: str = ""
+
+    def retry_after(self, config: AdmissionConfig) -> float:
+        """The retry delay to send: the predicted wait, clamped to the configured range."""
+        wait = self.predicted_wait_s if math.isfinite(self.predicted_wait_s) else config.max_retry_s
+        return min(max(wait, config.min_retry_s), config.max_retry_s)
+
+
+@dataclass(frozen=True)
+class Shed:
+    """A queued request dropped because it can no longer start in time."""
+
+    item: QueuedRequest
+    predicted_wait_s: float
+    reason: str
+
+
+class ThroughputMeter:
+    """Requested cost retired per second by one node, over a sliding window.
+
+    Only windows in which the node was kept busy say anything about its capacity, so the
+    meter reports the rate over the span it actually saw completions in (at least
+    ``min_span_s``), and the owner takes the larger of it and the node's own reported rate.
+    """
+
+    def __init__(self, clock: Clock, window_s: float = 10.0, min_span_s: float = 1.0) -> None:
+        self._clock = clock
+        self._window = window_s
+        self._min_span = min_span_s
+        self._events: deque[tuple[float, float]] = deque()
+        self._sum = 0.0
+
+    def record(self, cost: float) -> None:
+        """A request of ``cost`` weighted tokens finished."""
+        self._events.append((self._clock(), cost))
+        self._sum += cost
+
+    def rate(self) -> float:
+        """Weighted tokens per second (0 when nothing finished within the window)."""
+        now = self._clock()
+        while self._events and now - self._events[0][0] > self._window:
+            self._sum -= self._events.popleft()[1]
+        if not self._events:
+            return 0.0
+        span = max(now - self._events[0][0], self._min_span)
+        return self._sum / span
+
+
+class Admission:
+    """Predicts waits over a :class:`FairQueues` and decides admission and shedding."""
+
+    def __init__(
+        self,
+        queues: FairQueues,
+        clock: Clock,
+        weight: Callable[[str], float],
+        config: AdmissionConfig | None = None,
+    ) -> None:
+        self.config = config or AdmissionConfig()
+        self._queues = queues
+        self._clock = clock
+        self._weight = weight
+
+    def cost_ahead(self, item: QueuedRequest) -> float:
+        """Weighted tokens that start before ``item`` if it were queued now."""
+        q = self._queues
+        cls, model = item.workload_class, item.model
+        ahead = sum(q.queued_cost(c, model) for c in CLASSES if RANK[c] < RANK[cls])
+        own = q.queued_cost(cls, model, item.tenant)
+        mine = own + item.cost(q.config.prompt_token_weight)
+        own_weight = max(self._weight(item.tenant), 1e-6)
+        for tenant, cost in q.tenants_with_cost(cls, model).items():
+            if tenant != item.tenant:
+                ahead += min(cost, mine * self._weight(tenant) / own_weight)
+        return ahead + own
+
+    def decide(
+        self, item: QueuedRequest, rate: float, room_now: bool, busy_cost: float = 0.0
+    ) -> Verdict:
+        """Admit ``item`` or refuse it now.
+
+        ``rate`` is the service rate of the nodes that can take the model (0 when none can);
+        ``room_now`` is True when one of them could take the request this instant. Without
+        room, a slot frees when some running request ends: with every slot busy, the next
+        end comes after about one average request's cost at the total rate, so ``busy_cost``
+        (the average cost of dispatched requests) is added to what is ahead.
+        """
+        ahead = self.cost_ahead(item)
+        if room_now and ahead <= 0:
+            return Verdict(True, 0.0)
+        if not room_now:
+            ahead += busy_cost
+        if rate <= 0:
+            return Verdict(False, math.inf, NO_CAPACITY)
+        wait = ahead / rate
+        if self._clock() + wait > item.deadline:
+            return Verdict(False, wait, OVERLOADED)
+        return Verdict(True, wait)
+
+    def shed(self, rate_of: Callable[[str], float]) -> list[Shed]:
+        """Remove and return queued requests that can no longer start before their deadline.
+
+        Each model's queue is walked in service order (class rank, then arrival): a request
+        whose predicted start (cost kept ahead of it / rate) is past its deadline is dropped and
+        no longer counts for those behind it. Lower classes sit behind higher ones, so when
+        capacity shrinks they are the ones dropped first. A model that no node can serve keeps
+        its requests for ``no_capacity_grace_s`` (a node may be restarting), then sheds them.
+        """
+        now = self._clock()
+        weight = self._queues.config.prompt_token_weight
+        by_model: dict[str, list[QueuedRequest]] = {}
+        for item in self._queues.items():
+            by_model.setdefault(item.model, []).append(item)
+        dropped: list[Shed] = []
+        for model, items in by_model.items():
+            rate = rate_of(model)
+            items.sort(key=lambda i: (RANK[i.workload_class], i.seq))
+            ahead = 0.0
+            for item in items:
+                if rate <= 0:
+                    if now - item.enqueued_at >= self.config.no_capacity_grace_s:
+                        dropped.append(Shed(item, math.inf, NO_CAPACITY))
+                    continue
+                wait = ahead / rate
+                if now + wait > item.deadline:
+                    dropped.append(Shed(item, wait, OVERLOADED))
+                else:
+                    ahead += item.cost(weight)
+        for shed in dropped:
+            self._queues.cancel(shed.item.request_id)
+        return dropped

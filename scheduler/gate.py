@@ -1,0 +1,267 @@
+"""The loop around the scheduling core: admission, queues, and handing nodes to requests.
+
+:class:`DispatchGate` owns a :class:`~scheduler.queues.FairQueues` and an
+:class:`~scheduler.admission.Admission` (both synchronous, I/O-free) and does the asyncio
+part: each admitted request waits on a future; whenever capacity may have changed (a request
+ended, a load report or health change arrived, a node joined or left) the gate pops what can
+be placed, books it on the chosen node and resolves its future. A periodic tick re-predicts
+the queue and sheds what can no longer start before its deadline.
+
+A request whose client goes away is cancelled by gRPC; its task's ``CancelledError`` removes
+it from the queue at once (or, if a node had just been booked for it, gives the node back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import math
+import time
+
+import structlog
+
+from scheduler.admission import NO_CAPACITY, Admission, AdmissionConfig, Shed, Verdict
+from scheduler.metrics import SchedulerMetrics
+from scheduler.nodes import NodeDirectory, NodeHandle
+from scheduler.queues import Clock, FairQueues, QueueConfig, QueuedRequest, QueueFull, class_name
+from scheduler.tenants import TenantDirectory
+from sluice.errors import DeadlineExceeded, ResourceExhausted, SluiceError, Unavailable
+from sluice.v1 import inference_pb2
+
+log = structlog.get_logger(__name__)
+
+NO_NODE_RETRY_S = 1.0
+AFFINITY_PREFIX_CHARS = 256
+
+
+def affinity_key(req: inference_pb2.GenerateRequest) -> str:
+    """The session id, else a digest of the model and the prompt's first characters (requests
+    sharing a prefix land where its KV may still be cached)."""
+    if req.session_id:
+        return "s:" + req.session_id[:128]
+    text = req.prompt or "\x1e".join(f"{m.role}\x1f{m.content}" for m in req.messages)
+    digest = hashlib.blake2b(
+        f"{req.model}\x00{text[:AFFINITY_PREFIX_CHARS]}".encode(), digest_size=12
+    )
+    return "p:" + digest.hexdigest()
+
+
+class DispatchGate:
+    """Admits, queues and dispatches generation requests (one per replica)."""
+
+    def __init__(
+        self,
+        nodes: NodeDirectory,
+        tenants: TenantDirectory,
+        metrics: SchedulerMetrics,
+        *,
+        queue_config: QueueConfig | None = None,
+        admission_config: AdmissionConfig | None = None,
+        clock: Clock = time.monotonic,
+        tick_s: float = 0.1,
+    ) -> None:
+        self._nodes = nodes
+        self._tenants = tenants
+        self._metrics = metrics
+        self._clock = clock
+        self._tick_s = tick_s
+        self.queues = FairQueues(clock, self._weight, queue_config)
+        self.admission = Admission(self.queues, clock, self._weight, admission_config)
+        self._waiters: dict[str, asyncio.Future[NodeHandle]] = {}
+        self._kick_pending = False
+        self._avg_cost = 0.0
+        self._task: asyncio.Task[None] | None = None
+        nodes.on_change(self.kick)
+
+    def _weight(self, tenant: str) -> float:
+        t = self._tenants.get(tenant)
+        return t.weight if t is not None else 1.0
+
+    def cost(self, item: QueuedRequest) -> float:
+        """The request's cost in weighted tokens."""
+        return item.cost(self.queues.config.prompt_token_weight)
+
+    async def start(self) -> None:
+        """Start the periodic shed-and-dispatch tick."""
+        self._task = asyncio.create_task(self._ticker(), name="dispatch gate")
+
+    async def stop(self) -> None:
+        """Stop ticking and refuse what is still queued."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for item in self.queues.items():
+            self.queues.cancel(item.request_id)
+            self._fail(item, Unavailable("scheduler shutting down", retry_after_s=NO_NODE_RETRY_S))
+
+    # -- the request side --------------------------------------------------------------
+
+    async def acquire(self, item: QueuedRequest) -> NodeHandle:
+        """Admit ``item`` and wait for a node booked for it; raises the refusal otherwise."""
+        cls = class_name(item.workload_class)
+        verdict = self.admission.decide(
+            item,
+            self._nodes.service_rate(item.model),
+            self._nodes.room_for(item.model, item.workload_class),
+            busy_cost=self._avg_cost or self.cost(item),
+        )
+        if not verdict.admitted:
+            raise self._refusal(item, verdict)
+        try:
+            self.queues.push(item)
+        except QueueFull as exc:
+            self._metrics.admission.labels(cls, "refused", "QUEUE_FULL").inc()
+            raise ResourceExhausted(
+                f"{exc.scope} queue for {cls} is full ({exc.limit} waiting)",
+                retry_after_s=verdict.retry_after(self.admission.config),
+                reason="QUEUE_FULL",
+            ) from exc
+        self._metrics.admission.labels(cls, "admitted", "").inc()
+        future: asyncio.Future[NodeHandle] = asyncio.get_running_loop().create_future()
+        self._waiters[item.request_id] = future
+        self._dispatch()
+        if future.done():  # the common case when there is room: no extra loop iteration
+            self._waiters.pop(item.request_id, None)
+            return future.result()
+        try:
+            left = item.deadline - self._clock()
+            return await asyncio.wait_for(future, timeout=max(left, 0.0))
+        except TimeoutError:
+            self.queues.cancel(item.request_id)
+            self._metrics.admission.labels(cls, "shed", "DEADLINE").inc()
+            raise DeadlineExceeded("deadline passed while queued") from None
+        except asyncio.CancelledError:
+            if self.queues.cancel(item.request_id) is not None:
+                self._metrics.admission.labels(cls, "cancelled", "CLIENT_GONE").inc()
+                log.info("request_left_queue", reason="client_gone")
+            elif future.done() and not future.cancelled() and future.exception() is None:
+                self._nodes.finished(future.result(), 0)  # booked as it was cancelled
+            raise
+        finally:
+            self._waiters.pop(item.request_id, None)
+
+    def _refusal(self, item: QueuedRequest, verdict: Verdict) -> SluiceError:
+        cls = class_name(item.workload_class)
+        self._metrics.admission.labels(cls, "refused", verdict.reason).inc()
+        if verdict.reason == NO_CAPACITY:
+            return Unavailable(
+                f"no healthy node serves model {item.model!r} now",
+                retry_after_s=NO_NODE_RETRY_S,
+                reason="NO_NODE",
+            )
+        retry = verdict.retry_after(self.admission.config)
+        return ResourceExhausted(
+            f"overloaded: predicted wait {verdict.predicted_wait_s:.3f}s exceeds the "
+            f"{max(0.0, item.deadline - self._clock()):.3f}s left before the deadline",
+            retry_after_s=retry,
+            reason=verdict.reason,
+            metadata={"predicted_wait_ms": str(math.ceil(retry * 1000)), "workload_class": cls},
+        )
+
+    def charge(self, item: QueuedRequest, tokens: float) -> None:
+        """Charge ``tokens`` (generated, or a prompt correction) to the request's tenant."""
+        self.queues.charge(item.tenant, item.workload_class, tokens)
+
+    # -- the loop side -----------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Capacity may have changed: dispatch soon (coalesces bursts of events)."""
+        if self._kick_pending or not self.queues:
+            return
+        self._kick_pending = True
+        with contextlib.suppress(RuntimeError):  # no running loop (shutdown)
+            asyncio.get_running_loop().call_soon(self._kicked)
+
+    def _kicked(self) -> None:
+        self._kick_pending = False
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Pop every request that can be placed now and hand it its booked node."""
+        chosen: dict[str, NodeHandle] = {}
+        full: set[tuple[str, int]] = set()  # no room now: no room later in this pass either
+
+        def placeable(item: QueuedRequest) -> bool:
+            key = (item.model, item.workload_class)
+            if key in full:
+                return False
+            node = self._nodes.pick(
+                item.model, item.workload_class, affinity=item.affinity, need_room=True
+            )
+            if node is None:
+                full.add(key)
+                return False
+            chosen[item.request_id] = node
+            return True
+
+        while self.queues:
+            item = self.queues.pop(placeable)
+            if item is None:
+                return
+            node = chosen[item.request_id]
+            cost = self.cost(item)
+            self._avg_cost = cost if not self._avg_cost else 0.9 * self._avg_cost + 0.1 * cost
+            self._nodes.dispatched(node, cost, item.affinity)
+            waited = self._clock() - item.enqueued_at
+            self._metrics.queue_wait.labels(class_name(item.workload_class), item.tenant).observe(
+                waited
+            )
+            future = self._waiters.get(item.request_id)
+            if future is None or future.done():
+                self._nodes.finished(node, 0)
+                continue
+            future.set_result(node)
+
+    def _fail(self, item: QueuedRequest, error: SluiceError) -> None:
+        future = self._waiters.get(item.request_id)
+        if future is not None and not future.done():
+            future.set_exception(error)
+
+    def shed(self) -> list[Shed]:
+        """Drop what can no longer start in time; fail each with its refusal."""
+        dropped = self.admission.shed(self._nodes.service_rate)
+        for shed in dropped:
+            cls = class_name(shed.item.workload_class)
+            self._metrics.admission.labels(cls, "shed", shed.reason).inc()
+            log.info(
+                "request_shed",
+                workload_class=cls,
+                tenant=shed.item.tenant,
+                reason=shed.reason,
+                predicted_wait_s=round(shed.predicted_wait_s, 3),
+            )
+            self._fail(shed.item, self._refusal_for_shed(shed))
+        return dropped
+
+    def _refusal_for_shed(self, shed: Shed) -> SluiceError:
+        if shed.reason == NO_CAPACITY:
+            return Unavailable(
+                f"no healthy node serves model {shed.item.model!r} now",
+                retry_after_s=NO_NODE_RETRY_S,
+                reason="NO_NODE",
+            )
+        verdict = Verdict(False, shed.predicted_wait_s, shed.reason)
+        retry = verdict.retry_after(self.admission.config)
+        return ResourceExhausted(
+            f"shed: capacity shrank, predicted wait {shed.predicted_wait_s:.3f}s is past the "
+            "deadline",
+            retry_after_s=retry,
+            reason=shed.reason,
+            metadata={"predicted_wait_ms": str(math.ceil(retry * 1000))},
+        )
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick_s)
+            if self.queues:
+                try:
+                    self.shed()
+                    self._dispatch()
+                except Exception as exc:  # keep the loop alive; this is a bug if it happens
+                    log.error("dispatch_tick_failed", error=repr(exc), exc_info=exc)
+
+    def queue_depths(self) -> dict[tuple[str, str], int]:
+        """Queued requests by (class name, tenant), for the metrics."""
+        return {(class_name(c), t): n for (c, t), n in self.queues.depths().items()}

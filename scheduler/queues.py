@@ -1,0 +1,276 @@
+"""Per-class request queues: strict priority with aging, token-weighted fair queuing inside.
+
+Synchronous and I/O-free: the dispatch loop (``scheduler.gate``) owns the I/O and calls in
+with an injected clock.
+
+**Between classes.** ``REALTIME`` > ``BATCH`` > ``FINETUNE``, strictly, with aging: a class's
+effective rank is its base rank (0, 1, 2) minus the wait of its oldest item divided by
+``aging_s``. A lower class therefore wins once its oldest item has waited ``aging_s`` (per rank
+step) longer than the higher class's oldest. Because admission bounds how long a higher-class
+item can wait, the lower class's head wait overtakes it after a bounded time: nothing admitted
+starves forever. The price is a little priority inversion, bounded by ``aging_s``.
+
+**Inside a class.** The Virtual Token Counter (VTC) of Sheng et al., "Fairness in Serving Large
+Language Models", OSDI 2024 (arXiv:2401.00588). Each tenant has a counter of the service it
+received, in weighted tokens divided by the tenant's weight; the backlogged tenant with the
+smallest counter is served next. Prompt tokens are charged when the request is dispatched
+(``prompt_token_weight`` per token, VTC's w_p/w_q = 1/2) and generated tokens as the node
+produces them (:meth:`FairQueues.charge`), so a tenant pays for what it actually used, not for
+``max_new_tokens``. A tenant that becomes backlogged has its counter lifted to the smallest
+counter among backlogged tenants (or, with none, to the counter of the last tenant that left),
+so idle time banks no credit. VTC's guarantee: two continuously backlogged tenants' weighted
+service differs by at most a bounded amount (a couple of max request costs), whatever the
+arrival pattern; over a long backlog the shares converge to the weights.
+
+**Bounds.** At most ``max_per_class`` items per class and ``max_per_tenant`` per tenant and
+class: :meth:`FairQueues.push` raises :class:`QueueFull` beyond. :meth:`FairQueues.cancel`
+removes an item at once (client gone).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from sluice.v1 import common_pb2
+
+Clock = Callable[[], float]
+"""Seconds from a monotonic origin."""
+
+REALTIME = common_pb2.WORKLOAD_CLASS_REALTIME
+BATCH = common_pb2.WORKLOAD_CLASS_BATCH
+FINETUNE = common_pb2.WORKLOAD_CLASS_FINETUNE
+CLASSES: tuple[int, ...] = (REALTIME, BATCH, FINETUNE)
+"""Workload classes, highest priority first."""
+RANK = {cls: i for i, cls in enumerate(CLASSES)}
+
+
+def class_name(workload_class: int) -> str:
+    """``realtime``, ``batch`` or ``finetune``."""
+    return common_pb2.WorkloadClass.Name(workload_class).removeprefix("WORKLOAD_CLASS_").lower()
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """Bounds, aging and token weights of the queues."""
+
+    max_per_class: int = 1000
+    """Most items queued in one class (over every tenant)."""
+    max_per_tenant: int = 200
+    """Most items one tenant may have queued in one class."""
+    aging_s: float = 10.0
+    """Extra wait that lifts a lower class one rank (0 disables aging: pure strict priority)."""
+    prompt_token_weight: float = 0.5
+    """Cost of a prompt token relative to a generated one (VTC's w_p / w_q)."""
+    scan_depth: int = 4
+    """Items of one tenant looked at per pick when the first cannot be placed (other model)."""
+
+
+@dataclass(eq=False)
+class QueuedRequest:
+    """A request waiting for a node. Costs are in tokens; times from the queue's clock."""
+
+    request_id: str
+    tenant: str
+    workload_class: int
+    model: str
+    prompt_tokens: int
+    """Estimated prompt tokens (the scheduler does not tokenize; see :meth:`FairQueues.charge`)."""
+    max_new_tokens: int
+    deadline: float
+    """Latest time the request may start (the caller's deadline)."""
+    affinity: str = ""
+    """Session id or prompt-prefix digest: routing prefers the node that served it last."""
+    enqueued_at: float = 0.0
+    seq: int = 0
+
+    def cost(self, prompt_weight: float) -> float:
+        """Work the request asks for, in weighted tokens (prompt, plus every token it may make)."""
+        return prompt_weight * self.prompt_tokens + self.max_new_tokens
+
+
+class QueueFull(Exception):
+    """A queue bound was reached; ``scope`` is ``class`` or ``tenant``."""
+
+    def __init__(self, scope: str, limit: int) -> None:
+        super().__init__(f"{scope} queue full ({limit} waiting)")
+        self.scope = scope
+        self.limit = limit
+
+
+@dataclass
+class _ClassQueue:
+    """One class: a FIFO per tenant and the tenants' virtual token counters."""
+
+    by_tenant: dict[str, deque[QueuedRequest]] = field(default_factory=dict)
+    counters: dict[str, float] = field(default_factory=dict)
+    size: int = 0
+    last_left_counter: float = 0.0
+
+    def backlogged(self) -> Iterator[str]:
+        return (t for t, q in self.by_tenant.items() if q)
+
+
+class FairQueues:
+    """Queues of every class; see the module docstring for the algorithm."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        weight: Callable[[str], float],
+        config: QueueConfig | None = None,
+    ) -> None:
+        self.config = config or QueueConfig()
+        self._clock = clock
+        self._weight = weight
+        self._classes = {cls: _ClassQueue() for cls in CLASSES}
+        self._by_id: dict[str, QueuedRequest] = {}
+        self._seq = itertools.count()
+        # Queued cost by (class, model) and by (class, model, tenant), for admission.
+        self._cost: dict[tuple[int, str], float] = {}
+        self._tenant_cost: dict[tuple[int, str, str], float] = {}
+
+    # -- adding and removing -------------------------------------------------------------
+
+    def push(self, item: QueuedRequest) -> None:
+        """Queue ``item`` (stamps ``enqueued_at``); raises :class:`QueueFull` at a bound."""
+        cq = self._classes[item.workload_class]
+        if cq.size >= self.config.max_per_class:
+            raise QueueFull("class", self.config.max_per_class)
+        fifo = cq.by_tenant.setdefault(item.tenant, deque())
+        if len(fifo) >= self.config.max_per_tenant:
+            raise QueueFull("tenant", self.config.max_per_tenant)
+        if not fifo:
+            self._lift(cq, item.tenant)
+        item.enqueued_at = self._clock()
+        item.seq = next(self._seq)
+        fifo.append(item)
+        cq.size += 1
+        self._by_id[item.request_id] = item
+        self._account(item, +1)
+
+    def _lift(self, cq: _ClassQueue, tenant: str) -> None:
+        """VTC counter lift for a tenant that becomes backlogged: no credit for idle time."""
+        others = [cq.counters.get(t, 0.0) for t in cq.backlogged() if t != tenant]
+        floor = min(others) if others else cq.last_left_counter
+        cq.counters[tenant] = max(cq.counters.get(tenant, 0.0), floor)
+
+    def cancel(self, request_id: str) -> QueuedRequest | None:
+        """Remove a queued request now (client gone, shed); None when it is not queued."""
+        item = self._by_id.get(request_id)
+        if item is None:
+            return None
+        self._remove(item)
+        return item
+
+    def _remove(self, item: QueuedRequest) -> None:
+        cq = self._classes[item.workload_class]
+        fifo = cq.by_tenant[item.tenant]
+        fifo.remove(item)
+        cq.size -= 1
+        del self._by_id[item.request_id]
+        self._account(item, -1)
+        if not fifo:
+            cq.last_left_counter = cq.counters.get(item.tenant, 0.0)
+
+    def _account(self, item: QueuedRequest, sign: int) -> None:
+        cost = sign * item.cost(self.config.prompt_token_weight)
+        key = (item.workload_class, item.model)
+        self._cost[key] = self._cost.get(key, 0.0) + cost
+        tkey = (item.workload_class, item.model, item.tenant)
+        self._tenant_cost[tkey] = self._tenant_cost.get(tkey, 0.0) + cost
+        if sign < 0 and self._tenant_cost[tkey] <= 1e-9:
+            del self._tenant_cost[tkey]
+
+    # -- choosing ------------------------------------------------------------------------
+
+    def class_order(self) -> list[int]:
+        """Non-empty classes in the order they are served now (rank minus aging)."""
+        now = self._clock()
+        ranked: list[tuple[float, int, int]] = []
+        for cls, cq in self._classes.items():
+            if cq.size == 0:
+                continue
+            oldest = min(q[0].enqueued_at for q in cq.by_tenant.values() if q)
+            aging = (now - oldest) / self.config.aging_s if self.config.aging_s > 0 else 0.0
+            ranked.append((RANK[cls] - aging, RANK[cls], cls))
+        return [cls for *_, cls in sorted(ranked)]
+
+    def tenant_order(self, workload_class: int) -> list[str]:
+        """Backlogged tenants of a class, smallest virtual counter first (ties: oldest head)."""
+        cq = self._classes[workload_class]
+        return sorted(
+            cq.backlogged(), key=lambda t: (cq.counters.get(t, 0.0), cq.by_tenant[t][0].seq)
+        )
+
+    def pop(self, placeable: Callable[[QueuedRequest], bool]) -> QueuedRequest | None:
+        """Take the next request that ``placeable`` accepts and charge its prompt (VTC).
+
+        Classes in :meth:`class_order`, tenants in :meth:`tenant_order`; each tenant's queue is
+        FIFO, but up to ``scan_depth`` of its items are tried so one model without room does
+        not block the tenant's requests for another. Returns None when nothing can be placed.
+        """
+        for cls in self.class_order():
+            for tenant in self.tenant_order(cls):
+                fifo = self._classes[cls].by_tenant[tenant]
+                for item in itertools.islice(fifo, self.config.scan_depth):
+                    if placeable(item):
+                        self._remove(item)
+                        self.charge(
+                            tenant, cls, item.prompt_tokens * self.config.prompt_token_weight
+                        )
+                        return item
+        return None
+
+    def charge(self, tenant: str, workload_class: int, tokens: float) -> None:
+        """Add service to a tenant's counter: generated tokens as they are produced, or a
+        correction once the node reports the true prompt length (may be negative)."""
+        cq = self._classes[workload_class]
+        weight = max(self._weight(tenant), 1e-6)
+        cq.counters[tenant] = cq.counters.get(tenant, 0.0) + tokens / weight
+
+    # -- looking -------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._by_id
+
+    def items(self) -> list[QueuedRequest]:
+        """Every queued request, in no particular order."""
+        return list(self._by_id.values())
+
+    def depth(self, workload_class: int, tenant: str | None = None) -> int:
+        """Items queued in a class (for one tenant, when given)."""
+        cq = self._classes[workload_class]
+        if tenant is None:
+            return cq.size
+        fifo = cq.by_tenant.get(tenant)
+        return len(fifo) if fifo else 0
+
+    def depths(self) -> dict[tuple[int, str], int]:
+        """Queued items by (class, tenant), for tenants with items queued."""
+        return {
+            (cls, t): len(q) for cls, cq in self._classes.items() for t, q in cq.by_tenant.items()
+        }
+
+    def counter(self, workload_class: int, tenant: str) -> float:
+        """A tenant's virtual token counter in a class."""
+        return self._classes[workload_class].counters.get(tenant, 0.0)
+
+    def queued_cost(self, workload_class: int, model: str, tenant: str | None = None) -> float:
+        """Weighted tokens queued in a class for a model (of one tenant, when given)."""
+        if tenant is None:
+            return max(0.0, self._cost.get((workload_class, model), 0.0))
+        return max(0.0, self._tenant_cost.get((workload_class, model, tenant), 0.0))
+
+    def tenants_with_cost(self, workload_class: int, model: str) -> dict[str, float]:
+        """Queued weighted tokens per tenant in a class for a model."""
+        return {
+            t: c
+            for (cls, m, t), c in self._tenant_cost.items()
+            if cls == workload_class and m == model and c > 0
+        }

@@ -1,0 +1,261 @@
+"""Global per-tenant quotas: token buckets in Redis, one Lua script, one round trip.
+
+Every scheduler replica runs the same script against the same keys, so the limits hold across
+replicas. The script reads Redis's own ``TIME`` (no clock skew between replicas), refills the
+buckets, and then either takes from all of them or from none:
+
+- ``requests_per_second``: a bucket of ``burst`` requests refilled at the rate;
+- ``tokens_per_minute``: a bucket of that many tokens refilled continuously; a request takes
+  its estimate (prompt + ``max_new_tokens``) and the difference to what it really used is
+  given back (or taken) on release, so the bucket counts tokens actually processed;
+- ``max_concurrent``: a sorted set of leases scored by expiry (the request's deadline plus a
+  margin), so a replica that dies leaks its slots only until they expire.
+
+Over quota → ``RESOURCE_EXHAUSTED`` with ``QuotaFailure`` naming each exceeded quota and
+``RetryInfo`` from the bucket refill (the time until enough has refilled; a fixed hint for the
+concurrency cap, which frees when some request ends).
+
+Redis unreachable: the call fails within ``timeout_s`` (no retries: the script is not
+idempotent), a breaker skips Redis for a second after a failure, and each quota follows its
+documented policy: quotas listed in ``fail_closed`` refuse (``UNAVAILABLE``,
+``QUOTA_BACKEND_UNAVAILABLE``); the others fail open — the request goes on, with
+``max_concurrent`` still enforced per replica from local counts. Both cases count in
+``sluice_scheduler_quota_checks_total{result}`` and log ``quota_backend_unavailable``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import redis.asyncio as redis
+import structlog
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from scheduler.metrics import SchedulerMetrics
+from scheduler.tenants import Quotas, Tenant
+from sluice.breaker import BreakerConfig, CircuitBreaker
+from sluice.errors import ResourceExhausted, Unavailable
+
+log = structlog.get_logger(__name__)
+
+QUOTA_NAMES = ("requests_per_second", "tokens_per_minute", "max_concurrent")
+CONCURRENCY_RETRY_S = 0.5
+"""Retry hint for the concurrency cap: a slot frees when one of the tenant's requests ends."""
+BACKEND_RETRY_S = 1.0
+LEASE_MARGIN_S = 5.0
+
+# KEYS: requests bucket, tokens bucket, concurrency leases.
+# ARGV: mode, rps, burst, tokens_per_minute, tokens (acquire: need; release: refund),
+#       max_concurrent, lease id, lease ms.
+# Returns {admitted, rps wait ms, tokens wait ms, concurrency full, leases in use}.
+SCRIPT = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rps, burst, tpm = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local tokens, maxc, lease_ms = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[8])
+local function level(key, cap, per_ms)
+  local v = redis.call('HMGET', key, 'tokens', 'ts')
+  if not v[1] then return cap end
+  return math.min(cap, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * per_ms)
+end
+local function store(key, value, ttl_ms)
+  redis.call('HSET', key, 'tokens', tostring(value), 'ts', now)
+  redis.call('PEXPIRE', key, ttl_ms)
+end
+if ARGV[1] == 'release' then
+  redis.call('ZREM', KEYS[3], ARGV[7])
+  if tpm > 0 and tokens ~= 0 then
+    store(KEYS[2], math.min(tpm, level(KEYS[2], tpm, tpm / 60000) + tokens), 61000)
+  end
+  return {1, 0, 0, 0, 0}
+end
+local rps_wait, tpm_wait, full, inflight = 0, 0, 0, 0
+local r_level, t_level = 0, 0
+if rps > 0 then
+  r_level = level(KEYS[1], burst, rps / 1000)
+  if r_level < 1 then rps_wait = math.ceil((1 - r_level) / (rps / 1000)) end
+end
+if tpm > 0 then
+  tokens = math.min(tokens, tpm)
+  t_level = level(KEYS[2], tpm, tpm / 60000)
+  if t_level < tokens then tpm_wait = math.ceil((tokens - t_level) / (tpm / 60000)) end
+end
+if maxc > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  inflight = redis.call('ZCARD', KEYS[3])
+  if inflight >= maxc then full = 1 end
+end
+if rps_wait > 0 or tpm_wait > 0 or full > 0 then
+  return {0, rps_wait, tpm_wait, full, inflight}
+end
+if rps > 0 then store(KEYS[1], r_level - 1, math.ceil(burst / rps * 1000) + 1000) end
+if tpm > 0 then store(KEYS[2], t_level - tokens, 61000) end
+if maxc > 0 then
+  redis.call('ZADD', KEYS[3], now + lease_ms, ARGV[7])
+  redis.call('PEXPIRE', KEYS[3], lease_ms + 1000)
+  inflight = inflight + 1
+end
+return {1, 0, 0, 0, inflight}
+"""
+
+
+def quota_redis(url: str, timeout_s: float) -> redis.Redis:
+    """A client for the quota buckets that fails within ``timeout_s`` and never retries."""
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+
+
+@dataclass
+class Lease:
+    """What one admitted request holds; give it back with :meth:`QuotaGate.release`."""
+
+    tenant: str
+    lease_id: str
+    quotas: Quotas
+    tokens: int
+    """Tokens taken from the tokens-per-minute bucket at admission."""
+    global_: bool
+    """True when Redis granted it (so Redis must be told on release)."""
+
+
+class QuotaGate:
+    """Admits requests against their tenant's global quotas."""
+
+    def __init__(
+        self,
+        client: redis.Redis | None,
+        metrics: SchedulerMetrics,
+        *,
+        fail_closed: Collection[str] = (),
+        key_prefix: str = "sluice:quota:v1",
+    ) -> None:
+        unknown = set(fail_closed) - set(QUOTA_NAMES)
+        if unknown:
+            raise ValueError(f"unknown quotas {sorted(unknown)}; use {list(QUOTA_NAMES)}")
+        self._client = client
+        self._script = client.register_script(SCRIPT) if client is not None else None
+        self._metrics = metrics
+        self._fail_closed = frozenset(fail_closed)
+        self._prefix = key_prefix
+        self._breaker = CircuitBreaker(
+            BreakerConfig(failure_threshold=1, open_s=1.0, max_open_s=5.0)
+        )
+        self._local: dict[str, int] = {}
+
+    def _keys(self, tenant: str) -> list[str]:
+        base = f"{self._prefix}:{{{tenant}}}"  # one hash slot per tenant (Redis Cluster)
+        return [f"{base}:rps", f"{base}:tpm", f"{base}:conc"]
+
+    async def acquire(self, tenant: Tenant, tokens: int, lease_id: str, lease_s: float) -> Lease:
+        """Take one request and ``tokens`` from ``tenant``'s quotas, or raise.
+
+        Raises :class:`ResourceExhausted` (``QUOTA_EXCEEDED``) over quota, and
+        :class:`Unavailable` when Redis is down and a set quota fails closed.
+        """
+        q = tenant.quotas
+        if not q.any:
+            return Lease(tenant.name, lease_id, q, 0, global_=False)
+        reply = None
+        if self._script is not None and self._breaker.allow():
+            lease_ms = math.ceil((lease_s + LEASE_MARGIN_S) * 1000)
+            args: list[str | int | float] = [
+                "acquire", q.requests_per_second, q.bucket_size, q.tokens_per_minute,
+                tokens, q.max_concurrent, lease_id, lease_ms,
+            ]  # fmt: skip
+            try:
+                reply = await self._script(keys=self._keys(tenant.name), args=args)
+                self._breaker.record_success()
+                self._metrics.quota_backend_up.set(1)
+            except (RedisError, OSError) as exc:
+                self._breaker.record_failure()
+                self._metrics.quota_backend_up.set(0)
+                log.warning("quota_backend_unavailable", tenant=tenant.name, error=repr(exc))
+        if reply is None:
+            return self._degraded(tenant, tokens, lease_id)
+        admitted, rps_wait, tpm_wait, full, _ = (int(x) for x in reply)
+        if admitted:
+            self._metrics.quota_checks.labels("ok").inc()
+            return Lease(tenant.name, lease_id, q, tokens, global_=True)
+        self._metrics.quota_checks.labels("exceeded").inc()
+        violations: list[tuple[str, str]] = []
+        waits: list[float] = []
+        if rps_wait:
+            violations.append(
+                (f"tenant:{tenant.name}/requests_per_second", f"limit {q.requests_per_second}/s")
+            )
+            waits.append(rps_wait / 1000)
+        if tpm_wait:
+            violations.append(
+                (f"tenant:{tenant.name}/tokens_per_minute", f"limit {q.tokens_per_minute}/min")
+            )
+            waits.append(tpm_wait / 1000)
+        if full:
+            violations.append(
+                (f"tenant:{tenant.name}/max_concurrent", f"limit {q.max_concurrent} in flight")
+            )
+            waits.append(CONCURRENCY_RETRY_S)
+        raise ResourceExhausted(
+            f"tenant {tenant.name!r} is over quota: " + ", ".join(d for _, d in violations),
+            retry_after_s=max(waits),
+            reason="QUOTA_EXCEEDED",
+            quota_violations=violations,
+        )
+
+    def _degraded(self, tenant: Tenant, tokens: int, lease_id: str) -> Lease:
+        """Redis is unreachable: apply each set quota's fail-open / fail-closed policy."""
+        q = tenant.quotas
+        closed = [n for n in QUOTA_NAMES if getattr(q, n) and n in self._fail_closed]
+        if closed:
+            self._metrics.quota_checks.labels("fail_closed").inc()
+            raise Unavailable(
+                f"quota store unreachable; {', '.join(closed)} fail closed",
+                retry_after_s=BACKEND_RETRY_S,
+                reason="QUOTA_BACKEND_UNAVAILABLE",
+            )
+        self._metrics.quota_checks.labels("fail_open").inc()
+        held = self._local.get(tenant.name, 0)
+        if q.max_concurrent and held >= q.max_concurrent:  # per-replica fallback
+            raise ResourceExhausted(
+                f"tenant {tenant.name!r} is over quota: limit {q.max_concurrent} in flight",
+                retry_after_s=CONCURRENCY_RETRY_S,
+                reason="QUOTA_EXCEEDED",
+                quota_violations=[(f"tenant:{tenant.name}/max_concurrent", "local fallback")],
+            )
+        self._local[tenant.name] = held + 1
+        return Lease(tenant.name, lease_id, q, tokens, global_=False)
+
+    async def release(self, lease: Lease, used_tokens: int) -> None:
+        """Free the lease's concurrency slot and settle its tokens with what it really used."""
+        if not lease.global_:
+            if lease.quotas.any:
+                self._local[lease.tenant] = max(0, self._local.get(lease.tenant, 0) - 1)
+            return
+        q = lease.quotas
+        if not q.max_concurrent and not (q.tokens_per_minute and used_tokens != lease.tokens):
+            return
+        if self._script is None or not self._breaker.allow():
+            return  # the lease expires by itself
+        args: list[str | int | float] = [
+            "release", 0, 0, q.tokens_per_minute, lease.tokens - used_tokens,
+            q.max_concurrent, lease.lease_id, 0,
+        ]  # fmt: skip
+        try:
+            await self._script(keys=self._keys(lease.tenant), args=args)
+        except (RedisError, OSError) as exc:
+            self._breaker.record_failure()
+            log.warning("quota_release_failed", tenant=lease.tenant, error=repr(exc))
+
+    async def close(self) -> None:
+        """Close the Redis connection pool."""
+        if self._client is not None:
+            await self._client.aclose()

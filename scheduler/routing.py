@@ -1,0 +1,267 @@
+"""Routing decisions, synchronous and I/O-free: load estimates, power of two choices with
+affinity, latency-outlier ejection and the retry budget. :mod:`scheduler.nodes` feeds them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from scheduler.queues import REALTIME, Clock
+
+DEFAULT_MAX_SEQUENCES = 32
+"""Capacity assumed for a node that publishes none."""
+TOKENS_PER_SEQUENCE = 512
+"""Queued tokens counted as one sequence of load in the score."""
+
+T = TypeVar("T")
+
+
+@dataclass
+class LoadBook:
+    """One node's load as this scheduler sees it: the node's last report combined with what
+    this scheduler itself sent and saw finish since that report.
+
+    Reports arrive every ~200 ms; a router that trusted them alone would pile every request of
+    a burst onto the node that looked idle (the thundering herd of metric-only pickers). So
+    between reports the estimate moves with every dispatch and completion of this replica;
+    other replicas' dispatches show up at the next report.
+    """
+
+    max_sequences: int = DEFAULT_MAX_SEQUENCES
+    reported_sequences: int = 0
+    reported_tokens: int = 0
+    kv_fraction: float = 0.0
+    reported_rate: float = 0.0
+    in_flight: int = 0
+    sent_since_report: int = 0
+    tokens_sent_since_report: float = 0.0
+    finished_since_report: int = 0
+
+    def on_report(
+        self, sequences: int, queued_tokens: int, kv_used: int, kv_budget: int, rate: float
+    ) -> None:
+        """A fresh load report replaces the estimate's base."""
+        self.reported_sequences = sequences
+        self.reported_tokens = queued_tokens
+        self.kv_fraction = kv_used / kv_budget if kv_budget > 0 else 0.0
+        self.reported_rate = rate
+        self.sent_since_report = 0
+        self.tokens_sent_since_report = 0.0
+        self.finished_since_report = 0
+
+    def on_dispatch(self, tokens: float) -> None:
+        """This scheduler sent the node a request of ``tokens`` weighted tokens."""
+        self.in_flight += 1
+        self.sent_since_report += 1
+        self.tokens_sent_since_report += tokens
+
+    def on_finish(self) -> None:
+        """A request this scheduler sent there ended."""
+        self.in_flight -= 1
+        self.finished_since_report += 1
+
+    def sequences(self) -> int:
+        """Estimated sequences on the node (never fewer than our own in flight)."""
+        estimate = self.reported_sequences + self.sent_since_report - self.finished_since_report
+        return max(self.in_flight, estimate)
+
+    def score(self) -> float:
+        """Lower is better: sequence occupancy, KV use and queued tokens, each about 0..1."""
+        cap = max(1, self.max_sequences)
+        tokens = self.reported_tokens + self.tokens_sent_since_report
+        return self.sequences() / cap + self.kv_fraction + tokens / (cap * TOKENS_PER_SEQUENCE)
+
+    def has_room(self, workload_class: int, headroom: float, kv_limit: float = 0.95) -> bool:
+        """True when one more sequence fits. Lower classes leave ``headroom`` (a fraction of
+        the node's sequences, at least one) to REALTIME: they only fill capacity REALTIME is not
+        using, and the node's engine preempts them if REALTIME arrives anyway."""
+        if self.kv_fraction >= kv_limit:
+            return False
+        cap = max(1, self.max_sequences)
+        if workload_class != REALTIME:
+            cap -= max(1, math.ceil(cap * headroom)) if cap > 1 else 0
+        return self.sequences() < cap
+
+
+def power_of_two(
+    candidates: Sequence[T],
+    score: Callable[[T], float],
+    rng: random.Random,
+    preferred: T | None = None,
+    tie: float = 0.05,
+) -> T:
+    """Power of two choices (Mitzenmacher): sample two candidates, keep the less loaded.
+
+    Guarantee: the maximum load grows like log log n instead of log n for random choice,
+    without every router herding onto the one node a stale report shows as least loaded.
+    ``preferred`` (the node that served this session or prompt prefix last, whose KV prefix
+    cache may still be warm) wins when its score is within ``tie`` of the winner's.
+    Failure mode: two samples can both be busy while an idle node exists; the caller only
+    passes nodes that have room, so the choice is between acceptable nodes.
+    """
+    if not candidates:
+        raise ValueError("no candidates")
+    if len(candidates) == 1:
+        best = candidates[0]
+    else:
+        a, b = rng.sample(list(candidates), 2)
+        best = a if score(a) <= score(b) else b
+    if preferred is not None and preferred in candidates and score(preferred) <= score(best) + tie:
+        return preferred
+    return best
+
+
+class AffinityTable:
+    """Affinity key (session id or prompt-prefix digest) → node that served it last (LRU)."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._size = size
+        self._map: OrderedDict[str, str] = OrderedDict()
+
+    def get(self, key: str) -> str | None:
+        """The node that served ``key`` last, if remembered."""
+        if not key:
+            return None
+        node = self._map.get(key)
+        if node is not None:
+            self._map.move_to_end(key)
+        return node
+
+    def put(self, key: str, node_id: str) -> None:
+        """Remember that ``node_id`` served ``key``."""
+        if not key:
+            return
+        self._map[key] = node_id
+        self._map.move_to_end(key)
+        while len(self._map) > self._size:
+            self._map.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class OutlierConfig:
+    """When a node counts as a latency outlier, and for how long it is ejected."""
+
+    factor: float = 3.0
+    """Ejected when its moving average exceeds this multiple of the peers' median..."""
+    min_excess_s: dict[str, float] = field(default_factory=lambda: {"ttft": 0.25, "itl": 0.05})
+    """...and exceeds it by at least this much per signal (tiny absolute gaps are noise)."""
+    min_samples: int = 5
+    """Observations a node (and each peer compared) needs first."""
+    eject_s: float = 15.0
+    """Ejection time."""
+    max_ejected_fraction: float = 0.5
+    """Never eject more than this share of the known nodes at once."""
+    alpha: float = 0.2
+    """Weight of a new observation in the moving average."""
+
+
+@dataclass
+class _LatencyStats:
+    ewma: dict[str, float] = field(default_factory=dict)
+    samples: dict[str, int] = field(default_factory=dict)
+    ejected_until: float = 0.0
+
+
+class OutlierDetector:
+    """Ejects nodes whose time-to-first-token or inter-token latency is far above their peers'.
+
+    Errors open a node's circuit breaker; a node that answers, but slowly (a gray failure:
+    thermal throttling, a noisy neighbour, swapping), would keep its share of traffic. Each
+    node keeps a moving average per signal; a node whose average exceeds ``factor`` times the
+    median of its peers' (and by ``min_excess_s``) is ejected for ``eject_s``, like Envoy's
+    outlier detection, but on latency. Bounded by ``max_ejected_fraction`` so a fleet-wide
+    slowdown ejects nobody's majority. Failure mode: with a single node there are no peers,
+    so nothing is ever ejected.
+    """
+
+    def __init__(self, clock: Clock, config: OutlierConfig | None = None) -> None:
+        self.config = config or OutlierConfig()
+        self._clock = clock
+        self._nodes: dict[str, _LatencyStats] = {}
+
+    def observe(self, node: str, signal: str, seconds: float) -> bool:
+        """Record one observation; True when it got the node ejected."""
+        stats = self._nodes.setdefault(node, _LatencyStats())
+        old = stats.ewma.get(signal)
+        a = self.config.alpha
+        stats.ewma[signal] = seconds if old is None else a * seconds + (1 - a) * old
+        stats.samples[signal] = stats.samples.get(signal, 0) + 1
+        if self.ejected(node) or stats.samples[signal] < self.config.min_samples:
+            return False
+        peers = [
+            s.ewma[signal]
+            for n, s in self._nodes.items()
+            if n != node and s.samples.get(signal, 0) >= self.config.min_samples
+        ]
+        if not peers:
+            return False
+        median = statistics.median(peers)
+        excess = self.config.min_excess_s.get(signal, 0.0)
+        value = stats.ewma[signal]
+        if value <= self.config.factor * median or value - median < excess:
+            return False
+        ejected_now = sum(self.ejected(n) for n in self._nodes)
+        if ejected_now + 1 > self.config.max_ejected_fraction * len(self._nodes):
+            return False
+        stats.ejected_until = self._clock() + self.config.eject_s
+        stats.ewma[signal] = median  # start the next round from the peers' level
+        return True
+
+    def ejected(self, node: str) -> bool:
+        """True while ``node`` is ejected."""
+        stats = self._nodes.get(node)
+        return stats is not None and self._clock() < stats.ejected_until
+
+    def latency(self, node: str, signal: str) -> float:
+        """The node's moving average for ``signal`` (0 when unknown)."""
+        stats = self._nodes.get(node)
+        return stats.ewma.get(signal, 0.0) if stats else 0.0
+
+    def forget(self, node: str) -> None:
+        """Drop a node that left the registry."""
+        self._nodes.pop(node, None)
+
+
+class RetryBudget:
+    """Retries may add at most ``ratio`` extra load over a sliding window.
+
+    Every first attempt deposits ``ratio`` of a retry; a retry spends one. ``min_retries`` per
+    window (1/s by default, as Finagle's floor) are always allowed so a lightly used scheduler
+    can still retry a dead node's requests. Without a budget, retries multiply load exactly
+    when the fleet is failing.
+    """
+
+    def __init__(
+        self, clock: Clock, ratio: float = 0.2, window_s: float = 10.0, min_retries: int = 10
+    ) -> None:
+        self._clock = clock
+        self._ratio = ratio
+        self._window = window_s
+        self._min = min_retries
+        self._requests: deque[float] = deque()
+        self._retries: deque[float] = deque()
+
+    def _trim(self) -> None:
+        horizon = self._clock() - self._window
+        for q in (self._requests, self._retries):
+            while q and q[0] < horizon:
+                q.popleft()
+
+    def record_request(self) -> None:
+        """A first attempt was made."""
+        self._requests.append(self._clock())
+
+    def try_spend(self) -> bool:
+        """Take one retry from the budget; False when it is spent."""
+        self._trim()
+        allowed = max(self._min, math.floor(self._ratio * len(self._requests)))
+        if len(self._retries) >= allowed:
+            return False
+        self._retries.append(self._clock())
+        return True

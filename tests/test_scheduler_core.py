@@ -1,0 +1,424 @@
+"""The scheduling core (queues, fairness, aging, admission) against a fake clock: no I/O."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections import deque
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scheduler.admission import NO_CAPACITY, OVERLOADED, Admission, AdmissionConfig
+from scheduler.queues import (
+    BATCH,
+    FINETUNE,
+    REALTIME,
+    FairQueues,
+    QueueConfig,
+    QueuedRequest,
+    QueueFull,
+)
+
+
+class FakeClock:
+    """A clock that moves only when told."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+_ids = itertools.count()
+
+
+def item(
+    tenant: str = "a",
+    cls: int = REALTIME,
+    *,
+    prompt: int = 10,
+    new: int = 10,
+    deadline: float = math.inf,
+    model: str = "m",
+) -> QueuedRequest:
+    return QueuedRequest(f"r{next(_ids)}", tenant, cls, model, prompt, new, deadline)
+
+
+def make(
+    weights: dict[str, float] | None = None, **config: float
+) -> tuple[FakeClock, FairQueues, Admission]:
+    clock = FakeClock()
+    w = weights or {}
+
+    def weight(t: str) -> float:
+        return w.get(t, 1.0)
+
+    queues = FairQueues(clock, weight, QueueConfig(**config))  # type: ignore[arg-type]
+    return clock, queues, Admission(queues, clock, weight, AdmissionConfig())
+
+
+def always(_: QueuedRequest) -> bool:
+    return True
+
+
+def jain(values: list[float]) -> float:
+    return sum(values) ** 2 / (len(values) * sum(v * v for v in values))
+
+
+def simulate(
+    queues: FairQueues,
+    clock: FakeClock,
+    tenants: dict[str, float],
+    *,
+    slots: int = 4,
+    steps: int = 4000,
+    backlog: int = 8,
+    rng: random.Random,
+    lengths: tuple[int, int] = (5, 60),
+) -> dict[str, float]:
+    """A node with ``slots`` sequences, one token per sequence per 10 ms step; every tenant
+    keeps ``backlog`` requests queued. Returns weighted tokens served per tenant."""
+    served = dict.fromkeys(tenants, 0.0)
+    running: list[tuple[QueuedRequest, int]] = []  # (request, tokens still to generate)
+    w_p = queues.config.prompt_token_weight
+    for _ in range(steps):
+        for t in tenants:
+            while queues.depth(REALTIME, t) < backlog:
+                queues.push(item(t, prompt=rng.randint(5, 40), new=rng.randint(*lengths)))
+        while len(running) < slots:
+            got = queues.pop(always)
+            assert got is not None
+            served[got.tenant] += w_p * got.prompt_tokens
+            # It really stops early sometimes (EOS): only produced tokens are charged.
+            running.append((got, rng.randint(1, got.max_new_tokens)))
+        clock.advance(0.01)
+        still: list[tuple[QueuedRequest, int]] = []
+        for req, left in running:
+            queues.charge(req.tenant, REALTIME, 1)
+            served[req.tenant] += 1
+            if left > 1:
+                still.append((req, left - 1))
+        running = still
+    return served
+
+
+# -- fairness --------------------------------------------------------------------------------
+
+
+def test_backlogged_tenants_with_weights_2_to_1_get_token_shares_2_to_1() -> None:
+    """Two backlogged REALTIME tenants, weights 2:1, random lengths and early stops: token
+    shares within 10 % of 2:1 and Jain's index on weight-normalised shares >= 0.95."""
+    clock, queues, _ = make({"a": 2.0, "b": 1.0})
+    served = simulate(queues, clock, {"a": 2.0, "b": 1.0}, rng=random.Random(7))
+    ratio = served["a"] / served["b"]
+    assert abs(ratio - 2.0) / 2.0 < 0.10, ratio
+    assert jain([served["a"] / 2.0, served["b"] / 1.0]) >= 0.95
+
+
+def test_fairness_is_on_tokens_not_requests() -> None:
+    """A tenant sending requests 10x longer gets the same tokens, so ~10x fewer requests."""
+    _, queues, _ = make()
+    counts = {"short": 0, "long": 0}
+    running: list[tuple[QueuedRequest, int]] = []
+    for _ in range(3000):
+        for t, n in (("short", 10), ("long", 100)):
+            while queues.depth(REALTIME, t) < 4:
+                queues.push(item(t, prompt=0, new=n))
+        while len(running) < 2:
+            got = queues.pop(always)
+            assert got is not None
+            counts[got.tenant] += 1
+            running.append((got, got.max_new_tokens))
+        still = []
+        for req, left in running:
+            queues.charge(req.tenant, REALTIME, 1)
+            if left > 1:
+                still.append((req, left - 1))
+        running = still
+    assert 8 <= counts["short"] / counts["long"] <= 12
+
+
+def test_idle_tenant_banks_no_credit() -> None:
+    """VTC counter lift: a tenant that was idle while another was served does not, on
+    return, get served exclusively until it has caught up."""
+    _, queues, _ = make()
+    for _ in range(50):
+        queues.push(item("a"))
+    for _ in range(40):
+        got = queues.pop(always)
+        assert got is not None
+        queues.charge("a", REALTIME, 100)
+    for _ in range(10):
+        queues.push(item("b"))
+    order = [queues.pop(always) for _ in range(6)]
+    tenants = [o.tenant for o in order if o is not None]
+    assert "a" in tenants and "b" in tenants
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    weights=st.lists(st.sampled_from([1.0, 2.0, 3.0, 5.0]), min_size=2, max_size=4),
+    seed=st.integers(0, 10_000),
+)
+def test_property_backlogged_shares_converge_to_weights(weights: list[float], seed: int) -> None:
+    """Whatever the weights and lengths, continuously backlogged tenants' weight-normalised
+    token shares are nearly equal (Jain >= 0.95)."""
+    names = {f"t{i}": w for i, w in enumerate(weights)}
+    clock, queues, _ = make(names)
+    served = simulate(queues, clock, names, steps=2500, rng=random.Random(seed))
+    assert jain([served[t] / w for t, w in names.items()]) >= 0.95
+
+
+# -- priority and aging ----------------------------------------------------------------------
+
+
+def test_higher_class_goes_first() -> None:
+    """Strict priority: REALTIME before BATCH before FINETUNE, whatever the arrival order."""
+    _, queues, _ = make()
+    f, b, r = item(cls=FINETUNE), item(cls=BATCH), item(cls=REALTIME)
+    for x in (f, b, r):
+        queues.push(x)
+    assert [queues.pop(always) for _ in range(3)] == [r, b, f]
+
+
+def test_aged_batch_item_overtakes_fresh_realtime() -> None:
+    """A BATCH item that waited ``aging_s`` longer than the REALTIME head is served first."""
+    clock, queues, _ = make(aging_s=10.0)
+    old = item(cls=BATCH)
+    queues.push(old)
+    clock.advance(5.0)
+    queues.push(item(cls=REALTIME))
+    assert queues.pop(always) is not old  # 5 s < 10 s of extra wait: REALTIME first
+    queues.push(item(cls=REALTIME))
+    clock.advance(10.5)
+    queues.push(item(cls=REALTIME))
+    assert queues.pop(always) is not old  # the older REALTIME item (waited 10.5 s)
+    assert queues.pop(always) is old  # BATCH waited 15.5 s, REALTIME head 0 s
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), aging=st.sampled_from([1.0, 5.0, 20.0]))
+def test_property_no_admitted_request_starves(seed: int, aging: float) -> None:
+    """REALTIME arrives faster than it is served (queue kept at its bound of 20): every BATCH
+    and FINETUNE item is still served, within the aging bound plus the REALTIME backlog."""
+    rng = random.Random(seed)
+    clock, queues, _ = make(aging_s=aging, max_per_tenant=20)
+    low = [item("x", rng.choice([BATCH, FINETUNE])) for _ in range(5)]
+    for x in low:
+        queues.push(x)
+    served_at: dict[str, float] = {}
+    for _ in range(100_000):
+        while queues.depth(REALTIME, "rt") < 20:
+            queues.push(item("rt", REALTIME))
+        got = queues.pop(always)
+        assert got is not None
+        served_at[got.request_id] = clock()
+        if all(x.request_id in served_at for x in low):
+            break
+        clock.advance(rng.uniform(0.05, 0.2))
+    waits = [served_at[x.request_id] - x.enqueued_at for x in low]
+    # Realtime head waits at most ~20 pops * 0.2 s = 4 s; two rank steps of aging on top.
+    assert max(waits) <= 2 * aging + 4.0 + 5 * 0.2 * 6
+
+
+def test_pop_skips_items_that_cannot_be_placed() -> None:
+    """A model without room does not block requests for another model (same tenant too)."""
+    _, queues, _ = make()
+    blocked = item(model="busy")
+    ok = item(model="free")
+    queues.push(blocked)
+    queues.push(ok)
+    assert queues.pop(lambda r: r.model == "free") is ok
+    assert queues.pop(lambda r: r.model == "free") is None
+    assert len(queues) == 1
+
+
+# -- bounds and cancel -----------------------------------------------------------------------
+
+
+def test_queue_bounds_per_tenant_and_per_class() -> None:
+    """Bounded per tenant and per class: QueueFull names the scope."""
+    _, queues, _ = make(max_per_tenant=2, max_per_class=3)
+    queues.push(item("a"))
+    queues.push(item("a"))
+    with pytest.raises(QueueFull) as err:
+        queues.push(item("a"))
+    assert err.value.scope == "tenant"
+    queues.push(item("b"))
+    with pytest.raises(QueueFull) as err:
+        queues.push(item("c"))
+    assert err.value.scope == "class"
+    queues.push(item("c", BATCH))  # another class has its own bound
+
+
+def test_cancel_removes_at_once_and_updates_costs() -> None:
+    """Cancel (client gone) takes the item out of depth, cost and the pick order at once."""
+    _, queues, _ = make()
+    a, b = item("a", prompt=10, new=10), item("a", prompt=10, new=10)
+    queues.push(a)
+    queues.push(b)
+    assert queues.queued_cost(REALTIME, "m") == 30.0
+    assert queues.cancel(a.request_id) is a
+    assert queues.cancel(a.request_id) is None
+    assert queues.depth(REALTIME, "a") == 1
+    assert queues.queued_cost(REALTIME, "m") == 15.0
+    assert queues.pop(always) is b
+
+
+# -- admission -------------------------------------------------------------------------------
+
+
+def test_empty_queue_with_room_admits_without_wait() -> None:
+    """Nothing ahead and a node with room: admitted, predicted wait 0."""
+    clock, _, admission = make()
+    verdict = admission.decide(item(deadline=clock() + 0.01), rate=100.0, room_now=True)
+    assert verdict.admitted and verdict.predicted_wait_s == 0.0
+
+
+def test_request_that_cannot_start_before_deadline_is_refused_with_predicted_wait() -> None:
+    """1,000 weighted tokens of the tenant's own queued ahead at 100 tokens/s is a 10 s wait:
+    a 5 s deadline is refused now (OVERLOADED, retry after 10 s); a 20 s deadline is admitted.
+    Another tenant's request waits only for its fair-share interleave."""
+    clock, queues, admission = make()
+    for _ in range(10):
+        queues.push(item("me", prompt=0, new=100))
+    other = admission.decide(item("other", deadline=clock() + 5), rate=100.0, room_now=False)
+    assert other.admitted and other.predicted_wait_s == pytest.approx(0.15)
+    short = admission.decide(item("me", deadline=clock() + 5), rate=100.0, room_now=False)
+    assert not short.admitted and short.reason == OVERLOADED
+    assert short.predicted_wait_s == pytest.approx(10.0, rel=0.05)
+    assert short.retry_after(admission.config) == pytest.approx(10.0, rel=0.05)
+    long = admission.decide(item("me", deadline=clock() + 20), rate=100.0, room_now=False)
+    assert long.admitted
+
+
+def test_wait_prediction_counts_higher_classes_and_fair_share() -> None:
+    """Ahead of a BATCH request: all REALTIME work, its own queue, and the other tenants'
+    fair-share interleave (capped by what they have queued)."""
+    _, queues, admission = make({"me": 1.0, "big": 1.0})
+    queues.push(item("rt", REALTIME, prompt=0, new=300))
+    for _ in range(10):
+        queues.push(item("big", BATCH, prompt=0, new=100))
+    queues.push(item("me", BATCH, prompt=0, new=50))
+    new = item("me", BATCH, prompt=0, new=50)
+    # 300 realtime + own 50 + big's interleave min(1000, (50 + 50) * 1/1) = 100.
+    assert admission.cost_ahead(new) == pytest.approx(450.0)
+    assert admission.cost_ahead(item("rt2", REALTIME, prompt=0, new=1)) == pytest.approx(1.0)
+
+
+def test_full_fleet_adds_the_next_slot_to_the_wait() -> None:
+    """Empty queue but no room: the wait is about one average request at the total rate."""
+    clock, _, admission = make()
+    full = admission.decide(item(deadline=clock() + 60), 100.0, room_now=False, busy_cost=300)
+    assert full.admitted and full.predicted_wait_s == pytest.approx(3.0)
+    late = admission.decide(item(deadline=clock() + 1), 100.0, room_now=False, busy_cost=300)
+    assert not late.admitted and late.reason == OVERLOADED
+
+
+def test_no_capacity_is_its_own_reason() -> None:
+    """No node can serve the model (rate 0) and no room: refused with NO_CAPACITY."""
+    clock, _, admission = make()
+    verdict = admission.decide(item(deadline=clock() + 60), rate=0.0, room_now=False)
+    assert not verdict.admitted and verdict.reason == NO_CAPACITY
+    assert verdict.retry_after(admission.config) == admission.config.max_retry_s
+
+
+def test_shrinking_capacity_sheds_lowest_class_first() -> None:
+    """When the rate halves, the queue is re-predicted: FINETUNE and BATCH requests that can
+    no longer start in time are shed; REALTIME ones ahead of them stay."""
+    clock, queues, admission = make()
+    realtime = [item("a", REALTIME, prompt=0, new=100, deadline=clock() + 30) for _ in range(5)]
+    batch = [item("a", BATCH, prompt=0, new=100, deadline=clock() + 30) for _ in range(5)]
+    tune = [item("a", FINETUNE, prompt=0, new=100, deadline=clock() + 30) for _ in range(5)]
+    for x in (*tune, *batch, *realtime):
+        queues.push(x)
+    assert admission.shed(lambda _m: 100.0) == []  # 1,500 tokens at 100/s: all start by 14 s
+    dropped = admission.shed(lambda _m: 40.0)  # starts at 0, 2.5, ... 35 s: 30 s deadline
+    assert {d.item.workload_class for d in dropped} == {FINETUNE}
+    assert len(dropped) == 2 and all(d.reason == OVERLOADED for d in dropped)
+    dropped = admission.shed(lambda _m: 15.0)
+    assert {d.item.workload_class for d in dropped} <= {BATCH, FINETUNE}
+    assert all(x.request_id in queues for x in realtime)
+
+
+def test_model_with_no_node_sheds_after_grace() -> None:
+    """With no capacity at all a queued request is kept for the grace period, then shed."""
+    clock, queues, admission = make()
+    x = item(deadline=clock() + 60)
+    queues.push(x)
+    assert admission.shed(lambda _m: 0.0) == []
+    clock.advance(admission.config.no_capacity_grace_s)
+    (dropped,) = admission.shed(lambda _m: 0.0)
+    assert dropped.item is x and dropped.reason == NO_CAPACITY
+    assert len(queues) == 0
+
+
+def test_queue_is_deque_free_after_everything_leaves() -> None:
+    """Popping everything leaves zero depth and zero queued cost."""
+    _, queues, _ = make()
+    for t in "abc":
+        queues.push(item(t))
+    drained = deque(queues.pop(always) for _ in range(3))
+    assert None not in drained
+    assert len(queues) == 0 and queues.queued_cost(REALTIME, "m") == 0.0
+
+
+# -- two replicas ----------------------------------------------------------------------------
+
+
+def two_replicas(split: dict[str, float], seed: int) -> dict[str, float]:
+    """Two replicas' queues share one node of 8 slots: a freed slot goes to a replica at
+    random (whichever notices first). Tenant t's requests reach replica 0 with probability
+    split[t]. Returns generated tokens per tenant."""
+    rng = random.Random(seed)
+    clock = FakeClock()
+    weights = {"a": 2.0, "b": 1.0}
+    replicas = [FairQueues(clock, weights.__getitem__) for _ in range(2)]
+    served = dict.fromkeys(weights, 0.0)
+    running: list[tuple[QueuedRequest, int, FairQueues]] = []
+    for _ in range(6000):
+        for t in weights:
+            for queues in replicas:
+                share = split[t] if queues is replicas[0] else 1 - split[t]
+                while share > 0 and queues.depth(REALTIME, t) < 4:
+                    queues.push(item(t, prompt=0, new=rng.randint(5, 60)))
+        while len(running) < 8:
+            owner, other = rng.sample(replicas, 2)
+            got = owner.pop(always)
+            if got is None:
+                owner, got = other, other.pop(always)
+            assert got is not None
+            running.append((got, got.max_new_tokens, owner))
+        clock.advance(0.01)
+        still = []
+        for req, left, owner in running:
+            owner.charge(req.tenant, REALTIME, 1)  # the replica that dispatched it charges it
+            served[req.tenant] += 1
+            if left > 1:
+                still.append((req, left - 1, owner))
+        running = still
+    return served
+
+
+def test_two_replicas_with_evenly_spread_traffic_keep_weighted_shares() -> None:
+    """Each replica queues fairly on its own; when every tenant's traffic is spread evenly
+    over the replicas (round-robin or random balancing), global shares stay near 2:1."""
+    served = two_replicas({"a": 0.5, "b": 0.5}, seed=5)
+    ratio = served["a"] / served["b"]
+    assert abs(ratio - 2.0) / 2.0 < 0.10, ratio
+    assert jain([served["a"] / 2.0, served["b"]]) >= 0.95
+
+
+def test_two_replicas_with_tenants_pinned_apart_split_by_replica_not_weight() -> None:
+    """The documented limit: with tenant a only on replica 0 and b only on replica 1, the
+    replicas split the node between them and weights no longer apply (shares near 1:1);
+    global quotas, not the queues, bound a tenant there."""
+    served = two_replicas({"a": 1.0, "b": 0.0}, seed=5)
+    assert 0.8 < served["a"] / served["b"] < 1.25

@@ -1,0 +1,159 @@
+"""Routing decisions (pure): load estimates, power of two choices with affinity, outlier
+ejection, retry budget, and the breaker's failure-rate window, against a fake clock."""
+
+from __future__ import annotations
+
+import random
+
+from scheduler.queues import BATCH, REALTIME
+from scheduler.routing import AffinityTable, LoadBook, OutlierDetector, RetryBudget, power_of_two
+from sluice.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from tests.test_scheduler_core import FakeClock
+
+
+def test_load_estimate_moves_with_own_dispatches_between_reports() -> None:
+    """A burst between two reports fills the node in the estimate (no herd on a stale
+    'idle' report); the next report replaces the estimate's base."""
+    book = LoadBook(max_sequences=4)
+    book.on_report(0, 0, 0, 100, 50.0)
+    for _ in range(4):
+        assert book.has_room(REALTIME, 0.0)
+        book.on_dispatch(100)
+    assert book.sequences() == 4 and not book.has_room(REALTIME, 0.0)
+    book.on_report(4, 400, 10, 100, 50.0)  # the node now reports them itself
+    assert book.sequences() == 4
+    book.on_finish()
+    assert book.sequences() == 3 and book.has_room(REALTIME, 0.0)
+
+
+def test_own_in_flight_is_a_floor_under_a_stale_report() -> None:
+    """A report that predates our dispatches never makes the node look emptier than what
+    this scheduler itself has there."""
+    book = LoadBook(max_sequences=8)
+    for _ in range(3):
+        book.on_dispatch(10)
+    book.on_report(0, 0, 0, 0, 0.0)  # generated before our requests arrived
+    assert book.sequences() == 3
+
+
+def test_lower_classes_leave_headroom_to_realtime() -> None:
+    """BATCH stops at capacity minus the headroom; REALTIME may use the last slots."""
+    book = LoadBook(max_sequences=8)
+    for _ in range(7):
+        book.on_dispatch(10)
+    assert not book.has_room(BATCH, 0.125)
+    assert book.has_room(REALTIME, 0.125)
+
+
+def test_full_kv_cache_means_no_room() -> None:
+    """A node reporting its KV cache nearly full takes nothing more."""
+    book = LoadBook(max_sequences=8)
+    book.on_report(1, 0, 96, 100, 1.0)
+    assert not book.has_room(REALTIME, 0.0)
+
+
+def test_power_of_two_prefers_less_loaded_and_affinity_on_tie() -> None:
+    """Of two sampled nodes the less loaded wins; the affinity node wins only on a tie."""
+    rng = random.Random(1)
+    load = {"a": 0.1, "b": 0.9}
+    picks = {power_of_two(["a", "b"], load.__getitem__, rng) for _ in range(20)}
+    assert picks == {"a"}
+    assert power_of_two(["a", "b"], load.__getitem__, rng, preferred="b") == "a"
+    load["b"] = 0.12
+    assert power_of_two(["a", "b"], load.__getitem__, rng, preferred="b") == "b"
+
+
+def test_power_of_two_spreads_a_burst() -> None:
+    """Dispatching a burst with live load books spreads it over the nodes instead of
+    piling on one (the thundering-herd failure of picking the least loaded by report)."""
+    rng = random.Random(3)
+    books = {n: LoadBook(max_sequences=64) for n in "abcd"}
+    for _ in range(40):
+        chosen = power_of_two(list(books), lambda n: books[n].score(), rng)
+        books[chosen].on_dispatch(100)
+    counts = sorted(b.in_flight for b in books.values())
+    assert counts[-1] - counts[0] <= 2
+
+
+def test_affinity_table_is_bounded_lru() -> None:
+    """The affinity table forgets the least recently used keys beyond its size."""
+    table = AffinityTable(size=2)
+    table.put("x", "a")
+    table.put("y", "b")
+    assert table.get("x") == "a"
+    table.put("z", "c")
+    assert table.get("y") is None and table.get("x") == "a" and table.get("z") == "c"
+
+
+def test_latency_outlier_is_ejected_for_a_while() -> None:
+    """A node whose TTFT runs 10x its peers' is ejected, and comes back after eject_s."""
+    clock = FakeClock()
+    detector = OutlierDetector(clock)
+    for _ in range(10):
+        for node in ("a", "b"):
+            detector.observe(node, "ttft", 0.05)
+    ejected = [detector.observe("slow", "ttft", 1.0) for _ in range(10)]
+    assert any(ejected)
+    assert detector.ejected("slow") and not detector.ejected("a")
+    clock.advance(detector.config.eject_s + 0.1)
+    assert not detector.ejected("slow")
+
+
+def test_small_absolute_gaps_and_majorities_are_not_ejected() -> None:
+    """3x a tiny TTFT is noise (under min_excess); and with two nodes both slow, at most
+    half the fleet may be ejected at once."""
+    clock = FakeClock()
+    detector = OutlierDetector(clock)
+    for _ in range(10):
+        detector.observe("a", "ttft", 0.001)
+        assert not detector.observe("b", "ttft", 0.01)
+    detector2 = OutlierDetector(clock)
+    for _ in range(10):
+        detector2.observe("a", "itl", 0.01)
+        detector2.observe("b", "itl", 1.0)
+        detector2.observe("c", "itl", 1.0)
+    assert sum(detector2.ejected(n) for n in "abc") <= 1
+
+
+def test_retry_budget_caps_retries_at_a_fifth_of_requests() -> None:
+    """Over 100 requests only 20 retries are allowed; the window slides."""
+    clock = FakeClock()
+    budget = RetryBudget(clock, ratio=0.2, window_s=10.0, min_retries=2)
+    for _ in range(100):
+        budget.record_request()
+    allowed = sum(budget.try_spend() for _ in range(50))
+    assert allowed == 20
+    clock.advance(11.0)
+    assert sum(budget.try_spend() for _ in range(5)) == 2  # only the floor without traffic
+
+
+def test_breaker_opens_on_failure_rate_without_five_in_a_row() -> None:
+    """Alternating failures never make 5 in a row, but a 50 % rate over the window (with
+    at least min_calls calls) opens the breaker."""
+    clock = FakeClock()
+    breaker = CircuitBreaker(BreakerConfig(failure_rate=0.5, min_calls=10), clock)
+    for _ in range(4):
+        breaker.record_success()
+        breaker.record_failure()
+    assert breaker.state is BreakerState.CLOSED
+    breaker.record_success()
+    breaker.record_failure()
+    assert breaker.state is BreakerState.OPEN
+    clock.advance(5.0)
+    assert breaker.state is BreakerState.HALF_OPEN
+
+
+def test_breaker_open_time_is_capped_at_30_s() -> None:
+    """Failed probes double the open time, never beyond 30 s."""
+    clock = FakeClock()
+    breaker = CircuitBreaker(BreakerConfig(), clock)
+    for _ in range(5):
+        breaker.record_failure()
+    for _ in range(6):
+        clock.advance(31.0)
+        assert breaker.allow()
+        breaker.record_failure()
+    clock.advance(29.9)
+    assert breaker.state is BreakerState.OPEN
+    clock.advance(0.2)
+    assert breaker.state is BreakerState.HALF_OPEN
