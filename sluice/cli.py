@@ -1,55 +1,91 @@
-"""The `sluice` command line: run the suite locally and talk to it as a user would."""
+"""The `sluice` command line: run the suite locally and talk to it as a user would.
+
+Every command that talks to a running suite goes through the SDK's blocking
+:class:`~sluice.sdk.Client`; it finds the scheduler from ``--endpoint``, ``SLUICE_ENDPOINTS``,
+the ``endpoints.json`` of a local `sluice up` (``--run-dir``), or etcd discovery
+(``SLUICE_ETCD_ENDPOINTS``), and the key from ``--api-key``, ``SLUICE_API_KEY`` or the
+development key `sluice up` wrote.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import importlib
 import os
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
-from sluice.client import AsyncClient, SluiceRpcError
 from sluice.demo import print_endpoints, run_demo
+from sluice.sdk import Client, SluiceRpcError
+from sluice.sdk.endpoints import API_KEY_ENV, ENDPOINTS_ENV, ETCD_ENDPOINTS_ENVS
 from sluice.up import Supervisor, UpConfig, dev_api_key, read_endpoints
 from sluice.v1 import admin_pb2
 
 app = typer.Typer(help="Sluice: keep a model-serving fleet answering under overload.")
+bench_app = typer.Typer(help="Benchmarks against a running suite.")
+app.add_typer(bench_app, name="bench")
 console = Console()
 err = Console(stderr=True)
 
 RunDir = Annotated[Path, typer.Option("--run-dir", help="Run directory of `sluice up`.")]
 Endpoint = Annotated[
-    str | None, typer.Option("--endpoint", help="Scheduler host:port (else SLUICE_ENDPOINTS).")
+    str | None,
+    typer.Option("--endpoint", help="Scheduler host:port, comma-separated for several."),
 ]
 ApiKey = Annotated[str | None, typer.Option("--api-key", help="API key (else SLUICE_API_KEY).")]
 DEFAULT_RUN_DIR = Path(".sluice")
 
 
-def _connect(endpoint: str | None, api_key: str | None, run_dir: Path) -> AsyncClient:
-    """Client from flags, env, or the endpoints/dev key a local `sluice up` wrote."""
-    if not endpoint and not os.environ.get("SLUICE_ENDPOINTS"):
-        try:
-            endpoint = read_endpoints(run_dir)["scheduler"]["grpc"]
-        except FileNotFoundError:
-            err.print(
-                "[red]no scheduler: pass --endpoint, set SLUICE_ENDPOINTS, or run `sluice up`"
-            )
-            raise typer.Exit(2) from None
-    if api_key is None and not os.environ.get("SLUICE_API_KEY"):
-        api_key = dev_api_key(run_dir)
-    return AsyncClient(endpoint, api_key=api_key)
+def _endpoint(endpoint: str | None, run_dir: Path) -> str | None:
+    """The flag, else None when the environment names endpoints or etcd, else the scheduler
+    of a local `sluice up`."""
+    if endpoint or os.environ.get(ENDPOINTS_ENV):
+        return endpoint
+    if any(os.environ.get(env) for env in ETCD_ENDPOINTS_ENVS):
+        return None
+    found = _run_dir_scheduler(run_dir)
+    if found is None:
+        err.print(
+            "[red]no scheduler: pass --endpoint, set SLUICE_ENDPOINTS or SLUICE_ETCD_ENDPOINTS, "
+            "or run `sluice up`"
+        )
+        raise typer.Exit(2)
+    return found
 
 
-def _call(coro: Coroutine[Any, Any, None]) -> None:
-    """Run a CLI command's coroutine; an RPC error becomes a clear message and exit code 1."""
+def _run_dir_scheduler(run_dir: Path) -> str | None:
+    """The scheduler address a local `sluice up` recorded, if any."""
     try:
-        asyncio.run(coro)
+        found: str = read_endpoints(run_dir)["scheduler"]["grpc"]
+    except (FileNotFoundError, KeyError):
+        return None
+    return found
+
+
+def _api_key(api_key: str | None, run_dir: Path) -> str | None:
+    if api_key is None and not os.environ.get(API_KEY_ENV):
+        return dev_api_key(run_dir)
+    return api_key
+
+
+def _connect(endpoint: str | None, api_key: str | None, run_dir: Path, **options: Any) -> Client:
+    """A client from flags, env, or the endpoints/dev key a local `sluice up` wrote."""
+    return Client(_endpoint(endpoint, run_dir), api_key=_api_key(api_key, run_dir), **options)
+
+
+@contextmanager
+def _rpc_errors() -> Iterator[None]:
+    """An RPC error becomes a clear message and exit code 1."""
+    try:
+        yield
     except SluiceRpcError as exc:
         raise _fail(exc) from exc
 
@@ -60,6 +96,8 @@ def _fail(exc: SluiceRpcError) -> typer.Exit:
         err.print(f"  {field}: {why}")
     if exc.retry_after_s is not None:
         err.print(f"  retry after {exc.retry_after_s:.2f}s")
+    if exc.attempts > 1:
+        err.print(f"  after {exc.attempts} attempts")
     return typer.Exit(1)
 
 
@@ -97,7 +135,8 @@ def up(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        sup.start()
+        with console.status("starting the suite (the first start converts model weights)…"):
+            sup.start()
         print_endpoints(sup, console)
         console.print("Ctrl-C to stop.")
         while not stop_requested and all(c.proc.poll() is None for c in sup.children):
@@ -120,24 +159,20 @@ def generate(
     run_dir: RunDir = DEFAULT_RUN_DIR,
 ) -> None:
     """Stream a generation to the terminal."""
-
-    async def run() -> None:
-        async with _connect(endpoint, api_key, run_dir) as client:
-            text: str | list[tuple[str, str]] = [("user", prompt)] if chat else prompt
-            last = None
-            async for chunk in client.generate(
-                model, text, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
-            ):
-                console.print(chunk.text, end="", soft_wrap=True, highlight=False)
-                last = chunk
-            console.print()
-            if last is not None:
-                err.print(
-                    f"[dim]node {last.node_id or '?'} · {last.usage.completion_tokens} tokens · "
-                    f"{'cached' if last.cached else 'generated'}[/dim]"
-                )
-
-    _call(run())
+    text: str | list[tuple[str, str]] = [("user", prompt)] if chat else prompt
+    with _rpc_errors(), _connect(endpoint, api_key, run_dir) as client:
+        last = None
+        for chunk in client.generate(
+            model, text, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+        ):
+            console.print(chunk.text, end="", soft_wrap=True, highlight=False)
+            last = chunk
+        console.print()
+        if last is not None:
+            err.print(
+                f"[dim]node {last.node_id or '?'} · {last.usage.completion_tokens} tokens · "
+                f"{'cached' if last.cached else 'generated'}[/dim]"
+            )
 
 
 @app.command()
@@ -149,16 +184,12 @@ def embed(
     run_dir: RunDir = DEFAULT_RUN_DIR,
 ) -> None:
     """Embed texts; prints dimensions and the first values of each vector."""
-
-    async def run() -> None:
-        async with _connect(endpoint, api_key, run_dir) as client:
-            reply = await client.embed(model, texts)
-            for text, emb in zip(texts, reply.embeddings, strict=True):
-                head = ", ".join(f"{v:+.4f}" for v in emb.values[:6])
-                console.print(f"{text!r}: [{head}, …] ({reply.dimensions} dims)")
-            err.print(f"[dim]node {reply.node_id} · {reply.usage.prompt_tokens} tokens[/dim]")
-
-    _call(run())
+    with _rpc_errors(), _connect(endpoint, api_key, run_dir) as client:
+        reply = client.embed(model, texts)
+        for text, emb in zip(texts, reply.embeddings, strict=True):
+            head = ", ".join(f"{v:+.4f}" for v in emb.values[:6])
+            console.print(f"{text!r}: [{head}, …] ({reply.dimensions} dims)")
+        err.print(f"[dim]node {reply.node_id} · {reply.usage.prompt_tokens} tokens[/dim]")
 
 
 @app.command()
@@ -166,39 +197,146 @@ def nodes(
     endpoint: Endpoint = None, api_key: ApiKey = None, run_dir: RunDir = DEFAULT_RUN_DIR
 ) -> None:
     """The nodes the scheduler sees: health, circuit, models, load."""
+    with _rpc_errors(), _connect(endpoint, api_key, run_dir) as client:
+        table = Table()
+        for col in (
+            "node",
+            "address",
+            "state",
+            "healthy",
+            "circuit",
+            "models",
+            "running",
+            "waiting",
+            "tok/s",
+        ):
+            table.add_column(col)
+        for n in client.list_nodes():
+            running = sum(c.running for c in n.load.classes)
+            waiting = sum(c.waiting for c in n.load.classes)
+            table.add_row(
+                n.info.node_id,
+                n.info.address,
+                "draining" if n.info.state == 2 else "serving",
+                "yes" if n.healthy else "no",
+                admin_pb2.CircuitState.Name(n.circuit).removeprefix("CIRCUIT_STATE_").lower(),
+                ", ".join(m.name for m in n.info.models),
+                str(running),
+                str(waiting),
+                f"{n.load.decode_tokens_per_s:.1f}",
+            )
+        console.print(table)
 
-    async def run() -> None:
-        async with _connect(endpoint, api_key, run_dir) as client:
-            table = Table()
-            for col in (
-                "node",
-                "address",
-                "state",
-                "healthy",
-                "circuit",
-                "models",
-                "running",
-                "waiting",
-                "tok/s",
-            ):
-                table.add_column(col)
-            for n in await client.list_nodes():
-                running = sum(c.running for c in n.load.classes)
-                waiting = sum(c.waiting for c in n.load.classes)
-                table.add_row(
-                    n.info.node_id,
-                    n.info.address,
-                    "draining" if n.info.state == 2 else "serving",
-                    "yes" if n.healthy else "no",
-                    admin_pb2.CircuitState.Name(n.circuit).removeprefix("CIRCUIT_STATE_").lower(),
-                    ", ".join(m.name for m in n.info.models),
-                    str(running),
-                    str(waiting),
-                    f"{n.load.decode_tokens_per_s:.1f}",
-                )
-            console.print(table)
 
-    _call(run())
+Tenants = Annotated[
+    list[str] | None,
+    typer.Option("--tenant", help="Tenant to show (repeatable; default: the key's own)."),
+]
+
+
+@app.command()
+def tenants(
+    tenant: Tenants = None,
+    endpoint: Endpoint = None,
+    api_key: ApiKey = None,
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+) -> None:
+    """Tenant usage as the scheduler counted it (Admin.GetTenantUsage)."""
+    from sluice.top import Sample, tenants_table  # noqa: PLC0415 - only this command needs it
+
+    with _rpc_errors(), _connect(endpoint, api_key, run_dir) as client:
+        usage = [client.get_tenant_usage(name) for name in tenant or [""]]
+        console.print(tenants_table(Sample(at=time.monotonic(), usage=usage), None))
+
+
+@app.command()
+def top(
+    once: Annotated[bool, typer.Option("--once", help="Print one frame and exit.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
+    metrics: Annotated[
+        str | None,
+        typer.Option(help="Scheduler /metrics host:port (else from the run directory)."),
+    ] = None,
+    tenant: Tenants = None,
+    endpoint: Endpoint = None,
+    api_key: ApiKey = None,
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+) -> None:
+    """A live view of nodes, queues by class, tenants and request rates (Ctrl-C to quit).
+
+    --once: two samples --interval apart (for rates), one frame, exit 1 without a scheduler.
+    """
+    from sluice.top import collect, render  # noqa: PLC0415 - only this command needs it
+
+    address = _endpoint(endpoint, run_dir)
+    metrics = metrics or _run_dir_metrics(address, run_dir)
+    title = f"sluice top · scheduler {address or 'discovered through etcd'}"
+    client = _connect(endpoint, api_key, run_dir, timeout_s=2.0, retry=None)
+    names = tenant or [""]
+    with _rpc_errors(), client:
+        prev = collect(client, metrics, names)
+        if once:
+            time.sleep(interval)
+            cur = collect(client, metrics, names)
+            console.print(render(cur, prev, title))
+            if cur.nodes is None:
+                raise typer.Exit(1)
+            return
+        try:
+            with Live(render(prev, None, title), console=console, auto_refresh=False) as live:
+                while True:
+                    time.sleep(max(0.0, prev.at + interval - time.monotonic()))
+                    cur = collect(client, metrics, names)
+                    live.update(render(cur, prev, title), refresh=True)
+                    prev = cur
+        except KeyboardInterrupt:
+            pass
+
+
+def _run_dir_metrics(address: str | None, run_dir: Path) -> str | None:
+    """The scheduler's /metrics address a local `sluice up` recorded, if it is the same
+    scheduler we talk to."""
+    try:
+        scheduler: dict[str, str] = read_endpoints(run_dir)["scheduler"]
+    except (FileNotFoundError, KeyError):
+        return None
+    if address is not None and scheduler.get("grpc") != address:
+        return None
+    return scheduler.get("metrics")
+
+
+@bench_app.command("load")
+def bench_load(
+    scenario: Annotated[Path, typer.Argument(help="Scenario YAML.")],
+    target: Annotated[str, typer.Option(help="sluice or naive.")] = "sluice",
+    endpoint: Endpoint = None,
+    api_key: ApiKey = None,
+    out: Annotated[Path | None, typer.Option(help="Where to write the results.")] = None,
+    duration_s: Annotated[
+        float | None, typer.Option("--duration-s", help="Override the scenario's duration.")
+    ] = None,
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+) -> None:
+    """Open-loop load from a scenario against a running target (bench/load.py)."""
+    if target == "sluice":
+        if endpoint is None and not os.environ.get(ENDPOINTS_ENV):
+            endpoint = _run_dir_scheduler(run_dir)
+        api_key = _api_key(api_key, run_dir)
+    try:
+        # Imported on use: the benchmark is part of the repository, not of the installed CLI.
+        load = importlib.import_module("bench.load")
+    except ImportError as exc:
+        err.print(f"[red]the benchmark is not available here ({exc}); run from the repository")
+        raise typer.Exit(2) from None
+    code = load.cli_main(
+        scenario=scenario,
+        target=target,
+        endpoint=endpoint,
+        api_key=api_key,
+        out=out,
+        duration_s=duration_s,
+    )
+    raise typer.Exit(int(code))
 
 
 @app.command()

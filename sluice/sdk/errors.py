@@ -1,0 +1,192 @@
+"""Typed errors of the SDK: a failed call's status code with its unpacked ``google.rpc`` details.
+
+The hierarchy (every class is a :class:`SluiceRpcError`)::
+
+    SluiceRpcError                 any failed call; .code .message .details .reason ...
+    ├── InvalidRequest             INVALID_ARGUMENT: fix the request (see .violations)
+    ├── AuthenticationError        UNAUTHENTICATED: no key, or an unknown one
+    │   └── PermissionDenied       PERMISSION_DENIED: the key's tenant may not do this
+    ├── ResourceExhausted          RESOURCE_EXHAUSTED: refused now, come back later
+    │   ├── QuotaExceeded          ... because the tenant is over a quota (QuotaFailure detail)
+    │   └── Overloaded             ... because the fleet is busy (any other refusal)
+    ├── Unavailable                UNAVAILABLE: no node could serve, one failed mid-stream,
+    │                              or the scheduler could not be reached
+    ├── DeadlineExceeded           DEADLINE_EXCEEDED
+    ├── NotFound                   NOT_FOUND
+    └── Unimplemented              UNIMPLEMENTED (e.g. jobs on a release without them)
+
+``except ResourceExhausted`` catches both kinds of refusal; ``except Overloaded`` alone no
+longer catches quota refusals (it did before quotas existed), on purpose: waiting out a quota
+and backing off from a busy fleet are different decisions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Protocol, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+
+from sluice.errors import STATUS_DETAILS_METADATA, unpack_details
+
+M = TypeVar("M", bound=Message)
+
+
+class FailedCall(Protocol):
+    """What both ``grpc.aio.AioRpcError`` and the sync ``grpc.RpcError`` calls offer."""
+
+    def code(self) -> grpc.StatusCode: ...
+
+    def details(self) -> str | None: ...
+
+    def trailing_metadata(self) -> object: ...
+
+
+class SluiceRpcError(Exception):
+    """A failed call, with its status code and unpacked ``google.rpc`` details.
+
+    ``attempts`` counts the attempts the SDK made before giving up (1 when it did not retry).
+    """
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        details: Sequence[Message] = (),
+        *,
+        attempts: int = 1,
+    ) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.details = list(details)
+        self.attempts = attempts
+
+    def detail(self, cls: type[M]) -> M | None:
+        """The first detail of type ``cls``, if the status carried one."""
+        return next((d for d in self.details if isinstance(d, cls)), None)
+
+    @property
+    def reason(self) -> str:
+        """``ErrorInfo.reason``, a stable machine-readable cause ("" when absent)."""
+        info = self.detail(error_details_pb2.ErrorInfo)
+        return info.reason if info is not None else ""
+
+    @property
+    def retry_after_s(self) -> float | None:
+        """``RetryInfo.retry_delay`` in seconds, when the server said when to come back."""
+        info = self.detail(error_details_pb2.RetryInfo)
+        if info is None:
+            return None
+        return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
+
+    @property
+    def field_violations(self) -> list[tuple[str, str]]:
+        """``BadRequest`` field violations as ``(field, description)``."""
+        bad = self.detail(error_details_pb2.BadRequest)
+        return [(v.field, v.description) for v in bad.field_violations] if bad else []
+
+    @property
+    def quota_violations(self) -> list[tuple[str, str]]:
+        """``QuotaFailure`` violations as ``(subject, description)``."""
+        quota = self.detail(error_details_pb2.QuotaFailure)
+        return [(v.subject, v.description) for v in quota.violations] if quota else []
+
+    @property
+    def violations(self) -> list[tuple[str, str]]:
+        """Everything the server said was wrong, as ``(field or subject, description)``:
+        ``BadRequest`` field violations, then ``QuotaFailure`` violations."""
+        return self.field_violations + self.quota_violations
+
+
+class InvalidRequest(SluiceRpcError):
+    """INVALID_ARGUMENT: fix the request (see ``violations``)."""
+
+
+class AuthenticationError(SluiceRpcError):
+    """UNAUTHENTICATED: no API key, or one that matches no tenant."""
+
+
+class PermissionDenied(AuthenticationError):
+    """PERMISSION_DENIED: the key's tenant may not use this model, class or resource."""
+
+
+class ResourceExhausted(SluiceRpcError):
+    """RESOURCE_EXHAUSTED: refused now; come back after ``retry_after_s`` when it is set."""
+
+
+class QuotaExceeded(ResourceExhausted):
+    """RESOURCE_EXHAUSTED with a ``QuotaFailure`` detail: the tenant is over a quota
+    (``violations`` names which)."""
+
+
+class Overloaded(ResourceExhausted):
+    """RESOURCE_EXHAUSTED without a quota violation: the fleet is busy (``reason`` says how,
+    e.g. ``OVERLOADED``)."""
+
+
+class Unavailable(SluiceRpcError):
+    """UNAVAILABLE: no node could serve, one failed mid-stream, or no scheduler answered."""
+
+
+class DeadlineExceeded(SluiceRpcError):
+    """DEADLINE_EXCEEDED: the call's deadline passed before it finished."""
+
+
+class NotFound(SluiceRpcError):
+    """NOT_FOUND: the named thing (a job, a model) does not exist for this tenant."""
+
+
+class Unimplemented(SluiceRpcError):
+    """UNIMPLEMENTED: the server does not offer this call (yet)."""
+
+
+_TYPES: dict[grpc.StatusCode, type[SluiceRpcError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
+}
+
+
+def status_details(call: FailedCall) -> list[Message]:
+    """The ``google.rpc`` details a failed call carried in ``grpc-status-details-bin``."""
+    metadata = call.trailing_metadata()
+    if not isinstance(metadata, Iterable):  # None when the call never reached a server
+        return []
+    for key, value in metadata:
+        if key == STATUS_DETAILS_METADATA and isinstance(value, bytes):
+            return unpack_details(status_pb2.Status.FromString(value))
+    return []
+
+
+def from_rpc_error(call: FailedCall, *, attempts: int = 1) -> SluiceRpcError:
+    """The typed error for a failed call (async or sync)."""
+    code = call.code()
+    details = status_details(call)
+    cls = _TYPES.get(code, SluiceRpcError)
+    if cls is Overloaded and any(isinstance(d, error_details_pb2.QuotaFailure) for d in details):
+        cls = QuotaExceeded
+    return cls(code, call.details() or "", details, attempts=attempts)
+
+
+__all__ = [
+    "AuthenticationError",
+    "DeadlineExceeded",
+    "InvalidRequest",
+    "NotFound",
+    "Overloaded",
+    "PermissionDenied",
+    "QuotaExceeded",
+    "ResourceExhausted",
+    "SluiceRpcError",
+    "Unavailable",
+    "Unimplemented",
+    "from_rpc_error",
+]
