@@ -55,8 +55,9 @@ class SchedulerSettings(ServiceSettings):
     # Quotas (global, Redis).
     redis_url: str = ""
     """Redis holding the quota buckets shared by every replica; empty disables quotas."""
-    quota_timeout_seconds: float = 0.1
-    """Connect and command timeout of the quota check: a dead Redis costs this, once a second."""
+    quota_timeout_seconds: float = 0.25
+    """Connect and command timeout of the quota check: a dead Redis costs this three times, then
+    is skipped for a second."""
     quota_fail_closed: list[str] = Field(default_factory=list)
     """Quotas refused while Redis is unreachable (requests_per_second, tokens_per_minute,
     max_concurrent); the others fail open (max_concurrent then holds per replica)."""

@@ -16,8 +16,8 @@ Over quota → ``RESOURCE_EXHAUSTED`` with ``QuotaFailure`` naming each exceeded
 concurrency cap, which frees when some request ends).
 
 Redis unreachable: the call fails within ``timeout_s`` (no retries: the script is not
-idempotent), a breaker skips Redis for a second after a failure, and each quota follows its
-documented policy: quotas listed in ``fail_closed`` refuse (``UNAVAILABLE``,
+idempotent), a breaker skips Redis for a second after three failures in a row, and each
+quota follows its documented policy: quotas listed in ``fail_closed`` refuse (``UNAVAILABLE``,
 ``QUOTA_BACKEND_UNAVAILABLE``); the others fail open — the request goes on, with
 ``max_concurrent`` still enforced per replica from local counts. Both cases count in
 ``sluice_scheduler_quota_checks_total{result}`` and log ``quota_backend_unavailable``.
@@ -147,8 +147,11 @@ class QuotaGate:
         self._metrics = metrics
         self._fail_closed = frozenset(fail_closed)
         self._prefix = key_prefix
+        # Three consecutive failures before Redis is skipped: one slow reply on a starved event
+        # loop (seen under saturation on 2 cores) must fail open for that request only, not
+        # lift every quota for a second.
         self._breaker = CircuitBreaker(
-            BreakerConfig(failure_threshold=1, open_s=1.0, max_open_s=5.0)
+            BreakerConfig(failure_threshold=3, open_s=1.0, max_open_s=5.0)
         )
         self._local: dict[str, int] = {}
 
