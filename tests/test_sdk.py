@@ -21,7 +21,9 @@ from prometheus_client import CollectorRegistry
 
 from scheduler.app import SchedulerService
 from scheduler.config import SchedulerSettings
+from scheduler.tenants import Quotas, Tenant, TenantDirectory
 from sluice import errors as domain
+from sluice.auth import hash_api_key
 from sluice.client import (
     AsyncClient,
     AuthenticationError,
@@ -632,3 +634,88 @@ async def test_sync_client_retries_refusals_and_stops_early_streams(
     assert text == "a:0 a:1"
     assert elapsed >= 0.2
     assert calls == 3
+
+
+# -- retries against a real scheduler's quota refusals ----------------------------------------
+
+METERED_KEY = "sk-sluice-test-key-metered"
+
+
+@pytest.fixture
+async def quota_scheduler(suite: Suite) -> SchedulerService:
+    """A real scheduler on the Redis fixture, with one tiny-model node, whose only tenant
+    ``metered`` may send one request per second (burst 1). The suite stops it."""
+    await suite.start_node("node-a")
+    metered = Tenant(
+        "metered",
+        1.0,
+        frozenset({common_pb2.WORKLOAD_CLASS_REALTIME}),
+        frozenset({"*"}),
+        (hash_api_key(METERED_KEY),),
+        quotas=Quotas(requests_per_second=1, burst=1),
+    )
+    settings = SchedulerSettings(
+        etcd_endpoint=suite.etcd, redis_url=suite.redis_url, registry_ttl_seconds=2
+    )
+    service = SchedulerService(settings, CollectorRegistry(), tenants=TenantDirectory([metered]))
+    suite.scheduler = service
+    await service.start()
+    await eventually(lambda: service.nodes.candidates(TINY, common_pb2.WORKLOAD_CLASS_REALTIME))
+    return service
+
+
+async def completion_tokens(client: AsyncClient) -> int:
+    chunks = [c async for c in client.generate(TINY, "hi", max_new_tokens=2, ignore_eos=True)]
+    return chunks[-1].usage.completion_tokens
+
+
+async def test_retries_wait_out_a_real_quota_refusal_and_stop_at_the_attempt_bound(
+    quota_scheduler: SchedulerService,
+) -> None:
+    """1 request/s, burst 1, the bucket just emptied: two concurrent calls are both refused
+    with RetryInfo (the ~1 s refill). Each client waits at least that long, so exactly one
+    retry finds the refilled request and succeeds; the other is refused again and stops at
+    max_attempts=2 with QuotaExceeded. A client that retried sooner would be refused on both
+    retries; the scheduler counts exactly three refusals."""
+    policy = RetryPolicy(max_attempts=2)
+    async with AsyncClient(quota_scheduler.address, api_key=METERED_KEY, retry=policy) as client:
+        assert await completion_tokens(client) == 2  # takes the bucket's one request
+        started = time.monotonic()
+        outcomes = await asyncio.gather(
+            completion_tokens(client), completion_tokens(client), return_exceptions=True
+        )
+        elapsed = time.monotonic() - started
+        usage = await client.get_tenant_usage()
+    assert sorted(type(o).__name__ for o in outcomes) == ["QuotaExceeded", "int"]
+    assert 2 in outcomes
+    (error,) = [o for o in outcomes if isinstance(o, QuotaExceeded)]
+    assert error.attempts == 2
+    assert error.violations == [("tenant:metered/requests_per_second", "limit 1.0/s")]
+    assert error.retry_after_s is not None and error.retry_after_s > 0.5
+    assert elapsed >= 0.5  # the winner waited for the refill, not the 0.2 s backoff
+    assert usage.refused_by_reason["QUOTA_EXCEEDED"] == 3
+
+
+async def test_retry_none_raises_a_real_quota_refusal_at_once(
+    quota_scheduler: SchedulerService,
+) -> None:
+    """With retry=None the refused call raises QuotaExceeded immediately, after one attempt,
+    carrying the scheduler's QuotaFailure and the bucket's retry delay (at most the 1 s
+    refill); the scheduler saw one refusal."""
+    async with AsyncClient(quota_scheduler.address, api_key=METERED_KEY, retry=None) as client:
+        await completion_tokens(client)
+        started = time.monotonic()
+        with pytest.raises(QuotaExceeded) as caught:
+            await completion_tokens(client)
+        elapsed = time.monotonic() - started
+        usage = await client.get_tenant_usage()
+    error = caught.value
+    assert elapsed < 0.5
+    assert error.attempts == 1
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.reason == "QUOTA_EXCEEDED"
+    failure = error.detail(error_details_pb2.QuotaFailure)
+    assert failure is not None
+    assert [v.subject for v in failure.violations] == ["tenant:metered/requests_per_second"]
+    assert error.retry_after_s is not None and 0 < error.retry_after_s <= 1.0
+    assert usage.refused_by_reason["QUOTA_EXCEEDED"] == 1

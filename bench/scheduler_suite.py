@@ -1,0 +1,197 @@
+"""The real suite for ``bench.scheduler``: etcd, Redis, one inference node and one scheduler,
+each a child process on a free 127.0.0.1 port (as ``sluice up`` starts them), with a tenants
+file written for the benchmark.
+
+No cache service: every benchmark request sets ``cache_bypass``, so the scheduler would skip
+the lookup anyway. The node's ``max_sequences`` is set low so that a few requests in flight
+per tenant are more than the node can run, which is what makes the scheduler queue and the fair
+queuing decide who goes next.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sluice.auth import hash_api_key, new_api_key
+from sluice.stores import StoreProcess, environment_without_proxies, etcd_process, free_port
+from sluice.stores import redis_process as redis_store
+from sluice.v1 import admin_pb2, admin_pb2_grpc
+
+HOST = "127.0.0.1"
+MODEL = "tiny-random-llama"
+TENANT_A = "tenant-a"
+TENANT_B = "tenant-b"
+PROBE = "probe"
+METERED = "metered"
+LIMITED = "limited"
+WEIGHTS = {TENANT_A: 2.0, TENANT_B: 1.0}
+GRPC_OPTIONS = [("grpc.enable_http_proxy", 0)]
+
+
+def tenants_document(keys: dict[str, str]) -> dict[str, object]:
+    """The benchmark's tenants, all REALTIME:
+
+    - ``tenant-a`` (weight 2) and ``tenant-b`` (weight 1): the fairness load, no quotas;
+    - ``probe``: no quotas (overhead without Redis, unmeetable-deadline probes);
+    - ``metered``: quotas far above what it uses, so each request pays the Redis check;
+    - ``limited``: one request per 100 s (burst 1), so after one call everything is refused.
+    """
+    generous = {"requests_per_second": 100_000, "tokens_per_minute": 100_000_000}
+    quotas: dict[str, dict[str, float]] = {
+        METERED: {**generous, "max_concurrent": 1000},
+        LIMITED: {"requests_per_second": 0.01, "burst": 1},
+    }
+    tenants = []
+    for name, key in keys.items():
+        spec: dict[str, object] = {
+            "name": name,
+            "api_key_hashes": [hash_api_key(key)],
+            "weight": WEIGHTS.get(name, 1.0),
+            "classes": ["realtime"],
+            "models": [MODEL],
+        }
+        if name in quotas:
+            spec["quotas"] = quotas[name]
+        tenants.append(spec)
+    return {"tenants": tenants}
+
+
+@dataclass
+class Child:
+    """A service process this benchmark started."""
+
+    name: str
+    address: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    log: IO[bytes]
+
+
+@dataclass
+class BenchSuite:
+    """Starts and stops the suite; ``keys`` maps tenant name → API key."""
+
+    run_dir: Path
+    max_sequences: int = 4
+    startup_timeout_s: float = 180.0
+    keys: dict[str, str] = field(default_factory=dict)
+    node_address: str = ""
+    scheduler_address: str = ""
+    _stores: list[StoreProcess] = field(default_factory=list)
+    _children: list[Child] = field(default_factory=list)
+
+    @property
+    def scheduler_log(self) -> Path:
+        """The scheduler's JSON log lines."""
+        return self.run_dir / "logs" / "scheduler.log"
+
+    def start(self) -> None:
+        """Start everything; returns once the scheduler sees the node as healthy."""
+        logs = self.run_dir / "logs"
+        for old in ("logs", "etcd-data", "redis-data"):  # this run's logs only
+            shutil.rmtree(self.run_dir / old, ignore_errors=True)
+        logs.mkdir(parents=True)
+        deadline = time.monotonic() + self.startup_timeout_s
+        etcd = etcd_process(self.run_dir / "etcd-data", logs / "etcd.log", HOST).start()
+        self._stores.append(etcd)
+        redis = redis_store(self.run_dir / "redis-data", logs / "redis.log", HOST).start()
+        self._stores.append(redis)
+        self.keys = {n: new_api_key() for n in (TENANT_A, TENANT_B, PROBE, METERED, LIMITED)}
+        tenants = self.run_dir / "tenants.yaml"
+        tenants.write_text(yaml.safe_dump(tenants_document(self.keys), sort_keys=False))
+        node = self._spawn(
+            "node",
+            "inference_node",
+            [
+                "--etcd-endpoint", etcd.address, "--node-id", "node-1", "--models", MODEL,
+                "--max-sequences", str(self.max_sequences), "--registry-ttl-seconds", "3",
+            ],
+        )  # fmt: skip
+        scheduler = self._spawn(
+            "scheduler",
+            "scheduler",
+            [
+                "--etcd-endpoint", etcd.address, "--redis-url", f"redis://{redis.address}/0",
+                "--tenants-file", str(tenants), "--registry-ttl-seconds", "3",
+            ],
+        )  # fmt: skip
+        for child in (node, scheduler):
+            self._wait_serving(child, deadline)
+        self._wait_node_visible(scheduler, deadline)
+        self.node_address, self.scheduler_address = node.address, scheduler.address
+
+    def _spawn(self, name: str, module: str, args: list[str]) -> Child:
+        port = free_port(HOST)
+        log_path = self.run_dir / "logs" / f"{name}.log"
+        log = log_path.open("ab")
+        env = environment_without_proxies()
+        env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+        argv = [
+            sys.executable, "-m", module, "--host", HOST, "--port", str(port),
+            "--metrics-host", HOST, "--metrics-port", str(free_port(HOST)),
+            "--log-format", "json", "--grace-seconds", "2", *args,
+        ]  # fmt: skip
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        child = Child(name, f"{HOST}:{port}", proc, log_path, log)
+        self._children.append(child)
+        return child
+
+    def _wait_serving(self, child: Child, deadline: float) -> None:
+        with grpc.insecure_channel(child.address, options=GRPC_OPTIONS) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if child.proc.poll() is not None:
+                    tail = child.log_path.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"{child.name} exited with {child.proc.returncode}:\n{tail}")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{child.name} not SERVING in time; see {child.log_path}")
+                time.sleep(0.1)
+
+    def _wait_node_visible(self, scheduler: Child, deadline: float) -> None:
+        metadata = (("authorization", f"Bearer {self.keys[PROBE]}"),)
+        with grpc.insecure_channel(scheduler.address, options=GRPC_OPTIONS) as channel:
+            stub = admin_pb2_grpc.AdminStub(channel)
+            while time.monotonic() < deadline:
+                try:
+                    reply = stub.ListNodes(
+                        admin_pb2.ListNodesRequest(), timeout=2, metadata=metadata
+                    )
+                    if any(n.healthy for n in reply.nodes):
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise TimeoutError("the scheduler did not see the node in time")
+
+    def stop(self) -> None:
+        """The scheduler and node first (SIGTERM, then SIGKILL), then the stores; by PID."""
+        for child in reversed(self._children):
+            if child.proc.poll() is None:
+                child.proc.terminate()
+        for child in reversed(self._children):
+            try:
+                child.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+            child.log.close()
+        self._children.clear()
+        for store in reversed(self._stores):
+            store.stop()
+        self._stores.clear()
