@@ -24,7 +24,6 @@ from inference_node.engine import (
     TokenDelta,
     build_engine,
 )
-from inference_node.engine.llama import split_slots
 from inference_node.models import LanguageModel, load_language_model
 
 
@@ -241,16 +240,3 @@ async def test_drain_finishes_in_flight_and_refuses_new(
     assert deltas[-1].finish_reason is FinishReason.LENGTH
     with pytest.raises(EngineClosedError):
         engine.submit(request("late", p, 2))
-
-
-def test_split_slots_reads_less_cache_than_one_padded_call() -> None:
-    """Decode slots are cut into adjacent runs that cover every slot once; equal lengths stay
-    one call, and an outlier is split off when that saves more reads than a call costs."""
-    assert split_slots([100] * 32) == [(0, 32)]
-    runs = split_slots([50] * 16 + [2000] + [50] * 15, call_cost=130)
-    assert runs == [(0, 16), (16, 17), (17, 32)]
-    lengths = [20 + (i * 37) % 400 for i in range(32)]
-    runs = split_slots(lengths, call_cost=130)
-    assert [a for a, _ in runs] == [0] + [b for _, b in runs[:-1]] and runs[-1][1] == 32
-    cost = sum((b - a) * max(lengths[a:b]) + 130 for a, b in runs)
-    assert cost < 32 * max(lengths) + 130

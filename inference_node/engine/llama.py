@@ -215,32 +215,20 @@ class LlamaRunner:
     def _decode_attention(
         self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: _DecodeBatch
     ) -> torch.Tensor:
-        """Write the new K/V at each sequence's position, attend over its cache slot (a view).
-
-        Each group of adjacent slots reads the cache only up to its own longest sequence.
-        """
+        """Write the new K/V at each sequence's position, attend over its cache slot (a view)."""
         n = q.shape[0]
         k_layer, v_layer = self.k_cache[index], self.v_cache[index]
         k_layer[batch.slots, :, batch.positions] = k
         v_layer[batch.slots, :, batch.positions] = v
         grouped = q.view(n, self.kv_heads, self.group, self.head_dim)
-        if len(batch.groups) == 1:
-            attn = self._attend(grouped, k_layer, v_layer, batch.groups[0])
-        else:
-            attn = torch.cat([self._attend(grouped, k_layer, v_layer, g) for g in batch.groups])
-        return attn.reshape(n, self.heads, self.head_dim)
-
-    def _attend(
-        self, q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, group: _SlotGroup
-    ) -> torch.Tensor:
-        rows = slice(group.start, group.stop)
-        return F.scaled_dot_product_attention(
-            q[rows],
-            k_layer[rows, :, : group.span],
-            v_layer[rows, :, : group.span],
-            attn_mask=group.mask,
+        attn = F.scaled_dot_product_attention(
+            grouped,
+            k_layer[:n, :, : batch.span],
+            v_layer[:n, :, : batch.span],
+            attn_mask=batch.mask,
             scale=self.scale,
         )
+        return attn.reshape(n, self.heads, self.head_dim)
 
     def _prefill_attention(
         self, index: int, p: Prefill, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -282,71 +270,23 @@ class LlamaRunner:
         )
 
 
-# Cost of one more attention call (Python and kernel launch, per layer), in units of one cached
-# position of one sequence read across all layers: ~20 us per call vs ~4.6 us per position
-# read for SmolLM2 here, x30 layers both ways.
-_GROUP_CALL_COST = 130
-
-
-@dataclass(frozen=True)
-class _SlotGroup:
-    """Adjacent decode slots ``start..stop-1`` attending over the first ``span`` positions."""
-
-    start: int
-    stop: int
-    span: int
-    mask: torch.Tensor | None
-    """``[rows, 1, 1, span]`` valid positions; ``None`` when every row uses the whole span."""
-
-
-def split_slots(lengths: list[int], call_cost: int = _GROUP_CALL_COST) -> list[tuple[int, int]]:
-    """Cut slots ``0..n-1`` into runs of adjacent slots minimising the KV cache read by decode
-    attention: a run costs ``rows x longest length in it`` plus ``call_cost`` for its call.
-
-    One padded call over the whole batch reads every slot up to the longest sequence: with
-    lengths spread evenly that is about twice what the sequences hold. Slots stay in place (a
-    run is a view of the cache, never a gather), so runs are contiguous; an O(n^2) dynamic
-    programme over the cut points finds the cheapest split (cutting 20-25 % of the reads for
-    32 random lengths).
-    """
-    n = len(lengths)
-    best = [0] + [0] * n
-    cut = [0] * (n + 1)
-    for stop in range(1, n + 1):
-        longest, best[stop] = 0, -1
-        for start in range(stop - 1, -1, -1):
-            longest = max(longest, lengths[start])
-            cost = best[start] + (stop - start) * longest + call_cost
-            if best[stop] < 0 or cost < best[stop]:
-                best[stop], cut[stop] = cost, start
-    runs: list[tuple[int, int]] = []
-    stop = n
-    while stop > 0:
-        runs.append((cut[stop], stop))
-        stop = cut[stop]
-    return runs[::-1]
-
-
 @dataclass(frozen=True)
 class _DecodeBatch:
     """Per-step tensors of the decoding sequences (slots ``0..B-1``), shared by every layer."""
 
     slots: torch.Tensor
     positions: torch.Tensor
-    groups: list[_SlotGroup]
+    span: int
+    mask: torch.Tensor
 
     @classmethod
     def build(cls, positions: torch.Tensor, plain: list[int]) -> _DecodeBatch:
-        device = positions.device
-        groups = []
-        for start, stop in split_slots([p + 1 for p in plain]):
-            span = max(plain[start:stop]) + 1
-            mask = None
-            if any(p + 1 != span for p in plain[start:stop]):
-                steps = torch.arange(span, device=device)
-                valid = steps[None, :] <= positions[start:stop, None]
-                mask = valid[:, None, None, :]
-            groups.append(_SlotGroup(start, stop, span, mask))
+        span = max(plain) + 1
+        steps = torch.arange(span, device=positions.device)
+        valid = steps[None, :] <= positions[:, None]
         return cls(
-            slots=torch.arange(len(plain), device=device), positions=positions, groups=groups
+            slots=torch.arange(len(plain), device=positions.device),
+            positions=positions,
+            span=span,
+            mask=valid[:, None, None, :],
         )
