@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sluice-installed
 
-.PHONY: setup protos lint test demo up bench-engine bench-node-start clean
+.PHONY: setup protos lint test demo up bench bench-load-smoke bench-engine bench-node-start clean
 
 setup: $(STAMP)
 
@@ -24,7 +24,7 @@ protos: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy sluice scheduler inference_node cache_service
+	$(VENV)/bin/mypy sluice scheduler inference_node cache_service bench
 
 test: lint
 	$(PY) -m pytest -q
@@ -36,6 +36,18 @@ demo: $(STAMP)
 up: $(STAMP)
 	$(VENV)/bin/sluice up
 
+# Overload benchmark: the naive one-at-a-time HF server, then the Sluice suite, on SmolLM2 under
+# bench/scenarios/overload.yaml (~20-25 min on 2 cores). Shorter: make bench BENCH_ARGS="--step-s 30"
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(PY) -m bench.overload $(BENCH_ARGS)
+
+# The overload benchmark's whole path on the tiny model in about a minute (its numbers mean nothing).
+bench-load-smoke: $(STAMP)
+	$(PY) -m bench.overload --scenario bench/scenarios/smoke.yaml --out-dir .sluice/bench/smoke \
+		--step-s 3 --min-requests 5 --level-min-requests 5 --max-step-s 5 --drain-s 5 \
+		--naive-start-rps 4 --max-search-steps 3 --refine-steps 0 --settle-s 0.5
+
 # Engine benchmark: HF baselines vs the Sluice engine on real SmolLM2, in one run (~20 min).
 bench-engine: $(STAMP)
 	$(PY) -m bench.engine
@@ -43,6 +55,11 @@ bench-engine: $(STAMP)
 
 bench-node-start: $(STAMP)
 	$(PY) -m bench.node_start
+
+# Scheduler figures on the real suite (tiny model): overhead, refusal latency, 2:1 fairness (~1 min).
+.PHONY: bench-scheduler
+bench-scheduler: $(STAMP)
+	$(PY) -m bench.scheduler
 
 clean:
 	rm -rf .sluice .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,484 @@
+"""Open-loop load generator: ``python -m bench.load SCENARIO --target sluice|naive`` (and
+``sluice bench load``).
+
+Each tenant of the scenario (:mod:`bench.load_scenario`) sends Poisson arrivals for the
+scenario's window, whether or not earlier requests have been answered (open loop: a slow server
+faces a growing backlog, as in production). Every request is streamed and recorded
+(:class:`bench.load_stats.RequestRecord`): scheduled and actual send time, time to first token,
+mean time per output token, end-to-end latency, tokens, final status code and details.
+
+The run is bounded: at most ``max_requests`` launches, arrivals stop at the end of the window,
+and requests still running ``drain_s`` later are cancelled and recorded as ``cut_off``. Every
+planned request ends up in exactly one record (``ok``, ``refused``, ``timed_out``, ``error`` or
+``cut_off``); :func:`run_load` checks this before returning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.load_scenario import (
+    PlannedRequest,
+    Scenario,
+    ScenarioError,
+    load_scenario,
+    plan_requests,
+)
+from bench.load_stats import (
+    OUTCOME_CUT_OFF,
+    OUTCOME_ERROR,
+    OUTCOME_OK,
+    OUTCOME_REFUSED,
+    OUTCOME_TIMED_OUT,
+    OUTCOMES,
+    SLO,
+    RequestRecord,
+    headline_fairness,
+    summarize,
+    tenant_fairness,
+)
+from bench.load_targets import (
+    TARGETS,
+    GenerationSettings,
+    NaiveTarget,
+    SluiceTarget,
+    Target,
+    TargetError,
+)
+from sluice.v1 import common_pb2
+
+NOT_SENT = "NOT_SENT"
+CLIENT_ERROR = "CLIENT_ERROR"  # the load generator itself failed on this request
+INCOMPLETE_STREAM = "INCOMPLETE_STREAM"  # status OK, but no (or a CANCELLED) final chunk
+ProgressFn = Callable[[int, int, int], None]  # (launched, done, planned)
+
+
+@dataclass
+class _Progress:
+    """What one request has seen so far; turned into a record however it ends."""
+
+    sent_s: float | None = None
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+    tokens: int = 0
+    usage_tokens: int = 0
+    prompt_tokens: int | None = None
+    finish_reason: str = ""
+    ended_s: float | None = None
+
+
+@dataclass
+class LoadResult:
+    """A finished run: the records (one per planned request, in plan order) and its facts."""
+
+    scenario: Scenario
+    target: str
+    records: list[RequestRecord]
+    duration_s: float
+    elapsed_s: float
+    offered_rps: float
+    started_at_unix_s: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def slo(self) -> SLO:
+        """The scenario's SLO."""
+        return SLO(self.scenario.slo.ttft_s, self.scenario.slo.tpot_s)
+
+    def weights(self) -> dict[str, float]:
+        """Tenant → weight."""
+        return {t.name: t.weight for t in self.scenario.tenants}
+
+    def summary(self, records: Sequence[RequestRecord] | None = None) -> dict[str, Any]:
+        """:func:`bench.load_stats.summarize` of ``records`` (default: all of them)."""
+        chosen = self.records if records is None else records
+        return summarize(chosen, duration_s=self.duration_s, elapsed_s=self.elapsed_s, slo=self.slo)
+
+    def report(self, *, with_requests: bool = True) -> dict[str, Any]:
+        """The run as JSON: facts, summaries (all, per tenant, per class), fairness, records."""
+        by_class = tenant_fairness(self.records, self.weights())
+        tenants = {}
+        for tenant in self.scenario.tenants:
+            group = [r for r in self.records if r.tenant == tenant.name]
+            tenants[tenant.name] = {
+                "class": tenant.workload_class,
+                "weight": tenant.weight,
+                "offered_rps": self.offered_rps * tenant.rate_rps / self.scenario.total_rps,
+                **self.summary(group),
+            }
+        classes = {
+            c: self.summary([r for r in self.records if r.workload_class == c])
+            for c in sorted({r.workload_class for r in self.records})
+        }
+        report: dict[str, Any] = {
+            "scenario": self.scenario.name,
+            "target": self.target,
+            "model": self.scenario.model,
+            "offered_rps": self.offered_rps,
+            "duration_s": self.duration_s,
+            "elapsed_s": self.elapsed_s,
+            "started_at_unix_s": self.started_at_unix_s,
+            "seed": self.scenario.seed,
+            "slo": {"ttft_s": self.slo.ttft_s, "tpot_s": self.slo.tpot_s},
+            "all": self.summary(),
+            "tenants": tenants,
+            "classes": classes,
+            "fairness_jain": headline_fairness(by_class),
+            "fairness_jain_by_class": by_class,
+            "accounting": accounting(self.records),
+            **self.meta,
+        }
+        if with_requests:
+            report["requests"] = [r.to_json() for r in self.records]
+        return report
+
+
+def accounting(records: Sequence[RequestRecord]) -> dict[str, int]:
+    """Requests per outcome, plus ``planned`` (their sum: nothing is left out)."""
+    counts = {o: sum(r.outcome == o for r in records) for o in OUTCOMES}
+    return {"planned": len(records), **counts}
+
+
+def _outcome(code: str) -> str:
+    if code == "RESOURCE_EXHAUSTED":
+        return OUTCOME_REFUSED
+    if code == "DEADLINE_EXCEEDED":
+        return OUTCOME_TIMED_OUT
+    return OUTCOME_ERROR
+
+
+def _record(
+    request: PlannedRequest,
+    progress: _Progress,
+    *,
+    status: str,
+    outcome: str,
+    error: TargetError | None = None,
+    details: str = "",
+) -> RequestRecord:
+    sent, first, last = progress.sent_s, progress.first_token_s, progress.last_token_s
+    ended = progress.ended_s
+    tokens = max(progress.tokens, progress.usage_tokens)
+    tpot = None
+    if first is not None and last is not None and progress.tokens >= 2:
+        tpot = (last - first) / (progress.tokens - 1)
+    return RequestRecord(
+        index=request.index,
+        tenant=request.tenant,
+        workload_class=request.workload_class,
+        scheduled_s=request.scheduled_s,
+        sent_s=sent,
+        ttft_s=first - sent if first is not None and sent is not None else None,
+        tpot_s=tpot,
+        e2e_s=ended - sent if ended is not None and sent is not None else None,
+        output_tokens=tokens,
+        requested_tokens=request.max_new_tokens,
+        prompt_tokens=progress.prompt_tokens,
+        status=status,
+        outcome=outcome,
+        reason=error.reason if error else "",
+        retry_after_s=error.retry_after_s if error else None,
+        details=error.message if error else details,
+        finish_reason=progress.finish_reason,
+    )
+
+
+async def _one(
+    target: Target, request: PlannedRequest, progress: _Progress, clock: Callable[[], float]
+) -> RequestRecord:
+    progress.sent_s = clock()
+    try:
+        async for chunk in target.generate(request):
+            now = clock()
+            if chunk.token_ids:
+                if progress.first_token_s is None:
+                    progress.first_token_s = now
+                progress.last_token_s = now
+                progress.tokens += len(chunk.token_ids)
+            if chunk.finish_reason:
+                progress.finish_reason = common_pb2.FinishReason.Name(chunk.finish_reason)
+                progress.finish_reason = progress.finish_reason.removeprefix("FINISH_REASON_")
+                progress.usage_tokens = chunk.usage.completion_tokens
+                progress.prompt_tokens = chunk.usage.prompt_tokens
+    except TargetError as exc:
+        progress.ended_s = clock()
+        return _record(request, progress, status=exc.code, outcome=_outcome(exc.code), error=exc)
+    except Exception as exc:  # a bug or a transport surprise: still accounted for
+        progress.ended_s = clock()
+        return _record(
+            request,
+            progress,
+            status=CLIENT_ERROR,
+            outcome=OUTCOME_ERROR,
+            details=f"{type(exc).__name__}: {exc}",
+        )
+    progress.ended_s = clock()
+    if progress.finish_reason in ("", "CANCELLED"):  # a stream must end with a finish reason
+        return _record(
+            request,
+            progress,
+            status=INCOMPLETE_STREAM,
+            outcome=OUTCOME_ERROR,
+            details=f"stream ended OK without a finish reason ({progress.finish_reason or 'none'})",
+        )
+    return _record(request, progress, status="OK", outcome=OUTCOME_OK)
+
+
+async def run_load(
+    scenario: Scenario,
+    target: Target,
+    *,
+    duration_s: float | None = None,
+    total_rps: float | None = None,
+    on_progress: ProgressFn | None = None,
+) -> LoadResult:
+    """Run the scenario against ``target`` and return every request's record.
+
+    ``duration_s`` overrides the arrival window, ``total_rps`` scales every tenant's rate so
+    they sum to it. Raises ``RuntimeError`` if a planned request is missing from the records
+    (which would be a bug here, never a server's fault).
+    """
+    window = duration_s if duration_s is not None else scenario.duration_s
+    plan = plan_requests(scenario, duration_s=window, total_rps=total_rps)
+    loop = asyncio.get_running_loop()
+    started_at = time.time()
+    t0 = loop.time()
+
+    def clock() -> float:
+        return loop.time() - t0
+
+    hard_stop = window + scenario.drain_seconds()
+    progress = {r.index: _Progress() for r in plan}
+    tasks: dict[int, asyncio.Task[RequestRecord]] = {}
+    done_count = 0
+
+    def finished(_task: asyncio.Task[RequestRecord]) -> None:
+        nonlocal done_count
+        done_count += 1
+        if on_progress is not None:
+            on_progress(len(tasks), done_count, len(plan))
+
+    for request in plan:
+        delay = request.scheduled_s - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if clock() >= hard_stop:
+            break
+        task = asyncio.create_task(_one(target, request, progress[request.index], clock))
+        task.add_done_callback(finished)
+        tasks[request.index] = task
+    if tasks:
+        await asyncio.wait(tasks.values(), timeout=max(0.0, hard_stop - clock()))
+    for task in tasks.values():
+        task.cancel()
+    await asyncio.gather(*tasks.values(), return_exceptions=True)
+    end = clock()
+    records = []
+    for request in plan:
+        task_or_none = tasks.get(request.index)
+        if task_or_none is not None and not task_or_none.cancelled():
+            records.append(task_or_none.result())
+            continue
+        state = progress[request.index]
+        state.ended_s = end if state.sent_s is not None else None
+        status = "CANCELLED" if task_or_none is not None else NOT_SENT
+        details = "still running at the run's hard stop" if task_or_none else "never sent"
+        records.append(
+            _record(request, state, status=status, outcome=OUTCOME_CUT_OFF, details=details)
+        )
+    if sorted(r.index for r in records) != [r.index for r in plan]:
+        raise RuntimeError("load run lost track of a request")
+    ends = [r.sent_s + r.e2e_s for r in records if r.sent_s is not None and r.e2e_s is not None]
+    elapsed = max(ends, default=end)
+    offered = total_rps if total_rps is not None else scenario.total_rps
+    meta = {
+        "planned_requests": len(plan),
+        # At the cap the plan was cut short: the real offered load was lower than ``offered``.
+        "max_requests_reached": len(plan) >= scenario.max_requests,
+        "launched_requests": len(tasks),
+    }
+    return LoadResult(scenario, target.name, records, window, elapsed, offered, started_at, meta)
+
+
+def resolve_api_keys(scenario: Scenario, fallback: str | None) -> dict[str, str]:
+    """Tenant → API key from each tenant's source, else ``fallback`` (``ScenarioError`` if
+    neither gives one)."""
+    keys = {}
+    for tenant in scenario.tenants:
+        if tenant.api_key is not None:
+            keys[tenant.name] = tenant.api_key.resolve()
+        elif fallback:
+            keys[tenant.name] = fallback
+        else:
+            raise ScenarioError(
+                f"tenant {tenant.name} has no api_key in the scenario and no --api-key "
+                "(or SLUICE_API_KEY) was given"
+            )
+    return keys
+
+
+def make_target(
+    kind: str, scenario: Scenario, endpoint: str, api_keys: Mapping[str, str]
+) -> Target:
+    """The target called ``kind`` (``sluice`` or ``naive``) at ``endpoint``."""
+    settings = GenerationSettings(
+        model=scenario.model,
+        ignore_eos=scenario.ignore_eos,
+        temperature=scenario.temperature,
+        cache_bypass=scenario.cache_bypass,
+    )
+    if kind == "sluice":
+        return SluiceTarget(endpoint, api_keys, settings)
+    if kind == "naive":
+        return NaiveTarget(endpoint, settings)
+    raise ValueError(f"unknown target {kind!r}; use one of {', '.join(TARGETS)}")
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    return f"{value:.{digits}f}" if math.isfinite(value) else "-"
+
+
+def render_summary(report: Mapping[str, Any]) -> str:
+    """A plain-text table of a run report: one row per tenant and one for all."""
+    header = (
+        f"{'tenant':<10}{'class':<10}{'reqs':>6}{'ok':>6}{'refused':>8}{'timeout':>8}"
+        f"{'error':>6}{'cut':>5}{'goodput/s':>10}{'ttft p50':>9}{'ttft p99':>9}{'e2e p99':>9}"
+        f"{'tok/s':>8}"
+    )
+    rows = [
+        f"{report['target']} at {report['offered_rps']:.2f} req/s offered for "
+        f"{report['duration_s']:.0f} s ({report['elapsed_s']:.0f} s with drain), "
+        f"SLO TTFT <= {report['slo']['ttft_s']} s, TPOT <= {report['slo']['tpot_s']} s",
+        header,
+    ]
+    groups = [(name, s["class"], s) for name, s in report["tenants"].items()]
+    groups.append(("all", "", report["all"]))
+    for name, cls, s in groups:
+        rows.append(
+            f"{name:<10}{cls:<10}{s['requests']:>6}{s['finished']:>6}{s['refused']:>8}"
+            f"{s['timed_out']:>8}{s['errors']:>6}{s['cut_off']:>5}{_fmt(s['goodput_rps']):>10}"
+            f"{_fmt(s['ttft_p50_s']):>9}{_fmt(s['ttft_p99_s']):>9}{_fmt(s['e2e_p99_s']):>9}"
+            f"{_fmt(s['output_tokens_per_s'], 1):>8}"
+        )
+    rows.append(
+        f"SLO attainment {report['all']['slo_attainment']:.1%}; "
+        f"fairness (Jain, within class) {report['fairness_jain']:.3f}"
+    )
+    return "\n".join(rows)
+
+
+def _default_endpoint(target: str) -> str | None:
+    if target == "naive":
+        return None
+    env = os.environ.get("SLUICE_ENDPOINTS", "").split(",")[0].strip()
+    if env:
+        return env
+    from sluice.up import read_endpoints  # noqa: PLC0415 - only for a local `sluice up`
+
+    try:
+        return str(read_endpoints(Path(".sluice"))["scheduler"]["grpc"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _default_key() -> str | None:
+    from sluice.up import dev_api_key  # noqa: PLC0415 - only for a local `sluice up`
+
+    return os.environ.get("SLUICE_API_KEY") or dev_api_key(Path(".sluice"))
+
+
+async def _run_cli(
+    scenario: Scenario,
+    make: Callable[[], Target],
+    duration_s: float | None,
+    say: Callable[[str], None],
+) -> LoadResult:
+    target = make()  # here: grpc.aio channels belong to the loop that creates them
+    last = [0.0]
+
+    def progress(launched: int, done: int, planned: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 5.0:
+            last[0] = now
+            say(f"  {launched}/{planned} launched, {done} done")
+
+    try:
+        return await run_load(scenario, target, duration_s=duration_s, on_progress=progress)
+    finally:
+        await target.close()
+
+
+def cli_main(
+    scenario: Path,
+    target: str,
+    endpoint: str | None,
+    api_key: str | None,
+    out: Path | None,
+    duration_s: float | None,
+) -> int:
+    """Run a scenario, print its summary, write its JSON report; the exit code.
+
+    0: the run completed and some requests succeeded; 1: none succeeded; 2: bad arguments or
+    scenario (the message says which field).
+    """
+    try:
+        spec = load_scenario(scenario)
+        if target not in TARGETS:
+            raise ScenarioError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
+        address = endpoint or _default_endpoint(target)
+        if not address:
+            raise ScenarioError(
+                f"no endpoint for target {target}: pass --endpoint"
+                + (" or set SLUICE_ENDPOINTS" if target == "sluice" else "")
+            )
+        if duration_s is not None and duration_s <= 0:
+            raise ScenarioError("duration must be positive")
+        keys = resolve_api_keys(spec, api_key or _default_key()) if target == "sluice" else {}
+    except ScenarioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    window = duration_s if duration_s is not None else spec.duration_s
+    print(
+        f"load {spec.name} -> {target} at {address}: {spec.total_rps:.2f} req/s for {window:g} s "
+        f"(+ up to {spec.drain_seconds():g} s drain)",
+        flush=True,
+    )
+    result = asyncio.run(
+        _run_cli(spec, lambda: make_target(target, spec, address, keys), duration_s, print)
+    )
+    report = result.report()
+    path = out or Path(".sluice") / "bench" / f"load-{spec.name}-{target}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(render_summary(report))
+    print(f"wrote {path}")
+    return 0 if report["all"]["finished"] > 0 else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.load``."""
+    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n")[0])
+    p.add_argument("scenario", type=Path, help="scenario YAML (see bench/scenarios/)")
+    p.add_argument("--target", choices=TARGETS, default="sluice")
+    p.add_argument("--endpoint", help="host:port (default: SLUICE_ENDPOINTS or .sluice/)")
+    p.add_argument("--api-key", help="key for tenants without one in the scenario")
+    p.add_argument("--out", type=Path, help="JSON report path")
+    p.add_argument("--duration-s", type=float, help="override the scenario's arrival window")
+    args = p.parse_args(argv)
+    return cli_main(
+        args.scenario, args.target, args.endpoint, args.api_key, args.out, args.duration_s
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

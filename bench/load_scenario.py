@@ -1,0 +1,312 @@
+"""Load scenarios: the YAML a load run is described in, its validation, and the request plan.
+
+```yaml
+name: overload
+model: smollm2-135m-instruct
+duration_s: 60            # arrival window
+seed: 7
+request_timeout_s: 20     # each request's gRPC deadline (a tenant may override it)
+max_requests: 5000        # hard bound on launched requests
+ignore_eos: true          # generate exactly the drawn output length
+slo: {ttft_s: 2.0, tpot_s: 0.25}
+tenants:
+  - name: A
+    api_key: {env: SLUICE_BENCH_KEY_A}   # or {file: path} or {value: "sk-..."}; none: the CLI's
+    class: realtime
+    weight: 2
+    rate_rps: 0.15                        # Poisson arrivals
+    prompt_tokens: {kind: uniform, min: 16, max: 128}
+    output_tokens: {kind: choice, values: [32, 64, 96]}
+```
+
+Prompts are made of common English words that are one token each in SmolLM2's tokenizer, so a
+drawn prompt length is its length in that model's tokens (other tokenizers count differently;
+the server reports the real count). The plan is a pure function of the scenario and its seed:
+each tenant has its own random stream, so changing one tenant leaves the others' arrivals alone.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sluice.v1 import common_pb2
+
+CLASSES: dict[str, int] = {
+    "realtime": common_pb2.WORKLOAD_CLASS_REALTIME,
+    "batch": common_pb2.WORKLOAD_CLASS_BATCH,
+    "finetune": common_pb2.WORKLOAD_CLASS_FINETUNE,
+}
+MAX_DURATION_S = 3600.0
+MAX_REQUESTS = 100_000
+
+# Each is a single token in SmolLM2's tokenizer when preceded by a space.
+_WORD_TEXT = """time year people way day man thing woman life child world school state family
+    student group country problem hand part place case week company system program question work
+    government number night point home water room mother area money story fact month lot right
+    study book eye job word business issue side kind head house service friend father power hour
+    game line end member law car city community name president team minute idea kid body
+    information back parent face others level office door health person art war history party
+    result change morning reason research girl guy moment air teacher force education river
+    garden window music table paper light green blue red small large early young important
+    public bad same able"""
+WORDS: tuple[str, ...] = tuple(_WORD_TEXT.split())
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be read or does not validate; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Fixed(_Strict):
+    """Always the same length."""
+
+    kind: Literal["fixed"]
+    value: int = Field(ge=1)
+
+    def draw(self, rng: random.Random) -> int:
+        """The length."""
+        return self.value
+
+
+class Uniform(_Strict):
+    """A length drawn uniformly from ``[min, max]``."""
+
+    kind: Literal["uniform"]
+    min: int = Field(ge=1)
+    max: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Uniform:
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be at least min ({self.min})")
+        return self
+
+    def draw(self, rng: random.Random) -> int:
+        """A uniform length."""
+        return rng.randint(self.min, self.max)
+
+
+class Choice(_Strict):
+    """A length drawn uniformly from a list."""
+
+    kind: Literal["choice"]
+    values: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+
+    def draw(self, rng: random.Random) -> int:
+        """One of the values."""
+        return rng.choice(self.values)
+
+
+Length = Annotated[Fixed | Uniform | Choice, Field(discriminator="kind")]
+
+
+class ApiKeySource(_Strict):
+    """Where a tenant's API key comes from: exactly one of ``env``, ``file``, ``value``."""
+
+    env: str | None = None
+    file: Path | None = None
+    value: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ApiKeySource:
+        given = [n for n in ("env", "file", "value") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of env, file, value (got {given or 'none'})")
+        return self
+
+    def resolve(self) -> str:
+        """The key; ``ScenarioError`` when the variable or file is missing or empty."""
+        if self.value is not None:
+            return self.value
+        if self.env is not None:
+            key = os.environ.get(self.env, "").strip()
+            where = f"environment variable {self.env}"
+        else:
+            assert self.file is not None
+            try:
+                key = self.file.expanduser().read_text().strip()
+            except OSError as exc:
+                raise ScenarioError(f"api_key file {self.file}: {exc.strerror}") from exc
+            where = f"file {self.file}"
+        if not key:
+            raise ScenarioError(f"api_key: {where} is not set or empty")
+        return key
+
+
+class TenantLoad(_Strict):
+    """One tenant's traffic."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    api_key: ApiKeySource | None = None
+    workload_class: Literal["realtime", "batch", "finetune"] = Field(
+        default="realtime", alias="class"
+    )
+    weight: float = Field(default=1.0, gt=0)
+    rate_rps: float = Field(gt=0)
+    prompt_tokens: Length
+    output_tokens: Length
+    timeout_s: float | None = Field(default=None, gt=0)
+
+
+class SLOSpec(_Strict):
+    """The SLO goodput counts against."""
+
+    ttft_s: float = Field(default=2.0, gt=0)
+    tpot_s: float = Field(default=0.25, gt=0)
+
+
+class Scenario(_Strict):
+    """A whole scenario file."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    model: str = Field(min_length=1)
+    duration_s: float = Field(gt=0, le=MAX_DURATION_S)
+    seed: int = 0
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    max_requests: int = Field(default=10_000, ge=1, le=MAX_REQUESTS)
+    drain_s: float | None = Field(default=None, ge=0)
+    """Wait after the arrival window for requests in flight; default: the longest timeout + 5."""
+    ignore_eos: bool = True
+    temperature: float = Field(default=0.0, ge=0)
+    cache_bypass: bool = True
+    slo: SLOSpec = Field(default_factory=SLOSpec)
+    tenants: list[TenantLoad] = Field(min_length=1)
+
+    @field_validator("tenants")
+    @classmethod
+    def _unique(cls, tenants: list[TenantLoad]) -> list[TenantLoad]:
+        names = [t.name for t in tenants]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"tenant names must be unique; repeated: {', '.join(repeated)}")
+        return tenants
+
+    def timeout_for(self, tenant: TenantLoad) -> float:
+        """The tenant's per-request deadline."""
+        return tenant.timeout_s or self.request_timeout_s
+
+    def drain_seconds(self) -> float:
+        """How long a run waits after its arrival window before cutting requests off."""
+        if self.drain_s is not None:
+            return self.drain_s
+        return max(self.timeout_for(t) for t in self.tenants) + 5.0
+
+    @property
+    def total_rps(self) -> float:
+        """Sum of the tenants' rates."""
+        return sum(t.rate_rps for t in self.tenants)
+
+
+def _location(loc: tuple[int | str, ...], data: Any) -> str:
+    """``('tenants', 1, 'rate_rps')`` → ``tenants[1] (B).rate_rps``."""
+    out = ""
+    node = data
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            if isinstance(node, dict) and isinstance(node.get("name"), str):
+                out += f" ({node['name']})"
+        else:
+            out += f".{part}" if out else part
+            node = node.get(part) if isinstance(node, dict) else None
+    return out or "(top level)"
+
+
+def format_errors(exc: ValidationError, data: Any, source: str) -> str:
+    """One line per problem, each naming the field and what was wrong with it."""
+    lines = [f"invalid scenario {source}:"]
+    for error in exc.errors():
+        where = _location(tuple(error["loc"]), data)
+        message = str(error["msg"]).removeprefix("Value error, ")
+        got = f" (got {error['input']!r})" if error["type"] not in ("missing",) else ""
+        if isinstance(error.get("input"), dict | list):
+            got = ""
+        lines.append(f"  {where}: {message}{got}")
+    return "\n".join(lines)
+
+
+def parse_scenario(data: Any, source: str = "<scenario>") -> Scenario:
+    """Validate already-loaded YAML data."""
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as exc:
+        raise ScenarioError(format_errors(exc, data, source)) from None
+
+
+def load_scenario(path: Path) -> Scenario:
+    """Read and validate a scenario file; ``ScenarioError`` says what is wrong and where."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ScenarioError(f"cannot read scenario {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ScenarioError(f"scenario {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ScenarioError(f"scenario {path} must be a mapping with name, model, tenants, ...")
+    return parse_scenario(data, str(path))
+
+
+@dataclass(frozen=True)
+class PlannedRequest:
+    """One request of the plan: who sends what, and when (seconds after the run starts)."""
+
+    index: int
+    tenant: str
+    workload_class: str
+    scheduled_s: float
+    prompt: str
+    prompt_tokens: int
+    max_new_tokens: int
+    timeout_s: float
+
+
+def make_prompt(rng: random.Random, tokens: int) -> str:
+    """``tokens`` random words (one SmolLM2 token each)."""
+    return " ".join(rng.choice(WORDS) for _ in range(tokens))
+
+
+def plan_requests(
+    scenario: Scenario, *, duration_s: float | None = None, total_rps: float | None = None
+) -> list[PlannedRequest]:
+    """Poisson arrivals of every tenant over the window, merged in time order.
+
+    ``total_rps`` scales every tenant's rate by the same factor so they sum to it; the plan is
+    cut at ``max_requests``.
+    """
+    window = duration_s if duration_s is not None else scenario.duration_s
+    scale = total_rps / scenario.total_rps if total_rps is not None else 1.0
+    drafts: list[PlannedRequest] = []
+    for tenant in scenario.tenants:
+        rng = random.Random(f"{scenario.seed}:{tenant.name}")
+        rate = tenant.rate_rps * scale
+        t = rng.expovariate(rate)
+        while t < window:
+            prompt_tokens = tenant.prompt_tokens.draw(rng)
+            drafts.append(
+                PlannedRequest(
+                    index=-1,
+                    tenant=tenant.name,
+                    workload_class=tenant.workload_class,
+                    scheduled_s=t,
+                    prompt=make_prompt(rng, prompt_tokens),
+                    prompt_tokens=prompt_tokens,
+                    max_new_tokens=tenant.output_tokens.draw(rng),
+                    timeout_s=scenario.timeout_for(tenant),
+                )
+            )
+            t += rng.expovariate(rate)
+    drafts.sort(key=lambda r: (r.scheduled_s, r.tenant))
+    return [replace(r, index=i) for i, r in enumerate(drafts[: scenario.max_requests])]

@@ -1,0 +1,580 @@
+"""The load generator (``bench.load``), its statistics, scenarios, the naive baseline server and
+the overload report.
+
+Statistics are pinned on synthetic traces with answers worked out by hand; the smoke runs drive
+the real services (the test suite's scheduler and node, and the naive server) with the tiny
+model for a few seconds and check that every planned request is accounted for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.load import LoadResult, cli_main, make_target, run_load
+from bench.load_scenario import (
+    WORDS,
+    PlannedRequest,
+    ScenarioError,
+    load_scenario,
+    parse_scenario,
+    plan_requests,
+)
+from bench.load_stats import (
+    OUTCOMES,
+    SLO,
+    RequestRecord,
+    jain_index,
+    meets_slo,
+    percentile,
+    summarize,
+    tenant_fairness,
+    weighted_fair_shares,
+)
+from bench.load_targets import TargetError
+from bench.naive_server import SerialGenerator, load_model, start_server
+from bench.overload import Options, SearchResult, SearchStep, find_capacity
+from bench.overload_report import LEVEL_KEYS, build_report
+from sluice.v1 import common_pb2, inference_pb2
+from tests.harness import API_KEY, Suite
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SMOKE = REPO_ROOT / "bench" / "scenarios" / "smoke.yaml"
+OVERLOAD = REPO_ROOT / "bench" / "scenarios" / "overload.yaml"
+RECORD_KEYS = {
+    "index",
+    "tenant",
+    "workload_class",
+    "scheduled_s",
+    "sent_s",
+    "ttft_s",
+    "tpot_s",
+    "e2e_s",
+    "output_tokens",
+    "requested_tokens",
+    "prompt_tokens",
+    "status",
+    "outcome",
+    "reason",
+    "retry_after_s",
+    "details",
+    "finish_reason",
+    "finished",
+}
+
+
+def rec(index: int, tenant: str = "A", cls: str = "realtime", **kw: Any) -> RequestRecord:
+    """A synthetic record: an OK request with TTFT 1 s, TPOT 0.1 s, 10 tokens unless told."""
+    fields: dict[str, Any] = {
+        "scheduled_s": float(index),
+        "sent_s": float(index),
+        "ttft_s": 1.0,
+        "tpot_s": 0.1,
+        "e2e_s": 1.9,
+        "output_tokens": 10,
+        "requested_tokens": 10,
+        "prompt_tokens": 5,
+        "status": "OK",
+        "outcome": "ok",
+    }
+    fields.update(kw)
+    return RequestRecord(index=index, tenant=tenant, workload_class=cls, **fields)
+
+
+def scenario_data(**overrides: Any) -> dict[str, Any]:
+    """A valid scenario as loaded YAML, with top-level overrides."""
+    data: dict[str, Any] = {
+        "name": "t",
+        "model": "tiny-random-llama",
+        "duration_s": 10,
+        "seed": 3,
+        "tenants": [
+            {
+                "name": "A",
+                "class": "realtime",
+                "weight": 2,
+                "rate_rps": 2.0,
+                "prompt_tokens": {"kind": "uniform", "min": 4, "max": 8},
+                "output_tokens": {"kind": "choice", "values": [4, 8]},
+            },
+            {
+                "name": "B",
+                "class": "batch",
+                "rate_rps": 6.0,
+                "prompt_tokens": {"kind": "fixed", "value": 4},
+                "output_tokens": {"kind": "fixed", "value": 4},
+            },
+        ],
+    }
+    data.update(overrides)
+    return data
+
+
+# -- statistics ------------------------------------------------------------------------------
+
+
+def test_percentile_interpolates_linearly_between_ranks() -> None:
+    values = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert percentile(values, 50) == 3.0
+    assert percentile(values, 99) == pytest.approx(4.96)
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 100) == 5.0
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 99) == 0.0
+
+
+def test_slo_requires_ok_status_and_both_bounds() -> None:
+    slo = SLO(ttft_s=2.0, tpot_s=0.25)
+    assert meets_slo(rec(0, ttft_s=2.0, tpot_s=0.25), slo)
+    assert not meets_slo(rec(0, ttft_s=2.01), slo)
+    assert not meets_slo(rec(0, tpot_s=0.26), slo)
+    assert meets_slo(rec(0, tpot_s=None, output_tokens=1), slo), "one token: no TPOT to judge"
+    assert not meets_slo(rec(0, outcome="error", status="INTERNAL"), slo)
+
+
+def test_summary_of_a_synthetic_trace_matches_hand_computed_answers() -> None:
+    """11 requests over a 5 s window: 6 good, 1 too slow, 2 refused (one without RetryInfo),
+    1 timed out after 20 s without a token, 1 failed at once (UNAVAILABLE)."""
+    records = [rec(i, ttft_s=0.1 * (i + 1)) for i in range(6)]  # TTFT 0.1 .. 0.6, good
+    records.append(rec(6, ttft_s=3.0, e2e_s=4.0))  # OK but misses the TTFT bound
+    records.append(
+        rec(7, ttft_s=None, tpot_s=None, e2e_s=0.01, output_tokens=0, outcome="refused",
+            status="RESOURCE_EXHAUSTED", retry_after_s=0.5)
+    )  # fmt: skip
+    records.append(
+        rec(8, ttft_s=None, tpot_s=None, e2e_s=0.03, output_tokens=0, outcome="refused",
+            status="RESOURCE_EXHAUSTED")
+    )  # fmt: skip
+    records.append(
+        rec(9, ttft_s=None, tpot_s=None, e2e_s=20.0, output_tokens=0, outcome="timed_out",
+            status="DEADLINE_EXCEEDED")
+    )  # fmt: skip
+    records.append(
+        rec(10, ttft_s=None, tpot_s=None, e2e_s=0.001, output_tokens=0, outcome="error",
+            status="UNAVAILABLE")
+    )  # fmt: skip
+    s = summarize(records, duration_s=5.0, elapsed_s=10.0, slo=SLO())
+    assert s["requests"] == 11
+    assert s["meeting_slo"] == 6
+    assert (s["ttft_slo_misses"], s["tpot_slo_misses"]) == (1, 0), "among finished requests"
+    assert s["slo_attainment"] == pytest.approx(6 / 11)
+    assert s["goodput_rps"] == pytest.approx(6 / 5.0)
+    # TTFT over the 8 that were served or waited: 0.1..0.6, 3.0 and the timed-out one's 20 s;
+    # the refusals and the error are counted apart, not as fast first tokens.
+    ttfts = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 3.0, 20.0]
+    assert s["ttft_p50_s"] == pytest.approx((0.4 + 0.5) / 2)
+    assert s["ttft_p99_s"] == pytest.approx(3.0 + (20.0 - 3.0) * 0.93)
+    assert s["ttft_p99_s"] == pytest.approx(percentile(ttfts, 99))
+    assert s["e2e_p99_s"] == pytest.approx(percentile([1.9] * 6 + [4.0, 20.0], 99))
+    assert s["output_tokens"] == 70
+    assert s["output_tokens_per_s"] == pytest.approx(7.0)
+    assert s["refused"] == 2
+    assert s["refusal_p99_s"] == pytest.approx(0.01 + 0.02 * 0.99)
+    assert s["refused_without_retryinfo"] == 1
+    assert (s["errors"], s["timed_out"], s["cut_off"], s["unfinished"]) == (1, 1, 0, 1)
+    assert s["finished"] == 7
+
+
+def test_jain_index_known_values() -> None:
+    assert jain_index([1.0, 1.0, 1.0]) == pytest.approx(1.0)
+    assert jain_index([1.0, 0.0, 0.0, 0.0]) == pytest.approx(0.25)
+    assert jain_index([1.0, 3.0]) == pytest.approx(16 / 20)
+    assert jain_index([]) == 1.0
+
+
+def test_weighted_fair_shares_water_fill_by_weight_up_to_demand() -> None:
+    weights = {"A": 2.0, "B": 1.0, "C": 1.0}
+    backlogged = weighted_fair_shares({"A": 100, "B": 100, "C": 100}, weights, 40)
+    assert backlogged == pytest.approx({"A": 20.0, "B": 10.0, "C": 10.0})
+    # B asks for 4 only; its unused 6 is split 2:1 between A and C.
+    capped = weighted_fair_shares({"A": 100, "B": 4, "C": 100}, weights, 40)
+    assert capped == pytest.approx({"A": 24.0, "B": 4.0, "C": 12.0})
+    assert weighted_fair_shares({"A": 1, "B": 2}, {"A": 1, "B": 1}, 10) == {"A": 1, "B": 2}
+
+
+def test_fairness_is_one_for_a_weighted_split_and_lower_for_an_even_split() -> None:
+    """A (weight 2) and B (weight 1) both backlogged: 2:1 is fair; 1:1 gives ratios 0.75/1.5."""
+    weights = {"A": 2.0, "B": 1.0}
+
+    def trace(served_a: int, served_b: int) -> list[RequestRecord]:
+        out = [rec(i, "A", output_tokens=1, requested_tokens=1) for i in range(served_a)]
+        out += [rec(100 + i, "B", output_tokens=1, requested_tokens=1) for i in range(served_b)]
+        unserved = [
+            rec(200 + i, t, outcome="refused", status="RESOURCE_EXHAUSTED", output_tokens=0)
+            for i, t in enumerate(["A", "B"] * 50)
+        ]  # both asked for far more than they got
+        return out + unserved
+
+    assert tenant_fairness(trace(20, 10), weights)["realtime"] == pytest.approx(1.0)
+    even = tenant_fairness(trace(15, 15), weights)["realtime"]
+    assert even == pytest.approx(jain_index([0.75, 1.5]))
+    assert even == pytest.approx(0.9)
+
+
+# -- scenarios -------------------------------------------------------------------------------
+
+
+def test_bundled_scenarios_validate() -> None:
+    smoke = load_scenario(SMOKE)
+    overload = load_scenario(OVERLOAD)
+    assert smoke.model == "tiny-random-llama"
+    assert [(t.name, t.workload_class, t.weight) for t in overload.tenants] == [
+        ("A", "realtime", 2.0),
+        ("B", "realtime", 1.0),
+        ("C", "batch", 1.0),
+    ]
+    assert overload.slo.ttft_s == 2.0 and overload.slo.tpot_s == 0.25
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda d: d["tenants"][1].update(rate_rps=-1), "tenants[1] (B).rate_rps: Input should be"),
+        (lambda d: d["tenants"][0].pop("rate_rps"), "tenants[0] (A).rate_rps: Field required"),
+        (
+            lambda d: d["tenants"][0].update(prompt_tokens={"kind": "uniform", "min": 9, "max": 3}),
+            "tenants[0] (A).prompt_tokens.uniform: max (3) must be at least min (9)",
+        ),
+        (
+            lambda d: d["tenants"][0].update(output_tokens={"kind": "normal", "mean": 3}),
+            "tenants[0] (A).output_tokens: Input tag 'normal' found using 'kind' does not match",
+        ),
+        (lambda d: d["tenants"][0].update({"class": "urgent"}), "tenants[0] (A).class: Input"),
+        (lambda d: d["tenants"][1].update(name="A"), "tenants: tenant names must be unique"),
+        (lambda d: d.update(duraton_s=5), "duraton_s: Extra inputs are not permitted"),
+        (lambda d: d.pop("model"), "model: Field required"),
+        (
+            lambda d: d["tenants"][0].update(api_key={"env": "X", "value": "k"}),
+            "tenants[0] (A).api_key: set exactly one of env, file, value",
+        ),
+        (lambda d: d.update(tenants=[]), "tenants: List should have at least 1 item"),
+    ],
+)
+def test_scenario_validation_errors_name_the_field(mutate: Any, expected: str) -> None:
+    data = scenario_data()
+    mutate(data)
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario(data, "s.yaml")
+    message = str(info.value)
+    assert message.startswith("invalid scenario s.yaml:")
+    assert expected in message, message
+
+
+def test_scenario_file_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ScenarioError, match="cannot read scenario"):
+        load_scenario(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ScenarioError, match="not valid YAML"):
+        load_scenario(bad)
+    bad.write_text("- just a list\n")
+    with pytest.raises(ScenarioError, match="must be a mapping"):
+        load_scenario(bad)
+
+
+def test_api_key_sources_resolve_or_say_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = scenario_data()
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-from-file\n")
+    data["tenants"][0]["api_key"] = {"file": str(key_file)}
+    data["tenants"][1]["api_key"] = {"env": "LOAD_TEST_KEY_B"}
+    scenario = parse_scenario(data)
+    monkeypatch.delenv("LOAD_TEST_KEY_B", raising=False)
+    with pytest.raises(ScenarioError, match="environment variable LOAD_TEST_KEY_B is not set"):
+        assert scenario.tenants[1].api_key is not None
+        scenario.tenants[1].api_key.resolve()
+    monkeypatch.setenv("LOAD_TEST_KEY_B", "sk-from-env")
+    assert [t.api_key.resolve() for t in scenario.tenants if t.api_key] == [
+        "sk-from-file",
+        "sk-from-env",
+    ]
+
+
+def test_plan_is_seeded_poisson_scaled_and_bounded() -> None:
+    scenario = parse_scenario(scenario_data(duration_s=200))
+    plan = plan_requests(scenario)
+    assert plan == plan_requests(scenario), "same seed, same plan"
+    assert [r.index for r in plan] == list(range(len(plan)))
+    times = [r.scheduled_s for r in plan]
+    assert times == sorted(times)
+    counts = {t: sum(r.tenant == t for r in plan) for t in ("A", "B")}
+    # Poisson counts: mean rate x window, within 4 standard deviations.
+    for tenant, mean in (("A", 400), ("B", 1200)):
+        assert abs(counts[tenant] - mean) < 4 * math.sqrt(mean), counts
+    a = next(r for r in plan if r.tenant == "A")
+    assert 4 <= a.prompt_tokens <= 8 and a.max_new_tokens in (4, 8)
+    assert len(a.prompt.split()) == a.prompt_tokens and set(a.prompt.split()) <= set(WORDS)
+    doubled = plan_requests(scenario, total_rps=16.0)
+    assert abs(len(doubled) - 2 * len(plan)) < 4 * math.sqrt(2 * len(plan))
+    capped = plan_requests(parse_scenario(scenario_data(duration_s=200, max_requests=50)))
+    assert len(capped) == 50 and capped == plan[:50]
+
+
+def test_changing_one_tenant_leaves_the_others_arrivals_alone() -> None:
+    base = parse_scenario(scenario_data())
+    changed_data = scenario_data()
+    changed_data["tenants"][1]["rate_rps"] = 1.0
+    changed = parse_scenario(changed_data)
+    times = [r.scheduled_s for r in plan_requests(base) if r.tenant == "A"]
+    assert times == [r.scheduled_s for r in plan_requests(changed) if r.tenant == "A"]
+
+
+# -- capacity search and report --------------------------------------------------------------
+
+
+def test_capacity_search_brackets_then_refines() -> None:
+    """Attainment is 1.0 up to 0.3 req/s and 0.5 above: 0.1, 0.2 pass, 0.4 fails, then the
+    midpoint sqrt(0.2 x 0.4) = 0.2828 passes."""
+    search = find_capacity(
+        lambda rate: 1.0 if rate <= 0.3 else 0.5, start_rps=0.1, factor=2.0, refine_steps=1
+    )
+    assert [s.offered_rps for s in search.steps] == [0.1, 0.2, 0.4, 0.2828]
+    assert [s.passed for s in search.steps] == [True, True, False, True]
+    assert search.capacity_rps == 0.2828 and search.bracketed
+
+
+def test_capacity_search_walks_down_when_the_start_fails_and_is_bounded() -> None:
+    down = find_capacity(lambda r: 1.0 if r <= 0.05 else 0.0, start_rps=0.4, refine_steps=0)
+    assert [s.offered_rps for s in down.steps] == [0.4, 0.2, 0.1, 0.05]
+    assert down.capacity_rps == 0.05
+    never = find_capacity(lambda r: 0.0, start_rps=1.0, max_steps=3)
+    assert len(never.steps) == 3 and never.capacity_rps == 0.0
+    floored = find_capacity(lambda r: 0.0, start_rps=1.0, min_rps=0.3)
+    assert [s.offered_rps for s in floored.steps] == [1.0, 0.5]
+    raised = find_capacity(lambda r: 1.0, start_rps=0.1, min_rps=0.2, max_steps=1)
+    assert [s.offered_rps for s in raised.steps] == [0.2], "never starts below the floor"
+    always = find_capacity(lambda r: 1.0, start_rps=1.0, max_steps=3)
+    assert always.capacity_rps == 4.0 and not always.bracketed, "only a lower bound"
+
+
+def _result(target: str, records: list[RequestRecord], rate: float) -> LoadResult:
+    scenario = load_scenario(OVERLOAD)
+    return LoadResult(scenario, target, records, 10.0, 12.0, rate, 0.0)
+
+
+def test_overload_report_has_exactly_the_published_schema() -> None:
+    def trace(ttft: float) -> list[RequestRecord]:
+        tenants = [("A", "realtime"), ("B", "realtime"), ("C", "batch")]
+        return [rec(i, t, c, ttft_s=ttft) for i, (t, c) in enumerate(tenants)]
+
+    runs = {
+        ("naive", 0.2): _result("naive", trace(1.5), 0.2),
+        ("sluice", 0.2): _result("sluice", trace(0.3), 0.2),
+        ("sluice", 1.6): _result("sluice", trace(0.5), 1.6),
+    }
+    report = build_report(
+        scenario=load_scenario(OVERLOAD),
+        runs=runs,
+        searches={
+            "naive": SearchResult(0.2, [SearchStep(0.2, 1.0, True)]),
+            "sluice": SearchResult(1.6, [SearchStep(1.6, 1.0, True)]),
+        },
+        levels={
+            "naive": [(0.2, "1x naive capacity")],
+            "sluice": [(0.2, "1x naive capacity"), (1.6, "1x sluice capacity")],
+        },
+        options=Options(),
+        argv=[],
+        started_at=0.0,
+        duration_s=1.0,
+    )
+    report = json.loads(json.dumps(report))  # nothing that JSON cannot carry
+    assert report["capacity_at_slo_rps"] == {"naive": 0.2, "sluice": 1.6}
+    assert isinstance(report["fairness_jain"], float)
+    assert len(report["levels"]) == 9
+    counts = {"requests", "refused", "refused_without_retryinfo", "errors", "unfinished"}
+    for row in report["levels"]:
+        assert tuple(row) == LEVEL_KEYS
+        assert row["target"] in ("naive", "sluice") and row["class"] in ("realtime", "batch")
+        for key in LEVEL_KEYS[4:]:
+            assert isinstance(row[key], int if key in counts else float), key
+    assert report["checks"]["capacity_ratio"] == pytest.approx(8.0)
+    assert report["checks"]["realtime_ttft_ratio"] == pytest.approx(0.2)
+
+
+class ScriptedTarget:
+    """A fake target whose answer depends on ``index % 5``: a full stream, a refusal with
+    RetryInfo, a timeout, a stream that ends without a finish reason, a client-side bug."""
+
+    name = "scripted"
+
+    async def generate(self, request: PlannedRequest) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        kind = request.index % 5
+        if kind == 1:
+            raise TargetError("RESOURCE_EXHAUSTED", "busy", reason="OVERLOADED", retry_after_s=0.5)
+        if kind == 2:
+            raise TargetError("DEADLINE_EXCEEDED", "too slow")
+        if kind == 4:
+            raise ValueError("bug")
+        for token in range(3):
+            await asyncio.sleep(0.001)
+            yield inference_pb2.GenerateChunk(token_ids=[token])
+        if kind == 0:
+            final = inference_pb2.GenerateChunk(finish_reason=common_pb2.FINISH_REASON_LENGTH)
+            final.usage.completion_tokens = 3
+            final.usage.prompt_tokens = 7
+            yield final
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+
+async def test_every_outcome_is_classified_and_accounted_for() -> None:
+    scenario = parse_scenario(scenario_data(duration_s=0.5, drain_s=1))
+    result = await run_load(scenario, ScriptedTarget(), total_rps=40.0)
+    report = result.report()
+    _assert_accounted(report)
+    expected = {
+        0: ("ok", "OK"),
+        1: ("refused", "RESOURCE_EXHAUSTED"),
+        2: ("timed_out", "DEADLINE_EXCEEDED"),
+        3: ("error", "INCOMPLETE_STREAM"),
+        4: ("error", "CLIENT_ERROR"),
+    }
+    for r in report["requests"]:
+        assert (r["outcome"], r["status"]) == expected[r["index"] % 5], r
+    ok = next(r for r in report["requests"] if r["index"] % 5 == 0)
+    assert (ok["output_tokens"], ok["prompt_tokens"], ok["finish_reason"]) == (3, 7, "LENGTH")
+    assert ok["tpot_s"] is not None and ok["ttft_s"] <= ok["e2e_s"]
+    refused = next(r for r in report["requests"] if r["index"] % 5 == 1)
+    assert (refused["reason"], refused["retry_after_s"]) == ("OVERLOADED", 0.5)
+    assert (
+        "ValueError: bug" in next(r for r in report["requests"] if r["index"] % 5 == 4)["details"]
+    )
+
+
+# -- smoke runs against real servers ---------------------------------------------------------
+
+
+def _assert_accounted(report: dict[str, Any], planned: int | None = None) -> None:
+    acc = report["accounting"]
+    assert sum(acc[o] for o in OUTCOMES) == acc["planned"] == len(report["requests"])
+    if planned is not None:
+        assert acc["planned"] == planned
+    assert sorted(r["index"] for r in report["requests"]) == list(range(acc["planned"]))
+    for r in report["requests"]:
+        assert set(r) == RECORD_KEYS
+        assert r["outcome"] in OUTCOMES
+
+
+async def test_smoke_run_against_the_suite_writes_well_formed_json(
+    running: Suite, tmp_path: Path
+) -> None:
+    assert running.scheduler is not None
+    out = tmp_path / "load.json"
+    code = await _in_thread(cli_main, SMOKE, "sluice", running.scheduler.address, API_KEY, out, 1.5)
+    assert code == 0
+    report = json.loads(out.read_text())
+    _assert_accounted(report)
+    assert report["target"] == "sluice" and report["duration_s"] == 1.5
+    assert set(report["tenants"]) == {"A", "B", "C"}
+    ok = [r for r in report["requests"] if r["outcome"] == "ok"]
+    assert ok, report["accounting"]
+    for r in ok:
+        assert r["finished"] and r["status"] == "OK" and r["finish_reason"] == "LENGTH"
+        assert r["output_tokens"] == r["requested_tokens"], "ignore_eos fixes the length"
+        assert 0 < r["ttft_s"] <= r["e2e_s"]
+    assert report["all"]["requests"] == len(report["requests"])
+
+
+async def _in_thread(fn: Any, *args: Any) -> Any:
+    """``cli_main`` runs its own event loop; keep this test's loop (the suite's) free."""
+    return await asyncio.to_thread(fn, *args)
+
+
+@pytest.fixture(scope="module")
+def naive_generator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SerialGenerator]:
+    generator = SerialGenerator(
+        load_model("tiny-random-llama", cache_dir=tmp_path_factory.mktemp("naive-models"))
+    )
+    generator.warm_up()
+    generator.start()
+    yield generator
+    generator.close()
+
+
+async def test_naive_server_serves_requests_one_at_a_time(
+    naive_generator: SerialGenerator,
+) -> None:
+    server = await start_server(naive_generator)
+    scenario = parse_scenario(scenario_data(duration_s=1.0, drain_s=10))
+    target = make_target("naive", scenario, server.address, {})
+    try:
+        result = await run_load(scenario, target, total_rps=4.0)
+    finally:
+        await target.close()
+        await server.stop(0.5)
+    report = result.report()
+    _assert_accounted(report)
+    ok = [r for r in report["requests"] if r["outcome"] == "ok"]
+    assert len(ok) == len(report["requests"]) > 0
+    for r in ok:
+        assert r["output_tokens"] == r["requested_tokens"] and r["finish_reason"] == "LENGTH"
+        assert r["prompt_tokens"] > 0 and 0 < r["ttft_s"] <= r["e2e_s"]
+
+
+async def test_cli_runs_the_smoke_scenario_against_the_naive_server(
+    naive_generator: SerialGenerator, tmp_path: Path
+) -> None:
+    server = await start_server(naive_generator)
+    out = tmp_path / "naive.json"
+    try:
+        code = await _in_thread(cli_main, SMOKE, "naive", server.address, None, out, 1.0)
+    finally:
+        await server.stop(0.5)
+    assert code == 0
+    report = json.loads(out.read_text())
+    _assert_accounted(report)
+    assert report["target"] == "naive"
+    assert report["accounting"]["ok"] == report["accounting"]["planned"] > 0
+
+
+def test_cli_rejects_a_bad_scenario_or_target_with_exit_code_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(json.dumps(scenario_data(duration_s=-1)))
+    assert cli_main(bad, "naive", "127.0.0.1:1", None, None, None) == 2
+    assert "duration_s: Input should be greater than 0" in capsys.readouterr().err
+    assert cli_main(SMOKE, "vllm", "127.0.0.1:1", None, None, None) == 2
+    assert "unknown target 'vllm'" in capsys.readouterr().err
+    assert cli_main(SMOKE, "naive", None, None, None, None) == 2
+    assert "no endpoint for target naive" in capsys.readouterr().err
+
+
+async def test_requests_cut_off_or_timed_out_are_accounted_for(
+    naive_generator: SerialGenerator,
+) -> None:
+    """Long generations queue on the naive server: A's requests (0.8 s deadline) time out, B's
+    (30 s) are cut off at the run's hard stop 1.5 s in; none disappears."""
+    server = await start_server(naive_generator)
+    data = scenario_data(duration_s=0.5, drain_s=1.0, request_timeout_s=0.8)
+    for tenant in data["tenants"]:
+        tenant.update(rate_rps=1.0, output_tokens={"kind": "fixed", "value": 1500})
+    data["tenants"][1]["timeout_s"] = 30
+    scenario = parse_scenario(data)
+    target = make_target("naive", scenario, server.address, {})
+    try:
+        result = await run_load(scenario, target, total_rps=20.0)
+    finally:
+        await target.close()
+        await server.stop(0.5)
+    report = result.report()
+    _assert_accounted(report, planned=len(plan_requests(scenario, total_rps=20.0)))
+    by_tenant = {
+        tenant: {(r["outcome"], r["status"]) for r in report["requests"] if r["tenant"] == tenant}
+        for tenant in ("A", "B")
+    }
+    assert by_tenant == {
+        "A": {("timed_out", "DEADLINE_EXCEEDED")},
+        "B": {("cut_off", "CANCELLED")},
+    }
+    assert report["all"]["unfinished"] == len(report["requests"])
