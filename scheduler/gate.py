@@ -106,6 +106,7 @@ class DispatchGate:
             self._nodes.service_rate(item.model),
             self._nodes.room_for(item.model, item.workload_class),
             busy_cost=self._avg_cost or self.cost(item),
+            token_s=self._nodes.token_seconds(item.model),
         )
         if not verdict.admitted:
             raise self._refusal(item, verdict)
@@ -221,7 +222,7 @@ class DispatchGate:
 
     def shed(self) -> list[Shed]:
         """Drop what can no longer start in time; fail each with its refusal."""
-        dropped = self.admission.shed(self._nodes.service_rate)
+        dropped = self.admission.shed(self._nodes.service_rate, self._nodes.token_seconds)
         for shed in dropped:
             cls = class_name(shed.item.workload_class)
             self._metrics.admission.labels(cls, "shed", shed.reason).inc()

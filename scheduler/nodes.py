@@ -160,6 +160,17 @@ class NodeDirectory:
         """True when some candidate has room for the request now."""
         return any(self.has_room(n, workload_class) for n in self.candidates(model, workload_class))
 
+    def token_seconds(self, model: str) -> float:
+        """Seconds per generated token on the fastest node serving ``model``: the lowest
+        inter-token latency moving average among them (0 while none is measured yet)."""
+        measured = [
+            latency
+            for n in self._nodes.values()
+            if any(m.name == model for m in n.info.models)
+            and (latency := self.outliers.latency(n.node_id, "itl")) > 0
+        ]
+        return min(measured, default=0.0)
+
     def service_rate(self, model: str) -> float:
         """Weighted tokens per second the nodes able to serve ``model`` (in any pool) retire
         together; 0 when none can (every one draining, unhealthy, open or ejected)."""

@@ -330,6 +330,30 @@ def test_no_capacity_is_its_own_reason() -> None:
     assert verdict.retry_after(admission.config) == admission.config.max_retry_s
 
 
+def test_request_that_would_start_in_time_but_finish_late_is_refused() -> None:
+    """With a measured 0.1 s per token, a request waiting 10 s for 100 new tokens needs 20 s:
+    a 15 s deadline is refused now even though it would start in time; 25 s is admitted; the
+    same request queued is shed once its finish is predicted past the deadline."""
+    clock, queues, admission = make()
+    for _ in range(10):
+        queues.push(item("me", prompt=0, new=100))
+    late = admission.decide(
+        item("me", new=100, deadline=clock() + 15), 100.0, room_now=False, token_s=0.1
+    )
+    assert not late.admitted and late.reason == OVERLOADED
+    assert late.predicted_wait_s == pytest.approx(10.0, rel=0.05)
+    assert admission.decide(item("me", new=100, deadline=clock() + 15), 100.0, False).admitted
+    fits = admission.decide(
+        item("me", new=100, deadline=clock() + 25), 100.0, room_now=False, token_s=0.1
+    )
+    assert fits.admitted
+    queued = item("me", new=100, deadline=clock() + 15)
+    queues.push(queued)
+    assert admission.shed(lambda _m: 100.0) == []
+    dropped = admission.shed(lambda _m: 100.0, lambda _m: 0.1)
+    assert [d.item for d in dropped] == [queued]
+
+
 def test_shrinking_capacity_sheds_lowest_class_first() -> None:
     """When the rate halves, the queue is re-predicted: FINETUNE and BATCH requests that can
     no longer start in time are shed; REALTIME ones ahead of them stay."""
