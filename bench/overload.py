@@ -285,7 +285,7 @@ class Options:
     """First rate the naive search probes (Sluice's starts at the naive capacity)."""
     search_factor: float = 2.0
     """Rate multiplier between search steps."""
-    refine_steps: int = 1
+    refine_steps: int = 2
     """Geometric midpoints probed once the capacity is bracketed."""
     max_search_steps: int = 7
     """Most runs one search makes."""
