@@ -163,7 +163,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Deadline probes ask for 1024 tokens with a {ref['probe_deadline_s']} s deadline while "
         "the fairness load saturates the node. Quota checks that could not reach Redis within "
-        f"the scheduler's timeout (the quota then fails open for 1 s): "
+        "the scheduler's timeout (each fails open for that request; three in a row skip Redis "
+        "for 1 s): "
         f"{server['quota_backend_unavailable']}.",
         "",
         f"## Fairness ({fair['window_s']} s window after {fair['warmup_s']} s warm-up; "
