@@ -37,9 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
 
-import grpc
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.load import LoadResult, make_target, run_load
 from bench.load_scenario import PlannedRequest, Scenario, load_scenario, make_prompt
@@ -47,7 +45,7 @@ from bench.load_targets import TargetError
 from bench.overload_report import build_report, render_text, write_outputs
 from sluice.auth import hash_api_key, new_api_key
 from sluice.stores import environment_without_proxies, free_port
-from sluice.up import Supervisor, UpConfig
+from sluice.up import Supervisor, UpConfig, wait_serving
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SCENARIO = REPO_ROOT / "bench" / "scenarios" / "overload.yaml"
@@ -149,28 +147,6 @@ class Server(Protocol):
     def stop(self) -> None:
         """Stop everything started."""
         ...
-
-
-def wait_serving(
-    address: str, proc: subprocess.Popen[bytes], log_path: Path, timeout_s: float
-) -> None:
-    """Poll ``grpc.health.v1`` at ``address`` until ``SERVING``; fail if ``proc`` exits."""
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if proc.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{address} exited with {proc.returncode}:\n{tail}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{address} not SERVING after {timeout_s}s")
-            time.sleep(0.2)
 
 
 class NaiveProcess:

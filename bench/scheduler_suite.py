@@ -20,11 +20,11 @@ from typing import IO
 
 import grpc
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sluice.auth import hash_api_key, new_api_key
 from sluice.stores import StoreProcess, environment_without_proxies, etcd_process, free_port
 from sluice.stores import redis_process as redis_store
+from sluice.up import wait_serving
 from sluice.v1 import admin_pb2, admin_pb2_grpc
 
 HOST = "127.0.0.1"
@@ -147,21 +147,9 @@ class BenchSuite:
         return child
 
     def _wait_serving(self, child: Child, deadline: float) -> None:
-        with grpc.insecure_channel(child.address, options=GRPC_OPTIONS) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if child.proc.poll() is not None:
-                    tail = child.log_path.read_text(errors="replace")[-3000:]
-                    raise RuntimeError(f"{child.name} exited with {child.proc.returncode}:\n{tail}")
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{child.name} not SERVING in time; see {child.log_path}")
-                time.sleep(0.1)
+        wait_serving(
+            child.address, child.proc, child.log_path, deadline - time.monotonic(), child.name
+        )
 
     def _wait_node_visible(self, scheduler: Child, deadline: float) -> None:
         metadata = (("authorization", f"Bearer {self.keys[PROBE]}"),)

@@ -137,25 +137,9 @@ class Supervisor:
         return child
 
     def _wait_serving(self, child: Child, deadline: float) -> None:
-        with grpc.insecure_channel(
-            child.grpc_address, options=[("grpc.enable_http_proxy", 0)]
-        ) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while True:
-                if child.proc.poll() is not None:
-                    tail = child.log_path.read_text(errors="replace")[-3000:]
-                    raise RuntimeError(f"{child.name} exited with {child.proc.returncode}:\n{tail}")
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"{child.name} not SERVING after {self.config.startup_timeout_s}s"
-                    )
-                time.sleep(0.2)
+        wait_serving(
+            child.grpc_address, child.proc, child.log_path, deadline - time.monotonic(), child.name
+        )
 
     def _wait_nodes_visible(self, scheduler: Child, deadline: float) -> None:
         metadata = (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
@@ -266,3 +250,35 @@ def dev_api_key(run_dir: Path) -> str | None:
 
 
 __all__ = ["Endpoints", "Supervisor", "UpConfig", "dev_api_key", "read_endpoints"]
+
+
+def wait_serving(
+    address: str,
+    proc: subprocess.Popen[bytes],
+    log_path: Path,
+    timeout_s: float,
+    name: str = "",
+    poll_s: float = 0.1,
+) -> None:
+    """Poll ``grpc.health.v1`` at ``address`` until it says ``SERVING``.
+
+    Raises ``RuntimeError`` with the tail of ``log_path`` if ``proc`` exits first, and
+    ``TimeoutError`` after ``timeout_s``.
+    """
+    name = name or address
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} not SERVING after {timeout_s:.0f}s; see {log_path}")
+            time.sleep(poll_s)
