@@ -18,42 +18,7 @@ Errors arrive as :class:`SluiceRpcError` subclasses carrying the status details
 ``reason`` from ``ErrorInfo``).
 """
 
-from sluice.sdk import (
-    DEFAULT_TIMEOUT_S,
-    AsyncClient,
-    AuthenticationError,
-    Client,
-    DeadlineExceeded,
-    InvalidRequest,
-    NotFound,
-    Overloaded,
-    PermissionDenied,
-    QuotaExceeded,
-    ResourceExhausted,
-    RetryPolicy,
-    SluiceRpcError,
-    Unavailable,
-    Unimplemented,
-    batch_job,
-    from_rpc_error,
-)
+from sluice import sdk
+from sluice.sdk import *  # noqa: F403 - this module is the SDK under its older name
 
-__all__ = [
-    "DEFAULT_TIMEOUT_S",
-    "AsyncClient",
-    "AuthenticationError",
-    "Client",
-    "DeadlineExceeded",
-    "InvalidRequest",
-    "NotFound",
-    "Overloaded",
-    "PermissionDenied",
-    "QuotaExceeded",
-    "ResourceExhausted",
-    "RetryPolicy",
-    "SluiceRpcError",
-    "Unavailable",
-    "Unimplemented",
-    "batch_job",
-    "from_rpc_error",
-]
+__all__ = list(sdk.__all__)
