@@ -65,16 +65,18 @@ def _text(deltas: list[TokenDelta]) -> str:
 
 
 async def test_greedy_is_deterministic_and_exact(engine: SerialEngine, lm: LanguageModel) -> None:
-    """Greedy decoding with ignore_eos yields exactly max_new_tokens, one delta per token,
-    the same ids every run, ids matching a cache-free forward pass, and text equal to the
-    decode of all ids; only the last delta finishes, with LENGTH."""
+    """Greedy decoding with ignore_eos yields exactly max_new_tokens (one delta per token,
+    or fewer carrying several when the consumer fell behind), the same ids every run, ids
+    matching a cache-free forward pass, and text equal to the decode of all ids; only the last
+    delta finishes, with LENGTH."""
     runs = []
     for n in range(2):
         req = _request(lm, f"greedy-{n}", max_new_tokens=40, ignore_eos=True)
         runs.append(await _collect(engine.submit(req)))
     first, second = runs
-    assert len(first) == 40 and _ids(first) == _ids(second)
-    assert [d.finish_reason for d in first[:-1]] == [None] * 39
+    assert len(_ids(first)) == 40 and _ids(first) == _ids(second)
+    assert all(d.token_ids for d in first) and len(first) <= 40
+    assert [d.finish_reason for d in first[:-1]] == [None] * (len(first) - 1)
     assert first[-1].finish_reason is FinishReason.LENGTH
     assert first[-1].completion_tokens == 40 and first[-1].prompt_tokens == len("Once upon a time")
     assert _text(first) == lm.tokenizer.decode(_ids(first))
@@ -84,6 +86,25 @@ async def test_greedy_is_deterministic_and_exact(engine: SerialEngine, lm: Langu
     with torch.inference_mode():
         logits = lm.hf_model()(input_ids=full).logits[0, len(prompt) - 1 :]
     assert logits.argmax(-1).tolist() == _ids(first)
+
+
+async def test_consumer_that_falls_behind_gets_merged_deltas(
+    engine: SerialEngine, lm: LanguageModel
+) -> None:
+    """Deltas that queue up while the consumer is busy come as one: a request read only after
+    it finished arrives in a single delta with every id, the full text and LENGTH, exactly
+    what reading it token by token gives."""
+    stepwise = await _collect(
+        engine.submit(_request(lm, "steps", max_new_tokens=24, ignore_eos=True))
+    )
+    stream = engine.submit(_request(lm, "late", max_new_tokens=24, ignore_eos=True))
+    await engine.drain(timeout=30)  # returns once the request has finished
+    await asyncio.sleep(0.05)  # the last deltas' call_soon_threadsafe callbacks
+    late = await _collect(stream)
+    assert len(late) == 1
+    (delta,) = late
+    assert delta.token_ids == tuple(_ids(stepwise)) and delta.text == _text(stepwise)
+    assert delta.finish_reason is FinishReason.LENGTH and delta.completion_tokens == 24
 
 
 async def test_seeded_sampling_is_reproducible(engine: SerialEngine, lm: LanguageModel) -> None:
@@ -115,7 +136,7 @@ async def test_stop_string_truncates(engine: SerialEngine, lm: LanguageModel) ->
     )
     assert deltas[-1].finish_reason is FinishReason.STOP
     assert _text(deltas) == expected
-    assert _ids(deltas) == _ids(reference)[: len(deltas)]
+    assert _ids(deltas) == _ids(reference)[: len(_ids(deltas))]
     assert all(stop not in d.text for d in deltas)
 
 
@@ -253,7 +274,7 @@ async def test_drain_lets_in_flight_finish(engine: SerialEngine, lm: LanguageMod
     rest = await _collect(stream)
     await drain
     assert rest[-1].finish_reason is FinishReason.LENGTH
-    assert len([first, *rest]) == 200
+    assert len(_ids([first, *rest])) == 200
 
 
 async def test_drain_timeout_cancels(engine: SerialEngine, lm: LanguageModel) -> None:

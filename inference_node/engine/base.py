@@ -94,10 +94,36 @@ class _DeltaStream(DeltaStream):
         if isinstance(item, BaseException):
             self._stop()
             raise item
+        item = self._merge_pending(item)
         if item.finish_reason is not None:
             self._finished = True
             self._finalizer.detach()
         return item
+
+    def _merge_pending(self, item: TokenDelta) -> TokenDelta:
+        """``item`` merged with the deltas that queued up behind it while the consumer was
+        busy (vLLM's output collector does the same): a consumer that falls behind is sent
+        fewer, larger chunks instead of a growing backlog of one-token messages, and one that
+        keeps up gets every token as it comes. An error behind them is raised next call."""
+        queue_ = self._job.queue
+        if queue_.empty() or item.finish_reason is not None:
+            return item
+        text, token_ids = [item.text], list(item.token_ids)
+        while not queue_.empty() and item.finish_reason is None:
+            nxt = queue_.get_nowait()
+            if isinstance(nxt, BaseException):
+                queue_.put_nowait(nxt)  # nothing else can follow an error
+                break
+            item = nxt
+            text.append(item.text)
+            token_ids.extend(item.token_ids)
+        return TokenDelta(
+            "".join(text),
+            tuple(token_ids),
+            item.finish_reason,
+            item.prompt_tokens,
+            item.completion_tokens,
+        )
 
     async def aclose(self) -> None:
         """Stop iterating and cancel the request if it is still in flight."""
