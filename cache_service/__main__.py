@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from prometheus_client import CollectorRegistry
 
 from cache_service.app import CacheService
 from cache_service.config import CacheSettings
-from sluice.runner import run_service
+from sluice.runner import run_loop, run_service
 from sluice.settings import parse_settings
 
 
@@ -20,7 +19,7 @@ def main(argv: list[str]) -> None:
     async def build(registry: CollectorRegistry, _metrics: str) -> CacheService:
         return CacheService(settings, registry)
 
-    asyncio.run(run_service("cache", settings, build))
+    run_loop(run_service("cache", settings, build))
 
 
 if __name__ == "__main__":

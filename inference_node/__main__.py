@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from inference_node.app import NodeService, default_engine, load_models
 from inference_node.config import NodeSettings
 from inference_node.engine import run_with_engine
+from sluice.runner import run_loop
 from sluice.settings import parse_settings
 from sluice.telemetry import MetricsServer, configure_logging
 
@@ -95,7 +96,7 @@ def main(argv: list[str]) -> None:
         if main_engine is not None:
             run_with_engine(main_engine, serve)
         else:
-            asyncio.run(serve())
+            run_loop(serve())
     finally:
         metrics.stop()
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from prometheus_client import CollectorRegistry
 
 from scheduler.app import SchedulerService
 from scheduler.config import SchedulerSettings
-from sluice.runner import run_service
+from sluice.runner import run_loop, run_service
 from sluice.settings import parse_settings
 
 
@@ -20,7 +19,7 @@ def main(argv: list[str]) -> None:
     async def build(registry: CollectorRegistry, _metrics: str) -> SchedulerService:
         return SchedulerService(settings, registry)
 
-    asyncio.run(run_service("scheduler", settings, build))
+    run_loop(run_service("scheduler", settings, build))
 
 
 if __name__ == "__main__":
