@@ -138,7 +138,8 @@ class SchedulerMetrics:
         )
         self.quota_checks = Counter(
             "sluice_scheduler_quota_checks",
-            "Quota checks by result (ok, exceeded, fail_open, fail_closed).",
+            "Quota checks by result (ok, exceeded, exceeded_cached: refused from a recent "
+            "Redis answer, fail_open, fail_closed).",
             ["result"],
             registry=registry,
         )

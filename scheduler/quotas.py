@@ -15,6 +15,14 @@ Over quota → ``RESOURCE_EXHAUSTED`` with ``QuotaFailure`` naming each exceeded
 ``RetryInfo`` from the bucket refill (the time until enough has refilled; a fixed hint for the
 concurrency cap, which frees when some request ends).
 
+Refusals are remembered locally (as the over-limit key cache of Envoy's ratelimit service
+does): a tenant whose requests-per-second bucket is empty cannot get a request through before
+the refill time Redis reported, whichever replica asks, so until then this replica refuses it
+without a round trip (the tokens-per-minute bucket likewise, from the level Redis reported,
+for at most ``NEGATIVE_CACHE_MAX_S``: tokens given back on release can raise it early). A flood
+over quota then costs no Redis traffic and its refusals no network wait. The concurrency cap is
+not remembered: a slot frees whenever one of the tenant's requests ends, on any replica.
+
 Redis unreachable: the call fails within ``timeout_s`` (no retries: the script is not
 idempotent), a breaker skips Redis for a second after three failures in a row, and each
 quota follows its documented policy: quotas listed in ``fail_closed`` refuse (``UNAVAILABLE``,
@@ -26,8 +34,9 @@ quota follows its documented policy: quotas listed in ``fail_closed`` refuse (``
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, replace
 
 import redis.asyncio as redis
 import structlog
@@ -47,6 +56,8 @@ CONCURRENCY_RETRY_S = 0.5
 """Retry hint for the concurrency cap: a slot frees when one of the tenant's requests ends."""
 BACKEND_RETRY_S = 1.0
 LEASE_MARGIN_S = 5.0
+NEGATIVE_CACHE_MAX_S = 0.5
+"""Longest a tokens-per-minute refusal is reused without asking Redis again."""
 
 # KEYS: requests bucket, tokens bucket, concurrency leases.
 # ARGV: mode, rps, burst, tokens_per_minute, tokens (acquire: need; release: refund),
@@ -115,6 +126,36 @@ def quota_redis(url: str, timeout_s: float) -> redis.Redis:
     )
 
 
+@dataclass(frozen=True)
+class _Denial:
+    """What Redis said about a tenant's empty buckets, for refusing locally until refill."""
+
+    quotas: Quotas
+    """The quotas it was computed under (a live config change invalidates it)."""
+    checked_at: float
+    rps_until: float
+    """Monotonic time the requests bucket holds one request again (0: it was not empty)."""
+    tpm_level: float
+    """Tokens in the tokens-per-minute bucket at ``checked_at`` (inf: not limiting)."""
+
+    def waits(self, quotas: Quotas, tokens: int, now: float) -> tuple[float, float] | None:
+        """(requests wait, tokens wait) in seconds if a request of ``tokens`` is still
+        refused at ``now``; None when Redis must be asked."""
+        if quotas != self.quotas:
+            return None
+        rps_wait = max(0.0, self.rps_until - now)
+        tpm_wait = 0.0
+        if math.isfinite(self.tpm_level) and now - self.checked_at < NEGATIVE_CACHE_MAX_S:
+            per_s = quotas.tokens_per_minute / 60.0
+            level = self.tpm_level + (now - self.checked_at) * per_s
+            need = min(tokens, quotas.tokens_per_minute)
+            if level < need:
+                tpm_wait = (need - level) / per_s
+        if rps_wait <= 0 and tpm_wait <= 0:
+            return None
+        return rps_wait, tpm_wait
+
+
 @dataclass
 class Lease:
     """What one admitted request holds; give it back with :meth:`QuotaGate.release`."""
@@ -138,6 +179,7 @@ class QuotaGate:
         *,
         fail_closed: Collection[str] = (),
         key_prefix: str = "sluice:quota:v1",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         unknown = set(fail_closed) - set(QUOTA_NAMES)
         if unknown:
@@ -154,6 +196,8 @@ class QuotaGate:
             BreakerConfig(failure_threshold=3, open_s=1.0, max_open_s=5.0)
         )
         self._local: dict[str, int] = {}
+        self._denied: dict[str, _Denial] = {}
+        self._clock = clock
 
     def _keys(self, tenant: str) -> list[str]:
         base = f"{self._prefix}:{{{tenant}}}"  # one hash slot per tenant (Redis Cluster)
@@ -168,6 +212,13 @@ class QuotaGate:
         q = tenant.quotas
         if not q.any:
             return Lease(tenant.name, lease_id, q, 0, global_=False)
+        denial = self._denied.get(tenant.name)
+        if denial is not None:
+            waits = denial.waits(q, tokens, self._clock())
+            if waits is not None:
+                self._metrics.quota_checks.labels("exceeded_cached").inc()
+                raise self._exceeded(tenant, waits[0], waits[1], full=False)
+            del self._denied[tenant.name]
         reply = None
         if self._script is not None and self._breaker.allow():
             lease_ms = math.ceil((lease_s + LEASE_MARGIN_S) * 1000)
@@ -190,24 +241,43 @@ class QuotaGate:
             self._metrics.quota_checks.labels("ok").inc()
             return Lease(tenant.name, lease_id, q, tokens, global_=True)
         self._metrics.quota_checks.labels("exceeded").inc()
+        if rps_wait or tpm_wait:
+            now = self._clock()
+            need = min(tokens, q.tokens_per_minute)
+            self._denied[tenant.name] = _Denial(
+                quotas=q,
+                checked_at=now,
+                rps_until=now + rps_wait / 1000 if rps_wait else 0.0,
+                tpm_level=need - tpm_wait / 1000 * q.tokens_per_minute / 60
+                if tpm_wait
+                else math.inf,
+            )
+        raise self._exceeded(tenant, rps_wait / 1000, tpm_wait / 1000, bool(full))
+
+    @staticmethod
+    def _exceeded(
+        tenant: Tenant, rps_wait: float, tpm_wait: float, full: bool
+    ) -> ResourceExhausted:
+        """The over-quota refusal naming each exceeded quota, retry after the longest wait."""
+        q = tenant.quotas
         violations: list[tuple[str, str]] = []
         waits: list[float] = []
         if rps_wait:
             violations.append(
                 (f"tenant:{tenant.name}/requests_per_second", f"limit {q.requests_per_second}/s")
             )
-            waits.append(rps_wait / 1000)
+            waits.append(rps_wait)
         if tpm_wait:
             violations.append(
                 (f"tenant:{tenant.name}/tokens_per_minute", f"limit {q.tokens_per_minute}/min")
             )
-            waits.append(tpm_wait / 1000)
+            waits.append(tpm_wait)
         if full:
             violations.append(
                 (f"tenant:{tenant.name}/max_concurrent", f"limit {q.max_concurrent} in flight")
             )
             waits.append(CONCURRENCY_RETRY_S)
-        raise ResourceExhausted(
+        return ResourceExhausted(
             f"tenant {tenant.name!r} is over quota: " + ", ".join(d for _, d in violations),
             retry_after_s=max(waits),
             reason="QUOTA_EXCEEDED",
@@ -244,6 +314,9 @@ class QuotaGate:
                 self._local[lease.tenant] = max(0, self._local.get(lease.tenant, 0) - 1)
             return
         q = lease.quotas
+        denial = self._denied.get(lease.tenant)
+        if denial is not None and used_tokens < lease.tokens:  # a refund raises the level
+            self._denied[lease.tenant] = replace(denial, tpm_level=math.inf)
         if not q.max_concurrent and not (q.tokens_per_minute and used_tokens != lease.tokens):
             return
         if self._script is None or not self._breaker.allow():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -184,3 +185,29 @@ async def test_over_quota_refusal_is_fast(
     times.sort()
     p99 = times[int(len(times) * 0.99) - 1]
     assert p99 < 0.005
+
+
+async def test_refusal_is_remembered_until_the_bucket_refills(
+    gates: tuple[QuotaGate, QuotaGate, CollectorRegistry],
+) -> None:
+    """Once Redis says the requests bucket is empty, this replica refuses locally (counted as
+    exceeded_cached, same details, a retry delay that shrinks) until the refill time; a live
+    quota change is asked of Redis again at once."""
+    gate, _, registry = gates
+    t = tenant(requests_per_second=2, burst=1)
+    await gate.acquire(t, 1, "r1", 5)
+    with pytest.raises(ResourceExhausted) as first:
+        await gate.acquire(t, 1, "r2", 5)
+    with pytest.raises(ResourceExhausted) as cached:
+        await gate.acquire(t, 1, "r3", 5)
+    assert subjects(cached.value) == ["tenant:acme/requests_per_second"]
+    assert 0 < retry_of(cached.value) <= retry_of(first.value) <= 0.5
+    counts = {
+        r: registry.get_sample_value("sluice_scheduler_quota_checks_total", {"result": r})
+        for r in ("ok", "exceeded", "exceeded_cached")
+    }
+    assert counts == {"ok": 1, "exceeded": 1, "exceeded_cached": 1}
+    raised = tenant(requests_per_second=1000)  # new quotas: the old answer no longer holds
+    await gate.acquire(raised, 1, "r4", 5)
+    await asyncio.sleep(retry_of(cached.value) + 0.05)
+    await gate.acquire(t, 1, "r5", 5)  # refilled: Redis is asked again and admits
