@@ -13,12 +13,28 @@ the measured service rate of the nodes that can serve its model:
   (requested cost retired per second, :class:`ThroughputMeter`), so requests that stop before
   ``max_new_tokens`` are accounted for without guessing their length.
 
-A request that would wait and could not *finish* by its deadline (predicted wait plus its own
-decode time, ``max_new_tokens`` x the fastest eligible node's measured inter-token latency) is
-refused at once with the predicted wait as its retry delay. Admitting work that starts in time
-but ends after its deadline is how a queue collapses: the node spends its capacity on streams
-the client has already given up on (measured at 2x capacity with start-time admission: 67 of
-the 243 requests hit their 20 s deadline unfinished). With no wait the request is admitted.
+Two guards make the prediction hold up while more work keeps arriving, so that what is
+admitted is served in time and the excess is refused on arrival (in milliseconds) instead of
+shed from the queue seconds later:
+
+- **Higher classes keep arriving.** A class is served only with what the classes above it
+  leave: its rate is the nodes' rate minus the cost per second admitted to higher classes over
+  the last ``arrival_window_s`` (:class:`RateMeter`), never less than ``min_class_share`` of it
+  (aging lets a starved class through at some rate).
+- **Other tenants keep arriving.** Weighted fair queuing guarantees a backlogged tenant at
+  least its weight's share of its class's rate (the delay bound of WFQ / generalized processor
+  sharing, Parekh & Gallager 1993), so the tenant's own queued cost, at that share, bounds its
+  wait however the other active tenants (queued, running, or admitted within
+  ``active_window_s``) behave. The prediction is the larger of this bound and the queue-based
+  estimate above.
+
+A request that would wait and could not *finish* by its deadline (predicted wait plus its own decode
+time, ``max_new_tokens`` x the fastest eligible node's measured inter-token latency) is refused at
+once with the predicted wait as its retry delay; ``deadline_margin`` of the time left is kept back
+for what the prediction cannot see (a measured rate that drifts). Admitting work that starts in time
+but ends after its deadline is how a queue collapses: the node spends its capacity on streams the
+client has already given up on (measured at 2x capacity with start-time admission: 67 of the 243
+requests hit their 20 s deadline unfinished). With no wait the request is admitted.
 Lower classes are predicted behind every higher class, so under pressure they are refused
 (and, when capacity shrinks, shed from the queue) first.
 Failure mode: the prediction is only as good as the rate; a fleet that has not reported a rate
@@ -50,6 +66,14 @@ class AdmissionConfig:
     """Largest retry delay sent with a refusal."""
     no_capacity_grace_s: float = 1.0
     """How long a queued request may wait with no node able to serve it before it is shed."""
+    arrival_window_s: float = 10.0
+    """Window over which the cost admitted per class is averaged."""
+    min_class_share: float = 0.05
+    """Least share of the nodes' rate a class is predicted to get under higher classes."""
+    active_window_s: float = 5.0
+    """A tenant admitted or streaming within this long counts as active in its class."""
+    deadline_margin: float = 0.1
+    """Share of the time left before the deadline a waiting request must leave unused."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +130,33 @@ class ThroughputMeter:
         return self._sum / span
 
 
+class RateMeter:
+    """Cost per second recorded over a fixed trailing window (shorter while the meter is
+    younger than the window, never shorter than one second)."""
+
+    def __init__(self, clock: Clock, window_s: float) -> None:
+        self._clock = clock
+        self._window = window_s
+        self._events: deque[tuple[float, float]] = deque()
+        self._sum = 0.0
+        self._born = clock()
+
+    def record(self, cost: float) -> None:
+        """``cost`` arrived now."""
+        self._events.append((self._clock(), cost))
+        self._sum += cost
+
+    def rate(self) -> float:
+        """Recorded cost per second over the window."""
+        now = self._clock()
+        while self._events and now - self._events[0][0] > self._window:
+            self._sum -= self._events.popleft()[1]
+        if not self._events:
+            self._sum = 0.0
+            return 0.0
+        return self._sum / min(self._window, max(now - self._born, 1.0))
+
+
 class Admission:
     """Predicts waits over a :class:`FairQueues` and decides admission and shedding."""
 
@@ -120,6 +171,46 @@ class Admission:
         self._queues = queues
         self._clock = clock
         self._weight = weight
+        self._admitted: dict[tuple[str, int], RateMeter] = {}
+        self._seen: dict[tuple[str, int], dict[str, float]] = {}
+
+    def record_admitted(self, item: QueuedRequest) -> None:
+        """``item`` was admitted: its cost counts against lower classes' rate, and its tenant
+        is active in its class."""
+        key = (item.model, item.workload_class)
+        meter = self._admitted.get(key)
+        if meter is None:
+            meter = self._admitted[key] = RateMeter(self._clock, self.config.arrival_window_s)
+        meter.record(item.cost(self._queues.config.prompt_token_weight))
+        self.touch(item)
+
+    def touch(self, item: QueuedRequest) -> None:
+        """``item``'s tenant is active in its class now (admitted, or streaming tokens)."""
+        self._seen.setdefault((item.model, item.workload_class), {})[item.tenant] = self._clock()
+
+    def class_rate(self, model: str, workload_class: int, rate: float) -> float:
+        """The part of ``rate`` a class can count on: what higher classes have recently been
+        admitted to use is taken off, down to ``min_class_share``."""
+        rank = RANK[workload_class]
+        above = sum(
+            m.rate()
+            for (mdl, cls), m in self._admitted.items()
+            if mdl == model and RANK[cls] < rank
+        )
+        return max(rate - above, rate * self.config.min_class_share)
+
+    def share(self, item: QueuedRequest) -> float:
+        """``item``'s tenant's weight over the weights of the tenants active in its class."""
+        now = self._clock()
+        key = (item.model, item.workload_class)
+        seen = self._seen.get(key, {})
+        horizon = now - self.config.active_window_s
+        for tenant in [t for t, at in seen.items() if at < horizon]:
+            del seen[tenant]
+        active = set(seen) | set(self._queues.tenants_with_cost(item.workload_class, item.model))
+        active.add(item.tenant)
+        total = sum(max(self._weight(t), 1e-6) for t in active)
+        return max(self._weight(item.tenant), 1e-6) / total
 
     def cost_ahead(self, item: QueuedRequest) -> float:
         """Weighted tokens that start before ``item`` if it were queued now."""
@@ -159,8 +250,12 @@ class Admission:
             ahead += busy_cost
         if rate <= 0:
             return Verdict(False, math.inf, NO_CAPACITY)
-        wait = ahead / rate
-        if self._clock() + wait + item.max_new_tokens * token_s > item.deadline:
+        rate = self.class_rate(item.model, item.workload_class, rate)
+        own = self._queues.queued_cost(item.workload_class, item.model, item.tenant)
+        wait = max(ahead / rate, own / (rate * self.share(item)))
+        now = self._clock()
+        usable = (item.deadline - now) * (1.0 - self.config.deadline_margin)
+        if wait + item.max_new_tokens * token_s > usable:
             return Verdict(False, wait, OVERLOADED)
         return Verdict(True, wait)
 

@@ -120,6 +120,7 @@ class DispatchGate:
                 reason="QUEUE_FULL",
             ) from exc
         self._metrics.admission.labels(cls, "admitted", "").inc()
+        self.admission.record_admitted(item)
         future: asyncio.Future[NodeHandle] = asyncio.get_running_loop().create_future()
         self._waiters[item.request_id] = future
         self._dispatch()
@@ -164,6 +165,7 @@ class DispatchGate:
     def charge(self, item: QueuedRequest, tokens: float) -> None:
         """Charge ``tokens`` (generated, or a prompt correction) to the request's tenant."""
         self.queues.charge(item.tenant, item.workload_class, tokens)
+        self.admission.touch(item)
 
     # -- the loop side -----------------------------------------------------------------
 

@@ -354,6 +354,49 @@ def test_request_that_would_start_in_time_but_finish_late_is_refused() -> None:
     assert [d.item for d in dropped] == [queued]
 
 
+def test_lower_class_is_predicted_with_what_higher_classes_leave() -> None:
+    """REALTIME admitted at 80 weighted tokens/s out of 100 leaves BATCH 20/s: 100 tokens of
+    its own queued wait 5 s, so a 4 s deadline is refused now (not admitted and shed later);
+    with REALTIME using everything BATCH still counts on ``min_class_share`` (5 %)."""
+    clock, queues, admission = make()
+    queues.push(item("b", BATCH, prompt=0, new=100))
+    for _ in range(10):  # 800 tokens of REALTIME over 10 s
+        admission.record_admitted(item("rt", REALTIME, prompt=0, new=80))
+        clock.advance(1.0)
+    assert admission.class_rate("m", BATCH, 100.0) == pytest.approx(20.0, rel=0.15)
+    assert admission.class_rate("m", REALTIME, 100.0) == 100.0
+    short = admission.decide(item("b", BATCH, deadline=clock() + 4), 100.0, room_now=False)
+    assert not short.admitted and short.predicted_wait_s >= 4.5
+    for _ in range(20):
+        admission.record_admitted(item("rt", REALTIME, prompt=0, new=200))
+    assert admission.class_rate("m", BATCH, 100.0) == pytest.approx(5.0)
+
+
+def test_wait_is_bounded_by_the_tenants_fair_share_while_others_are_active() -> None:
+    """B (weight 1) with 100 tokens queued and A (weight 2) active but with nothing queued:
+    the queue alone says B waits 1 s at 100/s, but A may come back at any moment and take
+    two thirds, so B's wait is predicted at 100 / (100 / 3) = 3 s; once A has been quiet for
+    ``active_window_s`` it is 1 s again."""
+    clock, queues, admission = make({"A": 2.0, "B": 1.0})
+    admission.touch(item("A"))
+    queues.push(item("B", prompt=0, new=100))
+    verdict = admission.decide(item("B", deadline=clock() + 60), 100.0, room_now=False)
+    assert verdict.predicted_wait_s == pytest.approx(3.0)
+    clock.advance(admission.config.active_window_s + 0.1)
+    verdict = admission.decide(item("B", deadline=clock() + 60), 100.0, room_now=False)
+    assert verdict.predicted_wait_s == pytest.approx(1.0)
+
+
+def test_waiting_request_must_leave_the_deadline_margin_unused() -> None:
+    """A predicted 10 s wait with an 10.5 s deadline would finish inside the last 10 % of the
+    time left: refused. With 12 s left it fits."""
+    clock, queues, admission = make()
+    for _ in range(10):
+        queues.push(item("me", prompt=0, new=100))
+    assert not admission.decide(item("me", deadline=clock() + 10.5), 100.0, False).admitted
+    assert admission.decide(item("me", deadline=clock() + 12), 100.0, False).admitted
+
+
 def test_shrinking_capacity_sheds_lowest_class_first() -> None:
     """When the rate halves, the queue is re-predicted: FINETUNE and BATCH requests that can
     no longer start in time are shed; REALTIME ones ahead of them stay."""
