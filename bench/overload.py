@@ -5,17 +5,24 @@
 ``BATCH`` flood) to one target at a time:
 
 1. the naive server (:mod:`bench.naive_server`, a child process): its capacity at SLO by a
-   stepped search, then 2x and 4x that rate;
+   stepped search, then 1x, 2x and 4x that rate;
 2. the Sluice suite (``sluice up``'s supervisor: etcd, Redis, cache, one node, scheduler, with a
    tenants file written for the scenario's tenants): the same absolute rates (1x, 2x, 4x the
-   naive capacity), its own capacity at SLO, then 2x and 4x its own capacity.
+   naive capacity), its own capacity at SLO, then 1x, 2x and 4x its own capacity.
 
 *Capacity at SLO* is the highest offered rate at which at least 95 % of requests finish with
 TTFT <= 2 s and mean TPOT <= 0.25 s. The search starts at ``--naive-start-rps`` (Sluice: at the
 naive capacity), multiplies by ``--search-factor`` while steps pass (divides while they fail),
 then refines between the last pass and the first failure with ``--refine-steps`` geometric
-midpoints. A rate measured once is never measured again: a level equal to a search step reuses
-that step's run. Every figure in the results comes from this run.
+midpoints. A run at some rate is reused for any later one at that rate whose window is no longer
+(a level equal to a search step reuses that step's run unless the level needs a longer window).
+Every figure in the results comes from this run.
+
+Levels hold ``--level-min-requests`` requests on average, within ``--max-step-s``. The level at
+1x the naive capacity, where REALTIME TTFT is compared, lasts long enough to hold
+``--realtime-min-requests`` REALTIME requests (pooled over the realtime tenants): on average, at
+the scenario's realtime share of the offered rate, and in the seeded plan itself; it may exceed
+``--max-step-s`` but not ``--max-level-s``.
 
 Results: ``overload.json`` (schema in :mod:`bench.overload_report`), ``overload.md``,
 ``overload.png`` and ``overload_shares.png`` under ``--out-dir``.
@@ -40,9 +47,21 @@ from typing import IO, Protocol
 import yaml
 
 from bench.load import LoadResult, make_target, run_load
-from bench.load_scenario import PlannedRequest, Scenario, load_scenario, make_prompt
+from bench.load_scenario import (
+    PlannedRequest,
+    Scenario,
+    load_scenario,
+    make_prompt,
+    plan_requests,
+)
 from bench.load_targets import TargetError
-from bench.overload_report import build_report, render_text, write_outputs
+from bench.overload_report import (
+    REALTIME,
+    build_report,
+    capacity_label,
+    render_text,
+    write_outputs,
+)
 from sluice.auth import hash_api_key, new_api_key
 from sluice.stores import environment_without_proxies, free_port
 from sluice.up import Supervisor, UpConfig, wait_serving
@@ -253,6 +272,12 @@ class Options:
     is measured again, longer, so tail latencies rest on more samples)."""
     max_step_s: float = 200.0
     """Longest window; with ``min_requests`` it sets the lowest rate the search probes."""
+    realtime_min_requests: int = 16
+    """REALTIME requests (all realtime tenants together) the level at 1x the naive capacity must
+    hold, on average and in its seeded plan: its REALTIME TTFT p99s are compared (0: no such
+    lengthening)."""
+    max_level_s: float = 600.0
+    """Longest window of that level (it may exceed ``max_step_s``)."""
     drain_s: float | None = None
     """Override of the scenario's drain (wait for requests in flight after the window)."""
     settle_s: float = 2.0
@@ -269,12 +294,19 @@ class Options:
     """Share of requests that must meet the SLO for a rate to pass."""
     naive_multiples: tuple[float, ...] = (1.0, 2.0, 4.0)
     """Levels offered to both targets, as multiples of the naive capacity."""
-    own_multiples: tuple[float, ...] = (2.0, 4.0)
+    own_multiples: tuple[float, ...] = (1.0, 2.0, 4.0)
     """Levels offered to Sluice, as multiples of its own capacity."""
     warmup_requests: int = 3
     """Unmeasured requests sent to each target before its first run."""
     time_budget_s: float = 0.0
     """Skip runs that would end past this many seconds (0: no limit)."""
+
+
+def realtime_share(scenario: Scenario) -> float:
+    """Share of the scenario's offered rate sent by its ``realtime`` tenants (the same at every
+    offered rate: a run scales all tenants' rates together)."""
+    realtime = sum(t.rate_rps for t in scenario.tenants if t.workload_class == REALTIME)
+    return realtime / scenario.total_rps
 
 
 class Benchmark:
@@ -287,12 +319,36 @@ class Benchmark:
         self.runs: dict[tuple[str, float], LoadResult] = {}
         self.started = time.monotonic()
 
-    def duration_for(self, rate: float, min_requests: int | None = None) -> float:
+    def duration_for(
+        self, rate: float, min_requests: int | None = None, realtime_min_requests: int = 0
+    ) -> float:
         """The arrival window at ``rate``: long enough for ``min_requests`` (default: the
-        search's), within ``[step_s, max_step_s]``."""
+        search's), within ``[step_s, max_step_s]``.
+
+        With ``realtime_min_requests``, lengthened up to ``max_level_s`` (never shortened) so
+        that the scenario's realtime share yields that many REALTIME requests on average, and
+        the run's seeded plan holds that many (a Poisson draw can fall short of its mean).
+        """
         o = self.options
         wanted = (min_requests or o.min_requests) / rate
-        return min(max(o.step_s, wanted), max(o.max_step_s, o.step_s))
+        window = min(max(o.step_s, wanted), max(o.max_step_s, o.step_s))
+        share = realtime_share(self.scenario)
+        if realtime_min_requests <= 0 or share <= 0:
+            return window
+        on_average = realtime_min_requests / (rate * share)
+        needed = max(on_average, self._planned_realtime_window(rate, realtime_min_requests))
+        return max(window, min(needed, o.max_level_s))
+
+    def _planned_realtime_window(self, rate: float, count: int) -> float:
+        """The shortest whole-second window whose plan at ``rate`` holds ``count`` REALTIME
+        requests (a longer window's plan extends a shorter one's); ``max_level_s`` if none
+        within it does."""
+        cap = self.options.max_level_s
+        plan = plan_requests(self.scenario, duration_s=cap, total_rps=rate)
+        arrivals = [r.scheduled_s for r in plan if r.workload_class == REALTIME]
+        if len(arrivals) < count:
+            return cap
+        return math.floor(arrivals[count - 1]) + 1.0  # the plan keeps arrivals before the end
 
     def _check_budget(self, duration: float) -> None:
         budget = self.options.time_budget_s
@@ -303,12 +359,18 @@ class Benchmark:
         if time.monotonic() - self.started + needed > budget:
             raise BudgetExhausted(f"{needed:.0f} s more would pass the {budget:.0f} s budget")
 
-    def measure(self, server: Server, rate: float, min_requests: int | None = None) -> LoadResult:
-        """One load run at ``rate``; a run of ``server`` at that rate with a window at least as
-        long is reused instead."""
+    def measure(
+        self,
+        server: Server,
+        rate: float,
+        min_requests: int | None = None,
+        realtime_min_requests: int = 0,
+    ) -> LoadResult:
+        """One load run at ``rate`` with the window :meth:`duration_for` gives; a run of
+        ``server`` at that rate with a window at least as long is reused instead."""
         rate = round(rate, RATE_DIGITS)
         key = (server.name, rate)
-        duration = self.duration_for(rate, min_requests)
+        duration = self.duration_for(rate, min_requests, realtime_min_requests)
         earlier = self.runs.get(key)
         if earlier is not None and earlier.duration_s >= duration - 1e-6:
             return earlier
@@ -395,12 +457,24 @@ class Benchmark:
             min_rps=o.min_requests / max(o.max_step_s, o.step_s),
         )
 
-    def levels(self, server: Server, plan: Sequence[tuple[float, str]]) -> list[tuple[float, str]]:
-        """Measure each ``(rate, label)`` (reusing runs); returns those the budget allowed."""
+    def levels(
+        self,
+        server: Server,
+        plan: Sequence[tuple[float, str]],
+        realtime_judged_at: float | None = None,
+    ) -> list[tuple[float, str]]:
+        """Measure each ``(rate, label)`` (reusing runs); returns those the budget allowed.
+
+        The level at ``realtime_judged_at`` (the naive capacity, where REALTIME TTFT is
+        compared) holds ``realtime_min_requests`` REALTIME requests.
+        """
+        o = self.options
+        judged = None if realtime_judged_at is None else round(realtime_judged_at, RATE_DIGITS)
         done = []
         for rate, label in plan:
+            realtime = o.realtime_min_requests if round(rate, RATE_DIGITS) == judged else 0
             try:
-                self.measure(server, rate, self.options.level_min_requests)
+                self.measure(server, rate, o.level_min_requests, realtime)
                 done.append((round(rate, RATE_DIGITS), label))
             except BudgetExhausted as exc:
                 print(f"  skipped {server.name} at {rate:.3f} req/s: {exc}", flush=True)
@@ -434,6 +508,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--min-requests", type=int, default=o.min_requests)
     p.add_argument("--level-min-requests", type=int, default=o.level_min_requests)
     p.add_argument("--max-step-s", type=float, default=o.max_step_s)
+    p.add_argument(
+        "--realtime-min-requests",
+        type=int,
+        default=o.realtime_min_requests,
+        help="REALTIME requests the level at 1x the naive capacity holds (0: no lengthening)",
+    )
+    p.add_argument(
+        "--max-level-s", type=float, default=o.max_level_s, help="longest window of that level"
+    )
     p.add_argument("--drain-s", type=float, default=None, help="override the scenario's drain")
     p.add_argument("--settle-s", type=float, default=o.settle_s)
     p.add_argument("--naive-start-rps", type=float, default=o.naive_start_rps)
@@ -450,6 +533,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.search_factor <= 1 or args.step_s <= 0 or args.naive_start_rps <= 0:
         p.error("--search-factor must exceed 1; --step-s and --naive-start-rps must be positive")
+    if args.realtime_min_requests < 0 or args.max_level_s <= 0:
+        p.error("--realtime-min-requests must not be negative; --max-level-s must be positive")
     return args
 
 
@@ -462,6 +547,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         min_requests=args.min_requests,
         level_min_requests=args.level_min_requests,
         max_step_s=args.max_step_s,
+        realtime_min_requests=args.realtime_min_requests,
+        max_level_s=args.max_level_s,
         drain_s=args.drain_s,
         settle_s=args.settle_s,
         naive_start_rps=args.naive_start_rps,
@@ -485,7 +572,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def naive() -> None:
         searches["naive"] = bench.search(naive_server, options.naive_start_rps)
         base = _base(searches["naive"], options.naive_start_rps)
-        levels["naive"] = bench.levels(naive_server, _plan(options.naive_multiples, base, "naive"))
+        plan = _plan(options.naive_multiples, base, "naive")
+        levels["naive"] = bench.levels(naive_server, plan, realtime_judged_at=base)
 
     def sluice() -> None:
         naive_search = searches.get("naive", SearchResult(0.0))
@@ -494,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         own = _base(searches["sluice"], naive_base)
         plan = _plan(options.naive_multiples, naive_base, "naive")
         plan += _plan(options.own_multiples, own, "sluice")
-        levels["sluice"] = bench.levels(suite, plan)
+        levels["sluice"] = bench.levels(suite, plan, realtime_judged_at=naive_base)
 
     naive_server = NaiveProcess(scenario.model, run_dir)
     suite = SluiceSuite(scenario, keys, run_dir)
@@ -532,7 +620,7 @@ def _base(search: SearchResult, fallback: float) -> float:
 
 def _plan(multiples: Sequence[float], base: float, of: str) -> list[tuple[float, str]]:
     """``(rate, label)`` of each multiple of ``base``, e.g. ``(0.4, "2x naive capacity")``."""
-    return [(m * base, f"{m:g}x {of} capacity") for m in multiples]
+    return [(m * base, capacity_label(m, of)) for m in multiples]
 
 
 def _scratch() -> Path:

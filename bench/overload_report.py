@@ -17,6 +17,17 @@ cut off without a token, at the time they waited; ``unfinished`` = timed out + c
 run's end; a percentile of no values is 0.0. ``fairness_jain`` is the within-class index of
 Sluice at its highest measured load level (``fairness_jain_at`` says which). ``runs`` lists
 every measured run, search steps included, with its totals and full accounting.
+
+``checks`` holds the issue's targets. The capacity ratio and the REALTIME TTFT p99 ratio at the
+naive capacity (both targets' realtime tenants pooled) keep flat keys (``capacity_ratio``,
+``..._target``, ``..._met``); ``realtime_ttft_samples`` counts the TTFT values behind each p99
+and the ratio is not met (not shown) while either target has fewer than
+``realtime_ttft_min_samples``. ``sluice_overload`` lists one entry per check of Sluice at 2x
+and 4x its own capacity, ``{"name", "level", "offered_rps", "value", "op", "limit", "pass"}``
+(``value`` None when the level, or the 1x level it is compared with, was not measured):
+REALTIME goodput over its value at 1x its own capacity (>= 0.9), errors other than refusals,
+unfinished requests and refusals without RetryInfo (each 0), and the refusal p99 over all
+tenants (<= 10 ms; 0.0 without refusals).
 """
 
 from __future__ import annotations
@@ -32,7 +43,13 @@ from typing import TYPE_CHECKING, Any
 
 from bench.load import LoadResult
 from bench.load_scenario import Scenario
-from bench.load_stats import OUTCOME_OK, RequestRecord
+from bench.load_stats import (
+    OUTCOME_CUT_OFF,
+    OUTCOME_OK,
+    OUTCOME_TIMED_OUT,
+    RequestRecord,
+    waited_ttft,
+)
 
 if TYPE_CHECKING:
     from bench.overload import Options, SearchResult
@@ -40,6 +57,10 @@ if TYPE_CHECKING:
 TARGET_NAMES = ("naive", "sluice")
 CAPACITY_RATIO_TARGET = 8.0
 TTFT_RATIO_TARGET = 1.0 / 3.0
+REALTIME = "realtime"
+OVERLOAD_MULTIPLES = (2.0, 4.0)  # Sluice's own-capacity levels judged against its 1x level
+REALTIME_GOODPUT_KEPT = 0.9
+REFUSAL_P99_LIMIT_S = 0.010
 LEVEL_KEYS: tuple[str, ...] = (
     "target",
     "offered_rps",
@@ -59,13 +80,30 @@ LEVEL_KEYS: tuple[str, ...] = (
 )
 
 
+def capacity_label(multiple: float, of: str) -> str:
+    """A level's label, e.g. ``2x sluice capacity``."""
+    return f"{multiple:g}x {of} capacity"
+
+
 def realtime_ttft_p99(result: LoadResult) -> float:
-    """TTFT p99 of the run's ``realtime`` requests."""
+    """TTFT p99 of the run's ``realtime`` requests (all realtime tenants together)."""
     return float(result.summary(_realtime(result))["ttft_p99_s"])
 
 
+def realtime_ttft_samples(result: LoadResult) -> int:
+    """How many TTFT values :func:`realtime_ttft_p99` rests on (the requests that finished,
+    timed out or were cut off after being sent, as in :func:`bench.load_stats.summarize`)."""
+    waited = (OUTCOME_OK, OUTCOME_TIMED_OUT, OUTCOME_CUT_OFF)
+    return sum(r.outcome in waited and waited_ttft(r) is not None for r in _realtime(result))
+
+
+def realtime_goodput(result: LoadResult) -> float:
+    """Requests per second of the run's ``realtime`` tenants that met the SLO."""
+    return float(result.summary(_realtime(result))["goodput_rps"])
+
+
 def _realtime(result: LoadResult) -> list[RequestRecord]:
-    return [r for r in result.records if r.workload_class == "realtime"]
+    return [r for r in result.records if r.workload_class == REALTIME]
 
 
 def level_rows(result: LoadResult, offered_rps: float) -> list[dict[str, Any]]:
@@ -123,23 +161,77 @@ def machine_info() -> dict[str, Any]:
 
 
 def _checks(
-    runs: Mapping[tuple[str, float], LoadResult], capacity: Mapping[str, float]
+    runs: Mapping[tuple[str, float], LoadResult],
+    capacity: Mapping[str, float],
+    levels: Mapping[str, Sequence[tuple[float, str]]],
+    realtime_min_samples: int,
 ) -> dict[str, Any]:
     naive_cap, sluice_cap = capacity.get("naive", 0.0), capacity.get("sluice", 0.0)
     ratio = sluice_cap / naive_cap if naive_cap > 0 else None
-    naive_run, sluice_run = runs.get(("naive", naive_cap)), runs.get(("sluice", naive_cap))
-    ttft_naive = realtime_ttft_p99(naive_run) if naive_run else None
-    ttft_sluice = realtime_ttft_p99(sluice_run) if sluice_run else None
+    judged = {t: runs.get((t, naive_cap)) for t in TARGET_NAMES}
+    ttft = {t: realtime_ttft_p99(run) if run else None for t, run in judged.items()}
+    samples = {t: realtime_ttft_samples(run) if run else 0 for t, run in judged.items()}
+    ttft_naive, ttft_sluice = ttft["naive"], ttft["sluice"]
     ttft_ratio = ttft_sluice / ttft_naive if ttft_naive and ttft_sluice is not None else None
+    shown = min(samples.values()) >= realtime_min_samples
     return {
         "capacity_ratio": ratio,
         "capacity_ratio_target": CAPACITY_RATIO_TARGET,
         "capacity_ratio_met": ratio is not None and ratio >= CAPACITY_RATIO_TARGET,
-        "realtime_ttft_p99_at_naive_capacity_s": {"naive": ttft_naive, "sluice": ttft_sluice},
+        "realtime_ttft_p99_at_naive_capacity_s": ttft,
+        "realtime_ttft_samples": samples,
+        "realtime_ttft_min_samples": realtime_min_samples,
+        "realtime_ttft_shown": shown,
         "realtime_ttft_ratio": ttft_ratio,
         "realtime_ttft_ratio_target": TTFT_RATIO_TARGET,
-        "realtime_ttft_ratio_met": ttft_ratio is not None and ttft_ratio <= TTFT_RATIO_TARGET,
+        "realtime_ttft_ratio_met": (
+            shown and ttft_ratio is not None and ttft_ratio <= TTFT_RATIO_TARGET
+        ),
+        "sluice_overload": _overload_checks(runs, levels.get("sluice", ())),
     }
+
+
+def _overload_checks(
+    runs: Mapping[tuple[str, float], LoadResult], levels: Sequence[tuple[float, str]]
+) -> list[dict[str, Any]]:
+    """Sluice at 2x and 4x its own capacity: no collapse of REALTIME goodput against 1x, no
+    errors or unfinished requests, quick refusals that all carry RetryInfo."""
+    rates = {label: rate for rate, label in levels}
+
+    def run_at(multiple: float) -> tuple[float | None, LoadResult | None]:
+        rate = rates.get(capacity_label(multiple, "sluice"))
+        return rate, runs.get(("sluice", rate)) if rate is not None else None
+
+    base = run_at(1.0)[1]
+    base_goodput = realtime_goodput(base) if base else 0.0
+    entries = []
+    for multiple in OVERLOAD_MULTIPLES:
+        label = capacity_label(multiple, "sluice")
+        rate, run = run_at(multiple)
+        s: dict[str, Any] = run.summary() if run is not None else {}
+        goodput_kept = (
+            realtime_goodput(run) / base_goodput if run is not None and base_goodput > 0 else None
+        )
+        for metric, value, op, limit in (
+            ("realtime_goodput_vs_1x", goodput_kept, ">=", REALTIME_GOODPUT_KEPT),
+            ("errors", s.get("errors"), "<=", 0),
+            ("unfinished", s.get("unfinished"), "<=", 0),
+            ("refused_without_retryinfo", s.get("refused_without_retryinfo"), "<=", 0),
+            ("refusal_p99_s", s.get("refusal_p99_s"), "<=", REFUSAL_P99_LIMIT_S),
+        ):
+            passed = value is not None and (value >= limit if op == ">=" else value <= limit)
+            entries.append(
+                {
+                    "name": f"{metric}_at_{multiple:g}x_sluice_capacity",
+                    "level": label,
+                    "offered_rps": rate,
+                    "value": value,
+                    "op": op,
+                    "limit": limit,
+                    "pass": passed,
+                }
+            )
+    return entries
 
 
 def build_report(
@@ -169,7 +261,7 @@ def build_report(
         "levels": rows,
         "fairness_jain": fairness,
         "fairness_jain_at": {"target": "sluice", "offered_rps": top[1]} if top else None,
-        "checks": _checks(runs, capacity),
+        "checks": _checks(runs, capacity, levels, options.realtime_min_requests),
         "runs": [
             run_entry(runs[key], key[1], labels.get(key, []))
             for key in sorted(runs, key=lambda k: (TARGET_NAMES.index(k[0]), k[1]))
@@ -206,11 +298,19 @@ def _level_label(report: Mapping[str, Any], target: str, rate: float) -> str:
 
 
 def check_lines(report: Mapping[str, Any]) -> list[str]:
-    """The two targets of the issue, met or not, with the numbers (and any failure)."""
+    """The issue's targets, met or not, with the numbers (and any failure)."""
     c = report["checks"]
     cap = report["capacity_at_slo_rps"]
     ttft = c["realtime_ttft_p99_at_naive_capacity_s"]
+    samples = c["realtime_ttft_samples"]
     mark = {True: "met", False: "NOT met"}
+    if c["realtime_ttft_shown"]:
+        ttft_verdict = mark[c["realtime_ttft_ratio_met"]]
+    else:
+        ttft_verdict = (
+            f"NOT met (not shown: fewer than {c['realtime_ttft_min_samples']} REALTIME "
+            "samples per target)"
+        )
     notes = []
     for target, search in report["search"].items():
         if search["capacity_rps"] == 0:
@@ -222,13 +322,34 @@ def check_lines(report: Mapping[str, Any]) -> list[str]:
         f"capacity at SLO: naive {cap['naive']:.3f} req/s, sluice {cap['sluice']:.3f} req/s, "
         f"ratio {_f(c['capacity_ratio'])}x (target >= {c['capacity_ratio_target']:g}x): "
         f"{mark[c['capacity_ratio_met']]}{caveat}",
-        f"REALTIME TTFT p99 at the naive capacity: naive {_f(ttft['naive'])} s, sluice "
-        f"{_f(ttft['sluice'])} s, ratio {_f(c['realtime_ttft_ratio'])} (target <= 0.33): "
-        f"{mark[c['realtime_ttft_ratio_met']]}",
+        f"REALTIME TTFT p99 at the naive capacity: naive {_f(ttft['naive'])} s over "
+        f"{samples['naive']} REALTIME samples, sluice {_f(ttft['sluice'])} s over "
+        f"{samples['sluice']}, ratio {_f(c['realtime_ttft_ratio'])} (target <= 0.33): "
+        f"{ttft_verdict}",
+        *_overload_lines(c["sluice_overload"]),
         f"fairness (Jain, within class, sluice at its highest level): "
         f"{report['fairness_jain']:.3f}",
         *[f"FAILED {failure}" for failure in report.get("failures", [])],
     ]
+
+
+def _overload_lines(entries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per judged Sluice level: each check's value against its limit."""
+    lines = []
+    for level in dict.fromkeys(e["level"] for e in entries):
+        checks = [e for e in entries if e["level"] == level]
+        rate = checks[0]["offered_rps"]
+        where = f"{rate:.3f} req/s" if rate is not None else "not measured"
+        parts = []
+        for e in checks:
+            what = e["name"].removesuffix(f"_at_{level.replace(' ', '_')}")
+            value = "-" if e["value"] is None else f"{e['value']:.3g}"
+            parts.append(
+                f"{what} {value} ({e['op']} {e['limit']:g}) {'ok' if e['pass'] else 'FAIL'}"
+            )
+        verdict = "met" if all(e["pass"] for e in checks) else "NOT met"
+        lines.append(f"sluice at {level} ({where}): {'; '.join(parts)}: {verdict}")
+    return lines
 
 
 def table_rows(report: Mapping[str, Any]) -> list[list[str]]:

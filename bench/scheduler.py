@@ -1,4 +1,5 @@
-"""Scheduler figures on the real suite, in one run: overhead, refusal latency and fairness.
+"""Scheduler figures on the real suite, in one run: overhead, refusal latency, fairness and
+isolation.
 
 ``python -m bench.scheduler`` (``make bench-scheduler``) starts etcd, Redis, one inference node
 with the tiny seeded Llama (``tiny-random-llama``, so model time is small and steady) and a
@@ -20,14 +21,36 @@ scheduler, as child processes on free loopback ports (``bench.scheduler_suite``)
    process: ``bench.scheduler_load``); output tokens delivered per tenant over a steady window
    give the share ratio (target 2:1 within 10 %) and Jain's index of the weight-normalised
    shares (target ≥ 0.95). The refusal probes of (2) run during this window.
+4. **Isolation.** Tenants ``victim`` and ``flooder`` (weight 1 each, REALTIME, no quotas: half
+   the node each) send open-loop Poisson arrivals (seeded; ``bench.scheduler_load``, again in
+   its own process), ``--isolation-tokens`` output tokens each under a
+   ``--isolation-deadline-s`` deadline. Capacity (completed requests per second) is the
+   fairness phase's when the output lengths match, else measured closed-loop for
+   ``--capacity-window-s``. Phase *calm*: both tenants at 0.25 x capacity; phase *flood*: the
+   victim the same (the same arrival schedule), the flooder at 10 x its share (5 x capacity,
+   at most ``--isolation-max-rate``); ``--isolation-window-s`` each after the warm-up.
+   Headline: the victim's TTFT p99 in flood over its p99 in calm (target ≤ 1.2), where a
+   victim arrival that got no first token (refused, failed) counts as infinitely late. The
+   flooder's outcomes (served, refused by reason) are reported with it.
 
-Writes ``bench/results/scheduler.json`` and ``scheduler.md`` with only this run's figures.
+CPU placement: unless ``--shared-cpus`` is given (or the machine has one CPU), the node gets the
+last CPU to itself and this process, and so the stores and the scheduler it starts, the others;
+the load processes of (3) and (4) move themselves onto the node's CPU. The scheduler's CPUs are
+then left to the scheduler, the stores and the probes and overhead calls timed here, as in a
+deployment where the scheduler has its own CPU and the clients run elsewhere; the load competes
+with the model instead, which lowers the measured capacity but not the scheduler's latency.
+``--shared-cpus`` lets every process use every CPU.
+
+Writes ``bench/results/scheduler.json`` and ``scheduler.md`` with only this run's figures; the
+report flags a run in which the scheduler lost the node (a ``node_removed`` line in its log:
+the node's registry lease lapsed, as when something else starves its CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import multiprocessing
@@ -36,7 +59,8 @@ import platform
 import statistics
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.queues import Queue
@@ -46,18 +70,22 @@ from typing import Any
 import grpc
 
 from bench import scheduler_load
-from bench.scheduler_load import LoadSpec, generate_request
+from bench.scheduler_load import LoadSpec, OpenLoopSpec, generate_request
 from bench.scheduler_report import (
     REFUSAL_KINDS,
     finite,
+    isolation_ratio,
     jain_index,
     markdown,
+    node_removals,
+    open_loop_summary,
     percentile,
     print_table,
     server_side_refusals,
     targets,
 )
 from bench.scheduler_suite import (
+    FLOODER,
     GRPC_OPTIONS,
     LIMITED,
     METERED,
@@ -65,6 +93,7 @@ from bench.scheduler_suite import (
     PROBE,
     TENANT_A,
     TENANT_B,
+    VICTIM,
     WEIGHTS,
     BenchSuite,
 )
@@ -72,6 +101,10 @@ from sluice.sdk.errors import QuotaExceeded, from_rpc_error
 from sluice.v1 import inference_pb2, inference_pb2_grpc, node_pb2, node_pb2_grpc
 
 OVERHEAD_PROMPT = "Say hello to the scheduler benchmark."
+CALM_LOAD = 0.25
+"""Each isolation tenant's arrival rate in the calm phase, as a fraction of capacity."""
+FLOOD_MULTIPLE = 10.0
+"""The flooder's arrival rate in the flood phase, as a multiple of its share of capacity."""
 
 
 def auth(key: str) -> tuple[tuple[str, str], ...]:
@@ -215,8 +248,36 @@ async def probe(start: Callable[[], Any], into: Refusals) -> None:
         call.cancel()
 
 
+@contextlib.asynccontextmanager
+async def load_process(
+    spec: LoadSpec | OpenLoopSpec, result_timeout_s: float
+) -> AsyncIterator[Callable[[], Awaitable[dict[str, Any]]]]:
+    """Run ``spec`` in a spawned ``bench.scheduler_load`` process; inside the block (entered
+    once the load has started) the yielded coroutine function waits for its result."""
+    ctx = multiprocessing.get_context("spawn")
+    started = ctx.Event()
+    out: Queue[dict[str, Any]] = ctx.Queue()
+    proc = ctx.Process(target=scheduler_load.main, args=(spec, started, out), name="load")
+    proc.start()
+
+    async def result() -> dict[str, Any]:
+        got = await asyncio.to_thread(out.get, True, result_timeout_s)
+        if "error" in got:
+            raise RuntimeError(f"load process failed: {got['error']}")
+        return got
+
+    try:
+        if not await asyncio.to_thread(started.wait, 120):
+            raise TimeoutError("the load process did not start")
+        yield result
+    finally:
+        await asyncio.to_thread(proc.join, 30)
+        if proc.is_alive():
+            proc.terminate()
+
+
 async def measure_fairness(
-    paths: Paths, address: str, args: argparse.Namespace
+    paths: Paths, address: str, cpus: frozenset[int], args: argparse.Namespace
 ) -> tuple[dict[str, Any], Refusals, Refusals]:
     """The 2:1 load in its own process; meanwhile, refusal probes from this one. Every
     refusal from here on counts as one under saturation."""
@@ -228,16 +289,10 @@ async def measure_fairness(
         max_new_tokens=args.fair_tokens,
         warmup_s=args.warmup_s,
         window_s=args.window_s,
+        cpus=cpus,
     )
-    ctx = multiprocessing.get_context("spawn")
-    started = ctx.Event()
-    out: Queue[dict[str, Any]] = ctx.Queue()
-    proc = ctx.Process(target=scheduler_load.main, args=(spec, started, out), name="load")
-    proc.start()
     deadline_refusals, quota_refusals = refusals("OVERLOADED"), refusals("QUOTA")
-    try:
-        if not await asyncio.to_thread(started.wait, 120):
-            raise TimeoutError("the load process did not start")
+    async with load_process(spec, args.window_s + 120) as result:
         window_end = time.monotonic() + args.warmup_s + args.window_s
         await asyncio.sleep(args.warmup_s)
         # Longest output the model allows: with it, all the queued work counts ahead of the
@@ -254,14 +309,8 @@ async def measure_fairness(
             await asyncio.sleep(args.probe_interval_s / 2)
             await probe(paths.via_scheduler(LIMITED, quota_req), quota_refusals)
             await asyncio.sleep(args.probe_interval_s / 2)
-        result = await asyncio.to_thread(out.get, True, args.window_s + 120)
-    finally:
-        await asyncio.to_thread(proc.join, 30)
-        if proc.is_alive():
-            proc.terminate()
-    if "error" in result:
-        raise RuntimeError(f"load process failed: {result['error']}")
-    return fairness_figures(result, args), deadline_refusals, quota_refusals
+        loaded = await result()
+    return fairness_figures(loaded, args), deadline_refusals, quota_refusals
 
 
 def fairness_figures(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -287,6 +336,91 @@ def fairness_figures(result: dict[str, Any], args: argparse.Namespace) -> dict[s
             }
             for t, v in tenants.items()
         },
+    }
+
+
+async def measure_capacity(
+    suite: BenchSuite, fairness: dict[str, Any], args: argparse.Namespace
+) -> tuple[float, str, dict[str, int]]:
+    """Completed requests per second at the isolation output length, where it came from (the
+    fairness phase's when its output length is the same, else a closed loop of the isolation
+    tenants for ``--capacity-window-s``) and the errors of that load, by code."""
+    if args.isolation_tokens == args.fair_tokens:
+        tenants, window_s = fairness["tenants"], args.window_s
+        source = "the fairness phase's completed requests"
+    else:
+        spec = LoadSpec(
+            address=suite.scheduler_address,
+            keys={VICTIM: suite.keys[VICTIM], FLOODER: suite.keys[FLOODER]},
+            model=MODEL,
+            in_flight=args.in_flight,
+            max_new_tokens=args.isolation_tokens,
+            warmup_s=args.warmup_s,
+            window_s=args.capacity_window_s,
+            cpus=suite.node_cpus,
+        )
+        async with load_process(spec, args.capacity_window_s + 120) as result:
+            tenants, window_s = (await result())["tenants"], args.capacity_window_s
+        source = f"closed loop, {args.in_flight} in flight per tenant, {window_s} s"
+    errors: Counter[str] = Counter()
+    for t in tenants.values():
+        errors.update(t["errors"])
+    return sum(t["completed"] for t in tenants.values()) / window_s, source, dict(errors)
+
+
+async def measure_isolation(
+    suite: BenchSuite, fairness: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Capacity, then the calm and the flood phase, each in its own load process."""
+    capacity, source, capacity_errors = await measure_capacity(suite, fairness, args)
+    share = WEIGHTS[FLOODER] / (WEIGHTS[VICTIM] + WEIGHTS[FLOODER])
+    victim_rate = CALM_LOAD * capacity
+    flood_wanted = FLOOD_MULTIPLE * share * capacity
+    flood_rate = min(flood_wanted, args.isolation_max_rate)
+    phases: dict[str, dict[str, Any]] = {}
+    for phase, flooder_rate in (("calm", CALM_LOAD * capacity), ("flood", flood_rate)):
+        spec = OpenLoopSpec(
+            address=suite.scheduler_address,
+            keys={VICTIM: suite.keys[VICTIM], FLOODER: suite.keys[FLOODER]},
+            rates={VICTIM: victim_rate, FLOODER: flooder_rate},
+            model=MODEL,
+            max_new_tokens=args.isolation_tokens,
+            warmup_s=args.warmup_s,
+            window_s=args.isolation_window_s,
+            deadline_s=args.isolation_deadline_s,
+            seed=args.seed,
+            cpus=suite.node_cpus,
+        )
+        limit = args.warmup_s + args.isolation_window_s + args.isolation_deadline_s + 120
+        async with load_process(spec, limit) as result:
+            loaded = await result()
+        phases[phase] = {
+            t: open_loop_summary(v, args.isolation_window_s) for t, v in loaded["tenants"].items()
+        }
+    calm, flood = phases["calm"][VICTIM], phases["flood"][VICTIM]
+    return {
+        "victim": VICTIM,
+        "flooder": FLOODER,
+        "weights": {VICTIM: WEIGHTS[VICTIM], FLOODER: WEIGHTS[FLOODER]},
+        "max_new_tokens": args.isolation_tokens,
+        "deadline_s": args.isolation_deadline_s,
+        "warmup_s": args.warmup_s,
+        "window_s": args.isolation_window_s,
+        "seed": args.seed,
+        "capacity_req_per_s": capacity,
+        "capacity_source": source,
+        "capacity_errors": capacity_errors,
+        "calm_load": CALM_LOAD,
+        "flood_rate_per_s": flood_rate,
+        "flood_rate_wanted_per_s": flood_wanted,
+        "flood_rate_capped": flood_rate < flood_wanted,
+        "flood_share_multiple": flood_rate / (share * capacity) if capacity else math.nan,
+        "phases": phases,
+        "victim_ttft_p99_ratio": isolation_ratio(
+            calm["ttft_p99_counting_failures_s"], flood["ttft_p99_counting_failures_s"]
+        ),
+        "victim_ttft_p50_ratio": isolation_ratio(calm["ttft_p50_s"], flood["ttft_p50_s"]),
+        "victim_no_first_token": {"calm": calm["no_first_token"], "flood": flood["no_first_token"]},
     }
 
 
@@ -317,18 +451,31 @@ async def measure(suite: BenchSuite, args: argparse.Namespace) -> tuple[dict[str
             await probe(paths.via_scheduler(LIMITED, quota_req), quota_idle)
         saturated_from = datetime.now(UTC)
         fairness, deadline_loaded, quota_loaded = await measure_fairness(
-            paths, suite.scheduler_address, args
+            paths, suite.scheduler_address, suite.node_cpus, args
         )
+    isolation = await measure_isolation(suite, fairness, args)
     refused = {
         "quota_idle": quota_idle.summary(),
         "quota_saturated": quota_loaded.summary(),
         "deadline_saturated": deadline_loaded.summary(),
         "probe_deadline_s": args.probe_deadline_s,
     }
-    return {"overhead": overhead, "refusals": refused, "fairness": fairness}, saturated_from
+    measured = {
+        "overhead": overhead,
+        "refusals": refused,
+        "fairness": fairness,
+        "isolation": isolation,
+    }
+    return measured, saturated_from
 
 
-def build_result(measured: dict[str, Any], args: argparse.Namespace, load: list[float]) -> Any:
+def build_result(
+    measured: dict[str, Any],
+    args: argparse.Namespace,
+    load: list[float],
+    node_cpus: frozenset[int],
+    node_removed_at: list[str],
+) -> Any:
     """Headline figures, verdicts, every measured detail and the setup."""
     refused, fairness = measured["refusals"], measured["fairness"]
     figures: dict[str, Any] = {
@@ -336,6 +483,7 @@ def build_result(measured: dict[str, Any], args: argparse.Namespace, load: list[
         "refusal_p99_s": max(refused[k]["p99_s"] for k in REFUSAL_KINDS),
         "fairness_jain": fairness["jain_index"],
         "share_ratio_a_to_b": fairness["share_ratio_a_to_b"],
+        "isolation_ttft_p99_ratio": measured["isolation"]["victim_ttft_p99_ratio"],
     }
     return {
         **figures,
@@ -347,10 +495,24 @@ def build_result(measured: dict[str, Any], args: argparse.Namespace, load: list[
             "model": MODEL,
             "node_max_sequences": args.max_sequences,
             "cpus": os.cpu_count(),
+            "node_and_load_cpus": sorted(node_cpus),
+            "cpu_placement": cpu_placement(node_cpus),
+            "node_removed_at": node_removed_at,
             "machine": platform.processor() or platform.machine(),
             "load_average_start_end": [load, [round(x, 2) for x in os.getloadavg()]],
         },
     }
+
+
+def cpu_placement(node_cpus: frozenset[int]) -> str:
+    """Who ran where, in words."""
+    if not node_cpus:
+        return "every process shares every CPU"
+    listed = ", ".join(str(c) for c in sorted(node_cpus))
+    return (
+        f"the node and the load processes on CPU {listed}, the scheduler, the stores and the "
+        "timed probe calls on the others"
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -367,20 +529,47 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--window-s", type=float, default=20.0)
     p.add_argument("--probe-interval-s", type=float, default=0.1)
     p.add_argument("--probe-deadline-s", type=float, default=0.05)
+    p.add_argument("--isolation-window-s", type=float, default=30.0, help="per phase")
+    p.add_argument("--isolation-tokens", type=int, default=64, help="output tokens per request")
+    p.add_argument("--isolation-deadline-s", type=float, default=10.0, help="per request")
+    p.add_argument(
+        "--isolation-max-rate", type=float, default=150.0, help="cap on the flood, requests/s"
+    )
+    p.add_argument(
+        "--capacity-window-s",
+        type=float,
+        default=5.0,
+        help="closed-loop capacity window, when isolation and fairness token counts differ",
+    )
+    p.add_argument("--seed", type=int, default=1, help="seeds the isolation arrivals")
+    p.add_argument(
+        "--shared-cpus",
+        action="store_true",
+        help="let every process use every CPU (default: the node and the load processes get "
+        "the last CPU, the rest run the scheduler, the stores and the timed probes)",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     load = [round(x, 2) for x in os.getloadavg()]
-    suite = BenchSuite(args.run_dir.resolve(), max_sequences=args.max_sequences)
+    node_cpus: frozenset[int] = frozenset()
+    cpus = sorted(os.sched_getaffinity(0))
+    if not args.shared_cpus and len(cpus) >= 2:
+        node_cpus = frozenset(cpus[-1:])
+        os.sched_setaffinity(0, cpus[:-1])  # inherited by the stores and the scheduler
+    suite = BenchSuite(
+        args.run_dir.resolve(), max_sequences=args.max_sequences, node_cpus=node_cpus
+    )
     try:
         suite.start()
         measured, saturated_from = asyncio.run(measure(suite, args))
     finally:
         suite.stop()
     measured["refusals"]["server_side"] = server_side_refusals(suite.scheduler_log, saturated_from)
-    result = build_result(measured, args, load)
+    removed = node_removals(suite.scheduler_log)
+    result = build_result(measured, args, load, node_cpus, removed)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "scheduler.json").write_text(json.dumps(finite(result), indent=2) + "\n")
     (args.out_dir / "scheduler.md").write_text(markdown(result))

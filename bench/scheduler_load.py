@@ -1,16 +1,29 @@
-"""The fairness load of ``bench.scheduler``, run in its own process so that the probes the main
-process times are not delayed by this process's event loop (it parses every streamed chunk).
+"""The load of ``bench.scheduler``, run in its own process so that the probes the main process
+times are not delayed by this process's event loop (it parses every streamed chunk). The spec
+may name CPUs; the process moves itself onto them before it starts (``bench.scheduler`` puts it
+on the node's CPU, away from the scheduler's).
 
-Closed loop: each tenant keeps ``in_flight`` generations open at all times (a finished one is
-replaced at once), each with a fixed output length (``ignore_eos``), so both tenants always
-have work queued in the scheduler. Tokens are counted as their chunks arrive, only inside the
-steady window ``[start + warmup_s, start + warmup_s + window_s)``; at the window's end every
-open call is cancelled.
+Two modes, both with a fixed output length per request (``ignore_eos``):
+
+- **Closed loop** (:class:`LoadSpec`, fairness and capacity): each tenant keeps ``in_flight``
+  generations open at all times (a finished one is replaced at once), so every tenant always
+  has work queued in the scheduler. Tokens are counted as their chunks arrive, only inside the
+  steady window ``[start + warmup_s, start + warmup_s + window_s)``; at the window's end every
+  open call is cancelled.
+- **Open loop** (:class:`OpenLoopSpec`, isolation): each tenant's requests arrive as a Poisson
+  process at its own rate, from a seeded schedule, whatever happened to the earlier ones; each
+  is streamed to its end under the spec's deadline. Requests that *arrive* inside the window
+  are measured (time to first chunk from the call's start, and how the call ended); arrivals
+  go on past the window until every measured request has ended, so the last ones see the same
+  load as the first. At most ``max_open`` calls are open at once; an arrival beyond that is
+  not sent, and counted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,9 +33,11 @@ from typing import Any
 
 import grpc
 
+from sluice.sdk.errors import from_rpc_error
 from sluice.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 GRPC_OPTIONS = [("grpc.enable_http_proxy", 0)]
+REFUSAL_CODES = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
 
 
 @dataclass(frozen=True)
@@ -37,6 +52,31 @@ class LoadSpec:
     max_new_tokens: int
     warmup_s: float
     window_s: float
+    cpus: frozenset[int] = frozenset()
+    """CPUs the load process runs on; empty: those it inherits."""
+
+
+@dataclass(frozen=True)
+class OpenLoopSpec:
+    """One open-loop phase (picklable: it crosses a process boundary)."""
+
+    address: str
+    keys: dict[str, str]
+    """Tenant name → API key."""
+    rates: dict[str, float]
+    """Tenant name → mean arrivals per second (Poisson)."""
+    model: str
+    max_new_tokens: int
+    warmup_s: float
+    window_s: float
+    deadline_s: float
+    """Each call's gRPC deadline; it also bounds the wait for the window's last requests."""
+    seed: int
+    """Seeds each tenant's schedule (with its name): the same seed and rate, the same arrivals."""
+    max_open: int = 2000
+    """Most calls open at once; arrivals beyond it are counted, not sent."""
+    cpus: frozenset[int] = frozenset()
+    """CPUs the load process runs on; empty: those it inherits."""
 
 
 @dataclass
@@ -98,6 +138,140 @@ async def _loop(
             call.cancel()
 
 
+def poisson_arrivals(rate: float, duration_s: float, rng: random.Random) -> list[float]:
+    """Arrival times in ``[0, duration_s)`` of a Poisson process of ``rate`` per second
+    (exponential gaps drawn from ``rng``); none for a rate of zero or less."""
+    arrivals: list[float] = []
+    if rate <= 0:
+        return arrivals
+    at = rng.expovariate(rate)
+    while at < duration_s:
+        arrivals.append(at)
+        at += rng.expovariate(rate)
+    return arrivals
+
+
+@dataclass
+class Arrivals:
+    """What one tenant's measured arrivals (those inside the window) got."""
+
+    sent: int = 0
+    not_sent: int = 0
+    """Arrivals not sent because ``max_open`` calls were open."""
+    ttft_s: list[float] = field(default_factory=list)
+    """Call start to first chunk, of those that got one."""
+    arrival_s: list[float] = field(default_factory=list)
+    """Arrival time (from the window's start) of each ``ttft_s`` entry, in the same order."""
+    launch_lag_s: list[float] = field(default_factory=list)
+    """How late each call started after its scheduled arrival (this process's own delay)."""
+    outcomes: Counter[str] = field(default_factory=Counter)
+    """``ok``; ``refused CODE/REASON`` (an error before any chunk with a refusal's code);
+    ``error CODE/REASON`` (any other error); ``unfinished`` (still open when the phase ended)."""
+
+
+async def _one_call(
+    stub: inference_pb2_grpc.InferenceStub,
+    spec: OpenLoopSpec,
+    tenant: str,
+    n: int,
+    arrival_s: float | None,
+    into: Arrivals,
+) -> None:
+    """One open-loop request streamed to its end; ``arrival_s`` None: not measured."""
+    metadata = (("authorization", f"Bearer {spec.keys[tenant]}"),)
+    req = generate_request(spec.model, f"{tenant} {n}", spec.max_new_tokens)
+    sent = time.monotonic()
+    call = stub.Generate(req, metadata=metadata, timeout=spec.deadline_s)
+    outcome, first = "unfinished", True
+    try:
+        async for _chunk in call:
+            if first and arrival_s is not None:
+                into.ttft_s.append(time.monotonic() - sent)
+                into.arrival_s.append(arrival_s)
+            first = False
+        outcome = "ok"
+    except grpc.aio.AioRpcError as exc:
+        kind = "refused" if first and exc.code() in REFUSAL_CODES else "error"
+        reason = from_rpc_error(exc).reason
+        outcome = f"{kind} {exc.code().name}" + (f"/{reason}" if reason else "")
+    except Exception as exc:  # counted, so one odd failure does not end the phase
+        outcome = f"error {type(exc).__name__}"
+    finally:
+        call.cancel()
+        if arrival_s is not None:
+            into.outcomes[outcome] += 1
+
+
+async def run_open(spec: OpenLoopSpec, started: Event | None = None) -> dict[str, Any]:
+    """Drive one open-loop phase; returns per tenant what its measured arrivals got."""
+    window = (spec.warmup_s, spec.warmup_s + spec.window_s)
+    # Arrivals go on after the window while its requests finish, each within its deadline.
+    horizon = window[1] + spec.deadline_s + 5.0
+    open_calls: set[asyncio.Task[None]] = set()
+    measured: list[asyncio.Task[None]] = []
+    results = {t: Arrivals() for t in spec.rates}
+    not_sent_total: Counter[str] = Counter()
+    past_window = {t: asyncio.Event() for t in spec.rates}
+
+    async def arrive(stub: inference_pb2_grpc.InferenceStub, tenant: str, t0: float) -> None:
+        into = results[tenant]
+        rng = random.Random(f"{spec.seed}:{tenant}")
+        for n, at in enumerate(poisson_arrivals(spec.rates[tenant], horizon, rng)):
+            if at >= window[1]:
+                past_window[tenant].set()
+            delay = t0 + at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            in_window = window[0] <= at < window[1]
+            if len(open_calls) >= spec.max_open:
+                not_sent_total[tenant] += 1
+                into.not_sent += in_window
+                continue
+            if in_window:
+                into.sent += 1
+                into.launch_lag_s.append(time.monotonic() - (t0 + at))
+            arrival = at - window[0] if in_window else None
+            task = asyncio.create_task(_one_call(stub, spec, tenant, n, arrival, into))
+            open_calls.add(task)
+            task.add_done_callback(open_calls.discard)
+            if in_window:
+                measured.append(task)
+        past_window[tenant].set()
+
+    async with grpc.aio.insecure_channel(spec.address, options=GRPC_OPTIONS) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        await channel.channel_ready()
+        t0 = time.monotonic()
+        if started is not None:
+            started.set()
+        arrivers = [asyncio.create_task(arrive(stub, t, t0)) for t in spec.rates]
+        try:
+            for event in past_window.values():
+                await event.wait()
+            if measured:
+                await asyncio.wait(measured, timeout=spec.deadline_s + 5.0)
+        finally:
+            tasks = [*arrivers, *open_calls]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    return {
+        "tenants": {
+            t: {
+                "rate_per_s": spec.rates[t],
+                "sent": a.sent,
+                "not_sent": a.not_sent,
+                "not_sent_all_phase": not_sent_total[t],
+                "ttft_s": a.ttft_s,
+                "arrival_s": a.arrival_s,
+                "launch_lag_s": a.launch_lag_s,
+                "outcomes": dict(a.outcomes),
+            }
+            for t, a in results.items()
+        },
+    }
+
+
 async def run(spec: LoadSpec, started: Event | None = None) -> dict[str, Any]:
     """Drive the load; returns per-tenant tokens, completions, TTFTs and errors in the window."""
     async with grpc.aio.insecure_channel(spec.address, options=GRPC_OPTIONS) as channel:
@@ -129,10 +303,16 @@ async def run(spec: LoadSpec, started: Event | None = None) -> dict[str, Any]:
     }
 
 
-def main(spec: LoadSpec, started: Event, out: Queue[dict[str, Any]]) -> None:
-    """Process entry point: run the load, put its result (or the error) on ``out``."""
+def main(spec: LoadSpec | OpenLoopSpec, started: Event, out: Queue[dict[str, Any]]) -> None:
+    """Process entry point: move onto the spec's CPUs, run the load, put its result (or the
+    error) on ``out``."""
     try:
-        out.put(asyncio.run(run(spec, started)))
+        if spec.cpus:
+            os.sched_setaffinity(0, spec.cpus)
+        if isinstance(spec, OpenLoopSpec):
+            out.put(asyncio.run(run_open(spec, started)))
+        else:
+            out.put(asyncio.run(run(spec, started)))
     except BaseException as exc:
         started.set()
         out.put({"error": repr(exc)})

@@ -13,6 +13,7 @@ OVERHEAD_TARGET_S = 0.002
 REFUSAL_TARGET_S = 0.005
 SHARE_TOLERANCE = 0.10
 JAIN_TARGET = 0.95
+ISOLATION_TARGET = 1.2
 REFUSAL_KINDS = ("quota_idle", "quota_saturated", "deadline_saturated")
 
 
@@ -28,6 +29,44 @@ def jain_index(values: Sequence[float]) -> float:
     """Jain's fairness index: (Σx)² / (n Σx²); 1 when all equal, 1/n when one takes all."""
     squares = sum(v * v for v in values)
     return sum(values) ** 2 / (len(values) * squares) if squares else math.nan
+
+
+def percentile_with_failures(values: Sequence[float], failures: int, q: float) -> float:
+    """Nearest-rank percentile of ``values`` plus ``failures`` infinitely late ones (requests
+    that never got a first token): infinite once the failures reach past rank ``q``."""
+    return percentile([*values, *[math.inf] * failures], q)
+
+
+def isolation_ratio(calm_p99_s: float, flood_p99_s: float) -> float:
+    """The victim's TTFT p99 under the flood over its p99 without: NaN when the calm phase has
+    no finite positive p99 to compare with, infinite when the flood one is infinite."""
+    if not math.isfinite(calm_p99_s) or calm_p99_s <= 0:
+        return math.nan
+    return flood_p99_s / calm_p99_s
+
+
+def open_loop_summary(tenant: dict[str, Any], window_s: float) -> dict[str, Any]:
+    """One tenant of one open-loop phase (``bench.scheduler_load.run_open``): arrivals sent in
+    the window, TTFT percentiles of those served, the p99 with every measured arrival that got
+    no first token counted as infinitely late, and how the calls ended."""
+    ttft = tenant["ttft_s"]
+    failed = tenant["sent"] - len(ttft)
+    return {
+        "rate_per_s": tenant["rate_per_s"],
+        "sent_per_s": tenant["sent"] / window_s,
+        "sent": tenant["sent"],
+        "served_per_s": tenant["outcomes"].get("ok", 0) / window_s,
+        "first_token": len(ttft),
+        "no_first_token": failed,
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p99_s": percentile(ttft, 99),
+        "ttft_p99_counting_failures_s": percentile_with_failures(ttft, failed, 99),
+        "ttft_max_s": max(ttft, default=math.nan),
+        "launch_lag_p99_s": percentile(tenant["launch_lag_s"], 99),
+        "outcomes": dict(sorted(tenant["outcomes"].items())),
+        "not_sent": tenant["not_sent"],
+        "not_sent_all_phase": tenant["not_sent_all_phase"],
+    }
 
 
 def finite(value: Any) -> Any:
@@ -74,6 +113,20 @@ def server_side_refusals(log: Path, saturated_from: datetime) -> dict[str, Any]:
     }
 
 
+def node_removals(log: Path) -> list[str]:
+    """When the scheduler dropped a node from its view (its registry lease lapsed, so requests
+    meanwhile found no node), from its log: a run with any is a disturbed run."""
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == "node_removed":
+            found.append(str(event["timestamp"]))
+    return found
+
+
 def targets(figures: dict[str, Any], weight_ratio: float) -> list[dict[str, Any]]:
     """Each target with its measured value and verdict."""
     ratio = figures["share_ratio_a_to_b"]
@@ -82,6 +135,12 @@ def targets(figures: dict[str, Any], weight_ratio: float) -> list[dict[str, Any]
         ("refusal latency p99", figures["refusal_p99_s"], "<=", REFUSAL_TARGET_S),
         ("share ratio A:B off 2:1 by", abs(ratio / weight_ratio - 1), "<=", SHARE_TOLERANCE),
         ("Jain's index, weight-normalised", figures["fairness_jain"], ">=", JAIN_TARGET),
+        (
+            "victim TTFT p99, flood / calm",
+            figures["isolation_ttft_p99_ratio"],
+            "<=",
+            ISOLATION_TARGET,
+        ),
     ]
     return [
         {
@@ -114,9 +173,17 @@ def markdown(result: dict[str, Any]) -> str:
         f"Machine: {setup['machine']}, {setup['cpus']} CPUs; load average at start / end "
         f"{setup['load_average_start_end'][0]} / {setup['load_average_start_end'][1]}  ",
         f"Suite: etcd, Redis, one node (`{setup['model']}`, max_sequences "
-        f"{setup['node_max_sequences']}), one scheduler, as child processes on loopback; the "
-        "client, the load process and all of these share the machine's CPUs",
+        f"{setup['node_max_sequences']}), one scheduler, as child processes on loopback; "
+        f"{setup['cpu_placement']}",
         "",
+    ]
+    if setup["node_removed_at"]:
+        lines += [
+            "**Disturbed run:** the scheduler lost the node (registry lease lapsed) at "
+            f"{', '.join(setup['node_removed_at'])}; requests meanwhile found no node.",
+            "",
+        ]
+    lines += [
         "## Targets",
         "",
         "| target | measured | limit | verdict |",
@@ -184,8 +251,52 @@ def markdown(result: dict[str, Any]) -> str:
         f"Share ratio A:B {fair['share_ratio_a_to_b']:.3f} (weights 2:1); Jain's index "
         f"{fair['jain_index']:.4f}; {fair['output_tokens_per_s']:.0f} output tokens/s in all.",
         "",
+        *isolation_markdown(result["isolation"]),
     ]
     return "\n".join(lines)
+
+
+def isolation_markdown(iso: dict[str, Any]) -> list[str]:
+    """The isolation section of the report."""
+    capped = " (capped by `--isolation-max-rate`)" if iso["flood_rate_capped"] else ""
+    lines = [
+        f"## Isolation ({iso['window_s']} s window per phase after {iso['warmup_s']} s "
+        f"warm-up; {iso['max_new_tokens']} tokens each, {iso['deadline_s']} s deadline)",
+        "",
+        f"Open loop, Poisson arrivals (seed {iso['seed']}). Capacity "
+        f"{iso['capacity_req_per_s']:.2f} requests/s ({iso['capacity_source']}"
+        f"{'; errors ' + str(iso['capacity_errors']) if iso['capacity_errors'] else ''}). "
+        f"`{iso['victim']}` and `{iso['flooder']}` have weight 1 each, so half the node each. "
+        f"calm: both at {iso['calm_load']} x capacity; flood: `{iso['victim']}` unchanged, "
+        f"`{iso['flooder']}` at {iso['flood_rate_per_s']:.1f} requests/s = "
+        f"{iso['flood_share_multiple']:.2f} x its share{capped}.",
+        "",
+        "| phase | tenant | rate /s | served /s | sent | first token | TTFT p50 | TTFT p99 | "
+        "p99, failures late | outcomes | launch lag p99 | not sent |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for phase, tenants in iso["phases"].items():
+        for name, v in tenants.items():
+            outcomes = ", ".join(f"{k} {n}" for k, n in v["outcomes"].items()) or "-"
+            lines.append(
+                f"| {phase} | {name} | {v['rate_per_s']:.2f} | {v['served_per_s']:.2f} | "
+                f"{v['sent']} | "
+                f"{v['first_token']} | {ms(v['ttft_p50_s'])} | {ms(v['ttft_p99_s'])} | "
+                f"{ms(v['ttft_p99_counting_failures_s'])} | {outcomes} | "
+                f"{ms(v['launch_lag_p99_s'])} | {v['not_sent']} |"
+            )
+    lines += [
+        "",
+        f"Victim TTFT p99 flood / calm: {iso['victim_ttft_p99_ratio']:.3f} (p50: "
+        f"{iso['victim_ttft_p50_ratio']:.3f}). The p99s count every victim arrival that got no "
+        "first token (refused, failed, unfinished) as infinitely late, so victim refusals count "
+        f"against isolation; victim arrivals without a first token, calm / flood: "
+        f"{iso['victim_no_first_token']['calm']} / {iso['victim_no_first_token']['flood']}. "
+        "TTFT runs from the call's start; the launch lag (how late the load process started a "
+        "call after its scheduled arrival) is the client's own delay, shown to judge it.",
+        "",
+    ]
+    return lines
 
 
 def print_table(result: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ queuing decide who goes next.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -34,7 +35,9 @@ TENANT_B = "tenant-b"
 PROBE = "probe"
 METERED = "metered"
 LIMITED = "limited"
-WEIGHTS = {TENANT_A: 2.0, TENANT_B: 1.0}
+VICTIM = "victim"
+FLOODER = "flooder"
+WEIGHTS = {TENANT_A: 2.0, TENANT_B: 1.0, VICTIM: 1.0, FLOODER: 1.0}
 GRPC_OPTIONS = [("grpc.enable_http_proxy", 0)]
 
 
@@ -42,6 +45,8 @@ def tenants_document(keys: dict[str, str]) -> dict[str, object]:
     """The benchmark's tenants, all REALTIME:
 
     - ``tenant-a`` (weight 2) and ``tenant-b`` (weight 1): the fairness load, no quotas;
+    - ``victim`` and ``flooder`` (weight 1 each, so half the node each): the isolation load,
+      no quotas;
     - ``probe``: no quotas (overhead without Redis, unmeetable-deadline probes);
     - ``metered``: quotas far above what it uses, so each request pays the Redis check;
     - ``limited``: one request per 100 s (burst 1), so after one call everything is refused.
@@ -83,6 +88,8 @@ class BenchSuite:
 
     run_dir: Path
     max_sequences: int = 4
+    node_cpus: frozenset[int] = frozenset()
+    """CPUs the node may use (and its torch thread count); empty: all, like everything else."""
     startup_timeout_s: float = 180.0
     keys: dict[str, str] = field(default_factory=dict)
     node_address: str = ""
@@ -106,7 +113,8 @@ class BenchSuite:
         self._stores.append(etcd)
         redis = redis_store(self.run_dir / "redis-data", logs / "redis.log", HOST).start()
         self._stores.append(redis)
-        self.keys = {n: new_api_key() for n in (TENANT_A, TENANT_B, PROBE, METERED, LIMITED)}
+        names = (TENANT_A, TENANT_B, VICTIM, FLOODER, PROBE, METERED, LIMITED)
+        self.keys = {n: new_api_key() for n in names}
         tenants = self.run_dir / "tenants.yaml"
         tenants.write_text(yaml.safe_dump(tenants_document(self.keys), sort_keys=False))
         node = self._spawn(
@@ -116,6 +124,7 @@ class BenchSuite:
                 "--etcd-endpoint", etcd.address, "--node-id", "node-1", "--models", MODEL,
                 "--max-sequences", str(self.max_sequences), "--registry-ttl-seconds", "3",
             ],
+            cpus=self.node_cpus,
         )  # fmt: skip
         scheduler = self._spawn(
             "scheduler",
@@ -130,7 +139,9 @@ class BenchSuite:
         self._wait_node_visible(scheduler, deadline)
         self.node_address, self.scheduler_address = node.address, scheduler.address
 
-    def _spawn(self, name: str, module: str, args: list[str]) -> Child:
+    def _spawn(
+        self, name: str, module: str, args: list[str], cpus: frozenset[int] = frozenset()
+    ) -> Child:
         port = free_port(HOST)
         log_path = self.run_dir / "logs" / f"{name}.log"
         log = log_path.open("ab")
@@ -141,7 +152,18 @@ class BenchSuite:
             "--metrics-host", HOST, "--metrics-port", str(free_port(HOST)),
             "--log-format", "json", "--grace-seconds", "2", *args,
         ]  # fmt: skip
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if cpus:
+            env["OMP_NUM_THREADS"] = str(len(cpus))
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            # The suite starts before this process runs any thread, so no lock can be held
+            # across the fork; the CPUs are set before exec, so every thread the child makes
+            # inherits them.
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,  # noqa: PLW1509
+        )
         child = Child(name, f"{HOST}:{port}", proc, log_path, log)
         self._children.append(child)
         return child
