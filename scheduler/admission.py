@@ -34,7 +34,8 @@ once with the predicted wait as its retry delay; ``deadline_margin`` of the time
 for what the prediction cannot see (a measured rate that drifts). Admitting work that starts in time
 but ends after its deadline is how a queue collapses: the node spends its capacity on streams the
 client has already given up on (measured at 2x capacity with start-time admission: 67 of the 243
-requests hit their 20 s deadline unfinished). With no wait the request is admitted.
+requests hit their 20 s deadline unfinished). The decode-time test applies even to a request that
+could start at once: under a full batch each token is slow.
 Lower classes are predicted behind every higher class, so under pressure they are refused
 (and, when capacity shrinks, shed from the queue) first.
 Failure mode: the prediction is only as good as the rate; a fleet that has not reported a rate
@@ -199,16 +200,18 @@ class Admission:
         )
         return max(rate - above, rate * self.config.min_class_share)
 
-    def share(self, item: QueuedRequest) -> float:
-        """``item``'s tenant's weight over the weights of the tenants active in its class."""
-        now = self._clock()
-        key = (item.model, item.workload_class)
-        seen = self._seen.get(key, {})
-        horizon = now - self.config.active_window_s
+    def active(self, model: str, workload_class: int) -> set[str]:
+        """Tenants with requests queued in the class for the model, or admitted or streaming
+        within ``active_window_s``."""
+        seen = self._seen.get((model, workload_class), {})
+        horizon = self._clock() - self.config.active_window_s
         for tenant in [t for t, at in seen.items() if at < horizon]:
             del seen[tenant]
-        active = set(seen) | set(self._queues.tenants_with_cost(item.workload_class, item.model))
-        active.add(item.tenant)
+        return set(seen) | set(self._queues.tenants_with_cost(workload_class, model))
+
+    def share(self, item: QueuedRequest) -> float:
+        """``item``'s tenant's weight over the weights of the tenants active in its class."""
+        active = self.active(item.model, item.workload_class) | {item.tenant}
         total = sum(max(self._weight(t), 1e-6) for t in active)
         return max(self._weight(item.tenant), 1e-6) / total
 
@@ -240,11 +243,17 @@ class Admission:
         room, a slot frees when some running request ends: with every slot busy, the next
         end comes after about one average request's cost at the total rate, so ``busy_cost``
         (the average cost of dispatched requests) is added to what is ahead. ``token_s`` is
-        the measured time per generated token (0 when unknown): a request that has to wait
-        must also have time left to generate its ``max_new_tokens``.
+        the measured time per generated token (0 when unknown): a request must also have time
+        left to generate its ``max_new_tokens``, even one that could start at once (a full
+        batch decodes slowly: its streams would hit the deadline unfinished).
         """
         ahead = self.cost_ahead(item)
+        now = self._clock()
+        usable = (item.deadline - now) * (1.0 - self.config.deadline_margin)
         if room_now and ahead <= 0:
+            if item.max_new_tokens * token_s > usable:  # starts now, but cannot end in time
+                retry = busy_cost / rate if rate > 0 else self.config.min_retry_s
+                return Verdict(False, retry, OVERLOADED)
             return Verdict(True, 0.0)
         if not room_now:
             ahead += busy_cost
@@ -253,8 +262,6 @@ class Admission:
         rate = self.class_rate(item.model, item.workload_class, rate)
         own = self._queues.queued_cost(item.workload_class, item.model, item.tenant)
         wait = max(ahead / rate, own / (rate * self.share(item)))
-        now = self._clock()
-        usable = (item.deadline - now) * (1.0 - self.config.deadline_margin)
         if wait + item.max_new_tokens * token_s > usable:
             return Verdict(False, wait, OVERLOADED)
         return Verdict(True, wait)

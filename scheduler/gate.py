@@ -25,6 +25,7 @@ from scheduler.admission import NO_CAPACITY, Admission, AdmissionConfig, Shed, V
 from scheduler.metrics import SchedulerMetrics
 from scheduler.nodes import NodeDirectory, NodeHandle
 from scheduler.queues import Clock, FairQueues, QueueConfig, QueuedRequest, QueueFull, class_name
+from scheduler.shares import SlotShares
 from scheduler.tenants import TenantDirectory
 from sluice.errors import DeadlineExceeded, ResourceExhausted, SluiceError, Unavailable
 from sluice.v1 import inference_pb2
@@ -68,6 +69,7 @@ class DispatchGate:
         self._tick_s = tick_s
         self.queues = FairQueues(clock, self._weight, queue_config)
         self.admission = Admission(self.queues, clock, self._weight, admission_config)
+        self.shares = SlotShares(clock, self._weight)
         self._waiters: dict[str, asyncio.Future[NodeHandle]] = {}
         self._kick_pending = False
         self._avg_cost = 0.0
@@ -140,6 +142,7 @@ class DispatchGate:
                 log.info("request_left_queue", reason="client_gone")
             elif future.done() and not future.cancelled() and future.exception() is None:
                 self._nodes.finished(future.result(), 0)  # booked as it was cancelled
+                self.release(item)
             raise
         finally:
             self._waiters.pop(item.request_id, None)
@@ -161,6 +164,11 @@ class DispatchGate:
             reason=verdict.reason,
             metadata={"predicted_wait_ms": str(math.ceil(retry * 1000)), "workload_class": cls},
         )
+
+    def release(self, item: QueuedRequest) -> None:
+        """``item``, handed a node by :meth:`acquire`, has ended: its tenant's slot is free."""
+        self.shares.ended(item.model, item.workload_class, item.tenant)
+        self.kick()
 
     def charge(self, item: QueuedRequest, tokens: float) -> None:
         """Charge ``tokens`` (generated, or a prompt correction) to the request's tenant."""
@@ -190,6 +198,15 @@ class DispatchGate:
             key = (item.model, item.workload_class)
             if key in full:
                 return False
+            if not self.shares.may_start(
+                item.model,
+                item.workload_class,
+                item.tenant,
+                self._nodes.slots(item.model, item.workload_class),
+                self.admission.active(item.model, item.workload_class),
+                self.queues.tenants_with_cost(item.workload_class, item.model),
+            ):
+                return False  # past its share, and the rest is kept for the others
             node = self._nodes.pick(
                 item.model, item.workload_class, affinity=item.affinity, need_room=True
             )
@@ -215,6 +232,7 @@ class DispatchGate:
             if future is None or future.done():
                 self._nodes.finished(node, 0)
                 continue
+            self.shares.started(item.model, item.workload_class, item.tenant)
             future.set_result(node)
 
     def _fail(self, item: QueuedRequest, error: SluiceError) -> None:

@@ -160,6 +160,13 @@ class NodeDirectory:
         """True when some candidate has room for the request now."""
         return any(self.has_room(n, workload_class) for n in self.candidates(model, workload_class))
 
+    def slots(self, model: str, workload_class: int) -> int:
+        """Sequences the candidates for ``model`` offer ``workload_class`` together."""
+        return sum(
+            n.book.capacity(workload_class, self._headroom)
+            for n in self.candidates(model, workload_class)
+        )
+
     def token_seconds(self, model: str) -> float:
         """Seconds per generated token on the fastest node serving ``model``: the lowest
         inter-token latency moving average among them (0 while none is measured yet)."""

@@ -83,10 +83,14 @@ class LoadBook:
         using, and the node's engine preempts them if REALTIME arrives anyway."""
         if self.kv_fraction >= kv_limit:
             return False
+        return self.sequences() < self.capacity(workload_class, headroom)
+
+    def capacity(self, workload_class: int, headroom: float) -> int:
+        """Sequences ``workload_class`` may fill on the node (all of them for REALTIME)."""
         cap = max(1, self.max_sequences)
         if workload_class != REALTIME:
             cap -= max(1, math.ceil(cap * headroom)) if cap > 1 else 0
-        return self.sequences() < cap
+        return cap
 
 
 def power_of_two(

@@ -192,6 +192,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         finally:
             counters.in_flight -= 1
             self._metrics.requests.labels("generate", cls, outcome).inc()
+            if lease is not None:  # admitted and handed a node
+                self._gate.release(item)
             self._settle(item, stats, lease)
 
     def _validated(

@@ -397,6 +397,19 @@ def test_waiting_request_must_leave_the_deadline_margin_unused() -> None:
     assert admission.decide(item("me", deadline=clock() + 12), 100.0, False).admitted
 
 
+def test_request_that_could_start_now_but_not_finish_in_time_is_refused() -> None:
+    """Room and nothing ahead, but 100 tokens at a measured 0.2 s each need 20 s: with 15 s
+    left it is refused now (it would hit its deadline mid-stream); with 30 s it is admitted."""
+    clock, _, admission = make()
+    late = admission.decide(
+        item(new=100, deadline=clock() + 15), 100.0, room_now=True, busy_cost=50, token_s=0.2
+    )
+    assert not late.admitted and late.reason == OVERLOADED
+    assert late.predicted_wait_s == pytest.approx(0.5)
+    fits = admission.decide(item(new=100, deadline=clock() + 30), 100.0, True, token_s=0.2)
+    assert fits.admitted and fits.predicted_wait_s == 0.0
+
+
 def test_shrinking_capacity_sheds_lowest_class_first() -> None:
     """When the rate halves, the queue is re-predicted: FINETUNE and BATCH requests that can
     no longer start in time are shed; REALTIME ones ahead of them stay."""

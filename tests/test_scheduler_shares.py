@@ -1,0 +1,80 @@
+"""Tenant isolation on node slots (scheduler.shares), on a simulated clock."""
+
+from __future__ import annotations
+
+from scheduler.queues import REALTIME
+from scheduler.shares import SlotShares
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(weights: dict[str, float] | None = None) -> tuple[Clock, SlotShares]:
+    clock = Clock()
+    w = weights or {}
+    return clock, SlotShares(clock, lambda t: w.get(t, 1.0), peak_window_s=5.0)
+
+
+def start(shares: SlotShares, tenant: str, n: int = 1) -> None:
+    for _ in range(n):
+        shares.started("m", REALTIME, tenant)
+
+
+def may(shares: SlotShares, tenant: str, active: set[str], slots: int = 4) -> bool:
+    return shares.may_start("m", REALTIME, tenant, slots, active)
+
+
+def test_alone_a_tenant_may_fill_every_slot() -> None:
+    _, shares = make()
+    start(shares, "flood", 3)
+    assert may(shares, "flood", {"flood"})
+
+
+def test_past_its_share_a_tenant_leaves_the_others_reserve_free() -> None:
+    """4 slots, two equal tenants: the flooder holds its 2; the victim, seen using one slot,
+    reserves 2 (its peak + 1): the flooder may not take a third while the victim holds 1."""
+    _, shares = make()
+    start(shares, "victim")
+    start(shares, "flood", 2)
+    assert not may(shares, "flood", {"flood", "victim"})
+    assert may(shares, "victim", {"flood", "victim"})  # within its own share
+
+
+def test_reserve_is_what_the_other_was_seen_to_need_not_its_whole_share() -> None:
+    """8 slots, equal weights: the victim peaks at one slot, so it reserves two and the
+    flooder may borrow up to six; an idle victim (out of the active set) reserves nothing."""
+    clock, shares = make()
+    start(shares, "victim")
+    shares.ended("m", REALTIME, "victim")
+    start(shares, "flood", 5)
+    assert may(shares, "flood", {"flood", "victim"}, slots=8)  # 5 + 1 leaves 2 for the victim
+    start(shares, "flood")
+    assert not may(shares, "flood", {"flood", "victim"}, slots=8)
+    clock.now += 10
+    assert may(shares, "flood", {"flood"}, slots=8)
+
+
+def test_reserve_scales_with_weight() -> None:
+    """Weights 3:1 on 4 slots: A's share is 3, B's is 1; B's reserve is capped at its share."""
+    _, shares = make({"A": 3.0, "B": 1.0})
+    start(shares, "A", 3)
+    assert not may(shares, "A", {"A", "B"})  # B (share 1, holds 0) keeps its one slot
+    start(shares, "B")
+    assert not may(shares, "B", {"A", "B"})  # at its share, and none is free anyway
+    assert shares.running("m", REALTIME, "A") == 3
+
+
+def test_a_tenant_with_requests_queued_reserves_nothing() -> None:
+    """Weights 2:1 on 4 slots: A holds 3 (its share rounded up), B none, one slot is free.
+    B, idle, would reserve it for its next arrival; B with requests queued reserves nothing
+    (it is in the fair queue, which hands the slot out), so the slot is never left idle."""
+    _, shares = make({"A": 2.0, "B": 1.0})
+    start(shares, "A", 3)
+    both = {"A", "B"}
+    assert not shares.may_start("m", REALTIME, "A", 4, both, queued=())
+    assert shares.may_start("m", REALTIME, "A", 4, both, queued={"B"})
