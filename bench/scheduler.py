@@ -50,42 +50,35 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
-import multiprocessing
 import os
 import platform
 import statistics
 import time
 import uuid
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from bench import scheduler_load
-from bench.scheduler_load import LoadSpec, OpenLoopSpec, generate_request
+from bench.scheduler_isolation import measure_isolation
+from bench.scheduler_load import LoadSpec, generate_request, load_process
 from bench.scheduler_report import (
     REFUSAL_KINDS,
     finite,
-    isolation_ratio,
     jain_index,
     markdown,
     node_removals,
-    open_loop_summary,
     percentile,
     print_table,
     server_side_refusals,
     targets,
 )
 from bench.scheduler_suite import (
-    FLOODER,
     GRPC_OPTIONS,
     LIMITED,
     METERED,
@@ -93,7 +86,6 @@ from bench.scheduler_suite import (
     PROBE,
     TENANT_A,
     TENANT_B,
-    VICTIM,
     WEIGHTS,
     BenchSuite,
 )
@@ -101,10 +93,6 @@ from sluice.sdk.errors import QuotaExceeded, from_rpc_error
 from sluice.v1 import inference_pb2, inference_pb2_grpc, node_pb2, node_pb2_grpc
 
 OVERHEAD_PROMPT = "Say hello to the scheduler benchmark."
-CALM_LOAD = 0.25
-"""Each isolation tenant's arrival rate in the calm phase, as a fraction of capacity."""
-FLOOD_MULTIPLE = 10.0
-"""The flooder's arrival rate in the flood phase, as a multiple of its share of capacity."""
 
 
 def auth(key: str) -> tuple[tuple[str, str], ...]:
@@ -248,34 +236,6 @@ async def probe(start: Callable[[], Any], into: Refusals) -> None:
         call.cancel()
 
 
-@contextlib.asynccontextmanager
-async def load_process(
-    spec: LoadSpec | OpenLoopSpec, result_timeout_s: float
-) -> AsyncIterator[Callable[[], Awaitable[dict[str, Any]]]]:
-    """Run ``spec`` in a spawned ``bench.scheduler_load`` process; inside the block (entered
-    once the load has started) the yielded coroutine function waits for its result."""
-    ctx = multiprocessing.get_context("spawn")
-    started = ctx.Event()
-    out: Queue[dict[str, Any]] = ctx.Queue()
-    proc = ctx.Process(target=scheduler_load.main, args=(spec, started, out), name="load")
-    proc.start()
-
-    async def result() -> dict[str, Any]:
-        got = await asyncio.to_thread(out.get, True, result_timeout_s)
-        if "error" in got:
-            raise RuntimeError(f"load process failed: {got['error']}")
-        return got
-
-    try:
-        if not await asyncio.to_thread(started.wait, 120):
-            raise TimeoutError("the load process did not start")
-        yield result
-    finally:
-        await asyncio.to_thread(proc.join, 30)
-        if proc.is_alive():
-            proc.terminate()
-
-
 async def measure_fairness(
     paths: Paths, address: str, cpus: frozenset[int], args: argparse.Namespace
 ) -> tuple[dict[str, Any], Refusals, Refusals]:
@@ -336,91 +296,6 @@ def fairness_figures(result: dict[str, Any], args: argparse.Namespace) -> dict[s
             }
             for t, v in tenants.items()
         },
-    }
-
-
-async def measure_capacity(
-    suite: BenchSuite, fairness: dict[str, Any], args: argparse.Namespace
-) -> tuple[float, str, dict[str, int]]:
-    """Completed requests per second at the isolation output length, where it came from (the
-    fairness phase's when its output length is the same, else a closed loop of the isolation
-    tenants for ``--capacity-window-s``) and the errors of that load, by code."""
-    if args.isolation_tokens == args.fair_tokens:
-        tenants, window_s = fairness["tenants"], args.window_s
-        source = "the fairness phase's completed requests"
-    else:
-        spec = LoadSpec(
-            address=suite.scheduler_address,
-            keys={VICTIM: suite.keys[VICTIM], FLOODER: suite.keys[FLOODER]},
-            model=MODEL,
-            in_flight=args.in_flight,
-            max_new_tokens=args.isolation_tokens,
-            warmup_s=args.warmup_s,
-            window_s=args.capacity_window_s,
-            cpus=suite.node_cpus,
-        )
-        async with load_process(spec, args.capacity_window_s + 120) as result:
-            tenants, window_s = (await result())["tenants"], args.capacity_window_s
-        source = f"closed loop, {args.in_flight} in flight per tenant, {window_s} s"
-    errors: Counter[str] = Counter()
-    for t in tenants.values():
-        errors.update(t["errors"])
-    return sum(t["completed"] for t in tenants.values()) / window_s, source, dict(errors)
-
-
-async def measure_isolation(
-    suite: BenchSuite, fairness: dict[str, Any], args: argparse.Namespace
-) -> dict[str, Any]:
-    """Capacity, then the calm and the flood phase, each in its own load process."""
-    capacity, source, capacity_errors = await measure_capacity(suite, fairness, args)
-    share = WEIGHTS[FLOODER] / (WEIGHTS[VICTIM] + WEIGHTS[FLOODER])
-    victim_rate = CALM_LOAD * capacity
-    flood_wanted = FLOOD_MULTIPLE * share * capacity
-    flood_rate = min(flood_wanted, args.isolation_max_rate)
-    phases: dict[str, dict[str, Any]] = {}
-    for phase, flooder_rate in (("calm", CALM_LOAD * capacity), ("flood", flood_rate)):
-        spec = OpenLoopSpec(
-            address=suite.scheduler_address,
-            keys={VICTIM: suite.keys[VICTIM], FLOODER: suite.keys[FLOODER]},
-            rates={VICTIM: victim_rate, FLOODER: flooder_rate},
-            model=MODEL,
-            max_new_tokens=args.isolation_tokens,
-            warmup_s=args.warmup_s,
-            window_s=args.isolation_window_s,
-            deadline_s=args.isolation_deadline_s,
-            seed=args.seed,
-            cpus=suite.node_cpus,
-        )
-        limit = args.warmup_s + args.isolation_window_s + args.isolation_deadline_s + 120
-        async with load_process(spec, limit) as result:
-            loaded = await result()
-        phases[phase] = {
-            t: open_loop_summary(v, args.isolation_window_s) for t, v in loaded["tenants"].items()
-        }
-    calm, flood = phases["calm"][VICTIM], phases["flood"][VICTIM]
-    return {
-        "victim": VICTIM,
-        "flooder": FLOODER,
-        "weights": {VICTIM: WEIGHTS[VICTIM], FLOODER: WEIGHTS[FLOODER]},
-        "max_new_tokens": args.isolation_tokens,
-        "deadline_s": args.isolation_deadline_s,
-        "warmup_s": args.warmup_s,
-        "window_s": args.isolation_window_s,
-        "seed": args.seed,
-        "capacity_req_per_s": capacity,
-        "capacity_source": source,
-        "capacity_errors": capacity_errors,
-        "calm_load": CALM_LOAD,
-        "flood_rate_per_s": flood_rate,
-        "flood_rate_wanted_per_s": flood_wanted,
-        "flood_rate_capped": flood_rate < flood_wanted,
-        "flood_share_multiple": flood_rate / (share * capacity) if capacity else math.nan,
-        "phases": phases,
-        "victim_ttft_p99_ratio": isolation_ratio(
-            calm["ttft_p99_counting_failures_s"], flood["ttft_p99_counting_failures_s"]
-        ),
-        "victim_ttft_p50_ratio": isolation_ratio(calm["ttft_p50_s"], flood["ttft_p50_s"]),
-        "victim_no_first_token": {"calm": calm["no_first_token"], "flood": flood["no_first_token"]},
     }
 
 
@@ -529,7 +404,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--window-s", type=float, default=20.0)
     p.add_argument("--probe-interval-s", type=float, default=0.1)
     p.add_argument("--probe-deadline-s", type=float, default=0.05)
-    p.add_argument("--isolation-window-s", type=float, default=30.0, help="per phase")
+    p.add_argument("--isolation-window-s", type=float, default=60.0, help="per phase")
     p.add_argument("--isolation-tokens", type=int, default=64, help="output tokens per request")
     p.add_argument("--isolation-deadline-s", type=float, default=10.0, help="per request")
     p.add_argument(
@@ -538,7 +413,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--capacity-window-s",
         type=float,
-        default=5.0,
+        default=10.0,
         help="closed-loop capacity window, when isolation and fairness token counts differ",
     )
     p.add_argument("--seed", type=int, default=1, help="seeds the isolation arrivals")

@@ -17,15 +17,21 @@ Two modes, both with a fixed output length per request (``ignore_eos``):
   go on past the window until every measured request has ended, so the last ones see the same
   load as the first. At most ``max_open`` calls are open at once; an arrival beyond that is
   not sent, and counted.
+
+:func:`load_process` is the parent's side: it spawns this module's :func:`main` with a spec and
+hands back its result.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import multiprocessing
 import os
 import random
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
@@ -317,3 +323,31 @@ def main(spec: LoadSpec | OpenLoopSpec, started: Event, out: Queue[dict[str, Any
         started.set()
         out.put({"error": repr(exc)})
         raise
+
+
+@contextlib.asynccontextmanager
+async def load_process(
+    spec: LoadSpec | OpenLoopSpec, result_timeout_s: float
+) -> AsyncIterator[Callable[[], Awaitable[dict[str, Any]]]]:
+    """Run ``spec`` in a spawned ``bench.scheduler_load`` process; inside the block (entered
+    once the load has started) the yielded coroutine function waits for its result."""
+    ctx = multiprocessing.get_context("spawn")
+    started = ctx.Event()
+    out: Queue[dict[str, Any]] = ctx.Queue()
+    proc = ctx.Process(target=main, args=(spec, started, out), name="load")
+    proc.start()
+
+    async def result() -> dict[str, Any]:
+        got = await asyncio.to_thread(out.get, True, result_timeout_s)
+        if "error" in got:
+            raise RuntimeError(f"load process failed: {got['error']}")
+        return got
+
+    try:
+        if not await asyncio.to_thread(started.wait, 120):
+            raise TimeoutError("the load process did not start")
+        yield result
+    finally:
+        await asyncio.to_thread(proc.join, 30)
+        if proc.is_alive():
+            proc.terminate()

@@ -84,6 +84,8 @@ class Verdict:
     admitted: bool
     predicted_wait_s: float
     reason: str = ""
+    detail: str = ""
+    """Why, for the refusal's message, when the predicted wait alone does not say it."""
 
     def retry_after(self, config: AdmissionConfig) -> float:
         """The retry delay to send: the predicted wait, clamped to the configured range."""
@@ -144,14 +146,19 @@ class RateMeter:
 
     def record(self, cost: float) -> None:
         """``cost`` arrived now."""
-        self._events.append((self._clock(), cost))
+        now = self._clock()
+        self._prune(now)
+        self._events.append((now, cost))
         self._sum += cost
+
+    def _prune(self, now: float) -> None:
+        while self._events and now - self._events[0][0] > self._window:
+            self._sum -= self._events.popleft()[1]
 
     def rate(self) -> float:
         """Recorded cost per second over the window."""
         now = self._clock()
-        while self._events and now - self._events[0][0] > self._window:
-            self._sum -= self._events.popleft()[1]
+        self._prune(now)
         if not self._events:
             self._sum = 0.0
             return 0.0
@@ -235,6 +242,7 @@ class Admission:
         room_now: bool,
         busy_cost: float = 0.0,
         token_s: float = 0.0,
+        busy: bool = True,
     ) -> Verdict:
         """Admit ``item`` or refuse it now.
 
@@ -244,16 +252,22 @@ class Admission:
         end comes after about one average request's cost at the total rate, so ``busy_cost``
         (the average cost of dispatched requests) is added to what is ahead. ``token_s`` is
         the measured time per generated token (0 when unknown): a request must also have time
-        left to generate its ``max_new_tokens``, even one that could start at once (a full
-        batch decodes slowly: its streams would hit the deadline unfinished).
+        left to generate its ``max_new_tokens``, even one that could start at once while the
+        nodes are ``busy`` (a full batch decodes slowly: its streams would hit the deadline
+        unfinished; on idle nodes ``token_s``, measured under the last load, says nothing).
         """
         ahead = self.cost_ahead(item)
         now = self._clock()
         usable = (item.deadline - now) * (1.0 - self.config.deadline_margin)
         if room_now and ahead <= 0:
-            if item.max_new_tokens * token_s > usable:  # starts now, but cannot end in time
+            decode = item.max_new_tokens * token_s
+            if busy and decode > usable:  # starts now, but cannot end in time
                 retry = busy_cost / rate if rate > 0 else self.config.min_retry_s
-                return Verdict(False, retry, OVERLOADED)
+                detail = (
+                    f"at {token_s:.3f}s per token on the loaded nodes, {item.max_new_tokens} "
+                    f"new tokens need {decode:.1f}s"
+                )
+                return Verdict(False, retry, OVERLOADED, detail)
             return Verdict(True, 0.0)
         if not room_now:
             ahead += busy_cost

@@ -109,6 +109,7 @@ class DispatchGate:
             self._nodes.room_for(item.model, item.workload_class),
             busy_cost=self._avg_cost or self.cost(item),
             token_s=self._nodes.token_seconds(item.model),
+            busy=self._nodes.busy(item.model, item.workload_class),
         )
         if not verdict.admitted:
             raise self._refusal(item, verdict)
@@ -133,19 +134,26 @@ class DispatchGate:
             left = item.deadline - self._clock()
             return await asyncio.wait_for(future, timeout=max(left, 0.0))
         except TimeoutError:
-            self.queues.cancel(item.request_id)
+            if self.queues.cancel(item.request_id) is None and self._booked(future):
+                # Booked in the same loop pass as the timeout fired (wait_for on 3.12+).
+                self._nodes.finished(future.result(), 0)
+                self.release(item)
             self._metrics.admission.labels(cls, "shed", "DEADLINE").inc()
             raise DeadlineExceeded("deadline passed while queued") from None
         except asyncio.CancelledError:
             if self.queues.cancel(item.request_id) is not None:
                 self._metrics.admission.labels(cls, "cancelled", "CLIENT_GONE").inc()
                 log.info("request_left_queue", reason="client_gone")
-            elif future.done() and not future.cancelled() and future.exception() is None:
+            elif self._booked(future):
                 self._nodes.finished(future.result(), 0)  # booked as it was cancelled
                 self.release(item)
             raise
         finally:
             self._waiters.pop(item.request_id, None)
+
+    @staticmethod
+    def _booked(future: asyncio.Future[NodeHandle]) -> bool:
+        return future.done() and not future.cancelled() and future.exception() is None
 
     def _refusal(self, item: QueuedRequest, verdict: Verdict) -> SluiceError:
         cls = class_name(item.workload_class)
@@ -157,9 +165,10 @@ class DispatchGate:
                 reason="NO_NODE",
             )
         retry = verdict.retry_after(self.admission.config)
+        left = max(0.0, item.deadline - self._clock())
+        why = verdict.detail or f"predicted wait {verdict.predicted_wait_s:.3f}s"
         return ResourceExhausted(
-            f"overloaded: predicted wait {verdict.predicted_wait_s:.3f}s exceeds the "
-            f"{max(0.0, item.deadline - self._clock()):.3f}s left before the deadline",
+            f"overloaded: {why}; cannot finish in the {left:.3f}s left before the deadline",
             retry_after_s=retry,
             reason=verdict.reason,
             metadata={"predicted_wait_ms": str(math.ceil(retry * 1000)), "workload_class": cls},
@@ -193,20 +202,26 @@ class DispatchGate:
         """Pop every request that can be placed now and hand it its booked node."""
         chosen: dict[str, NodeHandle] = {}
         full: set[tuple[str, int]] = set()  # no room now: no room later in this pass either
+        held_back: set[tuple[str, int, str]] = set()  # past its share: for this whole pass
+        # (slots, active tenants, tenants with requests queued) per (model, class), read once
+        # per pass: the scan may look at many queued items.
+        sharing: dict[tuple[str, int], tuple[int, set[str], set[str]]] = {}
 
         def placeable(item: QueuedRequest) -> bool:
             key = (item.model, item.workload_class)
-            if key in full:
+            if key in full or (*key, item.tenant) in held_back:
                 return False
-            if not self.shares.may_start(
-                item.model,
-                item.workload_class,
-                item.tenant,
-                self._nodes.slots(item.model, item.workload_class),
-                self.admission.active(item.model, item.workload_class),
-                self.queues.tenants_with_cost(item.workload_class, item.model),
-            ):
-                return False  # past its share, and the rest is kept for the others
+            if key not in sharing:
+                sharing[key] = (
+                    self._nodes.slots(item.model, item.workload_class),
+                    self.admission.active(item.model, item.workload_class),
+                    set(self.queues.tenants_with_cost(item.workload_class, item.model)),
+                )
+            slots, active, queued = sharing[key]
+            free = self._nodes.free_slots(item.model, item.workload_class)
+            if not self.shares.may_start(*key, item.tenant, slots, free, active, queued):
+                held_back.add((*key, item.tenant))  # the rest is kept for the others
+                return False
             node = self._nodes.pick(
                 item.model, item.workload_class, affinity=item.affinity, need_room=True
             )
@@ -220,6 +235,9 @@ class DispatchGate:
             item = self.queues.pop(placeable)
             if item is None:
                 return
+            key = (item.model, item.workload_class)
+            sharing.pop(key, None)  # who has requests queued may have changed
+            held_back.difference_update({k for k in held_back if k[:2] == key})
             node = chosen[item.request_id]
             cost = self.cost(item)
             self._avg_cost = cost if not self._avg_cost else 0.9 * self._avg_cost + 0.1 * cost

@@ -167,6 +167,19 @@ class NodeDirectory:
             for n in self.candidates(model, workload_class)
         )
 
+    def free_slots(self, model: str, workload_class: int) -> int:
+        """Sequences free for ``workload_class`` on the candidates for ``model`` now, every
+        class and replica counted (the nodes' reports plus this replica's own bookings)."""
+        return sum(
+            max(0, n.book.capacity(workload_class, self._headroom) - n.book.sequences())
+            for n in self.candidates(model, workload_class)
+        )
+
+    def busy(self, model: str, workload_class: int) -> bool:
+        """True when at least half of the candidates' sequences are in use."""
+        slots = self.slots(model, workload_class)
+        return slots > 0 and 2 * (slots - self.free_slots(model, workload_class)) >= slots
+
     def token_seconds(self, model: str) -> float:
         """Seconds per generated token on the fastest node serving ``model``: the lowest
         inter-token latency moving average among them (0 while none is measured yet)."""

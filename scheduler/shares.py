@@ -13,7 +13,8 @@ shared too, work-conservingly:
   active tenant that has nothing queued: what it has recently been seen to use at peak, plus
   one for its next arrival, capped at its own share, minus what it holds now. A tenant with
   requests queued reserves nothing: it is in the fair queue, which decides who takes a free
-  slot next, so no slot is ever left idle while someone waits for it.
+  slot next, so a reserve never keeps a slot from a tenant waiting for it (only a tenant past
+  its share waits while slots are kept for others' next arrivals).
 
 A tenant that stays idle reserves nothing once it drops out of the active set, and a tenant that
 only ever uses one slot reserves two, not its whole share, so capacity left idle by the others
@@ -76,12 +77,14 @@ class SlotShares:
         workload_class: int,
         tenant: str,
         slots: int,
+        free: int,
         active: Collection[str],
         queued: Collection[str] = (),
     ) -> bool:
         """True when ``tenant`` may take one more of the ``slots`` the model has for the class,
-        with ``active`` the tenants active in the class (others than ``tenant`` count) and
-        ``queued`` those of them with requests waiting (they reserve nothing)."""
+        ``free`` of them free now (every class and replica counted), with ``active`` the
+        tenants active in the class (others than ``tenant`` count) and ``queued`` those of
+        them with requests waiting (they reserve nothing)."""
         others = [t for t in active if t != tenant]
         if not others or slots <= 0:
             return True
@@ -102,5 +105,4 @@ class SlotShares:
             h = held.get(t, _Holding())
             peak = h.peak if now - h.peak_at <= self._window else h.running
             reserve += max(0.0, min(share(t), peak + 1) - h.running)
-        in_use = sum(h.running for h in held.values())
-        return slots - in_use - 1 >= reserve
+        return free - 1 >= reserve

@@ -25,8 +25,12 @@ def start(shares: SlotShares, tenant: str, n: int = 1) -> None:
         shares.started("m", REALTIME, tenant)
 
 
+def free(shares: SlotShares, slots: int) -> int:
+    return slots - sum(shares.running("m", REALTIME, t) for t in ("victim", "flood", "A", "B"))
+
+
 def may(shares: SlotShares, tenant: str, active: set[str], slots: int = 4) -> bool:
-    return shares.may_start("m", REALTIME, tenant, slots, active)
+    return shares.may_start("m", REALTIME, tenant, slots, free(shares, slots), active)
 
 
 def test_alone_a_tenant_may_fill_every_slot() -> None:
@@ -69,6 +73,18 @@ def test_reserve_scales_with_weight() -> None:
     assert shares.running("m", REALTIME, "A") == 3
 
 
+def test_free_slots_count_what_other_classes_and_replicas_hold() -> None:
+    """The flooder is past its share on 8 slots and the victim reserves 2: with 3 slots free
+    it may take one, but not when other classes or replicas hold two of them."""
+    _, shares = make()
+    start(shares, "victim")
+    shares.ended("m", REALTIME, "victim")
+    start(shares, "flood", 5)
+    both = {"flood", "victim"}
+    assert shares.may_start("m", REALTIME, "flood", 8, 3, both)
+    assert not shares.may_start("m", REALTIME, "flood", 8, 1, both)
+
+
 def test_a_tenant_with_requests_queued_reserves_nothing() -> None:
     """Weights 2:1 on 4 slots: A holds 3 (its share rounded up), B none, one slot is free.
     B, idle, would reserve it for its next arrival; B with requests queued reserves nothing
@@ -76,5 +92,5 @@ def test_a_tenant_with_requests_queued_reserves_nothing() -> None:
     _, shares = make({"A": 2.0, "B": 1.0})
     start(shares, "A", 3)
     both = {"A", "B"}
-    assert not shares.may_start("m", REALTIME, "A", 4, both, queued=())
-    assert shares.may_start("m", REALTIME, "A", 4, both, queued={"B"})
+    assert not shares.may_start("m", REALTIME, "A", 4, free(shares, 4), both, queued=())
+    assert shares.may_start("m", REALTIME, "A", 4, free(shares, 4), both, queued={"B"})
