@@ -37,7 +37,7 @@ up: $(STAMP)
 	$(VENV)/bin/sluice up
 
 # Overload benchmark: the naive one-at-a-time HF server, then the Sluice suite, on SmolLM2 under
-# bench/scenarios/overload.yaml (~20-25 min on 2 cores). Shorter: make bench BENCH_ARGS="--step-s 30"
+# bench/scenarios/overload.yaml (~50 min on 2 cores). Shorter: make bench BENCH_ARGS="--step-s 30"
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) -m bench.overload $(BENCH_ARGS)
@@ -56,7 +56,8 @@ bench-engine: $(STAMP)
 bench-node-start: $(STAMP)
 	$(PY) -m bench.node_start
 
-# Scheduler figures on the real suite (tiny model): overhead, refusal latency, 2:1 fairness (~1 min).
+# Scheduler figures on the real suite (tiny model): overhead, refusal latency, 2:1 fairness,
+# isolation under a 10x flood (~4 min).
 .PHONY: bench-scheduler
 bench-scheduler: $(STAMP)
 	$(PY) -m bench.scheduler

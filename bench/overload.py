@@ -276,7 +276,7 @@ class Options:
     """REALTIME requests (all realtime tenants together) the level at 1x the naive capacity must
     hold, on average and in its seeded plan: its REALTIME TTFT p99s are compared (0: no such
     lengthening)."""
-    max_level_s: float = 600.0
+    max_level_s: float = 900.0
     """Longest window of that level (it may exceed ``max_step_s``)."""
     drain_s: float | None = None
     """Override of the scenario's drain (wait for requests in flight after the window)."""

@@ -45,13 +45,13 @@ def test_realtime_share_is_the_realtime_tenants_share_of_the_rate() -> None:
 
 def test_only_a_level_asking_for_realtime_requests_gets_a_longer_window() -> None:
     """At 0.12 req/s 16 REALTIME requests take 16 / (0.12 x 0.3) = 444 s on average: past
-    max_step_s (200 s), within max_level_s (600 s); other windows are unchanged."""
+    max_step_s (200 s), within max_level_s (900 s); other windows are unchanged."""
     bench = Benchmark(scenario(), {}, Options())
     assert bench.duration_for(0.12, 25) == 200.0, "25 / 0.12 = 208 s, capped at max_step_s"
     long = bench.duration_for(0.12, 25, realtime_min_requests=16)
-    assert long >= 16 / (0.12 * 0.3) and long <= 600.0
+    assert long >= 16 / (0.12 * 0.3) and long <= 900.0
     assert realtime_planned(bench.scenario, 0.12, long) >= 16
-    assert bench.duration_for(0.05, 25, realtime_min_requests=16) == 600.0, "capped"
+    assert bench.duration_for(0.05, 25, realtime_min_requests=16) == 900.0, "capped"
     assert bench.duration_for(10.0, 25, realtime_min_requests=16) == 45.0, "never shorter"
     batch_only = [t.model_copy(update={"workload_class": "batch"}) for t in scenario().tenants]
     nothing = Benchmark(scenario(tenants=batch_only), {}, Options())
@@ -346,7 +346,7 @@ def test_flags_set_the_new_options() -> None:
     args = parse_args(["--realtime-min-requests", "20", "--max-level-s", "900"])
     assert (args.realtime_min_requests, args.max_level_s) == (20, 900.0)
     defaults = parse_args([])
-    assert (defaults.realtime_min_requests, defaults.max_level_s) == (16, 600.0)
+    assert (defaults.realtime_min_requests, defaults.max_level_s) == (16, 900.0)
     assert defaults.own_multiples == (1.0, 2.0, 4.0)
     with pytest.raises(SystemExit):
         parse_args(["--realtime-min-requests", "-1"])
