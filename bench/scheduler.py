@@ -442,7 +442,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         measured, saturated_from = asyncio.run(measure(suite, args))
     finally:
         suite.stop()
-    measured["refusals"]["server_side"] = server_side_refusals(suite.scheduler_log, saturated_from)
+    measured["refusals"]["server_side"] = server_side_refusals(
+        suite.scheduler_log, saturated_from, {PROBE, LIMITED}
+    )
     removed = node_removals(suite.scheduler_log)
     result = build_result(measured, args, load, node_cpus, removed)
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -80,11 +80,13 @@ def finite(value: Any) -> Any:
     return value
 
 
-def server_side_refusals(log: Path, saturated_from: datetime) -> dict[str, Any]:
-    """The scheduler's own view of the refusals, from its ``rpc_finished`` log lines: handler
-    time (``duration_ms``, interceptors included, gRPC transport excluded) per kind, and how
-    often the quota check could not reach Redis in time (``quota_backend_unavailable``: the
-    quota then fails open for a second)."""
+def server_side_refusals(
+    log: Path, saturated_from: datetime, probe_tenants: Collection[str]
+) -> dict[str, Any]:
+    """The scheduler's own view of the probes' refusals (requests of ``probe_tenants``), from
+    its ``rpc_finished`` log lines: handler time (``duration_ms``, interceptors included, gRPC
+    transport excluded) per kind, and how often the quota check could not reach Redis in time
+    (``quota_backend_unavailable``: the quota then fails open for a second)."""
     durations: dict[str, list[float]] = {kind: [] for kind in REFUSAL_KINDS}
     backend_unavailable = 0
     for line in log.read_text(errors="replace").splitlines():
@@ -95,6 +97,8 @@ def server_side_refusals(log: Path, saturated_from: datetime) -> dict[str, Any]:
         if event.get("event") == "quota_backend_unavailable":
             backend_unavailable += 1
         if event.get("event") != "rpc_finished" or event.get("code") != "RESOURCE_EXHAUSTED":
+            continue
+        if event.get("tenant") not in probe_tenants:  # e.g. the isolation phase's flooder
             continue
         saturated = datetime.fromisoformat(event["timestamp"]) >= saturated_from
         if event.get("reason") == "QUOTA_EXCEEDED":
@@ -115,13 +119,16 @@ def server_side_refusals(log: Path, saturated_from: datetime) -> dict[str, Any]:
 
 def node_removals(log: Path) -> list[str]:
     """When the scheduler dropped a node from its view (its registry lease lapsed, so requests
-    meanwhile found no node), from its log: a run with any is a disturbed run."""
+    meanwhile found no node), from its log up to its own shutdown (when the node leaves too):
+    a run with any is a disturbed run."""
     found = []
     for line in log.read_text(errors="replace").splitlines():
         try:
             event = json.loads(line)
         except ValueError:
             continue
+        if event.get("event") == "signal_received":
+            break
         if event.get("event") == "node_removed":
             found.append(str(event["timestamp"]))
     return found
