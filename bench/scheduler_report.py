@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,17 @@ def finite(value: Any) -> Any:
     return value
 
 
+def log_events(log: Path) -> Iterator[dict[str, Any]]:
+    """The JSON log lines of a service's log, in order (other lines skipped)."""
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            yield event
+
+
 def server_side_refusals(
     log: Path, saturated_from: datetime, probe_tenants: Collection[str]
 ) -> dict[str, Any]:
@@ -89,11 +100,7 @@ def server_side_refusals(
     (``quota_backend_unavailable``: the quota then fails open for a second)."""
     durations: dict[str, list[float]] = {kind: [] for kind in REFUSAL_KINDS}
     backend_unavailable = 0
-    for line in log.read_text(errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
+    for event in log_events(log):
         if event.get("event") == "quota_backend_unavailable":
             backend_unavailable += 1
         if event.get("event") != "rpc_finished" or event.get("code") != "RESOURCE_EXHAUSTED":
@@ -122,11 +129,7 @@ def node_removals(log: Path) -> list[str]:
     meanwhile found no node), from its log up to its own shutdown (when the node leaves too):
     a run with any is a disturbed run."""
     found = []
-    for line in log.read_text(errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
+    for event in log_events(log):
         if event.get("event") == "signal_received":
             break
         if event.get("event") == "node_removed":

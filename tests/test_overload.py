@@ -18,6 +18,7 @@ from bench.load_scenario import Scenario, load_scenario, plan_requests
 from bench.load_stats import RequestRecord, percentile
 from bench.overload import Benchmark, Options, SearchResult, parse_args, realtime_share
 from bench.overload_report import build_report, check_lines
+from tests.test_load import rec as load_record
 
 OVERLOAD = Path(__file__).resolve().parents[1] / "bench" / "scenarios" / "overload.yaml"
 NAIVE_CAP, SLUICE_CAP = 0.12, 2.0
@@ -116,22 +117,10 @@ def test_levels_lengthen_the_judged_level_and_reuse_runs_no_shorter(
 
 
 def rec(index: int, tenant: str, **kw: Any) -> RequestRecord:
-    """An OK request within the SLO (TTFT 0.5 s, TPOT 0.1 s) unless told otherwise."""
-    fields: dict[str, Any] = {
-        "scheduled_s": float(index),
-        "sent_s": float(index),
-        "ttft_s": 0.5,
-        "tpot_s": 0.1,
-        "e2e_s": 1.5,
-        "output_tokens": 10,
-        "requested_tokens": 10,
-        "prompt_tokens": 5,
-        "status": "OK",
-        "outcome": "ok",
-    }
-    fields.update(kw)
-    cls = "batch" if tenant == "C" else "realtime"
-    return RequestRecord(index=index, tenant=tenant, workload_class=cls, **fields)
+    """An OK request within the SLO (TTFT 0.5 s, TPOT 0.1 s) unless told otherwise; C is the
+    BATCH tenant."""
+    fields: dict[str, Any] = {"ttft_s": 0.5, "e2e_s": 1.5, **kw}
+    return load_record(index, tenant, "batch" if tenant == "C" else "realtime", **fields)
 
 
 def refusal(index: int, tenant: str = "C", seconds: float = 0.004, **kw: Any) -> RequestRecord:
