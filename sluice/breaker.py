@@ -59,6 +59,7 @@ class CircuitBreaker:
         self._open_for = self.config.open_s
         self._probe_out = False
         self._calls: deque[tuple[float, bool]] = deque()
+        self._failed_in_window = 0
 
     def _window_tripped(self, ok: bool) -> bool:
         """Record a call in the rate window; True when the failure rate opens the breaker."""
@@ -66,12 +67,13 @@ class CircuitBreaker:
             return False
         now = self._clock()
         self._calls.append((now, ok))
+        self._failed_in_window += not ok
         while self._calls and now - self._calls[0][0] > self.config.window_s:
-            self._calls.popleft()
+            _, good = self._calls.popleft()
+            self._failed_in_window -= not good
         if len(self._calls) < self.config.min_calls:
             return False
-        failed = sum(1 for _, good in self._calls if not good)
-        return failed / len(self._calls) >= self.config.failure_rate
+        return self._failed_in_window / len(self._calls) >= self.config.failure_rate
 
     @property
     def state(self) -> BreakerState:
@@ -124,3 +126,4 @@ class CircuitBreaker:
         self._successes = 0
         self._probe_out = False
         self._calls.clear()
+        self._failed_in_window = 0

@@ -37,11 +37,13 @@ def _wrap(
     handler: grpc.RpcMethodHandler,
     method: str,
     before: Callable[[grpc.aio.ServicerContext], Awaitable[None]],
-    after: Callable[[grpc.aio.ServicerContext, BaseException | None], Awaitable[None]],
+    after: Callable[[grpc.aio.ServicerContext, BaseException | None, bool], Awaitable[bool]],
 ) -> grpc.RpcMethodHandler:
     """Return ``handler`` with ``before`` run first and ``after`` run with the outcome.
 
-    ``after`` may raise (to turn an exception into a status); it is given ``None`` on success.
+    ``after(ctx, exc, streaming)`` is given ``None`` on success. It may raise (to turn an
+    exception into a status); a streaming handler's ``after`` may instead set the status on
+    ``ctx`` and return True, which ends the stream normally with that status.
     """
     if handler.unary_unary or handler.stream_unary:
         inner = handler.unary_unary or handler.stream_unary
@@ -51,9 +53,9 @@ def _wrap(
             try:
                 response = await inner(request, ctx)
             except BaseException as exc:
-                await after(ctx, exc)
+                await after(ctx, exc, False)
                 raise
-            await after(ctx, None)
+            await after(ctx, None, False)
             return response
 
         factory = (
@@ -70,8 +72,8 @@ def _wrap(
     inner_stream = handler.unary_stream or handler.stream_stream
 
     async def streaming(request: Any, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await before(ctx)
         try:
+            await before(ctx)
             result = inner_stream(request, ctx)
             if hasattr(result, "__aiter__"):
                 async for item in result:
@@ -79,9 +81,10 @@ def _wrap(
             else:  # a coroutine that writes with ctx.write()
                 await result
         except BaseException as exc:
-            await after(ctx, exc)
+            if await after(ctx, exc, True):
+                return
             raise
-        await after(ctx, None)
+        await after(ctx, None, True)
 
     factory_s = (
         grpc.unary_stream_rpc_method_handler
@@ -122,7 +125,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             structlog.contextvars.bind_contextvars(request_id=rid, rpc=method)
             started["t"] = time.perf_counter()
 
-        async def after(ctx: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
+        async def after(
+            ctx: grpc.aio.ServicerContext, exc: BaseException | None, streaming: bool
+        ) -> bool:
             elapsed = time.perf_counter() - started.get("t", time.perf_counter())
             code = grpc.StatusCode.OK
             error: SluiceError | None = None
@@ -151,9 +156,20 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                     fields["reason"] = error.reason
                     fields["error"] = error.message
                 (log.warning if error is not None else log.info)("rpc_finished", **fields)
-            if error is not None:
-                ctx.set_trailing_metadata(error.trailing_metadata())
-                await ctx.abort(error.code, error.message)
+            if error is None:
+                return False
+            ctx.set_trailing_metadata(error.trailing_metadata())
+            if streaming:
+                # The status without an exception: abort() would raise an AbortError through
+                # grpc's frames, and each refusal would leave a few dozen objects in reference
+                # cycles for the garbage collector, whose passes stall the whole loop.
+                ctx.set_code(error.code)
+                ctx.set_details(error.message)
+                if exc is not None:
+                    exc.__traceback__ = None
+                return True
+            await ctx.abort(error.code, error.message)
+            return False  # pragma: no cover - abort() raises
 
         return _wrap(handler, method, before, after)
 
@@ -191,7 +207,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             context.tenant.set(tenant)
             structlog.contextvars.bind_contextvars(tenant=tenant)
 
-        async def after(ctx: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
-            return None
+        async def after(
+            ctx: grpc.aio.ServicerContext, exc: BaseException | None, streaming: bool
+        ) -> bool:
+            return False
 
         return _wrap(handler, method, before, after)

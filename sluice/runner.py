@@ -7,6 +7,7 @@ SIGINT (or a service-specific event, such as a node finishing a drain), then sto
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
@@ -83,6 +84,7 @@ async def run_service(
     try:
         service = await build(registry, metrics.address)
         await service.start()
+        settle_heap()
         log.info("service_ready", service=name, address=service.address, metrics=metrics.address)
         waiters: set[asyncio.Future[object]] = {asyncio.ensure_future(wait_for_signal())}
         if until is not None:
@@ -93,3 +95,18 @@ async def run_service(
         await service.stop()
     finally:
         metrics.stop()
+
+
+def settle_heap() -> None:
+    """Move everything built at start-up out of the cyclic collector's way.
+
+    A long-running server allocates most of its objects once (modules, protobuf descriptors,
+    grpc and torch state), and the collector would rescan them on every full collection: 40-70
+    ms pauses in the scheduler under load, measured with ``gc.callbacks``, longer than the whole
+    refusal-latency budget. ``gc.freeze()`` parks them in a permanent generation, so a full pass
+    only walks what was allocated since. The young thresholds stay at their defaults: what a
+    pass costs is mostly freeing the cyclic garbage it finds, so rarer passes would only be
+    longer ones (measured: 50-70 ms each at a 50,000 threshold).
+    """
+    gc.collect()
+    gc.freeze()
