@@ -61,6 +61,12 @@ class SchedulerSettings(ServiceSettings):
     quota_fail_closed: list[str] = Field(default_factory=list)
     """Quotas refused while Redis is unreachable (requests_per_second, tokens_per_minute,
     max_concurrent); the others fail open (max_concurrent then holds per replica)."""
+    quota_overlap: bool = True
+    """Run the Redis quota check alongside admission and the node's prefill instead of before
+    them; the first token waits for the answer, and a refusal cancels the node call. Saves the
+    round trip (~0.5 ms) from every metered request's time to first token. Not used while the
+    tenant's requests on this replica already fill its max_concurrent, nor after a refusal
+    this replica remembers, so an over-quota tenant does not get node work started."""
 
     # Queues and admission.
     max_queued_per_class: int = 1000

@@ -12,7 +12,7 @@ outlier detector.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -139,7 +139,7 @@ class Dispatcher:
         affinity: str = "",
         on_tokens: Callable[[int], None] = lambda _n: None,
         stats: StreamStats | None = None,
-    ) -> AsyncIterator[inference_pb2.GenerateChunk]:
+    ) -> AsyncGenerator[inference_pb2.GenerateChunk, None]:
         """Stream a generation from ``first`` (booked by the gate), retrying elsewhere before
         the first chunk. ``on_tokens`` is told of generated tokens as they arrive."""
         stats = stats or StreamStats()

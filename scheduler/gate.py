@@ -23,7 +23,7 @@ import structlog
 
 from scheduler.admission import NO_CAPACITY, Admission, AdmissionConfig, Shed, Verdict
 from scheduler.metrics import SchedulerMetrics
-from scheduler.nodes import NodeDirectory, NodeHandle
+from scheduler.nodes import NodeDirectory, NodeHandle, SlotView
 from scheduler.queues import Clock, FairQueues, QueueConfig, QueuedRequest, QueueFull, class_name
 from scheduler.shares import SlotShares
 from scheduler.tenants import TenantDirectory
@@ -103,16 +103,25 @@ class DispatchGate:
     async def acquire(self, item: QueuedRequest) -> NodeHandle:
         """Admit ``item`` and wait for a node booked for it; raises the refusal otherwise."""
         cls = class_name(item.workload_class)
+        view = self._nodes.capacity(item.model, item.workload_class)
         verdict = self.admission.decide(
             item,
             self._nodes.service_rate(item.model),
-            self._nodes.room_for(item.model, item.workload_class),
+            view.room,
             busy_cost=self._avg_cost or self.cost(item),
             token_s=self._nodes.token_seconds(item.model),
-            busy=self._nodes.busy(item.model, item.workload_class),
+            busy=view.busy,
         )
         if not verdict.admitted:
             raise self._refusal(item, verdict)
+        if not self.queues and view.room:
+            # Nothing waits on this replica: the request goes straight to a node when the
+            # slot-share rule lets it, with the counters a queue pass would have updated.
+            node = self._start_now(item, view)
+            if node is not None:
+                self._metrics.admission.labels(cls, "admitted", "").inc()
+                self.admission.record_admitted(item)
+                return node
         try:
             self.queues.push(item)
         except QueueFull as exc:
@@ -239,19 +248,35 @@ class DispatchGate:
             sharing.pop(key, None)  # who has requests queued may have changed
             held_back.difference_update({k for k in held_back if k[:2] == key})
             node = chosen[item.request_id]
-            cost = self.cost(item)
-            self._avg_cost = cost if not self._avg_cost else 0.9 * self._avg_cost + 0.1 * cost
-            self._nodes.dispatched(node, cost, item.affinity)
-            waited = self._clock() - item.enqueued_at
-            self._metrics.queue_wait.labels(class_name(item.workload_class), item.tenant).observe(
-                waited
-            )
             future = self._waiters.get(item.request_id)
             if future is None or future.done():
-                self._nodes.finished(node, 0)
                 continue
-            self.shares.started(item.model, item.workload_class, item.tenant)
+            self._book(item, node)
             future.set_result(node)
+
+    def _book(self, item: QueuedRequest, node: NodeHandle) -> None:
+        """``item`` leaves for ``node``: book it there and on its tenant's slot share."""
+        cost = self.cost(item)
+        self._avg_cost = cost if not self._avg_cost else 0.9 * self._avg_cost + 0.1 * cost
+        self._nodes.dispatched(node, cost, item.affinity)
+        waited = self._clock() - item.enqueued_at
+        self._metrics.queue_wait.labels(class_name(item.workload_class), item.tenant).observe(
+            waited
+        )
+        self.shares.started(item.model, item.workload_class, item.tenant)
+
+    def _start_now(self, item: QueuedRequest, view: SlotView) -> NodeHandle | None:
+        """The node ``item`` starts on without queuing, or None (queue it)."""
+        key = (item.model, item.workload_class)
+        active = self.admission.active(*key)
+        if not self.shares.may_start(*key, item.tenant, view.slots, view.free, active):
+            return None
+        node = self._nodes.pick(*key, affinity=item.affinity, need_room=True, among=view.candidates)
+        if node is None:
+            return None
+        self.queues.start_now(item)
+        self._book(item, node)
+        return node
 
     def _fail(self, item: QueuedRequest, error: SluiceError) -> None:
         future = self._waiters.get(item.request_id)

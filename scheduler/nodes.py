@@ -86,6 +86,24 @@ class NodeHandle:
         return self.book.score()
 
 
+@dataclass(frozen=True)
+class SlotView:
+    """The candidates for a (model, class) and their sequence slots, looked at once."""
+
+    candidates: list[NodeHandle]
+    slots: int
+    """Sequences the candidates offer the class together."""
+    free: int
+    """Of those, free now (every class and replica counted)."""
+    room: bool
+    """Some candidate could take one more request of the class now."""
+
+    @property
+    def busy(self) -> bool:
+        """At least half of the slots are in use (as :meth:`NodeDirectory.busy`)."""
+        return self.slots > 0 and 2 * (self.slots - self.free) >= self.slots
+
+
 class NodeDirectory:
     """Live nodes with channels, health and load; picks one per request."""
 
@@ -156,6 +174,20 @@ class NodeDirectory:
         """True when ``node`` can take one more request of ``workload_class``."""
         return node.book.has_room(workload_class, self._headroom)
 
+    def capacity(self, model: str, workload_class: int) -> SlotView:
+        """One look at the candidates for a request: their slots for the class, how many are
+        free, whether one has room now. For the dispatch fast path, which would otherwise
+        walk the node list once per question."""
+        cands = self.candidates(model, workload_class)
+        slots = free = 0
+        room = False
+        for n in cands:
+            cap = n.book.capacity(workload_class, self._headroom)
+            slots += cap
+            free += max(0, cap - n.book.sequences())
+            room = room or self.has_room(n, workload_class)
+        return SlotView(cands, slots, free, room)
+
     def room_for(self, model: str, workload_class: int) -> bool:
         """True when some candidate has room for the request now."""
         return any(self.has_room(n, workload_class) for n in self.candidates(model, workload_class))
@@ -212,12 +244,15 @@ class NodeDirectory:
         *,
         affinity: str = "",
         need_room: bool = False,
+        among: list[NodeHandle] | None = None,
     ) -> NodeHandle | None:
-        """Power of two choices among the candidates not in ``exclude`` (with room, when
-        ``need_room``), preferring the node that last served ``affinity`` on a tie."""
+        """Power of two choices among the candidates (``among``, when already known) not in
+        ``exclude`` (with room, when ``need_room``), preferring the node that last served
+        ``affinity`` on a tie."""
+        cands = among if among is not None else self.candidates(model, workload_class)
         pool = [
             n
-            for n in self.candidates(model, workload_class)
+            for n in cands
             if n.node_id not in exclude and (not need_room or self.has_room(n, workload_class))
         ]
         preferred = self._nodes.get(self.affinity.get(affinity) or "")

@@ -151,6 +151,18 @@ class FairQueues:
         self._by_id[item.request_id] = item
         self._account(item, +1)
 
+    def start_now(self, item: QueuedRequest) -> None:
+        """Account for ``item`` starting without being queued (its class has nothing queued):
+        exactly what a push and the pop right after it would do to the counters."""
+        cq = self._classes[item.workload_class]
+        if not cq.by_tenant.get(item.tenant):
+            self._lift(cq, item.tenant)
+        item.enqueued_at = self._clock()
+        cq.last_left_counter = cq.counters.get(item.tenant, 0.0)
+        self.charge(
+            item.tenant, item.workload_class, item.prompt_tokens * self.config.prompt_token_weight
+        )
+
     def _lift(self, cq: _ClassQueue, tenant: str) -> None:
         """VTC counter lift for a tenant that becomes backlogged: no credit for idle time."""
         others = [cq.counters.get(t, 0.0) for t in cq.backlogged() if t != tenant]

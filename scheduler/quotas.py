@@ -33,6 +33,7 @@ quota follows its documented policy: quotas listed in ``fail_closed`` refuse (``
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable, Collection
@@ -169,6 +170,48 @@ class Lease:
     """True when Redis granted it (so Redis must be told on release)."""
 
 
+def _retrieved(task: asyncio.Task[Lease]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+class QuotaCheck:
+    """A quota answer that may still be on its way from Redis (see :meth:`QuotaGate.check`)."""
+
+    def __init__(self, lease: Lease | None = None, pending: asyncio.Task[Lease] | None = None):
+        self._lease = lease
+        self._pending = pending
+
+    @property
+    def lease(self) -> Lease | None:
+        """The lease once granted (None while pending or after a refusal)."""
+        return self._lease
+
+    async def granted(self) -> Lease:
+        """Wait for the answer: the lease, or the refusal raised."""
+        if self._lease is None:
+            assert self._pending is not None
+            # Shielded: a client that leaves must not cut a Redis call short (redis-py drops
+            # the connection then); the lease it may grant is released by when_granted.
+            self._lease = await asyncio.shield(self._pending)
+        return self._lease
+
+    def when_granted(self, settle: Callable[[Lease], None]) -> None:
+        """Call ``settle`` with the lease now if it is known, or when (and if) it arrives."""
+        if self._lease is not None:
+            settle(self._lease)
+            return
+        task = self._pending
+        if task is None:
+            return
+
+        def done(t: asyncio.Task[Lease]) -> None:
+            if not t.cancelled() and t.exception() is None:
+                settle(t.result())
+
+        task.add_done_callback(done)
+
+
 class QuotaGate:
     """Admits requests against their tenant's global quotas."""
 
@@ -202,6 +245,19 @@ class QuotaGate:
     def _keys(self, tenant: str) -> list[str]:
         base = f"{self._prefix}:{{{tenant}}}"  # one hash slot per tenant (Redis Cluster)
         return [f"{base}:rps", f"{base}:tpm", f"{base}:conc"]
+
+    async def check(
+        self, tenant: Tenant, tokens: int, lease_id: str, lease_s: float, *, overlap: bool
+    ) -> QuotaCheck:
+        """Like :meth:`acquire`, but with ``overlap`` a check that needs Redis is left running
+        (the caller goes on and awaits :meth:`QuotaCheck.granted` before its first token).
+        Tenants without quotas and refusals remembered locally are answered at once."""
+        q = tenant.quotas
+        if not overlap or not q.any or tenant.name in self._denied:
+            return QuotaCheck(await self.acquire(tenant, tokens, lease_id, lease_s))
+        task = asyncio.ensure_future(self.acquire(tenant, tokens, lease_id, lease_s))
+        task.add_done_callback(_retrieved)  # a refusal nobody awaits is not an error
+        return QuotaCheck(pending=task)
 
     async def acquire(self, tenant: Tenant, tokens: int, lease_id: str, lease_s: float) -> Lease:
         """Take one request and ``tokens`` from ``tenant``'s quotas, or raise.

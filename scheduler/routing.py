@@ -24,52 +24,53 @@ T = TypeVar("T")
 
 @dataclass
 class LoadBook:
-    """One node's load as this scheduler sees it: the node's last report combined with what
-    this scheduler itself sent and saw finish since that report.
+    """One node's load as this scheduler sees it: its own requests there, counted exactly,
+    plus what the node's reports show beyond them.
 
     Reports arrive every ~200 ms; a router that trusted them alone would pile every request of
-    a burst onto the node that looked idle (the thundering herd of metric-only pickers). So
-    between reports the estimate moves with every dispatch and completion of this replica;
-    other replicas' dispatches show up at the next report.
+    a burst onto the node that looked idle (the thundering herd of metric-only pickers). So the
+    estimate moves with every dispatch and completion of this replica at once, and the reports
+    only supply the sequences this replica did not send (other replicas', direct callers').
+    That excess is the smaller of the last two reports' own: a report the node built just
+    before one of our requests ended can reach us after the end, and would otherwise show a
+    phantom sequence (a slot looking busy, a request kept waiting) until the next report.
     """
 
     max_sequences: int = DEFAULT_MAX_SEQUENCES
-    reported_sequences: int = 0
     reported_tokens: int = 0
     kv_fraction: float = 0.0
     reported_rate: float = 0.0
     in_flight: int = 0
-    sent_since_report: int = 0
+    """Requests this scheduler has on the node now."""
+    others: int = 0
+    """Sequences on the node that are not this scheduler's, from the reports."""
+    last_excess: int = 0
     tokens_sent_since_report: float = 0.0
-    finished_since_report: int = 0
 
     def on_report(
         self, sequences: int, queued_tokens: int, kv_used: int, kv_budget: int, rate: float
     ) -> None:
-        """A fresh load report replaces the estimate's base."""
-        self.reported_sequences = sequences
+        """A fresh load report: the others' sequences, KV use, queued tokens and rate."""
+        excess = max(0, sequences - self.in_flight)
+        self.others = min(excess, self.last_excess)
+        self.last_excess = excess
         self.reported_tokens = queued_tokens
         self.kv_fraction = kv_used / kv_budget if kv_budget > 0 else 0.0
         self.reported_rate = rate
-        self.sent_since_report = 0
         self.tokens_sent_since_report = 0.0
-        self.finished_since_report = 0
 
     def on_dispatch(self, tokens: float) -> None:
         """This scheduler sent the node a request of ``tokens`` weighted tokens."""
         self.in_flight += 1
-        self.sent_since_report += 1
         self.tokens_sent_since_report += tokens
 
     def on_finish(self) -> None:
         """A request this scheduler sent there ended."""
         self.in_flight -= 1
-        self.finished_since_report += 1
 
     def sequences(self) -> int:
-        """Estimated sequences on the node (never fewer than our own in flight)."""
-        estimate = self.reported_sequences + self.sent_since_report - self.finished_since_report
-        return max(self.in_flight, estimate)
+        """Estimated sequences on the node: our own in flight plus the others'."""
+        return self.in_flight + self.others
 
     def score(self) -> float:
         """Lower is better: sequence occupancy, KV use and queued tokens, each about 0..1."""

@@ -10,6 +10,7 @@ the quota with the tokens really used → store in the cache.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 import uuid
@@ -25,7 +26,7 @@ from scheduler.gate import DispatchGate, affinity_key
 from scheduler.metrics import SchedulerMetrics
 from scheduler.nodes import NodeDirectory, NodeHandle
 from scheduler.queues import CLASSES, QueuedRequest, class_name
-from scheduler.quotas import Lease, QuotaGate
+from scheduler.quotas import Lease, QuotaCheck, QuotaGate
 from scheduler.tenants import Tenant, TenantDirectory
 from scheduler.usage import TenantCounters, UsageBook
 from scheduler.validation import validate_embed, validate_generate
@@ -146,22 +147,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         deadline = self._deadline(ctx, tenant, req.workload_class)
         counters.in_flight += 1
         outcome = "failed"
-        lease: Lease | None = None
+        quota: QuotaCheck | None = None
+        booked = False
         stats = StreamStats()
         item = self._queued(req, tenant.name, deadline)
         try:
             cached = await self._lookup(tenant.name, req)
             if cached is not None:
                 outcome = "cached"
-                counters.requests += 1
-                counters.cache_hits += 1
-                self._metrics.ttft.labels(cls).observe(time.perf_counter() - started)
-                yield _cached_chunk(cached)
+                yield self._served_from_cache(cached, counters, cls, started)
                 return
             outcome = "refused"  # until admitted
-            lease, node = await self._admit(tenant, item, counters)
+            quota = await self._check_quota(tenant, item, counters)
+            node = await self._book(item, counters)
+            booked = True
             outcome = "failed"  # until it completes
-            counters.requests += 1
             text: list[str] = []
             token_ids: list[int] = []
             last: inference_pb2.GenerateChunk | None = None
@@ -176,25 +176,54 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 on_tokens=lambda n: self._gate.charge(item, n),
                 stats=stats,
             )
-            async for chunk in stream:
-                if first:
-                    self._metrics.ttft.labels(cls).observe(time.perf_counter() - started)
-                    first = False
-                text.append(chunk.text)
-                token_ids.extend(chunk.token_ids)
-                last = chunk
-                yield chunk
+            async with contextlib.aclosing(stream):
+                async for chunk in stream:
+                    if first:
+                        outcome = await self._granted(quota, counters)
+                        self._metrics.ttft.labels(cls).observe(time.perf_counter() - started)
+                        first = False
+                    text.append(chunk.text)
+                    token_ids.extend(chunk.token_ids)
+                    last = chunk
+                    yield chunk
+            if first:
+                outcome = await self._granted(quota, counters)
             outcome = "ok"
             if last is not None:
-                counters.prompt_tokens += last.usage.prompt_tokens
-                counters.completion_tokens += last.usage.completion_tokens
-                self._store_later(tenant.name, req, "".join(text), token_ids, last)
+                self._completed(tenant.name, req, counters, "".join(text), token_ids, last)
         finally:
             counters.in_flight -= 1
             self._metrics.requests.labels("generate", cls, outcome).inc()
-            if lease is not None:  # admitted and handed a node
+            if booked:  # admitted and handed a node
                 self._gate.release(item)
-            self._settle(item, stats, lease)
+            if quota is not None:
+                self._settle(item, stats, quota)
+
+    def _served_from_cache(
+        self,
+        cached: cache_pb2.CachedResponse,
+        counters: TenantCounters,
+        cls: str,
+        started: float,
+    ) -> inference_pb2.GenerateChunk:
+        counters.requests += 1
+        counters.cache_hits += 1
+        self._metrics.ttft.labels(cls).observe(time.perf_counter() - started)
+        return _cached_chunk(cached)
+
+    def _completed(
+        self,
+        tenant: str,
+        req: inference_pb2.GenerateRequest,
+        counters: TenantCounters,
+        text: str,
+        token_ids: list[int],
+        last: inference_pb2.GenerateChunk,
+    ) -> None:
+        """A generation streamed to its end: count its tokens and cache it."""
+        counters.prompt_tokens += last.usage.prompt_tokens
+        counters.completion_tokens += last.usage.completion_tokens
+        self._store_later(tenant, req, text, token_ids, last)
 
     def _validated(
         self, request: inference_pb2.GenerateRequest, tenant: Tenant, counters: TenantCounters
@@ -208,36 +237,55 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             ).inc()
             raise
 
-    async def _admit(
+    async def _check_quota(
         self, tenant: Tenant, item: QueuedRequest, counters: TenantCounters
-    ) -> tuple[Lease, NodeHandle]:
-        """Quota, then admission and a booked node; a refusal is counted and raised."""
+    ) -> QuotaCheck:
+        """The tenant's quotas: answered, or (overlapped) still on the way; refusals counted."""
+        q = tenant.quotas
+        overlap = self._settings.quota_overlap and (
+            not q.max_concurrent or counters.in_flight <= q.max_concurrent
+        )
         try:
-            lease = await self._quotas.acquire(
+            return await self._quotas.check(
                 tenant,
                 item.prompt_tokens + item.max_new_tokens,
                 item.request_id,
                 item.deadline - time.monotonic(),
+                overlap=overlap,
             )
         except SluiceError as exc:
             counters.refuse(exc.reason)
             raise
+
+    async def _granted(self, quota: QuotaCheck, counters: TenantCounters) -> str:
+        """Wait for an overlapped quota check before the first token reaches the client."""
         try:
-            return lease, await self._gate.acquire(item)
-        except BaseException as exc:
-            if isinstance(exc, SluiceError):
-                counters.refuse(exc.reason)
-            self._background_task(self._quotas.release(lease, 0))
+            await quota.granted()
+        except SluiceError as exc:
+            counters.refuse(exc.reason)
+            raise
+        counters.requests += 1
+        return "failed"  # admitted; "ok" once the stream completes
+
+    async def _book(self, item: QueuedRequest, counters: TenantCounters) -> NodeHandle:
+        """Admission and a booked node; a refusal is counted and raised."""
+        try:
+            return await self._gate.acquire(item)
+        except SluiceError as exc:
+            counters.refuse(exc.reason)
             raise
 
-    def _settle(self, item: QueuedRequest, stats: StreamStats, lease: Lease | None) -> None:
-        """After a generation: correct the fair-share charge and the quota with real counts."""
+    def _settle(self, item: QueuedRequest, stats: StreamStats, quota: QuotaCheck) -> None:
+        """After a generation: correct the fair-share charge and the quota with real counts.
+
+        The quota is settled once its answer is in: it may still be on its way from Redis when
+        admission refused or the node failed first. A refused check holds nothing."""
         if stats.prompt_tokens:  # VTC: settle the prompt estimate with the true count
             weight = self._settings.prompt_token_weight
             self._gate.charge(item, (stats.prompt_tokens - item.prompt_tokens) * weight)
-        if lease is not None:
-            prompt = stats.prompt_tokens or (item.prompt_tokens if stats.dispatched else 0)
-            self._background_task(self._quotas.release(lease, prompt + stats.generated))
+        prompt = stats.prompt_tokens or (item.prompt_tokens if stats.dispatched else 0)
+        used = prompt + stats.generated
+        quota.when_granted(lambda lease: self._background_task(self._quotas.release(lease, used)))
 
     def _background_task(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

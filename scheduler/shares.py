@@ -10,11 +10,14 @@ shared too, work-conservingly:
 - a tenant below its share of a model's slots in a class (slots x its weight / the weights of
   the tenants active in the class, rounded up) may always take one;
 - past its share it may take one only if enough stay free for the *reserve* of every other
-  active tenant that has nothing queued: what it has recently been seen to use at peak, plus
-  one for its next arrival, capped at its own share, minus what it holds now. A tenant with
-  requests queued reserves nothing: it is in the fair queue, which decides who takes a free
-  slot next, so a reserve never keeps a slot from a tenant waiting for it (only a tenant past
-  its share waits while slots are kept for others' next arrivals).
+  active tenant: what it has recently been seen to use at peak, plus one for its next arrival,
+  capped at its own share, minus what it holds now. For a tenant with requests queued the
+  reserve is rounded down to whole slots: it is in the same dispatch pass, so a slot reserved
+  for it is taken by it at once (never left idle), while the fractional rest of its share is
+  left to the fair queue, which orders the tenants by service received. Without the reserve a
+  queued tenant would wait behind the flooder's next dispatch whenever their virtual counters
+  tie (a newly backlogged tenant is lifted to the others' counter: measured, a victim's
+  median time to first token went from 9 ms calm to 90 ms in a 10x flood).
 
 A tenant that stays idle reserves nothing once it drops out of the active set, and a tenant that
 only ever uses one slot reserves two, not its whole share, so capacity left idle by the others
@@ -84,7 +87,7 @@ class SlotShares:
         """True when ``tenant`` may take one more of the ``slots`` the model has for the class,
         ``free`` of them free now (every class and replica counted), with ``active`` the
         tenants active in the class (others than ``tenant`` count) and ``queued`` those of
-        them with requests waiting (they reserve nothing)."""
+        them with requests waiting (they reserve whole slots only)."""
         others = [t for t in active if t != tenant]
         if not others or slots <= 0:
             return True
@@ -100,9 +103,10 @@ class SlotShares:
         now = self._clock()
         reserve = 0.0
         for t in others:
-            if t in queued:
-                continue
             h = held.get(t, _Holding())
             peak = h.peak if now - h.peak_at <= self._window else h.running
-            reserve += max(0.0, min(share(t), peak + 1) - h.running)
+            wanted = min(share(t), peak + 1)
+            if t in queued:
+                wanted = math.floor(wanted)
+            reserve += max(0.0, wanted - h.running)
         return free - 1 >= reserve

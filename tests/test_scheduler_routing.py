@@ -157,3 +157,28 @@ def test_breaker_open_time_is_capped_at_30_s() -> None:
     assert breaker.state is BreakerState.OPEN
     clock.advance(0.2)
     assert breaker.state is BreakerState.HALF_OPEN
+
+
+def test_a_report_racing_a_finish_leaves_no_phantom_sequence() -> None:
+    """A report the node built just before one of our requests ended, arriving after the end,
+    does not keep that slot looking busy."""
+    book = LoadBook(max_sequences=4)
+    for _ in range(4):
+        book.on_dispatch(10)
+    book.on_report(4, 0, 0, 100, 50.0)
+    book.on_finish()
+    book.on_report(4, 0, 0, 100, 50.0)  # still counts the request that just ended
+    assert book.sequences() == 3 and book.has_room(REALTIME, 0.0)
+
+
+def test_sequences_of_other_schedulers_count_once_two_reports_show_them() -> None:
+    """Load this scheduler did not send (another replica's) is taken from the reports: the
+    smaller excess of the last two, so one racing report cannot invent it."""
+    book = LoadBook(max_sequences=4)
+    book.on_dispatch(10)
+    book.on_report(3, 0, 0, 100, 50.0)
+    assert book.sequences() == 1
+    book.on_report(3, 0, 0, 100, 50.0)
+    assert book.sequences() == 3
+    book.on_dispatch(10)
+    assert book.sequences() == 4 and not book.has_room(REALTIME, 0.0)

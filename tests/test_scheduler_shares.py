@@ -85,12 +85,25 @@ def test_free_slots_count_what_other_classes_and_replicas_hold() -> None:
     assert not shares.may_start("m", REALTIME, "flood", 8, 1, both)
 
 
-def test_a_tenant_with_requests_queued_reserves_nothing() -> None:
-    """Weights 2:1 on 4 slots: A holds 3 (its share rounded up), B none, one slot is free.
-    B, idle, would reserve it for its next arrival; B with requests queued reserves nothing
-    (it is in the fair queue, which hands the slot out), so the slot is never left idle."""
+def test_a_queued_tenant_below_its_share_keeps_its_slot_from_the_flooder() -> None:
+    """Weights 1:1 on 4 slots: the flood holds 3, the victim 0 with a request queued, one slot
+    free. The flood may not take it (the victim, queued in the same pass, does), whichever
+    tenant the fair queue would order first."""
+    _, shares = make({"flood": 1.0, "victim": 1.0})
+    start(shares, "flood", 3)
+    both = {"flood", "victim"}
+    assert not shares.may_start("m", REALTIME, "flood", 4, 1, both, queued={"victim"})
+    assert shares.may_start("m", REALTIME, "victim", 4, 1, both, queued={"flood", "victim"})
+
+
+def test_a_queued_tenant_reserves_whole_slots_only() -> None:
+    """Weights 2:1 on 4 slots: B's share is 1.33, A holds its 3 and wants one more, one slot
+    is free (another replica's has ended). Queued and holding 1, B reserves nothing more (the
+    fractional rest is the fair queue's to hand out), so A may borrow the slot; idle and
+    holding 1, B keeps it for its next arrival."""
     _, shares = make({"A": 2.0, "B": 1.0})
     start(shares, "A", 3)
+    start(shares, "B")
     both = {"A", "B"}
-    assert not shares.may_start("m", REALTIME, "A", 4, free(shares, 4), both, queued=())
-    assert shares.may_start("m", REALTIME, "A", 4, free(shares, 4), both, queued={"B"})
+    assert shares.may_start("m", REALTIME, "A", 4, 1, both, queued={"B"})
+    assert not shares.may_start("m", REALTIME, "A", 4, 1, both, queued=())
