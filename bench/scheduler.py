@@ -89,6 +89,7 @@ from bench.scheduler_suite import (
     WEIGHTS,
     BenchSuite,
 )
+from sluice.runner import settle_heap
 from sluice.sdk.errors import QuotaExceeded, from_rpc_error
 from sluice.v1 import inference_pb2, inference_pb2_grpc, node_pb2, node_pb2_grpc
 
@@ -405,7 +406,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--probe-interval-s", type=float, default=0.1)
     p.add_argument("--probe-deadline-s", type=float, default=0.05)
     p.add_argument("--isolation-window-s", type=float, default=60.0, help="per phase")
-    p.add_argument("--isolation-tokens", type=int, default=64, help="output tokens per request")
+    p.add_argument("--isolation-tokens", type=int, default=128, help="output tokens per request")
     p.add_argument("--isolation-deadline-s", type=float, default=10.0, help="per request")
     p.add_argument(
         "--isolation-max-rate", type=float, default=150.0, help="cap on the flood, requests/s"
@@ -439,6 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         suite.start()
+        settle_heap()  # as the services do: no full collections over start-up objects mid-run
         measured, saturated_from = asyncio.run(measure(suite, args))
     finally:
         suite.stop()
