@@ -18,9 +18,12 @@ smallest counter is served next. Prompt tokens are charged when the request is d
 produces them (:meth:`FairQueues.charge`), so a tenant pays for what it actually used, not for
 ``max_new_tokens``. A tenant that becomes backlogged has its counter lifted to the smallest
 counter among backlogged tenants (or, with none, to the counter of the last tenant that left),
-so idle time banks no credit. VTC's guarantee: two continuously backlogged tenants' weighted
-service differs by at most a bounded amount (a couple of max request costs), whatever the
-arrival pattern; over a long backlog the shares converge to the weights.
+less a small fixed credit (``lift_credit``), so idle time banks next to nothing. With the
+exact lift of the paper a returning light tenant ties with the heavy tenant's counter and loses
+the tie to its older queue head; the credit lets its new request go first (the paper's bound
+grows by the credit). VTC's guarantee: two continuously backlogged tenants' weighted service
+differs by at most a bounded amount (a couple of max request costs plus the credit), whatever
+the arrival pattern; over a long backlog the shares converge to the weights.
 
 **Bounds.** At most ``max_per_class`` items per class and ``max_per_tenant`` per tenant and
 class: :meth:`FairQueues.push` raises :class:`QueueFull` beyond. :meth:`FairQueues.cancel`
@@ -66,6 +69,11 @@ class QueueConfig:
     """Cost of a prompt token relative to a generated one (VTC's w_p / w_q)."""
     scan_depth: int = 4
     """Items of one tenant looked at per pick when the first cannot be placed (other model)."""
+    lift_credit: float = 256.0
+    """How far below the backlogged tenants' smallest counter a tenant that becomes backlogged
+    is lifted to (weighted tokens per unit of weight): a bounded credit, so a light tenant's
+    new request goes ahead of a heavy tenant's queue instead of losing the tie to its older
+    head, while idle time still banks no more than this."""
 
 
 @dataclass(eq=False)
@@ -164,9 +172,10 @@ class FairQueues:
         )
 
     def _lift(self, cq: _ClassQueue, tenant: str) -> None:
-        """VTC counter lift for a tenant that becomes backlogged: no credit for idle time."""
+        """VTC counter lift for a tenant that becomes backlogged: idle time banks no more than
+        ``lift_credit``."""
         others = [cq.counters.get(t, 0.0) for t in cq.backlogged() if t != tenant]
-        floor = min(others) if others else cq.last_left_counter
+        floor = min(others) - self.config.lift_credit if others else cq.last_left_counter
         cq.counters[tenant] = max(cq.counters.get(tenant, 0.0), floor)
 
     def cancel(self, request_id: str) -> QueuedRequest | None:

@@ -107,3 +107,24 @@ def test_a_queued_tenant_reserves_whole_slots_only() -> None:
     both = {"A", "B"}
     assert shares.may_start("m", REALTIME, "A", 4, 1, both, queued={"B"})
     assert not shares.may_start("m", REALTIME, "A", 4, 1, both, queued=())
+
+
+def test_a_borrower_claims_no_reserve_against_a_light_tenants_burst() -> None:
+    """Weights 1:1 on 4 slots. The flood has held 3 for a while (past its share of 2 on
+    average: it has been borrowing); now the victim holds 2 and a third victim request finds
+    one slot free. Against a flood that had kept to its share the burst would wait (the
+    flood's queued request gets the slot); against the borrower it goes ahead."""
+    clock, shares = make({"flood": 1.0, "victim": 1.0})
+    start(shares, "flood", 3)
+    clock.now += 10.0  # three slots held for two windows: averaged ~2.6, past the share
+    shares.ended("m", REALTIME, "flood")
+    shares.ended("m", REALTIME, "flood")
+    start(shares, "victim", 2)
+    both = {"flood", "victim"}
+    assert shares.may_start("m", REALTIME, "victim", 4, 1, both, queued={"flood", "victim"})
+
+    clock2, fair = make({"flood": 1.0, "victim": 1.0})
+    start(fair, "flood")
+    clock2.now += 10.0
+    start(fair, "victim", 2)
+    assert not fair.may_start("m", REALTIME, "victim", 4, 1, both, queued={"flood", "victim"})
