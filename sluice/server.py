@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from sluice.interceptors import Authenticator, AuthInterceptor, ObservabilityInterceptor
+from sluice.interceptors import ApiKeyAuth, Authenticator, ObservabilityInterceptor
 from sluice.telemetry import RpcMetrics
 
 log = structlog.get_logger(__name__)
@@ -63,13 +63,12 @@ class GrpcServer:
     ) -> None:
         self.name = name
         self.options = options
+        auth = ApiKeyAuth(authenticate, guarded_services) if authenticate is not None else None
         interceptors: list[grpc.aio.ServerInterceptor] = [
             ObservabilityInterceptor(
-                RpcMetrics.create(registry), quiet_methods=options.quiet_methods
+                RpcMetrics.create(registry), quiet_methods=options.quiet_methods, auth=auth
             )
         ]
-        if authenticate is not None:
-            interceptors.append(AuthInterceptor(authenticate, guarded_services))
         ms = options.max_message_bytes
         self.server = grpc.aio.server(
             interceptors=interceptors,
