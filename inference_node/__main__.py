@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from inference_node.app import NodeService, default_engine, load_models
 from inference_node.config import NodeSettings
 from inference_node.engine import run_with_engine
-from sluice.runner import run_loop
+from sluice.runner import run_loop, settle_heap
 from sluice.settings import parse_settings
 from sluice.telemetry import MetricsServer, configure_logging
 
@@ -76,6 +76,7 @@ def main(argv: list[str]) -> None:
             metrics_address=metrics.address,
         )
         await service.start(main_engine_served_elsewhere=main_engine is not None)
+        settle_heap()  # torch and the models: never rescanned by a full collection mid-run
         log.info(
             "service_ready",
             service="inference_node",
