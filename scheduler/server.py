@@ -79,6 +79,22 @@ def _cached_chunk(cached: cache_pb2.CachedResponse) -> inference_pb2.GenerateChu
     )
 
 
+class _Collected:
+    """What a generation streamed so far: its text, token ids and last chunk (for the cache)."""
+
+    __slots__ = ("last", "text", "token_ids")
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.token_ids: list[int] = []
+        self.last: inference_pb2.GenerateChunk | None = None
+
+    def add(self, chunk: inference_pb2.GenerateChunk) -> None:
+        self.text.append(chunk.text)
+        self.token_ids.extend(chunk.token_ids)
+        self.last = chunk
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     """``sluice.v1.Inference``: Generate and Embed."""
 
@@ -162,9 +178,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             node = await self._book(item, counters)
             booked = True
             outcome = "failed"  # until it completes
-            text: list[str] = []
-            token_ids: list[int] = []
-            last: inference_pb2.GenerateChunk | None = None
+            out = _Collected()
             first = True
             stream = self._dispatcher.generate(
                 req,
@@ -179,18 +193,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             async with contextlib.aclosing(stream):
                 async for chunk in stream:
                     if first:
+                        outcome = "refused"  # until the quota answer (overlapped) is in
                         outcome = await self._granted(quota, counters)
                         self._metrics.ttft.labels(cls).observe(time.perf_counter() - started)
                         first = False
-                    text.append(chunk.text)
-                    token_ids.extend(chunk.token_ids)
-                    last = chunk
+                    out.add(chunk)
                     yield chunk
             if first:
+                outcome = "refused"
                 outcome = await self._granted(quota, counters)
             outcome = "ok"
-            if last is not None:
-                self._completed(tenant.name, req, counters, "".join(text), token_ids, last)
+            if out.last is not None:
+                self._completed(tenant.name, req, counters, out)
         finally:
             counters.in_flight -= 1
             self._metrics.requests.labels("generate", cls, outcome).inc()
@@ -216,14 +230,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         tenant: str,
         req: inference_pb2.GenerateRequest,
         counters: TenantCounters,
-        text: str,
-        token_ids: list[int],
-        last: inference_pb2.GenerateChunk,
+        out: _Collected,
     ) -> None:
         """A generation streamed to its end: count its tokens and cache it."""
+        last = out.last
+        assert last is not None
         counters.prompt_tokens += last.usage.prompt_tokens
         counters.completion_tokens += last.usage.completion_tokens
-        self._store_later(tenant, req, text, token_ids, last)
+        self._store_later(tenant, req, "".join(out.text), out.token_ids, last)
 
     def _validated(
         self, request: inference_pb2.GenerateRequest, tenant: Tenant, counters: TenantCounters

@@ -178,6 +178,30 @@ async def test_plain_grpc_retry_policy_waits_for_the_pushback(
     assert 0.3 < elapsed < 3.0  # the pushback (<= 1 s), not the 30 s backoff
 
 
+async def test_an_overlapped_quota_refusal_reaches_the_client_and_frees_the_node(
+    suite: Suite, schedulers: Schedulers
+) -> None:
+    """With ``quota_overlap`` (the default) the request is already on its way to a node when
+    Redis says no: the client gets the quota refusal and no token, and the node call is
+    cancelled, so nothing stays booked (node book, slot share, usage)."""
+    await suite.start_node("node-a")
+    service = await schedulers.start()
+    await ready(service)
+    stub = schedulers.stub(service)
+    for _ in range(2):
+        await generate(stub, LIMITED_KEY, max_new_tokens=2)
+    call = stub.Generate(gen_request(max_new_tokens=64), metadata=auth(LIMITED_KEY), timeout=30)
+    chunks = []
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for chunk in call:
+            chunks.append(chunk)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not chunks
+    assert unpack(details_of(err.value), error_details_pb2.ErrorInfo).reason == "QUOTA_EXCEEDED"  # type: ignore[attr-defined]
+    await eventually(lambda: all(n.book.in_flight == 0 for n in service.nodes.nodes()))
+    assert service.gate.shares.running(TINY, common_pb2.WORKLOAD_CLASS_REALTIME, "limited") == 0
+    assert service.usage.of("limited").in_flight == 0
+
+
 async def test_two_replicas_share_the_quota(suite: Suite, schedulers: Schedulers) -> None:
     """Two replicas on the same etcd and Redis: the bucket is global, so requests spread over
     both are refused at the same count as on one."""
