@@ -270,8 +270,9 @@ class Options:
     level_min_requests: int = 25
     """Requests a load level should hold on average (a shorter search step at the same rate
     is measured again, longer, so tail latencies rest on more samples)."""
-    max_step_s: float = 200.0
-    """Longest window; with ``min_requests`` it sets the lowest rate the search probes."""
+    max_step_s: float = 300.0
+    """Longest window; with ``min_requests`` it sets the lowest rate the search probes (0.05
+    req/s: the naive server's 0.1 req/s step can miss 95 % on one slow request of 13)."""
     realtime_min_requests: int = 16
     """REALTIME requests (all realtime tenants together) the level at 1x the naive capacity must
     hold, on average and in its seeded plan: its REALTIME TTFT p99s are compared (0: no such

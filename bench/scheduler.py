@@ -406,7 +406,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--probe-interval-s", type=float, default=0.1)
     p.add_argument("--probe-deadline-s", type=float, default=0.05)
     p.add_argument("--isolation-window-s", type=float, default=60.0, help="per phase")
-    p.add_argument("--isolation-tokens", type=int, default=128, help="output tokens per request")
+    p.add_argument("--isolation-tokens", type=int, default=256, help="output tokens per request")
     p.add_argument("--isolation-deadline-s", type=float, default=10.0, help="per request")
     p.add_argument(
         "--isolation-max-rate", type=float, default=150.0, help="cap on the flood, requests/s"
