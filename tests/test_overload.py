@@ -45,18 +45,18 @@ def test_realtime_share_is_the_realtime_tenants_share_of_the_rate() -> None:
 
 
 def test_only_a_level_asking_for_realtime_requests_gets_a_longer_window() -> None:
-    """At 0.12 req/s 16 REALTIME requests take 16 / (0.12 x 0.3) = 444 s on average: past
-    max_step_s (200 s), within max_level_s (900 s); other windows are unchanged."""
+    """At 0.06 req/s 16 REALTIME requests take 16 / (0.06 x 0.3) = 889 s on average: past
+    max_step_s (300 s), within max_level_s (900 s); other windows are unchanged."""
     bench = Benchmark(scenario(), {}, Options())
-    assert bench.duration_for(0.12, 25) == 200.0, "25 / 0.12 = 208 s, capped at max_step_s"
-    long = bench.duration_for(0.12, 25, realtime_min_requests=16)
-    assert long >= 16 / (0.12 * 0.3) and long <= 900.0
-    assert realtime_planned(bench.scenario, 0.12, long) >= 16
+    assert bench.duration_for(0.06, 25) == 300.0, "25 / 0.06 = 417 s, capped at max_step_s"
+    long = bench.duration_for(0.06, 25, realtime_min_requests=16)
+    assert long >= 16 / (0.06 * 0.3) and long <= 900.0
+    assert realtime_planned(bench.scenario, 0.06, long) >= 16
     assert bench.duration_for(0.05, 25, realtime_min_requests=16) == 900.0, "capped"
     assert bench.duration_for(10.0, 25, realtime_min_requests=16) == 45.0, "never shorter"
     batch_only = [t.model_copy(update={"workload_class": "batch"}) for t in scenario().tenants]
     nothing = Benchmark(scenario(tenants=batch_only), {}, Options())
-    assert nothing.duration_for(0.12, 25, realtime_min_requests=16) == 200.0
+    assert nothing.duration_for(0.06, 25, realtime_min_requests=16) == 300.0
 
 
 def test_a_short_seeded_draw_lengthens_the_window_until_the_plan_holds_enough() -> None:
