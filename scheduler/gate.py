@@ -212,9 +212,9 @@ class DispatchGate:
         chosen: dict[str, NodeHandle] = {}
         full: set[tuple[str, int]] = set()  # no room now: no room later in this pass either
         held_back: set[tuple[str, int, str]] = set()  # past its share: for this whole pass
-        # (slots, active tenants, tenants with requests queued) per (model, class), read once
-        # per pass: the scan may look at many queued items.
-        sharing: dict[tuple[str, int], tuple[int, set[str], set[str]]] = {}
+        # (active tenants, tenants with requests queued) per (model, class), read once per
+        # pass: the scan may look at many queued items.
+        sharing: dict[tuple[str, int], tuple[set[str], set[str]]] = {}
 
         def placeable(item: QueuedRequest) -> bool:
             key = (item.model, item.workload_class)
@@ -222,17 +222,16 @@ class DispatchGate:
                 return False
             if key not in sharing:
                 sharing[key] = (
-                    self._nodes.slots(item.model, item.workload_class),
-                    self.admission.active(item.model, item.workload_class),
+                    self.admission.active(*key),
                     set(self.queues.tenants_with_cost(item.workload_class, item.model)),
                 )
-            slots, active, queued = sharing[key]
-            free = self._nodes.free_slots(item.model, item.workload_class)
-            if not self.shares.may_start(*key, item.tenant, slots, free, active, queued):
+            active, queued = sharing[key]
+            view = self._nodes.capacity(*key)
+            if not self.shares.may_start(*key, item.tenant, view.slots, view.free, active, queued):
                 held_back.add((*key, item.tenant))  # the rest is kept for the others
                 return False
             node = self._nodes.pick(
-                item.model, item.workload_class, affinity=item.affinity, need_room=True
+                *key, affinity=item.affinity, need_room=True, among=view.candidates
             )
             if node is None:
                 full.add(key)

@@ -94,13 +94,14 @@ class SlotView:
     slots: int
     """Sequences the candidates offer the class together."""
     free: int
-    """Of those, free now (every class and replica counted)."""
+    """Of those, free now."""
     room: bool
     """Some candidate could take one more request of the class now."""
 
     @property
     def busy(self) -> bool:
-        """At least half of the slots are in use (as :meth:`NodeDirectory.busy`)."""
+        """At least half of the slots are in use (admission's cue that the measured
+        inter-token time describes a loaded node)."""
         return self.slots > 0 and 2 * (self.slots - self.free) >= self.slots
 
 
@@ -175,9 +176,10 @@ class NodeDirectory:
         return node.book.has_room(workload_class, self._headroom)
 
     def capacity(self, model: str, workload_class: int) -> SlotView:
-        """One look at the candidates for a request: their slots for the class, how many are
-        free, whether one has room now. For the dispatch fast path, which would otherwise
-        walk the node list once per question."""
+        """One look at the candidates for a request: the sequences they offer the class
+        together, how many are free now (every class and replica counted: the nodes' reports
+        plus this replica's own bookings) and whether one has room; one walk of the node list
+        for admission, slot shares and the pick."""
         cands = self.candidates(model, workload_class)
         slots = free = 0
         room = False
@@ -187,30 +189,6 @@ class NodeDirectory:
             free += max(0, cap - n.book.sequences())
             room = room or self.has_room(n, workload_class)
         return SlotView(cands, slots, free, room)
-
-    def room_for(self, model: str, workload_class: int) -> bool:
-        """True when some candidate has room for the request now."""
-        return any(self.has_room(n, workload_class) for n in self.candidates(model, workload_class))
-
-    def slots(self, model: str, workload_class: int) -> int:
-        """Sequences the candidates for ``model`` offer ``workload_class`` together."""
-        return sum(
-            n.book.capacity(workload_class, self._headroom)
-            for n in self.candidates(model, workload_class)
-        )
-
-    def free_slots(self, model: str, workload_class: int) -> int:
-        """Sequences free for ``workload_class`` on the candidates for ``model`` now, every
-        class and replica counted (the nodes' reports plus this replica's own bookings)."""
-        return sum(
-            max(0, n.book.capacity(workload_class, self._headroom) - n.book.sequences())
-            for n in self.candidates(model, workload_class)
-        )
-
-    def busy(self, model: str, workload_class: int) -> bool:
-        """True when at least half of the candidates' sequences are in use."""
-        slots = self.slots(model, workload_class)
-        return slots > 0 and 2 * (slots - self.free_slots(model, workload_class)) >= slots
 
     def token_seconds(self, model: str) -> float:
         """Seconds per generated token on the fastest node serving ``model``: the lowest
