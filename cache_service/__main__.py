@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import sys
 
+from sluice import grpc_io
+
+grpc_io.configure()  # before grpc loads: the engine is read once
+
 from prometheus_client import CollectorRegistry
 
 from cache_service.app import CacheService

@@ -12,6 +12,10 @@ import signal
 import sys
 import threading
 
+from sluice import grpc_io
+
+grpc_io.configure()  # before grpc loads: the engine is read once
+
 import structlog
 from prometheus_client import CollectorRegistry
 
