@@ -220,13 +220,16 @@ class DispatchGate:
             key = (item.model, item.workload_class)
             if key in full or (*key, item.tenant) in held_back:
                 return False
+            view = self._nodes.capacity(*key)
+            if not view.room:  # the common case under load: a pass woken by a report
+                full.add(key)
+                return False
             if key not in sharing:
                 sharing[key] = (
                     self.admission.active(*key),
                     set(self.queues.tenants_with_cost(item.workload_class, item.model)),
                 )
             active, queued = sharing[key]
-            view = self._nodes.capacity(*key)
             if not self.shares.may_start(*key, item.tenant, view.slots, view.free, active, queued):
                 held_back.add((*key, item.tenant))  # the rest is kept for the others
                 return False
