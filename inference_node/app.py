@@ -110,6 +110,7 @@ class NodeService:
             is_draining=lambda: self.draining,
             start_drain=self._start_drain,
             load_interval_s=settings.load_report_interval_ms / 1000,
+            stream_interval_s=settings.stream_interval_ms / 1000,
             gpu=gpu,
         )
         registry.register(

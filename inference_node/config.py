@@ -44,5 +44,11 @@ class NodeSettings(ServiceSettings):
     """Host published in the registry; empty means ``host``."""
     load_report_interval_ms: int = 200
     """Default interval of load reports."""
+    stream_interval_ms: float = Field(default=20.0, ge=0)
+    """Least time between two chunks of one stream after the first (0: a chunk per token).
+    Tokens made meanwhile go out together in the next chunk (vLLM's ``stream_interval``, in
+    time rather than tokens): a fast model streams at most 50 chunks/s per request, which is
+    what every gRPC hop on the way, the scheduler above all, pays for per message. The first
+    token is never held back; a stream's last chunk is at most this late."""
     drain_grace_seconds: float = 30.0
     """How long a drain waits for in-flight requests before cancelling them."""

@@ -65,6 +65,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         is_draining: Callable[[], bool],
         start_drain: Callable[[float], None],
         load_interval_s: float = 0.2,
+        stream_interval_s: float = 0.0,
         gpu: GpuProbe | None = None,
     ) -> None:
         self._node_id = node_id
@@ -74,6 +75,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         self._is_draining = is_draining
         self._start_drain = start_drain
         self._load_interval_s = load_interval_s
+        self._stream_interval_s = stream_interval_s
         # One thread owns the embedding models, as the engine thread owns the generator.
         self._embed_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self._process = psutil.Process()
@@ -121,8 +123,18 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             raise Unavailable(f"node {self._node_id} is draining", reason="NODE_DRAINING") from exc
         self.in_flight += 1
         first = True
+        interval = self._stream_interval_s
+        loop = asyncio.get_running_loop()
+        sent_at = 0.0
         try:
-            async for delta in stream:
+            while True:
+                if interval and not first and (wait := sent_at + interval - loop.time()) > 0:
+                    # Tokens made while we wait are merged into the next delta by the stream.
+                    await asyncio.sleep(wait)
+                try:
+                    delta = await anext(stream)
+                except StopAsyncIteration:
+                    break
                 chunk = inference_pb2.GenerateChunk(text=delta.text, token_ids=delta.token_ids)
                 if first:
                     chunk.node_id = self._node_id
@@ -136,8 +148,10 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                     self._metrics.generated_tokens.labels(lm.name).inc(delta.completion_tokens)
                     self._metrics.requests.labels(lm.name, delta.finish_reason.value).inc()
                 yield chunk
+                sent_at = loop.time()
         finally:
             self.in_flight -= 1
+            await stream.aclose()
 
     async def Embed(
         self, request: node_pb2.NodeEmbedRequest, context: grpc.aio.ServicerContext

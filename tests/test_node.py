@@ -109,3 +109,25 @@ async def test_request_beyond_kv_budget_is_resource_exhausted(suite: Suite) -> N
     assert "at most 100" in (err.value.details() or "")
     fits = [c async for c in stub.Generate(node_request(max_new_tokens=50))]
     assert fits[-1].usage.completion_tokens == 50
+
+
+async def test_stream_interval_merges_tokens_into_fewer_chunks(suite: Suite) -> None:
+    """After the first chunk a stream sends at most one chunk per ``stream_interval_ms``, the
+    tokens made meanwhile merged into it; none is lost, and the first is not held back."""
+    node = await suite.start_node("node-paced", stream_interval_ms=50)
+    stub = node_pb2_grpc.NodeStub(suite.channel(node.address))
+    loop = asyncio.get_running_loop()
+    arrivals: list[tuple[float, int]] = []
+    async for chunk in stub.Generate(node_request(max_new_tokens=64)):
+        arrivals.append((loop.time(), len(chunk.token_ids)))
+    assert sum(n for _, n in arrivals) == 64
+    assert arrivals[-1][0] - arrivals[0][0] >= 0.05 * (len(arrivals) - 2)
+    assert len(arrivals) < 64
+
+
+async def test_stream_interval_zero_sends_tokens_as_they_come(suite: Suite) -> None:
+    node = await suite.start_node("node-unpaced", stream_interval_ms=0)
+    stub = node_pb2_grpc.NodeStub(suite.channel(node.address))
+    chunks = [c async for c in stub.Generate(node_request(max_new_tokens=16))]
+    assert sum(len(c.token_ids) for c in chunks) == 16
+    assert chunks[-1].usage.completion_tokens == 16
