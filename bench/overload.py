@@ -214,12 +214,18 @@ class SluiceSuite:
     name = "sluice"
 
     def __init__(
-        self, scenario: Scenario, keys: dict[str, str], run_dir: Path, nodes: int = 1
+        self,
+        scenario: Scenario,
+        keys: dict[str, str],
+        run_dir: Path,
+        nodes: int = 1,
+        max_sequences: int | None = None,
     ) -> None:
         self.scenario = scenario
         self.keys = keys
         self.run_dir = run_dir
         self.nodes = nodes
+        self.max_sequences = max_sequences
         self.address = ""
         self._supervisor: Supervisor | None = None
 
@@ -244,6 +250,7 @@ class SluiceSuite:
             nodes=self.nodes,
             models=[self.scenario.model],
             tenants_file=self.write_tenants(),
+            max_sequences=self.max_sequences,
         )
         self._supervisor = Supervisor(config)
         try:
@@ -301,6 +308,14 @@ class Options:
     """Unmeasured requests sent to each target before its first run."""
     time_budget_s: float = 0.0
     """Skip runs that would end past this many seconds (0: no limit)."""
+    node_max_sequences: int = 16
+    """Batch cap of Sluice's node, sized to the scenario's SLO as an operator would: on the
+    2-core VM SmolLM2-135M decodes 84 tokens/s at 8 sequences and 112 at 32
+    (``bench/results/engine.md``), a step of about 0.03 s + 0.008 s per sequence. At 32 a
+    full batch spends 0.28 s per token, past the 0.25 s TPOT SLO, and a 96-token answer needs
+    27 s, past the 20 s deadline: admitted streams ran out of time as the batch filled. At
+    16 it is about 0.16 s per token (0.19 s with prefills mixed in) for 10 % less
+    throughput."""
 
 
 def realtime_share(scenario: Scenario) -> float:
@@ -530,6 +545,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--time-budget-s", type=float, default=o.time_budget_s, help="0: no limit (default)"
     )
+    p.add_argument(
+        "--node-max-sequences",
+        type=int,
+        default=o.node_max_sequences,
+        help="batch cap of Sluice's node (sized to the SLO; see Options)",
+    )
     p.add_argument("--run-dir", type=Path, default=None, help="logs of the servers")
     args = p.parse_args(argv)
     if args.search_factor <= 1 or args.step_s <= 0 or args.naive_start_rps <= 0:
@@ -560,6 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         own_multiples=args.own_multiples,
         warmup_requests=args.warmup_requests,
         time_budget_s=args.time_budget_s,
+        node_max_sequences=args.node_max_sequences,
     )
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="overload-", dir=_scratch()))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -586,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         levels["sluice"] = bench.levels(suite, plan, realtime_judged_at=naive_base)
 
     naive_server = NaiveProcess(scenario.model, run_dir)
-    suite = SluiceSuite(scenario, keys, run_dir)
+    suite = SluiceSuite(scenario, keys, run_dir, max_sequences=options.node_max_sequences)
     failures: list[str] = []
     for server, what in ((naive_server, naive), (suite, sluice)):
         try:

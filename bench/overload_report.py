@@ -418,7 +418,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"CPUs ({report['machine']['cpu_model']}); started {report['started_at']}, took "
         f"{report['duration_s'] / 60:.1f} min. SLO: TTFT <= {scenario['slo']['ttft_s']} s and "
         f"mean TPOT <= {scenario['slo']['tpot_s']} s; capacity at SLO = highest offered rate with "
-        f">= {cfg['options']['required_attainment']:.0%} of requests meeting it.",
+        f">= {cfg['options']['required_attainment']:.0%} of requests meeting it. Sluice's node "
+        f"runs at most {cfg['options'].get('node_max_sequences', 32)} sequences at once.",
         "",
         *[f"- {line}" for line in check_lines(report)],
         "",

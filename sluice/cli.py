@@ -113,6 +113,10 @@ def up(
     ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    max_sequences: Annotated[
+        int | None,
+        typer.Option(help="Each node's batch cap (default: the node's own, 32)."),
+    ] = None,
     port: Annotated[int, typer.Option(help="Scheduler port (0: a free one).")] = 0,
 ) -> None:
     """Start etcd, Redis, the cache, N nodes and the scheduler; stop all on Ctrl-C/SIGTERM."""
@@ -123,6 +127,7 @@ def up(
         tenants_file=tenants_file,
         device=device,
         dtype=dtype,
+        max_sequences=max_sequences,
         scheduler_port=port,
     )
     sup = Supervisor(config, say=lambda m: console.print(f"[dim]{m}[/dim]"))

@@ -45,6 +45,8 @@ class UpConfig:
     tenants_file: Path | None = None
     device: str = "cpu"
     dtype: str = "float32"
+    max_sequences: int | None = None
+    """Each node's batch cap; None keeps the node's default."""
     host: str = "127.0.0.1"
     scheduler_port: int = 0
     startup_timeout_s: float = 600.0
@@ -183,6 +185,8 @@ class Supervisor:
             "--device", cfg.device,
             "--dtype", cfg.dtype,
         ]  # fmt: skip
+        if cfg.max_sequences is not None:
+            node_args += ["--max-sequences", str(cfg.max_sequences)]
         nodes = [self._spawn("node-1", "inference_node", [*node_args, "--node-id", "node-1"])]
         # The first node converts model weights once; the others then load the cached copy.
         self._wait_serving(nodes[0], deadline)
