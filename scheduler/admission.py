@@ -37,7 +37,9 @@ client has already given up on (measured at 2x capacity with start-time admissio
 requests hit their 20 s deadline unfinished). The decode-time test applies even to a request that
 could start at once: under a full batch each token is slow.
 Lower classes are predicted behind every higher class, so under pressure they are refused
-(and, when capacity shrinks, shed from the queue) first.
+(and, when capacity shrinks, shed from the queue) first; their predicted waits must fit the
+deadline ``lower_class_wait_factor`` times over, since higher-class work arriving later cuts
+ahead of them (without it they were admitted, then shed from the queue seconds later).
 Failure mode: the prediction is only as good as the rate; a fleet that has not reported a rate
 yet uses ``default_tokens_per_s`` per node.
 """
@@ -75,6 +77,13 @@ class AdmissionConfig:
     """A tenant admitted or streaming within this long counts as active in its class."""
     deadline_margin: float = 0.1
     """Share of the time left before the deadline a waiting request must leave unused."""
+    lower_class_wait_factor: float = 2.0
+    """A waiting request below ``REALTIME`` must fit its deadline with its predicted wait
+    counted this many times over. Higher-class work that arrives after it is served first,
+    and the arrival guard only knows the recent average: measured with ``make bench`` at 2x
+    Sluice's capacity, BATCH requests admitted on the plain prediction waited up to 15 s and
+    were shed from the queue, a refusal seconds late instead of at once. The retry delay
+    sent is still the plain prediction."""
 
 
 @dataclass(frozen=True)
@@ -276,7 +285,10 @@ class Admission:
         rate = self.class_rate(item.model, item.workload_class, rate)
         own = self._queues.queued_cost(item.workload_class, item.model, item.tenant)
         wait = max(ahead / rate, own / (rate * self.share(item)))
-        if wait + item.max_new_tokens * token_s > usable:
+        padded = (
+            wait if RANK[item.workload_class] == 0 else wait * self.config.lower_class_wait_factor
+        )
+        if padded + item.max_new_tokens * token_s > usable:
             return Verdict(False, wait, OVERLOADED)
         return Verdict(True, wait)
 

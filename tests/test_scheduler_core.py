@@ -516,3 +516,20 @@ def test_two_replicas_with_tenants_pinned_apart_split_by_replica_not_weight() ->
     global quotas, not the queues, bound a tenant there."""
     served = two_replicas({"a": 1.0, "b": 0.0}, seed=5)
     assert 0.8 < served["a"] / served["b"] < 1.25
+
+
+def test_lower_class_wait_must_fit_its_deadline_twice_over() -> None:
+    """A 5 s predicted wait with 10 s left: a REALTIME request is admitted; a BATCH one must
+    fit 10 s of wait into the 9 s usable, so it is refused at once, its retry delay the plain
+    5 s prediction, rather than shed from the queue later."""
+    clock, queues, admission = make()
+    for _ in range(5):
+        queues.push(item("me", BATCH, prompt=0, new=100))
+    batch = admission.decide(item("me", BATCH, new=10, deadline=clock() + 10), 100.0, False)
+    assert not batch.admitted and batch.reason == OVERLOADED
+    assert batch.predicted_wait_s == pytest.approx(5.0, rel=0.05)
+    assert admission.decide(item("me", BATCH, new=10, deadline=clock() + 30), 100.0, False).admitted
+    for _ in range(5):
+        queues.push(item("rt", REALTIME, prompt=0, new=100))
+    realtime = admission.decide(item("rt", REALTIME, new=10, deadline=clock() + 10), 100.0, False)
+    assert realtime.admitted and realtime.predicted_wait_s == pytest.approx(5.0, rel=0.05)
