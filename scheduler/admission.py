@@ -77,6 +77,10 @@ class AdmissionConfig:
     """A tenant admitted or streaming within this long counts as active in its class."""
     deadline_margin: float = 0.1
     """Share of the time left before the deadline a waiting request must leave unused."""
+    realtime_max_wait_s: float = 0.0
+    """Longest predicted queue wait a REALTIME request is admitted with (0: no bound beyond
+    its deadline). Its deadline says when the client gives up; this says how long someone
+    waiting for a first token should sit in silence before being told to come back."""
     lower_class_wait_factor: float = 2.0
     """A waiting request below ``REALTIME`` must fit its deadline with its predicted wait
     counted this many times over. Higher-class work that arrives after it is served first,
@@ -95,6 +99,8 @@ class Verdict:
     reason: str = ""
     detail: str = ""
     """Why, for the refusal's message, when the predicted wait alone does not say it."""
+    past_deadline: bool = True
+    """Refused because it could not finish before its deadline (False: a queue bound)."""
 
     def retry_after(self, config: AdmissionConfig) -> float:
         """The retry delay to send: the predicted wait, clamped to the configured range."""
@@ -285,11 +291,14 @@ class Admission:
         rate = self.class_rate(item.model, item.workload_class, rate)
         own = self._queues.queued_cost(item.workload_class, item.model, item.tenant)
         wait = max(ahead / rate, own / (rate * self.share(item)))
-        padded = (
-            wait if RANK[item.workload_class] == 0 else wait * self.config.lower_class_wait_factor
-        )
+        top = RANK[item.workload_class] == 0
+        padded = wait if top else wait * self.config.lower_class_wait_factor
         if padded + item.max_new_tokens * token_s > usable:
             return Verdict(False, wait, OVERLOADED)
+        limit = self.config.realtime_max_wait_s
+        if top and limit > 0 and wait > limit:
+            detail = f"predicted wait {wait:.3f}s is over the {limit:g}s REALTIME queue bound"
+            return Verdict(False, wait, OVERLOADED, detail, past_deadline=False)
         return Verdict(True, wait)
 
     def shed(

@@ -95,7 +95,10 @@ class SchedulerService:
                 aging_s=settings.aging_seconds,
                 prompt_token_weight=settings.prompt_token_weight,
             ),
-            admission_config=AdmissionConfig(default_tokens_per_s=settings.default_tokens_per_s),
+            admission_config=AdmissionConfig(
+                default_tokens_per_s=settings.default_tokens_per_s,
+                realtime_max_wait_s=settings.realtime_max_wait_seconds,
+            ),
         )
         self.quotas = QuotaGate(
             quota_redis(settings.redis_url, settings.quota_timeout_seconds)

@@ -176,8 +176,9 @@ class DispatchGate:
         retry = verdict.retry_after(self.admission.config)
         left = max(0.0, item.deadline - self._clock())
         why = verdict.detail or f"predicted wait {verdict.predicted_wait_s:.3f}s"
+        then = "cannot finish in the" if verdict.past_deadline else "with"
         return ResourceExhausted(
-            f"overloaded: {why}; cannot finish in the {left:.3f}s left before the deadline",
+            f"overloaded: {why}; {then} {left:.3f}s left before the deadline",
             retry_after_s=retry,
             reason=verdict.reason,
             metadata={"predicted_wait_ms": str(math.ceil(retry * 1000)), "workload_class": cls},

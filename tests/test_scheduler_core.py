@@ -533,3 +533,18 @@ def test_lower_class_wait_must_fit_its_deadline_twice_over() -> None:
         queues.push(item("rt", REALTIME, prompt=0, new=100))
     realtime = admission.decide(item("rt", REALTIME, new=10, deadline=clock() + 10), 100.0, False)
     assert realtime.admitted and realtime.predicted_wait_s == pytest.approx(5.0, rel=0.05)
+
+
+def test_realtime_request_past_its_queue_bound_is_refused_at_once() -> None:
+    """With a 1.5 s REALTIME queue bound, a predicted 3 s wait is refused now (retry after
+    3 s) even with 60 s left before the deadline; BATCH is held to its deadline alone."""
+    clock, queues, _ = make()
+    admission = Admission(queues, clock, lambda _t: 1.0, AdmissionConfig(realtime_max_wait_s=1.5))
+    for _ in range(3):
+        queues.push(item("me", REALTIME, prompt=0, new=100))
+    late = admission.decide(item("me", REALTIME, new=10, deadline=clock() + 60), 100.0, False)
+    assert not late.admitted and late.reason == OVERLOADED
+    assert late.predicted_wait_s == pytest.approx(3.0, rel=0.05)
+    assert "queue bound" in late.detail
+    batch = admission.decide(item("me", BATCH, new=10, deadline=clock() + 60), 100.0, False)
+    assert batch.admitted
