@@ -314,8 +314,7 @@ class Options:
     (``bench/results/engine.md``), a step of about 0.03 s + 0.008 s per sequence. At 32 a
     full batch spends 0.28 s per token, past the 0.25 s TPOT SLO, and a 96-token answer needs
     27 s, past the 20 s deadline: admitted streams ran out of time as the batch filled. At
-    16 it is about 0.16 s per token (0.19 s with prefills mixed in) for 10 % less
-    throughput."""
+    16 the same fit gives about 0.16 s per token, for about 10 % less throughput."""
 
 
 def realtime_share(scenario: Scenario) -> float:

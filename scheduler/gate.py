@@ -213,15 +213,19 @@ class DispatchGate:
         chosen: dict[str, NodeHandle] = {}
         full: set[tuple[str, int]] = set()  # no room now: no room later in this pass either
         held_back: set[tuple[str, int, str]] = set()  # past its share: for this whole pass
-        # (active tenants, tenants with requests queued) per (model, class), read once per
-        # pass: the scan may look at many queued items.
+        # The candidates' capacity and (active tenants, tenants with requests queued) per
+        # (model, class), read once per pop (a booking changes them): the scan may look at
+        # many queued items.
+        views: dict[tuple[str, int], SlotView] = {}
         sharing: dict[tuple[str, int], tuple[set[str], set[str]]] = {}
 
         def placeable(item: QueuedRequest) -> bool:
             key = (item.model, item.workload_class)
             if key in full or (*key, item.tenant) in held_back:
                 return False
-            view = self._nodes.capacity(*key)
+            view = views.get(key)
+            if view is None:
+                view = views[key] = self._nodes.capacity(*key)
             if not view.room:  # the common case under load: a pass woken by a report
                 full.add(key)
                 return False
@@ -248,6 +252,7 @@ class DispatchGate:
             if item is None:
                 return
             key = (item.model, item.workload_class)
+            views.pop(key, None)  # one slot fewer
             sharing.pop(key, None)  # who has requests queued may have changed
             held_back.difference_update({k for k in held_back if k[:2] == key})
             node = chosen[item.request_id]

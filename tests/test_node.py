@@ -125,7 +125,8 @@ async def test_stream_interval_merges_tokens_into_fewer_chunks(suite: Suite) -> 
     assert len(arrivals) < 64
 
 
-async def test_stream_interval_zero_sends_tokens_as_they_come(suite: Suite) -> None:
+async def test_stream_interval_zero_still_delivers_every_token(suite: Suite) -> None:
+    """Pacing off (0): the plain path, no sleep between chunks, loses no token."""
     node = await suite.start_node("node-unpaced", stream_interval_ms=0)
     stub = node_pb2_grpc.NodeStub(suite.channel(node.address))
     chunks = [c async for c in stub.Generate(node_request(max_new_tokens=16))]
