@@ -18,7 +18,9 @@ scheduler, as child processes on free loopback ports (``bench.scheduler_suite``)
    scheduler's own handler times and its quota-backend timeouts are read from its log.
 3. **Fairness.** Tenants A (weight 2) and B (weight 1), both REALTIME, each keep more
    requests in flight than the node can run (closed loop, fixed output length, in a separate
-   process: ``bench.scheduler_load``); output tokens delivered per tenant over a steady window
+   process: ``bench.scheduler_load``; a worker refused with a retry delay, such as past the
+   REALTIME queue-wait bound, comes back after it); output tokens delivered per tenant over a
+   steady window
    give the share ratio (target 2:1 within 10 %) and Jain's index of the weight-normalised
    shares (target ≥ 0.95). The refusal probes of (2) run during this window.
 4. **Isolation.** Tenants ``victim`` and ``flooder`` (weight 1 each, REALTIME, no quotas: half
@@ -293,6 +295,7 @@ def fairness_figures(result: dict[str, Any], args: argparse.Namespace) -> dict[s
                 "completed": v["completed"],
                 "ttft_p50_s": percentile(v["ttft_s"], 50),
                 "ttft_p99_s": percentile(v["ttft_s"], 99),
+                "refused": v["refused"],
                 "errors": v["errors"],
             }
             for t, v in tenants.items()

@@ -92,6 +92,8 @@ class TenantLoad:
     tokens: int = 0
     completed: int = 0
     ttft_s: list[float] = field(default_factory=list)
+    refused: int = 0
+    """Calls refused with a retry delay: the worker waited that long, as a client should."""
     errors: Counter[str] = field(default_factory=Counter)
 
 
@@ -137,9 +139,17 @@ async def _loop(
                 if time.monotonic() >= start:
                     into.completed += 1
         except grpc.aio.AioRpcError as exc:
-            if time.monotonic() < end:
-                into.errors[exc.code().name] += 1
-                await asyncio.sleep(0.05)  # an error loop must not spin
+            now = time.monotonic()
+            if now >= end:
+                continue
+            retry = from_rpc_error(exc).retry_after_s
+            if exc.code() in REFUSAL_CODES and retry is not None:
+                if now >= start:
+                    into.refused += 1
+                await asyncio.sleep(min(retry, end - now))  # come back when told to
+                continue
+            into.errors[exc.code().name] += 1
+            await asyncio.sleep(0.05)  # an error loop must not spin
         finally:
             call.cancel()
 
@@ -302,6 +312,7 @@ async def run(spec: LoadSpec, started: Event | None = None) -> dict[str, Any]:
                 "tokens": load.tokens,
                 "completed": load.completed,
                 "ttft_s": load.ttft_s,
+                "refused": load.refused,
                 "errors": dict(load.errors),
             }
             for t, load in loads.items()

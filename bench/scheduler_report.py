@@ -248,13 +248,15 @@ def markdown(result: dict[str, Any]) -> str:
         f"{fair['in_flight_per_tenant']} in flight per tenant, {fair['max_new_tokens']} "
         "tokens each)",
         "",
-        "| tenant | weight | output tokens | completed | TTFT p50 | TTFT p99 | errors |",
-        "|---|---|---|---|---|---|---|",
+        "| tenant | weight | output tokens | completed | TTFT p50 | TTFT p99 | refused, then "
+        "back after RetryInfo | errors |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, v in fair["tenants"].items():
         lines.append(
             f"| {name} | {fair['weights'][name]} | {v['tokens']} | {v['completed']} | "
-            f"{ms(v['ttft_p50_s'])} | {ms(v['ttft_p99_s'])} | {v['errors'] or '-'} |"
+            f"{ms(v['ttft_p50_s'])} | {ms(v['ttft_p99_s'])} | {v['refused']} | "
+            f"{v['errors'] or '-'} |"
         )
     lines += [
         "",

@@ -39,7 +39,12 @@ could start at once: under a full batch each token is slow.
 Lower classes are predicted behind every higher class, so under pressure they are refused
 (and, when capacity shrinks, shed from the queue) first; their predicted waits must fit the
 deadline ``lower_class_wait_factor`` times over, since higher-class work arriving later cuts
-ahead of them (without it they were admitted, then shed from the queue seconds later).
+ahead of them (without it they were admitted, then shed from the queue seconds later). An
+admitted lower-class request is stamped with the latest start that still finishes in time
+(``start_by``), and the queues serve it first as that nears (:mod:`scheduler.queues`,
+promises): admission's prediction becomes a promise, and a REALTIME request's wait counts the
+lower-class work promoted while it waits. REALTIME requests predicted to wait longer than
+``realtime_max_wait_s`` are refused at once (someone is waiting for the first token).
 Failure mode: the prediction is only as good as the rate; a fleet that has not reported a rate
 yet uses ``default_tokens_per_s`` per node.
 """
@@ -77,7 +82,7 @@ class AdmissionConfig:
     """A tenant admitted or streaming within this long counts as active in its class."""
     deadline_margin: float = 0.1
     """Share of the time left before the deadline a waiting request must leave unused."""
-    realtime_max_wait_s: float = 0.0
+    realtime_max_wait_s: float = 1.5
     """Longest predicted queue wait a REALTIME request is admitted with (0: no bound beyond
     its deadline). Its deadline says when the client gives up; this says how long someone
     waiting for a first token should sit in silence before being told to come back."""
@@ -274,8 +279,11 @@ class Admission:
         ahead = self.cost_ahead(item)
         now = self._clock()
         usable = (item.deadline - now) * (1.0 - self.config.deadline_margin)
+        decode = item.max_new_tokens * token_s
+        top = RANK[item.workload_class] == 0
+        if not top:  # the promise the queue keeps: start by then, and it finishes in time
+            item.start_by = max(now, now + usable - decode)
         if room_now and ahead <= 0:
-            decode = item.max_new_tokens * token_s
             if busy and decode > usable:  # starts now, but cannot end in time
                 retry = busy_cost / rate if rate > 0 else self.config.min_retry_s
                 detail = (
@@ -291,9 +299,10 @@ class Admission:
         rate = self.class_rate(item.model, item.workload_class, rate)
         own = self._queues.queued_cost(item.workload_class, item.model, item.tenant)
         wait = max(ahead / rate, own / (rate * self.share(item)))
-        top = RANK[item.workload_class] == 0
+        if top:  # lower-class items promoted while it waits go first (queues: promises)
+            wait += self._queues.promised_cost(item.model, now + wait) / rate
         padded = wait if top else wait * self.config.lower_class_wait_factor
-        if padded + item.max_new_tokens * token_s > usable:
+        if padded + decode > usable:
             return Verdict(False, wait, OVERLOADED)
         limit = self.config.realtime_max_wait_s
         if top and limit > 0 and wait > limit:
@@ -306,12 +315,13 @@ class Admission:
     ) -> list[Shed]:
         """Remove and return queued requests that can no longer finish before their deadline.
 
-        Each model's queue is walked in service order (class rank, then arrival): a request
-        whose predicted start (cost kept ahead of it / rate) plus its own decode time
-        (``max_new_tokens`` x ``token_s_of(model)``) is past its deadline is dropped and no
-        longer counts for those behind it. Lower classes sit behind higher ones, so when
-        capacity shrinks they are the ones dropped first. A model that no node can serve keeps
-        its requests for ``no_capacity_grace_s`` (a node may be restarting), then sheds them.
+        Each model's queue is walked in service order (promoted items, then class rank, then
+        arrival): a request whose predicted start (cost kept ahead of it / rate) plus its own
+        decode time (``max_new_tokens`` x ``token_s_of(model)``) is past its deadline is
+        dropped and no longer counts for those behind it. Lower classes sit behind higher
+        ones, so when capacity shrinks they are the ones dropped first. A model that no node
+        can serve keeps its requests for ``no_capacity_grace_s`` (a node may be restarting),
+        then sheds them.
         """
         now = self._clock()
         weight = self._queues.config.prompt_token_weight
@@ -322,7 +332,14 @@ class Admission:
         for model, items in by_model.items():
             rate = rate_of(model)
             token_s = token_s_of(model) if token_s_of is not None else 0.0
-            items.sort(key=lambda i: (RANK[i.workload_class], i.seq))
+            promoted = {i.request_id for i in self._queues.promoted()}
+            items.sort(
+                key=lambda i: (
+                    (0, i.start_by, 0, 0)
+                    if i.request_id in promoted
+                    else (1, 0.0, RANK[i.workload_class], i.seq)
+                )
+            )
             ahead = 0.0
             for item in items:
                 if rate <= 0:

@@ -94,6 +94,7 @@ class SchedulerService:
                 max_per_tenant=settings.max_queued_per_tenant,
                 aging_s=settings.aging_seconds,
                 prompt_token_weight=settings.prompt_token_weight,
+                promote_lead_s=settings.promote_lead_seconds,
             ),
             admission_config=AdmissionConfig(
                 default_tokens_per_s=settings.default_tokens_per_s,

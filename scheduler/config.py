@@ -83,12 +83,16 @@ class SchedulerSettings(ServiceSettings):
     """Service rate assumed for a node not measured yet (weighted tokens per second)."""
     low_class_headroom: float = 0.125
     """Share of a node's sequences BATCH and FINETUNE leave free for REALTIME."""
-    realtime_max_wait_seconds: float = 0.0
+    realtime_max_wait_seconds: float = 1.5
     """A REALTIME request predicted to wait longer than this in the queue is refused at once
     (OVERLOADED, retry after the predicted wait) even when its deadline is further: someone
-    is waiting for its first token, and a quick refusal with a time to come back can serve
-    them better than seconds of silence. 0 (the default, until ``make bench`` has measured a
-    bound): only the deadline counts."""
+    is waiting for its first token, and a quick refusal with a time to come back serves them
+    better than seconds of silence (at 4x capacity without it, REALTIME requests queued 9-12 s
+    for their first token). Leave room for the prompt under your TTFT objective; 0: only the
+    deadline counts."""
+    promote_lead_seconds: float = 1.0
+    """A queued BATCH or FINETUNE request goes before everything else this long before the
+    latest start admission promised it (so it still finishes before its deadline)."""
 
     # Failure handling.
     breaker_failures: int = 5

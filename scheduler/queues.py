@@ -10,6 +10,17 @@ step) longer than the higher class's oldest. Because admission bounds how long a
 item can wait, the lower class's head wait overtakes it after a bounded time: nothing admitted
 starves forever. The price is a little priority inversion, bounded by ``aging_s``.
 
+**Promises below the top class.** Admission admits a ``BATCH`` or ``FINETUNE`` request only
+when it predicts a start early enough to finish before the deadline, and stamps the latest
+start that still finishes in time on it (``start_by``). The prediction cannot see
+higher-class work that arrives later, which is served first; without more, such a request
+waited past ``start_by`` and was shed from the queue, a refusal seconds late (measured with
+``make bench`` at 2x capacity: BATCH sheds after up to 10 s). So a lower-class item whose
+``start_by`` is within ``promote_lead_s`` goes before every other item, earliest ``start_by``
+first (earliest-deadline-first among the promoted, Liu & Layland 1973): admission's promise
+is kept, and the priority inversion is bounded by what admission let in, which it sizes to
+the capacity the higher classes leave.
+
 **Inside a class.** The Virtual Token Counter (VTC) of Sheng et al., "Fairness in Serving Large
 Language Models", OSDI 2024 (arXiv:2401.00588). Each tenant has a counter of the service it
 received, in weighted tokens divided by the tenant's weight; the backlogged tenant with the
@@ -32,7 +43,9 @@ removes an item at once (client gone).
 
 from __future__ import annotations
 
+import heapq
 import itertools
+import math
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -69,6 +82,9 @@ class QueueConfig:
     """Cost of a prompt token relative to a generated one (VTC's w_p / w_q)."""
     scan_depth: int = 4
     """Items of one tenant looked at per pick when the first cannot be placed (other model)."""
+    promote_lead_s: float = 1.0
+    """A lower-class item is served before everything else once its ``start_by`` is this
+    close (about two slot frees apart under load, so a free slot comes in time)."""
     lift_credit: float = 256.0
     """How far below the backlogged tenants' smallest counter a tenant that becomes backlogged
     is lifted to (weighted tokens per unit of weight): a bounded credit, so a light tenant's
@@ -89,6 +105,9 @@ class QueuedRequest:
     max_new_tokens: int
     deadline: float
     """Latest time the request may start (the caller's deadline)."""
+    start_by: float = math.inf
+    """Latest start that still finishes before the deadline, as admission predicted it
+    (infinite: no promise); lower classes are promoted as it nears."""
     affinity: str = ""
     """Session id or prompt-prefix digest: routing prefers the node that served it last."""
     enqueued_at: float = 0.0
@@ -139,6 +158,9 @@ class FairQueues:
         # Queued cost by (class, model) and by (class, model, tenant), for admission.
         self._cost: dict[tuple[int, str], float] = {}
         self._tenant_cost: dict[tuple[int, str, str], float] = {}
+        # Lower-class items with a finite start_by, earliest first; entries of items that
+        # left the queue are dropped when they reach the top.
+        self._promised: list[tuple[float, int, QueuedRequest]] = []
 
     # -- adding and removing -------------------------------------------------------------
 
@@ -158,6 +180,11 @@ class FairQueues:
         cq.size += 1
         self._by_id[item.request_id] = item
         self._account(item, +1)
+        if RANK[item.workload_class] > 0 and math.isfinite(item.start_by):
+            if len(self._promised) > 2 * len(self._by_id) + 64:  # drop entries that left
+                self._promised = [e for e in self._promised if self._queued(e[2])]
+                heapq.heapify(self._promised)
+            heapq.heappush(self._promised, (item.start_by, item.seq, item))
 
     def start_now(self, item: QueuedRequest) -> None:
         """Account for ``item`` starting without being queued (its class has nothing queued):
@@ -226,24 +253,55 @@ class FairQueues:
             cq.backlogged(), key=lambda t: (cq.counters.get(t, 0.0), cq.by_tenant[t][0].seq)
         )
 
+    def _queued(self, item: QueuedRequest) -> bool:
+        return self._by_id.get(item.request_id) is item
+
+    def promoted(self) -> list[QueuedRequest]:
+        """Lower-class items whose ``start_by`` is within ``promote_lead_s``, earliest first."""
+        heap = self._promised
+        while heap and not self._queued(heap[0][2]):
+            heapq.heappop(heap)
+        horizon = self._clock() + self.config.promote_lead_s
+        if not heap or heap[0][0] > horizon:
+            return []
+        return [e[2] for e in sorted(e for e in heap if e[0] <= horizon and self._queued(e[2]))]
+
+    def promised_cost(self, model: str, before: float) -> float:
+        """Weighted tokens of lower-class items for ``model`` promoted before time ``before``
+        (they will go ahead of anything queued now)."""
+        horizon = before + self.config.promote_lead_s
+        weight = self.config.prompt_token_weight
+        return sum(
+            item.cost(weight)
+            for start_by, _, item in self._promised
+            if start_by <= horizon and item.model == model and self._queued(item)
+        )
+
     def pop(self, placeable: Callable[[QueuedRequest], bool]) -> QueuedRequest | None:
         """Take the next request that ``placeable`` accepts and charge its prompt (VTC).
 
-        Classes in :meth:`class_order`, tenants in :meth:`tenant_order`; each tenant's queue is
-        FIFO, but up to ``scan_depth`` of its items are tried so one model without room does
-        not block the tenant's requests for another. Returns None when nothing can be placed.
+        Promoted items first (:meth:`promoted`), then classes in :meth:`class_order`, tenants
+        in :meth:`tenant_order`; each tenant's queue is FIFO, but up to ``scan_depth`` of its
+        items are tried so one model without room does not block the tenant's requests for
+        another. Returns None when nothing can be placed.
         """
+        for item in self.promoted():
+            if placeable(item):
+                return self._take(item)
         for cls in self.class_order():
             for tenant in self.tenant_order(cls):
                 fifo = self._classes[cls].by_tenant[tenant]
                 for item in itertools.islice(fifo, self.config.scan_depth):
                     if placeable(item):
-                        self._remove(item)
-                        self.charge(
-                            tenant, cls, item.prompt_tokens * self.config.prompt_token_weight
-                        )
-                        return item
+                        return self._take(item)
         return None
+
+    def _take(self, item: QueuedRequest) -> QueuedRequest:
+        self._remove(item)
+        self.charge(
+            item.tenant, item.workload_class, item.prompt_tokens * self.config.prompt_token_weight
+        )
+        return item
 
     def charge(self, tenant: str, workload_class: int, tokens: float) -> None:
         """Add service to a tenant's counter: generated tokens as they are produced, or a

@@ -163,6 +163,7 @@ def test_scheduler_benchmark_end_to_end(tmp_path: Path) -> None:
     for tenant in ("tenant-a", "tenant-b"):
         assert fairness["tenants"][tenant]["tokens"] > 0, tenant
         assert fairness["tenants"][tenant]["errors"] == {}, tenant
+        assert fairness["tenants"][tenant]["refused"] >= 0, tenant
     assert 0 < report["fairness_jain"] <= 1
 
     ratio = report["isolation_ttft_p99_ratio"]

@@ -61,7 +61,8 @@ def make(
         return w.get(t, 1.0)
 
     queues = FairQueues(clock, weight, QueueConfig(**config))  # type: ignore[arg-type]
-    return clock, queues, Admission(queues, clock, weight, AdmissionConfig())
+    # Deadlines alone: the REALTIME queue-wait bound has its own test.
+    return clock, queues, Admission(queues, clock, weight, AdmissionConfig(realtime_max_wait_s=0))
 
 
 def always(_: QueuedRequest) -> bool:
@@ -548,3 +549,75 @@ def test_realtime_request_past_its_queue_bound_is_refused_at_once() -> None:
     assert "queue bound" in late.detail
     batch = admission.decide(item("me", BATCH, new=10, deadline=clock() + 60), 100.0, False)
     assert batch.admitted
+
+
+def test_admitted_batch_request_is_promoted_ahead_of_realtime_near_its_latest_start() -> None:
+    """Admission stamps a BATCH request with the latest start that still finishes in time (20 s
+    left, 10 % margin, 100 tokens at 0.05 s: 18 - 5 = 13 s from now). REALTIME work keeps
+    arriving ahead of it; one second before that start it is served first anyway, and a
+    REALTIME request is not stamped at all."""
+    clock, queues, admission = make()
+    batch = item("b", BATCH, new=100, deadline=clock() + 20)
+    assert admission.decide(batch, rate=100.0, room_now=False, token_s=0.05).admitted
+    assert batch.start_by == pytest.approx(clock() + 13.0)
+    queues.push(batch)
+    realtime = item("rt", REALTIME, deadline=clock() + 20)
+    assert admission.decide(realtime, rate=100.0, room_now=False, token_s=0.05).admitted
+    assert realtime.start_by == math.inf
+    queues.push(realtime)
+    assert queues.promoted() == []
+    clock.advance(11.9)
+    assert queues.promoted() == []
+    assert queues.pop(always) is realtime
+    queues.push(item("rt", REALTIME))
+    clock.advance(0.2)  # 0.9 s before its latest start
+    assert queues.promoted() == [batch]
+    assert queues.pop(always) is batch
+    assert queues.promoted() == []
+
+
+def test_promoted_items_go_earliest_start_first_and_wait_for_a_placeable_slot() -> None:
+    """Among promoted items the earliest latest-start goes first, whatever their order of
+    arrival or tenants' counters; one that cannot be placed does not block the next."""
+    clock, queues, _ = make()
+    late = item("x", BATCH, model="m")
+    late.start_by = clock() + 0.8
+    early = item("y", FINETUNE, model="other")
+    early.start_by = clock() + 0.3
+    queues.push(late)
+    queues.push(early)
+    queues.push(item("rt", REALTIME))
+    assert queues.promoted() == [early, late]
+    assert queues.pop(lambda i: i.model == "m") is late
+    assert queues.pop(always) is early
+
+
+def test_realtime_wait_counts_lower_class_work_promoted_while_it_waits() -> None:
+    """A REALTIME request predicted to wait 2 s behind REALTIME work also waits for BATCH work
+    whose promised start falls in that time (it will be served first), not for BATCH work
+    promised much later."""
+    clock, queues, admission = make()
+    for _ in range(2):
+        queues.push(item("rt", REALTIME, prompt=0, new=100))
+    soon = item("b", BATCH, prompt=0, new=100)
+    soon.start_by = clock() + 1.5
+    later = item("b", BATCH, prompt=0, new=100)
+    later.start_by = clock() + 30
+    queues.push(soon)
+    queues.push(later)
+    verdict = admission.decide(item("rt", REALTIME, prompt=0), rate=100.0, room_now=False)
+    assert verdict.admitted and verdict.predicted_wait_s == pytest.approx(3.0)
+
+
+def test_shed_walks_promoted_items_first() -> None:
+    """Capacity halves: a promoted BATCH request (it is served next) keeps its place, and
+    the REALTIME request behind it, which no longer fits, is the one shed."""
+    clock, queues, admission = make()
+    batch = item("b", BATCH, prompt=0, new=100, deadline=clock() + 3)
+    batch.start_by = clock() + 0.5
+    realtime = item("rt", REALTIME, prompt=0, new=100, deadline=clock() + 1.5)
+    queues.push(batch)
+    queues.push(realtime)
+    dropped = admission.shed(lambda _m: 50.0)
+    assert [s.item for s in dropped] == [realtime]
+    assert batch.request_id in queues
