@@ -316,12 +316,13 @@ class Admission:
         """Remove and return queued requests that can no longer finish before their deadline.
 
         Each model's queue is walked in service order (promoted items, then class rank, then
-        arrival): a request whose predicted start (cost kept ahead of it / rate) plus its own
-        decode time (``max_new_tokens`` x ``token_s_of(model)``) is past its deadline is
-        dropped and no longer counts for those behind it. Lower classes sit behind higher
-        ones, so when capacity shrinks they are the ones dropped first. A model that no node
-        can serve keeps its requests for ``no_capacity_grace_s`` (a node may be restarting),
-        then sheds them.
+        arrival): a request whose predicted start (cost kept ahead of it / rate, or for a
+        lower-class request the time it is promoted, when sooner) plus its own decode time
+        (``max_new_tokens`` x ``token_s_of(model)``) is past its deadline is dropped and no
+        longer counts for those behind it. Lower classes sit behind higher ones, so when
+        capacity shrinks they are the ones dropped first. A model that no node can serve
+        keeps its requests for ``no_capacity_grace_s`` (a node may be restarting), then sheds
+        them.
         """
         now = self._clock()
         weight = self._queues.config.prompt_token_weight
@@ -329,10 +330,11 @@ class Admission:
         for item in self._queues.items():
             by_model.setdefault(item.model, []).append(item)
         dropped: list[Shed] = []
+        promoted = {i.request_id for i in self._queues.promoted()}
+        lead = self._queues.config.promote_lead_s
         for model, items in by_model.items():
             rate = rate_of(model)
             token_s = token_s_of(model) if token_s_of is not None else 0.0
-            promoted = {i.request_id for i in self._queues.promoted()}
             items.sort(
                 key=lambda i: (
                     (0, i.start_by, 0, 0)
@@ -347,6 +349,8 @@ class Admission:
                         dropped.append(Shed(item, math.inf, NO_CAPACITY))
                     continue
                 wait = ahead / rate
+                if item.request_id not in promoted:  # promoted by then, it goes first
+                    wait = min(wait, max(0.0, item.start_by - lead - now))
                 if now + wait + item.max_new_tokens * token_s > item.deadline:
                     dropped.append(Shed(item, wait, OVERLOADED))
                 else:

@@ -91,8 +91,9 @@ class SchedulerSettings(ServiceSettings):
     for their first token). Leave room for the prompt under your TTFT objective; 0: only the
     deadline counts."""
     promote_lead_seconds: float = 1.0
-    """A queued BATCH or FINETUNE request goes before everything else this long before the
-    latest start admission promised it (so it still finishes before its deadline)."""
+    """A queued BATCH or FINETUNE request is served first (nothing else for its model starts
+    before it) from this long before the latest start admission promised it, so it still
+    finishes before its deadline."""
 
     # Failure handling.
     breaker_failures: int = 5

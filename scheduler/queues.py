@@ -17,9 +17,11 @@ higher-class work that arrives later, which is served first; without more, such 
 waited past ``start_by`` and was shed from the queue, a refusal seconds late (measured with
 ``make bench`` at 2x capacity: BATCH sheds after up to 10 s). So a lower-class item whose
 ``start_by`` is within ``promote_lead_s`` goes before every other item, earliest ``start_by``
-first (earliest-deadline-first among the promoted, Liu & Layland 1973): admission's promise
-is kept, and the priority inversion is bounded by what admission let in, which it sizes to
-the capacity the higher classes leave.
+first (earliest-deadline-first among the promoted, Liu & Layland 1973), and until it starts
+nothing else for its model does (it may need more room than REALTIME: lower classes leave
+headroom). Admission's promise is kept, and the priority inversion is bounded by what
+admission let in, which it sizes to the capacity the higher classes leave; an item whose
+promise can no longer be kept (capacity shrank) is shed, which ends the hold.
 
 **Inside a class.** The Virtual Token Counter (VTC) of Sheng et al., "Fairness in Serving Large
 Language Models", OSDI 2024 (arXiv:2401.00588). Each tenant has a counter of the service it
@@ -83,8 +85,8 @@ class QueueConfig:
     scan_depth: int = 4
     """Items of one tenant looked at per pick when the first cannot be placed (other model)."""
     promote_lead_s: float = 1.0
-    """A lower-class item is served before everything else once its ``start_by`` is this
-    close (about two slot frees apart under load, so a free slot comes in time)."""
+    """A lower-class item is served first once its ``start_by`` is this close (time for
+    a few slots to free under load)."""
     lift_credit: float = 256.0
     """How far below the backlogged tenants' smallest counter a tenant that becomes backlogged
     is lifted to (weighted tokens per unit of weight): a bounded credit, so a light tenant's
@@ -104,7 +106,7 @@ class QueuedRequest:
     """Estimated prompt tokens (the scheduler does not tokenize; see :meth:`FairQueues.charge`)."""
     max_new_tokens: int
     deadline: float
-    """Latest time the request may start (the caller's deadline)."""
+    """When the caller gives up: the request must have finished by then."""
     start_by: float = math.inf
     """Latest start that still finishes before the deadline, as admission predicted it
     (infinite: no promise); lower classes are promoted as it nears."""
@@ -280,19 +282,24 @@ class FairQueues:
     def pop(self, placeable: Callable[[QueuedRequest], bool]) -> QueuedRequest | None:
         """Take the next request that ``placeable`` accepts and charge its prompt (VTC).
 
-        Promoted items first (:meth:`promoted`), then classes in :meth:`class_order`, tenants
-        in :meth:`tenant_order`; each tenant's queue is FIFO, but up to ``scan_depth`` of its
+        Promoted items first (:meth:`promoted`): one that cannot be placed holds its model,
+        so nothing else for that model starts before it (a slot that frees while a lower class
+        lacks room, or is held back by its slot share, would otherwise go to the next REALTIME
+        request, again and again). Then classes in :meth:`class_order`, tenants in
+        :meth:`tenant_order`; each tenant's queue is FIFO, but up to ``scan_depth`` of its
         items are tried so one model without room does not block the tenant's requests for
         another. Returns None when nothing can be placed.
         """
+        held: set[str] = set()  # models a promoted item is waiting for
         for item in self.promoted():
-            if placeable(item):
+            if item.model not in held and placeable(item):
                 return self._take(item)
+            held.add(item.model)
         for cls in self.class_order():
             for tenant in self.tenant_order(cls):
                 fifo = self._classes[cls].by_tenant[tenant]
                 for item in itertools.islice(fifo, self.config.scan_depth):
-                    if placeable(item):
+                    if item.model not in held and placeable(item):
                         return self._take(item)
         return None
 

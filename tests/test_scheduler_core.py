@@ -621,3 +621,37 @@ def test_shed_walks_promoted_items_first() -> None:
     dropped = admission.shed(lambda _m: 50.0)
     assert [s.item for s in dropped] == [realtime]
     assert batch.request_id in queues
+
+
+def test_promoted_item_without_room_holds_its_model() -> None:
+    """A promoted BATCH request that cannot be placed yet (lower classes leave headroom) keeps
+    the REALTIME requests for its model from taking the slots it waits for; requests for
+    another model go on."""
+    clock, queues, _ = make()
+    batch = item("b", BATCH, model="m")
+    batch.start_by = clock() + 0.5
+    queues.push(batch)
+    realtime = item("rt", REALTIME, model="m")
+    elsewhere = item("rt", REALTIME, model="other")
+    queues.push(realtime)
+    queues.push(elsewhere)
+    assert queues.pop(lambda i: i.workload_class == REALTIME) is elsewhere
+    assert queues.pop(lambda i: i.workload_class == REALTIME) is None
+    assert queues.pop(always) is batch
+    assert queues.pop(always) is realtime
+
+
+def test_shed_keeps_a_lower_class_request_its_promotion_will_serve() -> None:
+    """10 s of REALTIME work is queued ahead of a BATCH request with 4 s to its deadline, but
+    it is promoted in 1 s (start_by 2 s away, 1 s lead) and then goes first: not shed.
+    Without the promise it would be."""
+    clock, queues, admission = make()
+    for _ in range(10):
+        queues.push(item("rt", REALTIME, prompt=0, new=100, deadline=clock() + 60))
+    promised = item("b", BATCH, prompt=0, new=10, deadline=clock() + 4)
+    promised.start_by = clock() + 2
+    unpromised = item("b", BATCH, prompt=0, new=10, deadline=clock() + 4)
+    queues.push(promised)
+    queues.push(unpromised)
+    dropped = admission.shed(lambda _m: 100.0)
+    assert [s.item for s in dropped] == [unpromised]

@@ -42,9 +42,10 @@ def test_alone_a_tenant_may_fill_every_slot() -> None:
 def test_past_its_share_a_tenant_leaves_the_others_reserve_free() -> None:
     """4 slots, two equal tenants: the flooder holds its 2; the victim, seen using one slot,
     reserves 2 (its peak + 1): the flooder may not take a third while the victim holds 1."""
-    _, shares = make()
+    clock, shares = make()
     start(shares, "victim")
     start(shares, "flood", 2)
+    clock.now += 10.0  # held that long: the flood averages its share, the victim half its own
     assert not may(shares, "flood", {"flood", "victim"})
     assert may(shares, "victim", {"flood", "victim"})  # within its own share
 
@@ -65,8 +66,9 @@ def test_reserve_is_what_the_other_was_seen_to_need_not_its_whole_share() -> Non
 
 def test_reserve_scales_with_weight() -> None:
     """Weights 3:1 on 4 slots: A's share is 3, B's is 1; B's reserve is capped at its share."""
-    _, shares = make({"A": 3.0, "B": 1.0})
+    clock, shares = make({"A": 3.0, "B": 1.0})
     start(shares, "A", 3)
+    clock.now += 10.0
     assert not may(shares, "A", {"A", "B"})  # B (share 1, holds 0) keeps its one slot
     start(shares, "B")
     assert not may(shares, "B", {"A", "B"})  # at its share, and none is free anyway
@@ -101,30 +103,58 @@ def test_a_queued_tenant_reserves_whole_slots_only() -> None:
     is free (another replica's has ended). Queued and holding 1, B reserves nothing more (the
     fractional rest is the fair queue's to hand out), so A may borrow the slot; idle and
     holding 1, B keeps it for its next arrival."""
-    _, shares = make({"A": 2.0, "B": 1.0})
+    clock, shares = make({"A": 2.0, "B": 1.0})
     start(shares, "A", 3)
     start(shares, "B")
+    clock.now += 10.0
     both = {"A", "B"}
     assert shares.may_start("m", REALTIME, "A", 4, 1, both, queued={"B"})
     assert not shares.may_start("m", REALTIME, "A", 4, 1, both, queued=())
 
 
-def test_a_borrower_claims_no_reserve_against_a_light_tenants_burst() -> None:
+def test_a_borrower_claims_no_reserve_against_a_burst() -> None:
     """Weights 1:1 on 4 slots. The flood has held 3 for a while (past its share of 2 on
-    average: it has been borrowing); now the victim holds 2 and a third victim request finds
-    one slot free. Against a flood that had kept to its share the burst would wait (the
-    flood's queued request gets the slot); against the borrower it goes ahead."""
+    average: it has been borrowing); now the victim, which has itself used its whole share,
+    holds 2 and a third victim request finds one slot free: it goes ahead (the borrower has
+    no slots to claim back). Against a flood that had kept to its share it would wait."""
     clock, shares = make({"flood": 1.0, "victim": 1.0})
     start(shares, "flood", 3)
-    clock.now += 10.0  # three slots held for two windows: averaged ~2.6, past the share
-    shares.ended("m", REALTIME, "flood")
-    shares.ended("m", REALTIME, "flood")
     start(shares, "victim", 2)
+    clock.now += 10.0  # flood averaged ~3, victim ~2: both at or past their share
+    shares.ended("m", REALTIME, "flood")
+    shares.ended("m", REALTIME, "flood")
     both = {"flood", "victim"}
     assert shares.may_start("m", REALTIME, "victim", 4, 1, both, queued={"flood", "victim"})
 
     clock2, fair = make({"flood": 1.0, "victim": 1.0})
     start(fair, "flood")
-    clock2.now += 10.0
     start(fair, "victim", 2)
+    clock2.now += 10.0
     assert not fair.may_start("m", REALTIME, "victim", 4, 1, both, queued={"flood", "victim"})
+
+
+def test_a_light_tenant_at_its_share_keeps_one_slot_of_burst_headroom() -> None:
+    """Weights 1:1 on 4 slots, a flood with requests queued. The victim has used about one
+    slot on average (its share is 2) and now holds 2: one more slot is kept for its next
+    arrival, paid for by the share it left unused; the flood may not take it even below its
+    own share, and the victim's burst takes it at once. Past that one slot the ordinary
+    rule applies; a victim that has used its whole share gets no headroom."""
+    clock, shares = make({"flood": 1.0, "victim": 1.0})
+    start(shares, "victim")
+    start(shares, "flood")
+    clock.now += 10.0  # victim averaged 1, flood 1
+    start(shares, "victim")  # holds its share now: 2
+    both = {"flood", "victim"}
+    assert not shares.may_start("m", REALTIME, "flood", 4, 1, both, queued={"flood"})
+    assert shares.may_start("m", REALTIME, "flood", 4, 2, both, queued={"flood"})
+    assert shares.may_start("m", REALTIME, "victim", 4, 1, both, queued={"flood", "victim"})
+    start(shares, "victim")  # 3: the headroom is used
+    assert shares.may_start("m", REALTIME, "flood", 4, 1, both, queued={"flood"})
+    assert not shares.may_start("m", REALTIME, "victim", 4, 1, both, queued={"flood", "victim"})
+
+    clock2, busy = make({"flood": 1.0, "victim": 1.0})
+    start(busy, "victim", 2)
+    start(busy, "flood")
+    clock2.now += 10.0  # victim averaged its whole share
+    assert busy.may_start("m", REALTIME, "flood", 4, 1, both, queued={"flood"})
+    assert not busy.may_start("m", REALTIME, "victim", 4, 1, both, queued={"flood", "victim"})
