@@ -40,11 +40,16 @@ Lower classes are predicted behind every higher class, so under pressure they ar
 (and, when capacity shrinks, shed from the queue) first; their predicted waits must fit the
 deadline ``lower_class_wait_factor`` times over, since higher-class work arriving later cuts
 ahead of them (without it they were admitted, then shed from the queue seconds later). An
-admitted lower-class request is stamped with the latest start that still finishes in time
-(``start_by``), and the queues serve it first as that nears (:mod:`scheduler.queues`,
-promises): admission's prediction becomes a promise, and a REALTIME request's wait counts the
-lower-class work promoted while it waits. REALTIME requests predicted to wait longer than
-``realtime_max_wait_s`` are refused at once (someone is waiting for the first token).
+admitted lower-class request is stamped with a start it is promised (``start_by``), and the
+queues serve it first as that nears (:mod:`scheduler.queues`, promises): admission's
+prediction becomes a promise, and a REALTIME request's wait counts the lower-class work
+promoted while it waits. The promise is the admission test's own budget: the slack left after
+its decode time, divided by ``lower_class_wait_factor``; the rest of the slack absorbs a
+decode that runs slower than measured at admission (with the whole slack promised,
+``make bench`` at 2x and 4x capacity still had a few BATCH requests started so late that they
+were shed, or hit their deadline mid-stream, when the batch slowed down). REALTIME requests
+predicted to wait longer than ``realtime_max_wait_s`` are refused at once (someone is waiting
+for the first token).
 Failure mode: the prediction is only as good as the rate; a fleet that has not reported a rate
 yet uses ``default_tokens_per_s`` per node.
 """
@@ -281,8 +286,9 @@ class Admission:
         usable = (item.deadline - now) * (1.0 - self.config.deadline_margin)
         decode = item.max_new_tokens * token_s
         top = RANK[item.workload_class] == 0
-        if not top:  # the promise the queue keeps: start by then, and it finishes in time
-            item.start_by = max(now, now + usable - decode)
+        if not top:  # the promise the queue keeps (see shed): start by then
+            slack = max(0.0, usable - decode)
+            item.start_by = now + slack / max(1.0, self.config.lower_class_wait_factor)
         if room_now and ahead <= 0:
             if busy and decode > usable:  # starts now, but cannot end in time
                 retry = busy_cost / rate if rate > 0 else self.config.min_retry_s

@@ -11,10 +11,10 @@ item can wait, the lower class's head wait overtakes it after a bounded time: no
 starves forever. The price is a little priority inversion, bounded by ``aging_s``.
 
 **Promises below the top class.** Admission admits a ``BATCH`` or ``FINETUNE`` request only
-when it predicts a start early enough to finish before the deadline, and stamps the latest
-start that still finishes in time on it (``start_by``). The prediction cannot see
-higher-class work that arrives later, which is served first; without more, such a request
-waited past ``start_by`` and was shed from the queue, a refusal seconds late (measured with
+when it predicts a start early enough to finish before the deadline, and stamps a start it
+promises on it (``start_by``: with room to spare, :mod:`scheduler.admission`). The prediction
+cannot see higher-class work that arrives later, which is served first; without more, such a
+request waited too long and was shed from the queue, a refusal seconds late (measured with
 ``make bench`` at 2x capacity: BATCH sheds after up to 10 s). So a lower-class item whose
 ``start_by`` is within ``promote_lead_s`` goes before every other item, earliest ``start_by``
 first (earliest-deadline-first among the promoted, Liu & Layland 1973), and until it starts
@@ -108,8 +108,8 @@ class QueuedRequest:
     deadline: float
     """When the caller gives up: the request must have finished by then."""
     start_by: float = math.inf
-    """Latest start that still finishes before the deadline, as admission predicted it
-    (infinite: no promise); lower classes are promoted as it nears."""
+    """The start admission promised a lower-class request, early enough to finish before
+    the deadline (infinite: no promise); it is promoted as that nears."""
     affinity: str = ""
     """Session id or prompt-prefix digest: routing prefers the node that served it last."""
     enqueued_at: float = 0.0

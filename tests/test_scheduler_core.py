@@ -552,21 +552,21 @@ def test_realtime_request_past_its_queue_bound_is_refused_at_once() -> None:
 
 
 def test_admitted_batch_request_is_promoted_ahead_of_realtime_near_its_latest_start() -> None:
-    """Admission stamps a BATCH request with the latest start that still finishes in time (20 s
-    left, 10 % margin, 100 tokens at 0.05 s: 18 - 5 = 13 s from now). REALTIME work keeps
-    arriving ahead of it; one second before that start it is served first anyway, and a
-    REALTIME request is not stamped at all."""
+    """Admission stamps a BATCH request with the start it promises: 20 s left, 10 % margin,
+    100 tokens at 0.05 s leave 18 - 5 = 13 s of slack, half of it promised (the wait factor
+    2), so it starts within 6.5 s. REALTIME work keeps arriving ahead of it; one second before
+    that start it is served first anyway, and a REALTIME request is not stamped at all."""
     clock, queues, admission = make()
     batch = item("b", BATCH, new=100, deadline=clock() + 20)
     assert admission.decide(batch, rate=100.0, room_now=False, token_s=0.05).admitted
-    assert batch.start_by == pytest.approx(clock() + 13.0)
+    assert batch.start_by == pytest.approx(clock() + 6.5)
     queues.push(batch)
     realtime = item("rt", REALTIME, deadline=clock() + 20)
     assert admission.decide(realtime, rate=100.0, room_now=False, token_s=0.05).admitted
     assert realtime.start_by == math.inf
     queues.push(realtime)
     assert queues.promoted() == []
-    clock.advance(11.9)
+    clock.advance(5.4)
     assert queues.promoted() == []
     assert queues.pop(always) is realtime
     queues.push(item("rt", REALTIME))
