@@ -280,15 +280,13 @@ class Admission:
         left to generate its ``max_new_tokens``, even one that could start at once while the
         nodes are ``busy`` (a full batch decodes slowly: its streams would hit the deadline
         unfinished; on idle nodes ``token_s``, measured under the last load, says nothing).
+        An admitted lower-class ``item`` is stamped with its promised ``start_by``.
         """
         ahead = self.cost_ahead(item)
         now = self._clock()
         usable = (item.deadline - now) * (1.0 - self.config.deadline_margin)
         decode = item.max_new_tokens * token_s
         top = RANK[item.workload_class] == 0
-        if not top:  # the promise the queue keeps (see shed): start by then
-            slack = max(0.0, usable - decode)
-            item.start_by = now + slack / max(1.0, self.config.lower_class_wait_factor)
         if room_now and ahead <= 0:
             if busy and decode > usable:  # starts now, but cannot end in time
                 retry = busy_cost / rate if rate > 0 else self.config.min_retry_s
@@ -297,7 +295,7 @@ class Admission:
                     f"new tokens need {decode:.1f}s"
                 )
                 return Verdict(False, retry, OVERLOADED, detail)
-            return Verdict(True, 0.0)
+            return self._admit(item, 0.0, now + usable - decode)
         if not room_now:
             ahead += busy_cost
         if rate <= 0:
@@ -314,6 +312,16 @@ class Admission:
         if top and limit > 0 and wait > limit:
             detail = f"predicted wait {wait:.3f}s is over the {limit:g}s REALTIME queue bound"
             return Verdict(False, wait, OVERLOADED, detail, past_deadline=False)
+        return self._admit(item, wait, now + usable - decode)
+
+    def _admit(self, item: QueuedRequest, wait: float, latest_start: float) -> Verdict:
+        """Admit ``item``; below REALTIME, stamp the start the queue promises it: the
+        admission test's own budget, the slack before ``latest_start`` divided by
+        ``lower_class_wait_factor`` (the rest absorbs a batch that decodes slower)."""
+        if RANK[item.workload_class] > 0:
+            now = self._clock()
+            slack = max(0.0, latest_start - now)
+            item.start_by = now + slack / max(1.0, self.config.lower_class_wait_factor)
         return Verdict(True, wait)
 
     def shed(

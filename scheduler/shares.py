@@ -28,11 +28,12 @@ shared too, work-conservingly:
   holds its whole share keeps one more slot free for its next arrival (burst headroom, paid
   for by the share it left unused): tenants past their share may not take it, nor may tenants
   below their share, and its own burst takes it at once. Without it a light tenant's Poisson
-  bursts past its share waited in a flood for one of its own requests to end: with
+  bursts past its share waited in a flood for one of its own requests to end: under
   ``make bench-scheduler``'s isolation load (the victim at half its share, a flood at 10x
-  its share) the victim's time to first token p99 was 1.10 s in the flood against 0.46 s
-  without it; with the headroom, 0.11 s in the flood (30 s phases). The price is at most one
-  idle slot per light tenant, which the flood would otherwise have filled beyond its share.
+  its share) the victim's time to first token p99 was 1.10 s in the flood (0.46 s calm);
+  with the headroom, 0.11 s in the flood of the same load run alone (30 s phases). The price
+  is at most one idle slot per light tenant, which the flood would otherwise have filled
+  beyond its share.
 
 A tenant that stays idle reserves nothing once it drops out of the active set, and a tenant that
 only ever uses one slot reserves two, not its whole share, so capacity left idle by the others
@@ -136,12 +137,11 @@ class SlotShares:
             average = h.averaged(now, self._window)
             if average > share(t):
                 return h.running, 0  # it has been borrowing: it has no slots to claim back
-            peak = h.peak if now - h.peak_at <= self._window else h.running
-            want = min(share(t), peak + 1)
             cap = math.ceil(share(t))
             if average + self.burst_margin <= share(t) and h.running + 1 > cap:
                 return cap + 1, cap + 1 - max(h.running, cap)  # burst headroom, paid for
-            return want, 0
+            peak = h.peak if now - h.peak_at <= self._window else h.running
+            return min(share(t), peak + 1), 0
 
         mine = held.get(tenant, _Holding())
         own_burst = wanted(tenant, mine)[1]

@@ -47,8 +47,11 @@ def item(
     new: int = 10,
     deadline: float = math.inf,
     model: str = "m",
+    start_by: float = math.inf,
 ) -> QueuedRequest:
-    return QueuedRequest(f"r{next(_ids)}", tenant, cls, model, prompt, new, deadline)
+    return QueuedRequest(
+        f"r{next(_ids)}", tenant, cls, model, prompt, new, deadline, start_by=start_by
+    )
 
 
 def make(
@@ -580,10 +583,8 @@ def test_promoted_items_go_earliest_start_first_and_wait_for_a_placeable_slot() 
     """Among promoted items the earliest latest-start goes first, whatever their order of
     arrival or tenants' counters; one that cannot be placed does not block the next."""
     clock, queues, _ = make()
-    late = item("x", BATCH, model="m")
-    late.start_by = clock() + 0.8
-    early = item("y", FINETUNE, model="other")
-    early.start_by = clock() + 0.3
+    late = item("x", BATCH, model="m", start_by=clock() + 0.8)
+    early = item("y", FINETUNE, model="other", start_by=clock() + 0.3)
     queues.push(late)
     queues.push(early)
     queues.push(item("rt", REALTIME))
@@ -599,10 +600,8 @@ def test_realtime_wait_counts_lower_class_work_promoted_while_it_waits() -> None
     clock, queues, admission = make()
     for _ in range(2):
         queues.push(item("rt", REALTIME, prompt=0, new=100))
-    soon = item("b", BATCH, prompt=0, new=100)
-    soon.start_by = clock() + 1.5
-    later = item("b", BATCH, prompt=0, new=100)
-    later.start_by = clock() + 30
+    soon = item("b", BATCH, prompt=0, new=100, start_by=clock() + 1.5)
+    later = item("b", BATCH, prompt=0, new=100, start_by=clock() + 30)
     queues.push(soon)
     queues.push(later)
     verdict = admission.decide(item("rt", REALTIME, prompt=0), rate=100.0, room_now=False)
@@ -613,8 +612,7 @@ def test_shed_walks_promoted_items_first() -> None:
     """Capacity halves: a promoted BATCH request (it is served next) keeps its place, and
     the REALTIME request behind it, which no longer fits, is the one shed."""
     clock, queues, admission = make()
-    batch = item("b", BATCH, prompt=0, new=100, deadline=clock() + 3)
-    batch.start_by = clock() + 0.5
+    batch = item("b", BATCH, prompt=0, new=100, deadline=clock() + 3, start_by=clock() + 0.5)
     realtime = item("rt", REALTIME, prompt=0, new=100, deadline=clock() + 1.5)
     queues.push(batch)
     queues.push(realtime)
@@ -628,8 +626,7 @@ def test_promoted_item_without_room_holds_its_model() -> None:
     the REALTIME requests for its model from taking the slots it waits for; requests for
     another model go on."""
     clock, queues, _ = make()
-    batch = item("b", BATCH, model="m")
-    batch.start_by = clock() + 0.5
+    batch = item("b", BATCH, model="m", start_by=clock() + 0.5)
     queues.push(batch)
     realtime = item("rt", REALTIME, model="m")
     elsewhere = item("rt", REALTIME, model="other")
@@ -648,8 +645,7 @@ def test_shed_keeps_a_lower_class_request_its_promotion_will_serve() -> None:
     clock, queues, admission = make()
     for _ in range(10):
         queues.push(item("rt", REALTIME, prompt=0, new=100, deadline=clock() + 60))
-    promised = item("b", BATCH, prompt=0, new=10, deadline=clock() + 4)
-    promised.start_by = clock() + 2
+    promised = item("b", BATCH, prompt=0, new=10, deadline=clock() + 4, start_by=clock() + 2)
     unpromised = item("b", BATCH, prompt=0, new=10, deadline=clock() + 4)
     queues.push(promised)
     queues.push(unpromised)
