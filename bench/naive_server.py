@@ -37,6 +37,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from sluice.errors import InvalidArgument
+from sluice.runner import lower_cpu_priority
 from sluice.server import GrpcServer, ServerOptions
 from sluice.telemetry import configure_logging
 from sluice.v1 import common_pb2, inference_pb2, inference_pb2_grpc
@@ -377,8 +378,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+    p.add_argument("--cpu-nice", type=int, default=0, help="nice increment applied at start (0-19)")
     args = p.parse_args(argv)
     configure_logging(args.log_format)
+    if args.cpu_nice:  # as a Sluice node does: before torch starts its threads
+        log.info("cpu_priority_lowered", nice=lower_cpu_priority(args.cpu_nice))
     stop_requested = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

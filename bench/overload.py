@@ -69,6 +69,10 @@ from sluice.up import Supervisor, UpConfig, wait_serving
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SCENARIO = REPO_ROOT / "bench" / "scenarios" / "overload.yaml"
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+MODEL_CPU_NICE = 10
+"""Nice increment of both targets' model processes (the naive server and Sluice's node), as
+``sluice up`` gives its nodes: the load client, the scheduler and the stores share these two
+cores with the model, and a node would have its own machine in production."""
 RATE_DIGITS = 4  # offered rates are rounded to this many decimals (and runs keyed by them)
 
 
@@ -189,7 +193,7 @@ class NaiveProcess:
         self._log = log_path.open("ab")
         env = {**environment_without_proxies(), **CHILD_ENV}
         argv = [sys.executable, "-m", "bench.naive_server", "--model", self.model]
-        argv += ["--port", str(port), "--log-format", "json"]
+        argv += ["--port", str(port), "--log-format", "json", "--cpu-nice", str(MODEL_CPU_NICE)]
         self._proc = subprocess.Popen(
             argv, cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT
         )
@@ -251,6 +255,7 @@ class SluiceSuite:
             models=[self.scenario.model],
             tenants_file=self.write_tenants(),
             max_sequences=self.max_sequences,
+            node_cpu_nice=MODEL_CPU_NICE,
         )
         self._supervisor = Supervisor(config)
         try:

@@ -130,13 +130,20 @@ class Passthrough(node_pb2_grpc.NodeServicer):
 
 @dataclass
 class Paths:
-    """Stubs over warm channels: the scheduler's public API, the node's, and the node's
-    behind a bare pass-through hop."""
+    """Stubs over warm channels: the scheduler's public API, the node's, the node's behind a
+    bare pass-through hop, and the refusal floor's."""
 
     inference: inference_pb2_grpc.InferenceStub
     node: node_pb2_grpc.NodeStub
     passthrough: node_pb2_grpc.NodeStub
     keys: dict[str, str]
+    refusal_floor: inference_pb2_grpc.InferenceStub
+
+    def floor(self, req: inference_pb2.GenerateRequest) -> Callable[[], Any]:
+        """A call to the refusal floor: the same request and metadata as a scheduler call."""
+        return lambda: self.refusal_floor.Generate(
+            req, metadata=auth(self.keys[LIMITED]), timeout=30
+        )
 
     def via_scheduler(self, tenant: str, req: inference_pb2.GenerateRequest) -> Callable[[], Any]:
         return lambda: self.inference.Generate(req, metadata=auth(self.keys[tenant]), timeout=30)
@@ -241,9 +248,9 @@ async def probe(start: Callable[[], Any], into: Refusals) -> None:
 
 async def measure_fairness(
     paths: Paths, address: str, cpus: frozenset[int], args: argparse.Namespace
-) -> tuple[dict[str, Any], Refusals, Refusals]:
-    """The 2:1 load in its own process; meanwhile, refusal probes from this one. Every
-    refusal from here on counts as one under saturation."""
+) -> tuple[dict[str, Any], dict[str, Refusals]]:
+    """The 2:1 load in its own process; meanwhile, refusal probes from this one, the floor's
+    between the scheduler's. Every refusal from here on counts as one under saturation."""
     spec = LoadSpec(
         address=address,
         keys={TENANT_A: paths.keys[TENANT_A], TENANT_B: paths.keys[TENANT_B]},
@@ -254,7 +261,11 @@ async def measure_fairness(
         window_s=args.window_s,
         cpus=cpus,
     )
-    deadline_refusals, quota_refusals = refusals("OVERLOADED"), refusals("QUOTA")
+    saturated = {
+        "deadline_saturated": refusals("OVERLOADED"),
+        "quota_saturated": refusals("QUOTA"),
+        "floor_saturated": refusals("OVERLOADED"),
+    }
     async with load_process(spec, args.window_s + 120) as result:
         window_end = time.monotonic() + args.warmup_s + args.window_s
         await asyncio.sleep(args.warmup_s)
@@ -262,18 +273,20 @@ async def measure_fairness(
         # probe, so its predicted wait is what the saturated node has queued.
         unmeetable = generate_request(MODEL, "probe", 1024)
         quota_req = generate_request(MODEL, "probe", 4)
+        starts = {
+            "deadline_saturated": lambda: paths.inference.Generate(
+                unmeetable, metadata=auth(paths.keys[PROBE]), timeout=args.probe_deadline_s
+            ),
+            "quota_saturated": paths.via_scheduler(LIMITED, quota_req),
+            "floor_saturated": paths.floor(quota_req),
+        }
+        gap = args.probe_interval_s / len(starts)
         while time.monotonic() < window_end - args.probe_interval_s:
-            await probe(
-                lambda: paths.inference.Generate(
-                    unmeetable, metadata=auth(paths.keys[PROBE]), timeout=args.probe_deadline_s
-                ),
-                deadline_refusals,
-            )
-            await asyncio.sleep(args.probe_interval_s / 2)
-            await probe(paths.via_scheduler(LIMITED, quota_req), quota_refusals)
-            await asyncio.sleep(args.probe_interval_s / 2)
+            for kind, start in starts.items():
+                await probe(start, saturated[kind])
+                await asyncio.sleep(gap)
         loaded = await result()
-    return fairness_figures(loaded, args), deadline_refusals, quota_refusals
+    return fairness_figures(loaded, args), saturated
 
 
 def fairness_figures(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -310,13 +323,18 @@ async def measure(suite: BenchSuite, args: argparse.Namespace) -> tuple[dict[str
     async with (
         grpc.aio.insecure_channel(suite.scheduler_address, options=GRPC_OPTIONS) as sched,
         grpc.aio.insecure_channel(suite.node_address, options=GRPC_OPTIONS) as node,
+        grpc.aio.insecure_channel(suite.floor_address, options=GRPC_OPTIONS) as floor,
     ):
         node_pb2_grpc.add_NodeServicer_to_server(Passthrough(node_stub(node)), passthrough)
         port = passthrough.add_insecure_port("127.0.0.1:0")
         await passthrough.start()
         hop = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
         paths = Paths(
-            inference_pb2_grpc.InferenceStub(sched), node_stub(node), node_stub(hop), suite.keys
+            inference_pb2_grpc.InferenceStub(sched),
+            node_stub(node),
+            node_stub(hop),
+            suite.keys,
+            inference_pb2_grpc.InferenceStub(floor),
         )
         try:
             overhead = await measure_overhead(paths, args.overhead_requests, args.overhead_tokens)
@@ -325,19 +343,19 @@ async def measure(suite: BenchSuite, args: argparse.Namespace) -> tuple[dict[str
             await passthrough.stop(0)
         quota_req = generate_request(MODEL, "probe", 4)
         await time_to_first_chunk(paths.via_scheduler(LIMITED, quota_req))  # its one request
-        quota_idle = refusals("QUOTA")
+        idle = {"quota_idle": refusals("QUOTA"), "floor_idle": refusals("OVERLOADED")}
         for _ in range(args.quota_probes):
-            await probe(paths.via_scheduler(LIMITED, quota_req), quota_idle)
+            await probe(paths.via_scheduler(LIMITED, quota_req), idle["quota_idle"])
+            await probe(paths.floor(quota_req), idle["floor_idle"])
         saturated_from = datetime.now(UTC)
-        fairness, deadline_loaded, quota_loaded = await measure_fairness(
+        fairness, saturated = await measure_fairness(
             paths, suite.scheduler_address, suite.node_cpus, args
         )
     isolation = await measure_isolation(suite, fairness, args)
     refused = {
-        "quota_idle": quota_idle.summary(),
-        "quota_saturated": quota_loaded.summary(),
-        "deadline_saturated": deadline_loaded.summary(),
+        **{kind: r.summary() for kind, r in {**idle, **saturated}.items()},
         "probe_deadline_s": args.probe_deadline_s,
+        "probe_interval_s": args.probe_interval_s,
     }
     measured = {
         "overhead": overhead,
@@ -406,7 +424,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--fair-tokens", type=int, default=32, help="output tokens per request")
     p.add_argument("--warmup-s", type=float, default=3.0)
     p.add_argument("--window-s", type=float, default=20.0)
-    p.add_argument("--probe-interval-s", type=float, default=0.1)
+    p.add_argument(
+        "--probe-interval-s",
+        type=float,
+        default=0.075,
+        help="one round of saturated probes (deadline, quota, floor) per interval",
+    )
     p.add_argument("--probe-deadline-s", type=float, default=0.05)
     p.add_argument("--isolation-window-s", type=float, default=60.0, help="per phase")
     p.add_argument("--isolation-tokens", type=int, default=256, help="output tokens per request")

@@ -15,6 +15,8 @@ SHARE_TOLERANCE = 0.10
 JAIN_TARGET = 0.95
 ISOLATION_TARGET = 1.2
 REFUSAL_KINDS = ("quota_idle", "quota_saturated", "deadline_saturated")
+FLOOR_KINDS = ("floor_idle", "floor_saturated")
+"""Refusals from ``bench.refusal_floor`` (no scheduler), timed beside the scheduler's."""
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -167,6 +169,13 @@ def ms(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value * 1000:.2f} ms"
 
 
+def ratio(value: float | None, base: float | None) -> str:
+    """``value / base`` as ``1.23x``; ``-`` when either is missing or the base is 0."""
+    if value is None or base is None or math.isnan(value) or math.isnan(base) or base <= 0:
+        return "-"
+    return f"{value / base:.2f}x"
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The human-readable report."""
     setup, over, ref, fair = (
@@ -222,26 +231,37 @@ def markdown(result: dict[str, Any]) -> str:
         "## Refusals",
         "",
         "Client-side from call to error over a warm channel; server-side is the scheduler's "
-        "handler time from its logs.",
+        "handler time from its logs. The floor rows are refusals from `bench.refusal_floor`, a "
+        "bare gRPC server beside the scheduler (same CPUs, same event loop) that refuses every "
+        "call with the same status and does nothing else, probed between the scheduler's "
+        "probes: what the gRPC stacks and this machine cost.",
         "",
         "| kind | refusals | p50 | p99 | max | server p50 | server p99 | no RetryInfo | "
         "not refused |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     server = ref["server_side"]
-    for kind in REFUSAL_KINDS:
-        r, s = ref[kind], server[kind]
+    for kind in (*REFUSAL_KINDS, *FLOOR_KINDS):
+        r, s = ref[kind], server.get(kind, {"p50_s": None, "p99_s": None})
         lines.append(
             f"| {kind} | {r['refusals']} | {ms(r['p50_s'])} | {ms(r['p99_s'])} | "
             f"{ms(r['max_s'])} | {ms(s['p50_s'])} | {ms(s['p99_s'])} | "
             f"{r['without_retry_info']} | {r['not_refused'] or '-'} |"
         )
+    floor = ref["floor_saturated"]
     lines += [
         "",
-        f"Deadline probes ask for 1024 tokens with a {ref['probe_deadline_s']} s deadline while "
-        "the fairness load saturates the node. Quota checks that could not reach Redis within "
-        "the scheduler's timeout (each fails open for that request; three in a row skip Redis "
-        "for 1 s): "
+        "Under saturation, over the floor's p50 / p99: "
+        + "; ".join(
+            f"{kind} {ratio(ref[kind]['p50_s'], floor['p50_s'])} / "
+            f"{ratio(ref[kind]['p99_s'], floor['p99_s'])}"
+            for kind in ("quota_saturated", "deadline_saturated")
+        )
+        + f". Probes run every {ms(ref['probe_interval_s'] / 3)} in turn (deadline, quota, "
+        f"floor). Deadline probes ask for 1024 tokens with a {ref['probe_deadline_s']} s "
+        "deadline while the fairness load saturates the node. Quota checks that could not "
+        "reach Redis within the scheduler's timeout (each fails open for that request; three "
+        "in a row skip Redis for 1 s): "
         f"{server['quota_backend_unavailable']}.",
         "",
         f"## Fairness ({fair['window_s']} s window after {fair['warmup_s']} s warm-up; "

@@ -1,6 +1,7 @@
 """The real suite for ``bench.scheduler``: etcd, Redis, one inference node and one scheduler,
 each a child process on a free 127.0.0.1 port (as ``sluice up`` starts them), with a tenants
-file written for the benchmark.
+file written for the benchmark; and beside them ``bench.refusal_floor``, the baseline of the
+refusal latencies.
 
 No cache service: every benchmark request sets ``cache_bypass``, so the scheduler would skip
 the lookup anyway. The node's ``max_sequences`` is set low so that a few requests in flight
@@ -39,6 +40,9 @@ VICTIM = "victim"
 FLOODER = "flooder"
 WEIGHTS = {TENANT_A: 2.0, TENANT_B: 1.0, VICTIM: 1.0, FLOODER: 1.0}
 GRPC_OPTIONS = [("grpc.enable_http_proxy", 0)]
+NODE_CPU_NICE = 10
+"""As ``sluice up`` starts its nodes: the load processes that share the node's CPU time their
+calls without waiting out the model's time slices."""
 
 
 def tenants_document(keys: dict[str, str]) -> dict[str, object]:
@@ -94,6 +98,9 @@ class BenchSuite:
     keys: dict[str, str] = field(default_factory=dict)
     node_address: str = ""
     scheduler_address: str = ""
+    floor_address: str = ""
+    """``bench.refusal_floor``: a bare gRPC server that refuses every call, beside the
+    scheduler on its CPUs (the floor its refusals are read against)."""
     _stores: list[StoreProcess] = field(default_factory=list)
     _children: list[Child] = field(default_factory=list)
 
@@ -123,6 +130,7 @@ class BenchSuite:
             [
                 "--etcd-endpoint", etcd.address, "--node-id", "node-1", "--models", MODEL,
                 "--max-sequences", str(self.max_sequences), "--registry-ttl-seconds", "3",
+                "--cpu-nice", str(NODE_CPU_NICE),
             ],
             cpus=self.node_cpus,
         )  # fmt: skip
@@ -134,10 +142,12 @@ class BenchSuite:
                 "--tenants-file", str(tenants), "--registry-ttl-seconds", "3",
             ],
         )  # fmt: skip
-        for child in (node, scheduler):
+        floor = self._spawn("refusal-floor", "bench.refusal_floor", [])
+        for child in (node, scheduler, floor):
             self._wait_serving(child, deadline)
         self._wait_node_visible(scheduler, deadline)
         self.node_address, self.scheduler_address = node.address, scheduler.address
+        self.floor_address = floor.address
 
     def _spawn(
         self, name: str, module: str, args: list[str], cpus: frozenset[int] = frozenset()

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from inference_node.app import NodeService, default_engine, load_models
 from inference_node.config import NodeSettings
 from inference_node.engine import run_with_engine
-from sluice.runner import run_loop, settle_heap
+from sluice.runner import lower_cpu_priority, run_loop, settle_heap
 from sluice.settings import parse_settings
 from sluice.telemetry import MetricsServer, configure_logging
 
@@ -59,6 +59,8 @@ def main(argv: list[str]) -> None:
     """Load models, serve until SIGTERM/SIGINT or a finished Drain RPC, then exit."""
     settings = parse_settings(NodeSettings, argv, "Sluice inference node")
     configure_logging(settings.log_format, settings.log_level)
+    if settings.cpu_nice:
+        log.info("cpu_priority_lowered", nice=lower_cpu_priority(settings.cpu_nice))
     stop = _StopSignal()
     stop.install()
     generators, embedders = load_models(settings)

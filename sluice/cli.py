@@ -118,6 +118,15 @@ def up(
         typer.Option(help="Each node's batch cap (default: the node's own, 32)."),
     ] = None,
     port: Annotated[int, typer.Option(help="Scheduler port (0: a free one).")] = 0,
+    node_nice: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=19,
+            help="Nice increment of each node: model compute yields the CPU to "
+            "the scheduler and stores on this machine (0: same priority).",
+        ),
+    ] = 10,
 ) -> None:
     """Start etcd, Redis, the cache, N nodes and the scheduler; stop all on Ctrl-C/SIGTERM."""
     config = UpConfig(
@@ -129,6 +138,7 @@ def up(
         dtype=dtype,
         max_sequences=max_sequences,
         scheduler_port=port,
+        node_cpu_nice=node_nice,
     )
     sup = Supervisor(config, say=lambda m: console.print(f"[dim]{m}[/dim]"))
     stop_requested = False

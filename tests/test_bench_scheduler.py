@@ -155,6 +155,11 @@ def test_scheduler_benchmark_end_to_end(tmp_path: Path) -> None:
         assert refused["without_retry_info"] == 0, kind
         assert 0 < refused["p50_s"] <= refused["p99_s"], kind
     assert report["refusals"]["quota_idle"]["refusals"] == 3
+    for kind in ("floor_idle", "floor_saturated"):  # the bare-gRPC baseline, same phases
+        floor = report["refusals"][kind]
+        assert floor["refusals"] >= 1 and floor["not_refused"] == {}, (kind, floor)
+        assert floor["without_retry_info"] == 0, kind
+    assert report["refusals"]["floor_idle"]["refusals"] == 3
     server = report["refusals"]["server_side"]
     assert server["quota_idle"]["count"] == 3  # this run's log lines only
     assert all(server[kind]["count"] >= 1 for kind in REFUSAL_KINDS)

@@ -73,6 +73,10 @@ def test_sluice_up_serves_the_cli_and_stops_everything_on_sigterm(tmp_path: Path
 
         pids = [int(p) for p in _child_pids(up.pid)]
         assert len(pids) >= 5  # etcd, redis, cache, node, scheduler
+        # Model compute yields the CPU: every thread of the node (torch's, gRPC's) is niced.
+        by_module = {_module(p): p for p in pids}
+        assert set(_thread_nices(by_module["inference_node"])) == {10}
+        assert set(_thread_nices(by_module["scheduler"])) == {0}
         up.send_signal(signal.SIGTERM)
         out, _ = up.communicate(timeout=60)
         assert up.returncode == 0, out.decode()
@@ -82,6 +86,22 @@ def test_sluice_up_serves_the_cli_and_stops_everything_on_sigterm(tmp_path: Path
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def _module(pid: int) -> str:
+    """The ``-m`` module a Python child runs ('' for other programs)."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().decode().split("\0")
+    return argv[argv.index("-m") + 1] if "-m" in argv else ""
+
+
+def _thread_nices(pid: int) -> list[int]:
+    """The nice value of each thread of ``pid`` (Linux keeps one per thread)."""
+    nices = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            nices.append(int(f.read().rsplit(")", 1)[1].split()[16]))
+    return nices
 
 
 def _child_pids(pid: int) -> list[str]:
