@@ -378,7 +378,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
-    p.add_argument("--cpu-nice", type=int, default=0, help="nice increment applied at start (0-19)")
+    p.add_argument(
+        "--cpu-nice",
+        type=int,
+        choices=range(20),
+        default=0,
+        metavar="0-19",
+        help="nice increment applied at start",
+    )
     args = p.parse_args(argv)
     configure_logging(args.log_format)
     if args.cpu_nice:  # as a Sluice node does: before torch starts its threads

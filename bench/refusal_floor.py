@@ -4,9 +4,10 @@
 no authentication, no quota, no admission, no log line).
 
 ``bench.scheduler`` starts it as a child process beside the scheduler, on the same CPUs and the
-same event loop (``sluice.runner.run_loop``), and times refusals from it with the scheduler's
-own probes, in the same phases. What a refusal costs here is what the client's and the
-server's gRPC stacks and the machine cost, so the scheduler's refusals can be read against it.
+same event loop (``sluice.runner.run_loop``) and gRPC I/O engine (``sluice.grpc_io``), and
+times refusals from it with the scheduler's own probes, in the same phases. What a refusal
+costs here is what the client's and the server's gRPC stacks and the machine cost, so the
+scheduler's refusals can be read against it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import AsyncIterator, Sequence
+
+from sluice import grpc_io
+
+grpc_io.configure()  # before grpc loads, as every service does: the same gRPC I/O engine
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc

@@ -15,7 +15,10 @@ scheduler, as child processes on free loopback ports (``bench.scheduler_suite``)
    refusals (a tenant allowed one request per 100 s) on the idle suite and again while the node
    is saturated, and unmeetable-deadline refusals (``OVERLOADED``: a deadline shorter than the
    predicted wait) while the node is saturated. Headline: the worst of the three p99s. The
-   scheduler's own handler times and its quota-backend timeouts are read from its log.
+   scheduler's own handler times and its quota-backend timeouts are read from its log. For
+   scale, the same probes time ``bench.refusal_floor`` in the same phases (idle, then in turn
+   with the saturated probes): a bare gRPC server beside the scheduler, on its CPUs and event
+   loop, that refuses every call with the same status and does nothing else.
 3. **Fairness.** Tenants A (weight 2) and B (weight 1), both REALTIME, each keep more
    requests in flight than the node can run (closed loop, fixed output length, in a separate
    process: ``bench.scheduler_load``; a worker refused with a retry delay, such as past the
@@ -30,10 +33,12 @@ scheduler, as child processes on free loopback ports (``bench.scheduler_suite``)
    fairness phase's when the output lengths match, else measured closed-loop for
    ``--capacity-window-s``. Phase *calm*: both tenants at 0.25 x capacity; phase *flood*: the
    victim the same (the same arrival schedule), the flooder at 10 x its share (5 x capacity,
-   at most ``--isolation-max-rate``); ``--isolation-window-s`` each after the warm-up.
-   Headline: the victim's TTFT p99 in flood over its p99 in calm (target ≤ 1.2), where a
-   victim arrival that got no first token (refused, failed) counts as infinitely late. The
-   flooder's outcomes (served, refused by reason) are reported with it.
+   at most ``--isolation-max-rate``); ``--isolation-window-s`` each. The phases alternate in
+   ``--isolation-rounds`` rounds (calm, flood, calm, flood, ...; each block after its own
+   warm-up) whose blocks are merged per phase, so that a slow stretch of a shared machine
+   weighs on both alike. Headline: the victim's TTFT p99 in flood over its p99 in calm
+   (target ≤ 1.2), where a victim arrival that got no first token (refused, failed) counts as
+   infinitely late. The flooder's outcomes (served, refused by reason) are reported with it.
 
 CPU placement: unless ``--shared-cpus`` is given (or the machine has one CPU), the node gets the
 last CPU to itself and this process, and so the stores and the scheduler it starts, the others;
@@ -96,6 +101,8 @@ from sluice.sdk.errors import QuotaExceeded, from_rpc_error
 from sluice.v1 import inference_pb2, inference_pb2_grpc, node_pb2, node_pb2_grpc
 
 OVERHEAD_PROMPT = "Say hello to the scheduler benchmark."
+SATURATED_PROBES = ("deadline_saturated", "quota_saturated", "floor_saturated")
+"""The refusal probes of the saturated phase, in the order they take turns."""
 
 
 def auth(key: str) -> tuple[tuple[str, str], ...]:
@@ -273,13 +280,14 @@ async def measure_fairness(
         # probe, so its predicted wait is what the saturated node has queued.
         unmeetable = generate_request(MODEL, "probe", 1024)
         quota_req = generate_request(MODEL, "probe", 4)
-        starts = {
+        starts: dict[str, Callable[[], Any]] = {
             "deadline_saturated": lambda: paths.inference.Generate(
                 unmeetable, metadata=auth(paths.keys[PROBE]), timeout=args.probe_deadline_s
             ),
             "quota_saturated": paths.via_scheduler(LIMITED, quota_req),
             "floor_saturated": paths.floor(quota_req),
         }
+        assert tuple(starts) == SATURATED_PROBES
         gap = args.probe_interval_s / len(starts)
         while time.monotonic() < window_end - args.probe_interval_s:
             for kind, start in starts.items():
@@ -356,6 +364,7 @@ async def measure(suite: BenchSuite, args: argparse.Namespace) -> tuple[dict[str
         **{kind: r.summary() for kind, r in {**idle, **saturated}.items()},
         "probe_deadline_s": args.probe_deadline_s,
         "probe_interval_s": args.probe_interval_s,
+        "saturated_probe_order": list(SATURATED_PROBES),
     }
     measured = {
         "overhead": overhead,
@@ -431,7 +440,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="one round of saturated probes (deadline, quota, floor) per interval",
     )
     p.add_argument("--probe-deadline-s", type=float, default=0.05)
-    p.add_argument("--isolation-window-s", type=float, default=60.0, help="per phase")
+    p.add_argument(
+        "--isolation-window-s", type=float, default=90.0, help="per phase, all rounds together"
+    )
+    p.add_argument(
+        "--isolation-rounds",
+        type=int,
+        default=3,
+        help="the calm and flood phases alternate in this many rounds of equal blocks",
+    )
     p.add_argument("--isolation-tokens", type=int, default=256, help="output tokens per request")
     p.add_argument("--isolation-deadline-s", type=float, default=10.0, help="per request")
     p.add_argument(
@@ -450,7 +467,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="let every process use every CPU (default: the node and the load processes get "
         "the last CPU, the rest run the scheduler, the stores and the timed probes)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.isolation_rounds < 1:
+        p.error("--isolation-rounds must be at least 1")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

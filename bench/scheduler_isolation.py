@@ -4,6 +4,7 @@ without a flooder at 10x its share (see that module's docstring, item 4)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import math
 from collections import Counter
 from typing import Any
@@ -16,6 +17,9 @@ CALM_LOAD = 0.25
 """Each isolation tenant's arrival rate in the calm phase, as a fraction of capacity."""
 FLOOD_MULTIPLE = 10.0
 """The flooder's arrival rate in the flood phase, as a multiple of its share of capacity."""
+SETTLE_AFTER_FLOOD_S = 8.0
+"""Idle time before a calm block that follows a flood block: longer than the scheduler's slot
+share usage window (5 s), so calm starts without the flooder's recent use on record."""
 
 
 async def measure_capacity(
@@ -47,35 +51,67 @@ async def measure_capacity(
     return sum(t["completed"] for t in tenants.values()) / window_s, source, dict(errors)
 
 
+def merge_rounds(rounds: list[dict[str, Any]], block_s: float) -> dict[str, Any]:
+    """One tenant's open-loop results of several ``block_s`` blocks of a phase, as if from one
+    block of their total length (block ``i``'s arrival times shifted by ``i * block_s``)."""
+    merged: dict[str, Any] = {
+        "rate_per_s": rounds[0]["rate_per_s"],
+        "outcomes": Counter(),
+        **{k: 0 for k in ("sent", "not_sent", "not_sent_all_phase")},
+        **{k: [] for k in ("ttft_s", "arrival_s", "launch_lag_s")},
+    }
+    for i, r in enumerate(rounds):
+        for k in ("sent", "not_sent", "not_sent_all_phase", "ttft_s", "launch_lag_s"):
+            merged[k] += r[k]
+        merged["arrival_s"] += [t + i * block_s for t in r["arrival_s"]]
+        merged["outcomes"].update(r["outcomes"])
+    merged["outcomes"] = dict(merged["outcomes"])
+    return merged
+
+
 async def measure_isolation(
     suite: BenchSuite, fairness: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Capacity, then the calm and the flood phase, each in its own load process."""
+    """Capacity, then the calm and the flood phase, alternating in ``--isolation-rounds``
+    rounds (each block in its own load process), so that a slower stretch of the machine
+    weighs on both phases alike rather than on whichever ran then. Round ``r`` seeds the
+    arrivals of both its blocks with ``seed + r``: the victim meets the same schedule in each
+    phase. A calm block after a flood block starts after ``SETTLE_AFTER_FLOOD_S`` idle."""
     capacity, source, capacity_errors = await measure_capacity(suite, fairness, args)
     share = WEIGHTS[FLOODER] / (WEIGHTS[VICTIM] + WEIGHTS[FLOODER])
     victim_rate = CALM_LOAD * capacity
     flood_wanted = FLOOD_MULTIPLE * share * capacity
     flood_rate = min(flood_wanted, args.isolation_max_rate)
-    phases: dict[str, dict[str, Any]] = {}
-    for phase, flooder_rate in (("calm", CALM_LOAD * capacity), ("flood", flood_rate)):
-        spec = OpenLoopSpec(
-            address=suite.scheduler_address,
-            keys={VICTIM: suite.keys[VICTIM], FLOODER: suite.keys[FLOODER]},
-            rates={VICTIM: victim_rate, FLOODER: flooder_rate},
-            model=MODEL,
-            max_new_tokens=args.isolation_tokens,
-            warmup_s=args.warmup_s,
-            window_s=args.isolation_window_s,
-            deadline_s=args.isolation_deadline_s,
-            seed=args.seed,
-            cpus=suite.node_cpus,
-        )
-        limit = args.warmup_s + args.isolation_window_s + args.isolation_deadline_s + 120
-        async with load_process(spec, limit) as result:
-            loaded = await result()
-        phases[phase] = {
-            t: open_loop_summary(v, args.isolation_window_s) for t, v in loaded["tenants"].items()
+    block_s = args.isolation_window_s / args.isolation_rounds
+    blocks: dict[str, list[dict[str, Any]]] = {"calm": [], "flood": []}
+    for r in range(args.isolation_rounds):
+        if r:  # the flood's traces in the slot shares' usage window fade before calm resumes
+            await asyncio.sleep(SETTLE_AFTER_FLOOD_S)
+        for phase, flooder_rate in (("calm", CALM_LOAD * capacity), ("flood", flood_rate)):
+            spec = OpenLoopSpec(
+                address=suite.scheduler_address,
+                keys={VICTIM: suite.keys[VICTIM], FLOODER: suite.keys[FLOODER]},
+                rates={VICTIM: victim_rate, FLOODER: flooder_rate},
+                model=MODEL,
+                max_new_tokens=args.isolation_tokens,
+                warmup_s=args.warmup_s,
+                window_s=block_s,
+                deadline_s=args.isolation_deadline_s,
+                seed=args.seed + r,
+                cpus=suite.node_cpus,
+            )
+            limit = args.warmup_s + block_s + args.isolation_deadline_s + 120
+            async with load_process(spec, limit) as result:
+                blocks[phase].append((await result())["tenants"])
+    phases = {
+        phase: {
+            t: open_loop_summary(
+                merge_rounds([b[t] for b in got], block_s), args.isolation_window_s
+            )
+            for t in got[0]
         }
+        for phase, got in blocks.items()
+    }
     calm, flood = phases["calm"][VICTIM], phases["flood"][VICTIM]
     return {
         "victim": VICTIM,
@@ -85,6 +121,7 @@ async def measure_isolation(
         "deadline_s": args.isolation_deadline_s,
         "warmup_s": args.warmup_s,
         "window_s": args.isolation_window_s,
+        "rounds": args.isolation_rounds,
         "seed": args.seed,
         "capacity_req_per_s": capacity,
         "capacity_source": source,

@@ -248,7 +248,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{ms(r['max_s'])} | {ms(s['p50_s'])} | {ms(s['p99_s'])} | "
             f"{r['without_retry_info']} | {r['not_refused'] or '-'} |"
         )
-    floor = ref["floor_saturated"]
+    floor, order = ref["floor_saturated"], ref["saturated_probe_order"]
     lines += [
         "",
         "Under saturation, over the floor's p50 / p99: "
@@ -257,11 +257,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"{ratio(ref[kind]['p99_s'], floor['p99_s'])}"
             for kind in ("quota_saturated", "deadline_saturated")
         )
-        + f". Probes run every {ms(ref['probe_interval_s'] / 3)} in turn (deadline, quota, "
-        f"floor). Deadline probes ask for 1024 tokens with a {ref['probe_deadline_s']} s "
-        "deadline while the fairness load saturates the node. Quota checks that could not "
-        "reach Redis within the scheduler's timeout (each fails open for that request; three "
-        "in a row skip Redis for 1 s): "
+        + f". Under saturation the probes take turns ({', '.join(order)}), one every "
+        f"{ms(ref['probe_interval_s'] / len(order))}; idle ones run back to back. Deadline "
+        f"probes ask for 1024 tokens with a {ref['probe_deadline_s']} s deadline while "
+        "the fairness load saturates the node. Quota checks that could not reach Redis within "
+        "the scheduler's timeout (each fails open for that request; three in a row skip Redis "
+        "for 1 s): "
         f"{server['quota_backend_unavailable']}.",
         "",
         f"## Fairness ({fair['window_s']} s window after {fair['warmup_s']} s warm-up; "
@@ -292,10 +293,13 @@ def isolation_markdown(iso: dict[str, Any]) -> list[str]:
     """The isolation section of the report."""
     capped = " (capped by `--isolation-max-rate`)" if iso["flood_rate_capped"] else ""
     lines = [
-        f"## Isolation ({iso['window_s']} s window per phase after {iso['warmup_s']} s "
-        f"warm-up; {iso['max_new_tokens']} tokens each, {iso['deadline_s']} s deadline)",
+        f"## Isolation ({iso['window_s']} s window per phase, in {iso['rounds']} alternating "
+        f"rounds, each block after {iso['warmup_s']} s warm-up; {iso['max_new_tokens']} tokens "
+        f"each, {iso['deadline_s']} s deadline)",
         "",
-        f"Open loop, Poisson arrivals (seed {iso['seed']}). Capacity "
+        f"Open loop, Poisson arrivals (round r seeded {iso['seed']} + r in both its blocks). "
+        "The phases alternate (calm, flood, calm, ...) and each phase's blocks are merged, so "
+        "a slower stretch of the machine weighs on both alike. Capacity "
         f"{iso['capacity_req_per_s']:.2f} requests/s ({iso['capacity_source']}"
         f"{'; errors ' + str(iso['capacity_errors']) if iso['capacity_errors'] else ''}). "
         f"`{iso['victim']}` and `{iso['flooder']}` have weight 1 each, so half the node each. "

@@ -51,9 +51,9 @@ class NodeSettings(ServiceSettings):
     what every gRPC hop on the way, the scheduler above all, pays for per message. The first
     token is never held back; a stream's last chunk is at most this late."""
     cpu_nice: int = Field(default=0, ge=0, le=19)
-    """Nice increment the node applies to itself at start, before torch starts its threads
-    (``sluice up``, which runs everything on one machine, passes 10): model compute then yields
-    the CPU to the scheduler, the stores and clients on the same machine. 0 for a node with a
-    machine or pod to itself."""
+    """Nice increment the node applies to every one of its threads at start (``sluice up``,
+    which runs everything on one machine, passes 10): model compute, and with it the node's
+    own gRPC threads, then yields the CPU to the scheduler, the stores and clients on the same
+    machine. 0 for a node with a machine or pod to itself."""
     drain_grace_seconds: float = 30.0
     """How long a drain waits for in-flight requests before cancelling them."""

@@ -126,7 +126,7 @@ def up(
             help="Nice increment of each node: model compute yields the CPU to "
             "the scheduler and stores on this machine (0: same priority).",
         ),
-    ] = 10,
+    ] = UpConfig.node_cpu_nice,
 ) -> None:
     """Start etcd, Redis, the cache, N nodes and the scheduler; stop all on Ctrl-C/SIGTERM."""
     config = UpConfig(

@@ -103,24 +103,29 @@ def lower_cpu_priority(increment: int) -> int:
     """Raise the nice value of every thread of this process by ``increment`` (0-19); return
     the main thread's new one.
 
-    Linux keeps a nice value per thread and a new thread inherits its creator's, so call it
-    early: torch's intra-op workers, gRPC's pollers and the engine thread started later all
-    run at the lowered priority, and threads an import already started are lowered here one
-    by one. On a machine a model process shares with the scheduler, the stores or its
-    clients, its long compute bursts then yield the CPU to their short, latency-bound work (a
-    refusal, a token relay) instead of holding it for a whole time slice. A process with a
-    machine or pod to itself gains nothing from it: use 0.
+    Linux keeps a nice value per thread and a new thread inherits its creator's: threads
+    started after the call (torch's intra-op workers, gRPC's pollers, an engine's) run at the
+    lowered priority, and those already running are lowered one by one, the scan repeated
+    until it finds no thread it has not seen. On a machine a model process shares with the
+    scheduler, the stores or its clients, its long compute bursts then yield the CPU to their
+    short, latency-bound work (a refusal, a token relay) instead of holding it for a whole
+    time slice. A process with a machine or pod to itself gains nothing from it: use 0.
+    Without ``/proc/self/task`` (not Linux) it is ``os.nice``, which there applies to the
+    whole process.
     """
     if not 0 <= increment <= 19:
         raise ValueError(f"a CPU nice increment is 0-19, not {increment}")
     tasks = Path("/proc/self/task")
-    if not tasks.is_dir():  # not Linux: the process has one nice value
+    if not tasks.is_dir():
         return os.nice(increment)
-    for tid in (int(t.name) for t in tasks.iterdir()):
-        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
-            now = os.getpriority(os.PRIO_PROCESS, tid)
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, now + increment))
-    return os.getpriority(os.PRIO_PROCESS, 0)
+    lowered: set[int] = set()
+    while fresh := {int(t.name) for t in tasks.iterdir()} - lowered:
+        for tid in fresh:
+            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                now = os.getpriority(os.PRIO_PROCESS, tid)
+                os.setpriority(os.PRIO_PROCESS, tid, min(19, now + increment))
+        lowered |= fresh
+    return os.getpriority(os.PRIO_PROCESS, os.getpid())
 
 
 def settle_heap() -> None:

@@ -49,9 +49,10 @@ class UpConfig:
     """Each node's batch cap; None keeps the node's default."""
     node_cpu_nice: int = 10
     """Nice increment of each node (0-19). Everything here shares one machine, so model
-    compute runs at a lower CPU priority than the scheduler, the stores and local clients:
-    on a saturated 2-core VM it cut the client-side refusal p99 at 4x overload from 11.6 to
-    8-10 ms (``bench.overload``'s 4x level)."""
+    compute runs at a lower CPU priority than the scheduler, the stores and local clients. In
+    single 45-s runs of ``bench.overload``'s 4x level on a 2-core VM, the client-side refusal
+    p99 was 11.6 ms at 0 and 9.8 and 8.1 ms in two runs at 10 (too few runs to size the
+    gain)."""
     host: str = "127.0.0.1"
     scheduler_port: int = 0
     startup_timeout_s: float = 600.0

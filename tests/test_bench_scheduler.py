@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from bench.scheduler_isolation import merge_rounds
 from bench.scheduler_load import poisson_arrivals
 from bench.scheduler_report import (
     isolation_ratio,
@@ -92,6 +93,32 @@ def test_open_loop_summary_counts_arrivals_without_a_first_token_as_failures() -
     assert summary["outcomes"]["refused RESOURCE_EXHAUSTED/OVERLOADED"] == 2
 
 
+def test_merge_rounds_pools_a_phase_s_blocks() -> None:
+    """Counts and outcomes add up, samples are pooled, so percentiles run over every block."""
+    blocks = [
+        {
+            "rate_per_s": 2.0,
+            "sent": n,
+            "not_sent": 1,
+            "not_sent_all_phase": 2,
+            "ttft_s": [0.01 * (i + 1)] * n,
+            "arrival_s": [float(j) for j in range(n)],
+            "launch_lag_s": [0.001] * n,
+            "outcomes": {"ok": n - 1, "refused RESOURCE_EXHAUSTED/OVERLOADED": 1},
+        }
+        for i, n in enumerate((3, 5))
+    ]
+    merged = merge_rounds(blocks, 10.0)
+    assert (merged["sent"], merged["not_sent"], merged["not_sent_all_phase"]) == (8, 2, 4)
+    assert merged["ttft_s"] == [0.01] * 3 + [0.02] * 5
+    assert merged["arrival_s"] == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0, 13.0, 14.0]  # one timeline
+    assert len(merged["launch_lag_s"]) == 8
+    assert merged["outcomes"] == {"ok": 6, "refused RESOURCE_EXHAUSTED/OVERLOADED": 2}
+    assert merged["rate_per_s"] == 2.0
+    assert blocks[0]["ttft_s"] == [0.01] * 3  # the blocks themselves are left as they were
+    assert open_loop_summary(merged, 4.0)["sent_per_s"] == 2.0
+
+
 def test_node_removals_lists_when_the_scheduler_dropped_a_node(tmp_path: Path) -> None:
     """Only ``node_removed`` events count, by timestamp; lines that are not JSON are skipped."""
     log = tmp_path / "scheduler.log"
@@ -132,7 +159,8 @@ def test_scheduler_benchmark_end_to_end(tmp_path: Path) -> None:
         "--out-dir", str(out_dir), "--run-dir", str(tmp_path / "run"),
         "--overhead-requests", "3", "--quota-probes", "3",
         "--warmup-s", "0.5", "--window-s", "1.5",
-        "--isolation-window-s", "1.5", "--capacity-window-s", "1", "--isolation-deadline-s", "5",
+        "--isolation-window-s", "1.5", "--isolation-rounds", "2", "--capacity-window-s", "1",
+        "--isolation-deadline-s", "5",
     ]  # fmt: skip
     proc = subprocess.run(
         cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=230, check=False

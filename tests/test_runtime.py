@@ -1,7 +1,11 @@
-"""The shared runtime: settings precedence, errors → statuses, interceptors, metrics endpoint."""
+"""The shared runtime: settings precedence, errors → statuses, interceptors, metrics endpoint,
+CPU priority."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +23,7 @@ from sluice.errors import (
     ResourceExhausted,
     unpack_details,
 )
+from sluice.runner import lower_cpu_priority
 from sluice.server import GrpcServer, ServerOptions
 from sluice.settings import ServiceSettings, load_settings, parse_settings
 from sluice.telemetry import MetricsServer
@@ -150,3 +155,43 @@ async def test_metrics_endpoint_serves_sluice_metrics(
         metrics.stop()
     assert 'sluice_rpc_requests_total{code="OK",method="/sluice.v1.Cache/Stats"} 1.0' in body
     assert "sluice_rpc_duration_seconds_bucket" in body
+
+
+LOWER_PRIORITY_CHILD = """
+import os, sys, threading
+from sluice.runner import lower_cpu_priority
+started, stop = threading.Event(), threading.Event()
+def early():
+    started.set()
+    stop.wait()
+before = threading.Thread(target=early)
+before.start()
+started.wait()
+returned = lower_cpu_priority(int(sys.argv[1]))
+after = threading.Thread(target=stop.wait)
+after.start()
+tids = [before.native_id, after.native_id, threading.get_native_id()]
+print(returned, *(os.getpriority(os.PRIO_PROCESS, t) for t in tids))
+stop.set()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread nice is Linux's")
+def test_lower_cpu_priority_lowers_threads_started_before_and_after_it() -> None:
+    """Every thread ends up niced: one an import started before the call, the calling one and
+    one started after (it inherits); the call returns the main thread's new value. In a child
+    process, so pytest itself keeps its priority."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    out = subprocess.run(
+        [sys.executable, "-c", LOWER_PRIORITY_CHILD, "3"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.split()  # fmt: skip
+    want = min(19, base + 3)
+    assert [int(v) for v in out] == [want] * 4
+
+
+def test_lower_cpu_priority_refuses_an_increment_outside_0_to_19() -> None:
+    with pytest.raises(ValueError, match="0-19"):
+        lower_cpu_priority(20)
+    with pytest.raises(ValueError, match="0-19"):
+        lower_cpu_priority(-1)
