@@ -381,6 +381,7 @@ def build_result(
     load: list[float],
     node_cpus: frozenset[int],
     node_removed_at: list[str],
+    speed: tuple[float, float] = (math.nan, math.nan),
 ) -> Any:
     """Headline figures, verdicts, every measured detail and the setup."""
     refused, fairness = measured["refusals"], measured["fairness"]
@@ -406,8 +407,23 @@ def build_result(
             "node_removed_at": node_removed_at,
             "machine": platform.processor() or platform.machine(),
             "load_average_start_end": [load, [round(x, 2) for x in os.getloadavg()]],
+            "cpu_loop_s_start_end": list(speed),
         },
     }
+
+
+def cpu_loop_s(rounds: int = 5) -> float:
+    """Seconds one fixed pure-Python loop takes on this process's CPU, best of ``rounds``:
+    the machine's speed at the time, to compare runs by. On the shared 2-core test VM it
+    went from 0.17 to 0.25 s within a morning, and every latency measured here with it."""
+    best = math.inf
+    for _ in range(rounds):
+        began = time.perf_counter()
+        total = 0
+        for i in range(1_000_000):
+            total += i * i
+        best = min(best, time.perf_counter() - began)
+    return best
 
 
 def cpu_placement(node_cpus: frozenset[int]) -> str:
@@ -481,6 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.shared_cpus and len(cpus) >= 2:
         node_cpus = frozenset(cpus[-1:])
         os.sched_setaffinity(0, cpus[:-1])  # inherited by the stores and the scheduler
+    speed_start = cpu_loop_s()
     suite = BenchSuite(
         args.run_dir.resolve(), max_sequences=args.max_sequences, node_cpus=node_cpus
     )
@@ -494,7 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         suite.scheduler_log, saturated_from, {PROBE, LIMITED}
     )
     removed = node_removals(suite.scheduler_log)
-    result = build_result(measured, args, load, node_cpus, removed)
+    speed = (speed_start, cpu_loop_s())
+    result = build_result(measured, args, load, node_cpus, removed, speed)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "scheduler.json").write_text(json.dumps(finite(result), indent=2) + "\n")
     (args.out_dir / "scheduler.md").write_text(markdown(result))

@@ -190,7 +190,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"Command: `{setup['command']}`  ",
         f"Date: {setup['date']}  ",
         f"Machine: {setup['machine']}, {setup['cpus']} CPUs; load average at start / end "
-        f"{setup['load_average_start_end'][0]} / {setup['load_average_start_end'][1]}  ",
+        f"{setup['load_average_start_end'][0]} / {setup['load_average_start_end'][1]}; a fixed "
+        "pure-Python loop (the machine's speed then, to compare runs by; lower is faster) took "
+        + " / ".join(ms(v) for v in setup.get("cpu_loop_s_start_end", ()))
+        + " at start / end  ",
         f"Suite: etcd, Redis, one node (`{setup['model']}`, max_sequences "
         f"{setup['node_max_sequences']}), one scheduler, as child processes on loopback; "
         f"{setup['cpu_placement']}",

@@ -255,9 +255,23 @@ class QuotaGate:
         q = tenant.quotas
         if not overlap or not q.any or tenant.name in self._denied:
             return QuotaCheck(await self.acquire(tenant, tokens, lease_id, lease_s))
-        task = asyncio.ensure_future(self.acquire(tenant, tokens, lease_id, lease_s))
+        task = asyncio.ensure_future(
+            self._acquire_after_dispatch(tenant, tokens, lease_id, lease_s)
+        )
         task.add_done_callback(_retrieved)  # a refusal nobody awaits is not an error
         return QuotaCheck(pending=task)
+
+    async def _acquire_after_dispatch(
+        self, tenant: Tenant, tokens: int, lease_id: str, lease_s: float
+    ) -> Lease:
+        """:meth:`acquire`, one loop turn late: the caller's node call, started in the same
+        turn (grpc.aio sends it from a task of its own), goes out first. A write to Redis wakes
+        it, and where Redis shares the scheduler's CPU the scheduler then waits for it to run;
+        sent before the node call, that wait was added to every metered request's time to first
+        token (on the 2-core VM, TTFT with a quota minus without went from +0.14 / +0.13 /
+        -0.26 ms to -0.13 / -0.32 / -0.17 ms over three alternating pairs of runs)."""
+        await asyncio.sleep(0)
+        return await self.acquire(tenant, tokens, lease_id, lease_s)
 
     async def acquire(self, tenant: Tenant, tokens: int, lease_id: str, lease_s: float) -> Lease:
         """Take one request and ``tokens`` from ``tenant``'s quotas, or raise.

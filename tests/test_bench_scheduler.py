@@ -202,6 +202,7 @@ def test_scheduler_benchmark_end_to_end(tmp_path: Path) -> None:
     ratio = report["isolation_ttft_p99_ratio"]
     assert ratio is None or _finite(ratio), ratio
     assert isinstance(report["setup"]["node_removed_at"], list)
+    assert all(_finite(v) and v > 0 for v in report["setup"]["cpu_loop_s_start_end"])
     isolation = report["isolation"]
     assert isolation["capacity_req_per_s"] > 0
     assert isolation["flood_rate_per_s"] > isolation["phases"]["calm"]["flooder"]["rate_per_s"]
