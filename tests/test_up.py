@@ -85,9 +85,13 @@ def test_sluice_up_serves_the_cli_and_stops_everything_on_sigterm(tmp_path: Path
         assert not [p for p in pids if _alive(p)]
         assert not endpoints_file.exists()
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
+        if up.poll() is None:  # a failed assertion: let the supervisor stop its children
+            up.send_signal(signal.SIGTERM)
+            try:
+                up.wait(60)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                up.wait()
 
 
 def _module(pid: int) -> str:
