@@ -69,7 +69,7 @@ from sluice.up import Supervisor, UpConfig, wait_serving
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SCENARIO = REPO_ROOT / "bench" / "scenarios" / "overload.yaml"
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-MODEL_CPU_NICE = 10
+MODEL_CPU_NICE = UpConfig.node_cpu_nice
 """Nice increment of both targets' model processes (the naive server and Sluice's node), as
 ``sluice up`` gives its nodes: the load client, the scheduler and the stores share these two
 cores with the model, and a node would have its own machine in production."""

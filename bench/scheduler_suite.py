@@ -26,7 +26,7 @@ import yaml
 from sluice.auth import hash_api_key, new_api_key
 from sluice.stores import StoreProcess, environment_without_proxies, etcd_process, free_port
 from sluice.stores import redis_process as redis_store
-from sluice.up import wait_serving
+from sluice.up import UpConfig, wait_serving
 from sluice.v1 import admin_pb2, admin_pb2_grpc
 
 HOST = "127.0.0.1"
@@ -40,7 +40,7 @@ VICTIM = "victim"
 FLOODER = "flooder"
 WEIGHTS = {TENANT_A: 2.0, TENANT_B: 1.0, VICTIM: 1.0, FLOODER: 1.0}
 GRPC_OPTIONS = [("grpc.enable_http_proxy", 0)]
-NODE_CPU_NICE = 10
+NODE_CPU_NICE = UpConfig.node_cpu_nice
 """As ``sluice up`` starts its nodes: the load processes that share the node's CPU time their
 calls without waiting out the model's time slices."""
 
