@@ -25,7 +25,7 @@ from scheduler.admission import NO_CAPACITY, Admission, AdmissionConfig, Shed, V
 from scheduler.metrics import SchedulerMetrics
 from scheduler.nodes import NodeDirectory, NodeHandle, SlotView
 from scheduler.queues import Clock, FairQueues, QueueConfig, QueuedRequest, QueueFull, class_name
-from scheduler.shares import SlotShares
+from scheduler.shares import DemandMeter, SlotShares
 from scheduler.tenants import TenantDirectory
 from sluice.errors import DeadlineExceeded, ResourceExhausted, SluiceError, Unavailable
 from sluice.v1 import inference_pb2
@@ -70,6 +70,7 @@ class DispatchGate:
         self.queues = FairQueues(clock, self._weight, queue_config)
         self.admission = Admission(self.queues, clock, self._weight, admission_config)
         self.shares = SlotShares(clock, self._weight)
+        self.demand = DemandMeter(clock, prompt_weight=self.queues.config.prompt_token_weight)
         self._waiters: dict[str, asyncio.Future[NodeHandle]] = {}
         self._kick_pending = False
         self._avg_cost = 0.0
@@ -103,6 +104,7 @@ class DispatchGate:
     async def acquire(self, item: QueuedRequest) -> NodeHandle:
         """Admit ``item`` and wait for a node booked for it; raises the refusal otherwise."""
         cls = class_name(item.workload_class)
+        self.demand.arrived(item)
         view = self._nodes.capacity(item.model, item.workload_class)
         verdict = self.admission.decide(
             item,
@@ -184,9 +186,13 @@ class DispatchGate:
             metadata={"predicted_wait_ms": str(math.ceil(retry * 1000)), "workload_class": cls},
         )
 
-    def release(self, item: QueuedRequest) -> None:
-        """``item``, handed a node by :meth:`acquire`, has ended: its tenant's slot is free."""
+    def release(self, item: QueuedRequest, generated: int | None = None) -> None:
+        """``item``, handed a node by :meth:`acquire`, has ended: its tenant's slot is free.
+        ``generated``: the tokens it made, when it ran to its end (what its tenant's requests
+        are expected to use, for the demand meter)."""
         self.shares.ended(item.model, item.workload_class, item.tenant)
+        if generated is not None:
+            self.demand.finished(item, generated)
         self.kick()
 
     def charge(self, item: QueuedRequest, tokens: float) -> None:
@@ -217,7 +223,7 @@ class DispatchGate:
         # (model, class), read once per pop (a booking changes them): the scan may look at
         # many queued items.
         views: dict[tuple[str, int], SlotView] = {}
-        sharing: dict[tuple[str, int], tuple[set[str], set[str]]] = {}
+        sharing: dict[tuple[str, int], tuple[set[str], set[str], dict[str, float] | None]] = {}
 
         def placeable(item: QueuedRequest) -> bool:
             key = (item.model, item.workload_class)
@@ -230,12 +236,16 @@ class DispatchGate:
                 full.add(key)
                 return False
             if key not in sharing:
+                active = self.admission.active(*key)
                 sharing[key] = (
-                    self.admission.active(*key),
+                    active,
                     set(self.queues.tenants_with_cost(item.workload_class, item.model)),
+                    self._demand(key, active),
                 )
-            active, queued = sharing[key]
-            if not self.shares.may_start(*key, item.tenant, view.slots, view.free, active, queued):
+            active, queued, demand = sharing[key]
+            if not self.shares.may_start(
+                *key, item.tenant, view.slots, view.free, active, queued, demand
+            ):
                 held_back.add((*key, item.tenant))  # the rest is kept for the others
                 return False
             node = self._nodes.pick(
@@ -277,7 +287,10 @@ class DispatchGate:
         """The node ``item`` starts on without queuing, or None (queue it)."""
         key = (item.model, item.workload_class)
         active = self.admission.active(*key)
-        if not self.shares.may_start(*key, item.tenant, view.slots, view.free, active):
+        demand = self._demand(key, active | {item.tenant})
+        if not self.shares.may_start(
+            *key, item.tenant, view.slots, view.free, active, demand=demand
+        ):
             return None
         node = self._nodes.pick(*key, affinity=item.affinity, need_room=True, among=view.candidates)
         if node is None:
@@ -285,6 +298,10 @@ class DispatchGate:
         self.queues.start_now(item)
         self._book(item, node)
         return node
+
+    def _demand(self, key: tuple[str, int], tenants: set[str]) -> dict[str, float] | None:
+        """Slots each tenant asks of (model, class), for the slot shares' burst headroom."""
+        return self.demand.slots(*key, tenants, self._nodes.token_seconds(key[0]))
 
     def _fail(self, item: QueuedRequest, error: SluiceError) -> None:
         future = self._waiters.get(item.request_id)

@@ -209,7 +209,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             counters.in_flight -= 1
             self._metrics.requests.labels("generate", cls, outcome).inc()
             if booked:  # admitted and handed a node
-                self._gate.release(item)
+                self._gate.release(item, stats.generated if outcome == "ok" else None)
             if quota is not None:
                 self._settle(item, stats, quota)
 

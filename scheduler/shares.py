@@ -24,16 +24,29 @@ shared too, work-conservingly:
   victim at half its share, confined to its share in a flood, queued behind its own bursts
   (Poisson arrivals: time to first token p99 1.4 s in the flood against 0.2 s calm).
 
-- a tenant that has used its share less ``burst_margin`` (half a slot) on average and now
+- a *light* tenant, one that asks for its share less ``burst_margin`` (half a slot), that now
   holds its whole share keeps one more slot free for its next arrival (burst headroom, paid
-  for by the share it left unused): tenants past their share may not take it, nor may tenants
-  below their share, and its own burst takes it at once. Without it a light tenant's Poisson
-  bursts past its share waited in a flood for one of its own requests to end: under
+  for by the share it leaves unused): tenants past their share may not take it, nor may
+  tenants below their share, and its own burst takes it at once. Without it a light tenant's
+  Poisson bursts past its share waited in a flood for one of its own requests to end: under
   ``make bench-scheduler``'s isolation load (the victim at half its share, a flood at 10x
   its share) the victim's time to first token p99 was 1.10 s in the flood (0.46 s calm);
   with the headroom, 0.11 s in the flood of the same load run alone (30 s phases). The price
   is at most one idle slot per light tenant, which the flood would otherwise have filled
   beyond its share.
+
+  What a tenant asks for is its *demand* (:class:`DemandMeter`): the work arriving from it
+  (admitted or refused) over the last ``DEMAND_WINDOW_S`` (20 s), in slots by Little's law (tokens
+  per second times seconds per token), as the gate passes it in. Not the slots it has held:
+  a burst raises those at once, so a light tenant judged on its 5-s average lost its
+  headroom in the very bursts it was for; and a flooder judged on a longer average of
+  slots held still looked light for the first seconds of its flood. Offered load sees both
+  right: the victim's bursts move its 20-s demand little, a flood moves the flooder's at
+  once. (On a discrete-event model of the isolation load with the real queues and shares,
+  over 30 seeded 300-s phases: the victim's p99 ratio flood/calm went from 0.75 / 0.89 /
+  1.25 to 0.71 / 0.89 / 1.03 at p10 / p50 / p90, the flooder's throughput unchanged:
+  ``python -m bench.isolation_model``.)
+  Without a demand figure (no inter-token time measured yet) the 5-s average stands in.
 
 A tenant that stays idle reserves nothing once it drops out of the active set, and a tenant that
 only ever uses one slot reserves two, not its whole share, so capacity left idle by the others
@@ -47,10 +60,14 @@ Synchronous and I/O-free, with an injected clock; the gate feeds it dispatches a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 
-from scheduler.queues import Clock
+from scheduler.queues import Clock, QueuedRequest
+
+DEMAND_WINDOW_S = 20.0
+"""How far back :class:`DemandMeter` looks at what a tenant asks for."""
 
 
 @dataclass
@@ -116,11 +133,14 @@ class SlotShares:
         free: int,
         active: Collection[str],
         queued: Collection[str] = (),
+        demand: Mapping[str, float] | None = None,
     ) -> bool:
         """True when ``tenant`` may take one more of the ``slots`` the model has for the class,
         ``free`` of them free now (every class and replica counted), with ``active`` the
-        tenants active in the class (others than ``tenant`` count) and ``queued`` those of
-        them with requests waiting (they reserve whole slots only)."""
+        tenants active in the class (others than ``tenant`` count), ``queued`` those of
+        them with requests waiting (they reserve whole slots only) and ``demand`` the slots
+        each asks for (:meth:`DemandMeter.slots`; a tenant missing from it is judged on its
+        average use)."""
         others = [t for t in active if t != tenant]
         if not others or slots <= 0:
             return True
@@ -138,7 +158,8 @@ class SlotShares:
             if average > share(t):
                 return h.running, 0  # it has been borrowing: it has no slots to claim back
             cap = math.ceil(share(t))
-            if average + self.burst_margin <= share(t) and h.running + 1 > cap:
+            asks = demand.get(t, average) if demand is not None else average
+            if asks + self.burst_margin <= share(t) and h.running + 1 > cap:
                 return cap + 1, cap + 1 - max(h.running, cap)  # burst headroom, paid for
             peak = h.peak if now - h.peak_at <= self._window else h.running
             return min(share(t), peak + 1), 0
@@ -157,3 +178,90 @@ class SlotShares:
             whole = math.floor(want) if t in queued else want
             reserve += max(0.0, whole - held.get(t, _Holding()).running)
         return free - 1 >= reserve
+
+
+@dataclass
+class _Arrivals:
+    buckets: deque[list[float]] = field(default_factory=deque)
+    """``[second, weighted tokens]`` per whole second with arrivals, oldest first."""
+    total: float = 0.0
+    since: float = 0.0
+    """When the current run of arrivals began (the tenant was not seen for a window before)."""
+
+
+class DemandMeter:
+    """Work each tenant asks of a (model, class): weighted tokens arriving per second over the
+    last ``window_s``, every request counted whether admitted or refused.
+
+    A request's work is its prompt (at ``prompt_weight``) plus the tokens it is expected to
+    generate: ``max_new_tokens`` times the fraction of it the tenant's finished requests
+    actually used (exponentially averaged; 1 until one finishes), so a chat tenant that
+    asks for 1024 and stops after 200 is not taken for a heavy one. Arrivals are kept in
+    one-second buckets, so memory stays bounded whatever the request rate.
+    """
+
+    def __init__(
+        self, clock: Clock, window_s: float = DEMAND_WINDOW_S, prompt_weight: float = 0.5
+    ) -> None:
+        self._clock = clock
+        self.window_s = window_s
+        self._prompt_weight = prompt_weight
+        self._arrivals: dict[tuple[str, int, str], _Arrivals] = {}
+        self._used: dict[tuple[str, int, str], float] = {}
+
+    def arrived(self, item: QueuedRequest) -> None:
+        """``item`` came in (before admission decides)."""
+        key = (item.model, item.workload_class, item.tenant)
+        work = self._prompt_weight * item.prompt_tokens + item.max_new_tokens * self._used.get(
+            key, 1.0
+        )
+        now = self._clock()
+        a = self._arrivals.get(key)
+        if a is None or not self._prune(a, now):
+            a = self._arrivals[key] = _Arrivals(since=now)
+        second = math.floor(now)
+        if a.buckets and a.buckets[-1][0] == second:
+            a.buckets[-1][1] += work
+        else:
+            a.buckets.append([second, work])
+        a.total += work
+
+    def finished(self, item: QueuedRequest, generated: int) -> None:
+        """``item`` ran to its end having generated ``generated`` tokens."""
+        if item.max_new_tokens <= 0:
+            return
+        key = (item.model, item.workload_class, item.tenant)
+        fraction = min(1.0, generated / item.max_new_tokens)
+        self._used[key] = 0.8 * self._used.get(key, 1.0) + 0.2 * fraction
+
+    def rate(self, model: str, workload_class: int, tenant: str) -> float:
+        """Weighted tokens per second ``tenant`` has asked for lately (0 when none)."""
+        key = (model, workload_class, tenant)
+        a = self._arrivals.get(key)
+        now = self._clock()
+        if a is None or not self._prune(a, now):
+            self._arrivals.pop(key, None)
+            return 0.0
+        # Over the span the buckets cover, or since the run began (at least a second): a
+        # tenant that just started is judged on what it sent so far, not diluted by the
+        # quiet before it.
+        return a.total / max(1.0, now - max(a.since, a.buckets[0][0]))
+
+    def slots(
+        self, model: str, workload_class: int, tenants: Collection[str], token_s: float
+    ) -> dict[str, float] | None:
+        """Slots each of ``tenants`` asks for, by Little's law (work per second times
+        ``token_s``, the seconds per generated token); None while ``token_s`` is unknown."""
+        if token_s <= 0:
+            return None
+        return {t: self.rate(model, workload_class, t) * token_s for t in tenants}
+
+    def _prune(self, a: _Arrivals, now: float) -> bool:
+        """Drop buckets older than the window; False when none is left."""
+        horizon = now - self.window_s
+        while a.buckets and a.buckets[0][0] + 1.0 <= horizon:
+            a.total -= a.buckets.popleft()[1]
+        if not a.buckets:
+            return False
+        a.total = max(a.total, 0.0)
+        return True

@@ -200,6 +200,8 @@ async def test_an_overlapped_quota_refusal_reaches_the_client_and_frees_the_node
     await eventually(lambda: all(n.book.in_flight == 0 for n in service.nodes.nodes()))
     assert service.gate.shares.running(TINY, common_pb2.WORKLOAD_CLASS_REALTIME, "limited") == 0
     assert service.usage.of("limited").in_flight == 0
+    # Every request reached the gate's demand meter, the refused one too.
+    assert service.gate.demand.rate(TINY, common_pb2.WORKLOAD_CLASS_REALTIME, "limited") > 0
 
 
 async def test_two_replicas_share_the_quota(suite: Suite, schedulers: Schedulers) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from scheduler.queues import REALTIME
-from scheduler.shares import SlotShares
+import pytest
+
+from scheduler.queues import REALTIME, QueuedRequest
+from scheduler.shares import DemandMeter, SlotShares
 
 
 class Clock:
@@ -158,3 +160,70 @@ def test_a_light_tenant_at_its_share_keeps_one_slot_of_burst_headroom() -> None:
     clock2.now += 10.0  # victim averaged its whole share
     assert busy.may_start("m", REALTIME, "flood", 4, 1, both, queued={"flood"})
     assert not busy.may_start("m", REALTIME, "victim", 4, 1, both, queued={"flood", "victim"})
+
+
+def item(tenant: str, max_new: int = 100, prompt: int = 20) -> QueuedRequest:
+    return QueuedRequest(f"{tenant}-{id(object())}", tenant, REALTIME, "m", prompt, max_new, 1e9)
+
+
+def test_demand_is_work_arriving_per_second_over_the_window() -> None:
+    """Prompt at half weight plus max_new_tokens, per second over the last 20 s; a tenant
+    that just began is judged on the time since it began (at least a second); a quiet
+    window forgets it."""
+    clock = Clock()
+    meter = DemandMeter(clock, window_s=20.0, prompt_weight=0.5)
+    for _ in range(40):  # 2 requests a second for 20 s, 110 weighted tokens each
+        meter.arrived(item("victim"))
+        clock.now += 0.5
+    assert meter.rate("m", REALTIME, "victim") == pytest.approx(220.0, rel=0.06)
+    meter.arrived(item("flood"))
+    assert meter.rate("m", REALTIME, "flood") == pytest.approx(110.0)  # over its first second
+    for _ in range(99):
+        meter.arrived(item("flood"))
+    clock.now += 2.0
+    assert meter.rate("m", REALTIME, "flood") == pytest.approx(100 * 110 / 2.0)
+    clock.now += 25.0
+    assert meter.rate("m", REALTIME, "victim") == 0.0
+    assert meter.slots("m", REALTIME, {"victim"}, token_s=0.0) is None  # no time per token yet
+
+
+def test_demand_counts_the_tokens_a_tenant_actually_uses() -> None:
+    """A tenant whose requests stop at a fifth of max_new_tokens is expected to keep doing so."""
+    clock = Clock()
+    meter = DemandMeter(clock, prompt_weight=0.5)
+    for _ in range(30):
+        meter.finished(item("chat", max_new=1000), generated=200)
+    clock.now += 30.0
+    meter.arrived(item("chat", max_new=1000, prompt=0))
+    assert meter.rate("m", REALTIME, "chat") == pytest.approx(200.0, rel=0.01)
+
+
+def test_a_light_tenant_keeps_its_headroom_through_its_own_burst() -> None:
+    """Weights 1:1 on 4 slots. The victim asks for one slot (its share is 2) but has held 2
+    for 8 s of a burst, so its 5-s average (1.6) is past its share less the margin: judged on
+    that average it loses its headroom in the middle of the burst and the flood takes the
+    free slot. Judged on its demand it keeps it; a tenant asking for its whole share does not."""
+    clock, shares = make({"flood": 1.0, "victim": 1.0})
+    start(shares, "victim", 2)
+    start(shares, "flood")
+    clock.now += 8.0
+    both = {"flood", "victim"}
+    assert shares.may_start("m", REALTIME, "flood", 4, 1, both, {"flood"})  # on its average
+    light = {"victim": 1.0, "flood": 20.0}
+    assert not shares.may_start("m", REALTIME, "flood", 4, 1, both, {"flood"}, light)
+    assert shares.may_start("m", REALTIME, "victim", 4, 1, both, {"flood", "victim"}, light)
+    heavy = {"victim": 2.0, "flood": 20.0}
+    assert shares.may_start("m", REALTIME, "flood", 4, 1, both, {"flood"}, heavy)
+
+
+def test_a_flood_that_begins_after_a_quiet_spell_gets_no_headroom() -> None:
+    """The flood held one slot on average (light by its use) and now asks for ten times its
+    share: judged on its demand it has no headroom to keep from the victim."""
+    clock, shares = make({"flood": 1.0, "victim": 1.0})
+    start(shares, "flood")
+    clock.now += 10.0
+    start(shares, "flood")  # holds its share of 2
+    both = {"flood", "victim"}
+    assert not shares.may_start("m", REALTIME, "victim", 4, 1, both, {"victim"})  # headroom
+    demand = {"flood": 20.0, "victim": 1.0}
+    assert shares.may_start("m", REALTIME, "victim", 4, 1, both, {"victim"}, demand)
