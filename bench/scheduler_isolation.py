@@ -12,14 +12,16 @@ from typing import Any
 from bench.scheduler_load import LoadSpec, OpenLoopSpec, load_process
 from bench.scheduler_report import isolation_ratio, open_loop_summary
 from bench.scheduler_suite import FLOODER, MODEL, VICTIM, WEIGHTS, BenchSuite
+from scheduler.shares import DEMAND_WINDOW_S
 
 CALM_LOAD = 0.25
 """Each isolation tenant's arrival rate in the calm phase, as a fraction of capacity."""
 FLOOD_MULTIPLE = 10.0
 """The flooder's arrival rate in the flood phase, as a multiple of its share of capacity."""
-SETTLE_AFTER_FLOOD_S = 8.0
-"""Idle time before a calm block that follows a flood block: longer than the scheduler's slot
-share usage window (5 s), so calm starts without the flooder's recent use on record."""
+SETTLE_AFTER_FLOOD_S = DEMAND_WINDOW_S + 1.0
+"""Idle time before a calm block that follows a flood block: longer than the windows over which
+the scheduler's slot shares remember a tenant's use (5 s) and demand (20 s), so calm starts
+without the flood on record."""
 
 
 async def measure_capacity(
