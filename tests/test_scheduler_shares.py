@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from scheduler.queues import REALTIME, QueuedRequest
@@ -162,40 +164,78 @@ def test_a_light_tenant_at_its_share_keeps_one_slot_of_burst_headroom() -> None:
     assert not busy.may_start("m", REALTIME, "victim", 4, 1, both, queued={"flood", "victim"})
 
 
+_ids = itertools.count()
+
+
 def item(tenant: str, max_new: int = 100, prompt: int = 20) -> QueuedRequest:
-    return QueuedRequest(f"{tenant}-{id(object())}", tenant, REALTIME, "m", prompt, max_new, 1e9)
+    return QueuedRequest(f"{tenant}-{next(_ids)}", tenant, REALTIME, "m", prompt, max_new, 1e9)
 
 
-def test_demand_is_work_arriving_per_second_over_the_window() -> None:
-    """Prompt at half weight plus max_new_tokens, per second over the last 20 s; a tenant
-    that just began is judged on the time since it began (at least a second); a quiet
-    window forgets it."""
+def test_demand_is_tokens_asked_for_per_second_over_the_window() -> None:
+    """A steady 2 requests a second of 100 new tokens each reads 200 tokens/s, prompts aside,
+    once the window has filled and from then on."""
     clock = Clock()
-    meter = DemandMeter(clock, window_s=20.0, prompt_weight=0.5)
-    for _ in range(40):  # 2 requests a second for 20 s, 110 weighted tokens each
-        meter.arrived(item("victim"))
+    meter = DemandMeter(clock, window_s=20.0)
+    for i in range(120):
+        meter.arrived(item("victim", prompt=500))
         clock.now += 0.5
-    assert meter.rate("m", REALTIME, "victim") == pytest.approx(220.0, rel=0.06)
-    meter.arrived(item("flood"))
-    assert meter.rate("m", REALTIME, "flood") == pytest.approx(110.0)  # over its first second
-    for _ in range(99):
+        if i >= 40:
+            assert meter.rate("m", REALTIME, "victim") == pytest.approx(200.0, rel=0.06)
+
+
+def test_a_sparse_tenant_reads_its_rate_over_the_whole_window() -> None:
+    """One request of 100 tokens every 5 s reads 20 tokens/s whatever the phase of the last
+    arrival, once the window has filled: the window is the divisor, not the time since the
+    oldest arrival in it."""
+    clock = Clock()
+    meter = DemandMeter(clock, window_s=20.0)
+    for i in range(20):
+        meter.arrived(item("sparse"))
+        for _ in range(5):
+            clock.now += 1.0
+            if i >= 4:
+                assert meter.rate("m", REALTIME, "sparse") == pytest.approx(20.0, rel=0.05)
+
+
+def test_a_flood_reads_past_its_share_within_a_tenth_of_the_window() -> None:
+    """A tenant that starts sending 10x what it had sent shows it at once: 100 requests in
+    2 s read as 500 tokens/s over the 20-s window."""
+    clock = Clock()
+    meter = DemandMeter(clock, window_s=20.0)
+    for _ in range(100):
         meter.arrived(item("flood"))
-    clock.now += 2.0
-    assert meter.rate("m", REALTIME, "flood") == pytest.approx(100 * 110 / 2.0)
-    clock.now += 25.0
+        clock.now += 0.02
+    assert meter.rate("m", REALTIME, "flood") == pytest.approx(500.0)
+
+
+def test_a_quiet_window_forgets_a_tenant() -> None:
+    clock = Clock()
+    meter = DemandMeter(clock, window_s=20.0)
+    meter.arrived(item("victim"))
+    clock.now += 21.5
     assert meter.rate("m", REALTIME, "victim") == 0.0
-    assert meter.slots("m", REALTIME, {"victim"}, token_s=0.0) is None  # no time per token yet
 
 
 def test_demand_counts_the_tokens_a_tenant_actually_uses() -> None:
     """A tenant whose requests stop at a fifth of max_new_tokens is expected to keep doing so."""
     clock = Clock()
-    meter = DemandMeter(clock, prompt_weight=0.5)
+    meter = DemandMeter(clock, window_s=20.0)
     for _ in range(30):
         meter.finished(item("chat", max_new=1000), generated=200)
-    clock.now += 30.0
-    meter.arrived(item("chat", max_new=1000, prompt=0))
-    assert meter.rate("m", REALTIME, "chat") == pytest.approx(200.0, rel=0.01)
+    meter.arrived(item("chat", max_new=1000))
+    assert meter.rate("m", REALTIME, "chat") == pytest.approx(200.0 / 20.0, rel=0.01)
+
+
+def test_demand_in_slots_waits_for_a_time_per_token() -> None:
+    """Slots are tokens per second times seconds per token; unknown until a node has one."""
+    clock = Clock()
+    meter = DemandMeter(clock, window_s=20.0)
+    for _ in range(40):
+        meter.arrived(item("victim"))
+        clock.now += 0.5
+    assert meter.slots("m", REALTIME, {"victim"}, token_s=0.0) is None
+    slots = meter.slots("m", REALTIME, {"victim"}, token_s=0.005)
+    assert slots is not None and slots["victim"] == pytest.approx(1.0, rel=0.06)
 
 
 def test_a_light_tenant_keeps_its_headroom_through_its_own_burst() -> None:
@@ -216,14 +256,15 @@ def test_a_light_tenant_keeps_its_headroom_through_its_own_burst() -> None:
     assert shares.may_start("m", REALTIME, "flood", 4, 1, both, {"flood"}, heavy)
 
 
-def test_a_flood_that_begins_after_a_quiet_spell_gets_no_headroom() -> None:
-    """The flood held one slot on average (light by its use) and now asks for ten times its
-    share: judged on its demand it has no headroom to keep from the victim."""
+def test_a_tenant_asking_for_ten_times_its_share_keeps_no_headroom() -> None:
+    """The flood has held one slot on average (light by its use) and now holds its share of
+    2: on its average it keeps a slot of headroom from the victim, on its demand (ten times
+    its share) it keeps none."""
     clock, shares = make({"flood": 1.0, "victim": 1.0})
     start(shares, "flood")
     clock.now += 10.0
-    start(shares, "flood")  # holds its share of 2
+    start(shares, "flood")
     both = {"flood", "victim"}
-    assert not shares.may_start("m", REALTIME, "victim", 4, 1, both, {"victim"})  # headroom
+    assert not shares.may_start("m", REALTIME, "victim", 4, 1, both, {"victim"})
     demand = {"flood": 20.0, "victim": 1.0}
     assert shares.may_start("m", REALTIME, "victim", 4, 1, both, {"victim"}, demand)
