@@ -39,7 +39,7 @@ scheduler, as child processes on free loopback ports (``bench.scheduler_suite``)
    weighs on both alike. Headline: the victim's TTFT p99 in flood over its p99 in calm
    (target ≤ 1.2), where a victim arrival that got no first token (refused, failed) counts as
    infinitely late. The flooder's outcomes (served, refused by reason) are reported with it.
-   Each phase lasts 300 s by default (about 540 victim requests): the p99 of a phase is set by
+   Each phase lasts 300 s by default (about 500 victim requests): the p99 of a phase is set by
    its few slowest requests, which come in clusters (a burst of the victim's own arrivals
    waiting for a slot, in either phase), so shorter phases measure chance more than the
    scheduler. On a discrete-event model of this load (``bench.isolation_model``: the real
@@ -418,7 +418,8 @@ def build_result(
 def cpu_loop_s(rounds: int = 5) -> float:
     """Seconds one fixed pure-Python loop takes on this process's CPU, best of ``rounds``:
     the machine's speed at the time, to compare runs by. On the shared 2-core test VM it
-    went from 0.17 to 0.25 s within a morning, and every latency measured here with it."""
+    took 0.05-0.06 s at most times and 0.11 s in a slow stretch, and every latency measured
+    here moved with it."""
     best = math.inf
     for _ in range(rounds):
         began = time.perf_counter()

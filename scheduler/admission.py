@@ -160,14 +160,16 @@ class ThroughputMeter:
 
 class RateMeter:
     """Cost per second recorded over a fixed trailing window (shorter while the meter is
-    younger than the window, never shorter than one second)."""
+    younger than the window, never shorter than one second). ``watched_since``: when it began
+    watching (default: now); a meter made on a first arrival but standing for a quiet window
+    before it passes a time at least a window back, and then always divides by the window."""
 
-    def __init__(self, clock: Clock, window_s: float) -> None:
+    def __init__(self, clock: Clock, window_s: float, watched_since: float | None = None) -> None:
         self._clock = clock
         self._window = window_s
         self._events: deque[tuple[float, float]] = deque()
         self._sum = 0.0
-        self._born = clock()
+        self._born = clock() if watched_since is None else watched_since
 
     def record(self, cost: float) -> None:
         """``cost`` arrived now."""

@@ -44,7 +44,7 @@ shared too, work-conservingly:
   flood. Offered load sees both right: the victim's bursts move its 20-s demand little, a
   flood moves the flooder's at once. (On a discrete-event model of the isolation load with
   the real queues and shares, ``python -m bench.isolation_model``, over 30 seeded 300-s
-  phases: the victim's p99 ratio flood/calm went from 0.69 / 0.82 / 1.06 to 0.66 / 0.80 /
+  phases: the victim's p99 ratio flood/calm went from 0.69 / 0.82 / 1.06 to 0.66 / 0.81 /
   0.95 at p10 / p50 / p90, and from 0.79 to 0.75 over 3000-s phases, the flooder's
   throughput unchanged. How often the victim waits for a slot barely moves: what goes are
   the long waits of a burst without its headroom.)
@@ -62,10 +62,10 @@ Synchronous and I/O-free, with an injected clock; the gate feeds it dispatches a
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
+from scheduler.admission import RateMeter
 from scheduler.queues import Clock, QueuedRequest
 
 DEMAND_WINDOW_S = 20.0
@@ -187,15 +187,16 @@ class DemandMeter:
     """Tokens each tenant asks a (model, class) to generate per second: the requests that
     reached admission over the last ``window_s`` (admitted or refused by it; refusals before
     it, such as quota or validation, and cache hits do not count), divided by the window.
+    One :class:`~scheduler.admission.RateMeter` per (model, class, tenant), as if it had
+    watched a quiet window before the tenant's first request.
 
     A request asks for ``max_new_tokens`` times the fraction of it the tenant's requests that
     ran to their end actually used (exponentially averaged; 1 until one has), so a chat
     tenant that asks for 1024 and stops after 200 is not taken for a heavy one. Prompts are
     left out: prefill holds a slot for a small part of a request's life, far less per token
     than decoding, so counting prompt tokens at the decode rate would make a tenant with long
-    prompts look many times heavier than it is. Arrivals sit in one-second buckets, at most
-    ``window_s + 1`` per key, so memory stays bounded whatever the request rate; keys whose
-    buckets have all aged out are swept every ``SWEEP_EVERY`` arrivals.
+    prompts look many times heavier than it is. Meters whose window has emptied are swept
+    every ``SWEEP_EVERY`` arrivals.
 
     Divided by the whole window, a flood shows at once (10x a tenant's share reads as its
     whole share within a tenth of the window) while a light tenant's burst moves its demand
@@ -210,24 +211,22 @@ class DemandMeter:
     def __init__(self, clock: Clock, window_s: float = DEMAND_WINDOW_S) -> None:
         self._clock = clock
         self.window_s = window_s
-        self._buckets: dict[tuple[str, int, str], deque[list[float]]] = {}
-        """``[second, tokens]`` per whole second with arrivals, oldest first, per key."""
+        self._meters: dict[tuple[str, int, str], RateMeter] = {}
         self._used_fraction: dict[tuple[str, int, str], float] = {}
         self._arrivals = 0
 
     def arrived(self, item: QueuedRequest) -> None:
         """``item`` came in (before admission decides)."""
         key = (item.model, item.workload_class, item.tenant)
-        tokens = item.max_new_tokens * self._used_fraction.get(key, 1.0)
-        second = math.floor(self._clock())
-        buckets = self._buckets.setdefault(key, deque())
-        if buckets and buckets[-1][0] == second:
-            buckets[-1][1] += tokens
-        else:
-            buckets.append([second, tokens])
+        meter = self._meters.get(key)
+        if meter is None:
+            quiet_since = self._clock() - self.window_s
+            meter = self._meters[key] = RateMeter(self._clock, self.window_s, quiet_since)
+        meter.record(item.max_new_tokens * self._used_fraction.get(key, 1.0))
         self._arrivals += 1
         if self._arrivals % self.SWEEP_EVERY == 0:
-            self._sweep()
+            for k in [k for k, m in self._meters.items() if m.rate() == 0.0]:
+                del self._meters[k]
 
     def finished(self, item: QueuedRequest, generated: int) -> None:
         """``item`` ran to its end having generated ``generated`` tokens."""
@@ -239,16 +238,8 @@ class DemandMeter:
 
     def rate(self, model: str, workload_class: int, tenant: str) -> float:
         """Tokens per second ``tenant`` has asked for over the window (0 when none)."""
-        buckets = self._buckets.get((model, workload_class, tenant))
-        if not buckets:
-            return 0.0
-        now = self._clock()
-        self._prune(buckets, now)
-        if not buckets:
-            return 0.0
-        # The oldest bucket may have begun up to a second before the window: count its span.
-        span = now - min(buckets[0][0], now - self.window_s)
-        return sum(b[1] for b in buckets) / span
+        meter = self._meters.get((model, workload_class, tenant))
+        return meter.rate() if meter is not None else 0.0
 
     def slots(
         self, model: str, workload_class: int, tenants: Collection[str], token_s: float
@@ -258,15 +249,3 @@ class DemandMeter:
         if token_s <= 0:
             return None
         return {t: self.rate(model, workload_class, t) * token_s for t in tenants}
-
-    def _prune(self, buckets: deque[list[float]], now: float) -> None:
-        horizon = now - self.window_s
-        while buckets and buckets[0][0] + 1.0 <= horizon:
-            buckets.popleft()
-
-    def _sweep(self) -> None:
-        now = self._clock()
-        for key in list(self._buckets):
-            self._prune(self._buckets[key], now)
-            if not self._buckets[key]:
-                del self._buckets[key]
