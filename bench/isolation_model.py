@@ -22,9 +22,11 @@ Tenants ``victim`` and ``flooder`` (weight 1 each) send seeded Poisson arrivals 
 ``bench.scheduler_load`` does: *calm*, both at 0.25 x capacity; *flood*, the flooder at 10 x
 its share (5 x capacity). For each seed it takes the victim's TTFT p99 in both phases and their
 ratio (the benchmark's headline), and prints the ratio's spread over the seeds (p10, p50, p90),
-how often it is at most 1.2, and the flooder's completed requests per second: for the slot
-shares' burst headroom judged on each tenant's demand (what the scheduler does) and on its 5-s
-average of slots held (what it did before; ``--policies``).
+how often it is at most 1.2, and the flooder's completed requests per second, for three forms
+of the slot shares' burst headroom (``--policies``): ``burst``, judged on each tenant's demand
+and covering a light tenant's whole queued burst (what the scheduler does); ``demand``, judged
+on demand, one slot; ``average``, judged on the 5-s average of slots held, one slot (what it
+did before).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from scheduler.shares import DemandMeter, SlotShares
 
 MODEL = "model"
 VICTIM, FLOODER = "victim", "flooder"
-POLICIES = ("demand", "average")
+POLICIES = ("burst", "demand", "average")
 
 
 @dataclass(frozen=True)
@@ -111,11 +113,13 @@ class Run:
         if free <= 0:
             return False
         active = self._active()
-        demand = None
-        if self.policy == "demand":
+        demand = waiting = None
+        if self.policy in ("burst", "demand"):
             demand = self.demand.slots(MODEL, REALTIME, active | {tenant}, self._token_s)
+        if self.policy == "burst":
+            waiting = {t: self.queues.depth(REALTIME, t) for t in active | {tenant}}
         return self.shares.may_start(
-            MODEL, REALTIME, tenant, self.node.slots, free, active, queued, demand
+            MODEL, REALTIME, tenant, self.node.slots, free, active, queued, demand, waiting
         )
 
     def _start(self, item: QueuedRequest) -> None:

@@ -219,11 +219,11 @@ class DispatchGate:
         chosen: dict[str, NodeHandle] = {}
         full: set[tuple[str, int]] = set()  # no room now: no room later in this pass either
         held_back: set[tuple[str, int, str]] = set()  # past its share: for this whole pass
-        # The candidates' capacity and (active tenants, tenants with requests queued) per
+        # The candidates' capacity and (active tenants, requests queued per tenant) per
         # (model, class), read once per pop (a booking changes them): the scan may look at
         # many queued items.
         views: dict[tuple[str, int], SlotView] = {}
-        sharing: dict[tuple[str, int], tuple[set[str], set[str]]] = {}
+        sharing: dict[tuple[str, int], tuple[set[str], dict[str, int]]] = {}
         demands: dict[tuple[str, int], dict[str, float] | None] = {}  # unchanged in a pass
 
         def placeable(item: QueuedRequest) -> bool:
@@ -239,14 +239,14 @@ class DispatchGate:
             if key not in sharing:
                 sharing[key] = (
                     self.admission.active(*key),
-                    set(self.queues.tenants_with_cost(item.workload_class, item.model)),
+                    self.queues.waiting(item.workload_class, item.model),
                 )
-            active, queued = sharing[key]
+            active, waiting = sharing[key]
             if key not in demands:
                 demands[key] = self._demand(key, active)
             demand = demands[key]
             if not self.shares.may_start(
-                *key, item.tenant, view.slots, view.free, active, queued, demand
+                *key, item.tenant, view.slots, view.free, active, waiting, demand, waiting
             ):
                 held_back.add((*key, item.tenant))  # the rest is kept for the others
                 return False
@@ -291,7 +291,7 @@ class DispatchGate:
         active = self.admission.active(*key)
         demand = self._demand(key, active | {item.tenant}) if active - {item.tenant} else None
         if not self.shares.may_start(
-            *key, item.tenant, view.slots, view.free, active, demand=demand
+            *key, item.tenant, view.slots, view.free, active, demand=demand, waiting={}
         ):
             return None
         node = self._nodes.pick(*key, affinity=item.affinity, need_room=True, among=view.candidates)

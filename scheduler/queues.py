@@ -160,6 +160,7 @@ class FairQueues:
         # Queued cost by (class, model) and by (class, model, tenant), for admission.
         self._cost: dict[tuple[int, str], float] = {}
         self._tenant_cost: dict[tuple[int, str, str], float] = {}
+        self._tenant_count: dict[tuple[int, str, str], int] = {}
         # Lower-class items with a finite start_by, earliest first; entries of items that
         # left the queue are dropped when they reach the top.
         self._promised: list[tuple[float, int, QueuedRequest]] = []
@@ -233,6 +234,11 @@ class FairQueues:
         self._tenant_cost[tkey] = self._tenant_cost.get(tkey, 0.0) + cost
         if sign < 0 and self._tenant_cost[tkey] <= 1e-9:
             del self._tenant_cost[tkey]
+        count = self._tenant_count.get(tkey, 0) + sign
+        if count > 0:
+            self._tenant_count[tkey] = count
+        else:
+            self._tenant_count.pop(tkey, None)
 
     # -- choosing ------------------------------------------------------------------------
 
@@ -352,6 +358,14 @@ class FairQueues:
         if tenant is None:
             return max(0.0, self._cost.get((workload_class, model), 0.0))
         return max(0.0, self._tenant_cost.get((workload_class, model, tenant), 0.0))
+
+    def waiting(self, workload_class: int, model: str) -> dict[str, int]:
+        """Requests queued per tenant in a class for a model (tenants with none left out)."""
+        return {
+            t: n
+            for (cls, m, t), n in self._tenant_count.items()
+            if cls == workload_class and m == model
+        }
 
     def tenants_with_cost(self, workload_class: int, model: str) -> dict[str, float]:
         """Queued weighted tokens per tenant in a class for a model."""

@@ -282,7 +282,9 @@ def test_cancel_removes_at_once_and_updates_costs() -> None:
     assert queues.cancel(a.request_id) is None
     assert queues.depth(REALTIME, "a") == 1
     assert queues.queued_cost(REALTIME, "m") == 15.0
+    assert queues.waiting(REALTIME, "m") == {"a": 1}
     assert queues.pop(always) is b
+    assert queues.waiting(REALTIME, "m") == {}
 
 
 # -- admission -------------------------------------------------------------------------------

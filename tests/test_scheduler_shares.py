@@ -268,3 +268,65 @@ def test_a_tenant_asking_for_ten_times_its_share_keeps_no_headroom() -> None:
     assert not shares.may_start("m", REALTIME, "victim", 4, 1, both, {"victim"})
     demand = {"flood": 20.0, "victim": 1.0}
     assert shares.may_start("m", REALTIME, "victim", 4, 1, both, {"victim"}, demand)
+
+
+def test_a_light_tenants_queued_burst_takes_every_slot_that_frees() -> None:
+    """Weights 1:1 on 4 slots, the flood asking for ten times its share. The victim, light by
+    demand, is in a burst: it holds 3 (its share and the slot of headroom) with 3 more queued.
+    Told how many wait, its headroom covers the whole queued burst: a slot the flood's request
+    gives back goes to the victim, not back to the flood (whose share it is), and the flood
+    waits until the burst has drained. Without the counts the victim stops at one slot past
+    its share and its burst waits for its own requests to end."""
+    clock, shares = make({"flood": 1.0, "victim": 1.0})
+    start(shares, "victim")
+    start(shares, "flood")
+    clock.now += 10.0  # victim averaged 1, flood 1
+    start(shares, "victim", 2)  # 3 held: its share of 2 and the headroom
+    both = {"flood", "victim"}
+    demand = {"victim": 1.0, "flood": 20.0}
+    burst = {"victim": 3, "flood": 5}
+    assert shares.may_start("m", REALTIME, "victim", 4, 1, both, burst, demand, burst)
+    assert not shares.may_start("m", REALTIME, "flood", 4, 1, both, burst, demand, burst)
+    assert not shares.may_start("m", REALTIME, "victim", 4, 1, both, burst, demand)
+    assert shares.may_start("m", REALTIME, "flood", 4, 1, both, burst, demand)
+
+    drained = {"flood": 5}  # the victim's queue is empty again: one slot of headroom as before
+    start(shares, "victim")  # 4 held
+    shares.ended("m", REALTIME, "victim")
+    shares.ended("m", REALTIME, "victim")  # 2 held, its share: one free slot stays its own
+    assert not shares.may_start("m", REALTIME, "flood", 4, 1, both, drained, demand, drained)
+    assert shares.may_start("m", REALTIME, "flood", 4, 2, both, drained, demand, drained)
+
+
+def test_a_tenant_asking_for_its_share_gets_no_burst_past_it() -> None:
+    """A tenant whose demand is its whole share is not light: however many it has queued,
+    it keeps to its share and the other's reserve."""
+    clock, shares = make({"flood": 1.0, "victim": 1.0})
+    start(shares, "victim", 2)
+    start(shares, "flood")
+    clock.now += 10.0
+    both = {"flood", "victim"}
+    demand = {"victim": 2.0, "flood": 2.0}
+    waiting = {"victim": 6, "flood": 1}
+    assert not shares.may_start("m", REALTIME, "victim", 4, 1, both, waiting, demand, waiting)
+    assert shares.may_start("m", REALTIME, "flood", 4, 1, both, waiting, demand, waiting)
+
+
+def test_a_queued_burst_does_not_hold_a_light_tenant_below_its_share() -> None:
+    """Two tenants that both read light (each just started, its demand still low) and both
+    have requests queued: one past its share with a queued burst keeps its slot of headroom
+    from the other, but not the rest of its burst, as it does from a heavy tenant (the 2:1
+    fairness load's first seconds)."""
+    _clock, shares = make({"A": 2.0, "B": 1.0})
+    start(shares, "A", 2)  # A's share of 4 slots is 2.67: it holds 2 of the 3 taken
+    start(shares, "B")
+    both = {"A", "B"}
+    demand = {"A": 0.2, "B": 0.1}
+    waiting = {"A": 8, "B": 8}
+    start(shares, "A")  # A holds 3, B 1: none free
+    shares.ended("m", REALTIME, "B")  # one frees
+    assert not shares.may_start("m", REALTIME, "B", 4, 1, both, waiting, demand, waiting)
+    assert shares.may_start("m", REALTIME, "A", 4, 1, both, waiting, demand, waiting)
+    assert shares.may_start("m", REALTIME, "B", 4, 2, both, waiting, demand, waiting)
+    heavy_b = {"A": 0.2, "B": 5.0}
+    assert not shares.may_start("m", REALTIME, "B", 4, 2, both, waiting, heavy_b, waiting)
