@@ -57,7 +57,7 @@ bench-node-start: $(STAMP)
 	$(PY) -m bench.node_start
 
 # Scheduler figures on the real suite (tiny model): overhead, refusal latency, 2:1 fairness,
-# isolation under a 10x flood (~14 min).
+# isolation under a 10x flood (~17 min).
 .PHONY: bench-scheduler
 bench-scheduler: $(STAMP)
 	$(PY) -m bench.scheduler

@@ -282,6 +282,7 @@ def test_a_light_tenants_queued_burst_takes_every_slot_that_frees() -> None:
     start(shares, "flood")
     clock.now += 10.0  # victim averaged 1, flood 1
     start(shares, "victim", 2)  # 3 held: its share of 2 and the headroom
+    shares.ended("m", REALTIME, "flood")  # the flood's request ends: one slot frees
     both = {"flood", "victim"}
     demand = {"victim": 1.0, "flood": 20.0}
     burst = {"victim": 3, "flood": 5}
@@ -330,3 +331,42 @@ def test_a_queued_burst_does_not_hold_a_light_tenant_below_its_share() -> None:
     assert shares.may_start("m", REALTIME, "B", 4, 2, both, waiting, demand, waiting)
     heavy_b = {"A": 0.2, "B": 5.0}
     assert not shares.may_start("m", REALTIME, "B", 4, 2, both, waiting, heavy_b, waiting)
+
+
+def test_a_flood_that_still_reads_light_keeps_its_burst_off_a_light_tenants_share() -> None:
+    """A flood's first seconds: its demand still reads light. Holding its share of 2 it takes
+    its one slot of headroom; past that its queued burst may not take the slot the victim
+    (light, below its share, one request queued) is owed, though it would pass the reserve of
+    a tenant that asks for more than its share."""
+    clock, shares = make({"flood": 1.0, "victim": 1.0})
+    start(shares, "victim")
+    start(shares, "flood", 2)
+    clock.now += 1.0
+    both = {"flood", "victim"}
+    demand = {"victim": 1.0, "flood": 0.8}
+    waiting = {"victim": 1, "flood": 5}
+    assert shares.may_start("m", REALTIME, "flood", 4, 1, both, waiting, demand, waiting)
+    start(shares, "flood")  # 3 held: its headroom is used
+    shares.ended("m", REALTIME, "victim")  # a victim request ends
+    start(shares, "victim")  # the next starts: 1 held, 1 more queued
+    shares.ended("m", REALTIME, "flood")
+    start(shares, "flood")  # the flood's slot turned over: 3 held, one slot frees now
+    assert not shares.may_start("m", REALTIME, "flood", 4, 1, both, waiting, demand, waiting)
+    assert shares.may_start("m", REALTIME, "victim", 4, 1, both, waiting, demand, waiting)
+    heavy_victim = {"victim": 3.0, "flood": 0.8}
+    assert shares.may_start("m", REALTIME, "flood", 4, 1, both, waiting, heavy_victim, waiting)
+
+
+def test_without_counts_a_light_tenant_past_its_headroom_keeps_to_the_reserves() -> None:
+    """Without ``waiting`` the rule is the one-slot headroom it was: a light tenant holding its
+    share and the headroom slot waits for the others' reserve, however much it asks less."""
+    clock, shares = make({"flood": 1.0, "victim": 1.0})
+    start(shares, "victim")
+    start(shares, "flood")
+    clock.now += 10.0
+    start(shares, "victim", 2)  # 3: share and headroom
+    shares.ended("m", REALTIME, "flood")  # one slot frees
+    both = {"flood", "victim"}
+    demand = {"victim": 0.5, "flood": 20.0}
+    assert not shares.may_start("m", REALTIME, "victim", 4, 1, both, {"flood"}, demand)
+    assert shares.may_start("m", REALTIME, "victim", 4, 1, both, {"flood"}, demand, {})
