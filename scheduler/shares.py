@@ -201,13 +201,14 @@ class SlotShares:
             return min(share(t), peak + 1), 0, 0
 
         def pending(t: str) -> int:
-            return waiting.get(t, 0) if waiting is not None else 0
+            return max(0, waiting.get(t, 0)) if waiting is not None else 0
 
         mine = held.get(tenant, _Holding())
-        _, own_headroom, own_extra = wanted(tenant, mine, max(0, pending(tenant)) or 1)
+        # Its own request counts as waiting even when it is not queued (the gate's fast path).
+        _, own_headroom, own_extra = wanted(tenant, mine, pending(tenant) or 1)
         if waiting is None:
             own_extra = 0
-        claims = {t: wanted(t, held.get(t, _Holding()), max(0, pending(t))) for t in others}
+        claims = {t: wanted(t, held.get(t, _Holding()), pending(t)) for t in others}
         if mine.running + 1 <= math.ceil(share(tenant)):
             # Within its share: always, except into another light tenant's burst headroom,
             # and (for a tenant that is not light itself) into a light tenant's queued burst.
