@@ -117,7 +117,7 @@ class Run:
         if self.policy in ("burst", "demand"):
             demand = self.demand.slots(MODEL, REALTIME, active | {tenant}, self._token_s)
         if self.policy == "burst":
-            waiting = {t: self.queues.depth(REALTIME, t) for t in active | {tenant}}
+            waiting = self.queues.waiting(REALTIME, MODEL)  # as the gate reads it
         return self.shares.may_start(
             MODEL, REALTIME, tenant, self.node.slots, free, active, queued, demand, waiting
         )

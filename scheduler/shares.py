@@ -176,53 +176,49 @@ class SlotShares:
         def share(t: str) -> float:
             return slots * max(self._weight(t), 1e-6) / total
 
-        def light(t: str, h: _Holding) -> bool:
-            """``t`` asks for less than its share by the margin and has not been borrowing."""
-            average = h.averaged(now, self._window)
-            if average > share(t):
-                return False
-            asks = demand.get(t, average) if demand is not None else average
-            return asks + self.burst_margin <= share(t)
-
-        def wanted(t: str, h: _Holding, pending: int) -> tuple[float, int, int]:
+        def wanted(t: str, h: _Holding, pending: int) -> tuple[float, int, int, bool]:
             """Slots ``t`` is likely to need next (held ones included); of them, its slot of
-            burst headroom past its share, and the further slots its queued burst needs
-            (``pending``: its requests waiting for one)."""
+            burst headroom past its share and the further slots its queued burst needs
+            (``pending``: its requests waiting for one); and whether it is light (asks for
+            less than its share by the margin and has not been borrowing)."""
             cap = math.ceil(share(t))
-            if h.running + 1 > cap and light(t, h):
+            average = h.averaged(now, self._window)
+            borrowing = average > share(t)
+            asks = demand.get(t, average) if demand is not None else average
+            light = not borrowing and asks + self.burst_margin <= share(t)
+            if h.running + 1 > cap and light:
                 # Burst headroom, paid for by the share it leaves unused: one slot for its
                 # next arrival, and as many more as its queued burst needs.
                 headroom = max(0, cap + 1 - max(h.running, cap))
                 need = max(cap + 1, h.running + pending)
-                return need, headroom, need - max(h.running, cap) - headroom
-            if h.averaged(now, self._window) > share(t):
-                return h.running, 0, 0  # it has been borrowing: it has no slots to claim back
+                return need, headroom, need - max(h.running, cap) - headroom, True
+            if borrowing:
+                return h.running, 0, 0, False  # it has no slots to claim back
             peak = h.peak if now - h.peak_at <= self._window else h.running
-            return min(share(t), peak + 1), 0, 0
+            return min(share(t), peak + 1), 0, 0, light
 
         def pending(t: str) -> int:
             return max(0, waiting.get(t, 0)) if waiting is not None else 0
 
         mine = held.get(tenant, _Holding())
         # Its own request counts as waiting even when it is not queued (the gate's fast path).
-        _, own_headroom, own_extra = wanted(tenant, mine, pending(tenant) or 1)
-        if waiting is None:
-            own_extra = 0
+        _, own_headroom, own_extra, own_light = wanted(tenant, mine, pending(tenant) or 1)
         claims = {t: wanted(t, held.get(t, _Holding()), pending(t)) for t in others}
         if mine.running + 1 <= math.ceil(share(tenant)):
             # Within its share: always, except into another light tenant's burst headroom,
             # and (for a tenant that is not light itself) into a light tenant's queued burst.
-            bursts = sum(headroom for _, headroom, _ in claims.values())
-            if not light(tenant, mine):
-                bursts += sum(extra for _, _, extra in claims.values())
+            bursts = sum(headroom for _, headroom, _, _ in claims.values())
+            if not own_light:
+                bursts += sum(extra for _, _, extra, _ in claims.values())
             return bursts == 0 or free - 1 >= bursts
         if own_headroom > 0:
             return free >= 1  # its own slot of burst headroom: kept for it
-        lights = {t for t in others if light(t, held.get(t, _Holding()))} if own_extra > 0 else None
+        # A light tenant's queued burst passes the reserves of heavier tenants.
+        own_burst = waiting is not None and own_extra > 0
         reserve = 0.0
-        for t, (want, _, _) in claims.items():
-            if lights is not None and t not in lights:
-                continue  # a light tenant's queued burst passes a heavier tenant's reserve
+        for t, (want, _, _, light) in claims.items():
+            if own_burst and not light:
+                continue
             whole = math.floor(want) if t in queued else want
             reserve += max(0.0, whole - held.get(t, _Holding()).running)
         return free - 1 >= reserve
