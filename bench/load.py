@@ -383,7 +383,7 @@ def _default_endpoint(target: str) -> str | None:
     env = os.environ.get("SLUICE_ENDPOINTS", "").split(",")[0].strip()
     if env:
         return env
-    from sluice.up import read_endpoints  # noqa: PLC0415 - only for a local `sluice up`
+    from sluice.local.rundir import read_endpoints  # noqa: PLC0415 - only for a local `sluice up`
 
     try:
         return str(read_endpoints(Path(".sluice"))["scheduler"]["grpc"])
@@ -392,7 +392,7 @@ def _default_endpoint(target: str) -> str | None:
 
 
 def _default_key() -> str | None:
-    from sluice.up import dev_api_key  # noqa: PLC0415 - only for a local `sluice up`
+    from sluice.local.rundir import dev_api_key  # noqa: PLC0415 - only for a local `sluice up`
 
     return os.environ.get("SLUICE_API_KEY") or dev_api_key(Path(".sluice"))
 

@@ -19,8 +19,8 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from bench.load_scenario import CLASSES, PlannedRequest
-from sluice.client import AsyncClient, SluiceRpcError
-from sluice.errors import STATUS_DETAILS_METADATA, unpack_details
+from sluice import AsyncClient, SluiceRpcError
+from sluice.runtime.errors import STATUS_DETAILS_METADATA, unpack_details
 from sluice.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 TARGETS = ("sluice", "naive")

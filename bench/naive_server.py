@@ -36,10 +36,10 @@ from prometheus_client import CollectorRegistry
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from sluice.errors import InvalidArgument
-from sluice.runner import lower_cpu_priority
-from sluice.server import GrpcServer, ServerOptions
-from sluice.telemetry import configure_logging
+from sluice.runtime.errors import InvalidArgument
+from sluice.runtime.runner import lower_cpu_priority
+from sluice.runtime.server import GrpcServer, ServerOptions
+from sluice.runtime.telemetry import configure_logging
 from sluice.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 log = structlog.get_logger("naive_server")

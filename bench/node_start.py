@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sluice.stores import environment_without_proxies, etcd_process, free_port
+from sluice.local.stores import environment_without_proxies, etcd_process, free_port
 
 TARGET_S = 5.0
 

@@ -62,9 +62,9 @@ from bench.overload_report import (
     render_text,
     write_outputs,
 )
-from sluice.auth import hash_api_key, new_api_key
-from sluice.stores import environment_without_proxies, free_port
-from sluice.up import Supervisor, UpConfig, wait_serving
+from sluice.local.stores import environment_without_proxies, free_port
+from sluice.local.up import Supervisor, UpConfig, wait_serving
+from sluice.runtime.auth import hash_api_key, new_api_key
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SCENARIO = REPO_ROOT / "bench" / "scenarios" / "overload.yaml"

@@ -4,7 +4,8 @@
 no authentication, no quota, no admission, no log line).
 
 ``bench.scheduler`` starts it as a child process beside the scheduler, on the same CPUs and the
-same event loop (``sluice.runner.run_loop``) and gRPC I/O engine (``sluice.grpc_io``), and
+same event loop (``sluice.runtime.runner.run_loop``) and gRPC I/O engine
+(``sluice.runtime.grpc_io``), and
 times refusals from it with the scheduler's own probes, in the same phases. What a refusal
 costs here is what the client's and the server's gRPC stacks and the machine cost, so the
 scheduler's refusals can be read against it.
@@ -16,16 +17,16 @@ import argparse
 import sys
 from collections.abc import AsyncIterator, Sequence
 
-from sluice import grpc_io
+from sluice.runtime import grpc_io
 
 grpc_io.configure()  # before grpc loads, as every service does: the same gRPC I/O engine
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from sluice.errors import ResourceExhausted
-from sluice.runner import run_loop, settle_heap
-from sluice.server import wait_for_signal
+from sluice.runtime.errors import ResourceExhausted
+from sluice.runtime.runner import run_loop, settle_heap
+from sluice.runtime.server import wait_for_signal
 from sluice.v1 import inference_pb2, inference_pb2_grpc
 
 REFUSAL = ResourceExhausted(

@@ -102,7 +102,7 @@ from bench.scheduler_suite import (
     WEIGHTS,
     BenchSuite,
 )
-from sluice.runner import settle_heap
+from sluice.runtime.runner import settle_heap
 from sluice.sdk.errors import QuotaExceeded, from_rpc_error
 from sluice.v1 import inference_pb2, inference_pb2_grpc, node_pb2, node_pb2_grpc
 

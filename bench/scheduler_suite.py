@@ -23,10 +23,10 @@ from typing import IO
 import grpc
 import yaml
 
-from sluice.auth import hash_api_key, new_api_key
-from sluice.stores import StoreProcess, environment_without_proxies, etcd_process, free_port
-from sluice.stores import redis_process as redis_store
-from sluice.up import UpConfig, wait_serving
+from sluice.local.stores import StoreProcess, environment_without_proxies, etcd_process, free_port
+from sluice.local.stores import redis_process as redis_store
+from sluice.local.up import UpConfig, wait_serving
+from sluice.runtime.auth import hash_api_key, new_api_key
 from sluice.v1 import admin_pb2, admin_pb2_grpc
 
 HOST = "127.0.0.1"

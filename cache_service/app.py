@@ -8,7 +8,7 @@ from cache_service.cache import ResponseCache
 from cache_service.config import CacheSettings
 from cache_service.server import CacheMetrics, CacheServicer
 from cache_service.store import RedisStore, fail_fast_redis
-from sluice.server import GrpcServer
+from sluice.runtime.server import GrpcServer
 from sluice.v1 import cache_pb2, cache_pb2_grpc
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import structlog
 
 from cache_service.store import KeyValueStore, StoreUnavailable
-from sluice.cache_keys import cache_key, invalidation_pattern, is_cacheable
+from sluice.runtime.cache_keys import cache_key, invalidation_pattern, is_cacheable
 from sluice.v1 import cache_pb2, inference_pb2
 
 log = structlog.get_logger(__name__)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sluice.settings import ServiceSettings
+from sluice.runtime.settings import ServiceSettings
 
 
 class CacheSettings(ServiceSettings):

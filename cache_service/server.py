@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from cache_service.cache import ResponseCache
 from cache_service.store import StoreUnavailable
-from sluice.errors import InvalidArgument, Unavailable
+from sluice.runtime.errors import InvalidArgument, Unavailable
 from sluice.v1 import cache_pb2, cache_pb2_grpc, inference_pb2
 
 

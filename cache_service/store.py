@@ -16,7 +16,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from sluice.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from sluice.runtime.breaker import BreakerConfig, BreakerState, CircuitBreaker
 
 log = structlog.get_logger(__name__)
 R = TypeVar("R")

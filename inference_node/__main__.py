@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 
-from sluice import grpc_io
+from sluice.runtime import grpc_io
 
 grpc_io.configure()  # before grpc loads: the engine is read once
 
@@ -22,9 +22,9 @@ from prometheus_client import CollectorRegistry
 from inference_node.app import NodeService, default_engine, load_models
 from inference_node.config import NodeSettings
 from inference_node.engine import run_with_engine
-from sluice.runner import lower_cpu_priority, run_loop, settle_heap
-from sluice.settings import parse_settings
-from sluice.telemetry import MetricsServer, configure_logging
+from sluice.runtime.runner import lower_cpu_priority, run_loop, settle_heap
+from sluice.runtime.settings import parse_settings
+from sluice.runtime.telemetry import MetricsServer, configure_logging
 
 log = structlog.get_logger("inference_node")
 

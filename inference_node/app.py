@@ -29,8 +29,9 @@ from inference_node.models import (
 )
 from inference_node.server import NodeServicer
 from sluice import __version__
-from sluice.registry import NODES_PREFIX, Registration, etcd_client
-from sluice.server import GrpcServer
+from sluice.contract import NODES_PREFIX
+from sluice.runtime.registry import Registration, etcd_client
+from sluice.runtime.server import GrpcServer
 from sluice.v1 import common_pb2, node_pb2, node_pb2_grpc
 
 log = structlog.get_logger(__name__)

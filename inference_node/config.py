@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from sluice.settings import ServiceSettings
+from sluice.runtime.settings import ServiceSettings
 
 
 def _default_cache_dir() -> Path:

@@ -23,7 +23,7 @@ from inference_node.engine.types import (
 from inference_node.gpu import GpuProbe
 from inference_node.metrics import NodeMetrics
 from inference_node.models import Embedder, LanguageModel
-from sluice.errors import InvalidArgument, ResourceExhausted, Unavailable
+from sluice.runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
 from sluice.v1 import common_pb2, inference_pb2, node_pb2, node_pb2_grpc
 
 log = structlog.get_logger(__name__)

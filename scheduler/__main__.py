@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from sluice import grpc_io
+from sluice.runtime import grpc_io
 
 grpc_io.configure()  # before grpc loads: the engine is read once
 
@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry
 
 from scheduler.app import SchedulerService
 from scheduler.config import SchedulerSettings
-from sluice.runner import run_loop, run_service
-from sluice.settings import parse_settings
+from sluice.runtime.runner import run_loop, run_service
+from sluice.runtime.settings import parse_settings
 
 
 def main(argv: list[str]) -> None:

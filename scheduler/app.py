@@ -22,9 +22,10 @@ from scheduler.server import AdminServicer, InferenceServicer, JobsServicer, Mod
 from scheduler.tenants import TenantDirectory
 from scheduler.usage import UsageBook
 from sluice import __version__
-from sluice.breaker import BreakerConfig
-from sluice.registry import NODES_PREFIX, SCHEDULERS_PREFIX, PrefixView, Registration, etcd_client
-from sluice.server import GrpcServer
+from sluice.contract import NODES_PREFIX, SCHEDULERS_PREFIX
+from sluice.runtime.breaker import BreakerConfig
+from sluice.runtime.registry import PrefixView, Registration, etcd_client
+from sluice.runtime.server import GrpcServer
 from sluice.v1 import (
     admin_pb2,
     admin_pb2_grpc,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sluice.settings import ServiceSettings
+from sluice.runtime.settings import ServiceSettings
 
 
 class ModelSpec(BaseModel):

@@ -21,8 +21,8 @@ import structlog
 from scheduler.metrics import SchedulerMetrics
 from scheduler.nodes import NodeDirectory, NodeHandle
 from scheduler.routing import RetryBudget
-from sluice import context
-from sluice.errors import DeadlineExceeded, RemoteError, Unavailable
+from sluice.runtime import context
+from sluice.runtime.errors import DeadlineExceeded, RemoteError, Unavailable
 from sluice.v1 import inference_pb2, node_pb2
 
 log = structlog.get_logger(__name__)

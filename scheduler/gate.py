@@ -27,7 +27,7 @@ from scheduler.nodes import NodeDirectory, NodeHandle, SlotView
 from scheduler.queues import Clock, FairQueues, QueueConfig, QueuedRequest, QueueFull, class_name
 from scheduler.shares import DemandMeter, SlotShares
 from scheduler.tenants import TenantDirectory
-from sluice.errors import DeadlineExceeded, ResourceExhausted, SluiceError, Unavailable
+from sluice.runtime.errors import DeadlineExceeded, ResourceExhausted, SluiceError, Unavailable
 from sluice.v1 import inference_pb2
 
 log = structlog.get_logger(__name__)

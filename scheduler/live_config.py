@@ -3,7 +3,7 @@
 The value is the tenants document (YAML or JSON, the schema of the tenants file). A valid
 value replaces every tenant at once; an invalid one is logged (``tenant_config_invalid``) and
 ignored, keeping the last good set; deleting the key returns to the tenants file. The watch
-is :class:`sluice.registry.PrefixView`, so it survives etcd restarts and resynchronises.
+is :class:`sluice.runtime.registry.PrefixView`, so it survives etcd restarts and resynchronises.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import yaml
 
 from scheduler.metrics import SchedulerMetrics
 from scheduler.tenants import Tenant, TenantDirectory, parse_tenants
-from sluice.registry import PrefixView
+from sluice.runtime.registry import PrefixView
 
 log = structlog.get_logger(__name__)
 

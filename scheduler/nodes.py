@@ -1,6 +1,6 @@
 """The scheduler's live view of inference nodes and the choice of one for a request.
 
-Nodes come from the etcd registry (:class:`sluice.registry.PrefixView`). For each node the
+Nodes come from the etcd registry (:class:`sluice.runtime.registry.PrefixView`). For each node the
 directory keeps a gRPC channel, follows its ``grpc.health.v1`` status and its load stream, and
 keeps a :class:`scheduler.routing.LoadBook` (last report + what this scheduler sent since). A
 node is a candidate when it is registered, ``SERVING`` in the registry, its health check and
@@ -27,8 +27,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from scheduler.admission import ThroughputMeter
 from scheduler.routing import AffinityTable, LoadBook, OutlierDetector, power_of_two
-from sluice.breaker import BreakerConfig, BreakerState, CircuitBreaker
-from sluice.registry import PrefixView
+from sluice.runtime.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from sluice.runtime.registry import PrefixView
 from sluice.v1 import common_pb2, node_pb2, node_pb2_grpc
 
 log = structlog.get_logger(__name__)

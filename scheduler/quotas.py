@@ -47,8 +47,8 @@ from redis.retry import Retry
 
 from scheduler.metrics import SchedulerMetrics
 from scheduler.tenants import Quotas, Tenant
-from sluice.breaker import BreakerConfig, CircuitBreaker
-from sluice.errors import ResourceExhausted, Unavailable
+from sluice.runtime.breaker import BreakerConfig, CircuitBreaker
+from sluice.runtime.errors import ResourceExhausted, Unavailable
 
 log = structlog.get_logger(__name__)
 

@@ -30,9 +30,15 @@ from scheduler.quotas import Lease, QuotaCheck, QuotaGate
 from scheduler.tenants import Tenant, TenantDirectory
 from scheduler.usage import TenantCounters, UsageBook
 from scheduler.validation import validate_embed, validate_generate
-from sluice import context
-from sluice.cache_keys import is_cacheable
-from sluice.errors import NotFound, PermissionDenied, SluiceError, Unauthenticated, Unimplemented
+from sluice.runtime import context
+from sluice.runtime.cache_keys import is_cacheable
+from sluice.runtime.errors import (
+    NotFound,
+    PermissionDenied,
+    SluiceError,
+    Unauthenticated,
+    Unimplemented,
+)
 from sluice.v1 import (
     admin_pb2,
     admin_pb2_grpc,

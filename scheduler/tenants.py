@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sluice.auth import HASH_SCHEME, hash_api_key, key_matches
+from sluice.runtime.auth import HASH_SCHEME, hash_api_key, key_matches
 from sluice.v1 import common_pb2
 
 CLASS_NAMES = {

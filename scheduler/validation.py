@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from scheduler.config import ModelSpec
 from scheduler.tenants import Tenant
-from sluice.errors import InvalidArgument, PermissionDenied
+from sluice.runtime.errors import InvalidArgument, PermissionDenied
 from sluice.v1 import common_pb2, inference_pb2
 
 MAX_STOP_STRINGS = 8

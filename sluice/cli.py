@@ -9,7 +9,6 @@ development key `sluice up` wrote.
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import time
@@ -23,15 +22,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from sluice.demo import print_endpoints, run_demo
+from sluice.local.rundir import dev_api_key, read_endpoints
 from sluice.sdk import Client, SluiceRpcError
 from sluice.sdk.endpoints import API_KEY_ENV, ENDPOINTS_ENV, ETCD_ENDPOINTS_ENVS
-from sluice.up import Supervisor, UpConfig, dev_api_key, read_endpoints
 from sluice.v1 import admin_pb2
 
 app = typer.Typer(help="Sluice: keep a model-serving fleet answering under overload.")
-bench_app = typer.Typer(help="Benchmarks against a running suite.")
-app.add_typer(bench_app, name="bench")
 console = Console()
 err = Console(stderr=True)
 
@@ -119,16 +115,19 @@ def up(
     ] = None,
     port: Annotated[int, typer.Option(help="Scheduler port (0: a free one).")] = 0,
     node_nice: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=0,
             max=19,
             help="Nice increment of each node: model compute yields the CPU to "
-            "the scheduler and stores on this machine (0: same priority).",
+            "the scheduler and stores on this machine (0: same priority; default 10).",
         ),
-    ] = UpConfig.node_cpu_nice,
+    ] = None,
 ) -> None:
     """Start etcd, Redis, the cache, N nodes and the scheduler; stop all on Ctrl-C/SIGTERM."""
+    from sluice.local.demo import print_endpoints  # noqa: PLC0415 - needs the server extra
+    from sluice.local.up import Supervisor, UpConfig  # noqa: PLC0415 - needs the server extra
+
     config = UpConfig(
         run_dir=run_dir,
         nodes=nodes,
@@ -138,8 +137,9 @@ def up(
         dtype=dtype,
         max_sequences=max_sequences,
         scheduler_port=port,
-        node_cpu_nice=node_nice,
     )
+    if node_nice is not None:
+        config.node_cpu_nice = node_nice
     sup = Supervisor(config, say=lambda m: console.print(f"[dim]{m}[/dim]"))
     stop_requested = False
 
@@ -257,7 +257,7 @@ def tenants(
     run_dir: RunDir = DEFAULT_RUN_DIR,
 ) -> None:
     """Tenant usage as the scheduler counted it (Admin.GetTenantUsage)."""
-    from sluice.top import Sample, tenants_table  # noqa: PLC0415 - only this command needs it
+    from sluice.local.top import Sample, tenants_table  # noqa: PLC0415 - only this command needs it
 
     with _rpc_errors(), _connect(endpoint, api_key, run_dir) as client:
         usage = [client.get_tenant_usage(name) for name in tenant or [""]]
@@ -281,7 +281,7 @@ def top(
 
     --once: two samples --interval apart (for rates), one frame, exit 1 without a scheduler.
     """
-    from sluice.top import collect, render  # noqa: PLC0415 - only this command needs it
+    from sluice.local.top import collect, render  # noqa: PLC0415 - only this command needs it
 
     address = _endpoint(endpoint, run_dir)
     metrics = metrics or _run_dir_metrics(address, run_dir)
@@ -320,46 +320,14 @@ def _run_dir_metrics(address: str | None, run_dir: Path) -> str | None:
     return scheduler.get("metrics")
 
 
-@bench_app.command("load")
-def bench_load(
-    scenario: Annotated[Path, typer.Argument(help="Scenario YAML.")],
-    target: Annotated[str, typer.Option(help="sluice or naive.")] = "sluice",
-    endpoint: Endpoint = None,
-    api_key: ApiKey = None,
-    out: Annotated[Path | None, typer.Option(help="Where to write the results.")] = None,
-    duration_s: Annotated[
-        float | None, typer.Option("--duration-s", help="Override the scenario's duration.")
-    ] = None,
-    run_dir: RunDir = DEFAULT_RUN_DIR,
-) -> None:
-    """Open-loop load from a scenario against a running target (bench/load.py)."""
-    if target == "sluice":
-        if endpoint is None and not os.environ.get(ENDPOINTS_ENV):
-            endpoint = _run_dir_scheduler(run_dir)
-        api_key = _api_key(api_key, run_dir)
-    try:
-        # Imported on use: the benchmark is part of the repository, not of the installed CLI.
-        load = importlib.import_module("bench.load")
-    except ImportError as exc:
-        err.print(f"[red]the benchmark is not available here ({exc}); run from the repository")
-        raise typer.Exit(2) from None
-    code = load.cli_main(
-        scenario=scenario,
-        target=target,
-        endpoint=endpoint,
-        api_key=api_key,
-        out=out,
-        duration_s=duration_s,
-    )
-    raise typer.Exit(int(code))
-
-
 @app.command()
 def demo(
     run_dir: RunDir = Path(".sluice/demo"),
     nodes: Annotated[int, typer.Option(help="Inference nodes to start.")] = 2,
 ) -> None:
     """Start the suite, send real requests, show where they went, shut down."""
+    from sluice.local.demo import run_demo  # noqa: PLC0415 - needs the server extra
+
     raise typer.Exit(run_demo(run_dir, nodes, console))
 
 

@@ -11,8 +11,8 @@ import pytest
 import redis.asyncio as redis
 
 from inference_node.models import Embedder, LanguageModel, load_embedder, load_language_model
-from sluice.registry import etcd_client
-from sluice.stores import StoreProcess, etcd_process, redis_process
+from sluice.local.stores import StoreProcess, etcd_process, redis_process
+from sluice.runtime.registry import etcd_client
 from tests.harness import Suite, eventually
 
 for _proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):

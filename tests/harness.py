@@ -25,7 +25,7 @@ from inference_node.models import Embedder, LanguageModel
 from scheduler.app import SchedulerService
 from scheduler.config import SchedulerSettings
 from scheduler.tenants import Tenant, TenantDirectory
-from sluice.auth import hash_api_key
+from sluice.runtime.auth import hash_api_key
 from sluice.v1 import admin_pb2_grpc, cache_pb2_grpc, common_pb2, inference_pb2_grpc
 
 API_KEY = "sk-sluice-test-key-alpha"

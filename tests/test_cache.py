@@ -11,9 +11,9 @@ from cache_service.app import CacheService
 from cache_service.cache import ResponseCache
 from cache_service.config import CacheSettings
 from cache_service.store import RedisStore, fail_fast_redis
-from sluice.breaker import BreakerState
-from sluice.cache_keys import cache_key, is_cacheable
-from sluice.stores import free_port
+from sluice.local.stores import free_port
+from sluice.runtime.breaker import BreakerState
+from sluice.runtime.cache_keys import cache_key, is_cacheable
 from sluice.v1 import cache_pb2, cache_pb2_grpc, common_pb2, inference_pb2
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
-import types
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,11 +18,10 @@ from typer.testing import CliRunner, Result
 
 from scheduler.app import SchedulerService
 from scheduler.config import SchedulerSettings
-from sluice import cli
-from sluice.client import AsyncClient
-from sluice.stores import free_port
-from sluice.telemetry import MetricsServer
-from sluice.top import Sample, rate, render
+from sluice import AsyncClient, cli
+from sluice.local.stores import free_port
+from sluice.local.top import Sample, rate, render
+from sluice.runtime.telemetry import MetricsServer
 from sluice.v1 import admin_pb2
 from tests.harness import API_KEY, Suite, eventually
 from tests.harness import test_tenants as tenant_directory
@@ -179,42 +176,3 @@ async def test_request_commands_and_tenants_use_the_sdk(running: Suite, wide_con
     bad = await invoke("nodes", "--endpoint", running.scheduler.address, "--api-key", "sk-wrong")
     assert bad.exit_code == 1
     assert "UNAUTHENTICATED" in bad.output
-
-
-def test_bench_load_calls_the_benchmark_with_its_arguments(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """`sluice bench load` imports bench.load on use and hands it the options; its return value
-    is the exit code."""
-    calls: list[dict[str, object]] = []
-
-    def cli_main(**kwargs: object) -> int:
-        calls.append(kwargs)
-        return 3
-
-    fake = types.ModuleType("bench.load")
-    fake.cli_main = cli_main  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "bench.load", fake)
-    scenario = tmp_path / "s.yaml"
-    result = CliRunner().invoke(
-        cli.app,
-        [
-            "bench", "load", str(scenario),
-            "--target", "naive",
-            "--endpoint", "127.0.0.1:9",
-            "--out", str(tmp_path / "out"),
-            "--duration-s", "2.5",
-            "--run-dir", str(tmp_path),
-        ],
-    )  # fmt: skip
-    assert result.exit_code == 3, result.output
-    assert calls == [
-        {
-            "scenario": scenario,
-            "target": "naive",
-            "endpoint": "127.0.0.1:9",
-            "api_key": None,
-            "out": tmp_path / "out",
-            "duration_s": 2.5,
-        }
-    ]

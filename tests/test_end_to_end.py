@@ -9,7 +9,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sluice.errors import STATUS_DETAILS_METADATA
+from sluice.runtime.errors import STATUS_DETAILS_METADATA
 from sluice.v1 import admin_pb2, cache_pb2, common_pb2, inference_pb2, jobs_pb2, jobs_pb2_grpc
 from tests.harness import OTHER_KEY, Suite, auth, eventually
 

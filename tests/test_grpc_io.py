@@ -1,10 +1,10 @@
-"""The services' choice of gRPC core's I/O engine (sluice.grpc_io)."""
+"""The services' choice of gRPC core's I/O engine (sluice.runtime.grpc_io)."""
 
 from __future__ import annotations
 
 import pytest
 
-from sluice import grpc_io
+from sluice.runtime import grpc_io
 
 
 def test_iomgr_is_the_default_and_turns_the_event_engine_experiments_off() -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sluice.registry import PrefixView, Registration, etcd_client
-from sluice.stores import StoreProcess, etcd_process
+from sluice.local.stores import StoreProcess, etcd_process
+from sluice.runtime.registry import PrefixView, Registration, etcd_client
 from tests.harness import eventually
 
 PREFIX = "/sluice/test/"

@@ -15,18 +15,18 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from prometheus_client import CollectorRegistry
 
-from sluice import context
-from sluice.errors import (
+from sluice.runtime import context
+from sluice.runtime.errors import (
     PUSHBACK_METADATA,
     STATUS_DETAILS_METADATA,
     InvalidArgument,
     ResourceExhausted,
     unpack_details,
 )
-from sluice.runner import lower_cpu_priority
-from sluice.server import GrpcServer, ServerOptions
-from sluice.settings import ServiceSettings, load_settings, parse_settings
-from sluice.telemetry import MetricsServer
+from sluice.runtime.runner import lower_cpu_priority
+from sluice.runtime.server import GrpcServer, ServerOptions
+from sluice.runtime.settings import ServiceSettings, load_settings, parse_settings
+from sluice.runtime.telemetry import MetricsServer
 from sluice.v1 import cache_pb2, cache_pb2_grpc
 
 
@@ -109,7 +109,7 @@ async def probe() -> AsyncIterator[tuple[cache_pb2_grpc.CacheStub, CollectorRegi
 async def test_request_id_from_metadata_reaches_the_handler(
     probe: tuple[cache_pb2_grpc.CacheStub, CollectorRegistry],
 ) -> None:
-    """x-request-id metadata is what handlers read from sluice.context.request_id."""
+    """x-request-id metadata is what handlers read from sluice.runtime.context.request_id."""
     stub, _ = probe
     reply = await stub.Stats(cache_pb2.StatsRequest(), metadata=(("x-request-id", "rid-123"),))
     assert reply.redis_available
@@ -159,7 +159,7 @@ async def test_metrics_endpoint_serves_sluice_metrics(
 
 LOWER_PRIORITY_CHILD = """
 import os, sys, threading
-from sluice.runner import lower_cpu_priority
+from sluice.runtime.runner import lower_cpu_priority
 started, stop = threading.Event(), threading.Event()
 def early():
     started.set()

@@ -14,8 +14,8 @@ from structlog.testing import capture_logs
 from scheduler.metrics import SchedulerMetrics
 from scheduler.quotas import QuotaGate, quota_redis
 from scheduler.tenants import Quotas, Tenant
-from sluice.errors import ResourceExhausted, Unavailable
-from sluice.stores import free_port
+from sluice.local.stores import free_port
+from sluice.runtime.errors import ResourceExhausted, Unavailable
 
 
 def tenant(name: str = "acme", **quotas: float) -> Tenant:

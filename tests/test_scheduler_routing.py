@@ -7,7 +7,7 @@ import random
 
 from scheduler.queues import BATCH, REALTIME
 from scheduler.routing import AffinityTable, LoadBook, OutlierDetector, RetryBudget, power_of_two
-from sluice.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from sluice.runtime.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from tests.test_scheduler_core import FakeClock
 
 

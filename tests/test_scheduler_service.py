@@ -19,10 +19,11 @@ from scheduler.app import SchedulerService
 from scheduler.config import SchedulerSettings
 from scheduler.live_config import TENANTS_KEY
 from scheduler.tenants import Quotas, Tenant, TenantDirectory
-from sluice.auth import hash_api_key
-from sluice.breaker import BreakerState
-from sluice.errors import PUSHBACK_METADATA
-from sluice.registry import NODES_PREFIX, Registration, etcd_client
+from sluice.contract import NODES_PREFIX
+from sluice.runtime.auth import hash_api_key
+from sluice.runtime.breaker import BreakerState
+from sluice.runtime.errors import PUSHBACK_METADATA
+from sluice.runtime.registry import Registration, etcd_client
 from sluice.v1 import (
     admin_pb2,
     admin_pb2_grpc,

@@ -22,9 +22,11 @@ from prometheus_client import CollectorRegistry
 from scheduler.app import SchedulerService
 from scheduler.config import SchedulerSettings
 from scheduler.tenants import Quotas, Tenant, TenantDirectory
-from sluice import errors as domain
-from sluice.auth import hash_api_key
-from sluice.client import (
+from sluice.local.stores import free_port
+from sluice.runtime import errors as domain
+from sluice.runtime.auth import hash_api_key
+from sluice.runtime.server import GrpcServer, ServerOptions
+from sluice.sdk import (
     AsyncClient,
     AuthenticationError,
     Client,
@@ -42,8 +44,6 @@ from sluice.client import (
 )
 from sluice.sdk.endpoints import EndpointPool
 from sluice.sdk.retry import CallAttempts
-from sluice.server import GrpcServer, ServerOptions
-from sluice.stores import free_port
 from sluice.v1 import (
     common_pb2,
     inference_pb2,

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from sluice.context import REQUEST_ID_METADATA
+from sluice.contract import AUTHORIZATION_METADATA, REQUEST_ID_METADATA, SCHEDULERS_PREFIX
 from sluice.sdk.endpoints import (
     API_KEY_ENV,
     ENDPOINTS_ENV,
@@ -91,8 +91,6 @@ class ClientBase:
 
     def _new_pool(self, addresses: list[str]) -> EndpointPool:
         if not addresses:
-            from sluice.registry import SCHEDULERS_PREFIX  # noqa: PLC0415 - pulls in aetcd
-
             raise Unavailable(
                 grpc.StatusCode.UNAVAILABLE,
                 f"no scheduler registered in etcd {self._etcd} under {SCHEDULERS_PREFIX}",
@@ -103,7 +101,7 @@ class ClientBase:
         """Call metadata: the API key, and one request id for every attempt of a call."""
         items = [(REQUEST_ID_METADATA, request_id or uuid.uuid4().hex)]
         if self._key:
-            items.append(("authorization", f"Bearer {self._key}"))
+            items.append((AUTHORIZATION_METADATA, f"Bearer {self._key}"))
         return tuple(items)
 
     def _timeout(self, timeout_s: float | None, cap: float | None = None) -> float:

@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from sluice.contract import SCHEDULERS_PREFIX
 from sluice.v1 import common_pb2
 
 ENDPOINTS_ENV = "SLUICE_ENDPOINTS"
@@ -57,8 +58,6 @@ def etcd_endpoints(endpoints: str | Sequence[str] | None) -> list[str]:
 def _schedulers_range() -> Any:
     # etcd's protos (and aetcd, which the registry module uses) load only when discovering.
     from aetcd.rpc import rpc_pb2  # noqa: PLC0415
-
-    from sluice.registry import SCHEDULERS_PREFIX  # noqa: PLC0415
 
     key = SCHEDULERS_PREFIX.encode()
     range_end = key[:-1] + bytes([key[-1] + 1])

@@ -29,7 +29,7 @@ import grpc
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
-from sluice.errors import STATUS_DETAILS_METADATA, unpack_details
+from sluice.runtime.errors import STATUS_DETAILS_METADATA, unpack_details
 
 M = TypeVar("M", bound=Message)
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 
+from sluice.contract import REQUEST_ID_METADATA
+
+__all__ = ["REQUEST_ID_METADATA", "request_id", "tenant"]
+
 request_id: ContextVar[str] = ContextVar("sluice_request_id", default="")
 """Id of the current request: the caller's ``x-request-id`` metadata, or a fresh one."""
 
 tenant: ContextVar[str] = ContextVar("sluice_tenant", default="")
 """Tenant of the current request, set only from a verified API key."""
-
-REQUEST_ID_METADATA = "x-request-id"
-"""Metadata key carrying the request id across hops."""

@@ -16,23 +16,21 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sluice.auth import new_api_key, write_tenants_file
-from sluice.stores import (
+from sluice.local.rundir import DEV_KEY_FILE, ENDPOINTS_FILE, dev_api_key, read_endpoints
+from sluice.local.stores import (
     StoreProcess,
     environment_without_proxies,
     etcd_process,
     free_port,
     redis_process,
 )
+from sluice.runtime.auth import new_api_key, write_tenants_file
 from sluice.v1 import admin_pb2, admin_pb2_grpc
-
-DEV_KEY_FILE = "dev-api-key"
-ENDPOINTS_FILE = "endpoints.json"
 
 
 @dataclass
@@ -87,12 +85,6 @@ class Endpoints:
     def to_json(self) -> str:
         """Pretty JSON."""
         return json.dumps(asdict(self), indent=2)
-
-
-def read_endpoints(run_dir: Path) -> dict[str, Any]:
-    """The endpoints a running `sluice up` wrote."""
-    data: dict[str, Any] = json.loads((run_dir / ENDPOINTS_FILE).read_text())
-    return data
 
 
 class Supervisor:
@@ -252,12 +244,6 @@ class Supervisor:
         endpoints = self.run_dir / ENDPOINTS_FILE
         if endpoints.exists():
             endpoints.unlink()
-
-
-def dev_api_key(run_dir: Path) -> str | None:
-    """The development key a `sluice up` without tenants file created, if any."""
-    path = run_dir / DEV_KEY_FILE
-    return path.read_text().strip() if path.exists() else None
 
 
 __all__ = ["Endpoints", "Supervisor", "UpConfig", "dev_api_key", "read_endpoints"]

@@ -20,8 +20,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from sluice.interceptors import ApiKeyAuth, Authenticator, ObservabilityInterceptor
-from sluice.telemetry import RpcMetrics
+from sluice.runtime.interceptors import ApiKeyAuth, Authenticator, ObservabilityInterceptor
+from sluice.runtime.telemetry import RpcMetrics
 
 log = structlog.get_logger(__name__)
 

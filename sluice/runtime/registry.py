@@ -21,8 +21,6 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-NODES_PREFIX = "/sluice/nodes/"
-SCHEDULERS_PREFIX = "/sluice/schedulers/"
 
 T = TypeVar("T")
 

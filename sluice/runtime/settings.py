@@ -19,7 +19,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from sluice.server import ServerOptions
+from sluice.runtime.server import ServerOptions
 
 
 class ServiceSettings(BaseSettings):

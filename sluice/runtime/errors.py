@@ -1,7 +1,7 @@
 """Domain errors and their mapping to gRPC statuses with ``google.rpc`` details.
 
-Handlers raise these; :class:`sluice.interceptors.ObservabilityInterceptor` turns them into a
-status with ``grpc-status-details-bin`` (``BadRequest``, ``QuotaFailure``, ``RetryInfo``,
+Handlers raise these; :class:`sluice.runtime.interceptors.ObservabilityInterceptor` turns them
+into a status with ``grpc-status-details-bin`` (``BadRequest``, ``QuotaFailure``, ``RetryInfo``,
 ``ErrorInfo`` with a stable ``reason``). Refusals that carry a retry delay also set the
 ``grpc-retry-pushback-ms`` trailer, which gRPC's own retry policy honours.
 """

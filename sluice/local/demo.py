@@ -18,9 +18,10 @@ from rich.console import Console
 from rich.rule import Rule
 from rich.table import Table
 
-from sluice.client import AsyncClient
-from sluice.registry import NODES_PREFIX, etcd_client
-from sluice.up import Supervisor, UpConfig
+from sluice import AsyncClient
+from sluice.contract import NODES_PREFIX
+from sluice.local.up import Supervisor, UpConfig
+from sluice.runtime.registry import etcd_client
 from sluice.v1 import common_pb2
 
 CHAT_MODEL = "smollm2-135m-instruct"

@@ -17,9 +17,9 @@ from typing import Any, Protocol, TypeVar
 import structlog
 from prometheus_client import CollectorRegistry
 
-from sluice.server import wait_for_signal
-from sluice.settings import ServiceSettings
-from sluice.telemetry import MetricsServer, configure_logging
+from sluice.runtime.server import wait_for_signal
+from sluice.runtime.settings import ServiceSettings
+from sluice.runtime.telemetry import MetricsServer, configure_logging
 
 log = structlog.get_logger(__name__)
 

@@ -2,11 +2,11 @@
 
 - :class:`ObservabilityInterceptor` (outermost): request id from ``x-request-id`` (or a new
   one) bound into structlog's context, one ``rpc_finished`` summary line per RPC, RPC metrics,
-  and the mapping of :class:`sluice.errors.SluiceError` to a status with rich details. Any other
-  exception becomes ``INTERNAL`` with a generic message and one logged traceback.
+  and the mapping of :class:`sluice.runtime.errors.SluiceError` to a status with rich details.
+  Any other exception becomes ``INTERNAL`` with a generic message and one logged traceback.
 - :class:`ApiKeyAuth`, run by that interceptor for the methods it guards: turns the
   ``authorization`` metadata into a tenant through an injected authenticator and sets
-  :data:`sluice.context.tenant`.
+  :data:`sluice.runtime.context.tenant`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from typing import Any
 import grpc
 import structlog
 
-from sluice import context
-from sluice.errors import Internal, SluiceError, Unauthenticated
-from sluice.telemetry import RpcMetrics
+from sluice.contract import AUTHORIZATION_METADATA
+from sluice.runtime import context
+from sluice.runtime.errors import Internal, SluiceError, Unauthenticated
+from sluice.runtime.telemetry import RpcMetrics
 
 log = structlog.get_logger(__name__)
 
@@ -200,10 +201,10 @@ class ApiKeyAuth:
 
     def check_for(self, method: str, metadata: dict[str, str]) -> Callable[[], None] | None:
         """The check to run before ``method``'s handler, or None when it is not guarded. The
-        check sets :data:`sluice.context.tenant` or raises :class:`Unauthenticated`."""
+        check sets :data:`sluice.runtime.context.tenant` or raises :class:`Unauthenticated`."""
         if not method.startswith(self._prefixes):
             return None
-        header = metadata.get("authorization", "")
+        header = metadata.get(AUTHORIZATION_METADATA, "")
 
         def check() -> None:
             scheme, _, key = header.partition(" ")
