@@ -1,57 +1,24 @@
-"""Early admission control: refuse now what cannot start before its deadline.
+"""Admission control: refuse now, in milliseconds, what cannot finish before its deadline.
 
-Synchronous and I/O-free, with an injected clock. The wait of a new request is predicted from
-the cost queued ahead of it (weighted tokens, the unit of :mod:`scheduler.queues`) divided by
-the measured service rate of the nodes that can serve its model:
+Synchronous and I/O-free, with an injected clock. A new request's wait is predicted as the
+weighted tokens ahead of it (:meth:`Admission.cost_ahead`: higher classes, its own queue, and
+each other backlogged tenant's fair-queuing share; plus one average request when no node has
+room) over the service rate of the nodes that serve its model (:class:`ThroughputMeter`).
+Invariants of :meth:`Admission.decide`:
 
-- ahead = everything queued for the model in higher classes
-  + the tenant's own queued cost in its class
-  + for every other tenant backlogged in the class, the part of its queue that fair queuing
-    serves first: ``min(its queued cost, (own queued + this request) x w_other / w_own)``;
-- plus, when no node has room now, one average request's cost (the next slot to free);
-- rate = the sum over eligible nodes of their service rate, measured in the same unit
-  (requested cost retired per second, :class:`ThroughputMeter`), so requests that stop before
-  ``max_new_tokens`` are accounted for without guessing their length.
+- a class counts only on the rate higher classes left over the last ``arrival_window_s``
+  (:class:`RateMeter`), never less than ``min_class_share``; the wait is at least the tenant's
+  own queue at its weighted share (the WFQ bound, Parekh & Gallager 1993);
+- a request is admitted only if its wait plus its decode time (``max_new_tokens`` x the measured
+  inter-token time) fits the deadline less ``deadline_margin``; below REALTIME the wait counts
+  ``lower_class_wait_factor`` times; a REALTIME wait past ``realtime_max_wait_s`` is refused;
+- an admitted lower-class request is stamped with the start it is promised (``start_by``),
+  which the queues keep by promoting it.
 
-Two guards make the prediction hold up while more work keeps arriving, so that what is
-admitted is served in time and the excess is refused on arrival (in milliseconds) instead of
-shed from the queue seconds later:
-
-- **Higher classes keep arriving.** A class is served only with what the classes above it
-  leave: its rate is the nodes' rate minus the cost per second admitted to higher classes over
-  the last ``arrival_window_s`` (:class:`RateMeter`), never less than ``min_class_share`` of it
-  (aging lets a starved class through at some rate).
-- **Other tenants keep arriving.** Weighted fair queuing guarantees a backlogged tenant at
-  least its weight's share of its class's rate (the delay bound of WFQ / generalized processor
-  sharing, Parekh & Gallager 1993), so the tenant's own queued cost, at that share, bounds its
-  wait however the other active tenants (queued, running, or admitted within
-  ``active_window_s``) behave. The prediction is the larger of this bound and the queue-based
-  estimate above.
-
-A request that would wait and could not *finish* by its deadline (predicted wait plus its own decode
-time, ``max_new_tokens`` x the fastest eligible node's measured inter-token latency) is refused at
-once with the predicted wait as its retry delay; ``deadline_margin`` of the time left is kept back
-for what the prediction cannot see (a measured rate that drifts). Admitting work that starts in time
-but ends after its deadline is how a queue collapses: the node spends its capacity on streams the
-client has already given up on (measured at 2x capacity with start-time admission: 67 of the 243
-requests hit their 20 s deadline unfinished). The decode-time test applies even to a request that
-could start at once: under a full batch each token is slow.
-Lower classes are predicted behind every higher class, so under pressure they are refused
-(and, when capacity shrinks, shed from the queue) first; their predicted waits must fit the
-deadline ``lower_class_wait_factor`` times over, since higher-class work arriving later cuts
-ahead of them (without it they were admitted, then shed from the queue seconds later). An
-admitted lower-class request is stamped with a start it is promised (``start_by``), and the
-queues serve it first as that nears (:mod:`scheduler.queues`, promises): admission's
-prediction becomes a promise, and a REALTIME request's wait counts the lower-class work
-promoted while it waits. The promise is the admission test's own budget: the slack left after
-its decode time, divided by ``lower_class_wait_factor``; the rest of the slack absorbs a
-decode that runs slower than measured at admission (with the whole slack promised,
-``make bench`` at 2x and 4x capacity still had a few BATCH requests started so late that they
-were shed, or hit their deadline mid-stream, when the batch slowed down). REALTIME requests
-predicted to wait longer than ``realtime_max_wait_s`` are refused at once (someone is waiting
-for the first token).
-Failure mode: the prediction is only as good as the rate; a fleet that has not reported a rate
-yet uses ``default_tokens_per_s`` per node.
+Why, with the figures: docs/decisions/scheduler-finish-time-admission.md,
+scheduler-lower-class-wait-factor.md, scheduler-lower-class-promise.md,
+scheduler-promise-budget.md. Failure mode: the prediction is only as good as the rate; nodes
+not measured yet count ``default_tokens_per_s`` each.
 """
 
 from __future__ import annotations
@@ -61,7 +28,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from scheduler.queues import CLASSES, RANK, Clock, FairQueues, QueuedRequest
+from scheduler.queues import Clock, FairQueues, QueuedRequest
+from sluice.contract import WorkloadClass
 
 OVERLOADED = "OVERLOADED"
 NO_CAPACITY = "NO_CAPACITY"
@@ -93,11 +61,9 @@ class AdmissionConfig:
     waiting for a first token should sit in silence before being told to come back."""
     lower_class_wait_factor: float = 2.0
     """A waiting request below ``REALTIME`` must fit its deadline with its predicted wait
-    counted this many times over. Higher-class work that arrives after it is served first,
-    and the arrival guard only knows the recent average: measured with ``make bench`` at 2x
-    Sluice's capacity, BATCH requests admitted on the plain prediction waited up to 15 s and
-    were shed from the queue, a refusal seconds late instead of at once. The retry delay
-    sent is still the plain prediction."""
+    counted this many times over: higher-class work arriving after it is served first
+    (docs/decisions/scheduler-lower-class-wait-factor.md). The retry delay sent is still the
+    plain prediction."""
 
 
 @dataclass(frozen=True)
@@ -206,8 +172,8 @@ class Admission:
         self._queues = queues
         self._clock = clock
         self._weight = weight
-        self._admitted: dict[tuple[str, int], RateMeter] = {}
-        self._seen: dict[tuple[str, int], dict[str, float]] = {}
+        self._admitted: dict[tuple[str, WorkloadClass], RateMeter] = {}
+        self._seen: dict[tuple[str, WorkloadClass], dict[str, float]] = {}
 
     def record_admitted(self, item: QueuedRequest) -> None:
         """``item`` was admitted: its cost counts against lower classes' rate, and its tenant
@@ -223,18 +189,16 @@ class Admission:
         """``item``'s tenant is active in its class now (admitted, or streaming tokens)."""
         self._seen.setdefault((item.model, item.workload_class), {})[item.tenant] = self._clock()
 
-    def class_rate(self, model: str, workload_class: int, rate: float) -> float:
+    def class_rate(self, model: str, workload_class: WorkloadClass, rate: float) -> float:
         """The part of ``rate`` a class can count on: what higher classes have recently been
         admitted to use is taken off, down to ``min_class_share``."""
-        rank = RANK[workload_class]
+        rank = workload_class.rank
         above = sum(
-            m.rate()
-            for (mdl, cls), m in self._admitted.items()
-            if mdl == model and RANK[cls] < rank
+            m.rate() for (mdl, cls), m in self._admitted.items() if mdl == model and cls.rank < rank
         )
         return max(rate - above, rate * self.config.min_class_share)
 
-    def active(self, model: str, workload_class: int) -> set[str]:
+    def active(self, model: str, workload_class: WorkloadClass) -> set[str]:
         """Tenants with requests queued in the class for the model, or admitted or streaming
         within ``active_window_s``."""
         seen = self._seen.get((model, workload_class), {})
@@ -253,7 +217,7 @@ class Admission:
         """Weighted tokens that start before ``item`` if it were queued now."""
         q = self._queues
         cls, model = item.workload_class, item.model
-        ahead = sum(q.queued_cost(c, model) for c in CLASSES if RANK[c] < RANK[cls])
+        ahead = sum(q.queued_cost(c, model) for c in WorkloadClass if c.rank < cls.rank)
         own = q.queued_cost(cls, model, item.tenant)
         mine = own + item.cost(q.config.prompt_token_weight)
         own_weight = max(self._weight(item.tenant), 1e-6)
@@ -267,6 +231,7 @@ class Admission:
         item: QueuedRequest,
         rate: float,
         room_now: bool,
+        *,
         busy_cost: float = 0.0,
         token_s: float = 0.0,
         busy: bool = True,
@@ -288,7 +253,7 @@ class Admission:
         now = self._clock()
         usable = (item.deadline - now) * (1.0 - self.config.deadline_margin)
         decode = item.max_new_tokens * token_s
-        top = RANK[item.workload_class] == 0
+        top = item.workload_class.is_top
         if room_now and ahead <= 0:
             if busy and decode > usable:  # starts now, but cannot end in time
                 retry = busy_cost / rate if rate > 0 else self.config.min_retry_s
@@ -320,7 +285,7 @@ class Admission:
         """Admit ``item``; below REALTIME, stamp the start the queue promises it: the
         admission test's own budget, the slack before ``latest_start`` divided by
         ``lower_class_wait_factor`` (the rest absorbs a batch that decodes slower)."""
-        if RANK[item.workload_class] > 0:
+        if not item.workload_class.is_top:
             now = self._clock()
             slack = max(0.0, latest_start - now)
             item.start_by = now + slack / max(1.0, self.config.lower_class_wait_factor)
@@ -355,7 +320,7 @@ class Admission:
                 key=lambda i: (
                     (0, i.start_by, 0, 0)
                     if i.request_id in promoted
-                    else (1, 0.0, RANK[i.workload_class], i.seq)
+                    else (1, 0.0, i.workload_class.rank, i.seq)
                 )
             )
             ahead = 0.0

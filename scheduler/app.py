@@ -9,16 +9,20 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from scheduler.admission import AdmissionConfig
+from scheduler.background import BackgroundTasks
+from scheduler.catalog import ModelCatalog
 from scheduler.config import SchedulerSettings
 from scheduler.dispatch import Dispatcher
 from scheduler.gate import DispatchGate
+from scheduler.lifecycle import RequestPath
 from scheduler.live_config import LiveTenants
 from scheduler.metrics import LiveState, NodeGaugeRow, SchedulerMetrics
 from scheduler.nodes import NodeDirectory
 from scheduler.queues import QueueConfig
 from scheduler.quotas import QuotaGate, quota_redis
+from scheduler.response_cache import ResponseCache
 from scheduler.routing import OutlierConfig, OutlierDetector, RetryBudget
-from scheduler.server import AdminServicer, InferenceServicer, JobsServicer, ModelCatalog
+from scheduler.server import AdminServicer, InferenceServicer, JobsServicer
 from scheduler.tenants import TenantDirectory
 from scheduler.usage import UsageBook
 from sluice import __version__
@@ -50,6 +54,62 @@ def _decode_node(raw: bytes) -> common_pb2.NodeInfo:
     return info
 
 
+def _node_directory(
+    view: PrefixView[common_pb2.NodeInfo], settings: SchedulerSettings
+) -> NodeDirectory:
+    breaker = BreakerConfig(
+        failure_threshold=settings.breaker_failures,
+        open_s=settings.breaker_open_seconds,
+        max_open_s=settings.breaker_max_open_seconds,
+        failure_rate=settings.breaker_failure_rate,
+        window_s=settings.breaker_window_seconds,
+    )
+    outliers = OutlierDetector(
+        time.monotonic,
+        OutlierConfig(factor=settings.outlier_factor, eject_s=settings.outlier_eject_seconds),
+    )
+    return NodeDirectory(
+        view,
+        breaker_config=breaker,
+        outliers=outliers,
+        low_class_headroom=settings.low_class_headroom,
+        default_tokens_per_s=settings.default_tokens_per_s,
+    )
+
+
+def _dispatch_gate(
+    nodes: NodeDirectory,
+    tenants: TenantDirectory,
+    metrics: SchedulerMetrics,
+    settings: SchedulerSettings,
+) -> DispatchGate:
+    return DispatchGate(
+        nodes,
+        tenants,
+        metrics,
+        queue_config=QueueConfig(
+            max_per_class=settings.max_queued_per_class,
+            max_per_tenant=settings.max_queued_per_tenant,
+            aging_s=settings.aging_seconds,
+            prompt_token_weight=settings.prompt_token_weight,
+            promote_lead_s=settings.promote_lead_seconds,
+        ),
+        admission_config=AdmissionConfig(
+            default_tokens_per_s=settings.default_tokens_per_s,
+            realtime_max_wait_s=settings.realtime_max_wait_seconds,
+        ),
+    )
+
+
+def _quota_gate(settings: SchedulerSettings, metrics: SchedulerMetrics) -> QuotaGate:
+    client = (
+        quota_redis(settings.redis_url, settings.quota_timeout_seconds)
+        if settings.redis_url
+        else None
+    )
+    return QuotaGate(client, metrics, fail_closed=settings.quota_fail_closed)
+
+
 class SchedulerService:
     """The scheduler's parts, with an explicit start/stop lifecycle."""
 
@@ -67,48 +127,10 @@ class SchedulerService:
         self.view: PrefixView[common_pb2.NodeInfo] = PrefixView(
             self.etcd, NODES_PREFIX, _decode_node
         )
-        breaker = BreakerConfig(
-            failure_threshold=settings.breaker_failures,
-            open_s=settings.breaker_open_seconds,
-            max_open_s=settings.breaker_max_open_seconds,
-            failure_rate=settings.breaker_failure_rate,
-            window_s=settings.breaker_window_seconds,
-        )
-        outliers = OutlierDetector(
-            time.monotonic,
-            OutlierConfig(factor=settings.outlier_factor, eject_s=settings.outlier_eject_seconds),
-        )
-        self.nodes = NodeDirectory(
-            self.view,
-            breaker_config=breaker,
-            outliers=outliers,
-            low_class_headroom=settings.low_class_headroom,
-            default_tokens_per_s=settings.default_tokens_per_s,
-        )
+        self.nodes = _node_directory(self.view, settings)
         self.usage = UsageBook()
-        self.gate = DispatchGate(
-            self.nodes,
-            self.tenants,
-            self.metrics,
-            queue_config=QueueConfig(
-                max_per_class=settings.max_queued_per_class,
-                max_per_tenant=settings.max_queued_per_tenant,
-                aging_s=settings.aging_seconds,
-                prompt_token_weight=settings.prompt_token_weight,
-                promote_lead_s=settings.promote_lead_seconds,
-            ),
-            admission_config=AdmissionConfig(
-                default_tokens_per_s=settings.default_tokens_per_s,
-                realtime_max_wait_s=settings.realtime_max_wait_seconds,
-            ),
-        )
-        self.quotas = QuotaGate(
-            quota_redis(settings.redis_url, settings.quota_timeout_seconds)
-            if settings.redis_url
-            else None,
-            self.metrics,
-            fail_closed=settings.quota_fail_closed,
-        )
+        self.gate = _dispatch_gate(self.nodes, self.tenants, self.metrics, settings)
+        self.quotas = _quota_gate(settings, self.metrics)
         self.live_tenants = LiveTenants(self.etcd, self.tenants, self.tenants.all(), self.metrics)
         self.metrics.bind(LiveState(self.gate.queue_depths, self._node_rows))
         self._cache_channel = (
@@ -118,7 +140,6 @@ class SchedulerService:
             if settings.cache_address
             else None
         )
-        cache = cache_pb2_grpc.CacheStub(self._cache_channel) if self._cache_channel else None
         self.dispatcher = Dispatcher(
             self.nodes,
             self.metrics,
@@ -132,38 +153,46 @@ class SchedulerService:
             authenticate=self._authenticate,
             guarded_services=PUBLIC_SERVICES,
         )
-        catalog = ModelCatalog(list(settings.models), self.nodes)
-        self.server.add(
-            inference_pb2_grpc.add_InferenceServicer_to_server,
-            InferenceServicer(
-                settings,
-                self.tenants,
-                catalog,
-                self.dispatcher,
-                cache,
-                self.metrics,
-                self.usage,
-                self.gate,
-                self.quotas,
-            ),
-            PUBLIC_SERVICES[0],
-        )
-        self.server.add(
-            admin_pb2_grpc.add_AdminServicer_to_server,
-            AdminServicer(
-                self.nodes,
-                self.usage,
-                self.tenants,
-                self.gate,
-                self.scheduler_id,
-                settings.default_tokens_per_s,
-            ),
-            PUBLIC_SERVICES[1],
-        )
-        self.server.add(
-            jobs_pb2_grpc.add_JobsServicer_to_server, JobsServicer(), PUBLIC_SERVICES[2]
-        )
+        self._add_servicers()
         self.registration: Registration | None = None
+
+    def _request_path(self) -> RequestPath:
+        background = BackgroundTasks()
+        stub = cache_pb2_grpc.CacheStub(self._cache_channel) if self._cache_channel else None
+        return RequestPath(
+            settings=self.settings,
+            tenants=self.tenants,
+            catalog=ModelCatalog(list(self.settings.models), self.nodes),
+            cache=ResponseCache(
+                stub,
+                timeout_s=self.settings.cache_timeout_seconds,
+                metrics=self.metrics,
+                background=background,
+            ),
+            quotas=self.quotas,
+            gate=self.gate,
+            dispatcher=self.dispatcher,
+            usage=self.usage,
+            metrics=self.metrics,
+            background=background,
+        )
+
+    def _add_servicers(self) -> None:
+        inference = InferenceServicer(self._request_path())
+        admin = AdminServicer(
+            nodes=self.nodes,
+            usage=self.usage,
+            tenants=self.tenants,
+            gate=self.gate,
+            scheduler_id=self.scheduler_id,
+            default_tokens_per_s=self.settings.default_tokens_per_s,
+        )
+        inference_service, admin_service, jobs_service = PUBLIC_SERVICES
+        self.server.add(
+            inference_pb2_grpc.add_InferenceServicer_to_server, inference, inference_service
+        )
+        self.server.add(admin_pb2_grpc.add_AdminServicer_to_server, admin, admin_service)
+        self.server.add(jobs_pb2_grpc.add_JobsServicer_to_server, JobsServicer(), jobs_service)
 
     def _authenticate(self, key: str) -> str | None:
         tenant = self.tenants.authenticate(key)

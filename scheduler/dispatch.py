@@ -21,6 +21,7 @@ import structlog
 from scheduler.metrics import SchedulerMetrics
 from scheduler.nodes import NodeDirectory, NodeHandle
 from scheduler.routing import RetryBudget
+from sluice.contract import REQUEST_ID_METADATA, WorkloadClass
 from sluice.runtime import context
 from sluice.runtime.errors import DeadlineExceeded, RemoteError, Unavailable
 from sluice.v1 import inference_pb2, node_pb2
@@ -63,7 +64,7 @@ class Dispatcher:
         self.budget = budget or RetryBudget(clock)
 
     def _retry_node(
-        self, model: str, workload_class: int, tried: set[str], affinity: str
+        self, model: str, workload_class: WorkloadClass, tried: set[str], affinity: str
     ) -> NodeHandle | None:
         """Another node for a retry, or None (no node, or the retry budget is spent)."""
         node = self._nodes.pick(model, workload_class, frozenset(tried), affinity=affinity)
@@ -79,6 +80,7 @@ class Dispatcher:
         self,
         node: NodeHandle,
         exc: grpc.aio.AioRpcError,
+        *,
         last: bool,
         req: inference_pb2.GenerateRequest | inference_pb2.EmbedRequest,
         tried: set[str],
@@ -90,7 +92,8 @@ class Dispatcher:
             raise DeadlineExceeded("deadline passed while the node worked") from exc
         retry = None
         if fault and not last:
-            retry = self._retry_node(req.model, req.workload_class, tried, affinity)
+            cls = WorkloadClass(req.workload_class)
+            retry = self._retry_node(req.model, cls, tried, affinity)
         if retry is None:
             raise RemoteError(exc, prefix=f"node {node.node_id}: ") from exc
         self._metrics.retries.labels(node.node_id).inc()
@@ -104,7 +107,7 @@ class Dispatcher:
         return left
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
-        return ((context.REQUEST_ID_METADATA, context.request_id.get()),)
+        return ((REQUEST_ID_METADATA, context.request_id.get()),)
 
     def _failed(self, node: NodeHandle, exc: grpc.aio.AioRpcError) -> bool:
         """Record a failed call; True when the node was at fault (retry elsewhere)."""
@@ -192,7 +195,9 @@ class Dispatcher:
                         reason="NODE_FAILED_MIDSTREAM",
                     ) from exc
                 last = attempt + 1 >= self._max_attempts
-                retry = self._after_failure(node, exc, last, req, tried, affinity)
+                retry = self._after_failure(
+                    node, exc, last=last, req=req, tried=tried, affinity=affinity
+                )
                 self._nodes.dispatched(retry, cost, affinity)
             finally:
                 self._metrics.in_flight.dec()
@@ -211,7 +216,7 @@ class Dispatcher:
         forward = node_pb2.NodeEmbedRequest(
             request=req, tenant=tenant, request_id=context.request_id.get()
         )
-        node = self._nodes.pick(req.model, req.workload_class)
+        node = self._nodes.pick(req.model, WorkloadClass(req.workload_class))
         self.budget.record_request()
         for attempt in range(self._max_attempts):
             if node is None:
@@ -234,7 +239,7 @@ class Dispatcher:
                 return reply
             except grpc.aio.AioRpcError as exc:
                 last = attempt + 1 >= self._max_attempts
-                retry = self._after_failure(node, exc, last, req, tried, "")
+                retry = self._after_failure(node, exc, last=last, req=req, tried=tried, affinity="")
             finally:
                 self._metrics.in_flight.dec()
                 self._nodes.finished(node, 0)

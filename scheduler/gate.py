@@ -2,10 +2,11 @@
 
 :class:`DispatchGate` owns a :class:`~scheduler.queues.FairQueues` and an
 :class:`~scheduler.admission.Admission` (both synchronous, I/O-free) and does the asyncio
-part: each admitted request waits on a future; whenever capacity may have changed (a request
-ended, a load report or health change arrived, a node joined or left) the gate pops what can
-be placed, books it on the chosen node and resolves its future. A periodic tick re-predicts
-the queue and sheds what can no longer start before its deadline.
+part: each admitted request waits on a future. Whenever capacity may have changed (a request
+ended, a load report or health change arrived, a node joined or left) the dispatch pass
+(:meth:`DispatchGate.place`) pops what can start, books it on the chosen node and returns the
+:class:`Placement` list; :meth:`DispatchGate._dispatch` then resolves those futures. A
+periodic tick re-predicts the queue and sheds what can no longer start before its deadline.
 
 A request whose client goes away is cancelled by gRPC; its task's ``CancelledError`` removes
 it from the queue at once (or, if a node had just been booked for it, gives the node back).
@@ -18,15 +19,18 @@ import contextlib
 import hashlib
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
 from scheduler.admission import NO_CAPACITY, Admission, AdmissionConfig, Shed, Verdict
 from scheduler.metrics import SchedulerMetrics
 from scheduler.nodes import NodeDirectory, NodeHandle, SlotView
-from scheduler.queues import Clock, FairQueues, QueueConfig, QueuedRequest, QueueFull, class_name
+from scheduler.queues import Clock, FairQueues, QueueConfig, QueuedRequest, QueueFull
 from scheduler.shares import DemandMeter, SlotShares
 from scheduler.tenants import TenantDirectory
+from sluice.contract import WorkloadClass
 from sluice.runtime.errors import DeadlineExceeded, ResourceExhausted, SluiceError, Unavailable
 from sluice.v1 import inference_pb2
 
@@ -46,6 +50,93 @@ def affinity_key(req: inference_pb2.GenerateRequest) -> str:
         f"{req.model}\x00{text[:AFFINITY_PREFIX_CHARS]}".encode(), digest_size=12
     )
     return "p:" + digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A queued request the dispatch pass started, and the node booked for it."""
+
+    item: QueuedRequest
+    node: NodeHandle
+
+
+_Key = tuple[str, WorkloadClass]
+"""(model, class): what slots, shares and queues are counted per."""
+
+
+class _PassScan:
+    """What one dispatch pass has read, per (model, class), while the queues look at many
+    items: the candidates' slots, the tenants active and queued, their demand, and which keys
+    and tenants can start nothing more in this pass. :meth:`took` drops what a booking
+    changes."""
+
+    def __init__(
+        self,
+        nodes: NodeDirectory,
+        admission: Admission,
+        queues: FairQueues,
+        shares: SlotShares,
+        demand: Callable[[_Key, set[str]], dict[str, float] | None],
+    ) -> None:
+        self._nodes = nodes
+        self._admission = admission
+        self._queues = queues
+        self._shares = shares
+        self._demand = demand
+        self._chosen: dict[str, NodeHandle] = {}
+        self._full: set[_Key] = set()  # no room now: no room later in this pass either
+        self._held_back: set[tuple[str, WorkloadClass, str]] = set()  # past its share
+        self._views: dict[_Key, SlotView] = {}
+        self._sharing: dict[_Key, tuple[set[str], dict[str, int]]] = {}
+        self._demands: dict[_Key, dict[str, float] | None] = {}  # unchanged in a pass
+
+    def placeable(self, item: QueuedRequest) -> bool:
+        """True when ``item`` can start now; the node chosen for it is kept for :meth:`took`."""
+        key = (item.model, item.workload_class)
+        if key in self._full or (*key, item.tenant) in self._held_back:
+            return False
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = self._nodes.capacity(*key)
+        if not view.room:  # the common case under load: a pass woken by a report
+            self._full.add(key)
+            return False
+        if key not in self._sharing:
+            self._sharing[key] = (
+                self._admission.active(*key),
+                self._queues.waiting(item.workload_class, item.model),
+            )
+        active, waiting = self._sharing[key]
+        if key not in self._demands:
+            self._demands[key] = self._demand(key, active)
+        demand = self._demands[key]
+        if not self._shares.may_start(
+            *key,
+            item.tenant,
+            view.slots,
+            view.free,
+            active,
+            queued=waiting,
+            demand=demand,
+            waiting=waiting,
+        ):
+            self._held_back.add((*key, item.tenant))  # the rest is kept for the others
+            return False
+        node = self._nodes.pick(*key, affinity=item.affinity, need_room=True, among=view.candidates)
+        if node is None:
+            self._full.add(key)
+            return False
+        self._chosen[item.request_id] = node
+        return True
+
+    def took(self, item: QueuedRequest) -> NodeHandle:
+        """``item`` was popped: its (model, class) has one slot fewer and maybe other tenants
+        queued, so what was read for it is read again. Returns the node chosen for it."""
+        key = (item.model, item.workload_class)
+        self._views.pop(key, None)
+        self._sharing.pop(key, None)
+        self._held_back.difference_update({k for k in self._held_back if k[:2] == key})
+        return self._chosen[item.request_id]
 
 
 class DispatchGate:
@@ -103,7 +194,7 @@ class DispatchGate:
 
     async def acquire(self, item: QueuedRequest) -> NodeHandle:
         """Admit ``item`` and wait for a node booked for it; raises the refusal otherwise."""
-        cls = class_name(item.workload_class)
+        cls = item.workload_class.label
         self.demand.arrived(item)
         view = self._nodes.capacity(item.model, item.workload_class)
         verdict = self.admission.decide(
@@ -167,7 +258,7 @@ class DispatchGate:
         return future.done() and not future.cancelled() and future.exception() is None
 
     def _refusal(self, item: QueuedRequest, verdict: Verdict) -> SluiceError:
-        cls = class_name(item.workload_class)
+        cls = item.workload_class.label
         self._metrics.admission.labels(cls, "refused", verdict.reason).inc()
         if verdict.reason == NO_CAPACITY:
             return Unavailable(
@@ -214,65 +305,32 @@ class DispatchGate:
         self._kick_pending = False
         self._dispatch()
 
-    def _dispatch(self) -> None:
-        """Pop every request that can be placed now and hand it its booked node."""
-        chosen: dict[str, NodeHandle] = {}
-        full: set[tuple[str, int]] = set()  # no room now: no room later in this pass either
-        held_back: set[tuple[str, int, str]] = set()  # past its share: for this whole pass
-        # The candidates' capacity and (active tenants, requests queued per tenant) per
-        # (model, class), read once per pop (a booking changes them): the scan may look at
-        # many queued items.
-        views: dict[tuple[str, int], SlotView] = {}
-        sharing: dict[tuple[str, int], tuple[set[str], dict[str, int]]] = {}
-        demands: dict[tuple[str, int], dict[str, float] | None] = {}  # unchanged in a pass
-
-        def placeable(item: QueuedRequest) -> bool:
-            key = (item.model, item.workload_class)
-            if key in full or (*key, item.tenant) in held_back:
-                return False
-            view = views.get(key)
-            if view is None:
-                view = views[key] = self._nodes.capacity(*key)
-            if not view.room:  # the common case under load: a pass woken by a report
-                full.add(key)
-                return False
-            if key not in sharing:
-                sharing[key] = (
-                    self.admission.active(*key),
-                    self.queues.waiting(item.workload_class, item.model),
-                )
-            active, waiting = sharing[key]
-            if key not in demands:
-                demands[key] = self._demand(key, active)
-            demand = demands[key]
-            if not self.shares.may_start(
-                *key, item.tenant, view.slots, view.free, active, waiting, demand, waiting
-            ):
-                held_back.add((*key, item.tenant))  # the rest is kept for the others
-                return False
-            node = self._nodes.pick(
-                *key, affinity=item.affinity, need_room=True, among=view.candidates
-            )
-            if node is None:
-                full.add(key)
-                return False
-            chosen[item.request_id] = node
-            return True
-
+    def place(self) -> list[Placement]:
+        """The dispatch pass: pop every queued request that can start now, book each on the
+        node chosen for it and on its tenant's slot share, and return them in the order placed.
+        A request whose waiter is gone (timed out or cancelled as it was popped) is popped but
+        neither booked nor returned. Resolving the waiters is :meth:`_dispatch`'s."""
+        scan = _PassScan(self._nodes, self.admission, self.queues, self.shares, self._demand)
+        placed: list[Placement] = []
         while self.queues:
-            item = self.queues.pop(placeable)
+            item = self.queues.pop(scan.placeable)
             if item is None:
-                return
-            key = (item.model, item.workload_class)
-            views.pop(key, None)  # one slot fewer
-            sharing.pop(key, None)  # who has requests queued may have changed
-            held_back.difference_update({k for k in held_back if k[:2] == key})
-            node = chosen[item.request_id]
-            future = self._waiters.get(item.request_id)
-            if future is None or future.done():
+                break
+            node = scan.took(item)
+            if not self._awaited(item):
                 continue
             self._book(item, node)
-            future.set_result(node)
+            placed.append(Placement(item, node))
+        return placed
+
+    def _dispatch(self) -> None:
+        """Run the dispatch pass and hand every placed request its booked node."""
+        for placement in self.place():
+            self._waiters[placement.item.request_id].set_result(placement.node)
+
+    def _awaited(self, item: QueuedRequest) -> bool:
+        future = self._waiters.get(item.request_id)
+        return future is not None and not future.done()
 
     def _book(self, item: QueuedRequest, node: NodeHandle) -> None:
         """``item`` leaves for ``node``: book it there and on its tenant's slot share."""
@@ -280,9 +338,7 @@ class DispatchGate:
         self._avg_cost = cost if not self._avg_cost else 0.9 * self._avg_cost + 0.1 * cost
         self._nodes.dispatched(node, cost, item.affinity)
         waited = self._clock() - item.enqueued_at
-        self._metrics.queue_wait.labels(class_name(item.workload_class), item.tenant).observe(
-            waited
-        )
+        self._metrics.queue_wait.labels(item.workload_class.label, item.tenant).observe(waited)
         self.shares.started(item.model, item.workload_class, item.tenant)
 
     def _start_now(self, item: QueuedRequest, view: SlotView) -> NodeHandle | None:
@@ -301,7 +357,7 @@ class DispatchGate:
         self._book(item, node)
         return node
 
-    def _demand(self, key: tuple[str, int], tenants: set[str]) -> dict[str, float] | None:
+    def _demand(self, key: _Key, tenants: set[str]) -> dict[str, float] | None:
         """Slots each tenant asks of (model, class), for the slot shares' burst headroom."""
         return self.demand.slots(*key, tenants, self._nodes.token_seconds(key[0]))
 
@@ -314,7 +370,7 @@ class DispatchGate:
         """Drop what can no longer start in time; fail each with its refusal."""
         dropped = self.admission.shed(self._nodes.service_rate, self._nodes.token_seconds)
         for shed in dropped:
-            cls = class_name(shed.item.workload_class)
+            cls = shed.item.workload_class.label
             self._metrics.admission.labels(cls, "shed", shed.reason).inc()
             log.info(
                 "request_shed",
@@ -355,4 +411,4 @@ class DispatchGate:
 
     def queue_depths(self) -> dict[tuple[str, str], int]:
         """Queued requests by (class name, tenant), for the metrics."""
-        return {(class_name(c), t): n for (c, t), n in self.queues.depths().items()}
+        return {(c.label, t): n for (c, t), n in self.queues.depths().items()}

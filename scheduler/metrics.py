@@ -76,6 +76,12 @@ class SchedulerMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._registry = registry
+        self._add_request_metrics(registry)
+        self._add_node_metrics(registry)
+        self._add_quota_and_config_metrics(registry)
+
+    def _add_request_metrics(self, registry: CollectorRegistry) -> None:
+        """Requests, admission, the queue, the cache and time to first token."""
         self.requests = Counter(
             "sluice_scheduler_requests",
             "Requests by kind, workload class and outcome (ok, cached, refused, failed).",
@@ -95,6 +101,22 @@ class SchedulerMetrics:
             buckets=QUEUE_WAIT_BUCKETS,
             registry=registry,
         )
+        self.cache = Counter(
+            "sluice_scheduler_cache_lookups",
+            "Cache lookups from the request path by result (hit, miss, error, skipped).",
+            ["result"],
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "sluice_scheduler_time_to_first_token_seconds",
+            "Time from request arrival to the first chunk sent to the client.",
+            ["workload_class"],
+            buckets=RPC_LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    def _add_node_metrics(self, registry: CollectorRegistry) -> None:
+        """Calls to nodes: dispatches, retries, in flight, the fleet and ejections."""
         self.dispatches = Counter(
             "sluice_scheduler_dispatches",
             "Requests sent to a node, by node and result.",
@@ -112,19 +134,6 @@ class SchedulerMetrics:
             "Retries not made because the retry budget was spent.",
             registry=registry,
         )
-        self.cache = Counter(
-            "sluice_scheduler_cache_lookups",
-            "Cache lookups from the request path by result (hit, miss, error, skipped).",
-            ["result"],
-            registry=registry,
-        )
-        self.ttft = Histogram(
-            "sluice_scheduler_time_to_first_token_seconds",
-            "Time from request arrival to the first chunk sent to the client.",
-            ["workload_class"],
-            buckets=RPC_LATENCY_BUCKETS,
-            registry=registry,
-        )
         self.nodes = Gauge(
             "sluice_scheduler_nodes",
             "Nodes known to this scheduler, by whether they can take work.",
@@ -136,6 +145,15 @@ class SchedulerMetrics:
             "Requests this scheduler has in flight on nodes.",
             registry=registry,
         )
+        self.outlier_ejections = Counter(
+            "sluice_scheduler_outlier_ejections",
+            "Nodes ejected for time-to-first-token or inter-token latency far above peers.",
+            ["node", "signal"],
+            registry=registry,
+        )
+
+    def _add_quota_and_config_metrics(self, registry: CollectorRegistry) -> None:
+        """Quota checks, the quota store, and live tenant configuration."""
         self.quota_checks = Counter(
             "sluice_scheduler_quota_checks",
             "Quota checks by result (ok, exceeded, exceeded_cached: refused from a recent "
@@ -146,12 +164,6 @@ class SchedulerMetrics:
         self.quota_backend_up = Gauge(
             "sluice_scheduler_quota_backend_up",
             "1 when the last quota check reached Redis, 0 when it failed.",
-            registry=registry,
-        )
-        self.outlier_ejections = Counter(
-            "sluice_scheduler_outlier_ejections",
-            "Nodes ejected for time-to-first-token or inter-token latency far above peers.",
-            ["node", "signal"],
             registry=registry,
         )
         self.tenant_reloads = Counter(

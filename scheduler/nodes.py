@@ -27,16 +27,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from scheduler.admission import ThroughputMeter
 from scheduler.routing import AffinityTable, LoadBook, OutlierDetector, power_of_two
+from sluice.contract import WorkloadClass
 from sluice.runtime.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from sluice.runtime.registry import PrefixView
 from sluice.v1 import common_pb2, node_pb2, node_pb2_grpc
 
 log = structlog.get_logger(__name__)
 
-POOL_FOR_CLASS: dict[int, str] = {
-    common_pb2.WORKLOAD_CLASS_REALTIME: "realtime",
-    common_pb2.WORKLOAD_CLASS_BATCH: "realtime",
-    common_pb2.WORKLOAD_CLASS_FINETUNE: "finetune",
+POOL_FOR_CLASS: dict[WorkloadClass, str] = {
+    WorkloadClass.REALTIME: "realtime",
+    WorkloadClass.BATCH: "realtime",
+    WorkloadClass.FINETUNE: "finetune",
 }
 
 
@@ -76,7 +77,7 @@ class NodeHandle:
         measured = max(self.meter.rate(), self.load.decode_tokens_per_s if self.load else 0.0)
         return measured if measured > 0 else default
 
-    def serves(self, model: str, workload_class: int) -> bool:
+    def serves(self, model: str, workload_class: WorkloadClass) -> bool:
         """True when the node has ``model`` and a pool admitting ``workload_class``."""
         pool = POOL_FOR_CLASS.get(workload_class, "realtime")
         return pool in self.info.pools and any(m.name == model for m in self.info.models)
@@ -159,7 +160,7 @@ class NodeDirectory:
         """Every model some registered node advertises."""
         return {m.name: m for n in self._nodes.values() for m in n.info.models}
 
-    def candidates(self, model: str, workload_class: int) -> list[NodeHandle]:
+    def candidates(self, model: str, workload_class: WorkloadClass) -> list[NodeHandle]:
         """Nodes that may take this request now (room aside)."""
         return [
             n
@@ -171,11 +172,11 @@ class NodeDirectory:
             and n.serves(model, workload_class)
         ]
 
-    def has_room(self, node: NodeHandle, workload_class: int) -> bool:
+    def has_room(self, node: NodeHandle, workload_class: WorkloadClass) -> bool:
         """True when ``node`` can take one more request of ``workload_class``."""
         return node.book.has_room(workload_class, self._headroom)
 
-    def capacity(self, model: str, workload_class: int) -> SlotView:
+    def capacity(self, model: str, workload_class: WorkloadClass) -> SlotView:
         """One look at the candidates for a request: the sequences they offer the class
         together, how many are free now (every class and replica counted: the nodes' reports
         plus this replica's own bookings) and whether one has room; one walk of the node list
@@ -217,7 +218,7 @@ class NodeDirectory:
     def pick(
         self,
         model: str,
-        workload_class: int,
+        workload_class: WorkloadClass,
         exclude: frozenset[str] = frozenset(),
         *,
         affinity: str = "",

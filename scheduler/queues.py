@@ -1,46 +1,23 @@
-"""Per-class request queues: strict priority with aging, token-weighted fair queuing inside.
+"""Per-class request queues: strict priority with aging and promotion between classes,
+token-weighted fair queuing (VTC) inside a class.
 
-Synchronous and I/O-free: the dispatch loop (``scheduler.gate``) owns the I/O and calls in
-with an injected clock.
+Synchronous and I/O-free: the dispatch loop (:mod:`scheduler.gate`) calls in with an injected
+clock. Invariants:
 
-**Between classes.** ``REALTIME`` > ``BATCH`` > ``FINETUNE``, strictly, with aging: a class's
-effective rank is its base rank (0, 1, 2) minus the wait of its oldest item divided by
-``aging_s``. A lower class therefore wins once its oldest item has waited ``aging_s`` (per rank
-step) longer than the higher class's oldest. Because admission bounds how long a higher-class
-item can wait, the lower class's head wait overtakes it after a bounded time: nothing admitted
-starves forever. The price is a little priority inversion, bounded by ``aging_s``.
-
-**Promises below the top class.** Admission admits a ``BATCH`` or ``FINETUNE`` request only
-when it predicts a start early enough to finish before the deadline, and stamps a start it
-promises on it (``start_by``: with room to spare, :mod:`scheduler.admission`). The prediction
-cannot see higher-class work that arrives later, which is served first; without more, such a
-request waited too long and was shed from the queue, a refusal seconds late (measured with
-``make bench`` at 2x capacity: BATCH sheds after up to 10 s). So a lower-class item whose
-``start_by`` is within ``promote_lead_s`` goes before every other item, earliest ``start_by``
-first (earliest-deadline-first among the promoted, Liu & Layland 1973), and until it starts
-nothing else for its model does (it may need more room than REALTIME: lower classes leave
-headroom). Admission's promise is kept, and the priority inversion is bounded by what
-admission let in, which it sizes to the capacity the higher classes leave; an item whose
-promise can no longer be kept (capacity shrank) is shed, which ends the hold.
-
-**Inside a class.** The Virtual Token Counter (VTC) of Sheng et al., "Fairness in Serving Large
-Language Models", OSDI 2024 (arXiv:2401.00588). Each tenant has a counter of the service it
-received, in weighted tokens divided by the tenant's weight; the backlogged tenant with the
-smallest counter is served next. Prompt tokens are charged when the request is dispatched
-(``prompt_token_weight`` per token, VTC's w_p/w_q = 1/2) and generated tokens as the node
-produces them (:meth:`FairQueues.charge`), so a tenant pays for what it actually used, not for
-``max_new_tokens``. A tenant that becomes backlogged has its counter lifted to the smallest
-counter among backlogged tenants (or, with none, to the counter of the last tenant that left),
-less a small fixed credit (``lift_credit``), so idle time banks next to nothing. With the
-exact lift of the paper a returning light tenant ties with the heavy tenant's counter and loses
-the tie to its older queue head; the credit lets its new request go first (the paper's bound
-grows by the credit). VTC's guarantee: two continuously backlogged tenants' weighted service
-differs by at most a bounded amount (a couple of max request costs plus the credit), whatever
-the arrival pattern; over a long backlog the shares converge to the weights.
-
-**Bounds.** At most ``max_per_class`` items per class and ``max_per_tenant`` per tenant and
-class: :meth:`FairQueues.push` raises :class:`QueueFull` beyond. :meth:`FairQueues.cancel`
-removes an item at once (client gone).
+- Between classes, a class's effective rank is :attr:`WorkloadClass.rank` minus its oldest
+  item's wait over ``aging_s``: nothing admitted starves, priority inversion is bounded by
+  ``aging_s``.
+- A lower-class item whose ``start_by`` (the start admission promised) is within
+  ``promote_lead_s`` goes before every other item, earliest ``start_by`` first (EDF), and holds
+  its model until it starts (docs/decisions/scheduler-lower-class-promise.md).
+- Inside a class, the Virtual Token Counter of Sheng et al., OSDI 2024 (arXiv:2401.00588): the
+  backlogged tenant with the least service (weighted tokens / weight) goes next; prompts are
+  charged at dispatch (``prompt_token_weight`` per token), generated tokens as the node makes
+  them (:meth:`FairQueues.charge`). A tenant that becomes backlogged is lifted to the smallest
+  backlogged counter less ``lift_credit`` (docs/decisions/scheduler-vtc-lift-credit.md), so two
+  backlogged tenants' weighted service differs by a bounded amount.
+- At most ``max_per_class`` items per class and ``max_per_tenant`` per tenant and class
+  (:class:`QueueFull`); :meth:`FairQueues.cancel` removes an item at once.
 """
 
 from __future__ import annotations
@@ -52,22 +29,10 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from sluice.v1 import common_pb2
+from sluice.contract import WorkloadClass
 
 Clock = Callable[[], float]
 """Seconds from a monotonic origin."""
-
-REALTIME = common_pb2.WORKLOAD_CLASS_REALTIME
-BATCH = common_pb2.WORKLOAD_CLASS_BATCH
-FINETUNE = common_pb2.WORKLOAD_CLASS_FINETUNE
-CLASSES: tuple[int, ...] = (REALTIME, BATCH, FINETUNE)
-"""Workload classes, highest priority first."""
-RANK = {cls: i for i, cls in enumerate(CLASSES)}
-
-
-def class_name(workload_class: int) -> str:
-    """``realtime``, ``batch`` or ``finetune``."""
-    return common_pb2.WorkloadClass.Name(workload_class).removeprefix("WORKLOAD_CLASS_").lower()
 
 
 @dataclass(frozen=True)
@@ -100,7 +65,7 @@ class QueuedRequest:
 
     request_id: str
     tenant: str
-    workload_class: int
+    workload_class: WorkloadClass
     model: str
     prompt_tokens: int
     """Estimated prompt tokens (the scheduler does not tokenize; see :meth:`FairQueues.charge`)."""
@@ -154,7 +119,7 @@ class FairQueues:
         self.config = config or QueueConfig()
         self._clock = clock
         self._weight = weight
-        self._classes = {cls: _ClassQueue() for cls in CLASSES}
+        self._classes = {cls: _ClassQueue() for cls in WorkloadClass}
         self._by_id: dict[str, QueuedRequest] = {}
         self._seq = itertools.count()
         # Queued cost by (class, model) and by (class, model, tenant), for admission.
@@ -183,7 +148,7 @@ class FairQueues:
         cq.size += 1
         self._by_id[item.request_id] = item
         self._account(item, +1)
-        if RANK[item.workload_class] > 0 and math.isfinite(item.start_by):
+        if not item.workload_class.is_top and math.isfinite(item.start_by):
             if len(self._promised) > 2 * len(self._by_id) + 64:  # drop entries that left
                 self._promised = [e for e in self._promised if self._queued(e[2])]
                 heapq.heapify(self._promised)
@@ -242,19 +207,19 @@ class FairQueues:
 
     # -- choosing ------------------------------------------------------------------------
 
-    def class_order(self) -> list[int]:
+    def class_order(self) -> list[WorkloadClass]:
         """Non-empty classes in the order they are served now (rank minus aging)."""
         now = self._clock()
-        ranked: list[tuple[float, int, int]] = []
+        ranked: list[tuple[float, int, WorkloadClass]] = []
         for cls, cq in self._classes.items():
             if cq.size == 0:
                 continue
             oldest = min(q[0].enqueued_at for q in cq.by_tenant.values() if q)
             aging = (now - oldest) / self.config.aging_s if self.config.aging_s > 0 else 0.0
-            ranked.append((RANK[cls] - aging, RANK[cls], cls))
+            ranked.append((cls.rank - aging, cls.rank, cls))
         return [cls for *_, cls in sorted(ranked)]
 
-    def tenant_order(self, workload_class: int) -> list[str]:
+    def tenant_order(self, workload_class: WorkloadClass) -> list[str]:
         """Backlogged tenants of a class, smallest virtual counter first (ties: oldest head)."""
         cq = self._classes[workload_class]
         return sorted(
@@ -316,7 +281,7 @@ class FairQueues:
         )
         return item
 
-    def charge(self, tenant: str, workload_class: int, tokens: float) -> None:
+    def charge(self, tenant: str, workload_class: WorkloadClass, tokens: float) -> None:
         """Add service to a tenant's counter: generated tokens as they are produced, or a
         correction once the node reports the true prompt length (may be negative)."""
         cq = self._classes[workload_class]
@@ -335,7 +300,7 @@ class FairQueues:
         """Every queued request, in no particular order."""
         return list(self._by_id.values())
 
-    def depth(self, workload_class: int, tenant: str | None = None) -> int:
+    def depth(self, workload_class: WorkloadClass, tenant: str | None = None) -> int:
         """Items queued in a class (for one tenant, when given)."""
         cq = self._classes[workload_class]
         if tenant is None:
@@ -343,23 +308,25 @@ class FairQueues:
         fifo = cq.by_tenant.get(tenant)
         return len(fifo) if fifo else 0
 
-    def depths(self) -> dict[tuple[int, str], int]:
+    def depths(self) -> dict[tuple[WorkloadClass, str], int]:
         """Queued items by (class, tenant), for tenants with items queued."""
         return {
             (cls, t): len(q) for cls, cq in self._classes.items() for t, q in cq.by_tenant.items()
         }
 
-    def counter(self, workload_class: int, tenant: str) -> float:
+    def counter(self, workload_class: WorkloadClass, tenant: str) -> float:
         """A tenant's virtual token counter in a class."""
         return self._classes[workload_class].counters.get(tenant, 0.0)
 
-    def queued_cost(self, workload_class: int, model: str, tenant: str | None = None) -> float:
+    def queued_cost(
+        self, workload_class: WorkloadClass, model: str, tenant: str | None = None
+    ) -> float:
         """Weighted tokens queued in a class for a model (of one tenant, when given)."""
         if tenant is None:
             return max(0.0, self._cost.get((workload_class, model), 0.0))
         return max(0.0, self._tenant_cost.get((workload_class, model, tenant), 0.0))
 
-    def waiting(self, workload_class: int, model: str) -> dict[str, int]:
+    def waiting(self, workload_class: WorkloadClass, model: str) -> dict[str, int]:
         """Requests queued per tenant in a class for a model (tenants with none left out)."""
         return {
             t: n
@@ -367,7 +334,7 @@ class FairQueues:
             if cls == workload_class and m == model
         }
 
-    def tenants_with_cost(self, workload_class: int, model: str) -> dict[str, float]:
+    def tenants_with_cost(self, workload_class: WorkloadClass, model: str) -> dict[str, float]:
         """Queued weighted tokens per tenant in a class for a model."""
         return {
             t: c

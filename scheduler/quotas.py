@@ -265,11 +265,8 @@ class QuotaGate:
         self, tenant: Tenant, tokens: int, lease_id: str, lease_s: float
     ) -> Lease:
         """:meth:`acquire`, one loop turn late: the caller's node call, started in the same
-        turn (grpc.aio sends it from a task of its own), goes out first. A write to Redis wakes
-        it, and where Redis shares the scheduler's CPU the scheduler then waits for it to run;
-        sent before the node call, that wait was added to every metered request's time to first
-        token (on the 2-core VM, TTFT with a quota minus without went from +0.14 / +0.13 /
-        -0.26 ms to -0.13 / -0.32 / -0.17 ms over three alternating pairs of runs)."""
+        turn (grpc.aio sends it from a task of its own), goes out first
+        (docs/decisions/scheduler-quota-after-node-call.md)."""
         await asyncio.sleep(0)
         return await self.acquire(tenant, tokens, lease_id, lease_s)
 

@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from scheduler.queues import REALTIME, Clock
+from scheduler.queues import Clock
+from sluice.contract import WorkloadClass
 
 DEFAULT_MAX_SEQUENCES = 32
 """Capacity assumed for a node that publishes none."""
@@ -78,7 +79,9 @@ class LoadBook:
         tokens = self.reported_tokens + self.tokens_sent_since_report
         return self.sequences() / cap + self.kv_fraction + tokens / (cap * TOKENS_PER_SEQUENCE)
 
-    def has_room(self, workload_class: int, headroom: float, kv_limit: float = 0.95) -> bool:
+    def has_room(
+        self, workload_class: WorkloadClass, headroom: float, kv_limit: float = 0.95
+    ) -> bool:
         """True when one more sequence fits. Lower classes leave ``headroom`` (a fraction of
         the node's sequences, at least one) to REALTIME: they only fill capacity REALTIME is not
         using, and the node's engine preempts them if REALTIME arrives anyway."""
@@ -86,10 +89,10 @@ class LoadBook:
             return False
         return self.sequences() < self.capacity(workload_class, headroom)
 
-    def capacity(self, workload_class: int, headroom: float) -> int:
+    def capacity(self, workload_class: WorkloadClass, headroom: float) -> int:
         """Sequences ``workload_class`` may fill on the node (all of them for REALTIME)."""
         cap = max(1, self.max_sequences)
-        if workload_class != REALTIME:
+        if not workload_class.is_top:
             cap -= max(1, math.ceil(cap * headroom)) if cap > 1 else 0
         return cap
 

@@ -1,82 +1,28 @@
 """Tenant isolation on node slots: a tenant past its weighted share does not take the slots
-other active tenants are likely to need next.
+the other active tenants are likely to need next.
 
-Fair queuing (:mod:`scheduler.queues`) decides who is dispatched *next*, but it cannot help a
-request that arrives when every sequence slot is held by someone else: without preemption the
-newcomer waits for a running request to end (measured: a flood at 10x its share raised another
-tenant's median time to first token from 8 ms to 69 ms through a fair queue alone). So slots are
-shared too, work-conservingly:
+Synchronous and I/O-free, with an injected clock; the gate feeds it dispatches and ends. The
+rule (:meth:`SlotShares.may_start`), per (model, class), work-conserving and without preemption
+(a borrowed slot comes back when its request ends, as in YARN's capacity scheduler or Kueue's
+cohorts):
 
-- a tenant below its share of a model's slots in a class (slots x its weight / the weights of
-  the tenants active in the class, rounded up) may always take one;
-- past its share it may take one only if enough stay free for the *reserve* of every other
-  active tenant (a light tenant's queued burst, below: of the other light ones only): what
-  it has recently been seen to use at peak, plus one for its next arrival, capped at its own
-  share, minus what it holds now. For a tenant with requests queued the
-  reserve is rounded down to whole slots: it is in the same dispatch pass, so a slot reserved
-  for it is taken by it at once (never left idle), while the fractional rest of its share is
-  left to the fair queue, which orders the tenants by service received. Without the reserve a
-  queued tenant would wait behind the flooder's next dispatch whenever their virtual counters
-  tie (a newly backlogged tenant is lifted to the others' counter: measured, a victim's
-  median time to first token went from 9 ms calm to 90 ms in a 10x flood);
-- a tenant that has held more than its share on average over the window (slots held,
-  exponentially averaged: it has been borrowing) reserves nothing, so a light tenant's burst
-  past its own share may take the slots the borrower would otherwise keep. Without it a
-  victim at half its share, confined to its share in a flood, queued behind its own bursts
-  (Poisson arrivals: time to first token p99 1.4 s in the flood against 0.2 s calm).
+- a tenant below its share (slots x its weight / the active tenants' weights, rounded up) may
+  always take a slot, except one held as another light tenant's burst headroom;
+- past its share it may take one only if enough stay free for every other active tenant's
+  *reserve*: its recent peak plus one, capped at its share, less what it holds; whole slots
+  for a tenant with requests queued; nothing for a tenant that has been borrowing (5-s average
+  of slots held above its share);
+- a *light* tenant (demand at least ``burst_margin`` below its share, not borrowing) that holds
+  its whole share keeps one more slot as burst headroom, and its queued burst takes every slot
+  that frees past heavier tenants' reserves, never another light tenant's share or headroom.
 
-- a *light* tenant, one that asks for its share less ``burst_margin`` (half a slot), that now
-  holds its whole share keeps one more slot free for its next arrival (burst headroom, paid
-  for by the share it leaves unused): tenants past their share may not take it, nor may
-  tenants below their share, and its own burst takes it at once. With requests queued its
-  headroom is its whole queued burst: every slot that frees goes to it until the burst has
-  drained, the slots of a heavier tenant's share included, but not those another light
-  tenant is owed (its share, its headroom, its own queued burst). Without it a light tenant's
-  Poisson bursts past its share waited in a flood for one of its own requests to end: under
-  ``make bench-scheduler``'s isolation load (the victim at half its share, a flood at 10x
-  its share) the victim's time to first token p99 was 1.10 s in the flood (0.46 s calm);
-  with the headroom, 0.11 s in the flood of the same load run alone (30 s phases). The price
-  is at most one idle slot per light tenant, which the flood would otherwise have filled
-  beyond its share.
-
-  What a tenant asks for is its *demand* (:class:`DemandMeter`): the tokens its requests
-  reaching admission (admitted or refused) ask to generate over the last ``DEMAND_WINDOW_S``
-  (20 s), in slots by Little's law (tokens per second times seconds per token), as the gate
-  passes it in. Not the slots it has held: a burst raises those at once, so a light tenant
-  judged on its 5-s average lost its headroom in the very bursts it was for; and a flooder
-  judged on a longer average of slots held still looked light for the first seconds of its
-  flood. Offered load sees both right: the victim's bursts move its 20-s demand little, a
-  flood moves the flooder's at once. (On a discrete-event model of the isolation load with
-  the real queues and shares, ``python -m bench.isolation_model``, over 30 seeded 300-s
-  phases: the victim's p99 ratio flood/calm went from 0.69 / 0.82 / 1.06 to 0.66 / 0.81 /
-  0.95 at p10 / p50 / p90, and from 0.79 to 0.75 over 3000-s phases, the flooder's
-  throughput unchanged. How often the victim waits for a slot barely moves: what goes are
-  the long waits of a burst without its headroom.)
-  Without a demand figure (no inter-token time measured yet) the 5-s average stands in.
-
-  One slot of headroom was not enough for a burst of many requests: under ``make
-  bench-scheduler``'s isolation load a victim burst of ten requests in three seconds held its
-  three slots while the flood kept its share of two, and waited for its own requests to end
-  (1.3-2.2 s to the first token in the flood against 0.3-0.8 s for the same arrivals in the
-  calm phase, which read the victim's p99 ratio 2.57). So a light tenant's queued requests
-  count as headroom too (``waiting``), and a burst takes every slot that frees, the flood's
-  included, until it has drained. The flood gives up slots it would have held for the
-  burst's length only. The bounds: a tenant stays light while its 20-s demand reads below its
-  share by the margin and its 5-s average of slots held stays within its share, so over those
-  windows, not at every moment, it takes no more than the share it left unused. A tenant that
-  starts to flood reads light for its first seconds (about 1.5 s at ten times its share):
-  meanwhile its queued burst passes the reserves of heavier tenants only, never a light
-  tenant's share or headroom. (On the model, 30 seeds of 300-s
-  phases: p10 / p50 / p90 0.66 / 0.81 / 0.95 to 0.58 / 0.70 / 0.83, the flooder's
-  throughput unchanged.)
-
-A tenant that stays idle reserves nothing once it drops out of the active set, and a tenant that
-only ever uses one slot reserves two, not its whole share, so capacity left idle by the others
-is still used: only the headroom they are likely to need right away is kept for them. This is
-the guaranteed share plus borrowing of YARN's capacity scheduler or Kueue's cohorts, on sequence
-slots and without their preemption: a borrowed slot comes back when its request ends.
-
-Synchronous and I/O-free, with an injected clock; the gate feeds it dispatches and ends.
+A tenant's demand (:class:`DemandMeter`) is the tokens its requests ask to generate over the
+last ``DEMAND_WINDOW_S``, in slots by Little's law; without an inter-token time measured yet,
+its 5-s average of slots held stands in. Bounds: a light tenant takes, over those windows, no
+more than the share it leaves unused; a new flood reads light for its first seconds. Decision
+records (docs/decisions/): scheduler-slot-shares.md, scheduler-whole-slot-reserves.md,
+scheduler-borrower-reserves-nothing.md, scheduler-burst-headroom.md,
+scheduler-demand-lightness.md, scheduler-queued-burst-headroom.md.
 """
 
 from __future__ import annotations
@@ -87,6 +33,7 @@ from dataclasses import dataclass
 
 from scheduler.admission import RateMeter
 from scheduler.queues import Clock, QueuedRequest
+from sluice.contract import WorkloadClass
 
 DEMAND_WINDOW_S = 20.0
 """How far back :class:`DemandMeter` looks at what a tenant asks for."""
@@ -123,9 +70,9 @@ class SlotShares:
         self.burst_margin = burst_margin
         """A tenant whose demand (else its average use) stays this far below its share gets
         burst headroom."""
-        self._held: dict[tuple[str, int], dict[str, _Holding]] = {}
+        self._held: dict[tuple[str, WorkloadClass], dict[str, _Holding]] = {}
 
-    def started(self, model: str, workload_class: int, tenant: str) -> None:
+    def started(self, model: str, workload_class: WorkloadClass, tenant: str) -> None:
         """``tenant`` took a slot."""
         h = self._held.setdefault((model, workload_class), {}).setdefault(tenant, _Holding())
         now = self._clock()
@@ -134,7 +81,7 @@ class SlotShares:
         if h.running >= h.peak or now - h.peak_at > self._window:
             h.peak, h.peak_at = h.running, now
 
-    def ended(self, model: str, workload_class: int, tenant: str) -> None:
+    def ended(self, model: str, workload_class: WorkloadClass, tenant: str) -> None:
         """``tenant`` gave a slot back."""
         h = self._held.get((model, workload_class), {}).get(tenant)
         if h is not None and h.running > 0:
@@ -142,7 +89,7 @@ class SlotShares:
             h.average, h.average_at = h.averaged(now, self._window), now
             h.running -= 1
 
-    def running(self, model: str, workload_class: int, tenant: str) -> int:
+    def running(self, model: str, workload_class: WorkloadClass, tenant: str) -> int:
         """Slots ``tenant`` holds now."""
         h = self._held.get((model, workload_class), {}).get(tenant)
         return h.running if h is not None else 0
@@ -150,11 +97,12 @@ class SlotShares:
     def may_start(
         self,
         model: str,
-        workload_class: int,
+        workload_class: WorkloadClass,
         tenant: str,
         slots: int,
         free: int,
         active: Collection[str],
+        *,
         queued: Collection[str] = (),
         demand: Mapping[str, float] | None = None,
         waiting: Mapping[str, int] | None = None,
@@ -225,26 +173,16 @@ class SlotShares:
 
 
 class DemandMeter:
-    """Tokens each tenant asks a (model, class) to generate per second: the requests that
-    reached admission over the last ``window_s`` (admitted or refused by it; refusals before
-    it, such as quota or validation, and cache hits do not count), divided by the window.
-    One :class:`~scheduler.admission.RateMeter` per (model, class, tenant), as if it had
-    watched a quiet window before the tenant's first request.
+    """Tokens each tenant asks a (model, class) to generate per second over the last
+    ``window_s``: the requests that reached admission (admitted or refused by it; not quota or
+    validation refusals, nor cache hits), each as ``max_new_tokens`` times the fraction the
+    tenant's finished requests used (exponentially averaged; 1 until one finished). Prompts are
+    left out. One :class:`~scheduler.admission.RateMeter` per (model, class, tenant), started as
+    if after a quiet window; emptied meters are swept every ``SWEEP_EVERY`` arrivals.
 
-    A request asks for ``max_new_tokens`` times the fraction of it the tenant's requests that
-    ran to their end actually used (exponentially averaged; 1 until one has), so a chat
-    tenant that asks for 1024 and stops after 200 is not taken for a heavy one. Prompts are
-    left out: prefill holds a slot for a small part of a request's life, far less per token
-    than decoding, so counting prompt tokens at the decode rate would make a tenant with long
-    prompts look many times heavier than it is. Meters whose window has emptied are swept
-    every ``SWEEP_EVERY`` arrivals.
-
-    Divided by the whole window, a flood shows at once (10x a tenant's share reads as its
-    whole share within a tenth of the window) while a light tenant's burst moves its demand
-    by the burst's own work only. Its limits: a tenant that has just started reads low for up
-    to a window, so it may get headroom before it has shown that it needs little (as it did
-    on the 5-s average); and it is this replica's view against the slots of every replica,
-    so with several replicas a tenant spread over them reads lighter than it is.
+    Limits: a new tenant reads low for up to a window, and this replica's view is set against
+    every replica's slots, so a tenant spread over replicas reads lighter than it is
+    (docs/decisions/scheduler-demand-lightness.md).
     """
 
     SWEEP_EVERY = 4096
@@ -252,8 +190,8 @@ class DemandMeter:
     def __init__(self, clock: Clock, window_s: float = DEMAND_WINDOW_S) -> None:
         self._clock = clock
         self.window_s = window_s
-        self._meters: dict[tuple[str, int, str], RateMeter] = {}
-        self._used_fraction: dict[tuple[str, int, str], float] = {}
+        self._meters: dict[tuple[str, WorkloadClass, str], RateMeter] = {}
+        self._used_fraction: dict[tuple[str, WorkloadClass, str], float] = {}
         self._arrivals = 0
 
     def arrived(self, item: QueuedRequest) -> None:
@@ -277,13 +215,13 @@ class DemandMeter:
         fraction = min(1.0, generated / item.max_new_tokens)
         self._used_fraction[key] = 0.8 * self._used_fraction.get(key, 1.0) + 0.2 * fraction
 
-    def rate(self, model: str, workload_class: int, tenant: str) -> float:
+    def rate(self, model: str, workload_class: WorkloadClass, tenant: str) -> float:
         """Tokens per second ``tenant`` has asked for over the window (0 when none)."""
         meter = self._meters.get((model, workload_class, tenant))
         return meter.rate() if meter is not None else 0.0
 
     def slots(
-        self, model: str, workload_class: int, tenants: Collection[str], token_s: float
+        self, model: str, workload_class: WorkloadClass, tenants: Collection[str], token_s: float
     ) -> dict[str, float] | None:
         """Slots each of ``tenants`` asks for, by Little's law (tokens per second times
         ``token_s``, the seconds per generated token); None while ``token_s`` is unknown."""

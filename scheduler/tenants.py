@@ -30,14 +30,11 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from sluice.contract import WorkloadClass
 from sluice.runtime.auth import HASH_SCHEME, hash_api_key, key_matches
-from sluice.v1 import common_pb2
 
-CLASS_NAMES = {
-    "realtime": common_pb2.WORKLOAD_CLASS_REALTIME,
-    "batch": common_pb2.WORKLOAD_CLASS_BATCH,
-    "finetune": common_pb2.WORKLOAD_CLASS_FINETUNE,
-}
+_LABELS = [c.label for c in WorkloadClass]
+"""Class names a tenants file may use: lower case, highest priority first."""
 
 
 class Quotas(BaseModel):
@@ -73,7 +70,7 @@ class TenantSpec(BaseModel):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     api_key_hashes: list[str] = Field(min_length=1)
     weight: float = Field(default=1.0, gt=0)
-    classes: list[str] = Field(default_factory=lambda: list(CLASS_NAMES))
+    classes: list[str] = Field(default_factory=lambda: list(_LABELS))
     models: list[str] = Field(default_factory=lambda: ["*"])
     quotas: Quotas = Field(default_factory=Quotas)
     deadlines: dict[str, float] = Field(default_factory=dict)
@@ -82,9 +79,9 @@ class TenantSpec(BaseModel):
     @field_validator("deadlines")
     @classmethod
     def _deadlines(cls, value: dict[str, float]) -> dict[str, float]:
-        unknown = set(value) - set(CLASS_NAMES)
+        unknown = set(value) - set(_LABELS)
         if unknown:
-            raise ValueError(f"unknown classes {sorted(unknown)}; use {sorted(CLASS_NAMES)}")
+            raise ValueError(f"unknown classes {sorted(unknown)}; use {sorted(_LABELS)}")
         if any(v <= 0 for v in value.values()):
             raise ValueError("deadlines must be positive seconds")
         return value
@@ -100,9 +97,9 @@ class TenantSpec(BaseModel):
     @field_validator("classes")
     @classmethod
     def _classes(cls, value: list[str]) -> list[str]:
-        unknown = set(value) - set(CLASS_NAMES)
+        unknown = set(value) - set(_LABELS)
         if unknown:
-            raise ValueError(f"unknown classes {sorted(unknown)}; use {sorted(CLASS_NAMES)}")
+            raise ValueError(f"unknown classes {sorted(unknown)}; use {sorted(_LABELS)}")
         return value
 
 
@@ -120,16 +117,16 @@ class Tenant:
 
     name: str
     weight: float
-    classes: frozenset[int]
+    classes: frozenset[WorkloadClass]
     models: frozenset[str]
     key_hashes: tuple[str, ...] = field(repr=False)
     quotas: Quotas = field(default_factory=Quotas)
-    deadlines: Mapping[int, float] = field(default_factory=dict, hash=False)
+    deadlines: Mapping[WorkloadClass, float] = field(default_factory=dict, hash=False)
     """Default deadline in seconds per class, for calls that set none."""
     admin: bool = False
     """May read any tenant's usage."""
 
-    def deadline_for(self, workload_class: int, fallback: float) -> float:
+    def deadline_for(self, workload_class: WorkloadClass, fallback: float) -> float:
         """Seconds a call of ``workload_class`` without a deadline may take."""
         return self.deadlines.get(workload_class, fallback)
 
@@ -196,11 +193,11 @@ def parse_tenants(text: str) -> list[Tenant]:
         Tenant(
             name=t.name,
             weight=t.weight,
-            classes=frozenset(CLASS_NAMES[c] for c in t.classes),
+            classes=frozenset(WorkloadClass.from_label(c) for c in t.classes),
             models=frozenset(t.models),
             key_hashes=tuple(t.api_key_hashes),
             quotas=t.quotas,
-            deadlines={CLASS_NAMES[c]: s for c, s in t.deadlines.items()},
+            deadlines={WorkloadClass.from_label(c): s for c, s in t.deadlines.items()},
             admin=t.admin,
         )
         for t in spec.tenants

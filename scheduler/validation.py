@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from scheduler.config import ModelSpec
 from scheduler.tenants import Tenant
+from sluice.contract import WorkloadClass
 from sluice.runtime.errors import InvalidArgument, PermissionDenied
 from sluice.v1 import common_pb2, inference_pb2
 
@@ -18,8 +19,8 @@ Catalog = Callable[[str], ModelSpec | None]
 
 
 def effective_class(workload_class: int) -> int:
-    """Unset class means REALTIME."""
-    return workload_class or common_pb2.WORKLOAD_CLASS_REALTIME
+    """Unset class means REALTIME (any other value is kept, defined or not)."""
+    return workload_class or WorkloadClass.REALTIME
 
 
 def _check_access(tenant: Tenant, model: str, workload_class: int) -> None:

@@ -12,15 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler.admission import NO_CAPACITY, OVERLOADED, Admission, AdmissionConfig
-from scheduler.queues import (
-    BATCH,
-    FINETUNE,
-    REALTIME,
-    FairQueues,
-    QueueConfig,
-    QueuedRequest,
-    QueueFull,
-)
+from scheduler.queues import FairQueues, QueueConfig, QueuedRequest, QueueFull
+from sluice.contract import WorkloadClass
+
+REALTIME, BATCH, FINETUNE = WorkloadClass.REALTIME, WorkloadClass.BATCH, WorkloadClass.FINETUNE
 
 
 class FakeClock:
@@ -41,7 +36,7 @@ _ids = itertools.count()
 
 def item(
     tenant: str = "a",
-    cls: int = REALTIME,
+    cls: WorkloadClass = REALTIME,
     *,
     prompt: int = 10,
     new: int = 10,

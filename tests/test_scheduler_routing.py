@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import random
 
-from scheduler.queues import BATCH, REALTIME
 from scheduler.routing import AffinityTable, LoadBook, OutlierDetector, RetryBudget, power_of_two
+from sluice.contract import WorkloadClass
 from sluice.runtime.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from tests.test_scheduler_core import FakeClock
+
+REALTIME, BATCH = WorkloadClass.REALTIME, WorkloadClass.BATCH
 
 
 def test_load_estimate_moves_with_own_dispatches_between_reports() -> None:

@@ -6,8 +6,11 @@ import itertools
 
 import pytest
 
-from scheduler.queues import REALTIME, QueuedRequest
+from scheduler.queues import QueuedRequest
 from scheduler.shares import DemandMeter, SlotShares
+from sluice.contract import WorkloadClass
+
+REALTIME = WorkloadClass.REALTIME
 
 
 class Clock:
@@ -248,12 +251,14 @@ def test_a_light_tenant_keeps_its_headroom_through_its_own_burst() -> None:
     start(shares, "flood")
     clock.now += 8.0
     both = {"flood", "victim"}
-    assert shares.may_start("m", REALTIME, "flood", 4, 1, both, {"flood"})  # on its average
+    assert shares.may_start("m", REALTIME, "flood", 4, 1, both, queued={"flood"})  # on its average
     light = {"victim": 1.0, "flood": 20.0}
-    assert not shares.may_start("m", REALTIME, "flood", 4, 1, both, {"flood"}, light)
-    assert shares.may_start("m", REALTIME, "victim", 4, 1, both, {"flood", "victim"}, light)
+    assert not shares.may_start("m", REALTIME, "flood", 4, 1, both, queued={"flood"}, demand=light)
+    assert shares.may_start(
+        "m", REALTIME, "victim", 4, 1, both, queued={"flood", "victim"}, demand=light
+    )
     heavy = {"victim": 2.0, "flood": 20.0}
-    assert shares.may_start("m", REALTIME, "flood", 4, 1, both, {"flood"}, heavy)
+    assert shares.may_start("m", REALTIME, "flood", 4, 1, both, queued={"flood"}, demand=heavy)
 
 
 def test_a_tenant_asking_for_ten_times_its_share_keeps_no_headroom() -> None:
@@ -265,9 +270,9 @@ def test_a_tenant_asking_for_ten_times_its_share_keeps_no_headroom() -> None:
     clock.now += 10.0
     start(shares, "flood")
     both = {"flood", "victim"}
-    assert not shares.may_start("m", REALTIME, "victim", 4, 1, both, {"victim"})
+    assert not shares.may_start("m", REALTIME, "victim", 4, 1, both, queued={"victim"})
     demand = {"flood": 20.0, "victim": 1.0}
-    assert shares.may_start("m", REALTIME, "victim", 4, 1, both, {"victim"}, demand)
+    assert shares.may_start("m", REALTIME, "victim", 4, 1, both, queued={"victim"}, demand=demand)
 
 
 def test_a_light_tenants_queued_burst_takes_every_slot_that_frees() -> None:
@@ -286,17 +291,25 @@ def test_a_light_tenants_queued_burst_takes_every_slot_that_frees() -> None:
     both = {"flood", "victim"}
     demand = {"victim": 1.0, "flood": 20.0}
     burst = {"victim": 3, "flood": 5}
-    assert shares.may_start("m", REALTIME, "victim", 4, 1, both, burst, demand, burst)
-    assert not shares.may_start("m", REALTIME, "flood", 4, 1, both, burst, demand, burst)
-    assert not shares.may_start("m", REALTIME, "victim", 4, 1, both, burst, demand)
-    assert shares.may_start("m", REALTIME, "flood", 4, 1, both, burst, demand)
+    assert shares.may_start(
+        "m", REALTIME, "victim", 4, 1, both, queued=burst, demand=demand, waiting=burst
+    )
+    assert not shares.may_start(
+        "m", REALTIME, "flood", 4, 1, both, queued=burst, demand=demand, waiting=burst
+    )
+    assert not shares.may_start("m", REALTIME, "victim", 4, 1, both, queued=burst, demand=demand)
+    assert shares.may_start("m", REALTIME, "flood", 4, 1, both, queued=burst, demand=demand)
 
     drained = {"flood": 5}  # the victim's queue is empty again: one slot of headroom as before
     start(shares, "victim")  # 4 held
     shares.ended("m", REALTIME, "victim")
     shares.ended("m", REALTIME, "victim")  # 2 held, its share: one free slot stays its own
-    assert not shares.may_start("m", REALTIME, "flood", 4, 1, both, drained, demand, drained)
-    assert shares.may_start("m", REALTIME, "flood", 4, 2, both, drained, demand, drained)
+    assert not shares.may_start(
+        "m", REALTIME, "flood", 4, 1, both, queued=drained, demand=demand, waiting=drained
+    )
+    assert shares.may_start(
+        "m", REALTIME, "flood", 4, 2, both, queued=drained, demand=demand, waiting=drained
+    )
 
 
 def test_a_tenant_asking_for_its_share_gets_no_burst_past_it() -> None:
@@ -309,8 +322,12 @@ def test_a_tenant_asking_for_its_share_gets_no_burst_past_it() -> None:
     both = {"flood", "victim"}
     demand = {"victim": 2.0, "flood": 2.0}
     waiting = {"victim": 6, "flood": 1}
-    assert not shares.may_start("m", REALTIME, "victim", 4, 1, both, waiting, demand, waiting)
-    assert shares.may_start("m", REALTIME, "flood", 4, 1, both, waiting, demand, waiting)
+    assert not shares.may_start(
+        "m", REALTIME, "victim", 4, 1, both, queued=waiting, demand=demand, waiting=waiting
+    )
+    assert shares.may_start(
+        "m", REALTIME, "flood", 4, 1, both, queued=waiting, demand=demand, waiting=waiting
+    )
 
 
 def test_a_queued_burst_does_not_hold_a_light_tenant_below_its_share() -> None:
@@ -326,11 +343,19 @@ def test_a_queued_burst_does_not_hold_a_light_tenant_below_its_share() -> None:
     waiting = {"A": 8, "B": 8}
     start(shares, "A")  # A holds 3, B 1: none free
     shares.ended("m", REALTIME, "B")  # one frees
-    assert not shares.may_start("m", REALTIME, "B", 4, 1, both, waiting, demand, waiting)
-    assert shares.may_start("m", REALTIME, "A", 4, 1, both, waiting, demand, waiting)
-    assert shares.may_start("m", REALTIME, "B", 4, 2, both, waiting, demand, waiting)
+    assert not shares.may_start(
+        "m", REALTIME, "B", 4, 1, both, queued=waiting, demand=demand, waiting=waiting
+    )
+    assert shares.may_start(
+        "m", REALTIME, "A", 4, 1, both, queued=waiting, demand=demand, waiting=waiting
+    )
+    assert shares.may_start(
+        "m", REALTIME, "B", 4, 2, both, queued=waiting, demand=demand, waiting=waiting
+    )
     heavy_b = {"A": 0.2, "B": 5.0}
-    assert not shares.may_start("m", REALTIME, "B", 4, 2, both, waiting, heavy_b, waiting)
+    assert not shares.may_start(
+        "m", REALTIME, "B", 4, 2, both, queued=waiting, demand=heavy_b, waiting=waiting
+    )
 
 
 def test_a_flood_that_still_reads_light_keeps_its_burst_off_a_light_tenants_share() -> None:
@@ -345,16 +370,24 @@ def test_a_flood_that_still_reads_light_keeps_its_burst_off_a_light_tenants_shar
     both = {"flood", "victim"}
     demand = {"victim": 1.0, "flood": 0.8}
     waiting = {"victim": 1, "flood": 5}
-    assert shares.may_start("m", REALTIME, "flood", 4, 1, both, waiting, demand, waiting)
+    assert shares.may_start(
+        "m", REALTIME, "flood", 4, 1, both, queued=waiting, demand=demand, waiting=waiting
+    )
     start(shares, "flood")  # 3 held: its headroom is used
     shares.ended("m", REALTIME, "victim")  # a victim request ends
     start(shares, "victim")  # the next starts: 1 held, 1 more queued
     shares.ended("m", REALTIME, "flood")
     start(shares, "flood")  # the flood's slot turned over: 3 held, one slot frees now
-    assert not shares.may_start("m", REALTIME, "flood", 4, 1, both, waiting, demand, waiting)
-    assert shares.may_start("m", REALTIME, "victim", 4, 1, both, waiting, demand, waiting)
+    assert not shares.may_start(
+        "m", REALTIME, "flood", 4, 1, both, queued=waiting, demand=demand, waiting=waiting
+    )
+    assert shares.may_start(
+        "m", REALTIME, "victim", 4, 1, both, queued=waiting, demand=demand, waiting=waiting
+    )
     heavy_victim = {"victim": 3.0, "flood": 0.8}
-    assert shares.may_start("m", REALTIME, "flood", 4, 1, both, waiting, heavy_victim, waiting)
+    assert shares.may_start(
+        "m", REALTIME, "flood", 4, 1, both, queued=waiting, demand=heavy_victim, waiting=waiting
+    )
 
 
 def test_without_counts_a_light_tenant_past_its_headroom_keeps_to_the_reserves() -> None:
@@ -368,5 +401,9 @@ def test_without_counts_a_light_tenant_past_its_headroom_keeps_to_the_reserves()
     shares.ended("m", REALTIME, "flood")  # one slot frees
     both = {"flood", "victim"}
     demand = {"victim": 0.5, "flood": 20.0}
-    assert not shares.may_start("m", REALTIME, "victim", 4, 1, both, {"flood"}, demand)
-    assert shares.may_start("m", REALTIME, "victim", 4, 1, both, {"flood"}, demand, {})
+    assert not shares.may_start(
+        "m", REALTIME, "victim", 4, 1, both, queued={"flood"}, demand=demand
+    )
+    assert shares.may_start(
+        "m", REALTIME, "victim", 4, 1, both, queued={"flood"}, demand=demand, waiting={}
+    )
