@@ -1,4 +1,5 @@
-"""gRPC servicer of the ``Cache`` service: translates between protobuf and :mod:`cache.cache`."""
+"""gRPC servicer of the ``Cache`` service: translates between protobuf and
+:mod:`cache_service.cache`."""
 
 from __future__ import annotations
 

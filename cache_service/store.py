@@ -1,8 +1,9 @@
 """The Redis side of the cache, behind a small protocol so the core never sees Redis.
 
-Redis clients here fail fast: 250 ms connect and socket timeouts and one retry, instead of
-redis-py's defaults (~4 s to fail against a dead server). A breaker stops hammering a Redis
-that is down; while it is open every call fails at once with :class:`StoreUnavailable`.
+Redis clients here fail fast: connect and socket timeouts of ``timeout_s`` (0.25 s by default)
+and one retry without backoff (docs/decisions/runtime-redis-fail-fast.md). A breaker stops
+hammering a Redis that is down; while it is open every call fails at once with
+:class:`StoreUnavailable`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Composition root of an inference node: ``python -m inference_node [flags]``.
 
-The first generation engine runs its loop on the process's main thread (torch is faster there,
-see ``ThreadedEngine.serve``); asyncio (gRPC server, registry, metrics) runs on a helper
-thread. SIGTERM/SIGINT, or a finished Drain RPC, drains and stops the node.
+The first generation engine runs its loop on the process's main thread
+(docs/decisions/node-engine-main-thread.md); asyncio (gRPC server, registry, metrics) runs on a
+helper thread. SIGTERM/SIGINT, or a finished Drain RPC, drains and stops the node.
 """
 
 from __future__ import annotations

@@ -19,14 +19,8 @@ from inference_node.engine import build_engine
 from inference_node.engine.types import Engine
 from inference_node.gpu import GpuProbe
 from inference_node.metrics import EngineCollector, NodeMetrics
-from inference_node.models import (
-    Embedder,
-    LanguageModel,
-    is_embedder,
-    is_generator,
-    load_embedder,
-    load_language_model,
-)
+from inference_node.model_types import Embedder, LanguageModel
+from inference_node.models import is_embedder, is_generator, load_embedder, load_language_model
 from inference_node.server import NodeServicer
 from sluice import __version__
 from sluice.contract import NODES_PREFIX

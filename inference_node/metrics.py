@@ -11,8 +11,7 @@ from prometheus_client.registry import Collector
 
 from inference_node.engine.types import EngineStats
 from inference_node.gpu import GpuProbe
-
-CLASS_LABELS = {1: "realtime", 2: "batch", 3: "finetune"}
+from sluice.contract import WorkloadClass
 
 
 class NodeMetrics:
@@ -68,9 +67,9 @@ class EngineCollector(Collector):
             "sluice_node_decode_tokens_per_second", "Decode throughput (EWMA).", labels=["model"]
         )
         for model, stats in self._stats().items():
-            for cls, label in CLASS_LABELS.items():
-                running.add_metric([model, label], stats.running.get(cls, 0))
-                waiting.add_metric([model, label], stats.waiting.get(cls, 0))
+            for cls in WorkloadClass:
+                running.add_metric([model, cls.label], stats.running.get(cls, 0))
+                waiting.add_metric([model, cls.label], stats.waiting.get(cls, 0))
             kv_used.add_metric([model], stats.kv_used_bytes)
             kv_budget.add_metric([model], stats.kv_budget_bytes)
             rate.add_metric([model], stats.decode_tokens_per_s)

@@ -1,12 +1,11 @@
 """Model pieces that load without importing transformers.
 
-Importing transformers costs ~2-3 s on this machine (it pulls in torch.distributed, dynamo and
-sympy), which alone would break the warm node start target. The models a node serves by default
-need none of it: a Llama-family checkpoint is a ``config.json``, safetensors weights that
+A Llama-family checkpoint is a ``config.json``, safetensors weights that
 :class:`~inference_node.engine.llama.LlamaRunner` reads directly, and a ``tokenizer.json`` the
-Rust ``tokenizers`` library runs; the MiniLM embedder is a six-layer BERT encoder written out
-below. transformers stays the path for everything else (other architectures, the GGUF
-conversion, the baselines of the benchmark), imported only when one of those is used.
+Rust ``tokenizers`` library runs (:class:`FastTokenizer`); the MiniLM embedder is the BERT
+encoder below. transformers stays the path for everything else (other architectures, the GGUF
+conversion, the benchmark's baselines), imported only when one of those is used
+(docs/decisions/node-native-loading.md).
 
 Equivalence with transformers is pinned by tests: same token ids, same chat rendering, same
 greedy tokens, same embeddings.

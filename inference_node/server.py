@@ -22,7 +22,8 @@ from inference_node.engine.types import (
 )
 from inference_node.gpu import GpuProbe
 from inference_node.metrics import NodeMetrics
-from inference_node.models import Embedder, LanguageModel
+from inference_node.model_types import Embedder, LanguageModel
+from sluice.contract import WorkloadClass
 from sluice.runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
 from sluice.v1 import common_pb2, inference_pb2, node_pb2, node_pb2_grpc
 
@@ -107,7 +108,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             request_id=request.request_id or f"{self._node_id}-{time.monotonic_ns()}",
             prompt_token_ids=tuple(prompt_ids),
             params=sampling_params(req.options),
-            workload_class=req.workload_class or common_pb2.WORKLOAD_CLASS_REALTIME,
+            workload_class=req.workload_class,  # the engine reads 0 as REALTIME
         )
         try:
             stream = engine.submit(engine_request)
@@ -190,8 +191,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             else common_pb2.NODE_STATE_SERVING,
             timestamp_unix_ms=int(time.time() * 1000),
         )
-        running: dict[int, int] = {}
-        waiting: dict[int, int] = {}
+        running: dict[WorkloadClass, int] = {}
+        waiting: dict[WorkloadClass, int] = {}
         for _lm, engine in self._generators.values():
             stats = engine.stats()
             for cls, n in stats.running.items():
@@ -207,7 +208,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             report.gpu_free_bytes = reading.free_bytes
             report.gpu_total_bytes = reading.total_bytes
             report.gpu_utilization_percent = reading.utilization_percent
-        for cls in (1, 2, 3):
+        for cls in WorkloadClass:
             report.classes.add(
                 workload_class=cls,  # type: ignore[arg-type]
                 running=running.get(cls, 0),

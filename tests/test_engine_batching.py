@@ -1,5 +1,6 @@
 """The continuous-batching engine: exactness against HF generate, batching, preemption,
-cancellation, memory budget, drain. Correctness only; speed is measured by bench/engine.py."""
+cancellation, memory budget, drain. Correctness only; speed is measured by
+``python -m bench.engine``."""
 
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ import pytest
 import torch
 
 from inference_node.engine import (
-    WORKLOAD_BATCH,
-    WORKLOAD_REALTIME,
     BatchingConfig,
     BatchingEngine,
     EngineClosedError,
@@ -25,6 +24,7 @@ from inference_node.engine import (
     build_engine,
 )
 from inference_node.models import LanguageModel, load_language_model
+from sluice.contract import WorkloadClass
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def prompts(lm: LanguageModel, lengths: list[int], seed: int = 0) -> list[list[i
 
 
 def request(
-    rid: str, ids: list[int], n: int, workload_class: int = WORKLOAD_REALTIME, **params: Any
+    rid: str, ids: list[int], n: int, workload_class: int = WorkloadClass.REALTIME, **params: Any
 ) -> EngineRequest:
     params.setdefault("ignore_eos", True)
     return EngineRequest(
@@ -153,11 +153,11 @@ async def test_cancelled_stream_frees_its_slot(lm: LanguageModel) -> None:
         running = engine.submit(request("a", a, 500))
         await anext(running)
         waiting = engine.submit(request("b", b, 4))
-        assert engine.stats().waiting[WORKLOAD_REALTIME] == 1
+        assert engine.stats().waiting[WorkloadClass.REALTIME] == 1
         await running.aclose()
         deltas = await collect(waiting)
         assert deltas[-1].finish_reason is FinishReason.LENGTH
-        assert engine.stats().running[WORKLOAD_REALTIME] == 0
+        assert engine.stats().running[WorkloadClass.REALTIME] == 0
     finally:
         engine.close()
 
@@ -170,10 +170,10 @@ async def test_realtime_preempts_batch_and_batch_still_completes_exactly(
     engine = make_engine(lm, max_sequences=2)
     try:
         b1, b2, rt = prompts(lm, [12, 14, 6], seed=7)
-        batch1 = engine.submit(request("b1", b1, 120, WORKLOAD_BATCH))
-        batch2 = engine.submit(request("b2", b2, 120, WORKLOAD_BATCH))
+        batch1 = engine.submit(request("b1", b1, 120, WorkloadClass.BATCH))
+        batch2 = engine.submit(request("b2", b2, 120, WorkloadClass.BATCH))
         first1, first2 = await anext(batch1), await anext(batch2)
-        assert engine.stats().running[WORKLOAD_BATCH] == 2
+        assert engine.stats().running[WorkloadClass.BATCH] == 2
         realtime = await collect(engine.submit(request("rt", rt, 8)))
         assert realtime[-1].finish_reason is FinishReason.LENGTH
         rest1, rest2 = await asyncio.gather(collect(batch1), collect(batch2))
@@ -222,7 +222,7 @@ async def test_stop_string_and_stats(engine: BatchingEngine, lm: LanguageModel) 
     stream = engine.submit(request("kv", p, 300))
     await anext(stream)
     stats = engine.stats()
-    assert stats.running[WORKLOAD_REALTIME] == 1
+    assert stats.running[WorkloadClass.REALTIME] == 1
     assert stats.kv_used_bytes > 0
     await stream.aclose()
 

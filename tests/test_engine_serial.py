@@ -12,8 +12,6 @@ import pytest
 import torch
 
 from inference_node.engine import (
-    WORKLOAD_BATCH,
-    WORKLOAD_REALTIME,
     EngineClosedError,
     EngineFullError,
     EngineRequest,
@@ -23,6 +21,7 @@ from inference_node.engine import (
     TokenDelta,
 )
 from inference_node.models import LanguageModel, load_language_model
+from sluice.contract import WorkloadClass
 
 
 @pytest.fixture
@@ -43,7 +42,7 @@ def _request(
     request_id: str,
     *,
     prompt: str = "Once upon a time",
-    workload_class: int = WORKLOAD_REALTIME,
+    workload_class: int = WorkloadClass.REALTIME,
     **params: Any,
 ) -> EngineRequest:
     params.setdefault("max_new_tokens", 16)
@@ -213,14 +212,16 @@ async def test_realtime_overtakes_waiting_batch(engine: SerialEngine, lm: Langua
                 order.append(rid)
 
     running = engine.submit(
-        _request(lm, "batch-0", workload_class=WORKLOAD_BATCH, max_new_tokens=300, ignore_eos=True)
+        _request(
+            lm, "batch-0", workload_class=WorkloadClass.BATCH, max_new_tokens=300, ignore_eos=True
+        )
     )
     await anext(running)
     order.append("batch-0")
     streams = {"batch-0": running}
     for rid in ("batch-1", "batch-2"):
         streams[rid] = engine.submit(
-            _request(lm, rid, workload_class=WORKLOAD_BATCH, max_new_tokens=4)
+            _request(lm, rid, workload_class=WorkloadClass.BATCH, max_new_tokens=4)
         )
     streams["realtime"] = engine.submit(_request(lm, "realtime", max_new_tokens=4))
     stats = engine.stats()
@@ -254,7 +255,7 @@ async def test_waiting_queue_is_bounded(lm: LanguageModel) -> None:
     streams = [engine.submit(_request(lm, f"r{i}")) for i in range(2)]
     with pytest.raises(EngineFullError):
         engine.submit(_request(lm, "r2"))
-    assert engine.stats().waiting[WORKLOAD_REALTIME] == 2
+    assert engine.stats().waiting[WorkloadClass.REALTIME] == 2
     engine.close()
     for stream in streams:
         deltas = await _collect(stream)

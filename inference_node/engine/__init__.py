@@ -5,10 +5,6 @@ from inference_node.engine.hosting import run_with_engine
 from inference_node.engine.llama import supports
 from inference_node.engine.serial import SerialEngine
 from inference_node.engine.types import (
-    WORKLOAD_BATCH,
-    WORKLOAD_CLASSES,
-    WORKLOAD_FINETUNE,
-    WORKLOAD_REALTIME,
     DeltaStream,
     Engine,
     EngineClosedError,
@@ -20,13 +16,9 @@ from inference_node.engine.types import (
     SamplingParams,
     TokenDelta,
 )
-from inference_node.models import LanguageModel
+from inference_node.model_types import LanguageModel
 
 __all__ = [
-    "WORKLOAD_BATCH",
-    "WORKLOAD_CLASSES",
-    "WORKLOAD_FINETUNE",
-    "WORKLOAD_REALTIME",
     "BatchingConfig",
     "BatchingEngine",
     "DeltaStream",

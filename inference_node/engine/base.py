@@ -21,8 +21,6 @@ import structlog
 
 from inference_node.engine.text import kv_bytes_per_token
 from inference_node.engine.types import (
-    WORKLOAD_CLASSES,
-    WORKLOAD_REALTIME,
     DeltaStream,
     EngineClosedError,
     EngineFullError,
@@ -32,7 +30,8 @@ from inference_node.engine.types import (
     RequestTooLargeError,
     TokenDelta,
 )
-from inference_node.models import LanguageModel
+from inference_node.model_types import LanguageModel
+from sluice.contract import WorkloadClass
 
 log = structlog.get_logger(__name__)
 
@@ -49,7 +48,7 @@ class JobState(enum.Enum):
 class Job:
     """Engine-side state of one request. ``state`` changes only under the engine's lock."""
 
-    def __init__(self, request: EngineRequest, workload_class: int, seq: int) -> None:
+    def __init__(self, request: EngineRequest, workload_class: WorkloadClass, seq: int) -> None:
         self.request = request
         self.workload_class = workload_class
         self.seq = seq
@@ -203,8 +202,8 @@ class ThreadedEngine:
 
     def stats(self) -> EngineStats:
         """Per-class counts, KV use and budget, decode rate and outstanding tokens."""
-        running = dict.fromkeys(WORKLOAD_CLASSES, 0)
-        waiting = dict.fromkeys(WORKLOAD_CLASSES, 0)
+        running = dict.fromkeys(WorkloadClass, 0)
+        waiting = dict.fromkeys(WorkloadClass, 0)
         queued = 0
         self._reap()
         with self._lock:
@@ -261,9 +260,8 @@ class ThreadedEngine:
 
     def serve(self) -> None:
         """Run the engine loop on the calling thread until :meth:`close` (instead of
-        :meth:`start`). Torch runs measurably faster on a process's main thread here (its
-        OpenMP team: 34 vs 57 ms per SmolLM2 decode step at batch 1, 191 vs 271 at 64), so
-        nodes and benchmarks serve their engine on the main thread, asyncio on a helper one."""
+        :meth:`start`). Nodes and benchmarks call it on the main thread and run asyncio on a
+        helper one (docs/decisions/node-engine-main-thread.md)."""
         if self._thread is not None:
             raise RuntimeError("engine already runs on its own thread")
         if not self._stopping.is_set():  # closed before it got here: nothing to serve
@@ -283,7 +281,9 @@ class ThreadedEngine:
             if self._thread.is_alive():
                 log.warning("engine_thread_join_timeout", model=self._lm.name)
 
-    def _validate(self, request: EngineRequest) -> int:
+    def _validate(self, request: EngineRequest) -> WorkloadClass:
+        """Check ``request`` against the model and budget (``ValueError`` or
+        :class:`RequestTooLargeError`); returns its class, unspecified (0) read as REALTIME."""
         params = request.params
         prompt = request.prompt_token_ids
         if not prompt:
@@ -296,8 +296,10 @@ class ThreadedEngine:
             raise ValueError("top_p must be in (0, 1]")
         if any(not s for s in params.stop):
             raise ValueError("stop strings must not be empty")
-        if request.workload_class not in (0, *WORKLOAD_CLASSES):
-            raise ValueError(f"unknown workload class {request.workload_class}")
+        try:
+            workload_class = WorkloadClass.from_wire(request.workload_class)
+        except ValueError:
+            raise ValueError(f"unknown workload class {request.workload_class}") from None
         total = len(prompt) + params.max_new_tokens
         if total > self._lm.max_context_tokens:
             raise ValueError(
@@ -307,7 +309,7 @@ class ThreadedEngine:
         self._check_fits(total)
         if min(prompt) < 0 or max(prompt) >= self._vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self._vocab_size})")
-        return request.workload_class or WORKLOAD_REALTIME
+        return workload_class
 
     def _check_fits(self, total_tokens: int) -> None:
         """Raise :class:`RequestTooLargeError` when a request of ``total_tokens`` can never fit."""

@@ -6,10 +6,10 @@ Every engine step:
    cancelled requests leave (a running one frees its slot now);
 2. admission: while the step's token budget (``max_batched_tokens`` minus one token per
    decoding sequence) and a free slot last, the best waiting request gets a slot and a prefill
-   chunk. With every slot taken, a waiting REALTIME request preempts the running sequence of
-   the lowest class (latest arrival first); the victim goes back to the waiting heap with its
-   generated tokens appended to its prompt and is recomputed when readmitted: its stream
-   pauses, nothing already sent is lost or repeated;
+   chunk. With every slot taken, the best waiting request preempts a running sequence of a
+   lower class (the lowest class, latest arrival first); the victim goes back to the waiting
+   heap with its generated tokens appended to its prompt and is recomputed when readmitted:
+   its stream pauses, nothing already sent is lost or repeated;
 3. one forward pass (:class:`LlamaRunner.step`) runs the decode token of every running sequence
    and every prefill chunk together;
 4. each row's token is sampled and streamed at once; finished sequences free their slots (the
@@ -34,7 +34,7 @@ from inference_node.engine.base import Job, JobState, ThreadedEngine
 from inference_node.engine.llama import LlamaRunner, Prefill
 from inference_node.engine.text import TextStream, make_generator, sample
 from inference_node.engine.types import FinishReason, RequestTooLargeError, TokenDelta
-from inference_node.models import LanguageModel
+from inference_node.model_types import LanguageModel
 
 log = structlog.get_logger(__name__)
 
@@ -70,8 +70,8 @@ class _Sequence:
 
     @property
     def key(self) -> tuple[int, int]:
-        """Waiting order: class first, then arrival."""
-        return (self.job.workload_class, self.job.seq)
+        """Waiting order: class rank first, then arrival."""
+        return (self.job.workload_class.rank, self.job.seq)
 
 
 class BatchingEngine(ThreadedEngine):
@@ -232,7 +232,7 @@ class BatchingEngine(ThreadedEngine):
         victims = [
             s
             for s in self._slots[: self._ready]
-            if s is not None and s.job.workload_class > candidate.job.workload_class
+            if s is not None and s.job.workload_class.rank > candidate.job.workload_class.rank
         ]
         if not victims:
             return False

@@ -1,24 +1,20 @@
 """A batched forward pass for Llama-family causal LMs over a static, slot-based KV cache.
 
-Why not Hugging Face's forward: one HF decode step at batch 32 spends most of its time
-copying its DynamicCache and in Python overhead, not in matmuls (NOTES: 220 ms at batch 32,
-while the weights alone allow ~4x that rate). This runner takes the same weights and:
+:meth:`LlamaRunner.step` runs the decode token of every running sequence and the prefill chunks
+of new ones through each layer together (fused Q/K/V and gate/up matmuls, one read of the
+weights per step), in place of Hugging Face's forward (docs/decisions/node-batched-runner.md).
 
-- fuses Q/K/V and gate/up into single matmuls, and runs decode tokens of every running
-  sequence *and* prefill chunks of new ones through each linear layer together, so one read of
-  the weights serves the whole step (decode alone is memory-bound; prefill shares the read);
-- keeps the KV cache as one pre-allocated tensor per K and V, ``[layers, slots, kv_heads,
-  max_len, head_dim]``. Running sequences occupy slots ``0..B-1`` (the engine keeps them
-  compact), so decode attention reads ``cache[l, :B, :, :T]`` as a *view*: no gather, no copy.
-  A paged cache would waste less memory on short sequences, but on CPU its per-step gather of
-  every block costs about as much memory traffic as the attention itself, for every layer.
-  The price of static slots is a per-sequence length cap (``max_len``), sized from the memory
-  budget: ``slots * max_len * bytes_per_token <= budget``;
-- computes logits only for the rows that sample a token (the last prompt token of a finished
-  prefill, every decode token): prefill skips the 49k-wide LM head for all other positions.
+Invariants:
 
-Grouped-query attention needs no repeated K/V: a decode query ``[B, H, D]`` is viewed as
-``[B, KVH, H/KVH, D]`` so each KV head serves its group in one batched matmul.
+- the KV cache is one pre-allocated tensor per K and V, ``[layers, slots, kv_heads, max_len,
+  head_dim]``, sized from the memory budget: ``slots * max_len * bytes_per_token <= budget``;
+  the engine admits no sequence longer than ``max_len``;
+- running sequences occupy slots ``0..B-1`` (the engine keeps them compact), so decode
+  attention reads ``cache[l, :B, :, :T]`` as a view, without a gather;
+- logits are computed only for the rows that sample a token (the last prompt token of a
+  finished prefill, every decode token);
+- grouped-query attention repeats no K/V: a decode query ``[B, H, D]`` is viewed as
+  ``[B, KVH, H/KVH, D]`` so each KV head serves its group in one batched matmul.
 """
 
 from __future__ import annotations
@@ -31,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from inference_node.models import LanguageModel
+from inference_node.model_types import LanguageModel
 from inference_node.native import llama_unsupported_reason
 
 
@@ -67,12 +63,8 @@ class _Layer:
 
 def _transposed(*weights: torch.Tensor) -> torch.Tensor:
     """``weights`` (each ``[out_i, in]``) stacked along ``out`` and stored transposed, as one
-    contiguous ``[in, sum(out_i)]`` tensor, written in a single copy.
-
-    ``x @ w_t`` with ``w_t`` contiguous ``[in, out]`` runs 2-3x faster than ``F.linear(x, w)``
-    for the few-row products of decode steps on this CPU (MKL; measured 0.27 vs 0.85 ms at
-    32x576x1344) and the same for large ones.
-    """
+    contiguous ``[in, sum(out_i)]`` tensor, written in a single copy; every product is then
+    ``x @ w_t``, not ``F.linear`` (docs/decisions/node-transposed-weights.md)."""
     return torch.cat([w.detach().t() for w in weights], dim=1)
 
 
@@ -240,8 +232,8 @@ class LlamaRunner:
         k_layer[p.slot, :, p.start : p.start + n] = kp
         v_layer[p.slot, :, p.start : p.start + n] = vp
         if p.start == 0:
-            # A whole prompt: the fused causal kernel with grouped-query heads (3.7x faster
-            # here than an explicit mask, which falls back to the math path).
+            # A whole prompt: the fused causal kernel with grouped-query heads; an explicit
+            # mask would fall back to the math path (docs/decisions/node-prefill-causal-kernel.md).
             attn = F.scaled_dot_product_attention(
                 q.transpose(0, 1)[None],
                 kp[None],

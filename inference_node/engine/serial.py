@@ -51,7 +51,7 @@ class SerialEngine(ThreadedEngine):
                 break
             if item is None:
                 return None
-            heapq.heappush(heap, (item.workload_class, item.seq, item))
+            heapq.heappush(heap, (item.workload_class.rank, item.seq, item))
             block = False
         while heap:
             _, _, job = heapq.heappop(heap)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from inference_node.engine.types import FinishReason, SamplingParams, TokenDelta
-from inference_node.models import LanguageModel
+from inference_node.model_types import LanguageModel
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

@@ -13,10 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-WORKLOAD_REALTIME = 1
-WORKLOAD_BATCH = 2
-WORKLOAD_FINETUNE = 3
-WORKLOAD_CLASSES: tuple[int, ...] = (WORKLOAD_REALTIME, WORKLOAD_BATCH, WORKLOAD_FINETUNE)
+from sluice.contract import WorkloadClass
 
 
 class FinishReason(enum.Enum):
@@ -50,14 +47,15 @@ class SamplingParams:
 class EngineRequest:
     """One generation request: an already tokenized prompt and its sampling parameters.
 
-    ``workload_class`` uses the proto ``WorkloadClass`` values: 1 realtime, 2 batch,
-    3 finetune (0, unspecified, is served as realtime). Lower values are served first.
+    ``workload_class`` is a wire value of :class:`~sluice.contract.WorkloadClass` (a member or
+    a plain int): 0, unspecified, is served as REALTIME; a value the contract does not define is
+    refused at submit with ``ValueError``. Higher-priority classes are served first.
     """
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
-    workload_class: int = WORKLOAD_REALTIME
+    workload_class: int = WorkloadClass.REALTIME
 
 
 @dataclass(frozen=True)
@@ -81,14 +79,15 @@ class TokenDelta:
 class EngineStats:
     """A snapshot of the engine's load.
 
-    ``running`` and ``waiting`` count requests per workload class. ``kv_used_bytes`` is the
-    size of the live KV cache, ``kv_budget_bytes`` what the engine may use for it.
+    ``running`` and ``waiting`` count requests per workload class (every class present, zero
+    when idle). ``kv_used_bytes`` is the size of the live KV cache, ``kv_budget_bytes`` what
+    the engine may use for it.
     ``decode_tokens_per_s`` is a moving average of the decode rate while busy and
     ``queued_tokens`` an estimate of the tokens of work not yet done.
     """
 
-    running: dict[int, int]
-    waiting: dict[int, int]
+    running: dict[WorkloadClass, int]
+    waiting: dict[WorkloadClass, int]
     kv_used_bytes: int
     kv_budget_bytes: int
     decode_tokens_per_s: float

@@ -17,11 +17,12 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from sluice.sdk import Client, SluiceRpcError
+from sluice import Client, SluiceRpcError
+from sluice.contract import WorkloadClass
 from sluice.v1 import admin_pb2, common_pb2
 
 Labels = frozenset[tuple[str, str]]
-CLASSES = ("realtime", "batch", "finetune")
+CLASSES = tuple(cls.label for cls in WorkloadClass)
 OUTCOMES = ("ok", "cached", "refused", "failed")
 
 
@@ -101,8 +102,11 @@ def _num(value: float | None, fmt: str = "{:.1f}") -> str:
     return "–" if value is None else fmt.format(value)
 
 
-def _class_name(value: int) -> str:
-    return common_pb2.WorkloadClass.Name(value).removeprefix("WORKLOAD_CLASS_").lower()
+def _class_label(value: int) -> str:
+    """Label of a reported class; unspecified (0), which nodes never report, keeps its own row."""
+    if value == common_pb2.WORKLOAD_CLASS_UNSPECIFIED:
+        return "unspecified"
+    return WorkloadClass(value).label
 
 
 def _health(node: admin_pb2.NodeStatus) -> Text:
@@ -165,9 +169,9 @@ def classes_table(cur: Sample, prev: Sample | None) -> Table:
     counts: dict[str, list[int]] = {c: [0, 0] for c in CLASSES}
     for n in cur.nodes or []:
         for c in n.load.classes:
-            counts.setdefault(_class_name(c.workload_class), [0, 0])
-            counts[_class_name(c.workload_class)][0] += c.running
-            counts[_class_name(c.workload_class)][1] += c.waiting
+            row = counts.setdefault(_class_label(c.workload_class), [0, 0])
+            row[0] += c.running
+            row[1] += c.waiting
     queued = _scheduler_queues(cur)
     for cls, (running, waiting) in counts.items():
         rates = [

@@ -47,10 +47,8 @@ class UpConfig:
     """Each node's batch cap; None keeps the node's default."""
     node_cpu_nice: int = 10
     """Nice increment of each node (0-19). Everything here shares one machine, so model
-    compute runs at a lower CPU priority than the scheduler, the stores and local clients. In
-    single 45-s runs of ``bench.overload``'s 4x level on a 2-core VM, the client-side refusal
-    p99 was 11.6 ms at 0 and 9.8 and 8.1 ms in two runs at 10 (too few runs to size the
-    gain)."""
+    compute runs at a lower CPU priority than the scheduler, the stores and local clients
+    (docs/decisions/node-cpu-nice.md)."""
     host: str = "127.0.0.1"
     scheduler_port: int = 0
     startup_timeout_s: float = 600.0
@@ -131,7 +129,15 @@ class Supervisor:
             *args,
         ]  # fmt: skip
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-        child = Child(name, module, f"{host}:{port}", f"{host}:{metrics_port}", proc, log_path, log)
+        child = Child(
+            name=name,
+            module=module,
+            grpc_address=f"{host}:{port}",
+            metrics_address=f"{host}:{metrics_port}",
+            proc=proc,
+            log_path=log_path,
+            log=log,
+        )
         self.children.append(child)
         self.say(f"started {name} (pid {proc.pid}), log {log_path}")
         return child
@@ -255,6 +261,7 @@ def wait_serving(
     log_path: Path,
     timeout_s: float,
     name: str = "",
+    *,
     poll_s: float = 0.1,
 ) -> None:
     """Poll ``grpc.health.v1`` at ``address`` until it says ``SERVING``.

@@ -1,17 +1,12 @@
 """gRPC core's I/O engine for Sluice's service processes, chosen before grpc is loaded.
 
-Since grpcio 1.80 gRPC core does its socket I/O on EventEngine threads by default. Each read
-or write completion then crosses two threads before a grpc.aio coroutine sees it (EventEngine
-worker → the aio poller thread → the event loop). iomgr, the engine gRPC used before, polls
-the sockets on the aio poller thread itself, one crossing fewer. On a busy host those crossings
-are scheduler wake-ups that wait for a CPU: on the 2-core test VM, turning the EventEngine
-experiments off cut a request's time to first token through the scheduler by 0.6-1.9 ms, and
-the scheduler's own share of it by 0.1-0.5 ms.
-
-So every service's ``__main__`` calls :func:`configure` first, before anything imports grpc;
-the engine is read once, when gRPC core starts. ``SLUICE_GRPC_IO=eventengine`` keeps gRPC's
-default. An operator's own ``GRPC_EXPERIMENTS`` is never overridden. Library users (the SDK)
-are not touched: their process keeps whatever engine they chose.
+Services poll their sockets with iomgr on the aio poller thread instead of gRPC's default
+EventEngine threads, one thread crossing fewer per read or write
+(docs/decisions/runtime-grpc-iomgr.md). Every service's ``__main__`` calls :func:`configure`
+first, before anything imports grpc: the engine is read once, when gRPC core starts.
+``SLUICE_GRPC_IO=eventengine`` keeps gRPC's default. An operator's own ``GRPC_EXPERIMENTS`` is
+never overridden. Library users (the SDK) are not touched: their process keeps whatever engine
+they chose.
 """
 
 from __future__ import annotations

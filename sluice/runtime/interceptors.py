@@ -191,9 +191,11 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
 
 class ApiKeyAuth:
-    """Authenticates ``authorization: Bearer <key>`` on the methods of the guarded services,
-    from inside :class:`ObservabilityInterceptor` (one interceptor, so one wrapper per call
-    and per streamed message: each layer costs the hot path a few microseconds per message)."""
+    """Authenticates ``authorization: Bearer <key>`` on the methods of the guarded services.
+
+    Not an interceptor of its own: :class:`ObservabilityInterceptor` runs its check inside the
+    one wrapper per call (docs/decisions/runtime-one-interceptor.md), so an auth refusal is
+    mapped, logged and counted like any other domain error."""
 
     def __init__(self, authenticate: Authenticator, guarded_services: Collection[str]) -> None:
         self._authenticate = authenticate

@@ -29,12 +29,9 @@ EVENT_LOOP_ENV = "SLUICE_EVENT_LOOP"
 
 def run_loop(main: Coroutine[Any, Any, T]) -> T:
     """Run ``main`` to completion on a new event loop: uvloop's (libuv) when it is installed,
-    else asyncio's own; ``SLUICE_EVENT_LOOP=asyncio`` forces the latter.
-
-    grpc.aio runs on any asyncio loop. On uvloop a gRPC pass-through hop costs about half as
-    much (measured on the 2-core test VM: 1.1-1.4 ms instead of 2.1 ms per hop), which is most
-    of what the scheduler adds to a request's time to first token.
-    """
+    else asyncio's own (docs/decisions/runtime-uvloop.md). ``SLUICE_EVENT_LOOP=asyncio`` forces
+    the latter, ``uvloop`` makes a missing uvloop an ``ImportError``; any other value is a
+    ``ValueError``."""
     choice = os.environ.get(EVENT_LOOP_ENV, "auto").lower()
     if choice not in ("auto", "uvloop", "asyncio"):
         raise ValueError(f"{EVENT_LOOP_ENV} must be auto, uvloop or asyncio, not {choice!r}")
@@ -101,17 +98,12 @@ async def run_service(
 
 def lower_cpu_priority(increment: int) -> int:
     """Raise the nice value of every thread of this process by ``increment`` (0-19); return
-    the main thread's new one.
+    the main thread's new one (docs/decisions/node-cpu-nice.md says when to use it).
 
     Linux keeps a nice value per thread and a new thread inherits its creator's: threads
-    started after the call (torch's intra-op workers, gRPC's pollers, an engine's) run at the
-    lowered priority, and those already running are lowered one by one, the scan repeated
-    until it finds no thread it has not seen. On a machine a model process shares with the
-    scheduler, the stores or its clients, its long compute bursts then yield the CPU to their
-    short, latency-bound work (a refusal, a token relay) instead of holding it for a whole
-    time slice. A process with a machine or pod to itself gains nothing from it: use 0.
-    Without ``/proc/self/task`` (not Linux) it is ``os.nice``, which there applies to the
-    whole process.
+    started after the call run at the lowered priority, and those already running are lowered
+    one by one, the scan repeated until it finds no thread it has not seen. Without
+    ``/proc/self/task`` (not Linux) it is ``os.nice``, which there applies to the whole process.
     """
     if not 0 <= increment <= 19:
         raise ValueError(f"a CPU nice increment is 0-19, not {increment}")
@@ -129,15 +121,9 @@ def lower_cpu_priority(increment: int) -> int:
 
 
 def settle_heap() -> None:
-    """Move everything built at start-up out of the cyclic collector's way.
-
-    A long-running server allocates most of its objects once (modules, protobuf descriptors,
-    grpc and torch state), and the collector would rescan them on every full collection: 40-70
-    ms pauses in the scheduler under load, measured with ``gc.callbacks``, longer than the whole
-    refusal-latency budget. ``gc.freeze()`` parks them in a permanent generation, so a full pass
-    only walks what was allocated since. The young thresholds stay at their defaults: what a
-    pass costs is mostly freeing the cyclic garbage it finds, so rarer passes would only be
-    longer ones (measured: 50-70 ms each at a 50,000 threshold).
-    """
+    """Move everything built at start-up out of the cyclic collector's way: collect once, then
+    ``gc.freeze()`` it into the permanent generation, so a full pass only walks what was
+    allocated since. Call it once the service is started; the collector's thresholds are left
+    at their defaults (docs/decisions/runtime-gc-freeze.md)."""
     gc.collect()
     gc.freeze()
