@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from bench.isolation_model import FLOODER, VICTIM, ModelNode, Run
-from bench.scheduler_isolation import merge_rounds
-from bench.scheduler_load import poisson_arrivals
-from bench.scheduler_report import (
+from bench.scheduler.isolation import merge_rounds
+from bench.scheduler.isolation_model import FLOODER, VICTIM, ModelNode, Run
+from bench.scheduler.load import poisson_arrivals
+from bench.scheduler.report import (
     isolation_ratio,
     node_removals,
     open_loop_summary,

@@ -17,8 +17,10 @@ from typing import Any
 
 import pytest
 
-from bench.load import LoadResult, cli_main, make_target, run_load
-from bench.load_scenario import (
+from bench.load.cli import cli_main
+from bench.load.records import OUTCOMES, SLO, RequestRecord, meets_slo, summarize, tenant_fairness
+from bench.load.run import LoadResult, make_target, run_load
+from bench.load.scenario import (
     WORDS,
     PlannedRequest,
     ScenarioError,
@@ -26,21 +28,12 @@ from bench.load_scenario import (
     parse_scenario,
     plan_requests,
 )
-from bench.load_stats import (
-    OUTCOMES,
-    SLO,
-    RequestRecord,
-    jain_index,
-    meets_slo,
-    percentile,
-    summarize,
-    tenant_fairness,
-    weighted_fair_shares,
-)
-from bench.load_targets import TargetError
-from bench.naive_server import SerialGenerator, load_model, start_server
-from bench.overload import Options, SearchResult, SearchStep, find_capacity
-from bench.overload_report import LEVEL_KEYS, build_report
+from bench.load.targets import TargetError
+from bench.overload.naive_server import SerialGenerator, load_model, start_server
+from bench.overload.options import Options
+from bench.overload.report import LEVEL_KEYS, build_report
+from bench.overload.search import SearchResult, SearchStep, find_capacity
+from bench.stats import jain_index, percentile, weighted_fair_shares
 from sluice.v1 import common_pb2, inference_pb2
 from tests.harness import API_KEY, Suite
 

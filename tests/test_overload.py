@@ -12,12 +12,17 @@ from typing import Any
 
 import pytest
 
-from bench import overload
-from bench.load import LoadResult
-from bench.load_scenario import Scenario, load_scenario, plan_requests
-from bench.load_stats import RequestRecord, percentile
-from bench.overload import Benchmark, Options, SearchResult, parse_args, realtime_share
-from bench.overload_report import build_report, check_lines
+from bench.load.records import RequestRecord
+from bench.load.run import LoadResult
+from bench.load.scenario import Scenario, load_scenario, plan_requests
+from bench.overload import benchmark as overload
+from bench.overload.benchmark import Benchmark, realtime_share
+from bench.overload.cli import parse_args
+from bench.overload.options import Options
+from bench.overload.render import check_lines
+from bench.overload.report import build_report
+from bench.overload.search import SearchResult
+from bench.stats import percentile
 from tests.test_load import rec as load_record
 
 OVERLOAD = Path(__file__).resolve().parents[1] / "bench" / "scenarios" / "overload.yaml"

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.engine_common import (
+from bench.engine.common import (
     GIB,
     HF_GENERATE_BATCH,
     HF_SEQUENTIAL,
@@ -39,14 +39,14 @@ from bench.engine_common import (
     JobSpec,
     failed_run,
 )
-from bench.engine_driver import (
-    REPO_ROOT,
+from bench.engine.driver import (
     build_report,
     machine_info,
     run_jobs,
     write_outputs,
 )
-from bench.engine_report import render_text
+from bench.engine.report import render_text
+from bench.paths import RESULTS_DIR
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_CONCURRENCY = "1,8,32,64"
@@ -105,7 +105,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=12,
         help="requests served by the C=1 runs (the first N of the workload)",
     )
-    p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "bench" / "results")
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-budget-bytes", type=int, default=DEFAULT_KV_BUDGET_BYTES)
     p.add_argument("--max-batched-tokens", type=int, default=2048)
@@ -206,7 +206,7 @@ def worker_main(spec_json: str, out_path: Path) -> int:
     """Entry point of a worker subprocess: run the job, write its record (or error) as JSON."""
     spec = JobSpec.from_json(spec_json)
     try:
-        from bench.engine_workers import run_job  # noqa: PLC0415 - the driver stays torch-free
+        from bench.engine.workers import run_job  # noqa: PLC0415 - the driver stays torch-free
 
         record = run_job(spec)
         status = 0
@@ -251,7 +251,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(f"wrote {', '.join(str(p) for p in paths)} in {report['duration_s']:.0f} s")
     return 0 if any(not r.get("error") for r in runs) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

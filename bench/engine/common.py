@@ -1,20 +1,21 @@
 """Torch-free pieces of the engine benchmark shared by the driver and its workers.
 
-The driver (:mod:`bench.engine`) plans one :class:`JobSpec` per measurement and runs each in
-its own ``python -m bench.engine --worker`` subprocess; workers rebuild the same seeded
+The driver (:mod:`bench.engine.cli`) plans one :class:`JobSpec` per measurement and runs each
+in its own ``python -m bench.engine --worker`` subprocess; workers rebuild the same seeded
 workload from the spec, so every system serves exactly the same requests.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import resource
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from bench.stats import percentile
 
 HF_SEQUENTIAL = "hf_sequential"
 HF_STATIC = "hf_static"
@@ -129,17 +130,6 @@ def build_workload(
 def random_prompt(rng: random.Random, pool: Sequence[int], length: int) -> tuple[int, ...]:
     """A prompt of ``length`` ids drawn from ``pool``."""
     return tuple(rng.choice(pool) for _ in range(length))
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0–100) with linear interpolation; 0.0 for no values."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def peak_rss_bytes() -> int:

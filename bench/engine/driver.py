@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.engine_common import (
+from bench.engine.common import (
     HF_SEQUENTIAL,
     OUTPUT_LENGTHS,
     PROMPT_MAX_TOKENS,
@@ -30,15 +30,15 @@ from bench.engine_common import (
     JobSpec,
     cpu_sample,
 )
-from bench.engine_report import (
+from bench.engine.report import (
     add_roofline,
     compute_ratios,
     evaluate_targets,
     render_markdown,
     write_plot,
 )
+from bench.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 BUDGET_RESERVE_S = 15.0
 MIN_JOB_SECONDS = 20.0
 ERROR_TAIL_CHARS = 3000

@@ -16,7 +16,7 @@ import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
-from bench.engine_common import (
+from bench.engine.common import (
     HF_GENERATE_BATCH,
     HF_SEQUENTIAL,
     HF_STATIC,
@@ -27,7 +27,7 @@ from bench.engine_common import (
     current_rss_bytes,
     summarize_run,
 )
-from bench.engine_model import HEAD_TOKENS, pad_id, warmup_request
+from bench.engine.model import HEAD_TOKENS, pad_id, warmup_request
 from inference_node.engine.text import kv_bytes_per_token
 from inference_node.models import LanguageModel
 

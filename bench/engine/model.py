@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from bench.engine_common import BenchRequest, JobSpec, build_workload, random_prompt, token_pool
+from bench.engine.common import BenchRequest, JobSpec, build_workload, random_prompt, token_pool
 from inference_node.engine.text import kv_bytes_per_token  # reported with each run
 from inference_node.models import LanguageModel, load_language_model
 

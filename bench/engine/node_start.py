@@ -1,7 +1,8 @@
 """Warm node start: seconds from `python -m inference_node` to `SERVING`, with the model cache
 present (the first start converts SmolLM2 once; it is run and reported separately).
 
-`python -m bench.node_start` writes `bench/results/node_start.json` with only this run's figures.
+`python -m bench.engine.node_start` writes `bench/results/node_start.json` with only this run's
+figures.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.engine_common import (
+from bench.engine.common import (
     GIB,
     HF_GENERATE_BATCH,
     HF_SEQUENTIAL,

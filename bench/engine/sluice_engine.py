@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.engine_common import (
+from bench.engine.common import (
     MIDBATCH_SEED_OFFSET,
     SLUICE,
     BenchRequest,
@@ -24,12 +24,12 @@ from bench.engine_common import (
     RequestResult,
     current_rss_bytes,
     peak_rss_bytes,
-    percentile,
     random_prompt,
     summarize_run,
     token_pool,
 )
-from bench.engine_model import HEAD_TOKENS, special_ids, vocab_size, warmup_request
+from bench.engine.model import HEAD_TOKENS, special_ids, vocab_size, warmup_request
+from bench.stats import percentile
 from inference_node.engine import (
     DeltaStream,
     Engine,
@@ -40,6 +40,7 @@ from inference_node.engine import (
     run_with_engine,
 )
 from inference_node.models import LanguageModel
+from sluice.contract import WorkloadClass
 
 IDLE_PREFILL_SAMPLES = 3
 PROBE_GAP_S = (0.05, 0.3)
@@ -70,7 +71,8 @@ async def engine_request(
     finish: FinishReason | None = None
     timed_out = False
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    stream = engine.submit(EngineRequest(request_id, prompt, params, workload_class=1))
+    request = EngineRequest(request_id, prompt, params, workload_class=WorkloadClass.REALTIME)
+    stream = engine.submit(request)
     try:
         async with asyncio.timeout(timeout_s):
             async for delta in stream:

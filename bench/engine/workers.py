@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from bench.engine_common import (
+from bench.engine.common import (
     HF_GENERATE_BATCH,
     HF_SEQUENTIAL,
     HF_STATIC,
@@ -26,9 +26,9 @@ from bench.engine_common import (
     JobSpec,
     peak_rss_bytes,
 )
-from bench.engine_hf import run_hf_generate_batch, run_hf_sequential, run_hf_static
-from bench.engine_model import load_model, model_facts, sync_device, workload_for
-from bench.engine_sluice import measure_midbatch, run_sluice
+from bench.engine.hf import run_hf_generate_batch, run_hf_sequential, run_hf_static
+from bench.engine.model import load_model, model_facts, sync_device, workload_for
+from bench.engine.sluice_engine import measure_midbatch, run_sluice
 from inference_node.models import LanguageModel
 
 MATMUL_WARMUP_ITERATIONS = 3

@@ -1,6 +1,7 @@
-"""Statistics of a load run: percentiles, SLO goodput and weighted fairness (pure, no I/O).
+"""What a load run records per request, and its summaries: SLO goodput, latency percentiles and
+weighted fairness (pure, no I/O; the arithmetic is :mod:`bench.stats`).
 
-Every function takes plain :class:`RequestRecord` values, so the statistics are tested on
+Every function takes plain :class:`RequestRecord` values, so the summaries are tested on
 synthetic traces with known answers. Conventions, stated once:
 
 * A request *meets the SLO* when it finished with status ``OK``, its time to first token is at
@@ -20,10 +21,11 @@ synthetic traces with known answers. Conventions, stated once:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from bench.stats import fairness, percentile
 
 OK = "OK"
 OUTCOME_OK = "ok"
@@ -99,17 +101,6 @@ class RequestRecord:
         return data
 
 
-def percentile(values: Iterable[float], q: float) -> float:
-    """The ``q``-th percentile (0-100), linear interpolation between ranks; 0.0 when empty."""
-    ordered = sorted(values)
-    if not ordered:
-        return 0.0
-    rank = (len(ordered) - 1) * q / 100.0
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
 def meets_slo(record: RequestRecord, slo: SLO) -> bool:
     """Whether ``record`` finished OK within the TTFT and TPOT bounds."""
     if record.outcome != OUTCOME_OK or record.ttft_s is None:
@@ -168,54 +159,6 @@ def summarize(
         "unfinished": counts[OUTCOME_TIMED_OUT] + counts[OUTCOME_CUT_OFF],
         "finished": counts[OUTCOME_OK],
     }
-
-
-def jain_index(values: Sequence[float]) -> float:
-    """Jain's fairness index ``(Σx)² / (n·Σx²)``: 1 when all equal, 1/n when one takes all.
-
-    1.0 for no values or all zeros (nothing to be unfair about).
-    """
-    squares = sum(v * v for v in values)
-    if not values or squares == 0:
-        return 1.0
-    return sum(values) ** 2 / (len(values) * squares)
-
-
-def weighted_fair_shares(
-    demands: Mapping[str, float], weights: Mapping[str, float], capacity: float
-) -> dict[str, float]:
-    """Weighted max-min fair split of ``capacity`` (water-filling).
-
-    Each tenant gets capacity in proportion to its weight, never more than its demand; what a
-    satisfied tenant leaves is shared among the rest by weight again.
-    """
-    shares = {name: 0.0 for name in demands}
-    active = {name for name, demand in demands.items() if demand > 0}
-    left = capacity
-    while active and left > 1e-12:
-        total_weight = sum(weights[name] for name in active)
-        per_weight = left / total_weight
-        satisfied = {
-            name for name in active if demands[name] - shares[name] <= per_weight * weights[name]
-        }
-        if not satisfied:
-            for name in active:
-                shares[name] += per_weight * weights[name]
-            break
-        for name in satisfied:
-            left -= demands[name] - shares[name]
-            shares[name] = demands[name]
-        active -= satisfied
-    return shares
-
-
-def fairness(
-    served: Mapping[str, float], demands: Mapping[str, float], weights: Mapping[str, float]
-) -> float:
-    """Jain's index of ``served_i / fair_i`` over tenants with a non-zero fair share."""
-    fair = weighted_fair_shares(demands, weights, sum(served.values()))
-    ratios = [served[name] / share for name, share in fair.items() if share > 0]
-    return jain_index(ratios)
 
 
 def tenant_fairness(

@@ -36,13 +36,6 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sluice.v1 import common_pb2
-
-CLASSES: dict[str, int] = {
-    "realtime": common_pb2.WORKLOAD_CLASS_REALTIME,
-    "batch": common_pb2.WORKLOAD_CLASS_BATCH,
-    "finetune": common_pb2.WORKLOAD_CLASS_FINETUNE,
-}
 MAX_DURATION_S = 3600.0
 MAX_REQUESTS = 100_000
 
@@ -151,6 +144,7 @@ class TenantLoad(_Strict):
     workload_class: Literal["realtime", "batch", "finetune"] = Field(
         default="realtime", alias="class"
     )
+    """A :attr:`sluice.contract.WorkloadClass.label`."""
     weight: float = Field(default=1.0, gt=0)
     rate_rps: float = Field(gt=0)
     prompt_tokens: Length
@@ -266,6 +260,7 @@ class PlannedRequest:
     index: int
     tenant: str
     workload_class: str
+    """The tenant's class label; :meth:`sluice.contract.WorkloadClass.from_label` reads it."""
     scheduled_s: float
     prompt: str
     prompt_tokens: int

@@ -2,7 +2,7 @@
 
 * :class:`SluiceTarget`: the scheduler, through the SDK's ``AsyncClient`` with retries off, so
   every refusal is seen and counted (one client per API key, as each tenant has its own).
-* :class:`NaiveTarget`: the naive baseline (:mod:`bench.naive_server`), through a plain
+* :class:`NaiveTarget`: the naive baseline (:mod:`bench.overload.naive_server`), through a plain
   ``Inference`` stub; it needs no key.
 
 Both stream ``sluice.v1.GenerateChunk`` messages and turn every failure into a
@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 
-from bench.load_scenario import CLASSES, PlannedRequest
+from bench.load.scenario import PlannedRequest
 from sluice import AsyncClient, SluiceRpcError
-from sluice.runtime.errors import STATUS_DETAILS_METADATA, unpack_details
+from sluice.contract import WorkloadClass
+from sluice.sdk.errors import from_rpc_error
 from sluice.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 TARGETS = ("sluice", "naive")
@@ -99,7 +99,7 @@ class SluiceTarget:
                 request.prompt,
                 max_new_tokens=request.max_new_tokens,
                 temperature=s.temperature if s.temperature > 0 else None,
-                workload_class=CLASSES[request.workload_class],
+                workload_class=WorkloadClass.from_label(request.workload_class),
                 cache_bypass=s.cache_bypass,
                 timeout_s=request.timeout_s,
                 ignore_eos=s.ignore_eos,
@@ -117,17 +117,10 @@ class SluiceTarget:
 
 
 def _error_from_rpc(exc: grpc.aio.AioRpcError) -> TargetError:
-    reason, retry_after = "", None
-    for key, value in exc.trailing_metadata() or ():
-        if key != STATUS_DETAILS_METADATA or not isinstance(value, bytes):
-            continue
-        for detail in unpack_details(status_pb2.Status.FromString(value)):
-            if isinstance(detail, error_details_pb2.ErrorInfo):
-                reason = detail.reason
-            elif isinstance(detail, error_details_pb2.RetryInfo):
-                retry_after = detail.retry_delay.seconds + detail.retry_delay.nanos / 1e9
-    message = exc.details() or ""
-    return TargetError(exc.code().name, message, reason=reason, retry_after_s=retry_after)
+    error = from_rpc_error(exc)
+    return TargetError(
+        exc.code().name, error.message, reason=error.reason, retry_after_s=error.retry_after_s
+    )
 
 
 class NaiveTarget:
@@ -146,7 +139,7 @@ class NaiveTarget:
             model=self._settings.model,
             prompt=request.prompt,
             options=_options(self._settings, request),
-            workload_class=CLASSES[request.workload_class],  # type: ignore[arg-type]
+            workload_class=WorkloadClass.from_label(request.workload_class),  # type: ignore[arg-type]
             cache_bypass=self._settings.cache_bypass,
         )
         try:

@@ -11,7 +11,7 @@ generator drives it exactly as it drives Sluice. Generation runs on the main thr
 asyncio (gRPC) on a helper thread, as in a Sluice node: torch kernels are markedly slower when
 driven from a non-main thread on this kind of machine, and the baseline must not be handicapped.
 
-``python -m bench.naive_server --model smollm2-135m-instruct --port 50061``
+``python -m bench.overload.naive_server --model smollm2-135m-instruct --port 50061``
 """
 
 from __future__ import annotations
@@ -370,7 +370,7 @@ def _serve_until_stopped(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Load the model, serve until SIGTERM/SIGINT, then exit."""
-    p = argparse.ArgumentParser(prog="python -m bench.naive_server", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench.overload.naive_server", description=__doc__)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50061)

@@ -1,5 +1,14 @@
 """The isolation phase of ``bench.scheduler``: a victim tenant's time to first token with and
-without a flooder at 10x its share (see that module's docstring, item 4)."""
+without a flooder at 10x its share.
+
+``victim`` and ``flooder`` (weight 1 each, REALTIME, no quotas) send seeded open-loop Poisson
+arrivals (:mod:`.load`). Capacity is the fairness phase's when the output lengths match, else
+measured closed-loop. *calm*: both at 0.25 x capacity; *flood*: the victim on the same schedule,
+the flooder at 10 x its share (capped by ``--isolation-max-rate``). The phases alternate in
+``--isolation-rounds`` rounds whose blocks are merged per phase; each calm block starts after a
+settle. A victim arrival without a first token counts as infinitely late in the p99
+(``docs/decisions/bench-isolation-phase-length.md``).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +18,9 @@ import math
 from collections import Counter
 from typing import Any
 
-from bench.scheduler_load import LoadSpec, OpenLoopSpec, load_process
-from bench.scheduler_report import isolation_ratio, open_loop_summary
-from bench.scheduler_suite import FLOODER, MODEL, VICTIM, WEIGHTS, BenchSuite
+from bench.scheduler.load import LoadSpec, OpenLoopSpec, load_process
+from bench.scheduler.report import isolation_ratio, open_loop_summary
+from bench.scheduler.suite import FLOODER, MODEL, VICTIM, WEIGHTS, BenchSuite
 from scheduler.shares import DEMAND_WINDOW_S
 
 CALM_LOAD = 0.25

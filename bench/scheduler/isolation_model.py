@@ -1,32 +1,18 @@
 """A discrete-event model of ``make bench-scheduler``'s isolation phase, to see how its headline
 behaves over many seeds: a model, not a measurement (the benchmark measures; this explains).
 
-``python -m bench.isolation_model`` runs the scheduler's own :class:`~scheduler.queues.FairQueues`,
-:class:`~scheduler.shares.SlotShares` and :class:`~scheduler.shares.DemandMeter` against a
-simulated clock, with the dispatch rules of :class:`~scheduler.gate.DispatchGate` (start at once
-when nothing is queued and the slot shares allow, else queue; every end of a request triggers a
-dispatch pass) and a model node: ``--slots`` sequences batched continuously, one token per
-running sequence per step, a step taking ``fixed + per_sequence * running`` (by default 2.2 ms
-with 4 running: 7.05 req/s at 256-token requests, near the benchmark's usual 7.2). The seconds
-per token the demand is read with are a moving average of the steps, as the gate reads the
-nodes' inter-token time.
-Admission is modelled by its effect on the flood: a flooder arrival that finds
-``--flood-queue`` of its requests queued is refused (the real admission refuses most of the
-flood as unable to start before its deadline). Time to first token is the wait for a slot plus
-a fixed prefill. Each phase starts from an empty scheduler, as the benchmark's calm blocks do
-after their settle (its flood blocks follow a calm block; the model's do not), and a victim
-request still queued when the phase ends is left out (the benchmark counts it as infinitely
-late; at these loads none is).
-
-Tenants ``victim`` and ``flooder`` (weight 1 each) send seeded Poisson arrivals per tenant, as
-``bench.scheduler_load`` does: *calm*, both at 0.25 x capacity; *flood*, the flooder at 10 x
-its share (5 x capacity). For each seed it takes the victim's TTFT p99 in both phases and their
-ratio (the benchmark's headline), and prints the ratio's spread over the seeds (p10, p50, p90),
-how often it is at most 1.2, and the flooder's completed requests per second, for three forms
-of the slot shares' burst headroom (``--policies``): ``burst``, judged on each tenant's demand
-and covering a light tenant's whole queued burst (what the scheduler does); ``demand``, judged
-on demand, one slot; ``average``, judged on the 5-s average of slots held, one slot (what it
-did before).
+``python -m bench.scheduler.isolation_model`` runs the scheduler's own
+:class:`~scheduler.queues.FairQueues`, :class:`~scheduler.shares.SlotShares` and
+:class:`~scheduler.shares.DemandMeter` on a simulated clock with the dispatch rules of
+:class:`~scheduler.gate.DispatchGate`, against a model node: ``--slots`` sequences batched
+continuously, a step taking ``fixed + per_sequence * running``. A flooder arrival that finds
+``--flood-queue`` of its requests queued is refused (admission's effect on the flood); TTFT is
+the wait for a slot plus a fixed prefill; each phase starts from an empty scheduler. Per seed it
+takes the victim's TTFT p99 flood / calm (the benchmark's headline) and prints the ratio's
+spread (p10, p50, p90), how often it is at most 1.2 and the flooder's completed requests per
+second, for each form of the burst headroom (``--policies``: ``burst``, what the scheduler
+does; ``demand``; ``average``). Calibration and policies:
+``docs/decisions/bench-isolation-model.md``.
 """
 
 from __future__ import annotations
@@ -39,12 +25,14 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bench.load_stats import percentile
+from bench.stats import percentile
 from scheduler.admission import AdmissionConfig
-from scheduler.queues import REALTIME, FairQueues, QueuedRequest
+from scheduler.queues import FairQueues, QueuedRequest
 from scheduler.shares import DemandMeter, SlotShares
+from sluice.contract import WorkloadClass
 
 MODEL = "model"
+REALTIME = WorkloadClass.REALTIME
 VICTIM, FLOODER = "victim", "flooder"
 POLICIES = ("burst", "demand", "average")
 
@@ -119,7 +107,15 @@ class Run:
         if self.policy == "burst":
             waiting = self.queues.waiting(REALTIME, MODEL)  # as the gate reads it
         return self.shares.may_start(
-            MODEL, REALTIME, tenant, self.node.slots, free, active, queued, demand, waiting
+            MODEL,
+            REALTIME,
+            tenant,
+            self.node.slots,
+            free,
+            active,
+            queued=queued,
+            demand=demand,
+            waiting=waiting,
         )
 
     def _start(self, item: QueuedRequest) -> None:

@@ -39,6 +39,7 @@ from typing import Any
 
 import grpc
 
+from sluice.contract import WorkloadClass
 from sluice.sdk.errors import from_rpc_error
 from sluice.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -103,7 +104,7 @@ def generate_request(model: str, prompt: str, max_new_tokens: int) -> inference_
         model=model,
         prompt=prompt,
         options=common_pb2.GenerationOptions(max_new_tokens=max_new_tokens, ignore_eos=True),
-        workload_class=common_pb2.WORKLOAD_CLASS_REALTIME,
+        workload_class=WorkloadClass.REALTIME,  # type: ignore[arg-type]
         cache_bypass=True,
     )
 
@@ -340,7 +341,7 @@ def main(spec: LoadSpec | OpenLoopSpec, started: Event, out: Queue[dict[str, Any
 async def load_process(
     spec: LoadSpec | OpenLoopSpec, result_timeout_s: float
 ) -> AsyncIterator[Callable[[], Awaitable[dict[str, Any]]]]:
-    """Run ``spec`` in a spawned ``bench.scheduler_load`` process; inside the block (entered
+    """Run ``spec`` in a spawned ``bench.scheduler.load`` process; inside the block (entered
     once the load has started) the yielded coroutine function waits for its result."""
     ctx = multiprocessing.get_context("spawn")
     started = ctx.Event()

@@ -3,12 +3,10 @@
 ``RetryInfo`` and the ``grpc-retry-pushback-ms`` trailer) and none of its work (no interceptors,
 no authentication, no quota, no admission, no log line).
 
-``bench.scheduler`` starts it as a child process beside the scheduler, on the same CPUs and the
-same event loop (``sluice.runtime.runner.run_loop``) and gRPC I/O engine
-(``sluice.runtime.grpc_io``), and
-times refusals from it with the scheduler's own probes, in the same phases. What a refusal
-costs here is what the client's and the server's gRPC stacks and the machine cost, so the
-scheduler's refusals can be read against it.
+``bench.scheduler`` starts it as a child process beside the scheduler, on the same CPUs, event
+loop (``sluice.runtime.runner.run_loop``) and gRPC I/O engine (``sluice.runtime.grpc_io``), and
+times refusals from it with the scheduler's own probes, in the same phases
+(``docs/decisions/bench-refusal-floor.md``).
 """
 
 from __future__ import annotations
@@ -21,13 +19,14 @@ from sluice.runtime import grpc_io
 
 grpc_io.configure()  # before grpc loads, as every service does: the same gRPC I/O engine
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+# E402 on each import below: they must follow grpc_io.configure() above.
+import grpc  # noqa: E402
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
 
-from sluice.runtime.errors import ResourceExhausted
-from sluice.runtime.runner import run_loop, settle_heap
-from sluice.runtime.server import wait_for_signal
-from sluice.v1 import inference_pb2, inference_pb2_grpc
+from sluice.runtime.errors import ResourceExhausted  # noqa: E402
+from sluice.runtime.runner import run_loop, settle_heap  # noqa: E402
+from sluice.runtime.server import wait_for_signal  # noqa: E402
+from sluice.v1 import inference_pb2, inference_pb2_grpc  # noqa: E402
 
 REFUSAL = ResourceExhausted(
     "overloaded: predicted wait 3.2 s is past the deadline", retry_after_s=3.2
@@ -64,8 +63,9 @@ async def serve(host: str, port: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m bench.refusal_floor --host H --port P`` (other service flags are ignored)."""
-    p = argparse.ArgumentParser(prog="python -m bench.refusal_floor", description=__doc__)
+    """``python -m bench.scheduler.refusal_floor --host H --port P`` (other service flags are
+    ignored)."""
+    p = argparse.ArgumentParser(prog="python -m bench.scheduler.refusal_floor", description=__doc__)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     args, _ = p.parse_known_args(argv)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from bench.stats import percentile
 
 OVERHEAD_TARGET_S = 0.002
 REFUSAL_TARGET_S = 0.005
@@ -16,27 +19,18 @@ JAIN_TARGET = 0.95
 ISOLATION_TARGET = 1.2
 REFUSAL_KINDS = ("quota_idle", "quota_saturated", "deadline_saturated")
 FLOOR_KINDS = ("floor_idle", "floor_saturated")
-"""Refusals from ``bench.refusal_floor`` (no scheduler), timed beside the scheduler's."""
+"""Refusals from ``bench.scheduler.refusal_floor`` (no scheduler), timed beside the scheduler's."""
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in [0, 100]); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
-def jain_index(values: Sequence[float]) -> float:
-    """Jain's fairness index: (Σx)² / (n Σx²); 1 when all equal, 1/n when one takes all."""
-    squares = sum(v * v for v in values)
-    return sum(values) ** 2 / (len(values) * squares) if squares else math.nan
+rank_percentile = functools.partial(percentile, method="nearest_rank", empty=math.nan)
+"""This benchmark's percentile: nearest rank, so an infinitely late value stays infinite, and NaN
+for no values, so a target without samples fails."""
 
 
 def percentile_with_failures(values: Sequence[float], failures: int, q: float) -> float:
     """Nearest-rank percentile of ``values`` plus ``failures`` infinitely late ones (requests
     that never got a first token): infinite once the failures reach past rank ``q``."""
-    return percentile([*values, *[math.inf] * failures], q)
+    return rank_percentile([*values, *[math.inf] * failures], q)
 
 
 def isolation_ratio(calm_p99_s: float, flood_p99_s: float) -> float:
@@ -48,7 +42,7 @@ def isolation_ratio(calm_p99_s: float, flood_p99_s: float) -> float:
 
 
 def open_loop_summary(tenant: dict[str, Any], window_s: float) -> dict[str, Any]:
-    """One tenant of one open-loop phase (``bench.scheduler_load.run_open``): arrivals sent in
+    """One tenant of one open-loop phase (``bench.scheduler.load.run_open``): arrivals sent in
     the window, TTFT percentiles of those served, the p99 with every measured arrival that got
     no first token counted as infinitely late, and how the calls ended."""
     ttft = tenant["ttft_s"]
@@ -60,11 +54,11 @@ def open_loop_summary(tenant: dict[str, Any], window_s: float) -> dict[str, Any]
         "served_per_s": tenant["outcomes"].get("ok", 0) / window_s,
         "first_token": len(ttft),
         "no_first_token": failed,
-        "ttft_p50_s": percentile(ttft, 50),
-        "ttft_p99_s": percentile(ttft, 99),
+        "ttft_p50_s": rank_percentile(ttft, 50),
+        "ttft_p99_s": rank_percentile(ttft, 99),
         "ttft_p99_counting_failures_s": percentile_with_failures(ttft, failed, 99),
         "ttft_max_s": max(ttft, default=math.nan),
-        "launch_lag_p99_s": percentile(tenant["launch_lag_s"], 99),
+        "launch_lag_p99_s": rank_percentile(tenant["launch_lag_s"], 99),
         "outcomes": dict(sorted(tenant["outcomes"].items())),
         "not_sent": tenant["not_sent"],
         "not_sent_all_phase": tenant["not_sent_all_phase"],
@@ -119,7 +113,11 @@ def server_side_refusals(
         durations[kind].append(float(event["duration_ms"]) / 1000)
     return {
         **{
-            kind: {"p50_s": percentile(v, 50), "p99_s": percentile(v, 99), "count": len(v)}
+            kind: {
+                "p50_s": rank_percentile(v, 50),
+                "p99_s": rank_percentile(v, 99),
+                "count": len(v),
+            }
             for kind, v in durations.items()
         },
         "quota_backend_unavailable": backend_unavailable,
@@ -234,10 +232,10 @@ def markdown(result: dict[str, Any]) -> str:
         "## Refusals",
         "",
         "Client-side from call to error over a warm channel; server-side is the scheduler's "
-        "handler time from its logs. The floor rows are refusals from `bench.refusal_floor`, a "
-        "bare gRPC server beside the scheduler (same CPUs, same event loop) that refuses every "
-        "call with the same status and does nothing else, probed between the scheduler's "
-        "probes: what the gRPC stacks and this machine cost.",
+        "handler time from its logs. The floor rows are refusals from "
+        "`bench.scheduler.refusal_floor`, a bare gRPC server beside the scheduler (same CPUs, "
+        "same event loop) that refuses every call with the same status and does nothing else, "
+        "probed between the scheduler's probes: what the gRPC stacks and this machine cost.",
         "",
         "| kind | refusals | p50 | p99 | max | server p50 | server p99 | no RetryInfo | "
         "not refused |",

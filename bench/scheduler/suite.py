@@ -1,7 +1,7 @@
 """The real suite for ``bench.scheduler``: etcd, Redis, one inference node and one scheduler,
 each a child process on a free 127.0.0.1 port (as ``sluice up`` starts them), with a tenants
-file written for the benchmark; and beside them ``bench.refusal_floor``, the baseline of the
-refusal latencies.
+file written for the benchmark; and beside them ``bench.scheduler.refusal_floor``, the baseline
+of the refusal latencies.
 
 No cache service: every benchmark request sets ``cache_bypass``, so the scheduler would skip
 the lookup anyway. The node's ``max_sequences`` is set low so that a few requests in flight
@@ -99,7 +99,7 @@ class BenchSuite:
     node_address: str = ""
     scheduler_address: str = ""
     floor_address: str = ""
-    """``bench.refusal_floor``: a bare gRPC server that refuses every call, beside the
+    """``bench.scheduler.refusal_floor``: a bare gRPC server that refuses every call, beside the
     scheduler on its CPUs (the floor its refusals are read against)."""
     _stores: list[StoreProcess] = field(default_factory=list)
     _children: list[Child] = field(default_factory=list)
@@ -142,7 +142,7 @@ class BenchSuite:
                 "--tenants-file", str(tenants), "--registry-ttl-seconds", "3",
             ],
         )  # fmt: skip
-        floor = self._spawn("refusal-floor", "bench.refusal_floor", [])
+        floor = self._spawn("refusal-floor", "bench.scheduler.refusal_floor", [])
         for child in (node, scheduler, floor):
             self._wait_serving(child, deadline)
         self._wait_node_visible(scheduler, deadline)
