@@ -1,62 +1,55 @@
 """Sluice: keep a self-hosted model-serving fleet answering under overload.
 
-The package holds the contract's generated stubs (``sluice.v1``), the shared runtime every
-service stands on (server bootstrap, telemetry, settings, the etcd registry) and the client SDK
-(:mod:`sluice.sdk`), whose clients and errors are exported here::
+This package is the SDK's one public import path::
 
-    from sluice import Client, AsyncClient, RetryPolicy, Overloaded
+    from sluice import Client, AsyncClient, RetryPolicy, OverloadedError, WorkloadClass
 
-They load on first use, so the services' ``from sluice import __version__`` stays cheap.
+Inside it: ``sluice.sdk`` (the client's implementation), ``sluice.v1`` (the contract's generated
+stubs), ``sluice.contract`` (workload classes, metadata keys, etcd prefixes), and, with the
+``server`` extra, ``sluice.runtime`` (what every service stands on) and ``sluice.local`` (the
+suite on one machine: ``sluice up``, demo, top).
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from sluice.contract import WorkloadClass
+from sluice.sdk.aio import AsyncClient
+from sluice.sdk.errors import (
+    AuthenticationError,
+    DeadlineExceededError,
+    InvalidRequestError,
+    NotFoundError,
+    OverloadedError,
+    PermissionDeniedError,
+    QuotaExceededError,
+    ResourceExhaustedError,
+    SluiceRpcError,
+    UnavailableError,
+    UnimplementedError,
+)
+from sluice.sdk.requests import Prompt, batch_job
+from sluice.sdk.retry import RetryPolicy
+from sluice.sdk.sync import Client
 
 __version__ = "0.1.0"
-
-if TYPE_CHECKING:
-    from sluice.sdk import (
-        AsyncClient,
-        AuthenticationError,
-        Client,
-        DeadlineExceeded,
-        InvalidRequest,
-        NotFound,
-        Overloaded,
-        PermissionDenied,
-        QuotaExceeded,
-        ResourceExhausted,
-        RetryPolicy,
-        SluiceRpcError,
-        Unavailable,
-        Unimplemented,
-        batch_job,
-    )
 
 __all__ = [
     "AsyncClient",
     "AuthenticationError",
     "Client",
-    "DeadlineExceeded",
-    "InvalidRequest",
-    "NotFound",
-    "Overloaded",
-    "PermissionDenied",
-    "QuotaExceeded",
-    "ResourceExhausted",
+    "DeadlineExceededError",
+    "InvalidRequestError",
+    "NotFoundError",
+    "OverloadedError",
+    "PermissionDeniedError",
+    "Prompt",
+    "QuotaExceededError",
+    "ResourceExhaustedError",
     "RetryPolicy",
     "SluiceRpcError",
-    "Unavailable",
-    "Unimplemented",
+    "UnavailableError",
+    "UnimplementedError",
+    "WorkloadClass",
     "__version__",
     "batch_job",
 ]
-_SDK_NAMES = frozenset(__all__) - {"__version__"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _SDK_NAMES:
-        return getattr(importlib.import_module("sluice.sdk"), name)
-    raise AttributeError(f"module 'sluice' has no attribute {name!r}")

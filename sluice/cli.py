@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from sluice import Client, SluiceRpcError
 from sluice.local.rundir import dev_api_key, read_endpoints
-from sluice.sdk import Client, SluiceRpcError
 from sluice.sdk.endpoints import API_KEY_ENV, ENDPOINTS_ENV, ETCD_ENDPOINTS_ENVS
 from sluice.v1 import admin_pb2
 

@@ -21,12 +21,12 @@ from sluice.runtime.errors import (
     STATUS_DETAILS_METADATA,
     InvalidArgument,
     ResourceExhausted,
-    unpack_details,
 )
 from sluice.runtime.runner import lower_cpu_priority
 from sluice.runtime.server import GrpcServer, ServerOptions
 from sluice.runtime.settings import ServiceSettings, load_settings, parse_settings
 from sluice.runtime.telemetry import MetricsServer
+from sluice.sdk.errors import unpack_details
 from sluice.v1 import cache_pb2, cache_pb2_grpc
 
 

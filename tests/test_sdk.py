@@ -22,27 +22,27 @@ from prometheus_client import CollectorRegistry
 from scheduler.app import SchedulerService
 from scheduler.config import SchedulerSettings
 from scheduler.tenants import Quotas, Tenant, TenantDirectory
+from sluice import (
+    AsyncClient,
+    AuthenticationError,
+    Client,
+    DeadlineExceededError,
+    InvalidRequestError,
+    OverloadedError,
+    QuotaExceededError,
+    ResourceExhaustedError,
+    RetryPolicy,
+    SluiceRpcError,
+    UnavailableError,
+    UnimplementedError,
+    batch_job,
+)
 from sluice.local.stores import free_port
 from sluice.runtime import errors as domain
 from sluice.runtime.auth import hash_api_key
 from sluice.runtime.server import GrpcServer, ServerOptions
-from sluice.sdk import (
-    AsyncClient,
-    AuthenticationError,
-    Client,
-    DeadlineExceeded,
-    InvalidRequest,
-    Overloaded,
-    QuotaExceeded,
-    ResourceExhausted,
-    RetryPolicy,
-    SluiceRpcError,
-    Unavailable,
-    Unimplemented,
-    batch_job,
-    from_rpc_error,
-)
 from sluice.sdk.endpoints import EndpointPool
+from sluice.sdk.errors import from_rpc_error
 from sluice.sdk.retry import CallAttempts
 from sluice.v1 import (
     common_pb2,
@@ -256,7 +256,7 @@ def test_call_attempts_give_up_when_the_delay_would_pass_the_time_budget() -> No
     """A retry that would start after total_timeout_s (or past the deadline) is not made."""
     now = [0.0]
     pool = EndpointPool(["a"], clock=lambda: now[0])
-    error = Overloaded(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", [_retry_info(2.0)])
+    error = OverloadedError(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", [_retry_info(2.0)])
     policy = RetryPolicy(total_timeout_s=1.0, jitter=0.0)
     attempts = CallAttempts(policy, pool, 60.0, clock=lambda: now[0])
     attempts.next_endpoint()
@@ -292,20 +292,20 @@ class _FakeCall:
 
 
 def test_resource_exhausted_maps_to_quota_exceeded_or_overloaded() -> None:
-    """RESOURCE_EXHAUSTED with a QuotaFailure is QuotaExceeded, otherwise Overloaded; both are
-    ResourceExhausted and carry reason, retry delay and violations."""
+    """RESOURCE_EXHAUSTED with a QuotaFailure is QuotaExceededError, otherwise OverloadedError;
+    both are ResourceExhaustedError and carry reason, retry delay and violations."""
     quota = domain.ResourceExhausted(
         "over quota", retry_after_s=1.5, reason="QUOTA", quota_violations=[("tenant:a", "60/min")]
     )
     busy = domain.ResourceExhausted("busy", retry_after_s=0.25)
     q = from_rpc_error(_FakeCall(quota.code, quota.message, quota.trailing_metadata()))
     b = from_rpc_error(_FakeCall(busy.code, busy.message, busy.trailing_metadata()))
-    assert isinstance(q, QuotaExceeded)
-    assert isinstance(q, ResourceExhausted)
-    assert not isinstance(q, Overloaded)
+    assert isinstance(q, QuotaExceededError)
+    assert isinstance(q, ResourceExhaustedError)
+    assert not isinstance(q, OverloadedError)
     assert (q.reason, q.retry_after_s, q.violations) == ("QUOTA", 1.5, [("tenant:a", "60/min")])
-    assert isinstance(b, Overloaded)
-    assert isinstance(b, ResourceExhausted)
+    assert isinstance(b, OverloadedError)
+    assert isinstance(b, ResourceExhaustedError)
     assert (b.reason, b.retry_after_s, b.violations) == ("OVERLOADED", 0.25, [])
 
 
@@ -330,11 +330,11 @@ async def test_refusals_are_retried_after_the_servers_retry_delay(start_server: 
 
 
 async def test_retries_stop_at_the_attempt_bound_with_a_typed_error(start_server: Start) -> None:
-    """A server that always refuses sees max_attempts calls; the error is Overloaded with the
+    """A server that always refuses sees max_attempts calls; the error is OverloadedError with the
     status details and the attempt count."""
     s = await start_server(plan=[Fault("overloaded", 0.05)] * 10)
     async with AsyncClient(s.address, retry=RetryPolicy(max_attempts=3)) as client:
-        with pytest.raises(Overloaded) as caught:
+        with pytest.raises(OverloadedError) as caught:
             await client.embed("m", ["x"])
     assert len(s.inference.arrivals) == 3
     err = caught.value
@@ -346,10 +346,10 @@ async def test_retries_stop_at_the_attempt_bound_with_a_typed_error(start_server
 
 
 async def test_quota_refusal_raises_quota_exceeded_with_violations(start_server: Start) -> None:
-    """A quota refusal that stays refused is QuotaExceeded naming the violated quota."""
+    """A quota refusal that stays refused is QuotaExceededError naming the violated quota."""
     s = await start_server(plan=[Fault("quota", 0.01)] * 10)
     async with AsyncClient(s.address, retry=RetryPolicy(max_attempts=2)) as client:
-        with pytest.raises(QuotaExceeded) as caught:
+        with pytest.raises(QuotaExceededError) as caught:
             await texts(client)
     assert caught.value.violations == [("tenant:alpha", "at most 60 requests per minute")]
     assert caught.value.reason == "QUOTA_EXCEEDED"
@@ -361,7 +361,7 @@ async def test_retry_none_raises_the_first_refusal_at_once(start_server: Start) 
     s = await start_server(plan=[Fault("overloaded", 5.0)])
     async with AsyncClient(s.address, retry=None) as client:
         started = time.monotonic()
-        with pytest.raises(Overloaded) as caught:
+        with pytest.raises(OverloadedError) as caught:
             await texts(client)
     assert time.monotonic() - started < 1.0
     assert len(s.inference.arrivals) == 1
@@ -375,7 +375,7 @@ async def test_a_delay_beyond_the_time_budget_is_not_waited_for(start_server: St
     policy = RetryPolicy(total_timeout_s=2.0)
     async with AsyncClient(s.address, retry=policy) as client:
         started = time.monotonic()
-        with pytest.raises(Overloaded):
+        with pytest.raises(OverloadedError):
             await client.embed("m", ["x"])
     assert time.monotonic() - started < 1.0
     assert len(s.inference.arrivals) == 1
@@ -402,12 +402,12 @@ async def test_unavailable_before_the_first_chunk_is_retried(start_server: Start
 
 
 async def test_unavailable_after_the_first_chunk_is_not_retried(start_server: Start) -> None:
-    """A failure after a chunk was delivered raises Unavailable: the caller keeps what it got
+    """A failure after a chunk was delivered raises UnavailableError: the caller keeps what it got
     and the server sees exactly one call."""
     s = await start_server(plan=[Fault("fail_after_first")])
     got: list[str] = []
     async with AsyncClient(s.address) as client:
-        with pytest.raises(Unavailable) as caught:
+        with pytest.raises(UnavailableError) as caught:
             async for chunk in client.generate(TINY, "hi"):
                 got.append(chunk.text)
     assert got == ["a:0 "]
@@ -443,12 +443,12 @@ async def test_an_unreachable_endpoint_is_skipped(start_server: Start) -> None:
 
 
 async def test_deadline_is_a_typed_error_and_not_retried(start_server: Start) -> None:
-    """A call that outlives the client's default deadline raises DeadlineExceeded after one
+    """A call that outlives the client's default deadline raises DeadlineExceededError after one
     attempt."""
     s = await start_server(plan=[Fault("slow")])
     async with AsyncClient(s.address, timeout_s=0.3) as client:
         started = time.monotonic()
-        with pytest.raises(DeadlineExceeded):
+        with pytest.raises(DeadlineExceededError):
             await client.embed("m", ["x"])
     assert time.monotonic() - started < 2.0
     assert len(s.inference.arrivals) == 1
@@ -526,7 +526,7 @@ async def test_schedulers_are_discovered_through_etcd(running: Suite) -> None:
         usage = await client.get_tenant_usage()
         assert usage.tenant == "alpha"
         assert usage.completion_tokens >= 4
-        with pytest.raises(Unimplemented):
+        with pytest.raises(UnimplementedError):
             await client.get_job("nope")
 
 
@@ -557,13 +557,13 @@ async def test_endpoints_and_key_come_from_the_environment(
     running: Suite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SLUICE_ENDPOINTS and SLUICE_API_KEY configure a client built without arguments; a
-    wrong key is an AuthenticationError and a bad request an InvalidRequest with violations."""
+    wrong key is an AuthenticationError and a bad request an InvalidRequestError with violations."""
     assert running.scheduler is not None
     monkeypatch.setenv("SLUICE_ENDPOINTS", f" {running.scheduler.address} ,")
     monkeypatch.setenv("SLUICE_API_KEY", API_KEY)
     async with AsyncClient() as client:
         assert client.endpoints == [running.scheduler.address]
-        with pytest.raises(InvalidRequest) as caught:
+        with pytest.raises(InvalidRequestError) as caught:
             await texts(client, max_new_tokens=0)
         assert any(f == "options.max_new_tokens" for f, _ in caught.value.violations)
     async with AsyncClient(api_key="sk-wrong") as client:
@@ -573,9 +573,9 @@ async def test_endpoints_and_key_come_from_the_environment(
 
 
 async def test_discovery_without_a_scheduler_is_unavailable(etcd: str) -> None:
-    """An etcd with no scheduler registered gives a clear Unavailable, not an empty client."""
+    """An etcd with no scheduler registered gives a clear UnavailableError, not an empty client."""
     client = AsyncClient(etcd_endpoints=etcd)
-    with pytest.raises(Unavailable, match="no scheduler registered"):
+    with pytest.raises(UnavailableError, match="no scheduler registered"):
         await client.connect()
     await client.close()
 
@@ -610,7 +610,7 @@ async def test_sync_client_generates_and_embeds_against_the_suite(running: Suite
     assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert dims == 384
     assert node == "node-a"
-    assert isinstance(error, InvalidRequest)
+    assert isinstance(error, InvalidRequestError)
 
 
 async def test_sync_client_retries_refusals_and_stops_early_streams(
@@ -675,7 +675,7 @@ async def test_retries_wait_out_a_real_quota_refusal_and_stop_at_the_attempt_bou
     """1 request/s, burst 1, the bucket just emptied: two concurrent calls are both refused
     with RetryInfo (the ~1 s refill). Each client waits at least that long, so exactly one
     retry finds the refilled request and succeeds; the other is refused again and stops at
-    max_attempts=2 with QuotaExceeded. A client that retried sooner would be refused on both
+    max_attempts=2 with QuotaExceededError. A client that retried sooner would be refused on both
     retries; the scheduler counts exactly three refusals."""
     policy = RetryPolicy(max_attempts=2)
     async with AsyncClient(quota_scheduler.address, api_key=METERED_KEY, retry=policy) as client:
@@ -686,9 +686,9 @@ async def test_retries_wait_out_a_real_quota_refusal_and_stop_at_the_attempt_bou
         )
         elapsed = time.monotonic() - started
         usage = await client.get_tenant_usage()
-    assert sorted(type(o).__name__ for o in outcomes) == ["QuotaExceeded", "int"]
+    assert sorted(type(o).__name__ for o in outcomes) == ["QuotaExceededError", "int"]
     assert 2 in outcomes
-    (error,) = [o for o in outcomes if isinstance(o, QuotaExceeded)]
+    (error,) = [o for o in outcomes if isinstance(o, QuotaExceededError)]
     assert error.attempts == 2
     assert error.violations == [("tenant:metered/requests_per_second", "limit 1.0/s")]
     assert error.retry_after_s is not None and error.retry_after_s > 0.5
@@ -699,13 +699,13 @@ async def test_retries_wait_out_a_real_quota_refusal_and_stop_at_the_attempt_bou
 async def test_retry_none_raises_a_real_quota_refusal_at_once(
     quota_scheduler: SchedulerService,
 ) -> None:
-    """With retry=None the refused call raises QuotaExceeded immediately, after one attempt,
+    """With retry=None the refused call raises QuotaExceededError immediately, after one attempt,
     carrying the scheduler's QuotaFailure and the bucket's retry delay (at most the 1 s
     refill); the scheduler saw one refusal."""
     async with AsyncClient(quota_scheduler.address, api_key=METERED_KEY, retry=None) as client:
         await completion_tokens(client)
         started = time.monotonic()
-        with pytest.raises(QuotaExceeded) as caught:
+        with pytest.raises(QuotaExceededError) as caught:
             await completion_tokens(client)
         elapsed = time.monotonic() - started
         usage = await client.get_tenant_usage()

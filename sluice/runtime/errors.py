@@ -1,9 +1,10 @@
 """Domain errors and their mapping to gRPC statuses with ``google.rpc`` details.
 
 Handlers raise these; :class:`sluice.runtime.interceptors.ObservabilityInterceptor` turns them
-into a status with ``grpc-status-details-bin`` (``BadRequest``, ``QuotaFailure``, ``RetryInfo``,
-``ErrorInfo`` with a stable ``reason``). Refusals that carry a retry delay also set the
-``grpc-retry-pushback-ms`` trailer, which gRPC's own retry policy honours.
+into a status whose ``grpc-status-details-bin`` trailer ``grpcio-status`` builds
+(``BadRequest``, ``QuotaFailure``, ``RetryInfo``, ``ErrorInfo`` with a stable ``reason``).
+Refusals that carry a retry delay also set the ``grpc-retry-pushback-ms`` trailer, which
+gRPC's own retry policy honours.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 ERROR_DOMAIN = "sluice.dev"
 PUSHBACK_METADATA = "grpc-retry-pushback-ms"
@@ -59,9 +61,9 @@ class SluiceError(Exception):
 
     def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         """Trailers to send: the packed status and, for retryable refusals, the pushback."""
-        items: list[tuple[str, str | bytes]] = [
-            (STATUS_DETAILS_METADATA, self.to_status_proto().SerializeToString())
-        ]
+        items: list[tuple[str, str | bytes]] = list(
+            rpc_status.to_status(self.to_status_proto()).trailing_metadata
+        )
         delay = self.retry_after()
         if delay is not None:
             items.append((PUSHBACK_METADATA, str(max(0, math.ceil(delay * 1000)))))
@@ -209,41 +211,28 @@ def status_code_name(code: grpc.StatusCode | None) -> str:
     return code.name if code is not None else "UNKNOWN"
 
 
-def unpack_details(status: status_pb2.Status) -> list[Message]:
-    """Unpack the known ``google.rpc`` detail messages of a status; unknown ones are skipped."""
-    known: list[type[Message]] = [
-        error_details_pb2.ErrorInfo,
-        error_details_pb2.BadRequest,
-        error_details_pb2.RetryInfo,
-        error_details_pb2.QuotaFailure,
-        error_details_pb2.DebugInfo,
-        error_details_pb2.ResourceInfo,
-    ]
-    out: list[Message] = []
-    for any_msg in status.details:
-        for cls in known:
-            if any_msg.Is(cls.DESCRIPTOR):
-                msg = cls()
-                any_msg.Unpack(msg)
-                out.append(msg)
-                break
-    return out
-
-
 class RemoteError(SluiceError):
-    """An error a downstream service returned, passed on with its code and details intact."""
+    """An error a downstream service returned, passed on with its code, details and pushback
+    intact (the message gains ``prefix``, and the rich status is re-packed to match it)."""
 
     def __init__(self, exc: grpc.aio.AioRpcError, *, prefix: str = "") -> None:
         super().__init__(f"{prefix}{exc.details() or exc.code().name}")
         self.code = exc.code()
         self.reason = "UPSTREAM_" + exc.code().name
-        self._trailers = tuple(
-            (k, v)
-            for k, v in (exc.trailing_metadata() or ())
-            if k in (STATUS_DETAILS_METADATA, PUSHBACK_METADATA)
+        try:
+            self._upstream = rpc_status.from_call(exc)
+        except ValueError:  # a status that contradicts its call: keep our own details
+            self._upstream = None
+        self._pushback = tuple(
+            (k, v) for k, v in (exc.trailing_metadata() or ()) if k == PUSHBACK_METADATA
+        )
+
+    def to_status_proto(self) -> status_pb2.Status:
+        if self._upstream is None:
+            return super().to_status_proto()
+        return status_pb2.Status(
+            code=self.code.value[0], message=self.message, details=self._upstream.details
         )
 
     def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        if any(k == STATUS_DETAILS_METADATA for k, _ in self._trailers):
-            return self._trailers
-        return super().trailing_metadata() + self._trailers
+        return super().trailing_metadata() + self._pushback

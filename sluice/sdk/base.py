@@ -1,4 +1,5 @@
-"""What the async and the sync client share: settings, endpoint resolution, call metadata."""
+"""What the async and the sync client share: settings, endpoints, stubs, call metadata, the
+attempts of a call and the reading of health answers. No I/O here."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import os
 import random
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sluice.contract import AUTHORIZATION_METADATA, REQUEST_ID_METADATA, SCHEDULERS_PREFIX
 from sluice.sdk.endpoints import (
@@ -19,8 +23,12 @@ from sluice.sdk.endpoints import (
     configured_endpoints,
 )
 from sluice.sdk.endpoints import etcd_endpoints as resolve_etcd_endpoints
-from sluice.sdk.errors import Unavailable
-from sluice.sdk.retry import RetryPolicy
+from sluice.sdk.errors import UnavailableError, from_rpc_error
+from sluice.sdk.retry import CallAttempts, RetryPolicy
+from sluice.v1 import admin_pb2_grpc, inference_pb2_grpc, jobs_pb2_grpc
+
+if TYPE_CHECKING:
+    from sluice.sdk.calls import Call
 
 DEFAULT_TIMEOUT_S = 120.0
 """Deadline of a call, retries and the whole stream of a generation included."""
@@ -29,6 +37,32 @@ ADMIN_TIMEOUT_S = 10.0
 HEALTH_CHECK_INTERVAL_S = 5.0
 HEALTH_CHECK_TIMEOUT_S = 1.0
 FAILURE_COOLDOWN_S = 5.0
+HEALTH_REQUEST = health_pb2.HealthCheckRequest()
+
+
+@dataclass(frozen=True)
+class Stubs:
+    """The stubs of one scheduler endpoint, on a blocking or an asyncio channel."""
+
+    channel: Any
+    inference: inference_pb2_grpc.InferenceStub
+    admin: admin_pb2_grpc.AdminStub
+    jobs: jobs_pb2_grpc.JobsStub
+    health: health_pb2_grpc.HealthStub
+
+    @classmethod
+    def on(cls, channel: grpc.Channel | grpc.aio.Channel) -> Stubs:
+        return cls(
+            channel,
+            inference_pb2_grpc.InferenceStub(channel),
+            admin_pb2_grpc.AdminStub(channel),
+            jobs_pb2_grpc.JobsStub(channel),
+            health_pb2_grpc.HealthStub(channel),
+        )
+
+    def method(self, call: Call) -> Any:
+        """The stub's callable for ``call``'s RPC."""
+        return getattr(getattr(self, call.service.value), call.method)
 
 
 class ClientBase:
@@ -68,6 +102,10 @@ class ClientBase:
             if self._configured
             else None
         )
+        self._init_transport()
+
+    def _init_transport(self) -> None:
+        """Set up the transport's own state (channels, health task or thread)."""
 
     @property
     def endpoints(self) -> list[str]:
@@ -91,7 +129,7 @@ class ClientBase:
 
     def _new_pool(self, addresses: list[str]) -> EndpointPool:
         if not addresses:
-            raise Unavailable(
+            raise UnavailableError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"no scheduler registered in etcd {self._etcd} under {SCHEDULERS_PREFIX}",
             )
@@ -108,3 +146,90 @@ class ClientBase:
         if timeout_s is not None:
             return timeout_s
         return min(self.timeout_s, cap) if cap is not None else self.timeout_s
+
+    def _health_answer(self, address: str, answer: object) -> bool | None:
+        """Record a health check's reply (or the ``grpc.RpcError`` it raised) and return
+        whether the endpoint serves (None: it has no health service)."""
+        serving: bool | None
+        if isinstance(answer, grpc.RpcError):
+            code = answer.code()  # type: ignore[attr-defined]
+            serving = None if code == grpc.StatusCode.UNIMPLEMENTED else False
+        else:
+            serving = getattr(answer, "status", None) == health_pb2.HealthCheckResponse.SERVING
+        self._pool().set_serving(address, serving is not False)
+        return serving
+
+    def _discovery_failed(self, exc: ConnectionError) -> UnavailableError:
+        return UnavailableError(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+
+class Tries:
+    """The attempts of one call, for a transport to loop over (the retry logic lives here and
+    in :class:`~sluice.sdk.retry.CallAttempts`; the transport only waits and invokes).
+
+    A transport subclass makes it iterable: its first step connects the client, each later
+    step waits :attr:`delay`, then every step returns :meth:`next_attempt`.
+    """
+
+    def __init__(self, client: ClientBase, call: Call) -> None:
+        self.client = client
+        self.call = call
+        self.metadata = client._metadata(call.request_id)
+        self.attempts: CallAttempts | None = None
+        self.delay = 0.0
+        """Seconds to wait before the next attempt, set when one failed."""
+        self.received = False
+        """Whether any part of the response reached the caller (then nothing is retried)."""
+
+    @property
+    def started(self) -> bool:
+        return self.attempts is not None
+
+    def next_attempt(self) -> Attempt:
+        if self.attempts is None:
+            self.attempts = CallAttempts(
+                self.client.retry, self.client._pool(), self.call.timeout_s, rng=self.client._rng
+            )
+        return Attempt(self, self.attempts, self.attempts.next_endpoint())
+
+
+class Attempt:
+    """One attempt of a call. As a context manager it ends the attempt's RPC and turns an RPC
+    error into the delay before the next attempt, or raises the call's typed error."""
+
+    def __init__(self, tries: Tries, attempts: CallAttempts, endpoint: str) -> None:
+        self._tries = tries
+        self._attempts = attempts
+        self._endpoint = endpoint
+        self._rpc: Any = None
+
+    def start(self) -> Any:
+        """Invoke the RPC on this attempt's endpoint: a reply, a call to await, or a stream."""
+        tries = self._tries
+        method = tries.client._stub(self._endpoint).method(tries.call)  # type: ignore[attr-defined]
+        self._rpc = method(
+            tries.call.request, timeout=self._attempts.remaining_s(), metadata=tries.metadata
+        )
+        return self._rpc
+
+    def got(self, item: Any) -> Any:
+        """Note that ``item`` of a stream reached the caller; returns it."""
+        self._tries.received = True
+        return item
+
+    def __enter__(self) -> Attempt:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> bool:
+        if isinstance(self._rpc, grpc.Call | grpc.aio.Call):
+            self._rpc.cancel()  # no-op when finished; ends the RPC when the caller stopped early
+        if not isinstance(exc, grpc.RpcError):
+            return False
+        error = from_rpc_error(exc)  # type: ignore[arg-type]
+        delay = self._attempts.failed(self._endpoint, error, received=self._tries.received)
+        if delay is None:
+            raise error from exc
+        self._tries.delay = delay
+        return True

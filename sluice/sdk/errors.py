@@ -1,35 +1,35 @@
 """Typed errors of the SDK: a failed call's status code with its unpacked ``google.rpc`` details.
 
-The hierarchy (every class is a :class:`SluiceRpcError`)::
+The hierarchy (every class is a :class:`SluiceRpcError`; the names end in ``Error`` and differ
+from the services' domain errors in :mod:`sluice.runtime.errors`)::
 
     SluiceRpcError                 any failed call; .code .message .details .reason ...
-    ├── InvalidRequest             INVALID_ARGUMENT: fix the request (see .violations)
+    ├── InvalidRequestError        INVALID_ARGUMENT: fix the request (see .violations)
     ├── AuthenticationError        UNAUTHENTICATED: no key, or an unknown one
-    │   └── PermissionDenied       PERMISSION_DENIED: the key's tenant may not do this
-    ├── ResourceExhausted          RESOURCE_EXHAUSTED: refused now, come back later
-    │   ├── QuotaExceeded          ... because the tenant is over a quota (QuotaFailure detail)
-    │   └── Overloaded             ... because the fleet is busy (any other refusal)
-    ├── Unavailable                UNAVAILABLE: no node could serve, one failed mid-stream,
+    │   └── PermissionDeniedError  PERMISSION_DENIED: the key's tenant may not do this
+    ├── ResourceExhaustedError     RESOURCE_EXHAUSTED: refused now, come back later
+    │   ├── QuotaExceededError     ... because the tenant is over a quota (QuotaFailure detail)
+    │   └── OverloadedError        ... because the fleet is busy (any other refusal)
+    ├── UnavailableError           UNAVAILABLE: no node could serve, one failed mid-stream,
     │                              or the scheduler could not be reached
-    ├── DeadlineExceeded           DEADLINE_EXCEEDED
-    ├── NotFound                   NOT_FOUND
-    └── Unimplemented              UNIMPLEMENTED (e.g. jobs on a release without them)
+    ├── DeadlineExceededError      DEADLINE_EXCEEDED
+    ├── NotFoundError              NOT_FOUND
+    └── UnimplementedError         UNIMPLEMENTED (e.g. jobs on a release without them)
 
-``except ResourceExhausted`` catches both kinds of refusal; ``except Overloaded`` alone no
-longer catches quota refusals (it did before quotas existed), on purpose: waiting out a quota
-and backing off from a busy fleet are different decisions.
+``except ResourceExhaustedError`` catches both kinds of refusal; ``except OverloadedError``
+does not catch quota refusals: waiting out a quota and backing off from a busy fleet are
+different decisions. Details are read with ``grpcio-status`` (``rpc_status.from_call``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
-
-from sluice.runtime.errors import STATUS_DETAILS_METADATA, unpack_details
+from grpc_status import rpc_status
 
 M = TypeVar("M", bound=Message)
 
@@ -101,7 +101,7 @@ class SluiceRpcError(Exception):
         return self.field_violations + self.quota_violations
 
 
-class InvalidRequest(SluiceRpcError):
+class InvalidRequestError(SluiceRpcError):
     """INVALID_ARGUMENT: fix the request (see ``violations``)."""
 
 
@@ -109,61 +109,82 @@ class AuthenticationError(SluiceRpcError):
     """UNAUTHENTICATED: no API key, or one that matches no tenant."""
 
 
-class PermissionDenied(AuthenticationError):
+class PermissionDeniedError(AuthenticationError):
     """PERMISSION_DENIED: the key's tenant may not use this model, class or resource."""
 
 
-class ResourceExhausted(SluiceRpcError):
+class ResourceExhaustedError(SluiceRpcError):
     """RESOURCE_EXHAUSTED: refused now; come back after ``retry_after_s`` when it is set."""
 
 
-class QuotaExceeded(ResourceExhausted):
+class QuotaExceededError(ResourceExhaustedError):
     """RESOURCE_EXHAUSTED with a ``QuotaFailure`` detail: the tenant is over a quota
     (``violations`` names which)."""
 
 
-class Overloaded(ResourceExhausted):
+class OverloadedError(ResourceExhaustedError):
     """RESOURCE_EXHAUSTED without a quota violation: the fleet is busy (``reason`` says how,
     e.g. ``OVERLOADED``)."""
 
 
-class Unavailable(SluiceRpcError):
+class UnavailableError(SluiceRpcError):
     """UNAVAILABLE: no node could serve, one failed mid-stream, or no scheduler answered."""
 
 
-class DeadlineExceeded(SluiceRpcError):
+class DeadlineExceededError(SluiceRpcError):
     """DEADLINE_EXCEEDED: the call's deadline passed before it finished."""
 
 
-class NotFound(SluiceRpcError):
+class NotFoundError(SluiceRpcError):
     """NOT_FOUND: the named thing (a job, a model) does not exist for this tenant."""
 
 
-class Unimplemented(SluiceRpcError):
+class UnimplementedError(SluiceRpcError):
     """UNIMPLEMENTED: the server does not offer this call (yet)."""
 
 
 _TYPES: dict[grpc.StatusCode, type[SluiceRpcError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
 }
 
 
+KNOWN_DETAILS: tuple[type[Message], ...] = (
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.BadRequest,
+    error_details_pb2.RetryInfo,
+    error_details_pb2.QuotaFailure,
+    error_details_pb2.DebugInfo,
+    error_details_pb2.ResourceInfo,
+)
+
+
+def unpack_details(status: status_pb2.Status) -> list[Message]:
+    """The known ``google.rpc`` detail messages of a status; unknown ones are skipped."""
+    out: list[Message] = []
+    for packed in status.details:
+        cls = next((c for c in KNOWN_DETAILS if packed.Is(c.DESCRIPTOR)), None)
+        if cls is not None:
+            msg = cls()
+            packed.Unpack(msg)
+            out.append(msg)
+    return out
+
+
 def status_details(call: FailedCall) -> list[Message]:
-    """The ``google.rpc`` details a failed call carried in ``grpc-status-details-bin``."""
-    metadata = call.trailing_metadata()
-    if not isinstance(metadata, Iterable):  # None when the call never reached a server
+    """The ``google.rpc`` details a failed call carried (none when the call never reached a
+    server, or when the rich status contradicts the call's own code or message)."""
+    try:
+        status = rpc_status.from_call(call)
+    except ValueError:
         return []
-    for key, value in metadata:
-        if key == STATUS_DETAILS_METADATA and isinstance(value, bytes):
-            return unpack_details(status_pb2.Status.FromString(value))
-    return []
+    return unpack_details(status) if status is not None else []
 
 
 def from_rpc_error(call: FailedCall, *, attempts: int = 1) -> SluiceRpcError:
@@ -171,22 +192,26 @@ def from_rpc_error(call: FailedCall, *, attempts: int = 1) -> SluiceRpcError:
     code = call.code()
     details = status_details(call)
     cls = _TYPES.get(code, SluiceRpcError)
-    if cls is Overloaded and any(isinstance(d, error_details_pb2.QuotaFailure) for d in details):
-        cls = QuotaExceeded
+    if cls is OverloadedError and any(
+        isinstance(d, error_details_pb2.QuotaFailure) for d in details
+    ):
+        cls = QuotaExceededError
     return cls(code, call.details() or "", details, attempts=attempts)
 
 
 __all__ = [
     "AuthenticationError",
-    "DeadlineExceeded",
-    "InvalidRequest",
-    "NotFound",
-    "Overloaded",
-    "PermissionDenied",
-    "QuotaExceeded",
-    "ResourceExhausted",
+    "DeadlineExceededError",
+    "InvalidRequestError",
+    "NotFoundError",
+    "OverloadedError",
+    "PermissionDeniedError",
+    "QuotaExceededError",
+    "ResourceExhaustedError",
     "SluiceRpcError",
-    "Unavailable",
-    "Unimplemented",
+    "UnavailableError",
+    "UnimplementedError",
     "from_rpc_error",
+    "status_details",
+    "unpack_details",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypedDict, Unpack
 
 from sluice.v1 import common_pb2, inference_pb2, jobs_pb2
 
@@ -72,31 +73,25 @@ def embed_request(
     )
 
 
+class JobOptions(TypedDict, total=False):
+    """Generation options of every item of a batch job (unset: the server's default)."""
+
+    max_new_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    seed: int | None
+    stop: Sequence[str]
+
+
 def batch_job(
-    model: str,
-    prompts: Sequence[Prompt] | dict[str, Prompt],
-    *,
-    max_new_tokens: int | None = None,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    stop: Sequence[str] = (),
+    model: str, prompts: Sequence[Prompt] | dict[str, Prompt], **options: Unpack[JobOptions]
 ) -> jobs_pb2.BatchGenerationSpec:
-    """A batch-generation job spec for :meth:`AsyncClient.submit_job`.
+    """A batch-generation job spec for ``submit_job``.
 
     ``prompts`` is a list (items get ids ``"0"``, ``"1"``, …) or a dict of id → prompt.
     """
     items = prompts if isinstance(prompts, dict) else {str(i): p for i, p in enumerate(prompts)}
-    spec = jobs_pb2.BatchGenerationSpec(
-        model=model,
-        options=generation_options(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-        ),
-    )
+    spec = jobs_pb2.BatchGenerationSpec(model=model, options=generation_options(**options))
     for item_id, prompt in items.items():
         if isinstance(prompt, str):
             spec.items.append(jobs_pb2.BatchItem(id=item_id, prompt=prompt))
