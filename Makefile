@@ -25,6 +25,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy sluice scheduler inference_node cache_service bench
+	$(VENV)/bin/lint-imports --no-logo
 
 test: lint
 	$(PY) -m pytest -q
@@ -51,10 +52,10 @@ bench-load-smoke: $(STAMP)
 # Engine benchmark: HF baselines vs the Sluice engine on real SmolLM2, in one run (~20 min).
 bench-engine: $(STAMP)
 	$(PY) -m bench.engine
-	$(PY) -m bench.node_start
+	$(PY) -m bench.engine.node_start
 
 bench-node-start: $(STAMP)
-	$(PY) -m bench.node_start
+	$(PY) -m bench.engine.node_start
 
 # Scheduler figures on the real suite (tiny model): overhead, refusal latency, 2:1 fairness,
 # isolation under a 10x flood (~17 min).
