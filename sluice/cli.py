@@ -78,6 +78,19 @@ def _connect(endpoint: str | None, api_key: str | None, run_dir: Path, **options
 
 
 @contextmanager
+def _needs_services() -> Iterator[None]:
+    """Imports of the local suite: without the services installed, say how to get them."""
+    try:
+        yield
+    except ImportError as exc:
+        err.print(
+            f"[red]this command runs the services, which are not installed ({exc.name} is "
+            "missing): pip install 'sluice\\[node]'"
+        )
+        raise typer.Exit(2) from None
+
+
+@contextmanager
 def _rpc_errors() -> Iterator[None]:
     """An RPC error becomes a clear message and exit code 1."""
     try:
@@ -125,8 +138,9 @@ def up(
     ] = None,
 ) -> None:
     """Start etcd, Redis, the cache, N nodes and the scheduler; stop all on Ctrl-C/SIGTERM."""
-    from sluice.local.demo import print_endpoints  # noqa: PLC0415 - needs the server extra
-    from sluice.local.up import Supervisor, UpConfig  # noqa: PLC0415 - needs the server extra
+    with _needs_services():
+        from sluice.local.demo import print_endpoints  # noqa: PLC0415
+        from sluice.local.up import Supervisor, UpConfig  # noqa: PLC0415
 
     config = UpConfig(
         run_dir=run_dir,
@@ -326,7 +340,8 @@ def demo(
     nodes: Annotated[int, typer.Option(help="Inference nodes to start.")] = 2,
 ) -> None:
     """Start the suite, send real requests, show where they went, shut down."""
-    from sluice.local.demo import run_demo  # noqa: PLC0415 - needs the server extra
+    with _needs_services():
+        from sluice.local.demo import run_demo  # noqa: PLC0415
 
     raise typer.Exit(run_demo(run_dir, nodes, console))
 

@@ -23,7 +23,6 @@ SERVER_AND_MODEL_STACK = (
     "redis",
     "structlog",
     "prometheus_client",
-    "pydantic",
     "pydantic_settings",
     "yaml",
     "uvloop",
@@ -64,7 +63,9 @@ async def main():
         return len(chunks)
 
 n = asyncio.run(main())
-print("ok", len(text) > 0, len(nodes), n > 0)
+from typer.testing import CliRunner
+up = CliRunner().invoke(sluice.cli.app, ["up"])
+print("ok", len(text) > 0, len(nodes), n > 0, up.exit_code, "sluice[node]" in up.output)
 """
 
 
@@ -88,7 +89,8 @@ async def test_sdk_and_cli_work_against_a_running_suite_without_the_extras(
     running: Suite,
 ) -> None:
     """``from sluice import Client, AsyncClient`` and calls to a running suite work in an
-    interpreter that cannot import any server or model package."""
+    interpreter that cannot import any server or model package; ``sluice up`` there says
+    which extra it needs."""
     assert running.scheduler is not None
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -103,7 +105,7 @@ async def test_sdk_and_cli_work_against_a_running_suite_without_the_extras(
     )
     out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
     assert proc.returncode == 0, err.decode()
-    assert out.decode().split() == ["ok", "True", "1", "True"]
+    assert out.decode().split() == ["ok", "True", "1", "True", "2", "True"]
 
 
 def _modules() -> list[Path]:

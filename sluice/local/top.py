@@ -12,7 +12,6 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -51,6 +50,9 @@ class Sample:
 
 def scrape(address: str, timeout_s: float = 2.0) -> dict[tuple[str, Labels], float]:
     """Every ``sluice_`` sample at ``http://<address>/metrics`` (proxies bypassed)."""
+    # prometheus_client comes with the server extra; `sluice top` without it shows no rates.
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(f"http://{address}/metrics", timeout=timeout_s) as response:
         body = response.read().decode()
