@@ -88,9 +88,8 @@ class SchedulerSettings(ServiceSettings):
     """A REALTIME request predicted to wait longer than this in the queue is refused at once
     (OVERLOADED, retry after the predicted wait) even when its deadline is further: someone
     is waiting for its first token, and a quick refusal with a time to come back serves them
-    better than seconds of silence (at 4x capacity without it, REALTIME requests queued 9-12 s
-    for their first token). Leave room for the prompt under your TTFT objective; 0: only the
-    deadline counts."""
+    better than seconds of silence (docs/decisions/scheduler-realtime-max-wait.md). Leave room
+    for the prompt under your TTFT objective; 0: only the deadline counts."""
     promote_lead_seconds: float = 1.0
     """A queued BATCH or FINETUNE request is served first (nothing else for its model starts
     before it) from this long before the latest start admission promised it, so it still
