@@ -201,7 +201,9 @@ class GenerateFlow:
         except SluiceError as exc:
             self.outcome = Outcome.INVALID
             self._counters.refuse(exc.reason)
-            cls = WorkloadClass.from_wire(request.workload_class)  # ValueError when undefined
+            # An undefined class raises ValueError here and the caller gets INTERNAL, as before this
+            # module existed; issue 17 makes it INVALID_ARGUMENT.
+            cls = WorkloadClass.from_wire(request.workload_class)
             self._path.metrics.requests.labels("generate", cls.label, self.outcome.label).inc()
             raise
 

@@ -8,30 +8,37 @@ Inside it: ``sluice.sdk`` (the client's implementation), ``sluice.v1`` (the cont
 stubs), ``sluice.contract`` (workload classes, metadata keys, etcd prefixes), and, with the
 ``server`` extra, ``sluice.runtime`` (what every service stands on) and ``sluice.local`` (the
 suite on one machine: ``sluice up``, demo, top).
+
+The SDK's names load on first use: a service imports ``sluice.runtime.grpc_io`` before anything
+loads grpc (it picks gRPC's I/O engine), and importing this package must not load grpc first.
 """
 
 from __future__ import annotations
 
-from sluice.contract import WorkloadClass
-from sluice.sdk.aio import AsyncClient
-from sluice.sdk.errors import (
-    AuthenticationError,
-    DeadlineExceededError,
-    InvalidRequestError,
-    NotFoundError,
-    OverloadedError,
-    PermissionDeniedError,
-    QuotaExceededError,
-    ResourceExhaustedError,
-    SluiceRpcError,
-    UnavailableError,
-    UnimplementedError,
-)
-from sluice.sdk.requests import Prompt, batch_job
-from sluice.sdk.retry import RetryPolicy
-from sluice.sdk.sync import Client
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from sluice.contract import WorkloadClass
+    from sluice.sdk.aio import AsyncClient
+    from sluice.sdk.errors import (
+        AuthenticationError,
+        DeadlineExceededError,
+        InvalidRequestError,
+        NotFoundError,
+        OverloadedError,
+        PermissionDeniedError,
+        QuotaExceededError,
+        ResourceExhaustedError,
+        SluiceRpcError,
+        UnavailableError,
+        UnimplementedError,
+    )
+    from sluice.sdk.requests import Prompt, batch_job
+    from sluice.sdk.retry import RetryPolicy
+    from sluice.sdk.sync import Client
 
 __all__ = [
     "AsyncClient",
@@ -53,3 +60,22 @@ __all__ = [
     "__version__",
     "batch_job",
 ]
+_HOMES = (
+    "sluice.sdk.aio",
+    "sluice.sdk.sync",
+    "sluice.sdk.errors",
+    "sluice.sdk.retry",
+    "sluice.sdk.requests",
+    "sluice.contract",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        for home in _HOMES:
+            module = importlib.import_module(home)
+            if hasattr(module, name):
+                value = getattr(module, name)
+                globals()[name] = value  # later lookups skip this function
+                return value
+    raise AttributeError(f"module 'sluice' has no attribute {name!r}")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from sluice.runtime import grpc_io
@@ -30,3 +34,20 @@ def test_an_operators_experiment_list_wins() -> None:
 def test_an_unknown_engine_is_refused() -> None:
     with pytest.raises(ValueError, match="SLUICE_GRPC_IO"):
         grpc_io.configure({grpc_io.IO_ENGINE_ENV: "epoll"})
+
+
+def test_a_service_picks_the_engine_before_anything_loads_grpc() -> None:
+    """In a fresh interpreter, importing ``sluice.runtime.grpc_io`` (each service's first
+    import) loads no grpc, so ``configure()`` still decides; the scheduling core does not load
+    grpc either (importing ``sluice`` must not pull the SDK in eagerly)."""
+    script = (
+        "import sys\n"
+        "from sluice.runtime import grpc_io\n"
+        "import scheduler.queues, scheduler.admission\n"
+        "print('grpc' in sys.modules, grpc_io.configure({}))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["False", "iomgr"]

@@ -65,7 +65,14 @@ async def main():
 n = asyncio.run(main())
 from typer.testing import CliRunner
 up = CliRunner().invoke(sluice.cli.app, ["up"])
-print("ok", len(text) > 0, len(nodes), n > 0, up.exit_code, "sluice[node]" in up.output)
+top = CliRunner().invoke(sluice.cli.app, [
+    "top", "--once", "--interval", "0.1", "--endpoint", address, "--api-key", key,
+    "--metrics", "127.0.0.1:9",
+])
+print(
+    "ok", len(text) > 0, len(nodes), n > 0, up.exit_code, "sluice[node]" in up.output,
+    top.exit_code, "sluice[server]" in top.output,
+)
 """
 
 
@@ -90,7 +97,7 @@ async def test_sdk_and_cli_work_against_a_running_suite_without_the_extras(
 ) -> None:
     """``from sluice import Client, AsyncClient`` and calls to a running suite work in an
     interpreter that cannot import any server or model package; ``sluice up`` there says
-    which extra it needs."""
+    which extra it needs, and ``sluice top`` shows its frame without rates."""
     assert running.scheduler is not None
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -105,7 +112,7 @@ async def test_sdk_and_cli_work_against_a_running_suite_without_the_extras(
     )
     out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
     assert proc.returncode == 0, err.decode()
-    assert out.decode().split() == ["ok", "True", "1", "True", "2", "True"]
+    assert out.decode().split() == ["ok", "True", "1", "True", "2", "True", "0", "True"]
 
 
 def _modules() -> list[Path]:

@@ -31,10 +31,12 @@ import os
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sluice.contract import WorkloadClass
 
 MAX_DURATION_S = 3600.0
 MAX_REQUESTS = 100_000
@@ -54,6 +56,12 @@ WORDS: tuple[str, ...] = tuple(_WORD_TEXT.split())
 
 class ScenarioError(ValueError):
     """A scenario file that cannot be read or does not validate; the message names the field."""
+
+
+ClassLabel = Literal["realtime", "batch", "finetune"]
+"""How a scenario names a workload class: the labels of :class:`WorkloadClass` (checked below),
+spelled out so the YAML schema and its error messages list them."""
+assert set(get_args(ClassLabel)) == {c.label for c in WorkloadClass}
 
 
 class _Strict(BaseModel):
@@ -141,9 +149,7 @@ class TenantLoad(_Strict):
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     api_key: ApiKeySource | None = None
-    workload_class: Literal["realtime", "batch", "finetune"] = Field(
-        default="realtime", alias="class"
-    )
+    workload_class: ClassLabel = Field(default="realtime", alias="class")
     """A :attr:`sluice.contract.WorkloadClass.label`."""
     weight: float = Field(default=1.0, gt=0)
     rate_rps: float = Field(gt=0)

@@ -41,7 +41,8 @@ from bench.scheduler.suite import (
     BenchSuite,
 )
 from bench.stats import jain_index
-from sluice.sdk.errors import QuotaExceededError, from_rpc_error
+from sluice import QuotaExceededError
+from sluice.sdk.errors import from_rpc_error
 from sluice.v1 import inference_pb2, inference_pb2_grpc, node_pb2, node_pb2_grpc
 
 OVERHEAD_PROMPT = "Say hello to the scheduler benchmark."

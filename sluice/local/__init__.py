@@ -1,3 +1,3 @@
-"""Local tooling: run the whole suite on one machine (:mod:`.up`, :mod:`.stores`), the demo
-(:mod:`.demo`) and the live view (:mod:`.top`). Behind the CLI's ``up``, ``demo`` and ``top``;
-needs the ``server`` extra."""
+"""Local tooling behind the CLI: run the whole suite on one machine (:mod:`.up`, :mod:`.stores`;
+needs the ``server`` extra), the demo (:mod:`.demo`, likewise), the live view (:mod:`.top`) and
+what a running suite leaves for clients (:mod:`.rundir`), which need no extra."""

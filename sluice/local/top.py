@@ -86,6 +86,8 @@ def collect(
             sample.metrics = scrape(metrics_address)
         except OSError as exc:
             sample.errors.append(f"metrics {metrics_address}: {exc}")
+        except ImportError:  # no prometheus_client: the server extra is not installed
+            sample.errors.append(f"metrics {metrics_address}: install sluice[server] for rates")
     return sample
 
 

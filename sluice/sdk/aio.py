@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from types import TracebackType
 from typing import Any
 
@@ -22,11 +22,11 @@ log = logging.getLogger(__name__)
 
 class AsyncClient(
     Api[
-        AsyncIterator[inference_pb2.GenerateChunk],
+        AsyncGenerator[inference_pb2.GenerateChunk, None],
         Awaitable[str],
         Awaitable[inference_pb2.EmbedResponse],
         Awaitable[jobs_pb2.Job],
-        AsyncIterator[jobs_pb2.JobEvent],
+        AsyncGenerator[jobs_pb2.JobEvent, None],
         Awaitable[jobs_pb2.ListJobsResponse],
         Awaitable[list[admin_pb2.NodeStatus]],
         Awaitable[admin_pb2.TenantUsage],
@@ -94,10 +94,7 @@ class AsyncClient(
             if self._connected:
                 return
             if self._endpoint_pool is None:
-                try:
-                    self._endpoint_pool = self._new_pool(await discover_async(self._etcd))
-                except ConnectionError as exc:
-                    raise self._discovery_failed(exc) from exc
+                self._endpoint_pool = self._new_pool(await discover_async(self._etcd))
             if len(self.endpoints) > 1:
                 await self.check_health()
             if self.health_check_interval_s:
@@ -185,7 +182,7 @@ class AsyncClient(
             with attempt:
                 return call.result(await attempt.start())
 
-    async def _stream(self, call: Call) -> AsyncIterator[Any]:
+    async def _stream(self, call: Call) -> AsyncGenerator[Any, None]:
         async for attempt in _Tries(self, call):
             with attempt:
                 async for item in attempt.start():

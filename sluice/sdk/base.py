@@ -159,9 +159,6 @@ class ClientBase:
         self._pool().set_serving(address, serving is not False)
         return serving
 
-    def _discovery_failed(self, exc: ConnectionError) -> UnavailableError:
-        return UnavailableError(grpc.StatusCode.UNAVAILABLE, str(exc))
-
 
 class Tries:
     """The attempts of one call, for a transport to loop over (the retry logic lives here and

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from sluice.contract import SCHEDULERS_PREFIX
+from sluice.sdk.errors import UnavailableError
 from sluice.v1 import common_pb2
 
 ENDPOINTS_ENV = "SLUICE_ENDPOINTS"
@@ -83,8 +84,14 @@ def _addresses(reply: Any) -> list[str]:
     return sorted(out)
 
 
+def _unreachable(etcd: Sequence[str], last: Exception | None) -> UnavailableError:
+    message = f"no etcd endpoint answered ({etcd}): {last!r}"
+    return UnavailableError(grpc.StatusCode.UNAVAILABLE, message)
+
+
 def discover(etcd: Sequence[str], timeout_s: float = 3.0) -> list[str]:
-    """Scheduler addresses registered in etcd (first etcd endpoint that answers)."""
+    """Scheduler addresses registered in etcd (first etcd endpoint that answers); raises
+    :class:`~sluice.sdk.errors.UnavailableError` when none answers."""
     last: Exception | None = None
     for endpoint in etcd:
         with grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS) as channel:
@@ -94,7 +101,7 @@ def discover(etcd: Sequence[str], timeout_s: float = 3.0) -> list[str]:
                 last = exc
                 continue
         return _addresses(reply)
-    raise ConnectionError(f"no etcd endpoint answered ({etcd}): {last!r}")
+    raise _unreachable(etcd, last)
 
 
 async def discover_async(etcd: Sequence[str], timeout_s: float = 3.0) -> list[str]:
@@ -108,7 +115,7 @@ async def discover_async(etcd: Sequence[str], timeout_s: float = 3.0) -> list[st
                 last = exc
                 continue
         return _addresses(reply)
-    raise ConnectionError(f"no etcd endpoint answered ({etcd}): {last!r}")
+    raise _unreachable(etcd, last)
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -22,11 +22,11 @@ log = logging.getLogger(__name__)  # stdlib logging: a library leaves configurat
 
 class Client(
     Api[
-        Iterator[inference_pb2.GenerateChunk],
+        Generator[inference_pb2.GenerateChunk, None, None],
         str,
         inference_pb2.EmbedResponse,
         jobs_pb2.Job,
-        Iterator[jobs_pb2.JobEvent],
+        Generator[jobs_pb2.JobEvent, None, None],
         jobs_pb2.ListJobsResponse,
         list[admin_pb2.NodeStatus],
         admin_pb2.TenantUsage,
@@ -71,10 +71,7 @@ class Client(
             if self._stop.is_set():
                 raise RuntimeError("the client is closed")
             if self._endpoint_pool is None:
-                try:
-                    self._endpoint_pool = self._new_pool(discover(self._etcd))
-                except ConnectionError as exc:
-                    raise self._discovery_failed(exc) from exc
+                self._endpoint_pool = self._new_pool(discover(self._etcd))
             if len(self.endpoints) > 1:
                 self.check_health()
             if self.health_check_interval_s:
@@ -162,7 +159,7 @@ class Client(
             with attempt:
                 return call.result(attempt.start())
 
-    def _stream(self, call: Call) -> Iterator[Any]:
+    def _stream(self, call: Call) -> Generator[Any, None, None]:
         for attempt in _Tries(self, call):
             with attempt:
                 for item in attempt.start():
