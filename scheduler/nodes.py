@@ -54,6 +54,10 @@ class NodeHandle:
     load: common_pb2.LoadReport | None = None
     book: LoadBook = field(default_factory=LoadBook)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    last_report_at: float = field(default_factory=time.monotonic)
+    """When the node last showed it is alive: a load report, or its addition (monotonic)."""
+    retired: asyncio.Event | None = None
+    """Set once a node taken out of rotation has no request of this scheduler left."""
 
     @property
     def node_id(self) -> str:
@@ -131,6 +135,8 @@ class NodeDirectory:
         self._default_rate = default_tokens_per_s
         self._nodes: dict[str, NodeHandle] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._retiring: list[NodeHandle] = []
+        """Nodes out of rotation whose channel waits for this scheduler's last request."""
         self._listeners: list[Callable[[], None]] = []
         self.affinity = AffinityTable()
 
@@ -251,14 +257,19 @@ class NodeDirectory:
         """Book the end of a request on ``node`` (``cost``: requested weighted tokens, for the
         throughput meter; 0 when it failed) and wake whoever waits for room."""
         node.book.on_finish()
+        if node.retired is not None and node.in_flight <= 0:
+            node.retired.set()
         if cost > 0:
             node.meter.record(cost)
         self._changed()
 
     async def close(self) -> None:
-        """Stop following nodes and close every channel."""
+        """Stop following nodes and close every channel (streams in flight end)."""
         for name in list(self._nodes):
-            self._remove(name)
+            self._remove(name, drain=False)
+        for handle in self._retiring:
+            if handle.retired is not None:
+                handle.retired.set()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
@@ -283,6 +294,7 @@ class NodeDirectory:
             stub=node_pb2_grpc.NodeStub(channel),
             breaker=CircuitBreaker(self._breaker_config, self._clock),
             meter=ThroughputMeter(self._clock),
+            last_report_at=self._clock(),
         )
         handle.book.max_sequences = info.capacity.max_sequences or handle.book.max_sequences
         handle.tasks = [
@@ -293,9 +305,16 @@ class NodeDirectory:
         log.info("node_added", node_id=name, address=info.address)
         self._changed()
 
-    def _remove(self, name: str) -> None:
+    def _remove(self, name: str, *, drain: bool = True) -> None:
+        """Take the node out of rotation now. With ``drain`` its channel closes only once this
+        scheduler's requests on it have ended: a registry change (a lapsed lease, a new address)
+        never cuts a stream that still flows; a stream that stops flowing is the stall
+        detector's to end (:mod:`scheduler.dispatch`)."""
         handle = self._nodes.pop(name)
         self.outliers.forget(name)
+        if drain and handle.in_flight > 0:
+            handle.retired = asyncio.Event()
+            self._retiring.append(handle)
         self._changed()
         for task in handle.tasks:
             task.cancel()
@@ -304,6 +323,9 @@ class NodeDirectory:
             for task in handle.tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            if handle.retired is not None:
+                await handle.retired.wait()
+                self._retiring.remove(handle)
             await handle.channel.close(grace=None)
 
         task = asyncio.create_task(close_later())
@@ -337,6 +359,7 @@ class NodeDirectory:
             try:
                 async for report in handle.stub.StreamLoad(node_pb2.StreamLoadRequest()):
                     handle.load = report
+                    handle.last_report_at = self._clock()
                     handle.book.on_report(
                         sum(c.running + c.waiting for c in report.classes),
                         report.queued_tokens,
