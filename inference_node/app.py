@@ -3,6 +3,12 @@
 Lifecycle: ``load_models`` (blocking, seconds) → ``start`` (engines, gRPC server, registry) →
 ``drain`` (DRAINING in etcd and health, refuse new work, finish in-flight, revoke the lease) →
 ``stop``.
+
+etcd down at start: the port opens anyway and the node answers direct calls, but health says
+``NOT_SERVING`` (reason ``etcd_unavailable``) until the registration, retried in the
+background, succeeds: schedulers find nodes only through etcd, so a node not registered is not
+part of the fleet yet. A later loss of the lease does not flip health (the keepalive registers
+again).
 """
 
 from __future__ import annotations
@@ -91,6 +97,7 @@ class NodeService:
         self._drain_task: asyncio.Task[None] | None = None
         self.etcd = etcd_client(settings.etcd_endpoint)
         self.registration: Registration | None = None
+        self._serve_later: asyncio.Task[None] | None = None
         gpu = GpuProbe(settings.device)
         self.server = GrpcServer(
             "inference_node",
@@ -121,7 +128,7 @@ class NodeService:
     def address(self) -> str:
         """``host:port`` published in the registry."""
         host = self.settings.advertise_host or self.settings.host
-        return f"{host}:{self.server.port}"
+        return f"{host}:{self.settings.advertise_port or self.server.port}"
 
     def info(self) -> common_pb2.NodeInfo:
         """What the node publishes about itself."""
@@ -170,15 +177,35 @@ class NodeService:
         for engine in self.engines.values():
             if not (main_engine_served_elsewhere and engine is self.main_engine):
                 engine.start()
-        await self.server.start()
+        # NOT_SERVING until registered: with etcd up that is a few milliseconds, and no
+        # scheduler watches this node's health before it finds it in etcd.
+        await self.server.start(serving=False, reason="registering")
         self.registration = Registration(
             self.etcd,
             NODES_PREFIX + self.node_id,
             self.info().SerializeToString(),
             self.settings.registry_ttl_seconds,
         )
-        await self.registration.start()
+        if await self.registration.start(retry_in_background=True):
+            await self._serve_registered()
+            return
+        log.warning(
+            "node_not_serving",
+            node_id=self.node_id,
+            reason="etcd_unavailable",
+            etcd=self.settings.etcd_endpoint,
+            error=self.registration.last_error,
+        )
+        self._serve_later = asyncio.create_task(self._serve_once_registered(self.registration))
+
+    async def _serve_once_registered(self, registration: Registration) -> None:
+        await registration.registered.wait()
+        await self._serve_registered()
+
+    async def _serve_registered(self) -> None:
         log.info("node_registered", node_id=self.node_id, address=self.address)
+        if not self.draining:
+            await self.server.set_serving(True, reason="registered")
 
     def _start_drain(self, grace_s: float) -> None:
         if self._drain_task is None:
@@ -224,6 +251,8 @@ class NodeService:
         await self.etcd.close()
 
     def _close(self) -> None:
+        if self._serve_later is not None:
+            self._serve_later.cancel()
         for engine in self.engines.values():
             engine.close()
         self.servicer.close()

@@ -42,6 +42,8 @@ class NodeSettings(ServiceSettings):
     """Requests queued in the engine beyond which new ones are refused (RESOURCE_EXHAUSTED)."""
     advertise_host: str = ""
     """Host published in the registry; empty means ``host``."""
+    advertise_port: int = 0
+    """Port published in the registry (a proxy in front of the node); 0 means the bound port."""
     load_report_interval_ms: int = 200
     """Default interval of load reports."""
     stream_interval_ms: float = Field(default=20.0, ge=0)

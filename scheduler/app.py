@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
 
 import grpc
+import structlog
 from prometheus_client import CollectorRegistry
 
 from scheduler.admission import AdmissionConfig
@@ -23,7 +26,7 @@ from scheduler.quotas import QuotaGate, quota_redis
 from scheduler.response_cache import ResponseCache
 from scheduler.routing import OutlierConfig, OutlierDetector, RetryBudget
 from scheduler.server import AdminServicer, InferenceServicer, JobsServicer
-from scheduler.tenants import TenantDirectory
+from scheduler.tenants import TenantDirectory, TenantsDocumentError
 from scheduler.usage import UsageBook
 from sluice import __version__
 from sluice.contract import NODES_PREFIX, SCHEDULERS_PREFIX
@@ -40,6 +43,8 @@ from sluice.v1 import (
     jobs_pb2,
     jobs_pb2_grpc,
 )
+
+log = structlog.get_logger(__name__)
 
 PUBLIC_SERVICES = [
     inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
@@ -101,6 +106,16 @@ def _dispatch_gate(
     )
 
 
+def _tenants_file(settings: SchedulerSettings) -> TenantDirectory:
+    """The tenants file's tenants; a bad file stops start-up, logged and raised naming the
+    file and the field."""
+    try:
+        return TenantDirectory.from_yaml(settings.tenants_file)
+    except TenantsDocumentError as exc:
+        log.error("tenants_file_invalid", reason=exc.reason, field=exc.field, error=str(exc))
+        raise
+
+
 def _quota_gate(settings: SchedulerSettings, metrics: SchedulerMetrics) -> QuotaGate:
     client = (
         quota_redis(settings.redis_url, settings.quota_timeout_seconds)
@@ -121,7 +136,7 @@ class SchedulerService:
     ) -> None:
         self.settings = settings
         self.scheduler_id = settings.scheduler_id or f"scheduler-{uuid.uuid4().hex[:8]}"
-        self.tenants = tenants or TenantDirectory.from_yaml(settings.tenants_file)
+        self.tenants = tenants or _tenants_file(settings)
         self.metrics = SchedulerMetrics(registry)
         self.etcd = etcd_client(settings.etcd_endpoint)
         self.view: PrefixView[common_pb2.NodeInfo] = PrefixView(
@@ -155,6 +170,7 @@ class SchedulerService:
         )
         self._add_servicers()
         self.registration: Registration | None = None
+        self._serve_later: asyncio.Task[None] | None = None
 
     def _request_path(self) -> RequestPath:
         background = BackgroundTasks()
@@ -215,14 +231,34 @@ class SchedulerService:
         return self.server.address
 
     async def start(self) -> None:
-        """Follow the registry, start serving, then announce this replica in etcd."""
-        await self.live_tenants.start()
-        await self.view.start()
+        """Follow the registry, start serving, then announce this replica in etcd.
+
+        With etcd up, the tenants key and the node view are read before the port opens
+        ``SERVING``, as always. With etcd down (or silent for ``etcd_start_wait_seconds``) the
+        port opens anyway, ``NOT_SERVING`` (logged with the reason); reading and registering go
+        on in the background, and health turns ``SERVING`` once the node view is read. Nothing
+        here waits without a bound. A later etcd outage does not flip health: the replica keeps
+        serving from its last view (it follows each node directly too).
+        """
+        wait = self.settings.etcd_start_wait_seconds
+        _, synced = await asyncio.gather(
+            self.live_tenants.start(within_s=wait), self.view.start(within_s=wait)
+        )
         self.nodes.start()
         await self.gate.start()
         self.view.subscribe(lambda _n, _v: self._count_nodes())
         self._count_nodes()
-        await self.server.start()
+        if synced:
+            await self.server.start()
+        else:
+            await self.server.start(serving=False, reason="etcd_unavailable")
+            log.warning(
+                "scheduler_not_serving",
+                reason="etcd_unavailable",
+                etcd=self.settings.etcd_endpoint,
+                error=self.view.last_error or f"no answer within {wait}s",
+            )
+            self._serve_later = asyncio.create_task(self._serve_once_synced(), name="serve")
         info = common_pb2.SchedulerInfo(
             scheduler_id=self.scheduler_id, address=self.address, version=__version__
         )
@@ -232,7 +268,11 @@ class SchedulerService:
             info.SerializeToString(),
             self.settings.registry_ttl_seconds,
         )
-        await self.registration.start()
+        await self.registration.start(retry_in_background=True)
+
+    async def _serve_once_synced(self) -> None:
+        await self.view.synced.wait()
+        await self.server.set_serving(True, reason="etcd_available")
 
     def _count_nodes(self) -> None:
         nodes = self.nodes.nodes()
@@ -242,6 +282,10 @@ class SchedulerService:
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Leave the registry, finish in-flight calls, close every channel."""
+        if self._serve_later is not None:
+            self._serve_later.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._serve_later
         if self.registration is not None:
             await self.registration.stop()
         await self.gate.stop()

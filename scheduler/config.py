@@ -51,6 +51,10 @@ class SchedulerSettings(ServiceSettings):
     """The model catalog; models that nodes advertise beyond it get default limits."""
     scheduler_id: str = ""
     """Id published under /sluice/schedulers/; empty picks a random one."""
+    etcd_start_wait_seconds: float = 3.0
+    """Longest start-up waits for etcd's first answer before opening the port anyway: while the
+    node view has never been read, health says NOT_SERVING and etcd is retried in the
+    background (a refused connection ends the wait at once)."""
 
     # Quotas (global, Redis).
     redis_url: str = ""

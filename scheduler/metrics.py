@@ -172,6 +172,14 @@ class SchedulerMetrics:
             ["result"],
             registry=registry,
         )
+        self.tenant_config_rejected = Counter(
+            "sluice_scheduler_tenant_config_rejected",
+            "Tenants documents from etcd refused (the last good one kept), by reason (too_large, "
+            "encoding, syntax, alias, too_deep, duplicate_key, invalid_field, duplicate_name, "
+            "duplicate_key_hash).",
+            ["reason"],
+            registry=registry,
+        )
 
     def bind(self, state: LiveState) -> None:
         """Register the gauges read from live state at scrape time."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sluice.local.stores import StoreProcess, etcd_process
+from sluice.local.stores import StoreProcess, etcd_process, free_port
 from sluice.runtime.registry import PrefixView, Registration, etcd_client
 from tests.harness import eventually
 
@@ -96,3 +96,31 @@ async def eventually_started(reg: Registration, attempts: int = 50) -> None:
         except Exception:
             await asyncio.sleep(0.2)
     raise AssertionError("could not register after the restart")
+
+
+async def test_registration_and_view_started_before_etcd_catch_up_when_it_appears(
+    tmp_path: Path,
+) -> None:
+    """With nothing on the etcd port, ``start`` still raises by default; with
+    ``retry_in_background`` (and a view's ``within_s``) it returns False at once, and both catch
+    up when etcd starts: the key is put, the view reads it."""
+    proc = etcd_process(tmp_path / "data", tmp_path / "etcd.log", port=free_port())
+    client = etcd_client(proc.address)
+    view: PrefixView[str] = PrefixView(client, PREFIX, decode)
+    reg = Registration(client, PREFIX + "late", b"up", ttl_s=2)
+    try:
+        with pytest.raises(Exception, match="connect"):
+            await Registration(client, PREFIX + "eager", b"x", ttl_s=2).start()
+        async with asyncio.timeout(2):
+            assert not await view.start(within_s=5)
+            assert not await reg.start(retry_in_background=True)
+        assert "ConnectionFailed" in view.last_error and "ConnectionFailed" in reg.last_error
+        await asyncio.to_thread(proc.start)
+        await eventually(lambda: reg.registered.is_set() and view.synced.is_set(), timeout=10)
+        await eventually(lambda: view.get("late") == "up", timeout=10)
+        assert reg.last_error == "" and view.last_error == ""
+    finally:
+        await reg.stop()
+        await view.stop()
+        await client.close()
+        proc.stop()

@@ -13,7 +13,9 @@ from pathlib import Path
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from sluice.runtime import context
 from sluice.runtime.errors import (
@@ -155,6 +157,53 @@ async def test_metrics_endpoint_serves_sluice_metrics(
         metrics.stop()
     assert 'sluice_rpc_requests_total{code="OK",method="/sluice.v1.Cache/Stats"} 1.0' in body
     assert "sluice_rpc_duration_seconds_bucket" in body
+
+
+async def test_server_can_start_not_serving_and_set_health_per_service() -> None:
+    """``start(serving=False)`` opens the port answering NOT_SERVING for the server and each
+    service; ``set_serving`` can flip one service alone, and logs each change with its reason."""
+    server = GrpcServer("probe", ServerOptions(), CollectorRegistry())
+    server.add(cache_pb2_grpc.add_CacheServicer_to_server, _ProbeCache(), "sluice.v1.Cache")
+    with capture_logs() as logs:
+        await server.start(serving=False, reason="store_unavailable")
+    channel = grpc.aio.insecure_channel(server.address, options=[("grpc.enable_http_proxy", 0)])
+    health = health_pb2_grpc.HealthStub(channel)
+
+    async def status(service: str) -> int:
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+        return reply.status
+
+    try:
+        serving, not_serving = (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+        assert [await status(s) for s in ("", "sluice.v1.Cache")] == [not_serving, not_serving]
+        with capture_logs() as later:
+            await server.set_serving(True, reason="store_back", services=["sluice.v1.Cache"])
+            await server.set_serving(True, reason="store_back", services=["sluice.v1.Cache"])
+        assert [await status(s) for s in ("", "sluice.v1.Cache")] == [not_serving, serving]
+        assert server.is_serving("sluice.v1.Cache") and not server.is_serving()
+        changes = [e for e in [*logs, *later] if e["event"] == "health_changed"]
+        assert [(e["serving"], e["reason"]) for e in changes] == [
+            (False, "store_unavailable"),
+            (True, "store_back"),  # the repeated call changed nothing and logged nothing
+        ]
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
+async def test_a_normal_start_serves_without_a_health_change_line() -> None:
+    """``start()`` says SERVING at once, as always; only ``server_started`` is logged."""
+    server = GrpcServer("probe", ServerOptions(), CollectorRegistry())
+    with capture_logs() as logs:
+        await server.start()
+    try:
+        assert server.is_serving()
+        assert [e["event"] for e in logs] == ["server_started"]
+    finally:
+        await server.stop(0)
 
 
 LOWER_PRIORITY_CHILD = """

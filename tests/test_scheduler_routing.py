@@ -4,6 +4,7 @@ ejection, retry budget, and the breaker's failure-rate window, against a fake cl
 from __future__ import annotations
 
 import random
+import tracemalloc
 
 from scheduler.routing import AffinityTable, LoadBook, OutlierDetector, RetryBudget, power_of_two
 from sluice.contract import WorkloadClass
@@ -127,6 +128,69 @@ def test_retry_budget_caps_retries_at_a_fifth_of_requests() -> None:
     assert allowed == 20
     clock.advance(11.0)
     assert sum(budget.try_spend() for _ in range(5)) == 2  # only the floor without traffic
+
+
+def test_retry_budget_memory_does_not_grow_with_requests() -> None:
+    """A million requests over a minute leave the same ten counters (a list of timestamps
+    held ~32 MB here) and the same decision: a fifth of the last window's requests."""
+    clock = FakeClock()
+    budget = RetryBudget(clock, ratio=0.2, window_s=10.0, min_retries=2)
+    assert budget.buckets == 10
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(200_000):  # traced: slower, so a fifth of them
+            budget.record_request()
+            clock.advance(60e-6)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    for _ in range(800_000):
+        budget.record_request()
+        clock.advance(60e-6)
+    assert budget.buckets == 10
+    assert grown < 16_384, grown
+    # The last 10 s held ~166,667 requests (the oldest slot partly elapsed): ~33,000 retries.
+    allowed = sum(budget.try_spend() for _ in range(40_000))
+    assert 0.2 * 150_000 <= allowed <= 0.2 * 166_667 + 1
+
+
+def test_retry_budget_holds_a_fifth_over_every_window_under_steady_failure() -> None:
+    """Ten requests a second, each followed by a retry attempt, for two minutes: in every
+    10-s window (slot-aligned) retries stay within max(floor, 20 % of requests), and the
+    budget is used (not starved) once traffic has filled a window."""
+    clock = FakeClock(start=0.0)
+    budget = RetryBudget(clock, ratio=0.2, window_s=10.0, min_retries=2)
+    per_second: list[tuple[int, int]] = []
+    for _second in range(120):
+        requests = retries = 0
+        for _ in range(10):
+            budget.record_request()
+            requests += 1
+            retries += budget.try_spend()
+            clock.advance(0.1)
+        per_second.append((requests, retries))
+    for end in range(10, 121):
+        window = per_second[end - 10 : end]
+        sent = sum(r for r, _ in window)
+        retried = sum(t for _, t in window)
+        assert retried <= max(2, int(0.2 * sent)), (end, retried, sent)
+        if end >= 20:
+            assert retried >= int(0.2 * sent) - 2, (end, retried, sent)
+
+
+def test_retry_budget_forgets_a_window_of_silence_at_once() -> None:
+    """After a silence longer than the window every slot is empty, and the floor is what
+    remains, however large the clock's jump."""
+    clock = FakeClock()
+    budget = RetryBudget(clock, ratio=0.2, window_s=10.0, min_retries=3)
+    for _ in range(1000):
+        budget.record_request()
+    assert sum(budget.try_spend() for _ in range(300)) == 200
+    clock.advance(5.0)
+    assert not budget.try_spend()  # still inside the window
+    clock.advance(1e9)
+    assert sum(budget.try_spend() for _ in range(10)) == 3
 
 
 def test_breaker_opens_on_failure_rate_without_five_in_a_row() -> None:

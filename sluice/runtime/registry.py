@@ -7,6 +7,11 @@
 - :class:`PrefixView` keeps a live ``{key: value}`` view of a prefix: a full read, then a watch
   from the next revision. Any watch error, and a periodic full re-read, resynchronise it, so it
   survives etcd restarts, compaction and reconnects without a restart of its owner.
+
+Neither has to wait for etcd: ``Registration.start(retry_in_background=True)`` and
+``PrefixView.start(within_s=...)`` return at once when etcd is down and keep trying (backoff up
+to 2 s), so a service can open its port and say ``NOT_SERVING`` until ``registered`` or
+``synced`` is set.
 """
 
 from __future__ import annotations
@@ -25,10 +30,21 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 
+ETCD_CHANNEL_OPTIONS = {
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 1000,
+}
+"""gRPC's reconnect backoff grows to 120 s by default: after a long outage etcd would be found
+minutes after it came back. Capped at 1 s, a returning etcd is found within about a second."""
+
+
 def etcd_client(endpoint: str, timeout_s: float = 3.0) -> aetcd.Client:
-    """A client for ``host:port``; connects lazily, reconnects by itself."""
+    """A client for ``host:port``; connects lazily, reconnects by itself (at least every
+    second while etcd is unreachable)."""
     host, _, port = endpoint.rpartition(":")
-    return aetcd.Client(host=host or "127.0.0.1", port=int(port), timeout=timeout_s)
+    return aetcd.Client(
+        host=host or "127.0.0.1", port=int(port), timeout=timeout_s, options=ETCD_CHANNEL_OPTIONS
+    )
 
 
 class Registration:
@@ -43,11 +59,41 @@ class Registration:
         self._task: asyncio.Task[None] | None = None
         self.registrations = 0
         """How many times the key was (re)put on a fresh lease."""
+        self.registered = asyncio.Event()
+        """Set once the key was first put in etcd."""
+        self.last_error = ""
+        """Why the last attempt to reach etcd failed (empty once one succeeded)."""
 
-    async def start(self) -> None:
-        """Register now (raises if etcd is unreachable) and keep the lease alive."""
-        await self._register()
+    async def start(self, *, retry_in_background: bool = False) -> bool:
+        """Register now and keep the lease alive; returns True once registered.
+
+        If etcd is unreachable this raises, or, with ``retry_in_background``, returns False
+        and keeps trying in the background (backoff up to 2 s, then the keepalive), setting
+        ``registered`` when it succeeds.
+        """
+        try:
+            await self._register()
+        except Exception as exc:
+            if not retry_in_background:
+                raise
+            self.last_error = repr(exc)
+            log.warning("registry_register_failed", key=self.key, error=self.last_error)
+            self._task = asyncio.create_task(self._retry(), name=f"register {self.key}")
+            return False
         self._task = asyncio.create_task(self._keepalive(), name=f"keepalive {self.key}")
+        return True
+
+    async def _retry(self) -> None:
+        backoff = 0.1
+        while True:
+            await asyncio.sleep(backoff)
+            try:
+                await self._register()
+                break
+            except Exception as exc:  # etcd still down: keep trying
+                self.last_error = repr(exc)
+                backoff = min(backoff * 2, 2.0)
+        await self._keepalive()
 
     async def update(self, value: bytes) -> None:
         """Replace the published value (same lease)."""
@@ -59,6 +105,8 @@ class Registration:
         self._lease = await self._client.lease(self.ttl_s)
         await self._client.put(self.key.encode(), self._value, lease=self._lease)
         self.registrations += 1
+        self.last_error = ""
+        self.registered.set()
         log.info("registry_registered", key=self.key, lease=self._lease.id, ttl_s=self.ttl_s)
 
     async def _keepalive(self) -> None:
@@ -112,7 +160,11 @@ class PrefixView(Generic[T]):
         self._listeners: list[Callable[[str, T | None], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        self._attempted = asyncio.Event()
         self.synced = asyncio.Event()
+        """Set once the first full read is applied."""
+        self.last_error = ""
+        """Why the last read or watch failed (empty after a successful read)."""
 
     def items(self) -> dict[str, T]:
         """A copy of the current view, keyed by the part of the key after the prefix."""
@@ -126,10 +178,19 @@ class PrefixView(Generic[T]):
         """Call ``listener(name, value)`` on every change; ``value`` is None on removal."""
         self._listeners.append(listener)
 
-    async def start(self) -> None:
-        """Start following the prefix; returns once the first full read is applied."""
+    async def start(self, *, within_s: float | None = None) -> bool:
+        """Start following the prefix; returns True once the first full read is applied.
+
+        With ``within_s``, returns False as soon as the first read fails, or after ``within_s``,
+        and keeps trying in the background (``synced`` is set when a read succeeds).
+        """
         self._task = asyncio.create_task(self._run(), name=f"watch {self.prefix}")
-        await self.synced.wait()
+        if within_s is None:
+            await self.synced.wait()
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._attempted.wait(), within_s)
+        return self.synced.is_set()
 
     async def stop(self) -> None:
         """Stop following."""
@@ -179,7 +240,9 @@ class PrefixView(Generic[T]):
         for name, value in fresh.items():
             if self._items.get(name) != value:
                 self._set(name, value)
+        self.last_error = ""
         self.synced.set()
+        self._attempted.set()
         return int(result.header.revision)
 
     async def _run(self) -> None:
@@ -192,7 +255,9 @@ class PrefixView(Generic[T]):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("registry_watch_failed", prefix=self.prefix, error=repr(exc))
+                self.last_error = repr(exc)
+                self._attempted.set()
+                log.warning("registry_watch_failed", prefix=self.prefix, error=self.last_error)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 

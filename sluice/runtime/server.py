@@ -5,6 +5,10 @@ A service builds a :class:`GrpcServer`, adds its servicers, ``await start()``, t
 ``await wait_for_signal()`` (SIGTERM/SIGINT) and ``await stop()``. ``stop`` flips every health
 status to ``NOT_SERVING`` first (so balancers stop sending), then lets in-flight calls finish
 within the grace period.
+
+A service whose dependency is not there yet starts with ``start(serving=False)``: the port
+opens at once and health says ``NOT_SERVING`` until it calls ``set_serving(True)``, each change
+logged (``health_changed``) with its reason.
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._services: list[str] = []
+        self._status: dict[str, bool] = {}
         self.port = 0
 
     def add(
@@ -100,8 +105,9 @@ class GrpcServer:
         """``host:port`` the server listens on (after ``start``)."""
         return f"{self.options.host}:{self.port}"
 
-    async def start(self) -> int:
-        """Bind, start, and mark every service ``SERVING``; returns the bound port."""
+    async def start(self, *, serving: bool = True, reason: str = "") -> int:
+        """Bind, start, and mark every service ``SERVING`` (or ``NOT_SERVING`` for ``reason``
+        when ``serving`` is False); returns the bound port."""
         reflection.enable_server_reflection(
             [*self._services, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
@@ -109,15 +115,34 @@ class GrpcServer:
         if self.port == 0:
             raise OSError(f"could not bind {self.options.host}:{self.options.port}")
         await self.server.start()
-        await self.set_serving(True)
-        log.info("server_started", service=self.name, address=self.address)
+        await self.set_serving(serving, reason=reason)
+        log.info("server_started", service=self.name, address=self.address, serving=serving)
         return self.port
 
-    async def set_serving(self, serving: bool) -> None:
-        """Set the overall and per-service health status."""
+    async def set_serving(
+        self, serving: bool, *, reason: str = "", services: Sequence[str] | None = None
+    ) -> None:
+        """Set the health status of ``services`` (default: the overall status and every
+        service's); a change is logged with ``reason``."""
         status = SERVING if serving else NOT_SERVING
-        for service in ["", *self._services]:
+        names = ["", *self._services] if services is None else list(services)
+        # The first SERVING is the normal start (``server_started`` says it); log the rest.
+        changed = [n for n in names if self._status.get(n, True) is not serving]
+        for service in names:
+            self._status[service] = serving
             await self.health.set(service, status)
+        if changed:
+            log.info(
+                "health_changed",
+                service=self.name,
+                serving=serving,
+                reason=reason,
+                services=[n or "(overall)" for n in changed],
+            )
+
+    def is_serving(self, service: str = "") -> bool:
+        """The health status last set for ``service`` (``""``: overall)."""
+        return self._status.get(service, False)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Go ``NOT_SERVING``, let in-flight calls finish within the grace, then stop."""
