@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from scheduler.app import SchedulerService
 from scheduler.config import SchedulerSettings
+from scheduler.tenants import TenantsDocumentError
 from sluice.runtime.runner import run_loop, run_service
 from sluice.runtime.settings import parse_settings
 
@@ -23,7 +24,10 @@ def main(argv: list[str]) -> None:
     async def build(registry: CollectorRegistry, _metrics: str) -> SchedulerService:
         return SchedulerService(settings, registry)
 
-    run_loop(run_service("scheduler", settings, build))
+    try:
+        run_loop(run_service("scheduler", settings, build))
+    except TenantsDocumentError as exc:  # logged as tenants_file_invalid; no traceback
+        sys.exit(f"scheduler: {exc}")
 
 
 if __name__ == "__main__":
