@@ -137,7 +137,8 @@ def up(
         ),
     ] = None,
 ) -> None:
-    """Start etcd, Redis, the cache, N nodes and the scheduler; stop all on Ctrl-C/SIGTERM."""
+    """Start etcd, Redis, the cache, N nodes and the scheduler, restart any that crashes, and
+    stop all on Ctrl-C/SIGTERM."""
     with _needs_services():
         from sluice.local.demo import print_endpoints  # noqa: PLC0415
         from sluice.local.up import Supervisor, UpConfig  # noqa: PLC0415
@@ -168,7 +169,9 @@ def up(
             sup.start()
         print_endpoints(sup, console)
         console.print("Ctrl-C to stop.")
-        while not stop_requested and all(c.proc.poll() is None for c in sup.children):
+        # A crashed child is restarted (or given up) by `poll`; the rest keeps serving.
+        while not stop_requested:
+            sup.poll()
             time.sleep(0.2)
     finally:
         console.print("stopping…")

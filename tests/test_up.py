@@ -8,9 +8,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sluice import Client
+from sluice.v1 import common_pb2
 
 SLUICE = [sys.executable, "-c", "from sluice.cli import main; main()"]
 
@@ -92,6 +98,109 @@ def test_sluice_up_serves_the_cli_and_stops_everything_on_sigterm(tmp_path: Path
             except subprocess.TimeoutExpired:
                 up.kill()
                 up.wait()
+
+
+@pytest.mark.timeout(240)
+def test_sluice_up_restarts_a_killed_node_on_its_port_while_the_other_keeps_streaming(
+    tmp_path: Path,
+) -> None:
+    """`kill -9` of one of two nodes: a stream on the other node completes normally; the killed
+    node is restarted on the same port (endpoints.json stays right), serves, and the scheduler
+    lists it healthy again; the crash and restart are on the console and in supervisor.log;
+    SIGTERM then stops everything, the restarted node included."""
+    run_dir = tmp_path / "run"
+    console = tmp_path / "up.out"
+    with console.open("wb") as out:
+        up = subprocess.Popen(
+            [*SLUICE, "up", "--run-dir", str(run_dir), "--nodes", "2",
+             "--models", "tiny-random-llama"],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"},
+        )  # fmt: skip
+    try:
+        _wait_for((run_dir / "endpoints.json").exists, 150, up, console)
+        endpoints = json.loads((run_dir / "endpoints.json").read_text())
+        node_ports = {n["id"]: n["grpc"] for n in endpoints["nodes"]}
+        key = (run_dir / "dev-api-key").read_text().strip()
+        with Client(endpoints["scheduler"]["grpc"], api_key=key) as client:
+            # ~1000 tokens stream for seconds (at most one chunk per 20 ms), well past the kill.
+            stream = client.generate("tiny-random-llama", "hello", max_new_tokens=1000)
+            first = next(stream)
+            victim = next(n for n in node_ports if n != first.node_id)
+            pids = {_node_id(p): p for p in _child_pids_int(up.pid) if _node_id(p)}
+            os.kill(pids[victim], signal.SIGKILL)
+            supervisor_log = run_dir / "logs" / "supervisor.log"
+            last, read_after_crash_noticed = first, 0
+            for chunk in stream:
+                read_after_crash_noticed += supervisor_log.exists()
+                last = chunk
+            assert read_after_crash_noticed  # the stream outlived the crash handling
+            assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+            assert last.usage.completion_tokens == 1000
+            assert last.node_id == first.node_id
+
+            def victim_back() -> bool:
+                nodes = {n.info.node_id: n for n in client.list_nodes()}
+                return victim in nodes and nodes[victim].healthy
+
+            _wait_for(victim_back, 90, up, console)
+            listed = {n.info.node_id: n.info.address for n in client.list_nodes()}
+            assert listed[victim] == node_ports[victim]
+        assert _serving(node_ports[victim])
+        restarted = {_node_id(p): p for p in _child_pids_int(up.pid) if _node_id(p)}
+        assert restarted[victim] != pids[victim]
+        assert restarted[first.node_id] == pids[first.node_id]
+        assert json.loads((run_dir / "endpoints.json").read_text()) == endpoints
+        events = [json.loads(line) for line in (run_dir / "logs" / "supervisor.log").open()]
+        assert [(e["event"], e["child"]) for e in events][:2] == [
+            ("child_exited", victim),
+            ("child_restarted", victim),
+        ]
+        assert events[0]["signal"] == "SIGKILL" and events[0]["next_delay_s"] == 0.5
+        said = console.read_text()
+        assert f"{victim} (pid {pids[victim]}) was killed by SIGKILL" in said
+        assert f"restarted {victim} (pid {restarted[victim]}, restart 1)" in said
+        all_pids = _child_pids_int(up.pid)
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(60) == 0, console.read_text()
+        assert not [p for p in all_pids if _alive(p)]
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGTERM)
+            try:
+                up.wait(60)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                up.wait()
+
+
+def _wait_for(
+    predicate: Callable[[], bool], timeout_s: float, up: subprocess.Popen[bytes], console: Path
+) -> None:
+    """Poll ``predicate`` while `sluice up` runs; fail with its console after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert up.poll() is None, console.read_text()
+        assert time.monotonic() < deadline, console.read_text()
+        time.sleep(0.2)
+
+
+def _serving(address: str) -> bool:
+    with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _node_id(pid: int) -> str:
+    """The ``--node-id`` of an inference node process ('' for other processes)."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().decode().split("\0")
+    return argv[argv.index("--node-id") + 1] if "--node-id" in argv else ""
+
+
+def _child_pids_int(pid: int) -> list[int]:
+    return [int(p) for p in _child_pids(pid)]
 
 
 def _module(pid: int) -> str:

@@ -65,14 +65,18 @@ def _wait_tcp(
 
 
 class StoreProcess:
-    """A server process we started; stopped by its PID only."""
+    """A server process we started; stopped by its PID only.
+
+    ``respawn`` starts it again with the same command line: the same ports and data directory,
+    so its clients' addresses stay valid (`sluice up` restarts a crashed store this way).
+    """
 
     def __init__(self, name: str, argv: list[str], host: str, port: int, log_path: Path) -> None:
         self.name = name
         self.host = host
         self.port = port
+        self.log_path = log_path
         self._argv = argv
-        self._log_path = log_path
         self._log: IO[bytes] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -83,13 +87,29 @@ class StoreProcess:
 
     def start(self, timeout: float = 20.0) -> StoreProcess:
         """Start the server and wait until it accepts connections."""
-        self._log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self._log_path.open("ab")
+        _wait_tcp(self.name, self.host, self.port, self._spawn(), timeout)
+        return self
+
+    def respawn(self) -> None:
+        """Start the server process again after it exited; returns at once."""
+        self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        if self._log is None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             self._argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        _wait_tcp(self.name, self.host, self.port, self.proc, timeout)
-        return self
+        return self.proc
+
+    def ready(self) -> bool:
+        """Whether the server accepts connections now."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout``."""
@@ -128,7 +148,10 @@ def etcd_process(
 def redis_process(
     data_dir: Path, log_path: Path, host: str = "127.0.0.1", port: int = 0
 ) -> StoreProcess:
-    """A Redis server (not started), no persistence, bound to ``host``."""
+    """A Redis server (not started), no persistence, bound to ``host``.
+
+    Without persistence, a Redis restarted on the same port and directory starts empty: quota
+    counters and cached answers begin again."""
     port = port or free_port(host)
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [

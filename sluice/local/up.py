@@ -5,6 +5,13 @@ logs to ``<run-dir>/logs/<name>.log`` (JSON lines). ``start`` returns once every
 ``SERVING`` on ``grpc.health.v1`` and the scheduler sees every node; ``stop`` ends the children
 first (SIGTERM, then SIGKILL after the grace), then the stores. Endpoints go to
 ``<run-dir>/endpoints.json``.
+
+While it runs, ``poll`` supervises (``sluice.local.watchdog``): a child or store that crashes
+(non-zero exit or a signal) is started again with the same command line, so on the same ports
+and data directory and endpoints.json stays valid, after a backoff that
+``sluice.local.restarts.RestartPolicy`` decides; one that keeps crashing is given up; the others
+are left alone. A clean exit (status 0) is not restarted. Each event is said on the console and
+written to ``<run-dir>/logs/supervisor.log`` and the child's own log.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sluice.local.restarts import RestartRules
 from sluice.local.rundir import DEV_KEY_FILE, ENDPOINTS_FILE, dev_api_key, read_endpoints
 from sluice.local.stores import (
     StoreProcess,
@@ -29,6 +37,7 @@ from sluice.local.stores import (
     free_port,
     redis_process,
 )
+from sluice.local.watchdog import Restartable, Watchdog
 from sluice.runtime.auth import new_api_key, write_tenants_file
 from sluice.v1 import admin_pb2, admin_pb2_grpc
 
@@ -66,6 +75,24 @@ class Child:
     proc: subprocess.Popen[bytes]
     log_path: Path
     log: IO[bytes]
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        """Its gRPC address (the same after a restart)."""
+        return self.grpc_address
+
+    def respawn(self) -> None:
+        """Start the process again with the same command line (ports included); returns at
+        once."""
+        self.proc = subprocess.Popen(
+            self.argv, stdout=self.log, stderr=subprocess.STDOUT, env=self.env
+        )
+
+    def ready(self) -> bool:
+        """Whether it answers ``SERVING`` on ``grpc.health.v1`` now."""
+        return serving_now(self.grpc_address)
 
 
 @dataclass
@@ -86,9 +113,23 @@ class Endpoints:
 
 
 class Supervisor:
-    """Starts and stops the suite."""
+    """Starts the suite, keeps it running (``poll``), and stops it.
 
-    def __init__(self, config: UpConfig, say: Callable[[str], None] = lambda _m: None) -> None:
+    Supervision is a ``poll`` the caller's loop runs (the `up` command: every 0.2 s), not a
+    watcher thread: one thread then owns the processes, so ``stop`` never races a restart (a
+    thread could start a child just after ``stop`` ended the others, and leave it running),
+    and the stop signal already lands on that thread. Callers that never ``poll`` (the demo,
+    the benchmarks) get the suite unsupervised, as before.
+    """
+
+    def __init__(
+        self,
+        config: UpConfig,
+        say: Callable[[str], None] = lambda _m: None,
+        *,
+        rules: RestartRules | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.say = say
         self.run_dir = config.run_dir.resolve()
@@ -97,6 +138,9 @@ class Supervisor:
         self.children: list[Child] = []
         self.api_key: str | None = None
         self.endpoints: Endpoints | None = None
+        self.watchdog = Watchdog(self.logs, say, rules, clock)
+        self._clock = clock
+        self._started_at: dict[str, float] = {}
 
     def _tenants(self) -> Path:
         if self.config.tenants_file is not None:
@@ -137,8 +181,11 @@ class Supervisor:
             proc=proc,
             log_path=log_path,
             log=log,
+            argv=argv,
+            env=env,
         )
         self.children.append(child)
+        self._started_at[name] = self._clock()
         self.say(f"started {name} (pid {proc.pid}), log {log_path}")
         return child
 
@@ -173,11 +220,13 @@ class Supervisor:
         deadline = time.monotonic() + cfg.startup_timeout_s
         etcd = etcd_process(self.run_dir / "etcd-data", self.logs / "etcd.log", cfg.host).start()
         self.stores.append(etcd)
+        self._started_at[etcd.name] = self._clock()
         self.say(f"etcd listening on {etcd.address}")
         redis = redis_process(
             self.run_dir / "redis-data", self.logs / "redis.log", cfg.host
         ).start()
         self.stores.append(redis)
+        self._started_at[redis.name] = self._clock()
         redis_url = f"redis://{redis.address}/0"
         self.say(f"redis listening on {redis.address}")
         tenants = self._tenants()
@@ -227,10 +276,23 @@ class Supervisor:
             logs=str(self.logs),
         )
         (self.run_dir / ENDPOINTS_FILE).write_text(self.endpoints.to_json())
+        self._watch_all()
         return self.endpoints
+
+    def _watch_all(self) -> None:
+        """Hand every process to the watchdog: from here on a crash is a restart."""
+        processes: list[Restartable] = [*self.stores, *self.children]
+        for process in processes:
+            self.watchdog.watch(process, self._started_at.get(process.name))
+
+    def poll(self) -> None:
+        """One supervision pass (``Watchdog.poll``): crashed processes are restarted after
+        their backoff, or given up; returns within a fraction of a second."""
+        self.watchdog.poll()
 
     def stop(self) -> None:
         """Children first (scheduler, nodes, cache), then the stores; by PID only."""
+        self.watchdog.clear()
         for child in reversed(self.children):
             if child.proc.poll() is None:
                 child.proc.terminate()
@@ -253,6 +315,18 @@ class Supervisor:
 
 
 __all__ = ["Endpoints", "Supervisor", "UpConfig", "dev_api_key", "read_endpoints"]
+
+
+def serving_now(address: str, timeout_s: float = 0.2) -> bool:
+    """Whether ``address`` answers ``SERVING`` on ``grpc.health.v1`` within ``timeout_s``."""
+    with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 def wait_serving(
