@@ -1,9 +1,38 @@
-"""gRPC servicer of the internal ``Node`` service: protobuf ⇄ tokenizer + engine + embedder."""
+"""gRPC servicer of the internal ``Node`` service: protobuf ⇄ tokenizer + engine + embedder.
+
+How ``Generate`` answers (the scheduler's ``scheduler.dispatch.blame`` reads these codes):
+
+==========================================  ==================  =======================
+what happened                               status              ``ErrorInfo.reason``
+==========================================  ==================  =======================
+invalid request (sampling parameters not    INVALID_ARGUMENT    ``INVALID_ARGUMENT``
+numerically safe, unknown class, too long)  + BadRequest
+prompt or messages fail to tokenize         INVALID_ARGUMENT    ``REQUEST_FAULT``
+one request's own processing failed         INVALID_ARGUMENT    ``REQUEST_FAULT``
+(sampling: NaN/inf logits or probabilities; + BadRequest        (metadata ``stage``)
+detokenization, stop strings), at any time
+its job key is held by a live request       ALREADY_EXISTS      ``JOB_KEY_IN_USE``
+can never fit the KV budget                 RESOURCE_EXHAUSTED  ``KV_BUDGET_EXCEEDED``
+waiting queue full                          RESOURCE_EXHAUSTED  ``OVERLOADED`` + RetryInfo
+draining or closed                          UNAVAILABLE         ``NODE_DRAINING``
+the engine's shared step failed             UNAVAILABLE         ``ENGINE_FAULT``
+anything else (a bug)                       INTERNAL            ``INTERNAL``
+==========================================  ==================  =======================
+
+A request fault is INVALID_ARGUMENT because it is the request's own and deterministic (the
+same parameters and seed fail the same way on every node): every layer already treats that
+code as "do not retry, do not blame the server", so the poison request is neither retried on
+another node nor counted against this one, while the batch it ran in goes on. The reason
+``REQUEST_FAULT`` tells it apart from a plain validation refusal. A failed shared step is
+UNAVAILABLE: the node, not any one request, is suspect, and the request may be retried
+elsewhere.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,14 +41,21 @@ import psutil
 import structlog
 
 from inference_node.engine.types import (
+    DeltaStream,
+    DuplicateRequestError,
     Engine,
     EngineClosedError,
+    EngineFaultError,
     EngineFullError,
     EngineRequest,
     FinishReason,
+    InvalidRequestError,
+    RequestFaultError,
     RequestTooLargeError,
     SamplingParams,
+    TokenDelta,
 )
+from inference_node.errors import ENGINE_FAULT, AlreadyExists, RequestFault
 from inference_node.gpu import GpuProbe
 from inference_node.metrics import NodeMetrics
 from inference_node.model_types import Embedder, LanguageModel
@@ -88,32 +124,28 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             raise Unavailable(f"node {self._node_id} is draining", reason="NODE_DRAINING")
 
     def _prompt_ids(self, lm: LanguageModel, req: inference_pb2.GenerateRequest) -> list[int]:
-        if req.messages:
-            if not lm.chat:
-                raise InvalidArgument([("messages", f"model {lm.name!r} has no chat template")])
-            return lm.tokenizer.apply_chat_template([(m.role, m.content) for m in req.messages])
-        return lm.tokenizer.encode(req.prompt)
-
-    async def Generate(
-        self, request: node_pb2.NodeGenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[inference_pb2.GenerateChunk]:
-        self._refuse_if_draining()
-        req = request.request
-        entry = self._generators.get(req.model)
-        if entry is None:
-            raise InvalidArgument([("model", f"model {req.model!r} is not loaded on this node")])
-        lm, engine = entry
-        prompt_ids = self._prompt_ids(lm, req)
-        engine_request = EngineRequest(
-            request_id=request.request_id or f"{self._node_id}-{time.monotonic_ns()}",
-            prompt_token_ids=tuple(prompt_ids),
-            params=sampling_params(req.options),
-            workload_class=req.workload_class,  # the engine reads 0 as REALTIME
-        )
+        """The prompt's token ids; a tokenizer failure is the request's fault (REQUEST_FAULT)."""
+        if req.messages and not lm.chat:
+            raise InvalidArgument([("messages", f"model {lm.name!r} has no chat template")])
+        field = "messages" if req.messages else "prompt"
         try:
-            stream = engine.submit(engine_request)
-        except ValueError as exc:
-            raise InvalidArgument([("prompt", str(exc))]) from exc
+            if req.messages:
+                return lm.tokenizer.apply_chat_template([(m.role, m.content) for m in req.messages])
+            return lm.tokenizer.encode(req.prompt)
+        except Exception as exc:
+            log.warning("tokenization_failed", model=lm.name, error=type(exc).__name__)
+            raise RequestFault(field, "tokenization", "could not be tokenized") from exc
+
+    def _submit(self, engine: Engine, request: EngineRequest) -> DeltaStream:
+        """Hand ``request`` to ``engine``, mapping its refusals to statuses."""
+        try:
+            return engine.submit(request)
+        except InvalidRequestError as exc:
+            raise InvalidArgument(exc.violations) from exc
+        except ValueError as exc:  # an engine that names no field
+            raise InvalidArgument([("request", str(exc))]) from exc
+        except DuplicateRequestError as exc:
+            raise AlreadyExists(str(exc)) from exc
         except RequestTooLargeError as exc:
             raise ResourceExhausted(str(exc), reason="KV_BUDGET_EXCEEDED") from exc
         except EngineFullError as exc:
@@ -122,6 +154,57 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             ) from exc
         except EngineClosedError as exc:
             raise Unavailable(f"node {self._node_id} is draining", reason="NODE_DRAINING") from exc
+
+    async def _next_delta(self, stream: DeltaStream) -> TokenDelta | None:
+        """The stream's next delta (None at its end), mapping the engine's faults."""
+        try:
+            return await anext(stream)
+        except StopAsyncIteration:
+            return None
+        except RequestFaultError as exc:
+            raise RequestFault("options", exc.stage, str(exc)) from exc
+        except EngineFaultError as exc:
+            raise Unavailable(
+                f"node {self._node_id} engine failed: {exc}", reason=ENGINE_FAULT
+            ) from exc
+
+    def _chunk(
+        self, lm: LanguageModel, delta: TokenDelta, first: bool
+    ) -> inference_pb2.GenerateChunk:
+        chunk = inference_pb2.GenerateChunk(text=delta.text, token_ids=delta.token_ids)
+        if first:
+            chunk.node_id = self._node_id
+        if delta.finish_reason is not None:
+            chunk.node_id = self._node_id
+            chunk.finish_reason = FINISH[delta.finish_reason]  # type: ignore[assignment]
+            chunk.usage.prompt_tokens = delta.prompt_tokens
+            chunk.usage.completion_tokens = delta.completion_tokens
+            self._metrics.prompt_tokens.labels(lm.name).inc(delta.prompt_tokens)
+            self._metrics.generated_tokens.labels(lm.name).inc(delta.completion_tokens)
+            self._metrics.requests.labels(lm.name, delta.finish_reason.value).inc()
+        return chunk
+
+    async def Generate(
+        self, request: node_pb2.NodeGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        """Stream one generation. ``request.request_id`` is the job key the scheduler made
+        for this attempt (unique; a live duplicate is refused); the client's correlation id
+        arrives in ``x-request-id`` metadata, for logs only. Statuses (see the module doc)."""
+        self._refuse_if_draining()
+        req = request.request
+        entry = self._generators.get(req.model)
+        if entry is None:
+            raise InvalidArgument([("model", f"model {req.model!r} is not loaded on this node")])
+        lm, engine = entry
+        job_key = request.request_id or f"{self._node_id}-{uuid.uuid4().hex}"
+        structlog.contextvars.bind_contextvars(job_key=job_key)
+        engine_request = EngineRequest(
+            request_id=job_key,
+            prompt_token_ids=tuple(self._prompt_ids(lm, req)),
+            params=sampling_params(req.options),
+            workload_class=req.workload_class,  # the engine reads 0 as REALTIME
+        )
+        stream = self._submit(engine, engine_request)
         self.in_flight += 1
         first = True
         interval = self._stream_interval_s
@@ -132,23 +215,11 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                 if interval and not first and (wait := sent_at + interval - loop.time()) > 0:
                     # Tokens made while we wait are merged into the next delta by the stream.
                     await asyncio.sleep(wait)
-                try:
-                    delta = await anext(stream)
-                except StopAsyncIteration:
+                delta = await self._next_delta(stream)
+                if delta is None:
                     break
-                chunk = inference_pb2.GenerateChunk(text=delta.text, token_ids=delta.token_ids)
-                if first:
-                    chunk.node_id = self._node_id
-                    first = False
-                if delta.finish_reason is not None:
-                    chunk.node_id = self._node_id
-                    chunk.finish_reason = FINISH[delta.finish_reason]  # type: ignore[assignment]
-                    chunk.usage.prompt_tokens = delta.prompt_tokens
-                    chunk.usage.completion_tokens = delta.completion_tokens
-                    self._metrics.prompt_tokens.labels(lm.name).inc(delta.prompt_tokens)
-                    self._metrics.generated_tokens.labels(lm.name).inc(delta.completion_tokens)
-                    self._metrics.requests.labels(lm.name, delta.finish_reason.value).inc()
-                yield chunk
+                yield self._chunk(lm, delta, first)
+                first = False
                 sent_at = loop.time()
         finally:
             self.in_flight -= 1

@@ -7,33 +7,127 @@ most 20 % extra load by default) allows. A node that fails after the first token
 client's stream with ``UNAVAILABLE`` naming the node: never a hang, never a silently
 truncated answer. Time to first token and inter-token latency of every stream feed the
 outlier detector.
+
+Who is to blame for an error a node returns (:func:`blame`) decides what happens next: only
+a failure of the node or the way to it counts against the node's breaker and allows a retry
+elsewhere; an error that is the request's own (above all INVALID_ARGUMENT, reason
+``REQUEST_FAULT``: a poison request the node failed alone) goes to the client as it came,
+details and all, before or after the first chunk, and trips no breaker, so a request that
+fails the same way everywhere cannot open every node's circuit.
+
+Every attempt carries a job key made here (:func:`new_job_key`), unique per attempt, as the
+node request's ``request_id``; the client's ``x-request-id`` travels only as metadata, a
+correlation id for logs, so two tenants sending the same id never collide on a node.
 """
 
 from __future__ import annotations
 
+import enum
 import time
+import uuid
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 import structlog
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 
 from scheduler.metrics import SchedulerMetrics
 from scheduler.nodes import NodeDirectory, NodeHandle
 from scheduler.routing import RetryBudget
 from sluice.contract import REQUEST_ID_METADATA, WorkloadClass
 from sluice.runtime import context
-from sluice.runtime.errors import DeadlineExceeded, RemoteError, Unavailable
+from sluice.runtime.errors import (
+    ERROR_DOMAIN,
+    STATUS_DETAILS_METADATA,
+    DeadlineExceeded,
+    RemoteError,
+    Unavailable,
+)
 from sluice.v1 import inference_pb2, node_pb2
 
 log = structlog.get_logger(__name__)
 
-# Codes that say the node (not the request) is at fault: they count against its breaker and
-# allow a retry elsewhere when nothing was sent yet.
-NODE_FAULTS = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
-)
 NO_NODE_RETRY_S = 1.0
+
+
+class Blame(enum.Enum):
+    """Whose fault an error from a node is, and so what the dispatcher does with it."""
+
+    NODE = "node"
+    """The node or the way to it failed: a breaker failure; retried on another node while
+    nothing reached the client, else the stream ends UNAVAILABLE ``NODE_FAILED_MIDSTREAM``."""
+    BUSY = "busy"
+    """The node refused for capacity (RESOURCE_EXHAUSTED) before doing anything: retried on
+    another node, the breaker untouched (a full node is not a sick one)."""
+    REQUEST = "request"
+    """The request's own, or an answer the node gave on purpose: passed to the client with
+    its code and details; no breaker failure, no retry."""
+
+
+# Codes a transport or a dying process produces without any handler of ours answering.
+_TRANSPORT_CODES = frozenset(
+    {
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+def _answered_by_a_node(exc: grpc.aio.AioRpcError) -> bool:
+    """True when the status carries a Sluice ``ErrorInfo``: a node's handler (its
+    interceptor) answered, rather than the transport (an RST_STREAM, a process dying)."""
+    for key, value in exc.trailing_metadata() or ():
+        if key != STATUS_DETAILS_METADATA or not isinstance(value, bytes):
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except DecodeError:
+            return False
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info) and info.domain == ERROR_DOMAIN:
+                return True
+    return False
+
+
+def blame(exc: grpc.aio.AioRpcError) -> Blame:
+    """Whose fault a failed node call is.
+
+    UNAVAILABLE (connection lost, node draining, its engine's shared step failed) is the
+    node's; so are INTERNAL, UNKNOWN, CANCELLED and DATA_LOSS without a Sluice status, which
+    only a transport or a crashing process produce. RESOURCE_EXHAUSTED is the node being
+    full. Everything else is the request's: INVALID_ARGUMENT (reason ``REQUEST_FAULT`` for a
+    request that failed while the node processed it), and INTERNAL that a node's handler
+    answered, a bug the request provoked, which would trip every breaker in turn if counted
+    (DEADLINE_EXCEEDED is the request's deadline; the caller maps it)."""
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return Blame.NODE
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return Blame.BUSY
+    if code in _TRANSPORT_CODES and not _answered_by_a_node(exc):
+        return Blame.NODE
+    return Blame.REQUEST
+
+
+def new_job_key() -> str:
+    """A node job key: random, unique per attempt, never derived from client metadata."""
+    return uuid.uuid4().hex
+
+
+_Forward = TypeVar("_Forward", node_pb2.NodeGenerateRequest, node_pb2.NodeEmbedRequest)
+
+
+def _keyed(forward: _Forward) -> _Forward:
+    """``forward`` with a new job key for this attempt (bound to the log context too)."""
+    forward.request_id = new_job_key()
+    structlog.contextvars.bind_contextvars(job_key=forward.request_id)
+    return forward
 
 
 @dataclass
@@ -91,7 +185,7 @@ class Dispatcher:
         if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             raise DeadlineExceeded("deadline passed while the node worked") from exc
         retry = None
-        if fault and not last:
+        if fault is not Blame.REQUEST and not last:
             cls = WorkloadClass(req.workload_class)
             retry = self._retry_node(req.model, cls, tried, affinity)
         if retry is None:
@@ -109,16 +203,34 @@ class Dispatcher:
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return ((REQUEST_ID_METADATA, context.request_id.get()),)
 
-    def _failed(self, node: NodeHandle, exc: grpc.aio.AioRpcError) -> bool:
-        """Record a failed call; True when the node was at fault (retry elsewhere)."""
-        fault = exc.code() in NODE_FAULTS
-        if fault:
+    def _failed(self, node: NodeHandle, exc: grpc.aio.AioRpcError) -> Blame:
+        """Record a failed call (a breaker failure only when the node is to blame)."""
+        fault = blame(exc)
+        if fault is Blame.NODE:
             node.breaker.record_failure()
         self._metrics.dispatches.labels(node.node_id, exc.code().name.lower()).inc()
         log.warning(
-            "node_call_failed", node_id=node.node_id, code=exc.code().name, error=exc.details()
+            "node_call_failed",
+            node_id=node.node_id,
+            code=exc.code().name,
+            blame=fault.value,
+            error=exc.details(),
         )
         return fault
+
+    def _midstream(self, node: NodeHandle, exc: grpc.aio.AioRpcError, sent: int) -> Exception:
+        """The error ending a stream that already sent ``sent`` chunks to the client: the
+        request's own error as it came; else UNAVAILABLE naming the node (never retried)."""
+        fault = self._failed(node, exc)
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceeded("deadline passed while the node streamed")
+        if fault is Blame.REQUEST:
+            return RemoteError(exc, prefix=f"node {node.node_id}: ")
+        return Unavailable(
+            f"node {node.node_id} failed mid-stream after {sent} chunks: "
+            f"{exc.code().name} {exc.details()}",
+            reason="NODE_FAILED_MIDSTREAM",
+        )
 
     def _observe(self, node: NodeHandle, signal: str, seconds: float) -> None:
         if self._nodes.outliers.observe(node.node_id, signal, seconds):
@@ -147,9 +259,7 @@ class Dispatcher:
         the first chunk. ``on_tokens`` is told of generated tokens as they arrive."""
         stats = stats or StreamStats()
         tried: set[str] = set()
-        forward = node_pb2.NodeGenerateRequest(
-            request=req, tenant=tenant, request_id=context.request_id.get()
-        )
+        forward = node_pb2.NodeGenerateRequest(request=req, tenant=tenant)
         node: NodeHandle | None = first
         self.budget.record_request()
         for attempt in range(self._max_attempts):
@@ -164,7 +274,7 @@ class Dispatcher:
             retry: NodeHandle | None = None
             try:
                 call = node.stub.Generate(
-                    forward, timeout=self._remaining(deadline), metadata=self._metadata()
+                    _keyed(forward), timeout=self._remaining(deadline), metadata=self._metadata()
                 )
                 async for chunk in call:
                     last_at = self._clock()
@@ -188,12 +298,7 @@ class Dispatcher:
                 return
             except grpc.aio.AioRpcError as exc:
                 if sent:
-                    self._failed(node, exc)
-                    raise Unavailable(
-                        f"node {node.node_id} failed mid-stream after {sent} chunks: "
-                        f"{exc.code().name} {exc.details()}",
-                        reason="NODE_FAILED_MIDSTREAM",
-                    ) from exc
+                    raise self._midstream(node, exc, sent) from exc
                 last = attempt + 1 >= self._max_attempts
                 retry = self._after_failure(
                     node, exc, last=last, req=req, tried=tried, affinity=affinity
@@ -213,9 +318,7 @@ class Dispatcher:
         """Embed on a node, retrying elsewhere if the node fails (embeddings are not queued:
         they are short and run on the node's own embedding thread)."""
         tried: set[str] = set()
-        forward = node_pb2.NodeEmbedRequest(
-            request=req, tenant=tenant, request_id=context.request_id.get()
-        )
+        forward = node_pb2.NodeEmbedRequest(request=req, tenant=tenant)
         node = self._nodes.pick(req.model, WorkloadClass(req.workload_class))
         self.budget.record_request()
         for attempt in range(self._max_attempts):
@@ -231,7 +334,7 @@ class Dispatcher:
             retry = None
             try:
                 reply: inference_pb2.EmbedResponse = await node.stub.Embed(
-                    forward, timeout=self._remaining(deadline), metadata=self._metadata()
+                    _keyed(forward), timeout=self._remaining(deadline), metadata=self._metadata()
                 )
                 node.breaker.record_success()
                 self._metrics.dispatches.labels(node.node_id, "ok").inc()

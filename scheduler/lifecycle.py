@@ -35,7 +35,7 @@ from scheduler.quotas import Lease, QuotaCheck, QuotaGate
 from scheduler.response_cache import ResponseCache
 from scheduler.tenants import Tenant, TenantDirectory
 from scheduler.usage import UsageBook
-from scheduler.validation import Catalog, validate_embed, validate_generate
+from scheduler.validation import Catalog, class_label, validate_embed, validate_generate
 from sluice.contract import WorkloadClass
 from sluice.runtime.errors import SluiceError, Unauthenticated
 from sluice.v1 import cache_pb2, inference_pb2
@@ -201,10 +201,9 @@ class GenerateFlow:
         except SluiceError as exc:
             self.outcome = Outcome.INVALID
             self._counters.refuse(exc.reason)
-            # An undefined class raises ValueError here and the caller gets INTERNAL, as before this
-            # module existed; issue 17 makes it INVALID_ARGUMENT.
-            cls = WorkloadClass.from_wire(request.workload_class)
-            self._path.metrics.requests.labels("generate", cls.label, self.outcome.label).inc()
+            # An undefined class (refused above) is labelled "unknown": bounded, never raising.
+            label = class_label(request.workload_class)
+            self._path.metrics.requests.labels("generate", label, self.outcome.label).inc()
             raise
 
     def _queued(self) -> QueuedRequest:

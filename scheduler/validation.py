@@ -1,7 +1,15 @@
-"""Request validation: every rule broken is reported at once, as ``BadRequest`` violations."""
+"""Request validation: every rule broken is reported at once, as ``BadRequest`` violations.
+
+Sampling parameters must be numerically safe, not merely in range: a temperature so small
+that dividing logits by it overflows float32 (a denormal one did: NaN probabilities failed
+the node's whole batch), NaN, infinities and denormal values are refused here, and again at
+the node (``inference_node.engine.text.sampling_violations``, the same bounds).
+"""
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Callable
 
 from scheduler.config import ModelSpec
@@ -12,6 +20,12 @@ from sluice.v1 import common_pb2, inference_pb2
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
+MIN_TEMPERATURE = 0.01
+"""Smallest non-zero temperature (0 is greedy): below it sampling is greedy in all but name
+and logits divided by it can overflow float32."""
+MAX_TEMPERATURE = 2.0
+MIN_TOP_P = 2.0**-126
+"""The smallest normal float32: a denormal top_p is refused."""
 ROLES = frozenset({"system", "user", "assistant"})
 
 Catalog = Callable[[str], ModelSpec | None]
@@ -23,12 +37,56 @@ def effective_class(workload_class: int) -> int:
     return workload_class or WorkloadClass.REALTIME
 
 
+def class_label(workload_class: int) -> str:
+    """The metrics label of a wire class: its name (unset is ``realtime``), or ``unknown``
+    for a value the contract does not define (a bounded label, never the raw number)."""
+    try:
+        return WorkloadClass.from_wire(workload_class).label
+    except ValueError:
+        return "unknown"
+
+
+def _class_violations(workload_class: int) -> list[tuple[str, str]]:
+    if workload_class in common_pb2.WorkloadClass.values():
+        return []
+    return [("workload_class", f"unknown value {workload_class}")]
+
+
+def _float32(value: float) -> float:
+    """``value`` rounded to float32, the wire's precision (so 0.01 sent as a float passes)."""
+    return float(struct.unpack("<f", struct.pack("<f", value))[0])
+
+
+def _sampling_violations(options: common_pb2.GenerationOptions) -> list[tuple[str, str]]:
+    """Numerical safety of temperature and top_p, and the stop strings' bounds."""
+    out: list[tuple[str, str]] = []
+    t = options.temperature
+    if options.HasField("temperature") and not (
+        t == 0 or (_float32(MIN_TEMPERATURE) <= t <= MAX_TEMPERATURE and math.isfinite(t))
+    ):
+        out.append(
+            (
+                "options.temperature",
+                f"must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]",
+            )
+        )
+    if options.HasField("top_p") and not MIN_TOP_P <= options.top_p <= 1.0:
+        out.append(("options.top_p", "must be in (0, 1] and not a denormal number"))
+    if len(options.stop) > MAX_STOP_STRINGS:
+        out.append(("options.stop", f"at most {MAX_STOP_STRINGS} stop strings"))
+    for i, stop in enumerate(options.stop):
+        if not stop or len(stop) > MAX_STOP_CHARS:
+            out.append((f"options.stop[{i}]", f"must be 1 to {MAX_STOP_CHARS} characters"))
+    return out
+
+
 def _check_access(tenant: Tenant, model: str, workload_class: int) -> None:
     if not tenant.may_use_model(model):
         raise PermissionDenied(f"tenant {tenant.name!r} may not use model {model!r}")
     if not tenant.may_use_class(workload_class):
-        name = common_pb2.WorkloadClass.Name(workload_class)
-        raise PermissionDenied(f"tenant {tenant.name!r} may not submit {name} work")
+        raise PermissionDenied(
+            f"tenant {tenant.name!r} may not submit {class_label(workload_class)} work"
+        )
 
 
 def _model_spec(
@@ -52,8 +110,7 @@ def validate_generate(
     """Check ``request`` and return a copy with defaults applied (class, max_new_tokens)."""
     violations: list[tuple[str, str]] = []
     spec = _model_spec(request.model, "generate", catalog, violations)
-    if request.workload_class not in common_pb2.WorkloadClass.values():
-        violations.append(("workload_class", f"unknown value {request.workload_class}"))
+    violations.extend(_class_violations(request.workload_class))
 
     has_prompt = bool(request.prompt.strip())
     if has_prompt and request.messages:
@@ -78,15 +135,7 @@ def validate_generate(
             violations.append(
                 ("options.max_new_tokens", f"{options.max_new_tokens} > limit {limit}")
             )
-    if options.HasField("temperature") and not 0.0 <= options.temperature <= 2.0:
-        violations.append(("options.temperature", "must be in [0, 2]"))
-    if options.HasField("top_p") and not 0.0 < options.top_p <= 1.0:
-        violations.append(("options.top_p", "must be in (0, 1]"))
-    if len(options.stop) > MAX_STOP_STRINGS:
-        violations.append(("options.stop", f"at most {MAX_STOP_STRINGS} stop strings"))
-    for i, stop in enumerate(options.stop):
-        if not stop or len(stop) > MAX_STOP_CHARS:
-            violations.append((f"options.stop[{i}]", f"must be 1 to {MAX_STOP_CHARS} characters"))
+    violations.extend(_sampling_violations(options))
     if violations:
         raise InvalidArgument(violations)
 
@@ -107,6 +156,7 @@ def validate_embed(
     """Check an embedding request; returns a copy with the class defaulted."""
     violations: list[tuple[str, str]] = []
     spec = _model_spec(request.model, "embed", catalog, violations)
+    violations.extend(_class_violations(request.workload_class))
     if not request.inputs:
         violations.append(("inputs", "at least one text required"))
     elif spec is not None and len(request.inputs) > spec.max_inputs:

@@ -143,6 +143,9 @@ async def test_wrong_or_missing_api_key_is_unauthenticated(running: Suite, key: 
         (lambda r: setattr(r.options, "max_new_tokens", -5), "options.max_new_tokens"),
         (lambda r: setattr(r.options, "max_new_tokens", 1_000_000), "options.max_new_tokens"),
         (lambda r: setattr(r.options, "temperature", 9.0), "options.temperature"),
+        (lambda r: setattr(r.options, "temperature", 1e-45), "options.temperature"),
+        (lambda r: setattr(r.options, "top_p", float("nan")), "options.top_p"),
+        (lambda r: setattr(r, "workload_class", 7), "workload_class"),
     ],
 )
 async def test_invalid_generate_is_invalid_argument_with_bad_request(

@@ -13,6 +13,7 @@ import torch
 
 from inference_node.engine import (
     EngineClosedError,
+    EngineFaultError,
     EngineFullError,
     EngineRequest,
     FinishReason,
@@ -310,8 +311,10 @@ async def test_engine_errors_reach_the_stream(lm: LanguageModel) -> None:
     lm._hf = Flaky(lm.hf_model())
     engine.start()
     try:
-        with pytest.raises(RuntimeError, match="boom"):
+        with pytest.raises(EngineFaultError) as err:  # a failed forward is the engine's fault
             await _collect(engine.submit(_request(lm, "fails")))
+        assert isinstance(err.value.__cause__, RuntimeError)
+        assert str(err.value.__cause__) == "boom"
         deltas = await _collect(engine.submit(_request(lm, "works", max_new_tokens=3)))
     finally:
         engine.close()

@@ -12,21 +12,23 @@ import asyncio
 import contextlib
 import enum
 import itertools
-import math
 import queue
 import threading
 import weakref
 
 import structlog
 
-from inference_node.engine.text import kv_bytes_per_token
+from inference_node.engine.text import kv_bytes_per_token, sampling_violations
 from inference_node.engine.types import (
     DeltaStream,
+    DuplicateRequestError,
     EngineClosedError,
     EngineFullError,
     EngineRequest,
     EngineStats,
     FinishReason,
+    InvalidRequestError,
+    RequestFaultError,
     RequestTooLargeError,
     TokenDelta,
 )
@@ -180,7 +182,7 @@ class ThreadedEngine:
             if self._closed:
                 raise EngineClosedError("engine is not accepting requests")
             if request.request_id in self._jobs:
-                raise ValueError(f"request {request.request_id!r} is already in flight")
+                raise DuplicateRequestError(f"request {request.request_id!r} is already in flight")
             waiting = sum(
                 1
                 for j in self._jobs.values()
@@ -282,33 +284,36 @@ class ThreadedEngine:
                 log.warning("engine_thread_join_timeout", model=self._lm.name)
 
     def _validate(self, request: EngineRequest) -> WorkloadClass:
-        """Check ``request`` against the model and budget (``ValueError`` or
-        :class:`RequestTooLargeError`); returns its class, unspecified (0) read as REALTIME."""
+        """Check ``request`` against the model and budget: every rule it breaks at once
+        (:class:`InvalidRequestError`), then :class:`RequestTooLargeError`; returns its
+        class, unspecified (0) read as REALTIME. The node's second line of defence after the
+        scheduler's validation: sampling parameters must be numerically safe."""
         params = request.params
         prompt = request.prompt_token_ids
+        violations = sampling_violations(params)
         if not prompt:
-            raise ValueError("the prompt is empty")
+            violations.append(("prompt", "the prompt is empty"))
+        elif min(prompt) < 0 or max(prompt) >= self._vocab_size:
+            violations.append(("prompt", f"token ids must be in [0, {self._vocab_size})"))
         if params.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if not (math.isfinite(params.temperature) and params.temperature >= 0):
-            raise ValueError("temperature must be a finite number >= 0")
-        if not 0 < params.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if any(not s for s in params.stop):
-            raise ValueError("stop strings must not be empty")
+            violations.append(("options.max_new_tokens", "must be at least 1"))
+        workload_class = WorkloadClass.REALTIME
         try:
             workload_class = WorkloadClass.from_wire(request.workload_class)
         except ValueError:
-            raise ValueError(f"unknown workload class {request.workload_class}") from None
+            violations.append(("workload_class", f"unknown value {int(request.workload_class)}"))
         total = len(prompt) + params.max_new_tokens
         if total > self._lm.max_context_tokens:
-            raise ValueError(
-                f"prompt ({len(prompt)} tokens) plus max_new_tokens ({params.max_new_tokens})"
-                f" exceeds the context of {self._lm.max_context_tokens} tokens"
+            violations.append(
+                (
+                    "options.max_new_tokens",
+                    f"prompt ({len(prompt)} tokens) plus max_new_tokens ({params.max_new_tokens})"
+                    f" exceeds the context of {self._lm.max_context_tokens} tokens",
+                )
             )
+        if violations:
+            raise InvalidRequestError(violations)
         self._check_fits(total)
-        if min(prompt) < 0 or max(prompt) >= self._vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self._vocab_size})")
         return workload_class
 
     def _check_fits(self, total_tokens: int) -> None:
@@ -364,6 +369,25 @@ class ThreadedEngine:
         with self._lock:
             self._retire(job)
         job.deliver(item)
+
+    def _request_fault(self, job: Job, stage: str, exc: BaseException) -> RequestFaultError:
+        """The error that ends ``job`` alone after ``exc`` was raised while processing its own
+        tokens; logged once with the traceback. The message names the stage, not internals
+        (a :class:`~inference_node.engine.text.SamplingError` says what was wrong)."""
+        log.warning(
+            "engine_request_fault",
+            model=self._lm.name,
+            request_id=job.request.request_id,
+            stage=stage,
+            error=type(exc).__name__,
+            exc_info=exc,
+        )
+        message = f"{stage} failed for this request"
+        if isinstance(exc, ArithmeticError):
+            message += f": {exc}"
+        fault = RequestFaultError(stage, message)
+        fault.__cause__ = exc
+        return fault
 
     def _record_decode_step(self, seconds: float, tokens: int = 1) -> None:
         """Fold one decode step (``tokens`` tokens in ``seconds``) into the EWMA rate."""

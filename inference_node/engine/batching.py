@@ -18,6 +18,13 @@ Every engine step:
 
 So a request never waits for another's generation to end: it joins at the next step, and its
 first token comes out of the step that prefills it.
+
+Failure isolation: the work done for one sequence alone (setting up its sampler and text
+stream, sampling its row, detokenizing and checking its stop strings) runs under its own
+``try``; an exception there ends that request with :class:`RequestFaultError` and the batch
+goes on. Only a failure of the shared step (the batched forward pass, the slot bookkeeping)
+ends every running sequence, with :class:`EngineFaultError`; waiting requests stay queued and
+the engine keeps serving.
 """
 
 from __future__ import annotations
@@ -32,8 +39,14 @@ import torch
 
 from inference_node.engine.base import Job, JobState, ThreadedEngine
 from inference_node.engine.llama import LlamaRunner, Prefill
-from inference_node.engine.text import TextStream, make_generator, sample
-from inference_node.engine.types import FinishReason, RequestTooLargeError, TokenDelta
+from inference_node.engine.text import SamplingError, TextStream, make_generator, sample
+from inference_node.engine.types import (
+    EngineFaultError,
+    FinishReason,
+    RequestFaultError,
+    RequestTooLargeError,
+    TokenDelta,
+)
 from inference_node.model_types import LanguageModel
 
 log = structlog.get_logger(__name__)
@@ -120,8 +133,8 @@ class BatchingEngine(ThreadedEngine):
         while not self._stopping.is_set():
             if not self._intake():
                 break
-            self._drop_cancelled()
             try:
+                self._drop_cancelled()
                 self._step()
             except Exception as exc:
                 log.exception("engine_step_failed", model=self._lm.name)
@@ -142,14 +155,18 @@ class BatchingEngine(ThreadedEngine):
                 return True
             if job is None:
                 return False
-            params = job.request.params
-            seq = _Sequence(
-                job,
-                TextStream(self._lm, params, len(job.request.prompt_token_ids), self._eos_ids),
-                make_generator(params, self._lm.device),
-            )
-            heapq.heappush(self._waiting, (seq.key, seq))
             block = False
+            params = job.request.params
+            try:
+                seq = _Sequence(
+                    job,
+                    TextStream(self._lm, params, len(job.request.prompt_token_ids), self._eos_ids),
+                    make_generator(params, self._lm.device),
+                )
+            except Exception as exc:
+                self._finish(job, self._request_fault(job, "setup", exc))
+                continue
+            heapq.heappush(self._waiting, (seq.key, seq))
 
     def _drop_cancelled(self) -> None:
         for seq in sorted(self._active(), key=lambda s: -s.slot):
@@ -274,39 +291,77 @@ class BatchingEngine(ThreadedEngine):
             if p.wants_logits:
                 rows.append(seq)
         self._kv_used = sum(s.computed for s in self._active()) * self._kv_per_token
-        tokens = self._sample(logits, rows)
-        finished: list[tuple[_Sequence, TokenDelta]] = []
+        self._emit(rows, self._sample(logits, rows))
+
+    def _emit(self, rows: list[_Sequence], tokens: list[int | RequestFaultError]) -> None:
+        """Stream each row's token; end the sequences that finished or faulted, and move
+        those whose prefill completed into the running batch."""
+        ended: list[tuple[_Sequence, TokenDelta | RequestFaultError]] = []
         newly_ready: list[_Sequence] = []
         for seq, token in zip(rows, tokens, strict=True):
-            delta = seq.text.push(token)
-            seq.tokens.append(token)
-            seq.job.generated = len(seq.text.generated)
-            if delta.finish_reason is not None:
-                finished.append((seq, delta))
-            else:
-                seq.job.deliver(delta)
-                if seq.slot >= self._ready:
-                    newly_ready.append(seq)
-        for seq, _ in finished:
+            item = token if isinstance(token, RequestFaultError) else self._push(seq, token)
+            if isinstance(item, RequestFaultError) or item.finish_reason is not None:
+                ended.append((seq, item))
+                continue
+            seq.job.deliver(item)
+            if seq.slot >= self._ready:
+                newly_ready.append(seq)
+        for seq, _ in ended:
             self._release(seq)
         self._kv_used = sum(s.computed for s in self._active()) * self._kv_per_token
-        for seq, delta in finished:
-            self._finish(seq.job, delta)
+        for seq, item in ended:
+            self._finish(seq.job, item)
         for seq in sorted(newly_ready, key=lambda s: s.slot):
             self._make_ready(seq)
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Sequence]) -> list[int]:
-        greedy = torch.argmax(logits, dim=-1).tolist() if len(rows) else []
+    def _push(self, seq: _Sequence, token: int) -> TokenDelta | RequestFaultError:
+        """Add ``token`` to ``seq``: detokenize, check stop strings (its own work, isolated)."""
+        try:
+            delta = seq.text.push(token)
+        except Exception as exc:
+            return self._request_fault(seq.job, "decoding", exc)
+        seq.tokens.append(token)
+        seq.job.generated = len(seq.text.generated)
+        return delta
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Sequence]) -> list[int | RequestFaultError]:
+        """One token per row, or the fault that ends that row's request alone.
+
+        A row whose largest logit is not finite (a NaN propagates into it) is that request's
+        fault; every row of a batch of several being so points at the node (weights,
+        device), so that raises :class:`EngineFaultError` instead."""
+        if not rows:
+            return []
+        broken = (~torch.isfinite(logits.max(dim=-1).values)).tolist()
+        if len(rows) > 1 and all(broken):
+            raise EngineFaultError(f"the logits of all {len(rows)} rows are not finite")
+        greedy = torch.argmax(logits, dim=-1).tolist()
+        out: list[int | RequestFaultError] = []
         for i, seq in enumerate(rows):
-            if seq.generator is not None:
-                greedy[i] = sample(logits[i], seq.text.params, seq.generator)
-        return [int(t) for t in greedy]
+            try:
+                if broken[i]:
+                    raise SamplingError("the model's logits for this request are not finite")
+                token = greedy[i]
+                if seq.generator is not None:
+                    token = sample(logits[i], seq.text.params, seq.generator)
+                out.append(int(token))
+            except Exception as exc:
+                out.append(self._request_fault(seq.job, "sampling", exc))
+        return out
 
     def _fail_all(self, exc: BaseException | None) -> None:
-        """End every active sequence (with ``exc``, or cancelled when stopping)."""
+        """End every active sequence: with an :class:`EngineFaultError` caused by ``exc``
+        (the shared step failed), or cancelled (``None``: the engine is stopping)."""
         for seq in self._active():
             self._slots[seq.slot] = None
-            item = exc if exc is not None else seq.text.final(FinishReason.CANCELLED)
+            item: TokenDelta | BaseException = seq.text.final(FinishReason.CANCELLED)
+            if exc is not None:
+                item = EngineFaultError(
+                    str(exc)
+                    if isinstance(exc, EngineFaultError)
+                    else f"the engine step failed ({type(exc).__name__})"
+                )
+                item.__cause__ = exc
             self._finish(seq.job, item)
         self._ready = 0
         self._kv_used = 0

@@ -18,7 +18,12 @@ import torch
 
 from inference_node.engine.base import Job, JobState, ThreadedEngine
 from inference_node.engine.text import TextStream, make_generator, sample
-from inference_node.engine.types import FinishReason, TokenDelta
+from inference_node.engine.types import (
+    EngineFaultError,
+    FinishReason,
+    RequestFaultError,
+    TokenDelta,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -66,13 +71,20 @@ class SerialEngine(ThreadedEngine):
         return None
 
     def _serve(self, job: Job) -> None:
+        """Generate ``job``. A fault in its own sampling, detokenization or stop handling ends
+        it with :class:`RequestFaultError`; a failed forward pass with
+        :class:`EngineFaultError` (the model or device, not the request, is suspect)."""
         try:
             self._generate(job)
+        except RequestFaultError as fault:
+            self._finish(job, fault)
         except Exception as exc:
             log.exception(
                 "engine_request_failed", model=self._lm.name, request_id=job.request.request_id
             )
-            self._finish(job, exc)
+            error = EngineFaultError(f"the engine step failed ({type(exc).__name__})")
+            error.__cause__ = exc
+            self._finish(job, error)
         finally:
             self._kv_used = 0
 
@@ -80,8 +92,11 @@ class SerialEngine(ThreadedEngine):
         """Prefill, then decode token by token, streaming stable text until a stop condition."""
         params = job.request.params
         model, device = self._lm.hf_model(), self._lm.device
-        generator = make_generator(params, device)
-        text = TextStream(self._lm, params, len(job.request.prompt_token_ids), self._eos_ids)
+        try:
+            generator = make_generator(params, device)
+            text = TextStream(self._lm, params, len(job.request.prompt_token_ids), self._eos_ids)
+        except Exception as exc:
+            raise self._request_fault(job, "setup", exc) from exc
         cache: Any = None
         with torch.inference_mode():
             input_ids = torch.tensor(
@@ -94,10 +109,16 @@ class SerialEngine(ThreadedEngine):
                 started = time.perf_counter()
                 out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
                 cache = out.cache
-                token = sample(out.logits[0, -1].float(), params, generator)
+                try:
+                    token = sample(out.logits[0, -1].float(), params, generator)
+                except Exception as exc:
+                    raise self._request_fault(job, "sampling", exc) from exc
                 if text.generated:
                     self._record_decode_step(time.perf_counter() - started)
-                delta = text.push(token)
+                try:
+                    delta = text.push(token)
+                except Exception as exc:
+                    raise self._request_fault(job, "decoding", exc) from exc
                 job.generated = len(text.generated)
                 self._kv_used = _cache_bytes(cache, self._kv_per_token)
                 if delta.finish_reason is not None:

@@ -2,10 +2,58 @@
 
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 
 from inference_node.engine.types import FinishReason, SamplingParams, TokenDelta
 from inference_node.model_types import LanguageModel
+
+
+def float32(value: float) -> float:
+    """``value`` rounded to the nearest float32, as it arrives in a protobuf ``float`` field."""
+    return float(struct.unpack("<f", struct.pack("<f", value))[0])
+
+
+MIN_TEMPERATURE = 0.01
+"""Smallest non-zero temperature: below it, sampling is greedy in all but name, and dividing
+logits by it overflows float32 to inf (NaN probabilities) for large enough logits (vLLM warns
+at the same bound). 0 means greedy."""
+MAX_TEMPERATURE = 2.0
+MIN_TOP_P = 2.0**-126
+"""Smallest top_p: the smallest normal float32; denormal values are refused."""
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 64
+"""Stop strings are searched in the whole completion at every token, on the thread every
+request shares: their number and length are bounded (the scheduler enforces the same)."""
+
+
+def sampling_violations(params: SamplingParams) -> list[tuple[str, str]]:
+    """Every sampling rule ``params`` breaks, as ``(field, why)``: numerically safe
+    temperature and top_p (finite, no denormals), bounded stop strings. Bounds are compared
+    as float32, the wire's precision, so ``0.01`` sent as a protobuf float passes."""
+    out: list[tuple[str, str]] = []
+    t = params.temperature
+    if not (t == 0 or (float32(MIN_TEMPERATURE) <= t <= MAX_TEMPERATURE and math.isfinite(t))):
+        out.append(
+            (
+                "options.temperature",
+                f"must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]",
+            )
+        )
+    if not MIN_TOP_P <= params.top_p <= 1:
+        out.append(("options.top_p", "must be in (0, 1] and not a denormal number"))
+    if len(params.stop) > MAX_STOP_STRINGS:
+        out.append(("options.stop", f"at most {MAX_STOP_STRINGS} stop strings"))
+    for i, stop in enumerate(params.stop):
+        if not stop or len(stop) > MAX_STOP_CHARS:
+            out.append((f"options.stop[{i}]", f"must be 1 to {MAX_STOP_CHARS} characters"))
+    return out
+
+
+class SamplingError(ArithmeticError):
+    """The numbers of one request's sampling step are unusable (NaN or infinite)."""
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -21,10 +69,20 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Greedy when temperature is 0, else temperature plus nucleus (top-p) sampling."""
+    """Greedy when temperature is 0, else temperature plus nucleus (top-p) sampling.
+
+    The largest logit is subtracted before dividing by the temperature, so the scaled logits
+    are at most 0 and the best token's is exactly 0: no temperature > 0, however small,
+    overflows them (a tiny one makes sampling greedy). Raises :class:`SamplingError` when the
+    logits or probabilities are not finite, before ``torch.multinomial`` would."""
+    peak = logits.max()  # NaN if any logit is NaN
+    if not bool(torch.isfinite(peak)):
+        raise SamplingError("the model's logits for this request are not finite")
     if generator is None:
         return int(torch.argmax(logits).item())
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    probs = torch.softmax((logits - peak) / params.temperature, dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        raise SamplingError("the sampling probabilities of this request are not finite")
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > params.top_p

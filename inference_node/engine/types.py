@@ -32,7 +32,10 @@ class SamplingParams:
     ``temperature == 0`` is greedy; otherwise tokens are sampled with temperature and nucleus
     (``top_p``) filtering from a generator seeded with ``seed`` (random when ``None``).
     Generation stops at EOS (unless ``ignore_eos``), after ``max_new_tokens``, or when the text
-    contains one of ``stop`` (the stop string itself is never streamed).
+    contains one of ``stop`` (the stop string itself is never streamed). Submit refuses values
+    that are not numerically safe (:func:`inference_node.engine.text.sampling_violations`):
+    temperature 0 or in [0.01, 2], top_p a normal float in (0, 1], at most 8 stop strings of
+    1 to 64 characters.
     """
 
     max_new_tokens: int
@@ -106,6 +109,36 @@ class DeltaStream(AsyncIterator[TokenDelta], abc.ABC):
         """Stop iterating and cancel the request if it has not finished."""
 
 
+class InvalidRequestError(ValueError):
+    """Raised by :meth:`Engine.submit` for a request that breaks a rule; ``violations`` name
+    each offending field as ``(field, why)`` (fields as in ``GenerateRequest``)."""
+
+    def __init__(self, violations: list[tuple[str, str]]) -> None:
+        self.violations = list(violations)
+        super().__init__("; ".join(f"{field}: {why}" for field, why in self.violations))
+
+
+class DuplicateRequestError(Exception):
+    """Raised by :meth:`Engine.submit` when a live request already holds the request id."""
+
+
+class RequestFaultError(Exception):
+    """Raised from one request's stream when processing *its* tokens failed (sampling,
+    detokenization, stop handling, setting it up): that request alone ends; the engine and
+    every other request go on. ``stage`` says where: ``setup`` (its sampler and text
+    stream), ``sampling`` (NaN or infinite logits or probabilities, ...) or ``decoding``
+    (detokenization and stop strings)."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+class EngineFaultError(Exception):
+    """Raised from the stream of every request of a batch when the shared step itself failed
+    (the batched forward pass): a fault of the node, not of any one request."""
+
+
 class EngineFullError(Exception):
     """Raised by :meth:`Engine.submit` when the waiting queue is at its bound."""
 
@@ -124,13 +157,16 @@ class Engine(Protocol):
     def submit(self, request: EngineRequest) -> DeltaStream:
         """Queue ``request`` and return its delta stream; call it on the event loop thread.
 
-        Validation happens here: ``ValueError`` for an invalid request (for example a prompt
-        plus ``max_new_tokens`` longer than the context), :class:`EngineFullError` when the
-        waiting queue is full, :class:`EngineClosedError` after ``drain`` or ``close``.
+        Validation happens here: :class:`InvalidRequestError` (a ``ValueError``) for an
+        invalid request (for example a prompt plus ``max_new_tokens`` longer than the context,
+        or sampling parameters that are not numerically safe), :class:`DuplicateRequestError`
+        when a live request has the same id, :class:`EngineFullError` when the waiting queue
+        is full, :class:`EngineClosedError` after ``drain`` or ``close``.
         Deltas arrive as soon as each token is decoded; the last has ``finish_reason`` set.
         Closing the stream (``aclose``), dropping it, or cancelling the task awaiting it
         cancels the request and frees its slot at the engine's next step. An error inside the
-        engine is raised from the stream's ``__anext__``.
+        engine is raised from the stream's ``__anext__``: :class:`RequestFaultError` when
+        only this request failed, :class:`EngineFaultError` when the shared step did.
         """
         ...
 

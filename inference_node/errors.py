@@ -1,0 +1,32 @@
+"""The node's own domain errors (the shared ones are in :mod:`sluice.runtime.errors`)."""
+
+from __future__ import annotations
+
+import grpc
+
+from sluice.runtime.errors import InvalidArgument, SluiceError
+
+REQUEST_FAULT = "REQUEST_FAULT"
+"""``ErrorInfo.reason`` of a request that passed validation but failed while the node
+processed its own tokens (tokenization, sampling, detokenization, stop strings)."""
+ENGINE_FAULT = "ENGINE_FAULT"
+"""``ErrorInfo.reason`` of a request ended because the engine's shared step failed."""
+JOB_KEY_IN_USE = "JOB_KEY_IN_USE"
+"""``ErrorInfo.reason`` of a request whose job key a live request on the node holds."""
+
+
+class RequestFault(InvalidArgument):
+    """INVALID_ARGUMENT, reason ``REQUEST_FAULT``: this request alone failed while the node
+    processed it; ``ErrorInfo.metadata["stage"]`` says where, ``BadRequest`` names the part
+    of the request at fault. Deterministic for the request, so no layer retries it."""
+
+    def __init__(self, field: str, stage: str, message: str) -> None:
+        super().__init__([(field, message)], reason=REQUEST_FAULT)
+        self.metadata = {"stage": stage}
+
+
+class AlreadyExists(SluiceError):
+    """ALREADY_EXISTS: a live request on this node already holds the job key."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = JOB_KEY_IN_USE
