@@ -290,6 +290,7 @@ class SchedulerService:
             await self.registration.stop()
         await self.gate.stop()
         await self.server.stop(grace_s)
+        await self.dispatcher.close()
         await self.live_tenants.stop()
         await self.view.stop()
         await self.quotas.close()

@@ -15,6 +15,11 @@ elsewhere; an error that is the request's own (above all INVALID_ARGUMENT, reaso
 details and all, before or after the first chunk, and trips no breaker, so a request that
 fails the same way everywhere cannot open every node's circuit.
 
+A stream whose node stops making progress (no chunk and no load report for longer than a
+bound from the stream's inter-token time: :mod:`scheduler.stall`) is cancelled by a sweep and
+counts as the node's failure: retried elsewhere before its first chunk, else ended
+``UNAVAILABLE`` ``NODE_STALLED``, within seconds rather than at the client's deadline.
+
 Every attempt carries a job key made here (:func:`new_job_key`), unique per attempt, as the
 node request's ``request_id``; the client's ``x-request-id`` travels only as metadata, a
 correlation id for logs, so two tenants sending the same id never collide on a node.
@@ -22,6 +27,8 @@ correlation id for logs, so two tenants sending the same id never collide on a n
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import time
 import uuid
@@ -37,6 +44,7 @@ from google.rpc import error_details_pb2, status_pb2
 from scheduler.metrics import SchedulerMetrics
 from scheduler.nodes import NodeDirectory, NodeHandle
 from scheduler.routing import RetryBudget
+from scheduler.stall import StallPolicy, StallWatch, WatchedStream
 from sluice.contract import REQUEST_ID_METADATA, WorkloadClass
 from sluice.runtime import context
 from sluice.runtime.errors import (
@@ -149,6 +157,7 @@ class Dispatcher:
         *,
         max_attempts: int = 2,
         budget: RetryBudget | None = None,
+        stall: StallPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._nodes = nodes
@@ -156,6 +165,56 @@ class Dispatcher:
         self._max_attempts = max(1, max_attempts)
         self._clock = clock
         self.budget = budget or RetryBudget(clock)
+        self.stalls = StallWatch(clock, stall or StallPolicy())
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def _watch(self, node: NodeHandle, call: grpc.aio.Call) -> WatchedStream:
+        """Watch a node call for stalls; the sweep runs while any stream is watched."""
+        watched = self.stalls.watch(node.node_id, lambda: node.last_report_at, call.cancel)
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep(), name="stall-sweep")
+        return watched
+
+    async def _sweep(self) -> None:
+        while self.stalls.streams:
+            await asyncio.sleep(self.stalls.policy.check_s)
+            for stream in self.stalls.sweep():
+                log.warning("node_stalled", node_id=stream.node_id, tokens=stream.tokens)
+
+    async def close(self) -> None:
+        """Stop the stall sweep (streams still watched end with their calls)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    def _after_stall(
+        self,
+        node: NodeHandle,
+        sent: int,
+        *,
+        last: bool,
+        req: inference_pb2.GenerateRequest,
+        tried: set[str],
+        affinity: str,
+    ) -> NodeHandle:
+        """A stalled call, cancelled by the sweep: the node is to blame. The node to retry on
+        while nothing reached the client; else raise UNAVAILABLE ``NODE_STALLED``."""
+        node.breaker.record_failure()
+        self._metrics.dispatches.labels(node.node_id, "stalled").inc()
+        retry = None
+        if not sent and not last:
+            cls = WorkloadClass(req.workload_class)
+            retry = self._retry_node(req.model, cls, tried, affinity)
+        if retry is None:
+            raise Unavailable(
+                f"node {node.node_id} stopped making progress after {sent} chunks",
+                retry_after_s=NO_NODE_RETRY_S if not sent else None,
+                reason="NODE_STALLED",
+            )
+        self._metrics.retries.labels(node.node_id).inc()
+        log.info("request_retried", failed_node=node.node_id, node_id=retry.node_id)
+        return retry
 
     def _retry_node(
         self, model: str, workload_class: WorkloadClass, tried: set[str], affinity: str
@@ -243,6 +302,30 @@ class Dispatcher:
                 eject_s=self._nodes.outliers.config.eject_s,
             )
 
+    def _relay(
+        self,
+        chunk: inference_pb2.GenerateChunk,
+        node: NodeHandle,
+        watched: WatchedStream,
+        started: float,
+        stats: StreamStats,
+    ) -> None:
+        """Account for a chunk on its way to the client (the first one names the node)."""
+        first = not watched.first_chunk_at
+        watched.chunk(self._clock(), len(chunk.token_ids))
+        if first:
+            chunk.node_id = node.node_id
+            self._observe(node, "ttft", watched.first_chunk_at - started)
+        stats.generated += len(chunk.token_ids)
+        if chunk.usage.prompt_tokens:
+            stats.prompt_tokens = chunk.usage.prompt_tokens
+
+    def _succeeded(self, node: NodeHandle, watched: WatchedStream) -> None:
+        node.breaker.record_success()
+        self._metrics.dispatches.labels(node.node_id, "ok").inc()
+        if watched.itl_s is not None:
+            self._observe(node, "itl", watched.itl_s)
+
     async def generate(
         self,
         req: inference_pb2.GenerateRequest,
@@ -267,35 +350,32 @@ class Dispatcher:
             tried.add(node.node_id)
             self._metrics.in_flight.inc()
             stats.dispatched = True
-            sent = tokens = 0
-            started = first_at = last_at = self._clock()
+            sent = 0
+            started = self._clock()
             done = False
-            call = None
+            call = watched = None
             retry: NodeHandle | None = None
             try:
                 call = node.stub.Generate(
                     _keyed(forward), timeout=self._remaining(deadline), metadata=self._metadata()
                 )
+                watched = self._watch(node, call)
                 async for chunk in call:
-                    last_at = self._clock()
-                    if sent == 0:
-                        chunk.node_id = node.node_id
-                        first_at = last_at
-                        self._observe(node, "ttft", first_at - started)
-                    else:
-                        tokens += len(chunk.token_ids)
+                    self._relay(chunk, node, watched, started, stats)
                     sent += 1
-                    stats.generated += len(chunk.token_ids)
-                    if chunk.usage.prompt_tokens:
-                        stats.prompt_tokens = chunk.usage.prompt_tokens
                     on_tokens(len(chunk.token_ids))
                     yield chunk
                 done = True
-                node.breaker.record_success()
-                self._metrics.dispatches.labels(node.node_id, "ok").inc()
-                if tokens > 0:
-                    self._observe(node, "itl", (last_at - first_at) / tokens)
+                self._succeeded(node, watched)
                 return
+            except asyncio.CancelledError:
+                if watched is None or not watched.stalled:
+                    raise  # the caller went away
+                last = attempt + 1 >= self._max_attempts
+                retry = self._after_stall(
+                    node, sent, last=last, req=req, tried=tried, affinity=affinity
+                )
+                self._nodes.dispatched(retry, cost, affinity)
             except grpc.aio.AioRpcError as exc:
                 if sent:
                     raise self._midstream(node, exc, sent) from exc
@@ -307,6 +387,8 @@ class Dispatcher:
             finally:
                 self._metrics.in_flight.dec()
                 self._nodes.finished(node, cost if done else 0)
+                if watched is not None:
+                    self.stalls.unwatch(watched)
                 if call is not None and not call.done():
                     call.cancel()
             node = retry
