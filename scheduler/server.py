@@ -78,6 +78,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def ListNodes(
         self, request: admin_pb2.ListNodesRequest, ctx: grpc.aio.ServicerContext
     ) -> admin_pb2.ListNodesResponse:
+        if not authorize(self._tenants, context.tenant.get()).admin:
+            raise PermissionDenied("only an admin tenant may list the nodes")
         circuit = {
             "closed": admin_pb2.CIRCUIT_STATE_CLOSED,
             "open": admin_pb2.CIRCUIT_STATE_OPEN,

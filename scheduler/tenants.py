@@ -13,7 +13,7 @@ tenants:
       tokens_per_minute: 200000                      # prompt + generated
       max_concurrent: 16
     deadlines: {realtime: 30, batch: 600}            # applied when the call sets no deadline
-    admin: false                                     # may read every tenant's usage
+    admin: false                                     # Admin calls: nodes, every tenant's usage
 ```
 The tenant of a request always comes from its verified key, never from a request field. The
 same document, as YAML or JSON, under the etcd key ``/sluice/config/tenants`` replaces the file's
@@ -192,7 +192,7 @@ class Tenant:
     deadlines: Mapping[WorkloadClass, float] = field(default_factory=dict, hash=False)
     """Default deadline in seconds per class, for calls that set none."""
     admin: bool = False
-    """May read any tenant's usage."""
+    """May use the Admin calls: list the nodes, read any tenant's usage."""
 
     def deadline_for(self, workload_class: WorkloadClass, fallback: float) -> float:
         """Seconds a call of ``workload_class`` without a deadline may take."""

@@ -43,7 +43,9 @@ def test_tenants() -> TenantDirectory:
     )
     return TenantDirectory(
         [
-            Tenant("alpha", 2.0, every_class, frozenset({"*"}), (hash_api_key(API_KEY),)),
+            Tenant(
+                "alpha", 2.0, every_class, frozenset({"*"}), (hash_api_key(API_KEY),), admin=True
+            ),
             Tenant(
                 "beta",
                 1.0,

@@ -23,7 +23,7 @@ from sluice.local.stores import free_port
 from sluice.local.top import Sample, rate, render
 from sluice.runtime.telemetry import MetricsServer
 from sluice.v1 import admin_pb2
-from tests.harness import API_KEY, Suite, eventually
+from tests.harness import API_KEY, OTHER_KEY, Suite, eventually
 from tests.harness import test_tenants as tenant_directory
 
 TINY = "tiny-random-llama"
@@ -153,8 +153,9 @@ async def test_top_once_fails_when_the_scheduler_does_not_answer(
 
 
 async def test_request_commands_and_tenants_use_the_sdk(running: Suite, wide_console: None) -> None:
-    """generate, embed, nodes and tenants work against the suite; a bad key exits 1 with the
-    status code."""
+    """generate, embed, nodes and tenants work against the suite; a tenant that is not an
+    admin may not read another's usage or list the nodes; a bad key exits 1 with the status
+    code."""
     assert running.scheduler is not None
     common = ["--endpoint", running.scheduler.address, "--api-key", API_KEY]
     gen = await invoke(
@@ -170,9 +171,13 @@ async def test_request_commands_and_tenants_use_the_sdk(running: Suite, wide_con
     tenants = await invoke("tenants", *common)
     assert tenants.exit_code == 0, tenants.output
     assert "alpha" in tenants.output
-    denied = await invoke("tenants", "--tenant", "beta", *common)
+    not_admin = ["--endpoint", running.scheduler.address, "--api-key", OTHER_KEY]
+    denied = await invoke("tenants", "--tenant", "alpha", *not_admin)
     assert denied.exit_code == 1
     assert "PERMISSION_DENIED" in denied.output
+    denied_nodes = await invoke("nodes", *not_admin)
+    assert denied_nodes.exit_code == 1
+    assert "PERMISSION_DENIED" in denied_nodes.output
     bad = await invoke("nodes", "--endpoint", running.scheduler.address, "--api-key", "sk-wrong")
     assert bad.exit_code == 1
     assert "UNAUTHENTICATED" in bad.output

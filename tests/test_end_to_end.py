@@ -279,3 +279,10 @@ async def test_client_cancel_frees_the_node_slot(running: Suite) -> None:
     scheduler = running.scheduler
     assert scheduler is not None
     await eventually(lambda: scheduler.nodes.get("node-a").in_flight == 0)  # type: ignore[union-attr]
+
+
+async def test_only_an_admin_tenant_lists_the_nodes(running: Suite) -> None:
+    """Admin.ListNodes answers PERMISSION_DENIED to a tenant that is not an admin."""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await running.admin().ListNodes(admin_pb2.ListNodesRequest(), metadata=auth(OTHER_KEY))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -147,7 +147,7 @@ class Supervisor:
             return self.config.tenants_file.resolve()
         path = self.run_dir / "tenants.yaml"
         self.api_key = new_api_key()
-        write_tenants_file(path, [("dev", self.api_key)])
+        write_tenants_file(path, [("dev", self.api_key)], admins={"dev"})
         key_file = self.run_dir / DEV_KEY_FILE
         key_file.write_text(self.api_key + "\n")
         key_file.chmod(0o600)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 import yaml
@@ -33,10 +33,16 @@ def key_matches(key: str, stored_hash: str) -> bool:
     return hmac.compare_digest(hash_api_key(key), stored_hash)
 
 
-def write_tenants_file(path: Path, tenants: Iterable[tuple[str, str]]) -> None:
-    """Write a tenants file for ``(name, api_key)`` pairs, storing only the keys' hashes."""
+def write_tenants_file(
+    path: Path, tenants: Iterable[tuple[str, str]], *, admins: Collection[str] = ()
+) -> None:
+    """Write a tenants file for ``(name, api_key)`` pairs, storing only the keys' hashes;
+    the tenants named in ``admins`` may use the Admin calls."""
     data = {
-        "tenants": [{"name": name, "api_key_hashes": [hash_api_key(key)]} for name, key in tenants]
+        "tenants": [
+            {"name": name, "api_key_hashes": [hash_api_key(key)], "admin": name in admins}
+            for name, key in tenants
+        ]
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
