@@ -286,3 +286,27 @@ async def test_only_an_admin_tenant_lists_the_nodes(running: Suite) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await running.admin().ListNodes(admin_pb2.ListNodesRequest(), metadata=auth(OTHER_KEY))
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_an_unauthenticated_call_is_refused_before_its_body_is_parsed(
+    running: Suite,
+) -> None:
+    """A call without a valid key is refused UNAUTHENTICATED from its metadata alone: its
+    body (here bytes that are no GenerateRequest at all) is never deserialized. With a valid
+    key the same body answers INVALID_ARGUMENT (not gRPC's UNKNOWN)."""
+    assert running.scheduler is not None
+    channel = running.channel(running.scheduler.address)
+    raw = channel.unary_stream(
+        "/sluice.v1.Inference/Generate",
+        request_serializer=lambda body: body,
+        response_deserializer=lambda body: body,
+    )
+    for metadata in ((), auth("sk-wrong")):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in raw(b"\xff" * 4096, metadata=metadata):
+                pass
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in raw(b"\xff" * 4096, metadata=auth()):
+            pass
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

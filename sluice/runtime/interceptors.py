@@ -22,7 +22,7 @@ import structlog
 
 from sluice.contract import AUTHORIZATION_METADATA
 from sluice.runtime import context
-from sluice.runtime.errors import Internal, SluiceError, Unauthenticated
+from sluice.runtime.errors import Internal, InvalidArgument, SluiceError, Unauthenticated
 from sluice.runtime.telemetry import RpcMetrics
 
 log = structlog.get_logger(__name__)
@@ -36,6 +36,35 @@ Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandl
 def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
     """The call's text metadata as a dict (binary ``-bin`` values are skipped)."""
     return {k: v for k, v in details.invocation_metadata or () if isinstance(v, str)}
+
+
+class _Malformed:
+    """Stands for a request body that did not parse (the handler refuses it)."""
+
+    __slots__ = ("why",)
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserialize`` that returns a :class:`_Malformed` instead of raising, so a corrupt
+    body answers INVALID_ARGUMENT rather than gRPC's UNKNOWN."""
+    if deserialize is None:
+        return None
+
+    def parse(body: bytes) -> Any:
+        try:
+            return deserialize(body)
+        except Exception as exc:
+            return _Malformed(str(exc) or type(exc).__name__)
+
+    return parse
+
+
+def _parsed(request: Any) -> None:
+    if isinstance(request, _Malformed):
+        raise InvalidArgument([("request", f"not a valid message: {request.why[:200]}")])
 
 
 def _wrap(
@@ -56,6 +85,7 @@ def _wrap(
         async def unary(request: Any, ctx: grpc.aio.ServicerContext) -> Any:
             try:
                 await before(ctx)
+                _parsed(request)
                 response = await inner(request, ctx)
             except BaseException as exc:
                 await after(ctx, exc, False)
@@ -70,7 +100,9 @@ def _wrap(
         )
         return factory(
             unary,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer)
+            if handler.unary_unary
+            else handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
@@ -79,6 +111,7 @@ def _wrap(
     async def streaming(request: Any, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
             await before(ctx)
+            _parsed(request)
             result = inner_stream(request, ctx)
             if hasattr(result, "__aiter__"):
                 async for item in result:
@@ -98,7 +131,38 @@ def _wrap(
     )
     return factory_s(
         streaming,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=_tolerant(handler.request_deserializer)
+        if handler.unary_stream
+        else handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _discard(_body: bytes) -> None:
+    return None
+
+
+def _refusing(handler: grpc.RpcMethodHandler, error: SluiceError) -> grpc.RpcMethodHandler:
+    """A handler of ``handler``'s kind that raises ``error`` without parsing the request (an
+    unauthenticated caller's body is received by gRPC but never deserialized)."""
+
+    async def refuse(_request: Any, _ctx: grpc.aio.ServicerContext) -> Any:
+        raise error
+
+    async def refuse_stream(_request: Any, _ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        raise error
+        yield  # pragma: no cover - makes this an async generator
+
+    kinds = (
+        (handler.unary_unary, grpc.unary_unary_rpc_method_handler, refuse),
+        (handler.stream_unary, grpc.stream_unary_rpc_method_handler, refuse),
+        (handler.unary_stream, grpc.unary_stream_rpc_method_handler, refuse_stream),
+        (handler.stream_stream, grpc.stream_stream_rpc_method_handler, refuse_stream),
+    )
+    _, factory, behaviour = next(k for k in kinds if k[0] is not None)
+    return factory(  # type: ignore[no-any-return]
+        behaviour,
+        request_deserializer=_discard,
         response_serializer=handler.response_serializer,
     )
 
@@ -130,7 +194,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         metadata = _metadata(handler_call_details)
         incoming = metadata.get(context.REQUEST_ID_METADATA, "")
-        authenticate = self._auth.check_for(method, metadata) if self._auth else None
+        caller = self._auth.check_for(method, metadata) if self._auth else None
+        if isinstance(caller, Unauthenticated):
+            handler = _refusing(handler, caller)
         started: dict[str, float] = {}
 
         async def before(ctx: grpc.aio.ServicerContext) -> None:
@@ -138,8 +204,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             context.request_id.set(rid)
             structlog.contextvars.bind_contextvars(request_id=rid, rpc=method)
             started["t"] = time.perf_counter()
-            if authenticate is not None:
-                authenticate()
+            if isinstance(caller, str):
+                context.tenant.set(caller)
+                structlog.contextvars.bind_contextvars(tenant=caller)
 
         async def after(
             ctx: grpc.aio.ServicerContext, exc: BaseException | None, streaming: bool
@@ -201,24 +268,17 @@ class ApiKeyAuth:
         self._authenticate = authenticate
         self._prefixes = tuple(f"/{name}/" for name in guarded_services)
 
-    def check_for(self, method: str, metadata: dict[str, str]) -> Callable[[], None] | None:
-        """The check to run before ``method``'s handler, or None when it is not guarded. The
-        check sets :data:`sluice.runtime.context.tenant` or raises :class:`Unauthenticated`."""
+    def check_for(self, method: str, metadata: dict[str, str]) -> str | Unauthenticated | None:
+        """The tenant of ``method``'s call, the refusal when its key is missing or unknown,
+        or None when the method is not guarded. Decided from metadata alone, before the
+        request body is parsed."""
         if not method.startswith(self._prefixes):
             return None
-        header = metadata.get(AUTHORIZATION_METADATA, "")
-
-        def check() -> None:
-            scheme, _, key = header.partition(" ")
-            if scheme.lower() != "bearer" or not key.strip():
-                raise Unauthenticated(
-                    "missing API key: send metadata 'authorization: Bearer <key>'",
-                    reason="API_KEY_MISSING",
-                )
-            tenant = self._authenticate(key.strip())
-            if tenant is None:
-                raise Unauthenticated("API key not valid")
-            context.tenant.set(tenant)
-            structlog.contextvars.bind_contextvars(tenant=tenant)
-
-        return check
+        scheme, _, key = metadata.get(AUTHORIZATION_METADATA, "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            return Unauthenticated(
+                "missing API key: send metadata 'authorization: Bearer <key>'",
+                reason="API_KEY_MISSING",
+            )
+        tenant = self._authenticate(key.strip())
+        return Unauthenticated("API key not valid") if tenant is None else tenant

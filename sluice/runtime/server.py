@@ -43,6 +43,9 @@ class ServerOptions:
     """Port to bind; 0 picks a free one (read it back from ``GrpcServer.port``)."""
     max_message_bytes: int = 16 * 1024 * 1024
     """Largest request or response message."""
+    max_streams_per_connection: int = 1024
+    """Most calls one connection may have open at once (HTTP/2 max concurrent streams); more
+    wait on the client's side, so one connection cannot hold unbounded server state."""
     keepalive_time_s: float = 30.0
     """Ping an idle connection this often, so dead peers are noticed."""
     keepalive_timeout_s: float = 10.0
@@ -80,6 +83,7 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_send_message_length", ms),
                 ("grpc.max_receive_message_length", ms),
+                ("grpc.max_concurrent_streams", options.max_streams_per_connection),
                 ("grpc.keepalive_time_ms", int(options.keepalive_time_s * 1000)),
                 ("grpc.keepalive_timeout_ms", int(options.keepalive_timeout_s * 1000)),
                 ("grpc.keepalive_permit_without_calls", 1),
