@@ -88,6 +88,9 @@ class SchedulerSettings(ServiceSettings):
     """Service rate assumed for a node not measured yet (weighted tokens per second)."""
     low_class_headroom: float = 0.125
     """Share of a node's sequences BATCH and FINETUNE leave free for REALTIME."""
+    tenant_max_in_flight: int = 256
+    """Requests one tenant may have in flight on this replica when its quotas set no
+    ``max_concurrent`` (refused RESOURCE_EXHAUSTED ``TENANT_CONCURRENCY``); 0: no cap."""
     realtime_max_wait_seconds: float = 1.5
     """A REALTIME request predicted to wait longer than this in the queue is refused at once
     (OVERLOADED, retry after the predicted wait) even when its deadline is further: someone

@@ -37,7 +37,7 @@ from scheduler.tenants import Tenant, TenantDirectory
 from scheduler.usage import UsageBook
 from scheduler.validation import Catalog, class_label, validate_embed, validate_generate
 from sluice.contract import WorkloadClass
-from sluice.runtime.errors import SluiceError, Unauthenticated
+from sluice.runtime.errors import ResourceExhausted, SluiceError, Unauthenticated
 from sluice.v1 import cache_pb2, inference_pb2
 
 
@@ -274,6 +274,7 @@ class GenerateFlow:
         )
         item = self._item
         try:
+            _within_default_cap(self._path.settings, self.tenant, self._counters.in_flight)
             return await self._path.quotas.check(
                 self.tenant,
                 item.prompt_tokens + item.max_new_tokens,
@@ -374,6 +375,23 @@ class GenerateFlow:
         )
 
 
+TENANT_CAP_RETRY_S = 1.0
+
+
+def _within_default_cap(settings: SchedulerSettings, tenant: Tenant, in_flight: int) -> None:
+    """Refuse a request past ``tenant_max_in_flight`` for a tenant whose quotas set no
+    ``max_concurrent`` (``in_flight`` counts this request): no tenant holds unbounded
+    state here, quotas or not."""
+    cap = settings.tenant_max_in_flight
+    if cap and not tenant.quotas.max_concurrent and in_flight > cap:
+        raise ResourceExhausted(
+            f"tenant {tenant.name!r} has {cap} requests in flight on this scheduler",
+            retry_after_s=TENANT_CAP_RETRY_S,
+            reason="TENANT_CONCURRENCY",
+            quota_violations=[("max_concurrent", f"at most {cap} requests in flight")],
+        )
+
+
 class EmbedFlow:
     """One Embed request: authorize and validate (construction), then quota, node, settle.
     Embeddings are not queued: they are short and run on the node's own embedding thread."""
@@ -437,6 +455,7 @@ class EmbedFlow:
     async def _acquire_quota(self, tokens: int) -> Lease:
         """The tenant's quotas (never overlapped: the node call is the whole request)."""
         try:
+            _within_default_cap(self._path.settings, self.tenant, self._counters.in_flight)
             return await self._path.quotas.acquire(
                 self.tenant, tokens, uuid.uuid4().hex, self.deadline - time.monotonic()
             )
