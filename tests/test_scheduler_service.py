@@ -377,7 +377,7 @@ async def test_failing_node_is_retried_elsewhere_then_circuit_opens(
         await generate(stub, prompt=f"q{i}", max_new_tokens=2)
     assert failing_node.calls == calls
     reply = await admin_pb2_grpc.AdminStub(suite.channel(service.address)).ListNodes(
-        admin_pb2.ListNodesRequest(), metadata=auth()
+        admin_pb2.ListNodesRequest(), metadata=auth(ADMIN_KEY)
     )
     states = {n.info.node_id: n.circuit for n in reply.nodes}
     assert states == {"bad": admin_pb2.CIRCUIT_STATE_OPEN, "good": admin_pb2.CIRCUIT_STATE_CLOSED}
@@ -497,7 +497,7 @@ async def test_list_nodes_shows_load_estimate_and_latency(
     await ready(service)
     await generate(schedulers.stub(service), max_new_tokens=4)
     reply = await admin_pb2_grpc.AdminStub(suite.channel(service.address)).ListNodes(
-        admin_pb2.ListNodesRequest(), metadata=auth()
+        admin_pb2.ListNodesRequest(), metadata=auth(ADMIN_KEY)
     )
     (node,) = reply.nodes
     assert node.ttft_seconds > 0 and node.inter_token_seconds > 0
