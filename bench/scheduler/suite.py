@@ -51,7 +51,8 @@ def tenants_document(keys: dict[str, str]) -> dict[str, object]:
     - ``tenant-a`` (weight 2) and ``tenant-b`` (weight 1): the fairness load, no quotas;
     - ``victim`` and ``flooder`` (weight 1 each, so half the node each): the isolation load,
       no quotas;
-    - ``probe``: no quotas (overhead without Redis, unmeetable-deadline probes);
+    - ``probe``: no quotas (overhead without Redis, unmeetable-deadline probes); an admin, as
+      it lists the nodes;
     - ``metered``: quotas far above what it uses, so each request pays the Redis check;
     - ``limited``: one request per 100 s (burst 1), so after one call everything is refused.
     """
@@ -68,6 +69,7 @@ def tenants_document(keys: dict[str, str]) -> dict[str, object]:
             "weight": WEIGHTS.get(name, 1.0),
             "classes": ["realtime"],
             "models": [MODEL],
+            "admin": name == PROBE,  # it waits for the nodes with Admin.ListNodes
         }
         if name in quotas:
             spec["quotas"] = quotas[name]
