@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from cache_service.app import CacheService
@@ -25,8 +26,16 @@ from inference_node.models import Embedder, LanguageModel
 from scheduler.app import SchedulerService
 from scheduler.config import SchedulerSettings
 from scheduler.tenants import Tenant, TenantDirectory
+from sluice.contract import NODES_PREFIX
 from sluice.runtime.auth import hash_api_key
-from sluice.v1 import admin_pb2_grpc, cache_pb2_grpc, common_pb2, inference_pb2_grpc
+from sluice.runtime.registry import Registration, etcd_client
+from sluice.v1 import (
+    admin_pb2_grpc,
+    cache_pb2_grpc,
+    common_pb2,
+    inference_pb2_grpc,
+    node_pb2_grpc,
+)
 
 API_KEY = "sk-sluice-test-key-alpha"
 OTHER_KEY = "sk-sluice-test-key-beta"
@@ -149,3 +158,37 @@ class Suite:
 def auth(key: str = API_KEY) -> tuple[tuple[str, str], ...]:
     """Call metadata carrying an API key."""
     return (("authorization", f"Bearer {key}"),)
+
+
+@contextlib.asynccontextmanager
+async def fake_node(
+    etcd_endpoint: str, servicer: node_pb2_grpc.NodeServicer, node_id: str
+) -> AsyncIterator[None]:
+    """Serve ``servicer`` as a registered, SERVING node offering the tiny model: a real gRPC
+    server with a health service, registered in etcd on a lease (faults scripted by tests)."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    node_pb2_grpc.add_NodeServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    info = common_pb2.NodeInfo(
+        node_id=node_id,
+        address=f"127.0.0.1:{port}",
+        models=[
+            common_pb2.ModelInfo(name="tiny-random-llama", kind=common_pb2.MODEL_KIND_GENERATE)
+        ],
+        pools=["realtime"],
+        capacity=common_pb2.Capacity(max_sequences=8),
+        state=common_pb2.NODE_STATE_SERVING,
+    )
+    etcd = etcd_client(etcd_endpoint)
+    registration = Registration(etcd, NODES_PREFIX + node_id, info.SerializeToString(), 2)
+    await registration.start()
+    try:
+        yield
+    finally:
+        await registration.stop()
+        await server.stop(0)
+        await etcd.close()

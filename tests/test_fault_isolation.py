@@ -19,7 +19,6 @@ import grpc
 import pytest
 import torch
 from google.rpc import error_details_pb2
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import Counter
 
 from inference_node.engine import (
@@ -44,11 +43,10 @@ from scheduler.config import DEFAULT_MODELS, ModelSpec
 from scheduler.dispatch import Blame, blame
 from scheduler.tenants import Tenant
 from scheduler.validation import class_label, validate_embed, validate_generate
-from sluice.contract import NODES_PREFIX, REQUEST_ID_METADATA, WorkloadClass
+from sluice.contract import REQUEST_ID_METADATA, WorkloadClass
 from sluice.runtime.errors import Internal, InvalidArgument, SluiceError
-from sluice.runtime.registry import Registration, etcd_client
 from sluice.v1 import common_pb2, inference_pb2, node_pb2, node_pb2_grpc
-from tests.harness import OTHER_KEY, Suite, auth, eventually
+from tests.harness import OTHER_KEY, Suite, auth, eventually, fake_node
 from tests.test_end_to_end import TINY, details_of, gen_request, unpack
 
 POISON_SEED = 666
@@ -548,28 +546,8 @@ class ScriptedNode(node_pb2_grpc.NodeServicer):
 @pytest.fixture
 async def scripted(suite: Suite) -> AsyncIterator[ScriptedNode]:
     servicer = ScriptedNode()
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    node_pb2_grpc.add_NodeServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    info = common_pb2.NodeInfo(
-        node_id="scripted",
-        address=f"127.0.0.1:{port}",
-        models=[common_pb2.ModelInfo(name=TINY, kind=common_pb2.MODEL_KIND_GENERATE)],
-        pools=["realtime"],
-        capacity=common_pb2.Capacity(max_sequences=8),
-        state=common_pb2.NODE_STATE_SERVING,
-    )
-    etcd = etcd_client(suite.etcd)
-    registration = Registration(etcd, NODES_PREFIX + "scripted", info.SerializeToString(), 2)
-    await registration.start()
-    yield servicer
-    await registration.stop()
-    await server.stop(0)
-    await etcd.close()
+    async with fake_node(suite.etcd, servicer, "scripted"):
+        yield servicer
 
 
 async def scheduler_with(suite: Suite, node_ids: list[str]) -> Any:

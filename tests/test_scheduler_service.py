@@ -12,18 +12,16 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, generate_latest
 
 from scheduler.app import SchedulerService
 from scheduler.config import SchedulerSettings
 from scheduler.live_config import TENANTS_KEY
 from scheduler.tenants import Quotas, Tenant, TenantDirectory
-from sluice.contract import NODES_PREFIX
 from sluice.runtime.auth import hash_api_key
 from sluice.runtime.breaker import BreakerState
 from sluice.runtime.errors import PUSHBACK_METADATA
-from sluice.runtime.registry import Registration, etcd_client
+from sluice.runtime.registry import etcd_client
 from sluice.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -33,7 +31,7 @@ from sluice.v1 import (
     node_pb2,
     node_pb2_grpc,
 )
-from tests.harness import API_KEY, Suite, auth, eventually
+from tests.harness import API_KEY, Suite, auth, eventually, fake_node
 from tests.test_end_to_end import TINY, details_of, gen_request, unpack
 
 LIMITED_KEY = "sk-sluice-test-key-limited"
@@ -331,28 +329,8 @@ class FailingNode(node_pb2_grpc.NodeServicer):
 @pytest.fixture
 async def failing_node(suite: Suite) -> AsyncIterator[FailingNode]:
     servicer = FailingNode()
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    node_pb2_grpc.add_NodeServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    info = common_pb2.NodeInfo(
-        node_id="bad",
-        address=f"127.0.0.1:{port}",
-        models=[common_pb2.ModelInfo(name=TINY, kind=common_pb2.MODEL_KIND_GENERATE)],
-        pools=["realtime"],
-        capacity=common_pb2.Capacity(max_sequences=8),
-        state=common_pb2.NODE_STATE_SERVING,
-    )
-    etcd = etcd_client(suite.etcd)
-    registration = Registration(etcd, NODES_PREFIX + "bad", info.SerializeToString(), 2)
-    await registration.start()
-    yield servicer
-    await registration.stop()
-    await server.stop(0)
-    await etcd.close()
+    async with fake_node(suite.etcd, servicer, "bad"):
+        yield servicer
 
 
 async def test_failing_node_is_retried_elsewhere_then_circuit_opens(

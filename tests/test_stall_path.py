@@ -10,12 +10,9 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from sluice.contract import NODES_PREFIX
-from sluice.runtime.registry import Registration, etcd_client
 from sluice.v1 import common_pb2, inference_pb2, node_pb2_grpc
-from tests.harness import Suite, auth, eventually
+from tests.harness import Suite, auth, eventually, fake_node
 
 TINY = "tiny-random-llama"
 
@@ -46,28 +43,8 @@ class FrozenNode(node_pb2_grpc.NodeServicer):
 @pytest.fixture
 async def frozen(suite: Suite) -> AsyncIterator[FrozenNode]:
     servicer = FrozenNode()
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    node_pb2_grpc.add_NodeServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    info = common_pb2.NodeInfo(
-        node_id="frozen",
-        address=f"127.0.0.1:{port}",
-        models=[common_pb2.ModelInfo(name=TINY, kind=common_pb2.MODEL_KIND_GENERATE)],
-        pools=["realtime"],
-        capacity=common_pb2.Capacity(max_sequences=8),
-        state=common_pb2.NODE_STATE_SERVING,
-    )
-    etcd = etcd_client(suite.etcd)
-    registration = Registration(etcd, NODES_PREFIX + "frozen", info.SerializeToString(), 2)
-    await registration.start()
-    yield servicer
-    await registration.stop()
-    await server.stop(0)
-    await etcd.close()
+    async with fake_node(suite.etcd, servicer, "frozen"):
+        yield servicer
 
 
 def request(prompt: str = "hi", max_new_tokens: int = 8) -> inference_pb2.GenerateRequest:
