@@ -244,3 +244,14 @@ def test_lower_cpu_priority_refuses_an_increment_outside_0_to_19() -> None:
         lower_cpu_priority(20)
     with pytest.raises(ValueError, match="0-19"):
         lower_cpu_priority(-1)
+
+
+def test_an_error_quoting_a_huge_field_keeps_its_trailers_small() -> None:
+    """An error whose message and violations quote a 1 MiB value still fits a client's 16 KiB
+    metadata limit, so the caller gets the real status and its details."""
+    huge = "x" * (1 << 20)
+    err = InvalidArgument([(huge, f"unknown model {huge!r}")] * 100, reason="BAD")
+    size = sum(len(k) + len(v) for k, v in err.trailing_metadata())
+    assert size < 16 * 1024
+    assert len(err.violations) <= 32
+    assert "more chars" in err.message

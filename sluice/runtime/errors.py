@@ -21,6 +21,23 @@ from grpc_status import rpc_status
 ERROR_DOMAIN = "sluice.dev"
 PUSHBACK_METADATA = "grpc-retry-pushback-ms"
 STATUS_DETAILS_METADATA = "grpc-status-details-bin"
+MAX_MESSAGE_CHARS = 1024
+"""Longest status message; detail texts are cut shorter. Errors quote what the caller sent,
+and a client refuses trailers over its metadata limit (16 KiB by default): an answer that
+quotes a 1 MiB field would reach the caller as a transport error instead of its status."""
+MAX_DETAIL_CHARS = 256
+MAX_VIOLATIONS = 32
+
+
+def clip(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 24]}… ({len(text) - limit + 24} more chars)"
+
+
+def _clipped(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(clip(a, MAX_DETAIL_CHARS // 2), clip(b)) for a, b in pairs[:MAX_VIOLATIONS]]
 
 
 class SluiceError(Exception):
@@ -32,11 +49,12 @@ class SluiceError(Exception):
     def __init__(
         self, message: str, *, reason: str | None = None, metadata: dict[str, str] | None = None
     ) -> None:
+        message = clip(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.message = message
         if reason is not None:
             self.reason = reason
-        self.metadata = dict(metadata or {})
+        self.metadata = {k: clip(v) for k, v in (metadata or {}).items()}
 
     def details(self) -> list[Message]:
         """The ``google.rpc`` detail messages of this error, ``ErrorInfo`` first."""
@@ -77,7 +95,7 @@ class InvalidArgument(SluiceError):
     reason = "INVALID_ARGUMENT"
 
     def __init__(self, violations: Sequence[tuple[str, str]], *, reason: str | None = None) -> None:
-        self.violations = list(violations)
+        self.violations = _clipped(violations)
         message = "; ".join(f"{field}: {why}" for field, why in self.violations)
         super().__init__(f"invalid request: {message}", reason=reason)
 
@@ -176,7 +194,7 @@ class ResourceExhausted(_Retryable):
         metadata: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message, retry_after_s=retry_after_s, reason=reason, metadata=metadata)
-        self.quota_violations = list(quota_violations)
+        self.quota_violations = _clipped(quota_violations)
 
     def details(self) -> list[Message]:
         out = super().details()
