@@ -65,3 +65,9 @@ bench-scheduler: $(STAMP)
 
 clean:
 	rm -rf .sluice .pytest_cache .mypy_cache .ruff_cache
+
+# Chaos suite (issue 17): each fault in a fresh suite under streaming load → bench/results/chaos.{json,md} (~6 min).
+CHAOS_ARGS ?=
+.PHONY: chaos
+chaos: $(STAMP)
+	$(PY) -m bench.chaos $(CHAOS_ARGS)
