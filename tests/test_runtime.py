@@ -247,11 +247,16 @@ def test_lower_cpu_priority_refuses_an_increment_outside_0_to_19() -> None:
 
 
 def test_an_error_quoting_a_huge_field_keeps_its_trailers_small() -> None:
-    """An error whose message and violations quote a 1 MiB value still fits a client's 16 KiB
-    metadata limit, so the caller gets the real status and its details."""
-    huge = "x" * (1 << 20)
+    """An error whose message and violations quote a 1 MiB value (here of 4-byte characters)
+    still fits well under a client's 8 KiB soft metadata limit once the message is
+    percent-encoded (3 bytes a byte) and the details base64-encoded, so the caller gets the
+    real status and its details."""
+    huge = "\U0001f600" * (1 << 18)
     err = InvalidArgument([(huge, f"unknown model {huge!r}")] * 100, reason="BAD")
-    size = sum(len(k) + len(v) for k, v in err.trailing_metadata())
-    assert size < 16 * 1024
-    assert len(err.violations) <= 32
-    assert "more chars" in err.message
+    trailers = dict(err.trailing_metadata())
+    details = trailers[STATUS_DETAILS_METADATA]
+    assert isinstance(details, bytes)
+    wire = 3 * len(err.message.encode()) + len(details) * 4 // 3
+    assert wire < 6 * 1024
+    assert len(err.violations) <= 10
+    assert err.message.endswith("bytes)")

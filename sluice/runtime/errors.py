@@ -21,23 +21,25 @@ from grpc_status import rpc_status
 ERROR_DOMAIN = "sluice.dev"
 PUSHBACK_METADATA = "grpc-retry-pushback-ms"
 STATUS_DETAILS_METADATA = "grpc-status-details-bin"
-MAX_MESSAGE_CHARS = 1024
-"""Longest status message; detail texts are cut shorter. Errors quote what the caller sent,
-and a client refuses trailers over its metadata limit (16 KiB by default): an answer that
-quotes a 1 MiB field would reach the caller as a transport error instead of its status."""
-MAX_DETAIL_CHARS = 256
-MAX_VIOLATIONS = 32
+MAX_MESSAGE_BYTES = 512
+"""Longest status message, in UTF-8 bytes; detail texts are cut shorter. Errors quote what
+the caller sent, and a client refuses trailers over its metadata limit (8 KiB soft, 16 KiB
+hard by default, the message percent-encoded and the details base64-encoded): an answer
+quoting a huge field would reach the caller as a transport error instead of its status."""
+MAX_DETAIL_BYTES = 160
+MAX_VIOLATIONS = 10
 
 
-def clip(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
-    """``text`` cut to ``limit`` characters, saying how much was left out."""
-    if len(text) <= limit:
+def clip(text: str, limit: int = MAX_DETAIL_BYTES) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes, saying that it was cut."""
+    raw = text.encode()
+    if len(raw) <= limit:
         return text
-    return f"{text[: limit - 24]}… ({len(text) - limit + 24} more chars)"
+    return raw[: limit - 24].decode(errors="ignore") + f"… ({len(raw)} bytes)"
 
 
 def _clipped(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    return [(clip(a, MAX_DETAIL_CHARS // 2), clip(b)) for a, b in pairs[:MAX_VIOLATIONS]]
+    return [(clip(a, MAX_DETAIL_BYTES // 2), clip(b)) for a, b in pairs[:MAX_VIOLATIONS]]
 
 
 class SluiceError(Exception):
@@ -49,7 +51,7 @@ class SluiceError(Exception):
     def __init__(
         self, message: str, *, reason: str | None = None, metadata: dict[str, str] | None = None
     ) -> None:
-        message = clip(message, MAX_MESSAGE_CHARS)
+        message = clip(message, MAX_MESSAGE_BYTES)
         super().__init__(message)
         self.message = message
         if reason is not None:
