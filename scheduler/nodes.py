@@ -167,16 +167,20 @@ class NodeDirectory:
         return {m.name: m for n in self._nodes.values() for m in n.info.models}
 
     def candidates(self, model: str, workload_class: WorkloadClass) -> list[NodeHandle]:
-        """Nodes that may take this request now (room aside)."""
-        return [
+        """Nodes that may take this request now (room aside). Latency outliers are skipped
+        while another node can serve; when every serving node is ejected they all count
+        again (Envoy's panic mode): an ejection moves load away, it never takes the last
+        capacity out (a node slowed by its peer's failure read as an outlier, and every
+        request was refused NO_NODE until the peer came back)."""
+        serving = [
             n
             for n in self._nodes.values()
             if not n.draining
             and n.healthy
             and n.breaker.state is not BreakerState.OPEN
-            and not self.outliers.ejected(n.node_id)
             and n.serves(model, workload_class)
         ]
+        return [n for n in serving if not self.outliers.ejected(n.node_id)] or serving
 
     def has_room(self, node: NodeHandle, workload_class: WorkloadClass) -> bool:
         """True when ``node`` can take one more request of ``workload_class``."""

@@ -48,3 +48,19 @@ async def test_a_stream_outlives_its_nodes_registration(running: Suite) -> None:
         last = chunk
     assert tokens == 1000
     assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+
+
+async def test_an_ejected_outlier_still_serves_when_it_is_the_only_node(
+    running: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Latency-outlier ejection never takes the last serving node out: with every node
+    ejected, requests are still served (panic mode) instead of refused NO_NODE."""
+    assert running.scheduler is not None
+    nodes = running.scheduler.nodes
+    monkeypatch.setattr(nodes.outliers, "ejected", lambda _node: True)
+    assert [n.node_id for n in nodes.candidates(TINY, 1)] == ["node-a"]  # type: ignore[arg-type]
+    short = inference_pb2.GenerateRequest(
+        model=TINY, prompt="x", options=common_pb2.GenerationOptions(max_new_tokens=2)
+    )
+    chunks = [c async for c in running.inference().Generate(short, metadata=auth())]
+    assert chunks[0].node_id == "node-a"
