@@ -202,18 +202,28 @@ class Dispatcher:
         while nothing reached the client; else raise UNAVAILABLE ``NODE_STALLED``."""
         node.breaker.record_failure()
         self._metrics.dispatches.labels(node.node_id, "stalled").inc()
-        retry = None
-        if not sent and not last:
-            cls = WorkloadClass(req.workload_class)
-            retry = self._retry_node(req.model, cls, tried, affinity)
+        retry = None if sent or last else self._retry_elsewhere(node, req, tried, affinity)
         if retry is None:
             raise Unavailable(
                 f"node {node.node_id} stopped making progress after {sent} chunks",
                 retry_after_s=NO_NODE_RETRY_S if not sent else None,
                 reason="NODE_STALLED",
             )
-        self._metrics.retries.labels(node.node_id).inc()
-        log.info("request_retried", failed_node=node.node_id, node_id=retry.node_id)
+        return retry
+
+    def _retry_elsewhere(
+        self,
+        failed: NodeHandle,
+        req: inference_pb2.GenerateRequest | inference_pb2.EmbedRequest,
+        tried: set[str],
+        affinity: str,
+    ) -> NodeHandle | None:
+        """The node to retry ``req`` on after ``failed`` (counted and logged), or None."""
+        cls = WorkloadClass(req.workload_class)
+        retry = self._retry_node(req.model, cls, tried, affinity)
+        if retry is not None:
+            self._metrics.retries.labels(failed.node_id).inc()
+            log.info("request_retried", failed_node=failed.node_id, node_id=retry.node_id)
         return retry
 
     def _retry_node(
@@ -245,12 +255,9 @@ class Dispatcher:
             raise DeadlineExceeded("deadline passed while the node worked") from exc
         retry = None
         if fault is not Blame.REQUEST and not last:
-            cls = WorkloadClass(req.workload_class)
-            retry = self._retry_node(req.model, cls, tried, affinity)
+            retry = self._retry_elsewhere(node, req, tried, affinity)
         if retry is None:
             raise RemoteError(exc, prefix=f"node {node.node_id}: ") from exc
-        self._metrics.retries.labels(node.node_id).inc()
-        log.info("request_retried", failed_node=node.node_id, node_id=retry.node_id)
         return retry
 
     def _remaining(self, deadline: float) -> float:

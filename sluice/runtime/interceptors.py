@@ -79,6 +79,12 @@ def _wrap(
     exception into a status); a streaming handler's ``after`` may instead set the status on
     ``ctx`` and return True, which ends the stream normally with that status.
     """
+    # A single request message is parsed tolerantly (corrupt: INVALID_ARGUMENT); a request
+    # stream is the handler's to read.
+    single = handler.unary_unary or handler.unary_stream
+    deserializer = (
+        _tolerant(handler.request_deserializer) if single else handler.request_deserializer
+    )
     if handler.unary_unary or handler.stream_unary:
         inner = handler.unary_unary or handler.stream_unary
 
@@ -100,9 +106,7 @@ def _wrap(
         )
         return factory(
             unary,
-            request_deserializer=_tolerant(handler.request_deserializer)
-            if handler.unary_unary
-            else handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
 
@@ -131,9 +135,7 @@ def _wrap(
     )
     return factory_s(
         streaming,
-        request_deserializer=_tolerant(handler.request_deserializer)
-        if handler.unary_stream
-        else handler.request_deserializer,
+        request_deserializer=deserializer,
         response_serializer=handler.response_serializer,
     )
 
