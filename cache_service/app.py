@@ -21,9 +21,12 @@ from cache_service.config import CacheSettings
 from cache_service.server import CacheMetrics, CacheServicer
 from cache_service.store import RedisStore, fail_fast_redis
 from sluice.runtime.server import GrpcServer
+from sluice.runtime.tls import CallerCheck, Role
 from sluice.v1 import cache_pb2, cache_pb2_grpc
 
 log = structlog.get_logger(__name__)
+
+CACHE_SERVICE = cache_pb2.DESCRIPTOR.services_by_name["Cache"].full_name
 
 REDIS_PROBE_S = 0.5
 """Interval of the start-up ``PING`` while Redis has not answered yet."""
@@ -41,11 +44,16 @@ class CacheService:
             default_ttl_s=settings.default_ttl_seconds,
             max_entry_bytes=settings.max_entry_bytes,
         )
-        self.server = GrpcServer("cache", settings.server_options(), registry)
+        self.server = GrpcServer(
+            "cache",
+            settings.server_options(),
+            registry,
+            callers=CallerCheck({CACHE_SERVICE: [Role.SCHEDULER]}),
+        )
         self.server.add(
             cache_pb2_grpc.add_CacheServicer_to_server,
             CacheServicer(self.cache, CacheMetrics(registry)),
-            cache_pb2.DESCRIPTOR.services_by_name["Cache"].full_name,
+            CACHE_SERVICE,
         )
         self._probe: asyncio.Task[None] | None = None
         self._ping_s = 4 * settings.redis_timeout_seconds

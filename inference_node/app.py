@@ -32,9 +32,12 @@ from sluice import __version__
 from sluice.contract import NODES_PREFIX
 from sluice.runtime.registry import Registration, etcd_client
 from sluice.runtime.server import GrpcServer
+from sluice.runtime.tls import CallerCheck, Role
 from sluice.v1 import common_pb2, node_pb2, node_pb2_grpc
 
 log = structlog.get_logger(__name__)
+
+NODE_SERVICE = node_pb2.DESCRIPTOR.services_by_name["Node"].full_name
 
 
 def default_engine(lm: LanguageModel, settings: NodeSettings) -> Engine:
@@ -95,7 +98,7 @@ class NodeService:
         self.drained = asyncio.Event()
         """Set once a drain has finished (the node may exit)."""
         self._drain_task: asyncio.Task[None] | None = None
-        self.etcd = etcd_client(settings.etcd_endpoint)
+        self.etcd = etcd_client(settings.etcd_endpoint, mesh=settings.mesh())
         self.registration: Registration | None = None
         self._serve_later: asyncio.Task[None] | None = None
         gpu = GpuProbe(settings.device)
@@ -103,6 +106,7 @@ class NodeService:
             "inference_node",
             settings.server_options(quiet_methods=("/sluice.v1.Node/StreamLoad",)),
             registry,
+            callers=CallerCheck({NODE_SERVICE: [Role.SCHEDULER]}),
         )
         self.servicer = NodeServicer(
             self.node_id,
@@ -121,7 +125,7 @@ class NodeService:
         self.server.add(
             node_pb2_grpc.add_NodeServicer_to_server,
             self.servicer,
-            node_pb2.DESCRIPTOR.services_by_name["Node"].full_name,
+            NODE_SERVICE,
         )
 
     @property

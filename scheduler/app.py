@@ -7,7 +7,6 @@ import contextlib
 import time
 import uuid
 
-import grpc
 import structlog
 from prometheus_client import CollectorRegistry
 
@@ -33,6 +32,7 @@ from sluice.contract import NODES_PREFIX, SCHEDULERS_PREFIX
 from sluice.runtime.breaker import BreakerConfig
 from sluice.runtime.registry import PrefixView, Registration, etcd_client
 from sluice.runtime.server import GrpcServer
+from sluice.runtime.tls import Identity, Mesh, Role
 from sluice.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -60,7 +60,7 @@ def _decode_node(raw: bytes) -> common_pb2.NodeInfo:
 
 
 def _node_directory(
-    view: PrefixView[common_pb2.NodeInfo], settings: SchedulerSettings
+    view: PrefixView[common_pb2.NodeInfo], settings: SchedulerSettings, mesh: Mesh
 ) -> NodeDirectory:
     breaker = BreakerConfig(
         failure_threshold=settings.breaker_failures,
@@ -77,6 +77,7 @@ def _node_directory(
         view,
         breaker_config=breaker,
         outliers=outliers,
+        mesh=mesh,
         low_class_headroom=settings.low_class_headroom,
         default_tokens_per_s=settings.default_tokens_per_s,
     )
@@ -138,20 +139,19 @@ class SchedulerService:
         self.scheduler_id = settings.scheduler_id or f"scheduler-{uuid.uuid4().hex[:8]}"
         self.tenants = tenants or _tenants_file(settings)
         self.metrics = SchedulerMetrics(registry)
-        self.etcd = etcd_client(settings.etcd_endpoint)
+        mesh = settings.mesh()
+        self.etcd = etcd_client(settings.etcd_endpoint, mesh=mesh)
         self.view: PrefixView[common_pb2.NodeInfo] = PrefixView(
             self.etcd, NODES_PREFIX, _decode_node
         )
-        self.nodes = _node_directory(self.view, settings)
+        self.nodes = _node_directory(self.view, settings, mesh)
         self.usage = UsageBook()
         self.gate = _dispatch_gate(self.nodes, self.tenants, self.metrics, settings)
         self.quotas = _quota_gate(settings, self.metrics)
         self.live_tenants = LiveTenants(self.etcd, self.tenants, self.tenants.all(), self.metrics)
         self.metrics.bind(LiveState(self.gate.queue_depths, self._node_rows))
         self._cache_channel = (
-            grpc.aio.insecure_channel(
-                settings.cache_address, options=[("grpc.enable_http_proxy", 0)]
-            )
+            mesh.channel(settings.cache_address, Identity(Role.CACHE))
             if settings.cache_address
             else None
         )
@@ -163,7 +163,7 @@ class SchedulerService:
         )
         self.server = GrpcServer(
             "scheduler",
-            settings.server_options(),
+            settings.server_options(public=True),
             registry,
             authenticate=self._authenticate,
             guarded_services=PUBLIC_SERVICES,

@@ -30,6 +30,7 @@ from scheduler.routing import AffinityTable, LoadBook, OutlierDetector, power_of
 from sluice.contract import WorkloadClass
 from sluice.runtime.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from sluice.runtime.registry import PrefixView
+from sluice.runtime.tls import Mesh, node_identity
 from sluice.v1 import common_pb2, node_pb2, node_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -120,7 +121,7 @@ class NodeDirectory:
         breaker_config: BreakerConfig | None = None,
         outliers: OutlierDetector | None = None,
         rng: random.Random | None = None,
-        channel_factory: Callable[[str], grpc.aio.Channel] | None = None,
+        mesh: Mesh | None = None,
         clock: Callable[[], float] = time.monotonic,
         low_class_headroom: float = 0.125,
         default_tokens_per_s: float = 200.0,
@@ -129,7 +130,7 @@ class NodeDirectory:
         self._breaker_config = breaker_config or BreakerConfig()
         self.outliers = outliers or OutlierDetector(clock)
         self._rng = rng or random.Random()
-        self._channel_factory = channel_factory or _default_channel
+        self._mesh = mesh or Mesh()
         self._clock = clock
         self._headroom = low_class_headroom
         self._default_rate = default_tokens_per_s
@@ -279,6 +280,10 @@ class NodeDirectory:
 
     def _on_change(self, name: str, info: common_pb2.NodeInfo | None) -> None:
         current = self._nodes.get(name)
+        if info is not None and info.node_id != name:
+            # An entry whose key and content disagree is not a node we can hold to its id.
+            log.warning("node_entry_rejected", key=name, node_id=info.node_id[:128])
+            info = None
         if info is None:
             if current is not None:
                 self._remove(name)
@@ -291,7 +296,9 @@ class NodeDirectory:
             return
         if current is not None:
             self._remove(name)
-        channel = self._channel_factory(info.address)
+        # Secure, the channel verifies that the node's certificate names this node id: a node
+        # registered under another node's id (or a stranger's entry) never gets a handshake.
+        channel = self._mesh.channel(info.address, node_identity(name), NODE_CHANNEL_OPTIONS)
         handle = NodeHandle(
             info=info,
             channel=channel,
@@ -379,13 +386,8 @@ class NodeDirectory:
             backoff = min(backoff * 2, 2.0)
 
 
-def _default_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(
-        address,
-        options=[
-            ("grpc.keepalive_time_ms", 10_000),
-            ("grpc.keepalive_timeout_ms", 5_000),
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-            ("grpc.enable_http_proxy", 0),
-        ],
-    )
+NODE_CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+)

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from sluice.sdk.requests import Prompt, batch_job
     from sluice.sdk.retry import RetryPolicy
     from sluice.sdk.sync import Client
+    from sluice.sdk.tls import TlsConfig
 
 __all__ = [
     "AsyncClient",
@@ -54,6 +55,7 @@ __all__ = [
     "ResourceExhaustedError",
     "RetryPolicy",
     "SluiceRpcError",
+    "TlsConfig",
     "UnavailableError",
     "UnimplementedError",
     "WorkloadClass",
@@ -66,6 +68,7 @@ _HOMES = (
     "sluice.sdk.errors",
     "sluice.sdk.retry",
     "sluice.sdk.requests",
+    "sluice.sdk.tls",
     "sluice.contract",
 )
 

@@ -4,7 +4,9 @@ Every command that talks to a running suite goes through the SDK's blocking
 :class:`~sluice.sdk.Client`; it finds the scheduler from ``--endpoint``, ``SLUICE_ENDPOINTS``,
 the ``endpoints.json`` of a local `sluice up` (``--run-dir``), or etcd discovery
 (``SLUICE_ETCD_ENDPOINTS``), and the key from ``--api-key``, ``SLUICE_API_KEY`` or the
-development key `sluice up` wrote.
+development key `sluice up` wrote. TLS: ``--insecure`` is plaintext; else ``--ca``, ``--cert``,
+``--key`` over ``SLUICE_TLS_CA`` / ``_CERT`` / ``_KEY`` over what `sluice up` wrote when the
+scheduler or etcd called is that suite's; else plaintext.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,9 +25,16 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from sluice import Client, SluiceRpcError
-from sluice.local.rundir import dev_api_key, read_endpoints
-from sluice.sdk.endpoints import API_KEY_ENV, ENDPOINTS_ENV, ETCD_ENDPOINTS_ENVS
+from sluice import Client, SluiceRpcError, TlsConfig
+from sluice.local.rundir import dev_api_key, read_endpoints, suite_tls
+from sluice.sdk.endpoints import (
+    API_KEY_ENV,
+    ENDPOINTS_ENV,
+    ETCD_ENDPOINTS_ENVS,
+    configured_endpoints,
+    etcd_endpoints,
+)
+from sluice.sdk.retry import is_transport_failure
 from sluice.v1 import admin_pb2
 
 app = typer.Typer(help="Sluice: keep a model-serving fleet answering under overload.")
@@ -37,7 +47,40 @@ Endpoint = Annotated[
     typer.Option("--endpoint", help="Scheduler host:port, comma-separated for several."),
 ]
 ApiKey = Annotated[str | None, typer.Option("--api-key", help="API key (else SLUICE_API_KEY).")]
+Ca = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca",
+        help="CA certificate (PEM) the scheduler's must be signed by (else SLUICE_TLS_CA, "
+        "else the run directory's).",
+    ),
+]
+Cert = Annotated[
+    Path | None,
+    typer.Option("--cert", help="Client certificate (PEM), for etcd (else SLUICE_TLS_CERT)."),
+]
+Key = Annotated[
+    Path | None, typer.Option("--key", help="Key of --cert (PEM) (else SLUICE_TLS_KEY).")
+]
+Insecure = Annotated[
+    bool, typer.Option("--insecure", help="Plaintext, even where the run directory says TLS.")
+]
 DEFAULT_RUN_DIR = Path(".sluice")
+
+
+@dataclass(frozen=True)
+class TlsFlags:
+    """The TLS flags of a command."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    insecure: bool = False
+
+    @property
+    def given(self) -> bool:
+        """Whether any of ``--ca``, ``--cert``, ``--key`` was given."""
+        return any(f is not None for f in (self.ca, self.cert, self.key))
 
 
 def _endpoint(endpoint: str | None, run_dir: Path) -> str | None:
@@ -72,9 +115,48 @@ def _api_key(api_key: str | None, run_dir: Path) -> str | None:
     return api_key
 
 
-def _connect(endpoint: str | None, api_key: str | None, run_dir: Path, **options: Any) -> Client:
-    """A client from flags, env, or the endpoints/dev key a local `sluice up` wrote."""
-    return Client(_endpoint(endpoint, run_dir), api_key=_api_key(api_key, run_dir), **options)
+def _tls(address: str | None, run_dir: Path, flags: TlsFlags) -> TlsConfig | bool:
+    """The client's TLS: ``--insecure`` plaintext; else the flags over the environment over a
+    local `sluice up`'s files when ``address`` (else the environment's endpoints or etcd) is
+    that suite's; else plaintext."""
+    if flags.insecure:
+        if flags.given:
+            err.print("[red]--insecure goes with none of --ca, --cert, --key")
+            raise typer.Exit(2)
+        return False
+    base = TlsConfig.from_env()
+    if base is None:
+        called = configured_endpoints(address) or etcd_endpoints(None)
+        block = suite_tls(run_dir, called)
+        if block is not None:
+            base = TlsConfig(ca=block["ca"], cert=block.get("cert"), key=block.get("key"))
+    if not flags.given:
+        return base if base is not None else False
+    base = base or TlsConfig()
+    return replace(
+        base,
+        ca=flags.ca or base.ca,
+        cert=flags.cert or base.cert,
+        key=flags.key or base.key,
+    )
+
+
+def _connect(
+    endpoint: str | None, api_key: str | None, run_dir: Path, tls: TlsFlags, **options: Any
+) -> Client:
+    """A client from flags, env, or the endpoints/dev key/TLS files a local `sluice up` wrote;
+    a TLS setting that cannot work (a missing file, a cert without its key) exits 2."""
+    address = _endpoint(endpoint, run_dir)
+    try:
+        return Client(
+            address,
+            api_key=_api_key(api_key, run_dir),
+            tls=_tls(address, run_dir, tls),
+            **options,
+        )
+    except ValueError as exc:
+        err.print(f"[red]{exc}")
+        raise typer.Exit(2) from None
 
 
 @contextmanager
@@ -107,7 +189,24 @@ def _fail(exc: SluiceRpcError) -> typer.Exit:
         err.print(f"  retry after {exc.retry_after_s:.2f}s")
     if exc.attempts > 1:
         err.print(f"  after {exc.attempts} attempts")
+    if is_transport_failure(exc):
+        _tls_hint(exc.message)
     return typer.Exit(1)
+
+
+def _tls_hint(message: str) -> None:
+    """What a transport failure that looks like a TLS mismatch probably means."""
+    if "Socket closed" in message:
+        err.print(
+            "  the server closed the connection, as a TLS server does to a plaintext client "
+            "(pass --ca, set SLUICE_TLS_CA, or point --run-dir at its `sluice up`) and a "
+            "mutual-TLS one to a client without a certificate (--cert and --key)"
+        )
+    elif "BAD_CERTIFICATE" in message:
+        err.print(
+            "  the server refused this client's certificate, or wants one (a local suite's "
+            "etcd does): pass --cert and --key, or set SLUICE_TLS_CERT and SLUICE_TLS_KEY"
+        )
 
 
 @app.command()
@@ -136,6 +235,14 @@ def up(
             "the scheduler and stores on this machine (0: same priority; default 10).",
         ),
     ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure",
+            help="Plaintext everywhere: no TLS, no client certificates, no etcd or Redis users "
+            "(default: a local CA and mutual TLS, in <run-dir>/pki).",
+        ),
+    ] = False,
 ) -> None:
     """Start etcd, Redis, the cache, N nodes and the scheduler, restart any that crashes, and
     stop all on Ctrl-C/SIGTERM."""
@@ -152,6 +259,7 @@ def up(
         dtype=dtype,
         max_sequences=max_sequences,
         scheduler_port=port,
+        insecure=insecure,
     )
     if node_nice is not None:
         config.node_cpu_nice = node_nice
@@ -189,10 +297,15 @@ def generate(
     endpoint: Endpoint = None,
     api_key: ApiKey = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
+    ca: Ca = None,
+    cert: Cert = None,
+    key: Key = None,
+    insecure: Insecure = False,
 ) -> None:
     """Stream a generation to the terminal."""
     text: str | list[tuple[str, str]] = [("user", prompt)] if chat else prompt
-    with _rpc_errors(), _connect(endpoint, api_key, run_dir) as client:
+    tls = TlsFlags(ca, cert, key, insecure)
+    with _rpc_errors(), _connect(endpoint, api_key, run_dir, tls) as client:
         last = None
         for chunk in client.generate(
             model, text, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
@@ -214,9 +327,14 @@ def embed(
     endpoint: Endpoint = None,
     api_key: ApiKey = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
+    ca: Ca = None,
+    cert: Cert = None,
+    key: Key = None,
+    insecure: Insecure = False,
 ) -> None:
     """Embed texts; prints dimensions and the first values of each vector."""
-    with _rpc_errors(), _connect(endpoint, api_key, run_dir) as client:
+    tls = TlsFlags(ca, cert, key, insecure)
+    with _rpc_errors(), _connect(endpoint, api_key, run_dir, tls) as client:
         reply = client.embed(model, texts)
         for text, emb in zip(texts, reply.embeddings, strict=True):
             head = ", ".join(f"{v:+.4f}" for v in emb.values[:6])
@@ -226,10 +344,17 @@ def embed(
 
 @app.command()
 def nodes(
-    endpoint: Endpoint = None, api_key: ApiKey = None, run_dir: RunDir = DEFAULT_RUN_DIR
+    endpoint: Endpoint = None,
+    api_key: ApiKey = None,
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    ca: Ca = None,
+    cert: Cert = None,
+    key: Key = None,
+    insecure: Insecure = False,
 ) -> None:
     """The nodes the scheduler sees: health, circuit, models, load."""
-    with _rpc_errors(), _connect(endpoint, api_key, run_dir) as client:
+    tls = TlsFlags(ca, cert, key, insecure)
+    with _rpc_errors(), _connect(endpoint, api_key, run_dir, tls) as client:
         table = Table()
         for col in (
             "node",
@@ -272,11 +397,16 @@ def tenants(
     endpoint: Endpoint = None,
     api_key: ApiKey = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
+    ca: Ca = None,
+    cert: Cert = None,
+    key: Key = None,
+    insecure: Insecure = False,
 ) -> None:
     """Tenant usage as the scheduler counted it (Admin.GetTenantUsage)."""
     from sluice.local.top import Sample, tenants_table  # noqa: PLC0415 - only this command needs it
 
-    with _rpc_errors(), _connect(endpoint, api_key, run_dir) as client:
+    tls = TlsFlags(ca, cert, key, insecure)
+    with _rpc_errors(), _connect(endpoint, api_key, run_dir, tls) as client:
         usage = [client.get_tenant_usage(name) for name in tenant or [""]]
         console.print(tenants_table(Sample(at=time.monotonic(), usage=usage), None))
 
@@ -293,6 +423,10 @@ def top(
     endpoint: Endpoint = None,
     api_key: ApiKey = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
+    ca: Ca = None,
+    cert: Cert = None,
+    key: Key = None,
+    insecure: Insecure = False,
 ) -> None:
     """A live view of nodes, queues by class, tenants and request rates (Ctrl-C to quit).
 
@@ -303,7 +437,8 @@ def top(
     address = _endpoint(endpoint, run_dir)
     metrics = metrics or _run_dir_metrics(address, run_dir)
     title = f"sluice top · scheduler {address or 'discovered through etcd'}"
-    client = _connect(endpoint, api_key, run_dir, timeout_s=2.0, retry=None)
+    tls = TlsFlags(ca, cert, key, insecure)
+    client = _connect(endpoint, api_key, run_dir, tls, timeout_s=2.0, retry=None)
     names = tenant or [""]
     with _rpc_errors(), client:
         prev = collect(client, metrics, names)

@@ -11,8 +11,10 @@ import pytest
 import redis.asyncio as redis
 
 from inference_node.models import Embedder, LanguageModel, load_embedder, load_language_model
+from sluice.local.lockdown import Lockdown, enable_etcd_auth, prepare
 from sluice.local.stores import StoreProcess, etcd_process, redis_process
 from sluice.runtime.registry import etcd_client
+from sluice.runtime.tls import Identity, Mesh, Role
 from tests.harness import Suite, eventually
 
 for _proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
@@ -36,6 +38,55 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreProc
     proc = redis_process(base / "data", base / "redis.log").start()
     yield proc
     proc.stop()
+
+
+SECURE_NODE_IDS = ("node-a", "node-b")
+"""Nodes the locked-down stores have certificates and etcd users for."""
+
+
+@pytest.fixture(scope="session")
+def locked_stores(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Lockdown, StoreProcess, StoreProcess]]:
+    """A CA with the suite's certificates, an etcd that speaks only mutual TLS with users per
+    certificate and auth on, and a Redis whose only users are the cache and the scheduler
+    (as `sluice up` sets them up)."""
+    base = tmp_path_factory.mktemp("locked")
+    lockdown = prepare(base, SECURE_NODE_IDS, ["127.0.0.1"])
+    etcd = etcd_process(
+        base / "etcd-data", base / "etcd.log", tls=lockdown.files(Identity(Role.ETCD))
+    ).start()
+    enable_etcd_auth(etcd.address, lockdown, SECURE_NODE_IDS)
+    redis_store = redis_process(
+        base / "redis-data", base / "redis.log", acl_file=lockdown.redis_acl
+    ).start()
+    yield lockdown, etcd, redis_store
+    redis_store.stop()
+    etcd.stop()
+
+
+@pytest.fixture
+async def secure_suite(
+    locked_stores: tuple[Lockdown, StoreProcess, StoreProcess],
+    tiny_lm: LanguageModel,
+    minilm: Embedder,
+    tmp_path: Path,
+) -> AsyncIterator[Suite]:
+    """A fresh suite (nothing started yet) on the locked-down stores: every hop mutual TLS."""
+    lockdown, etcd, redis_store = locked_stores
+    root = etcd_client(etcd.address, mesh=Mesh(lockdown.files(Identity(Role.ROOT))))
+    await root.delete_prefix(b"/sluice/")
+    await root.close()
+    s = Suite(
+        etcd=etcd.address,
+        redis_url=f"redis://{redis_store.address}/0",
+        generators={tiny_lm.name: tiny_lm},
+        embedders={minilm.name: minilm},
+        tmp=tmp_path,
+        lockdown=lockdown,
+    )
+    yield s
+    await s.stop()
 
 
 @pytest.fixture

@@ -27,8 +27,10 @@ from scheduler.app import SchedulerService
 from scheduler.config import SchedulerSettings
 from scheduler.tenants import Tenant, TenantDirectory
 from sluice.contract import NODES_PREFIX
+from sluice.local.lockdown import Lockdown
 from sluice.runtime.auth import hash_api_key
 from sluice.runtime.registry import Registration, etcd_client
+from sluice.runtime.tls import Identity, Mesh, Role, node_identity
 from sluice.v1 import (
     admin_pb2_grpc,
     cache_pb2_grpc,
@@ -93,9 +95,27 @@ class Suite:
     scheduler: SchedulerService | None = None
     nodes: list[NodeService] = field(default_factory=list)
     channels: list[grpc.aio.Channel] = field(default_factory=list)
+    lockdown: Lockdown | None = None
+    """Set: every hop is mutual TLS with these certificates, etcd and Redis want users."""
+
+    def tls(self, identity: Identity) -> dict[str, str]:
+        """Settings giving a service ``identity``'s certificate (none when plaintext)."""
+        if self.lockdown is None:
+            return {}
+        files = self.lockdown.files(identity)
+        return {"tls_ca": str(files.ca), "tls_cert": str(files.cert), "tls_key": str(files.key)}
+
+    def redis_for(self, user: str) -> str:
+        """The Redis URL of ``user`` (``cache`` or ``scheduler``)."""
+        if self.lockdown is None:
+            return self.redis_url
+        address = self.redis_url.removeprefix("redis://").partition("/")[0]
+        return self.lockdown.redis_url(user, address)
 
     async def start_cache(self) -> CacheService:
-        settings = CacheSettings(redis_url=self.redis_url)
+        settings = CacheSettings(
+            redis_url=self.redis_for("cache"), **self.tls(Identity(Role.CACHE))
+        )
         self.cache = CacheService(settings, CollectorRegistry())
         await self.cache.start()
         return self.cache
@@ -107,7 +127,7 @@ class Suite:
             models=[*self.generators, *self.embedders],
             registry_ttl_seconds=2,
             drain_grace_seconds=5,
-            **overrides,
+            **{**self.tls(node_identity(node_id)), **overrides},
         )
         node = NodeService(settings, CollectorRegistry(), self.generators, self.embedders)
         await node.start()
@@ -119,28 +139,43 @@ class Suite:
             etcd_endpoint=self.etcd,
             cache_address=self.cache.address if self.cache else "",
             registry_ttl_seconds=2,
-            **overrides,
+            **{**self.tls(Identity(Role.SCHEDULER)), **overrides},
         )
         self.scheduler = SchedulerService(settings, CollectorRegistry(), tenants=test_tenants())
         await self.scheduler.start()
         return self.scheduler
 
-    def channel(self, address: str) -> grpc.aio.Channel:
-        channel = grpc.aio.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)])
+    def channel(
+        self,
+        address: str,
+        peer: Identity | None = None,
+        caller: Identity = Identity(Role.CLIENT),  # noqa: B008 - frozen
+    ) -> grpc.aio.Channel:
+        """A channel to ``peer`` at ``address``, holding ``caller``'s certificate when the
+        suite is secure."""
+        mesh = Mesh(self.lockdown.files(caller)) if self.lockdown else Mesh()
+        channel = mesh.channel(address, peer)
         self.channels.append(channel)
         return channel
 
     def inference(self) -> inference_pb2_grpc.InferenceStub:
         assert self.scheduler is not None
-        return inference_pb2_grpc.InferenceStub(self.channel(self.scheduler.address))
+        return inference_pb2_grpc.InferenceStub(
+            self.channel(self.scheduler.address, Identity(Role.SCHEDULER))
+        )
 
     def admin(self) -> admin_pb2_grpc.AdminStub:
         assert self.scheduler is not None
-        return admin_pb2_grpc.AdminStub(self.channel(self.scheduler.address))
+        return admin_pb2_grpc.AdminStub(
+            self.channel(self.scheduler.address, Identity(Role.SCHEDULER))
+        )
 
     def cache_stub(self) -> cache_pb2_grpc.CacheStub:
+        """The cache, called as the scheduler would."""
         assert self.cache is not None
-        return cache_pb2_grpc.CacheStub(self.channel(self.cache.address))
+        return cache_pb2_grpc.CacheStub(
+            self.channel(self.cache.address, Identity(Role.CACHE), Identity(Role.SCHEDULER))
+        )
 
     async def stop(self) -> None:
         for channel in self.channels:

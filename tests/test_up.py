@@ -11,11 +11,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sluice import Client
+from sluice import Client, TlsConfig
+from sluice.runtime.tls import Mesh, TlsFiles, node_identity
 from sluice.v1 import common_pb2
 
 SLUICE = [sys.executable, "-c", "from sluice.cli import main; main()"]
@@ -37,8 +37,9 @@ def _alive(pid: int) -> bool:
 @pytest.mark.timeout(180)
 def test_sluice_up_serves_the_cli_and_stops_everything_on_sigterm(tmp_path: Path) -> None:
     """`sluice up` writes endpoints.json, starts its node at a lower CPU priority than the
-    scheduler, `sluice generate` and `sluice nodes` work against it, and SIGTERM stops every
-    child and store."""
+    scheduler, `sluice generate` and `sluice nodes` work against it (over TLS, the default, with
+    the CA endpoints.json names; no Redis password on any command line), and SIGTERM stops
+    every child and store."""
     run_dir = tmp_path / "run"
     up = subprocess.Popen(
         [*SLUICE, "up", "--run-dir", str(run_dir), "--models", "tiny-random-llama"],
@@ -80,6 +81,9 @@ def test_sluice_up_serves_the_cli_and_stops_everything_on_sigterm(tmp_path: Path
 
         pids = [int(p) for p in _child_pids(up.pid)]
         assert len(pids) >= 5  # etcd, redis, cache, node, scheduler
+        assert Path(endpoints["tls"]["ca"]).is_file()
+        for pid in pids:
+            assert "@" not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
         # Model compute yields the CPU: every thread of the node (torch's, gRPC's) is niced.
         base = os.getpriority(os.PRIO_PROCESS, 0)  # what this test runs at, inherited
         by_module = {_module(p): p for p in pids}
@@ -121,7 +125,8 @@ def test_sluice_up_restarts_a_killed_node_on_its_port_while_the_other_keeps_stre
         endpoints = json.loads((run_dir / "endpoints.json").read_text())
         node_ports = {n["id"]: n["grpc"] for n in endpoints["nodes"]}
         key = (run_dir / "dev-api-key").read_text().strip()
-        with Client(endpoints["scheduler"]["grpc"], api_key=key) as client:
+        tls = TlsConfig(ca=endpoints["tls"]["ca"])  # secure by default
+        with Client(endpoints["scheduler"]["grpc"], api_key=key, tls=tls) as client:
             # ~1000 tokens stream for seconds (at most one chunk per 20 ms), well past the kill.
             stream = client.generate("tiny-random-llama", "hello", max_new_tokens=1000)
             first = next(stream)
@@ -145,7 +150,7 @@ def test_sluice_up_restarts_a_killed_node_on_its_port_while_the_other_keeps_stre
             _wait_for(victim_back, 90, up, console)
             listed = {n.info.node_id: n.info.address for n in client.list_nodes()}
             assert listed[victim] == node_ports[victim]
-        assert _serving(node_ports[victim])
+        assert _serving(node_ports[victim], endpoints["tls"], victim)
         restarted = {_node_id(p): p for p in _child_pids_int(up.pid) if _node_id(p)}
         assert restarted[victim] != pids[victim]
         assert restarted[first.node_id] == pids[first.node_id]
@@ -184,8 +189,11 @@ def _wait_for(
         time.sleep(0.2)
 
 
-def _serving(address: str) -> bool:
-    with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
+def _serving(address: str, tls: dict[str, str], node_id: str) -> bool:
+    """Whether the node answers SERVING, asked over mutual TLS with the suite's client
+    certificate (health is open to any certificate of the suite)."""
+    files = TlsFiles(Path(tls["ca"]), Path(tls["cert"]), Path(tls["key"]))
+    with Mesh(files).sync_channel(address, node_identity(node_id)) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(), timeout=5
         )

@@ -12,16 +12,17 @@ import time
 import urllib.request
 from pathlib import Path
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.rule import Rule
 from rich.table import Table
 
-from sluice import AsyncClient
+from sluice import AsyncClient, TlsConfig
 from sluice.contract import NODES_PREFIX
-from sluice.local.up import Supervisor, UpConfig
+from sluice.local.up import Endpoints, Supervisor, UpConfig
 from sluice.runtime.registry import etcd_client
+from sluice.runtime.tls import Mesh
+from sluice.sdk.tls import Channels
 from sluice.v1 import common_pb2
 
 CHAT_MODEL = "smollm2-135m-instruct"
@@ -29,8 +30,19 @@ EMBED_MODEL = "all-minilm-l6-v2"
 QUESTION = "What is the capital of France? Answer in one short sentence."
 
 
-def _health(address: str) -> str:
-    with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
+def _tls(ep: Endpoints) -> TlsConfig | None:
+    """The suite's CA and client certificate for the SDK; None when plaintext."""
+    block = ep.tls
+    if block is None:
+        return None
+    return TlsConfig(ca=block["ca"], cert=block.get("cert"), key=block.get("key"))
+
+
+def _health(address: str, tls: TlsConfig | None) -> str:
+    """``grpc.health.v1`` of any service: internal ones take the suite's client certificate
+    (health is open to every caller that passes the handshake)."""
+    channels = Channels(tls, verify_as_scheduler=False)
+    with channels.sync(address) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(), timeout=2
         )
@@ -48,8 +60,10 @@ def _metrics_sample(address: str, limit: int = 3) -> list[str]:
     ][:limit]
 
 
-async def _etcd_nodes(endpoint: str) -> list[str]:
-    client = etcd_client(endpoint)
+async def _etcd_nodes(endpoint: str, mesh: Mesh) -> list[str]:
+    """The node entries in etcd, read as the supervisor reads them (the suite's operator:
+    the SDK's ``client`` certificate may read only ``/sluice/schedulers/``)."""
+    client = etcd_client(endpoint, mesh=mesh)
     try:
         return [kv.key.decode() for kv in await client.get_prefix(NODES_PREFIX.encode())]
     finally:
@@ -59,7 +73,8 @@ async def _etcd_nodes(endpoint: str) -> list[str]:
 async def _requests(sup: Supervisor, console: Console) -> None:
     ep = sup.endpoints
     assert ep is not None
-    async with AsyncClient(ep.scheduler["grpc"], api_key=sup.api_key) as client:
+    client = AsyncClient(ep.scheduler["grpc"], api_key=sup.api_key, tls=_tls(ep) or False)
+    async with client:
         console.print(Rule("1. streamed chat generation (SmolLM2-135M-Instruct, greedy)"))
         console.print(f"[bold]user:[/bold] {QUESTION}")
         console.print("[bold]assistant:[/bold] ", end="")
@@ -129,7 +144,7 @@ async def _requests(sup: Supervisor, console: Console) -> None:
                 f"{n.info.node_id} at {n.info.address}: healthy={n.healthy}, "
                 f"models={[m.name for m in n.info.models]}, pools={list(n.info.pools)}"
             )
-        keys = await _etcd_nodes(ep.etcd)
+        keys = await _etcd_nodes(ep.etcd, sup.mesh)
         console.print(f"etcd {ep.etcd} {NODES_PREFIX}: {keys}")
 
 
@@ -149,6 +164,11 @@ def print_endpoints(sup: Supervisor, console: Console) -> None:
     table.add_row("redis", ep.redis, "")
     console.print(table)
     console.print(f"logs: {ep.logs}   endpoints: {sup.run_dir / 'endpoints.json'}")
+    tls = ep.tls
+    if tls is None:
+        console.print("[yellow]plaintext: no TLS, internal calls unauthenticated")
+    else:
+        console.print(f"TLS: clients trust the CA {tls['ca']}")
     if sup.api_key:
         console.print(f"development tenant 'dev', API key: [bold]{sup.api_key}[/bold]")
 
@@ -170,7 +190,8 @@ def run_demo(run_dir: Path, nodes: int, console: Console) -> int:
             (n["id"], n) for n in ep.nodes
         ]
         for name, addresses in services:
-            console.print(f"{name}: grpc.health.v1 Check → {_health(addresses['grpc'])}")
+            health = _health(addresses["grpc"], _tls(ep))
+            console.print(f"{name}: grpc.health.v1 Check → {health}")
             for line in _metrics_sample(addresses["metrics"]):
                 console.print(f"   [dim]{line}[/dim]")
         console.print(Rule("demo finished: shutting down"))

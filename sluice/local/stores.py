@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import IO
 
+from sluice.runtime.tls import TlsFiles
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (the caller binds it soon after)."""
@@ -126,17 +128,39 @@ class StoreProcess:
 
 
 def etcd_process(
-    data_dir: Path, log_path: Path, host: str = "127.0.0.1", port: int = 0
+    data_dir: Path,
+    log_path: Path,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    tls: TlsFiles | None = None,
 ) -> StoreProcess:
-    """An etcd server (not started) with its client and peer ports on ``host``."""
+    """An etcd server (not started) with its client and peer ports on ``host``.
+
+    With ``tls`` its client port speaks TLS with that certificate and accepts only clients
+    whose certificate the same CA signed; once auth is enabled (``sluice.local.lockdown``)
+    etcd takes a client certificate's common name as its user name. The peer port (one
+    member, loopback) stays plaintext."""
     client_port = port or free_port(host)
     peer_port = free_port(host)
+    scheme = "https" if tls is not None else "http"
+    secure = (
+        []
+        if tls is None
+        else [
+            "--cert-file", str(tls.cert),
+            "--key-file", str(tls.key),
+            "--trusted-ca-file", str(tls.ca),
+            "--client-cert-auth",
+        ]
+    )  # fmt: skip
     argv = [
         str(find_etcd()),
         "--name", "sluice",
         "--data-dir", str(data_dir),
-        "--listen-client-urls", f"http://{host}:{client_port}",
-        "--advertise-client-urls", f"http://{host}:{client_port}",
+        "--listen-client-urls", f"{scheme}://{host}:{client_port}",
+        "--advertise-client-urls", f"{scheme}://{host}:{client_port}",
+        *secure,
         "--listen-peer-urls", f"http://{host}:{peer_port}",
         "--initial-advertise-peer-urls", f"http://{host}:{peer_port}",
         "--initial-cluster", f"sluice=http://{host}:{peer_port}",
@@ -146,14 +170,22 @@ def etcd_process(
 
 
 def redis_process(
-    data_dir: Path, log_path: Path, host: str = "127.0.0.1", port: int = 0
+    data_dir: Path,
+    log_path: Path,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    acl_file: Path | None = None,
 ) -> StoreProcess:
-    """A Redis server (not started), no persistence, bound to ``host``.
+    """A Redis server (not started), no persistence, bound to ``host``; with ``acl_file`` its
+    users are those of the file (``sluice.local.lockdown`` writes one without a usable
+    ``default`` user, so every client must log in).
 
     Without persistence, a Redis restarted on the same port and directory starts empty: quota
     counters and cached answers begin again."""
     port = port or free_port(host)
     data_dir.mkdir(parents=True, exist_ok=True)
+    acl = [] if acl_file is None else ["--aclfile", str(acl_file)]
     argv = [
         str(find_redis_server()),
         "--bind", host,
@@ -162,6 +194,7 @@ def redis_process(
         "--save", "",
         "--appendonly", "no",
         "--protected-mode", "yes",
+        *acl,
     ]  # fmt: skip
     return StoreProcess("redis", argv, host, port, log_path)
 

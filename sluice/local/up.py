@@ -28,6 +28,7 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sluice.local.lockdown import Lockdown, enable_etcd_auth, prepare
 from sluice.local.restarts import RestartRules
 from sluice.local.rundir import DEV_KEY_FILE, ENDPOINTS_FILE, dev_api_key, read_endpoints
 from sluice.local.stores import (
@@ -39,6 +40,7 @@ from sluice.local.stores import (
 )
 from sluice.local.watchdog import Restartable, Watchdog
 from sluice.runtime.auth import new_api_key, write_tenants_file
+from sluice.runtime.tls import Identity, Mesh, Role, node_identity
 from sluice.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -62,6 +64,11 @@ class UpConfig:
     scheduler_port: int = 0
     startup_timeout_s: float = 600.0
     grace_s: float = 10.0
+    insecure: bool = False
+    """Plaintext everywhere, no etcd auth, no Redis users. Off by default: the suite gets a
+    CA and a certificate per service in ``<run-dir>/pki``, mutual TLS on every internal hop,
+    TLS on the public port, etcd users per certificate and Redis ACL users
+    (``sluice.local.lockdown``)."""
 
 
 @dataclass
@@ -77,6 +84,10 @@ class Child:
     log: IO[bytes]
     argv: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    identity: Identity | None = None
+    """Who it is in the mesh (its certificate's identity)."""
+    mesh: Mesh = field(default_factory=Mesh)
+    """How the supervisor reaches it (health checks)."""
 
     @property
     def address(self) -> str:
@@ -92,7 +103,7 @@ class Child:
 
     def ready(self) -> bool:
         """Whether it answers ``SERVING`` on ``grpc.health.v1`` now."""
-        return serving_now(self.grpc_address)
+        return serving_now(self.grpc_address, mesh=self.mesh, peer=self.identity)
 
 
 @dataclass
@@ -106,6 +117,8 @@ class Endpoints:
     redis: str
     tenants_file: str
     logs: str
+    tls: dict[str, str] | None = None
+    """The client's ``ca``, ``cert`` and ``key`` files; None when the suite is plaintext."""
 
     def to_json(self) -> str:
         """Pretty JSON."""
@@ -141,6 +154,9 @@ class Supervisor:
         self.watchdog = Watchdog(self.logs, say, rules, clock)
         self._clock = clock
         self._started_at: dict[str, float] = {}
+        self.lockdown: Lockdown | None = None
+        self.mesh = Mesh()
+        """How the supervisor calls the services (as etcd's ``root`` when secure)."""
 
     def _tenants(self) -> Path:
         if self.config.tenants_file is not None:
@@ -153,7 +169,16 @@ class Supervisor:
         key_file.chmod(0o600)
         return path
 
-    def _spawn(self, name: str, module: str, args: list[str]) -> Child:
+    def _spawn(
+        self,
+        name: str,
+        module: str,
+        args: list[str],
+        identity: Identity,
+        secrets: dict[str, str] | None = None,
+    ) -> Child:
+        """Start a service; ``secrets`` (such as ``SLUICE_REDIS_URL``) go in its environment,
+        never on its command line."""
         host = self.config.host
         port = (
             self.config.scheduler_port
@@ -165,6 +190,9 @@ class Supervisor:
         log = log_path.open("ab")
         env = environment_without_proxies()
         env.update({"SLUICE_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+        env.update(secrets or {})
+        if self.lockdown is not None:
+            env.update(self.lockdown.env(identity))
         argv = [
             sys.executable, "-m", module,
             "--host", host, "--port", str(port),
@@ -183,6 +211,8 @@ class Supervisor:
             log=log,
             argv=argv,
             env=env,
+            identity=identity,
+            mesh=self.mesh,
         )
         self.children.append(child)
         self._started_at[name] = self._clock()
@@ -191,14 +221,18 @@ class Supervisor:
 
     def _wait_serving(self, child: Child, deadline: float) -> None:
         wait_serving(
-            child.grpc_address, child.proc, child.log_path, deadline - time.monotonic(), child.name
+            child.grpc_address,
+            child.proc,
+            child.log_path,
+            deadline - time.monotonic(),
+            child.name,
+            mesh=self.mesh,
+            peer=child.identity,
         )
 
     def _wait_nodes_visible(self, scheduler: Child, deadline: float) -> None:
         metadata = (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
-        with grpc.insecure_channel(
-            scheduler.grpc_address, options=[("grpc.enable_http_proxy", 0)]
-        ) as ch:
+        with self.mesh.sync_channel(scheduler.grpc_address, scheduler.identity) as ch:
             stub = admin_pb2_grpc.AdminStub(ch)
             while time.monotonic() < deadline:
                 try:
@@ -213,25 +247,77 @@ class Supervisor:
                 time.sleep(0.2)
         raise TimeoutError("the scheduler did not see every node in time")
 
+    def _start_stores(self) -> tuple[StoreProcess, StoreProcess]:
+        """etcd and Redis; locked down (certificates, etcd users, Redis users) unless the
+        suite is insecure."""
+        cfg = self.config
+        node_ids = [f"node-{i}" for i in range(1, cfg.nodes + 1)]
+        if not cfg.insecure:
+            self.lockdown = prepare(self.run_dir, node_ids, [cfg.host])
+            self.mesh = Mesh(self.lockdown.files(Identity(Role.ROOT)))
+            self.say(f"certificates in {self.lockdown.pki.directory} (plaintext: --insecure)")
+        lock = self.lockdown
+        etcd = etcd_process(
+            self.run_dir / "etcd-data",
+            self.logs / "etcd.log",
+            cfg.host,
+            tls=lock.files(Identity(Role.ETCD)) if lock else None,
+        ).start()
+        self.stores.append(etcd)
+        self._started_at[etcd.name] = self._clock()
+        if lock is not None:
+            enable_etcd_auth(etcd.address, lock, node_ids)
+        self.say(f"etcd listening on {etcd.address}")
+        redis = redis_process(
+            self.run_dir / "redis-data",
+            self.logs / "redis.log",
+            cfg.host,
+            acl_file=lock.redis_acl if lock else None,
+        ).start()
+        self.stores.append(redis)
+        self._started_at[redis.name] = self._clock()
+        self.say(f"redis listening on {redis.address}")
+        return etcd, redis
+
+    def enroll_node(self, node_id: str) -> dict[str, str]:
+        """Credentials for one more node started beside the suite (scale-out): a certificate
+        naming ``node_id`` and an etcd user that may write only its entry. Returns the
+        environment to start it with (empty when the suite is insecure)."""
+        if self.lockdown is None:
+            return {}
+        prepare(self.run_dir, [node_id], [self.config.host])
+        etcd = next(s for s in self.stores if s.name == "etcd")
+        enable_etcd_auth(etcd.address, self.lockdown, [node_id])
+        return self.lockdown.env(node_identity(node_id))
+
+    def service_env(self, identity: Identity, redis_user: str | None = None) -> dict[str, str]:
+        """The environment of a service started beside the suite as ``identity`` (a second
+        scheduler replica): its certificate, and the Redis URL of ``redis_user``."""
+        env = self.lockdown.env(identity) if self.lockdown else {}
+        if redis_user is not None:
+            redis = next(s for s in self.stores if s.name == "redis")
+            env.update(self._redis_env(redis_user, redis.address))
+        return env
+
+    def _redis_env(self, user: str, address: str) -> dict[str, str]:
+        url = self.lockdown.redis_url(user, address) if self.lockdown else f"redis://{address}/0"
+        return {"SLUICE_REDIS_URL": url}
+
     def start(self) -> Endpoints:
         """Start everything; returns once the suite serves."""
         cfg = self.config
         self.logs.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + cfg.startup_timeout_s
-        etcd = etcd_process(self.run_dir / "etcd-data", self.logs / "etcd.log", cfg.host).start()
-        self.stores.append(etcd)
-        self._started_at[etcd.name] = self._clock()
-        self.say(f"etcd listening on {etcd.address}")
-        redis = redis_process(
-            self.run_dir / "redis-data", self.logs / "redis.log", cfg.host
-        ).start()
-        self.stores.append(redis)
-        self._started_at[redis.name] = self._clock()
-        redis_url = f"redis://{redis.address}/0"
-        self.say(f"redis listening on {redis.address}")
+        etcd, redis = self._start_stores()
         tenants = self._tenants()
         common = ["--etcd-endpoint", etcd.address]
-        cache = self._spawn("cache", "cache_service", ["--redis-url", redis_url])
+        cache = self._spawn(
+            "cache",
+            "cache_service",
+            [],
+            Identity(Role.CACHE),
+            self._redis_env("cache", redis.address),
+        )
         node_args = [
             *common,
             "--models", ",".join(cfg.models),
@@ -241,29 +327,24 @@ class Supervisor:
         ]  # fmt: skip
         if cfg.max_sequences is not None:
             node_args += ["--max-sequences", str(cfg.max_sequences)]
-        nodes = [self._spawn("node-1", "inference_node", [*node_args, "--node-id", "node-1"])]
-        # The first node converts model weights once; the others then load the cached copy.
-        self._wait_serving(nodes[0], deadline)
-        for i in range(2, cfg.nodes + 1):
-            nodes.append(
-                self._spawn(f"node-{i}", "inference_node", [*node_args, "--node-id", f"node-{i}"])
-            )
+        nodes: list[Child] = []
+        for i in range(1, cfg.nodes + 1):
+            node_id = f"node-{i}"
+            args = [*node_args, "--node-id", node_id]
+            nodes.append(self._spawn(node_id, "inference_node", args, node_identity(node_id)))
+            if i == 1:  # the first node converts model weights once; the others load the copy
+                self._wait_serving(nodes[0], deadline)
         scheduler = self._spawn(
             "scheduler",
             "scheduler",
-            [
-                *common,
-                "--tenants-file",
-                str(tenants),
-                "--cache-address",
-                cache.grpc_address,
-                "--redis-url",
-                redis_url,
-            ],
+            [*common, "--tenants-file", str(tenants), "--cache-address", cache.grpc_address],
+            Identity(Role.SCHEDULER),
+            self._redis_env("scheduler", redis.address),
         )
         for child in [cache, *nodes, scheduler]:
             self._wait_serving(child, deadline)
         self._wait_nodes_visible(scheduler, deadline)
+        client = self.lockdown.files(Identity(Role.CLIENT)) if self.lockdown else None
         self.endpoints = Endpoints(
             scheduler={"grpc": scheduler.grpc_address, "metrics": scheduler.metrics_address},
             cache={"grpc": cache.grpc_address, "metrics": cache.metrics_address},
@@ -271,9 +352,12 @@ class Supervisor:
                 {"id": n.name, "grpc": n.grpc_address, "metrics": n.metrics_address} for n in nodes
             ],
             etcd=etcd.address,
-            redis=redis_url,
+            redis=f"redis://{redis.address}/0",
             tenants_file=str(tenants),
             logs=str(self.logs),
+            tls=None
+            if client is None
+            else {"ca": str(client.ca), "cert": str(client.cert), "key": str(client.key)},
         )
         (self.run_dir / ENDPOINTS_FILE).write_text(self.endpoints.to_json())
         self._watch_all()
@@ -317,9 +401,16 @@ class Supervisor:
 __all__ = ["Endpoints", "Supervisor", "UpConfig", "dev_api_key", "read_endpoints"]
 
 
-def serving_now(address: str, timeout_s: float = 0.2) -> bool:
-    """Whether ``address`` answers ``SERVING`` on ``grpc.health.v1`` within ``timeout_s``."""
-    with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
+def serving_now(
+    address: str,
+    timeout_s: float = 0.2,
+    *,
+    mesh: Mesh | None = None,
+    peer: Identity | None = None,
+) -> bool:
+    """Whether ``address`` answers ``SERVING`` on ``grpc.health.v1`` within ``timeout_s``
+    (through ``mesh`` to ``peer`` when the suite is secure)."""
+    with (mesh or Mesh()).sync_channel(address, peer) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout_s
@@ -337,6 +428,8 @@ def wait_serving(
     name: str = "",
     *,
     poll_s: float = 0.1,
+    mesh: Mesh | None = None,
+    peer: Identity | None = None,
 ) -> None:
     """Poll ``grpc.health.v1`` at ``address`` until it says ``SERVING``.
 
@@ -345,7 +438,7 @@ def wait_serving(
     """
     name = name or address
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
+    with (mesh or Mesh()).sync_channel(address, peer) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if proc.poll() is not None:

@@ -7,6 +7,8 @@
 - :class:`ApiKeyAuth`, run by that interceptor for the methods it guards: turns the
   ``authorization`` metadata into a tenant through an injected authenticator and sets
   :data:`sluice.runtime.context.tenant`.
+- :class:`sluice.runtime.tls.CallerCheck`, run by it too: on a mutual-TLS port, only the
+  identities a service names may call its methods (PERMISSION_DENIED otherwise).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from sluice.contract import AUTHORIZATION_METADATA
 from sluice.runtime import context
 from sluice.runtime.errors import Internal, InvalidArgument, SluiceError, Unauthenticated
 from sluice.runtime.telemetry import RpcMetrics
+from sluice.runtime.tls import CallerCheck
 
 log = structlog.get_logger(__name__)
 
@@ -178,9 +181,11 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         *,
         quiet_methods: Collection[str] = (),
         auth: ApiKeyAuth | None = None,
+        callers: CallerCheck | None = None,
     ) -> None:
         self._metrics = metrics
         self._auth = auth
+        self._callers = callers
         # Health checks and load streams are frequent; they are counted but not logged.
         self._quiet = set(quiet_methods) | {
             "/grpc.health.v1.Health/Check",
@@ -202,13 +207,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         started: dict[str, float] = {}
 
         async def before(ctx: grpc.aio.ServicerContext) -> None:
-            rid = incoming[:128] or uuid.uuid4().hex
-            context.request_id.set(rid)
-            structlog.contextvars.bind_contextvars(request_id=rid, rpc=method)
             started["t"] = time.perf_counter()
-            if isinstance(caller, str):
-                context.tenant.set(caller)
-                structlog.contextvars.bind_contextvars(tenant=caller)
+            self._begin(ctx, method, incoming, caller)
 
         async def after(
             ctx: grpc.aio.ServicerContext, exc: BaseException | None, streaming: bool
@@ -257,6 +257,24 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             return False  # pragma: no cover - abort() raises
 
         return _wrap(handler, method, before, after)
+
+    def _begin(
+        self,
+        ctx: grpc.aio.ServicerContext,
+        method: str,
+        incoming: str,
+        caller: str | Unauthenticated | None,
+    ) -> None:
+        """Bind the call's request id (and tenant) for logs; refuse a peer that may not call
+        ``method``."""
+        rid = incoming[:128] or uuid.uuid4().hex
+        context.request_id.set(rid)
+        structlog.contextvars.bind_contextvars(request_id=rid, rpc=method)
+        if isinstance(caller, str):
+            context.tenant.set(caller)
+            structlog.contextvars.bind_contextvars(tenant=caller)
+        if self._callers is not None and (denied := self._callers.check(method, ctx)):
+            raise denied
 
 
 class ApiKeyAuth:

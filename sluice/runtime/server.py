@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from sluice.runtime.interceptors import ApiKeyAuth, Authenticator, ObservabilityInterceptor
 from sluice.runtime.telemetry import RpcMetrics
+from sluice.runtime.tls import CallerCheck, ServerTls
 
 log = structlog.get_logger(__name__)
 
@@ -54,6 +55,8 @@ class ServerOptions:
     """How long ``stop`` lets in-flight calls finish before cancelling them."""
     quiet_methods: Sequence[str] = field(default_factory=tuple)
     """Methods counted in metrics but not logged per call (e.g. load streams)."""
+    tls: ServerTls | None = None
+    """TLS on the port (mutual for internal services); None serves plaintext."""
 
 
 class GrpcServer:
@@ -67,13 +70,17 @@ class GrpcServer:
         *,
         authenticate: Authenticator | None = None,
         guarded_services: Sequence[str] = (),
+        callers: CallerCheck | None = None,
     ) -> None:
         self.name = name
         self.options = options
         auth = ApiKeyAuth(authenticate, guarded_services) if authenticate is not None else None
         interceptors: list[grpc.aio.ServerInterceptor] = [
             ObservabilityInterceptor(
-                RpcMetrics.create(registry), quiet_methods=options.quiet_methods, auth=auth
+                RpcMetrics.create(registry),
+                quiet_methods=options.quiet_methods,
+                auth=auth,
+                callers=callers if options.tls is not None else None,
             )
         ]
         ms = options.max_message_bytes
@@ -115,12 +122,24 @@ class GrpcServer:
         reflection.enable_server_reflection(
             [*self._services, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
-        self.port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        bind = f"{self.options.host}:{self.options.port}"
+        tls = self.options.tls
+        self.port = (
+            self.server.add_secure_port(bind, tls.credentials())
+            if tls is not None
+            else self.server.add_insecure_port(bind)
+        )
         if self.port == 0:
             raise OSError(f"could not bind {self.options.host}:{self.options.port}")
         await self.server.start()
         await self.set_serving(serving, reason=reason)
-        log.info("server_started", service=self.name, address=self.address, serving=serving)
+        log.info(
+            "server_started",
+            service=self.name,
+            address=self.address,
+            serving=serving,
+            tls="off" if tls is None else ("mutual" if tls.require_client_auth else "server"),
+        )
         return self.port
 
     async def set_serving(

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from pydantic import model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -20,6 +21,7 @@ from pydantic_settings import (
 )
 
 from sluice.runtime.server import ServerOptions
+from sluice.runtime.tls import Mesh, ServerTls, TlsFiles
 
 
 class ServiceSettings(BaseSettings):
@@ -49,14 +51,42 @@ class ServiceSettings(BaseSettings):
     """``host:port`` of etcd (the service registry and live configuration)."""
     registry_ttl_seconds: int = 3
     """Lease TTL of registry entries: a dead process disappears about this long after dying."""
+    tls_ca: str = ""
+    """CA certificate (PEM file) this service trusts. With ``tls_cert`` and ``tls_key`` every
+    hop is TLS: its port (mutual, except the scheduler's public port) and its calls to other
+    services and etcd (mutual). All three empty: plaintext everywhere."""
+    tls_cert: str = ""
+    """This service's certificate (PEM file), signed by ``tls_ca``; names its identity."""
+    tls_key: str = ""
+    """The private key (PEM file) of ``tls_cert``."""
 
-    def server_options(self, **extra: Any) -> ServerOptions:
-        """The gRPC server settings derived from these settings."""
+    @model_validator(mode="after")
+    def _tls_complete(self) -> ServiceSettings:
+        given = [bool(self.tls_ca), bool(self.tls_cert), bool(self.tls_key)]
+        if any(given) and not all(given):
+            raise ValueError("tls_ca, tls_cert and tls_key go together: set all three or none")
+        return self
+
+    def tls_files(self) -> TlsFiles | None:
+        """This service's TLS files, or None when it runs plaintext."""
+        if not self.tls_cert:
+            return None
+        return TlsFiles(Path(self.tls_ca), Path(self.tls_cert), Path(self.tls_key))
+
+    def mesh(self) -> Mesh:
+        """How this service calls the others (and etcd)."""
+        return Mesh(self.tls_files())
+
+    def server_options(self, *, public: bool = False, **extra: Any) -> ServerOptions:
+        """The gRPC server settings derived from these settings; a ``public`` port asks no
+        client certificate."""
+        files = self.tls_files()
         return ServerOptions(
             host=self.host,
             port=self.port,
             max_message_bytes=self.max_message_bytes,
             grace_s=self.grace_seconds,
+            tls=None if files is None else ServerTls(files, require_client_auth=not public),
             **extra,
         )
 

@@ -13,7 +13,7 @@ import grpc
 
 from sluice.sdk.base import HEALTH_CHECK_TIMEOUT_S, HEALTH_REQUEST, Attempt, Stubs, Tries
 from sluice.sdk.calls import Api, Call
-from sluice.sdk.endpoints import CHANNEL_OPTIONS, discover_async
+from sluice.sdk.endpoints import discover_async
 from sluice.v1 import admin_pb2, inference_pb2, jobs_pb2
 
 # A library must not configure logging for its user: stdlib logging, silent unless enabled.
@@ -62,6 +62,9 @@ class AsyncClient(
     - ``health_check_interval_s``: how often a background task asks every endpoint's
       ``grpc.health.v1`` service (``None`` or 0: never); endpoints not ``SERVING`` are skipped.
     - ``failure_cooldown_s``: how long an endpoint that could not be reached stays skipped.
+    - ``tls``: :class:`~sluice.sdk.tls.TlsConfig` for every channel (schedulers, health checks,
+      discovery); ``True`` TLS with the system's roots; ``False`` plaintext; ``None`` (default)
+      from ``SLUICE_TLS_CA`` / ``SLUICE_TLS_CERT`` / ``SLUICE_TLS_KEY``, plaintext without them.
 
     Round robin over the endpoints; when none is usable the next one is tried anyway. Errors
     are :class:`~sluice.sdk.errors.SluiceRpcError` subclasses carrying the status details.
@@ -94,7 +97,9 @@ class AsyncClient(
             if self._connected:
                 return
             if self._endpoint_pool is None:
-                self._endpoint_pool = self._new_pool(await discover_async(self._etcd))
+                self._endpoint_pool = self._new_pool(
+                    await discover_async(self._etcd, tls=self._etcd_channels)
+                )
             if len(self.endpoints) > 1:
                 await self.check_health()
             if self.health_check_interval_s:
@@ -106,8 +111,7 @@ class AsyncClient(
     def _stub(self, address: str) -> Stubs:
         stubs = self._stubs.get(address)
         if stubs is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            stubs = self._stubs[address] = Stubs.on(channel)
+            stubs = self._stubs[address] = Stubs.on(self._channels.aio(address))
         return stubs
 
     async def check_health(self) -> dict[str, bool | None]:
@@ -130,7 +134,7 @@ class AsyncClient(
             await asyncio.sleep(interval_s)
             try:
                 if self.discovers:
-                    self._pool().replace(await discover_async(self._etcd))
+                    self._pool().replace(await discover_async(self._etcd, tls=self._etcd_channels))
                     self._retire_unused()
                 await self.check_health()
             except asyncio.CancelledError:

@@ -25,6 +25,7 @@ from sluice.sdk.endpoints import (
 from sluice.sdk.endpoints import etcd_endpoints as resolve_etcd_endpoints
 from sluice.sdk.errors import UnavailableError, from_rpc_error
 from sluice.sdk.retry import CallAttempts, RetryPolicy
+from sluice.sdk.tls import Channels, TlsConfig, resolve_tls
 from sluice.v1 import admin_pb2_grpc, inference_pb2_grpc, jobs_pb2_grpc
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ class ClientBase:
         etcd_endpoints: str | Sequence[str] | None = None,
         health_check_interval_s: float | None = HEALTH_CHECK_INTERVAL_S,
         failure_cooldown_s: float = FAILURE_COOLDOWN_S,
+        tls: TlsConfig | bool | None = None,
     ) -> None:
         self._configured = configured_endpoints(endpoints)
         self._etcd = [] if self._configured else resolve_etcd_endpoints(etcd_endpoints)
@@ -89,6 +91,12 @@ class ClientBase:
                 f"etcd_endpoints (or set {envs}) to discover them"
             )
         self._key = api_key if api_key is not None else os.environ.get(API_KEY_ENV, "")
+        self.tls = resolve_tls(tls)
+        """How channels are secured (None: plaintext)."""
+        self._channels = Channels(self.tls)
+        """Scheduler channels (health checks included)."""
+        self._etcd_channels = Channels(self.tls, verify_as_scheduler=False)
+        """Discovery's channels to etcd."""
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
         self.timeout_s = timeout_s

@@ -4,7 +4,9 @@
   are none, :func:`etcd_endpoints` says where to discover them (argument, else
   ``SLUICE_ETCD_ENDPOINTS`` / ``SLUICE_ETCD_ENDPOINT``).
 - :func:`discover` / :func:`discover_async`: one read of the ``/sluice/schedulers/`` prefix in
-  etcd (each scheduler replica publishes a ``sluice.v1.SchedulerInfo`` there on a lease).
+  etcd (each scheduler replica publishes a ``sluice.v1.SchedulerInfo`` there on a lease), over
+  TLS with a client certificate when given a :class:`~sluice.sdk.tls.TlsConfig` (a local
+  suite's etcd accepts only clients with one).
 - :class:`EndpointPool`: client-side round robin that skips endpoints whose health check said
   not ``SERVING`` or whose last call failed at the transport level within a cooldown. When no
   endpoint is usable it still returns one (a call that fails says more than a local refusal).
@@ -23,12 +25,12 @@ import grpc
 
 from sluice.contract import SCHEDULERS_PREFIX
 from sluice.sdk.errors import UnavailableError
+from sluice.sdk.tls import CHANNEL_OPTIONS, Channels, TlsConfig
 from sluice.v1 import common_pb2
 
 ENDPOINTS_ENV = "SLUICE_ENDPOINTS"
 API_KEY_ENV = "SLUICE_API_KEY"
 ETCD_ENDPOINTS_ENVS = ("SLUICE_ETCD_ENDPOINTS", "SLUICE_ETCD_ENDPOINT")
-CHANNEL_OPTIONS: list[tuple[str, Any]] = [("grpc.enable_http_proxy", 0)]
 
 
 def split_endpoints(value: str | Sequence[str] | None) -> list[str]:
@@ -85,16 +87,28 @@ def _addresses(reply: Any) -> list[str]:
 
 
 def _unreachable(etcd: Sequence[str], last: Exception | None) -> UnavailableError:
-    message = f"no etcd endpoint answered ({etcd}): {last!r}"
+    # The status, not the multi-line repr of gRPC's error.
+    why = f"{last.code().name}: {last.details()}" if isinstance(last, grpc.Call) else repr(last)
+    message = f"no etcd endpoint answered ({', '.join(etcd)}): {why}"
     return UnavailableError(grpc.StatusCode.UNAVAILABLE, message)
 
 
-def discover(etcd: Sequence[str], timeout_s: float = 3.0) -> list[str]:
+def _etcd_channels(tls: TlsConfig | Channels | None) -> Channels:
+    if isinstance(tls, Channels):
+        return tls
+    return Channels(tls, verify_as_scheduler=False)
+
+
+def discover(
+    etcd: Sequence[str], timeout_s: float = 3.0, *, tls: TlsConfig | Channels | None = None
+) -> list[str]:
     """Scheduler addresses registered in etcd (first etcd endpoint that answers); raises
-    :class:`~sluice.sdk.errors.UnavailableError` when none answers."""
+    :class:`~sluice.sdk.errors.UnavailableError` when none answers. ``tls``: None plaintext,
+    else TLS as configured (or channels already made for etcd)."""
+    channels = _etcd_channels(tls)
     last: Exception | None = None
     for endpoint in etcd:
-        with grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS) as channel:
+        with channels.sync(endpoint) as channel:
             try:
                 reply = _kv_stub(channel).Range(_schedulers_range(), timeout=timeout_s)
             except grpc.RpcError as exc:
@@ -104,11 +118,14 @@ def discover(etcd: Sequence[str], timeout_s: float = 3.0) -> list[str]:
     raise _unreachable(etcd, last)
 
 
-async def discover_async(etcd: Sequence[str], timeout_s: float = 3.0) -> list[str]:
+async def discover_async(
+    etcd: Sequence[str], timeout_s: float = 3.0, *, tls: TlsConfig | Channels | None = None
+) -> list[str]:
     """:func:`discover` for asyncio."""
+    channels = _etcd_channels(tls)
     last: Exception | None = None
     for endpoint in etcd:
-        async with grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS) as channel:
+        async with channels.aio(endpoint) as channel:
             try:
                 reply = await _kv_stub(channel).Range(_schedulers_range(), timeout=timeout_s)
             except grpc.aio.AioRpcError as exc:
@@ -221,6 +238,7 @@ class EndpointPool:
 
 __all__ = [
     "API_KEY_ENV",
+    "CHANNEL_OPTIONS",
     "ENDPOINTS_ENV",
     "EndpointPool",
     "EndpointState",

@@ -8,7 +8,9 @@ Rules:
 - ``UNAVAILABLE``: retried only while nothing of the response has arrived. A transport failure
   (no status details: the scheduler was not reached) marks the endpoint as failed and is retried
   at once on another endpoint when there is one; a refusal from the scheduler (e.g. no node can
-  serve, with ``RetryInfo``) is retried after its delay like ``RESOURCE_EXHAUSTED``.
+  serve, with ``RetryInfo``) is retried after its delay like ``RESOURCE_EXHAUSTED``. A failed
+  TLS handshake (untrusted certificate, wrong name, plaintext server) is retried only on another
+  endpoint: waiting does not change a certificate.
 - Nothing else is retried, and nothing at all once a chunk of a stream has been delivered.
 - A retry is made only while attempts remain (``max_attempts``), its start is within
   ``total_timeout_s`` of the first attempt, and the call's own deadline leaves time for it.
@@ -87,6 +89,8 @@ class RetryPolicy:
         elif error.code == grpc.StatusCode.UNAVAILABLE and self.retry_unavailable:
             if is_transport_failure(error) and other_endpoint:
                 return 0.0
+            if is_tls_failure(error):
+                return None
         else:
             return None
         server = error.retry_after_s
@@ -98,6 +102,19 @@ class RetryPolicy:
 def is_transport_failure(error: SluiceRpcError) -> bool:
     """True for an ``UNAVAILABLE`` the scheduler did not send (it always attaches details)."""
     return error.code == grpc.StatusCode.UNAVAILABLE and not error.details
+
+
+TLS_FAILURE_MARKS = ("handshake failed", "verification check failed", "security handshaker")
+"""How gRPC core words a failed TLS handshake in the status message (it has no code of its own):
+``Tls handshake failed (TSI_PROTOCOL_FAILURE): ... CERTIFICATE_VERIFY_FAILED``, ``Custom
+verification check failed with error: ... Hostname Verification Check failed``, ``Failed to
+create security handshaker`` (unusable credentials)."""
+
+
+def is_tls_failure(error: SluiceRpcError) -> bool:
+    """True for a transport failure in the TLS handshake."""
+    message = error.message.lower()
+    return is_transport_failure(error) and any(mark in message for mark in TLS_FAILURE_MARKS)
 
 
 class CallAttempts:
@@ -171,4 +188,4 @@ class CallAttempts:
         return delay
 
 
-__all__ = ["CallAttempts", "RetryPolicy", "is_transport_failure"]
+__all__ = ["CallAttempts", "RetryPolicy", "is_tls_failure", "is_transport_failure"]

@@ -14,7 +14,7 @@ import grpc
 
 from sluice.sdk.base import HEALTH_CHECK_TIMEOUT_S, HEALTH_REQUEST, Attempt, Stubs, Tries
 from sluice.sdk.calls import Api, Call
-from sluice.sdk.endpoints import CHANNEL_OPTIONS, discover
+from sluice.sdk.endpoints import discover
 from sluice.v1 import admin_pb2, inference_pb2, jobs_pb2
 
 log = logging.getLogger(__name__)  # stdlib logging: a library leaves configuration to its user
@@ -71,7 +71,7 @@ class Client(
             if self._stop.is_set():
                 raise RuntimeError("the client is closed")
             if self._endpoint_pool is None:
-                self._endpoint_pool = self._new_pool(discover(self._etcd))
+                self._endpoint_pool = self._new_pool(discover(self._etcd, tls=self._etcd_channels))
             if len(self.endpoints) > 1:
                 self.check_health()
             if self.health_check_interval_s:
@@ -88,8 +88,7 @@ class Client(
         with self._stubs_lock:
             stubs = self._stubs.get(address)
             if stubs is None:
-                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-                stubs = self._stubs[address] = Stubs.on(channel)
+                stubs = self._stubs[address] = Stubs.on(self._channels.sync(address))
             return stubs
 
     def check_health(self) -> dict[str, bool | None]:
@@ -109,7 +108,7 @@ class Client(
         while not self._stop.wait(interval_s):
             try:
                 if self.discovers:
-                    self._pool().replace(discover(self._etcd))
+                    self._pool().replace(discover(self._etcd, tls=self._etcd_channels))
                     self._retire_unused()
                 self.check_health()
             except Exception as exc:  # etcd down: keep the endpoints we have
