@@ -11,12 +11,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sluice import Client, TlsConfig
 from sluice.runtime.tls import Mesh, TlsFiles, node_identity
-from sluice.v1 import common_pb2
+from sluice.v1 import common_pb2, node_pb2, node_pb2_grpc
 
 SLUICE = [sys.executable, "-c", "from sluice.cli import main; main()"]
 
@@ -38,7 +39,8 @@ def _alive(pid: int) -> bool:
 def test_sluice_up_serves_the_cli_and_stops_everything_on_sigterm(tmp_path: Path) -> None:
     """`sluice up` writes endpoints.json, starts its node at a lower CPU priority than the
     scheduler, `sluice generate` and `sluice nodes` work against it (over TLS, the default, with
-    the CA endpoints.json names; no Redis password on any command line), and SIGTERM stops
+    the CA endpoints.json names; a node refuses plaintext and a client certificate; no Redis
+    password on any command line), and SIGTERM stops
     every child and store."""
     run_dir = tmp_path / "run"
     up = subprocess.Popen(
@@ -82,6 +84,12 @@ def test_sluice_up_serves_the_cli_and_stops_everything_on_sigterm(tmp_path: Path
         pids = [int(p) for p in _child_pids(up.pid)]
         assert len(pids) >= 5  # etcd, redis, cache, node, scheduler
         assert Path(endpoints["tls"]["ca"]).is_file()
+        node = endpoints["nodes"][0]["grpc"]
+        assert _node_call(grpc.insecure_channel(node)) == grpc.StatusCode.UNAVAILABLE
+        tls = endpoints["tls"]
+        client = Mesh(TlsFiles(Path(tls["ca"]), Path(tls["cert"]), Path(tls["key"])))
+        wrong_role = client.sync_channel(node, node_identity("node-1"))
+        assert _node_call(wrong_role) == grpc.StatusCode.PERMISSION_DENIED
         for pid in pids:
             assert "@" not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
         # Model compute yields the CPU: every thread of the node (torch's, gRPC's) is niced.
@@ -187,6 +195,16 @@ def _wait_for(
         assert up.poll() is None, console.read_text()
         assert time.monotonic() < deadline, console.read_text()
         time.sleep(0.2)
+
+
+def _node_call(channel: grpc.Channel) -> grpc.StatusCode:
+    """The status of a Node/Embed call on ``channel`` (closed after)."""
+    with channel:
+        try:
+            node_pb2_grpc.NodeStub(channel).Embed(node_pb2.NodeEmbedRequest(), timeout=5)
+        except grpc.RpcError as exc:
+            return exc.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
 
 
 def _serving(address: str, tls: dict[str, str], node_id: str) -> bool:

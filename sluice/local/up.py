@@ -257,8 +257,10 @@ class Supervisor:
             self.mesh = Mesh(self.lockdown.files(Identity(Role.ROOT)))
             self.say(f"certificates in {self.lockdown.pki.directory} (plaintext: --insecure)")
         lock = self.lockdown
+        # A data directory per mode: etcd keeps auth enabled in its data, which a plaintext
+        # etcd could then never serve.
         etcd = etcd_process(
-            self.run_dir / "etcd-data",
+            self.run_dir / ("etcd-data" if lock else "etcd-data-insecure"),
             self.logs / "etcd.log",
             cfg.host,
             tls=lock.files(Identity(Role.ETCD)) if lock else None,
