@@ -5,8 +5,9 @@ How ``Generate`` answers (the scheduler's ``scheduler.dispatch.blame`` reads the
 ==========================================  ==================  =======================
 what happened                               status              ``ErrorInfo.reason``
 ==========================================  ==================  =======================
-invalid request (sampling parameters not    INVALID_ARGUMENT    ``INVALID_ARGUMENT``
-numerically safe, unknown class, too long)  + BadRequest
+invalid request (a contract limit broken:   INVALID_ARGUMENT    ``INVALID_ARGUMENT``
+docs/limits.md; model not loaded, too long  + BadRequest
+for its context)
 prompt or messages fail to tokenize         INVALID_ARGUMENT    ``REQUEST_FAULT``
 one request's own processing failed         INVALID_ARGUMENT    ``REQUEST_FAULT``
 (sampling: NaN/inf logits or probabilities; + BadRequest        (metadata ``stage``)
@@ -59,6 +60,7 @@ from inference_node.errors import ENGINE_FAULT, AlreadyExists, RequestFault
 from inference_node.gpu import GpuProbe
 from inference_node.metrics import NodeMetrics
 from inference_node.model_types import Embedder, LanguageModel
+from sluice import limits
 from sluice.contract import WorkloadClass
 from sluice.runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
 from sluice.v1 import common_pb2, inference_pb2, node_pb2, node_pb2_grpc
@@ -87,6 +89,24 @@ def sampling_params(options: common_pb2.GenerationOptions) -> SamplingParams:
         stop=tuple(options.stop),
         ignore_eos=options.ignore_eos,
     )
+
+
+def _forwarded_violations(
+    request: node_pb2.NodeGenerateRequest | node_pb2.NodeEmbedRequest,
+    context: grpc.aio.ServicerContext,
+) -> limits.Violations:
+    """The limits of what a scheduler adds to a request (the tenant, the job key) and of the
+    call's metadata: the node checks every limit again, whoever the caller is."""
+    out = limits.tenant_name_violations("tenant", request.tenant)
+    if len(request.request_id) > limits.MAX_JOB_KEY_CHARS:
+        n = len(request.request_id)
+        out.append(("request_id", f"{n} characters, at most {limits.MAX_JOB_KEY_CHARS}"))
+    return out + limits.metadata_violations(context.invocation_metadata())
+
+
+def _refuse(violations: limits.Violations) -> None:
+    if violations:
+        raise InvalidArgument(violations)
 
 
 class NodeServicer(node_pb2_grpc.NodeServicer):
@@ -123,10 +143,26 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         if self._is_draining():
             raise Unavailable(f"node {self._node_id} is draining", reason="NODE_DRAINING")
 
+    def _generator(
+        self, request: node_pb2.NodeGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[LanguageModel, Engine]:
+        """The model and engine for ``request``, once it is within every contract limit (the
+        scheduler checked them; a caller that bypasses it is refused the same way) and the
+        model is loaded here; else INVALID_ARGUMENT with every violation."""
+        req = request.request
+        violations = limits.generate_violations(req) + _forwarded_violations(request, context)
+        entry = self._generators.get(req.model)
+        if entry is None:
+            if all(field != "model" for field, _ in violations):
+                violations.append(("model", f"model {req.model!r} is not loaded on this node"))
+        elif req.messages and not entry[0].chat:
+            violations.append(("messages", f"model {req.model!r} has no chat template"))
+        _refuse(violations)
+        assert entry is not None
+        return entry
+
     def _prompt_ids(self, lm: LanguageModel, req: inference_pb2.GenerateRequest) -> list[int]:
         """The prompt's token ids; a tokenizer failure is the request's fault (REQUEST_FAULT)."""
-        if req.messages and not lm.chat:
-            raise InvalidArgument([("messages", f"model {lm.name!r} has no chat template")])
         field = "messages" if req.messages else "prompt"
         try:
             if req.messages:
@@ -192,10 +228,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         arrives in ``x-request-id`` metadata, for logs only. Statuses (see the module doc)."""
         self._refuse_if_draining()
         req = request.request
-        entry = self._generators.get(req.model)
-        if entry is None:
-            raise InvalidArgument([("model", f"model {req.model!r} is not loaded on this node")])
-        lm, engine = entry
+        lm, engine = self._generator(request, context)
         job_key = request.request_id or f"{self._node_id}-{uuid.uuid4().hex}"
         structlog.contextvars.bind_contextvars(job_key=job_key)
         engine_request = EngineRequest(
@@ -230,11 +263,12 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     ) -> inference_pb2.EmbedResponse:
         self._refuse_if_draining()
         req = request.request
+        violations = limits.embed_violations(req) + _forwarded_violations(request, context)
         embedder = self._embedders.get(req.model)
-        if embedder is None:
-            raise InvalidArgument([("model", f"model {req.model!r} is not loaded on this node")])
-        if not req.inputs:
-            raise InvalidArgument([("inputs", "at least one text required")])
+        if embedder is None and all(field != "model" for field, _ in violations):
+            violations.append(("model", f"model {req.model!r} is not loaded on this node"))
+        _refuse(violations)
+        assert embedder is not None
         self.in_flight += 1
         try:
             loop = asyncio.get_running_loop()

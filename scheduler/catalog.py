@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from scheduler.config import ModelSpec
 from scheduler.nodes import NodeDirectory
+from sluice import limits
 from sluice.v1 import common_pb2
 
 DEFAULT_MAX_NEW_TOKENS = 1024
@@ -26,7 +27,7 @@ class ModelCatalog:
             return None
         kind = "embed" if advertised.kind == common_pb2.MODEL_KIND_EMBED else "generate"
         limit = (
-            max(1, advertised.max_context_tokens // 2)
+            min(max(1, advertised.max_context_tokens // 2), limits.MAX_NEW_TOKENS)
             if advertised.max_context_tokens
             else DEFAULT_MAX_NEW_TOKENS
         )

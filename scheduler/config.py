@@ -6,23 +6,26 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sluice import limits
 from sluice.runtime.settings import ServiceSettings
 
 
 class ModelSpec(BaseModel):
-    """Limits the scheduler enforces for one model before any node sees the request."""
+    """Limits the scheduler enforces for one model before any node sees the request: within
+    the contract's (:mod:`sluice.limits`), never looser."""
 
     model_config = ConfigDict(frozen=True)
 
-    name: str
+    name: str = Field(min_length=1, max_length=limits.MAX_MODEL_NAME_CHARS)
     kind: str = Field(pattern="^(generate|embed)$")
-    max_new_tokens: int = 1024
+    max_new_tokens: int = Field(default=1024, ge=1, le=limits.MAX_NEW_TOKENS)
     """Largest ``max_new_tokens`` a request may ask for."""
-    default_max_new_tokens: int = 128
+    default_max_new_tokens: int = Field(default=128, ge=1, le=limits.MAX_NEW_TOKENS)
     """``max_new_tokens`` of a request that sets none."""
-    max_prompt_chars: int = 32_000
-    """Longest prompt (or sum of chat message contents) accepted, in characters."""
-    max_inputs: int = 256
+    max_prompt_chars: int = Field(default=32_000, ge=1, le=limits.MAX_PROMPT_CHARS)
+    """Longest prompt (or sum of chat message contents) accepted, in characters; for an
+    embedding model, longest text (the contract's bound per text is lower still)."""
+    max_inputs: int = Field(default=256, ge=1, le=limits.MAX_EMBED_INPUTS)
     """Embedding models: most texts per request."""
 
 

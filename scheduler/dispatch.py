@@ -1,12 +1,12 @@
 """Forwarding to inference nodes: call with the remaining deadline, retry, map errors.
 
-A generation's first node comes from the :class:`scheduler.gate.DispatchGate` (already booked
-there); this module books its end. A request is retried on another node only while nothing
-has reached the client, at most ``max_attempts`` nodes, and only while the retry budget (at
-most 20 % extra load by default) allows. A node that fails after the first token ends the
-client's stream with ``UNAVAILABLE`` naming the node: never a hang, never a silently
-truncated answer. Time to first token and inter-token latency of every stream feed the
-outlier detector.
+A request's first node (a generation's or an embedding's) comes from the
+:class:`scheduler.gate.DispatchGate` (already booked there); this module books its end. A
+request is retried on another node only while nothing has reached the client, at most
+``max_attempts`` nodes, and only while the retry budget (at most 20 % extra load by default)
+allows. A node that fails after the first token ends the client's stream with ``UNAVAILABLE``
+naming the node: never a hang, never a silently truncated answer. Time to first token and
+inter-token latency of every stream feed the outlier detector.
 
 Who is to blame for an error a node returns (:func:`blame`) decides what happens next: only
 a failure of the node or the way to it counts against the node's breaker and allows a retry
@@ -402,23 +402,25 @@ class Dispatcher:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def embed(
-        self, req: inference_pb2.EmbedRequest, tenant: str, deadline: float
+        self,
+        req: inference_pb2.EmbedRequest,
+        tenant: str,
+        deadline: float,
+        first: NodeHandle,
+        *,
+        cost: float,
     ) -> inference_pb2.EmbedResponse:
-        """Embed on a node, retrying elsewhere if the node fails (embeddings are not queued:
-        they are short and run on the node's own embedding thread)."""
+        """Embed on ``first`` (booked by the gate, as a generation's first node is), retrying
+        elsewhere if the node fails. Each node tried holds a slot for the call; its end is
+        booked here, without a throughput sample (embedding work says nothing of the decode
+        rate admission predicts waits with)."""
         tried: set[str] = set()
         forward = node_pb2.NodeEmbedRequest(request=req, tenant=tenant)
-        node = self._nodes.pick(req.model, WorkloadClass(req.workload_class))
+        node: NodeHandle | None = first
         self.budget.record_request()
         for attempt in range(self._max_attempts):
-            if node is None:
-                raise Unavailable(
-                    f"no healthy node serves model {req.model!r} now",
-                    retry_after_s=NO_NODE_RETRY_S,
-                    reason="NO_NODE",
-                )
+            assert node is not None
             tried.add(node.node_id)
-            self._nodes.dispatched(node, 0.0)
             self._metrics.in_flight.inc()
             retry = None
             try:
@@ -432,6 +434,7 @@ class Dispatcher:
             except grpc.aio.AioRpcError as exc:
                 last = attempt + 1 >= self._max_attempts
                 retry = self._after_failure(node, exc, last=last, req=req, tried=tried, affinity="")
+                self._nodes.dispatched(retry, cost)
             finally:
                 self._metrics.in_flight.dec()
                 self._nodes.finished(node, 0)

@@ -140,7 +140,9 @@ class _PassScan:
 
 
 class DispatchGate:
-    """Admits, queues and dispatches generation requests (one per replica)."""
+    """Admits, queues and dispatches requests, generations and embeddings (one per replica).
+    An embedding is an item like any other: it holds a node slot for its call and its
+    tenant's slot share, at the cost of its estimated tokens at the prompt weight."""
 
     def __init__(
         self,

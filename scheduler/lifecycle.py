@@ -1,5 +1,6 @@
-"""The life of one Generate or Embed request, without gRPC: the servicers hand over the tenant
-the interceptor verified, the request and the caller's deadline, and relay what comes back.
+"""The life of one Generate request, without gRPC, and the parts an Embed shares with it
+(:mod:`scheduler.embed_flow`): the servicers hand over the tenant the interceptor verified, the
+request, the caller's metadata and deadline, and relay what comes back.
 
 Generate (:class:`GenerateFlow`): authorize → validate → cache lookup → quota (Redis; by
 default overlapped with what follows) → admit, queue and book a node (:class:`DispatchGate`)
@@ -31,11 +32,11 @@ from scheduler.gate import DispatchGate, affinity_key
 from scheduler.metrics import SchedulerMetrics
 from scheduler.nodes import NodeHandle
 from scheduler.queues import QueuedRequest
-from scheduler.quotas import Lease, QuotaCheck, QuotaGate
+from scheduler.quotas import QuotaCheck, QuotaGate
 from scheduler.response_cache import ResponseCache
 from scheduler.tenants import Tenant, TenantDirectory
-from scheduler.usage import UsageBook
-from scheduler.validation import Catalog, class_label, validate_embed, validate_generate
+from scheduler.usage import TenantCounters, UsageBook
+from scheduler.validation import Catalog, Metadata, class_label, validate_generate
 from sluice.contract import WorkloadClass
 from sluice.runtime.errors import ResourceExhausted, SluiceError, Unauthenticated
 from sluice.v1 import cache_pb2, inference_pb2
@@ -80,19 +81,21 @@ _LABELS = {
 }
 
 
-class _Step(enum.Enum):
+class Step(enum.Enum):
+    """The step a request is in (how it ends if it ends there: :data:`ENDED_IN`)."""
+
     LOOKUP = enum.auto()
     QUOTA = enum.auto()
     ADMIT = enum.auto()
     STREAM = enum.auto()
 
 
-_ENDED_IN: dict[_Step, tuple[Outcome, Outcome]] = {
+ENDED_IN: dict[Step, tuple[Outcome, Outcome]] = {
     # How a request that ends in a step ends: (on an error, when the client leaves).
-    _Step.LOOKUP: (Outcome.FAILED, Outcome.CANCELLED),
-    _Step.QUOTA: (Outcome.REFUSED_QUOTA, Outcome.ABANDONED),
-    _Step.ADMIT: (Outcome.REFUSED_ADMISSION, Outcome.ABANDONED),
-    _Step.STREAM: (Outcome.FAILED, Outcome.CANCELLED),
+    Step.LOOKUP: (Outcome.FAILED, Outcome.CANCELLED),
+    Step.QUOTA: (Outcome.REFUSED_QUOTA, Outcome.ABANDONED),
+    Step.ADMIT: (Outcome.REFUSED_ADMISSION, Outcome.ABANDONED),
+    Step.STREAM: (Outcome.FAILED, Outcome.CANCELLED),
 }
 
 
@@ -120,14 +123,16 @@ def authorize(tenants: TenantDirectory, name: str) -> Tenant:
     return tenant
 
 
-def _deadline(caller: float | None, tenant: Tenant, cls: WorkloadClass, default: float) -> float:
+def request_deadline(
+    caller: float | None, tenant: Tenant, cls: WorkloadClass, default: float
+) -> float:
     """The caller's deadline, else the tenant's default for the class, else the global one."""
     if caller is not None:
         return caller
     return time.monotonic() + tenant.deadline_for(cls, default)
 
 
-def _tokens(chars: int, chars_per_token: float) -> int:
+def estimated_tokens(chars: int, chars_per_token: float) -> int:
     """Tokens estimated from characters (the scheduler does not tokenize)."""
     return max(1, math.ceil(chars / chars_per_token))
 
@@ -172,6 +177,7 @@ class GenerateFlow:
         *,
         tenant: str,
         deadline: float | None,
+        metadata: Metadata = (),
     ) -> None:
         self._started = time.perf_counter()
         self._path = path
@@ -179,25 +185,27 @@ class GenerateFlow:
         """Set once, by the step that ends the request."""
         self.tenant = authorize(path.tenants, tenant)
         self._counters = path.usage.of(self.tenant.name)
-        self.request = self._validate(request)
+        self.request = self._validate(request, metadata)
         self.workload_class = WorkloadClass(self.request.workload_class)
         structlog.contextvars.bind_contextvars(
             workload_class=self.workload_class.label, model=self.request.model
         )
-        self.deadline = _deadline(
+        self.deadline = request_deadline(
             deadline, self.tenant, self.workload_class, path.settings.default_deadline_seconds
         )
-        self._step = _Step.LOOKUP
+        self._step = Step.LOOKUP
         self._item = self._queued()
         self._quota: QuotaCheck | None = None
         self._booked = False
         self._stats = StreamStats()
         self._out = _Collected()
 
-    def _validate(self, request: inference_pb2.GenerateRequest) -> inference_pb2.GenerateRequest:
+    def _validate(
+        self, request: inference_pb2.GenerateRequest, metadata: Metadata
+    ) -> inference_pb2.GenerateRequest:
         """The request with defaults applied; a refusal is counted as INVALID and raised."""
         try:
-            return validate_generate(request, self.tenant, self._path.catalog)
+            return validate_generate(request, self.tenant, self._path.catalog, metadata)
         except SluiceError as exc:
             self.outcome = Outcome.INVALID
             self._counters.refuse(exc.reason)
@@ -214,7 +222,7 @@ class GenerateFlow:
             tenant=self.tenant.name,
             workload_class=self.workload_class,
             model=req.model,
-            prompt_tokens=_tokens(chars, self._path.settings.chars_per_token),
+            prompt_tokens=estimated_tokens(chars, self._path.settings.chars_per_token),
             max_new_tokens=req.options.max_new_tokens,
             deadline=self.deadline,
             affinity=affinity_key(req),
@@ -228,24 +236,24 @@ class GenerateFlow:
         """Every step after validation, in order; yields the chunks for the client."""
         self._counters.in_flight += 1
         try:
-            self._step = _Step.LOOKUP
+            self._step = Step.LOOKUP
             cached = await self._lookup_cache()
             if cached is not None:
                 self._end(Outcome.CACHED)
                 yield self._served_from_cache(cached)
                 return
-            self._step = _Step.QUOTA
+            self._step = Step.QUOTA
             self._quota = await self._check_quota()
-            self._step = _Step.ADMIT
+            self._step = Step.ADMIT
             node = await self._admit()
-            self._step = _Step.STREAM
+            self._step = Step.STREAM
             async with contextlib.aclosing(self._forward(node)) as chunks:
                 async for chunk in chunks:
                     yield chunk
             self._end(Outcome.SERVED)
             self._store()
         except BaseException as exc:
-            error, gone = _ENDED_IN[self._step]
+            error, gone = ENDED_IN[self._step]
             self._end(error if isinstance(exc, Exception) else gone)
             raise
         finally:
@@ -274,7 +282,7 @@ class GenerateFlow:
         )
         item = self._item
         try:
-            _within_default_cap(self._path.settings, self.tenant, self._counters.in_flight)
+            within_default_cap(self._path.settings, self.tenant, self._counters.in_flight)
             return await self._path.quotas.check(
                 self.tenant,
                 item.prompt_tokens + item.max_new_tokens,
@@ -288,11 +296,7 @@ class GenerateFlow:
 
     async def _admit(self) -> NodeHandle:
         """Admission, the queue and a node booked for the request; a refusal is counted."""
-        try:
-            node = await self._path.gate.acquire(self._item)
-        except SluiceError as exc:
-            self._counters.refuse(exc.reason)
-            raise
+        node = await admit(self._path.gate, self._item, self._counters)
         self._booked = True
         return node
 
@@ -326,14 +330,14 @@ class GenerateFlow:
     async def _quota_granted(self) -> None:
         """Wait for an overlapped quota answer; the request counts once it is granted."""
         assert self._quota is not None
-        self._step = _Step.QUOTA
+        self._step = Step.QUOTA
         try:
             await self._quota.granted()
         except SluiceError as exc:
             self._counters.refuse(exc.reason)
             raise
         self._counters.requests += 1
-        self._step = _Step.STREAM
+        self._step = Step.STREAM
 
     def _store(self) -> None:
         """A generation streamed to its end: count its tokens and cache it."""
@@ -375,10 +379,20 @@ class GenerateFlow:
         )
 
 
+async def admit(gate: DispatchGate, item: QueuedRequest, counters: TenantCounters) -> NodeHandle:
+    """Admission, the queue and a node slot booked for ``item`` (give it back with
+    ``gate.release``); a refusal is counted for the tenant and raised."""
+    try:
+        return await gate.acquire(item)
+    except SluiceError as exc:
+        counters.refuse(exc.reason)
+        raise
+
+
 TENANT_CAP_RETRY_S = 1.0
 
 
-def _within_default_cap(settings: SchedulerSettings, tenant: Tenant, in_flight: int) -> None:
+def within_default_cap(settings: SchedulerSettings, tenant: Tenant, in_flight: int) -> None:
     """Refuse a request past ``tenant_max_in_flight`` for a tenant whose quotas set no
     ``max_concurrent`` (``in_flight`` counts this request): no tenant holds unbounded
     state here, quotas or not."""
@@ -390,76 +404,3 @@ def _within_default_cap(settings: SchedulerSettings, tenant: Tenant, in_flight: 
             reason="TENANT_CONCURRENCY",
             quota_violations=[("max_concurrent", f"at most {cap} requests in flight")],
         )
-
-
-class EmbedFlow:
-    """One Embed request: authorize and validate (construction), then quota, node, settle.
-    Embeddings are not queued: they are short and run on the node's own embedding thread."""
-
-    def __init__(
-        self,
-        path: RequestPath,
-        request: inference_pb2.EmbedRequest,
-        *,
-        tenant: str,
-        deadline: float | None,
-    ) -> None:
-        self._path = path
-        self.outcome: Outcome | None = None
-        """Set once, by the step that ends the request."""
-        self.tenant = authorize(path.tenants, tenant)
-        self._counters = path.usage.of(self.tenant.name)
-        try:  # an invalid Embed is counted for its tenant, not in the requests metric
-            self.request = validate_embed(request, self.tenant, path.catalog)
-        except SluiceError as exc:
-            self.outcome = Outcome.INVALID
-            self._counters.refuse(exc.reason)
-            raise
-        self.workload_class = WorkloadClass(self.request.workload_class)
-        self.deadline = _deadline(
-            deadline, self.tenant, self.workload_class, path.settings.default_deadline_seconds
-        )
-
-    async def run(self) -> inference_pb2.EmbedResponse:
-        """Quota, then a node; the lease is settled with the tokens the node counted."""
-        path, counters = self._path, self._counters
-        chars = sum(len(t) for t in self.request.inputs)
-        tokens = _tokens(chars, path.settings.chars_per_token)
-        counters.in_flight += 1
-        lease: Lease | None = None
-        used = 0
-        try:
-            lease = await self._acquire_quota(tokens)
-            counters.requests += 1
-            reply = await path.dispatcher.embed(self.request, self.tenant.name, self.deadline)
-            used = reply.usage.prompt_tokens
-            counters.prompt_tokens += used
-            self._end(Outcome.SERVED)
-            return reply
-        except BaseException as exc:
-            self._end(Outcome.FAILED if isinstance(exc, Exception) else Outcome.CANCELLED)
-            raise
-        finally:
-            assert self.outcome is not None  # every way out of the try sets it
-            counters.in_flight -= 1
-            path.metrics.requests.labels(
-                "embed", self.workload_class.label, self.outcome.label
-            ).inc()
-            if lease is not None:
-                path.background.spawn(path.quotas.release(lease, used))
-
-    def _end(self, outcome: Outcome) -> None:
-        if self.outcome is None:
-            self.outcome = outcome
-
-    async def _acquire_quota(self, tokens: int) -> Lease:
-        """The tenant's quotas (never overlapped: the node call is the whole request)."""
-        try:
-            _within_default_cap(self._path.settings, self.tenant, self._counters.in_flight)
-            return await self._path.quotas.acquire(
-                self.tenant, tokens, uuid.uuid4().hex, self.deadline - time.monotonic()
-            )
-        except SluiceError as exc:
-            self._end(Outcome.REFUSED_QUOTA)
-            self._counters.refuse(exc.reason)
-            raise

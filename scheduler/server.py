@@ -13,14 +13,16 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from scheduler.embed_flow import EmbedFlow
 from scheduler.gate import DispatchGate
-from scheduler.lifecycle import EmbedFlow, GenerateFlow, RequestPath, authorize
+from scheduler.lifecycle import GenerateFlow, RequestPath, authorize
 from scheduler.nodes import NodeDirectory
 from scheduler.tenants import TenantDirectory
 from scheduler.usage import UsageBook
+from sluice import limits
 from sluice.contract import WorkloadClass
 from sluice.runtime import context
-from sluice.runtime.errors import NotFound, PermissionDenied, Unimplemented
+from sluice.runtime.errors import InvalidArgument, NotFound, PermissionDenied, Unimplemented
 from sluice.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc, jobs_pb2_grpc
 
 
@@ -28,6 +30,11 @@ def _caller_deadline(ctx: grpc.aio.ServicerContext) -> float | None:
     """The call's deadline on this process's monotonic clock, or None when it has none."""
     remaining = ctx.time_remaining()
     return None if remaining is None else time.monotonic() + float(remaining)
+
+
+def _refuse(violations: limits.Violations) -> None:
+    if violations:
+        raise InvalidArgument(violations)
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -40,7 +47,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.GenerateRequest, ctx: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateChunk]:
         flow = GenerateFlow(
-            self._path, request, tenant=context.tenant.get(), deadline=_caller_deadline(ctx)
+            self._path,
+            request,
+            tenant=context.tenant.get(),
+            deadline=_caller_deadline(ctx),
+            metadata=ctx.invocation_metadata(),
         )
         async with contextlib.aclosing(flow.run()) as chunks:
             async for chunk in chunks:
@@ -50,7 +61,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.EmbedRequest, ctx: grpc.aio.ServicerContext
     ) -> inference_pb2.EmbedResponse:
         flow = EmbedFlow(
-            self._path, request, tenant=context.tenant.get(), deadline=_caller_deadline(ctx)
+            self._path,
+            request,
+            tenant=context.tenant.get(),
+            deadline=_caller_deadline(ctx),
+            metadata=ctx.invocation_metadata(),
         )
         return await flow.run()
 
@@ -78,6 +93,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def ListNodes(
         self, request: admin_pb2.ListNodesRequest, ctx: grpc.aio.ServicerContext
     ) -> admin_pb2.ListNodesResponse:
+        _refuse(limits.metadata_violations(ctx.invocation_metadata()))
         if not authorize(self._tenants, context.tenant.get()).admin:
             raise PermissionDenied("only an admin tenant may list the nodes")
         circuit = {
@@ -108,6 +124,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def GetTenantUsage(
         self, request: admin_pb2.GetTenantUsageRequest, ctx: grpc.aio.ServicerContext
     ) -> admin_pb2.TenantUsage:
+        _refuse(
+            limits.tenant_name_violations("tenant", request.tenant)
+            + limits.metadata_violations(ctx.invocation_metadata())
+        )
         own = authorize(self._tenants, context.tenant.get())
         name = request.tenant or own.name
         if name != own.name and not own.admin:

@@ -43,6 +43,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from sluice import limits
 from sluice.contract import WorkloadClass
 from sluice.runtime.auth import HASH_SCHEME, hash_api_key, key_matches
 
@@ -66,7 +67,7 @@ _STRICT = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=Fal
 """Numbers must be finite numbers (not ``"2"``, not ``true``); unknown fields are errors."""
 
 Deadline = Annotated[float, Field(ge=0.001, le=MAX_DEADLINE_S)]
-ModelName = Annotated[str, Field(min_length=1, max_length=256)]
+ModelName = Annotated[str, Field(min_length=1, max_length=limits.MAX_MODEL_NAME_CHARS)]
 
 
 class Quotas(BaseModel):
@@ -106,7 +107,9 @@ class TenantSpec(BaseModel):
 
     model_config = _STRICT
 
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field(
+        min_length=1, max_length=limits.MAX_TENANT_NAME_CHARS, pattern=r"^[A-Za-z0-9._-]+$"
+    )
     api_key_hashes: list[str] = Field(min_length=1, max_length=MAX_KEY_HASHES)
     weight: float = Field(default=1.0, ge=0.001, le=1000)
     classes: list[str] = Field(default_factory=lambda: list(_LABELS), max_length=len(_LABELS))

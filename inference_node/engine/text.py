@@ -2,54 +2,19 @@
 
 from __future__ import annotations
 
-import math
-import struct
-
 import torch
 
 from inference_node.engine.types import FinishReason, SamplingParams, TokenDelta
 from inference_node.model_types import LanguageModel
-
-
-def float32(value: float) -> float:
-    """``value`` rounded to the nearest float32, as it arrives in a protobuf ``float`` field."""
-    return float(struct.unpack("<f", struct.pack("<f", value))[0])
-
-
-MIN_TEMPERATURE = 0.01
-"""Smallest non-zero temperature: below it, sampling is greedy in all but name, and dividing
-logits by it overflows float32 to inf (NaN probabilities) for large enough logits (vLLM warns
-at the same bound). 0 means greedy."""
-MAX_TEMPERATURE = 2.0
-MIN_TOP_P = 2.0**-126
-"""Smallest top_p: the smallest normal float32; denormal values are refused."""
-MAX_STOP_STRINGS = 8
-MAX_STOP_CHARS = 64
-"""Stop strings are searched in the whole completion at every token, on the thread every
-request shares: their number and length are bounded (the scheduler enforces the same)."""
+from sluice import limits
 
 
 def sampling_violations(params: SamplingParams) -> list[tuple[str, str]]:
     """Every sampling rule ``params`` breaks, as ``(field, why)``: numerically safe
-    temperature and top_p (finite, no denormals), bounded stop strings. Bounds are compared
-    as float32, the wire's precision, so ``0.01`` sent as a protobuf float passes."""
-    out: list[tuple[str, str]] = []
-    t = params.temperature
-    if not (t == 0 or (float32(MIN_TEMPERATURE) <= t <= MAX_TEMPERATURE and math.isfinite(t))):
-        out.append(
-            (
-                "options.temperature",
-                f"must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]",
-            )
-        )
-    if not MIN_TOP_P <= params.top_p <= 1:
-        out.append(("options.top_p", "must be in (0, 1] and not a denormal number"))
-    if len(params.stop) > MAX_STOP_STRINGS:
-        out.append(("options.stop", f"at most {MAX_STOP_STRINGS} stop strings"))
-    for i, stop in enumerate(params.stop):
-        if not stop or len(stop) > MAX_STOP_CHARS:
-            out.append((f"options.stop[{i}]", f"must be 1 to {MAX_STOP_CHARS} characters"))
-    return out
+    temperature and top_p (finite, no denormals), bounded stop strings; the contract's
+    limits (:func:`sluice.limits.sampling_violations`), which the scheduler and the node's
+    servicer check first."""
+    return limits.sampling_violations(params.temperature, params.top_p, params.stop)
 
 
 class SamplingError(ArithmeticError):

@@ -15,7 +15,8 @@ user               may
 =================  ===================================================================
 
 Redis has no ``default`` user; the cache service may touch only ``sluice:cache:*`` keys and the
-scheduler only ``sluice:quota:*``, neither may run administrative commands.
+scheduler only ``sluice:quota:*`` and ``sluice:jobs:*``; neither may run administrative
+commands.
 """
 
 from __future__ import annotations
@@ -32,12 +33,10 @@ from aetcd.rpc import auth_pb2, rpc_pb2, rpc_pb2_grpc
 
 from sluice.contract import NODES_PREFIX, SCHEDULERS_PREFIX
 from sluice.local.pki import Pki, create_pki
-from sluice.runtime.cache_keys import KEY_PREFIX as CACHE_KEY_PREFIX
 from sluice.runtime.tls import Identity, Mesh, Role, TlsFiles, node_identity
 
-QUOTA_KEY_PREFIX = "sluice:quota:"
-REDIS_USERS = {"cache": CACHE_KEY_PREFIX + ":", "scheduler": QUOTA_KEY_PREFIX}
-"""Redis user → the key prefix it may touch."""
+REDIS_USERS = {"cache": ("sluice:cache:",), "scheduler": ("sluice:quota:", "sluice:jobs:")}
+"""Redis user → the key prefixes it may touch (cache entries; quotas and durable jobs)."""
 REDIS_COMMANDS = "+@all -@admin -@dangerous +ping +info"
 """Everything a data client needs; no CONFIG, FLUSHALL, KEYS, DEBUG, SHUTDOWN, ACL..."""
 
@@ -92,11 +91,10 @@ def _redis_passwords(path: Path) -> dict[str, str]:
 
 def _acl_text(passwords: dict[str, str]) -> str:
     lines = ["user default off resetkeys resetchannels -@all"]
-    for user, prefix in REDIS_USERS.items():
+    for user, prefixes in REDIS_USERS.items():
         digest = hashlib.sha256(passwords[user].encode()).hexdigest()
-        lines.append(
-            f"user {user} on #{digest} resetkeys ~{prefix}* resetchannels {REDIS_COMMANDS}"
-        )
+        keys = " ".join(f"~{prefix}*" for prefix in prefixes)
+        lines.append(f"user {user} on #{digest} resetkeys {keys} resetchannels {REDIS_COMMANDS}")
     return "\n".join(lines) + "\n"
 
 

@@ -28,7 +28,8 @@ if _version_not_supported:
 class InferenceStub:
     """Generation and embeddings. Authenticate with "authorization: Bearer <api key>" metadata; set
     the deadline with the gRPC deadline. Overload is answered with RESOURCE_EXHAUSTED carrying
-    google.rpc.RetryInfo, bad input with INVALID_ARGUMENT carrying google.rpc.BadRequest.
+    google.rpc.RetryInfo, bad input with INVALID_ARGUMENT carrying google.rpc.BadRequest. Every
+    field's limit (lengths, counts, characters, numeric ranges): docs/limits.md.
     """
 
     def __init__(self, channel):
@@ -52,7 +53,8 @@ class InferenceStub:
 class InferenceServicer:
     """Generation and embeddings. Authenticate with "authorization: Bearer <api key>" metadata; set
     the deadline with the gRPC deadline. Overload is answered with RESOURCE_EXHAUSTED carrying
-    google.rpc.RetryInfo, bad input with INVALID_ARGUMENT carrying google.rpc.BadRequest.
+    google.rpc.RetryInfo, bad input with INVALID_ARGUMENT carrying google.rpc.BadRequest. Every
+    field's limit (lengths, counts, characters, numeric ranges): docs/limits.md.
     """
 
     def Generate(self, request, context):
@@ -93,7 +95,8 @@ def add_InferenceServicer_to_server(servicer, server):
 class Inference:
     """Generation and embeddings. Authenticate with "authorization: Bearer <api key>" metadata; set
     the deadline with the gRPC deadline. Overload is answered with RESOURCE_EXHAUSTED carrying
-    google.rpc.RetryInfo, bad input with INVALID_ARGUMENT carrying google.rpc.BadRequest.
+    google.rpc.RetryInfo, bad input with INVALID_ARGUMENT carrying google.rpc.BadRequest. Every
+    field's limit (lengths, counts, characters, numeric ranges): docs/limits.md.
     """
 
     @staticmethod

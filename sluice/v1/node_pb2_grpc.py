@@ -28,8 +28,9 @@ if _version_not_supported:
 
 
 class NodeStub:
-    """Runs models. The node trusts its caller: authentication and validation happen in the
-    scheduler; the node still refuses what it cannot serve (unknown model, too long, draining).
+    """Runs models. Authentication, quotas and admission happen in the scheduler; the node checks
+    every request limit again (docs/limits.md) and refuses what it cannot serve (model not
+    loaded, too long for its context, draining).
     """
 
     def __init__(self, channel):
@@ -61,8 +62,9 @@ class NodeStub:
 
 
 class NodeServicer:
-    """Runs models. The node trusts its caller: authentication and validation happen in the
-    scheduler; the node still refuses what it cannot serve (unknown model, too long, draining).
+    """Runs models. Authentication, quotas and admission happen in the scheduler; the node checks
+    every request limit again (docs/limits.md) and refuses what it cannot serve (model not
+    loaded, too long for its context, draining).
     """
 
     def Generate(self, request, context):
@@ -125,8 +127,9 @@ def add_NodeServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Node:
-    """Runs models. The node trusts its caller: authentication and validation happen in the
-    scheduler; the node still refuses what it cannot serve (unknown model, too long, draining).
+    """Runs models. Authentication, quotas and admission happen in the scheduler; the node checks
+    every request limit again (docs/limits.md) and refuses what it cannot serve (model not
+    loaded, too long for its context, draining).
     """
 
     @staticmethod
