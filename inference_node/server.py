@@ -75,6 +75,12 @@ FINISH = {
 }
 DEFAULT_MAX_NEW_TOKENS = 128
 ENGINE_FULL_RETRY_S = 1.0
+MAX_EMBEDS_WAITING = 64
+"""Embed calls queued for the embedding thread at most; more are refused OVERLOADED (the
+scheduler admits no more than a node's slots, so only a caller around it reaches this)."""
+LOAD_INTERVAL_MS = (10, 10_000)
+"""Bounds of StreamLoad.min_interval_ms (0 keeps the node's default)."""
+MAX_DRAIN_GRACE_S = 3600.0
 
 
 def sampling_params(options: common_pb2.GenerationOptions) -> SamplingParams:
@@ -135,6 +141,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         self._stream_interval_s = stream_interval_s
         # One thread owns the embedding models, as the engine thread owns the generator.
         self._embed_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self._embeds_waiting = 0
         self._process = psutil.Process()
         self._gpu = gpu
         self.in_flight = 0
@@ -269,7 +276,13 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             violations.append(("model", f"model {req.model!r} is not loaded on this node"))
         _refuse(violations)
         assert embedder is not None
+        if self._embeds_waiting >= MAX_EMBEDS_WAITING:
+            raise ResourceExhausted(
+                f"{self._embeds_waiting} embeddings already wait on this node",
+                retry_after_s=ENGINE_FULL_RETRY_S,
+            )
         self.in_flight += 1
+        self._embeds_waiting += 1
         try:
             loop = asyncio.get_running_loop()
             vectors, tokens = await loop.run_in_executor(
@@ -277,6 +290,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             )
         finally:
             self.in_flight -= 1
+            self._embeds_waiting -= 1
         self._metrics.prompt_tokens.labels(embedder.name).inc(tokens)
         return inference_pb2.EmbedResponse(
             embeddings=[inference_pb2.Embedding(values=v) for v in vectors],
@@ -324,6 +338,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     async def StreamLoad(
         self, request: node_pb2.StreamLoadRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.LoadReport]:
+        low, high = LOAD_INTERVAL_MS
+        if request.min_interval_ms and not low <= request.min_interval_ms <= high:
+            raise InvalidArgument([("min_interval_ms", f"0 or {low}-{high}")])
         interval = (
             request.min_interval_ms / 1000 if request.min_interval_ms > 0 else self._load_interval_s
         )
@@ -334,8 +351,11 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     async def Drain(
         self, request: node_pb2.DrainRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.DrainResponse:
+        grace = request.grace_seconds
+        if not 0 <= grace <= MAX_DRAIN_GRACE_S:  # NaN fails too
+            raise InvalidArgument([("grace_seconds", f"0-{MAX_DRAIN_GRACE_S:.0f} seconds")])
         in_flight = self.in_flight
-        self._start_drain(float(request.grace_seconds))
+        self._start_drain(float(grace))
         return node_pb2.DrainResponse(in_flight=in_flight)
 
     def close(self) -> None:

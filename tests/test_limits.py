@@ -380,6 +380,31 @@ async def test_the_node_bounds_what_a_scheduler_adds(suite: Suite) -> None:
     assert [f for f, _ in violations(error)] == ["tenant", "request_id"]
 
 
+async def test_the_node_bounds_its_internal_calls(suite: Suite) -> None:
+    """StreamLoad's interval (0 or 10-10000 ms) and Drain's grace (0-3600 s) are bounded:
+    past them INVALID_ARGUMENT naming the field."""
+    node = await suite.start_node("internal-limits")
+    stub = node_pb2_grpc.NodeStub(suite.channel(node.address))
+    error = await first_answer(stub.StreamLoad(node_pb2.StreamLoadRequest(min_interval_ms=1)))
+    assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in violations(error)] == ["min_interval_ms"]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Drain(node_pb2.DrainRequest(grace_seconds=-1))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert not node.draining
+
+
+async def test_oversized_metadata_is_refused_before_the_api_key(suite: Suite) -> None:
+    """An x-request-id past its limit is INVALID_ARGUMENT even without an API key: metadata
+    alone decides, before authentication and before the body is parsed."""
+    await suite.start_scheduler()
+    request, _ = generate()
+    error = await first_answer(
+        suite.inference().Generate(request, metadata=((REQUEST_ID_METADATA, "r" * 129),))
+    )
+    assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 async def test_tenant_usage_refuses_a_tenant_name_longer_than_any_tenant(suite: Suite) -> None:
     """``GetTenantUsage.tenant``: 64 characters is looked up (NOT_FOUND here), 65 is
     INVALID_ARGUMENT ``tenant``."""

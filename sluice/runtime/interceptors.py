@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import structlog
 
+from sluice import limits
 from sluice.contract import AUTHORIZATION_METADATA
 from sluice.runtime import context
 from sluice.runtime.errors import Internal, InvalidArgument, SluiceError, Unauthenticated
@@ -202,7 +203,10 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         metadata = _metadata(handler_call_details)
         incoming = metadata.get(context.REQUEST_ID_METADATA, "")
         caller = self._auth.check_for(method, metadata) if self._auth else None
-        if isinstance(caller, Unauthenticated):
+        oversized = limits.metadata_violations(handler_call_details.invocation_metadata)
+        if oversized:  # before the API key and the body: metadata alone decides
+            handler = _refusing(handler, InvalidArgument(oversized))
+        elif isinstance(caller, Unauthenticated):
             handler = _refusing(handler, caller)
         started: dict[str, float] = {}
 
