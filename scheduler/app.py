@@ -7,6 +7,7 @@ import contextlib
 import time
 import uuid
 
+import redis.asyncio as redis
 import structlog
 from prometheus_client import CollectorRegistry
 
@@ -16,6 +17,10 @@ from scheduler.catalog import ModelCatalog
 from scheduler.config import SchedulerSettings
 from scheduler.dispatch import Dispatcher
 from scheduler.gate import DispatchGate
+from scheduler.jobs.metrics import JobMetrics, JobStateCollector
+from scheduler.jobs.service import JobsServicer as DurableJobsServicer
+from scheduler.jobs.store import JobStore, jobs_redis, now_ms
+from scheduler.jobs.worker import JobWorker
 from scheduler.lifecycle import RequestPath
 from scheduler.live_config import LiveTenants
 from scheduler.metrics import LiveState, NodeGaugeRow, SchedulerMetrics
@@ -27,6 +32,7 @@ from scheduler.routing import OutlierConfig, OutlierDetector, RetryBudget
 from scheduler.server import AdminServicer, InferenceServicer, JobsServicer
 from scheduler.tenants import TenantDirectory, TenantsDocumentError
 from scheduler.usage import UsageBook
+from scheduler.validation import class_label
 from sluice import __version__
 from sluice.contract import NODES_PREFIX, SCHEDULERS_PREFIX
 from sluice.runtime.breaker import BreakerConfig
@@ -168,7 +174,9 @@ class SchedulerService:
             authenticate=self._authenticate,
             guarded_services=PUBLIC_SERVICES,
         )
-        self._add_servicers()
+        self.job_worker: JobWorker | None = None
+        self._jobs_redis: redis.Redis | None = None
+        self._add_servicers(registry)
         self.registration: Registration | None = None
         self._serve_later: asyncio.Task[None] | None = None
 
@@ -193,8 +201,21 @@ class SchedulerService:
             background=background,
         )
 
-    def _add_servicers(self) -> None:
-        inference = InferenceServicer(self._request_path())
+    def _jobs(self, path: RequestPath, registry: CollectorRegistry) -> jobs_pb2_grpc.JobsServicer:
+        """The Jobs service: durable jobs in Redis, or UNIMPLEMENTED without Redis."""
+        if not (self.settings.jobs_enabled and self.settings.redis_url):
+            return JobsServicer()
+        self._jobs_redis = jobs_redis(self.settings.redis_url)
+        store = JobStore(self._jobs_redis)
+        metrics = JobMetrics(registry)
+        worker = JobWorker(store, path, self.settings, metrics, self.scheduler_id, self.nodes)
+        registry.register(JobStateCollector(lambda: _job_rows(worker)))
+        self.job_worker = worker
+        return DurableJobsServicer(path, store, worker, metrics)
+
+    def _add_servicers(self, registry: CollectorRegistry) -> None:
+        path = self._request_path()
+        inference = InferenceServicer(path)
         admin = AdminServicer(
             nodes=self.nodes,
             usage=self.usage,
@@ -208,7 +229,9 @@ class SchedulerService:
             inference_pb2_grpc.add_InferenceServicer_to_server, inference, inference_service
         )
         self.server.add(admin_pb2_grpc.add_AdminServicer_to_server, admin, admin_service)
-        self.server.add(jobs_pb2_grpc.add_JobsServicer_to_server, JobsServicer(), jobs_service)
+        self.server.add(
+            jobs_pb2_grpc.add_JobsServicer_to_server, self._jobs(path, registry), jobs_service
+        )
 
     def _authenticate(self, key: str) -> str | None:
         tenant = self.tenants.authenticate(key)
@@ -269,6 +292,8 @@ class SchedulerService:
             self.settings.registry_ttl_seconds,
         )
         await self.registration.start(retry_in_background=True)
+        if self.job_worker is not None:
+            await self.job_worker.start()
 
     async def _serve_once_synced(self) -> None:
         await self.view.synced.wait()
@@ -288,6 +313,8 @@ class SchedulerService:
                 await self._serve_later
         if self.registration is not None:
             await self.registration.stop()
+        if self.job_worker is not None:
+            await self.job_worker.stop()
         await self.gate.stop()
         await self.server.stop(grace_s)
         await self.dispatcher.close()
@@ -298,3 +325,24 @@ class SchedulerService:
         if self._cache_channel is not None:
             await self._cache_channel.close()
         await self.etcd.close()
+        if self._jobs_redis is not None:
+            await self._jobs_redis.aclose()
+
+
+def _job_rows(worker: JobWorker) -> list[tuple[str, str, str, float]]:
+    """The worker's view of the jobs not final, for the jobs gauges."""
+    names: dict[int, str] = {
+        jobs_pb2.JOB_STATE_QUEUED: "queued",
+        jobs_pb2.JOB_STATE_RUNNING: "running",
+        jobs_pb2.JOB_STATE_CANCELLING: "cancelling",
+    }
+    now = now_ms()
+    return [
+        (
+            names.get(r.state, "queued"),
+            class_label(r.workload_class),
+            r.tenant,
+            max(0.0, (now - r.created_ms) / 1000),
+        )
+        for r in worker.records.values()
+    ]

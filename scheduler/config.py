@@ -123,3 +123,22 @@ class SchedulerSettings(ServiceSettings):
     median is ejected for ``outlier_eject_seconds``."""
     outlier_eject_seconds: float = 15.0
     """Ejection time of a latency outlier."""
+    jobs_enabled: bool = True
+    """Serve the Jobs API and run job lines (needs ``redis_url``: jobs live in Redis)."""
+    job_line_timeout_seconds: float = 300.0
+    """Longest one attempt of one line may take (within its job's window)."""
+    job_reclaim_idle_seconds: float = 30.0
+    """A line whose worker sent no heartbeat (every ``job_heartbeat_seconds``) this long is
+    taken over by another replica (``XAUTOCLAIM``): its worker is presumed dead."""
+    job_heartbeat_seconds: float = 5.0
+    """How often a replica marks the lines it holds (running or deferred) as alive."""
+    job_max_deliveries: int = 3
+    """A line that failed (or whose worker died) this many times is dead-lettered with its
+    last error."""
+    job_default_window_seconds: float = 86400.0
+    """Completion window of a job that sets none."""
+    job_max_lines_in_flight: int = 64
+    """Most lines one replica runs at once (the adaptive window's ceiling)."""
+    job_capacity_share: float = 0.9
+    """Share of the nodes' measured throughput predictions count on for jobs before any job
+    ran (afterwards the rate jobs actually got is used)."""

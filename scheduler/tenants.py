@@ -14,6 +14,7 @@ tenants:
       max_concurrent: 16
     deadlines: {realtime: 30, batch: 600}            # applied when the call sets no deadline
     admin: false                                     # Admin calls: nodes, every tenant's usage
+    job_retention_seconds: 604800                    # finished jobs' results kept (default 7 d)
 ```
 The tenant of a request always comes from its verified key, never from a request field. The
 same document, as YAML or JSON, under the etcd key ``/sluice/config/tenants`` replaces the file's
@@ -28,7 +29,8 @@ Limits (a document that breaks one is refused whole, with the field named):
   hashes, each ``sha256:`` + 64 lower-case hex and unique across every tenant;
 - numbers finite and in range: weight 0.001-1000; quotas 0 (unlimited) or requests_per_second
   0.001-1e6, burst ≤ 1e7, tokens_per_minute ≤ 1e12, max_concurrent ≤ 1e6; deadlines
-  0.001 s-7 days; numbers must be numbers (``"2"`` and ``true`` are not).
+  0.001 s-7 days; job_retention_seconds 60 s-90 days; numbers must be numbers (``"2"`` and
+  ``true`` are not).
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ _STRICT = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=Fal
 
 Deadline = Annotated[float, Field(ge=0.001, le=MAX_DEADLINE_S)]
 ModelName = Annotated[str, Field(min_length=1, max_length=limits.MAX_MODEL_NAME_CHARS)]
+
+DEFAULT_JOB_RETENTION_S = 7 * 86400.0
 
 
 class Quotas(BaseModel):
@@ -117,6 +121,7 @@ class TenantSpec(BaseModel):
     quotas: Quotas = Field(default_factory=Quotas)
     deadlines: dict[str, Deadline] = Field(default_factory=dict)
     admin: bool = False
+    job_retention_seconds: float = Field(default=DEFAULT_JOB_RETENTION_S, ge=60, le=90 * 86400)
 
     @field_validator("deadlines")
     @classmethod
@@ -196,6 +201,8 @@ class Tenant:
     """Default deadline in seconds per class, for calls that set none."""
     admin: bool = False
     """May use the Admin calls: list the nodes, read any tenant's usage."""
+    job_retention_seconds: float = 7 * 86400.0
+    """How long a finished job and its results are kept."""
 
     def deadline_for(self, workload_class: WorkloadClass, fallback: float) -> float:
         """Seconds a call of ``workload_class`` without a deadline may take."""
@@ -277,6 +284,7 @@ def parse_tenants(document: str | bytes) -> list[Tenant]:
             quotas=t.quotas,
             deadlines={WorkloadClass.from_label(c): s for c, s in t.deadlines.items()},
             admin=t.admin,
+            job_retention_seconds=t.job_retention_seconds,
         )
         for t in spec.tenants
     ]

@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from sluice.contract import WorkloadClass
     from sluice.sdk.aio import AsyncClient
+    from sluice.sdk.calls import FINAL_JOB_STATES
     from sluice.sdk.errors import (
         AuthenticationError,
         DeadlineExceededError,
@@ -36,19 +37,30 @@ if TYPE_CHECKING:
         UnavailableError,
         UnimplementedError,
     )
-    from sluice.sdk.requests import Prompt, batch_job
+    from sluice.sdk.job_lines import (
+        JobLineError,
+        JobLinesError,
+        ParsedLines,
+        parse_job_lines,
+        result_record,
+    )
+    from sluice.sdk.requests import Prompt, embed_line, generate_line
     from sluice.sdk.retry import RetryPolicy
     from sluice.sdk.sync import Client
     from sluice.sdk.tls import TlsConfig
 
 __all__ = [
+    "FINAL_JOB_STATES",
     "AsyncClient",
     "AuthenticationError",
     "Client",
     "DeadlineExceededError",
     "InvalidRequestError",
+    "JobLineError",
+    "JobLinesError",
     "NotFoundError",
     "OverloadedError",
+    "ParsedLines",
     "PermissionDeniedError",
     "Prompt",
     "QuotaExceededError",
@@ -60,7 +72,10 @@ __all__ = [
     "UnimplementedError",
     "WorkloadClass",
     "__version__",
-    "batch_job",
+    "embed_line",
+    "generate_line",
+    "parse_job_lines",
+    "result_record",
 ]
 _HOMES = (
     "sluice.sdk.aio",
@@ -68,6 +83,8 @@ _HOMES = (
     "sluice.sdk.errors",
     "sluice.sdk.retry",
     "sluice.sdk.requests",
+    "sluice.sdk.job_lines",
+    "sluice.sdk.calls",
     "sluice.sdk.tls",
     "sluice.contract",
 )

@@ -1,162 +1,46 @@
 """The `sluice` command line: run the suite locally and talk to it as a user would.
 
 Every command that talks to a running suite goes through the SDK's blocking
-:class:`~sluice.sdk.Client`; it finds the scheduler from ``--endpoint``, ``SLUICE_ENDPOINTS``,
-the ``endpoints.json`` of a local `sluice up` (``--run-dir``), or etcd discovery
-(``SLUICE_ETCD_ENDPOINTS``), and the key from ``--api-key``, ``SLUICE_API_KEY`` or the
-development key `sluice up` wrote. TLS: ``--insecure`` is plaintext; else ``--ca``, ``--cert``,
-``--key`` over ``SLUICE_TLS_CA`` / ``_CERT`` / ``_KEY`` over what `sluice up` wrote when the
-scheduler or etcd called is that suite's; else plaintext.
+:class:`~sluice.sdk.Client`, made from the connection options of :mod:`sluice.cli_connect`
+(where it finds the scheduler, the key and the TLS settings). The ``jobs`` commands live in
+:mod:`sluice.cli_jobs`.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from sluice import Client, SluiceRpcError, TlsConfig
-from sluice.local.rundir import dev_api_key, read_endpoints, suite_tls
-from sluice.sdk.endpoints import (
-    API_KEY_ENV,
-    ENDPOINTS_ENV,
-    ETCD_ENDPOINTS_ENVS,
-    configured_endpoints,
-    etcd_endpoints,
+from sluice.cli_connect import (
+    DEFAULT_RUN_DIR,
+    ApiKey,
+    Ca,
+    Cert,
+    Endpoint,
+    Insecure,
+    Key,
+    RunDir,
+    TlsFlags,
+    connect,
+    console,
+    err,
+    rpc_errors,
+    scheduler_address,
 )
-from sluice.sdk.retry import is_transport_failure
+from sluice.cli_jobs import jobs_app
+from sluice.local.rundir import read_endpoints
 from sluice.v1 import admin_pb2
 
 app = typer.Typer(help="Sluice: keep a model-serving fleet answering under overload.")
-console = Console()
-err = Console(stderr=True)
-
-RunDir = Annotated[Path, typer.Option("--run-dir", help="Run directory of `sluice up`.")]
-Endpoint = Annotated[
-    str | None,
-    typer.Option("--endpoint", help="Scheduler host:port, comma-separated for several."),
-]
-ApiKey = Annotated[str | None, typer.Option("--api-key", help="API key (else SLUICE_API_KEY).")]
-Ca = Annotated[
-    Path | None,
-    typer.Option(
-        "--ca",
-        help="CA certificate (PEM) the scheduler's must be signed by (else SLUICE_TLS_CA, "
-        "else the run directory's).",
-    ),
-]
-Cert = Annotated[
-    Path | None,
-    typer.Option("--cert", help="Client certificate (PEM), for etcd (else SLUICE_TLS_CERT)."),
-]
-Key = Annotated[
-    Path | None, typer.Option("--key", help="Key of --cert (PEM) (else SLUICE_TLS_KEY).")
-]
-Insecure = Annotated[
-    bool, typer.Option("--insecure", help="Plaintext, even where the run directory says TLS.")
-]
-DEFAULT_RUN_DIR = Path(".sluice")
-
-
-@dataclass(frozen=True)
-class TlsFlags:
-    """The TLS flags of a command."""
-
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    insecure: bool = False
-
-    @property
-    def given(self) -> bool:
-        """Whether any of ``--ca``, ``--cert``, ``--key`` was given."""
-        return any(f is not None for f in (self.ca, self.cert, self.key))
-
-
-def _endpoint(endpoint: str | None, run_dir: Path) -> str | None:
-    """The flag, else None when the environment names endpoints or etcd, else the scheduler
-    of a local `sluice up`."""
-    if endpoint or os.environ.get(ENDPOINTS_ENV):
-        return endpoint
-    if any(os.environ.get(env) for env in ETCD_ENDPOINTS_ENVS):
-        return None
-    found = _run_dir_scheduler(run_dir)
-    if found is None:
-        err.print(
-            "[red]no scheduler: pass --endpoint, set SLUICE_ENDPOINTS or SLUICE_ETCD_ENDPOINTS, "
-            "or run `sluice up`"
-        )
-        raise typer.Exit(2)
-    return found
-
-
-def _run_dir_scheduler(run_dir: Path) -> str | None:
-    """The scheduler address a local `sluice up` recorded, if any."""
-    try:
-        found: str = read_endpoints(run_dir)["scheduler"]["grpc"]
-    except (FileNotFoundError, KeyError):
-        return None
-    return found
-
-
-def _api_key(api_key: str | None, run_dir: Path) -> str | None:
-    if api_key is None and not os.environ.get(API_KEY_ENV):
-        return dev_api_key(run_dir)
-    return api_key
-
-
-def _tls(address: str | None, run_dir: Path, flags: TlsFlags) -> TlsConfig | bool:
-    """The client's TLS: ``--insecure`` plaintext; else the flags over the environment over a
-    local `sluice up`'s files when ``address`` (else the environment's endpoints or etcd) is
-    that suite's; else plaintext."""
-    if flags.insecure:
-        if flags.given:
-            err.print("[red]--insecure goes with none of --ca, --cert, --key")
-            raise typer.Exit(2)
-        return False
-    base = TlsConfig.from_env()
-    if base is None:
-        called = configured_endpoints(address) or etcd_endpoints(None)
-        block = suite_tls(run_dir, called)
-        if block is not None:
-            base = TlsConfig(ca=block["ca"], cert=block.get("cert"), key=block.get("key"))
-    if not flags.given:
-        return base if base is not None else False
-    base = base or TlsConfig()
-    return replace(
-        base,
-        ca=flags.ca or base.ca,
-        cert=flags.cert or base.cert,
-        key=flags.key or base.key,
-    )
-
-
-def _connect(
-    endpoint: str | None, api_key: str | None, run_dir: Path, tls: TlsFlags, **options: Any
-) -> Client:
-    """A client from flags, env, or the endpoints/dev key/TLS files a local `sluice up` wrote;
-    a TLS setting that cannot work (a missing file, a cert without its key) exits 2."""
-    address = _endpoint(endpoint, run_dir)
-    try:
-        return Client(
-            address,
-            api_key=_api_key(api_key, run_dir),
-            tls=_tls(address, run_dir, tls),
-            **options,
-        )
-    except ValueError as exc:
-        err.print(f"[red]{exc}")
-        raise typer.Exit(2) from None
+app.add_typer(jobs_app, name="jobs")
 
 
 @contextmanager
@@ -170,43 +54,6 @@ def _needs_services() -> Iterator[None]:
             "missing): pip install 'sluice\\[node]'"
         )
         raise typer.Exit(2) from None
-
-
-@contextmanager
-def _rpc_errors() -> Iterator[None]:
-    """An RPC error becomes a clear message and exit code 1."""
-    try:
-        yield
-    except SluiceRpcError as exc:
-        raise _fail(exc) from exc
-
-
-def _fail(exc: SluiceRpcError) -> typer.Exit:
-    err.print(f"[red]{exc.code.name}[/red]: {exc.message}")
-    for field, why in exc.violations:
-        err.print(f"  {field}: {why}")
-    if exc.retry_after_s is not None:
-        err.print(f"  retry after {exc.retry_after_s:.2f}s")
-    if exc.attempts > 1:
-        err.print(f"  after {exc.attempts} attempts")
-    if is_transport_failure(exc):
-        _tls_hint(exc.message)
-    return typer.Exit(1)
-
-
-def _tls_hint(message: str) -> None:
-    """What a transport failure that looks like a TLS mismatch probably means."""
-    if "Socket closed" in message:
-        err.print(
-            "  the server closed the connection, as a TLS server does to a plaintext client "
-            "(pass --ca, set SLUICE_TLS_CA, or point --run-dir at its `sluice up`) and a "
-            "mutual-TLS one to a client without a certificate (--cert and --key)"
-        )
-    elif "BAD_CERTIFICATE" in message:
-        err.print(
-            "  the server refused this client's certificate, or wants one (a local suite's "
-            "etcd does): pass --cert and --key, or set SLUICE_TLS_CERT and SLUICE_TLS_KEY"
-        )
 
 
 @app.command()
@@ -305,7 +152,7 @@ def generate(
     """Stream a generation to the terminal."""
     text: str | list[tuple[str, str]] = [("user", prompt)] if chat else prompt
     tls = TlsFlags(ca, cert, key, insecure)
-    with _rpc_errors(), _connect(endpoint, api_key, run_dir, tls) as client:
+    with rpc_errors(), connect(endpoint, api_key, run_dir, tls) as client:
         last = None
         for chunk in client.generate(
             model, text, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
@@ -334,7 +181,7 @@ def embed(
 ) -> None:
     """Embed texts; prints dimensions and the first values of each vector."""
     tls = TlsFlags(ca, cert, key, insecure)
-    with _rpc_errors(), _connect(endpoint, api_key, run_dir, tls) as client:
+    with rpc_errors(), connect(endpoint, api_key, run_dir, tls) as client:
         reply = client.embed(model, texts)
         for text, emb in zip(texts, reply.embeddings, strict=True):
             head = ", ".join(f"{v:+.4f}" for v in emb.values[:6])
@@ -354,7 +201,7 @@ def nodes(
 ) -> None:
     """The nodes the scheduler sees: health, circuit, models, load."""
     tls = TlsFlags(ca, cert, key, insecure)
-    with _rpc_errors(), _connect(endpoint, api_key, run_dir, tls) as client:
+    with rpc_errors(), connect(endpoint, api_key, run_dir, tls) as client:
         table = Table()
         for col in (
             "node",
@@ -406,7 +253,7 @@ def tenants(
     from sluice.local.top import Sample, tenants_table  # noqa: PLC0415 - only this command needs it
 
     tls = TlsFlags(ca, cert, key, insecure)
-    with _rpc_errors(), _connect(endpoint, api_key, run_dir, tls) as client:
+    with rpc_errors(), connect(endpoint, api_key, run_dir, tls) as client:
         usage = [client.get_tenant_usage(name) for name in tenant or [""]]
         console.print(tenants_table(Sample(at=time.monotonic(), usage=usage), None))
 
@@ -434,13 +281,13 @@ def top(
     """
     from sluice.local.top import collect, render  # noqa: PLC0415 - only this command needs it
 
-    address = _endpoint(endpoint, run_dir)
+    address = scheduler_address(endpoint, run_dir)
     metrics = metrics or _run_dir_metrics(address, run_dir)
     title = f"sluice top · scheduler {address or 'discovered through etcd'}"
     tls = TlsFlags(ca, cert, key, insecure)
-    client = _connect(endpoint, api_key, run_dir, tls, timeout_s=2.0, retry=None)
+    client = connect(endpoint, api_key, run_dir, tls, timeout_s=2.0, retry=None)
     names = tenant or [""]
-    with _rpc_errors(), client:
+    with rpc_errors(), client:
         prev = collect(client, metrics, names)
         if once:
             time.sleep(interval)

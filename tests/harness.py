@@ -36,6 +36,7 @@ from sluice.v1 import (
     cache_pb2_grpc,
     common_pb2,
     inference_pb2_grpc,
+    jobs_pb2_grpc,
     node_pb2_grpc,
 )
 
@@ -167,6 +168,12 @@ class Suite:
     def admin(self) -> admin_pb2_grpc.AdminStub:
         assert self.scheduler is not None
         return admin_pb2_grpc.AdminStub(
+            self.channel(self.scheduler.address, Identity(Role.SCHEDULER))
+        )
+
+    def jobs(self) -> jobs_pb2_grpc.JobsStub:
+        assert self.scheduler is not None
+        return jobs_pb2_grpc.JobsStub(
             self.channel(self.scheduler.address, Identity(Role.SCHEDULER))
         )
 

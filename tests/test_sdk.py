@@ -35,7 +35,6 @@ from sluice import (
     SluiceRpcError,
     UnavailableError,
     UnimplementedError,
-    batch_job,
 )
 from sluice.local.stores import free_port
 from sluice.runtime import errors as domain
@@ -48,8 +47,6 @@ from sluice.v1 import (
     common_pb2,
     inference_pb2,
     inference_pb2_grpc,
-    jobs_pb2,
-    jobs_pb2_grpc,
 )
 from tests.harness import API_KEY, Suite, eventually
 from tests.harness import test_tenants as tenant_directory
@@ -123,64 +120,10 @@ class FaultyInference(inference_pb2_grpc.InferenceServicer):  # type: ignore[mis
         )
 
 
-class EchoJobs(jobs_pb2_grpc.JobsServicer):  # type: ignore[misc]
-    """Jobs as the contract describes them, kept in a dict."""
-
-    def __init__(self) -> None:
-        self.submitted: list[jobs_pb2.SubmitJobRequest] = []
-        self.jobs: dict[str, jobs_pb2.Job] = {}
-
-    async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, ctx: object) -> jobs_pb2.Job:
-        self.submitted.append(request)
-        job = jobs_pb2.Job(
-            job_id=f"job-{len(self.jobs) + 1}",
-            state=jobs_pb2.JOB_STATE_QUEUED,
-            kind=request.WhichOneof("spec") or "",
-            progress=jobs_pb2.JobProgress(total=len(request.batch.items)),
-        )
-        self.jobs[job.job_id] = job
-        return job
-
-    def _job(self, job_id: str) -> jobs_pb2.Job:
-        if job_id not in self.jobs:
-            raise domain.NotFound(f"no job {job_id}")
-        return self.jobs[job_id]
-
-    async def GetJob(self, request: jobs_pb2.GetJobRequest, ctx: object) -> jobs_pb2.Job:
-        return self._job(request.job_id)
-
-    async def WatchJob(
-        self, request: jobs_pb2.WatchJobRequest, ctx: object
-    ) -> AsyncIterator[jobs_pb2.JobEvent]:
-        job = self._job(request.job_id)
-        for done in range(1, job.progress.total + 1):
-            job.progress.completed = done
-            job.state = (
-                jobs_pb2.JOB_STATE_SUCCEEDED
-                if done == job.progress.total
-                else jobs_pb2.JOB_STATE_RUNNING
-            )
-            yield jobs_pb2.JobEvent(
-                job=job, results=[jobs_pb2.BatchItemResult(id=str(done - 1), text="ok")]
-            )
-
-    async def CancelJob(self, request: jobs_pb2.CancelJobRequest, ctx: object) -> jobs_pb2.Job:
-        job = self._job(request.job_id)
-        job.state = jobs_pb2.JOB_STATE_CANCELLED
-        return job
-
-    async def ListJobs(
-        self, request: jobs_pb2.ListJobsRequest, ctx: object
-    ) -> jobs_pb2.ListJobsResponse:
-        jobs = [j for j in self.jobs.values() if not request.state or j.state == request.state]
-        return jobs_pb2.ListJobsResponse(jobs=jobs[::-1], next_page_token="")
-
-
 @dataclass
 class FaultServer:
     server: GrpcServer
     inference: FaultyInference
-    jobs: EchoJobs
 
     @property
     def address(self) -> str:
@@ -198,11 +141,9 @@ async def start_server() -> AsyncIterator[Start]:
     async def start(name: str = "a", plan: list[Fault] | None = None) -> FaultServer:
         server = GrpcServer("faulty", ServerOptions(grace_s=0.1), CollectorRegistry())
         inference = FaultyInference(name, list(plan or []))
-        jobs = EchoJobs()
         server.add(inference_pb2_grpc.add_InferenceServicer_to_server, inference, "x.Inference")
-        server.add(jobs_pb2_grpc.add_JobsServicer_to_server, jobs, "x.Jobs")
         await server.start()
-        servers.append(FaultServer(server, inference, jobs))
+        servers.append(FaultServer(server, inference))
         return servers[-1]
 
     yield start
@@ -479,34 +420,6 @@ async def test_an_endpoint_not_serving_is_skipped_until_it_serves_again(
         await eventually(lambda: all(s.serving for s in client.endpoint_states()))
         assert {(await client.embed("m", ["x"])).node_id for _ in range(4)} == {"a", "b"}
     assert len(b.inference.arrivals) == 2
-
-
-# -- jobs -------------------------------------------------------------------------------------
-
-
-async def test_jobs_calls_follow_the_contract(start_server: Start) -> None:
-    """submit (batch spec, idempotency key set for the caller), get, watch, cancel and list
-    send and decode the messages of jobs.proto."""
-    s = await start_server()
-    async with AsyncClient(s.address) as client:
-        spec = batch_job(TINY, ["a", [("user", "b")]], max_new_tokens=4)
-        job = await client.submit_job(spec)
-        assert (job.job_id, job.kind, job.state) == ("job-1", "batch", jobs_pb2.JOB_STATE_QUEUED)
-        sent = s.jobs.submitted[0]
-        assert sent.idempotency_key
-        assert [i.id for i in sent.batch.items] == ["0", "1"]
-        assert sent.batch.items[1].messages[0].content == "b"
-        assert sent.batch.options.max_new_tokens == 4
-        assert (await client.get_job("job-1")).job_id == "job-1"
-        events = [e async for e in client.watch_job("job-1")]
-        assert [e.job.progress.completed for e in events] == [1, 2]
-        assert events[-1].job.state == jobs_pb2.JOB_STATE_SUCCEEDED
-        listed = await client.list_jobs(state=jobs_pb2.JOB_STATE_SUCCEEDED)
-        assert [j.job_id for j in listed.jobs] == ["job-1"]
-        assert (await client.cancel_job("job-1")).state == jobs_pb2.JOB_STATE_CANCELLED
-        second = await client.submit_job(spec, idempotency_key="k-1")
-        assert s.jobs.submitted[-1].idempotency_key == "k-1"
-        assert second.job_id == "job-2"
 
 
 # -- against the real suite ------------------------------------------------------------------

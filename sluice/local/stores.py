@@ -177,12 +177,13 @@ def redis_process(
     *,
     acl_file: Path | None = None,
 ) -> StoreProcess:
-    """A Redis server (not started), no persistence, bound to ``host``; with ``acl_file`` its
-    users are those of the file (``sluice.local.lockdown`` writes one without a usable
+    """A Redis server (not started) bound to ``host``, with append-only persistence
+    (``appendfsync everysec``: at most a second of writes lost to a crash); with ``acl_file``
+    its users are those of the file (``sluice.local.lockdown`` writes one without a usable
     ``default`` user, so every client must log in).
 
-    Without persistence, a Redis restarted on the same port and directory starts empty: quota
-    counters and cached answers begin again."""
+    A Redis restarted on the same port and directory replays its log: durable jobs, quota
+    counters and cached answers survive it."""
     port = port or free_port(host)
     data_dir.mkdir(parents=True, exist_ok=True)
     acl = [] if acl_file is None else ["--aclfile", str(acl_file)]
@@ -192,7 +193,8 @@ def redis_process(
         "--port", str(port),
         "--dir", str(data_dir),
         "--save", "",
-        "--appendonly", "no",
+        "--appendonly", "yes",
+        "--appendfsync", "everysec",
         "--protected-mode", "yes",
         *acl,
     ]  # fmt: skip

@@ -3,10 +3,11 @@
 :mod:`.calls` describes every call once; :mod:`.aio` (:class:`AsyncClient`) and :mod:`.sync`
 (:class:`Client`) are its two transports. :mod:`.errors` (typed errors), :mod:`.retry` (retry
 policy), :mod:`.endpoints` (endpoints, discovery, round robin), :mod:`.tls` (:class:`TlsConfig`:
-TLS of every channel), :mod:`.requests` (request builders such as ``batch_job``), :mod:`.base`
-(what both transports share).
+TLS of every channel), :mod:`.requests` (request builders such as ``generate_line``),
+:mod:`.job_lines` and :mod:`.openai_lines` (a batch job's lines from JSONL, in Sluice's or
+OpenAI's format; results as JSON), :mod:`.base` (what both transports share).
 
-``TlsConfig`` loads on first use, like the names of :mod:`sluice` (it loads grpc).
+The names below load on first use, like the names of :mod:`sluice` (they load grpc).
 """
 
 from __future__ import annotations
@@ -15,14 +16,37 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from sluice.sdk.job_lines import (
+        JobLineError,
+        JobLinesError,
+        ParsedLines,
+        parse_job_lines,
+        result_record,
+    )
     from sluice.sdk.tls import TlsConfig
 
-__all__ = ["TlsConfig"]
+_HOMES = {
+    "JobLineError": "sluice.sdk.job_lines",
+    "JobLinesError": "sluice.sdk.job_lines",
+    "ParsedLines": "sluice.sdk.job_lines",
+    "TlsConfig": "sluice.sdk.tls",
+    "parse_job_lines": "sluice.sdk.job_lines",
+    "result_record": "sluice.sdk.job_lines",
+}
+__all__ = [
+    "JobLineError",
+    "JobLinesError",
+    "ParsedLines",
+    "TlsConfig",
+    "parse_job_lines",
+    "result_record",
+]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "TlsConfig":
-        value = importlib.import_module("sluice.sdk.tls").TlsConfig
+    home = _HOMES.get(name)
+    if home is not None:
+        value = getattr(importlib.import_module(home), name)
         globals()[name] = value  # later lookups skip this function
         return value
     raise AttributeError(f"module 'sluice.sdk' has no attribute {name!r}")

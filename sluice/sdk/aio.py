@@ -27,7 +27,8 @@ class AsyncClient(
         Awaitable[inference_pb2.EmbedResponse],
         Awaitable[jobs_pb2.Job],
         AsyncGenerator[jobs_pb2.JobEvent, None],
-        Awaitable[jobs_pb2.ListJobsResponse],
+        AsyncGenerator[jobs_pb2.Job, None],
+        AsyncGenerator[jobs_pb2.JobResult, None],
         Awaitable[list[admin_pb2.NodeStatus]],
         Awaitable[admin_pb2.TenantUsage],
     ]
@@ -189,9 +190,21 @@ class AsyncClient(
     async def _stream(self, call: Call) -> AsyncGenerator[Any, None]:
         async for attempt in _Tries(self, call):
             with attempt:
-                async for item in attempt.start():
-                    yield attempt.got(item)
+                async for message in attempt.start():
+                    for item in attempt.got(message):
+                        yield item
+                    if attempt.done:
+                        return
                 return
+
+    async def _pages(self, call: Call) -> AsyncGenerator[Any, None]:
+        while True:
+            page = await self._unary(call)
+            for item in call.items(page):
+                yield item
+            if call.last(page):
+                return
+            call = call.after(page)
 
     async def _text(self, chunks: AsyncIterator[inference_pb2.GenerateChunk]) -> str:
         return "".join([chunk.text async for chunk in chunks])

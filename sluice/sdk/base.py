@@ -3,14 +3,16 @@ attempts of a call and the reading of health answers. No I/O here."""
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sluice.contract import AUTHORIZATION_METADATA, REQUEST_ID_METADATA, SCHEDULERS_PREFIX
@@ -185,6 +187,11 @@ class Tries:
         """Seconds to wait before the next attempt, set when one failed."""
         self.received = False
         """Whether any part of the response reached the caller (then nothing is retried)."""
+        self.request: Message | Sequence[Message] = call.request
+        """What the next attempt sends: the call's request, or, for a resumable stream, the
+        request that continues after the last message delivered."""
+        self.progressed = False
+        """Whether the current attempt delivered part of a resumable stream."""
 
     @property
     def started(self) -> bool:
@@ -207,20 +214,36 @@ class Attempt:
         self._attempts = attempts
         self._endpoint = endpoint
         self._rpc: Any = None
+        self.done = False
+        """Whether the stream's last message arrived (the transport stops reading)."""
 
     def start(self) -> Any:
-        """Invoke the RPC on this attempt's endpoint: a reply, a call to await, or a stream."""
+        """Invoke the RPC on this attempt's endpoint: a reply, a call to await, or a stream.
+        A client stream's messages are sent anew on every attempt."""
         tries = self._tries
         method = tries.client._stub(self._endpoint).method(tries.call)  # type: ignore[attr-defined]
+        request = tries.request
+        remaining = self._attempts.remaining_s()
         self._rpc = method(
-            tries.call.request, timeout=self._attempts.remaining_s(), metadata=tries.metadata
+            request if isinstance(request, Message) else iter(request),
+            timeout=remaining if math.isfinite(remaining) else None,
+            metadata=tries.metadata,
         )
         return self._rpc
 
-    def got(self, item: Any) -> Any:
-        """Note that ``item`` of a stream reached the caller; returns it."""
-        self._tries.received = True
-        return item
+    def got(self, message: Any) -> Iterable[Any]:
+        """Note that ``message`` of a stream arrived; returns the items it holds for the
+        caller. A resumable stream moves its request on past ``message``; any other is no
+        longer retried."""
+        tries = self._tries
+        call = tries.call
+        if call.resume is None:
+            tries.received = True
+        else:
+            tries.request = call.resume(tries.request, message)
+            tries.progressed = True
+        self.done = call.last(message)
+        return call.items(message)
 
     def __enter__(self) -> Attempt:
         return self
@@ -230,9 +253,12 @@ class Attempt:
     ) -> bool:
         if isinstance(self._rpc, grpc.Call | grpc.aio.Call):
             self._rpc.cancel()  # no-op when finished; ends the RPC when the caller stopped early
+        progressed, self._tries.progressed = self._tries.progressed, False
         if not isinstance(exc, grpc.RpcError):
             return False
         error = from_rpc_error(exc)  # type: ignore[arg-type]
+        if progressed:
+            self._attempts.renew(self._endpoint)
         delay = self._attempts.failed(self._endpoint, error, received=self._tries.received)
         if delay is None:
             raise error from exc

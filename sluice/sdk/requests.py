@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TypedDict, Unpack
+import math
+from collections.abc import Mapping, Sequence
+from typing import TypedDict, TypeVar, Unpack
 
+from sluice.sdk.job_lines import job_chunks
 from sluice.v1 import common_pb2, inference_pb2, jobs_pb2
+
+PageRequest = TypeVar("PageRequest", jobs_pb2.ListJobsRequest, jobs_pb2.GetJobResultsRequest)
+Page = jobs_pb2.ListJobsResponse | jobs_pb2.JobResultsPage
 
 Prompt = str | Sequence[tuple[str, str]]
 """Raw prompt text, or a chat conversation as ``(role, content)`` pairs."""
@@ -74,7 +79,7 @@ def embed_request(
 
 
 class JobOptions(TypedDict, total=False):
-    """Generation options of every item of a batch job (unset: the server's default)."""
+    """Generation options of a job line (unset: the server's default)."""
 
     max_new_tokens: int | None
     temperature: float | None
@@ -83,32 +88,54 @@ class JobOptions(TypedDict, total=False):
     stop: Sequence[str]
 
 
-def batch_job(
-    model: str, prompts: Sequence[Prompt] | dict[str, Prompt], **options: Unpack[JobOptions]
-) -> jobs_pb2.BatchGenerationSpec:
-    """A batch-generation job spec for ``submit_job``.
+def generate_line(
+    custom_id: str, model: str, prompt: Prompt, **options: Unpack[JobOptions]
+) -> jobs_pb2.JobLine:
+    """A generation line of a batch job: ``prompt`` is raw text or chat ``(role, content)``
+    pairs; ``options`` as for ``generate``."""
+    request = generate_request(
+        model,
+        prompt,
+        generation_options(**options),
+        workload_class=common_pb2.WORKLOAD_CLASS_UNSPECIFIED,
+        cache_bypass=False,
+        session_id="",
+    )
+    return jobs_pb2.JobLine(custom_id=custom_id, generate=request)
 
-    ``prompts`` is a list (items get ids ``"0"``, ``"1"``, …) or a dict of id → prompt.
-    """
-    items = prompts if isinstance(prompts, dict) else {str(i): p for i, p in enumerate(prompts)}
-    spec = jobs_pb2.BatchGenerationSpec(model=model, options=generation_options(**options))
-    for item_id, prompt in items.items():
-        if isinstance(prompt, str):
-            spec.items.append(jobs_pb2.BatchItem(id=item_id, prompt=prompt))
-        else:
-            spec.items.append(jobs_pb2.BatchItem(id=item_id, messages=_messages(prompt)))
-    return spec
+
+def embed_line(custom_id: str, model: str, inputs: Sequence[str]) -> jobs_pb2.JobLine:
+    """An embedding line of a batch job (a lone string is one input)."""
+    request = embed_request(model, inputs, common_pb2.WORKLOAD_CLASS_UNSPECIFIED)
+    return jobs_pb2.JobLine(custom_id=custom_id, embed=request)
 
 
-def submit_job_request(
-    spec: jobs_pb2.BatchGenerationSpec | jobs_pb2.FinetuneSpec, idempotency_key: str
-) -> jobs_pb2.SubmitJobRequest:
-    """A ``SubmitJobRequest`` with ``spec`` in the right ``oneof`` branch."""
-    if isinstance(spec, jobs_pb2.BatchGenerationSpec):
-        return jobs_pb2.SubmitJobRequest(batch=spec, idempotency_key=idempotency_key)
-    if isinstance(spec, jobs_pb2.FinetuneSpec):
-        return jobs_pb2.SubmitJobRequest(finetune=spec, idempotency_key=idempotency_key)
-    raise TypeError(f"a job spec is a BatchGenerationSpec or a FinetuneSpec, not {type(spec)}")
+def submit_job_requests(
+    lines: Sequence[jobs_pb2.JobLine],
+    *,
+    idempotency_key: str,
+    completion_window_s: float | None,
+    workload_class: int,
+    labels: Mapping[str, str] | None,
+    chunk_lines: int,
+) -> list[jobs_pb2.SubmitJobRequest]:
+    """A ``SubmitJob`` stream: the header, then ``lines`` in chunks of at most
+    ``chunk_lines`` lines and :data:`~sluice.sdk.job_lines.MAX_CHUNK_BYTES` bytes. The window
+    is rounded up to whole seconds (None: the server's default, 24 hours)."""
+    if completion_window_s is not None and not completion_window_s > 0:
+        raise ValueError("completion_window_s must be positive")
+    header = jobs_pb2.JobHeader(
+        kind=jobs_pb2.JOB_KIND_BATCH,
+        idempotency_key=idempotency_key,
+        completion_window_seconds=math.ceil(completion_window_s or 0),
+        workload_class=workload_class,  # type: ignore[arg-type]
+        line_count=len(lines),
+        labels=dict(labels or {}),
+    )
+    return [
+        jobs_pb2.SubmitJobRequest(header=header),
+        *(jobs_pb2.SubmitJobRequest(lines=c) for c in job_chunks(lines, max_lines=chunk_lines)),
+    ]
 
 
 def list_jobs_request(
@@ -119,3 +146,16 @@ def list_jobs_request(
     if state is not None:
         request.state = state  # type: ignore[assignment]
     return request
+
+
+def next_page(request: PageRequest, page: Page) -> PageRequest:
+    """``request`` for the page after ``page`` (a copy with its ``next_page_token``)."""
+    follow = type(request)()
+    follow.CopyFrom(request)
+    follow.page_token = page.next_page_token
+    return follow
+
+
+def is_last_page(page: Page) -> bool:
+    """Whether ``page`` is the last one (no ``next_page_token``)."""
+    return not page.next_page_token

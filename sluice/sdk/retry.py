@@ -11,7 +11,9 @@ Rules:
   serve, with ``RetryInfo``) is retried after its delay like ``RESOURCE_EXHAUSTED``. A failed
   TLS handshake (untrusted certificate, wrong name, plaintext server) is retried only on another
   endpoint: waiting does not change a certificate.
-- Nothing else is retried, and nothing at all once a chunk of a stream has been delivered.
+- Nothing else is retried, and nothing at all once a chunk of a stream has been delivered,
+  unless the stream can be resumed (``WatchJob``, ``GetJobResults``): then it is re-opened where
+  it left off, and each failure after progress starts a fresh budget (:meth:`CallAttempts.renew`).
 - A retry is made only while attempts remain (``max_attempts``), its start is within
   ``total_timeout_s`` of the first attempt, and the call's own deadline leaves time for it.
 """
@@ -158,6 +160,14 @@ class CallAttempts:
         endpoint = self._pool.pick(avoid=self._tried)
         self._tried.add(endpoint)
         return endpoint
+
+    def renew(self, endpoint: str) -> None:
+        """Give a resumable stream that made progress a fresh budget: the attempt that just
+        failed on ``endpoint`` becomes the first of a new call (``max_attempts`` and
+        ``total_timeout_s`` count from now); the call's deadline stays."""
+        self.count = 1
+        self.started = self._clock()
+        self._tried = {endpoint}
 
     def remaining_s(self) -> float:
         """Seconds left of the call's deadline (the timeout of the next attempt)."""

@@ -27,7 +27,8 @@ class Client(
         inference_pb2.EmbedResponse,
         jobs_pb2.Job,
         Generator[jobs_pb2.JobEvent, None, None],
-        jobs_pb2.ListJobsResponse,
+        Generator[jobs_pb2.Job, None, None],
+        Generator[jobs_pb2.JobResult, None, None],
         list[admin_pb2.NodeStatus],
         admin_pb2.TenantUsage,
     ]
@@ -161,9 +162,19 @@ class Client(
     def _stream(self, call: Call) -> Generator[Any, None, None]:
         for attempt in _Tries(self, call):
             with attempt:
-                for item in attempt.start():
-                    yield attempt.got(item)
+                for message in attempt.start():
+                    yield from attempt.got(message)
+                    if attempt.done:
+                        return
                 return
+
+    def _pages(self, call: Call) -> Generator[Any, None, None]:
+        while True:
+            page = self._unary(call)
+            yield from call.items(page)
+            if call.last(page):
+                return
+            call = call.after(page)
 
     def _text(self, chunks: Iterator[inference_pb2.GenerateChunk]) -> str:
         return "".join(chunk.text for chunk in chunks)

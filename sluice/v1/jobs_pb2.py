@@ -23,45 +23,66 @@ _sym_db = _symbol_database.Default()
 
 
 from sluice.v1 import common_pb2 as sluice_dot_v1_dot_common__pb2
+from sluice.v1 import inference_pb2 as sluice_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14sluice/v1/jobs.proto\x12\tsluice.v1\x1a\x16sluice/v1/common.proto\"Q\n\tBatchItem\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.sluice.v1.ChatMessage\"x\n\x13\x42\x61tchGenerationSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x05items\x18\x02 \x03(\x0b\x32\x14.sluice.v1.BatchItem\x12-\n\x07options\x18\x03 \x01(\x0b\x32\x1c.sluice.v1.GenerationOptions\"5\n\x0fTrainingExample\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\ncompletion\x18\x02 \x01(\t\"\xb3\x01\n\x0c\x46inetuneSpec\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12,\n\x08\x65xamples\x18\x02 \x03(\x0b\x32\x1a.sluice.v1.TrainingExample\x12\x0e\n\x06\x65pochs\x18\x03 \x01(\x05\x12\x15\n\rlearning_rate\x18\x04 \x01(\x02\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x11\n\tlora_rank\x18\x06 \x01(\x05\x12\x13\n\x0boutput_name\x18\x07 \x01(\t\"\x91\x01\n\x10SubmitJobRequest\x12/\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1e.sluice.v1.BatchGenerationSpecH\x00\x12+\n\x08\x66inetune\x18\x02 \x01(\x0b\x32\x17.sluice.v1.FinetuneSpecH\x00\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\tB\x06\n\x04spec\"/\n\x0bJobProgress\x12\x11\n\tcompleted\x18\x01 \x01(\x03\x12\r\n\x05total\x18\x02 \x01(\x03\"\xda\x01\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.sluice.v1.JobState\x12(\n\x08progress\x18\x04 \x01(\x0b\x32\x16.sluice.v1.JobProgress\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12\x1a\n\x12\x63reated_at_unix_ms\x18\x07 \x01(\x03\x12\x1a\n\x12updated_at_unix_ms\x18\x08 \x01(\x03\x12\x0c\n\x04kind\x18\t \x01(\t\"\x8b\x01\n\x0f\x42\x61tchItemResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.sluice.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.sluice.v1.Usage\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"T\n\x08JobEvent\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.sluice.v1.Job\x12+\n\x07results\x18\x02 \x03(\x0b\x32\x1a.sluice.v1.BatchItemResult\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\\\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.sluice.v1.JobState\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.sluice.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xb2\x02\n\x04Jobs\x12\x38\n\tSubmitJob\x12\x1b.sluice.v1.SubmitJobRequest\x1a\x0e.sluice.v1.Job\x12\x32\n\x06GetJob\x12\x18.sluice.v1.GetJobRequest\x1a\x0e.sluice.v1.Job\x12=\n\x08WatchJob\x12\x1a.sluice.v1.WatchJobRequest\x1a\x13.sluice.v1.JobEvent0\x01\x12\x38\n\tCancelJob\x12\x1b.sluice.v1.CancelJobRequest\x1a\x0e.sluice.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.sluice.v1.ListJobsRequest\x1a\x1b.sluice.v1.ListJobsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14sluice/v1/jobs.proto\x12\tsluice.v1\x1a\x16sluice/v1/common.proto\x1a\x19sluice/v1/inference.proto\"~\n\x07JobLine\x12\x11\n\tcustom_id\x18\x01 \x01(\t\x12.\n\x08generate\x18\x02 \x01(\x0b\x32\x1a.sluice.v1.GenerateRequestH\x00\x12(\n\x05\x65mbed\x18\x03 \x01(\x0b\x32\x17.sluice.v1.EmbedRequestH\x00\x42\x06\n\x04\x62ody\"5\n\x0fTrainingExample\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\ncompletion\x18\x02 \x01(\t\"\xb3\x01\n\x0c\x46inetuneSpec\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12,\n\x08\x65xamples\x18\x02 \x03(\x0b\x32\x1a.sluice.v1.TrainingExample\x12\x0e\n\x06\x65pochs\x18\x03 \x01(\x05\x12\x15\n\rlearning_rate\x18\x04 \x01(\x02\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x11\n\tlora_rank\x18\x06 \x01(\x05\x12\x13\n\x0boutput_name\x18\x07 \x01(\t\"\xbb\x02\n\tJobHeader\x12 \n\x04kind\x18\x01 \x01(\x0e\x32\x12.sluice.v1.JobKind\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12!\n\x19\x63ompletion_window_seconds\x18\x03 \x01(\x03\x12\x30\n\x0eworkload_class\x18\x04 \x01(\x0e\x32\x18.sluice.v1.WorkloadClass\x12\x12\n\nline_count\x18\x05 \x01(\x05\x12)\n\x08\x66inetune\x18\x06 \x01(\x0b\x32\x17.sluice.v1.FinetuneSpec\x12\x30\n\x06labels\x18\x07 \x03(\x0b\x32 .sluice.v1.JobHeader.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"-\n\x08JobLines\x12!\n\x05lines\x18\x01 \x03(\x0b\x32\x12.sluice.v1.JobLine\"h\n\x10SubmitJobRequest\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.sluice.v1.JobHeaderH\x00\x12$\n\x05lines\x18\x02 \x01(\x0b\x32\x13.sluice.v1.JobLinesH\x00\x42\x06\n\x04part\"|\n\rRequestCounts\x12\r\n\x05total\x18\x01 \x01(\x03\x12\x11\n\tcompleted\x18\x02 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x03\x12\x11\n\tcancelled\x18\x04 \x01(\x03\x12\x0f\n\x07\x65xpired\x18\x05 \x01(\x03\x12\x15\n\rdead_lettered\x18\x06 \x01(\x03\"\x83\x04\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.sluice.v1.JobState\x12 \n\x04kind\x18\x04 \x01(\x0e\x32\x12.sluice.v1.JobKind\x12\x30\n\x0erequest_counts\x18\x05 \x01(\x0b\x32\x18.sluice.v1.RequestCounts\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x30\n\x0eworkload_class\x18\x07 \x01(\x0e\x32\x18.sluice.v1.WorkloadClass\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\x12\x1a\n\x12\x63reated_at_unix_ms\x18\t \x01(\x03\x12\x1a\n\x12started_at_unix_ms\x18\n \x01(\x03\x12\x1b\n\x13\x66inished_at_unix_ms\x18\x0b \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x0c \x01(\x03\x12$\n\x1cpredicted_completion_unix_ms\x18\r \x01(\x03\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x0e \x01(\x03\x12*\n\x06labels\x18\x0f \x03(\x0b\x32\x1a.sluice.v1.Job.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\tLineError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xf0\x01\n\tJobResult\x12\x11\n\tcustom_id\x18\x01 \x01(\t\x12-\n\x08generate\x18\x02 \x01(\x0b\x32\x19.sluice.v1.GenerateResultH\x00\x12)\n\x05\x65mbed\x18\x03 \x01(\x0b\x32\x18.sluice.v1.EmbedResponseH\x00\x12%\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x14.sluice.v1.LineErrorH\x00\x12\x12\n\ndeliveries\x18\x05 \x01(\x05\x12\x1b\n\x13\x66inished_at_unix_ms\x18\x06 \x01(\x03\x12\x13\n\x0bline_number\x18\x07 \x01(\x05\x42\t\n\x07outcome\"~\n\x0eGenerateResult\x12\x0c\n\x04text\x18\x01 \x01(\t\x12.\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x17.sluice.v1.FinishReason\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.sluice.v1.Usage\x12\r\n\x05model\x18\x04 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"A\n\x08JobEvent\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.sluice.v1.Job\x12\x18\n\x10lines_per_second\x18\x02 \x01(\x01\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\\\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.sluice.v1.JobState\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.sluice.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"a\n\x14GetJobResultsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ncustom_ids\x18\x02 \x03(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"P\n\x0eJobResultsPage\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.sluice.v1.JobResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xcb\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x12\x15\n\x11JOB_STATE_EXPIRED\x10\x06\x12\x18\n\x14JOB_STATE_CANCELLING\x10\x07*N\n\x07JobKind\x12\x18\n\x14JOB_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eJOB_KIND_BATCH\x10\x01\x12\x15\n\x11JOB_KIND_FINETUNE\x10\x02\x32\x83\x03\n\x04Jobs\x12:\n\tSubmitJob\x12\x1b.sluice.v1.SubmitJobRequest\x1a\x0e.sluice.v1.Job(\x01\x12\x32\n\x06GetJob\x12\x18.sluice.v1.GetJobRequest\x1a\x0e.sluice.v1.Job\x12=\n\x08WatchJob\x12\x1a.sluice.v1.WatchJobRequest\x1a\x13.sluice.v1.JobEvent0\x01\x12\x38\n\tCancelJob\x12\x1b.sluice.v1.CancelJobRequest\x1a\x0e.sluice.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.sluice.v1.ListJobsRequest\x1a\x1b.sluice.v1.ListJobsResponse\x12M\n\rGetJobResults\x12\x1f.sluice.v1.GetJobResultsRequest\x1a\x19.sluice.v1.JobResultsPage0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.v1.jobs_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=1421
-  _globals['_JOBSTATE']._serialized_end=1575
-  _globals['_BATCHITEM']._serialized_start=59
-  _globals['_BATCHITEM']._serialized_end=140
-  _globals['_BATCHGENERATIONSPEC']._serialized_start=142
-  _globals['_BATCHGENERATIONSPEC']._serialized_end=262
-  _globals['_TRAININGEXAMPLE']._serialized_start=264
-  _globals['_TRAININGEXAMPLE']._serialized_end=317
-  _globals['_FINETUNESPEC']._serialized_start=320
-  _globals['_FINETUNESPEC']._serialized_end=499
-  _globals['_SUBMITJOBREQUEST']._serialized_start=502
-  _globals['_SUBMITJOBREQUEST']._serialized_end=647
-  _globals['_JOBPROGRESS']._serialized_start=649
-  _globals['_JOBPROGRESS']._serialized_end=696
-  _globals['_JOB']._serialized_start=699
-  _globals['_JOB']._serialized_end=917
-  _globals['_BATCHITEMRESULT']._serialized_start=920
-  _globals['_BATCHITEMRESULT']._serialized_end=1059
-  _globals['_GETJOBREQUEST']._serialized_start=1061
-  _globals['_GETJOBREQUEST']._serialized_end=1092
-  _globals['_WATCHJOBREQUEST']._serialized_start=1094
-  _globals['_WATCHJOBREQUEST']._serialized_end=1127
-  _globals['_JOBEVENT']._serialized_start=1129
-  _globals['_JOBEVENT']._serialized_end=1213
-  _globals['_CANCELJOBREQUEST']._serialized_start=1215
-  _globals['_CANCELJOBREQUEST']._serialized_end=1249
-  _globals['_LISTJOBSREQUEST']._serialized_start=1251
-  _globals['_LISTJOBSREQUEST']._serialized_end=1343
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1345
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1418
-  _globals['_JOBS']._serialized_start=1578
-  _globals['_JOBS']._serialized_end=1884
+  _globals['_JOBHEADER_LABELSENTRY']._loaded_options = None
+  _globals['_JOBHEADER_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_JOB_LABELSENTRY']._loaded_options = None
+  _globals['_JOB_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_JOBSTATE']._serialized_start=2519
+  _globals['_JOBSTATE']._serialized_end=2722
+  _globals['_JOBKIND']._serialized_start=2724
+  _globals['_JOBKIND']._serialized_end=2802
+  _globals['_JOBLINE']._serialized_start=86
+  _globals['_JOBLINE']._serialized_end=212
+  _globals['_TRAININGEXAMPLE']._serialized_start=214
+  _globals['_TRAININGEXAMPLE']._serialized_end=267
+  _globals['_FINETUNESPEC']._serialized_start=270
+  _globals['_FINETUNESPEC']._serialized_end=449
+  _globals['_JOBHEADER']._serialized_start=452
+  _globals['_JOBHEADER']._serialized_end=767
+  _globals['_JOBHEADER_LABELSENTRY']._serialized_start=722
+  _globals['_JOBHEADER_LABELSENTRY']._serialized_end=767
+  _globals['_JOBLINES']._serialized_start=769
+  _globals['_JOBLINES']._serialized_end=814
+  _globals['_SUBMITJOBREQUEST']._serialized_start=816
+  _globals['_SUBMITJOBREQUEST']._serialized_end=920
+  _globals['_REQUESTCOUNTS']._serialized_start=922
+  _globals['_REQUESTCOUNTS']._serialized_end=1046
+  _globals['_JOB']._serialized_start=1049
+  _globals['_JOB']._serialized_end=1564
+  _globals['_JOB_LABELSENTRY']._serialized_start=722
+  _globals['_JOB_LABELSENTRY']._serialized_end=767
+  _globals['_LINEERROR']._serialized_start=1566
+  _globals['_LINEERROR']._serialized_end=1624
+  _globals['_JOBRESULT']._serialized_start=1627
+  _globals['_JOBRESULT']._serialized_end=1867
+  _globals['_GENERATERESULT']._serialized_start=1869
+  _globals['_GENERATERESULT']._serialized_end=1995
+  _globals['_GETJOBREQUEST']._serialized_start=1997
+  _globals['_GETJOBREQUEST']._serialized_end=2028
+  _globals['_WATCHJOBREQUEST']._serialized_start=2030
+  _globals['_WATCHJOBREQUEST']._serialized_end=2063
+  _globals['_JOBEVENT']._serialized_start=2065
+  _globals['_JOBEVENT']._serialized_end=2130
+  _globals['_CANCELJOBREQUEST']._serialized_start=2132
+  _globals['_CANCELJOBREQUEST']._serialized_end=2166
+  _globals['_LISTJOBSREQUEST']._serialized_start=2168
+  _globals['_LISTJOBSREQUEST']._serialized_end=2260
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2262
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2335
+  _globals['_GETJOBRESULTSREQUEST']._serialized_start=2337
+  _globals['_GETJOBRESULTSREQUEST']._serialized_end=2434
+  _globals['_JOBRESULTSPAGE']._serialized_start=2436
+  _globals['_JOBRESULTSPAGE']._serialized_end=2516
+  _globals['_JOBS']._serialized_start=2805
+  _globals['_JOBS']._serialized_end=3192
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,5 @@
 from sluice.v1 import common_pb2 as _common_pb2
+from sluice.v1 import inference_pb2 as _inference_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -13,35 +14,38 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
     JOB_STATE_QUEUED: _ClassVar[JobState]
     JOB_STATE_RUNNING: _ClassVar[JobState]
-    JOB_STATE_SUCCEEDED: _ClassVar[JobState]
+    JOB_STATE_COMPLETED: _ClassVar[JobState]
     JOB_STATE_FAILED: _ClassVar[JobState]
     JOB_STATE_CANCELLED: _ClassVar[JobState]
+    JOB_STATE_EXPIRED: _ClassVar[JobState]
+    JOB_STATE_CANCELLING: _ClassVar[JobState]
+
+class JobKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_KIND_UNSPECIFIED: _ClassVar[JobKind]
+    JOB_KIND_BATCH: _ClassVar[JobKind]
+    JOB_KIND_FINETUNE: _ClassVar[JobKind]
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_QUEUED: JobState
 JOB_STATE_RUNNING: JobState
-JOB_STATE_SUCCEEDED: JobState
+JOB_STATE_COMPLETED: JobState
 JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
+JOB_STATE_EXPIRED: JobState
+JOB_STATE_CANCELLING: JobState
+JOB_KIND_UNSPECIFIED: JobKind
+JOB_KIND_BATCH: JobKind
+JOB_KIND_FINETUNE: JobKind
 
-class BatchItem(_message.Message):
-    __slots__ = ("id", "prompt", "messages")
-    ID_FIELD_NUMBER: _ClassVar[int]
-    PROMPT_FIELD_NUMBER: _ClassVar[int]
-    MESSAGES_FIELD_NUMBER: _ClassVar[int]
-    id: str
-    prompt: str
-    messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
-    def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ...) -> None: ...
-
-class BatchGenerationSpec(_message.Message):
-    __slots__ = ("model", "items", "options")
-    MODEL_FIELD_NUMBER: _ClassVar[int]
-    ITEMS_FIELD_NUMBER: _ClassVar[int]
-    OPTIONS_FIELD_NUMBER: _ClassVar[int]
-    model: str
-    items: _containers.RepeatedCompositeFieldContainer[BatchItem]
-    options: _common_pb2.GenerationOptions
-    def __init__(self, model: _Optional[str] = ..., items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ..., options: _Optional[_Union[_common_pb2.GenerationOptions, _Mapping]] = ...) -> None: ...
+class JobLine(_message.Message):
+    __slots__ = ("custom_id", "generate", "embed")
+    CUSTOM_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
+    EMBED_FIELD_NUMBER: _ClassVar[int]
+    custom_id: str
+    generate: _inference_pb2.GenerateRequest
+    embed: _inference_pb2.EmbedRequest
+    def __init__(self, custom_id: _Optional[str] = ..., generate: _Optional[_Union[_inference_pb2.GenerateRequest, _Mapping]] = ..., embed: _Optional[_Union[_inference_pb2.EmbedRequest, _Mapping]] = ...) -> None: ...
 
 class TrainingExample(_message.Message):
     __slots__ = ("prompt", "completion")
@@ -69,59 +73,141 @@ class FinetuneSpec(_message.Message):
     output_name: str
     def __init__(self, base_model: _Optional[str] = ..., examples: _Optional[_Iterable[_Union[TrainingExample, _Mapping]]] = ..., epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., lora_rank: _Optional[int] = ..., output_name: _Optional[str] = ...) -> None: ...
 
-class SubmitJobRequest(_message.Message):
-    __slots__ = ("batch", "finetune", "idempotency_key")
-    BATCH_FIELD_NUMBER: _ClassVar[int]
-    FINETUNE_FIELD_NUMBER: _ClassVar[int]
+class JobHeader(_message.Message):
+    __slots__ = ("kind", "idempotency_key", "completion_window_seconds", "workload_class", "line_count", "finetune", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    KIND_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
-    batch: BatchGenerationSpec
-    finetune: FinetuneSpec
+    COMPLETION_WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_CLASS_FIELD_NUMBER: _ClassVar[int]
+    LINE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FINETUNE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    kind: JobKind
     idempotency_key: str
-    def __init__(self, batch: _Optional[_Union[BatchGenerationSpec, _Mapping]] = ..., finetune: _Optional[_Union[FinetuneSpec, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    completion_window_seconds: int
+    workload_class: _common_pb2.WorkloadClass
+    line_count: int
+    finetune: FinetuneSpec
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, kind: _Optional[_Union[JobKind, str]] = ..., idempotency_key: _Optional[str] = ..., completion_window_seconds: _Optional[int] = ..., workload_class: _Optional[_Union[_common_pb2.WorkloadClass, str]] = ..., line_count: _Optional[int] = ..., finetune: _Optional[_Union[FinetuneSpec, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
-class JobProgress(_message.Message):
-    __slots__ = ("completed", "total")
-    COMPLETED_FIELD_NUMBER: _ClassVar[int]
+class JobLines(_message.Message):
+    __slots__ = ("lines",)
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    lines: _containers.RepeatedCompositeFieldContainer[JobLine]
+    def __init__(self, lines: _Optional[_Iterable[_Union[JobLine, _Mapping]]] = ...) -> None: ...
+
+class SubmitJobRequest(_message.Message):
+    __slots__ = ("header", "lines")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    header: JobHeader
+    lines: JobLines
+    def __init__(self, header: _Optional[_Union[JobHeader, _Mapping]] = ..., lines: _Optional[_Union[JobLines, _Mapping]] = ...) -> None: ...
+
+class RequestCounts(_message.Message):
+    __slots__ = ("total", "completed", "failed", "cancelled", "expired", "dead_lettered")
     TOTAL_FIELD_NUMBER: _ClassVar[int]
-    completed: int
+    COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTERED_FIELD_NUMBER: _ClassVar[int]
     total: int
-    def __init__(self, completed: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+    completed: int
+    failed: int
+    cancelled: int
+    expired: int
+    dead_lettered: int
+    def __init__(self, total: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., cancelled: _Optional[int] = ..., expired: _Optional[int] = ..., dead_lettered: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "tenant", "state", "progress", "error", "attempts", "created_at_unix_ms", "updated_at_unix_ms", "kind")
+    __slots__ = ("job_id", "tenant", "state", "kind", "request_counts", "error", "workload_class", "idempotency_key", "created_at_unix_ms", "started_at_unix_ms", "finished_at_unix_ms", "deadline_unix_ms", "predicted_completion_unix_ms", "expires_at_unix_ms", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
-    PROGRESS_FIELD_NUMBER: _ClassVar[int]
-    ERROR_FIELD_NUMBER: _ClassVar[int]
-    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
-    CREATED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
-    UPDATED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_CLASS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_COMPLETION_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     tenant: str
     state: JobState
-    progress: JobProgress
+    kind: JobKind
+    request_counts: RequestCounts
     error: str
-    attempts: int
+    workload_class: _common_pb2.WorkloadClass
+    idempotency_key: str
     created_at_unix_ms: int
-    updated_at_unix_ms: int
-    kind: str
-    def __init__(self, job_id: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ..., error: _Optional[str] = ..., attempts: _Optional[int] = ..., created_at_unix_ms: _Optional[int] = ..., updated_at_unix_ms: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
+    started_at_unix_ms: int
+    finished_at_unix_ms: int
+    deadline_unix_ms: int
+    predicted_completion_unix_ms: int
+    expires_at_unix_ms: int
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, job_id: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., kind: _Optional[_Union[JobKind, str]] = ..., request_counts: _Optional[_Union[RequestCounts, _Mapping]] = ..., error: _Optional[str] = ..., workload_class: _Optional[_Union[_common_pb2.WorkloadClass, str]] = ..., idempotency_key: _Optional[str] = ..., created_at_unix_ms: _Optional[int] = ..., started_at_unix_ms: _Optional[int] = ..., finished_at_unix_ms: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., predicted_completion_unix_ms: _Optional[int] = ..., expires_at_unix_ms: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
-class BatchItemResult(_message.Message):
-    __slots__ = ("id", "text", "finish_reason", "usage", "error")
-    ID_FIELD_NUMBER: _ClassVar[int]
+class LineError(_message.Message):
+    __slots__ = ("code", "reason", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    reason: str
+    message: str
+    def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class JobResult(_message.Message):
+    __slots__ = ("custom_id", "generate", "embed", "error", "deliveries", "finished_at_unix_ms", "line_number")
+    CUSTOM_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
+    EMBED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LINE_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    custom_id: str
+    generate: GenerateResult
+    embed: _inference_pb2.EmbedResponse
+    error: LineError
+    deliveries: int
+    finished_at_unix_ms: int
+    line_number: int
+    def __init__(self, custom_id: _Optional[str] = ..., generate: _Optional[_Union[GenerateResult, _Mapping]] = ..., embed: _Optional[_Union[_inference_pb2.EmbedResponse, _Mapping]] = ..., error: _Optional[_Union[LineError, _Mapping]] = ..., deliveries: _Optional[int] = ..., finished_at_unix_ms: _Optional[int] = ..., line_number: _Optional[int] = ...) -> None: ...
+
+class GenerateResult(_message.Message):
+    __slots__ = ("text", "finish_reason", "usage", "model")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
-    ERROR_FIELD_NUMBER: _ClassVar[int]
-    id: str
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     text: str
     finish_reason: _common_pb2.FinishReason
     usage: _common_pb2.Usage
-    error: str
-    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -136,12 +222,12 @@ class WatchJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job", "results")
+    __slots__ = ("job", "lines_per_second")
     JOB_FIELD_NUMBER: _ClassVar[int]
-    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    LINES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     job: Job
-    results: _containers.RepeatedCompositeFieldContainer[BatchItemResult]
-    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ..., results: _Optional[_Iterable[_Union[BatchItemResult, _Mapping]]] = ...) -> None: ...
+    lines_per_second: float
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ..., lines_per_second: _Optional[float] = ...) -> None: ...
 
 class CancelJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -166,3 +252,23 @@ class ListJobsResponse(_message.Message):
     jobs: _containers.RepeatedCompositeFieldContainer[Job]
     next_page_token: str
     def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class GetJobResultsRequest(_message.Message):
+    __slots__ = ("job_id", "custom_ids", "page_size", "page_token")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CUSTOM_IDS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    custom_ids: _containers.RepeatedScalarFieldContainer[str]
+    page_size: int
+    page_token: str
+    def __init__(self, job_id: _Optional[str] = ..., custom_ids: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class JobResultsPage(_message.Message):
+    __slots__ = ("results", "next_page_token")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[JobResult]
+    next_page_token: str
+    def __init__(self, results: _Optional[_Iterable[_Union[JobResult, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

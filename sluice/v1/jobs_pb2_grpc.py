@@ -26,8 +26,9 @@ if _version_not_supported:
 
 
 class JobsStub:
-    """Batch generation and fine-tune jobs: submitted at once, run when capacity allows, watched
-    while they run. Jobs are scoped to the authenticated tenant.
+    """Durable batch jobs (and, next, fine-tune jobs): handed over at once, run from the capacity
+    that real-time work leaves unused, in deadline order, surviving restarts. Jobs are scoped to
+    the authenticated tenant: another tenant's job is NOT_FOUND.
     """
 
     def __init__(self, channel):
@@ -36,7 +37,7 @@ class JobsStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.SubmitJob = channel.unary_unary(
+        self.SubmitJob = channel.stream_unary(
                 '/sluice.v1.Jobs/SubmitJob',
                 request_serializer=sluice_dot_v1_dot_jobs__pb2.SubmitJobRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_jobs__pb2.Job.FromString,
@@ -61,15 +62,24 @@ class JobsStub:
                 request_serializer=sluice_dot_v1_dot_jobs__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_jobs__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
+        self.GetJobResults = channel.unary_stream(
+                '/sluice.v1.Jobs/GetJobResults',
+                request_serializer=sluice_dot_v1_dot_jobs__pb2.GetJobResultsRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_jobs__pb2.JobResultsPage.FromString,
+                _registered_method=True)
 
 
 class JobsServicer:
-    """Batch generation and fine-tune jobs: submitted at once, run when capacity allows, watched
-    while they run. Jobs are scoped to the authenticated tenant.
+    """Durable batch jobs (and, next, fine-tune jobs): handed over at once, run from the capacity
+    that real-time work leaves unused, in deadline order, surviving restarts. Jobs are scoped to
+    the authenticated tenant: another tenant's job is NOT_FOUND.
     """
 
-    def SubmitJob(self, request, context):
-        """Submit a job; returns at once with its id. Idempotent on idempotency_key.
+    def SubmitJob(self, request_iterator, context):
+        """Submit a job as a stream: a header first, then its lines in chunks. Answers once the whole
+        job is stored: accepted with its predicted completion, or refused whole (RESOURCE_EXHAUSTED
+        + RetryInfo when its window cannot be met; INVALID_ARGUMENT + BadRequest over the limits).
+        A second submit with the same idempotency key returns the first job.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,14 +93,14 @@ class JobsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchJob(self, request, context):
-        """Stream a job's progress until it ends.
+        """Stream a job's progress until it reaches a final state.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CancelJob(self, request, context):
-        """Cancel a job; finished items are kept.
+        """Cancel a job: no new line starts, lines in flight finish, results so far are kept.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -103,10 +113,17 @@ class JobsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetJobResults(self, request, context):
+        """A job's results, page by page (or those of the given custom ids).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobsServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+            'SubmitJob': grpc.stream_unary_rpc_method_handler(
                     servicer.SubmitJob,
                     request_deserializer=sluice_dot_v1_dot_jobs__pb2.SubmitJobRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_jobs__pb2.Job.SerializeToString,
@@ -131,6 +148,11 @@ def add_JobsServicer_to_server(servicer, server):
                     request_deserializer=sluice_dot_v1_dot_jobs__pb2.ListJobsRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_jobs__pb2.ListJobsResponse.SerializeToString,
             ),
+            'GetJobResults': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetJobResults,
+                    request_deserializer=sluice_dot_v1_dot_jobs__pb2.GetJobResultsRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_jobs__pb2.JobResultsPage.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'sluice.v1.Jobs', rpc_method_handlers)
@@ -140,12 +162,13 @@ def add_JobsServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Jobs:
-    """Batch generation and fine-tune jobs: submitted at once, run when capacity allows, watched
-    while they run. Jobs are scoped to the authenticated tenant.
+    """Durable batch jobs (and, next, fine-tune jobs): handed over at once, run from the capacity
+    that real-time work leaves unused, in deadline order, surviving restarts. Jobs are scoped to
+    the authenticated tenant: another tenant's job is NOT_FOUND.
     """
 
     @staticmethod
-    def SubmitJob(request,
+    def SubmitJob(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -155,8 +178,8 @@ class Jobs:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_unary(
+            request_iterator,
             target,
             '/sluice.v1.Jobs/SubmitJob',
             sluice_dot_v1_dot_jobs__pb2.SubmitJobRequest.SerializeToString,
@@ -269,6 +292,33 @@ class Jobs:
             '/sluice.v1.Jobs/ListJobs',
             sluice_dot_v1_dot_jobs__pb2.ListJobsRequest.SerializeToString,
             sluice_dot_v1_dot_jobs__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sluice.v1.Jobs/GetJobResults',
+            sluice_dot_v1_dot_jobs__pb2.GetJobResultsRequest.SerializeToString,
+            sluice_dot_v1_dot_jobs__pb2.JobResultsPage.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,477 @@
+"""Jobs in Redis: the record, the lines as a stream with one consumer group, the results.
+
+What must never be lost or counted twice goes through one Lua script each, atomic in Redis:
+
+- ``commit``: an uploaded job becomes visible (QUEUED, in the active set, in its tenant's list)
+  unless its idempotency key already names another job, which is returned instead;
+- ``finish``: a line's result is written only if none is there yet (``HSETNX`` on its
+  custom_id), counted, and the line acknowledged and deleted from the stream, in one step: a
+  line computed twice (its worker died after computing, before acknowledging) keeps one result
+  and is counted as a duplicate;
+- ``settle``: a line skipped because its job was cancelled or expired is acknowledged;
+- ``cancel`` / ``finalize``: the state changes once; the lines left over are counted cancelled
+  or expired; the job's keys get its retention as TTL.
+
+A job that reached a final state is removed from the active set and keeps its record and
+results for its retention period. An upload that never commits expires after an hour.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from scheduler.jobs.model import (
+    ACTIVE_KEY,
+    GROUP,
+    THROUGHPUT_KEY,
+    JobKeys,
+    JobRecord,
+    idempotency_key,
+    tenant_jobs_key,
+)
+from sluice.v1 import jobs_pb2
+
+UPLOAD_TTL_MS = 3_600_000
+
+_FINALIZE = f"""
+local function finalize(job, lines, active, state, now)
+  local f = redis.call('HMGET', job, 'total', 'completed', 'failed', 'cancelled', 'expired',
+                       'retention_ms', 'job_id')
+  local left = tonumber(f[1]) - tonumber(f[2]) - tonumber(f[3]) - tonumber(f[4]) - tonumber(f[5])
+  if left < 0 then left = 0 end
+  if state == {jobs_pb2.JOB_STATE_CANCELLED} then
+    redis.call('HINCRBY', job, 'cancelled', left)
+  elseif state == {jobs_pb2.JOB_STATE_EXPIRED} then
+    redis.call('HINCRBY', job, 'expired', left)
+  end
+  local keep = tonumber(f[6])
+  redis.call('HSET', job, 'state', state, 'finished_ms', now, 'expires_ms', now + keep)
+  redis.call('DEL', lines)
+  redis.call('ZREM', active, f[7])
+  redis.call('PEXPIRE', job, keep)
+  redis.call('PEXPIRE', KEYS[3], keep)
+  return state
+end
+local function is_final(state)
+  return state == {jobs_pb2.JOB_STATE_COMPLETED} or state == {jobs_pb2.JOB_STATE_FAILED}
+      or state == {jobs_pb2.JOB_STATE_CANCELLED} or state == {jobs_pb2.JOB_STATE_EXPIRED}
+end
+local function pending(lines)
+  if redis.call('EXISTS', lines) == 0 then return 0 end
+  return redis.call('XPENDING', lines, '{GROUP}')[1]
+end
+"""
+
+# KEYS: job, lines, results, active, tenant_jobs, idem | ARGV: job_id, created_ms, deadline_ms,
+# idem_ttl_ms, has_idem, now_ms
+_COMMIT = (
+    _FINALIZE
+    + f"""
+if ARGV[5] == '1' then
+  local other = redis.call('GET', KEYS[6])
+  if other and other ~= ARGV[1] then return other end
+  redis.call('SET', KEYS[6], ARGV[1], 'PX', ARGV[4])
+end
+redis.call('PERSIST', KEYS[1])
+redis.call('PERSIST', KEYS[3])
+redis.call('HSET', KEYS[1], 'state', {jobs_pb2.JOB_STATE_QUEUED})
+redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('PERSIST', KEYS[2])
+  redis.call('XGROUP', 'CREATE', KEYS[2], '{GROUP}', '0')
+  redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+else
+  finalize(KEYS[1], KEYS[2], KEYS[4], {jobs_pb2.JOB_STATE_COMPLETED}, tonumber(ARGV[6]))
+end
+return ARGV[1]
+"""
+)
+
+# KEYS: job, lines, results, active, throughput | ARGV: entry_id, custom_id, result, outcome,
+# dead (0/1), tokens, now_ms. Returns 0 job gone or final, 1 stored, 2 duplicate, 3 completed
+# the job, 4 finished a cancelled job.
+_FINISH = (
+    _FINALIZE
+    + f"""
+local state = tonumber(redis.call('HGET', KEYS[1], 'state') or '0')
+redis.call('XACK', KEYS[2], '{GROUP}', ARGV[1])
+redis.call('XDEL', KEYS[2], ARGV[1])
+if state == 0 or is_final(state) then return 0 end
+if redis.call('HSETNX', KEYS[3], ARGV[2], ARGV[3]) == 0 then return 2 end
+redis.call('HINCRBY', KEYS[1], ARGV[4], 1)
+if ARGV[5] == '1' then redis.call('HINCRBY', KEYS[1], 'dead_lettered', 1) end
+redis.call('HINCRBYFLOAT', KEYS[1], 'settled_tokens', ARGV[6])
+redis.call('HINCRBYFLOAT', KEYS[5], 'tokens', ARGV[6])
+local now = tonumber(ARGV[7])
+if state == {jobs_pb2.JOB_STATE_QUEUED} then
+  redis.call('HSET', KEYS[1], 'state', {jobs_pb2.JOB_STATE_RUNNING})
+end
+local c = redis.call('HMGET', KEYS[1], 'total', 'completed', 'failed')
+if tonumber(c[2]) + tonumber(c[3]) >= tonumber(c[1]) then
+  finalize(KEYS[1], KEYS[2], KEYS[4], {jobs_pb2.JOB_STATE_COMPLETED}, now)
+  return 3
+end
+if state == {jobs_pb2.JOB_STATE_CANCELLING} and pending(KEYS[2]) == 0 then
+  finalize(KEYS[1], KEYS[2], KEYS[4], {jobs_pb2.JOB_STATE_CANCELLED}, now)
+  return 4
+end
+return 1
+"""
+)
+
+# KEYS: job, lines, results, active | ARGV: entry_id, now_ms
+_SETTLE = (
+    _FINALIZE
+    + f"""
+redis.call('XACK', KEYS[2], '{GROUP}', ARGV[1])
+redis.call('XDEL', KEYS[2], ARGV[1])
+local state = tonumber(redis.call('HGET', KEYS[1], 'state') or '0')
+if state == {jobs_pb2.JOB_STATE_CANCELLING} and pending(KEYS[2]) == 0 then
+  finalize(KEYS[1], KEYS[2], KEYS[4], {jobs_pb2.JOB_STATE_CANCELLED}, tonumber(ARGV[2]))
+end
+return state
+"""
+)
+
+# KEYS: job, lines, results, active | ARGV: now_ms. Returns the state after.
+_CANCEL = (
+    _FINALIZE
+    + f"""
+local state = tonumber(redis.call('HGET', KEYS[1], 'state') or '0')
+if state == 0 or is_final(state) then return state end
+redis.call('ZREM', KEYS[4], redis.call('HGET', KEYS[1], 'job_id'))
+if pending(KEYS[2]) == 0 then
+  return finalize(KEYS[1], KEYS[2], KEYS[4], {jobs_pb2.JOB_STATE_CANCELLED}, tonumber(ARGV[1]))
+end
+redis.call('HSET', KEYS[1], 'state', {jobs_pb2.JOB_STATE_CANCELLING})
+return {jobs_pb2.JOB_STATE_CANCELLING}
+"""
+)
+
+# KEYS: job, lines, results, active | ARGV: state, now_ms. Returns the state after.
+_FINALIZE_NOW = (
+    _FINALIZE
+    + """
+local state = tonumber(redis.call('HGET', KEYS[1], 'state') or '0')
+if state == 0 or is_final(state) then return state end
+return finalize(KEYS[1], KEYS[2], KEYS[4], tonumber(ARGV[1]), tonumber(ARGV[2]))
+"""
+)
+
+
+_STARTED = """
+if redis.call('HGET', KEYS[1], 'started_ms') == '0' then
+  redis.call('HSET', KEYS[1], 'started_ms', ARGV[1])
+end
+return 1
+"""
+
+
+def jobs_redis(url: str, timeout_s: float = 5.0) -> redis.Redis:
+    """The jobs' Redis client: bounded waits, a few retries on connection errors (a restarted
+    Redis is found again), periodic health checks of idle connections."""
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=timeout_s,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), 3),
+        health_check_interval=10,
+    )
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds (every replica's clocks are assumed NTP-synchronised)."""
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One line handed to this consumer."""
+
+    job_id: str
+    entry_id: str
+    line_number: int
+    body: bytes
+    """A serialized ``JobLine``."""
+    tokens: float
+    """Its estimated work."""
+    deliveries: int = 1
+    """How many times Redis has handed it out (this time included)."""
+
+
+def _delivery(job_id: str, entry_id: bytes, fields: dict[bytes, bytes], count: int) -> Delivery:
+    return Delivery(
+        job_id=job_id,
+        entry_id=entry_id.decode(),
+        line_number=int(fields.get(b"n", b"0")),
+        body=fields.get(b"b", b""),
+        tokens=float(fields.get(b"t", b"0")),
+        deliveries=count,
+    )
+
+
+class JobStore:
+    """Every Redis operation of the jobs subsystem (one client, shared by the replica)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        # redis-py types every reply as a union of what any decoding could return: read as Any.
+        self._redis: Any = client
+        self._commit = client.register_script(_COMMIT)
+        self._finish = client.register_script(_FINISH)
+        self._settle = client.register_script(_SETTLE)
+        self._cancel = client.register_script(_CANCEL)
+        self._finalize = client.register_script(_FINALIZE_NOW)
+        self._started = client.register_script(_STARTED)
+
+    # -- submission ------------------------------------------------------------------------
+
+    async def existing(self, tenant: str, key: str) -> str | None:
+        """The job id an idempotency key already names, if any."""
+        found = await self._redis.get(idempotency_key(tenant, key))
+        return found.decode() if found else None
+
+    async def begin(self, record: JobRecord) -> None:
+        """Write a job's record before its lines (invisible until ``commit``)."""
+        keys = JobKeys(record.job_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hset(keys.job, mapping={**record.to_hash(), "state": "0"})
+            pipe.pexpire(keys.job, UPLOAD_TTL_MS)
+            await pipe.execute()
+
+    async def add_lines(
+        self,
+        job_id: str,
+        lines: Sequence[tuple[int, bytes, float]],
+        failed: Sequence[tuple[str, bytes]],
+    ) -> None:
+        """Append ``(line_number, JobLine bytes, tokens)`` to the stream and store the results
+        of lines refused at submission (``(custom_id, JobResult bytes)``)."""
+        keys = JobKeys(job_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for number, body, tokens in lines:
+                pipe.xadd(keys.lines, {"n": number, "b": body, "t": round(tokens, 1)})
+            if lines:
+                pipe.pexpire(keys.lines, UPLOAD_TTL_MS)
+            if failed:
+                pipe.hset(keys.results, mapping=dict(failed))
+                pipe.hincrby(keys.job, "failed", len(failed))
+                pipe.pexpire(keys.results, UPLOAD_TTL_MS)
+            await pipe.execute()
+
+    async def commit(self, record: JobRecord, idem_ttl_ms: int) -> str:
+        """Make the uploaded job visible; returns its id, or the id of the job its idempotency
+        key already names (this upload is then deleted)."""
+        keys = JobKeys(record.job_id)
+        has_idem = bool(record.idempotency_key)
+        winner = await self._commit(
+            keys=[
+                keys.job,
+                keys.lines,
+                keys.results,
+                ACTIVE_KEY,
+                tenant_jobs_key(record.tenant),
+                idempotency_key(record.tenant, record.idempotency_key),
+            ],
+            args=[
+                record.job_id,
+                record.created_ms,
+                record.deadline_ms,
+                idem_ttl_ms,
+                "1" if has_idem else "0",
+                now_ms(),
+            ],
+        )
+        job_id = winner.decode() if isinstance(winner, bytes) else str(winner)
+        if job_id != record.job_id:
+            await self.discard(record.job_id)
+        return job_id
+
+    async def discard(self, job_id: str) -> None:
+        """Delete an upload that will not be committed."""
+        await self._redis.delete(*JobKeys(job_id).all())
+
+    # -- reading jobs ----------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        """A committed job's record, or None."""
+        raw = await self._redis.hgetall(JobKeys(job_id).job)
+        if not raw or raw.get(b"state", b"0") == b"0":
+            return None
+        return JobRecord.from_hash(raw)
+
+    async def list_ids(self, tenant: str, before_ms: int, count: int) -> list[tuple[str, int]]:
+        """A tenant's job ids created before ``before_ms`` (exclusive), newest first."""
+        found = await self._redis.zrevrangebyscore(
+            tenant_jobs_key(tenant), f"({before_ms}", "-inf", start=0, num=count, withscores=True
+        )
+        return [(job_id.decode(), int(score)) for job_id, score in found]
+
+    async def forget(self, tenant: str, job_ids: Sequence[str]) -> None:
+        """Remove expired jobs from a tenant's list."""
+        if job_ids:
+            await self._redis.zrem(tenant_jobs_key(tenant), *job_ids)
+
+    async def active(self) -> list[tuple[str, int]]:
+        """Jobs with lines to run, earliest deadline first: ``(job_id, deadline_ms)``."""
+        found = await self._redis.zrange(ACTIVE_KEY, 0, -1, withscores=True)
+        return [(job_id.decode(), int(score)) for job_id, score in found]
+
+    async def records(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        """Records of many jobs in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(JobKeys(job_id).job)
+            raws = await pipe.execute()
+        return [
+            JobRecord.from_hash(raw) if raw and raw.get(b"state", b"0") != b"0" else None
+            for raw in raws
+        ]
+
+    async def settled_tokens(self) -> float:
+        """Estimated work of every line settled so far, all jobs, all replicas."""
+        value = await self._redis.hget(THROUGHPUT_KEY, "tokens")
+        return float(value or 0.0)
+
+    # -- lines -----------------------------------------------------------------------------
+
+    async def read(self, job_id: str, consumer: str, count: int) -> list[Delivery]:
+        """Up to ``count`` lines of a job never delivered before, now this consumer's."""
+        lines = JobKeys(job_id).lines
+        reply = await self._redis.xreadgroup(GROUP, consumer, {lines: ">"}, count=count)
+        out: list[Delivery] = []
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                if fields:  # deleted meanwhile
+                    out.append(_delivery(job_id, entry_id, fields, 1))
+        return out
+
+    async def reclaim(
+        self, job_id: str, consumer: str, min_idle_ms: int, count: int
+    ) -> list[Delivery]:
+        """Lines another consumer holds without a heartbeat for ``min_idle_ms``, now this
+        consumer's (``XAUTOCLAIM``), with their delivery counts."""
+        lines = JobKeys(job_id).lines
+        reply = await self._redis.xautoclaim(
+            lines, GROUP, consumer, min_idle_ms, start_id="0-0", count=count
+        )
+        entries = [(eid, fields) for eid, fields in reply[1] if fields]
+        if not entries:
+            return []
+        counts = await self._delivery_counts(lines, [eid for eid, _ in entries])
+        return [_delivery(job_id, eid, fields, counts.get(eid, 1)) for eid, fields in entries]
+
+    async def _delivery_counts(self, lines: str, ids: Sequence[bytes]) -> dict[bytes, int]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for eid in ids:
+                pipe.xpending_range(lines, GROUP, min=eid, max=eid, count=1)
+            replies = await pipe.execute()
+        out: dict[bytes, int] = {}
+        for eid, reply in zip(ids, replies, strict=True):
+            if reply:
+                out[eid] = int(reply[0]["times_delivered"])
+        return out
+
+    async def touch(self, consumer: str, deliveries: Sequence[Delivery]) -> None:
+        """Heartbeat: reset the idle time of lines this consumer still works on (a live
+        worker's lines are never reclaimed, however long they run or wait)."""
+        by_job: dict[str, list[str]] = {}
+        for d in deliveries:
+            by_job.setdefault(d.job_id, []).append(d.entry_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id, ids in by_job.items():
+                pipe.xclaim(JobKeys(job_id).lines, GROUP, consumer, 0, ids, justid=True)
+            await pipe.execute()
+
+    async def redeliver(self, consumer: str, delivery: Delivery) -> int:
+        """Count one more delivery of a line this consumer retries; returns the count."""
+        lines = JobKeys(delivery.job_id).lines
+        await self._redis.xclaim(lines, GROUP, consumer, 0, [delivery.entry_id])
+        counts = await self._delivery_counts(lines, [delivery.entry_id.encode()])
+        return counts.get(delivery.entry_id.encode(), delivery.deliveries + 1)
+
+    async def finish(
+        self, delivery: Delivery, custom_id: str, result: bytes, *, ok: bool, dead: bool = False
+    ) -> int:
+        """Store a line's result (unless one is there), count it, acknowledge the line; see
+        ``_FINISH`` for the return codes."""
+        keys = JobKeys(delivery.job_id)
+        code = await self._finish(
+            keys=[keys.job, keys.lines, keys.results, ACTIVE_KEY, THROUGHPUT_KEY],
+            args=[
+                delivery.entry_id,
+                custom_id,
+                result,
+                "completed" if ok else "failed",
+                "1" if dead else "0",
+                round(delivery.tokens, 1),
+                now_ms(),
+            ],
+        )
+        return int(code)
+
+    async def settle(self, delivery: Delivery) -> None:
+        """Acknowledge a line skipped because its job was cancelled or expired."""
+        keys = JobKeys(delivery.job_id)
+        await self._settle(
+            keys=[keys.job, keys.lines, keys.results, ACTIVE_KEY],
+            args=[delivery.entry_id, now_ms()],
+        )
+
+    async def started(self, job_id: str) -> None:
+        """Record when the job's first line started (once)."""
+        await self._started(keys=[JobKeys(job_id).job], args=[now_ms()])
+
+    async def set_fields(self, job_id: str, fields: dict[str, float | int | str]) -> None:
+        """Set fields of a job's record."""
+        await self._redis.hset(JobKeys(job_id).job, mapping=fields)
+
+    async def predict(self, job_id: str, predicted_ms: int) -> None:
+        """Update a job's predicted completion."""
+        await self._redis.hset(JobKeys(job_id).job, "predicted_ms", predicted_ms)
+
+    # -- state changes ---------------------------------------------------------------------
+
+    async def cancel(self, job_id: str) -> int:
+        """Cancel: CANCELLING while lines are in flight, else CANCELLED; returns the state."""
+        keys = JobKeys(job_id)
+        state = await self._cancel(
+            keys=[keys.job, keys.lines, keys.results, ACTIVE_KEY], args=[now_ms()]
+        )
+        return int(state)
+
+    async def finalize(self, job_id: str, state: int) -> int:
+        """Move a job to final ``state`` now (expiry, a job that cannot run); returns the
+        state after (unchanged when it already was final)."""
+        keys = JobKeys(job_id)
+        after = await self._finalize(
+            keys=[keys.job, keys.lines, keys.results, ACTIVE_KEY], args=[state, now_ms()]
+        )
+        return int(after)
+
+    async def pending(self, job_id: str) -> int:
+        """Lines of the job delivered and not yet settled."""
+        lines = JobKeys(job_id).lines
+        try:
+            summary = await self._redis.xpending(lines, GROUP)
+        except redis.ResponseError:  # no stream or group: nothing pending
+            return 0
+        return int(summary["pending"])
+
+    # -- results ---------------------------------------------------------------------------
+
+    async def results_page(self, job_id: str, cursor: int, count: int) -> tuple[int, list[bytes]]:
+        """One page of serialized results from ``cursor`` (``HSCAN``); cursor 0 after the last."""
+        nxt, found = await self._redis.hscan(JobKeys(job_id).results, cursor, count=count)
+        return int(nxt), list(found.values())
+
+    async def results_of(self, job_id: str, custom_ids: Sequence[str]) -> list[bytes]:
+        """The serialized results of these lines (those that have one)."""
+        found = await self._redis.hmget(JobKeys(job_id).results, list(custom_ids))
+        return [value for value in found if value is not None]

@@ -1,0 +1,450 @@
+"""The job worker of one scheduler replica: takes lines from Redis, runs each through the
+same path as a public BATCH request, writes its result, and keeps what it holds alive.
+
+Each line is a member of its job's consumer group, delivered to one replica at a time:
+
+- **taking** (:meth:`JobWorker._take`): while the adaptive window has room, lines of the jobs
+  in :func:`scheduler.jobs.planner.order` (earliest deadline first, fair across tenants) are
+  read with ``XREADGROUP``;
+- **running** (:meth:`JobWorker._attempt`): a :class:`~scheduler.lifecycle.GenerateFlow` or
+  :class:`~scheduler.embed_flow.EmbedFlow` with the job's tenant, class and deadline: quotas,
+  fair share and admission apply to lines as to any request;
+- **refused for overload** (RESOURCE_EXHAUSTED, or UNAVAILABLE before a node took it): the
+  line is deferred, not failed: the window halves and the line waits out RetryInfo, until its
+  job's window closes;
+- **failed** for a reason of the request (INVALID_ARGUMENT, PERMISSION_DENIED, ...): an error
+  result; for any other reason it is delivered again (``XCLAIM``), and after
+  ``job_max_deliveries`` it is dead-lettered with its last error;
+- **heartbeat** (every ``job_heartbeat_seconds``): the lines held (running or deferred) are
+  re-claimed by this consumer with ``JUSTID``, which resets their idle time; lines idle longer
+  than ``job_reclaim_idle_seconds`` belong to a dead replica and are taken over
+  (``XAUTOCLAIM``), a line past its deliveries dead-lettered;
+- **expiry**: a job whose window closed is finalized EXPIRED (lines in flight end by then:
+  their deadline is the job's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+
+import grpc
+import structlog
+from redis.exceptions import RedisError
+
+from scheduler.config import SchedulerSettings
+from scheduler.embed_flow import EmbedFlow
+from scheduler.jobs.metrics import JobMetrics
+from scheduler.jobs.model import RUNNABLE_STATES, JobRecord
+from scheduler.jobs.planner import Backlog, LineWindow, Runnable, completions, order
+from scheduler.jobs.store import Delivery, JobStore, now_ms
+from scheduler.lifecycle import GenerateFlow, RequestPath
+from scheduler.nodes import NodeDirectory
+from sluice.runtime.errors import SluiceError
+from sluice.v1 import jobs_pb2
+
+log = structlog.get_logger(__name__)
+
+PERMANENT = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+"""Codes that mean the line itself is at fault: retrying cannot help."""
+REFRESH_S = 0.5
+DEFER_FLOOR_S = 0.2
+
+
+class Deferred(Exception):
+    """A line refused for overload: try again after ``retry_after_s``."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"deferred {retry_after_s:.2f}s")
+        self.retry_after_s = retry_after_s
+
+
+class Failed(Exception):
+    """A line attempt failed; ``permanent`` when the request is at fault."""
+
+    def __init__(self, error: jobs_pb2.LineError, *, permanent: bool) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.permanent = permanent
+
+
+class JobRate:
+    """Weighted tokens per second the jobs of the whole cluster get: an exponential moving
+    average of the settled lines' estimated work, sampled while jobs run."""
+
+    def __init__(self, half_life_s: float = 30.0, memory_s: float = 120.0) -> None:
+        self.value = 0.0
+        self._half_life = half_life_s
+        self._memory = memory_s
+        self._last: tuple[float, float] | None = None
+        self._observed_at = float("-inf")
+
+    def observe(self, settled_tokens: float, now: float, *, running: bool) -> None:
+        """One sample of the cluster's settled-work counter."""
+        last, self._last = self._last, (now, settled_tokens)
+        if last is None or not running or now <= last[0] or settled_tokens < last[1]:
+            return
+        dt = now - last[0]
+        sample = (settled_tokens - last[1]) / dt
+        alpha = 1 - 0.5 ** (dt / self._half_life)
+        self.value = sample if self.value == 0 else self.value + alpha * (sample - self.value)
+        self._observed_at = now
+
+    def rate(self, capacity: float, now: float) -> float:
+        """The measured rate when jobs ran recently, else ``capacity``."""
+        if self.value > 0 and now - self._observed_at < self._memory:
+            return self.value
+        return capacity
+
+
+def _line_error(exc: BaseException, number: int) -> jobs_pb2.LineError:
+    if isinstance(exc, SluiceError):
+        return jobs_pb2.LineError(
+            code=exc.code.value[0], reason=exc.reason, message=f"line {number}: {exc.message}"
+        )
+    return jobs_pb2.LineError(
+        code=grpc.StatusCode.INTERNAL.value[0], reason="INTERNAL", message=f"line {number}"
+    )
+
+
+class JobWorker:
+    """Runs job lines on this replica (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        path: RequestPath,
+        settings: SchedulerSettings,
+        metrics: JobMetrics,
+        consumer: str,
+        nodes: NodeDirectory,
+    ) -> None:
+        self._store = store
+        self._nodes = nodes
+        self._path = path
+        self._settings = settings
+        self._metrics = metrics
+        self.consumer = consumer
+        self.window = LineWindow(maximum=float(settings.job_max_lines_in_flight))
+        self.rate = JobRate()
+        self.records: dict[str, JobRecord] = {}
+        """The jobs not final, as last read (every 0.5 s)."""
+        self._drained: set[str] = set()
+        self._held: dict[tuple[str, str], Delivery] = {}
+        self._started_jobs: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._next_refresh = 0.0
+        self._next_upkeep = 0.0
+
+    async def start(self) -> None:
+        """Start taking lines."""
+        self._loop = asyncio.create_task(self._run(), name="job worker")
+
+    async def stop(self) -> None:
+        """Stop: lines in flight are abandoned (another replica reclaims them)."""
+        tasks = [t for t in (self._loop, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def capacity(self) -> float:
+        """Weighted tokens per second the nodes could give jobs, before any job ran."""
+        rates = [self._nodes.service_rate(model) for model in self._nodes.models()]
+        return max(rates, default=0.0) * self._settings.job_capacity_share
+
+    def current_rate(self) -> float:
+        """The rate predictions use now."""
+        return self.rate.rate(self.capacity(), time.monotonic())
+
+    def backlog(self) -> list[Backlog]:
+        """The remaining work of the jobs not final."""
+        return [
+            Backlog(r.job_id, r.deadline_ms, r.remaining_tokens)
+            for r in self.records.values()
+            if r.state in RUNNABLE_STATES
+        ]
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._tick()
+            except RedisError as exc:
+                log.warning("job_worker_redis_error", error=str(exc))
+                await asyncio.sleep(1.0)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.2)
+
+    async def _tick(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_refresh:
+            await self._refresh()
+            self._next_refresh = now + REFRESH_S
+        if now >= self._next_upkeep:
+            await self._upkeep()
+            self._next_upkeep = now + self._settings.job_heartbeat_seconds
+        await self._take(now)
+        self._metrics.in_flight.set(len(self._held))
+        self._metrics.window.set(self.window.size)
+
+    async def _refresh(self) -> None:
+        active = await self._store.active()
+        ids = [job_id for job_id, _ in active]
+        records = await self._store.records(ids)
+        self.records = {r.job_id: r for r in records if r is not None}
+        self._drained.clear()
+
+    async def _take(self, now: float) -> None:
+        room = self.window.room(now, len(self._held))
+        stamp = now_ms()
+        runnable = [
+            Runnable(r.job_id, r.tenant, r.deadline_ms)
+            for r in self.records.values()
+            if r.state in RUNNABLE_STATES
+            and r.job_id not in self._drained
+            and r.deadline_ms > stamp
+        ]
+        if room <= 0 or not runnable:
+            return
+        held = Counter(
+            self.records[d.job_id].tenant for d in self._held.values() if d.job_id in self.records
+        )
+        weights = {
+            t: tenant.weight
+            for t in {j.tenant for j in runnable}
+            if (tenant := self._path.tenants.get(t)) is not None
+        }
+        per_job = max(1, -(-room // max(1, len(weights))))
+        for job in order(runnable, held, weights, self.window.size):
+            got = await self._store.read(job.job_id, self.consumer, min(room, per_job))
+            if not got:
+                self._drained.add(job.job_id)
+                continue
+            for delivery in got:
+                self._spawn(delivery)
+            room -= len(got)
+            if room <= 0:
+                return
+
+    def _spawn(self, delivery: Delivery) -> None:
+        key = (delivery.job_id, delivery.entry_id)
+        if key in self._held:
+            return
+        self._held[key] = delivery
+        task = asyncio.create_task(self._line(delivery), name=f"job line {delivery.entry_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _upkeep(self) -> None:
+        """Heartbeat, take over dead replicas' lines, expire jobs, update predictions."""
+        if self._held:
+            await self._store.touch(self.consumer, list(self._held.values()))
+        stamp = now_ms()
+        idle_ms = int(self._settings.job_reclaim_idle_seconds * 1000)
+        for record in list(self.records.values()):
+            if record.deadline_ms <= stamp:
+                state = await self._store.finalize(record.job_id, jobs_pb2.JOB_STATE_EXPIRED)
+                if state == jobs_pb2.JOB_STATE_EXPIRED and not record.final:
+                    self._metrics.jobs.labels("expired").inc()
+                    log.info("job_expired", job_id=record.job_id, tenant=record.tenant)
+                continue
+            room = max(1, self.window.room(time.monotonic(), len(self._held)))
+            for delivery in await self._store.reclaim(record.job_id, self.consumer, idle_ms, room):
+                self._metrics.lines.labels("reclaimed").inc()
+                log.info("job_line_reclaimed", job_id=record.job_id, line=delivery.line_number)
+                self._spawn(delivery)
+        now = time.monotonic()
+        running = any(r.state == jobs_pb2.JOB_STATE_RUNNING for r in self.records.values())
+        self.rate.observe(await self._store.settled_tokens(), now, running=running)
+        await self._predict(stamp)
+
+    async def _predict(self, stamp: int) -> None:
+        rate = self.current_rate()
+        if rate <= 0:
+            return
+        for job_id, at in completions(self.backlog(), rate, stamp).items():
+            record = self.records.get(job_id)
+            if record is not None and abs(record.predicted_ms - at) > 1000:
+                await self._store.predict(job_id, at)
+
+    async def _line(self, delivery: Delivery) -> None:
+        try:
+            await self._serve(delivery)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # left pending: reclaimed after the idle bound
+            log.exception("job_line_crashed", job_id=delivery.job_id, line=delivery.line_number)
+        finally:
+            self._held.pop((delivery.job_id, delivery.entry_id), None)
+            self._wake.set()
+
+    async def _serve(self, delivery: Delivery) -> None:
+        """Attempt the line until it has a result, or its job no longer wants it."""
+        line = jobs_pb2.JobLine.FromString(delivery.body)
+        deliveries = delivery.deliveries
+        if deliveries > self._settings.job_max_deliveries:  # its workers kept dying
+            error = jobs_pb2.LineError(
+                code=grpc.StatusCode.ABORTED.value[0],
+                reason="DEAD_LETTER",
+                message=f"line {delivery.line_number}: delivered {deliveries - 1} times, "
+                "its worker died each time",
+            )
+            await self._finish(delivery, line, error=error, dead=True)
+            return
+        while True:
+            record = self.records.get(delivery.job_id) or await self._store.get(delivery.job_id)
+            wanted = record is not None and record.state in RUNNABLE_STATES
+            if record is None or not wanted or now_ms() >= record.deadline_ms:
+                await self._store.settle(delivery)
+                self._metrics.lines.labels("skipped").inc()
+                return
+            try:
+                result = await self._attempt(record, line, delivery)
+            except Deferred as exc:
+                self.window.refused(time.monotonic(), exc.retry_after_s)
+                self._metrics.lines.labels("deferred").inc()
+                left = (record.deadline_ms - now_ms()) / 1000
+                await asyncio.sleep(max(DEFER_FLOOR_S, min(exc.retry_after_s, left)))
+                continue
+            except Failed as exc:
+                if exc.permanent:
+                    await self._finish(delivery, line, error=exc.error)
+                    return
+                deliveries = await self._store.redeliver(self.consumer, delivery)
+                if deliveries >= self._settings.job_max_deliveries:
+                    await self._finish(delivery, line, error=exc.error, dead=True)
+                    return
+                await asyncio.sleep(min(10.0, 0.5 * 2**deliveries))
+                continue
+            await self._finish(delivery, line, result=result)
+            return
+
+    async def _attempt(
+        self, record: JobRecord, line: jobs_pb2.JobLine, delivery: Delivery
+    ) -> jobs_pb2.JobResult:
+        """One attempt of the line; raises :class:`Deferred` or :class:`Failed`."""
+        left = (record.deadline_ms - now_ms()) / 1000
+        deadline = time.monotonic() + max(0.0, min(self._settings.job_line_timeout_seconds, left))
+        if record.job_id not in self._started_jobs:
+            self._started_jobs.add(record.job_id)
+            await self._store.started(record.job_id)
+        admitted = False
+        try:
+            if line.WhichOneof("body") == "embed":
+                flow = EmbedFlow(self._path, line.embed, tenant=record.tenant, deadline=deadline)
+                reply = await flow.run()
+                admitted = True
+                self.window.admitted()
+                return self._result(line, delivery, embed=reply)
+            stream = GenerateFlow(
+                self._path, line.generate, tenant=record.tenant, deadline=deadline
+            )
+            parts: list[str] = []
+            last: jobs_pb2.GenerateResult | None = None
+            async with contextlib.aclosing(stream.run()) as chunks:
+                async for chunk in chunks:
+                    if not admitted:
+                        admitted = True
+                        self.window.admitted()
+                    parts.append(chunk.text)
+                    last = jobs_pb2.GenerateResult(
+                        finish_reason=chunk.finish_reason,
+                        usage=chunk.usage,
+                        model=line.generate.model,
+                    )
+            answer = last or jobs_pb2.GenerateResult(model=line.generate.model)
+            answer.text = "".join(parts)
+            return self._result(line, delivery, generate=answer)
+        except SluiceError as exc:
+            raise self._classify(exc, admitted, delivery) from exc
+        except (asyncio.CancelledError, Deferred, Failed):
+            raise
+        except Exception as exc:
+            raise Failed(_line_error(exc, delivery.line_number), permanent=False) from exc
+
+    @staticmethod
+    def _classify(exc: SluiceError, admitted: bool, delivery: Delivery) -> Exception:
+        if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED or (
+            exc.code == grpc.StatusCode.UNAVAILABLE and not admitted
+        ):
+            return Deferred(exc.retry_after() or 1.0)
+        return Failed(_line_error(exc, delivery.line_number), permanent=exc.code in PERMANENT)
+
+    @staticmethod
+    def _result(
+        line: jobs_pb2.JobLine,
+        delivery: Delivery,
+        *,
+        generate: jobs_pb2.GenerateResult | None = None,
+        embed: object = None,
+    ) -> jobs_pb2.JobResult:
+        result = jobs_pb2.JobResult(
+            custom_id=line.custom_id,
+            deliveries=delivery.deliveries,
+            line_number=delivery.line_number,
+            finished_at_unix_ms=now_ms(),
+        )
+        if generate is not None:
+            result.generate.CopyFrom(generate)
+        elif embed is not None:
+            result.embed.CopyFrom(embed)  # type: ignore[arg-type]
+        return result
+
+    async def _finish(
+        self,
+        delivery: Delivery,
+        line: jobs_pb2.JobLine,
+        *,
+        result: jobs_pb2.JobResult | None = None,
+        error: jobs_pb2.LineError | None = None,
+        dead: bool = False,
+    ) -> None:
+        if result is None:
+            result = jobs_pb2.JobResult(
+                custom_id=line.custom_id,
+                error=error,
+                deliveries=delivery.deliveries,
+                line_number=delivery.line_number,
+                finished_at_unix_ms=now_ms(),
+            )
+        ok = error is None
+        code = await self._store.finish(
+            delivery, line.custom_id, result.SerializeToString(), ok=ok, dead=dead
+        )
+        outcome = "completed" if ok else ("dead_lettered" if dead else "failed")
+        self._metrics.lines.labels("duplicate" if code == 2 else outcome).inc()
+        if code == 3:
+            await self._completed(delivery.job_id)
+        elif code == 4:
+            self._metrics.jobs.labels("cancelled").inc()
+
+    async def _completed(self, job_id: str) -> None:
+        self._metrics.jobs.labels("completed").inc()
+        record = await self._store.get(job_id)
+        if record is None or record.first_predicted_ms <= record.created_ms:
+            return
+        predicted = record.first_predicted_ms - record.created_ms
+        actual = record.finished_ms - record.created_ms
+        self._metrics.completion_error.observe((actual - predicted) / predicted)
+        log.info(
+            "job_completed",
+            job_id=job_id,
+            tenant=record.tenant,
+            lines=record.total,
+            duration_s=actual / 1000,
+            predicted_s=predicted / 1000,
+        )
