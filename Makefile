@@ -66,7 +66,7 @@ bench-scheduler: $(STAMP)
 clean:
 	rm -rf .sluice .pytest_cache .mypy_cache .ruff_cache
 
-# Chaos suite (issue 17): each fault in a fresh suite under streaming load → bench/results/chaos.{json,md} (~6 min).
+# Chaos suite (issue 17): each fault in a fresh, secure suite under streaming load, strangers at the internal ports → bench/results/chaos.{json,md} (~7 min).
 CHAOS_ARGS ?=
 .PHONY: chaos
 chaos: $(STAMP)

@@ -1,7 +1,8 @@
 """The chaos harness (``bench.chaos``) itself: the TCP fault proxy against a local echo server,
 the classification of requests and the figures from synthetic records, the report, the
-fuzzer's generation, and a short smoke of the load, probes and fuzzer against the in-process
-suite. ``make chaos`` (the real scenarios) is not part of the tests."""
+fuzzer's generation, a short smoke of the load, probes and fuzzer against the in-process
+suite, and one round of the strangers' attempts against the in-process secure suite.
+``make chaos`` (the real scenarios) is not part of the tests."""
 
 from __future__ import annotations
 
@@ -12,13 +13,22 @@ import queue
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 
-from bench.chaos.figures import FaultWindow, load_figures, node_figures, recovery
+from bench.chaos import strangers
+from bench.chaos.figures import (
+    FaultWindow,
+    StrangerOutcome,
+    load_figures,
+    node_figures,
+    recovery,
+    stranger_figures,
+)
 from bench.chaos.fuzz import DOCUMENTED, FuzzCall, FuzzResult, call_strategy, fuzz, produce
 from bench.chaos.load import (
     COMPLETED,
@@ -33,11 +43,13 @@ from bench.chaos.load import (
 )
 from bench.chaos.logs import scheduler_events
 from bench.chaos.proxy import FaultProxy, Mode
-from bench.chaos.report import markdown, verdict
+from bench.chaos.report import markdown, own_figure, verdict
 from sluice import AsyncClient
+from sluice.local.pki import create_pki
+from sluice.runtime.tls import Identity, Role
 from sluice.sdk.errors import SluiceRpcError
 from sluice.v1 import inference_pb2
-from tests.harness import API_KEY, OTHER_KEY, Suite
+from tests.harness import API_KEY, OTHER_KEY, Suite, eventually
 
 # -- the proxy ----------------------------------------------------------------------------
 
@@ -282,7 +294,7 @@ def test_report_has_one_row_per_scenario_and_a_verdict() -> None:
     text = markdown(doc)
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 4  # the head and three scenarios
-    assert "| node SIGKILL | 1 | 1 | 0 | 0 | 3 | 0 | 0 | 0 | 0 | 0.5 | 1 | yes |" in rows
+    assert "| node SIGKILL | 1 | 1 | 0 | 0 | 3 | 0 | 0 | 0 | 0 | 0.5 | 1 | – | yes |" in rows
     assert verdict(bad) == "no: hung, undocumented answers"
     assert rows[-1].endswith("| error |")
     assert "SIGKILL node-1" in text
@@ -457,3 +469,99 @@ async def test_load_probes_and_fuzzer_against_the_in_process_suite(running: Suit
     )
     assert result.sent + sum(result.client_errors.values()) == 40
     assert all(code == code.upper() for code in result.by_code)
+
+
+# -- strangers at the internal surfaces ---------------------------------------------------
+
+
+def test_stranger_figures_count_per_surface_and_fail_the_verdict_on_a_success() -> None:
+    """Attempts are counted per surface with their refusal codes; one success, one answer
+    that is no refusal (a time-out) or a failed control each make the verdict fail."""
+    outcomes = [
+        StrangerOutcome("node-1 Node/Drain", "plaintext", "UNAVAILABLE"),
+        StrangerOutcome("node-1 Node/Drain", "suite: client", "PERMISSION_DENIED"),
+        StrangerOutcome("redis FLUSHALL", "cache user", "NOPERM"),
+    ]
+    controls = [StrangerOutcome("cache Cache/Lookup (before)", "suite: scheduler", "OK")]
+    f = stranger_figures(outcomes, controls)
+    assert f["attempts"] == 3 and f["succeeded"] == 0 and f["unexplained"] == 0
+    assert f["by_surface"]["node-1 Node/Drain"] == {
+        "attempts": 2,
+        "succeeded": 0,
+        "refused": {"UNAVAILABLE": 1, "PERMISSION_DENIED": 1},
+        "credentials": 2,
+    }
+    assert f["controls_ok"]
+    entry = {"hung": 0, "lost": 0, "internal": 0, "strangers": f}
+    assert verdict(entry) == "yes"
+    assert own_figure(entry) == "internal calls succeeded without a valid certificate: 0 of 3"
+    breached = [
+        *outcomes,
+        StrangerOutcome("cache Cache/Store", "foreign CA: scheduler", "OK"),
+        StrangerOutcome("etcd Put /sluice/nodes/x", "suite: client", "TIMEOUT"),
+    ]
+    failed = [StrangerOutcome("cache Cache/Lookup (after)", "suite: scheduler", "UNAVAILABLE")]
+    bad = stranger_figures(breached, [*controls, *failed])
+    assert bad["succeeded_calls"] == ["cache Cache/Store by foreign CA: scheduler"]
+    assert verdict({**entry, "strangers": bad}) == (
+        "no: internal calls succeeded without a valid certificate, "
+        "unexplained answers to strangers, controls failed"
+    )
+
+
+@pytest.mark.timeout(120)
+async def test_strangers_are_refused_at_every_internal_surface_of_the_secure_suite(
+    secure_suite: Suite, tmp_path: Path
+) -> None:
+    """One round of every stranger's attempt at a node, the cache, etcd and Redis of the
+    in-process secure suite: none succeeds, each is refused by its door (handshake,
+    PERMISSION_DENIED, NOAUTH, WRONGPASS, NOPERM), and the right identities' controls succeed."""
+    lockdown = secure_suite.lockdown
+    assert lockdown is not None
+    cache = await secure_suite.start_cache()
+    node = await secure_suite.start_node("node-a")
+    foreign = create_pki(tmp_path / "foreign", strangers.FOREIGN_IDENTITIES)
+    target = strangers.Target.build(
+        {"node-a": node.address},
+        cache.address,
+        secure_suite.etcd,
+        secure_suite.redis_url,
+        lockdown,
+        foreign,
+    )
+    attempts = strangers.catalogue(target)
+    outcomes, not_made = await strangers.attempt_all(attempts, concurrency=4, max_s=60)
+    controls = [await strangers.outcome_of(a) for a in strangers.controls(target)]
+    f = stranger_figures(outcomes, controls, not_made)
+    assert f["attempts"] == len(attempts) >= 80 and f["not_made"] == 0
+    assert f["succeeded"] == 0, f["succeeded_calls"]
+    assert f["unexplained"] == 0, f["unexplained_calls"]
+    assert {"UNAVAILABLE", "PERMISSION_DENIED", "NOAUTH", "WRONGPASS", "NOPERM"} <= set(
+        f["refused"]
+    )
+    assert f["controls_ok"], f["controls"]
+    assert not node.drained.is_set()
+
+
+@pytest.mark.timeout(60)
+async def test_fuzzer_speaks_tls_to_a_secure_scheduler(secure_suite: Suite) -> None:
+    """Given the suite's CA, the fuzzer's calls reach the TLS public port and are answered
+    (not all UNAVAILABLE, as a plaintext fuzzer's would be)."""
+    lockdown = secure_suite.lockdown
+    assert lockdown is not None
+    await secure_suite.start_cache()
+    await secure_suite.start_node("node-a")
+    scheduler = await secure_suite.start_scheduler()
+    await eventually(lambda: scheduler.nodes.candidates("tiny-random-llama", 1))
+    ca = lockdown.files(Identity(Role.CLIENT)).ca.read_bytes()
+    result = await fuzz(
+        scheduler.address,
+        {"alpha": API_KEY, "beta": OTHER_KEY},
+        "alpha",
+        count=20,
+        max_s=20,
+        seed=3,
+        credentials=grpc.ssl_channel_credentials(ca),
+    )
+    assert result.sent == 20
+    assert set(result.by_code) - {"UNAVAILABLE"}, result.figures()["examples"]

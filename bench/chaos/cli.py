@@ -3,10 +3,11 @@ fresh suite on loopback, one after the other; writes ``chaos.json`` and ``chaos.
 ``--out-dir`` with this run's figures only.
 
 Modules: :mod:`.suite` (the suite and extra processes), :mod:`.load` (steady load, probes),
-:mod:`.proxy` (TCP fault proxy), :mod:`.fuzz` (descriptor-driven fuzzer), :mod:`.scenarios`
-(the faults), :mod:`.runner` (one scenario end to end), :mod:`.figures` (definitions and
-counts), :mod:`.report` (JSON and markdown). Every process started is stopped by its PID at
-the end of its scenario, on errors too.
+:mod:`.proxy` (TCP fault proxy), :mod:`.fuzz` (descriptor-driven fuzzer), :mod:`.strangers`
+(calls at the internal surfaces without a valid client certificate), :mod:`.scenarios` (the
+faults), :mod:`.runner` (one scenario end to end), :mod:`.figures` (definitions and counts),
+:mod:`.report` (JSON and markdown). Every process started is stopped by its PID at the end of
+its scenario, on errors too.
 """
 
 from __future__ import annotations
@@ -50,8 +51,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--fuzz-count", type=int, default=defaults.fuzz_count)
     p.add_argument("--fuzz-max-s", type=float, default=defaults.fuzz_max_s)
     p.add_argument("--fuzz-seed", type=int, default=defaults.fuzz_seed)
+    p.add_argument("--stranger-rounds", type=int, default=defaults.stranger_rounds)
     p.add_argument(
         "--no-supervise", action="store_true", help="do not drive the supervisor's restarts"
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext suites (sluice up --insecure), to compare with the secure default",
     )
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--run-dir", type=Path, default=SCRATCH_DIR / "chaos", help="logs, stores")
@@ -74,7 +81,9 @@ def options_from(args: argparse.Namespace) -> ChaosOptions:
         fuzz_count=args.fuzz_count,
         fuzz_max_s=args.fuzz_max_s,
         fuzz_seed=args.fuzz_seed,
+        stranger_rounds=args.stranger_rounds,
         supervise=not args.no_supervise,
+        insecure=args.insecure,
     )
 
 

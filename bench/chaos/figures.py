@@ -23,6 +23,12 @@ Definitions (times on the scenario's clock, seconds since the load started):
   (``sluice_scheduler_retries_total``), read by the runner.
 - The *fault window* is ``[injected, over]``: ``over`` is the heal (SIGCONT, proxy back to
   pass-through, store back), or ``injected`` + the stall bound when nothing undoes the fault.
+- Strangers (:mod:`bench.chaos.strangers`): *attempts* at internal surfaces without a valid
+  client certificate or with one of the wrong identity; *succeeded*: those the service did
+  (must be 0); *refused*: by code; *unexplained*: ended with a code that is not one of
+  :data:`REFUSALS` (a time-out, an application error: the door's answer is not known, so the
+  figure cannot count it as refused); *controls*: the right identities' calls, which must
+  succeed for the figure to mean anything.
 """
 
 from __future__ import annotations
@@ -36,6 +42,14 @@ from bench.chaos.load import COMPLETED, LOST, REFUSED, STALL_BOUND_S, ProbeRound
 
 RECOVERY_STREAK = 3
 """Probe rounds in a row that must meet a condition (see :func:`recovery`)."""
+SUCCEEDED = "OK"
+"""A stranger's attempt the service did."""
+REFUSALS = frozenset(
+    {"UNAVAILABLE", "PERMISSION_DENIED", "UNAUTHENTICATED", "NOAUTH", "WRONGPASS", "NOPERM"}
+)
+"""How an internal surface refuses a stranger: the TLS handshake fails (gRPC UNAVAILABLE), the
+identity may not call (PERMISSION_DENIED, UNAUTHENTICATED), Redis wants a user (NOAUTH,
+WRONGPASS) or keeps one to its keys and commands (NOPERM)."""
 
 
 @dataclass(frozen=True)
@@ -175,4 +189,56 @@ def probe_figures(rounds: Sequence[ProbeRound]) -> dict[str, Any]:
         "probe_rounds": len(rounds),
         "probes_failed": sum(r.outcome != COMPLETED for r in probes),
         "probe_internal": sum(r.code == "INTERNAL" for r in probes),
+    }
+
+
+@dataclass(frozen=True)
+class StrangerOutcome:
+    """How one stranger's attempt ended."""
+
+    surface: str
+    """What was called, where: ``node-1 Node/Drain``, ``etcd Put /sluice/config/tenants``."""
+    credential: str
+    """Who called: ``plaintext``, ``foreign CA: scheduler``, ``suite: client``..."""
+    code: str
+    """:data:`SUCCEEDED`, a gRPC status name, Redis's error word, ``TIMEOUT``..."""
+
+
+def stranger_figures(
+    outcomes: Sequence[StrangerOutcome], controls: Sequence[StrangerOutcome], not_made: int = 0
+) -> dict[str, Any]:
+    """Per surface and in all: attempts, succeeded, refusals by code (see the module
+    docstring); the controls as ``surface by credential: code``."""
+    surfaces: dict[str, dict[str, Any]] = {}
+    for o in outcomes:
+        entry = surfaces.setdefault(
+            o.surface, {"attempts": 0, "succeeded": 0, "refused": Counter(), "credentials": set()}
+        )
+        entry["attempts"] += 1
+        entry["credentials"].add(o.credential)
+        if o.code == SUCCEEDED:
+            entry["succeeded"] += 1
+        else:
+            entry["refused"][o.code] += 1
+    succeeded = [o for o in outcomes if o.code == SUCCEEDED]
+    unexplained = [o for o in outcomes if o.code != SUCCEEDED and o.code not in REFUSALS]
+    return {
+        "attempts": len(outcomes),
+        "succeeded": len(succeeded),
+        "unexplained": len(unexplained),
+        "not_made": not_made,
+        "refused": dict(Counter(o.code for o in outcomes if o.code != SUCCEEDED).most_common()),
+        "by_surface": {
+            name: {
+                "attempts": e["attempts"],
+                "succeeded": e["succeeded"],
+                "refused": dict(e["refused"].most_common()),
+                "credentials": len(e["credentials"]),
+            }
+            for name, e in sorted(surfaces.items())
+        },
+        "succeeded_calls": [f"{o.surface} by {o.credential}" for o in succeeded[:20]],
+        "unexplained_calls": [f"{o.surface} by {o.credential}: {o.code}" for o in unexplained[:20]],
+        "controls": {f"{o.surface} by {o.credential}": o.code for o in controls},
+        "controls_ok": bool(controls) and all(o.code == SUCCEEDED for o in controls),
     }

@@ -387,8 +387,10 @@ async def fuzz(
     seed: int,
     concurrency: int = 8,
     call_timeout_s: float = 30.0,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> FuzzResult:
-    """Send up to ``count`` fuzzed calls to the scheduler at ``address`` within ``max_s``."""
+    """Send up to ``count`` fuzzed calls to the scheduler at ``address`` within ``max_s``,
+    over TLS with ``credentials`` (the suite's CA), plaintext when None."""
     result = FuzzResult()
     calls: queue.Queue[FuzzCall | None] = queue.Queue(maxsize=concurrency * 2)
     stop = threading.Event()
@@ -403,7 +405,12 @@ async def fuzz(
     started = time.monotonic()
     deadline = started + max_s
     producer.start()
-    channel = grpc.aio.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)])
+    options = [("grpc.enable_http_proxy", 0)]
+    channel = (
+        grpc.aio.insecure_channel(address, options=options)
+        if credentials is None
+        else grpc.aio.secure_channel(address, credentials, options=options)
+    )
 
     async def worker() -> None:
         while time.monotonic() < deadline:

@@ -35,6 +35,20 @@ DEFINITIONS = {
     "lost": "requests not ended when the load stopped plus its grace (cancelled)",
     "internal": "INTERNAL answers: load, probes and, for the fuzzer, its calls",
     "victim_disturbed": "the victim tenant's requests that did not complete, or hung",
+    "own_figure": (
+        "the scenario's own figure: for node faults, requests with no token when the fault began "
+        "that completed on another node; for the fuzzer, answers outside the documented codes; "
+        "for strangers, internal calls that succeeded without a valid client certificate (or "
+        "with one of the wrong identity), of the attempts"
+    ),
+    "strangers": (
+        "calls at every internal surface (Node and Cache methods on each node and the cache, "
+        "etcd reads and writes, Redis commands) by plaintext callers, TLS callers without a "
+        "certificate, a foreign CA's certificates and the suite's certificates of the wrong "
+        "identity; succeeded: the service did it (must be 0); refused: by gRPC status or Redis "
+        "error word; unexplained: any other end; controls: the right identities' calls, before "
+        "and after, which must succeed (bench/chaos/strangers.py)"
+    ),
     "recovery": (
         "seconds from the heal (or the injection when nothing undoes the fault) to the start of "
         "the first probe round (one every 0.5 s) after the last one that failed, provided at "
@@ -56,13 +70,48 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def own_figure(entry: dict[str, Any]) -> str:
+    """The scenario's own headline figure (see ``DEFINITIONS["own_figure"]``), "–" when none."""
+    strangers = entry.get("strangers")
+    if strangers is not None:
+        return (
+            f"internal calls succeeded without a valid certificate: {strangers['succeeded']} "
+            f"of {strangers['attempts']}"
+        )
+    fuzz = entry.get("fuzz")
+    if fuzz is not None:
+        return f"undocumented answers: {fuzz['undocumented']} of {fuzz['answers']}"
+    if "no_token_at_fault" in entry:
+        return (
+            f"no token at fault, completed elsewhere: {entry['completed_elsewhere']} "
+            f"of {entry['no_token_at_fault']}"
+        )
+    return "–"
+
+
+def _stranger_misses(strangers: dict[str, Any]) -> list[str]:
+    misses = []
+    if strangers["succeeded"]:
+        misses.append("internal calls succeeded without a valid certificate")
+    if strangers["unexplained"]:
+        misses.append("unexplained answers to strangers")
+    if strangers["not_made"]:
+        misses.append("attempts not made")
+    if not strangers["controls_ok"]:
+        misses.append("controls failed")
+    return misses
+
+
 def verdict(entry: dict[str, Any]) -> str:
     """Whether the scenario meets issue 17's figures that it measures: 0 hung, 0 lost,
-    0 INTERNAL, and for the fuzzer only documented answers (none lost to oversized trailers)
-    and a healthy suite after."""
+    0 INTERNAL; for the fuzzer only documented answers (none lost to oversized trailers)
+    and a healthy suite after; for strangers 0 internal calls succeeded, every attempt made
+    and refused by its door, and the controls served."""
     if "error" in entry:
         return "error"
     misses = [k for k in ("hung", "lost", "internal") if entry.get(k)]
+    if "strangers" in entry:
+        misses += _stranger_misses(entry["strangers"])
     fuzz = entry.get("fuzz")
     if fuzz is not None:
         if fuzz["undocumented"]:
@@ -78,7 +127,7 @@ def verdict(entry: dict[str, Any]) -> str:
 def table(entries: Sequence[dict[str, Any]]) -> list[str]:
     """The markdown table, one row per scenario."""
     head = ["scenario", *(title for _, title in COLUMNS)]
-    head += ["recover tenants (s)", "recover all nodes (s)", "0 hung/lost/INTERNAL"]
+    head += ["recover tenants (s)", "recover all nodes (s)", "own figure", "0 hung/lost/INTERNAL"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for entry in entries:
         if "error" in entry:
@@ -90,6 +139,7 @@ def table(entries: Sequence[dict[str, Any]]) -> list[str]:
                 *(_cell(entry.get(key)) for key, _ in COLUMNS),
                 _cell(rec["tenants_s"]),
                 _cell(rec["full_s"]),
+                own_figure(entry),
                 verdict(entry),
             ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -124,8 +174,37 @@ def _details(entry: dict[str, Any]) -> list[str]:
             )
             lines.append(f"- fuzzer refusals by reason: {reasons}")
             lines += [f"  - {f['method']} → {f['code']}: {f['details']}" for f in fuzz["failures"]]
+        strangers = entry.get("strangers")
+        if strangers is not None:
+            lines += _stranger_details(strangers)
     timeline = "; ".join(f"{e['t_s']:g} s {e['event']}" for e in entry.get("timeline", []))
     lines += [f"- timeline: {timeline}", ""]
+    return lines
+
+
+def _codes(counts: dict[str, int]) -> str:
+    return ", ".join(f"{code} {n}" for code, n in counts.items()) or "none"
+
+
+def _stranger_details(strangers: dict[str, Any]) -> list[str]:
+    lines = [
+        f"- strangers: {strangers['attempts']} attempts, {strangers['succeeded']} succeeded, "
+        f"{strangers['unexplained']} unexplained, {strangers['not_made']} not made; refused: "
+        f"{_codes(strangers['refused'])}",
+        "",
+        "| surface | attempts | succeeded | refused | credentials |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {name} | {s['attempts']} | {s['succeeded']} | {_codes(s['refused'])} "
+        f"| {s['credentials']} |"
+        for name, s in strangers["by_surface"].items()
+    ]
+    lines.append("")
+    lines += [f"- succeeded: {call}" for call in strangers["succeeded_calls"]]
+    lines += [f"- unexplained: {call}" for call in strangers["unexplained_calls"]]
+    controls = ", ".join(f"{k}: {v}" for k, v in strangers["controls"].items())
+    lines.append(f"- controls (the right identities): {controls}")
     return lines
 
 
@@ -136,7 +215,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "# Chaos suite (`make chaos`)",
         "",
         f"Generated {doc['generated_at']} on {doc['machine']}. Each scenario ran in a fresh "
-        f"`sluice up` suite (2 nodes of tiny-random-llama) under steady streaming load: "
+        f"`sluice up` suite (2 nodes of tiny-random-llama; secure by default: mutual TLS between "
+        f"services, etcd and Redis users, TLS on the public port) under steady streaming load: "
         f"{s['workers_per_tenant']} workers per tenant for 3 tenants (one the victim), "
         f"{s['max_new_tokens']} tokens per request, SDK `retry=None`; fault at "
         f"{s['fault_at_s']:g} s; load kept {s['after_s']:g} s after the fault is over "

@@ -32,6 +32,7 @@ from bench.chaos.scenarios import (
     RedisKill,
     Scenario,
     SchedulerReplicaKill,
+    Strangers,
 )
 from bench.chaos.suite import ADMIN, LOAD_TENANTS, VICTIM, ChaosSuite
 from bench.paths import REPO_ROOT
@@ -48,6 +49,7 @@ SCENARIOS: dict[str, type[Scenario]] = {
         Fuzzing,
         ProxyFaults,
         SchedulerReplicaKill,
+        Strangers,
     )
 }
 """Every scenario, in the order they run (the issue's priority)."""
@@ -85,14 +87,16 @@ async def _wait_until(clock: Clock, t: float) -> None:
 
 
 class _Clients:
-    """One SDK client per load tenant and one for the fleet (admin key), all ``retry=None``;
-    closed at the end."""
+    """One SDK client per load tenant and one for the fleet (admin key), all ``retry=None``
+    and trusting the suite's CA; closed at the end."""
 
     def __init__(self, suite: ChaosSuite, endpoints: list[str]) -> None:
+        tls = suite.client_tls()
         self.clients = {
-            t: AsyncClient(endpoints, api_key=suite.keys[t], retry=None) for t in LOAD_TENANTS
+            t: AsyncClient(endpoints, api_key=suite.keys[t], retry=None, tls=tls)
+            for t in LOAD_TENANTS
         }
-        self.fleet = AsyncClient(endpoints, api_key=suite.keys[ADMIN], retry=None)
+        self.fleet = AsyncClient(endpoints, api_key=suite.keys[ADMIN], retry=None, tls=tls)
 
     def as_load(self) -> dict[str, GenerateClient]:
         return dict(self.clients)
@@ -180,6 +184,7 @@ def _figures(
         },
         "load_stopped_s": round(now, 2),
         **({"fuzz": fuzz} if fuzz is not None else {}),
+        **({"strangers": ctx.extra["strangers"]} if "strangers" in ctx.extra else {}),
     }
 
 
@@ -191,7 +196,7 @@ async def run_scenario(
     scenario = SCENARIOS[name]()
     run_dir = run_root / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    suite = ChaosSuite(run_dir, say=say)
+    suite = ChaosSuite(run_dir, say=say, insecure=options.insecure)
     ctx = Context(suite, Clock(), options)
     shown = run_dir.relative_to(REPO_ROOT) if run_dir.is_relative_to(REPO_ROOT) else run_dir
     entry: dict[str, Any] = {"name": name, "title": scenario.title, "run_dir": str(shown)}

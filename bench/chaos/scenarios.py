@@ -14,19 +14,22 @@ import asyncio
 import contextlib
 import signal
 import subprocess
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
-from bench.chaos.figures import FaultWindow
+from bench.chaos import strangers
+from bench.chaos.figures import FaultWindow, StrangerOutcome, stranger_figures
 from bench.chaos.fuzz import fuzz
 from bench.chaos.load import STALL_BOUND_S, Clock, LoadSettings, Record, run_one
 from bench.chaos.proxy import FaultProxy, Mode
-from bench.chaos.suite import FUZZER, HOST, ChaosSuite
+from bench.chaos.suite import FUZZER, HOST, SCHEDULER, ChaosSuite
 from sluice import AsyncClient
+from sluice.local.pki import create_pki
 from sluice.local.stores import free_port
-from sluice.local.up import serving_now
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,15 @@ class ChaosOptions:
     fuzz_count: int = 3000
     fuzz_max_s: float = 45.0
     fuzz_seed: int = 17
+    stranger_rounds: int = 3
+    """Rounds of every stranger's attempt at every internal surface (135 a round with two nodes)."""
+    stranger_max_s: float = 60.0
+    stranger_concurrency: int = 4
     supervise: bool = True
     """Drive the supervisor's restarts (``sluice up``'s behaviour) when it has them."""
+    insecure: bool = False
+    """Run the suites plaintext (``sluice up --insecure``), to compare with the secure default;
+    the strangers scenario cannot run then."""
 
 
 @dataclass
@@ -156,7 +166,9 @@ class NodeKill(Scenario):
         pid, streams = child.proc.pid, ctx.open_streams()[node]
         await _kill(child.proc)
         at = ctx.event(f"SIGKILL {node} (pid {pid}, {streams} load streams open on it)")
-        ctx.watch_return(node, lambda: child.proc, lambda: serving_now(child.address))
+        ctx.watch_return(
+            node, lambda: child.proc, lambda: ctx.suite.serving(child.address, child.identity)
+        )
         return _unhealed(at, node)
 
 
@@ -191,7 +203,9 @@ class CacheKill(Scenario):
         pid = child.proc.pid
         await _kill(child.proc)
         at = ctx.event(f"SIGKILL cache (pid {pid})")
-        ctx.watch_return("cache", lambda: child.proc, lambda: serving_now(child.address))
+        ctx.watch_return(
+            "cache", lambda: child.proc, lambda: ctx.suite.serving(child.address, child.identity)
+        )
         return _unhealed(at)
 
 
@@ -297,7 +311,11 @@ class SchedulerReplicaKill(Scenario):
         pid = child.proc.pid
         await _kill(child.proc)
         at = ctx.event(f"SIGKILL scheduler (pid {pid}); scheduler-2 keeps running")
-        ctx.watch_return("scheduler", lambda: child.proc, lambda: serving_now(child.address))
+        ctx.watch_return(
+            "scheduler",
+            lambda: child.proc,
+            lambda: ctx.suite.serving(child.address, child.identity),
+        )
         return _unhealed(at)
 
 
@@ -320,6 +338,7 @@ class Fuzzing(Scenario):
             count=opts.fuzz_count,
             max_s=opts.fuzz_max_s,
             seed=opts.fuzz_seed,
+            credentials=ctx.suite.public_credentials(),
         )
         end = ctx.event(f"fuzzer done: {result.sent} answers in {result.elapsed_s:.1f} s")
         ctx.extra["fuzz"] = {**result.figures(), "healthy_after": await _healthy(ctx)}
@@ -328,9 +347,10 @@ class Fuzzing(Scenario):
 
 async def _healthy(ctx: Context) -> dict[str, str]:
     """The scheduler's health and how one normal request of the fuzzer's tenant ends."""
-    serving = await asyncio.to_thread(serving_now, ctx.suite.scheduler, 2.0)
+    serving = await asyncio.to_thread(ctx.suite.serving, ctx.suite.scheduler, SCHEDULER, 2.0)
     record = Record(FUZZER, ctx.clock.now())
-    async with AsyncClient(ctx.suite.scheduler, api_key=ctx.suite.keys[FUZZER], retry=None) as c:
+    key, tls = ctx.suite.keys[FUZZER], ctx.suite.client_tls()
+    async with AsyncClient(ctx.suite.scheduler, api_key=key, retry=None, tls=tls) as c:
         await run_one(
             c,
             record,
@@ -340,3 +360,44 @@ async def _healthy(ctx: Context) -> dict[str, str]:
             timeout_s=30,
         )
     return {"health": "SERVING" if serving else "not SERVING", "request": record.outcome}
+
+
+class Strangers(Scenario):
+    """Callers without a valid client certificate, or with a valid one of the wrong identity,
+    at every internal surface (nodes, cache, etcd, Redis: :mod:`bench.chaos.strangers`) while
+    the load streams; the right identities' controls before and after."""
+
+    name = "strangers"
+    title = "strangers at internal ports (mTLS)"
+
+    async def inject(self, ctx: Context) -> FaultWindow:
+        suite, opts = ctx.suite, ctx.options
+        lockdown = suite.supervisor.lockdown if suite.supervisor else None
+        if lockdown is None or suite.endpoints is None:
+            raise RuntimeError("strangers needs a secure suite (sluice up without --insecure)")
+        with tempfile.TemporaryDirectory(prefix="sluice-foreign-ca-") as tmp:
+            foreign = create_pki(Path(tmp), strangers.FOREIGN_IDENTITIES)
+            target = strangers.Target.of(suite.endpoints, lockdown, foreign)
+        attempts = strangers.catalogue(target) * opts.stranger_rounds
+        before = await self._controls(target, "before")
+        start = ctx.event(
+            f"strangers start: {len(attempts)} attempts at "
+            f"{len({a.surface for a in attempts})} internal surfaces"
+        )
+        outcomes, not_made = await strangers.attempt_all(
+            attempts, concurrency=opts.stranger_concurrency, max_s=opts.stranger_max_s
+        )
+        figures = stranger_figures(
+            outcomes, [*before, *await self._controls(target, "after")], not_made
+        )
+        end = ctx.event(
+            f"strangers done: {figures['succeeded']} of {figures['attempts']} succeeded, "
+            f"refused {figures['refused']}"
+        )
+        ctx.extra["strangers"] = figures
+        return FaultWindow(start, end, end)
+
+    @staticmethod
+    async def _controls(target: strangers.Target, when: str) -> list[StrangerOutcome]:
+        outcomes = [await strangers.outcome_of(a) for a in strangers.controls(target)]
+        return [replace(o, surface=f"{o.surface} ({when})") for o in outcomes]
