@@ -142,3 +142,5 @@ class SchedulerSettings(ServiceSettings):
     job_capacity_share: float = 0.9
     """Share of the nodes' measured throughput predictions count on for jobs before any job
     ran (afterwards the rate jobs actually got is used)."""
+    job_max_active_per_tenant: int = 64
+    """Jobs of one tenant not final at most (RESOURCE_EXHAUSTED ``TOO_MANY_JOBS`` beyond)."""

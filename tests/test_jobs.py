@@ -183,18 +183,33 @@ async def test_a_job_whose_window_closes_expires_with_partial_results(suite: Sui
 async def test_an_infeasible_window_is_refused_at_submit_with_retry_info(
     jobs_suite: Suite,
 ) -> None:
-    """Far more work than the nodes can do in the window: RESOURCE_EXHAUSTED
-    JOB_WINDOW_INFEASIBLE with RetryInfo, and no job is left behind."""
-    lines = [line(f"i{i}", tokens=1024) for i in range(400)]
+    """A job that fits its window alone but would make an accepted job late (EDF at the
+    measured rate) is refused RESOURCE_EXHAUSTED JOB_WINDOW_INFEASIBLE with RetryInfo; one
+    that cannot fit even alone is INVALID_ARGUMENT JOB_WINDOW_TOO_SHORT (waiting cannot help);
+    no refused job is left behind."""
+    scheduler = jobs_suite.scheduler
+    assert scheduler is not None and scheduler.job_worker is not None
+    rate = scheduler.job_worker.current_rate()
+    tokens = 1024 + 3 * 0.5  # max_new_tokens + the prompt's weighted estimate
+    big = [line(f"a{i}", tokens=1024) for i in range(60)]
+    need_big = len(big) * tokens / rate
+    accepted = await submit(jobs_suite, big, window_s=int(need_big * 1.1) + 2, chunk=30)
+    small = [line(f"b{i}", tokens=1024) for i in range(int(len(big) * 0.3))]
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await submit(jobs_suite, lines, window_s=1, chunk=100)
+        await submit(jobs_suite, small, window_s=int(need_big * 0.6), chunk=30)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     status = rpc_status.from_call(err.value)
     assert status is not None
     assert any(d.type_url.endswith("RetryInfo") for d in status.details)
-    assert "window" in (err.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await submit(jobs_suite, big, window_s=max(1, int(need_big * 0.2)), chunk=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "JOB_WINDOW_TOO_SHORT" in str(rpc_status.from_call(err.value))
     listed = await jobs_suite.jobs().ListJobs(jobs_pb2.ListJobsRequest(), metadata=auth())
-    assert not listed.jobs
+    assert [j.job_id for j in listed.jobs] == [accepted.job_id]
+    await jobs_suite.jobs().CancelJob(
+        jobs_pb2.CancelJobRequest(job_id=accepted.job_id), metadata=auth()
+    )
 
 
 async def test_a_line_whose_worker_died_is_reclaimed_and_answered_once(suite: Suite) -> None:

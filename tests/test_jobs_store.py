@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as redis
 
-from scheduler.jobs.model import ACTIVE_KEY, JobKeys, JobRecord, new_job_id
+from scheduler.jobs.model import ACTIVE_KEY, JobKeys, JobRecord, idempotency_key, new_job_id
 from scheduler.jobs.store import JobStore, now_ms
 from sluice.v1 import jobs_pb2
 
@@ -67,7 +67,8 @@ async def test_a_recomputed_line_is_counted_once(store: JobStore) -> None:
     (line, _) = await store.read(job_id, "dead", 2)
     await store._redis.hsetnx(JobKeys(job_id).results, "c1", b"first")  # written, never acked
     await store._redis.hincrby(JobKeys(job_id).job, "completed", 1)
-    (again,) = [d for d in await store.reclaim(job_id, "alive", 0, 10) if d.line_number == 1]
+    _, reclaimed = await store.reclaim(job_id, "alive", 0, 10)
+    (again,) = [d for d in reclaimed if d.line_number == 1]
     assert again.deliveries == 2
     assert await store.finish(again, "c1", b"second", ok=True) == 2
     record = await store.get(job_id)
@@ -84,7 +85,7 @@ async def test_idempotent_commit_returns_the_first_job(store: JobStore) -> None:
     other = await _job(store, 1, key="k", tenant="beta")
     assert second == first
     assert other != first
-    assert [j for j, _ in await store.list_ids("alpha", now_ms() + 1, 10)].count(first) == 1
+    assert [j for j, _ in await store.list_ids("alpha", (now_ms() + 1, ""), 10)].count(first) == 1
 
 
 async def test_cancel_waits_for_lines_in_flight(store: JobStore) -> None:
@@ -93,7 +94,7 @@ async def test_cancel_waits_for_lines_in_flight(store: JobStore) -> None:
     job_id = await _job(store, 4)
     (line,) = await store.read(job_id, "a", 1)
     assert await store.cancel(job_id) == jobs_pb2.JOB_STATE_CANCELLING
-    assert job_id not in dict(await store.active())
+    assert job_id in dict(await store.active())  # kept until final: its lines are reclaimable
     assert await store.finish(line, "c1", b"r1", ok=True) == 4
     record = await store.get(job_id)
     assert record is not None
@@ -108,10 +109,56 @@ async def test_expiry_counts_what_is_left_and_drops_late_results(store: JobStore
     job_id = await _job(store, 3)
     lines = await store.read(job_id, "a", 3)
     await store.finish(lines[0], "c1", b"r1", ok=True)
-    assert await store.finalize(job_id, jobs_pb2.JOB_STATE_EXPIRED) == jobs_pb2.JOB_STATE_EXPIRED
+    expired = (True, jobs_pb2.JOB_STATE_EXPIRED)
+    assert await store.finalize(job_id, jobs_pb2.JOB_STATE_EXPIRED) == expired
+    assert await store.finalize(job_id, jobs_pb2.JOB_STATE_EXPIRED) == (False, expired[1])
     assert await store.finish(lines[1], "c2", b"late", ok=True) == 0
     record = await store.get(job_id)
     assert record is not None
     assert (record.completed, record.expired, record.state) == (1, 2, jobs_pb2.JOB_STATE_EXPIRED)
     assert not await store._redis.exists(JobKeys(job_id).lines)
     assert not await store._redis.zscore(ACTIVE_KEY, job_id)
+
+
+async def test_a_cancelled_job_with_a_dead_workers_line_ends_cancelled(store: JobStore) -> None:
+    """Cancel while a dead consumer holds a line: the job stays in the active set, the line is
+    reclaimed and settled, and the job becomes CANCELLED with every line counted."""
+    job_id = await _job(store, 3)
+    (held,) = await store.read(job_id, "dead", 1)
+    assert await store.cancel(job_id) == jobs_pb2.JOB_STATE_CANCELLING
+    _, (again,) = await store.reclaim(job_id, "alive", 0, 10)
+    assert again.entry_id == held.entry_id
+    await store.settle(again)
+    record = await store.get(job_id)
+    assert record is not None
+    assert (record.state, record.cancelled) == (jobs_pb2.JOB_STATE_CANCELLED, 3)
+    assert job_id not in dict(await store.active())
+
+
+async def test_an_idempotency_key_ends_with_its_job(store: JobStore) -> None:
+    """Once a job is final its idempotency key expires with it; a key naming a job that no
+    longer exists does not block a new submission."""
+    first = await _job(store, 1, key="k2")
+    (line,) = await store.read(first, "a", 1)
+    await store.finish(line, "c", b"r", ok=True)
+    key = idempotency_key("alpha", "k2")
+    assert 0 < await store._redis.pttl(key) <= 60_000
+    await store._redis.delete(*JobKeys(first).all())  # the job's retention ran out
+    second = await _job(store, 1, key="k2")
+    assert second != first
+
+
+async def test_jobs_listed_in_the_same_millisecond_are_all_listed(store: JobStore) -> None:
+    """Paging by (created, id): three jobs created in one millisecond, two per page, all
+    listed once."""
+    ids = []
+    for n in range(3):
+        record = JobRecord(
+            job_id=f"job-same-{n}", tenant="gamma", created_ms=1000, deadline_ms=10**13, total=1
+        )
+        await store.begin(record)
+        await store.add_lines(record.job_id, [(1, b"x", 1.0)], [])
+        ids.append(await store.commit(record, idem_ttl_ms=60_000))
+    page = await store.list_ids("gamma", (now_ms(), ""), 2)
+    rest = await store.list_ids("gamma", (page[-1][1], page[-1][0]), 2)
+    assert sorted(j for j, _ in page + rest) == sorted(ids)

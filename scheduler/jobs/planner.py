@@ -63,8 +63,10 @@ class LineWindow:
         self.size = min(self.maximum, self.size + 1.0 / self.size)
 
     def refused(self, now: float, retry_after_s: float) -> None:
-        """A line was refused for overload: halve and wait out the refusal's hint."""
-        self.size = max(1.0, self.size / 2)
+        """A line was refused for overload: halve (once per pause: a burst of refusals from
+        the same moment is one congestion signal) and wait out the refusal's hint."""
+        if now >= self.paused_until:
+            self.size = max(1.0, self.size / 2)
         self.paused_until = max(self.paused_until, now + max(0.05, retry_after_s))
 
     def room(self, now: float, in_flight: int) -> int:

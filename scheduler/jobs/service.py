@@ -17,12 +17,18 @@ from scheduler.jobs.intake import Header, Intake, check_header
 from scheduler.jobs.metrics import JobMetrics
 from scheduler.jobs.model import JobRecord, new_job_id
 from scheduler.jobs.planner import Backlog, plan
-from scheduler.jobs.store import JobStore, now_ms
+from scheduler.jobs.store import JobStore, UploadExpired, now_ms
 from scheduler.jobs.worker import JobWorker
 from scheduler.lifecycle import RequestPath, authorize
 from scheduler.tenants import Tenant
 from sluice.runtime import context
-from sluice.runtime.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from sluice.runtime.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from sluice.v1 import jobs_pb2, jobs_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -30,6 +36,10 @@ log = structlog.get_logger(__name__)
 MAX_JOB_ID_CHARS = 64
 WATCH_POLL_S = 0.5
 MAX_RESULT_IDS = 1000
+UPLOAD_LIMIT_S = 600.0
+"""A submission must arrive whole within this (well under the store's upload TTL)."""
+PAGE_BYTES = 2 * 1024 * 1024
+"""Results per page are sized to about this, under a client's 4 MiB receive limit."""
 PAGE_SIZES = {"jobs": (50, 500), "results": (500, 5000)}
 
 
@@ -89,12 +99,22 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
             retention_ms=int(tenant.job_retention_seconds * 1000),
             labels=header.labels,
         )
+        self._within_tenant_limit(tenant)
         await self._store.begin(record)
+        committed: list[bool] = []
         try:
-            return await self._upload(record, tenant, header, request_iterator)
-        except BaseException:
-            await asyncio.shield(self._store.discard(record.job_id))
-            raise
+            async with asyncio.timeout(UPLOAD_LIMIT_S):
+                return await self._upload(record, tenant, header, request_iterator, committed)
+        except TimeoutError as exc:
+            raise DeadlineExceeded(
+                f"the upload took more than {UPLOAD_LIMIT_S:.0f} s; send the lines faster or "
+                "split the job"
+            ) from exc
+        except UploadExpired as exc:
+            raise DeadlineExceeded("the upload outlived its record; submit again") from exc
+        finally:
+            if not committed:  # never delete a job once committed, whatever fails after
+                await asyncio.shield(self._store.discard(record.job_id))
 
     async def _upload(
         self,
@@ -102,6 +122,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         tenant: Tenant,
         header: Header,
         request_iterator: AsyncIterator[jobs_pb2.SubmitJobRequest],
+        committed: list[bool],
     ) -> jobs_pb2.Job:
         settings = self._path.settings
         intake = Intake(
@@ -135,8 +156,12 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         )
         window_ms = record.deadline_ms - record.created_ms
         job_id = await self._store.commit(record, window_ms + record.retention_ms)
+        committed.append(True)
         accepted = await self._store.get(job_id)
-        assert accepted is not None
+        if accepted is None:  # the job its idempotency key named ended meanwhile
+            raise Unavailable("the job just ended; submit again", retry_after_s=0.1)
+        if job_id == record.job_id:
+            self._worker.note(accepted)
         self._metrics.submitted.labels("accepted" if job_id == record.job_id else "duplicate").inc()
         log.info(
             "job_submitted",
@@ -148,15 +173,41 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         )
         return accepted.to_proto()
 
+    def _within_tenant_limit(self, tenant: Tenant) -> None:
+        active = sum(r.tenant == tenant.name for r in self._worker.records.values())
+        cap = self._path.settings.job_max_active_per_tenant
+        if cap and active >= cap:
+            self._metrics.submitted.labels("refused").inc()
+            raise ResourceExhausted(
+                f"{active} jobs of this tenant are not finished (at most {cap})",
+                retry_after_s=30.0,
+                reason="TOO_MANY_JOBS",
+            )
+
     def _admit(self, record: JobRecord) -> int:
         """The predicted completion of a job whose window can be met; else the refusal."""
         rate = self._worker.current_rate()
         if rate <= 0:
             raise Unavailable("no node serves jobs now", retry_after_s=2.0, reason="NO_NODE")
         new = Backlog(record.job_id, record.deadline_ms, record.work_tokens)
-        verdict = plan(self._worker.backlog(), new, rate, now_ms())
+        now = now_ms()
+        verdict = plan(self._worker.backlog(), new, rate, now)
         if verdict.feasible:
             return verdict.predicted_ms
+        alone = plan([], new, rate, now)
+        if not alone.feasible:  # waiting cannot help: no RetryInfo
+            self._metrics.submitted.labels("refused").inc()
+            needed = (alone.predicted_ms - now) / 1000
+            raise InvalidArgument(
+                [
+                    (
+                        "header.completion_window_seconds",
+                        f"the job needs about {needed:.0f} s at {rate:.0f} tokens/s, more "
+                        "than its window even with nothing else queued",
+                    )
+                ],
+                reason="JOB_WINDOW_TOO_SHORT",
+            )
         self._metrics.submitted.labels("refused").inc()
         late = "it" if verdict.late == (record.job_id,) else f"{len(verdict.late)} jobs"
         raise ResourceExhausted(
@@ -207,24 +258,24 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
     ) -> jobs_pb2.ListJobsResponse:
         size = _page_size(request.page_size, "jobs")
         tenant = self._tenant().name
-        before = _list_cursor(request.page_token)
+        position = _list_cursor(request.page_token)
         out: list[jobs_pb2.Job] = []
-        while len(out) < size:
-            ids = await self._store.list_ids(tenant, before, size)
-            if not ids:
-                before = 0
-                break
+        exhausted = False
+        while len(out) < size and not exhausted:
+            ids = await self._store.list_ids(tenant, position, size)
+            exhausted = len(ids) < size
             records = await self._store.records([job_id for job_id, _ in ids])
             await self._store.forget(
                 tenant, [j for (j, _), r in zip(ids, records, strict=True) if r is None]
             )
-            for (_, created), record in zip(ids, records, strict=True):
-                before = created
+            for (job_id, created), record in zip(ids, records, strict=True):
+                position = (created, job_id)
                 if record is not None and request.state in (0, record.state):
                     out.append(record.to_proto())
                 if len(out) == size:
+                    exhausted = exhausted and job_id == ids[-1][0]
                     break
-        token = str(before) if before and len(out) == size else ""
+        token = "" if exhausted else f"{position[0]}:{position[1]}"
         return jobs_pb2.ListJobsResponse(jobs=out, next_page_token=token)
 
     async def GetJobResults(
@@ -239,8 +290,13 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
             return
         size = _page_size(request.page_size, "results")
         cursor = _results_cursor(request.page_token)
+        count = min(size, 100)  # grows or shrinks to keep a page near PAGE_BYTES
         while True:
-            cursor, found = await self._store.results_page(request.job_id, cursor, size)
+            cursor, found = await self._store.results_page(request.job_id, cursor, count)
+            sizes = sum(len(raw) for raw in found)
+            if found:
+                per = max(1, sizes // len(found))
+                count = max(1, min(size, PAGE_BYTES // per))
             token = str(cursor) if cursor else ""
             yield jobs_pb2.JobResultsPage(
                 results=[_result(raw) for raw in found], next_page_token=token
@@ -253,13 +309,14 @@ def _result(raw: bytes) -> jobs_pb2.JobResult:
     return jobs_pb2.JobResult.FromString(raw)
 
 
-def _list_cursor(token: str) -> int:
+def _list_cursor(token: str) -> tuple[int, str]:
     if not token:
-        return now_ms() + 1
+        return now_ms() + 1, ""
+    stamp, _, job_id = token.partition(":")
     with contextlib.suppress(ValueError):
-        value = int(token)
-        if value > 0:
-            return value
+        value = int(stamp)
+        if value > 0 and job_id:
+            return value, job_id
     raise InvalidArgument([("page_token", "not a token this call returned")])
 
 

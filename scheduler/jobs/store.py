@@ -30,6 +30,7 @@ from redis.retry import Retry
 from scheduler.jobs.model import (
     ACTIVE_KEY,
     GROUP,
+    PREFIX,
     THROUGHPUT_KEY,
     JobKeys,
     JobRecord,
@@ -57,6 +58,10 @@ local function finalize(job, lines, active, state, now)
   redis.call('ZREM', active, f[7])
   redis.call('PEXPIRE', job, keep)
   redis.call('PEXPIRE', KEYS[3], keep)
+  local idem = redis.call('HGET', job, 'idem_redis_key')
+  if idem and idem ~= '' and redis.call('GET', idem) == f[7] then
+    redis.call('PEXPIRE', idem, keep)
+  end
   return state
 end
 local function is_final(state)
@@ -74,10 +79,15 @@ end
 _COMMIT = (
     _FINALIZE
     + f"""
+if redis.call('HEXISTS', KEYS[1], 'job_id') == 0 then return '' end
 if ARGV[5] == '1' then
   local other = redis.call('GET', KEYS[6])
-  if other and other ~= ARGV[1] then return other end
+  if other and other ~= ARGV[1]
+     and redis.call('EXISTS', ARGV[7] .. other .. '}}') == 1 then
+    return other
+  end
   redis.call('SET', KEYS[6], ARGV[1], 'PX', ARGV[4])
+  redis.call('HSET', KEYS[1], 'idem_redis_key', KEYS[6])
 end
 redis.call('PERSIST', KEYS[1])
 redis.call('PERSIST', KEYS[3])
@@ -108,7 +118,8 @@ if redis.call('HSETNX', KEYS[3], ARGV[2], ARGV[3]) == 0 then return 2 end
 redis.call('HINCRBY', KEYS[1], ARGV[4], 1)
 if ARGV[5] == '1' then redis.call('HINCRBY', KEYS[1], 'dead_lettered', 1) end
 redis.call('HINCRBYFLOAT', KEYS[1], 'settled_tokens', ARGV[6])
-redis.call('HINCRBYFLOAT', KEYS[5], 'tokens', ARGV[6])
+redis.call('HDEL', KEYS[1], 'err:' .. ARGV[1])
+if ARGV[4] == 'completed' then redis.call('HINCRBYFLOAT', KEYS[5], 'tokens', ARGV[6]) end
 local now = tonumber(ARGV[7])
 if state == {jobs_pb2.JOB_STATE_QUEUED} then
   redis.call('HSET', KEYS[1], 'state', {jobs_pb2.JOB_STATE_RUNNING})
@@ -146,7 +157,6 @@ _CANCEL = (
     + f"""
 local state = tonumber(redis.call('HGET', KEYS[1], 'state') or '0')
 if state == 0 or is_final(state) then return state end
-redis.call('ZREM', KEYS[4], redis.call('HGET', KEYS[1], 'job_id'))
 if pending(KEYS[2]) == 0 then
   return finalize(KEYS[1], KEYS[2], KEYS[4], {jobs_pb2.JOB_STATE_CANCELLED}, tonumber(ARGV[1]))
 end
@@ -158,10 +168,12 @@ return {jobs_pb2.JOB_STATE_CANCELLING}
 # KEYS: job, lines, results, active | ARGV: state, now_ms. Returns the state after.
 _FINALIZE_NOW = (
     _FINALIZE
-    + """
+    + f"""
 local state = tonumber(redis.call('HGET', KEYS[1], 'state') or '0')
-if state == 0 or is_final(state) then return state end
-return finalize(KEYS[1], KEYS[2], KEYS[4], tonumber(ARGV[1]), tonumber(ARGV[2]))
+if state == 0 or is_final(state) then return {{0, state}} end
+local target = tonumber(ARGV[1])
+if state == {jobs_pb2.JOB_STATE_CANCELLING} then target = {jobs_pb2.JOB_STATE_CANCELLED} end
+return {{1, finalize(KEYS[1], KEYS[2], KEYS[4], target, tonumber(ARGV[2]))}}
 """
 )
 
@@ -204,6 +216,23 @@ class Delivery:
     """Its estimated work."""
     deliveries: int = 1
     """How many times Redis has handed it out (this time included)."""
+
+
+class UploadExpired(Exception):
+    """An upload took longer than ``UPLOAD_TTL_MS``: its record expired before the commit."""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _parsed(raw: dict[bytes, bytes]) -> JobRecord | None:
+    if not raw or raw.get(b"state", b"0") == b"0":
+        return None
+    try:
+        return JobRecord.from_hash(raw)
+    except (KeyError, ValueError):  # a hash without its identity: never a committed job
+        return None
 
 
 def _delivery(job_id: str, entry_id: bytes, fields: dict[bytes, bytes], count: int) -> Delivery:
@@ -257,6 +286,7 @@ class JobStore:
         async with self._redis.pipeline(transaction=False) as pipe:
             for number, body, tokens in lines:
                 pipe.xadd(keys.lines, {"n": number, "b": body, "t": round(tokens, 1)})
+            pipe.pexpire(keys.job, UPLOAD_TTL_MS)
             if lines:
                 pipe.pexpire(keys.lines, UPLOAD_TTL_MS)
             if failed:
@@ -286,9 +316,12 @@ class JobStore:
                 idem_ttl_ms,
                 "1" if has_idem else "0",
                 now_ms(),
+                f"{PREFIX}:job:{{",
             ],
         )
         job_id = winner.decode() if isinstance(winner, bytes) else str(winner)
+        if not job_id:
+            raise UploadExpired(record.job_id)
         if job_id != record.job_id:
             await self.discard(record.job_id)
         return job_id
@@ -301,17 +334,23 @@ class JobStore:
 
     async def get(self, job_id: str) -> JobRecord | None:
         """A committed job's record, or None."""
-        raw = await self._redis.hgetall(JobKeys(job_id).job)
-        if not raw or raw.get(b"state", b"0") == b"0":
-            return None
-        return JobRecord.from_hash(raw)
+        return _parsed(await self._redis.hgetall(JobKeys(job_id).job))
 
-    async def list_ids(self, tenant: str, before_ms: int, count: int) -> list[tuple[str, int]]:
-        """A tenant's job ids created before ``before_ms`` (exclusive), newest first."""
+    async def list_ids(
+        self, tenant: str, before: tuple[int, str], count: int
+    ) -> list[tuple[str, int]]:
+        """A tenant's job ids after the position ``(created_ms, job_id)`` in newest-first
+        order (equal times in descending id order, as Redis keeps them), at most ``count``."""
+        before_ms, before_id = before
         found = await self._redis.zrevrangebyscore(
-            tenant_jobs_key(tenant), f"({before_ms}", "-inf", start=0, num=count, withscores=True
+            tenant_jobs_key(tenant), before_ms, "-inf", start=0, num=count + 64, withscores=True
         )
-        return [(job_id.decode(), int(score)) for job_id, score in found]
+        out = [
+            (_text(job_id), int(score))
+            for job_id, score in found
+            if not (int(score) == before_ms and before_id and _text(job_id) >= before_id)
+        ]
+        return out[:count]
 
     async def forget(self, tenant: str, job_ids: Sequence[str]) -> None:
         """Remove expired jobs from a tenant's list."""
@@ -324,15 +363,12 @@ class JobStore:
         return [(job_id.decode(), int(score)) for job_id, score in found]
 
     async def records(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
-        """Records of many jobs in one round trip."""
+        """Records of many jobs in one round trip (None: gone, uploading or unreadable)."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hgetall(JobKeys(job_id).job)
             raws = await pipe.execute()
-        return [
-            JobRecord.from_hash(raw) if raw and raw.get(b"state", b"0") != b"0" else None
-            for raw in raws
-        ]
+        return [_parsed(raw) for raw in raws]
 
     async def settled_tokens(self) -> float:
         """Estimated work of every line settled so far, all jobs, all replicas."""
@@ -344,7 +380,10 @@ class JobStore:
     async def read(self, job_id: str, consumer: str, count: int) -> list[Delivery]:
         """Up to ``count`` lines of a job never delivered before, now this consumer's."""
         lines = JobKeys(job_id).lines
-        reply = await self._redis.xreadgroup(GROUP, consumer, {lines: ">"}, count=count)
+        try:
+            reply = await self._redis.xreadgroup(GROUP, consumer, {lines: ">"}, count=count)
+        except redis.ResponseError:  # NOGROUP: the job went final meanwhile
+            return []
         out: list[Delivery] = []
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
@@ -353,19 +392,25 @@ class JobStore:
         return out
 
     async def reclaim(
-        self, job_id: str, consumer: str, min_idle_ms: int, count: int
-    ) -> list[Delivery]:
+        self, job_id: str, consumer: str, min_idle_ms: int, count: int, start: str = "0-0"
+    ) -> tuple[str, list[Delivery]]:
         """Lines another consumer holds without a heartbeat for ``min_idle_ms``, now this
-        consumer's (``XAUTOCLAIM``), with their delivery counts."""
+        consumer's (``XAUTOCLAIM`` from ``start``), with their delivery counts; and the cursor
+        to go on from ("0-0" once the whole pending list was scanned)."""
         lines = JobKeys(job_id).lines
-        reply = await self._redis.xautoclaim(
-            lines, GROUP, consumer, min_idle_ms, start_id="0-0", count=count
-        )
+        try:
+            reply = await self._redis.xautoclaim(
+                lines, GROUP, consumer, min_idle_ms, start_id=start, count=count
+            )
+        except redis.ResponseError:  # NOGROUP: the job went final meanwhile
+            return "0-0", []
+        cursor = _text(reply[0])
         entries = [(eid, fields) for eid, fields in reply[1] if fields]
         if not entries:
-            return []
+            return cursor, []
         counts = await self._delivery_counts(lines, [eid for eid, _ in entries])
-        return [_delivery(job_id, eid, fields, counts.get(eid, 1)) for eid, fields in entries]
+        found = [_delivery(job_id, eid, fields, counts.get(eid, 1)) for eid, fields in entries]
+        return cursor, found
 
     async def _delivery_counts(self, lines: str, ids: Sequence[bytes]) -> dict[bytes, int]:
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -379,22 +424,44 @@ class JobStore:
         return out
 
     async def touch(self, consumer: str, deliveries: Sequence[Delivery]) -> None:
-        """Heartbeat: reset the idle time of lines this consumer still works on (a live
-        worker's lines are never reclaimed, however long they run or wait)."""
-        by_job: dict[str, list[str]] = {}
+        """Heartbeat: reset the idle time of the lines this consumer still owns and works on
+        (a live worker's lines are never reclaimed, however long they run or wait). A line
+        another replica took over meanwhile is left to it; a job gone final is skipped."""
+        by_job: dict[str, set[str]] = {}
         for d in deliveries:
-            by_job.setdefault(d.job_id, []).append(d.entry_id)
+            by_job.setdefault(d.job_id, set()).add(d.entry_id)
+        jobs = list(by_job)
         async with self._redis.pipeline(transaction=False) as pipe:
-            for job_id, ids in by_job.items():
-                pipe.xclaim(JobKeys(job_id).lines, GROUP, consumer, 0, ids, justid=True)
-            await pipe.execute()
+            for job_id in jobs:
+                pipe.xpending_range(
+                    JobKeys(job_id).lines, GROUP, "-", "+", len(by_job[job_id]) + 64, consumer
+                )
+            owned = await pipe.execute(raise_on_error=False)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id, mine in zip(jobs, owned, strict=True):
+                if isinstance(mine, Exception):
+                    continue
+                ids = [e["message_id"] for e in mine if _text(e["message_id"]) in by_job[job_id]]
+                if ids:
+                    pipe.xclaim(JobKeys(job_id).lines, GROUP, consumer, 0, ids, justid=True)
+            await pipe.execute(raise_on_error=False)
 
-    async def redeliver(self, consumer: str, delivery: Delivery) -> int:
-        """Count one more delivery of a line this consumer retries; returns the count."""
-        lines = JobKeys(delivery.job_id).lines
-        await self._redis.xclaim(lines, GROUP, consumer, 0, [delivery.entry_id])
-        counts = await self._delivery_counts(lines, [delivery.entry_id.encode()])
-        return counts.get(delivery.entry_id.encode(), delivery.deliveries + 1)
+    async def redeliver(self, consumer: str, delivery: Delivery, error: jobs_pb2.LineError) -> int:
+        """Count one more delivery of a line this consumer retries, and keep its last error
+        (for a dead letter after its worker dies); returns the count, 0 when the job is gone."""
+        keys = JobKeys(delivery.job_id)
+        try:
+            await self._redis.xclaim(keys.lines, GROUP, consumer, 0, [delivery.entry_id])
+        except redis.ResponseError:
+            return 0
+        await self._redis.hset(keys.job, f"err:{delivery.entry_id}", error.SerializeToString())
+        counts = await self._delivery_counts(keys.lines, [delivery.entry_id.encode()])
+        return counts.get(delivery.entry_id.encode(), 0)
+
+    async def last_error(self, delivery: Delivery) -> jobs_pb2.LineError | None:
+        """The error a line's last failed attempt recorded, if any."""
+        raw = await self._redis.hget(JobKeys(delivery.job_id).job, f"err:{delivery.entry_id}")
+        return jobs_pb2.LineError.FromString(raw) if raw else None
 
     async def finish(
         self, delivery: Delivery, custom_id: str, result: bytes, *, ok: bool, dead: bool = False
@@ -446,14 +513,14 @@ class JobStore:
         )
         return int(state)
 
-    async def finalize(self, job_id: str, state: int) -> int:
-        """Move a job to final ``state`` now (expiry, a job that cannot run); returns the
-        state after (unchanged when it already was final)."""
+    async def finalize(self, job_id: str, state: int) -> tuple[bool, int]:
+        """Move a job to final ``state`` now (expiry; a CANCELLING job becomes CANCELLED);
+        returns whether this call changed it, and the state after."""
         keys = JobKeys(job_id)
-        after = await self._finalize(
+        changed, after = await self._finalize(
             keys=[keys.job, keys.lines, keys.results, ACTIVE_KEY], args=[state, now_ms()]
         )
-        return int(after)
+        return bool(changed), int(after)
 
     async def pending(self, job_id: str) -> int:
         """Lines of the job delivered and not yet settled."""

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
+from dataclasses import replace
 
 import grpc
 import structlog
@@ -149,6 +150,8 @@ class JobWorker:
         self._wake = asyncio.Event()
         self._next_refresh = 0.0
         self._next_upkeep = 0.0
+        self._attempting = 0
+        self._cursors: dict[str, str] = {}
 
     async def start(self) -> None:
         """Start taking lines."""
@@ -178,12 +181,19 @@ class JobWorker:
             if r.state in RUNNABLE_STATES
         ]
 
+    def note(self, record: JobRecord) -> None:
+        """A job just committed here: counted in the backlog before the next refresh."""
+        self.records[record.job_id] = record
+
     async def _run(self) -> None:
         while True:
             try:
                 await self._tick()
             except RedisError as exc:
                 log.warning("job_worker_redis_error", error=str(exc))
+                await asyncio.sleep(1.0)
+            except Exception:  # never let one bad record stop the replica's jobs
+                log.exception("job_worker_error")
                 await asyncio.sleep(1.0)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -254,23 +264,38 @@ class JobWorker:
         if self._held:
             await self._store.touch(self.consumer, list(self._held.values()))
         stamp = now_ms()
-        idle_ms = int(self._settings.job_reclaim_idle_seconds * 1000)
         for record in list(self.records.values()):
             if record.deadline_ms <= stamp:
-                state = await self._store.finalize(record.job_id, jobs_pb2.JOB_STATE_EXPIRED)
-                if state == jobs_pb2.JOB_STATE_EXPIRED and not record.final:
-                    self._metrics.jobs.labels("expired").inc()
-                    log.info("job_expired", job_id=record.job_id, tenant=record.tenant)
+                changed, state = await self._store.finalize(
+                    record.job_id, jobs_pb2.JOB_STATE_EXPIRED
+                )
+                if changed:
+                    label = "expired" if state == jobs_pb2.JOB_STATE_EXPIRED else "cancelled"
+                    self._metrics.jobs.labels(label).inc()
+                    log.info("job_ended_by_window", job_id=record.job_id, state=state)
                 continue
-            room = max(1, self.window.room(time.monotonic(), len(self._held)))
-            for delivery in await self._store.reclaim(record.job_id, self.consumer, idle_ms, room):
-                self._metrics.lines.labels("reclaimed").inc()
-                log.info("job_line_reclaimed", job_id=record.job_id, line=delivery.line_number)
-                self._spawn(delivery)
+            await self._reclaim(record.job_id)
+        self._started_jobs &= set(self.records)
+        self._cursors = {k: v for k, v in self._cursors.items() if k in self.records}
         now = time.monotonic()
         running = any(r.state == jobs_pb2.JOB_STATE_RUNNING for r in self.records.values())
         self.rate.observe(await self._store.settled_tokens(), now, running=running)
         await self._predict(stamp)
+
+    async def _reclaim(self, job_id: str, rounds: int = 4) -> None:
+        """Take over lines of this job idle past the bound (their worker died), scanning the
+        pending list from where the last pass stopped."""
+        idle_ms = int(self._settings.job_reclaim_idle_seconds * 1000)
+        for _ in range(rounds):
+            start = self._cursors.get(job_id, "0-0")
+            cursor, found = await self._store.reclaim(job_id, self.consumer, idle_ms, 16, start)
+            self._cursors[job_id] = cursor
+            for delivery in found:
+                self._metrics.lines.labels("reclaimed").inc()
+                log.info("job_line_reclaimed", job_id=job_id, line=delivery.line_number)
+                self._spawn(delivery)
+            if cursor == "0-0":
+                return
 
     async def _predict(self, stamp: int) -> None:
         rate = self.current_rate()
@@ -295,43 +320,64 @@ class JobWorker:
     async def _serve(self, delivery: Delivery) -> None:
         """Attempt the line until it has a result, or its job no longer wants it."""
         line = jobs_pb2.JobLine.FromString(delivery.body)
-        deliveries = delivery.deliveries
-        if deliveries > self._settings.job_max_deliveries:  # its workers kept dying
-            error = jobs_pb2.LineError(
-                code=grpc.StatusCode.ABORTED.value[0],
-                reason="DEAD_LETTER",
-                message=f"line {delivery.line_number}: delivered {deliveries - 1} times, "
-                "its worker died each time",
-            )
-            await self._finish(delivery, line, error=error, dead=True)
+        limit = self._settings.job_max_deliveries
+        if delivery.deliveries > limit:  # its workers kept dying
+            await self._dead_letter(delivery, line)
             return
         while True:
-            record = self.records.get(delivery.job_id) or await self._store.get(delivery.job_id)
+            record = await self._store.get(delivery.job_id)  # fresh: a cancel stops it now
             wanted = record is not None and record.state in RUNNABLE_STATES
             if record is None or not wanted or now_ms() >= record.deadline_ms:
                 await self._store.settle(delivery)
                 self._metrics.lines.labels("skipped").inc()
                 return
             try:
-                result = await self._attempt(record, line, delivery)
+                self._attempting += 1
+                try:
+                    result = await self._attempt(record, line, delivery)
+                finally:
+                    self._attempting -= 1
             except Deferred as exc:
                 self.window.refused(time.monotonic(), exc.retry_after_s)
                 self._metrics.lines.labels("deferred").inc()
-                left = (record.deadline_ms - now_ms()) / 1000
-                await asyncio.sleep(max(DEFER_FLOOR_S, min(exc.retry_after_s, left)))
+                await self._turn(record.deadline_ms)
                 continue
             except Failed as exc:
                 if exc.permanent:
                     await self._finish(delivery, line, error=exc.error)
                     return
-                deliveries = await self._store.redeliver(self.consumer, delivery)
-                if deliveries >= self._settings.job_max_deliveries:
+                count = await self._store.redeliver(self.consumer, delivery, exc.error)
+                delivery = replace(delivery, deliveries=max(count, delivery.deliveries + 1))
+                if delivery.deliveries > limit:
                     await self._finish(delivery, line, error=exc.error, dead=True)
                     return
-                await asyncio.sleep(min(10.0, 0.5 * 2**deliveries))
+                await asyncio.sleep(min(10.0, 0.5 * 2**delivery.deliveries))
                 continue
             await self._finish(delivery, line, result=result)
             return
+
+    async def _turn(self, deadline_ms: int) -> None:
+        """Wait until a deferred line may try again: the refusal's RetryInfo waited out and
+        the window has room among the lines attempting now (so deferred lines never retry as
+        a flood), or its job's window closed."""
+        while now_ms() < deadline_ms:
+            now = time.monotonic()
+            if now >= self.window.paused_until and self._attempting < int(self.window.size):
+                return
+            self._wake.clear()
+            wait = max(DEFER_FLOOR_S, self.window.paused_until - now)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), min(wait, 1.0))
+
+    async def _dead_letter(self, delivery: Delivery, line: jobs_pb2.JobLine) -> None:
+        """A line delivered more times than allowed: its last error, else why it has none."""
+        error = await self._store.last_error(delivery) or jobs_pb2.LineError(
+            code=grpc.StatusCode.ABORTED.value[0],
+            reason="DEAD_LETTER",
+            message=f"line {delivery.line_number}: delivered {delivery.deliveries - 1} times, "
+            "its worker died each time",
+        )
+        await self._finish(delivery, line, error=error, dead=True)
 
     async def _attempt(
         self, record: JobRecord, line: jobs_pb2.JobLine, delivery: Delivery
