@@ -30,7 +30,7 @@ from scheduler.routing import AffinityTable, LoadBook, OutlierDetector, power_of
 from sluice.contract import WorkloadClass
 from sluice.runtime.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from sluice.runtime.registry import PrefixView
-from sluice.runtime.tls import Mesh, node_identity
+from sluice.runtime.tls import NAME_PATTERN, Mesh, node_identity
 from sluice.v1 import common_pb2, node_pb2, node_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -280,9 +280,10 @@ class NodeDirectory:
 
     def _on_change(self, name: str, info: common_pb2.NodeInfo | None) -> None:
         current = self._nodes.get(name)
-        if info is not None and info.node_id != name:
-            # An entry whose key and content disagree is not a node we can hold to its id.
-            log.warning("node_entry_rejected", key=name, node_id=info.node_id[:128])
+        if info is not None and (info.node_id != name or not NAME_PATTERN.match(name)):
+            # An entry whose key and content disagree, or whose id could not name a
+            # certificate, is not a node we can hold to its id.
+            log.warning("node_entry_rejected", key=name[:128], node_id=info.node_id[:128])
             info = None
         if info is None:
             if current is not None:

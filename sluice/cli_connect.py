@@ -108,10 +108,10 @@ def _api_key(api_key: str | None, run_dir: Path) -> str | None:
     return api_key
 
 
-def _tls(address: str | None, run_dir: Path, flags: TlsFlags) -> TlsConfig | bool:
+def _tls(address: str | None, run_dir: Path, flags: TlsFlags) -> TlsConfig | bool | None:
     """The client's TLS: ``--insecure`` plaintext; else the flags over the environment over a
     local `sluice up`'s files when ``address`` (else the environment's endpoints or etcd) is
-    that suite's; else plaintext."""
+    that suite's; else the SDK's default (TLS with the system's roots off loopback)."""
     if flags.insecure:
         if flags.given:
             err.print("[red]--insecure goes with none of --ca, --cert, --key")
@@ -122,9 +122,14 @@ def _tls(address: str | None, run_dir: Path, flags: TlsFlags) -> TlsConfig | boo
         called = configured_endpoints(address) or etcd_endpoints(None)
         block = suite_tls(run_dir, called)
         if block is not None:
-            base = TlsConfig(ca=block["ca"], cert=block.get("cert"), key=block.get("key"))
+            base = TlsConfig(
+                ca=block["ca"],
+                cert=block.get("cert"),
+                key=block.get("key"),
+                server_name=block.get("server_name"),
+            )
     if not flags.given:
-        return base if base is not None else False
+        return base if base is not None else None  # the SDK's default: TLS off loopback
     base = base or TlsConfig()
     return replace(
         base,

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import queue
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -46,6 +48,7 @@ from bench.chaos.proxy import FaultProxy, Mode
 from bench.chaos.report import markdown, own_figure, verdict
 from sluice import AsyncClient
 from sluice.local.pki import create_pki
+from sluice.local.stores import StoreProcess
 from sluice.runtime.tls import Identity, Role
 from sluice.sdk.errors import SluiceRpcError
 from sluice.v1 import inference_pb2
@@ -511,7 +514,7 @@ def test_stranger_figures_count_per_surface_and_fail_the_verdict_on_a_success() 
 
 @pytest.mark.timeout(120)
 async def test_strangers_are_refused_at_every_internal_surface_of_the_secure_suite(
-    secure_suite: Suite, tmp_path: Path
+    secure_suite: Suite, tmp_path: Path, locked_stores: tuple[Any, StoreProcess, StoreProcess]
 ) -> None:
     """One round of every stranger's attempt at a node, the cache, etcd and Redis of the
     in-process secure suite: none succeeds, each is refused by its door (handshake,
@@ -529,7 +532,9 @@ async def test_strangers_are_refused_at_every_internal_surface_of_the_secure_sui
         lockdown,
         foreign,
     )
+    target = dataclasses.replace(target, etcd_peer=locked_stores[1].peer_address)
     attempts = strangers.catalogue(target)
+    assert any(a.surface.startswith("etcd peer") for a in attempts)
     outcomes, not_made = await strangers.attempt_all(attempts, concurrency=4, max_s=60)
     controls = [await strangers.outcome_of(a) for a in strangers.controls(target)]
     f = stranger_figures(outcomes, controls, not_made)

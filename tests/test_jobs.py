@@ -225,9 +225,9 @@ async def test_a_line_whose_worker_died_is_reclaimed_and_answered_once(suite: Su
     }
     a = await suite.start_scheduler(scheduler_id="replica-a", **fast)
     await eventually(lambda: a.nodes.candidates(MODEL, 1))
-    job = await submit(suite, [line(f"r{i}", tokens=32) for i in range(12)], chunk=12)
+    job = await submit(suite, [line(f"r{i}", tokens=64) for i in range(12)], chunk=12)
     assert a.job_worker is not None
-    await eventually(lambda: len(a.job_worker._held) > 0)
+    await eventually(lambda: len(a.job_worker._held) >= 2, timeout=30)
     await a.job_worker.stop()  # dies holding lines: nothing acknowledged
     b = await suite.start_scheduler(scheduler_id="replica-b", **fast)
     try:

@@ -294,3 +294,53 @@ async def test_public_port_refuses_plaintext_and_serves_tls_with_an_api_key(
             request, metadata=auth(API_KEY), timeout=30
         )
         assert len(reply.embeddings) == 1
+
+
+def test_instance_names_are_lower_case_dns_labels() -> None:
+    """A node id that could match another node's certificate (a wildcard, other case) or
+    escape the PKI directory is refused."""
+    for bad in ("*", "Node-1", "../x", "a.b", "-a", "a" * 64):
+        with pytest.raises(ValueError, match="instance name"):
+            node_identity(bad)
+    assert node_identity("node-1").name == "node-1"
+
+
+def test_only_services_reached_by_address_name_hosts(tmp_path: Path) -> None:
+    """The scheduler's and etcd's certificates name the hosts; a node's names only its service
+    name; client and root certificates are for client use only (none passes as a server at an
+    address); a host added later gets the scheduler a new certificate."""
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.x509.oid import ExtendedKeyUsageOID  # noqa: PLC0415
+
+    def sans(pki_dir: Path, identity: Identity) -> set[str]:
+        cert = x509.load_pem_x509_certificate(TlsFiles.of(pki_dir, identity).cert.read_bytes())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return {str(v) for v in names.get_values_for_type(x509.DNSName)} | {
+            str(v) for v in names.get_values_for_type(x509.IPAddress)
+        }
+
+    ids = [Identity(Role.SCHEDULER), node_identity("node-1"), Identity(Role.CLIENT)]
+    pki = create_pki(tmp_path, ids, hosts=["127.0.0.1", "0.0.0.0"])
+    assert {"127.0.0.1", "localhost", "scheduler.sluice"} <= sans(tmp_path, ids[0])
+    assert "0.0.0.0" not in sans(tmp_path, ids[0])
+    assert sans(tmp_path, ids[1]) == {"node-1.node.sluice"}
+    client = x509.load_pem_x509_certificate(pki.files(ids[2]).cert.read_bytes())
+    usage = client.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    create_pki(tmp_path, ids, hosts=["127.0.0.1", "10.1.2.3"])
+    assert "10.1.2.3" in sans(tmp_path, ids[0])
+
+
+def test_children_do_not_inherit_the_operators_sluice_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A CLI user's SLUICE_TLS_* or SLUICE_REDIS_URL never reaches a service `sluice up`
+    starts; the process-level choices the README documents do."""
+    from sluice.local.stores import environment_without_proxies  # noqa: PLC0415
+
+    monkeypatch.setenv("SLUICE_TLS_CA", "/elsewhere/ca.pem")
+    monkeypatch.setenv("SLUICE_REDIS_URL", "redis://x")
+    monkeypatch.setenv("SLUICE_EVENT_LOOP", "asyncio")
+    env = environment_without_proxies()
+    assert "SLUICE_TLS_CA" not in env and "SLUICE_REDIS_URL" not in env
+    assert env["SLUICE_EVENT_LOOP"] == "asyncio"

@@ -45,9 +45,18 @@ RECOVERY_STREAK = 3
 SUCCEEDED = "OK"
 """A stranger's attempt the service did."""
 REFUSALS = frozenset(
-    {"UNAVAILABLE", "PERMISSION_DENIED", "UNAUTHENTICATED", "NOAUTH", "WRONGPASS", "NOPERM"}
+    {
+        "UNAVAILABLE",
+        "PERMISSION_DENIED",
+        "UNAUTHENTICATED",
+        "NOAUTH",
+        "WRONGPASS",
+        "NOPERM",
+        "HANDSHAKE_FAILED",
+    }
 )
-"""How an internal surface refuses a stranger: the TLS handshake fails (gRPC UNAVAILABLE), the
+"""How an internal surface refuses a stranger: the TLS handshake fails (gRPC UNAVAILABLE; on
+etcd's HTTP peer port HANDSHAKE_FAILED), the
 identity may not call (PERMISSION_DENIED, UNAUTHENTICATED), Redis wants a user (NOAUTH,
 WRONGPASS) or keeps one to its keys and commands (NOPERM)."""
 

@@ -42,7 +42,12 @@ a refusal (or the attempts broke the suite), and the figure would mean nothing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import http.client
+import ssl
 import time
+import urllib.error
+import urllib.request
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -119,11 +124,13 @@ class Target:
     lockdown: Lockdown
     foreign: dict[Identity, Credential]
     """A foreign CA's certificate per :data:`FOREIGN_IDENTITIES`, trusting the suite's CA."""
+    etcd_peer: str = ""
+    """etcd's peer port (raft, lease renewals), when known."""
 
     @classmethod
     def of(cls, endpoints: Endpoints, lockdown: Lockdown, foreign: Pki) -> Target:
         """A running suite's addresses (``sluice up``'s endpoints)."""
-        return cls.build(
+        target = cls.build(
             {n["id"]: n["grpc"] for n in endpoints.nodes},
             endpoints.cache["grpc"],
             endpoints.etcd,
@@ -131,6 +138,7 @@ class Target:
             lockdown,
             foreign,
         )
+        return dataclasses.replace(target, etcd_peer=endpoints.etcd_peer)
 
     @classmethod
     def build(
@@ -408,9 +416,47 @@ def _redis_attempts(t: Target) -> list[Attempt]:
     return [attempt(*one) for one in tries]
 
 
+def _peer_request(url: str, body: bytes, context: ssl.SSLContext | None) -> None:
+    request = urllib.request.Request(url, data=body or None, method="POST" if body else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=ATTEMPT_TIMEOUT_S, context=context) as reply:
+            if reply.status != 200:
+                raise Refused(f"HTTP_{reply.status}")
+    except (ssl.SSLError, ConnectionError, http.client.HTTPException) as exc:
+        raise Refused("HANDSHAKE_FAILED") from exc
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLError | ConnectionError):
+            raise Refused("HANDSHAKE_FAILED") from exc
+        raise
+
+
+def _peer_attempts(t: Target) -> list[Attempt]:
+    """etcd's peer port: list the members and renew a lease (the calls that, unauthenticated,
+    would keep a dead process registered), in plaintext and over TLS without a certificate."""
+    if not t.etcd_peer:
+        return []
+    no_cert = ssl.create_default_context(cafile=str(t.lockdown.pki.ca))
+    no_cert.check_hostname = False
+    renew = b"\x08\x01"  # a LeaseKeepAliveRequest for lease id 1
+    ways = (("http", "plaintext", None), ("https", "TLS, no certificate", no_cert))
+    calls = (("GET /members", "/members", b""), ("POST /leases", "/leases", renew))
+    out = []
+    for scheme, label, context in ways:
+        for what, path, body in calls:
+            url = f"{scheme}://{t.etcd_peer}{path}"
+
+            async def call(
+                url: str = url, body: bytes = body, ctx: ssl.SSLContext | None = context
+            ) -> None:
+                await asyncio.to_thread(_peer_request, url, body, ctx)
+
+            out.append(Attempt(f"etcd peer {what}", label, call))
+    return out
+
+
 def catalogue(t: Target) -> list[Attempt]:
     """Every attempt of one round (see the module docstring)."""
-    return [*_service_attempts(t), *_etcd_attempts(t), *_redis_attempts(t)]
+    return [*_service_attempts(t), *_etcd_attempts(t), *_peer_attempts(t), *_redis_attempts(t)]
 
 
 def controls(t: Target) -> list[Attempt]:

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from sluice.runtime.tls import CA_FILE, Identity, TlsFiles
+from sluice.runtime.tls import CA_FILE, Identity, Role, TlsFiles
 
 VALIDITY = datetime.timedelta(days=365)
 
@@ -112,20 +112,19 @@ def issue(
     hosts: Iterable[str] = (),
 ) -> TlsFiles:
     """Write a certificate and key for ``identity`` signed by ``ca``: the common name is its
-    etcd user name, the URI SAN its SPIFFE id, the DNS SANs its service name plus ``hosts``
-    (names or IP addresses it is reached at). Good for both server and client use."""
+    etcd user name, the URI SAN its SPIFFE id. A server's certificate also names its service
+    (``node-1.node.sluice``) and, for the services reached by address (the scheduler's public
+    port, etcd), ``hosts``; a client's (``client``, ``root``) is good for client use only, so
+    no certificate but the scheduler's passes for the scheduler at its address."""
     ca_cert, ca_key = ca
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    names: list[x509.GeneralName] = [
-        x509.UniformResourceIdentifier(identity.spiffe_id),
-        x509.DNSName(identity.server_name),
-    ]
-    for host in dict.fromkeys(hosts):
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.spiffe_id)]
+    serves = identity.role not in CLIENT_ONLY
+    if serves:
+        names.append(x509.DNSName(identity.server_name))
+    for host in dict.fromkeys(hosts) if identity.role in REACHED_BY_ADDRESS else ():
+        names.extend(_host_names(host))
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(identity.common_name))
@@ -139,6 +138,8 @@ def issue(
         .add_extension(
             x509.ExtendedKeyUsage(
                 [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                if serves
+                else [ExtendedKeyUsageOID.CLIENT_AUTH]
             ),
             critical=False,
         )
@@ -157,11 +158,50 @@ def create_pki(
     ``identities`` that has none yet, each also naming ``hosts`` and ``localhost``."""
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
-    ca = _load_ca(directory) or _new_ca(directory)
+    ca = _load_ca(directory)
+    if ca is None or _expiring(ca[0]):
+        ca = _new_ca(directory)
+        for stale in directory.glob("*.pem"):  # signed by the old CA: issued again below
+            if stale.name not in (CA_FILE, "ca-key.pem"):
+                stale.unlink()
     pki = Pki(directory)
     hosts = ["localhost", *hosts]
     for identity in identities:
         files = pki.files(identity)
-        if not (files.cert.is_file() and files.key.is_file()):
+        if not (files.cert.is_file() and files.key.is_file()) or _stale(files, identity, hosts):
             issue(directory, identity, ca, hosts=hosts)
     return pki
+
+
+CLIENT_ONLY = frozenset({Role.CLIENT, Role.ROOT})
+"""Identities that never serve: their certificates are for client use only."""
+REACHED_BY_ADDRESS = frozenset({Role.SCHEDULER, Role.ETCD})
+"""Services whose callers verify them by the address they dial (others: by service name)."""
+RENEW_BEFORE = datetime.timedelta(days=30)
+
+
+def _host_names(host: str) -> list[x509.GeneralName]:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return [x509.DNSName(host)]
+    return [] if address.is_unspecified else [x509.IPAddress(address)]
+
+
+def _expiring(cert: x509.Certificate) -> bool:
+    return cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC) < RENEW_BEFORE
+
+
+def _stale(files: TlsFiles, identity: Identity, hosts: list[str]) -> bool:
+    """Whether a certificate on disk is near its end or does not name what it should."""
+    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    if _expiring(cert):
+        return True
+    if identity.role not in REACHED_BY_ADDRESS:
+        return False
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    have = set(sans.get_values_for_type(x509.DNSName)) | {
+        str(a) for a in sans.get_values_for_type(x509.IPAddress)
+    }
+    want = {str(n.value) for h in hosts for n in _host_names(h)}
+    return not want <= have

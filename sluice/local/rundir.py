@@ -42,4 +42,5 @@ def suite_tls(run_dir: Path, addresses: Sequence[str]) -> dict[str, str] | None:
     tls = endpoints.get("tls")
     if not isinstance(tls, dict) or not isinstance(tls.get("ca"), str):
         return None
-    return {k: v for k, v in tls.items() if k in ("ca", "cert", "key") and isinstance(v, str)}
+    wanted = ("ca", "cert", "key", "server_name")
+    return {k: v for k, v in tls.items() if k in wanted and isinstance(v, str)}

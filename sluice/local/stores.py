@@ -17,6 +17,8 @@ from typing import IO
 
 from sluice.runtime.tls import TlsFiles
 
+LOOPBACK = "127.0.0.1"
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (the caller binds it soon after)."""
@@ -81,6 +83,8 @@ class StoreProcess:
         self._argv = argv
         self._log: IO[bytes] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
+        self.peer_address = ""
+        """etcd's peer port (``host:port``), for the record; empty for other stores."""
 
     @property
     def address(self) -> str:
@@ -101,7 +105,11 @@ class StoreProcess:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            self._argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            self._argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            umask=0o077,  # data files (Redis's AOF holds every job and answer): owner only
         )
         return self.proc
 
@@ -140,9 +148,9 @@ def etcd_process(
     With ``tls`` its client port speaks TLS with that certificate and accepts only clients
     whose certificate the same CA signed; once auth is enabled (``sluice.local.lockdown``)
     etcd takes a client certificate's common name as its user name. The peer port (one
-    member, loopback) stays plaintext."""
+    member) listens on loopback only, with the same certificate required when ``tls``."""
     client_port = port or free_port(host)
-    peer_port = free_port(host)
+    peer_port = free_port(LOOPBACK)
     scheme = "https" if tls is not None else "http"
     secure = (
         []
@@ -152,8 +160,15 @@ def etcd_process(
             "--key-file", str(tls.key),
             "--trusted-ca-file", str(tls.ca),
             "--client-cert-auth",
+            # The peer port (raft, lease renewals) wants the same certificate: plaintext, anyone
+            # who reached it could keep a dead process's lease alive.
+            "--peer-cert-file", str(tls.cert),
+            "--peer-key-file", str(tls.key),
+            "--peer-trusted-ca-file", str(tls.ca),
+            "--peer-client-cert-auth",
         ]
     )  # fmt: skip
+    peer = f"{scheme}://{LOOPBACK}:{peer_port}"
     argv = [
         str(find_etcd()),
         "--name", "sluice",
@@ -161,12 +176,14 @@ def etcd_process(
         "--listen-client-urls", f"{scheme}://{host}:{client_port}",
         "--advertise-client-urls", f"{scheme}://{host}:{client_port}",
         *secure,
-        "--listen-peer-urls", f"http://{host}:{peer_port}",
-        "--initial-advertise-peer-urls", f"http://{host}:{peer_port}",
-        "--initial-cluster", f"sluice=http://{host}:{peer_port}",
+        "--listen-peer-urls", peer,
+        "--initial-advertise-peer-urls", peer,
+        "--initial-cluster", f"sluice={peer}",
         "--log-level", "warn",
     ]  # fmt: skip
-    return StoreProcess("etcd", argv, host, client_port, log_path)
+    store = StoreProcess("etcd", argv, host, client_port, log_path)
+    store.peer_address = f"{LOOPBACK}:{peer_port}"
+    return store
 
 
 def redis_process(
@@ -186,6 +203,7 @@ def redis_process(
     counters and cached answers survive it."""
     port = port or free_port(host)
     data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o700)
     acl = [] if acl_file is None else ["--aclfile", str(acl_file)]
     argv = [
         str(find_redis_server()),
@@ -202,8 +220,17 @@ def redis_process(
 
 
 def environment_without_proxies() -> dict[str, str]:
-    """The current environment minus HTTP proxies, which break loopback gRPC."""
+    """The current environment minus HTTP proxies, which break loopback gRPC, and minus the
+    operator's own ``SLUICE_*`` settings (a CLI user's ``SLUICE_TLS_CA`` must not become a
+    service's, nor a shell's ``SLUICE_REDIS_URL`` reach a node): a child gets only what its
+    supervisor gives it."""
     env = dict(os.environ)
     for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy"):
         env.pop(key, None)
+    for key in [k for k in env if k.startswith("SLUICE_") and k not in KEPT_SLUICE_ENV]:
+        env.pop(key)
     return env
+
+
+KEPT_SLUICE_ENV = frozenset({"SLUICE_EVENT_LOOP", "SLUICE_GRPC_IO"})
+"""Process-level choices an operator may still pass down (see the README)."""

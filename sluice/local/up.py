@@ -83,7 +83,8 @@ class Child:
     log_path: Path
     log: IO[bytes]
     argv: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    """Its environment (holds the Redis password: never printed)."""
     identity: Identity | None = None
     """Who it is in the mesh (its certificate's identity)."""
     mesh: Mesh = field(default_factory=Mesh)
@@ -118,7 +119,10 @@ class Endpoints:
     tenants_file: str
     logs: str
     tls: dict[str, str] | None = None
-    """The client's ``ca``, ``cert`` and ``key`` files; None when the suite is plaintext."""
+    """The client's ``ca``, ``cert`` and ``key`` files and the scheduler's ``server_name``;
+    None when the suite is plaintext."""
+    etcd_peer: str = ""
+    """etcd's peer port (loopback; mutual TLS when the suite is secure)."""
 
     def to_json(self) -> str:
         """Pretty JSON."""
@@ -271,7 +275,7 @@ class Supervisor:
             enable_etcd_auth(etcd.address, lock, node_ids)
         self.say(f"etcd listening on {etcd.address}")
         redis = redis_process(
-            self.run_dir / "redis-data",
+            self.run_dir / ("redis-data" if lock else "redis-data-insecure"),
             self.logs / "redis.log",
             cfg.host,
             acl_file=lock.redis_acl if lock else None,
@@ -308,6 +312,8 @@ class Supervisor:
     def start(self) -> Endpoints:
         """Start everything; returns once the suite serves."""
         cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.chmod(0o700)  # logs, tenants, keys and store data: the operator's only
         self.logs.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + cfg.startup_timeout_s
         etcd, redis = self._start_stores()
@@ -354,12 +360,18 @@ class Supervisor:
                 {"id": n.name, "grpc": n.grpc_address, "metrics": n.metrics_address} for n in nodes
             ],
             etcd=etcd.address,
+            etcd_peer=etcd.peer_address,
             redis=f"redis://{redis.address}/0",
             tenants_file=str(tenants),
             logs=str(self.logs),
             tls=None
             if client is None
-            else {"ca": str(client.ca), "cert": str(client.cert), "key": str(client.key)},
+            else {
+                "ca": str(client.ca),
+                "cert": str(client.cert),
+                "key": str(client.key),
+                "server_name": Identity(Role.SCHEDULER).server_name,
+            },
         )
         (self.run_dir / ENDPOINTS_FILE).write_text(self.endpoints.to_json())
         self._watch_all()

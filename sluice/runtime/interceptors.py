@@ -202,8 +202,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         metadata = _metadata(handler_call_details)
         incoming = metadata.get(context.REQUEST_ID_METADATA, "")
-        caller = self._auth.check_for(method, metadata) if self._auth else None
         oversized = limits.metadata_violations(handler_call_details.invocation_metadata)
+        caller = None if oversized or not self._auth else self._auth.check_for(method, metadata)
         if oversized:  # before the API key and the body: metadata alone decides
             handler = _refusing(handler, InvalidArgument(oversized))
         elif isinstance(caller, Unauthenticated):

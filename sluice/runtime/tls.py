@@ -18,6 +18,7 @@ callers prove who they are with API keys).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -45,12 +46,21 @@ class Role(StrEnum):
     """etcd's administrator (`sluice up` sets etcd's users up with it)."""
 
 
+NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+"""An instance name: one DNS label in lower case (no wildcard, dot, slash or upper case, so
+it can name neither another node's certificate nor a path outside the PKI directory)."""
+
+
 @dataclass(frozen=True)
 class Identity:
     """A role plus, where several hold it, the instance's name (a node's id)."""
 
     role: Role
     name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.name and not NAME_PATTERN.match(self.name):
+            raise ValueError(f"{self.name!r} is not a valid instance name (a lower-case DNS label)")
 
     @property
     def common_name(self) -> str:
@@ -76,7 +86,7 @@ class Identity:
         role, _, name = spiffe_id.removeprefix(SPIFFE_PREFIX).partition("/")
         try:
             return cls(Role(role), name)
-        except ValueError:
+        except ValueError:  # an unknown role or a malformed name
             return None
 
 

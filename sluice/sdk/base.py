@@ -93,7 +93,7 @@ class ClientBase:
                 f"etcd_endpoints (or set {envs}) to discover them"
             )
         self._key = api_key if api_key is not None else os.environ.get(API_KEY_ENV, "")
-        self.tls = resolve_tls(tls)
+        self.tls = resolve_tls(tls, [*self._configured, *self._etcd])
         """How channels are secured (None: plaintext)."""
         self._channels = Channels(self.tls)
         """Scheduler channels (health checks included)."""

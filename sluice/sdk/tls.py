@@ -4,7 +4,8 @@ The clients' ``tls`` argument:
 
 - ``None`` (the default): from the environment. ``SLUICE_TLS_CA`` set: TLS trusting that CA,
   with the client certificate ``SLUICE_TLS_CERT`` / ``SLUICE_TLS_KEY`` when both are set.
-  ``SLUICE_TLS_CA`` unset: plaintext.
+  ``SLUICE_TLS_CA`` unset: TLS with the system's roots for any address not on this machine,
+  plaintext for loopback only.
 - ``True``: TLS trusting the system's root certificates.
 - ``False``: plaintext, whatever the environment says.
 - a :class:`TlsConfig`: as given.
@@ -17,8 +18,9 @@ sign, a name the certificate does not carry, a plaintext server) is an
 
 from __future__ import annotations
 
+import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,15 +108,33 @@ def _pem(field: str, value: Pem | None) -> bytes | None:
     return content
 
 
-def resolve_tls(tls: TlsConfig | bool | None) -> TlsConfig | None:
-    """A client's ``tls`` argument as a configuration, None for plaintext (see the module)."""
+def resolve_tls(tls: TlsConfig | bool | None, addresses: Sequence[str] = ()) -> TlsConfig | None:
+    """A client's ``tls`` argument as a configuration, None for plaintext (see the module).
+    Unset and unset in the environment: TLS with the system's roots as soon as one of
+    ``addresses`` is not on this machine (an API key never crosses a network in clear unless
+    ``tls=False`` says so); plaintext for loopback only."""
     if tls is None:
-        return TlsConfig.from_env()
+        configured = TlsConfig.from_env()
+        if configured is not None:
+            return configured
+        return TlsConfig() if any(not is_loopback(a) for a in addresses) else None
     if tls is True:
         return TlsConfig()
     if tls is False:
         return None
     return tls
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``host:port`` (or ``[v6]:port``) names this machine."""
+    host = address.rsplit(":", 1)[0] if address.count(":") == 1 else address
+    host = host.removeprefix("[").split("]")[0] if host.startswith("[") else host
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Channels:
