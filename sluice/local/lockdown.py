@@ -9,7 +9,7 @@ the client certificate) with the least it needs, and turns authentication on:
 user               may
 =================  ===================================================================
 ``root``           everything (the operator: tenants document, repairs)
-``scheduler``      read ``/sluice/``; write ``/sluice/schedulers/`` (its own entry)
+``scheduler``      read ``/sluice/``; write ``/sluice/schedulers/`` and ``/sluice/adapters/``
 ``node.<id>``      write ``/sluice/nodes/<id>`` only: a node cannot register as another
 ``client``         read ``/sluice/schedulers/`` (SDK discovery)
 =================  ===================================================================
@@ -31,7 +31,7 @@ from pathlib import Path
 import grpc
 from aetcd.rpc import auth_pb2, rpc_pb2, rpc_pb2_grpc
 
-from sluice.contract import NODES_PREFIX, SCHEDULERS_PREFIX
+from sluice.contract import ADAPTERS_PREFIX, NODES_PREFIX, SCHEDULERS_PREFIX
 from sluice.local.pki import Pki, create_pki
 from sluice.runtime.tls import Identity, Mesh, Role, TlsFiles, node_identity
 
@@ -123,6 +123,7 @@ def etcd_grants(node_ids: Iterable[str]) -> dict[str, list[auth_pb2.Permission]]
         Identity(Role.SCHEDULER).common_name: [
             prefix(_READ, "/sluice/"),
             prefix(_READWRITE, SCHEDULERS_PREFIX),
+            prefix(_READWRITE, ADAPTERS_PREFIX),
         ],
         Identity(Role.CLIENT).common_name: [prefix(_READ, SCHEDULERS_PREFIX)],
     }
