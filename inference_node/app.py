@@ -20,8 +20,10 @@ import uuid
 import structlog
 from prometheus_client import CollectorRegistry
 
+from inference_node.adapters import AdapterCache, AdapterStore
 from inference_node.config import NodeSettings
 from inference_node.engine import build_engine
+from inference_node.engine.llama import supports
 from inference_node.engine.types import Engine
 from inference_node.gpu import GpuProbe
 from inference_node.metrics import EngineCollector, NodeMetrics
@@ -41,13 +43,19 @@ NODE_SERVICE = node_pb2.DESCRIPTOR.services_by_name["Node"].full_name
 
 
 def default_engine(lm: LanguageModel, settings: NodeSettings) -> Engine:
-    """The engine a node runs unless told otherwise (continuous batching where supported)."""
+    """The engine a node runs unless told otherwise (continuous batching where supported,
+    with a cache of ``settings.adapter_cache_bytes`` of LoRA adapters from the store)."""
+    adapters = None
+    if settings.adapter_cache_bytes > 0 and supports(lm):
+        store = AdapterStore(settings.adapters_dir)
+        adapters = AdapterCache(store, lm, settings.adapter_cache_bytes)
     return build_engine(
         lm,
         max_sequences=settings.max_sequences,
         max_batched_tokens=settings.max_batched_tokens,
         kv_budget_bytes=settings.memory_budget_bytes,
         max_waiting=settings.max_waiting,
+        adapters=adapters,
     )
 
 

@@ -14,6 +14,10 @@ def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "sluice" / "models"
 
 
+def _default_adapters_dir() -> Path:
+    return Path.home() / ".cache" / "sluice" / "adapters"
+
+
 class NodeSettings(ServiceSettings):
     """Settings of an inference node (``SLUICE_*`` env, YAML file or flags)."""
 
@@ -38,6 +42,13 @@ class NodeSettings(ServiceSettings):
     """Most tokens per engine step (decode plus prefill chunks; published as capacity)."""
     memory_budget_bytes: int = 2 * 1024**3
     """Bytes the KV cache may use."""
+    adapters_dir: Path = Field(default_factory=_default_adapters_dir)
+    """The fleet's LoRA adapter store, shared by every node and trainer:
+    ``<tenant>/<base_model>/<adapter_name>/`` with peft's ``adapter_config.json`` and
+    ``adapter_model.safetensors`` (inference_node/adapters.py)."""
+    adapter_cache_bytes: int = Field(default=256 * 1024**2, ge=0)
+    """Bytes of LoRA adapters each generation model may hold loaded (an LRU), on top of
+    ``memory_budget_bytes``; 0 serves no adapters."""
     max_waiting: int = 256
     """Requests queued in the engine beyond which new ones are refused (RESOURCE_EXHAUSTED)."""
     advertise_host: str = ""

@@ -13,6 +13,15 @@ ENGINE_FAULT = "ENGINE_FAULT"
 """``ErrorInfo.reason`` of a request ended because the engine's shared step failed."""
 JOB_KEY_IN_USE = "JOB_KEY_IN_USE"
 """``ErrorInfo.reason`` of a request whose job key a live request on the node holds."""
+ADAPTER_NOT_FOUND = "ADAPTER_NOT_FOUND"
+"""``ErrorInfo.reason`` (NOT_FOUND) of a request naming an adapter the store does not have."""
+ADAPTER_INVALID = "ADAPTER_INVALID"
+"""``ErrorInfo.reason`` (INVALID_ARGUMENT) of a request naming an adapter whose files this
+node cannot serve on the request's model."""
+ADAPTER_TOO_LARGE = "ADAPTER_TOO_LARGE"
+"""``ErrorInfo.reason`` (RESOURCE_EXHAUSTED) of an adapter larger than the node's cache."""
+ADAPTER_STORE_UNAVAILABLE = "ADAPTER_STORE_UNAVAILABLE"
+"""``ErrorInfo.reason`` (UNAVAILABLE) when the node could not read the adapter store."""
 
 
 class RequestFault(InvalidArgument):

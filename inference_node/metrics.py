@@ -66,6 +66,16 @@ class EngineCollector(Collector):
         rate = GaugeMetricFamily(
             "sluice_node_decode_tokens_per_second", "Decode throughput (EWMA).", labels=["model"]
         )
+        adapters = GaugeMetricFamily(
+            "sluice_node_adapter_bytes",
+            "LoRA adapter bytes held (cache and the batch's stacks).",
+            labels=["model"],
+        )
+        adapter_budget = GaugeMetricFamily(
+            "sluice_node_adapter_budget_bytes",
+            "LoRA adapter cache bytes allowed.",
+            labels=["model"],
+        )
         for model, stats in self._stats().items():
             for cls in WorkloadClass:
                 running.add_metric([model, cls.label], stats.running.get(cls, 0))
@@ -73,11 +83,13 @@ class EngineCollector(Collector):
             kv_used.add_metric([model], stats.kv_used_bytes)
             kv_budget.add_metric([model], stats.kv_budget_bytes)
             rate.add_metric([model], stats.decode_tokens_per_s)
+            adapters.add_metric([model], stats.adapter_bytes)
+            adapter_budget.add_metric([model], stats.adapter_budget_bytes)
         rss = GaugeMetricFamily(
             "sluice_node_process_resident_memory_bytes", "Resident set size of the node process."
         )
         rss.add_metric([], self._process.memory_info().rss)
-        yield from (running, waiting, kv_used, kv_budget, rate, rss)
+        yield from (running, waiting, kv_used, kv_budget, rate, adapters, adapter_budget, rss)
         reading = self._gpu.read() if self._gpu is not None else None
         if reading is not None:
             free = GaugeMetricFamily("sluice_node_gpu_free_bytes", "Free GPU memory (CUDA).")

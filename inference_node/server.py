@@ -13,12 +13,22 @@ one request's own processing failed         INVALID_ARGUMENT    ``REQUEST_FAULT`
 (sampling: NaN/inf logits or probabilities; + BadRequest        (metadata ``stage``)
 detokenization, stop strings), at any time
 its job key is held by a live request       ALREADY_EXISTS      ``JOB_KEY_IN_USE``
+``adapter`` malformed, or the model serves  INVALID_ARGUMENT    ``INVALID_ARGUMENT``
+no adapters                                 + BadRequest
+``adapter`` not in the adapter store        NOT_FOUND           ``ADAPTER_NOT_FOUND``
+``adapter``'s files unservable on the model INVALID_ARGUMENT    ``ADAPTER_INVALID``
+(format, settings, shapes, file size)       + BadRequest
+``adapter`` larger than the adapter cache   RESOURCE_EXHAUSTED  ``ADAPTER_TOO_LARGE``
+the adapter store could not be read         UNAVAILABLE         ``ADAPTER_STORE_UNAVAILABLE``
 can never fit the KV budget                 RESOURCE_EXHAUSTED  ``KV_BUDGET_EXCEEDED``
 waiting queue full                          RESOURCE_EXHAUSTED  ``OVERLOADED`` + RetryInfo
 draining or closed                          UNAVAILABLE         ``NODE_DRAINING``
 the engine's shared step failed             UNAVAILABLE         ``ENGINE_FAULT``
 anything else (a bug)                       INTERNAL            ``INTERNAL``
 ==========================================  ==================  =======================
+
+The adapter's errors come before any chunk (the adapter loads before the request's first
+step). The node checks no access to an adapter: the scheduler resolved it for the tenant.
 
 A request fault is INVALID_ARGUMENT because it is the request's own and deterministic (the
 same parameters and seed fail the same way on every node): every layer already treats that
@@ -41,6 +51,12 @@ import grpc
 import psutil
 import structlog
 
+from inference_node.adapters import (
+    AdapterError,
+    AdapterInvalidError,
+    AdapterNotFoundError,
+    AdapterTooLargeError,
+)
 from inference_node.engine.types import (
     DeltaStream,
     DuplicateRequestError,
@@ -56,13 +72,27 @@ from inference_node.engine.types import (
     SamplingParams,
     TokenDelta,
 )
-from inference_node.errors import ENGINE_FAULT, AlreadyExists, RequestFault
+from inference_node.errors import (
+    ADAPTER_INVALID,
+    ADAPTER_NOT_FOUND,
+    ADAPTER_STORE_UNAVAILABLE,
+    ADAPTER_TOO_LARGE,
+    ENGINE_FAULT,
+    AlreadyExists,
+    RequestFault,
+)
 from inference_node.gpu import GpuProbe
 from inference_node.metrics import NodeMetrics
 from inference_node.model_types import Embedder, LanguageModel
 from sluice import limits
 from sluice.contract import WorkloadClass
-from sluice.runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
+from sluice.runtime.errors import (
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    SluiceError,
+    Unavailable,
+)
 from sluice.v1 import common_pb2, inference_pb2, node_pb2, node_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -113,6 +143,18 @@ def _forwarded_violations(
 def _refuse(violations: limits.Violations) -> None:
     if violations:
         raise InvalidArgument(violations)
+
+
+def adapter_status(exc: AdapterError) -> SluiceError:
+    """The status of a request whose adapter could not be loaded (see the module doc)."""
+    message = str(exc)
+    if isinstance(exc, AdapterNotFoundError):
+        return NotFound(message, reason=ADAPTER_NOT_FOUND)
+    if isinstance(exc, AdapterInvalidError):
+        return InvalidArgument([("adapter", message)], reason=ADAPTER_INVALID)
+    if isinstance(exc, AdapterTooLargeError):
+        return ResourceExhausted(message, reason=ADAPTER_TOO_LARGE)
+    return Unavailable(message, reason=ADAPTER_STORE_UNAVAILABLE)
 
 
 class NodeServicer(node_pb2_grpc.NodeServicer):
@@ -206,6 +248,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             return None
         except RequestFaultError as exc:
             raise RequestFault("options", exc.stage, str(exc)) from exc
+        except AdapterError as exc:
+            raise adapter_status(exc) from exc
         except EngineFaultError as exc:
             raise Unavailable(
                 f"node {self._node_id} engine failed: {exc}", reason=ENGINE_FAULT
@@ -238,11 +282,14 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         lm, engine = self._generator(request, context)
         job_key = request.request_id or f"{self._node_id}-{uuid.uuid4().hex}"
         structlog.contextvars.bind_contextvars(job_key=job_key)
+        if request.adapter:
+            structlog.contextvars.bind_contextvars(adapter=request.adapter[:200])
         engine_request = EngineRequest(
             request_id=job_key,
             prompt_token_ids=tuple(self._prompt_ids(lm, req)),
             params=sampling_params(req.options),
             workload_class=req.workload_class,  # the engine reads 0 as REALTIME
+            adapter=request.adapter,
         )
         stream = self._submit(engine, engine_request)
         self.in_flight += 1

@@ -86,8 +86,10 @@ def poison_logits(
     runner = engine._runner
     real = runner.step
 
-    def step(decode_tokens: list[int], positions: list[int], prefills: list[Any]) -> torch.Tensor:
-        logits = real(decode_tokens, positions, prefills).clone()  # a normal tensor
+    def step(
+        decode_tokens: list[int], positions: list[int], prefills: list[Any], lora: Any = None
+    ) -> torch.Tensor:
+        logits = real(decode_tokens, positions, prefills, lora).clone()  # a normal tensor
         seqs = [engine._slots[i] for i in range(len(decode_tokens))]
         seqs += [engine._slots[p.slot] for p in prefills if p.wants_logits]
         for row, seq in enumerate(seqs):

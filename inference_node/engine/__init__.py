@@ -1,5 +1,6 @@
 """Generation engines: the :class:`Engine` interface and its implementations."""
 
+from inference_node.adapters import AdapterCache
 from inference_node.engine.batching import BatchingConfig, BatchingEngine
 from inference_node.engine.hosting import run_with_engine
 from inference_node.engine.llama import supports
@@ -52,8 +53,11 @@ def build_engine(
     max_batched_tokens: int = 512,
     kv_budget_bytes: int = 2 * 1024**3,
     max_waiting: int = 256,
+    adapters: AdapterCache | None = None,
 ) -> Engine:
-    """The best engine for ``lm``: continuous batching for Llama-family models, else serial."""
+    """The best engine for ``lm``: continuous batching for Llama-family models, else serial.
+    ``adapters`` (the cache of ``lm``'s LoRA adapters) goes to the batching engine, which
+    closes it; the serial engine serves no adapters and closes it at once."""
     if supports(lm):
         return BatchingEngine(
             lm,
@@ -63,5 +67,8 @@ def build_engine(
                 kv_budget_bytes=kv_budget_bytes,
                 max_waiting=max_waiting,
             ),
+            adapters,
         )
+    if adapters is not None:
+        adapters.close()
     return SerialEngine(lm, max_waiting=max_waiting, kv_budget_bytes=kv_budget_bytes)

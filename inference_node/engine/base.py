@@ -219,6 +219,7 @@ class ThreadedEngine:
                 elif job.state is JobState.WAITING:
                     waiting[job.workload_class] += 1
                     queued += len(job.request.prompt_token_ids) + params.max_new_tokens
+        adapter_bytes, adapter_budget = self._adapter_bytes()
         return EngineStats(
             running=running,
             waiting=waiting,
@@ -226,6 +227,8 @@ class ThreadedEngine:
             kv_budget_bytes=self._kv_budget,
             decode_tokens_per_s=self._decode_rate,
             queued_tokens=queued,
+            adapter_bytes=adapter_bytes,
+            adapter_budget_bytes=adapter_budget,
         )
 
     async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 - the Engine interface
@@ -297,6 +300,7 @@ class ThreadedEngine:
             violations.append(("prompt", f"token ids must be in [0, {self._vocab_size})"))
         if params.max_new_tokens < 1:
             violations.append(("options.max_new_tokens", "must be at least 1"))
+        violations.extend(self._adapter_violations(request.adapter))
         workload_class = WorkloadClass.REALTIME
         try:
             workload_class = WorkloadClass.from_wire(request.workload_class)
@@ -315,6 +319,16 @@ class ThreadedEngine:
             raise InvalidRequestError(violations)
         self._check_fits(total)
         return workload_class
+
+    def _adapter_violations(self, reference: str) -> list[tuple[str, str]]:
+        """Why a request naming adapter ``reference`` is refused at submit (empty: accepted
+        so far; whether the adapter exists is found out when it loads). This engine serves
+        none."""
+        return [("adapter", f"{self._lm.name!r} is not served with adapters")] if reference else []
+
+    def _adapter_bytes(self) -> tuple[int, int]:
+        """Bytes of LoRA adapters held for this engine, and the most it may hold."""
+        return 0, 0
 
     def _check_fits(self, total_tokens: int) -> None:
         """Raise :class:`RequestTooLargeError` when a request of ``total_tokens`` can never fit."""

@@ -19,6 +19,13 @@ Every engine step:
 So a request never waits for another's generation to end: it joins at the next step, and its
 first token comes out of the step that prefills it.
 
+Adapters (multi-LoRA, :mod:`inference_node.engine.lora_rows`): a request may name a LoRA
+adapter of the model. Its sequence pins the adapter in the node's :class:`AdapterCache` from
+intake until it ends; while the adapter loads (on the cache's thread) the sequence waits
+outside the batch, and one that cannot be loaded ends alone with an
+:class:`~inference_node.adapters.AdapterError`. Sequences of different adapters and of the
+base model share every step, prefill and decode alike.
+
 Failure isolation: the work done for one sequence alone (setting up its sampler and text
 stream, sampling its row, detokenizing and checking its stop strings) runs under its own
 ``try``; an exception there ends that request with :class:`RequestFaultError` and the batch
@@ -37,8 +44,10 @@ from dataclasses import dataclass
 import structlog
 import torch
 
+from inference_node.adapters import AdapterCache, AdapterError, AdapterRef
 from inference_node.engine.base import Job, JobState, ThreadedEngine
 from inference_node.engine.llama import LlamaRunner, Prefill
+from inference_node.engine.lora_rows import EngineAdapters
 from inference_node.engine.text import SamplingError, TextStream, make_generator, sample
 from inference_node.engine.types import (
     EngineFaultError,
@@ -47,11 +56,14 @@ from inference_node.engine.types import (
     RequestTooLargeError,
     TokenDelta,
 )
+from inference_node.lora import LoraAdapter
 from inference_node.model_types import LanguageModel
 
 log = structlog.get_logger(__name__)
 
 MIN_SLOT_TOKENS = 64
+ADAPTER_POLL_S = 0.005
+"""How often an otherwise idle engine looks whether an adapter it waits for has loaded."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,8 @@ class _Sequence:
         """Prompt plus generated tokens; the cache holds the first ``computed`` of them."""
         self.computed = 0
         self.slot = -1
+        self.adapter_ref: AdapterRef | None = None
+        self.adapter: LoraAdapter | None = None
 
     @property
     def key(self) -> tuple[int, int]:
@@ -88,11 +102,21 @@ class _Sequence:
 
 
 class BatchingEngine(ThreadedEngine):
-    """Continuous batching over :class:`LlamaRunner` (Llama-family models)."""
+    """Continuous batching over :class:`LlamaRunner` (Llama-family models).
+
+    ``adapters``, the node's cache of ``lm``'s LoRA adapters, lets requests name one
+    (``EngineRequest.adapter``); without it a request naming one is refused at submit. The
+    engine closes it when it closes.
+    """
 
     _thread_name = "batching-engine"
 
-    def __init__(self, lm: LanguageModel, config: BatchingConfig | None = None) -> None:
+    def __init__(
+        self,
+        lm: LanguageModel,
+        config: BatchingConfig | None = None,
+        adapters: AdapterCache | None = None,
+    ) -> None:
         config = config or BatchingConfig()
         super().__init__(lm, max_waiting=config.max_waiting, kv_budget_bytes=config.kv_budget_bytes)
         self.config = config
@@ -110,12 +134,14 @@ class BatchingEngine(ThreadedEngine):
         self._ready = 0  # slots 0.._ready-1 hold sequences that decode this step
         self._waiting: list[tuple[tuple[int, int], _Sequence]] = []
         self._kv_budget = slots * self.slot_tokens * per_token
+        self._adapters: EngineAdapters[_Sequence] = EngineAdapters(lm, adapters)
         log.info(
             "batching_engine_ready",
             model=lm.name,
             slots=slots,
             slot_tokens=self.slot_tokens,
             kv_bytes=self._kv_budget,
+            adapter_cache_bytes=adapters.capacity_bytes if adapters is not None else 0,
         )
 
     def _check_fits(self, total_tokens: int) -> None:
@@ -125,6 +151,19 @@ class BatchingEngine(ThreadedEngine):
                 f"{self.config.kv_budget_bytes} B over {len(self._slots)} sequences a sequence "
                 f"holds at most {self.slot_tokens}"
             )
+
+    def _adapter_violations(self, reference: str) -> list[tuple[str, str]]:
+        return self._adapters.violations(reference)
+
+    def _adapter_bytes(self) -> tuple[int, int]:
+        cache = self._adapters.cache
+        return self._adapters.nbytes(), cache.capacity_bytes if cache is not None else 0
+
+    def close(self) -> None:
+        """Stop the engine (see :meth:`ThreadedEngine.close`), then its adapter cache."""
+        super().close()
+        if self._adapters.cache is not None:
+            self._adapters.cache.close()
 
     # -- engine thread ------------------------------------------------------------------------
 
@@ -146,12 +185,14 @@ class BatchingEngine(ThreadedEngine):
         return [s for s in self._slots if s is not None]
 
     def _intake(self) -> bool:
-        """Move new jobs to the waiting heap; block while there is nothing to do."""
+        """Move new jobs to the waiting heap (or, while their adapter loads, aside); block
+        while there is nothing to do."""
         block = not self._waiting and not self._active()
         while True:
             try:
-                job = self._inbox.get(block=block)
+                job = self._inbox.get(block, ADAPTER_POLL_S if self._adapters.loading else None)
             except queue.Empty:
+                self._take_loaded()
                 return True
             if job is None:
                 return False
@@ -166,12 +207,29 @@ class BatchingEngine(ThreadedEngine):
             except Exception as exc:
                 self._finish(job, self._request_fault(job, "setup", exc))
                 continue
-            heapq.heappush(self._waiting, (seq.key, seq))
+            try:
+                ready = self._adapters.begin(seq, job.request.adapter)
+            except AdapterError as exc:
+                self._finish(job, exc)
+                continue
+            if ready:
+                heapq.heappush(self._waiting, (seq.key, seq))
+
+    def _take_loaded(self) -> None:
+        """Queue the sequences whose adapter has loaded; end those whose adapter failed."""
+        for seq, error in self._adapters.poll():
+            if seq.job.state is JobState.DONE:  # cancelled while its adapter loaded
+                self._adapters.release(seq)
+            elif error is not None:
+                self._finish(seq.job, error)
+            else:
+                heapq.heappush(self._waiting, (seq.key, seq))
 
     def _drop_cancelled(self) -> None:
         for seq in sorted(self._active(), key=lambda s: -s.slot):
             if seq.job.cancel_requested or self._stopping.is_set():
                 self._release(seq)
+                self._adapters.release(seq)
                 self._finish(seq.job, seq.text.final(FinishReason.CANCELLED))
 
     def _release(self, seq: _Sequence) -> None:
@@ -217,12 +275,14 @@ class BatchingEngine(ThreadedEngine):
             _, candidate = self._waiting[0]
             if candidate.job.state is JobState.DONE:
                 heapq.heappop(self._waiting)
+                self._adapters.release(candidate)
                 continue
             if None not in self._slots and not self._preempt_for(candidate):
                 break
             heapq.heappop(self._waiting)
             with self._lock:
                 if candidate.job.state is not JobState.WAITING or candidate.job.cancel_requested:
+                    self._adapters.release(candidate)
                     continue
                 candidate.job.state = JobState.RUNNING
             slot = self._slots.index(None, self._ready)
@@ -273,25 +333,29 @@ class BatchingEngine(ThreadedEngine):
         ready = self._slots[: self._ready]
         if not ready and not prefills:
             return
-        decode_tokens = [s.tokens[-1] for s in ready if s is not None]
-        decode_positions = [len(s.tokens) - 1 for s in ready if s is not None]
+        rows: list[_Sequence] = [s for s in ready if s is not None]
+        decode_tokens = [s.tokens[-1] for s in rows]
+        decode_positions = [len(s.tokens) - 1 for s in rows]
+        lora = self._adapters.rows(rows, [(self._sequence(p), len(p.tokens)) for p in prefills])
         started = time.perf_counter()
-        logits = self._runner.step(decode_tokens, decode_positions, prefills)
+        logits = self._runner.step(decode_tokens, decode_positions, prefills, lora)
         elapsed = time.perf_counter() - started
         if decode_tokens:
             self._record_decode_step(elapsed, len(decode_tokens))
-        rows: list[_Sequence] = [s for s in ready if s is not None]
-        for seq in ready:
-            assert seq is not None
+        for seq in rows:
             seq.computed += 1
         for p in prefills:
-            seq = self._slots[p.slot]
-            assert seq is not None
+            seq = self._sequence(p)
             seq.computed += len(p.tokens)
             if p.wants_logits:
                 rows.append(seq)
         self._kv_used = sum(s.computed for s in self._active()) * self._kv_per_token
         self._emit(rows, self._sample(logits, rows))
+
+    def _sequence(self, prefill: Prefill) -> _Sequence:
+        seq = self._slots[prefill.slot]
+        assert seq is not None
+        return seq
 
     def _emit(self, rows: list[_Sequence], tokens: list[int | RequestFaultError]) -> None:
         """Stream each row's token; end the sequences that finished or faulted, and move
@@ -308,6 +372,7 @@ class BatchingEngine(ThreadedEngine):
                 newly_ready.append(seq)
         for seq, _ in ended:
             self._release(seq)
+            self._adapters.release(seq)
         self._kv_used = sum(s.computed for s in self._active()) * self._kv_per_token
         for seq, item in ended:
             self._finish(seq.job, item)
@@ -354,6 +419,7 @@ class BatchingEngine(ThreadedEngine):
         (the shared step failed), or cancelled (``None``: the engine is stopping)."""
         for seq in self._active():
             self._slots[seq.slot] = None
+            self._adapters.release(seq)
             item: TokenDelta | BaseException = seq.text.final(FinishReason.CANCELLED)
             if exc is not None:
                 item = EngineFaultError(

@@ -14,7 +14,10 @@ Invariants:
 - logits are computed only for the rows that sample a token (the last prompt token of a
   finished prefill, every decode token);
 - grouped-query attention repeats no K/V: a decode query ``[B, H, D]`` is viewed as
-  ``[B, KVH, H/KVH, D]`` so each KV head serves its group in one batched matmul.
+  ``[B, KVH, H/KVH, D]`` so each KV head serves its group in one batched matmul;
+- LoRA (:mod:`inference_node.engine.lora_rows`) is added to a projection's output only when
+  the step is given :class:`LoraRows`, i.e. when some row uses an adapter: a base-model step
+  runs exactly the operations it runs without adapters.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from inference_node.engine.lora_rows import GATE_UP, QKV, LoraRows
 from inference_node.model_types import LanguageModel
 from inference_node.native import llama_unsupported_reason
 
@@ -155,12 +159,18 @@ class LlamaRunner:
 
     @torch.inference_mode()
     def step(
-        self, decode_tokens: list[int], decode_positions: list[int], prefills: list[Prefill]
+        self,
+        decode_tokens: list[int],
+        decode_positions: list[int],
+        prefills: list[Prefill],
+        lora: LoraRows | None = None,
     ) -> torch.Tensor:
         """Run one iteration; returns logits ``[rows, vocab]`` (float32).
 
         Decode row ``i`` is the sequence in slot ``i`` (slots ``0..B-1``), feeding the token
         at ``decode_positions[i]``. Then one row per prefill with ``wants_logits``, in order.
+        ``lora`` gives every input row (decode tokens, then each prefill's tokens) its
+        adapter; None: the base model for all.
         """
         batch = len(decode_tokens)
         tokens = list(decode_tokens)
@@ -178,7 +188,10 @@ class LlamaRunner:
         decode = _DecodeBatch.build(pos[:batch], decode_positions) if batch else None
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for index, layer in enumerate(self.layers):
-            qkv = _mm(self._rms(x, layer.ln1), layer.qkv_t, layer.qkv_b)
+            normed = self._rms(x, layer.ln1)
+            qkv = _mm(normed, layer.qkv_t, layer.qkv_b)
+            if lora is not None:
+                lora.add(index, QKV, normed, qkv)
             q = self._rope(qkv[:, :q_size].view(-1, self.heads, self.head_dim), cos, sin)
             k = self._rope(
                 qkv[:, q_size : q_size + kv_size].view(-1, self.kv_heads, self.head_dim), cos, sin
@@ -190,10 +203,12 @@ class LlamaRunner:
             for p, row in zip(prefills, offsets, strict=True):
                 rows = slice(row, row + len(p.tokens))
                 out[rows] = self._prefill_attention(index, p, q[rows], k[rows], v[rows])
-            x = x + _mm(out.view(-1, q_size), layer.o_t)
-            gate_up = _mm(self._rms(x, layer.ln2), layer.gate_up_t)
-            inter = gate_up.shape[-1] // 2
-            x = x + _mm(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], layer.down_t)
+            attended = out.view(-1, q_size)
+            projected = _mm(attended, layer.o_t)
+            if lora is not None:
+                lora.add(index, ("o_proj",), attended, projected)
+            x = x + projected
+            x = x + self._mlp(index, layer, x, lora)
         rows_out = list(range(batch)) + [
             row + len(p.tokens) - 1
             for p, row in zip(prefills, offsets, strict=True)
@@ -203,6 +218,21 @@ class LlamaRunner:
             return torch.empty(0, self.lm_head_t.shape[1])
         picked = x.index_select(0, torch.tensor(rows_out, device=dev))
         return _mm(self._rms(picked, self.norm), self.lm_head_t).float()
+
+    def _mlp(
+        self, index: int, layer: _Layer, x: torch.Tensor, lora: LoraRows | None
+    ) -> torch.Tensor:
+        """The gated MLP's output for ``x`` (before the residual), with LoRA when given."""
+        normed = self._rms(x, layer.ln2)
+        gate_up = _mm(normed, layer.gate_up_t)
+        if lora is not None:
+            lora.add(index, GATE_UP, normed, gate_up)
+        inter = gate_up.shape[-1] // 2
+        hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        down = _mm(hidden, layer.down_t)
+        if lora is not None:
+            lora.add(index, ("down_proj",), hidden, down)
+        return down
 
     def _decode_attention(
         self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: _DecodeBatch

@@ -53,12 +53,19 @@ class EngineRequest:
     ``workload_class`` is a wire value of :class:`~sluice.contract.WorkloadClass` (a member or
     a plain int): 0, unspecified, is served as REALTIME; a value the contract does not define is
     refused at submit with ``ValueError``. Higher-priority classes are served first.
+
+    ``adapter`` names a LoRA adapter of the engine's model as ``"<tenant>/<adapter_name>"``
+    (:func:`inference_node.adapters.parse_reference`); empty for the base model. An engine
+    that serves no adapters, or a malformed name, is refused at submit
+    (:class:`InvalidRequestError`, field ``adapter``); an adapter that cannot be loaded ends
+    the stream with an :class:`~inference_node.adapters.AdapterError` before any token.
     """
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     workload_class: int = WorkloadClass.REALTIME
+    adapter: str = ""
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,9 @@ class EngineStats:
     the engine may use for it.
     ``decode_tokens_per_s`` is a moving average of the decode rate while busy and
     ``queued_tokens`` an estimate of the tokens of work not yet done.
+    ``adapter_bytes`` is the memory LoRA adapters take for this model (the loaded and loading
+    adapters of its cache, plus the current batch's stacked copy), next to the KV cache;
+    ``adapter_budget_bytes`` the cache's bound (0: no adapters served).
     """
 
     running: dict[WorkloadClass, int]
@@ -95,6 +105,8 @@ class EngineStats:
     kv_budget_bytes: int
     decode_tokens_per_s: float
     queued_tokens: int
+    adapter_bytes: int = 0
+    adapter_budget_bytes: int = 0
 
 
 class DeltaStream(AsyncIterator[TokenDelta], abc.ABC):
