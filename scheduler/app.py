@@ -11,6 +11,7 @@ import redis.asyncio as redis
 import structlog
 from prometheus_client import CollectorRegistry
 
+from scheduler.adapters import AdapterDirectory, AdapterRecord, decode_record
 from scheduler.admission import AdmissionConfig
 from scheduler.background import BackgroundTasks
 from scheduler.catalog import ModelCatalog
@@ -34,7 +35,7 @@ from scheduler.tenants import TenantDirectory, TenantsDocumentError
 from scheduler.usage import UsageBook
 from scheduler.validation import class_label
 from sluice import __version__
-from sluice.contract import NODES_PREFIX, SCHEDULERS_PREFIX
+from sluice.contract import ADAPTERS_PREFIX, NODES_PREFIX, SCHEDULERS_PREFIX
 from sluice.runtime.breaker import BreakerConfig
 from sluice.runtime.registry import PrefixView, Registration, etcd_client
 from sluice.runtime.server import GrpcServer
@@ -151,6 +152,9 @@ class SchedulerService:
             self.etcd, NODES_PREFIX, _decode_node
         )
         self.nodes = _node_directory(self.view, settings, mesh)
+        self.adapter_view: PrefixView[AdapterRecord | None] = PrefixView(
+            self.etcd, ADAPTERS_PREFIX, decode_record
+        )
         self.usage = UsageBook()
         self.gate = _dispatch_gate(self.nodes, self.tenants, self.metrics, settings)
         self.quotas = _quota_gate(settings, self.metrics)
@@ -199,6 +203,7 @@ class SchedulerService:
             usage=self.usage,
             metrics=self.metrics,
             background=background,
+            adapters=AdapterDirectory(self.adapter_view),
         )
 
     def _jobs(self, path: RequestPath, registry: CollectorRegistry) -> jobs_pb2_grpc.JobsServicer:
@@ -264,8 +269,10 @@ class SchedulerService:
         serving from its last view (it follows each node directly too).
         """
         wait = self.settings.etcd_start_wait_seconds
-        _, synced = await asyncio.gather(
-            self.live_tenants.start(within_s=wait), self.view.start(within_s=wait)
+        _, synced, _ = await asyncio.gather(
+            self.live_tenants.start(within_s=wait),
+            self.view.start(within_s=wait),
+            self.adapter_view.start(within_s=wait),
         )
         self.nodes.start()
         await self.gate.start()
@@ -320,6 +327,7 @@ class SchedulerService:
         await self.dispatcher.close()
         await self.live_tenants.stop()
         await self.view.stop()
+        await self.adapter_view.stop()
         await self.quotas.close()
         await self.nodes.close()
         if self._cache_channel is not None:

@@ -344,12 +344,14 @@ class Dispatcher:
         affinity: str = "",
         on_tokens: Callable[[int], None] = lambda _n: None,
         stats: StreamStats | None = None,
+        adapter: str = "",
     ) -> AsyncGenerator[inference_pb2.GenerateChunk, None]:
         """Stream a generation from ``first`` (booked by the gate), retrying elsewhere before
-        the first chunk. ``on_tokens`` is told of generated tokens as they arrive."""
+        the first chunk. ``on_tokens`` is told of generated tokens as they arrive; ``adapter``
+        (``"<owner>/<name>"``) names a fine-tuned adapter of the request's base model."""
         stats = stats or StreamStats()
         tried: set[str] = set()
-        forward = node_pb2.NodeGenerateRequest(request=req, tenant=tenant)
+        forward = node_pb2.NodeGenerateRequest(request=req, tenant=tenant, adapter=adapter)
         node: NodeHandle | None = first
         self.budget.record_request()
         for attempt in range(self._max_attempts):

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import structlog
 
+from scheduler.adapters import SEPARATOR as ADAPTER_SEPARATOR
+from scheduler.adapters import AdapterDirectory
 from scheduler.background import BackgroundTasks
 from scheduler.config import SchedulerSettings
 from scheduler.dispatch import Dispatcher, StreamStats
@@ -113,6 +115,8 @@ class RequestPath:
     usage: UsageBook
     metrics: SchedulerMetrics
     background: BackgroundTasks
+    adapters: AdapterDirectory | None = None
+    """Fine-tuned adapters (``"base:adapter"`` model names); None serves base models only."""
 
 
 def authorize(tenants: TenantDirectory, name: str) -> Tenant:
@@ -185,7 +189,15 @@ class GenerateFlow:
         """Set once, by the step that ends the request."""
         self.tenant = authorize(path.tenants, tenant)
         self._counters = path.usage.of(self.tenant.name)
+        self.adapter = ""
+        """The node's reference to the adapter the model name resolved to (empty: base)."""
         self.request = self._validate(request, metadata)
+        # The cache keys on the name the caller used: an adapter's answers are its own.
+        self._cache_request = self.request
+        if self.adapter:
+            self._cache_request = inference_pb2.GenerateRequest()
+            self._cache_request.CopyFrom(self.request)
+            self._cache_request.model = request.model
         self.workload_class = WorkloadClass(self.request.workload_class)
         structlog.contextvars.bind_contextvars(
             workload_class=self.workload_class.label, model=self.request.model
@@ -203,8 +215,18 @@ class GenerateFlow:
     def _validate(
         self, request: inference_pb2.GenerateRequest, metadata: Metadata
     ) -> inference_pb2.GenerateRequest:
-        """The request with defaults applied; a refusal is counted as INVALID and raised."""
+        """The request with defaults applied, an adapter's name resolved to its base model; a
+        refusal is counted as INVALID and raised."""
         try:
+            adapters = self._path.adapters
+            if adapters is not None and ADAPTER_SEPARATOR in request.model:
+                resolved = adapters.resolve(self.tenant.name, request.model)
+                if resolved.adapter is not None:
+                    self.adapter = resolved.adapter.reference
+                    base = inference_pb2.GenerateRequest()
+                    base.CopyFrom(request)
+                    base.model = resolved.base_model
+                    request = base
             return validate_generate(request, self.tenant, self._path.catalog, metadata)
         except SluiceError as exc:
             self.outcome = Outcome.INVALID
@@ -261,7 +283,7 @@ class GenerateFlow:
 
     async def _lookup_cache(self) -> cache_pb2.CachedResponse | None:
         """The cached answer (deterministic requests only); an error or timeout is a miss."""
-        return await self._path.cache.lookup(self.tenant.name, self.request)
+        return await self._path.cache.lookup(self.tenant.name, self._cache_request)
 
     def _served_from_cache(self, cached: cache_pb2.CachedResponse) -> inference_pb2.GenerateChunk:
         self._counters.requests += 1
@@ -314,6 +336,7 @@ class GenerateFlow:
             affinity=item.affinity,
             on_tokens=lambda n: gate.charge(item, n),
             stats=self._stats,
+            adapter=self.adapter,
         )
         first = True
         async with contextlib.aclosing(stream):
@@ -348,7 +371,7 @@ class GenerateFlow:
         self._counters.completion_tokens += last.usage.completion_tokens
         self._path.cache.store_later(
             self.tenant.name,
-            self.request,
+            self._cache_request,
             text="".join(self._out.text),
             token_ids=self._out.token_ids,
             last=last,
