@@ -148,20 +148,15 @@ class FrozenLlama:
             raise ValueError(f"labels {tuple(labels.shape)} ≠ input_ids {tuple(input_ids.shape)}")
         length = input_ids.shape[1]
         x = F.embedding(input_ids, self.embed)
-        cos, sin = self._rotary(length)
-        seeds: list[int | None] = [None] * self.num_layers
-        if generator is not None and adapter.config.dropout > 0:
-            drawn = torch.randint(
-                2**62, (self.num_layers,), generator=generator, device=generator.device
-            )
-            seeds = [int(s) for s in drawn.tolist()]
+        cos, sin = self.rotary(length)
+        seeds = self.dropout_seeds(adapter, generator)
         for index in range(self.num_layers):
             if checkpoint and torch.is_grad_enabled():
                 x = recompute(
-                    self._layer, x, index, cos, sin, adapter, seeds[index], use_reentrant=False
+                    self.layer, x, index, cos, sin, adapter, seeds[index], use_reentrant=False
                 )
             else:
-                x = self._layer(x, index, cos, sin, adapter, seeds[index])
+                x = self.layer(x, index, cos, sin, adapter, seeds[index])
         targets = labels[:, 1:]
         picked = targets != IGNORE_INDEX
         tokens = int(picked.sum())
@@ -173,7 +168,25 @@ class FrozenLlama:
                 logits = F.linear(self._rms(x, self.norm), self.lm_head).float()
         return TrainOutput(loss=loss, tokens=tokens, logits=logits)
 
-    def _rotary(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def dropout_seeds(
+        self, adapter: LoraAdapter, generator: torch.Generator | None
+    ) -> list[int | None]:
+        """One dropout seed per decoder layer, drawn from ``generator`` in one call (``None``
+        each when there is no generator or the adapter has no dropout). :meth:`forward` draws
+        them first, so a caller running the layers itself consumes the generator identically."""
+        if generator is None or adapter.config.dropout <= 0:
+            return [None] * self.num_layers
+        drawn = torch.randint(
+            2**62, (self.num_layers,), generator=generator, device=generator.device
+        )
+        return [int(s) for s in drawn.tolist()]
+
+    def loss_chunk_rows(self) -> int:
+        """Rows of final hidden states whose logits the loss computes at once
+        (:data:`LOSS_CHUNK_BYTES` of float32 logits)."""
+        return max(1, LOSS_CHUNK_BYTES // (4 * int(self.lm_head.shape[0])))
+
+    def rotary(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin ``[length, head_dim]`` as transformers computes them (float32 angles)."""
         positions = torch.arange(length, device=self.device, dtype=torch.float32)
         angles = positions[:, None] * self.inv_freq[None, :]
@@ -208,7 +221,7 @@ class FrozenLlama:
         delta = F.linear(F.linear(lora_in, pair.a), pair.b) * adapter.config.scaling
         return (out + delta).to(out.dtype)
 
-    def _layer(
+    def layer(
         self,
         x: torch.Tensor,
         index: int,
@@ -248,18 +261,19 @@ class FrozenLlama:
         if hidden.shape[0] == 0:
             return hidden.float().sum()  # zero, with a graph: backward still runs
         total = hidden.new_zeros((), dtype=torch.float32)
-        vocab = self.lm_head.shape[0]
-        step = max(1, LOSS_CHUNK_BYTES // (4 * vocab))
+        step = self.loss_chunk_rows()
         keep_graph = torch.is_grad_enabled() and hidden.requires_grad
         for start in range(0, hidden.shape[0], step):
             rows, wanted = hidden[start : start + step], targets[start : start + step]
             if keep_graph:
-                total = total + recompute(self._chunk_loss, rows, wanted, use_reentrant=False)
+                total = total + recompute(self.chunk_loss, rows, wanted, use_reentrant=False)
             else:
-                total = total + self._chunk_loss(rows, wanted)
+                total = total + self.chunk_loss(rows, wanted)
         return total
 
-    def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of ``targets`` ``[n]`` from final hidden states ``[n, hidden]``
+        (final norm and LM head included), all at once."""
         logits = F.linear(self._rms(hidden, self.norm), self.lm_head).float()
         return F.cross_entropy(logits, targets, reduction="sum")
 

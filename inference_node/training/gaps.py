@@ -1,0 +1,219 @@
+"""When a training unit may run on the engine thread: the gap policy.
+
+The engine loop asks :meth:`GapPolicy.decide` whenever it would otherwise block for work, and
+between decode steps. The rule, in order:
+
+1. Never while inference requests wait to be admitted (``waiting > 0``): they go first.
+2. Never a unit predicted to take longer than ``yield_bound_s``: the most a real-time request
+   can wait for training is one unit, so the bound caps every unit, idle or not.
+3. With sequences running, only a unit that fits the slack of their inter-token budget: the
+   budget ``itl_budget_s`` minus the measured decode step time minus the training already run
+   since the last decode step. A unit never measured is refused here (it is measured when the
+   node is idle).
+4. Idle (nothing running or waiting), units run back to back up to ``idle_slice_s``; then one
+   refusal (``slice_over``) hands the loop a turn to look for work, and a new slice starts.
+
+Predictions come from EWMAs per unit kind of the measured seconds and work (tokens of the
+micro-batch for a layer unit, rows for a loss chunk): the average time, scaled up linearly for
+a unit with more work than average but never down, times ``safety``. A unit that takes far
+longer than predicted is the failure mode: the bound then holds only as well as the EWMA
+predicts, which is why every run is measured (:meth:`GapPolicy.unit_finished`) and the waits it
+caused are recorded (:attr:`GapPolicy.admission_waits`, :attr:`GapPolicy.decode_delays`) for
+the p99 the benchmark reports against the bound.
+
+Pure and synchronous: it takes a clock and does no I/O; the engine thread owns it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class GapReason(StrEnum):
+    """Why a unit may or may not run now."""
+
+    IDLE = "idle"
+    SLACK = "slack"
+    INFERENCE_WAITING = "inference_waiting"
+    OVER_BOUND = "over_bound"
+    NO_SLACK = "no_slack"
+    UNMEASURED = "unmeasured"
+    SLICE_OVER = "slice_over"
+
+
+@dataclass(frozen=True)
+class GapConfig:
+    """Settings of the gap policy. Validated on construction."""
+
+    yield_bound_s: float = 0.05
+    """Longest a training unit may be predicted to take: the most real-time work may wait."""
+    itl_budget_s: float = 0.1
+    """Inter-token budget of running requests: decode step plus training between two steps."""
+    idle_slice_s: float = 0.25
+    """Training run back to back on an idle engine before it looks for work again."""
+    ewma_alpha: float = 0.3
+    """Weight of the newest measurement in a kind's averages."""
+    safety: float = 1.25
+    """Factor on every prediction."""
+    max_recorded_waits: int = 10_000
+    """Waits kept for quantiles (the newest)."""
+
+    def __post_init__(self) -> None:
+        for name in ("yield_bound_s", "itl_budget_s", "idle_slice_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.ewma_alpha <= 1:
+            raise ValueError(f"ewma_alpha must be in (0, 1], got {self.ewma_alpha}")
+        if self.safety < 1:
+            raise ValueError(f"safety must be >= 1, got {self.safety}")
+        if self.max_recorded_waits < 1:
+            raise ValueError("max_recorded_waits must be >= 1")
+
+
+@dataclass(frozen=True)
+class GapDecision:
+    """The policy's answer for one unit."""
+
+    run: bool
+    reason: GapReason
+    predicted_s: float | None
+    """The unit's predicted time (safety included), ``None`` if its kind is unmeasured."""
+    allowance_s: float
+    """The time it had to fit in (0 when refused outright)."""
+
+
+@dataclass
+class _Running:
+    kind: str
+    work: int
+    started: float
+    beside_sequences: bool
+    arrivals: list[float]
+
+
+class GapPolicy:
+    """Decides when training runs on an engine thread, and records what it cost inference."""
+
+    def __init__(self, config: GapConfig, clock: Callable[[], float]) -> None:
+        self.config = config
+        self._clock = clock
+        self._seen: dict[str, tuple[float, float]] = {}  # kind: EWMA (seconds, work)
+        self._decode_s: float | None = None
+        self._since_decode = 0.0
+        self._slice_used = 0.0
+        self._running: _Running | None = None
+        self._last: tuple[float, float] | None = None
+        self.admission_waits: deque[float] = deque(maxlen=config.max_recorded_waits)
+        """Seconds each request that arrived during a unit waited for it to end."""
+        self.decode_delays: deque[float] = deque(maxlen=config.max_recorded_waits)
+        """Seconds each unit run beside running sequences held back their next token."""
+        self.training_seconds = 0.0
+        """Time spent in training units."""
+
+    # -- predictions --------------------------------------------------------------------------
+
+    def observe(self, kind: str, work: int, seconds: float) -> None:
+        """Fold a measured run of a ``kind`` unit of ``work`` into its averages."""
+        previous = self._seen.get(kind)
+        if previous is None:
+            self._seen[kind] = (seconds, float(max(work, 1)))
+            return
+        alpha = self.config.ewma_alpha
+        self._seen[kind] = (
+            previous[0] + alpha * (seconds - previous[0]),
+            previous[1] + alpha * (max(work, 1) - previous[1]),
+        )
+
+    def predict(self, kind: str, work: int) -> float | None:
+        """Predicted seconds of a ``kind`` unit of ``work``, ``None`` if never measured: the
+        kind's average time, scaled up for work above its average work but never down (a
+        small unit still pays fixed costs, such as reading the LM head's weights)."""
+        seen = self._seen.get(kind)
+        if seen is None:
+            return None
+        seconds, typical = seen
+        return seconds * max(1.0, max(work, 1) / typical) * self.config.safety
+
+    def decode_step(self, seconds: float) -> None:
+        """A decode step of the running sequences took ``seconds``: fold it into the decode
+        step time, and start a new inter-token gap."""
+        previous, alpha = self._decode_s, self.config.ewma_alpha
+        self._decode_s = seconds if previous is None else previous + alpha * (seconds - previous)
+        self._since_decode = 0.0
+
+    # -- the decision -------------------------------------------------------------------------
+
+    def decide(self, kind: str, work: int, *, waiting: int, running: int) -> GapDecision:
+        """May a ``kind`` unit of ``work`` run now, with ``waiting`` requests not yet admitted
+        and ``running`` sequences decoding?"""
+        predicted = self.predict(kind, work)
+        bound = self.config.yield_bound_s
+        if waiting > 0:
+            self._slice_used = 0.0
+            return GapDecision(False, GapReason.INFERENCE_WAITING, predicted, 0.0)
+        if predicted is not None and predicted > bound:
+            return GapDecision(False, GapReason.OVER_BOUND, predicted, bound)
+        if running > 0:
+            self._slice_used = 0.0
+            if predicted is None or self._decode_s is None:
+                return GapDecision(False, GapReason.UNMEASURED, predicted, 0.0)
+            slack = self.config.itl_budget_s - self._decode_s - self._since_decode
+            allowance = min(bound, slack)
+            reason = GapReason.SLACK if predicted <= allowance else GapReason.NO_SLACK
+            return GapDecision(predicted <= allowance, reason, predicted, max(allowance, 0.0))
+        left = self.config.idle_slice_s - self._slice_used
+        if self._slice_used > 0 and (predicted or 0.0) > left:
+            self._slice_used = 0.0
+            return GapDecision(False, GapReason.SLICE_OVER, predicted, max(left, 0.0))
+        return GapDecision(True, GapReason.IDLE, predicted, min(bound, max(left, 0.0)))
+
+    # -- measuring runs and their cost --------------------------------------------------------
+
+    def unit_started(self, kind: str, work: int, *, running: int) -> None:
+        """A ``kind`` unit of ``work`` starts now, ``running`` sequences decoding beside it."""
+        if self._running is not None:
+            raise RuntimeError("a training unit is already running")
+        self._running = _Running(kind, work, self._clock(), running > 0, [])
+
+    def request_arrived(self, at: float | None = None) -> None:
+        """An inference request arrived at ``at`` (the policy's clock; now if ``None``). If a
+        unit was running then, the request waits for it: recorded when the unit ends (or at
+        once, if the engine learns of the arrival after the unit ended)."""
+        at = self._clock() if at is None else at
+        unit = self._running
+        if unit is not None and at >= unit.started:
+            unit.arrivals.append(at)
+        elif self._last is not None and self._last[0] <= at < self._last[1]:
+            self.admission_waits.append(self._last[1] - at)
+
+    def unit_finished(self) -> float:
+        """The running unit ended now: measure it, record the waits it caused; returns its
+        seconds."""
+        unit = self._running
+        if unit is None:
+            raise RuntimeError("no training unit is running")
+        ended = self._clock()
+        seconds = ended - unit.started
+        self.observe(unit.kind, unit.work, seconds)
+        self.admission_waits.extend(ended - at for at in unit.arrivals)
+        if unit.beside_sequences:
+            self.decode_delays.append(seconds)
+            self._since_decode += seconds
+        else:
+            self._slice_used += seconds
+        self.training_seconds += seconds
+        self._last = (unit.started, ended)
+        self._running = None
+        return seconds
+
+    def wait_quantile(self, q: float) -> float | None:
+        """The ``q`` quantile (nearest rank) of the recorded admission waits and decode
+        delays together, ``None`` if there are none."""
+        waits = sorted([*self.admission_waits, *self.decode_delays])
+        if not waits:
+            return None
+        return waits[min(len(waits) - 1, max(0, math.ceil(q * len(waits)) - 1))]
