@@ -57,6 +57,8 @@ class NodeHandle:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     last_report_at: float = field(default_factory=time.monotonic)
     """When the node last showed it is alive: a load report, or its addition (monotonic)."""
+    peak_rate: float = 0.0
+    """The most weighted tokens per second the node was seen to retire."""
     retired: asyncio.Event | None = None
     """Set once a node taken out of rotation has no request of this scheduler left."""
 
@@ -81,6 +83,13 @@ class NodeHandle:
         """Weighted tokens per second the node retires: measured, reported, else ``default``."""
         measured = max(self.meter.rate(), self.load.decode_tokens_per_s if self.load else 0.0)
         return measured if measured > 0 else default
+
+    def capacity_rate(self, default: float) -> float:
+        """Weighted tokens per second the node can retire: the most it was seen to, at least
+        ``default`` (a node that was never busy has not shown its capacity: its measured rate
+        is only what it was asked for)."""
+        self.peak_rate = max(self.peak_rate, self.service_rate(0.0))
+        return max(self.peak_rate, default)
 
     def serves(self, model: str, workload_class: WorkloadClass) -> bool:
         """True when the node has ``model`` and a pool admitting ``workload_class``."""
@@ -212,6 +221,15 @@ class NodeDirectory:
             and (latency := self.outliers.latency(n.node_id, "itl")) > 0
         ]
         return min(measured, default=0.0)
+
+    def capacity_rate(self, model: str) -> float:
+        """Weighted tokens per second the serving nodes with ``model`` could retire together
+        (:meth:`NodeHandle.capacity_rate`); 0 when none serves it."""
+        return sum(
+            n.capacity_rate(self._default_rate)
+            for n in self._nodes.values()
+            if not n.draining and n.healthy and any(m.name == model for m in n.info.models)
+        )
 
     def service_rate(self, model: str) -> float:
         """Weighted tokens per second the nodes able to serve ``model`` (in any pool) retire

@@ -170,13 +170,13 @@ async def test_a_job_whose_window_closes_expires_with_partial_results(suite: Sui
     await suite.start_node("node-a")
     scheduler = await suite.start_scheduler(redis_url=suite.redis_url, job_capacity_share=1e6)
     await eventually(lambda: scheduler.nodes.candidates(MODEL, 1))
-    lines = [line(f"e{i}", tokens=64) for i in range(60)]
-    job = await submit(suite, lines, window_s=2, chunk=20)
+    lines = [line(f"e{i}", tokens=128) for i in range(400)]
+    job = await submit(suite, lines, window_s=2, chunk=100)
     done = await wait_final(suite, job.job_id, timeout=30)
     counts = done.request_counts
     assert done.state == jobs_pb2.JOB_STATE_EXPIRED
     assert counts.expired > 0
-    assert counts.completed + counts.failed + counts.expired == 60
+    assert counts.completed + counts.failed + counts.expired == 400
     assert len(await results(suite, job.job_id)) == counts.completed + counts.failed
 
 

@@ -5,10 +5,11 @@ flight, and whether a new job's window can be met.
   holding less than its weighted share of this replica's lines in flight goes before one
   holding more; within each group, the earliest deadline goes first. Work-conserving: a
   tenant over its share still gets lines when nobody under it has any.
-- **How many** (:class:`LineWindow`): additive increase, multiplicative decrease, as TCP
-  does. A line admitted by the gate widens the window by 1/window; a line refused for
-  overload halves it and pauses new lines for the refusal's RetryInfo. So the lines in
-  flight follow the room the nodes leave, without a flood of refusals.
+- **How many** (:class:`LineWindow`): as TCP does, slow start (one more line per line admitted,
+  so the window doubles each round until the first refusal), then additive increase (1/window
+  per line admitted) and multiplicative decrease (a refusal halves it and pauses new lines for
+  its RetryInfo). So the lines in flight follow the room the nodes leave, without a flood of
+  refusals.
 - **Feasibility** (:func:`plan`): the jobs run one after another in deadline order at the
   measured rate (weighted tokens per second). A new job is accepted when it, and every job
   with a later deadline that was on time without it, still finish by their deadlines; its
@@ -50,23 +51,28 @@ def order(
 
 
 class LineWindow:
-    """How many lines this replica keeps in flight (AIMD)."""
+    """How many lines this replica keeps in flight: TCP's slow start, then AIMD."""
 
     def __init__(self, initial: float = 4.0, maximum: float = 64.0) -> None:
         self.size = initial
         self.maximum = maximum
+        self.threshold = maximum
+        """Below it the window grows by one per admitted line (doubling per round); above it
+        by 1/window (one per round). Set to half the window at each refusal."""
         self.paused_until = 0.0
         """Monotonic time before which no new line starts (a refusal's RetryInfo)."""
 
     def admitted(self) -> None:
         """A line got a node slot: widen."""
-        self.size = min(self.maximum, self.size + 1.0 / self.size)
+        step = 1.0 if self.size < self.threshold else 1.0 / self.size
+        self.size = min(self.maximum, self.size + step)
 
     def refused(self, now: float, retry_after_s: float) -> None:
         """A line was refused for overload: halve (once per pause: a burst of refusals from
         the same moment is one congestion signal) and wait out the refusal's hint."""
         if now >= self.paused_until:
             self.size = max(1.0, self.size / 2)
+            self.threshold = self.size
         self.paused_until = max(self.paused_until, now + max(0.05, retry_after_s))
 
     def room(self, now: float, in_flight: int) -> int:

@@ -30,6 +30,8 @@ import contextlib
 import time
 from collections import Counter
 from dataclasses import replace
+from functools import partial
+from typing import TypeVar
 
 import grpc
 import structlog
@@ -39,6 +41,7 @@ from scheduler.config import SchedulerSettings
 from scheduler.embed_flow import EmbedFlow
 from scheduler.jobs.metrics import JobMetrics
 from scheduler.jobs.model import RUNNABLE_STATES, JobRecord
+from scheduler.jobs.outcomes import PERMANENT, Deferred, Failed, JobRate, line_error, persist
 from scheduler.jobs.planner import Backlog, LineWindow, Runnable, completions, order
 from scheduler.jobs.store import Delivery, JobStore, now_ms
 from scheduler.lifecycle import GenerateFlow, RequestPath
@@ -48,76 +51,10 @@ from sluice.v1 import jobs_pb2
 
 log = structlog.get_logger(__name__)
 
-PERMANENT = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.OUT_OF_RANGE,
-        grpc.StatusCode.UNIMPLEMENTED,
-    }
-)
-"""Codes that mean the line itself is at fault: retrying cannot help."""
 REFRESH_S = 0.5
 DEFER_FLOOR_S = 0.2
 
-
-class Deferred(Exception):
-    """A line refused for overload: try again after ``retry_after_s``."""
-
-    def __init__(self, retry_after_s: float) -> None:
-        super().__init__(f"deferred {retry_after_s:.2f}s")
-        self.retry_after_s = retry_after_s
-
-
-class Failed(Exception):
-    """A line attempt failed; ``permanent`` when the request is at fault."""
-
-    def __init__(self, error: jobs_pb2.LineError, *, permanent: bool) -> None:
-        super().__init__(error.message)
-        self.error = error
-        self.permanent = permanent
-
-
-class JobRate:
-    """Weighted tokens per second the jobs of the whole cluster get: an exponential moving
-    average of the settled lines' estimated work, sampled while jobs run."""
-
-    def __init__(self, half_life_s: float = 30.0, memory_s: float = 120.0) -> None:
-        self.value = 0.0
-        self._half_life = half_life_s
-        self._memory = memory_s
-        self._last: tuple[float, float] | None = None
-        self._observed_at = float("-inf")
-
-    def observe(self, settled_tokens: float, now: float, *, running: bool) -> None:
-        """One sample of the cluster's settled-work counter."""
-        last, self._last = self._last, (now, settled_tokens)
-        if last is None or not running or now <= last[0] or settled_tokens < last[1]:
-            return
-        dt = now - last[0]
-        sample = (settled_tokens - last[1]) / dt
-        alpha = 1 - 0.5 ** (dt / self._half_life)
-        self.value = sample if self.value == 0 else self.value + alpha * (sample - self.value)
-        self._observed_at = now
-
-    def rate(self, capacity: float, now: float) -> float:
-        """The measured rate when jobs ran recently, else ``capacity``."""
-        if self.value > 0 and now - self._observed_at < self._memory:
-            return self.value
-        return capacity
-
-
-def _line_error(exc: BaseException, number: int) -> jobs_pb2.LineError:
-    if isinstance(exc, SluiceError):
-        return jobs_pb2.LineError(
-            code=exc.code.value[0], reason=exc.reason, message=f"line {number}: {exc.message}"
-        )
-    return jobs_pb2.LineError(
-        code=grpc.StatusCode.INTERNAL.value[0], reason="INTERNAL", message=f"line {number}"
-    )
+T = TypeVar("T")
 
 
 class JobWorker:
@@ -166,7 +103,7 @@ class JobWorker:
 
     def capacity(self) -> float:
         """Weighted tokens per second the nodes could give jobs, before any job ran."""
-        rates = [self._nodes.service_rate(model) for model in self._nodes.models()]
+        rates = [self._nodes.capacity_rate(model) for model in self._nodes.models()]
         return max(rates, default=0.0) * self._settings.job_capacity_share
 
     def current_rate(self) -> float:
@@ -328,7 +265,7 @@ class JobWorker:
             record = await self._store.get(delivery.job_id)  # fresh: a cancel stops it now
             wanted = record is not None and record.state in RUNNABLE_STATES
             if record is None or not wanted or now_ms() >= record.deadline_ms:
-                await self._store.settle(delivery)
+                await persist(partial(self._store.settle, delivery))
                 self._metrics.lines.labels("skipped").inc()
                 return
             try:
@@ -420,7 +357,7 @@ class JobWorker:
         except (asyncio.CancelledError, Deferred, Failed):
             raise
         except Exception as exc:
-            raise Failed(_line_error(exc, delivery.line_number), permanent=False) from exc
+            raise Failed(line_error(exc, delivery.line_number), permanent=False) from exc
 
     @staticmethod
     def _classify(exc: SluiceError, admitted: bool, delivery: Delivery) -> Exception:
@@ -428,7 +365,7 @@ class JobWorker:
             exc.code == grpc.StatusCode.UNAVAILABLE and not admitted
         ):
             return Deferred(exc.retry_after() or 1.0)
-        return Failed(_line_error(exc, delivery.line_number), permanent=exc.code in PERMANENT)
+        return Failed(line_error(exc, delivery.line_number), permanent=exc.code in PERMANENT)
 
     @staticmethod
     def _result(
@@ -468,8 +405,9 @@ class JobWorker:
                 finished_at_unix_ms=now_ms(),
             )
         ok = error is None
-        code = await self._store.finish(
-            delivery, line.custom_id, result.SerializeToString(), ok=ok, dead=dead
+        body = result.SerializeToString()
+        code = await persist(
+            lambda: self._store.finish(delivery, line.custom_id, body, ok=ok, dead=dead)
         )
         outcome = "completed" if ok else ("dead_lettered" if dead else "failed")
         self._metrics.lines.labels("duplicate" if code == 2 else outcome).inc()
