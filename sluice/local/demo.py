@@ -21,8 +21,7 @@ from sluice import AsyncClient, TlsConfig
 from sluice.contract import NODES_PREFIX
 from sluice.local.up import Endpoints, Supervisor, UpConfig
 from sluice.runtime.registry import etcd_client
-from sluice.runtime.tls import Mesh
-from sluice.sdk.tls import Channels
+from sluice.runtime.tls import Identity, Mesh, Role, node_identity
 from sluice.v1 import common_pb2
 
 CHAT_MODEL = "smollm2-135m-instruct"
@@ -38,11 +37,10 @@ def _tls(ep: Endpoints) -> TlsConfig | None:
     return TlsConfig(ca=block["ca"], cert=block.get("cert"), key=block.get("key"))
 
 
-def _health(address: str, tls: TlsConfig | None) -> str:
-    """``grpc.health.v1`` of any service: internal ones take the suite's client certificate
-    (health is open to every caller that passes the handshake)."""
-    channels = Channels(tls, verify_as_scheduler=False)
-    with channels.sync(address) as channel:
+def _health(address: str, mesh: Mesh, peer: Identity) -> str:
+    """``grpc.health.v1`` of any service, asked as the supervisor does (its certificate when
+    the suite is secure; the service's certificate must name ``peer``)."""
+    with mesh.sync_channel(address, peer) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(), timeout=2
         )
@@ -186,11 +184,13 @@ def run_demo(run_dir: Path, nodes: int, console: Console) -> int:
         ep = sup.endpoints
         assert ep is not None
         console.print(Rule("5. health and metrics of every service"))
-        services = [("scheduler", ep.scheduler), ("cache", ep.cache)] + [
-            (n["id"], n) for n in ep.nodes
+        services = [
+            ("scheduler", ep.scheduler, Identity(Role.SCHEDULER)),
+            ("cache", ep.cache, Identity(Role.CACHE)),
+            *((n["id"], n, node_identity(n["id"])) for n in ep.nodes),
         ]
-        for name, addresses in services:
-            health = _health(addresses["grpc"], _tls(ep))
+        for name, addresses, peer in services:
+            health = _health(addresses["grpc"], sup.mesh, peer)
             console.print(f"{name}: grpc.health.v1 Check → {health}")
             for line in _metrics_sample(addresses["metrics"]):
                 console.print(f"   [dim]{line}[/dim]")
