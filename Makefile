@@ -71,3 +71,11 @@ CHAOS_ARGS ?=
 .PHONY: chaos
 chaos: $(STAMP)
 	$(PY) -m bench.chaos $(CHAOS_ARGS)
+
+# Durable jobs (issue 18): nothing lost through replica and Redis kills, gaps filled without
+# disturbing REALTIME, deadlines kept; each in a fresh secure suite → bench/results/jobs.{json,md}
+# (~5 min on 2 idle cores; each experiment is bounded, the whole run ends within 15 min).
+JOBS_ARGS ?=
+.PHONY: bench-jobs
+bench-jobs: $(STAMP)
+	$(PY) -m bench.jobs $(JOBS_ARGS)

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import functools
+import inspect
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import grpc
 import structlog
+from redis.exceptions import RedisError
 
 from scheduler.jobs.intake import Header, Intake, check_header
 from scheduler.jobs.metrics import JobMetrics
@@ -33,6 +37,8 @@ from sluice.v1 import jobs_pb2, jobs_pb2_grpc
 
 log = structlog.get_logger(__name__)
 
+F = TypeVar("F", bound=Callable[..., Any])
+
 MAX_JOB_ID_CHARS = 64
 WATCH_POLL_S = 0.5
 MAX_RESULT_IDS = 1000
@@ -41,6 +47,36 @@ UPLOAD_LIMIT_S = 600.0
 PAGE_BYTES = 2 * 1024 * 1024
 """Results per page are sized to about this, under a client's 4 MiB receive limit."""
 PAGE_SIZES = {"jobs": (50, 500), "results": (500, 5000)}
+
+
+def _store_errors(method: F) -> F:
+    """A Redis error of the jobs store answers UNAVAILABLE (retry in a second), not INTERNAL:
+    a Redis restarting or loading its log is an outage, not a bug."""
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(*args: Any, **kwargs: Any) -> Any:
+            try:
+                async for item in method(*args, **kwargs):
+                    yield item
+            except RedisError as exc:
+                raise _unavailable(exc) from exc
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    async def unary(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(*args, **kwargs)
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
+
+    return unary  # type: ignore[return-value]
+
+
+def _unavailable(exc: RedisError) -> Unavailable:
+    log.warning("jobs_store_unavailable", error=type(exc).__name__)
+    return Unavailable("the jobs store is unavailable", retry_after_s=1.0, reason="JOBS_STORE")
 
 
 def _page_size(requested: int, kind: str) -> int:
@@ -72,6 +108,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
             raise NotFound(f"no job {job_id!r}")
         return record
 
+    @_store_errors
     async def SubmitJob(
         self,
         request_iterator: AsyncIterator[jobs_pb2.SubmitJobRequest],
@@ -217,11 +254,13 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
             reason="JOB_WINDOW_INFEASIBLE",
         )
 
+    @_store_errors
     async def GetJob(
         self, request: jobs_pb2.GetJobRequest, ctx: grpc.aio.ServicerContext
     ) -> jobs_pb2.Job:
         return (await self._owned(request.job_id)).to_proto()
 
+    @_store_errors
     async def CancelJob(
         self, request: jobs_pb2.CancelJobRequest, ctx: grpc.aio.ServicerContext
     ) -> jobs_pb2.Job:
@@ -232,6 +271,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         log.info("job_cancel_requested", job_id=request.job_id, state=state)
         return (await self._owned(request.job_id)).to_proto()
 
+    @_store_errors
     async def WatchJob(
         self, request: jobs_pb2.WatchJobRequest, ctx: grpc.aio.ServicerContext
     ) -> AsyncIterator[jobs_pb2.JobEvent]:
@@ -253,6 +293,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
                 return
             await asyncio.sleep(WATCH_POLL_S)
 
+    @_store_errors
     async def ListJobs(
         self, request: jobs_pb2.ListJobsRequest, ctx: grpc.aio.ServicerContext
     ) -> jobs_pb2.ListJobsResponse:
@@ -278,6 +319,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         token = "" if exhausted else f"{position[0]}:{position[1]}"
         return jobs_pb2.ListJobsResponse(jobs=out, next_page_token=token)
 
+    @_store_errors
     async def GetJobResults(
         self, request: jobs_pb2.GetJobResultsRequest, ctx: grpc.aio.ServicerContext
     ) -> AsyncIterator[jobs_pb2.JobResultsPage]:

@@ -1,0 +1,368 @@
+"""Experiment 2, *gaps filled, real time untouched*, on one suite:
+
+1. **saturated**, measured two ways, the higher being the baseline throughput (the stricter
+   one for the ≥ 90 % target):
+
+   - *closed loop*: ``saturate_streams`` BATCH generations from this process (a finished one
+     replaced at once) for ``warmup_s`` + ``window_s``;
+   - *job alone*: a large job and nothing else, over ``window_s`` once its line window has
+     opened (the nodes' throughput steady, at most ``job_warmup_s``); then it is cancelled.
+
+   Both read the nodes' generated tokens per second over the window. The two differ on a
+   small machine: the closed loop's every chunk is relayed by the scheduler to this process,
+   work that competes with the nodes for the CPUs (the nodes run at nice 10), while a job's
+   chunks stop at the scheduler;
+2. **alone**: REALTIME open-loop Poisson arrivals (:func:`bench.load.run.run_load`, seeded) at
+   ``realtime_share`` of the baseline for ``phase_s``;
+3. **with the job**: a job large enough to outlast the phase is submitted; once the nodes
+   generate at 90 % of the job-alone throughput (or after ``job_warmup_s``) the same arrivals
+   (same seed) run again; then the job is cancelled.
+
+Each phase records every request (:mod:`bench.load.records`) and every chunk's arrival, and
+reads the nodes' counters at the start and the end of its arrival window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from bench.chaos.logs import read_events
+from bench.chaos.suite import OTHERS, VICTIM
+from bench.jobs import logs as job_logs
+from bench.jobs.calls import MODEL, PROMPT, Caller, job_lines, refusal_of
+from bench.jobs.figures import gaps_verdict, inter_token_gaps, latency, rate, ratio
+from bench.jobs.metrics import scrape, total
+from bench.jobs.suite import Running
+from bench.load.records import OUTCOME_CUT_OFF, OUTCOME_OK, OUTCOME_TIMED_OUT, waited_ttft
+from bench.load.run import run_load
+from bench.load.scenario import PlannedRequest, Scenario, parse_scenario
+from bench.load.targets import TargetError
+from sluice.v1 import common_pb2, inference_pb2
+
+JOB_TENANT = OTHERS[0]
+SATURATE_TENANT = OTHERS[1]
+GENERATED = "sluice_node_generated_tokens_total"
+MAX_JOB_LINES = 50_000
+
+
+@dataclass(frozen=True)
+class GapsOptions:
+    """The experiment's sizes and times."""
+
+    saturate_streams: int = 72
+    """Closed-loop BATCH streams: more than the nodes' BATCH slots (2 × 28), so some queue."""
+    saturate_tokens: int = 64
+    warmup_s: float = 5.0
+    window_s: float = 20.0
+    realtime_share: float = 0.5
+    realtime_tokens: int = 128
+    prompt_words: tuple[int, int] = (8, 32)
+    phase_s: float = 30.0
+    seed: int = 18
+    request_timeout_s: float = 30.0
+    drain_s: float = 15.0
+    job_line_tokens: int = 64
+    job_warmup_s: float = 30.0
+
+
+def _node_tokens(addresses: list[str]) -> float | None:
+    reads = [scrape(a) for a in addresses]
+    if any(r is None for r in reads):
+        return None
+    return sum(total(r, GENERATED) for r in reads if r is not None)
+
+
+async def node_tokens(ctx: Running) -> tuple[float, float | None]:
+    """``(monotonic time, generated tokens of both nodes)`` now."""
+    value = await asyncio.to_thread(_node_tokens, ctx.node_metrics())
+    return time.monotonic(), value
+
+
+class RealtimeTarget:
+    """A :class:`bench.load.targets.Target` on the raw ``Inference`` stub that also keeps
+    every chunk's arrival time and token count per request."""
+
+    name = "sluice"
+
+    def __init__(self, caller: Caller) -> None:
+        self.caller = caller
+        self.chunks: dict[int, list[tuple[float, int]]] = {}
+
+    async def generate(self, request: PlannedRequest) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        """One streamed REALTIME generation; failures as ``TargetError``."""
+        message = inference_pb2.GenerateRequest(
+            model=MODEL,
+            prompt=request.prompt,
+            options=common_pb2.GenerationOptions(
+                max_new_tokens=request.max_new_tokens, ignore_eos=True
+            ),
+            workload_class=common_pb2.WORKLOAD_CLASS_REALTIME,
+            cache_bypass=True,
+        )
+        seen = self.chunks.setdefault(request.index, [])
+        call = self.caller.inference.Generate(
+            message, metadata=self.caller.metadata, timeout=request.timeout_s
+        )
+        try:
+            async for chunk in call:
+                seen.append((time.perf_counter(), len(chunk.token_ids)))
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            r = refusal_of(exc)
+            raise TargetError(
+                r.code, r.message, reason=r.reason, retry_after_s=r.retry_after_s
+            ) from exc
+
+    async def close(self) -> None:
+        """The caller is closed by its owner."""
+
+
+async def saturate(ctx: Running, caller: Caller, opts: GapsOptions) -> dict[str, Any]:
+    """The closed loop of BATCH generations; the nodes' tokens per second over its window."""
+    options = common_pb2.GenerationOptions(max_new_tokens=opts.saturate_tokens, ignore_eos=True)
+    failures: list[str] = []
+
+    async def loop(worker: int) -> None:
+        n = 0
+        while True:
+            n += 1
+            message = inference_pb2.GenerateRequest(
+                model=MODEL,
+                prompt=f"saturate {worker} #{n}: {PROMPT}",
+                options=options,
+                workload_class=common_pb2.WORKLOAD_CLASS_BATCH,
+                cache_bypass=True,
+            )
+            try:
+                async for _ in caller.inference.Generate(
+                    message, metadata=caller.metadata, timeout=60
+                ):
+                    pass
+            except grpc.aio.AioRpcError as exc:
+                failures.append(exc.code().name)
+                await asyncio.sleep(0.2)
+
+    tasks = [asyncio.create_task(loop(w)) for w in range(opts.saturate_streams)]
+    try:
+        ctx.event(f"saturation: {opts.saturate_streams} closed-loop BATCH streams")
+        await asyncio.sleep(opts.warmup_s)
+        start_at, start = await node_tokens(ctx)
+        window_start = ctx.clock.now()
+        await asyncio.sleep(opts.window_s)
+        end_at, end = await node_tokens(ctx)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    tokens_per_s = rate(start, end, end_at - start_at)
+    ctx.event(f"saturated: {tokens_per_s or 0:.0f} tokens/s")
+    return {
+        "streams": opts.saturate_streams,
+        "max_new_tokens": opts.saturate_tokens,
+        "window_on_clock_s": [round(window_start, 2), round(window_start + end_at - start_at, 2)],
+        "node_tokens_per_s": tokens_per_s,
+        "failed_calls": len(failures),
+    }
+
+
+def realtime_scenario(rps: float, opts: GapsOptions) -> Scenario:
+    """One REALTIME tenant's seeded Poisson arrivals at ``rps``."""
+    low, high = opts.prompt_words
+    return parse_scenario(
+        {
+            "name": "jobs-realtime",
+            "model": MODEL,
+            "duration_s": opts.phase_s,
+            "seed": opts.seed,
+            "request_timeout_s": opts.request_timeout_s,
+            "drain_s": opts.drain_s,
+            "max_requests": 20_000,
+            "tenants": [
+                {
+                    "name": VICTIM,
+                    "class": "realtime",
+                    "rate_rps": rps,
+                    "prompt_tokens": {"kind": "uniform", "min": low, "max": high},
+                    "output_tokens": {"kind": "fixed", "value": opts.realtime_tokens},
+                }
+            ],
+        }
+    )
+
+
+async def realtime_phase(
+    ctx: Running, caller: Caller, scenario: Scenario, label: str
+) -> dict[str, Any]:
+    """The arrivals of ``scenario``; latency of the REALTIME requests and the nodes'
+    tokens per second over the arrival window."""
+    target = RealtimeTarget(caller)
+    ctx.event(f"realtime {label}: {scenario.total_rps:.2f} req/s for {scenario.duration_s:g} s")
+
+    async def window() -> float | None:
+        start_at, start = await node_tokens(ctx)
+        await asyncio.sleep(scenario.duration_s)
+        end_at, end = await node_tokens(ctx)
+        return rate(start, end, end_at - start_at)
+
+    tokens_task = asyncio.create_task(window())
+    started = ctx.clock.now()
+    result = await run_load(scenario, target)
+    tokens_per_s = await tokens_task
+    served = [
+        r for r in result.records if r.outcome in (OUTCOME_OK, OUTCOME_TIMED_OUT, OUTCOME_CUT_OFF)
+    ]
+    ttfts = [t for r in served if (t := waited_ttft(r)) is not None]
+    gaps = [
+        g
+        for r in result.records
+        if r.outcome == OUTCOME_OK
+        for g in inter_token_gaps(target.chunks.get(r.index, []))
+    ]
+    outcomes = result.report(with_requests=False)["accounting"]
+    dump = ctx.suite.run_dir / f"requests-{label.replace(' ', '-')}.json"
+    dump.write_text(json.dumps([r.to_json() for r in result.records]))  # for digging
+    ctx.event(f"realtime {label} done: {outcomes}")
+    return {
+        "window_on_clock_s": [round(started, 2), round(started + scenario.duration_s, 2)],
+        "requests": len(result.records),
+        "outcomes": outcomes,
+        **latency(ttfts, gaps),
+        "node_tokens_per_s": tokens_per_s,
+        "output_tokens": sum(r.output_tokens for r in result.records),
+    }
+
+
+async def _job_warmup(ctx: Running, goal: float | None, max_s: float) -> float:
+    """Wait until the nodes generate ``goal`` tokens/s over 3 s, or (no goal) until two 3-s
+    samples in a row are within 10 %, at most ``max_s``; returns how long it took."""
+    started = time.monotonic()
+    at, last = await node_tokens(ctx)
+    previous: float | None = None
+    while time.monotonic() - started < max_s:
+        await asyncio.sleep(3.0)
+        now, value = await node_tokens(ctx)
+        speed = rate(last, value, now - at)
+        at, last = now, value
+        if speed is None:
+            continue
+        if goal is not None and speed >= goal:
+            break
+        if goal is None and previous is not None and abs(speed - previous) <= 0.1 * previous:
+            break
+        previous = speed
+    return round(time.monotonic() - started, 1)
+
+
+async def _submit_big(ctx: Running, jobs: Caller, count: int, opts: GapsOptions, tag: str) -> str:
+    submitted = await jobs.submit(
+        job_lines(count, opts.job_line_tokens, tag), window_s=86_400, timeout_s=120
+    )
+    if submitted.job is None:
+        raise RuntimeError(f"the job was refused: {submitted.refusal}")
+    ctx.event(f"job {tag} submitted: {count} lines in {submitted.elapsed_s:.2f} s")
+    return submitted.job.job_id
+
+
+async def job_alone(ctx: Running, jobs: Caller, hint: float, opts: GapsOptions) -> dict[str, Any]:
+    """A large job and nothing else: the nodes' tokens per second once it runs steadily;
+    cancelled after, and waited for until final. ``hint``: the closed loop's throughput (the
+    job is sized for six times it, so that it outlasts the window)."""
+    work = max(hint, 2000.0) * 6 * (opts.job_warmup_s + opts.window_s)  # outlasts the window
+    count = min(MAX_JOB_LINES, math.ceil(work / opts.job_line_tokens))
+    job_id = await _submit_big(ctx, jobs, count, opts, "alone")
+    try:
+        warmup = await _job_warmup(ctx, None, opts.job_warmup_s)
+        start_at, start = await node_tokens(ctx)
+        window_start = ctx.clock.now()
+        await asyncio.sleep(opts.window_s)
+        end_at, end = await node_tokens(ctx)
+    finally:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await jobs.cancel(job_id)
+    final = await jobs.wait_final(job_id, 60.0)
+    tokens_per_s = rate(start, end, end_at - start_at)
+    ctx.event(f"job alone: {tokens_per_s or 0:.0f} tokens/s; cancelled, final: {final is not None}")
+    return {
+        "lines": count,
+        "line_tokens": opts.job_line_tokens,
+        "warmup_s": warmup,
+        "window_on_clock_s": [round(window_start, 2), round(window_start + end_at - start_at, 2)],
+        "node_tokens_per_s": tokens_per_s,
+    }
+
+
+async def gaps_filled(ctx: Running, opts: GapsOptions) -> dict[str, Any]:
+    """Run experiment 2 on a started suite; its figures."""
+    suite = ctx.suite
+    credentials = suite.public_credentials()
+    ctx.clock.reset()
+    batch = Caller(suite.scheduler, suite.keys[SATURATE_TENANT], credentials)
+    realtime = Caller(suite.scheduler, suite.keys[VICTIM], credentials)
+    jobs = Caller(suite.scheduler, suite.keys[JOB_TENANT], credentials)
+    job_id = ""
+    try:
+        closed = await saturate(ctx, batch, opts)
+        alone_job = await job_alone(ctx, jobs, closed["node_tokens_per_s"] or 1000.0, opts)
+        capacity = max(closed["node_tokens_per_s"] or 0.0, alone_job["node_tokens_per_s"] or 0.0)
+        if not capacity:
+            raise RuntimeError("the saturated throughput could not be measured")
+        rps = opts.realtime_share * capacity / opts.realtime_tokens
+        scenario = realtime_scenario(rps, opts)
+        alone = await realtime_phase(ctx, realtime, scenario, "alone")
+        busy_s = opts.job_warmup_s + opts.phase_s + opts.drain_s + 30
+        count = min(MAX_JOB_LINES, math.ceil(capacity * busy_s / opts.job_line_tokens))
+        job_id = await _submit_big(ctx, jobs, count, opts, "gaps")
+        goal = 0.9 * (alone_job["node_tokens_per_s"] or capacity)
+        warmup = await _job_warmup(ctx, goal, opts.job_warmup_s)
+        ctx.event(f"job warm-up over after {warmup:g} s")
+        with_job = await realtime_phase(ctx, realtime, scenario, "with the job")
+        job = await jobs.get(job_id)
+        job_counts = {"total": job.request_counts.total, "completed": job.request_counts.completed}
+        ctx.event(f"job: {job_counts['completed']} of {job_counts['total']} lines done")
+    finally:
+        if job_id:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await jobs.cancel(job_id)
+        for caller in (batch, realtime, jobs):
+            await caller.close()
+    logs = suite.run_dir / "logs"
+    fleet = read_events([("scheduler", logs / "scheduler.log")], ctx.clock.origin_unix)
+    for phase in (closed, alone_job, alone, with_job):
+        start, end = phase["window_on_clock_s"]
+        phase["node_ejections"] = sum(
+            "node_ejected" in what for t, what in fleet if start <= t < end
+        )
+    return {
+        "saturated": {
+            "node_tokens_per_s": capacity,
+            "closed_loop": closed,
+            "job_alone": alone_job,
+        },
+        "realtime_rps": round(rps, 3),
+        "realtime_tokens": opts.realtime_tokens,
+        "alone": alone,
+        "with_job": with_job,
+        "job": {
+            "lines": count,
+            "line_tokens": opts.job_line_tokens,
+            "warmup_s": warmup,
+            **job_counts,
+        },
+        **gaps_verdict(
+            with_job["ttft_p99_s"],
+            alone["ttft_p99_s"],
+            with_job["node_tokens_per_s"],
+            capacity,
+        ),
+        "inter_token_ratio": ratio(with_job["inter_token_p99_s"], alone["inter_token_p99_s"]),
+        "timeline": job_logs.timeline(ctx.timeline, logs, ["scheduler"], ctx.clock.origin_unix),
+    }
