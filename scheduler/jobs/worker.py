@@ -262,7 +262,8 @@ class JobWorker:
             await self._dead_letter(delivery, line)
             return
         while True:
-            record = await self._store.get(delivery.job_id)  # fresh: a cancel stops it now
+            # Fresh: a cancel stops it now; read through a Redis restart (the line is held).
+            record = await persist(partial(self._store.get, delivery.job_id))
             wanted = record is not None and record.state in RUNNABLE_STATES
             if record is None or not wanted or now_ms() >= record.deadline_ms:
                 await persist(partial(self._store.settle, delivery))
