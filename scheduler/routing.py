@@ -161,6 +161,10 @@ class OutlierConfig:
     """...and exceeds it by at least this much per signal (tiny absolute gaps are noise)."""
     min_samples: int = 5
     """Observations a node (and each peer compared) needs first."""
+    min_peers: int = 2
+    """Peers with enough samples a node is compared against at least (Envoy's minimum hosts):
+    with one peer, that peer alone is the "median", and a healthy node was ejected whenever
+    the other ran fast (docs/decisions/scheduler-outlier-min-peers.md)."""
     eject_s: float = 15.0
     """Ejection time."""
     max_ejected_fraction: float = 0.5
@@ -184,8 +188,9 @@ class OutlierDetector:
     node keeps a moving average per signal; a node whose average exceeds ``factor`` times the
     median of its peers' (and by ``min_excess_s``) is ejected for ``eject_s``, like Envoy's
     outlier detection, but on latency. Bounded by ``max_ejected_fraction`` so a fleet-wide
-    slowdown ejects nobody's majority. Failure mode: with a single node there are no peers,
-    so nothing is ever ejected.
+    slowdown ejects nobody's majority. Failure mode: with fewer than three measured nodes there
+    is no meaningful median, so nothing is ejected (the breaker and the stall detector still
+    take a failing or frozen node out).
     """
 
     def __init__(self, clock: Clock, config: OutlierConfig | None = None) -> None:
@@ -207,7 +212,7 @@ class OutlierDetector:
             for n, s in self._nodes.items()
             if n != node and s.samples.get(signal, 0) >= self.config.min_samples
         ]
-        if not peers:
+        if len(peers) < self.config.min_peers:
             return False
         median = statistics.median(peers)
         excess = self.config.min_excess_s.get(signal, 0.0)
