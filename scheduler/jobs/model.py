@@ -79,9 +79,6 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-COUNTERS = ("total", "completed", "failed", "cancelled", "expired", "dead_lettered")
-
-
 @dataclass
 class JobRecord:
     """The fields of a job's hash, typed."""

@@ -379,15 +379,6 @@ class JobStore:
         )
         return bool(changed), int(after)
 
-    async def pending(self, job_id: str) -> int:
-        """Lines of the job delivered and not yet settled."""
-        lines = JobKeys(job_id).lines
-        try:
-            summary = await self._redis.xpending(lines, GROUP)
-        except redis.ResponseError:  # no stream or group: nothing pending
-            return 0
-        return int(summary["pending"])
-
     # -- results ---------------------------------------------------------------------------
 
     async def results_page(self, job_id: str, cursor: int, count: int) -> tuple[int, list[bytes]]:
