@@ -59,6 +59,11 @@ class NodeStub:
                 request_serializer=sluice_dot_v1_dot_node__pb2.DrainRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_node__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.Train = channel.unary_stream(
+                '/sluice.v1.Node/Train',
+                request_serializer=sluice_dot_v1_dot_node__pb2.NodeTrainRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_node__pb2.NodeTrainEvent.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -95,6 +100,16 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Train(self, request, context):
+        """Train a LoRA adapter on the node's engine, only in the time inference leaves idle (nodes
+        of the finetune pool). Resumes from the job's latest checkpoint in the fleet's checkpoint
+        store when one exists; cancelling the call stops training after the current unit (the
+        last checkpoint stays). Ends after the event that names the written adapter.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -117,6 +132,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=sluice_dot_v1_dot_node__pb2.DrainRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_node__pb2.DrainResponse.SerializeToString,
+            ),
+            'Train': grpc.unary_stream_rpc_method_handler(
+                    servicer.Train,
+                    request_deserializer=sluice_dot_v1_dot_node__pb2.NodeTrainRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_node__pb2.NodeTrainEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -230,6 +250,33 @@ class Node:
             '/sluice.v1.Node/Drain',
             sluice_dot_v1_dot_node__pb2.DrainRequest.SerializeToString,
             sluice_dot_v1_dot_node__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Train(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sluice.v1.Node/Train',
+            sluice_dot_v1_dot_node__pb2.NodeTrainRequest.SerializeToString,
+            sluice_dot_v1_dot_node__pb2.NodeTrainEvent.FromString,
             options,
             channel_credentials,
             insecure,
