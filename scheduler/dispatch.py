@@ -352,6 +352,7 @@ class Dispatcher:
         stats = stats or StreamStats()
         tried: set[str] = set()
         forward = node_pb2.NodeGenerateRequest(request=req, tenant=tenant, adapter=adapter)
+        cls = WorkloadClass.from_wire(req.workload_class)
         node: NodeHandle | None = first
         self.budget.record_request()
         for attempt in range(self._max_attempts):
@@ -384,7 +385,7 @@ class Dispatcher:
                 retry = self._after_stall(
                     node, sent, last=last, req=req, tried=tried, affinity=affinity
                 )
-                self._nodes.dispatched(retry, cost, affinity)
+                self._nodes.dispatched(retry, cost, affinity, cls)
             except grpc.aio.AioRpcError as exc:
                 if sent:
                     raise self._midstream(node, exc, sent) from exc
@@ -392,10 +393,10 @@ class Dispatcher:
                 retry = self._after_failure(
                     node, exc, last=last, req=req, tried=tried, affinity=affinity
                 )
-                self._nodes.dispatched(retry, cost, affinity)
+                self._nodes.dispatched(retry, cost, affinity, cls)
             finally:
                 self._metrics.in_flight.dec()
-                self._nodes.finished(node, cost if done else 0)
+                self._nodes.finished(node, cost if done else 0, cls)
                 if watched is not None:
                     self.stalls.unwatch(watched)
                 if call is not None and not call.done():
@@ -418,6 +419,7 @@ class Dispatcher:
         rate admission predicts waits with)."""
         tried: set[str] = set()
         forward = node_pb2.NodeEmbedRequest(request=req, tenant=tenant)
+        cls = WorkloadClass.from_wire(req.workload_class)
         node: NodeHandle | None = first
         self.budget.record_request()
         for attempt in range(self._max_attempts):
@@ -436,9 +438,9 @@ class Dispatcher:
             except grpc.aio.AioRpcError as exc:
                 last = attempt + 1 >= self._max_attempts
                 retry = self._after_failure(node, exc, last=last, req=req, tried=tried, affinity="")
-                self._nodes.dispatched(retry, cost)
+                self._nodes.dispatched(retry, cost, workload_class=cls)
             finally:
                 self._metrics.in_flight.dec()
-                self._nodes.finished(node, 0)
+                self._nodes.finished(node, 0, cls)
             node = retry
         raise AssertionError("unreachable")  # pragma: no cover

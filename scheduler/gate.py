@@ -240,7 +240,7 @@ class DispatchGate:
         except TimeoutError:
             if self.queues.cancel(item.request_id) is None and self._booked(future):
                 # Booked in the same loop pass as the timeout fired (wait_for on 3.12+).
-                self._nodes.finished(future.result(), 0)
+                self._nodes.finished(future.result(), 0, item.workload_class)
                 self.release(item)
             self._metrics.admission.labels(cls, "shed", "DEADLINE").inc()
             raise DeadlineExceeded("deadline passed while queued") from None
@@ -249,7 +249,8 @@ class DispatchGate:
                 self._metrics.admission.labels(cls, "cancelled", "CLIENT_GONE").inc()
                 log.info("request_left_queue", reason="client_gone")
             elif self._booked(future):
-                self._nodes.finished(future.result(), 0)  # booked as it was cancelled
+                # Booked as it was cancelled.
+                self._nodes.finished(future.result(), 0, item.workload_class)
                 self.release(item)
             raise
         finally:
@@ -338,7 +339,7 @@ class DispatchGate:
         """``item`` leaves for ``node``: book it there and on its tenant's slot share."""
         cost = self.cost(item)
         self._avg_cost = cost if not self._avg_cost else 0.9 * self._avg_cost + 0.1 * cost
-        self._nodes.dispatched(node, cost, item.affinity)
+        self._nodes.dispatched(node, cost, item.affinity, item.workload_class)
         waited = self._clock() - item.enqueued_at
         self._metrics.queue_wait.labels(item.workload_class.label, item.tenant).observe(waited)
         self.shares.started(item.model, item.workload_class, item.tenant)

@@ -8,7 +8,7 @@ import math
 import random
 import statistics
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -20,13 +20,16 @@ DEFAULT_MAX_SEQUENCES = 32
 TOKENS_PER_SEQUENCE = 512
 """Queued tokens counted as one sequence of load in the score."""
 
+TOP_CLASS = min(WorkloadClass, key=lambda c: c.rank)
+"""The class no other preempts (REALTIME)."""
+
 T = TypeVar("T")
 
 
 @dataclass
 class LoadBook:
-    """One node's load as this scheduler sees it: its own requests there, counted exactly,
-    plus what the node's reports show beyond them.
+    """One node's load as this scheduler sees it, by workload class: its own requests there,
+    counted exactly, plus what the node's reports show beyond them.
 
     Reports arrive every ~200 ms; a router that trusted them alone would pile every request of
     a burst onto the node that looked idle (the thundering herd of metric-only pickers). So the
@@ -35,43 +38,71 @@ class LoadBook:
     That excess is the smaller of the last two reports' own: a report the node built just
     before one of our requests ended can reach us after the end, and would otherwise show a
     phantom sequence (a slot looking busy, a request kept waiting) until the next report.
+
+    Room is counted per class: a request is held back only by the sequences of its own class
+    and those above it. The node's engine preempts a lower class's sequence for it when every
+    slot is taken, so REALTIME never waits in the queue for a BATCH line to end.
     """
 
     max_sequences: int = DEFAULT_MAX_SEQUENCES
     reported_tokens: int = 0
     kv_fraction: float = 0.0
     reported_rate: float = 0.0
-    in_flight: int = 0
-    """Requests this scheduler has on the node now."""
-    others: int = 0
-    """Sequences on the node that are not this scheduler's, from the reports."""
-    last_excess: int = 0
+    own: dict[WorkloadClass, int] = field(default_factory=dict)
+    """Requests this scheduler has on the node now, by class."""
+    foreign: dict[WorkloadClass, int] = field(default_factory=dict)
+    """Sequences on the node that are not this scheduler's, by class, from the reports."""
+    last_excess: dict[WorkloadClass, int] = field(default_factory=dict)
     tokens_sent_since_report: float = 0.0
 
+    @property
+    def in_flight(self) -> int:
+        """Requests this scheduler has on the node now."""
+        return sum(self.own.values())
+
+    @property
+    def others(self) -> int:
+        """Sequences on the node that are not this scheduler's."""
+        return sum(self.foreign.values())
+
     def on_report(
-        self, sequences: int, queued_tokens: int, kv_used: int, kv_budget: int, rate: float
+        self,
+        sequences: int,
+        queued_tokens: int,
+        kv_used: int,
+        kv_budget: int,
+        rate: float,
+        by_class: Mapping[WorkloadClass, int] | None = None,
     ) -> None:
-        """A fresh load report: the others' sequences, KV use, queued tokens and rate."""
-        excess = max(0, sequences - self.in_flight)
-        self.others = min(excess, self.last_excess)
-        self.last_excess = excess
+        """A fresh load report: the others' sequences (``by_class`` when the report splits
+        them, else all counted as the top class), KV use, queued tokens and rate."""
+        reported = dict(by_class) if by_class is not None else {TOP_CLASS: sequences}
+        for cls in WorkloadClass:
+            excess = max(0, reported.get(cls, 0) - self.own.get(cls, 0))
+            self.foreign[cls] = min(excess, self.last_excess.get(cls, 0))
+            self.last_excess[cls] = excess
         self.reported_tokens = queued_tokens
         self.kv_fraction = kv_used / kv_budget if kv_budget > 0 else 0.0
         self.reported_rate = rate
         self.tokens_sent_since_report = 0.0
 
-    def on_dispatch(self, tokens: float) -> None:
+    def on_dispatch(self, tokens: float, workload_class: WorkloadClass = TOP_CLASS) -> None:
         """This scheduler sent the node a request of ``tokens`` weighted tokens."""
-        self.in_flight += 1
+        self.own[workload_class] = self.own.get(workload_class, 0) + 1
         self.tokens_sent_since_report += tokens
 
-    def on_finish(self) -> None:
-        """A request this scheduler sent there ended."""
-        self.in_flight -= 1
+    def on_finish(self, workload_class: WorkloadClass = TOP_CLASS) -> None:
+        """A request of ``workload_class`` this scheduler sent there ended."""
+        self.own[workload_class] = self.own.get(workload_class, 0) - 1
 
-    def sequences(self) -> int:
-        """Estimated sequences on the node: our own in flight plus the others'."""
-        return self.in_flight + self.others
+    def sequences(self, workload_class: WorkloadClass | None = None) -> int:
+        """Estimated sequences on the node (our own in flight plus the others'): all of them,
+        or those ``workload_class`` cannot preempt (its own class and the ones above)."""
+        return sum(
+            self.own.get(cls, 0) + self.foreign.get(cls, 0)
+            for cls in WorkloadClass
+            if workload_class is None or cls.rank <= workload_class.rank
+        )
 
     def score(self) -> float:
         """Lower is better: sequence occupancy, KV use and queued tokens, each about 0..1."""
@@ -82,12 +113,15 @@ class LoadBook:
     def has_room(
         self, workload_class: WorkloadClass, headroom: float, kv_limit: float = 0.95
     ) -> bool:
-        """True when one more sequence fits. Lower classes leave ``headroom`` (a fraction of
-        the node's sequences, at least one) to REALTIME: they only fill capacity REALTIME is not
-        using, and the node's engine preempts them if REALTIME arrives anyway."""
-        if self.kv_fraction >= kv_limit:
+        """True when one more sequence of ``workload_class`` fits: fewer sequences it cannot
+        preempt than its capacity, and KV cache left unless lower classes hold some to give
+        up. Lower classes leave ``headroom`` (a fraction of the node's sequences, at least one)
+        to REALTIME: they only fill capacity REALTIME is not using, and the node's engine
+        preempts them if REALTIME arrives anyway."""
+        blocking = self.sequences(workload_class)
+        if self.kv_fraction >= kv_limit and blocking >= self.sequences():
             return False
-        return self.sequences() < self.capacity(workload_class, headroom)
+        return blocking < self.capacity(workload_class, headroom)
 
     def capacity(self, workload_class: WorkloadClass, headroom: float) -> int:
         """Sequences ``workload_class`` may fill on the node (all of them for REALTIME)."""

@@ -248,3 +248,41 @@ def test_sequences_of_other_schedulers_count_once_two_reports_show_them() -> Non
     assert book.sequences() == 3
     book.on_dispatch(10)
     assert book.sequences() == 4 and not book.has_room(REALTIME, 0.0)
+
+
+def test_realtime_is_held_back_only_by_what_it_cannot_preempt() -> None:
+    """A node full of BATCH sequences still has room for REALTIME (its engine preempts a
+    BATCH sequence), none for more BATCH; REALTIME fills every slot before it waits."""
+    book = LoadBook(max_sequences=4)
+    for _ in range(3):
+        book.on_dispatch(10, BATCH)
+    assert not book.has_room(BATCH, 0.25)
+    for _ in range(4):
+        assert book.has_room(REALTIME, 0.25)
+        book.on_dispatch(10, REALTIME)
+    assert not book.has_room(REALTIME, 0.25)
+    assert book.sequences() == 7 and book.sequences(REALTIME) == 4
+    book.on_finish(REALTIME)
+    assert book.has_room(REALTIME, 0.25) and not book.has_room(BATCH, 0.25)
+
+
+def test_other_schedulers_sequences_are_counted_by_their_class() -> None:
+    """Reports split by class: another replica's BATCH sequences do not hold REALTIME back,
+    its REALTIME ones do."""
+    book = LoadBook(max_sequences=4)
+    for _ in range(2):
+        book.on_report(4, 0, 0, 100, 50.0, by_class={BATCH: 4})
+    assert book.sequences() == 4 and book.sequences(REALTIME) == 0
+    assert book.has_room(REALTIME, 0.0) and not book.has_room(BATCH, 0.0)
+    for _ in range(2):
+        book.on_report(4, 0, 0, 100, 50.0, by_class={REALTIME: 4})
+    assert not book.has_room(REALTIME, 0.0)
+
+
+def test_full_kv_cache_leaves_room_for_realtime_only_when_batch_can_give_some_up() -> None:
+    """KV nearly full of BATCH: REALTIME may still go (a preemption frees a slot's KV)."""
+    book = LoadBook(max_sequences=8)
+    for _ in range(2):
+        book.on_report(2, 0, 96, 100, 1.0, by_class={BATCH: 2})
+    assert book.has_room(REALTIME, 0.0)
+    assert not book.has_room(BATCH, 0.0)
