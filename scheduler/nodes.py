@@ -42,6 +42,19 @@ POOL_FOR_CLASS: dict[WorkloadClass, str] = {
 }
 
 
+def classes_of(report: common_pb2.LoadReport) -> dict[WorkloadClass, int]:
+    """The sequences (running and waiting) of each class a load report shows; a class the
+    contract does not know counts as the top one (it may not be preempted)."""
+    out: dict[WorkloadClass, int] = {}
+    for counts in report.classes:
+        try:
+            cls = WorkloadClass.from_wire(counts.workload_class)
+        except ValueError:
+            cls = WorkloadClass.REALTIME
+        out[cls] = out.get(cls, 0) + counts.running + counts.waiting
+    return out
+
+
 @dataclass
 class NodeHandle:
     """One node as this scheduler sees it."""
@@ -58,7 +71,7 @@ class NodeHandle:
     last_report_at: float = field(default_factory=time.monotonic)
     """When the node last showed it is alive: a load report, or its addition (monotonic)."""
     peak_rate: float = 0.0
-    """The most weighted tokens per second the node was seen to retire."""
+    """The highest decode rate the node's load reports showed."""
     retired: asyncio.Event | None = None
     """Set once a node taken out of rotation has no request of this scheduler left."""
 
@@ -85,10 +98,9 @@ class NodeHandle:
         return measured if measured > 0 else default
 
     def capacity_rate(self, default: float) -> float:
-        """Weighted tokens per second the node can retire: the most it was seen to, at least
-        ``default`` (a node that was never busy has not shown its capacity: its measured rate
-        is only what it was asked for)."""
-        self.peak_rate = max(self.peak_rate, self.service_rate(0.0))
+        """Tokens per second the node can decode: the most its load reports showed (its
+        engine's moving average over decode steps, highest when its batch was fullest), at
+        least ``default`` (a node never busy has not shown its capacity)."""
         return max(self.peak_rate, default)
 
     def serves(self, model: str, workload_class: WorkloadClass) -> bool:
@@ -207,7 +219,7 @@ class NodeDirectory:
         for n in cands:
             cap = n.book.capacity(workload_class, self._headroom)
             slots += cap
-            free += max(0, cap - n.book.sequences())
+            free += max(0, cap - n.book.sequences(workload_class))
             room = room or self.has_room(n, workload_class)
         return SlotView(cands, slots, free, room)
 
@@ -271,15 +283,27 @@ class NodeDirectory:
             pool.remove(chosen)  # half-open with its probe already out
         return None
 
-    def dispatched(self, node: NodeHandle, tokens: float, affinity: str = "") -> None:
-        """Book a request sent to ``node``."""
-        node.book.on_dispatch(tokens)
+    def dispatched(
+        self,
+        node: NodeHandle,
+        tokens: float,
+        affinity: str = "",
+        workload_class: WorkloadClass = WorkloadClass.REALTIME,
+    ) -> None:
+        """Book a request of ``workload_class`` sent to ``node``."""
+        node.book.on_dispatch(tokens, workload_class)
         self.affinity.put(affinity, node.node_id)
 
-    def finished(self, node: NodeHandle, cost: float) -> None:
-        """Book the end of a request on ``node`` (``cost``: requested weighted tokens, for the
-        throughput meter; 0 when it failed) and wake whoever waits for room."""
-        node.book.on_finish()
+    def finished(
+        self,
+        node: NodeHandle,
+        cost: float,
+        workload_class: WorkloadClass = WorkloadClass.REALTIME,
+    ) -> None:
+        """Book the end of a request of ``workload_class`` on ``node`` (``cost``: requested
+        weighted tokens, for the throughput meter; 0 when it failed) and wake whoever waits
+        for room."""
+        node.book.on_finish(workload_class)
         if node.retired is not None and node.in_flight <= 0:
             node.retired.set()
         if cost > 0:
@@ -390,12 +414,14 @@ class NodeDirectory:
                 async for report in handle.stub.StreamLoad(node_pb2.StreamLoadRequest()):
                     handle.load = report
                     handle.last_report_at = self._clock()
+                    handle.peak_rate = max(handle.peak_rate, report.decode_tokens_per_s)
                     handle.book.on_report(
                         sum(c.running + c.waiting for c in report.classes),
                         report.queued_tokens,
                         report.kv_used_bytes,
                         report.kv_budget_bytes,
                         report.decode_tokens_per_s,
+                        by_class=classes_of(report),
                     )
                     backoff = 0.2
                     self._changed()

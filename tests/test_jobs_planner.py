@@ -1,7 +1,11 @@
-"""The jobs planner, pure: order across jobs and tenants, the line window, feasibility."""
+"""The jobs planner, pure: order across jobs and tenants, the line window, feasibility, the
+measured rate predictions use."""
 
 from __future__ import annotations
 
+import pytest
+
+from scheduler.jobs.outcomes import JobRate, Saturation
 from scheduler.jobs.planner import Backlog, LineWindow, Runnable, order, plan
 
 
@@ -38,3 +42,29 @@ def test_a_job_is_refused_when_it_or_a_job_on_time_would_be_late() -> None:
     late = plan(queued, Backlog("urgent", deadline_ms=20_000, tokens=150), rate=10, now_ms=0)
     assert not late.feasible and late.late == ("big",)
     assert late.retry_after_s == 5.0
+
+
+def test_job_rate_samples_only_saturated_intervals_and_keeps_what_it_measured() -> None:
+    """A one-line job or a tail (not saturated) moves nothing; saturated intervals set the
+    rate, which then stands (no decay back to the capacity guess while jobs are idle)."""
+    rate = JobRate(half_life_s=10.0)
+    rate.observe(0.0, 0.0, saturated=False)
+    rate.observe(340.0, 1.0, saturated=False)  # one line alone: its own speed
+    assert rate.rate(500.0) == 500.0
+    for t in range(2, 12):
+        rate.observe(340.0 + 1000.0 * (t - 1), float(t), saturated=True)
+    assert rate.rate(500.0) == pytest.approx(1000.0)
+    rate.observe(10_340.0, 600.0, saturated=False)  # ten minutes idle
+    assert rate.rate(500.0) == pytest.approx(1000.0)
+
+
+def test_saturation_needs_most_ticks_full() -> None:
+    """An interval counts as saturated when at least 80 % of its ticks were full."""
+    sat = Saturation(share=0.8)
+    assert not sat.take()  # no ticks: nothing known
+    for full in [True] * 8 + [False] * 2:
+        sat.tick(full)
+    assert sat.take()
+    for full in [True] * 7 + [False] * 3:
+        sat.tick(full)
+    assert not sat.take()

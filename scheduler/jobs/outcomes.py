@@ -3,7 +3,8 @@
 - :class:`Deferred`: refused for overload, try again after RetryInfo;
 - :class:`Failed`: failed, for good when the request is at fault (:data:`PERMANENT`);
 - :func:`persist`: a store write retried while Redis is unreachable;
-- :class:`JobRate`: the rate completed lines get, cluster-wide.
+- :class:`JobRate`: the rate lines get when jobs keep the nodes busy, cluster-wide;
+- :class:`Saturation`: whether they did, between two samples.
 """
 
 from __future__ import annotations
@@ -52,32 +53,56 @@ class Failed(Exception):
 
 
 class JobRate:
-    """Weighted tokens per second the jobs of the whole cluster get: an exponential moving
-    average of the settled lines' estimated work, sampled while jobs run."""
+    """Weighted tokens per second jobs get when they keep the nodes busy, cluster-wide: an
+    exponential moving average of the settled-work counter, sampled only over intervals in
+    which jobs had more lines ready than could start (``saturated``). A one-line job, the
+    slow start of a job and its tail say what those lines needed, not what the nodes can
+    give, so they are not sampled. A measured rate stands until newer saturated samples move
+    it; before any, the caller's capacity estimate stands in."""
 
-    def __init__(self, half_life_s: float = 30.0, memory_s: float = 120.0) -> None:
+    def __init__(self, half_life_s: float = 10.0) -> None:
         self.value = 0.0
         self._half_life = half_life_s
-        self._memory = memory_s
         self._last: tuple[float, float] | None = None
-        self._observed_at = float("-inf")
 
-    def observe(self, settled_tokens: float, now: float, *, running: bool) -> None:
-        """One sample of the cluster's settled-work counter."""
+    def observe(self, settled_tokens: float, now: float, *, saturated: bool) -> None:
+        """One sample of the cluster's settled-work counter; ``saturated``: jobs had lines
+        waiting for room over the whole interval since the last sample."""
         last, self._last = self._last, (now, settled_tokens)
-        if last is None or not running or now <= last[0] or settled_tokens < last[1]:
+        if last is None or not saturated or now <= last[0] or settled_tokens < last[1]:
             return
         dt = now - last[0]
         sample = (settled_tokens - last[1]) / dt
         alpha = 1 - 0.5 ** (dt / self._half_life)
         self.value = sample if self.value == 0 else self.value + alpha * (sample - self.value)
-        self._observed_at = now
 
-    def rate(self, capacity: float, now: float) -> float:
-        """The measured rate when jobs ran recently, else ``capacity``."""
-        if self.value > 0 and now - self._observed_at < self._memory:
-            return self.value
-        return capacity
+    def rate(self, capacity: float) -> float:
+        """The measured rate, else ``capacity``."""
+        return self.value if self.value > 0 else capacity
+
+
+class Saturation:
+    """Whether jobs had lines ready (more than this replica could start: it takes them as
+    the nodes' room allows), tick by tick between two samples: saturated when at least
+    ``share`` of the ticks had. A job's tail (every line taken) and the time between jobs
+    are not."""
+
+    def __init__(self, share: float = 0.8) -> None:
+        self._share = share
+        self._ticks = 0
+        self._full = 0
+
+    def tick(self, full: bool) -> None:
+        """One look at the worker: ``full`` when some job had lines not yet taken and the
+        nodes' room held them back."""
+        self._ticks += 1
+        self._full += full
+
+    def take(self) -> bool:
+        """Saturated since the last call; starts a new interval."""
+        saturated = self._ticks > 0 and self._full >= self._share * self._ticks
+        self._ticks = self._full = 0
+        return saturated
 
 
 async def persist(write: Callable[[], Awaitable[T]], attempts: int = 30) -> T:

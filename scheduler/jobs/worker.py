@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import Counter
 from dataclasses import replace
@@ -41,17 +42,28 @@ from scheduler.config import SchedulerSettings
 from scheduler.embed_flow import EmbedFlow
 from scheduler.jobs.metrics import JobMetrics
 from scheduler.jobs.model import RUNNABLE_STATES, JobRecord
-from scheduler.jobs.outcomes import PERMANENT, Deferred, Failed, JobRate, line_error, persist
+from scheduler.jobs.outcomes import (
+    PERMANENT,
+    Deferred,
+    Failed,
+    JobRate,
+    Saturation,
+    line_error,
+    persist,
+)
 from scheduler.jobs.planner import Backlog, LineWindow, Runnable, completions, order
 from scheduler.jobs.store import Delivery, JobStore, now_ms
 from scheduler.lifecycle import GenerateFlow, RequestPath
 from scheduler.nodes import NodeDirectory
+from sluice.contract import WorkloadClass
 from sluice.runtime.errors import SluiceError
 from sluice.v1 import jobs_pb2
 
 log = structlog.get_logger(__name__)
 
 REFRESH_S = 0.5
+SLOT_BUFFER = 0.25
+"""Lines queued for the nodes beyond their free BATCH slots, as a share of those slots."""
 DEFER_FLOOR_S = 0.2
 
 T = TypeVar("T")
@@ -77,6 +89,7 @@ class JobWorker:
         self.consumer = consumer
         self.window = LineWindow(maximum=float(settings.job_max_lines_in_flight))
         self.rate = JobRate()
+        self._saturation = Saturation()
         self.records: dict[str, JobRecord] = {}
         """The jobs not final, as last read (every 0.5 s)."""
         self._drained: set[str] = set()
@@ -88,6 +101,8 @@ class JobWorker:
         self._next_refresh = 0.0
         self._next_upkeep = 0.0
         self._attempting = 0
+        self._deferred = 0
+        """Lines waiting out a refusal now."""
         self._cursors: dict[str, str] = {}
 
     async def start(self) -> None:
@@ -108,14 +123,29 @@ class JobWorker:
 
     def current_rate(self) -> float:
         """The rate predictions use now."""
-        return self.rate.rate(self.capacity(), time.monotonic())
+        return self.rate.rate(self.capacity())
+
+    def _slot_room(self) -> int:
+        """Lines that may start now by the nodes' BATCH slots: those free, less the BATCH
+        requests already queued here for them, plus a quarter of the slots queued ahead (a
+        slot that frees is refilled at once). A line taken beyond that would only wait in
+        this replica, where a kill makes it be taken again; 0 or less means the jobs have
+        more lines ready than the nodes take (saturated)."""
+        room = None
+        for model in self._nodes.models():
+            view = self._nodes.capacity(model, WorkloadClass.BATCH)
+            if view.slots > 0:
+                queued = sum(self._path.gate.queues.waiting(WorkloadClass.BATCH, model).values())
+                here = view.free - queued + math.ceil(view.slots * SLOT_BUFFER)
+                room = here if room is None else max(room, here)
+        return 0 if room is None else room
 
     def backlog(self) -> list[Backlog]:
         """The remaining work of the jobs not final."""
         return [
             Backlog(r.job_id, r.deadline_ms, r.remaining_tokens)
             for r in self.records.values()
-            if r.state in RUNNABLE_STATES
+            if r.state in RUNNABLE_STATES and r.kind != jobs_pb2.JOB_KIND_FINETUNE
         ]
 
     def note(self, record: JobRecord) -> None:
@@ -156,15 +186,20 @@ class JobWorker:
         self._drained.clear()
 
     async def _take(self, now: float) -> None:
-        room = self.window.room(now, len(self._held))
+        slots, window = self._slot_room(), self.window.room(now, len(self._held))
+        room = min(window, slots)
         stamp = now_ms()
         runnable = [
             Runnable(r.job_id, r.tenant, r.deadline_ms)
             for r in self.records.values()
             if r.state in RUNNABLE_STATES
+            and r.kind != jobs_pb2.JOB_KIND_FINETUNE  # driven by the fine-tune runner
             and r.job_id not in self._drained
             and r.deadline_ms > stamp
         ]
+        # Saturated: lines wait to be taken and the nodes' room, not the window's slow
+        # start, is what holds them back.
+        self._saturation.tick(bool(runnable) and slots <= window)
         if room <= 0 or not runnable:
             return
         held = Counter(
@@ -211,12 +246,15 @@ class JobWorker:
                     self._metrics.jobs.labels(label).inc()
                     log.info("job_ended_by_window", job_id=record.job_id, state=state)
                 continue
-            await self._reclaim(record.job_id)
+            if record.kind != jobs_pb2.JOB_KIND_FINETUNE:  # its runner reclaims its own
+                await self._reclaim(record.job_id)
         self._started_jobs &= set(self.records)
         self._cursors = {k: v for k, v in self._cursors.items() if k in self.records}
-        now = time.monotonic()
-        running = any(r.state == jobs_pb2.JOB_STATE_RUNNING for r in self.records.values())
-        self.rate.observe(await self._store.settled_tokens(), now, running=running)
+        saturated = self._saturation.take()
+        before = self.rate.value
+        self.rate.observe(await self._store.settled_tokens(), time.monotonic(), saturated=saturated)
+        if abs(self.rate.value - before) > 0.2 * max(before, 1.0):
+            log.info("job_rate_measured", tokens_per_s=round(self.rate.value, 1))
         await self._predict(stamp)
 
     async def _reclaim(self, job_id: str, rounds: int = 4) -> None:
@@ -278,7 +316,11 @@ class JobWorker:
             except Deferred as exc:
                 self.window.refused(time.monotonic(), exc.retry_after_s)
                 self._metrics.lines.labels("deferred").inc()
-                await self._turn(record.deadline_ms)
+                self._deferred += 1
+                try:
+                    await self._turn(record.deadline_ms)
+                finally:
+                    self._deferred -= 1
                 continue
             except Failed as exc:
                 if exc.permanent:
