@@ -79,7 +79,9 @@ class AdapterUnavailableError(AdapterError):
     """The store could not be read (an I/O error): the node's problem, not the adapter's."""
 
 
-def _valid_name(name: str) -> bool:
+def valid_name(name: str) -> bool:
+    """Whether ``name`` can be a tenant, base model or adapter name in the store: 1 to
+    :data:`MAX_NAME_CHARS` of ``A-Z a-z 0-9 . _ -``, not dots only."""
     return (
         0 < len(name) <= MAX_NAME_CHARS
         and set(name) <= _NAME_CHARS
@@ -103,13 +105,13 @@ def parse_reference(text: str, base_model: str) -> AdapterRef:
     """The adapter ``"<tenant>/<adapter_name>"`` of ``base_model``; :class:`AdapterInvalidError`
     unless each part is 1 to :data:`MAX_NAME_CHARS` of ``A-Z a-z 0-9 . _ -`` (not dots only)."""
     tenant, slash, name = text.partition("/")
-    if not slash or not _valid_name(tenant) or not _valid_name(name):
+    if not slash or not valid_name(tenant) or not valid_name(name):
         raise AdapterInvalidError(
             text[:300],
             "must be '<tenant>/<adapter_name>', each 1 to "
             f"{MAX_NAME_CHARS} characters of A-Z a-z 0-9 . _ -",
         )
-    if not _valid_name(base_model):
+    if not valid_name(base_model):
         raise AdapterInvalidError(text, f"model {base_model!r} cannot carry adapters")
     return AdapterRef(tenant, base_model, name)
 

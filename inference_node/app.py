@@ -26,10 +26,12 @@ from inference_node.engine import build_engine
 from inference_node.engine.llama import supports
 from inference_node.engine.types import Engine
 from inference_node.gpu import GpuProbe
-from inference_node.metrics import EngineCollector, NodeMetrics
+from inference_node.metrics import EngineCollector, NodeMetrics, TrainingMetrics
 from inference_node.model_types import Embedder, LanguageModel
 from inference_node.models import is_embedder, is_generator, load_embedder, load_language_model
 from inference_node.server import NodeServicer
+from inference_node.train_service import TrainService
+from inference_node.training import DirectoryCheckpointStore, GapConfig
 from sluice import __version__
 from sluice.contract import NODES_PREFIX
 from sluice.runtime.registry import Registration, etcd_client
@@ -56,6 +58,14 @@ def default_engine(lm: LanguageModel, settings: NodeSettings) -> Engine:
         kv_budget_bytes=settings.memory_budget_bytes,
         max_waiting=settings.max_waiting,
         adapters=adapters,
+    )
+
+
+def gap_config(settings: NodeSettings) -> GapConfig:
+    """When a node's fine-tunes may run (inference_node/training/gaps.py)."""
+    return GapConfig(
+        yield_bound_s=settings.training_yield_bound_ms / 1000,
+        itl_budget_s=settings.training_itl_budget_ms / 1000,
     )
 
 
@@ -110,6 +120,19 @@ class NodeService:
         self.registration: Registration | None = None
         self._serve_later: asyncio.Task[None] | None = None
         gpu = GpuProbe(settings.device)
+        served = {n: (lm, self.engines[n]) for n, lm in generators.items()}
+        self.training = TrainService(
+            self.node_id,
+            served,
+            pools=settings.pools,
+            checkpoints=DirectoryCheckpointStore(
+                settings.checkpoint_dir, keep=settings.checkpoints_kept
+            ),
+            adapters=AdapterStore(settings.adapters_dir),
+            gaps=gap_config(settings),
+            metrics=TrainingMetrics(registry),
+            is_draining=lambda: self.draining,
+        )
         self.server = GrpcServer(
             "inference_node",
             settings.server_options(quiet_methods=("/sluice.v1.Node/StreamLoad",)),
@@ -118,7 +141,7 @@ class NodeService:
         )
         self.servicer = NodeServicer(
             self.node_id,
-            {n: (lm, self.engines[n]) for n, lm in generators.items()},
+            served,
             embedders,
             NodeMetrics(registry),
             is_draining=lambda: self.draining,
@@ -126,6 +149,7 @@ class NodeService:
             load_interval_s=settings.load_report_interval_ms / 1000,
             stream_interval_s=settings.stream_interval_ms / 1000,
             gpu=gpu,
+            training=self.training,
         )
         registry.register(
             EngineCollector(lambda: {n: e.stats() for n, e in self.engines.items()}, gpu)
@@ -232,6 +256,7 @@ class NodeService:
         self.draining = True
         grace = self.settings.drain_grace_seconds if grace_s is None else grace_s
         log.info("node_draining", node_id=self.node_id, in_flight=self.servicer.in_flight)
+        self.training.stop("draining")  # at once: the scheduler resumes it on another node
         await self.server.set_serving(False)
         if self.registration is not None:
             try:

@@ -18,6 +18,10 @@ def _default_adapters_dir() -> Path:
     return Path.home() / ".cache" / "sluice" / "adapters"
 
 
+def _default_checkpoint_dir() -> Path:
+    return Path.home() / ".cache" / "sluice" / "checkpoints"
+
+
 class NodeSettings(ServiceSettings):
     """Settings of an inference node (``SLUICE_*`` env, YAML file or flags)."""
 
@@ -35,7 +39,8 @@ class NodeSettings(ServiceSettings):
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Weights and activations dtype."""
     pools: list[str] = Field(default_factory=lambda: ["realtime"])
-    """Pools this node serves: realtime, finetune, or both."""
+    """Pools this node serves: realtime, finetune, or both. Only a node of the finetune pool
+    accepts Train (fine-tunes run on its engine thread, in the gaps inference leaves)."""
     max_sequences: int = 32
     """Most sequences the engine runs at once (published as capacity)."""
     max_batched_tokens: int = 512
@@ -49,6 +54,19 @@ class NodeSettings(ServiceSettings):
     adapter_cache_bytes: int = Field(default=256 * 1024**2, ge=0)
     """Bytes of LoRA adapters each generation model may hold loaded (an LRU), on top of
     ``memory_budget_bytes``; 0 serves no adapters."""
+    checkpoint_dir: Path = Field(default_factory=_default_checkpoint_dir)
+    """The fleet's fine-tune checkpoint store, ``<job_id>/<step>/`` (safetensors and JSON,
+    inference_node/training/checkpoint.py): every node of the finetune pool mounts the same
+    shared directory (a file system with POSIX rename), so a job moved to another node
+    resumes from its last checkpoint there."""
+    checkpoints_kept: int = Field(default=3, ge=1)
+    """Newest checkpoints kept per fine-tune job."""
+    training_yield_bound_ms: float = Field(default=50.0, gt=0)
+    """Longest a fine-tune's unit of work may be predicted to take: the most an inference
+    request waits for training (docs/decisions/node-training-units.md)."""
+    training_itl_budget_ms: float = Field(default=100.0, gt=0)
+    """Inter-token budget of running requests: a fine-tune's units run beside them only in
+    what their measured decode step leaves of it."""
     max_waiting: int = 256
     """Requests queued in the engine beyond which new ones are refused (RESOURCE_EXHAUSTED)."""
     advertise_host: str = ""

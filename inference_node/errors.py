@@ -39,3 +39,31 @@ class AlreadyExists(SluiceError):
 
     code = grpc.StatusCode.ALREADY_EXISTS
     reason = JOB_KEY_IN_USE
+
+
+NOT_FINETUNE_NODE = "NOT_FINETUNE_NODE"
+"""``ErrorInfo.reason`` (FAILED_PRECONDITION) of a Train on a node outside the finetune pool."""
+MODEL_NOT_TRAINABLE = "MODEL_NOT_TRAINABLE"
+"""``ErrorInfo.reason`` (FAILED_PRECONDITION) of a Train whose base model is not loaded here,
+or runs on an engine that cannot interleave training."""
+TRAINING_MEMORY_EXCEEDED = "TRAINING_MEMORY_EXCEEDED"
+"""``ErrorInfo.reason`` (FAILED_PRECONDITION) of a Train whose memory never fits the node's
+budget beside one inference sequence."""
+CHECKPOINT_MISMATCH = "CHECKPOINT_MISMATCH"
+"""``ErrorInfo.reason`` (FAILED_PRECONDITION) of a Train whose job has a checkpoint of another
+model, dataset or configuration (or an unreadable one)."""
+CHECKPOINT_STORE_UNAVAILABLE = "CHECKPOINT_STORE_UNAVAILABLE"
+"""``ErrorInfo.reason`` (UNAVAILABLE) when the checkpoint store could not be read or written."""
+TRAINING_BUSY = "TRAINING_BUSY"
+"""``ErrorInfo.reason`` (RESOURCE_EXHAUSTED + RetryInfo) of a Train while one runs here."""
+ADAPTER_EXISTS = "ADAPTER_EXISTS"
+"""``ErrorInfo.reason`` (ALREADY_EXISTS) of a Train whose adapter name is taken in the store
+by other weights."""
+
+
+class FailedPrecondition(SluiceError):
+    """FAILED_PRECONDITION: the node is not in a state to do this (it is the wrong node, or
+    the job's stored state contradicts the request); another node may be."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import psutil
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -34,6 +34,55 @@ class NodeMetrics:
             "sluice_node_requests",
             "Requests finished, by model and finish reason.",
             ["model", "finish_reason"],
+            registry=registry,
+        )
+
+
+YIELD_WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
+"""Seconds; fine around the default yield bound (50 ms) the p99 is held to."""
+
+
+class TrainingMetrics:
+    """Fine-tuning on the node's engine thread: progress, units and what they cost inference.
+    Written from the engine thread (Prometheus clients are thread-safe)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.tokens = Counter(
+            "sluice_node_training_tokens",
+            "Training tokens (prompts included) of finished optimizer steps, by model.",
+            ["model"],
+            registry=registry,
+        )
+        self.steps = Counter(
+            "sluice_node_training_steps",
+            "Optimizer steps finished, by model.",
+            ["model"],
+            registry=registry,
+        )
+        self.units = Counter(
+            "sluice_node_training_units",
+            "Training units run on the engine thread, by model and kind.",
+            ["model", "kind"],
+            registry=registry,
+        )
+        self.deferred = Counter(
+            "sluice_node_training_units_deferred",
+            "Times the next training unit was held back, by model and reason.",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self.yield_wait = Histogram(
+            "sluice_node_training_yield_wait_seconds",
+            "Time inference waited for a training unit: a request arriving during one waited "
+            "to be admitted (wait=admission), running sequences' next token (wait=decode).",
+            ["model", "wait"],
+            buckets=YIELD_WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.checkpoints = Counter(
+            "sluice_node_training_checkpoints",
+            "Checkpoints made durable in the fleet's checkpoint store, by model.",
+            ["model"],
             registry=registry,
         )
 

@@ -27,6 +27,9 @@ the engine's shared step failed             UNAVAILABLE         ``ENGINE_FAULT``
 anything else (a bug)                       INTERNAL            ``INTERNAL``
 ==========================================  ==================  =======================
 
+``Train`` (a fine-tune in the engine's gaps) answers as :mod:`inference_node.train_service`
+says.
+
 The adapter's errors come before any chunk (the adapter loads before the request's first
 step). The node checks no access to an adapter: the scheduler resolved it for the tenant.
 
@@ -78,12 +81,15 @@ from inference_node.errors import (
     ADAPTER_STORE_UNAVAILABLE,
     ADAPTER_TOO_LARGE,
     ENGINE_FAULT,
+    NOT_FINETUNE_NODE,
     AlreadyExists,
+    FailedPrecondition,
     RequestFault,
 )
 from inference_node.gpu import GpuProbe
 from inference_node.metrics import NodeMetrics
 from inference_node.model_types import Embedder, LanguageModel
+from inference_node.train_service import TrainService
 from sluice import limits
 from sluice.contract import WorkloadClass
 from sluice.runtime.errors import (
@@ -172,6 +178,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         load_interval_s: float = 0.2,
         stream_interval_s: float = 0.0,
         gpu: GpuProbe | None = None,
+        training: TrainService | None = None,
     ) -> None:
         self._node_id = node_id
         self._generators = generators
@@ -186,6 +193,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         self._embeds_waiting = 0
         self._process = psutil.Process()
         self._gpu = gpu
+        self._training = training
         self.in_flight = 0
 
     def _refuse_if_draining(self) -> None:
@@ -374,6 +382,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             report.gpu_free_bytes = reading.free_bytes
             report.gpu_total_bytes = reading.total_bytes
             report.gpu_utilization_percent = reading.utilization_percent
+        if self._training is not None and self._training.active:
+            running[WorkloadClass.FINETUNE] = running.get(WorkloadClass.FINETUNE, 0) + 1
         for cls in WorkloadClass:
             report.classes.add(
                 workload_class=cls,  # type: ignore[arg-type]
@@ -394,6 +404,17 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         while True:
             yield self.load_report()
             await asyncio.sleep(interval)
+
+    async def Train(
+        self, request: node_pb2.NodeTrainRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[node_pb2.NodeTrainEvent]:
+        """Fine-tune an adapter in the engine's gaps (:mod:`inference_node.train_service`)."""
+        if self._training is None:
+            raise FailedPrecondition(
+                f"node {self._node_id} does not train", reason=NOT_FINETUNE_NODE
+            )
+        async for event in self._training.train(request, context):
+            yield event
 
     async def Drain(
         self, request: node_pb2.DrainRequest, context: grpc.aio.ServicerContext

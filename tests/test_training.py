@@ -548,3 +548,45 @@ def test_memory_estimate_counts_adapter_optimizer_and_bounds_saved_activations(
     measured = (sum(saved.values()) - cos.nbytes - sin.nbytes) / (rows * length)
     estimated = layer_graph_bytes_per_token(tiny_lm, lora)
     assert measured <= estimated <= 3 * measured
+
+
+def test_a_kind_over_the_bound_is_measured_again_once_its_measurement_is_stale() -> None:
+    """One slow run lifts a kind over the bound; idle, it is refused until its measurement
+    is ``remeasure_after_s`` old, then runs once (``remeasure``) and its averages restart
+    from that run. Beside running sequences it is never remeasured."""
+    clock = FakeClock()
+    policy = GapPolicy(GAPS, clock)
+    _run(policy, clock, "backward", 100, 96 * MS)
+    assert policy.decide("backward", 100, waiting=0, running=0).reason is GapReason.OVER_BOUND
+    clock.advance(GAPS.remeasure_after_s - 1 * MS)
+    assert not policy.decide("backward", 100, waiting=0, running=0).run
+    clock.advance(1 * MS)
+    policy.decode_step(8 * MS)
+    assert policy.decide("backward", 100, waiting=0, running=1).reason is GapReason.OVER_BOUND
+    decision = policy.decide("backward", 100, waiting=0, running=0)
+    assert decision.run and decision.reason is GapReason.REMEASURE
+    _run(policy, clock, "backward", 100, 16 * MS)
+    assert policy.predict("backward", 100) == 16 * MS  # restarted, not averaged with 96
+    assert policy.decide("backward", 100, waiting=0, running=0).reason is GapReason.IDLE
+
+
+def test_a_request_the_engine_had_not_seen_when_a_unit_started_waits_for_it() -> None:
+    """An arrival after the engine last looked for work, even just before the unit started,
+    waited for the unit; an arrival before that look did not. Every wait recorded is also
+    told to the listener (the node's histogram), by kind."""
+    clock = FakeClock()
+    told: list[tuple[str, float]] = []
+    policy = GapPolicy(GAPS, clock, on_wait=lambda kind, s: told.append((kind, s)))
+    looked = clock.now
+    clock.advance(2 * MS)
+    policy.request_arrived(at=looked - 1 * MS)  # before the look: admitted without waiting
+    policy.unit_started("forward", 10, running=0, seen=looked)
+    policy.request_arrived(at=looked + 1 * MS)
+    clock.advance(8 * MS)
+    policy.unit_finished()
+    assert list(policy.admission_waits) == [9 * MS]
+    policy.decode_step(8 * MS)
+    policy.unit_started("forward", 10, running=2)
+    clock.advance(4 * MS)
+    policy.unit_finished()
+    assert told == [("admission", 9 * MS), ("decode", 4 * MS)]

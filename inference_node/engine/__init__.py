@@ -1,9 +1,10 @@
 """Generation engines: the :class:`Engine` interface and its implementations."""
 
 from inference_node.adapters import AdapterCache
-from inference_node.engine.batching import BatchingConfig, BatchingEngine
+from inference_node.engine.batching import BatchingEngine
 from inference_node.engine.hosting import run_with_engine
 from inference_node.engine.llama import supports
+from inference_node.engine.sequences import BatchingConfig
 from inference_node.engine.serial import SerialEngine
 from inference_node.engine.types import (
     DeltaStream,

@@ -14,6 +14,7 @@ import enum
 import itertools
 import queue
 import threading
+import time
 import weakref
 
 import structlog
@@ -47,10 +48,21 @@ class JobState(enum.Enum):
     DONE = "done"
 
 
+class Wake:
+    """Put in an engine's inbox to make its thread look at its state again (a fine-tune
+    handed to it or stopped)."""
+
+
+WAKE = Wake()
+
+
 class Job:
     """Engine-side state of one request. ``state`` changes only under the engine's lock."""
 
     def __init__(self, request: EngineRequest, workload_class: WorkloadClass, seq: int) -> None:
+        self.arrived = time.perf_counter()
+        """When it was submitted (``time.perf_counter``): training units measure from it
+        how long the request waited for them."""
         self.request = request
         self.workload_class = workload_class
         self.seq = seq
@@ -160,7 +172,7 @@ class ThreadedEngine:
         )
         self._vocab_size = lm.vocab_size
         self._eos_ids = lm.eos_token_ids
-        self._inbox: queue.Queue[Job | None] = queue.Queue()
+        self._inbox: queue.Queue[Job | Wake | None] = queue.Queue()
         self._abandoned: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
@@ -224,7 +236,7 @@ class ThreadedEngine:
             running=running,
             waiting=waiting,
             kv_used_bytes=self._kv_used,
-            kv_budget_bytes=self._kv_budget,
+            kv_budget_bytes=self._kv_budget_now(),
             decode_tokens_per_s=self._decode_rate,
             queued_tokens=queued,
             adapter_bytes=adapter_bytes,
@@ -329,6 +341,11 @@ class ThreadedEngine:
     def _adapter_bytes(self) -> tuple[int, int]:
         """Bytes of LoRA adapters held for this engine, and the most it may hold."""
         return 0, 0
+
+    def _kv_budget_now(self) -> int:
+        """Bytes the KV cache may use now (less than the budget while a fine-tune holds part
+        of it)."""
+        return self._kv_budget
 
     def _check_fits(self, total_tokens: int) -> None:
         """Raise :class:`RequestTooLargeError` when a request of ``total_tokens`` can never fit."""

@@ -26,6 +26,12 @@ outside the batch, and one that cannot be loaded ends alone with an
 :class:`~inference_node.adapters.AdapterError`. Sequences of different adapters and of the
 base model share every step, prefill and decode alike.
 
+Fine-tuning (:mod:`inference_node.engine.gap_training`): a :class:`TrainingRun` handed to
+the engine (:meth:`BatchingEngine.start_training`) runs unit by unit on this thread after
+each step and whenever the engine would otherwise sleep, as far as the gap policy allows
+(docs/decisions/node-training-units.md). Its memory takes whole KV slots while it runs: no
+sequence is admitted into them, and its units wait while more sequences than the rest run.
+
 Failure isolation: the work done for one sequence alone (setting up its sampler and text
 stream, sampling its row, detokenizing and checking its stop strings) runs under its own
 ``try``; an exception there ends that request with :class:`RequestFaultError` and the batch
@@ -39,66 +45,37 @@ from __future__ import annotations
 import heapq
 import queue
 import time
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 import torch
 
-from inference_node.adapters import AdapterCache, AdapterError, AdapterRef
-from inference_node.engine.base import Job, JobState, ThreadedEngine
+from inference_node.adapters import AdapterCache, AdapterError
+from inference_node.engine.base import WAKE, Job, JobState, ThreadedEngine
+from inference_node.engine.gap_training import GapTrainer, TrainingMemoryError, TrainingRun
 from inference_node.engine.llama import LlamaRunner, Prefill
 from inference_node.engine.lora_rows import EngineAdapters
+from inference_node.engine.sequences import BatchingConfig, BatchSequence
 from inference_node.engine.text import SamplingError, TextStream, make_generator, sample
 from inference_node.engine.types import (
+    EngineClosedError,
     EngineFaultError,
     FinishReason,
     RequestFaultError,
     RequestTooLargeError,
     TokenDelta,
 )
-from inference_node.lora import LoraAdapter
 from inference_node.model_types import LanguageModel
+from inference_node.training import GapConfig
+
+if TYPE_CHECKING:  # the metrics module imports this package
+    from inference_node.metrics import TrainingMetrics
 
 log = structlog.get_logger(__name__)
 
 MIN_SLOT_TOKENS = 64
 ADAPTER_POLL_S = 0.005
 """How often an otherwise idle engine looks whether an adapter it waits for has loaded."""
-
-
-@dataclass(frozen=True)
-class BatchingConfig:
-    """Limits of a batching engine."""
-
-    max_sequences: int = 32
-    """Most sequences decoding at once (KV slots)."""
-    max_batched_tokens: int = 512
-    """Most tokens one step processes (decode tokens plus prefill chunks): bounds the time a
-    running stream waits while newcomers are prefilled."""
-    kv_budget_bytes: int = 2 * 1024**3
-    """Bytes of KV cache; with ``max_sequences`` it sets the longest sequence a slot holds."""
-    max_waiting: int = 256
-    """Requests waiting beyond which ``submit`` raises ``EngineFullError``."""
-
-
-class _Sequence:
-    """Engine-thread state of one admitted (or preempted) request."""
-
-    def __init__(self, job: Job, text: TextStream, generator: torch.Generator | None) -> None:
-        self.job = job
-        self.text = text
-        self.generator = generator
-        self.tokens: list[int] = list(job.request.prompt_token_ids)
-        """Prompt plus generated tokens; the cache holds the first ``computed`` of them."""
-        self.computed = 0
-        self.slot = -1
-        self.adapter_ref: AdapterRef | None = None
-        self.adapter: LoraAdapter | None = None
-
-    @property
-    def key(self) -> tuple[int, int]:
-        """Waiting order: class rank first, then arrival."""
-        return (self.job.workload_class.rank, self.job.seq)
 
 
 class BatchingEngine(ThreadedEngine):
@@ -130,11 +107,13 @@ class BatchingEngine(ThreadedEngine):
             )
         self.slot_tokens = int(max_len)
         self._runner = LlamaRunner(lm, slots=slots, max_len=self.slot_tokens)
-        self._slots: list[_Sequence | None] = [None] * slots
+        self._slots: list[BatchSequence | None] = [None] * slots
         self._ready = 0  # slots 0.._ready-1 hold sequences that decode this step
-        self._waiting: list[tuple[tuple[int, int], _Sequence]] = []
+        self._waiting: list[tuple[tuple[int, int], BatchSequence]] = []
         self._kv_budget = slots * self.slot_tokens * per_token
-        self._adapters: EngineAdapters[_Sequence] = EngineAdapters(lm, adapters)
+        self._adapters: EngineAdapters[BatchSequence] = EngineAdapters(lm, adapters)
+        self.training = GapTrainer(lm.name)
+        """The fine-tune on this engine, and the gap policy it runs by."""
         log.info(
             "batching_engine_ready",
             model=lm.name,
@@ -159,6 +138,46 @@ class BatchingEngine(ThreadedEngine):
         cache = self._adapters.cache
         return self._adapters.nbytes(), cache.capacity_bytes if cache is not None else 0
 
+    def _kv_budget_now(self) -> int:
+        return self._slot_limit() * self.slot_tokens * self._kv_per_token
+
+    def _slot_limit(self) -> int:
+        """Slots sequences may hold: all of them, less those a fine-tune's memory takes."""
+        return len(self._slots) - self.training.reserved_slots
+
+    def training_slots(self, memory_bytes: int) -> int:
+        """KV slots a fine-tune holding ``memory_bytes`` takes from inference;
+        :class:`TrainingMemoryError` when that would leave none."""
+        slot_bytes = self.slot_tokens * self._kv_per_token
+        needed = max(1, -(-memory_bytes // slot_bytes))
+        if needed > len(self._slots) - 1:
+            raise TrainingMemoryError(
+                f"training needs {memory_bytes} bytes: {needed} of the node's "
+                f"{len(self._slots)} KV slots of {slot_bytes} bytes, and at most "
+                f"{(len(self._slots) - 1) * slot_bytes} bytes can go to training beside "
+                "one sequence"
+            )
+        return needed
+
+    def start_training(
+        self, run: TrainingRun, gaps: GapConfig, metrics: TrainingMetrics | None = None
+    ) -> None:
+        """Hand ``run`` to the engine thread (call it on the event loop). Its memory takes
+        whole KV slots (:meth:`training_slots`) from now until it leaves;
+        :class:`TrainingBusyError` while another runs, :class:`EngineClosedError` once
+        draining."""
+        needed = self.training_slots(run.memory_bytes)
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("engine is not accepting work")
+        run.reserved_slots = needed
+        self.training.offer(run, gaps, metrics)
+        self.wake()
+
+    def wake(self) -> None:
+        """Make the engine thread look at its fine-tune now (after a stop request)."""
+        self._inbox.put(WAKE)
+
     def close(self) -> None:
         """Stop the engine (see :meth:`ThreadedEngine.close`), then its adapter cache."""
         super().close()
@@ -178,28 +197,33 @@ class BatchingEngine(ThreadedEngine):
             except Exception as exc:
                 log.exception("engine_step_failed", model=self._lm.name)
                 self._fail_all(exc)
+            self._train()
         self._fail_all(None)
+        self.training.close(EngineClosedError("the engine stopped"))
         log.info("engine_stopped", model=self._lm.name)
 
-    def _active(self) -> list[_Sequence]:
+    def _active(self) -> list[BatchSequence]:
         return [s for s in self._slots if s is not None]
 
     def _intake(self) -> bool:
         """Move new jobs to the waiting heap (or, while their adapter loads, aside); block
         while there is nothing to do."""
-        block = not self._waiting and not self._active()
+        wait = self._idle_wait() if not self._waiting and not self._active() else 0.0
         while True:
             try:
-                job = self._inbox.get(block, ADAPTER_POLL_S if self._adapters.loading else None)
+                job = self._inbox.get(wait != 0.0, wait)
             except queue.Empty:
                 self._take_loaded()
                 return True
             if job is None:
                 return False
-            block = False
+            wait = 0.0
+            if not isinstance(job, Job):  # a wake-up: look at the fine-tune
+                continue
+            self.training.request_arrived(job.arrived)
             params = job.request.params
             try:
-                seq = _Sequence(
+                seq = BatchSequence(
                     job,
                     TextStream(self._lm, params, len(job.request.prompt_token_ids), self._eos_ids),
                     make_generator(params, self._lm.device),
@@ -214,6 +238,30 @@ class BatchingEngine(ThreadedEngine):
                 continue
             if ready:
                 heapq.heappush(self._waiting, (seq.key, seq))
+
+    def _idle_wait(self) -> float | None:
+        """How long an engine with no sequence may sleep waiting for work (``None``: until
+        some comes): briefly while an adapter loads, not at all while training may run."""
+        waits = [w for w in (self.training.idle_wait(),) if w is not None]
+        if self._adapters.loading:
+            waits.append(ADAPTER_POLL_S)
+        return min(waits) if waits else None
+
+    def _train(self) -> None:
+        """Run fine-tune units while the gap policy allows, stopping as soon as a request
+        arrives (docs/decisions/node-training-units.md)."""
+        while self.training.run is not None and not self._stopping.is_set():
+            seen = time.perf_counter()
+            if not self._inbox.empty():
+                return
+            admitted = len(self._active())
+            if not self.training.run_unit(
+                waiting=len(self._waiting) + int(self._adapters.loading),
+                running=admitted,
+                memory_free=admitted <= self._slot_limit(),
+                seen=seen,
+            ):
+                return
 
     def _take_loaded(self) -> None:
         """Queue the sequences whose adapter has loaded; end those whose adapter failed."""
@@ -232,7 +280,7 @@ class BatchingEngine(ThreadedEngine):
                 self._adapters.release(seq)
                 self._finish(seq.job, seq.text.final(FinishReason.CANCELLED))
 
-    def _release(self, seq: _Sequence) -> None:
+    def _release(self, seq: BatchSequence) -> None:
         """Free ``seq``'s slot, keeping running sequences in slots 0.._ready-1."""
         slot = seq.slot
         if slot < self._ready:
@@ -249,7 +297,7 @@ class BatchingEngine(ThreadedEngine):
             self._slots[slot] = None
         seq.slot = -1
 
-    def _make_ready(self, seq: _Sequence) -> None:
+    def _make_ready(self, seq: BatchSequence) -> None:
         """Move a freshly prefilled sequence into slot ``_ready`` and count it as running."""
         target = self._ready
         if seq.slot != target:
@@ -277,7 +325,7 @@ class BatchingEngine(ThreadedEngine):
                 heapq.heappop(self._waiting)
                 self._adapters.release(candidate)
                 continue
-            if None not in self._slots and not self._preempt_for(candidate):
+            if not self._room_for(candidate):
                 break
             heapq.heappop(self._waiting)
             with self._lock:
@@ -291,7 +339,7 @@ class BatchingEngine(ThreadedEngine):
             budget -= self._plan_prefill(candidate, budget, prefills)
         return prefills
 
-    def _plan_prefill(self, seq: _Sequence, budget: int, prefills: list[Prefill]) -> int:
+    def _plan_prefill(self, seq: BatchSequence, budget: int, prefills: list[Prefill]) -> int:
         start = seq.computed
         n = min(len(seq.tokens) - start, budget)
         prefills.append(
@@ -304,7 +352,13 @@ class BatchingEngine(ThreadedEngine):
         )
         return n
 
-    def _preempt_for(self, candidate: _Sequence) -> bool:
+    def _room_for(self, candidate: BatchSequence) -> bool:
+        """Whether ``candidate`` gets a slot: a free one within :meth:`_slot_limit`, else
+        one preempted from a lower class when exactly the limit is in use."""
+        used, limit = len(self._active()), self._slot_limit()
+        return used < limit or (used == limit and self._preempt_for(candidate))
+
+    def _preempt_for(self, candidate: BatchSequence) -> bool:
         """Free a slot for ``candidate`` by preempting a lower-class sequence, if any."""
         victims = [
             s
@@ -333,7 +387,7 @@ class BatchingEngine(ThreadedEngine):
         ready = self._slots[: self._ready]
         if not ready and not prefills:
             return
-        rows: list[_Sequence] = [s for s in ready if s is not None]
+        rows: list[BatchSequence] = [s for s in ready if s is not None]
         decode_tokens = [s.tokens[-1] for s in rows]
         decode_positions = [len(s.tokens) - 1 for s in rows]
         lora = self._adapters.rows(rows, [(self._sequence(p), len(p.tokens)) for p in prefills])
@@ -342,6 +396,7 @@ class BatchingEngine(ThreadedEngine):
         elapsed = time.perf_counter() - started
         if decode_tokens:
             self._record_decode_step(elapsed, len(decode_tokens))
+            self.training.decode_step(elapsed)
         for seq in rows:
             seq.computed += 1
         for p in prefills:
@@ -352,16 +407,16 @@ class BatchingEngine(ThreadedEngine):
         self._kv_used = sum(s.computed for s in self._active()) * self._kv_per_token
         self._emit(rows, self._sample(logits, rows))
 
-    def _sequence(self, prefill: Prefill) -> _Sequence:
+    def _sequence(self, prefill: Prefill) -> BatchSequence:
         seq = self._slots[prefill.slot]
         assert seq is not None
         return seq
 
-    def _emit(self, rows: list[_Sequence], tokens: list[int | RequestFaultError]) -> None:
+    def _emit(self, rows: list[BatchSequence], tokens: list[int | RequestFaultError]) -> None:
         """Stream each row's token; end the sequences that finished or faulted, and move
         those whose prefill completed into the running batch."""
-        ended: list[tuple[_Sequence, TokenDelta | RequestFaultError]] = []
-        newly_ready: list[_Sequence] = []
+        ended: list[tuple[BatchSequence, TokenDelta | RequestFaultError]] = []
+        newly_ready: list[BatchSequence] = []
         for seq, token in zip(rows, tokens, strict=True):
             item = token if isinstance(token, RequestFaultError) else self._push(seq, token)
             if isinstance(item, RequestFaultError) or item.finish_reason is not None:
@@ -379,7 +434,7 @@ class BatchingEngine(ThreadedEngine):
         for seq in sorted(newly_ready, key=lambda s: s.slot):
             self._make_ready(seq)
 
-    def _push(self, seq: _Sequence, token: int) -> TokenDelta | RequestFaultError:
+    def _push(self, seq: BatchSequence, token: int) -> TokenDelta | RequestFaultError:
         """Add ``token`` to ``seq``: detokenize, check stop strings (its own work, isolated)."""
         try:
             delta = seq.text.push(token)
@@ -389,7 +444,9 @@ class BatchingEngine(ThreadedEngine):
         seq.job.generated = len(seq.text.generated)
         return delta
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Sequence]) -> list[int | RequestFaultError]:
+    def _sample(
+        self, logits: torch.Tensor, rows: list[BatchSequence]
+    ) -> list[int | RequestFaultError]:
         """One token per row, or the fault that ends that row's request alone.
 
         A row whose largest logit is not finite (a NaN propagates into it) is that request's

@@ -56,8 +56,9 @@ class SerialEngine(ThreadedEngine):
                 break
             if item is None:
                 return None
-            heapq.heappush(heap, (item.workload_class.rank, item.seq, item))
             block = False
+            if isinstance(item, Job):
+                heapq.heappush(heap, (item.workload_class.rank, item.seq, item))
         while heap:
             _, _, job = heapq.heappop(heap)
             with self._lock:

@@ -1,7 +1,8 @@
 """LoRA adapters for the node's Llama-family models: settings (:mod:`.config`), weights in
 peft's on-disk format (:mod:`.weights`), a differentiable training forward over the node's
 frozen base weights (:mod:`.train`) and multi-adapter deltas for serving mixed batches
-(:mod:`.batched`). Nothing here is wired into the engine yet."""
+(:mod:`.batched`). The batching engine serves adapters (:mod:`inference_node.engine.lora_rows`)
+and trains them (:mod:`inference_node.training`)."""
 
 from inference_node.lora.batched import StackedLora, lora_delta
 from inference_node.lora.config import (

@@ -4,8 +4,9 @@
 the engine thread can serve inference between any two; :mod:`.trainer` runs a whole fine-tune
 (data order, accumulation, AdamW and its schedule) unit by unit and checkpoints it
 (:mod:`.checkpoint`, safetensors and JSON, never pickle); :mod:`.gaps` decides when a unit may
-run; :mod:`.memory` estimates what training holds on the device. Nothing here is wired into the
-engine yet; see ``docs/decisions/node-training-units.md``.
+run; :mod:`.memory` estimates what training holds on the device. The batching engine runs a
+fine-tune's units on its thread (:mod:`inference_node.engine.gap_training`), ``Node.Train``
+drives it (:mod:`inference_node.train_service`); see ``docs/decisions/node-training-units.md``.
 """
 
 from inference_node.training.checkpoint import (

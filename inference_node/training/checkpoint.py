@@ -39,6 +39,12 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _STEP_DIR = re.compile(r"\d{10}")
 
 
+def valid_job_id(job_id: str) -> bool:
+    """Whether ``job_id`` can name a job in a checkpoint store: 1 to 128 of ``A-Z a-z 0-9 .
+    _ -``, starting with a letter or digit."""
+    return _NAME.fullmatch(job_id) is not None
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing, malformed or belongs to another job or configuration."""
 

@@ -13,6 +13,13 @@ between decode steps. The rule, in order:
 4. Idle (nothing running or waiting), units run back to back up to ``idle_slice_s``; then one
    refusal (``slice_over``) hands the loop a turn to look for work, and a new slice starts.
 
+A prediction is only as good as its measurements: one slow run (a collection, a burst of load
+from another process) can lift a kind's average over the bound, and a kind that never runs is
+never measured again, so the fine-tune would stall for good. So on an idle engine a kind
+refused over the bound whose last measurement is older than ``remeasure_after_s`` runs once
+more (``remeasure``) and its averages restart from that run: the bound then holds as it does
+for a kind's first run, which is measured the same way.
+
 Predictions come from EWMAs per unit kind of the measured seconds and work (tokens of the
 micro-batch for a layer unit, rows for a loss chunk): the average time, scaled up linearly for
 a unit with more work than average but never down, times ``safety``. A unit that takes far
@@ -43,6 +50,7 @@ class GapReason(StrEnum):
     NO_SLACK = "no_slack"
     UNMEASURED = "unmeasured"
     SLICE_OVER = "slice_over"
+    REMEASURE = "remeasure"
 
 
 @dataclass(frozen=True)
@@ -61,9 +69,12 @@ class GapConfig:
     """Factor on every prediction."""
     max_recorded_waits: int = 10_000
     """Waits kept for quantiles (the newest)."""
+    remeasure_after_s: float = 5.0
+    """An idle engine runs a kind refused over the bound again once its last measurement is
+    this old, to measure it afresh."""
 
     def __post_init__(self) -> None:
-        for name in ("yield_bound_s", "itl_budget_s", "idle_slice_s"):
+        for name in ("yield_bound_s", "itl_budget_s", "idle_slice_s", "remeasure_after_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.ewma_alpha <= 1:
@@ -91,17 +102,35 @@ class _Running:
     kind: str
     work: int
     started: float
+    seen: float
+    """When the engine last looked for work before the unit: an arrival after it waited."""
     beside_sequences: bool
     arrivals: list[float]
+    fresh: bool
+    """Its measurement restarts the kind's averages (a remeasure)."""
+
+
+WaitListener = Callable[[str, float], None]
+"""Told every wait recorded: ``("admission" | "decode", seconds)``."""
 
 
 class GapPolicy:
     """Decides when training runs on an engine thread, and records what it cost inference."""
 
-    def __init__(self, config: GapConfig, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        config: GapConfig,
+        clock: Callable[[], float],
+        *,
+        on_wait: WaitListener | None = None,
+    ) -> None:
         self.config = config
         self._clock = clock
+        self.on_wait = on_wait
+        """Told every recorded wait (for a metric), besides the deques below."""
         self._seen: dict[str, tuple[float, float]] = {}  # kind: EWMA (seconds, work)
+        self._measured_at: dict[str, float] = {}
+        self._remeasure: str | None = None
         self._decode_s: float | None = None
         self._since_decode = 0.0
         self._slice_used = 0.0
@@ -116,10 +145,12 @@ class GapPolicy:
 
     # -- predictions --------------------------------------------------------------------------
 
-    def observe(self, kind: str, work: int, seconds: float) -> None:
-        """Fold a measured run of a ``kind`` unit of ``work`` into its averages."""
+    def observe(self, kind: str, work: int, seconds: float, *, fresh: bool = False) -> None:
+        """Fold a measured run of a ``kind`` unit of ``work`` into its averages (``fresh``:
+        restart them from it)."""
+        self._measured_at[kind] = self._clock()
         previous = self._seen.get(kind)
-        if previous is None:
+        if previous is None or fresh:
             self._seen[kind] = (seconds, float(max(work, 1)))
             return
         alpha = self.config.ewma_alpha
@@ -156,6 +187,9 @@ class GapPolicy:
             self._slice_used = 0.0
             return GapDecision(False, GapReason.INFERENCE_WAITING, predicted, 0.0)
         if predicted is not None and predicted > bound:
+            if running == 0 and self._stale(kind):
+                self._remeasure = kind
+                return GapDecision(True, GapReason.REMEASURE, predicted, bound)
             return GapDecision(False, GapReason.OVER_BOUND, predicted, bound)
         if running > 0:
             self._slice_used = 0.0
@@ -171,13 +205,24 @@ class GapPolicy:
             return GapDecision(False, GapReason.SLICE_OVER, predicted, max(left, 0.0))
         return GapDecision(True, GapReason.IDLE, predicted, min(bound, max(left, 0.0)))
 
+    def _stale(self, kind: str) -> bool:
+        measured = self._measured_at.get(kind)
+        return measured is not None and self._clock() - measured >= self.config.remeasure_after_s
+
     # -- measuring runs and their cost --------------------------------------------------------
 
-    def unit_started(self, kind: str, work: int, *, running: int) -> None:
-        """A ``kind`` unit of ``work`` starts now, ``running`` sequences decoding beside it."""
+    def unit_started(
+        self, kind: str, work: int, *, running: int, seen: float | None = None
+    ) -> None:
+        """A ``kind`` unit of ``work`` starts now, ``running`` sequences decoding beside it;
+        ``seen``: when the engine last found no new request (an arrival since then waits for
+        the unit too; default now)."""
         if self._running is not None:
             raise RuntimeError("a training unit is already running")
-        self._running = _Running(kind, work, self._clock(), running > 0, [])
+        now = self._clock()
+        fresh, self._remeasure = self._remeasure == kind, None
+        seen = now if seen is None else min(seen, now)
+        self._running = _Running(kind, work, now, seen, running > 0, [], fresh)
 
     def request_arrived(self, at: float | None = None) -> None:
         """An inference request arrived at ``at`` (the policy's clock; now if ``None``). If a
@@ -185,10 +230,10 @@ class GapPolicy:
         once, if the engine learns of the arrival after the unit ended)."""
         at = self._clock() if at is None else at
         unit = self._running
-        if unit is not None and at >= unit.started:
+        if unit is not None and at >= unit.seen:
             unit.arrivals.append(at)
         elif self._last is not None and self._last[0] <= at < self._last[1]:
-            self.admission_waits.append(self._last[1] - at)
+            self._record("admission", self._last[1] - at)
 
     def unit_finished(self) -> float:
         """The running unit ended now: measure it, record the waits it caused; returns its
@@ -198,17 +243,23 @@ class GapPolicy:
             raise RuntimeError("no training unit is running")
         ended = self._clock()
         seconds = ended - unit.started
-        self.observe(unit.kind, unit.work, seconds)
-        self.admission_waits.extend(ended - at for at in unit.arrivals)
+        self.observe(unit.kind, unit.work, seconds, fresh=unit.fresh)
+        for at in unit.arrivals:
+            self._record("admission", ended - at)
         if unit.beside_sequences:
-            self.decode_delays.append(seconds)
+            self._record("decode", seconds)
             self._since_decode += seconds
         else:
             self._slice_used += seconds
         self.training_seconds += seconds
-        self._last = (unit.started, ended)
+        self._last = (unit.seen, ended)
         self._running = None
         return seconds
+
+    def _record(self, wait: str, seconds: float) -> None:
+        (self.admission_waits if wait == "admission" else self.decode_delays).append(seconds)
+        if self.on_wait is not None:
+            self.on_wait(wait, seconds)
 
     def wait_quantile(self, q: float) -> float | None:
         """The ``q`` quantile (nearest rank) of the recorded admission waits and decode

@@ -1,0 +1,314 @@
+"""A fine-tune on a batching engine's thread, one unit at a time, in the gaps inference leaves.
+
+A :class:`TrainingRun` is one fine-tune handed to an engine: its
+:class:`~inference_node.training.Trainer`, how often it checkpoints, the memory it holds and
+where its events go (:class:`StepEvent` after each optimizer step, :class:`SnapshotEvent`
+with a checkpoint's files, :class:`EndEvent` last). Its units are the trainer's (a decoder
+layer's forward or backward, a loss chunk, the optimizer update) plus one ``checkpoint`` unit
+after every ``checkpoint_every`` steps and after the last: the trainer's state serialized to
+bytes (safetensors and JSON) on the engine thread, since the next step would change it; the
+event loop writes the bytes to the fleet's store on another thread.
+
+:class:`GapTrainer` is the engine's side. The engine loop calls :meth:`GapTrainer.run_unit`
+after each of its steps and whenever it would otherwise sleep; each call asks the
+:class:`~inference_node.training.GapPolicy` whether the run's next unit may run now (nothing
+waiting to be admitted, predicted within the yield bound, within the running sequences'
+inter-token slack or idle) and runs it if so. The engine tells it of every request's arrival
+(:meth:`GapTrainer.request_arrived`, dated at submit) and every decode step's time, so the
+policy records the waits training caused and keeps its slack right. A run also holds part of
+the KV budget (whole slots, :attr:`TrainingRun.reserved_slots`): its units wait until the
+engine's sequences fit in the rest (deferred for ``memory``).
+
+Thread safety: :meth:`GapTrainer.offer` and :meth:`TrainingRun.request_stop` are called from
+the event loop, everything else from the engine thread; they share only the current run (an
+attribute, replaced under a lock) and the run's stop flag.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+
+from inference_node.training import GapConfig, GapPolicy, GapReason, StepReport, Trainer
+
+if TYPE_CHECKING:  # the metrics module imports the engine package
+    from inference_node.metrics import TrainingMetrics
+
+log = structlog.get_logger(__name__)
+
+TRAINING_POLL_S = 0.05
+"""How often an engine with nothing else to do looks again at a fine-tune whose next unit
+was held back (over the bound, or waiting for memory)."""
+CHECKPOINT_UNIT = "checkpoint"
+MEMORY = "memory"
+
+
+class TrainingBusyError(Exception):
+    """The engine already runs a fine-tune (one at a time)."""
+
+
+class TrainingMemoryError(Exception):
+    """A fine-tune's memory can never fit the engine's budget beside one sequence."""
+
+
+class TrainingStoppedError(Exception):
+    """A fine-tune stopped before its end: ``reason`` is ``cancelled``, ``draining`` or
+    ``engine_closed``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"training stopped: {reason}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """An optimizer step ended."""
+
+    report: StepReport
+    at_unix_ms: int
+    """Wall-clock time it ended."""
+
+
+@dataclass(frozen=True)
+class SnapshotEvent:
+    """The trainer's state after ``step``, as a checkpoint's files, to be made durable."""
+
+    step: int
+    files: dict[str, bytes]
+
+
+@dataclass(frozen=True)
+class EndEvent:
+    """The run left the engine: ``error`` is ``None`` when every step ran (the last
+    snapshot was sent before), else why it stopped."""
+
+    error: BaseException | None
+
+
+TrainingEvent = StepEvent | SnapshotEvent | EndEvent
+
+
+class TrainingRun:
+    """One fine-tune for an engine thread to step (see the module doc)."""
+
+    def __init__(
+        self,
+        trainer: Trainer,
+        *,
+        model: str,
+        checkpoint_every: int,
+        memory_bytes: int,
+        deliver: Callable[[TrainingEvent], None],
+        metrics: TrainingMetrics | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be >= 1")
+        self.trainer = trainer
+        self.model = model
+        self.checkpoint_every = checkpoint_every
+        self.memory_bytes = memory_bytes
+        """Bytes the fine-tune holds (the :class:`~inference_node.training.TrainingMemory`
+        estimate)."""
+        self.reserved_slots = 0
+        """KV slots its memory takes from the engine, set when the engine accepts it."""
+        self.stop_reason: str | None = None
+        self.busy_s = 0.0
+        """Seconds spent in its units."""
+        self.started: float | None = None
+        self._deliver = deliver
+        self._metrics = metrics
+        self._clock = clock
+        self._snapshot_due = False
+
+    def request_stop(self, reason: str) -> None:
+        """Stop after the unit running now (any thread); the first reason wins."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    @property
+    def waiting_s(self) -> float:
+        """Seconds since the engine took it that it spent not running (waiting for gaps)."""
+        if self.started is None:
+            return 0.0
+        return max(0.0, self._clock() - self.started - self.busy_s)
+
+    def next_work(self) -> tuple[str, int] | None:
+        """Kind and work of the next unit, ``None`` when nothing is left."""
+        if self._snapshot_due:
+            return CHECKPOINT_UNIT, 1
+        unit = self.trainer.next_unit
+        return None if unit is None else (unit.kind.value, unit.work)
+
+    def run_next(self) -> bool:
+        """Run the next unit, delivering what it produced; ``True`` once nothing is left."""
+        trainer = self.trainer
+        if self._snapshot_due:
+            self._snapshot_due = False
+            self._deliver(SnapshotEvent(trainer.step, trainer.state().to_files()))
+        else:
+            report = trainer.run_next()
+            if report is not None:
+                if self._metrics is not None:
+                    self._metrics.steps.labels(self.model).inc()
+                    self._metrics.tokens.labels(self.model).inc(report.sequence_tokens)
+                self._deliver(StepEvent(report, int(time.time() * 1000)))
+                self._snapshot_due = report.step % self.checkpoint_every == 0 or trainer.done
+        return trainer.done and not self._snapshot_due
+
+    def end(self, error: BaseException | None) -> None:
+        """Deliver the last event."""
+        self._deliver(EndEvent(error))
+
+
+class GapTrainer:
+    """Runs one :class:`TrainingRun` at a time on an engine thread, in the gaps its
+    :class:`GapPolicy` allows (module doc)."""
+
+    def __init__(self, model: str, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.model = model
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._run: TrainingRun | None = None
+        self._policy: GapPolicy | None = None
+        self._ready = True
+        self._metrics: TrainingMetrics | None = None
+
+    # -- any thread ---------------------------------------------------------------------------
+
+    @property
+    def run(self) -> TrainingRun | None:
+        """The fine-tune on the engine now (stopping ones included until they leave)."""
+        return self._run
+
+    @property
+    def reserved_slots(self) -> int:
+        """KV slots the current fine-tune holds."""
+        run = self._run
+        return run.reserved_slots if run is not None else 0
+
+    @property
+    def policy(self) -> GapPolicy | None:
+        """The gap policy (created by the first fine-tune; its measurements outlive runs)."""
+        return self._policy
+
+    def offer(self, run: TrainingRun, gaps: GapConfig, metrics: TrainingMetrics | None) -> None:
+        """Make ``run`` the engine's fine-tune; :class:`TrainingBusyError` if one is there."""
+        with self._lock:
+            if self._run is not None:
+                raise TrainingBusyError("a fine-tune already runs on this engine")
+            if self._policy is None or self._policy.config != gaps:
+                self._policy = GapPolicy(gaps, self._clock, on_wait=self._record_wait)
+            self._metrics = metrics
+            self._ready = True
+            self._run = run
+
+    # -- engine thread ------------------------------------------------------------------------
+
+    def idle_wait(self) -> float | None:
+        """How long an engine with no inference work may sleep: ``None`` (until work comes)
+        without a fine-tune, 0 when its next unit may run now, else :data:`TRAINING_POLL_S`."""
+        if self._run is None:
+            return None
+        return 0.0 if self._ready else TRAINING_POLL_S
+
+    def request_arrived(self, at: float) -> None:
+        """A request submitted at ``at`` reached the engine thread."""
+        if self._policy is not None:
+            self._policy.request_arrived(at)
+
+    def decode_step(self, seconds: float) -> None:
+        """The running sequences' decode step took ``seconds``."""
+        if self._policy is not None:
+            self._policy.decode_step(seconds)
+
+    def run_unit(self, *, waiting: int, running: int, memory_free: bool, seen: float) -> bool:
+        """Run the fine-tune's next unit if the policy allows it now, with ``waiting``
+        requests not admitted, ``running`` sequences admitted and ``memory_free`` whether
+        they leave the run's reserved slots free; ``seen`` is when the engine last found
+        no new request. ``True`` when a unit ran and another may follow."""
+        run, policy = self._run, self._policy
+        if run is None or policy is None:
+            return False
+        if run.started is None:
+            run.started = self._clock()
+        if run.stop_reason is not None:
+            self._end(run, TrainingStoppedError(run.stop_reason))
+            return False
+        try:
+            work = run.next_work()
+        except Exception as exc:  # building the next micro-batch failed
+            self._fail(run, exc)
+            return False
+        if work is None:
+            self._end(run, None)
+            return False
+        kind, size = work
+        if not memory_free:
+            return self._defer(MEMORY)
+        decision = policy.decide(kind, size, waiting=waiting, running=running)
+        if not decision.run:
+            return self._defer(decision.reason)
+        return self._run_one(run, policy, kind, size, running=running, seen=seen)
+
+    def _run_one(
+        self,
+        run: TrainingRun,
+        policy: GapPolicy,
+        kind: str,
+        size: int,
+        *,
+        running: int,
+        seen: float,
+    ) -> bool:
+        policy.unit_started(kind, size, running=running, seen=seen)
+        try:
+            finished = run.run_next()
+        except Exception as exc:
+            run.busy_s += policy.unit_finished()
+            self._fail(run, exc)
+            return False
+        run.busy_s += policy.unit_finished()
+        self._ready = True
+        if self._metrics is not None:
+            self._metrics.units.labels(self.model, kind).inc()
+        if finished:
+            self._end(run, None)
+            return False
+        return True
+
+    def close(self, error: BaseException) -> None:
+        """The engine stops: end the fine-tune on it with ``error``."""
+        run = self._run
+        if run is not None:
+            self._end(run, error)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _defer(self, reason: str) -> bool:
+        # A refusal that idleness cannot lift (over the bound until remeasured, memory held
+        # by sequences) makes an idle engine poll instead of spinning; after any other the
+        # next idle turn tries again at once (a slice's end is only a turn to look for work).
+        self._ready = reason not in (GapReason.OVER_BOUND, MEMORY)
+        if self._metrics is not None:
+            self._metrics.deferred.labels(self.model, str(reason)).inc()
+        return False
+
+    def _fail(self, run: TrainingRun, exc: Exception) -> None:
+        log.exception("training_unit_failed", model=self.model, step=run.trainer.step)
+        self._end(run, exc)
+
+    def _end(self, run: TrainingRun, error: BaseException | None) -> None:
+        with self._lock:
+            if self._run is run:
+                self._run = None
+        run.end(error)
+
+    def _record_wait(self, wait: str, seconds: float) -> None:
+        if self._metrics is not None:
+            self._metrics.yield_wait.labels(self.model, wait).observe(seconds)
