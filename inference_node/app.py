@@ -148,6 +148,7 @@ class NodeService:
             start_drain=self._start_drain,
             load_interval_s=settings.load_report_interval_ms / 1000,
             stream_interval_s=settings.stream_interval_ms / 1000,
+            detached_retain_s=settings.detached_retain_seconds,
             gpu=gpu,
             training=self.training,
         )

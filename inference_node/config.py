@@ -67,6 +67,10 @@ class NodeSettings(ServiceSettings):
     training_itl_budget_ms: float = Field(default=100.0, gt=0)
     """Inter-token budget of running requests: a fine-tune's units run beside them only in
     what their measured decode step leaves of it."""
+    detached_retain_seconds: float = Field(default=120.0, gt=0)
+    """How long a detached generation (a job line, ``NodeGenerateRequest.detached``) is kept
+    after it ends for a replica that takes the line over: longer than the schedulers'
+    ``job_reclaim_idle_seconds``."""
     max_waiting: int = 256
     """Requests queued in the engine beyond which new ones are refused (RESOURCE_EXHAUSTED)."""
     advertise_host: str = ""

@@ -45,9 +45,10 @@ elsewhere.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -60,6 +61,7 @@ from inference_node.adapters import (
     AdapterNotFoundError,
     AdapterTooLargeError,
 )
+from inference_node.detached import DetachedGenerations
 from inference_node.engine.types import (
     DeltaStream,
     DuplicateRequestError,
@@ -179,6 +181,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         stream_interval_s: float = 0.0,
         gpu: GpuProbe | None = None,
         training: TrainService | None = None,
+        detached_retain_s: float = 120.0,
     ) -> None:
         self._node_id = node_id
         self._generators = generators
@@ -195,6 +198,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         self._gpu = gpu
         self._training = training
         self.in_flight = 0
+        self.detached = DetachedGenerations(retain_s=detached_retain_s)
+        """Generations kept going without their caller (job lines)."""
 
     def _refuse_if_draining(self) -> None:
         if self._is_draining():
@@ -284,11 +289,26 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     ) -> AsyncIterator[inference_pb2.GenerateChunk]:
         """Stream one generation. ``request.request_id`` is the job key the scheduler made
         for this attempt (unique; a live duplicate is refused); the client's correlation id
-        arrives in ``x-request-id`` metadata, for logs only. Statuses (see the module doc)."""
+        arrives in ``x-request-id`` metadata, for logs only. A ``detached`` request runs to
+        its end without its caller and is handed whole to a later call naming the same key
+        (:mod:`inference_node.detached`). Statuses (see the module doc)."""
+        key = request.request_id
+        if request.detached and key:
+            existing = self.detached.get(key)
+            if existing is not None:
+                log.info("detached_generation_attached", job_key=key[:128])
+                async for chunk in existing.follow():
+                    yield chunk
+                return
+            if request.attach_only:
+                raise NotFound(
+                    f"node {self._node_id} has no generation {key[:128]!r}",
+                    reason="GENERATION_NOT_FOUND",
+                )
         self._refuse_if_draining()
         req = request.request
         lm, engine = self._generator(request, context)
-        job_key = request.request_id or f"{self._node_id}-{uuid.uuid4().hex}"
+        job_key = key or f"{self._node_id}-{uuid.uuid4().hex}"
         structlog.contextvars.bind_contextvars(job_key=job_key)
         if request.adapter:
             structlog.contextvars.bind_contextvars(adapter=request.adapter[:200])
@@ -299,7 +319,20 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             workload_class=req.workload_class,  # the engine reads 0 as REALTIME
             adapter=request.adapter,
         )
-        stream = self._submit(engine, engine_request)
+        chunks = self._chunks(lm, self._submit(engine, engine_request))
+        if request.detached and key:
+            async for chunk in self.detached.start(key, chunks).follow():
+                yield chunk
+            return
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk
+
+    async def _chunks(
+        self, lm: LanguageModel, stream: DeltaStream
+    ) -> AsyncGenerator[inference_pb2.GenerateChunk, None]:
+        """The chunks of an admitted generation, at most one per stream interval (tokens
+        made meanwhile go out together); closing it cancels the generation."""
         self.in_flight += 1
         first = True
         interval = self._stream_interval_s
@@ -308,7 +341,6 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         try:
             while True:
                 if interval and not first and (wait := sent_at + interval - loop.time()) > 0:
-                    # Tokens made while we wait are merged into the next delta by the stream.
                     await asyncio.sleep(wait)
                 delta = await self._next_delta(stream)
                 if delta is None:

@@ -34,6 +34,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 import grpc
@@ -135,6 +136,13 @@ def _keyed(forward: _Forward) -> _Forward:
     """``forward`` with a new job key for this attempt (bound to the log context too)."""
     forward.request_id = new_job_key()
     structlog.contextvars.bind_contextvars(job_key=forward.request_id)
+    return forward
+
+
+def _detach_keyed(forward: _Forward, key: str) -> _Forward:
+    """``forward`` with the caller's stable key (a detached generation's name)."""
+    forward.request_id = key
+    structlog.contextvars.bind_contextvars(job_key=key)
     return forward
 
 
@@ -345,13 +353,19 @@ class Dispatcher:
         on_tokens: Callable[[int], None] = lambda _n: None,
         stats: StreamStats | None = None,
         adapter: str = "",
+        detach_key: str = "",
     ) -> AsyncGenerator[inference_pb2.GenerateChunk, None]:
         """Stream a generation from ``first`` (booked by the gate), retrying elsewhere before
-        the first chunk. ``on_tokens`` is told of generated tokens as they arrive; ``adapter``
+        the first chunk. ``detach_key``: the node keeps generating if this stream ends and
+        hands the generation to a later call with that key (a job line a replica may die
+        holding). ``on_tokens`` is told of generated tokens as they arrive; ``adapter``
         (``"<owner>/<name>"``) names a fine-tuned adapter of the request's base model."""
         stats = stats or StreamStats()
         tried: set[str] = set()
-        forward = node_pb2.NodeGenerateRequest(request=req, tenant=tenant, adapter=adapter)
+        forward = node_pb2.NodeGenerateRequest(
+            request=req, tenant=tenant, adapter=adapter, detached=bool(detach_key)
+        )
+        keyed = _keyed if not detach_key else partial(_detach_keyed, key=detach_key)
         cls = WorkloadClass.from_wire(req.workload_class)
         node: NodeHandle | None = first
         self.budget.record_request()
@@ -367,7 +381,7 @@ class Dispatcher:
             retry: NodeHandle | None = None
             try:
                 call = node.stub.Generate(
-                    _keyed(forward), timeout=self._remaining(deadline), metadata=self._metadata()
+                    keyed(forward), timeout=self._remaining(deadline), metadata=self._metadata()
                 )
                 watched = self._watch(node, call)
                 async for chunk in call:

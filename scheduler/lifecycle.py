@@ -182,8 +182,12 @@ class GenerateFlow:
         tenant: str,
         deadline: float | None,
         metadata: Metadata = (),
+        detach_key: str = "",
     ) -> None:
         self._started = time.perf_counter()
+        self._detach_key = detach_key
+        """Set for a job line: the node finishes it even if this replica dies (see
+        :meth:`scheduler.dispatch.Dispatcher.generate`)."""
         self._path = path
         self.outcome: Outcome | None = None
         """Set once, by the step that ends the request."""
@@ -337,6 +341,7 @@ class GenerateFlow:
             on_tokens=lambda n: gate.charge(item, n),
             stats=self._stats,
             adapter=self.adapter,
+            detach_key=self._detach_key,
         )
         first = True
         async with contextlib.aclosing(stream):

@@ -215,9 +215,10 @@ async def test_an_infeasible_window_is_refused_at_submit_with_retry_info(
 async def test_a_line_whose_worker_died_is_reclaimed_and_answered_once(suite: Suite) -> None:
     """Replica A takes lines and dies without acknowledging them (its worker stopped mid-line);
     replica B reclaims them after the idle bound: the job completes, one result per custom_id,
-    the reclaimed lines counted."""
+    the reclaimed lines counted. The lines A's node had started ran on without A and B
+    attached to them: the node generated every line once."""
     await suite.start_cache()
-    await suite.start_node("node-a")
+    node = await suite.start_node("node-a")
     fast = {
         "redis_url": suite.redis_url,
         "job_reclaim_idle_seconds": 1.0,
@@ -227,7 +228,7 @@ async def test_a_line_whose_worker_died_is_reclaimed_and_answered_once(suite: Su
     await eventually(lambda: a.nodes.candidates(MODEL, 1))
     job = await submit(suite, [line(f"r{i}", tokens=64) for i in range(12)], chunk=12)
     assert a.job_worker is not None
-    await eventually(lambda: len(a.job_worker._held) >= 2, timeout=30)
+    await eventually(lambda: node.servicer.detached.running() >= 2, timeout=30)
     await a.job_worker.stop()  # dies holding lines: nothing acknowledged
     b = await suite.start_scheduler(scheduler_id="replica-b", **fast)
     try:
@@ -239,6 +240,9 @@ async def test_a_line_whose_worker_died_is_reclaimed_and_answered_once(suite: Su
         assert b.job_worker is not None
         reclaimed = b.job_worker._metrics.lines.labels("reclaimed")._value.get()
         assert reclaimed >= 1
+        assert b.job_worker._metrics.lines.labels("reattached")._value.get() >= 1
+        ended = node.servicer._metrics.requests.collect()[0].samples
+        assert sum(x.value for x in ended if x.name.endswith("_total")) == 12
     finally:
         await a.stop(0.5)
 

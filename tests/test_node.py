@@ -132,3 +132,37 @@ async def test_stream_interval_zero_still_delivers_every_token(suite: Suite) -> 
     chunks = [c async for c in stub.Generate(node_request(max_new_tokens=16))]
     assert sum(len(c.token_ids) for c in chunks) == 16
     assert chunks[-1].usage.completion_tokens == 16
+
+
+async def test_a_detached_generation_outlives_its_caller_and_is_handed_whole_to_the_next(
+    suite: Suite,
+) -> None:
+    """A detached request whose caller goes away after the first chunk runs to its end; a
+    later call with the same key (attach only) gets every chunk from the first, and the node
+    generated it once. An unknown key, attach only: NOT_FOUND, nothing started."""
+    node = await suite.start_node("node-detached")
+    stub = node_pb2_grpc.NodeStub(suite.channel(node.address))
+    request = node_request(max_new_tokens=48)
+    request.request_id = "job-x.1-0"
+    request.detached = True
+    call = stub.Generate(request)
+    first = await call.read()
+    call.cancel()
+    assert first.node_id == "node-detached"
+
+    request.attach_only = True
+    chunks = [c async for c in stub.Generate(request)]
+    assert chunks[0] == first
+    assert sum(len(c.token_ids) for c in chunks) == 48
+    assert chunks[-1].usage.completion_tokens == 48
+    plain = node_request(max_new_tokens=48)
+    plain.request_id = "plain-1"
+    again = [c async for c in stub.Generate(plain)]
+    assert [t for c in again for t in c.token_ids] == [t for c in chunks for t in c.token_ids]
+    assert node.servicer.detached.running() == 0
+
+    request.request_id = "job-x.unknown"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        _ = [c async for c in stub.Generate(request)]
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "GENERATION_NOT_FOUND" in str(err.value.trailing_metadata())

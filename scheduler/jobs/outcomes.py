@@ -16,8 +16,9 @@ from typing import TypeVar
 import grpc
 from redis.exceptions import RedisError
 
+from scheduler.jobs.store import Delivery, now_ms
 from sluice.runtime.errors import SluiceError
-from sluice.v1 import jobs_pb2
+from sluice.v1 import inference_pb2, jobs_pb2
 
 T = TypeVar("T")
 
@@ -117,6 +118,38 @@ async def persist(write: Callable[[], Awaitable[T]], attempts: int = 30) -> T:
                 raise
             await asyncio.sleep(min(1.0, 0.1 * 2**attempt))
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def classify(exc: SluiceError, admitted: bool, number: int) -> Deferred | Failed:
+    """What a refusal or failure of line ``number`` means: overload (RESOURCE_EXHAUSTED, or
+    UNAVAILABLE before a node started it) defers it; the rest fail it, for good when the
+    request is at fault."""
+    if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED or (
+        exc.code == grpc.StatusCode.UNAVAILABLE and not admitted
+    ):
+        return Deferred(exc.retry_after() or 1.0)
+    return Failed(line_error(exc, number), permanent=exc.code in PERMANENT)
+
+
+def line_result(
+    line: jobs_pb2.JobLine,
+    delivery: Delivery,
+    *,
+    generate: jobs_pb2.GenerateResult | None = None,
+    embed: inference_pb2.EmbedResponse | None = None,
+) -> jobs_pb2.JobResult:
+    """The result of a line that got its answer."""
+    result = jobs_pb2.JobResult(
+        custom_id=line.custom_id,
+        deliveries=delivery.deliveries,
+        line_number=delivery.line_number,
+        finished_at_unix_ms=now_ms(),
+    )
+    if generate is not None:
+        result.generate.CopyFrom(generate)
+    elif embed is not None:
+        result.embed.CopyFrom(embed)
+    return result
 
 
 def line_error(exc: BaseException, number: int) -> jobs_pb2.LineError:

@@ -30,7 +30,7 @@ import contextlib
 import math
 import time
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TypeVar
 
@@ -40,15 +40,17 @@ from redis.exceptions import RedisError
 
 from scheduler.config import SchedulerSettings
 from scheduler.embed_flow import EmbedFlow
+from scheduler.jobs.attach import line_key, reattach
 from scheduler.jobs.metrics import JobMetrics
 from scheduler.jobs.model import RUNNABLE_STATES, JobRecord
 from scheduler.jobs.outcomes import (
-    PERMANENT,
     Deferred,
     Failed,
     JobRate,
     Saturation,
+    classify,
     line_error,
+    line_result,
     persist,
 )
 from scheduler.jobs.planner import Backlog, LineWindow, Runnable, completions, order
@@ -67,6 +69,14 @@ SLOT_BUFFER = 0.25
 DEFER_FLOOR_S = 0.2
 
 T = TypeVar("T")
+
+
+@dataclass
+class _Progress:
+    """How far one attempt of a line got."""
+
+    admitted: bool = False
+    """A node started it (its first chunk or its answer came)."""
 
 
 class JobWorker:
@@ -368,67 +378,64 @@ class JobWorker:
         if record.job_id not in self._started_jobs:
             self._started_jobs.add(record.job_id)
             await self._store.started(record.job_id)
-        admitted = False
+        progress = _Progress()
         try:
             if line.WhichOneof("body") == "embed":
                 flow = EmbedFlow(self._path, line.embed, tenant=record.tenant, deadline=deadline)
                 reply = await flow.run()
-                admitted = True
+                progress.admitted = True
                 self.window.admitted()
-                return self._result(line, delivery, embed=reply)
-            stream = GenerateFlow(
-                self._path, line.generate, tenant=record.tenant, deadline=deadline
-            )
-            parts: list[str] = []
-            last: jobs_pb2.GenerateResult | None = None
-            async with contextlib.aclosing(stream.run()) as chunks:
-                async for chunk in chunks:
-                    if not admitted:
-                        admitted = True
-                        self.window.admitted()
-                    parts.append(chunk.text)
-                    last = jobs_pb2.GenerateResult(
-                        finish_reason=chunk.finish_reason,
-                        usage=chunk.usage,
-                        model=line.generate.model,
-                    )
-            answer = last or jobs_pb2.GenerateResult(model=line.generate.model)
-            answer.text = "".join(parts)
-            return self._result(line, delivery, generate=answer)
+                return line_result(line, delivery, embed=reply)
+            key = line_key(delivery.job_id, delivery.entry_id)
+            if delivery.deliveries > 1:
+                attached = await reattach(
+                    self._store, self._nodes, record.tenant, line.generate, delivery, deadline
+                )
+                if attached is not None:
+                    self._metrics.lines.labels("reattached").inc()
+                    return line_result(line, delivery, generate=attached)
+            answer = await self._generate(record, line, delivery, deadline, key, progress)
+            return line_result(line, delivery, generate=answer)
         except SluiceError as exc:
-            raise self._classify(exc, admitted, delivery) from exc
+            raise classify(exc, progress.admitted, delivery.line_number) from exc
         except (asyncio.CancelledError, Deferred, Failed):
             raise
         except Exception as exc:
             raise Failed(line_error(exc, delivery.line_number), permanent=False) from exc
 
-    @staticmethod
-    def _classify(exc: SluiceError, admitted: bool, delivery: Delivery) -> Exception:
-        if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED or (
-            exc.code == grpc.StatusCode.UNAVAILABLE and not admitted
-        ):
-            return Deferred(exc.retry_after() or 1.0)
-        return Failed(line_error(exc, delivery.line_number), permanent=exc.code in PERMANENT)
-
-    @staticmethod
-    def _result(
+    async def _generate(
+        self,
+        record: JobRecord,
         line: jobs_pb2.JobLine,
         delivery: Delivery,
-        *,
-        generate: jobs_pb2.GenerateResult | None = None,
-        embed: object = None,
-    ) -> jobs_pb2.JobResult:
-        result = jobs_pb2.JobResult(
-            custom_id=line.custom_id,
-            deliveries=delivery.deliveries,
-            line_number=delivery.line_number,
-            finished_at_unix_ms=now_ms(),
+        deadline: float,
+        key: str,
+        progress: _Progress,
+    ) -> jobs_pb2.GenerateResult:
+        """Generate the line through the public path, detached on its node under ``key``; the
+        node is recorded when it starts (for a replica that may take the line over)."""
+        stream = GenerateFlow(
+            self._path, line.generate, tenant=record.tenant, deadline=deadline, detach_key=key
         )
-        if generate is not None:
-            result.generate.CopyFrom(generate)
-        elif embed is not None:
-            result.embed.CopyFrom(embed)  # type: ignore[arg-type]
-        return result
+        parts: list[str] = []
+        last: jobs_pb2.GenerateResult | None = None
+        async with contextlib.aclosing(stream.run()) as chunks:
+            async for chunk in chunks:
+                if not progress.admitted:
+                    progress.admitted = True
+                    self.window.admitted()
+                    if chunk.node_id:
+                        with contextlib.suppress(RedisError):
+                            await self._store.record_node(delivery, chunk.node_id)
+                parts.append(chunk.text)
+                last = jobs_pb2.GenerateResult(
+                    finish_reason=chunk.finish_reason,
+                    usage=chunk.usage,
+                    model=line.generate.model,
+                )
+        answer = last or jobs_pb2.GenerateResult(model=line.generate.model)
+        answer.text = "".join(parts)
+        return answer
 
     async def _finish(
         self,

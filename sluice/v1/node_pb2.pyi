@@ -10,16 +10,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class NodeGenerateRequest(_message.Message):
-    __slots__ = ("request", "tenant", "request_id", "adapter")
+    __slots__ = ("request", "tenant", "request_id", "adapter", "detached", "attach_only")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    DETACHED_FIELD_NUMBER: _ClassVar[int]
+    ATTACH_ONLY_FIELD_NUMBER: _ClassVar[int]
     request: _inference_pb2.GenerateRequest
     tenant: str
     request_id: str
     adapter: str
-    def __init__(self, request: _Optional[_Union[_inference_pb2.GenerateRequest, _Mapping]] = ..., tenant: _Optional[str] = ..., request_id: _Optional[str] = ..., adapter: _Optional[str] = ...) -> None: ...
+    detached: bool
+    attach_only: bool
+    def __init__(self, request: _Optional[_Union[_inference_pb2.GenerateRequest, _Mapping]] = ..., tenant: _Optional[str] = ..., request_id: _Optional[str] = ..., adapter: _Optional[str] = ..., detached: _Optional[bool] = ..., attach_only: _Optional[bool] = ...) -> None: ...
 
 class NodeEmbedRequest(_message.Message):
     __slots__ = ("request", "tenant", "request_id")
