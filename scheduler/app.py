@@ -18,7 +18,9 @@ from scheduler.catalog import ModelCatalog
 from scheduler.config import SchedulerSettings
 from scheduler.dispatch import Dispatcher
 from scheduler.gate import DispatchGate
-from scheduler.jobs.metrics import JobMetrics, JobStateCollector
+from scheduler.jobs.finetune import FinetuneRunner
+from scheduler.jobs.finetune_store import FinetuneStore
+from scheduler.jobs.metrics import FinetuneMetrics, JobMetrics, JobStateCollector
 from scheduler.jobs.service import JobsServicer as DurableJobsServicer
 from scheduler.jobs.store import JobStore, jobs_redis, now_ms
 from scheduler.jobs.worker import JobWorker
@@ -179,6 +181,7 @@ class SchedulerService:
             guarded_services=PUBLIC_SERVICES,
         )
         self.job_worker: JobWorker | None = None
+        self.finetune: FinetuneRunner | None = None
         self._jobs_redis: redis.Redis | None = None
         self._add_servicers(registry)
         self.registration: Registration | None = None
@@ -216,7 +219,22 @@ class SchedulerService:
         worker = JobWorker(store, path, self.settings, metrics, self.scheduler_id, self.nodes)
         registry.register(JobStateCollector(lambda: _job_rows(worker)))
         self.job_worker = worker
-        return DurableJobsServicer(path, store, worker, metrics)
+        ft = FinetuneStore(self._jobs_redis)
+        self.finetune = FinetuneRunner(
+            store,
+            ft,
+            self.nodes,
+            self.tenants,
+            self.settings,
+            FinetuneMetrics(registry),
+            self.scheduler_id,
+            self._register_adapter,
+        )
+        return DurableJobsServicer(path, store, worker, metrics, self.finetune, ft)
+
+    async def _register_adapter(self, record: AdapterRecord) -> None:
+        """Serve a fine-tune's adapter: its record in etcd (the replicas' adapter views)."""
+        await self.etcd.put(record.key.encode(), record.encode())
 
     def _add_servicers(self, registry: CollectorRegistry) -> None:
         path = self._request_path()
@@ -301,6 +319,8 @@ class SchedulerService:
         await self.registration.start(retry_in_background=True)
         if self.job_worker is not None:
             await self.job_worker.start()
+        if self.finetune is not None:
+            await self.finetune.start()
 
     async def _serve_once_synced(self) -> None:
         await self.view.synced.wait()
@@ -322,6 +342,8 @@ class SchedulerService:
             await self.registration.stop()
         if self.job_worker is not None:
             await self.job_worker.stop()
+        if self.finetune is not None:
+            await self.finetune.stop()
         await self.gate.stop()
         await self.server.stop(grace_s)
         await self.dispatcher.close()

@@ -144,3 +144,16 @@ class SchedulerSettings(ServiceSettings):
     ran (afterwards the rate jobs actually got is used)."""
     job_max_active_per_tenant: int = 64
     """Jobs of one tenant not final at most (RESOURCE_EXHAUSTED ``TOO_MANY_JOBS`` beyond)."""
+    finetune_max_jobs_per_replica: int = 16
+    """Fine-tune jobs one replica drives at once (each holds one Node.Train call)."""
+    finetune_max_deliveries: int = 4
+    """A fine-tune whose training failed this many times in a row without a new checkpoint
+    (a node died, its stream broke, its driver's replica died) is FAILED with its last error.
+    A refusal because the node is busy or draining does not count."""
+    finetune_avoid_node_seconds: float = 15.0
+    """A node that failed or refused a fine-tune is not chosen for it again for this long
+    (or its RetryInfo, when longer); while every node serving its base model is avoided or
+    training, the fine-tune waits."""
+    finetune_stall_seconds: float = 60.0
+    """A Train call with no event this long (a node sends progress about every second) is
+    cancelled and the fine-tune moved, as if its node had died."""

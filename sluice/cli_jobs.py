@@ -1,5 +1,5 @@
-"""`sluice jobs`: submit a JSONL file as a batch job, follow it, list, show, cancel it, and
-write its results as JSONL.
+"""`sluice jobs`: submit a JSONL file as a batch job (or, with ``--finetune``, a fine-tune:
+:mod:`sluice.cli_finetune`), follow it, list, show, cancel it, and write its results as JSONL.
 
 A file's lines are in Sluice's own format or OpenAI's batch format, told apart per line
 (:mod:`sluice.sdk.job_lines`). Every malformed line is reported with its number and field, and
@@ -15,9 +15,10 @@ import re
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from google.protobuf import json_format
@@ -41,10 +42,35 @@ from sluice.cli_connect import (
     err,
     rpc_errors,
 )
+from sluice.cli_finetune import (
+    Accumulation,
+    AdapterName,
+    Alpha,
+    BaseModel,
+    Dropout,
+    Epochs,
+    FinetuneFile,
+    FinetuneFlags,
+    Lr,
+    MaxSteps,
+    MicroBatch,
+    Plot,
+    Rank,
+    Schedule,
+    Seed,
+    Shared,
+    TargetModules,
+    WarmupSteps,
+    read_examples,
+    submit_finetune,
+    training_rows,
+)
+from sluice.sdk.finetune_lines import loss_curve
 from sluice.v1 import jobs_pb2
 
 jobs_app = typer.Typer(
-    help="Batch jobs: submit a JSONL file, follow it, list, show, cancel, fetch results.",
+    help="Batch and fine-tune jobs: submit a JSONL file, follow it, list, show, cancel, fetch "
+    "results.",
     no_args_is_help=True,
 )
 
@@ -126,32 +152,68 @@ def _read_lines(path: Path, skip_invalid: bool) -> list[jobs_pb2.JobLine]:
     return parsed.lines
 
 
+JobsFile = Annotated[
+    Path | None,
+    typer.Argument(
+        help="JSONL file, one line per request (Sluice's or OpenAI's format); -: stdin.",
+        show_default=False,
+    ),
+]
+Wait = Annotated[
+    bool, typer.Option("--wait", help="Show its progress until it ends; exit 1 unless completed.")
+]
+IdempotencyKey = Annotated[
+    str | None,
+    typer.Option("--idempotency-key", help="Resubmitting with the same key returns the first job."),
+]
+SkipInvalid = Annotated[
+    bool, typer.Option("--skip-invalid", help="Submit the well-formed lines, skip the rest.")
+]
+ClassName = Annotated[
+    str, typer.Option("--class", help="Class a batch job's lines run in: batch or finetune.")
+]
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    """What both kinds of job take at submission."""
+
+    idempotency_key: str | None
+    completion_window_s: int | None
+    labels: dict[str, str]
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """As keyword arguments of ``submit_job`` / ``submit_finetune``."""
+        return dict(self.__dict__)
+
+
 @jobs_app.command()
 def submit(
-    path: Annotated[
-        Path,
-        typer.Argument(
-            help="JSONL file, one line per request (Sluice's or OpenAI's format); -: stdin."
-        ),
-    ],
-    wait: Annotated[
-        bool,
-        typer.Option("--wait", help="Show its progress until it ends; exit 1 unless completed."),
-    ] = False,
+    ctx: typer.Context,
+    path: JobsFile = None,
+    wait: Wait = False,
     window: Window = None,
-    idempotency_key: Annotated[
-        str | None,
-        typer.Option(
-            "--idempotency-key", help="Resubmitting with the same key returns the first job."
-        ),
-    ] = None,
+    idempotency_key: IdempotencyKey = None,
     label: Labels = None,
-    skip_invalid: Annotated[
-        bool, typer.Option("--skip-invalid", help="Submit the well-formed lines, skip the rest.")
-    ] = False,
-    workload_class: Annotated[
-        str, typer.Option("--class", help="Class the lines run in: batch or finetune.")
-    ] = "batch",
+    skip_invalid: SkipInvalid = False,
+    workload_class: ClassName = "batch",
+    finetune: FinetuneFile = None,
+    base_model: BaseModel = None,
+    adapter_name: AdapterName = None,
+    rank: Rank = 0,
+    alpha: Alpha = 0.0,
+    dropout: Dropout = 0.0,
+    target_modules: TargetModules = "",
+    lr: Lr = 0.0,
+    schedule: Schedule = "",
+    warmup_steps: WarmupSteps = 0,
+    epochs: Epochs = 0,
+    max_steps: MaxSteps = 0,
+    micro_batch: MicroBatch = 0,
+    accumulation: Accumulation = 0,
+    seed: Seed = 0,
+    shared: Shared = False,
+    plot: Plot = None,
     endpoint: Endpoint = None,
     api_key: ApiKey = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
@@ -160,22 +222,33 @@ def submit(
     key: Key = None,
     insecure: Insecure = False,
 ) -> None:
-    """Submit a JSONL file as a batch job; prints the job id."""
+    """Submit a JSONL file as a batch job, or with --finetune a LoRA fine-tune of
+    --base-model making --adapter-name; prints the job id."""
     window_s = window_seconds(window) if window is not None else None
-    labels = labels_of(label or [])
+    options = SubmitOptions(idempotency_key, window_s, labels_of(label or []))
+    tls = TlsFlags(ca, cert, key, insecure)
+    if finetune is not None:
+        if path is not None:
+            raise typer.BadParameter("give a batch file or --finetune FILE, not both")
+        flags = FinetuneFlags.of(ctx.params)
+        examples = read_examples(finetune, skip_invalid)
+        with rpc_errors(), connect(endpoint, api_key, run_dir, tls) as client:
+            submit_finetune(client, flags, examples, wait=wait, **options.as_kwargs())
+        return
+    if path is None:
+        raise typer.BadParameter("give the JSONL file to submit (or --finetune FILE)")
     try:
         cls = WorkloadClass.from_label(workload_class)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     lines = _read_lines(path, skip_invalid)
-    tls = TlsFlags(ca, cert, key, insecure)
     with rpc_errors(), connect(endpoint, api_key, run_dir, tls) as client:
         job = client.submit_job(
             lines,
-            idempotency_key=idempotency_key,
-            completion_window_s=window_s,
+            idempotency_key=options.idempotency_key,
+            completion_window_s=options.completion_window_s,
             workload_class=cls,
-            labels=labels,
+            labels=options.labels,
         )
         typer.echo(job.job_id)
         err.print(
@@ -320,6 +393,8 @@ def show(
     tls = TlsFlags(ca, cert, key, insecure)
     with rpc_errors(), connect(endpoint, api_key, run_dir, tls) as client:
         job = client.get_job(job_id)
+        finetune = job.kind == jobs_pb2.JOB_KIND_FINETUNE
+        curve = loss_curve(client.job_results(job_id)) if finetune and not as_json else []
     if as_json:
         typer.echo(json_format.MessageToJson(job, preserving_proto_field_name=True))
         return
@@ -339,6 +414,9 @@ def show(
         ("labels", ", ".join(f"{k}={v}" for k, v in sorted(job.labels.items()))),
         ("error", job.error),
     ]
+    if finetune:
+        rows[2] = ("examples", _counts(job.request_counts))
+        rows[3:3] = training_rows(job, curve)
     for name, value in rows:
         table.add_row(name, escape(value))
     console.print(table)

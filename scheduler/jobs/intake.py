@@ -6,6 +6,9 @@ its line number and field in the message) and the other lines run. What refuses 
 ``MAX_JOB_BYTES`` of them, a line count that differs from the header's, a duplicate
 ``custom_id``. A valid line is stored with the defaults applied and the job's class set, so a
 worker runs exactly what was validated.
+
+A FINETUNE job's header is checked here too (its class FINETUNE, its ``finetune`` spec
+present); the spec and the examples are :mod:`scheduler.jobs.finetune_intake`'s.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from scheduler.lifecycle import estimated_tokens
 from scheduler.tenants import Tenant
 from scheduler.validation import Catalog, validate_embed, validate_generate
 from sluice.contract import WorkloadClass
-from sluice.runtime.errors import InvalidArgument, SluiceError, Unimplemented
+from sluice.runtime.errors import InvalidArgument, SluiceError
 from sluice.v1 import common_pb2, jobs_pb2
 
 MAX_JOB_LINES = 50_000
@@ -48,13 +51,21 @@ def check_header(header: jobs_pb2.JobHeader, tenant: Tenant, default_window_s: f
     """The header with defaults applied, or INVALID_ARGUMENT naming every bad field."""
     bad: list[tuple[str, str]] = []
     kind = header.kind or jobs_pb2.JOB_KIND_BATCH
-    if kind == jobs_pb2.JOB_KIND_FINETUNE:
-        raise Unimplemented("fine-tune jobs are not served yet")
-    if kind != jobs_pb2.JOB_KIND_BATCH:
+    finetune = kind == jobs_pb2.JOB_KIND_FINETUNE
+    if kind not in (jobs_pb2.JOB_KIND_BATCH, jobs_pb2.JOB_KIND_FINETUNE):
         bad.append(("header.kind", f"unknown job kind {kind}"))
-    cls_value = header.workload_class or common_pb2.WORKLOAD_CLASS_BATCH
+    if header.HasField("finetune") and not finetune:
+        bad.append(("header.finetune", "only a FINETUNE job has a fine-tune spec"))
+    if finetune and not header.HasField("finetune"):
+        bad.append(("header.finetune", "required: what to fine-tune (base model, adapter name)"))
+    default_class = (
+        common_pb2.WORKLOAD_CLASS_FINETUNE if finetune else common_pb2.WORKLOAD_CLASS_BATCH
+    )
+    cls_value = header.workload_class or default_class
     if cls_value not in {int(c) for c in JOB_CLASSES}:
         bad.append(("header.workload_class", "jobs run in BATCH or FINETUNE"))
+    elif finetune and cls_value != common_pb2.WORKLOAD_CLASS_FINETUNE:
+        bad.append(("header.workload_class", "a fine-tune job runs in FINETUNE"))
     elif not tenant.may_use_class(cls_value):
         bad.append(("header.workload_class", "this tenant may not use that class"))
     window = float(header.completion_window_seconds or default_window_s)
@@ -164,6 +175,8 @@ class Intake:
             chars = sum(len(t) for t in checked_embed.inputs)
             tokens = estimated_tokens(chars, self.chars_per_token) * self.prompt_token_weight
             return jobs_pb2.JobLine(custom_id=line.custom_id, embed=checked_embed), tokens
+        if kind == "train":
+            raise InvalidArgument([("train", "train lines belong to FINETUNE jobs")])
         raise InvalidArgument([("body", "set generate or embed")])
 
     def check_complete(self) -> None:

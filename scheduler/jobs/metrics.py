@@ -100,3 +100,57 @@ class JobStateCollector(Collector):
         for (cls, tenant), age in sorted(lag.items()):
             lag_family.add_metric([cls, tenant], age)
         yield lag_family
+
+
+FINETUNE_MOVES = ("node_failed", "node_busy", "node_draining", "stalled", "taken_over")
+
+
+class FinetuneMetrics:
+    """What this replica's fine-tune drivers did (``sluice_scheduler_finetune_*``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.jobs = Counter(
+            "sluice_scheduler_finetune_jobs_finished_total",
+            "Fine-tune jobs this replica moved to a final state, by state.",
+            ["state"],
+            registry=registry,
+        )
+        for state in ("completed", "failed", "cancelled", "expired"):
+            self.jobs.labels(state)
+        self.steps = Counter(
+            "sluice_scheduler_finetune_steps_total",
+            "Optimizer steps of fine-tunes this replica drove, stored once each.",
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "sluice_scheduler_finetune_tokens_total",
+            "Training tokens of the steps counted in sluice_scheduler_finetune_steps_total.",
+            registry=registry,
+        )
+        self.moves = Counter(
+            "sluice_scheduler_finetune_moves_total",
+            "Fine-tunes this replica moved off a node or took over, by reason: node_failed "
+            "(stream broken or an error), node_busy (RESOURCE_EXHAUSTED), node_draining, "
+            "stalled (no event within finetune_stall_seconds), taken_over (its replica died).",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in FINETUNE_MOVES:
+            self.moves.labels(reason)
+        self.driving = Gauge(
+            "sluice_scheduler_finetune_jobs_driven",
+            "Fine-tune jobs this replica drives now, by phase: training (a Train call is "
+            "open) or waiting (for a node).",
+            ["phase"],
+            registry=registry,
+        )
+        for phase in ("training", "waiting"):
+            self.driving.labels(phase)
+        self.states = Gauge(
+            "sluice_scheduler_finetune_jobs",
+            "Fine-tune jobs not final, cluster-wide as this replica last read them, by state.",
+            ["state"],
+            registry=registry,
+        )
+        for state in ("queued", "running", "cancelling"):
+            self.states.labels(state)

@@ -60,9 +60,15 @@ class JobKeys:
         """Hash: custom_id → serialized JobResult."""
         return f"{PREFIX}:results:{{{self.job_id}}}"
 
+    @property
+    def nodes(self) -> str:
+        """Hash: entry id → the node generating that line (for a replica that takes the line
+        over to attach to the generation instead of starting it again); its own TTL."""
+        return f"{PREFIX}:nodes:{{{self.job_id}}}"
+
     def all(self) -> list[str]:
         """Every key of the job."""
-        return [self.job, self.lines, self.results]
+        return [self.job, self.lines, self.results, self.nodes]
 
 
 def tenant_jobs_key(tenant: str) -> str:
@@ -73,6 +79,11 @@ def tenant_jobs_key(tenant: str) -> str:
 def idempotency_key(tenant: str, key: str) -> str:
     """The key holding the job id a tenant's idempotency key names."""
     return f"{PREFIX}:idem:{_digest(tenant + chr(0) + key)}"
+
+
+def adapter_claim_key(tenant: str, adapter_name: str) -> str:
+    """The key holding the id of the fine-tune job that claimed a tenant's adapter name."""
+    return f"{PREFIX}:adapter:{_digest(tenant + chr(0) + adapter_name)}"
 
 
 def _digest(text: str) -> str:
@@ -110,6 +121,21 @@ class JobRecord:
     settled_tokens: float = 0.0
     """Estimated work of the lines settled so far."""
     labels: dict[str, str] = field(default_factory=dict)
+    # A fine-tune job's progress (kind FINETUNE), as its driver last recorded it.
+    train_step: int = 0
+    train_total: int = 0
+    train_loss: float = 0.0
+    train_lr: float = 0.0
+    train_tokens_per_s: float = 0.0
+    train_waiting_s: float = 0.0
+    train_eta_ms: int = 0
+    train_node: str = ""
+    """The node training it now ("" while it waits for one)."""
+    train_seen_ms: int = 0
+    """When its driver last heard from that node (an event, or the start of the call)."""
+    checkpoint_step: int = 0
+    adapter: str = ""
+    """``"<base_model>:<adapter_name>"`` once registered."""
 
     @property
     def final(self) -> bool:
@@ -130,7 +156,8 @@ class JobRecord:
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> JobRecord:
         """A record from a job's hash (as redis-py returns it)."""
-        data = {k.decode(): v.decode() for k, v in raw.items()}
+        # A line's last error (``err:<entry>``) is a serialized message, not text: never fatal.
+        data = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
         labels = json.loads(data.pop("labels", "{}") or "{}")
         record = cls(job_id=data.pop("job_id"), tenant=data.pop("tenant"), labels=labels)
         for name, value in data.items():
@@ -143,6 +170,25 @@ class JobRecord:
 
     def to_proto(self) -> jobs_pb2.Job:
         """The public view."""
+        job = self._batch_proto()
+        if self.kind == jobs_pb2.JOB_KIND_FINETUNE:
+            job.adapter = self.adapter
+            job.training.CopyFrom(
+                jobs_pb2.TrainingProgress(
+                    step=self.train_step,
+                    total_steps=self.train_total,
+                    loss=self.train_loss,
+                    learning_rate=self.train_lr,
+                    tokens_per_second=self.train_tokens_per_s,
+                    waiting_seconds=self.train_waiting_s,
+                    eta_unix_ms=self.train_eta_ms,
+                    node_id=self.train_node,
+                    checkpoint_step=self.checkpoint_step,
+                )
+            )
+        return job
+
+    def _batch_proto(self) -> jobs_pb2.Job:
         return jobs_pb2.Job(
             job_id=self.job_id,
             tenant=self.tenant,

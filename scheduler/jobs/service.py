@@ -1,7 +1,9 @@
 """``sluice.v1.Jobs``: thin adapters between gRPC and the jobs store, intake and planner.
 
 A job belongs to the tenant whose key submitted it: any other tenant gets NOT_FOUND for it
-(whether it exists is not revealed).
+(whether it exists is not revealed). A FINETUNE job is checked by
+:mod:`scheduler.jobs.finetune_intake`, stored with its examples and driver entry by
+:mod:`scheduler.jobs.finetune_store`, and run by :mod:`scheduler.jobs.finetune`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import grpc
 import structlog
 from redis.exceptions import RedisError
 
+from scheduler.jobs.finetune import FinetuneRunner
+from scheduler.jobs.finetune_store import FinetuneStore
+from scheduler.jobs.finetune_submit import FinetuneSubmission
 from scheduler.jobs.intake import Header, Intake, check_header
 from scheduler.jobs.metrics import JobMetrics
 from scheduler.jobs.model import JobRecord, new_job_id
@@ -90,12 +95,20 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
     """Submit, read, watch, cancel and list jobs; read their results."""
 
     def __init__(
-        self, path: RequestPath, store: JobStore, worker: JobWorker, metrics: JobMetrics
+        self,
+        path: RequestPath,
+        store: JobStore,
+        worker: JobWorker,
+        metrics: JobMetrics,
+        finetune: FinetuneRunner | None = None,
+        ft: FinetuneStore | None = None,
     ) -> None:
         self._path = path
         self._store = store
         self._worker = worker
         self._metrics = metrics
+        self._finetune = finetune
+        self._submission = FinetuneSubmission(path, store, ft, metrics) if ft is not None else None
 
     def _tenant(self) -> Tenant:
         return authorize(self._path.tenants, context.tenant.get())
@@ -125,10 +138,16 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
             if record is not None:
                 self._metrics.submitted.labels("duplicate").inc()
                 return record.to_proto()
+        spec: jobs_pb2.FinetuneSpec | None = None
+        if header.kind == jobs_pb2.JOB_KIND_FINETUNE:
+            if self._submission is None:
+                raise Unavailable("fine-tune jobs are not served here", reason="NO_FINETUNE")
+            spec = await self._submission.spec(first.header.finetune, tenant)
         created = now_ms()
         record = JobRecord(
             job_id=new_job_id(),
             tenant=tenant.name,
+            kind=header.kind,
             workload_class=int(header.workload_class),
             idempotency_key=header.idempotency_key,
             created_ms=created,
@@ -141,6 +160,11 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         committed: list[bool] = []
         try:
             async with asyncio.timeout(UPLOAD_LIMIT_S):
+                if spec is not None and self._submission is not None:
+                    accepted = await self._submission.upload(
+                        record, spec, header, request_iterator, committed
+                    )
+                    return self._submitted(accepted)
                 return await self._upload(record, tenant, header, request_iterator, committed)
         except TimeoutError as exc:
             raise DeadlineExceeded(
@@ -210,6 +234,15 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         )
         return accepted.to_proto()
 
+    def _submitted(self, accepted: tuple[JobRecord, bool]) -> jobs_pb2.Job:
+        """A fine-tune job just committed (or the one its idempotency key named)."""
+        record, new = accepted
+        if new:
+            self._worker.note(record)
+            if self._finetune is not None:
+                self._finetune.poke(record.job_id)
+        return record.to_proto()
+
     def _within_tenant_limit(self, tenant: Tenant) -> None:
         active = sum(r.tenant == tenant.name for r in self._worker.records.values())
         cap = self._path.settings.job_max_active_per_tenant
@@ -268,6 +301,8 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         state = await self._store.cancel(request.job_id)
         if state == jobs_pb2.JOB_STATE_CANCELLED:
             self._metrics.jobs.labels("cancelled").inc()
+        if self._finetune is not None:
+            self._finetune.poke(request.job_id)
         log.info("job_cancel_requested", job_id=request.job_id, state=state)
         return (await self._owned(request.job_id)).to_proto()
 

@@ -40,6 +40,9 @@ from scheduler.jobs.model import (
 from scheduler.jobs.scripts import CANCEL, COMMIT, FINALIZE_NOW, FINISH, SETTLE, STARTED
 from sluice.v1 import jobs_pb2
 
+LINE_NODES_TTL_MS = 3_600_000
+"""How long a job's line → node map outlives its last write."""
+
 UPLOAD_TTL_MS = 3_600_000
 
 
@@ -314,6 +317,19 @@ class JobStore:
         await self._redis.hset(keys.job, f"err:{delivery.entry_id}", error.SerializeToString())
         counts = await self._delivery_counts(keys.lines, [delivery.entry_id.encode()])
         return counts.get(delivery.entry_id.encode(), 0)
+
+    async def record_node(self, delivery: Delivery, node_id: str) -> None:
+        """``node_id`` is generating the line (detached: it finishes without this replica)."""
+        key = JobKeys(delivery.job_id).nodes
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hset(key, delivery.entry_id, node_id)
+            pipe.pexpire(key, LINE_NODES_TTL_MS)
+            await pipe.execute()
+
+    async def line_node(self, delivery: Delivery) -> str:
+        """The node a previous delivery of the line was generating on ("" when none)."""
+        raw = await self._redis.hget(JobKeys(delivery.job_id).nodes, delivery.entry_id)
+        return raw.decode() if isinstance(raw, bytes) else (raw or "")
 
     async def last_error(self, delivery: Delivery) -> jobs_pb2.LineError | None:
         """The error a line's last failed attempt recorded, if any."""

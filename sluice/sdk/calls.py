@@ -17,12 +17,18 @@ import math
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, Unpack, cast
 
 from google.protobuf.message import Message
 
 from sluice.contract import WorkloadClass
 from sluice.sdk.base import ADMIN_TIMEOUT_S, ClientBase
+from sluice.sdk.finetune_lines import (
+    FinetuneSettings,
+    TrainingLineInput,
+    finetune_spec,
+    parse_training_lines,
+)
 from sluice.sdk.job_lines import MAX_CHUNK_LINES, JobLineInput, parse_job_lines
 from sluice.sdk.requests import (
     Prompt,
@@ -32,6 +38,7 @@ from sluice.sdk.requests import (
     is_last_page,
     list_jobs_request,
     next_page,
+    submit_finetune_requests,
     submit_job_requests,
 )
 from sluice.v1 import admin_pb2, jobs_pb2
@@ -257,6 +264,51 @@ class Api(
             idempotency_key=idempotency_key or f"sdk-{uuid.uuid4().hex}",
             completion_window_s=completion_window_s,
             workload_class=workload_class,
+            labels=labels,
+            chunk_lines=chunk_lines,
+        )
+        call = self._call(Service.JOBS, "SubmitJob", requests, timeout_s)
+        return cast(JobT, self._unary(call))
+
+    def submit_finetune(
+        self,
+        examples: Iterable[TrainingLineInput],
+        *,
+        base_model: str,
+        adapter_name: str,
+        idempotency_key: str | None = None,
+        completion_window_s: float | None = None,
+        labels: Mapping[str, str] | None = None,
+        chunk_lines: int = MAX_CHUNK_LINES,
+        timeout_s: float | None = None,
+        **settings: Unpack[FinetuneSettings],
+    ) -> JobT:
+        """Submit a LoRA fine-tune of ``base_model`` on ``examples``; once trained, its adapter
+        is served as ``"<base_model>:<adapter_name>"`` (to this tenant only unless
+        ``shared=True``). Returns the job once stored (QUEUED), or raises the refusal
+        (``InvalidRequestError`` for a bad setting or example, ``AlreadyExistsError`` when the
+        tenant already has that adapter name or a fine-tune making it).
+
+        ``examples``: an open JSONL file in OpenAI's fine-tuning format (``prompt`` and
+        ``completion``, or ``messages``), dicts, or messages
+        (:mod:`sluice.sdk.finetune_lines`). All are read first: if any is malformed,
+        :class:`~sluice.sdk.job_lines.JobLinesError` lists every problem and nothing is sent.
+        ``settings``: ``rank``, ``alpha``, ``dropout``, ``target_modules``,
+        ``learning_rate``, ``weight_decay``, ``schedule`` ("constant", "linear", "cosine"),
+        ``warmup_steps``, ``max_grad_norm``, ``epochs``, ``max_steps``, ``micro_batch_size``,
+        ``gradient_accumulation_steps``, ``seed``, ``max_sequence_tokens``,
+        ``checkpoint_every_steps``, ``shared`` (unset: the server's defaults).
+
+        Follow it with :meth:`watch_job` (``event.job.training``: step, loss, learning rate,
+        tokens/s, time waiting for gaps, ETA); its results are its steps
+        (:func:`~sluice.sdk.finetune_lines.loss_curve`).
+        """
+        spec = finetune_spec(base_model, adapter_name, **settings)
+        requests = submit_finetune_requests(
+            parse_training_lines(examples).check(),
+            spec,
+            idempotency_key=idempotency_key or f"sdk-{uuid.uuid4().hex}",
+            completion_window_s=completion_window_s,
             labels=labels,
             chunk_lines=chunk_lines,
         )

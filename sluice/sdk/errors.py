@@ -14,6 +14,7 @@ from the services' domain errors in :mod:`sluice.runtime.errors`)::
     │                              or the scheduler could not be reached
     ├── DeadlineExceededError      DEADLINE_EXCEEDED
     ├── NotFoundError              NOT_FOUND
+    ├── AlreadyExistsError         ALREADY_EXISTS (e.g. a fine-tune's adapter name is taken)
     └── UnimplementedError         UNIMPLEMENTED (e.g. jobs on a release without them)
 
 ``except ResourceExhaustedError`` catches both kinds of refusal; ``except OverloadedError``
@@ -139,6 +140,10 @@ class NotFoundError(SluiceRpcError):
     """NOT_FOUND: the named thing (a job, a model) does not exist for this tenant."""
 
 
+class AlreadyExistsError(SluiceRpcError):
+    """ALREADY_EXISTS: what the call would create exists already (an adapter name)."""
+
+
 class UnimplementedError(SluiceRpcError):
     """UNIMPLEMENTED: the server does not offer this call (yet)."""
 
@@ -151,6 +156,7 @@ _TYPES: dict[grpc.StatusCode, type[SluiceRpcError]] = {
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
     grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
 }
 
@@ -200,6 +206,7 @@ def from_rpc_error(call: FailedCall, *, attempts: int = 1) -> SluiceRpcError:
 
 
 __all__ = [
+    "AlreadyExistsError",
     "AuthenticationError",
     "DeadlineExceededError",
     "InvalidRequestError",

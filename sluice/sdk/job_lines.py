@@ -316,8 +316,10 @@ def result_record(result: jobs_pb2.JobResult) -> dict[str, Any]:
                       "usage": {"prompt_tokens": 9, "completion_tokens": 12}}}
 
     An embedding's ``response`` is ``{"embeddings": [[...], ...], "dimensions": 384, "usage":
-    {...}}``; a failed line has ``"response": null`` and ``"error": {"code":
-    "INVALID_ARGUMENT", "reason": "...", "message": "..."}``.
+    {...}}``; a fine-tune's step (``custom_id`` ``step-00000012``) is ``{"step": 12, "loss":
+    ..., "learning_rate": ..., "tokens": ..., "at_unix_ms": ...}``; a failed line has
+    ``"response": null`` and ``"error": {"code": "INVALID_ARGUMENT", "reason": "...",
+    "message": "..."}``.
     """
     record: dict[str, Any] = {
         "custom_id": result.custom_id,
@@ -333,6 +335,15 @@ def result_record(result: jobs_pb2.JobResult) -> dict[str, Any]:
             "text": g.text,
             "finish_reason": _FINISH.get(g.finish_reason),
             "usage": _usage(g.usage),
+        }
+    elif outcome == "step":
+        step = result.step
+        record["response"] = {
+            "step": step.step,
+            "loss": step.loss,
+            "learning_rate": step.learning_rate,
+            "tokens": step.tokens,
+            "at_unix_ms": step.at_unix_ms,
         }
     elif outcome == "embed":
         e = result.embed

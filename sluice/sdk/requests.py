@@ -138,6 +138,30 @@ def submit_job_requests(
     ]
 
 
+def submit_finetune_requests(
+    examples: Sequence[jobs_pb2.JobLine],
+    spec: jobs_pb2.FinetuneSpec,
+    *,
+    idempotency_key: str,
+    completion_window_s: float | None,
+    labels: Mapping[str, str] | None,
+    chunk_lines: int,
+) -> list[jobs_pb2.SubmitJobRequest]:
+    """A ``SubmitJob`` stream of a fine-tune: a FINETUNE header with ``spec``, then the
+    examples (``train`` lines) in chunks, as :func:`submit_job_requests`."""
+    requests = submit_job_requests(
+        examples,
+        idempotency_key=idempotency_key,
+        completion_window_s=completion_window_s,
+        workload_class=common_pb2.WORKLOAD_CLASS_FINETUNE,
+        labels=labels,
+        chunk_lines=chunk_lines,
+    )
+    requests[0].header.kind = jobs_pb2.JOB_KIND_FINETUNE
+    requests[0].header.finetune.CopyFrom(spec)
+    return requests
+
+
 def list_jobs_request(
     state: int | None, page_size: int, page_token: str
 ) -> jobs_pb2.ListJobsRequest:
