@@ -72,6 +72,10 @@ def up(
         int | None,
         typer.Option(help="Each node's batch cap (default: the node's own, 32)."),
     ] = None,
+    pools: Annotated[
+        str,
+        typer.Option(help="Comma-separated pools of every node: realtime, finetune or both."),
+    ] = "realtime,finetune",
     port: Annotated[int, typer.Option(help="Scheduler port (0: a free one).")] = 0,
     node_nice: Annotated[
         int | None,
@@ -105,6 +109,7 @@ def up(
         device=device,
         dtype=dtype,
         max_sequences=max_sequences,
+        pools=[p for p in pools.split(",") if p],
         scheduler_port=port,
         insecure=insecure,
     )

@@ -55,6 +55,8 @@ class UpConfig:
     device: str = "cpu"
     dtype: str = "float32"
     max_sequences: int | None = None
+    pools: list[str] = field(default_factory=lambda: ["realtime", "finetune"])
+    """Pools every node serves: real-time inference and, in its gaps, fine-tuning."""
     """Each node's batch cap; None keeps the node's default."""
     node_cpu_nice: int = 10
     """Nice increment of each node (0-19). Everything here shares one machine, so model
@@ -332,6 +334,10 @@ class Supervisor:
             "--device", cfg.device,
             "--dtype", cfg.dtype,
             "--cpu-nice", str(cfg.node_cpu_nice),
+            "--pools", ",".join(cfg.pools),
+            # The fleet's adapter and checkpoint stores: one directory every node shares.
+            "--adapters-dir", str(self.run_dir / "adapters"),
+            "--checkpoint-dir", str(self.run_dir / "checkpoints"),
         ]  # fmt: skip
         if cfg.max_sequences is not None:
             node_args += ["--max-sequences", str(cfg.max_sequences)]
