@@ -70,8 +70,8 @@ class NodeHandle:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     last_report_at: float = field(default_factory=time.monotonic)
     """When the node last showed it is alive: a load report, or its addition (monotonic)."""
-    peak_rate: float = 0.0
-    """The highest decode rate the node's load reports showed."""
+    busy_rate: float = 0.0
+    """The decode rate the node's load reports showed while it was busy (a moving average)."""
     retired: asyncio.Event | None = None
     """Set once a node taken out of rotation has no request of this scheduler left."""
 
@@ -98,10 +98,19 @@ class NodeHandle:
         return measured if measured > 0 else default
 
     def capacity_rate(self, default: float) -> float:
-        """Tokens per second the node can decode: the most its load reports showed (its
-        engine's moving average over decode steps, highest when its batch was fullest), at
+        """Tokens per second the node decodes when busy (see :meth:`observe_capacity`), at
         least ``default`` (a node never busy has not shown its capacity)."""
-        return max(self.peak_rate, default)
+        return max(self.busy_rate, default)
+
+    def observe_capacity(self, report: common_pb2.LoadReport) -> None:
+        """Fold a load report's decode rate into :attr:`busy_rate` when the node was busy
+        (running at least three quarters of its sequences): a moving average, not a peak
+        (one fast step makes the node's own average jump)."""
+        running = sum(c.running for c in report.classes)
+        if report.decode_tokens_per_s <= 0 or running < 0.75 * self.book.max_sequences:
+            return
+        rate = report.decode_tokens_per_s
+        self.busy_rate = rate if self.busy_rate == 0 else 0.9 * self.busy_rate + 0.1 * rate
 
     def serves(self, model: str, workload_class: WorkloadClass) -> bool:
         """True when the node has ``model`` and a pool admitting ``workload_class``."""
@@ -414,7 +423,7 @@ class NodeDirectory:
                 async for report in handle.stub.StreamLoad(node_pb2.StreamLoadRequest()):
                     handle.load = report
                     handle.last_report_at = self._clock()
-                    handle.peak_rate = max(handle.peak_rate, report.decode_tokens_per_s)
+                    handle.observe_capacity(report)
                     handle.book.on_report(
                         sum(c.running + c.waiting for c in report.classes),
                         report.queued_tokens,

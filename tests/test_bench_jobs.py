@@ -85,14 +85,17 @@ def test_exactly_once_passes_only_when_every_id_has_one_result() -> None:
     assert not unexpected["exactly_once"] and unexpected["unexpected"] == 1
 
 
-def test_recomputed_takes_the_larger_reclaimed_count_against_one_percent() -> None:
-    """Duplicates plus reclaimed lines (the logs' count when the metrics lost some); 20 of
-    2,000 is exactly the 1 % target, 21 is over."""
-    at_target = recomputed(2000, duplicate=2, reclaimed_metrics=15, reclaimed_logged=18)
-    assert (at_target["reclaimed"], at_target["count"], at_target["share"]) == (18, 20, 0.01)
-    assert at_target["pass"]
-    over = recomputed(2000, duplicate=3, reclaimed_metrics=18, reclaimed_logged=0)
+def test_recomputed_counts_regenerated_lines_and_the_nodes_extra_generations() -> None:
+    """Duplicates plus regenerated lines (the logs' count when the metrics lost some), or the
+    nodes' extra generations when larger; reattached lines are not recomputed. 20 of 2,000 is
+    exactly the 1 % target, 21 is over."""
+    at = recomputed(2000, 2, (15, 18), (60, 58), reattached=40, node_extra=12)
+    assert (at["regenerated"], at["count"], at["share"], at["reclaimed"]) == (18, 20, 0.01, 60)
+    assert at["pass"] and at["reattached"] == 40
+    over = recomputed(2000, 0, (3, 0), (9, 9), reattached=6, node_extra=21)
     assert over["count"] == 21 and not over["pass"]
+    unknown = recomputed(2000, 1, (2, 2), (5, 5), reattached=3, node_extra=None)
+    assert unknown["count"] == 3
 
 
 def test_inter_token_gaps_spread_a_chunk_over_its_tokens() -> None:
@@ -244,7 +247,7 @@ def _experiments() -> dict[str, dict[str, Any]]:
             "job_state": "JOB_STATE_COMPLETED",
             "faults_injected": 3,
             "results": exactly_once(ids, results, results),
-            "recomputed": recomputed(2000, 4, 30, 31),
+            "recomputed": recomputed(2000, 4, (3, 5), (30, 31), reattached=24, node_extra=35),
             "node_generations": {"extra": 12, "lines_generated": 2000},
             "line_tokens": 32,
             "duration_s": 90.0,
@@ -317,8 +320,12 @@ def test_rows_compare_with_baselines_and_mark_pass_or_fail() -> None:
     their two reported figures have no verdict; a failed experiment is one error row."""
     figures = rows(_experiments())
     by_figure = {r["figure"]: r for r in figures}
-    again = by_figure["lines computed more than once (duplicate + reclaimed)"]
-    assert again["measured"] == "35 (4 + 31)" and again["ratio"] == "1.8 %"
+    again = by_figure[
+        "lines computed more than once (duplicate + regenerated, or the nodes' extra "
+        "generations if more)"
+    ]
+    assert again["measured"].startswith("35 (4 + 5; nodes 35); of 31 lines taken over")
+    assert again["ratio"] == "1.8 %"
     assert again["pass"] is False
     ttft = by_figure["REALTIME TTFT p99, with the job vs alone"]
     assert (ttft["ratio"], ttft["pass"]) == ("1.10×", True)

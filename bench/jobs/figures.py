@@ -6,18 +6,22 @@ Definitions:
 - *exactly once*: every line's ``custom_id`` has one result, read two ways: all results page by
   page (none missing, none unexpected, none repeated) and each ``custom_id`` asked for by name
   (one result each).
-- *computed more than once*: lines the schedulers counted ``duplicate`` (computed again after
-  another worker had stored its result) plus lines ``reclaimed`` (taken over from a worker
-  presumed dead, which may have been computing them); each replica's counters are summed over
-  its incarnations (the last read of each process, read right before each kill), reclaimed
-  also counted from the schedulers' logs (``job_line_reclaimed``, which survive a kill) and
-  the larger taken. Target: at most 1 % of the lines.
+- *computed more than once*: a job line is a detached generation on its node, so a line
+  whose replica dies mid-line runs to its end there, and the replica that takes the line over
+  attaches to it (``reattached``) instead of generating it again. Computed more than once are
+  the lines the schedulers counted ``duplicate`` (computed again after another worker had
+  stored its result) plus those counted ``regenerated`` (taken over after a node had started
+  them, and generated again because that node no longer had them); each replica's counters are
+  summed over its incarnations (the last read of each process, read right before each kill),
+  ``regenerated`` also counted from the schedulers' logs (``job_line_regenerated``, which
+  survive a kill) and the larger taken; and the figure is the larger of that and the nodes'
+  *extra generations* below, which see any line generated to its end twice, counted or not.
+  Lines ``reclaimed`` that no node had started (queued in the dead replica) were computed
+  once. Reclaimed and reattached lines are reported. Target: at most 1 % of the lines.
 - *extra generations* (a cross-check from the other side): generations the nodes completed
   (sent their final chunk: ``sluice_node_requests_total``, any finish reason) beyond one per
   line with a generated result, i.e. lines computed to the end more than once. It sees work
-  redone for any reason (a result lost with Redis's last second of writes included), which the
-  counters do not; it does not see generations cut off by a kill (a node does not count a
-  stream its caller dropped), so a reclaimed line that had not finished costs nothing here.
+  redone for any reason (a result lost with Redis's last second of writes included).
 - *TTFT p99*: of the REALTIME requests that arrived in the phase, as :mod:`bench.load.records`
   counts it (a request without a token counts with the time it waited).
 - *inter-token p99*: the gaps between consecutive chunks of a stream, each spread evenly over
@@ -83,17 +87,25 @@ def exactly_once(
 
 
 def recomputed(
-    lines: int, duplicate: float, reclaimed_metrics: float, reclaimed_logged: int
+    lines: int,
+    duplicate: float,
+    regenerated: tuple[float, int],
+    reclaimed: tuple[float, int],
+    reattached: float,
+    node_extra: int | None,
 ) -> dict[str, Any]:
-    """Lines computed more than once, and their share of ``lines``."""
-    reclaimed = max(int(reclaimed_metrics), reclaimed_logged)
-    count = int(duplicate) + reclaimed
+    """Lines computed more than once (see the module docstring), and their share of
+    ``lines``. ``regenerated`` and ``reclaimed``: (the metrics' count, the logs' count)."""
+    regen = max(int(regenerated[0]), regenerated[1])
+    counted = int(duplicate) + regen
+    count = max(counted, node_extra or 0)
     share = count / lines if lines else 0.0
     return {
         "duplicate": int(duplicate),
-        "reclaimed": reclaimed,
-        "reclaimed_metrics": int(reclaimed_metrics),
-        "reclaimed_logged": reclaimed_logged,
+        "regenerated": regen,
+        "node_extra": node_extra,
+        "reclaimed": max(int(reclaimed[0]), reclaimed[1]),
+        "reattached": int(reattached),
         "count": count,
         "share": round(share, 4),
         "target_share": RECOMPUTED_TARGET,

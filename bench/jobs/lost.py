@@ -40,7 +40,17 @@ from sluice.v1 import jobs_pb2
 TENANT = OTHERS[0]
 REPLICAS = ("scheduler", "scheduler-2")
 RECLAIMED = "job_line_reclaimed"
-LINE_COUNTERS = ("duplicate", "reclaimed", "completed", "deferred", "failed", "dead_lettered")
+REGENERATED = "job_line_regenerated"
+LINE_COUNTERS = (
+    "duplicate",
+    "reclaimed",
+    "reattached",
+    "regenerated",
+    "completed",
+    "deferred",
+    "failed",
+    "dead_lettered",
+)
 
 
 @dataclass(frozen=True)
@@ -270,6 +280,7 @@ async def nothing_lost(ctx: Running, opts: LostOptions) -> dict[str, Any]:
     logs = ctx.suite.run_dir / "logs"
     events = job_logs.read(logs, REPLICAS, ctx.clock.origin_unix)
     final, counters = out.final, watch.counters
+    extra = _extra_generations(nodes_before, nodes_after, out.paged)
     ids = [line.custom_id for line in lines]
     return {
         "lines": opts.lines,
@@ -285,13 +296,15 @@ async def nothing_lost(ctx: Running, opts: LostOptions) -> dict[str, Any]:
         "recomputed": recomputed(
             opts.lines,
             counters.total("duplicate"),
-            counters.total("reclaimed"),
-            sum(e.event == RECLAIMED for e in events),
+            (counters.total("regenerated"), sum(e.event == REGENERATED for e in events)),
+            (counters.total("reclaimed"), sum(e.event == RECLAIMED for e in events)),
+            counters.total("reattached"),
+            extra["extra"] if extra is not None else None,
         ),
         "replica_counters": {
             f"{source} pid {pid}": values for (source, pid), values in counters.last.items()
         },
-        "node_generations": _extra_generations(nodes_before, nodes_after, out.paged),
+        "node_generations": extra,
         "reclaimed_after": _by_fault(events, out.faults),
         "line_tasks_crashed": {
             "count": sum(e.event == "job_line_crashed" for e in events),

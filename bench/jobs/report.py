@@ -91,8 +91,11 @@ def lost_rows(e: dict[str, Any]) -> list[Row]:
         ),
         _row(
             x,
-            "lines computed more than once (duplicate + reclaimed)",
-            f"{again['count']} ({again['duplicate']} + {again['reclaimed']})",
+            "lines computed more than once (duplicate + regenerated, or the nodes' extra "
+            "generations if more)",
+            f"{again['count']} ({again['duplicate']} + {again['regenerated']}; nodes "
+            f"{again['node_extra']}); of {again['reclaimed']} lines taken over after a kill, "
+            f"{again['reattached']} reattached to their running generation",
             f"{e['lines']} lines",
             _pct(again["share"]),
             f"≤ {RECOMPUTED_TARGET * 100:g} %",

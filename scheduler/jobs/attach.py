@@ -71,17 +71,20 @@ async def reattach(
     request: inference_pb2.GenerateRequest,
     delivery: Delivery,
     deadline: float,
-) -> jobs_pb2.GenerateResult | None:
+) -> tuple[jobs_pb2.GenerateResult | None, bool]:
     """A line taken over: the generation its last replica left running, if the node that
-    replica recorded still has it (None: generate it again)."""
+    replica recorded still has it (None: generate it again); and whether a node had started
+    it (so generating it again computes it a second time)."""
     try:
         node_id = await store.line_node(delivery)
     except RedisError:
-        return None
+        return None, False
     if not node_id:
-        return None
+        return None, False
     key = line_key(delivery.job_id, delivery.entry_id)
     got = await attach(nodes, node_id, request, tenant, key, deadline - time.monotonic())
     if got is not None:
         log.info("job_line_reattached", job_id=delivery.job_id, node_id=node_id)
-    return got
+    else:
+        log.info("job_line_regenerated", job_id=delivery.job_id, node_id=node_id)
+    return got, True

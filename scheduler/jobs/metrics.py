@@ -18,6 +18,8 @@ LINE_OUTCOMES = (
     "failed",
     "deferred",
     "reclaimed",
+    "reattached",
+    "regenerated",
     "dead_lettered",
     "duplicate",
     "skipped",
@@ -32,7 +34,9 @@ class JobMetrics:
             "sluice_scheduler_job_lines_total",
             "Job lines this replica handled, by outcome: completed, failed, deferred (refused "
             "for overload, retried after RetryInfo), reclaimed (taken over from a dead worker), "
-            "dead_lettered, duplicate (computed twice, stored once), skipped (job cancelled or "
+            "reattached (a reclaimed line whose node still generated it: not computed again), "
+            "regenerated (a reclaimed line a node had started, generated again), dead_lettered, "
+            "duplicate (computed twice, stored once), skipped (job cancelled or "
             "expired).",
             ["outcome"],
             registry=registry,

@@ -137,18 +137,19 @@ class JobWorker:
 
     def _slot_room(self) -> int:
         """Lines that may start now by the nodes' BATCH slots: those free, less the BATCH
-        requests already queued here for them, plus a quarter of the slots queued ahead (a
-        slot that frees is refilled at once). A line taken beyond that would only wait in
-        this replica, where a kill makes it be taken again; 0 or less means the jobs have
-        more lines ready than the nodes take (saturated)."""
-        room = None
+        requests already queued here (for any model: the models of a node share its slots),
+        plus a quarter of the slots queued ahead (a slot that frees is refilled at once). A
+        line taken beyond that would only wait in this replica, where a kill makes it be
+        taken again; 0 or less means the jobs have more lines ready than the nodes take."""
+        room: int | None = None
+        queued = 0
         for model in self._nodes.models():
+            queued += sum(self._path.gate.queues.waiting(WorkloadClass.BATCH, model).values())
             view = self._nodes.capacity(model, WorkloadClass.BATCH)
             if view.slots > 0:
-                queued = sum(self._path.gate.queues.waiting(WorkloadClass.BATCH, model).values())
-                here = view.free - queued + math.ceil(view.slots * SLOT_BUFFER)
+                here = view.free + math.ceil(view.slots * SLOT_BUFFER)
                 room = here if room is None else max(room, here)
-        return 0 if room is None else room
+        return 0 if room is None else room - queued
 
     def backlog(self) -> list[Backlog]:
         """The remaining work of the jobs not final."""
@@ -388,11 +389,14 @@ class JobWorker:
                 return line_result(line, delivery, embed=reply)
             key = line_key(delivery.job_id, delivery.entry_id)
             if delivery.deliveries > 1:
-                attached = await reattach(
+                attached, started = await reattach(
                     self._store, self._nodes, record.tenant, line.generate, delivery, deadline
                 )
+                if started:
+                    self._metrics.lines.labels(
+                        "regenerated" if attached is None else "reattached"
+                    ).inc()
                 if attached is not None:
-                    self._metrics.lines.labels("reattached").inc()
                     return line_result(line, delivery, generate=attached)
             answer = await self._generate(record, line, delivery, deadline, key, progress)
             return line_result(line, delivery, generate=answer)
