@@ -71,7 +71,8 @@ class NodeHandle:
     last_report_at: float = field(default_factory=time.monotonic)
     """When the node last showed it is alive: a load report, or its addition (monotonic)."""
     busy_rate: float = 0.0
-    """The decode rate the node's load reports showed while it was busy (a moving average)."""
+    """Weighted tokens per second the node's requests retired while it was busy (a moving
+    average)."""
     retired: asyncio.Event | None = None
     """Set once a node taken out of rotation has no request of this scheduler left."""
 
@@ -98,18 +99,21 @@ class NodeHandle:
         return measured if measured > 0 else default
 
     def capacity_rate(self, default: float) -> float:
-        """Tokens per second the node decodes when busy (see :meth:`observe_capacity`), at
-        least ``default`` (a node never busy has not shown its capacity)."""
+        """Weighted tokens per second the node retires when busy (see
+        :meth:`observe_capacity`), at least ``default`` (a node never busy has not shown its
+        capacity)."""
         return max(self.busy_rate, default)
 
     def observe_capacity(self, report: common_pb2.LoadReport) -> None:
-        """Fold a load report's decode rate into :attr:`busy_rate` when the node was busy
-        (running at least three quarters of its sequences): a moving average, not a peak
-        (one fast step makes the node's own average jump)."""
+        """At each load report showing the node busy (running at least three quarters of its
+        sequences), fold the weighted tokens per second its requests retired (the throughput
+        meter: requests as the gate costs them, prompt and generation) into
+        :attr:`busy_rate`: a moving average, not a peak. (The node's own decode rate counts
+        decode steps alone, several times what requests get end to end.)"""
         running = sum(c.running for c in report.classes)
-        if report.decode_tokens_per_s <= 0 or running < 0.75 * self.book.max_sequences:
+        rate = self.meter.rate()
+        if rate <= 0 or running < 0.75 * self.book.max_sequences:
             return
-        rate = report.decode_tokens_per_s
         self.busy_rate = rate if self.busy_rate == 0 else 0.9 * self.busy_rate + 0.1 * rate
 
     def serves(self, model: str, workload_class: WorkloadClass) -> bool:

@@ -94,8 +94,7 @@ class Saturation:
         self._full = 0
 
     def tick(self, full: bool) -> None:
-        """One look at the worker: ``full`` when some job had lines not yet taken and the
-        nodes' room held them back."""
+        """One look at the worker: ``full`` when some job had lines not yet taken."""
         self._ticks += 1
         self._full += full
 

@@ -208,9 +208,9 @@ class JobWorker:
             and r.job_id not in self._drained
             and r.deadline_ms > stamp
         ]
-        # Saturated: lines wait to be taken and the nodes' room, not the window's slow
-        # start, is what holds them back.
-        self._saturation.tick(bool(runnable) and slots <= window)
+        # Saturated: lines wait to be taken (this replica takes them as the nodes' room
+        # allows, so lines left over mean the nodes are kept busy).
+        self._saturation.tick(bool(runnable))
         if room <= 0 or not runnable:
             return
         held = Counter(
