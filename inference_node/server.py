@@ -319,7 +319,12 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             workload_class=req.workload_class,  # the engine reads 0 as REALTIME
             adapter=request.adapter,
         )
-        chunks = self._chunks(lm, self._submit(engine, engine_request))
+        interval = (
+            request.stream_interval_ms / 1000
+            if request.stream_interval_ms
+            else self._stream_interval_s
+        )
+        chunks = self._chunks(lm, self._submit(engine, engine_request), interval)
         if request.detached and key:
             async for chunk in self.detached.start(key, chunks).follow():
                 yield chunk
@@ -329,13 +334,13 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                 yield chunk
 
     async def _chunks(
-        self, lm: LanguageModel, stream: DeltaStream
+        self, lm: LanguageModel, stream: DeltaStream, interval: float
     ) -> AsyncGenerator[inference_pb2.GenerateChunk, None]:
-        """The chunks of an admitted generation, at most one per stream interval (tokens
-        made meanwhile go out together); closing it cancels the generation."""
+        """The chunks of an admitted generation, at most one per ``interval`` seconds after
+        the first (tokens made meanwhile go out together); closing it cancels the
+        generation."""
         self.in_flight += 1
         first = True
-        interval = self._stream_interval_s
         loop = asyncio.get_running_loop()
         sent_at = 0.0
         try:

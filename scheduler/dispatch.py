@@ -354,16 +354,22 @@ class Dispatcher:
         stats: StreamStats | None = None,
         adapter: str = "",
         detach_key: str = "",
+        stream_interval_ms: int = 0,
     ) -> AsyncGenerator[inference_pb2.GenerateChunk, None]:
         """Stream a generation from ``first`` (booked by the gate), retrying elsewhere before
         the first chunk. ``detach_key``: the node keeps generating if this stream ends and
         hands the generation to a later call with that key (a job line a replica may die
-        holding). ``on_tokens`` is told of generated tokens as they arrive; ``adapter``
+        holding); ``stream_interval_ms``: the node's chunk pacing (0: its default).
+        ``on_tokens`` is told of generated tokens as they arrive; ``adapter``
         (``"<owner>/<name>"``) names a fine-tuned adapter of the request's base model."""
         stats = stats or StreamStats()
         tried: set[str] = set()
         forward = node_pb2.NodeGenerateRequest(
-            request=req, tenant=tenant, adapter=adapter, detached=bool(detach_key)
+            request=req,
+            tenant=tenant,
+            adapter=adapter,
+            detached=bool(detach_key),
+            stream_interval_ms=stream_interval_ms,
         )
         keyed = _keyed if not detach_key else partial(_detach_keyed, key=detach_key)
         cls = WorkloadClass.from_wire(req.workload_class)

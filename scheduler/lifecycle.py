@@ -183,11 +183,13 @@ class GenerateFlow:
         deadline: float | None,
         metadata: Metadata = (),
         detach_key: str = "",
+        stream_interval_ms: int = 0,
     ) -> None:
         self._started = time.perf_counter()
         self._detach_key = detach_key
         """Set for a job line: the node finishes it even if this replica dies (see
         :meth:`scheduler.dispatch.Dispatcher.generate`)."""
+        self._stream_interval_ms = stream_interval_ms
         self._path = path
         self.outcome: Outcome | None = None
         """Set once, by the step that ends the request."""
@@ -342,6 +344,7 @@ class GenerateFlow:
             stats=self._stats,
             adapter=self.adapter,
             detach_key=self._detach_key,
+            stream_interval_ms=self._stream_interval_ms,
         )
         first = True
         async with contextlib.aclosing(stream):

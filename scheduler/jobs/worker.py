@@ -64,7 +64,10 @@ from sluice.v1 import jobs_pb2
 log = structlog.get_logger(__name__)
 
 REFRESH_S = 0.5
-SLOT_BUFFER = 0.25
+LINE_STREAM_INTERVAL_MS = 1000
+"""A line's answer is read whole: its node sends the first chunk at once (the line started),
+then one per second, not one per token."""
+SLOT_BUFFER = 0.5
 """Lines queued for the nodes beyond their free BATCH slots, as a share of those slots."""
 DEFER_FLOOR_S = 0.2
 
@@ -138,7 +141,7 @@ class JobWorker:
     def _slot_room(self) -> int:
         """Lines that may start now by the nodes' BATCH slots: those free, less the BATCH
         requests already queued here (for any model: the models of a node share its slots),
-        plus a quarter of the slots queued ahead (a slot that frees is refilled at once). A
+        plus half the slots queued ahead (a slot that frees is refilled at once). A
         line taken beyond that would only wait in this replica, where a kill makes it be
         taken again; 0 or less means the jobs have more lines ready than the nodes take."""
         room: int | None = None
@@ -419,7 +422,12 @@ class JobWorker:
         """Generate the line through the public path, detached on its node under ``key``; the
         node is recorded when it starts (for a replica that may take the line over)."""
         stream = GenerateFlow(
-            self._path, line.generate, tenant=record.tenant, deadline=deadline, detach_key=key
+            self._path,
+            line.generate,
+            tenant=record.tenant,
+            deadline=deadline,
+            detach_key=key,
+            stream_interval_ms=LINE_STREAM_INTERVAL_MS,
         )
         parts: list[str] = []
         last: jobs_pb2.GenerateResult | None = None

@@ -10,20 +10,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class NodeGenerateRequest(_message.Message):
-    __slots__ = ("request", "tenant", "request_id", "adapter", "detached", "attach_only")
+    __slots__ = ("request", "tenant", "request_id", "adapter", "detached", "attach_only", "stream_interval_ms")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     DETACHED_FIELD_NUMBER: _ClassVar[int]
     ATTACH_ONLY_FIELD_NUMBER: _ClassVar[int]
+    STREAM_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     request: _inference_pb2.GenerateRequest
     tenant: str
     request_id: str
     adapter: str
     detached: bool
     attach_only: bool
-    def __init__(self, request: _Optional[_Union[_inference_pb2.GenerateRequest, _Mapping]] = ..., tenant: _Optional[str] = ..., request_id: _Optional[str] = ..., adapter: _Optional[str] = ..., detached: _Optional[bool] = ..., attach_only: _Optional[bool] = ...) -> None: ...
+    stream_interval_ms: int
+    def __init__(self, request: _Optional[_Union[_inference_pb2.GenerateRequest, _Mapping]] = ..., tenant: _Optional[str] = ..., request_id: _Optional[str] = ..., adapter: _Optional[str] = ..., detached: _Optional[bool] = ..., attach_only: _Optional[bool] = ..., stream_interval_ms: _Optional[int] = ...) -> None: ...
 
 class NodeEmbedRequest(_message.Message):
     __slots__ = ("request", "tenant", "request_id")
