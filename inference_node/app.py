@@ -277,6 +277,7 @@ class NodeService:
         else:
             await self.drain(grace_s)
         await self.server.stop(1.0)
+        await self.servicer.detached.close()
         self._close()
         await self.etcd.close()
 
@@ -285,6 +286,7 @@ class NodeService:
         if self.registration is not None:
             self.registration.abandon()
         await self.server.stop(0)
+        await self.servicer.detached.close()
         self._close()
         await self.etcd.close()
 

@@ -6,6 +6,8 @@ second time, the node keeps a detached generation going when its call ends, reco
 and hands the whole generation (from its first chunk, then live) to the next call that names
 it. A finished generation is kept ``retain_s`` seconds, then dropped; at most ``max_kept`` are
 kept (the oldest finished go first; running ones are never dropped, the engine bounds them).
+Only a caller with the same tenant, adapter and model may attach; a generation that failed or
+was cut off is dropped at once, so a retry of the line generates it again.
 """
 
 from __future__ import annotations
@@ -18,15 +20,27 @@ from collections.abc import AsyncIterator
 
 import structlog
 
-from sluice.v1 import inference_pb2
+from sluice.v1 import common_pb2, inference_pb2
 
 log = structlog.get_logger(__name__)
 
 
-class Detached:
-    """One detached generation: its chunks so far and how it ended."""
+COMPLETE = frozenset(
+    {
+        common_pb2.FINISH_REASON_EOS,
+        common_pb2.FINISH_REASON_LENGTH,
+        common_pb2.FINISH_REASON_STOP,
+    }
+)
+"""Finish reasons of a generation that ran to its end (not cut off)."""
 
-    def __init__(self) -> None:
+
+class Detached:
+    """One detached generation: whose it is, its chunks so far and how it ended."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        """Tenant, adapter and model of the request: only the same may attach."""
         self.chunks: list[inference_pb2.GenerateChunk] = []
         self.error: BaseException | None = None
         self.done = False
@@ -38,6 +52,16 @@ class Detached:
     def _append(self, chunk: inference_pb2.GenerateChunk) -> None:
         self.chunks.append(chunk)
         self._changed.set()
+
+    @property
+    def usable(self) -> bool:
+        """Running, or finished whole: a generation that failed or was cut off is not handed
+        on (the caller generates the line again)."""
+        if not self.done:
+            return True
+        return (
+            self.error is None and bool(self.chunks) and self.chunks[-1].finish_reason in COMPLETE
+        )
 
     def _end(self, error: BaseException | None) -> None:
         self.error = error
@@ -74,16 +98,23 @@ class DetachedGenerations:
         self._max_kept = max_kept
         self._by_key: OrderedDict[str, Detached] = OrderedDict()
 
-    def get(self, key: str) -> Detached | None:
-        """The detached generation ``key`` names, if the node still has it."""
+    def get(self, key: str, owner: str) -> Detached | None:
+        """The detached generation ``key`` names for ``owner`` (tenant, adapter and model of
+        the request), if the node still has it running or finished whole; another owner's is
+        never revealed."""
         self._expire()
-        return self._by_key.get(key)
+        detached = self._by_key.get(key)
+        if detached is None or detached.owner != owner or not detached.usable:
+            return None
+        return detached
 
-    def start(self, key: str, source: AsyncIterator[inference_pb2.GenerateChunk]) -> Detached:
+    def start(
+        self, key: str, owner: str, source: AsyncIterator[inference_pb2.GenerateChunk]
+    ) -> Detached:
         """Pump ``source`` (a generation already admitted by the engine) into a new detached
         generation under ``key``; it runs to its end whoever follows it."""
         self._expire()
-        detached = Detached()
+        detached = Detached(owner)
         self._by_key[key] = detached
         pump = self._pump(key, detached, source)
         detached.task = asyncio.create_task(pump, name=f"detached {key}")
@@ -115,13 +146,15 @@ class DetachedGenerations:
         except Exception as exc:  # the caller gets the generation's own status
             error = exc
         finally:
+            detached._end(error)  # first: followers never wait on a pump that is gone
+            if not detached.usable and self._by_key.get(key) is detached:
+                del self._by_key[key]  # a later call generates it again
+            elif detached.followers == 0:
+                log.info("detached_generation_finished_unfollowed", job_key=key)
             with contextlib.suppress(Exception):
                 aclose = getattr(source, "aclose", None)
                 if aclose is not None:
                     await aclose()
-            detached._end(error)
-            if detached.followers == 0 and error is None:
-                log.info("detached_generation_finished_unfollowed", job_key=key)
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -13,6 +13,10 @@ ENGINE_FAULT = "ENGINE_FAULT"
 """``ErrorInfo.reason`` of a request ended because the engine's shared step failed."""
 JOB_KEY_IN_USE = "JOB_KEY_IN_USE"
 """``ErrorInfo.reason`` of a request whose job key a live request on the node holds."""
+GENERATION_NOT_FOUND = "GENERATION_NOT_FOUND"
+"""``ErrorInfo.reason`` (NOT_FOUND) of an attach-only request naming no detached generation
+this node has for that tenant (never started here, dropped after its retention, failed or cut
+off, or another tenant's)."""
 ADAPTER_NOT_FOUND = "ADAPTER_NOT_FOUND"
 """``ErrorInfo.reason`` (NOT_FOUND) of a request naming an adapter the store does not have."""
 ADAPTER_INVALID = "ADAPTER_INVALID"

@@ -13,6 +13,8 @@ one request's own processing failed         INVALID_ARGUMENT    ``REQUEST_FAULT`
 (sampling: NaN/inf logits or probabilities; + BadRequest        (metadata ``stage``)
 detokenization, stop strings), at any time
 its job key is held by a live request       ALREADY_EXISTS      ``JOB_KEY_IN_USE``
+``attach_only`` and no detached generation  NOT_FOUND           ``GENERATION_NOT_FOUND``
+of that key for this tenant, adapter, model
 ``adapter`` malformed, or the model serves  INVALID_ARGUMENT    ``INVALID_ARGUMENT``
 no adapters                                 + BadRequest
 ``adapter`` not in the adapter store        NOT_FOUND           ``ADAPTER_NOT_FOUND``
@@ -83,6 +85,7 @@ from inference_node.errors import (
     ADAPTER_STORE_UNAVAILABLE,
     ADAPTER_TOO_LARGE,
     ENGINE_FAULT,
+    GENERATION_NOT_FOUND,
     NOT_FINETUNE_NODE,
     AlreadyExists,
     FailedPrecondition,
@@ -293,8 +296,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         its end without its caller and is handed whole to a later call naming the same key
         (:mod:`inference_node.detached`). Statuses (see the module doc)."""
         key = request.request_id
+        owner = f"{request.tenant}\x00{request.adapter}\x00{request.request.model}"
         if request.detached and key:
-            existing = self.detached.get(key)
+            existing = self.detached.get(key, owner)
             if existing is not None:
                 log.info("detached_generation_attached", job_key=key[:128])
                 async for chunk in existing.follow():
@@ -303,7 +307,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             if request.attach_only:
                 raise NotFound(
                     f"node {self._node_id} has no generation {key[:128]!r}",
-                    reason="GENERATION_NOT_FOUND",
+                    reason=GENERATION_NOT_FOUND,
                 )
         self._refuse_if_draining()
         req = request.request
@@ -326,7 +330,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         )
         chunks = self._chunks(lm, self._submit(engine, engine_request), interval)
         if request.detached and key:
-            async for chunk in self.detached.start(key, chunks).follow():
+            async for chunk in self.detached.start(key, owner, chunks).follow():
                 yield chunk
             return
         async with contextlib.aclosing(chunks):

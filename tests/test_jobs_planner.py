@@ -46,16 +46,17 @@ def test_a_job_is_refused_when_it_or_a_job_on_time_would_be_late() -> None:
 
 def test_job_rate_samples_only_saturated_intervals_and_keeps_what_it_measured() -> None:
     """A one-line job or a tail (not saturated) moves nothing; saturated intervals set the
-    rate, which then stands (no decay back to the capacity guess while jobs are idle)."""
-    rate = JobRate(half_life_s=10.0)
+    rate, which stands for its memory, then gives way to the capacity estimate."""
+    rate = JobRate(half_life_s=10.0, memory_s=600.0)
     rate.observe(0.0, 0.0, saturated=False)
     rate.observe(340.0, 1.0, saturated=False)  # one line alone: its own speed
-    assert rate.rate(500.0) == 500.0
+    assert rate.rate(500.0, 1.0) == 500.0
     for t in range(2, 12):
         rate.observe(340.0 + 1000.0 * (t - 1), float(t), saturated=True)
-    assert rate.rate(500.0) == pytest.approx(1000.0)
-    rate.observe(10_340.0, 600.0, saturated=False)  # ten minutes idle
-    assert rate.rate(500.0) == pytest.approx(1000.0)
+    assert rate.rate(500.0, 11.0) == pytest.approx(1000.0)
+    rate.observe(10_340.0, 300.0, saturated=False)  # five minutes without a saturated job
+    assert rate.rate(500.0, 300.0) == pytest.approx(1000.0)
+    assert rate.rate(500.0, 700.0) == 500.0  # too old: the capacity estimate again
 
 
 def test_saturation_needs_most_ticks_full() -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from inference_node.detached import DetachedGenerations
 from sluice.v1 import common_pb2, inference_pb2, node_pb2, node_pb2_grpc
 from tests.harness import Suite, eventually
 
@@ -161,8 +163,43 @@ async def test_a_detached_generation_outlives_its_caller_and_is_handed_whole_to_
     assert [t for c in again for t in c.token_ids] == [t for c in chunks for t in c.token_ids]
     assert node.servicer.detached.running() == 0
 
+    other = node_pb2.NodeGenerateRequest()
+    other.CopyFrom(request)
+    other.tenant = "beta"  # another tenant naming the same key sees nothing
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        _ = [c async for c in stub.Generate(other)]
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
     request.request_id = "job-x.unknown"
     with pytest.raises(grpc.aio.AioRpcError) as err:
         _ = [c async for c in stub.Generate(request)]
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "GENERATION_NOT_FOUND" in str(err.value.trailing_metadata())
+
+
+async def _chunks_then(
+    chunks: list[inference_pb2.GenerateChunk], error: BaseException | None
+) -> AsyncIterator[inference_pb2.GenerateChunk]:
+    for chunk in chunks:
+        await asyncio.sleep(0)
+        yield chunk
+    if error is not None:
+        raise error  # a fault injected on purpose
+
+
+async def test_a_failed_or_cut_off_detached_generation_is_not_handed_on() -> None:
+    """Its follower gets the failure once; the next call finds nothing (and generates the
+    line again) instead of the same failure replayed; a whole one is kept for its owner."""
+    kept = DetachedGenerations(retain_s=60)
+    text = inference_pb2.GenerateChunk(text="a", token_ids=[1])
+    failed = kept.start("k1", "t", _chunks_then([text], RuntimeError("engine step failed")))
+    with pytest.raises(RuntimeError):
+        _ = [c async for c in failed.follow()]
+    assert kept.get("k1", "t") is None
+    cut = inference_pb2.GenerateChunk(finish_reason=common_pb2.FINISH_REASON_CANCELLED)
+    _ = [c async for c in kept.start("k2", "t", _chunks_then([text, cut], None)).follow()]
+    assert kept.get("k2", "t") is None
+    whole = inference_pb2.GenerateChunk(finish_reason=common_pb2.FINISH_REASON_LENGTH)
+    _ = [c async for c in kept.start("k3", "t", _chunks_then([text, whole], None)).follow()]
+    assert kept.get("k3", "t") is not None and kept.get("k3", "u") is None
+    await kept.close()

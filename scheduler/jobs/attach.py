@@ -18,9 +18,18 @@ from redis.exceptions import RedisError
 
 from scheduler.jobs.store import Delivery, JobStore
 from scheduler.nodes import NodeDirectory
-from sluice.v1 import inference_pb2, jobs_pb2, node_pb2
+from sluice.v1 import common_pb2, inference_pb2, jobs_pb2, node_pb2
 
 log = structlog.get_logger(__name__)
+
+COMPLETE = frozenset(
+    {
+        common_pb2.FINISH_REASON_EOS,
+        common_pb2.FINISH_REASON_LENGTH,
+        common_pb2.FINISH_REASON_STOP,
+    }
+)
+"""Finish reasons of a generation that ran to its end."""
 
 
 def line_key(job_id: str, entry_id: str) -> str:
@@ -54,8 +63,8 @@ async def attach(
         if exc.code() != grpc.StatusCode.NOT_FOUND:
             log.info("job_line_attach_failed", node_id=node_id, code=exc.code().name)
         return None
-    if last is None or not last.finish_reason:
-        return None
+    if last is None or last.finish_reason not in COMPLETE:
+        return None  # cut off (a drained node): generate it again
     return jobs_pb2.GenerateResult(
         text="".join(parts),
         finish_reason=last.finish_reason,

@@ -56,15 +56,18 @@ class Failed(Exception):
 class JobRate:
     """Weighted tokens per second jobs get when they keep the nodes busy, cluster-wide: an
     exponential moving average of the settled-work counter, sampled only over intervals in
-    which jobs had more lines ready than could start (``saturated``). A one-line job, the
-    slow start of a job and its tail say what those lines needed, not what the nodes can
-    give, so they are not sampled. A measured rate stands until newer saturated samples move
-    it; before any, the caller's capacity estimate stands in."""
+    which jobs had more lines ready than could start (``saturated``). A one-line job and the
+    tail of a job say what those lines needed, not what the nodes can give, so they are not
+    sampled. A measured rate stands for ``memory_s`` after its last sample (jobs come and
+    go); then, or before any, the caller's capacity estimate stands in (so a rate measured in
+    a bad moment cannot refuse jobs forever)."""
 
-    def __init__(self, half_life_s: float = 10.0) -> None:
+    def __init__(self, half_life_s: float = 10.0, memory_s: float = 600.0) -> None:
         self.value = 0.0
         self._half_life = half_life_s
+        self._memory = memory_s
         self._last: tuple[float, float] | None = None
+        self._sampled_at = float("-inf")
 
     def observe(self, settled_tokens: float, now: float, *, saturated: bool) -> None:
         """One sample of the cluster's settled-work counter; ``saturated``: jobs had lines
@@ -75,11 +78,15 @@ class JobRate:
         dt = now - last[0]
         sample = (settled_tokens - last[1]) / dt
         alpha = 1 - 0.5 ** (dt / self._half_life)
-        self.value = sample if self.value == 0 else self.value + alpha * (sample - self.value)
+        fresh = now - self._sampled_at > self._memory
+        self.value = sample if fresh else self.value + alpha * (sample - self.value)
+        self._sampled_at = now
 
-    def rate(self, capacity: float) -> float:
-        """The measured rate, else ``capacity``."""
-        return self.value if self.value > 0 else capacity
+    def rate(self, capacity: float, now: float) -> float:
+        """The measured rate while recent, else ``capacity``."""
+        if self.value > 0 and now - self._sampled_at <= self._memory:
+            return self.value
+        return capacity
 
 
 class Saturation:

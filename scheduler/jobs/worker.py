@@ -114,8 +114,6 @@ class JobWorker:
         self._next_refresh = 0.0
         self._next_upkeep = 0.0
         self._attempting = 0
-        self._deferred = 0
-        """Lines waiting out a refusal now."""
         self._cursors: dict[str, str] = {}
 
     async def start(self) -> None:
@@ -136,7 +134,7 @@ class JobWorker:
 
     def current_rate(self) -> float:
         """The rate predictions use now."""
-        return self.rate.rate(self.capacity())
+        return self.rate.rate(self.capacity(), time.monotonic())
 
     def _slot_room(self) -> int:
         """Lines that may start now by the nodes' BATCH slots: those free, less the BATCH
@@ -330,11 +328,7 @@ class JobWorker:
             except Deferred as exc:
                 self.window.refused(time.monotonic(), exc.retry_after_s)
                 self._metrics.lines.labels("deferred").inc()
-                self._deferred += 1
-                try:
-                    await self._turn(record.deadline_ms)
-                finally:
-                    self._deferred -= 1
+                await self._turn(record.deadline_ms)
                 continue
             except Failed as exc:
                 if exc.permanent:
