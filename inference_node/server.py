@@ -396,7 +396,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         )
 
     def load_report(self) -> common_pb2.LoadReport:
-        """The node's load now, summed over its generation engines."""
+        """The node's load now, summed over its generation engines; the slots a fine-tune
+        holds as ``reserved_sequences``."""
         report = common_pb2.LoadReport(
             node_id=self._node_id,
             rss_bytes=self._process.memory_info().rss,
@@ -423,8 +424,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             report.gpu_free_bytes = reading.free_bytes
             report.gpu_total_bytes = reading.total_bytes
             report.gpu_utilization_percent = reading.utilization_percent
-        if self._training is not None and self._training.active:
-            running[WorkloadClass.FINETUNE] = running.get(WorkloadClass.FINETUNE, 0) + 1
+        if self._training is not None:
+            # A fine-tune is no sequence of any class: it holds slots no class may use.
+            report.reserved_sequences = self._training.reserved_sequences
         for cls in WorkloadClass:
             report.classes.add(
                 workload_class=cls,  # type: ignore[arg-type]

@@ -11,13 +11,21 @@ another model, dataset or configuration: FAILED_PRECONDITION ``CHECKPOINT_MISMAT
 store unreadable: UNAVAILABLE), then handed to the engine as a
 :class:`~inference_node.engine.gap_training.TrainingRun`.
 
-The stream: a ``progress`` first (where it starts), then per optimizer step a ``step`` and a
-``progress``, a ``progress`` at least every second between steps, a ``checkpoint_step`` once
-each checkpoint is durable in the store (every ``checkpoint_every_steps`` and after the last
+The stream: a ``progress`` first (where it starts), then, resumed, a ``step`` for each step
+its checkpoint remembers (the scheduler keeps a step once: these fill in those it missed
+before the job moved), then per optimizer step a ``step`` and a ``progress``, a
+``progress`` at least every second between steps, a ``checkpoint_step`` once each
+checkpoint is durable in the store (every ``checkpoint_every_steps`` and after the last
 step), and last the ``adapter`` written to the adapter store (atomically; the same name
-holding other weights: ALREADY_EXISTS ``ADAPTER_EXISTS``). Cancelling the call stops the
-training after the unit running now: no adapter, the checkpoints stay. A drain stops it the
-same way and ends the call UNAVAILABLE ``NODE_DRAINING``, so the scheduler moves the job.
+holding other weights: ALREADY_EXISTS ``ADAPTER_EXISTS``). While the call waits on the
+stores or on encoding the examples (preparing, saving a checkpoint, writing the adapter) a
+``progress`` still comes every second, so a slow filesystem never looks like a stalled node;
+before the trainer exists it is a heartbeat with ``node_id`` alone (``total_steps`` 0).
+Cancelling the call stops the training after the unit running now: no adapter, the
+checkpoints stay. A drain stops it the same way and ends the call UNAVAILABLE
+``NODE_DRAINING``, so the scheduler moves the job. The training itself waits (its units are
+deferred) while the call has not sent on what the engine produced, so a stream the
+scheduler stopped reading never piles checkpoints up in memory.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import hashlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection
+from typing import Any
 
 import grpc
 import structlog
@@ -37,11 +46,13 @@ from inference_node.engine.gap_training import (
     EndEvent,
     SnapshotEvent,
     StepEvent,
+    StepRecord,
     TrainingBusyError,
     TrainingEvent,
     TrainingMemoryError,
     TrainingRun,
     TrainingStoppedError,
+    remembered_steps,
 )
 from inference_node.errors import (
     ADAPTER_EXISTS,
@@ -139,7 +150,8 @@ class TrainService:
         self._node_id = node_id
         self._generators = generators
         self._trains = FINETUNE_POOL in pools
-        self._checkpoints = checkpoints
+        self.checkpoints = checkpoints
+        """The fleet's checkpoint store."""
         self._adapters = adapters
         self._gaps = gaps
         self.metrics = metrics
@@ -152,6 +164,13 @@ class TrainService:
     def active(self) -> bool:
         """Whether a fine-tune is being prepared or runs here."""
         return self._claimed
+
+    @property
+    def reserved_sequences(self) -> int:
+        """Sequence slots the fine-tune running here holds (0 when none runs)."""
+        if self._run is None:
+            return 0
+        return self._run[1].training.reserved_slots
 
     def stop(self, reason: str) -> None:
         """Stop the fine-tune running here after its current unit (a drain)."""
@@ -197,7 +216,13 @@ class TrainService:
         events: asyncio.Queue[TrainingEvent] = asyncio.Queue()
         run: TrainingRun | None = None
         try:
-            run, resumed = await self._prepare(request, plan, lm, engine, events)
+            preparing = asyncio.ensure_future(self._prepare(request, plan, lm, engine, events))
+            heartbeat = node_pb2.NodeTrainEvent(
+                progress=jobs_pb2.TrainingProgress(node_id=self._node_id)
+            )
+            async for beat in _beating(preparing, lambda: heartbeat):
+                yield beat
+            run, resumed = preparing.result()
             async for event in self._stream(plan, run, engine, resumed, events):
                 yield event
         finally:
@@ -232,7 +257,7 @@ class TrainService:
             trainer = await asyncio.to_thread(Trainer, lm, examples, config)
         except ExampleError as exc:
             raise InvalidArgument([("examples", str(exc))]) from exc
-        resumed = await asyncio.to_thread(self._resume, plan, trainer)
+        resumed, history = await asyncio.to_thread(self._resume, plan, trainer)
         loop = asyncio.get_running_loop()
 
         def deliver(event: TrainingEvent) -> None:  # on the engine thread
@@ -248,6 +273,7 @@ class TrainService:
             memory_bytes=memory,
             deliver=deliver,
             metrics=self.metrics,
+            history=history,
         )
         log.info(
             "training_prepared",
@@ -258,19 +284,20 @@ class TrainService:
         )
         return run, resumed
 
-    def _resume(self, plan: TrainPlan, trainer: Trainer) -> int:
-        """Restore ``trainer`` from the job's newest checkpoint; its step (0: none). Runs on
-        a worker thread (it reads the store)."""
+    def _resume(self, plan: TrainPlan, trainer: Trainer) -> tuple[int, list[StepRecord]]:
+        """Restore ``trainer`` from the job's newest checkpoint; its step (0: none) and the
+        steps it remembers. Runs on a worker thread (it reads the store)."""
         try:
-            latest = self._checkpoints.latest(plan.job_id)
+            latest = self.checkpoints.latest(plan.job_id)
             if latest is None:
                 if self._adapters.directory(plan.adapter).exists():
                     raise AlreadyExists(
                         f"adapter {plan.adapter} of {plan.adapter.base_model} already exists",
                         reason=ADAPTER_EXISTS,
                     )
-                return 0
-            trainer.restore(TrainerState.from_files(self._checkpoints.load(plan.job_id, latest)))
+                return 0, []
+            state = TrainerState.from_files(self.checkpoints.load(plan.job_id, latest))
+            trainer.restore(state)
         except CheckpointError as exc:
             raise FailedPrecondition(
                 f"job {plan.job_id}'s checkpoint cannot resume this request: {exc}",
@@ -280,7 +307,7 @@ class TrainService:
             raise Unavailable(
                 f"checkpoint store unreadable: {exc}", reason=CHECKPOINT_STORE_UNAVAILABLE
             ) from exc
-        return latest
+        return latest, remembered_steps(state.scalars)
 
     def _start(self, run: TrainingRun, engine: BatchingEngine) -> None:
         if self._is_draining():  # a drain that began while the run was prepared
@@ -306,9 +333,18 @@ class TrainService:
         events: asyncio.Queue[TrainingEvent],
     ) -> AsyncIterator[node_pb2.NodeTrainEvent]:
         progress = _Progress(run.trainer, resumed, self._node_id)
-        yield progress.event(run.waiting_s)
+
+        def beat() -> node_pb2.NodeTrainEvent:
+            return progress.event(run.waiting_s)
+
+        yield beat()
+        for record in list(run.history):  # before the run starts: its checkpoint's steps only
+            yield _step_message(*record)
         if run.trainer.done:  # resumed from the last step's checkpoint: only the adapter is left
-            yield await self._publish(plan, run.trainer.adapter)
+            publishing = asyncio.ensure_future(self._publish(plan, run.trainer.adapter))
+            async for heartbeat in _beating(publishing, beat):
+                yield heartbeat
+            yield publishing.result()
             return
         self._start(run, engine)
         started = time.monotonic()
@@ -317,17 +353,17 @@ class TrainService:
             while True:
                 done, _ = await asyncio.wait({getter}, timeout=PROGRESS_INTERVAL_S)
                 if not done:
-                    yield progress.event(run.waiting_s)
+                    yield beat()
                     continue
                 event, getter = getter.result(), asyncio.ensure_future(events.get())
+                run.taken(event)
                 if isinstance(event, StepEvent):
                     progress.stepped(event.report)
                     yield _step_event(event)
-                    yield progress.event(run.waiting_s)
-                elif isinstance(event, SnapshotEvent):
-                    await self._save(plan, run, event)
-                    progress.checkpoint_step = event.step
-                    yield node_pb2.NodeTrainEvent(checkpoint_step=event.step)
+                    yield beat()
+                    continue
+                if isinstance(event, SnapshotEvent):
+                    work: asyncio.Future[Any] = asyncio.ensure_future(self._save(plan, run, event))
                 else:
                     _raise_if_stopped(event, self._node_id)
                     log.info(
@@ -336,14 +372,25 @@ class TrainService:
                         seconds=round(time.monotonic() - started, 3),
                         waiting_seconds=round(run.waiting_s, 3),
                     )
-                    yield await self._publish(plan, run.trainer.adapter)
+                    work = asyncio.ensure_future(self._publish(plan, run.trainer.adapter))
+                async for heartbeat in _beating(work, beat):
+                    yield heartbeat
+                if isinstance(event, EndEvent):
+                    yield work.result()
                     return
+                work.result()
+                progress.checkpoint_step = event.step
+                yield node_pb2.NodeTrainEvent(checkpoint_step=event.step)
         finally:
             getter.cancel()
 
+    def _write_checkpoint(self, job_id: str, event: SnapshotEvent) -> None:
+        """Serialize and store a snapshot (on a worker thread: both take time)."""
+        self.checkpoints.save(job_id, event.step, event.state.to_files())
+
     async def _save(self, plan: TrainPlan, run: TrainingRun, event: SnapshotEvent) -> None:
         try:
-            await asyncio.to_thread(self._checkpoints.save, plan.job_id, event.step, event.files)
+            await asyncio.to_thread(self._write_checkpoint, plan.job_id, event)
         except OSError as exc:
             run.request_stop("checkpoint_failed")
             raise Unavailable(
@@ -381,15 +428,34 @@ class TrainService:
         )
 
 
+async def _beating(
+    work: asyncio.Future[Any], beat: Callable[[], node_pb2.NodeTrainEvent]
+) -> AsyncIterator[node_pb2.NodeTrainEvent]:
+    """``beat()`` every :data:`PROGRESS_INTERVAL_S` until ``work`` is done (the caller then
+    takes its result); ``work`` is cancelled if the call ends first."""
+    try:
+        while not work.done():
+            await asyncio.wait({work}, timeout=PROGRESS_INTERVAL_S)
+            if not work.done():
+                yield beat()
+    finally:
+        if not work.done():
+            work.cancel()
+
+
 def _step_event(event: StepEvent) -> node_pb2.NodeTrainEvent:
     report = event.report
+    return _step_message(
+        report.step, report.loss, report.learning_rate, report.sequence_tokens, event.at_unix_ms
+    )
+
+
+def _step_message(
+    step: int, loss: float, rate: float, tokens: int, at_unix_ms: int
+) -> node_pb2.NodeTrainEvent:
     return node_pb2.NodeTrainEvent(
         step=jobs_pb2.TrainingStep(
-            step=report.step,
-            loss=report.loss,
-            learning_rate=report.learning_rate,
-            tokens=report.sequence_tokens,
-            at_unix_ms=event.at_unix_ms,
+            step=step, loss=loss, learning_rate=rate, tokens=tokens, at_unix_ms=at_unix_ms
         )
     )
 

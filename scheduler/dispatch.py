@@ -139,6 +139,26 @@ def _keyed(forward: _Forward) -> _Forward:
     return forward
 
 
+def _node_request(
+    req: inference_pb2.GenerateRequest,
+    tenant: str,
+    adapter: str,
+    detach_key: str,
+    stream_interval_ms: int,
+) -> tuple[node_pb2.NodeGenerateRequest, Callable[[_Forward], _Forward]]:
+    """The node's request and how each attempt is keyed: a new job key per attempt, or the
+    caller's stable key for a detached generation."""
+    forward = node_pb2.NodeGenerateRequest(
+        request=req,
+        tenant=tenant,
+        adapter=adapter,
+        detached=bool(detach_key),
+        stream_interval_ms=stream_interval_ms,
+    )
+    keyed = _keyed if not detach_key else partial(_detach_keyed, key=detach_key)
+    return forward, keyed
+
+
 def _detach_keyed(forward: _Forward, key: str) -> _Forward:
     """``forward`` with the caller's stable key (a detached generation's name)."""
     forward.request_id = key
@@ -364,14 +384,7 @@ class Dispatcher:
         (``"<owner>/<name>"``) names a fine-tuned adapter of the request's base model."""
         stats = stats or StreamStats()
         tried: set[str] = set()
-        forward = node_pb2.NodeGenerateRequest(
-            request=req,
-            tenant=tenant,
-            adapter=adapter,
-            detached=bool(detach_key),
-            stream_interval_ms=stream_interval_ms,
-        )
-        keyed = _keyed if not detach_key else partial(_detach_keyed, key=detach_key)
+        forward, keyed = _node_request(req, tenant, adapter, detach_key, stream_interval_ms)
         cls = WorkloadClass.from_wire(req.workload_class)
         node: NodeHandle | None = first
         self.budget.record_request()

@@ -112,7 +112,7 @@ class NodeHandle:
         decode steps alone, several times what requests get end to end.)"""
         running = sum(c.running for c in report.classes)
         rate = self.meter.rate()
-        if rate <= 0 or running < 0.75 * self.book.max_sequences:
+        if rate <= 0 or running < 0.75 * self.book.usable:
             return
         self.busy_rate = rate if self.busy_rate == 0 else 0.9 * self.busy_rate + 0.1 * rate
 
@@ -435,6 +435,7 @@ class NodeDirectory:
                         report.kv_budget_bytes,
                         report.decode_tokens_per_s,
                         by_class=classes_of(report),
+                        reserved=report.reserved_sequences,
                     )
                     backoff = 0.2
                     self._changed()

@@ -42,9 +42,16 @@ class LoadBook:
     Room is counted per class: a request is held back only by the sequences of its own class
     and those above it. The node's engine preempts a lower class's sequence for it when every
     slot is taken, so REALTIME never waits in the queue for a BATCH line to end.
+
+    A fine-tune training on the node holds whole slots (its memory, ``reserved`` in the
+    report) that no class may use and no preemption frees: every class's capacity is
+    ``max_sequences`` less those, so the node is never sent work it cannot admit (work
+    waiting there would keep the training from running at all).
     """
 
     max_sequences: int = DEFAULT_MAX_SEQUENCES
+    reserved: int = 0
+    """Slots a fine-tune on the node holds, from the last report."""
     reported_tokens: int = 0
     kv_fraction: float = 0.0
     reported_rate: float = 0.0
@@ -73,10 +80,13 @@ class LoadBook:
         kv_budget: int,
         rate: float,
         by_class: Mapping[WorkloadClass, int] | None = None,
+        reserved: int = 0,
     ) -> None:
         """A fresh load report: the others' sequences (``by_class`` when the report splits
-        them, else all counted as the top class), KV use, queued tokens and rate."""
+        them, else all counted as the top class), KV use, queued tokens, rate and the slots
+        training holds."""
         reported = dict(by_class) if by_class is not None else {TOP_CLASS: sequences}
+        self.reserved = max(0, reserved)
         for cls in WorkloadClass:
             excess = max(0, reported.get(cls, 0) - self.own.get(cls, 0))
             self.foreign[cls] = min(excess, self.last_excess.get(cls, 0))
@@ -104,9 +114,15 @@ class LoadBook:
             if workload_class is None or cls.rank <= workload_class.rank
         )
 
+    @property
+    def usable(self) -> int:
+        """Slots sequences may use: ``max_sequences`` less those training holds (at least
+        one: a node never lends training its last slot)."""
+        return max(1, self.max_sequences - self.reserved)
+
     def score(self) -> float:
         """Lower is better: sequence occupancy, KV use and queued tokens, each about 0..1."""
-        cap = max(1, self.max_sequences)
+        cap = self.usable
         tokens = self.reported_tokens + self.tokens_sent_since_report
         return self.sequences() / cap + self.kv_fraction + tokens / (cap * TOKENS_PER_SEQUENCE)
 
@@ -124,8 +140,9 @@ class LoadBook:
         return blocking < self.capacity(workload_class, headroom)
 
     def capacity(self, workload_class: WorkloadClass, headroom: float) -> int:
-        """Sequences ``workload_class`` may fill on the node (all of them for REALTIME)."""
-        cap = max(1, self.max_sequences)
+        """Sequences ``workload_class`` may fill on the node (all :attr:`usable` ones for
+        REALTIME)."""
+        cap = self.usable
         if not workload_class.is_top:
             cap -= max(1, math.ceil(cap * headroom)) if cap > 1 else 0
         return cap

@@ -32,7 +32,7 @@ from scheduler.jobs.finetune_intake import (
 )
 from scheduler.jobs.finetune_policy import NodeLoad, Waiting, busy_nodes, choose_node, order_waiting
 from sluice.contract import NODES_PREFIX
-from sluice.runtime.errors import InvalidArgument, ResourceExhausted
+from sluice.runtime.errors import InvalidArgument, ResourceExhausted, SluiceError
 from sluice.runtime.registry import Registration, etcd_client
 from sluice.v1 import common_pb2, inference_pb2, jobs_pb2, node_pb2, node_pb2_grpc
 from tests import harness
@@ -146,11 +146,14 @@ def refusal(err: pytest.ExceptionInfo[grpc.aio.AioRpcError]) -> list[tuple[str, 
 @dataclass
 class Fleet:
     """What the fake nodes share, as real nodes share the fleet's checkpoint store: each job's
-    last checkpointed step; and every Train call, as ``(node_id, job_id, first step)``."""
+    last checkpointed step; every Train call, as ``(node_id, job_id, first step)``; the calls
+    of each job open now, and the most ever open at once."""
 
     checkpoints: dict[str, int] = field(default_factory=dict)
     calls: list[tuple[str, str, int]] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
+    open: dict[str, int] = field(default_factory=dict)
+    most_open: dict[str, int] = field(default_factory=dict)
 
 
 def loss_at(step: int) -> float:
@@ -159,9 +162,12 @@ def loss_at(step: int) -> float:
 
 class TrainingNode(node_pb2_grpc.NodeServicer):
     """Trains nothing: reports steps with a fixed loss curve, checkpoints every
-    ``checkpoint_every_steps`` into the shared :class:`Fleet`, resumes from there, ends with the
-    adapter event. Scripted faults: ``busy`` refusals (RESOURCE_EXHAUSTED + RetryInfo),
-    ``fail_calls`` calls aborted after their first step, ``step_s`` per step."""
+    ``checkpoint_every_steps`` into the shared :class:`Fleet`, resumes from there (first sending
+    the steps up to it again, as a real node sends those its checkpoint remembers), ends with
+    the adapter event. Scripted faults: ``busy`` refusals (RESOURCE_EXHAUSTED + RetryInfo),
+    ``refusals`` (each call takes the next, before training), ``fail_calls`` calls aborted
+    after their first step, ``step_s`` per step, ``hold_s`` the call stays open after the
+    adapter event."""
 
     def __init__(
         self,
@@ -171,12 +177,16 @@ class TrainingNode(node_pb2_grpc.NodeServicer):
         step_s: float = 0.05,
         busy: int = 0,
         fail_calls: int = 0,
+        refusals: Sequence[SluiceError] = (),
+        hold_s: float = 0.0,
     ) -> None:
         self.node_id = node_id
         self.fleet = fleet
         self.step_s = step_s
         self.busy = busy
         self.fail_calls = fail_calls
+        self.refusals = list(refusals)
+        self.hold_s = hold_s
 
     async def StreamLoad(  # type: ignore[override]
         self, request: node_pb2.StreamLoadRequest, context: grpc.aio.ServicerContext
@@ -192,41 +202,62 @@ class TrainingNode(node_pb2_grpc.NodeServicer):
             self.busy -= 1
             refused = ResourceExhausted("already training", retry_after_s=0.3, reason="BUSY")
             await context.abort_with_status(rpc_status.to_status(refused.to_status_proto()))
+        job = request.job_id
+        self.fleet.calls.append((self.node_id, job, self.fleet.checkpoints.get(job, 0) + 1))
+        if self.refusals:
+            refused = self.refusals.pop(0)
+            await context.abort_with_status(rpc_status.to_status(refused.to_status_proto()))
+        fleet = self.fleet
+        fleet.open[job] = fleet.open.get(job, 0) + 1
+        fleet.most_open[job] = max(fleet.most_open.get(job, 0), fleet.open[job])
+        try:
+            async with contextlib.aclosing(self._train(request, context)) as events:
+                async for event in events:
+                    yield event
+        except (asyncio.CancelledError, GeneratorExit):  # cancelled, wherever it waited
+            fleet.cancelled.append(job)
+            raise
+        finally:
+            fleet.open[job] -= 1
+
+    async def _train(
+        self, request: node_pb2.NodeTrainRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[node_pb2.NodeTrainEvent]:
         job, spec_ = request.job_id, request.spec
         total = spec_.max_steps
         start = self.fleet.checkpoints.get(job, 0)
-        self.fleet.calls.append((self.node_id, job, start + 1))
-        try:
-            for step in range(start + 1, total + 1):
-                await asyncio.sleep(self.step_s)
-                yield node_pb2.NodeTrainEvent(
-                    step=jobs_pb2.TrainingStep(
-                        step=step, loss=loss_at(step), learning_rate=1e-3, tokens=10
-                    )
+        for step in range(1, start + 1):
+            yield node_pb2.NodeTrainEvent(
+                step=jobs_pb2.TrainingStep(step=step, loss=loss_at(step), tokens=10)
+            )
+        for step in range(start + 1, total + 1):
+            await asyncio.sleep(self.step_s)
+            yield node_pb2.NodeTrainEvent(
+                step=jobs_pb2.TrainingStep(
+                    step=step, loss=loss_at(step), learning_rate=1e-3, tokens=10
                 )
-                if self.fail_calls:
-                    self.fail_calls -= 1
-                    await context.abort(grpc.StatusCode.INTERNAL, "injected training fault")
-                if step % spec_.checkpoint_every_steps == 0:
-                    self.fleet.checkpoints[job] = step
-                    yield node_pb2.NodeTrainEvent(checkpoint_step=step)
-                yield node_pb2.NodeTrainEvent(
-                    progress=jobs_pb2.TrainingProgress(
-                        step=step,
-                        total_steps=total,
-                        loss=loss_at(step),
-                        learning_rate=1e-3,
-                        tokens_per_second=200.0,
-                        node_id=self.node_id,
-                        checkpoint_step=self.fleet.checkpoints.get(job, 0),
-                        eta_unix_ms=int(time.time() * 1000) + 1000,
-                    )
+            )
+            if self.fail_calls:
+                self.fail_calls -= 1
+                await context.abort(grpc.StatusCode.INTERNAL, "injected training fault")
+            if step % spec_.checkpoint_every_steps == 0:
+                self.fleet.checkpoints[job] = step
+                yield node_pb2.NodeTrainEvent(checkpoint_step=step)
+            yield node_pb2.NodeTrainEvent(
+                progress=jobs_pb2.TrainingProgress(
+                    step=step,
+                    total_steps=total,
+                    loss=loss_at(step),
+                    learning_rate=1e-3,
+                    tokens_per_second=200.0,
+                    node_id=self.node_id,
+                    checkpoint_step=self.fleet.checkpoints.get(job, 0),
+                    eta_unix_ms=int(time.time() * 1000) + 1000,
                 )
-            path = f"{request.tenant}/{spec_.base_model}/{spec_.adapter_name}"
-            yield node_pb2.NodeTrainEvent(adapter=node_pb2.TrainedAdapter(path=path))
-        except asyncio.CancelledError:
-            self.fleet.cancelled.append(job)
-            raise
+            )
+        path = f"{request.tenant}/{spec_.base_model}/{spec_.adapter_name}"
+        yield node_pb2.NodeTrainEvent(adapter=node_pb2.TrainedAdapter(path=path))
+        await asyncio.sleep(self.hold_s)
 
 
 @contextlib.asynccontextmanager

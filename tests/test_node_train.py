@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -24,7 +25,7 @@ from inference_node.lora import LoraAdapter
 from inference_node.lora.weights import WEIGHTS_FILE
 from inference_node.models import LanguageModel
 from inference_node.train_request import encode_examples, plan_training
-from inference_node.training import DirectoryCheckpointStore, Trainer
+from inference_node.training import CheckpointStore, DirectoryCheckpointStore, Trainer
 from sluice.contract import WorkloadClass
 from sluice.v1 import common_pb2, inference_pb2, jobs_pb2, node_pb2, node_pb2_grpc
 from tests.harness import Suite, eventually
@@ -118,6 +119,11 @@ async def events(call: Any) -> list[node_pb2.NodeTrainEvent]:
 
 def of_kind(stream: list[node_pb2.NodeTrainEvent], kind: str) -> list[Any]:
     return [getattr(e, kind) for e in stream if e.WhichOneof("event") == kind]
+
+
+def started(stream: list[node_pb2.NodeTrainEvent]) -> jobs_pb2.TrainingProgress:
+    """The first progress past the heartbeats of preparing (those say only the node)."""
+    return next(p for p in of_kind(stream, "progress") if p.total_steps)
 
 
 def losses(stream: list[node_pb2.NodeTrainEvent]) -> dict[int, float]:
@@ -214,9 +220,10 @@ async def test_a_cancelled_train_resumes_from_its_checkpoint_with_the_same_losse
     suite: Suite, tiny_lm: LanguageModel
 ) -> None:
     """Cancelled after its first durable checkpoint, a fine-tune leaves its checkpoints and
-    no adapter; Train again with the same job id starts at the newest checkpoint and every
-    later step's loss equals an uninterrupted run's within 1e-4 (same seed), as does the
-    adapter."""
+    no adapter; Train again with the same job id starts at the newest checkpoint, first
+    sending again every step up to it (those the cancelled call's reader never took
+    included) with the losses and times the first call had, and every later step's loss
+    equals an uninterrupted run's within 1e-4 (same seed), as does the adapter."""
     node = await start_trainer(suite)
     node_stub = stub(suite, node)
     steps = 24
@@ -228,9 +235,10 @@ async def test_a_cancelled_train_resumes_from_its_checkpoint_with_the_same_losse
 
     request = train_request("job-resumed", finetune_spec(tiny_lm, "resumed", steps))
     call = node_stub.Train(request, timeout=120)
+    seen: list[node_pb2.NodeTrainEvent] = []
     async with asyncio.timeout(60):
-        while (await call.read()).WhichOneof("event") != "checkpoint_step":
-            pass
+        while not seen or seen[-1].WhichOneof("event") != "checkpoint_step":
+            seen.append(await call.read())
     call.cancel()
     await eventually(
         lambda: not node.training.active and node.engines[tiny_lm.name].training.run is None
@@ -242,10 +250,13 @@ async def test_a_cancelled_train_resumes_from_its_checkpoint_with_the_same_losse
     assert not adapters.directory(AdapterRef(TENANT, tiny_lm.name, "resumed")).exists()
 
     resumed = await events(node_stub.Train(request, timeout=120))
-    first = of_kind(resumed, "progress")[0]
+    first = started(resumed)
     assert first.step == stopped_at and first.checkpoint_step == stopped_at
+    replayed = of_kind(resumed, "step")[:stopped_at]
+    assert [s.step for s in replayed] == list(range(1, stopped_at + 1))
+    assert replayed[: len(of_kind(seen, "step"))] == of_kind(seen, "step")
     got = losses(resumed)
-    assert sorted(got) == list(range(stopped_at + 1, steps + 1))
+    assert sorted(got) == list(range(1, steps + 1))
     for step, loss in got.items():
         assert loss == pytest.approx(expected[step], abs=1e-4), step
     ours = LoraAdapter.load(adapters.directory(AdapterRef(TENANT, tiny_lm.name, "resumed")))
@@ -257,8 +268,9 @@ async def test_a_cancelled_train_resumes_from_its_checkpoint_with_the_same_losse
 async def test_generate_beside_training_is_unchanged_and_waits_within_the_yield_bound(
     suite: Suite, tiny_lm: LanguageModel
 ) -> None:
-    """While a fine-tune runs, the load report counts it (FINETUNE running 1) and its KV
-    budget shrinks; Generate streams, one after another and together, complete with the
+    """While a fine-tune runs, the load report shows the slots it holds
+    (``reserved_sequences``, no sequence of any class) and its KV budget shrinks; afterwards
+    neither. Generate streams, one after another and together, complete with the
     tokens they get on an idle node; the waits training caused them (admission and next
     token) were recorded, and their p99 is within the yield bound."""
     node = await start_trainer(suite)
@@ -272,8 +284,12 @@ async def test_generate_beside_training_is_unchanged_and_waits_within_the_yield_
             pass
     report = node.servicer.load_report()
     counts = {c.workload_class: c.running for c in report.classes}
-    assert counts[WorkloadClass.FINETUNE] == 1
-    assert 0 < report.kv_budget_bytes < budget_idle
+    assert counts[WorkloadClass.FINETUNE] == 0
+    engine = node.engines[tiny_lm.name]
+    assert isinstance(engine, BatchingEngine)
+    reserved = engine.training.reserved_slots
+    assert 0 < reserved < 8 and report.reserved_sequences == reserved
+    assert report.kv_budget_bytes == (8 - reserved) * budget_idle // 8
 
     for _ in range(2):
         one_by_one = [
@@ -285,9 +301,8 @@ async def test_generate_beside_training_is_unchanged_and_waits_within_the_yield_
         assert one_by_one == alone and list(together) == alone
     call.cancel()
     await eventually(lambda: node.engines[tiny_lm.name].training.run is None)
+    await eventually(lambda: node.servicer.load_report().reserved_sequences == 0)
 
-    engine = node.engines[tiny_lm.name]
-    assert isinstance(engine, BatchingEngine)
     policy = engine.training.policy
     assert policy is not None and policy.admission_waits and policy.decode_delays
     p99 = policy.wait_quantile(0.99)
@@ -303,6 +318,51 @@ async def test_generate_beside_training_is_unchanged_and_waits_within_the_yield_
         f"max {max([*policy.admission_waits, *policy.decode_delays]):.4f} s"
     )
     assert node.servicer.load_report().kv_budget_bytes == budget_idle
+
+
+class SlowStore:
+    """The fleet's checkpoint store on a slow filesystem (a fault injected on purpose): every
+    read and write takes ``delay_s`` longer."""
+
+    def __init__(self, inner: CheckpointStore, delay_s: float) -> None:
+        self.inner, self.delay_s = inner, delay_s
+
+    def save(self, job_id: str, step: int, files: Mapping[str, bytes]) -> None:
+        time.sleep(self.delay_s)
+        self.inner.save(job_id, step, files)
+
+    def latest(self, job_id: str) -> int | None:
+        time.sleep(self.delay_s)
+        return self.inner.latest(job_id)
+
+    def load(self, job_id: str, step: int) -> dict[str, bytes]:
+        return self.inner.load(job_id, step)
+
+
+async def test_a_slow_store_never_silences_the_stream_for_more_than_a_beat(
+    suite: Suite, tiny_lm: LanguageModel
+) -> None:
+    """With every checkpoint read and write taking 3 s, events still come about every
+    second (the scheduler counts a silent call as stalled): heartbeats naming the node while
+    it prepares (``total_steps`` 0), progress while it saves; every checkpoint is durable
+    before its ``checkpoint_step``, and the adapter comes last."""
+    node = await start_trainer(suite)
+    node.training.checkpoints = SlowStore(node.training.checkpoints, 3.0)
+    call = stub(suite, node).Train(
+        train_request("job-slow", finetune_spec(tiny_lm, "slow", 4)), timeout=120
+    )
+    stream, gaps, last = [], [], time.monotonic()
+    async with asyncio.timeout(120):
+        async for event in call:
+            gaps.append(time.monotonic() - last)
+            last = time.monotonic()
+            stream.append(event)
+    assert max(gaps) < 2.2, gaps
+    heartbeat = stream[0].progress
+    assert heartbeat.node_id == "trainer" and heartbeat.total_steps == 0
+    assert of_kind(stream, "checkpoint_step") == [3, 4]
+    assert stream[-1].WhichOneof("event") == "adapter"
+    assert DirectoryCheckpointStore(suite.tmp / "checkpoints").latest("job-slow") == 4
 
 
 # -- refusals ----------------------------------------------------------------------------------
@@ -439,6 +499,8 @@ async def test_a_drain_stops_training_unavailable_and_keeps_the_checkpoints(
     short = train_request("job-moved", finetune_spec(tiny_lm, "moved", 100_000))
     call = stub(suite, other).Train(short)
     first = await call.read()
+    while not first.progress.total_steps:  # heartbeats while it prepares
+        first = await call.read()
     assert first.progress.step >= latest and first.progress.node_id == "trainer-2"
     call.cancel()
 

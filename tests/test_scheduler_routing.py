@@ -286,3 +286,27 @@ def test_full_kv_cache_leaves_room_for_realtime_only_when_batch_can_give_some_up
         book.on_report(2, 0, 96, 100, 1.0, by_class={BATCH: 2})
     assert book.has_room(REALTIME, 0.0)
     assert not book.has_room(BATCH, 0.0)
+
+
+def test_slots_a_fine_tune_holds_are_capacity_no_class_may_use() -> None:
+    """A report of 3 of 8 slots reserved by training leaves 5 for every class: BATCH stops at
+    4 (5 less the headroom) and REALTIME at 5, though no sequence of any class holds the
+    other 3 (they are not preemptible); the score counts occupancy of the 5. Once training
+    gives them back (reserved 0), the full 8 again."""
+    book = LoadBook(max_sequences=8)
+    book.on_report(0, 0, 0, 100, 1.0, by_class={}, reserved=3)
+    assert book.usable == 5 and book.capacity(BATCH, 0.125) == 4
+    for _ in range(4):
+        assert book.has_room(BATCH, 0.125)
+        book.on_dispatch(10, BATCH)
+    assert not book.has_room(BATCH, 0.125) and book.has_room(REALTIME, 0.125)
+    book.on_dispatch(10, REALTIME)
+    assert book.score() == 5 / 5 + 50 / (5 * 512)  # occupancy and tokens, of 5 slots
+    assert book.has_room(REALTIME, 0.125)  # the engine preempts a BATCH sequence for it
+    for _ in range(4):
+        book.on_dispatch(10, REALTIME)
+    assert not book.has_room(REALTIME, 0.125)
+    book.on_report(9, 0, 0, 100, 1.0, by_class={BATCH: 4, REALTIME: 5}, reserved=0)
+    assert book.usable == 8 and book.has_room(REALTIME, 0.125)
+    book.on_report(9, 0, 0, 100, 1.0, by_class={BATCH: 4, REALTIME: 5}, reserved=9)
+    assert book.usable == 1  # never less than one slot

@@ -6,8 +6,9 @@ Every engine step:
    cancelled requests leave (a running one frees its slot now);
 2. admission: while the step's token budget (``max_batched_tokens`` minus one token per
    decoding sequence) and a free slot last, the best waiting request gets a slot and a prefill
-   chunk. With every slot taken, the best waiting request preempts a running sequence of a
-   lower class (the lowest class, latest arrival first); the victim goes back to the waiting
+   chunk. With every slot taken, the best waiting request preempts running sequences of a
+   lower class (the lowest class, latest arrival first), as many as free one slot (several
+   when a fine-tune took slots from a full engine); each victim goes back to the waiting
    heap with its generated tokens appended to its prompt and is recomputed when readmitted:
    its stream pauses, nothing already sent is lost or repeated;
 3. one forward pass (:class:`LlamaRunner.step`) runs the decode token of every running sequence
@@ -353,33 +354,34 @@ class BatchingEngine(ThreadedEngine):
         return n
 
     def _room_for(self, candidate: BatchSequence) -> bool:
-        """Whether ``candidate`` gets a slot: a free one within :meth:`_slot_limit`, else
-        one preempted from a lower class when exactly the limit is in use."""
-        used, limit = len(self._active()), self._slot_limit()
-        return used < limit or (used == limit and self._preempt_for(candidate))
+        """Whether ``candidate`` gets a slot: a free one within :meth:`_slot_limit`, else ones
+        preempted from lower classes, as many as bring the sequences under the limit (more
+        than one when a fine-tune took slots from a full engine)."""
+        over = len(self._active()) - self._slot_limit() + 1
+        return over <= 0 or self._preempt_for(candidate, over)
 
-    def _preempt_for(self, candidate: BatchSequence) -> bool:
-        """Free a slot for ``candidate`` by preempting a lower-class sequence, if any."""
-        victims = [
-            s
-            for s in self._slots[: self._ready]
-            if s is not None and s.job.workload_class.rank > candidate.job.workload_class.rank
-        ]
-        if not victims:
+    def _preempt_for(self, candidate: BatchSequence, count: int) -> bool:
+        """Free ``count`` slots for ``candidate`` by preempting running sequences of lower
+        classes (the lowest class, latest arrival first); none when fewer than that exist."""
+        rank = candidate.job.workload_class.rank
+        running = (s for s in self._slots[: self._ready] if s is not None)
+        lower = [s for s in running if s.job.workload_class.rank > rank]
+        victims = sorted(lower, key=lambda s: s.key, reverse=True)[:count]
+        if len(victims) < count:
             return False
-        victim = max(victims, key=lambda s: s.key)
-        self._release(victim)
-        victim.computed = 0
-        with self._lock:
-            if victim.job.state is JobState.RUNNING:
-                victim.job.state = JobState.WAITING
-        heapq.heappush(self._waiting, (victim.key, victim))
-        log.info(
-            "sequence_preempted",
-            request_id=victim.job.request.request_id,
-            by=candidate.job.request.request_id,
-            generated=len(victim.text.generated),
-        )
+        for victim in victims:
+            self._release(victim)
+            victim.computed = 0
+            with self._lock:
+                if victim.job.state is JobState.RUNNING:
+                    victim.job.state = JobState.WAITING
+            heapq.heappush(self._waiting, (victim.key, victim))
+            log.info(
+                "sequence_preempted",
+                request_id=victim.job.request.request_id,
+                by=candidate.job.request.request_id,
+                generated=len(victim.text.generated),
+            )
         return True
 
     def _step(self) -> None:

@@ -3,11 +3,23 @@
 A :class:`TrainingRun` is one fine-tune handed to an engine: its
 :class:`~inference_node.training.Trainer`, how often it checkpoints, the memory it holds and
 where its events go (:class:`StepEvent` after each optimizer step, :class:`SnapshotEvent`
-with a checkpoint's files, :class:`EndEvent` last). Its units are the trainer's (a decoder
-layer's forward or backward, a loss chunk, the optimizer update) plus one ``checkpoint`` unit
-after every ``checkpoint_every`` steps and after the last: the trainer's state serialized to
-bytes (safetensors and JSON) on the engine thread, since the next step would change it; the
-event loop writes the bytes to the fleet's store on another thread.
+with a checkpoint's state, :class:`EndEvent` last). Its units are the trainer's (a decoder
+layer's forward or backward, a loss chunk, the optimizer update) plus ``checkpoint`` units
+after every ``checkpoint_every`` steps and after the last: each copies the next
+``checkpoint_chunk_bytes`` of the trainer's tensors to the CPU (the next step would change
+them), so a checkpoint of any size is bounded units the gap policy can fit between decode
+steps; the step waits until the last chunk is copied. Serializing the copies (safetensors and
+JSON) and writing them to the fleet's store happen off the engine thread
+(:mod:`inference_node.train_service`).
+
+A checkpoint also remembers the run's last ``REPLAYED_STEPS`` steps (step, loss, rate, tokens,
+time) in its scalars (``steps``): a run resumed from it starts with them
+(:func:`remembered_steps`), so its listener can send them again (steps the node trained and
+checkpointed but the scheduler never recorded, its call cut meanwhile, are not lost).
+
+Events wait in the listener's queue; a run with ``MAX_UNCONSUMED_EVENTS`` of them not taken
+(:meth:`TrainingRun.taken`), or about to snapshot while a snapshot is not taken, defers its
+units (``events``): a listener that stopped reading holds the training, not the memory.
 
 :class:`GapTrainer` is the engine's side. The engine loop calls :meth:`GapTrainer.run_unit`
 after each of its steps and whenever it would otherwise sleep; each call asks the
@@ -28,13 +40,22 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
+import torch
 
-from inference_node.training import GapConfig, GapPolicy, GapReason, StepReport, Trainer
+from inference_node.training import (
+    GapConfig,
+    GapPolicy,
+    GapReason,
+    StepReport,
+    Trainer,
+    TrainerState,
+)
 
 if TYPE_CHECKING:  # the metrics module imports the engine package
     from inference_node.metrics import TrainingMetrics
@@ -43,9 +64,19 @@ log = structlog.get_logger(__name__)
 
 TRAINING_POLL_S = 0.05
 """How often an engine with nothing else to do looks again at a fine-tune whose next unit
-was held back (over the bound, or waiting for memory)."""
+was held back (over the bound, waiting for memory or for its events to be taken)."""
 CHECKPOINT_UNIT = "checkpoint"
 MEMORY = "memory"
+EVENTS = "events"
+"""A unit deferred because the run's listener has not taken its events."""
+CHECKPOINT_CHUNK_BYTES = 4 * 1024**2
+"""Tensor bytes one ``checkpoint`` unit copies at most (a tensor larger than that alone is
+one unit: a LoRA factor or its moments are far smaller)."""
+REPLAYED_STEPS = 4096
+"""Steps a checkpoint remembers for a resumed run to send again (see the module doc)."""
+STEPS_KEY = "steps"
+MAX_UNCONSUMED_EVENTS = 16
+"""Events a run's listener may leave untaken before its units wait (see the module doc)."""
 
 
 class TrainingBusyError(Exception):
@@ -76,10 +107,11 @@ class StepEvent:
 
 @dataclass(frozen=True)
 class SnapshotEvent:
-    """The trainer's state after ``step``, as a checkpoint's files, to be made durable."""
+    """The trainer's state after ``step`` (CPU copies), to be made durable as a checkpoint's
+    files (:meth:`TrainerState.to_files`, off the engine thread)."""
 
     step: int
-    files: dict[str, bytes]
+    state: TrainerState
 
 
 @dataclass(frozen=True)
@@ -91,6 +123,55 @@ class EndEvent:
 
 
 TrainingEvent = StepEvent | SnapshotEvent | EndEvent
+StepRecord = tuple[int, float, float, int, int]
+"""A remembered step: step, loss, learning rate, tokens (prompts included), Unix ms."""
+
+
+def remembered_steps(scalars: Mapping[str, Any]) -> list[StepRecord]:
+    """The steps a checkpoint's scalars remember (none in one written before they were kept;
+    malformed entries skipped)."""
+    entries = scalars.get(STEPS_KEY)
+    out: list[StepRecord] = []
+    for entry in entries if isinstance(entries, list) else []:
+        try:
+            step, loss, rate, tokens, at = entry
+            out.append((int(step), float(loss), float(rate), int(tokens), int(at)))
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+class _Snapshot:
+    """A checkpoint being copied off a trainer between two steps, one chunk per unit."""
+
+    def __init__(self, step: int, live: TrainerState, chunk_bytes: int) -> None:
+        self.step = step
+        self.scalars = live.scalars
+        self.live = live.tensors
+        self.copied: dict[str, torch.Tensor] = {}
+        self.chunks: deque[list[str]] = deque()
+        size = 0
+        for name, tensor in live.tensors.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if not self.chunks or size + nbytes > chunk_bytes:
+                self.chunks.append([])
+                size = 0
+            self.chunks[-1].append(name)
+            size += nbytes
+
+    def next_bytes(self) -> int:
+        """Bytes the next chunk copies (at least 1)."""
+        names = self.chunks[0] if self.chunks else []
+        return max(1, sum(self.live[n].numel() * self.live[n].element_size() for n in names))
+
+    def copy_next(self) -> TrainerState | None:
+        """Copy the next chunk; the whole state once the last one is copied."""
+        if self.chunks:
+            for name in self.chunks.popleft():
+                self.copied[name] = self.live[name].detach().to("cpu", copy=True)
+        if self.chunks:
+            return None
+        return TrainerState(tensors=self.copied, scalars=self.scalars)
 
 
 class TrainingRun:
@@ -106,9 +187,11 @@ class TrainingRun:
         deliver: Callable[[TrainingEvent], None],
         metrics: TrainingMetrics | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        checkpoint_chunk_bytes: int = CHECKPOINT_CHUNK_BYTES,
+        history: Iterable[StepRecord] = (),
     ) -> None:
-        if checkpoint_every < 1:
-            raise ValueError("checkpoint_every must be >= 1")
+        if checkpoint_every < 1 or checkpoint_chunk_bytes < 1:
+            raise ValueError("checkpoint_every and checkpoint_chunk_bytes must be >= 1")
         self.trainer = trainer
         self.model = model
         self.checkpoint_every = checkpoint_every
@@ -124,12 +207,35 @@ class TrainingRun:
         self._deliver = deliver
         self._metrics = metrics
         self._clock = clock
+        self._chunk_bytes = checkpoint_chunk_bytes
         self._snapshot_due = False
+        self._snapshot: _Snapshot | None = None
+        self._lock = threading.Lock()
+        self._unconsumed = 0
+        self._unconsumed_snapshots = 0
+        self.history: deque[StepRecord] = deque(history, maxlen=REPLAYED_STEPS)
+        """The last steps run (those of its checkpoint first), for the next checkpoint."""
 
     def request_stop(self, reason: str) -> None:
         """Stop after the unit running now (any thread); the first reason wins."""
         if self.stop_reason is None:
             self.stop_reason = reason
+
+    def taken(self, event: TrainingEvent) -> None:
+        """The listener took ``event`` off its queue (any thread)."""
+        if isinstance(event, EndEvent):
+            return
+        with self._lock:
+            self._unconsumed -= 1
+            self._unconsumed_snapshots -= isinstance(event, SnapshotEvent)
+
+    @property
+    def backlogged(self) -> bool:
+        """Whether its units wait for the listener to take events (module doc)."""
+        with self._lock:
+            return self._unconsumed >= MAX_UNCONSUMED_EVENTS or (
+                self._snapshot_due and self._unconsumed_snapshots > 0
+            )
 
     @property
     def waiting_s(self) -> float:
@@ -139,25 +245,46 @@ class TrainingRun:
         return max(0.0, self._clock() - self.started - self.busy_s)
 
     def next_work(self) -> tuple[str, int] | None:
-        """Kind and work of the next unit, ``None`` when nothing is left."""
+        """Kind and work of the next unit (a checkpoint chunk's: its bytes), ``None`` when
+        nothing is left."""
         if self._snapshot_due:
-            return CHECKPOINT_UNIT, 1
+            return CHECKPOINT_UNIT, self._taking_snapshot().next_bytes()
         unit = self.trainer.next_unit
         return None if unit is None else (unit.kind.value, unit.work)
+
+    def _taking_snapshot(self) -> _Snapshot:
+        if self._snapshot is None:
+            live = self.trainer.state(copy=False)
+            scalars = {**live.scalars, STEPS_KEY: [list(h) for h in self.history]}
+            state = TrainerState(tensors=live.tensors, scalars=scalars)
+            self._snapshot = _Snapshot(self.trainer.step, state, self._chunk_bytes)
+        return self._snapshot
+
+    def _send(self, event: StepEvent | SnapshotEvent) -> None:
+        with self._lock:
+            self._unconsumed += 1
+            self._unconsumed_snapshots += isinstance(event, SnapshotEvent)
+        self._deliver(event)
 
     def run_next(self) -> bool:
         """Run the next unit, delivering what it produced; ``True`` once nothing is left."""
         trainer = self.trainer
         if self._snapshot_due:
-            self._snapshot_due = False
-            self._deliver(SnapshotEvent(trainer.step, trainer.state().to_files()))
+            snapshot = self._taking_snapshot()
+            state = snapshot.copy_next()
+            if state is not None:
+                self._snapshot_due, self._snapshot = False, None
+                self._send(SnapshotEvent(snapshot.step, state))
         else:
             report = trainer.run_next()
             if report is not None:
                 if self._metrics is not None:
                     self._metrics.steps.labels(self.model).inc()
                     self._metrics.tokens.labels(self.model).inc(report.sequence_tokens)
-                self._deliver(StepEvent(report, int(time.time() * 1000)))
+                at = int(time.time() * 1000)
+                record = (report.step, report.loss, report.learning_rate, report.sequence_tokens)
+                self.history.append((*record, at))
+                self._send(StepEvent(report, at))
                 self._snapshot_due = report.step % self.checkpoint_every == 0 or trainer.done
         return trainer.done and not self._snapshot_due
 
@@ -251,6 +378,8 @@ class GapTrainer:
         kind, size = work
         if not memory_free:
             return self._defer(MEMORY)
+        if run.backlogged:
+            return self._defer(EVENTS)
         decision = policy.decide(kind, size, waiting=waiting, running=running)
         if not decision.run:
             return self._defer(decision.reason)
@@ -292,9 +421,10 @@ class GapTrainer:
 
     def _defer(self, reason: str) -> bool:
         # A refusal that idleness cannot lift (over the bound until remeasured, memory held
-        # by sequences) makes an idle engine poll instead of spinning; after any other the
-        # next idle turn tries again at once (a slice's end is only a turn to look for work).
-        self._ready = reason not in (GapReason.OVER_BOUND, MEMORY)
+        # by sequences, events not taken) makes an idle engine poll instead of spinning; after
+        # any other the next idle turn tries again at once (a slice's end is only a turn to
+        # look for work).
+        self._ready = reason not in (GapReason.OVER_BOUND, MEMORY, EVENTS)
         if self._metrics is not None:
             self._metrics.deferred.labels(self.model, str(reason)).inc()
         return False

@@ -116,17 +116,19 @@ def clip_and_step(
 
 
 def split_state(
-    optimizer: torch.optim.Optimizer, prefix: str = "optimizer."
+    optimizer: torch.optim.Optimizer, prefix: str = "optimizer.", *, copy: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The optimizer's ``state_dict`` as tensors (``{prefix}{param}.{name}``, CPU copies) and a
-    JSON-ready object holding everything else."""
+    """The optimizer's ``state_dict`` as tensors (``{prefix}{param}.{name}``, CPU copies; with
+    ``copy=False`` the live tensors, which the next update changes) and a JSON-ready object
+    holding everything else."""
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, entry in state["state"].items():
         for name, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{prefix}{index}.{name}"] = value.detach().to("cpu").contiguous().clone()
+                key = f"{prefix}{index}.{name}"
+                tensors[key] = value.detach().to("cpu").contiguous().clone() if copy else value
             else:
                 scalars.setdefault(str(index), {})[name] = value
     groups = [

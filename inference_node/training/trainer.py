@@ -227,12 +227,18 @@ class Trainer:
             current.micro == 0 and (current.staged is None or not current.staged.timings)
         )
 
-    def state(self) -> TrainerState:
-        """The state to resume from; only between optimizer steps (``RuntimeError`` else)."""
+    def state(self, *, copy: bool = True) -> TrainerState:
+        """The state to resume from; only between optimizer steps (``RuntimeError`` else).
+        Its tensors are CPU copies; with ``copy=False`` the adapter's and AdamW's live tensors
+        (the next unit changes them), for a caller that copies them itself (a checkpoint
+        taken in bounded units, :mod:`inference_node.engine.gap_training`)."""
         if not self.between_steps:
             raise RuntimeError("a trainer's state is taken between optimizer steps")
-        tensors = {ADAPTER_PREFIX + k: v for k, v in self.adapter.state_dict().items()}
-        optimizer_tensors, optimizer_scalars = split_state(self.optimizer)
+        tensors = {
+            ADAPTER_PREFIX + k: v.detach().to("cpu", copy=True) if copy else v.detach()
+            for k, v in self.adapter.state_dict().items()
+        }
+        optimizer_tensors, optimizer_scalars = split_state(self.optimizer, copy=copy)
         tensors |= optimizer_tensors
         tensors[DROPOUT_RNG] = self.generator.get_state()
         scalars = {

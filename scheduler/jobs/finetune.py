@@ -11,10 +11,13 @@ A fine-tune job's stream holds one driver entry, delivered through the jobs' con
   this replica drives fewer than ``finetune_max_jobs_per_replica`` and a node is free for the
   job's base model; a job with no free node is left for whichever replica sees one first;
 - **heartbeat** (every ``job_heartbeat_seconds``): the driver entries held are re-claimed
-  ``JUSTID`` (idle time reset); entries idle past ``job_reclaim_idle_seconds`` belong to a dead
-  replica and are taken over with ``XAUTOCLAIM`` (the delivery counts as an attempt);
+  ``JUSTID`` (idle time reset), each only while this replica still holds it (``FT_KEEP``);
+  one another replica took over is left to it and its driver poked (it stops). Entries idle
+  past ``job_reclaim_idle_seconds`` belong to a dead replica and are taken over with
+  ``XAUTOCLAIM`` (the delivery counts as an attempt), while this replica drives fewer than
+  ``finetune_max_jobs_per_replica``;
 - **expiry**: a job whose window closed is finalized EXPIRED (its driver then cancels the
-  Train call);
+  Train call), unless its adapter was written (its driver completes it);
 - **stop**: drivers are cancelled with their Train calls, nothing acknowledged: another replica
   takes the jobs over and the node resumes from the last checkpoint.
 """
@@ -184,28 +187,41 @@ class FinetuneRunner:
 
     async def _upkeep(self) -> None:
         """Heartbeat, take over dead replicas' jobs, expire jobs past their window."""
-        if self._held:
-            await self._store.touch(self.consumer, list(self._held.values()))
+        await self._heartbeat()
         stamp = now_ms()
         idle_ms = int(self._settings.job_reclaim_idle_seconds * 1000)
         for record in list(self.records.values()):
             if record.deadline_ms <= stamp:
-                changed, state = await self._store.finalize(
-                    record.job_id, jobs_pb2.JOB_STATE_EXPIRED
-                )
-                if changed:
+                code, state = await self.ctx.ft.stop(record.job_id, jobs_pb2.JOB_STATE_EXPIRED)
+                if code == 1:
                     label = "expired" if state == jobs_pb2.JOB_STATE_EXPIRED else "cancelled"
                     self._metrics.jobs.labels(label).inc()
                     log.info("finetune_ended_by_window", job_id=record.job_id, state=state)
                     self.poke(record.job_id)
                 continue
-            if record.job_id in self._held:
+            if (
+                record.job_id in self._held
+                or len(self._held) >= self._settings.finetune_max_jobs_per_replica
+            ):
                 continue
             _, found = await self._store.reclaim(record.job_id, self.consumer, idle_ms, 1)
             for delivery in found:
                 self._metrics.moves.labels("taken_over").inc()
                 log.info("finetune_taken_over", job_id=record.job_id, attempt=delivery.deliveries)
                 self._spawn(delivery, record)
+
+    async def _heartbeat(self) -> None:
+        """Reset the idle time of the driver entries this replica still holds."""
+        for job_id, delivery in list(self._held.items()):
+            asked = time.monotonic()
+            held = await self.ctx.ft.keep(job_id, self.consumer, delivery.entry_id)
+            driver = self._drivers.get(job_id)
+            if driver is None:
+                continue
+            if held > 0:
+                driver.confirmed(asked)
+            elif held == 0:
+                driver.poke()  # another replica holds it now: its driver stops
 
     async def _take(self) -> None:
         room = self._settings.finetune_max_jobs_per_replica - len(self._held)

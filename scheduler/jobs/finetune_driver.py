@@ -2,26 +2,42 @@
 
 The driver loops until the job is final:
 
-1. **stop?** CANCELLING → CANCELLED; window closed → EXPIRED; already final → done.
-2. **trained?** when a node already wrote the adapter (``ft_trained``): register it
-   (:class:`~scheduler.adapters.AdapterRecord` in etcd) and complete the job. Registration
-   happens before COMPLETED, so a COMPLETED job's adapter is always servable.
+1. **trained?** when a node already wrote the adapter (``ft_trained``): register it
+   (:class:`~scheduler.adapters.AdapterRecord` in etcd) and complete the job, even when a
+   cancel or the window's end came after the adapter: it exists and holds the name, so it is
+   served rather than left unregistered (the name then could never be used again).
+   Registration happens before COMPLETED, so a COMPLETED job's adapter is always servable.
+2. **stop?** CANCELLING → CANCELLED; window closed → EXPIRED; already final → done (both
+   refused by Redis once the adapter was written: back to 1).
 3. **too many failures?** the driver entry's delivery count (attempts since the last new
    checkpoint, takeovers included) above ``finetune_max_deliveries`` → FAILED with the last
    error.
 4. **place** it (:func:`~scheduler.jobs.finetune_policy.choose_node`); none free: wait (0.5 s,
    or a poke).
 5. **train**: ``Node.Train`` with the spec and every example; each ``step`` is stored once as
-   a result keyed by its step, ``progress`` and ``checkpoint_step`` update the job's
-   record (GetJob's ``training``, WatchJob's events), ``adapter`` is kept (``ft_trained``)
-   before anything else. Meanwhile the job's state is read every 0.5 s (and on a poke): a
-   cancel or the window's end cancels the call (the node stops after its current unit);
-   so does silence longer than ``finetune_stall_seconds``.
-6. **after a failure**: RESOURCE_EXHAUSTED → that node is avoided for its RetryInfo (not
-   counted); UNAVAILABLE ``NODE_DRAINING`` → avoided (not counted); INVALID_ARGUMENT or
-   OUT_OF_RANGE → FAILED at once (the job is at fault); anything else (a broken stream, a
-   dead node, a stall) → avoided, counted, then placed again: the next node resumes from the
-   job's latest checkpoint in the fleet's store.
+   a result keyed by its step (a resumed node sends the steps its checkpoint remembers
+   again, filling in any the last call missed), ``progress`` and ``checkpoint_step`` update
+   the job's
+   record (GetJob's ``training``, WatchJob's events; the first event makes it RUNNING),
+   ``adapter`` is kept (``ft_trained``) before anything else. Meanwhile the job's state is
+   read every 0.5 s (and on a poke): a cancel or the window's end cancels the call (the node
+   stops after its current unit); so does silence longer than ``finetune_stall_seconds``,
+   and so does losing the driver entry (below). However the call's watch ends (the job went
+   final, the reader died on Redis), the call is cancelled: the node never trains for a
+   driver that stopped listening.
+6. **after a failure**: as :mod:`scheduler.jobs.finetune_outcomes` classifies it: busy,
+   draining, a node that cannot train it, or the stores unavailable → that node avoided, not
+   counted; the job at fault → FAILED at once; anything else (a broken stream, a dead node,
+   a stall) → avoided, counted, then placed again: the next node resumes from the job's
+   latest checkpoint in the fleet's store.
+
+One driver per job: the entry is held by one consumer at a time, and every write that keeps
+or counts it checks that this replica still holds it (``FT_KEEP``). Every heartbeat of the
+entry (the runner's, or the driver's own check every ``job_heartbeat_seconds`` while it
+trains) extends a lease: another replica can take the entry over only once it has been idle
+``job_reclaim_idle_seconds``, so while Redis cannot tell who holds it the driver goes on until
+that bound, less one heartbeat, has passed since the last heartbeat Redis confirmed; then it
+cancels its call and stops, as when it learns that another replica took the entry.
 """
 
 from __future__ import annotations
@@ -35,12 +51,11 @@ from functools import partial
 
 import grpc
 import structlog
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from redis.exceptions import RedisError
 
 from scheduler.adapters import AdapterRecord
 from scheduler.config import SchedulerSettings
+from scheduler.jobs.finetune_outcomes import Outcome, classify, progress_fields, stop_reason
 from scheduler.jobs.finetune_store import LAST_ERROR_FIELD, TRAINED_FIELD, FinetuneStore
 from scheduler.jobs.metrics import FinetuneMetrics
 from scheduler.jobs.model import JobRecord
@@ -54,13 +69,16 @@ log = structlog.get_logger(__name__)
 
 WATCH_S = 0.5
 """How often a driver reads its job's state while its node trains."""
-BUSY_RETRY_S = 5.0
-"""How long a node that refused a fine-tune as busy without RetryInfo is avoided."""
-PERMANENT = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
-"""Train failures that mean the job itself is at fault: FAILED at once."""
 REGISTER_TRIES = 20
 LOST = "lost"
-"""A driver's stop reason when another replica took its entry over."""
+"""A driver's stop reason when another replica took its entry over (or may have)."""
+NOT_COUNTED = {
+    "busy": "node_busy",
+    "draining": "node_draining",
+    "unsuitable": "node_unsuitable",
+    "store": "store_unavailable",
+}
+"""Outcomes that move a job without counting an attempt, and their moves label."""
 
 
 @dataclass
@@ -92,16 +110,6 @@ class DriverContext:
         return spec
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """How one Train call ended."""
-
-    kind: str
-    """trained, stopped, busy, draining, permanent, failed or stalled."""
-    message: str = ""
-    retry_after_s: float = 0.0
-
-
 @dataclass
 class _Call:
     """What one Train call reported so far."""
@@ -113,44 +121,6 @@ class _Call:
     stopped: str = ""
     stalled: bool = False
     progressed: bool = False
-
-
-def stop_reason(record: JobRecord | None) -> str:
-    """Why a driver should stop now: "final", "cancelled", "expired", or "" to go on."""
-    if record is None or record.final:
-        return "final"
-    if record.state == jobs_pb2.JOB_STATE_CANCELLING:
-        return "cancelled"
-    if now_ms() >= record.deadline_ms:
-        return "expired"
-    return ""
-
-
-def classify(exc: grpc.aio.AioRpcError, node_id: str) -> Outcome:
-    """A failed Train call as an :class:`Outcome` (see the module docstring)."""
-    code = exc.code()
-    reason, retry = "", 0.0
-    try:
-        status = rpc_status.from_call(exc)
-    except ValueError:
-        status = None
-    for packed in status.details if status is not None else ():
-        if packed.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            packed.Unpack(info)
-            reason = info.reason
-        elif packed.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            delay = error_details_pb2.RetryInfo()
-            packed.Unpack(delay)
-            retry = delay.retry_delay.ToTimedelta().total_seconds()
-    message = f"node {node_id}: {code.name}: {exc.details() or reason}"
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return Outcome("busy", message, retry or BUSY_RETRY_S)
-    if code == grpc.StatusCode.UNAVAILABLE and reason == "NODE_DRAINING":
-        return Outcome("draining", message)
-    if code in PERMANENT:
-        return Outcome("permanent", message)
-    return Outcome("failed", message)
 
 
 class FinetuneDriver:
@@ -166,6 +136,15 @@ class FinetuneDriver:
         self._avoid: dict[str, float] = {}
         self._last_error = ""
         self._examples: list[jobs_pb2.TrainingExample] | None = None
+        self._lease_end = 0.0
+        self.confirmed(time.monotonic())  # the entry was just read or claimed
+
+    def confirmed(self, asked: float) -> None:
+        """Redis confirmed, for a request sent at ``asked`` (monotonic), that this replica
+        holds the entry and reset its idle time: extend the lease (module docstring)."""
+        settings = self.ctx.settings
+        margin = min(settings.job_heartbeat_seconds, settings.job_reclaim_idle_seconds / 2)
+        self._lease_end = max(self._lease_end, asked + settings.job_reclaim_idle_seconds - margin)
 
     def poke(self) -> None:
         """Look at the job's state now (a cancel arrived)."""
@@ -178,13 +157,16 @@ class FinetuneDriver:
             return
         while True:
             record = await persist(partial(self.ctx.store.get, self.job_id))
-            stop = stop_reason(record)
-            if stop or record is None:
-                await self._end(stop)
+            if record is None or record.final:
                 return
             if await persist(partial(self.ctx.ft.trained, self.job_id)):
                 await self._complete(spec)
                 return
+            stop = stop_reason(record)
+            if stop:
+                if await self._end(stop):
+                    return
+                continue  # the adapter was written meanwhile: complete the job
             if self.attempts > self.ctx.settings.finetune_max_deliveries:
                 await self._out_of_attempts()
                 return
@@ -230,11 +212,14 @@ class FinetuneDriver:
         log.warning("finetune_moved", job_id=self.job_id, node_id=node_id, why=outcome.message)
         if outcome.kind == "busy":
             self._avoid[node_id] = now + max(outcome.retry_after_s, 0.1)
-            moves.labels("node_busy").inc()
-            return True
-        self._avoid[node_id] = now + settings.finetune_avoid_node_seconds
-        if outcome.kind == "draining":
-            moves.labels("node_draining").inc()
+        else:
+            self._avoid[node_id] = now + settings.finetune_avoid_node_seconds
+        if outcome.kind in NOT_COUNTED:
+            moves.labels(NOT_COUNTED[outcome.kind]).inc()
+            if outcome.kind == "store":
+                self._last_error = outcome.message
+                error = {LAST_ERROR_FIELD: outcome.message[:1000]}
+                await persist(lambda: self.ctx.ft.record(self.job_id, error))
             return True
         moves.labels("stalled" if outcome.kind == "stalled" else "node_failed").inc()
         self._last_error = outcome.message
@@ -274,8 +259,9 @@ class FinetuneDriver:
         try:
             await self._watch(call, reader, state)
         finally:
-            if not reader.done():
+            if not call.done():  # however the watch ended: nobody reads the call any more
                 call.cancel()
+            if not reader.done():
                 reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
         if state.adapter is not None:
@@ -297,45 +283,55 @@ class FinetuneDriver:
     async def _watch(
         self, call: grpc.aio.UnaryStreamCall, reader: asyncio.Task[None], state: _Call
     ) -> None:
-        """Until the call ends: read the job's state every WATCH_S (or when poked) and cancel
-        the call on a stop or a stall."""
-        stall = self.ctx.settings.finetune_stall_seconds
-        next_check = time.monotonic() + self.ctx.settings.job_heartbeat_seconds
+        """Until the call ends: read the job's state every WATCH_S (or when poked), check
+        the entry every heartbeat; cancel the call on a stop, a stall or a lost entry."""
+        settings = self.ctx.settings
+        next_check = time.monotonic() + settings.job_heartbeat_seconds
         while not reader.done():
             self._poked.clear()
             poked = asyncio.create_task(self._poked.wait())
+            now = time.monotonic()
+            wait = max(0.0, min(WATCH_S, next_check - now, self._lease_end - now))
             try:
-                await asyncio.wait({reader, poked}, timeout=WATCH_S)
+                await asyncio.wait({reader, poked}, timeout=wait)
             finally:
                 poked.cancel()
             if reader.done():
                 return
+            stop = ""
             with contextlib.suppress(Exception):  # Redis away: the reader's writes wait too
-                stop = stop_reason(await self.ctx.store.get(self.job_id))
-                if stop:
-                    state.stopped = stop
-                    call.cancel()
-                    return
-            if time.monotonic() - state.last_event > stall:
+                async with asyncio.timeout(WATCH_S):
+                    stop = stop_reason(await self.ctx.store.get(self.job_id))
+            now = time.monotonic()
+            if not stop and (now >= next_check or now >= self._lease_end):
+                next_check = now + settings.job_heartbeat_seconds
+                stop = "" if await self._still_mine() else LOST
+            if not stop and time.monotonic() - state.last_event > settings.finetune_stall_seconds:
                 state.stalled = True
                 call.cancel()
                 return
-            if time.monotonic() >= next_check:
-                next_check = time.monotonic() + self.ctx.settings.job_heartbeat_seconds
-                if not await self._still_mine():
-                    state.stopped = LOST
-                    call.cancel()
-                    return
+            if stop:
+                state.stopped = stop
+                call.cancel()
+                return
 
     async def _still_mine(self) -> bool:
-        """Whether this replica still holds the driver entry: one whose heartbeat lapsed (a
-        partition from Redis, a frozen loop) may have been taken over, and two drivers must
-        not train one job. True while Redis cannot tell."""
+        """Whether this replica still holds the driver entry, resetting its idle time when it
+        does: one whose heartbeat lapsed (a partition from Redis, a frozen loop) may have
+        been taken over, and two drivers must not train one job. While Redis cannot tell,
+        true until the lease runs out (module docstring); a late check that Redis answers
+        decides alone."""
+        asked = time.monotonic()
         try:
-            owner = await self.ctx.ft.owner(self.job_id, self.delivery.entry_id)
-        except RedisError:
-            return True
-        return owner in (self.ctx.consumer, None)
+            async with asyncio.timeout(self.ctx.settings.job_heartbeat_seconds):
+                held = await self.ctx.ft.keep(
+                    self.job_id, self.ctx.consumer, self.delivery.entry_id
+                )
+        except (RedisError, TimeoutError):
+            return time.monotonic() < self._lease_end
+        if held > 0:
+            self.confirmed(asked)
+        return held != 0  # -1: the job went final (the loop ends it)
 
     async def _read(self, call: grpc.aio.UnaryStreamCall, state: _Call) -> None:
         """Record every event of the call (see the module docstring)."""
@@ -348,19 +344,18 @@ class FinetuneDriver:
                 "train_seen_ms": now_ms(),
                 "train_node": state.node_id,
             }
-            if kind == "step":
-                step = event.step
-                fields.update(
-                    train_step=step.step, train_loss=step.loss, train_lr=step.learning_rate
-                )
+            if kind == "step":  # stored once; the progress after it moves the job's fields
+                step = event.step  # (a resumed node first sends older steps again)
             elif kind == "progress":
-                fields.update(_progress_fields(event.progress, state.node_id))
+                fields.update(progress_fields(event.progress, state.node_id))
             elif kind == "checkpoint_step":
                 fields["checkpoint_step"] = event.checkpoint_step
             elif kind == "adapter":
                 fields[TRAINED_FIELD] = event.adapter.path
             code = await persist(
-                partial(ft.record, self.job_id, fields, step=step, attempt=self.attempts)
+                partial(
+                    ft.record, self.job_id, fields, step=step, attempt=self.attempts, started=True
+                )
             )
             if code == 0:  # the job went final meanwhile
                 state.stopped = "final"
@@ -383,12 +378,11 @@ class FinetuneDriver:
         self.attempts = 1
 
     async def _complete(self, spec: jobs_pb2.FinetuneSpec) -> None:
-        """Register the trained adapter, then mark the job COMPLETED (a cancel or the window's
-        end that came first wins)."""
+        """Register the trained adapter, then mark the job COMPLETED, also when a cancel or
+        the window's end came after the node wrote it (module docstring); nothing when the
+        job is already final."""
         record = await persist(partial(self.ctx.store.get, self.job_id))
-        stop = stop_reason(record)
-        if stop or record is None:
-            await self._end(stop)
+        if record is None or record.final:
             return
         adapter = AdapterRecord(
             tenant=self.tenant,
@@ -424,17 +418,19 @@ class FinetuneDriver:
                 log.warning("adapter_register_failed", job_id=self.job_id, error=str(exc))
                 await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
 
-    async def _end(self, stop: str) -> None:
-        """Finalize a job that must stop: CANCELLED or EXPIRED (nothing when already final)."""
+    async def _end(self, stop: str) -> bool:
+        """Finalize a job that must stop: CANCELLED or EXPIRED (nothing when already final);
+        False when Redis refused because the adapter was written (the job completes)."""
         if stop == "final" or not stop:
-            return
+            return True
         await persist(lambda: self.ctx.ft.record(self.job_id, {"train_node": ""}))
         target = jobs_pb2.JOB_STATE_CANCELLED if stop == "cancelled" else jobs_pb2.JOB_STATE_EXPIRED
-        changed, state = await persist(partial(self.ctx.store.finalize, self.job_id, target))
-        if changed:
+        code, state = await persist(partial(self.ctx.ft.stop, self.job_id, target))
+        if code == 1:
             label = "expired" if state == jobs_pb2.JOB_STATE_EXPIRED else "cancelled"
             self.ctx.metrics.jobs.labels(label).inc()
             log.info("finetune_ended", job_id=self.job_id, state=label)
+        return code != 2
 
     async def _fail(self, message: str) -> None:
         """FAILED with ``message``."""
@@ -447,24 +443,3 @@ class FinetuneDriver:
         last = self._last_error or await persist(partial(self.ctx.ft.last_error, self.job_id))
         last = last or "its driver's replica died each time"
         await self._fail(f"training failed {limit} times in a row without a new checkpoint: {last}")
-
-
-def _progress_fields(
-    progress: jobs_pb2.TrainingProgress, node_id: str
-) -> dict[str, str | int | float]:
-    fields: dict[str, str | int | float] = {
-        "train_step": progress.step,
-        "train_loss": progress.loss,
-        "train_lr": progress.learning_rate,
-        "train_tokens_per_s": round(progress.tokens_per_second, 2),
-        "train_waiting_s": round(progress.waiting_seconds, 3),
-        "train_node": progress.node_id or node_id,
-    }
-    if progress.total_steps:
-        fields["train_total"] = progress.total_steps
-    if progress.checkpoint_step:
-        fields["checkpoint_step"] = progress.checkpoint_step
-    if progress.eta_unix_ms:
-        fields["train_eta_ms"] = progress.eta_unix_ms
-        fields["predicted_ms"] = progress.eta_unix_ms
-    return fields

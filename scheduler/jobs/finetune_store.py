@@ -20,7 +20,11 @@ A fine-tune job uses the keys of every job (:mod:`scheduler.jobs.model`) this wa
 
 The scripts: ``FT_COMMIT`` (``COMMIT`` plus the adapter claim, the group after the examples
 and the driver entry), ``FT_RECORD`` (a step and/or progress fields, only while the job is
-not final), ``FT_COMPLETE`` and ``FT_FAIL`` (final states, counting every example once).
+not final), ``FT_COMPLETE`` and ``FT_FAIL`` (final states, counting every example once),
+``FT_STOP`` (CANCELLED or EXPIRED, unless the adapter was written: that job is completed),
+``FT_KEEP`` (the driver entry's heartbeat and attempt counting, only by the consumer that
+holds it: checked and claimed in one step, so a replica never takes back an entry another
+replica took over).
 """
 
 from __future__ import annotations
@@ -97,8 +101,9 @@ return ARGV[1]
 """
 )
 
-# KEYS: job, results | ARGV: step key ("" for none), result, now_ms, field, value, ...
-# Returns 0 when the job is gone or final (nothing written), 1 written, 2 step already there.
+# KEYS: job, results | ARGV: step key ("" for none), result, now_ms, started ("1": a node
+# trains it: QUEUED becomes RUNNING), field, value, ... Returns 0 when the job is gone or final
+# (nothing written), 1 written, 2 step already there.
 FT_RECORD = (
     FINALIZE_HELPERS
     + f"""
@@ -106,16 +111,55 @@ local state = tonumber(redis.call('HGET', KEYS[1], 'state') or '0')
 if state == 0 or is_final(state) then return 0 end
 local out = 1
 if ARGV[1] ~= '' and redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then out = 2 end
-if #ARGV > 3 then redis.call('HSET', KEYS[1], unpack(ARGV, 4)) end
-if state == {jobs_pb2.JOB_STATE_QUEUED} then
-  redis.call('HSET', KEYS[1], 'state', {jobs_pb2.JOB_STATE_RUNNING})
-end
-if redis.call('HGET', KEYS[1], 'started_ms') == '0' then
-  redis.call('HSET', KEYS[1], 'started_ms', ARGV[3])
+if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
+if ARGV[4] == '1' then
+  if state == {jobs_pb2.JOB_STATE_QUEUED} then
+    redis.call('HSET', KEYS[1], 'state', {jobs_pb2.JOB_STATE_RUNNING})
+  end
+  if redis.call('HGET', KEYS[1], 'started_ms') == '0' then
+    redis.call('HSET', KEYS[1], 'started_ms', ARGV[3])
+  end
 end
 return out
 """
 )
+
+# KEYS: job, lines, results, active | ARGV: state (CANCELLED or EXPIRED), now_ms. Returns
+# {0, state} when the job is gone or already final, {2, state} when its adapter was written
+# (left alone: its driver registers it and completes the job), else {1, the final state}
+# (a CANCELLING job becomes CANCELLED).
+FT_STOP = (
+    FINALIZE_HELPERS
+    + f"""
+local state = tonumber(redis.call('HGET', KEYS[1], 'state') or '0')
+if state == 0 or is_final(state) then return {{0, state}} end
+local trained = redis.call('HGET', KEYS[1], '{TRAINED_FIELD}')
+if trained and trained ~= '' then return {{2, state}} end
+local target = tonumber(ARGV[1])
+if state == {jobs_pb2.JOB_STATE_CANCELLING} then target = {_CANCELLED} end
+return {{1, finalize(KEYS[1], KEYS[2], KEYS[4], target, tonumber(ARGV[2]))}}
+"""
+)
+
+# KEYS: lines | ARGV: consumer, entry_id, mode: "touch" (reset its idle time), "count" (one
+# more delivery) or "reset" (deliveries back to 1). Only while ``consumer`` holds the entry.
+# Returns -1 when the entry is not pending (the job went final), 0 when another consumer
+# holds it (nothing changed), else its delivery count after.
+FT_KEEP = f"""
+local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], '{GROUP}', ARGV[2], ARGV[2], 1)
+if not ok or #p == 0 then return -1 end
+if p[1][2] ~= ARGV[1] then return 0 end
+if ARGV[3] == 'count' then
+  redis.call('XCLAIM', KEYS[1], '{GROUP}', ARGV[1], 0, ARGV[2])
+  return p[1][4] + 1
+end
+if ARGV[3] == 'reset' then
+  redis.call('XCLAIM', KEYS[1], '{GROUP}', ARGV[1], 0, ARGV[2], 'RETRYCOUNT', 1, 'JUSTID')
+  return 1
+end
+redis.call('XCLAIM', KEYS[1], '{GROUP}', ARGV[1], 0, ARGV[2], 'JUSTID')
+return p[1][4]
+"""
 
 # KEYS: job, lines, results, active | ARGV: entry_id, adapter, now_ms. Returns 0 when the job
 # is gone or was already final, 1 completed (a CANCELLING job too: its adapter is served).
@@ -164,6 +208,8 @@ class FinetuneStore:
         self._record = client.register_script(FT_RECORD)
         self._complete = client.register_script(FT_COMPLETE)
         self._fail = client.register_script(FT_FAIL)
+        self._stop = client.register_script(FT_STOP)
+        self._keep = client.register_script(FT_KEEP)
 
     async def save_spec(self, job_id: str, spec: jobs_pb2.FinetuneSpec) -> None:
         """Keep the checked spec with the uploading job."""
@@ -249,9 +295,12 @@ class FinetuneStore:
         fields: Mapping[str, str | int | float],
         step: jobs_pb2.TrainingStep | None = None,
         attempt: int = 1,
+        *,
+        started: bool = False,
     ) -> int:
-        """Write progress ``fields`` (and a step's result) while the job is not final; see
-        ``FT_RECORD`` for the return codes."""
+        """Write progress ``fields`` (and a step's result) while the job is not final;
+        ``started``: a node sent an event, so a QUEUED job is RUNNING now. See ``FT_RECORD``
+        for the return codes."""
         keys = JobKeys(job_id)
         key, body = "", b""
         if step is not None:
@@ -270,8 +319,18 @@ class FinetuneStore:
         pairs: list[str | int | float | bytes] = []
         for name, value in fields.items():
             pairs += [name, value]
-        code = await self._record(keys=[keys.job, keys.results], args=[key, body, now_ms(), *pairs])
+        args = [key, body, now_ms(), "1" if started else "0", *pairs]
+        code = await self._record(keys=[keys.job, keys.results], args=args)
         return int(code)
+
+    async def stop(self, job_id: str, state: int) -> tuple[int, int]:
+        """CANCELLED or EXPIRED now unless the adapter was written; ``(code, state after)``
+        as ``FT_STOP`` returns them."""
+        keys = JobKeys(job_id)
+        code, after = await self._stop(
+            keys=[keys.job, keys.lines, keys.results, ACTIVE_KEY], args=[state, now_ms()]
+        )
+        return int(code), int(after)
 
     async def complete(self, job_id: str, entry_id: str, adapter: str) -> bool:
         """COMPLETED with its adapter (``"<base>:<name>"``); False when it already was final."""
@@ -290,16 +349,17 @@ class FinetuneStore:
         )
         return bool(done)
 
+    async def keep(self, job_id: str, consumer: str, entry_id: str, mode: str = "touch") -> int:
+        """The driver entry's heartbeat (``touch``), one more attempt (``count``) or attempts
+        back to 1 (``reset``), only while ``consumer`` holds it: -1 when the job went final,
+        0 when another consumer holds it now, else its delivery count (see ``FT_KEEP``)."""
+        reply = await self._keep(keys=[JobKeys(job_id).lines], args=[consumer, entry_id, mode])
+        return int(reply)
+
     async def redeliver(self, job_id: str, consumer: str, entry_id: str) -> int:
         """Count one more attempt of the driver entry this consumer holds; returns the count
-        (0: the job went final, its stream is gone)."""
-        lines = JobKeys(job_id).lines
-        try:
-            await self._redis.xclaim(lines, GROUP, consumer, 0, [entry_id])
-            pending = await self._redis.xpending_range(lines, GROUP, entry_id, entry_id, 1)
-        except redis.ResponseError:
-            return 0
-        return int(pending[0]["times_delivered"]) if pending else 0
+        (0: the job went final, or another replica holds the entry now)."""
+        return max(0, await self.keep(job_id, consumer, entry_id, "count"))
 
     async def owner(self, job_id: str, entry_id: str) -> str | None:
         """The consumer holding the driver entry ("" when nobody does; None when the job's
@@ -312,14 +372,9 @@ class FinetuneStore:
         return pending[0]["consumer"].decode() if pending else ""
 
     async def reset_attempts(self, job_id: str, consumer: str, entry_id: str) -> None:
-        """The job made progress (a new checkpoint): its attempts count from 1 again."""
-        lines = JobKeys(job_id).lines
-        try:
-            await self._redis.xclaim(
-                lines, GROUP, consumer, 0, [entry_id], retrycount=1, justid=True
-            )
-        except redis.ResponseError:  # NOGROUP: the job went final meanwhile
-            return
+        """The job made progress (a new checkpoint): its attempts count from 1 again (only
+        while this consumer holds the entry)."""
+        await self.keep(job_id, consumer, entry_id, "reset")
 
 
 class AdapterNameTaken(Exception):

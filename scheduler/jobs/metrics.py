@@ -106,7 +106,15 @@ class JobStateCollector(Collector):
         yield lag_family
 
 
-FINETUNE_MOVES = ("node_failed", "node_busy", "node_draining", "stalled", "taken_over")
+FINETUNE_MOVES = (
+    "node_failed",
+    "node_busy",
+    "node_draining",
+    "stalled",
+    "taken_over",
+    "node_unsuitable",
+    "store_unavailable",
+)
 
 
 class FinetuneMetrics:
@@ -135,7 +143,9 @@ class FinetuneMetrics:
             "sluice_scheduler_finetune_moves_total",
             "Fine-tunes this replica moved off a node or took over, by reason: node_failed "
             "(stream broken or an error), node_busy (RESOURCE_EXHAUSTED), node_draining, "
-            "stalled (no event within finetune_stall_seconds), taken_over (its replica died).",
+            "stalled (no event within finetune_stall_seconds), taken_over (its replica died), "
+            "node_unsuitable (cannot train it: not finetune, model, memory), store_unavailable "
+            "(the checkpoint or adapter store could not be used there).",
             ["reason"],
             registry=registry,
         )

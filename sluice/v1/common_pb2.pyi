@@ -148,7 +148,7 @@ class ClassCounts(_message.Message):
     def __init__(self, workload_class: _Optional[_Union[WorkloadClass, str]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("node_id", "classes", "kv_used_bytes", "kv_budget_bytes", "decode_tokens_per_s", "rss_bytes", "queued_tokens", "gpu_free_bytes", "gpu_total_bytes", "gpu_utilization_percent", "state", "timestamp_unix_ms")
+    __slots__ = ("node_id", "classes", "kv_used_bytes", "kv_budget_bytes", "decode_tokens_per_s", "rss_bytes", "queued_tokens", "gpu_free_bytes", "gpu_total_bytes", "gpu_utilization_percent", "state", "timestamp_unix_ms", "reserved_sequences")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     KV_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,7 @@ class LoadReport(_message.Message):
     GPU_UTILIZATION_PERCENT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     classes: _containers.RepeatedCompositeFieldContainer[ClassCounts]
     kv_used_bytes: int
@@ -173,4 +174,5 @@ class LoadReport(_message.Message):
     gpu_utilization_percent: float
     state: NodeState
     timestamp_unix_ms: int
-    def __init__(self, node_id: _Optional[str] = ..., classes: _Optional[_Iterable[_Union[ClassCounts, _Mapping]]] = ..., kv_used_bytes: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., decode_tokens_per_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., gpu_free_bytes: _Optional[int] = ..., gpu_total_bytes: _Optional[int] = ..., gpu_utilization_percent: _Optional[float] = ..., state: _Optional[_Union[NodeState, str]] = ..., timestamp_unix_ms: _Optional[int] = ...) -> None: ...
+    reserved_sequences: int
+    def __init__(self, node_id: _Optional[str] = ..., classes: _Optional[_Iterable[_Union[ClassCounts, _Mapping]]] = ..., kv_used_bytes: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., decode_tokens_per_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., gpu_free_bytes: _Optional[int] = ..., gpu_total_bytes: _Optional[int] = ..., gpu_utilization_percent: _Optional[float] = ..., state: _Optional[_Union[NodeState, str]] = ..., timestamp_unix_ms: _Optional[int] = ..., reserved_sequences: _Optional[int] = ...) -> None: ...
