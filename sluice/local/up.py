@@ -55,9 +55,9 @@ class UpConfig:
     device: str = "cpu"
     dtype: str = "float32"
     max_sequences: int | None = None
+    """Each node's batch cap; None keeps the node's default."""
     pools: list[str] = field(default_factory=lambda: ["realtime", "finetune"])
     """Pools every node serves: real-time inference and, in its gaps, fine-tuning."""
-    """Each node's batch cap; None keeps the node's default."""
     node_cpu_nice: int = 10
     """Nice increment of each node (0-19). Everything here shares one machine, so model
     compute runs at a lower CPU priority than the scheduler, the stores and local clients

@@ -1,0 +1,354 @@
+"""Figures 1-3, *training shares the node with real time*, on the suite's one node (the
+``realtime`` and ``finetune`` pools), in one run:
+
+1. **capacity**: a closed loop of ``saturate_streams`` BATCH generations (more than the node's
+   BATCH slots) for ``saturate_warmup_s`` + ``saturate_s``; the node's generated tokens per
+   second over the window (as :mod:`bench.jobs.gaps` measures saturation);
+2. **without training**: REALTIME Poisson arrivals (seeded) at ``compared_load`` of the
+   capacity for ``phase_s``; then the node is restarted into the ``finetune`` pool
+   (:meth:`~bench.finetune.suite.FinetuneSuite.configure`), its inter-token budget
+   (``--training-itl-budget-ms``) 1.2 × the inter-token p99 just measured unless one is
+   given: the figure's target expressed as the node's knob (the node's default, 100 ms, is
+   unrelated to the model's own inter-token time: SmolLM2 here decodes at ~120 ms a token at
+   30 % load, which leaves it no slack at all, while a fast model's every gap could be
+   stretched to 100 ms);
+3. a fine-tune job (the *load job*: the quality task's spec, long enough to outlast the
+   phases) is submitted through the Jobs API and trains on the node; once it has logged
+   ``job_warmup_steps`` steps, **alone**: ``alone_s`` with no inference, its training
+   tokens per second;
+4. **with training**: the arrivals at each of ``loads`` for ``phase_s`` each, the one at
+   ``compared_load`` the very arrivals of phase 2 (same seed, same rate); then the job is
+   cancelled.
+
+Every phase reads the node's ``/metrics`` at the start and the end of its arrival window:
+generated tokens, training tokens, the units deferred by reason, the yield-wait histograms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import grpc
+
+from bench.chaos.suite import OTHERS, VICTIM
+from bench.finetune.calls import (
+    RealtimeTarget,
+    TrainSpec,
+    submit_finetune,
+    training_lines,
+    wait_job,
+)
+from bench.finetune.figures import (
+    INTER_TOKEN_RATIO_TARGET,
+    progress_curve,
+    realtime_rps,
+    sharing_verdict,
+    yield_waits,
+)
+from bench.finetune.suite import FIRST_NODE, FinetuneSuite, NodeFlags
+from bench.finetune.task import training_examples
+from bench.jobs.calls import Caller
+from bench.jobs.figures import inter_token_gaps, latency, rate
+from bench.jobs.metrics import Samples, scrape, total
+from bench.jobs.suite import Running
+from bench.load.records import OUTCOME_CUT_OFF, OUTCOME_OK, OUTCOME_TIMED_OUT, waited_ttft
+from bench.load.run import run_load
+from bench.load.scenario import Scenario, parse_scenario
+from sluice.v1 import common_pb2, inference_pb2
+
+JOB_TENANT = OTHERS[0]
+SATURATE_TENANT = OTHERS[1]
+GENERATED = "sluice_node_generated_tokens_total"
+TRAINED = "sluice_node_training_tokens_total"
+STEPS = "sluice_node_training_steps_total"
+DEFERRED = "sluice_node_training_units_deferred_total"
+LOAD_ADAPTER = "bench-load"
+LOAD_LINES = training_lines(training_examples())
+"""The load job's dataset: the quality task's."""
+
+
+@dataclass(frozen=True)
+class SharingOptions:
+    """The experiment's sizes and times."""
+
+    loads: tuple[float, ...] = (0.1, 0.3, 0.6)
+    compared_load: float = 0.3
+    phase_s: float = 45.0
+    alone_s: float = 30.0
+    saturate_streams: int = 40
+    saturate_tokens: int = 32
+    saturate_warmup_s: float = 5.0
+    saturate_s: float = 15.0
+    realtime_tokens: int = 32
+    prompt_words: tuple[int, int] = (8, 32)
+    seed: int = 19
+    request_timeout_s: float = 30.0
+    drain_s: float = 10.0
+    job_start_timeout_s: float = 120.0
+    job_warmup_steps: int = 3
+    """Steps the load job has logged before the alone window opens: a fresh node's first
+    units (the optimizer's first step allocates its state) run slow once, and a kind measured
+    over the bound waits for a remeasure; the window measures the steady state after."""
+    load_job_steps: int = 100_000
+
+
+def _read(address: str) -> tuple[float, Samples | None]:
+    return time.monotonic(), scrape(address)
+
+
+async def read_node(suite: FinetuneSuite) -> tuple[float, Samples | None]:
+    """``(monotonic time, the node's samples)`` now."""
+    return await asyncio.to_thread(_read, suite.node_metrics(FIRST_NODE))
+
+
+def counter_rates(
+    start: tuple[float, Samples | None], end: tuple[float, Samples | None]
+) -> dict[str, Any]:
+    """The node's generation and training rates and the deferred units between two reads."""
+    (t0, a), (t1, b) = start, end
+    seconds = t1 - t0
+
+    def per_s(name: str) -> float | None:
+        if a is None or b is None:
+            return None
+        return rate(total(a, name), total(b, name), seconds)
+
+    reasons = sorted({dict(k[1]).get("reason", "") for k in (b or {}) if k[0] == DEFERRED})
+    return {
+        "node_tokens_per_s": per_s(GENERATED),
+        "training_tokens_per_s": per_s(TRAINED),
+        "training_steps": None
+        if a is None or b is None
+        else round(total(b, STEPS) - total(a, STEPS)),
+        "deferred": {
+            r: round(total(b or {}, DEFERRED, reason=r) - total(a or {}, DEFERRED, reason=r))
+            for r in reasons
+        },
+    }
+
+
+async def capacity(
+    ctx: Running, caller: Caller, model: str, opts: SharingOptions
+) -> dict[str, Any]:
+    """The closed loop of BATCH generations; the node's tokens per second over its window."""
+    suite = ctx.suite
+    assert isinstance(suite, FinetuneSuite)
+    options = common_pb2.GenerationOptions(max_new_tokens=opts.saturate_tokens, ignore_eos=True)
+    failures: list[str] = []
+
+    async def loop(worker: int) -> None:
+        n = 0
+        while True:
+            n += 1
+            message = inference_pb2.GenerateRequest(
+                model=model,
+                prompt=f"saturate {worker} #{n}: once upon a time in a land far away",
+                options=options,
+                workload_class=common_pb2.WORKLOAD_CLASS_BATCH,
+                cache_bypass=True,
+            )
+            try:
+                async for _ in caller.inference.Generate(
+                    message, metadata=caller.metadata, timeout=60
+                ):
+                    pass
+            except grpc.aio.AioRpcError as exc:
+                failures.append(exc.code().name)
+                await asyncio.sleep(0.2)
+
+    tasks = [asyncio.create_task(loop(w)) for w in range(opts.saturate_streams)]
+    try:
+        ctx.event(f"capacity: {opts.saturate_streams} closed-loop BATCH streams")
+        await asyncio.sleep(opts.saturate_warmup_s)
+        start = await read_node(suite)
+        await asyncio.sleep(opts.saturate_s)
+        end = await read_node(suite)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    tokens_per_s = counter_rates(start, end)["node_tokens_per_s"]
+    ctx.event(f"capacity: {tokens_per_s or 0:.0f} tokens/s")
+    return {
+        "streams": opts.saturate_streams,
+        "max_new_tokens": opts.saturate_tokens,
+        "window_s": round(end[0] - start[0], 2),
+        "node_tokens_per_s": tokens_per_s,
+        "failed_calls": len(failures),
+    }
+
+
+def realtime_scenario(model: str, rps: float, opts: SharingOptions) -> Scenario:
+    """One REALTIME tenant's seeded Poisson arrivals at ``rps``."""
+    low, high = opts.prompt_words
+    return parse_scenario(
+        {
+            "name": "finetune-realtime",
+            "model": model,
+            "duration_s": opts.phase_s,
+            "seed": opts.seed,
+            "request_timeout_s": opts.request_timeout_s,
+            "drain_s": opts.drain_s,
+            "max_requests": 20_000,
+            "tenants": [
+                {
+                    "name": VICTIM,
+                    "class": "realtime",
+                    "rate_rps": rps,
+                    "prompt_tokens": {"kind": "uniform", "min": low, "max": high},
+                    "output_tokens": {"kind": "fixed", "value": opts.realtime_tokens},
+                }
+            ],
+        }
+    )
+
+
+async def phase(
+    ctx: Running, caller: Caller, scenario: Scenario, label: str, bound_s: float
+) -> dict[str, Any]:
+    """The arrivals of ``scenario``: the REALTIME requests' latency, and the node's rates and
+    yield waits over the arrival window."""
+    suite = ctx.suite
+    assert isinstance(suite, FinetuneSuite)
+    target = RealtimeTarget(caller, scenario.model)
+    ctx.event(f"{label}: {scenario.total_rps:.2f} req/s for {scenario.duration_s:g} s")
+
+    async def window() -> tuple[tuple[float, Samples | None], tuple[float, Samples | None]]:
+        start = await read_node(suite)
+        await asyncio.sleep(scenario.duration_s)
+        return start, await read_node(suite)
+
+    reads = asyncio.create_task(window())
+    result = await run_load(scenario, target)
+    start, end = await reads
+    waited = (OUTCOME_OK, OUTCOME_TIMED_OUT, OUTCOME_CUT_OFF)
+    ttfts = [t for r in result.records if r.outcome in waited and (t := waited_ttft(r)) is not None]
+    gaps = [  # streams cut off or timed out too: the slowest are the ones that matter
+        g
+        for r in result.records
+        if r.outcome in waited
+        for g in inter_token_gaps(target.chunks.get(r.index, []))
+    ]
+    outcomes = result.report(with_requests=False)["accounting"]
+    dump = suite.run_dir / f"requests-{label.replace(' ', '-').replace('%', 'pct')}.json"
+    dump.write_text(json.dumps([r.to_json() for r in result.records]))  # for digging
+    ctx.event(f"{label} done: {outcomes}")
+    return {
+        "rps": round(scenario.total_rps, 3),
+        "requests": len(result.records),
+        "outcomes": outcomes,
+        **latency(ttfts, gaps),
+        **counter_rates(start, end),
+        "yield_waits": yield_waits(start[1], end[1], bound_s),
+    }
+
+
+async def _alone(ctx: Running, opts: SharingOptions) -> dict[str, Any]:
+    suite = ctx.suite
+    assert isinstance(suite, FinetuneSuite)
+    ctx.event(f"alone: the load job trains with no inference for {opts.alone_s:g} s")
+    start = await read_node(suite)
+    await asyncio.sleep(opts.alone_s)
+    end = await read_node(suite)
+    figures = counter_rates(start, end)
+    ctx.event(f"alone: {figures['training_tokens_per_s'] or 0:.0f} training tokens/s")
+    return {"window_s": round(end[0] - start[0], 2), **figures}
+
+
+def _label(load: float) -> str:
+    return f"with training at {load * 100:g} %"
+
+
+def itl_budget_ms(flags: NodeFlags, without: dict[str, Any]) -> float:
+    """The nodes' inter-token budget: the one given, else the figure's own target, 1.2 × the
+    inter-token p99 measured without training (at least 1 ms)."""
+    if flags.itl_budget_ms is not None:
+        return flags.itl_budget_ms
+    p99_ms = float(without["inter_token_p99_s"]) * 1000
+    return max(1.0, round(INTER_TOKEN_RATIO_TARGET * p99_ms, 1))
+
+
+async def sharing(
+    ctx: Running, model: str, spec: TrainSpec, opts: SharingOptions, flags: NodeFlags
+) -> dict[str, Any]:
+    """Run figures 1-3's experiment on a started suite (its node not configured yet: the
+    baseline is measured on `sluice up`'s node, which is then restarted with ``flags``, the
+    inter-token budget derived from the baseline unless given); its figures."""
+    suite = ctx.suite
+    assert isinstance(suite, FinetuneSuite)
+    credentials = suite.public_credentials()
+    ctx.clock.reset()
+    batch = Caller(suite.scheduler, suite.keys[SATURATE_TENANT], credentials)
+    realtime = Caller(suite.scheduler, suite.keys[VICTIM], credentials)
+    tuner = Caller(suite.scheduler, suite.keys[JOB_TENANT], credentials)
+    job_id = ""
+    try:
+        cap = await capacity(ctx, batch, model, opts)
+        if not cap["node_tokens_per_s"]:
+            raise RuntimeError("the node's capacity could not be measured")
+
+        def scenario(load: float) -> Scenario:
+            rps = realtime_rps(cap["node_tokens_per_s"], load, opts.realtime_tokens)
+            return realtime_scenario(model, rps, opts)
+
+        bound_s = flags.yield_bound_ms / 1000
+        without = await phase(
+            ctx, realtime, scenario(opts.compared_load), "without training", bound_s
+        )
+        configured = replace(flags, itl_budget_ms=itl_budget_ms(flags, without))
+        ctx.event(f"restarting {FIRST_NODE} with {configured}")
+        await suite.configure(configured)
+        ctx.event(f"{FIRST_NODE} serves with the finetune pool")
+        job = await submit_finetune(
+            tuner, spec.proto(model, LOAD_ADAPTER, opts.load_job_steps), LOAD_LINES
+        )
+        job_id = job.job_id
+        ctx.event(f"load job {job_id} submitted ({len(LOAD_LINES)} examples)")
+        await wait_job(
+            tuner,
+            job_id,
+            lambda j: j.training.step >= opts.job_warmup_steps,
+            opts.job_start_timeout_s,
+        )
+        ctx.event(f"load job trains: {opts.job_warmup_steps} steps logged")
+        alone = await _alone(ctx, opts)
+        first = await read_node(suite)
+        loaded = [  # one after the other
+            {"load": load, **await phase(ctx, realtime, scenario(load), _label(load), bound_s)}
+            for load in opts.loads
+        ]
+        last = await read_node(suite)
+        trained = await tuner.get(job_id)
+    finally:
+        if job_id:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await tuner.cancel(job_id)
+            await tuner.wait_final(job_id, 60.0)
+        for caller in (batch, realtime, tuner):
+            await caller.close()
+    compared = next(p for p in loaded if p["load"] == opts.compared_load)
+    return {
+        "capacity": cap,
+        "compared_load": opts.compared_load,
+        "realtime_tokens": opts.realtime_tokens,
+        "without": {"load": opts.compared_load, **without},
+        "alone": alone,
+        "with_training": loaded,
+        "curve": progress_curve(loaded, alone["training_tokens_per_s"]),
+        "yield_waits": yield_waits(first[1], last[1], bound_s),
+        "yield_bound_s": bound_s,
+        "node_flags": asdict(configured),
+        "itl_budget_from": "given" if flags.itl_budget_ms is not None else "1.2 × p99 without",
+        "load_job": {
+            "job_id": job_id,
+            "steps_when_cancelled": trained.training.step,
+            "waiting_s": round(trained.training.waiting_seconds, 1),
+            "node": trained.training.node_id,
+        },
+        **sharing_verdict(without, compared, alone["training_tokens_per_s"]),
+    }

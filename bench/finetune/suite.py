@@ -1,0 +1,248 @@
+"""The suite the fine-tune benchmark runs on: `sluice up`'s secure supervisor
+(:class:`bench.chaos.suite.ChaosSuite`) with one node of the benchmark's model, then a second
+node started beside it for the kill.
+
+`sluice up` (``UpConfig``) gives its nodes the ``realtime`` and ``finetune`` pools and the run
+directory's shared adapter and checkpoint stores, but not the training bounds
+(``--training-yield-bound-ms``, ``--training-itl-budget-ms``): SmolLM2 needs a yield bound over
+the node's default (:class:`NodeFlags`). So the supervisor's node is restarted with
+:class:`NodeFlags` added to its command line (:meth:`FinetuneSuite.configure`, supervision
+paused meanwhile, as :func:`bench.jobs.suite.restart_scheduler` restarts the scheduler; the
+supervisor restarts a crashed child with its command line, so a later restart keeps them), and
+the second node is started here with the same flags, enrolled by the supervisor (its own
+certificate and etcd user). Both use ``<run-dir>/checkpoints`` and ``<run-dir>/adapters``, the
+fleet's stores, as `sluice up`'s nodes do. Until :meth:`FinetuneSuite.configure` the node is
+`sluice up`'s own: the benchmark's baseline without training is measured on it (no fine-tune
+is submitted before).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import yaml
+
+from bench.chaos.suite import (
+    ADMIN,
+    FUZZER,
+    HOST,
+    LOAD_TENANTS,
+    ChaosSuite,
+    Extra,
+    tenants_document,
+)
+from bench.jobs.suite import with_flags
+from sluice.local.stores import free_port
+from sluice.local.up import Endpoints, Supervisor, UpConfig, wait_serving
+from sluice.runtime.auth import new_api_key
+from sluice.runtime.tls import node_identity
+
+FIRST_NODE = "node-1"
+SECOND_NODE = "node-2"
+
+
+@dataclass(frozen=True)
+class NodeFlags:
+    """What every node of the benchmark runs with beyond `sluice up`'s flags."""
+
+    yield_bound_ms: float = 100.0
+    """``--training-yield-bound-ms`` (default 50): SmolLM2's loss unit takes ~40-47 ms on
+    one thread, over the default 50 ms with the policy's 1.25 safety factor, so at the
+    default training would only run on remeasures; the run records what it used."""
+    itl_budget_ms: float | None = None
+    """``--training-itl-budget-ms``; None leaves the node's default (100 ms)."""
+    pools: tuple[str, ...] = ("realtime", "finetune")
+
+    def flags(self, run_dir: Path) -> list[str]:
+        """The node flags, the stores under ``run_dir``."""
+        budget = [] if self.itl_budget_ms is None else [f"{self.itl_budget_ms:g}"]
+        return [
+            "--pools", ",".join(self.pools),
+            "--checkpoint-dir", str(run_dir / "checkpoints"),
+            "--adapters-dir", str(run_dir / "adapters"),
+            "--training-yield-bound-ms", f"{self.yield_bound_ms:g}",
+            *(["--training-itl-budget-ms", *budget] if budget else []),
+        ]  # fmt: skip
+
+
+@dataclass
+class FinetuneSuite(ChaosSuite):
+    """:class:`ChaosSuite` serving ``model`` (the tenants may use it), one node to start."""
+
+    model: str = "tiny-random-llama"
+    node_flags: NodeFlags | None = None
+    """The flags the node was restarted with (None: `sluice up`'s node, not configured)."""
+    supervision: asyncio.Task[None] | None = None
+
+    def start(self) -> Endpoints:
+        """Write the tenants file and start the suite (blocking)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.keys = {n: new_api_key() for n in (*LOAD_TENANTS, FUZZER, ADMIN)}
+        document = tenants_document(self.keys)
+        for tenant in document["tenants"]:
+            tenant["models"] = [self.model]
+        tenants = self.run_dir / "tenants.yaml"
+        tenants.write_text(yaml.safe_dump(document, sort_keys=False))
+        config = UpConfig(
+            run_dir=self.run_dir,
+            nodes=self.nodes,
+            models=[self.model],
+            tenants_file=tenants,
+            startup_timeout_s=self.startup_timeout_s,
+            grace_s=2.0,
+            insecure=self.insecure,
+        )
+        self.supervisor = Supervisor(config, say=self.say)
+        self.endpoints = self.supervisor.start()
+        return self.endpoints
+
+    def start_supervising(self) -> None:
+        """Supervise as `sluice up` does (:meth:`ChaosSuite.supervise`) until stopped."""
+        if self.supervision is None:
+            self.supervision = asyncio.create_task(self.supervise())
+
+    async def stop_supervising(self) -> None:
+        """Stop supervising (waits for a pass in progress)."""
+        task, self.supervision = self.supervision, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def configure(self, flags: NodeFlags) -> None:
+        """Restart the supervisor's first node with ``flags``, supervision paused meanwhile
+        (the supervisor never sees the stop); returns once the scheduler sees it healthy."""
+        await self.stop_supervising()
+        try:
+            await asyncio.to_thread(self.restart_node, FIRST_NODE, flags)
+            self.node_flags = flags
+        finally:
+            self.start_supervising()
+
+    def restart_node(self, name: str, flags: NodeFlags, timeout_s: float = 180.0) -> None:
+        """Restart the supervisor's node ``name`` with ``flags`` (blocking, unsupervised)."""
+        child = self.child(name)
+        child.argv = with_flags(child.argv, flags.flags(self.run_dir))
+        child.proc.terminate()
+        try:
+            child.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            child.proc.kill()
+            child.proc.wait()
+        child.respawn()
+        wait_serving(
+            child.address,
+            child.proc,
+            child.log_path,
+            timeout_s,
+            name,
+            mesh=self.mesh,
+            peer=child.identity,
+        )
+        self.wait_nodes({name}, timeout_s=timeout_s)
+
+    def start_extra_node(self, node_id: str, timeout_s: float = 180.0) -> Extra:
+        """One more node of the model with :class:`NodeFlags`, enrolled by the supervisor;
+        returns once the scheduler sees it healthy."""
+        if self.endpoints is None or self.supervisor is None or self.node_flags is None:
+            raise RuntimeError("the suite is not started and configured")
+        secrets = self.supervisor.enroll_node(node_id)
+        args = [
+            "--etcd-endpoint", self.endpoints.etcd, "--models", self.model, "--device", "cpu",
+            "--dtype", "float32", "--cpu-nice", str(UpConfig.node_cpu_nice),
+            "--node-id", node_id, *self.node_flags.flags(self.run_dir),
+        ]  # fmt: skip
+        port = free_port(HOST)
+        node = self._spawn(node_id, "inference_node", port, args, node_identity(node_id), secrets)
+        self._wait_serving(node, timeout_s)
+        self.wait_nodes({node_id}, timeout_s=timeout_s)
+        return node
+
+    def node_pid(self, node_id: str) -> int | None:
+        """The live process of node ``node_id`` (the supervisor's or an extra), or None."""
+        procs = [e.proc for e in self.extras if e.name == node_id]
+        if self.supervisor is not None:
+            procs += [c.proc for c in self.supervisor.children if c.name == node_id]
+        return next((p.pid for p in procs if p.poll() is None), None)
+
+    def node_metrics(self, node_id: str) -> str:
+        """Where node ``node_id``'s ``/metrics`` is."""
+        for extra in self.extras:
+            if extra.name == node_id:
+                return extra.metrics_address
+        return self.child(node_id).metrics_address
+
+
+def _tree_cpu_s() -> float:
+    """CPU seconds of this process, its reaped children and every live descendant."""
+    t = os.times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            c = child.cpu_times()
+            total += c.user + c.system + c.children_user + c.children_system
+    return total
+
+
+def _machine_busy_s() -> float | None:
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(f) for f in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class TreeCpuMeter:
+    """:class:`bench.jobs.suite.CpuMeter` for a suite still running: this process and every
+    descendant (live ones read through psutil, reaped ones through ``os.times``) against the
+    whole machine. A descendant that died unreaped during the interval (a SIGKILLed node, until
+    the supervisor reaps it) loses its CPU time here, which then counts as other processes'."""
+
+    started: float = field(default_factory=time.monotonic)
+    machine: float | None = field(default_factory=_machine_busy_s)
+    own: float = field(default_factory=_tree_cpu_s)
+
+    def figures(self) -> dict[str, float | None]:
+        """CPU seconds since the meter was made: available, machine busy, ours, others'."""
+        wall = time.monotonic() - self.started
+        cores = os.cpu_count() or 1
+        busy_now = _machine_busy_s()
+        own = max(0.0, _tree_cpu_s() - self.own)
+        busy = None if busy_now is None or self.machine is None else busy_now - self.machine
+        others = None if busy is None else max(0.0, busy - own)
+        return {
+            "available_s": round(wall * cores, 1),
+            "machine_busy_s": None if busy is None else round(busy, 1),
+            "suite_and_bench_s": round(own, 1),
+            "other_processes_s": None if others is None else round(others, 1),
+            "other_processes_share": None if others is None else round(others / (wall * cores), 3),
+        }
+
+
+@contextlib.asynccontextmanager
+async def running(
+    run_dir: Path, model: str, say: Callable[[str], None] = print
+) -> AsyncIterator[FinetuneSuite]:
+    """A fresh suite of ``model`` in ``run_dir`` (emptied first), supervised while the block
+    runs, then stopped (every process by its PID), on errors too."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    suite = FinetuneSuite(run_dir, nodes=1, model=model, say=lambda m: say(f"  {m}"))
+    try:
+        await asyncio.to_thread(suite.start)
+        suite.start_supervising()
+        yield suite
+    finally:
+        await suite.stop_supervising()
+        await asyncio.to_thread(suite.stop)
