@@ -152,7 +152,7 @@ async def test_proxy_black_hole_accepts_new_connections_and_holds_them(proxy: Fa
     assert not trip.done()
     proxy.set_mode(Mode.PASS)
     got, took = await trip
-    assert got == b"late" and took >= 0.3
+    assert got == b"late" and took >= 0.29  # the loop's clock rounds a 0.3 s sleep
 
 
 async def test_proxy_reset_aborts_open_and_new_connections(proxy: FaultProxy) -> None:

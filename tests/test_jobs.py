@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 import pytest
+import redis.asyncio as redis_asyncio
 from grpc_status import rpc_status
 
+from scheduler.jobs.model import JobKeys
 from sluice.v1 import common_pb2, inference_pb2, jobs_pb2, node_pb2_grpc
 from tests.harness import API_KEY, OTHER_KEY, Suite, auth, eventually, fake_node
 
@@ -229,6 +231,14 @@ async def test_a_line_whose_worker_died_is_reclaimed_and_answered_once(suite: Su
     job = await submit(suite, [line(f"r{i}", tokens=64) for i in range(12)], chunk=12)
     assert a.job_worker is not None
     await eventually(lambda: node.servicer.detached.running() >= 2, timeout=30)
+    recorded = redis_asyncio.from_url(suite.redis_url)
+    try:  # A has written where its lines run (at their first chunk)
+        for _ in range(300):
+            if await recorded.hlen(JobKeys(job.job_id).nodes) >= 1:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await recorded.aclose()
     await a.job_worker.stop()  # dies holding lines: nothing acknowledged
     b = await suite.start_scheduler(scheduler_id="replica-b", **fast)
     try:
