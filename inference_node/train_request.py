@@ -15,13 +15,11 @@ nothing and are dropped.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from inference_node.adapters import AdapterRef, valid_name
-from inference_node.lora import TARGET_MODULES, AdapterConfigError, LoraConfig
-from inference_node.lora.config import DEFAULT_TARGET_MODULES
+from inference_node.lora import AdapterConfigError, LoraConfig
 from inference_node.model_types import LanguageModel
 from inference_node.training import (
     ChatEncoder,
@@ -37,32 +35,8 @@ from sluice import limits
 from sluice.runtime.errors import MAX_VIOLATIONS, InvalidArgument
 from sluice.v1 import jobs_pb2, node_pb2
 
-DEFAULT_RANK = 8
-DEFAULT_LEARNING_RATE = 2e-4
-DEFAULT_MAX_SEQUENCE_TOKENS = 512
-DEFAULT_CHECKPOINT_EVERY = 20
-MAX_STEPS = 1_000_000
+MAX_STEPS = limits.FINETUNE_MAX_STEPS
 """Optimizer steps of one fine-tune at most (however they are asked for)."""
-MIN_SEQUENCE_TOKENS = 16
-INT_FIELDS: dict[str, tuple[int, int, int]] = {
-    # field: (low, high, the default 0 stands for)
-    "lora.rank": (1, 256, DEFAULT_RANK),
-    "epochs": (1, 1000, 1),
-    "max_steps": (0, MAX_STEPS, 0),
-    "micro_batch_size": (1, 256, 1),
-    "gradient_accumulation_steps": (1, 1024, 1),
-    "max_sequence_tokens": (MIN_SEQUENCE_TOKENS, 1 << 20, DEFAULT_MAX_SEQUENCE_TOKENS),
-    "checkpoint_every_steps": (1, MAX_STEPS, DEFAULT_CHECKPOINT_EVERY),
-    "optimizer.warmup_steps": (0, MAX_STEPS, 0),
-}
-FLOAT_FIELDS: dict[str, tuple[float, float]] = {
-    # field: (low, high), inclusive
-    "lora.alpha": (0.0, 4096.0),
-    "lora.dropout": (0.0, 0.5),
-    "optimizer.learning_rate": (0.0, 1.0),
-    "optimizer.weight_decay": (0.0, 1.0),
-    "optimizer.max_grad_norm": (0.0, 1e4),
-}
 SCHEDULES = {
     jobs_pb2.LR_SCHEDULE_UNSPECIFIED: Schedule.COSINE,
     jobs_pb2.LR_SCHEDULE_CONSTANT: Schedule.CONSTANT,
@@ -83,14 +57,6 @@ class TrainPlan:
     """Optimizer steps between two checkpoints (and one after the last step)."""
 
 
-def _field(spec: jobs_pb2.FinetuneSpec, path: str) -> float:
-    value: object = spec
-    for part in path.split("."):
-        value = getattr(value, part)
-    assert isinstance(value, int | float)
-    return value
-
-
 def plan_training(request: node_pb2.NodeTrainRequest, lm: LanguageModel) -> TrainPlan:
     """The plan of ``request`` for ``lm``, or :class:`InvalidArgument` naming every field
     out of range (before the examples are read)."""
@@ -103,20 +69,9 @@ def plan_training(request: node_pb2.NodeTrainRequest, lm: LanguageModel) -> Trai
         bad.append(("tenant", "1-64 of A-Z a-z 0-9 . _ -"))
     if not valid_name(spec.adapter_name):
         bad.append(("spec.adapter_name", "1-128 of A-Z a-z 0-9 . _ -"))
-    ints: dict[str, int] = {}
-    for path, (low, high, default) in INT_FIELDS.items():
-        ints[path] = int(_field(spec, path)) or default
-        if not low <= ints[path] <= high:
-            bad.append((f"spec.{path}", f"{low}-{high} (0: {default})"))
-    for path, (least, most) in FLOAT_FIELDS.items():
-        value = float(_field(spec, path))
-        if not math.isfinite(value) or not least <= value <= most:
-            bad.append((f"spec.{path}", f"a number from {least:g} to {most:g}"))
-    targets = tuple(spec.lora.target_modules) or DEFAULT_TARGET_MODULES
-    if not set(targets) <= set(TARGET_MODULES) or len(set(targets)) != len(targets):
-        bad.append(("spec.lora.target_modules", f"distinct names of {', '.join(TARGET_MODULES)}"))
-    if spec.optimizer.schedule not in SCHEDULES:
-        bad.append(("spec.optimizer.schedule", "CONSTANT, LINEAR or COSINE"))
+    bad += limits.finetune_spec_violations(spec, "spec.")
+    ints = limits.finetune_ints(spec)
+    targets = tuple(spec.lora.target_modules) or limits.DEFAULT_LORA_TARGET_MODULES
     if not request.examples:
         bad.append(("examples", "a fine-tune needs at least one example"))
     if bad:
@@ -148,7 +103,7 @@ def _config(
         target_modules=targets,
     )
     optimizer = OptimizerConfig(
-        learning_rate=float(spec.optimizer.learning_rate) or DEFAULT_LEARNING_RATE,
+        learning_rate=float(spec.optimizer.learning_rate) or limits.DEFAULT_LEARNING_RATE,
         schedule=SCHEDULES[spec.optimizer.schedule],
         warmup_steps=ints["optimizer.warmup_steps"],
         weight_decay=float(spec.optimizer.weight_decay),

@@ -24,7 +24,7 @@ import struct
 from collections.abc import Iterable, Sequence
 
 from sluice import contract
-from sluice.v1 import common_pb2, inference_pb2
+from sluice.v1 import common_pb2, inference_pb2, jobs_pb2
 
 Violations = list[tuple[str, str]]
 """``(field, why)`` pairs, one per rule broken."""
@@ -66,6 +66,37 @@ MAX_REQUEST_ID_CHARS = 128
 """The ``x-request-id`` metadata value (a correlation id for logs)."""
 MAX_JOB_KEY_CHARS = 128
 """Node requests (internal): ``request_id``, the job key a scheduler makes (32 characters)."""
+
+FINETUNE_MAX_STEPS = 100_000
+"""``FinetuneSpec``: optimizer steps of one fine-tune at most (``max_steps``, or what the
+epochs take)."""
+FINETUNE_INT_FIELDS: dict[str, tuple[int, int, int]] = {
+    # field: (low, high, the value 0 stands for)
+    "lora.rank": (1, 256, 8),
+    "epochs": (1, 100, 1),
+    "max_steps": (0, FINETUNE_MAX_STEPS, 0),
+    "micro_batch_size": (1, 64, 1),
+    "gradient_accumulation_steps": (1, 1024, 1),
+    "max_sequence_tokens": (16, 8192, 512),
+    "checkpoint_every_steps": (1, FINETUNE_MAX_STEPS, 20),
+    "optimizer.warmup_steps": (0, FINETUNE_MAX_STEPS, 0),
+}
+"""``FinetuneSpec``'s integer fields by their path in the spec."""
+FINETUNE_FLOAT_FIELDS: dict[str, tuple[float, float]] = {
+    # field: (low, high), inclusive
+    "lora.alpha": (0.0, 4096.0),  # 0 stands for 2 x rank
+    "lora.dropout": (0.0, 0.5),
+    "optimizer.learning_rate": (0.0, 1.0),  # 0 stands for DEFAULT_LEARNING_RATE
+    "optimizer.weight_decay": (0.0, 1.0),
+    "optimizer.max_grad_norm": (0.0, 1e4),  # 0: no clipping
+}
+"""``FinetuneSpec``'s float fields by their path in the spec."""
+DEFAULT_LEARNING_RATE = 2e-4
+"""``FinetuneSpec.optimizer.learning_rate`` 0 stands for this."""
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""``LoraSettings.target_modules``: the projections a fine-tune may adapt."""
+DEFAULT_LORA_TARGET_MODULES = LORA_TARGET_MODULES[:4]
+"""No target modules stands for the four attention projections."""
 
 METADATA_LIMITS = {contract.REQUEST_ID_METADATA: MAX_REQUEST_ID_CHARS}
 """Characters a metadata value the services read may have, by key. ``authorization`` is read
@@ -196,4 +227,46 @@ def metadata_violations(metadata: Iterable[tuple[str, str | bytes]] | None) -> V
         limit = METADATA_LIMITS.get(key)
         if limit is not None and len(value) > limit:
             out.append((f"metadata.{key}", f"{len(value)} characters, at most {limit}"))
+    return out
+
+
+def finetune_field(spec: jobs_pb2.FinetuneSpec, path: str) -> float:
+    """The value of a ``FinetuneSpec`` field named by its path (``lora.rank``)."""
+    value: object = spec
+    for part in path.split("."):
+        value = getattr(value, part)
+    assert isinstance(value, int | float)
+    return value
+
+
+def finetune_ints(spec: jobs_pb2.FinetuneSpec) -> dict[str, int]:
+    """Every integer field of ``spec`` with 0 read as its default."""
+    return {
+        path: int(finetune_field(spec, path)) or default
+        for path, (_, _, default) in FINETUNE_INT_FIELDS.items()
+    }
+
+
+def finetune_spec_violations(spec: jobs_pb2.FinetuneSpec, prefix: str) -> Violations:
+    """The numbers, target modules and schedule of a ``FinetuneSpec`` (fields named
+    ``<prefix><path>``); the names in it (base model, adapter) are each side's to check."""
+    out: Violations = []
+    for path, value in finetune_ints(spec).items():
+        low, high, default = FINETUNE_INT_FIELDS[path]
+        if not low <= value <= high:
+            out.append((prefix + path, f"{low}-{high} (0: {default})"))
+    for path, (low_f, high_f) in FINETUNE_FLOAT_FIELDS.items():
+        number = float(finetune_field(spec, path))
+        if not math.isfinite(number) or not float32(low_f) <= number <= float32(high_f):
+            out.append((prefix + path, f"a number from {low_f:g} to {high_f:g}"))
+    targets = list(spec.lora.target_modules)
+    unknown = sorted(set(targets) - set(LORA_TARGET_MODULES))
+    where = prefix + "lora.target_modules"
+    if unknown:
+        choices = ", ".join(LORA_TARGET_MODULES)
+        out.append((where, f"unknown {unknown[:3]}; choose from {choices}"))
+    elif len(set(targets)) != len(targets):
+        out.append((where, "a module is named twice"))
+    if spec.optimizer.schedule not in jobs_pb2.LrSchedule.values():
+        out.append((prefix + "optimizer.schedule", "CONSTANT, LINEAR or COSINE"))
     return out

@@ -5,7 +5,8 @@ Unlike a batch job, a fine-tune with a malformed example is refused whole (INVAL
 BadRequest): training silently on part of a dataset would give an adapter nobody asked for.
 Every malformed example is named by its line number and field
 (``lines[4].train.messages[2].role``: "line 4: ..."); the first few go in the details, with
-the count of the rest. The limits (``MAX_FINETUNE_*``) keep the whole dataset inside one
+the count of the rest. The spec's numbers are the contract's (:mod:`sluice.limits`,
+checked again by the node); the limits (``MAX_FINETUNE_*``) keep the whole dataset inside one
 ``NodeTrainRequest`` under the node's 16 MiB message limit.
 
 The adapter's name is unique per tenant: a registered adapter of that name, or a fine-tune job
@@ -16,9 +17,7 @@ of it that is not FAILED, CANCELLED or EXPIRED, refuses the job ALREADY_EXISTS
 
 from __future__ import annotations
 
-import math
 import re
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,36 +37,10 @@ MAX_FINETUNE_BYTES = 12 * 1024 * 1024
 under the node's 16 MiB message limit."""
 MAX_EXAMPLE_CHARS = 200_000
 """Characters of one example (prompt and completion, or every message's content)."""
-MAX_TOTAL_STEPS = 100_000
-"""Optimizer steps of one job at most (``max_steps``, or what the epochs take)."""
 SHOWN_LINE_ERRORS = 9
 """Malformed examples listed in the refusal's details (the rest are counted)."""
 ADAPTER_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 """An adapter name: a DNS label (lower-case letters, digits and inner hyphens, 1-63)."""
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DEFAULT_TARGET_MODULES = TARGET_MODULES[:4]
-LR_SCHEDULES = frozenset(jobs_pb2.LrSchedule.values())
-
-# (low, high, default for 0) of the integer fields; the spec's own names.
-INT_RANGES: dict[str, tuple[int, int, int]] = {
-    "lora.rank": (1, 256, 8),
-    "epochs": (1, 100, 1),
-    "max_steps": (0, MAX_TOTAL_STEPS, 0),
-    "micro_batch_size": (1, 64, 1),
-    "gradient_accumulation_steps": (1, 1024, 1),
-    "max_sequence_tokens": (16, 8192, 512),
-    "checkpoint_every_steps": (1, MAX_TOTAL_STEPS, 20),
-    "optimizer.warmup_steps": (0, MAX_TOTAL_STEPS, 0),
-}
-# (low, high) of the float fields, inclusive unless noted; compared as float32, as sent.
-FLOAT_RANGES: dict[str, tuple[float, float]] = {
-    "lora.alpha": (0.0, 4096.0),  # > 0 after the default (0 means 2 x rank)
-    "lora.dropout": (0.0, 0.5),
-    "optimizer.learning_rate": (0.0, 1.0),  # > 0 after the default (0 means 2e-4)
-    "optimizer.weight_decay": (0.0, 1.0),
-    "optimizer.max_grad_norm": (0.0, 1e4),
-}
-DEFAULT_LEARNING_RATE = 2e-4
 
 
 class AdapterExists(SluiceError):
@@ -75,18 +48,6 @@ class AdapterExists(SluiceError):
 
     code = grpc.StatusCode.ALREADY_EXISTS
     reason = "ADAPTER_EXISTS"
-
-
-def _float32(value: float) -> float:
-    return float(struct.unpack("<f", struct.pack("<f", value))[0])
-
-
-def _get(spec: jobs_pb2.FinetuneSpec, path: str) -> float:
-    value: object = spec
-    for part in path.split("."):
-        value = getattr(value, part)
-    assert isinstance(value, int | float)
-    return value
 
 
 def _set(spec: jobs_pb2.FinetuneSpec, path: str, value: float) -> None:
@@ -120,39 +81,20 @@ def check_spec(
                 "required: 1-63 lower-case letters, digits and inner hyphens (a DNS label)",
             )
         )
-    for path, (low, high, default) in INT_RANGES.items():
-        value = int(_get(spec, path)) or default
-        if not low <= value <= high:
-            bad.append((where + path, f"{low}-{high} (0: {default})"))
+    bad += limits.finetune_spec_violations(spec, where)
+    for path, value in limits.finetune_ints(spec).items():
         _set(out, path, value)
-    for path, (flow, fhigh) in FLOAT_RANGES.items():
-        number = float(_get(spec, path))
-        if not math.isfinite(number) or not _float32(flow) <= number <= _float32(fhigh):
-            bad.append((where + path, f"a number from {flow:g} to {fhigh:g}"))
-    bad += _target_violations(list(spec.lora.target_modules), where)
-    if spec.optimizer.schedule not in LR_SCHEDULES:
-        bad.append((where + "optimizer.schedule", "CONSTANT, LINEAR or COSINE"))
     if bad:
         raise InvalidArgument(bad)
     if not out.lora.alpha:
         out.lora.alpha = 2.0 * out.lora.rank
     if not out.optimizer.learning_rate:
-        out.optimizer.learning_rate = DEFAULT_LEARNING_RATE
+        out.optimizer.learning_rate = limits.DEFAULT_LEARNING_RATE
     if not out.optimizer.schedule:
         out.optimizer.schedule = jobs_pb2.LR_SCHEDULE_COSINE
     if not out.lora.target_modules:
-        out.lora.target_modules.extend(DEFAULT_TARGET_MODULES)
+        out.lora.target_modules.extend(limits.DEFAULT_LORA_TARGET_MODULES)
     return out
-
-
-def _target_violations(targets: list[str], where: str) -> list[tuple[str, str]]:
-    field_name = where + "lora.target_modules"
-    unknown = sorted(set(targets) - set(TARGET_MODULES))
-    if unknown:
-        return [(field_name, f"unknown {unknown[:3]}; choose from {', '.join(TARGET_MODULES)}")]
-    if len(set(targets)) != len(targets):
-        return [(field_name, "a module is named twice")]
-    return []
 
 
 def total_steps(spec: jobs_pb2.FinetuneSpec, examples: int) -> int:
@@ -271,8 +213,13 @@ class TrainIntake:
                 [("header.line_count", f"announced {self.line_count} lines, {self.count} arrived")]
             )
         steps = total_steps(spec, self.count)
-        if steps > MAX_TOTAL_STEPS:
+        if steps > limits.FINETUNE_MAX_STEPS:
             raise InvalidArgument(
-                [("header.finetune.epochs", f"{steps} steps in all, at most {MAX_TOTAL_STEPS}")]
+                [
+                    (
+                        "header.finetune.epochs",
+                        f"{steps} steps in all, at most {limits.FINETUNE_MAX_STEPS}",
+                    )
+                ]
             )
         return steps
