@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 
 from sluice import FINAL_JOB_STATES, Client
 from sluice.cli_connect import err
+from sluice.cli_files import read_lines_file
 from sluice.sdk.finetune_lines import (
     SCHEDULES,
     FinetuneSettings,
@@ -33,7 +33,6 @@ from sluice.v1 import jobs_pb2
 
 SPARK = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 48
-SHOWN_ERRORS = 50
 
 FinetuneFile = Annotated[
     Path | None,
@@ -116,30 +115,8 @@ class FinetuneFlags:
 
 
 def read_examples(path: Path, skip_invalid: bool) -> list[jobs_pb2.JobLine]:
-    """The file's examples; malformed lines are reported (line number and field), then exit 1
-    (or, with ``skip_invalid``, left out)."""
-    try:
-        if str(path) == "-":
-            parsed = parse_training_lines(sys.stdin)
-        else:
-            with path.open(encoding="utf-8") as file:
-                parsed = parse_training_lines(file)
-    except (OSError, UnicodeDecodeError) as exc:
-        err.print(f"[red]cannot read {escape(str(path))}: {escape(str(exc))}")
-        raise typer.Exit(2) from None
-    if parsed.errors:
-        bad = len({e.line_number for e in parsed.errors})
-        err.print(f"[red]{bad} malformed example(s) in {escape(str(path))}:")
-        for error in parsed.errors[:SHOWN_ERRORS]:
-            err.print(f"  {escape(str(error))}", highlight=False)
-        if not skip_invalid:
-            err.print("nothing submitted: fix them, or pass --skip-invalid to leave them out")
-            raise typer.Exit(1)
-        err.print(f"[yellow]leaving out {bad} malformed example(s)")
-    if not parsed.lines:
-        err.print(f"[red]no examples in {escape(str(path))}")
-        raise typer.Exit(1)
-    return parsed.lines
+    """The file's examples (:func:`sluice.cli_files.read_lines_file`)."""
+    return read_lines_file(path, parse_training_lines, skip_invalid=skip_invalid, noun="example")
 
 
 def submit_finetune(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from sluice.cli_connect import (
     err,
     rpc_errors,
 )
+from sluice.cli_files import read_lines_file
 from sluice.cli_finetune import (
     Accumulation,
     AdapterName,
@@ -74,8 +74,6 @@ jobs_app = typer.Typer(
     no_args_is_help=True,
 )
 
-SHOWN_ERRORS = 50
-"""Most malformed lines listed; the rest are counted."""
 STATES = {
     name.removeprefix("JOB_STATE_").lower(): value
     for name, value in jobs_pb2.JobState.items()
@@ -121,35 +119,8 @@ def labels_of(items: Iterable[str]) -> dict[str, str]:
 
 
 def _read_lines(path: Path, skip_invalid: bool) -> list[jobs_pb2.JobLine]:
-    """The file's lines; malformed ones are reported, then exit 1 (or, with
-    ``skip_invalid``, left out)."""
-    try:
-        if str(path) == "-":
-            parsed = parse_job_lines(sys.stdin)
-        else:
-            with path.open(encoding="utf-8") as file:
-                parsed = parse_job_lines(file)
-    except (OSError, UnicodeDecodeError) as exc:
-        err.print(f"[red]cannot read {escape(str(path))}: {escape(str(exc))}")
-        raise typer.Exit(2) from None
-    if parsed.errors:
-        bad = len({e.line_number for e in parsed.errors})
-        err.print(f"[red]{bad} malformed line(s) in {escape(str(path))}:")
-        for error in parsed.errors[:SHOWN_ERRORS]:
-            err.print(f"  {escape(str(error))}", highlight=False)
-        if len(parsed.errors) > SHOWN_ERRORS:
-            err.print(f"  … and {len(parsed.errors) - SHOWN_ERRORS} more problems")
-        if not skip_invalid:
-            err.print(
-                f"nothing submitted: fix them, or pass --skip-invalid to submit the "
-                f"{len(parsed.lines)} well-formed line(s)"
-            )
-            raise typer.Exit(1)
-        err.print(f"[yellow]skipping {bad} malformed line(s)")
-    if not parsed.lines:
-        err.print(f"[red]no lines to submit in {escape(str(path))}")
-        raise typer.Exit(1)
-    return parsed.lines
+    """The file's lines (:func:`sluice.cli_files.read_lines_file`)."""
+    return read_lines_file(path, parse_job_lines, skip_invalid=skip_invalid, noun="line")
 
 
 JobsFile = Annotated[
