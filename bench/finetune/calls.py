@@ -1,20 +1,18 @@
 """The benchmark's calls through a scheduler's public port, on the raw stubs
-(:class:`bench.jobs.calls.Caller`): fine-tune jobs (submit, progress, their steps), REALTIME
-streams that keep every chunk's arrival, greedy chat answers for the quality figure."""
+(:class:`bench.jobs.calls.Caller`): fine-tune jobs (submit, progress, their steps), greedy chat
+answers for the quality figure. REALTIME streams are :class:`bench.jobs.calls.RealtimeTarget`'s."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
 
 from bench.finetune.task import Example
-from bench.jobs.calls import FINAL_STATES, Caller, refusal_of
-from bench.load.scenario import PlannedRequest
-from bench.load.targets import TargetError
+from bench.jobs.calls import FINAL_STATES, Caller, refusal_of, submit_requests
 from sluice.v1 import common_pb2, inference_pb2, jobs_pb2
 
 SUBMIT_CHUNK = 200
@@ -74,15 +72,6 @@ def training_lines(examples: Sequence[Example]) -> list[jobs_pb2.JobLine]:
     ]
 
 
-async def _parts(
-    header: jobs_pb2.JobHeader, lines: Sequence[jobs_pb2.JobLine]
-) -> AsyncIterator[jobs_pb2.SubmitJobRequest]:
-    yield jobs_pb2.SubmitJobRequest(header=header)
-    for start in range(0, len(lines), SUBMIT_CHUNK):
-        chunk = jobs_pb2.JobLines(lines=lines[start : start + SUBMIT_CHUNK])
-        yield jobs_pb2.SubmitJobRequest(lines=chunk)
-
-
 async def submit_finetune(
     caller: Caller, spec: jobs_pb2.FinetuneSpec, lines: Sequence[jobs_pb2.JobLine]
 ) -> jobs_pb2.Job:
@@ -95,7 +84,7 @@ async def submit_finetune(
     )
     try:
         job: jobs_pb2.Job = await caller.jobs.SubmitJob(
-            _parts(header, lines), metadata=caller.metadata, timeout=60
+            submit_requests(header, lines, SUBMIT_CHUNK), metadata=caller.metadata, timeout=60
         )
     except grpc.aio.AioRpcError as exc:
         r = refusal_of(exc)
@@ -156,47 +145,6 @@ async def job_steps(caller: Caller, job_id: str) -> list[LoggedStep]:
         if r.WhichOneof("outcome") == "step"
     ]
     return sorted(steps, key=lambda s: s.step)
-
-
-class RealtimeTarget:
-    """A :class:`bench.load.targets.Target` on the raw ``Inference`` stub for ``model`` that
-    also keeps every chunk's arrival time and token count per request (as
-    :class:`bench.jobs.gaps.RealtimeTarget`, for any model)."""
-
-    name = "sluice"
-
-    def __init__(self, caller: Caller, model: str) -> None:
-        self.caller = caller
-        self.model = model
-        self.chunks: dict[int, list[tuple[float, int]]] = {}
-
-    async def generate(self, request: PlannedRequest) -> AsyncIterator[inference_pb2.GenerateChunk]:
-        """One streamed REALTIME generation; failures as ``TargetError``."""
-        message = inference_pb2.GenerateRequest(
-            model=self.model,
-            prompt=request.prompt,
-            options=common_pb2.GenerationOptions(
-                max_new_tokens=request.max_new_tokens, ignore_eos=True
-            ),
-            workload_class=common_pb2.WORKLOAD_CLASS_REALTIME,
-            cache_bypass=True,
-        )
-        seen = self.chunks.setdefault(request.index, [])
-        call = self.caller.inference.Generate(
-            message, metadata=self.caller.metadata, timeout=request.timeout_s
-        )
-        try:
-            async for chunk in call:
-                seen.append((time.perf_counter(), len(chunk.token_ids)))
-                yield chunk
-        except grpc.aio.AioRpcError as exc:
-            r = refusal_of(exc)
-            raise TargetError(
-                r.code, r.message, reason=r.reason, retry_after_s=r.retry_after_s
-            ) from exc
-
-    async def close(self) -> None:
-        """The caller is closed by its owner."""
 
 
 async def chat_answer(caller: Caller, model: str, prompt: str, max_new_tokens: int) -> str:

@@ -31,13 +31,14 @@ from typing import Any
 from bench.finetune.calls import TrainSpec
 from bench.finetune.figures import __doc__ as DEFINITIONS
 from bench.finetune.plot import write_plot
-from bench.finetune.report import cpu_line, disturbed, markdown, rows, table
+from bench.finetune.report import disturbed, markdown, rows, table
 from bench.finetune.resume import ResumeOptions, resume_and_quality
 from bench.finetune.sharing import SharingOptions, sharing
 from bench.finetune.suite import NodeFlags, TreeCpuMeter, running
 from bench.finetune.task import HELD_OUT_ITEMS
 from bench.jobs.suite import CpuMeter, Running
 from bench.paths import RESULTS_DIR, SCRATCH_DIR
+from bench.report_table import cpu_line
 
 Experiment = Callable[[Running], Awaitable[dict[str, Any]]]
 NAMES = ("sharing", "resume")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from bench import report_table
 from bench.finetune.figures import (
     ADAPTER_MATCH_TARGET,
     BASE_MATCH_TARGET,
@@ -16,7 +17,7 @@ from bench.finetune.figures import (
     TTFT_RATIO_TARGET,
     WAIT_KINDS,
 )
-from bench.jobs.report import DISTURBED_SHARE, Row
+from bench.report_table import Row, cpu_line, ms, pct, row, served, times
 
 TRAINING = "training tokens"
 TITLES = {
@@ -25,53 +26,12 @@ TITLES = {
 }
 
 
-def _ms(seconds: float | None) -> str:
-    return "–" if seconds is None else f"{seconds * 1000:.1f} ms"
-
-
 def _tps(value: float | None, what: str = "tokens") -> str:
     return "–" if value is None else f"{value:,.1f} {what}/s"
 
 
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{value * 100:.1f} %"
-
-
-def _x(value: float | None) -> str:
-    return "–" if value is None else f"{value:.2f}×"
-
-
-def _row(
-    experiment: str,
-    figure: str,
-    measured: str,
-    baseline: str = "–",
-    ratio: str = "–",
-    target: str = "report",
-    passed: bool | None = None,
-) -> Row:
-    return {
-        "experiment": experiment,
-        "figure": figure,
-        "measured": measured,
-        "baseline": baseline,
-        "ratio": ratio,
-        "target": target,
-        "pass": passed,
-    }
-
-
-def _verdict(value: bool | None) -> str:
-    return "–" if value is None else ("pass" if value else "**FAIL**")
-
-
 def _pct_load(load: float) -> str:
     return f"{load * 100:g} %"
-
-
-def _served(phase: dict[str, Any]) -> str:
-    outcomes = phase.get("outcomes", {})
-    return f"{outcomes.get('planned', 0) - outcomes.get('refused', 0)} served"
 
 
 def _waits(figures: dict[str, Any]) -> str:
@@ -79,8 +39,8 @@ def _waits(figures: dict[str, Any]) -> str:
     if not figures["count"]:
         return "no waits"
     return (
-        f"p99 {_ms(figures['p99_s'])} (bucket ≤ {_ms(edge) if edge != float('inf') else '+Inf'}), "
-        f"p50 {_ms(figures['p50_s'])}, {figures['count']} waits"
+        f"p99 {ms(figures['p99_s'])} (bucket ≤ {ms(edge) if edge != float('inf') else '+Inf'}), "
+        f"p50 {ms(figures['p50_s'])}, {figures['count']} waits"
     )
 
 
@@ -90,37 +50,37 @@ def sharing_rows(e: dict[str, Any]) -> list[Row]:
     without, alone = e["without"], e["alone"]
     compared = next(p for p in e["with_training"] if p["load"] == e["compared_load"])
     return [
-        _row(
+        row(
             x,
             f"REALTIME TTFT p99 at {load} load, with training vs without (same arrivals)",
-            f"{_ms(compared['ttft_p99_s'])} ({_served(compared)})",
-            f"{_ms(without['ttft_p99_s'])} ({_served(without)})",
-            _x(e["ttft_ratio"]),
+            f"{ms(compared['ttft_p99_s'])} ({served(compared)})",
+            f"{ms(without['ttft_p99_s'])} ({served(without)})",
+            times(e["ttft_ratio"]),
             f"≤ {TTFT_RATIO_TARGET:g}×",
             e["ttft_pass"],
         ),
-        _row(
+        row(
             x,
             f"REALTIME requests refused at {load} load, with training vs without",
             str(compared.get("outcomes", {}).get("refused", 0)),
             str(without.get("outcomes", {}).get("refused", 0)),
             target="report (not in TTFT p99, which covers requests served)",
         ),
-        _row(
+        row(
             x,
             f"REALTIME inter-token p99 at {load} load, with training vs without",
-            _ms(compared["inter_token_p99_s"]),
-            _ms(without["inter_token_p99_s"]),
-            _x(e["inter_token_ratio"]),
+            ms(compared["inter_token_p99_s"]),
+            ms(without["inter_token_p99_s"]),
+            times(e["inter_token_ratio"]),
             f"≤ {INTER_TOKEN_RATIO_TARGET:g}×",
             e["inter_token_pass"],
         ),
-        _row(
+        row(
             x,
             f"fine-tune progress at {load} load vs the same job alone",
             _tps(compared["training_tokens_per_s"], TRAINING),
             _tps(alone["training_tokens_per_s"], TRAINING),
-            _pct(e["progress_share"]),
+            pct(e["progress_share"]),
             f"≥ {PROGRESS_SHARE_TARGET * 100:g} %",
             e["progress_pass"],
         ),
@@ -133,7 +93,7 @@ def sharing_rows(e: dict[str, Any]) -> list[Row]:
 def _held_rows(e: dict[str, Any], compared: dict[str, Any]) -> list[Row]:
     held = ", ".join(f"{k} {v}" for k, v in compared.get("deferred", {}).items() if v)
     return [
-        _row(
+        row(
             "sharing",
             f"training units held back at {_pct_load(e['compared_load'])} load, by reason (a unit "
             "measured over the bound waits for an idle node to be measured again)",
@@ -145,12 +105,12 @@ def _held_rows(e: dict[str, Any], compared: dict[str, Any]) -> list[Row]:
 
 def _curve_rows(e: dict[str, Any]) -> list[Row]:
     return [
-        _row(
+        row(
             "sharing",
             f"fine-tune progress at {_pct_load(point['load'])} load (the curve)",
             _tps(point["training_tokens_per_s"], TRAINING),
             "alone",
-            _pct(point["share_of_alone"]),
+            pct(point["share_of_alone"]),
         )
         for point in e["curve"]
         if point["load"] != e["compared_load"]
@@ -159,11 +119,11 @@ def _curve_rows(e: dict[str, Any]) -> list[Row]:
 
 def _wait_rows(e: dict[str, Any]) -> list[Row]:
     return [
-        _row(
+        row(
             "sharing",
             f"real time waiting for training ({kind}), over the phases with training",
             _waits(e["yield_waits"][kind]),
-            target=f"p99 ≤ {_ms(e['yield_bound_s'])} (the node's yield bound)",
+            target=f"p99 ≤ {ms(e['yield_bound_s'])} (the node's yield bound)",
             passed=e["yield_waits"][kind]["pass"] if kind == "all" else None,
         )
         for kind in (*WAIT_KINDS, "all")
@@ -176,7 +136,7 @@ def resume_rows(e: dict[str, Any]) -> list[Row]:
     kill, losses, quality = e["kill"], e["losses"], e["quality"]
     worst = losses["max_abs_diff"]
     return [
-        _row(
+        row(
             x,
             "job whose training node got SIGKILL mid-job resumes on another node",
             f"{kill['state']}: killed {kill['killed_node']} at step {kill['killed_at_step']} "
@@ -185,7 +145,7 @@ def resume_rows(e: dict[str, Any]) -> list[Row]:
             target="COMPLETED, elsewhere",
             passed=e["resumed_elsewhere"] and kill["state"] == "JOB_STATE_COMPLETED",
         ),
-        _row(
+        row(
             x,
             "per-step losses vs the uninterrupted run (same seed)",
             f"max |Δ| {worst:.2e} at step {losses['worst_step']}"
@@ -196,18 +156,18 @@ def resume_rows(e: dict[str, Any]) -> list[Row]:
             target=f"every step within {LOSS_TOLERANCE:g}",
             passed=losses["pass"],
         ),
-        _row(
+        row(
             x,
             f"served adapter's exact match on {quality['prompts']} held-out prompts (greedy)",
-            _pct(quality["adapter_exact_match"]),
-            f"base {_pct(quality['base_exact_match'])}",
+            pct(quality["adapter_exact_match"]),
+            f"base {pct(quality['base_exact_match'])}",
             target=f"≥ {ADAPTER_MATCH_TARGET * 100:g} %",
             passed=quality["adapter_pass"],
         ),
-        _row(
+        row(
             x,
             "base model's exact match on the same prompts",
-            _pct(quality["base_exact_match"]),
+            pct(quality["base_exact_match"]),
             target=f"≤ {BASE_MATCH_TARGET * 100:g} % (near 0)",
             passed=quality["base_pass"],
         ),
@@ -220,36 +180,12 @@ ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
 }
 
 
-def rows(experiments: dict[str, dict[str, Any]]) -> list[Row]:
-    """Every row, in the issue's order; an experiment that failed gives one ``error`` row."""
-    out: list[Row] = []
-    for name, entry in experiments.items():
-        if "error" in entry:
-            out.append(_row(name, TITLES[name], f"error: {entry['error']}", passed=False))
-        else:
-            out += ROWS[name](entry)
-    return out
-
-
-def table(figures: list[Row]) -> list[str]:
-    """The markdown table of ``figures``."""
-    lines = [
-        "| experiment | figure | measured | baseline (same run) | ratio | target | pass |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in figures:
-        cells = [TITLES.get(r["experiment"], r["experiment"]), r["figure"], r["measured"]]
-        cells += [r["baseline"], r["ratio"], r["target"], _verdict(r["pass"])]
-        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-    return lines
-
-
 def _phase(p: dict[str, Any]) -> str:
     deferred = ", ".join(f"{k} {v}" for k, v in p.get("deferred", {}).items()) or "none"
     return (
         f"- {_pct_load(p['load'])} load, {p['rps']:g} req/s: {p['outcomes']}; TTFT p50 "
-        f"{_ms(p['ttft_p50_s'])}, p99 {_ms(p['ttft_p99_s'])}; inter-token p50 "
-        f"{_ms(p['inter_token_p50_s'])}, p99 {_ms(p['inter_token_p99_s'])}; node "
+        f"{ms(p['ttft_p50_s'])}, p99 {ms(p['ttft_p99_s'])}; inter-token p50 "
+        f"{ms(p['inter_token_p50_s'])}, p99 {ms(p['inter_token_p99_s'])}; node "
         f"{_tps(p['node_tokens_per_s'])}; training {_tps(p['training_tokens_per_s'])} "
         f"({p['training_steps']} steps); units deferred: {deferred}; waits: admission "
         f"{_waits(p['yield_waits']['admission'])}, decode {_waits(p['yield_waits']['decode'])}"
@@ -304,28 +240,10 @@ DETAILS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "resume": _resume_details,
 }
 
-
-def disturbed(experiments: dict[str, dict[str, Any]]) -> list[str]:
-    """A warning line per experiment during which other processes took more than 10 % of the
-    machine's CPU time (and a blank line after), or nothing."""
-    lines = []
-    for name, entry in experiments.items():
-        share = (entry.get("cpu") or {}).get("other_processes_share")
-        if share is not None and share > DISTURBED_SHARE:
-            lines.append(
-                f"**Disturbed:** other processes on the machine took {share * 100:.0f} % of its "
-                f"CPU time during *{TITLES[name]}*; its figures are not representative."
-            )
-    return [*lines, ""] if lines else []
-
-
-def cpu_line(cpu: dict[str, Any]) -> str:
-    """Who used the CPUs during an experiment, in words."""
-    return (
-        f"- CPU: {cpu['available_s']} core-seconds available; the suite and the bench used "
-        f"{cpu['suite_and_bench_s']}, other processes on the machine "
-        f"{cpu['other_processes_s']} ({_pct(cpu['other_processes_share'])} of the machine)"
-    )
+REPORT = report_table.Report(TITLES, ROWS, DETAILS, lambda e: f"- {e.get('wall_s')} s")
+rows = REPORT.rows
+table = REPORT.table
+disturbed = REPORT.disturbed
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -343,23 +261,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "this run only; definitions in finetune.json and `bench/finetune/figures.py`; the "
         "plot in finetune.png.",
         "",
-        *table(doc["figures"]),
-        "",
-        *disturbed(doc["experiments"]),
-        "## Per experiment",
-        "",
+        *REPORT.body(doc),
     ]
-    for name, entry in doc["experiments"].items():
-        lines += [f"### {TITLES[name]}", ""]
-        if "error" in entry:
-            lines += [f"Not measured: {entry['error']}", ""]
-        else:
-            lines += DETAILS[name](entry)
-        lines.append(f"- {entry.get('wall_s')} s")
-        if entry.get("cpu"):
-            lines.append(cpu_line(entry["cpu"]))
-        timeline = "; ".join(f"{t['t_s']:g} s {t['event']}" for t in entry.get("timeline", []))
-        lines += [f"- timeline: {timeline}", ""]
     if doc.get("cpu"):
         lines += ["### The whole run", "", cpu_line(doc["cpu"]), ""]
     return "\n".join(lines)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -36,13 +35,7 @@ from typing import Any
 import grpc
 
 from bench.chaos.suite import OTHERS, VICTIM
-from bench.finetune.calls import (
-    RealtimeTarget,
-    TrainSpec,
-    submit_finetune,
-    training_lines,
-    wait_job,
-)
+from bench.finetune.calls import TrainSpec, submit_finetune, training_lines, wait_job
 from bench.finetune.figures import (
     INTER_TOKEN_RATIO_TARGET,
     progress_curve,
@@ -52,14 +45,13 @@ from bench.finetune.figures import (
 )
 from bench.finetune.suite import FIRST_NODE, FinetuneSuite, NodeFlags
 from bench.finetune.task import training_examples
-from bench.jobs.calls import Caller
-from bench.jobs.figures import inter_token_gaps, latency, rate
+from bench.jobs.calls import Caller, RealtimeTarget, closed_loop
+from bench.jobs.figures import rate
+from bench.jobs.gaps import WAITED, realtime_scenario, request_figures
 from bench.jobs.metrics import Samples, scrape, total
 from bench.jobs.suite import Running
-from bench.load.records import OUTCOME_CUT_OFF, OUTCOME_OK, OUTCOME_TIMED_OUT, waited_ttft
 from bench.load.run import run_load
-from bench.load.scenario import Scenario, parse_scenario
-from sluice.v1 import common_pb2, inference_pb2
+from bench.load.scenario import Scenario
 
 JOB_TENANT = OTHERS[0]
 SATURATE_TENANT = OTHERS[1]
@@ -68,6 +60,7 @@ TRAINED = "sluice_node_training_tokens_total"
 STEPS = "sluice_node_training_steps_total"
 DEFERRED = "sluice_node_training_units_deferred_total"
 LOAD_ADAPTER = "bench-load"
+SATURATE_PROMPT = "once upon a time in a land far away"
 LOAD_LINES = training_lines(training_examples())
 """The load job's dataset: the quality task's."""
 
@@ -138,40 +131,13 @@ async def capacity(
     """The closed loop of BATCH generations; the node's tokens per second over its window."""
     suite = ctx.suite
     assert isinstance(suite, FinetuneSuite)
-    options = common_pb2.GenerationOptions(max_new_tokens=opts.saturate_tokens, ignore_eos=True)
-    failures: list[str] = []
-
-    async def loop(worker: int) -> None:
-        n = 0
-        while True:
-            n += 1
-            message = inference_pb2.GenerateRequest(
-                model=model,
-                prompt=f"saturate {worker} #{n}: once upon a time in a land far away",
-                options=options,
-                workload_class=common_pb2.WORKLOAD_CLASS_BATCH,
-                cache_bypass=True,
-            )
-            try:
-                async for _ in caller.inference.Generate(
-                    message, metadata=caller.metadata, timeout=60
-                ):
-                    pass
-            except grpc.aio.AioRpcError as exc:
-                failures.append(exc.code().name)
-                await asyncio.sleep(0.2)
-
-    tasks = [asyncio.create_task(loop(w)) for w in range(opts.saturate_streams)]
-    try:
+    streams, tokens = opts.saturate_streams, opts.saturate_tokens
+    async with closed_loop(caller, model, SATURATE_PROMPT, streams, tokens) as failures:
         ctx.event(f"capacity: {opts.saturate_streams} closed-loop BATCH streams")
         await asyncio.sleep(opts.saturate_warmup_s)
         start = await read_node(suite)
         await asyncio.sleep(opts.saturate_s)
         end = await read_node(suite)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
     tokens_per_s = counter_rates(start, end)["node_tokens_per_s"]
     ctx.event(f"capacity: {tokens_per_s or 0:.0f} tokens/s")
     return {
@@ -181,31 +147,6 @@ async def capacity(
         "node_tokens_per_s": tokens_per_s,
         "failed_calls": len(failures),
     }
-
-
-def realtime_scenario(model: str, rps: float, opts: SharingOptions) -> Scenario:
-    """One REALTIME tenant's seeded Poisson arrivals at ``rps``."""
-    low, high = opts.prompt_words
-    return parse_scenario(
-        {
-            "name": "finetune-realtime",
-            "model": model,
-            "duration_s": opts.phase_s,
-            "seed": opts.seed,
-            "request_timeout_s": opts.request_timeout_s,
-            "drain_s": opts.drain_s,
-            "max_requests": 20_000,
-            "tenants": [
-                {
-                    "name": VICTIM,
-                    "class": "realtime",
-                    "rate_rps": rps,
-                    "prompt_tokens": {"kind": "uniform", "min": low, "max": high},
-                    "output_tokens": {"kind": "fixed", "value": opts.realtime_tokens},
-                }
-            ],
-        }
-    )
 
 
 async def phase(
@@ -226,23 +167,13 @@ async def phase(
     reads = asyncio.create_task(window())
     result = await run_load(scenario, target)
     start, end = await reads
-    waited = (OUTCOME_OK, OUTCOME_TIMED_OUT, OUTCOME_CUT_OFF)
-    ttfts = [t for r in result.records if r.outcome in waited and (t := waited_ttft(r)) is not None]
-    gaps = [  # streams cut off or timed out too: the slowest are the ones that matter
-        g
-        for r in result.records
-        if r.outcome in waited
-        for g in inter_token_gaps(target.chunks.get(r.index, []))
-    ]
-    outcomes = result.report(with_requests=False)["accounting"]
     dump = suite.run_dir / f"requests-{label.replace(' ', '-').replace('%', 'pct')}.json"
-    dump.write_text(json.dumps([r.to_json() for r in result.records]))  # for digging
-    ctx.event(f"{label} done: {outcomes}")
+    # inter-token gaps of streams cut off or timed out too: the slowest are the ones that matter
+    figures = request_figures(result, target.chunks, WAITED, dump)
+    ctx.event(f"{label} done: {figures['outcomes']}")
     return {
         "rps": round(scenario.total_rps, 3),
-        "requests": len(result.records),
-        "outcomes": outcomes,
-        **latency(ttfts, gaps),
+        **figures,
         **counter_rates(start, end),
         "yield_waits": yield_waits(start[1], end[1], bound_s),
     }
@@ -294,7 +225,7 @@ async def sharing(
 
         def scenario(load: float) -> Scenario:
             rps = realtime_rps(cap["node_tokens_per_s"], load, opts.realtime_tokens)
-            return realtime_scenario(model, rps, opts)
+            return realtime_scenario(rps, opts, model, "finetune-realtime")
 
         bound_s = flags.yield_bound_ms / 1000
         without = await phase(

@@ -22,8 +22,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import subprocess
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +38,9 @@ from bench.chaos.suite import (
     Extra,
     tenants_document,
 )
-from bench.jobs.suite import with_flags
+from bench.jobs.suite import CpuMeter, restart_child
 from sluice.local.stores import free_port
-from sluice.local.up import Endpoints, Supervisor, UpConfig, wait_serving
+from sluice.local.up import Endpoints, Supervisor, UpConfig
 from sluice.runtime.auth import new_api_key
 from sluice.runtime.tls import node_identity
 
@@ -130,24 +128,7 @@ class FinetuneSuite(ChaosSuite):
 
     def restart_node(self, name: str, flags: NodeFlags, timeout_s: float = 180.0) -> None:
         """Restart the supervisor's node ``name`` with ``flags`` (blocking, unsupervised)."""
-        child = self.child(name)
-        child.argv = with_flags(child.argv, flags.flags(self.run_dir))
-        child.proc.terminate()
-        try:
-            child.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            child.proc.kill()
-            child.proc.wait()
-        child.respawn()
-        wait_serving(
-            child.address,
-            child.proc,
-            child.log_path,
-            timeout_s,
-            name,
-            mesh=self.mesh,
-            peer=child.identity,
-        )
+        restart_child(self, name, flags.flags(self.run_dir), timeout_s, stop_s=30.0)
         self.wait_nodes({name}, timeout_s=timeout_s)
 
     def start_extra_node(self, node_id: str, timeout_s: float = 180.0) -> Extra:
@@ -193,42 +174,18 @@ def _tree_cpu_s() -> float:
     return total
 
 
-def _machine_busy_s() -> float | None:
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return None
-    ticks = [int(f) for f in fields]
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass
-class TreeCpuMeter:
+class TreeCpuMeter(CpuMeter):
     """:class:`bench.jobs.suite.CpuMeter` for a suite still running: this process and every
     descendant (live ones read through psutil, reaped ones through ``os.times``) against the
     whole machine. A descendant that died unreaped during the interval (a SIGKILLed node, until
     the supervisor reaps it) loses its CPU time here, which then counts as other processes'."""
 
-    started: float = field(default_factory=time.monotonic)
-    machine: float | None = field(default_factory=_machine_busy_s)
     own: float = field(default_factory=_tree_cpu_s)
 
-    def figures(self) -> dict[str, float | None]:
-        """CPU seconds since the meter was made: available, machine busy, ours, others'."""
-        wall = time.monotonic() - self.started
-        cores = os.cpu_count() or 1
-        busy_now = _machine_busy_s()
-        own = max(0.0, _tree_cpu_s() - self.own)
-        busy = None if busy_now is None or self.machine is None else busy_now - self.machine
-        others = None if busy is None else max(0.0, busy - own)
-        return {
-            "available_s": round(wall * cores, 1),
-            "machine_busy_s": None if busy is None else round(busy, 1),
-            "suite_and_bench_s": round(own, 1),
-            "other_processes_s": None if others is None else round(others, 1),
-            "other_processes_share": None if others is None else round(others / (wall * cores), 3),
-        }
+    def own_cpu_s(self) -> float:
+        """The CPU seconds of this process and its descendants now."""
+        return _tree_cpu_s()
 
 
 @contextlib.asynccontextmanager

@@ -10,6 +10,7 @@ Refusals are read with ``grpcio-status`` (:func:`refusal_of`): code, ``ErrorInfo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from bench.load.scenario import PlannedRequest
+from bench.load.targets import TargetError
 from sluice.v1 import common_pb2, inference_pb2, inference_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
 MODEL = "tiny-random-llama"
@@ -92,12 +95,13 @@ class Submitted:
     refusal: Refusal | None = None
 
 
-async def _parts(
-    header: jobs_pb2.JobHeader, lines: Sequence[jobs_pb2.JobLine]
+async def submit_requests(
+    header: jobs_pb2.JobHeader, lines: Sequence[jobs_pb2.JobLine], chunk_lines: int = CHUNK_LINES
 ) -> AsyncIterator[jobs_pb2.SubmitJobRequest]:
+    """``SubmitJob``'s client stream: the header, then the lines, ``chunk_lines`` a message."""
     yield jobs_pb2.SubmitJobRequest(header=header)
-    for start in range(0, len(lines), CHUNK_LINES):
-        chunk = jobs_pb2.JobLines(lines=lines[start : start + CHUNK_LINES])
+    for start in range(0, len(lines), chunk_lines):
+        chunk = jobs_pb2.JobLines(lines=lines[start : start + chunk_lines])
         yield jobs_pb2.SubmitJobRequest(lines=chunk)
 
 
@@ -142,7 +146,7 @@ class Caller:
         started = time.perf_counter()
         try:
             job = await self.jobs.SubmitJob(
-                _parts(header, lines), metadata=self.metadata, timeout=timeout_s
+                submit_requests(header, lines), metadata=self.metadata, timeout=timeout_s
             )
         except grpc.aio.AioRpcError as exc:
             return Submitted(time.perf_counter() - started, refusal=refusal_of(exc))
@@ -199,3 +203,83 @@ class Caller:
             async for page in self.jobs.GetJobResults(request, metadata=self.metadata, timeout=60):
                 out.extend(page.results)
         return out
+
+
+class RealtimeTarget:
+    """A :class:`bench.load.targets.Target` on the raw ``Inference`` stub for ``model`` that
+    also keeps every chunk's arrival time and token count per request."""
+
+    name = "sluice"
+
+    def __init__(self, caller: Caller, model: str = MODEL) -> None:
+        self.caller = caller
+        self.model = model
+        self.chunks: dict[int, list[tuple[float, int]]] = {}
+
+    async def generate(self, request: PlannedRequest) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        """One streamed REALTIME generation; failures as ``TargetError``."""
+        message = inference_pb2.GenerateRequest(
+            model=self.model,
+            prompt=request.prompt,
+            options=common_pb2.GenerationOptions(
+                max_new_tokens=request.max_new_tokens, ignore_eos=True
+            ),
+            workload_class=common_pb2.WORKLOAD_CLASS_REALTIME,
+            cache_bypass=True,
+        )
+        seen = self.chunks.setdefault(request.index, [])
+        call = self.caller.inference.Generate(
+            message, metadata=self.caller.metadata, timeout=request.timeout_s
+        )
+        try:
+            async for chunk in call:
+                seen.append((time.perf_counter(), len(chunk.token_ids)))
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            r = refusal_of(exc)
+            raise TargetError(
+                r.code, r.message, reason=r.reason, retry_after_s=r.retry_after_s
+            ) from exc
+
+    async def close(self) -> None:
+        """The caller is closed by its owner."""
+
+
+@contextlib.asynccontextmanager
+async def closed_loop(
+    caller: Caller, model: str, prompt: str, streams: int, max_new_tokens: int
+) -> AsyncIterator[list[str]]:
+    """``streams`` BATCH generations of ``model`` (``max_new_tokens`` each, ``ignore_eos``)
+    while the block runs, each followed at once by the next (``saturate <stream> #<n>:
+    <prompt>``; 0.2 s after a failed one); yields the failed calls' code names, filled in as
+    they fail. The streams are cancelled, and waited for, when the block ends."""
+    options = common_pb2.GenerationOptions(max_new_tokens=max_new_tokens, ignore_eos=True)
+    failures: list[str] = []
+
+    async def loop(worker: int) -> None:
+        n = 0
+        while True:
+            n += 1
+            message = inference_pb2.GenerateRequest(
+                model=model,
+                prompt=f"saturate {worker} #{n}: {prompt}",
+                options=options,
+                workload_class=common_pb2.WORKLOAD_CLASS_BATCH,
+                cache_bypass=True,
+            )
+            try:
+                async for _ in caller.inference.Generate(
+                    message, metadata=caller.metadata, timeout=60
+                ):
+                    pass
+            except grpc.aio.AioRpcError as exc:
+                failures.append(exc.code().name)
+                await asyncio.sleep(0.2)
+
+    tasks = [asyncio.create_task(loop(w)) for w in range(streams)]
+    try:
+        yield failures
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -29,24 +29,22 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import grpc
 
 from bench.chaos.logs import read_events
 from bench.chaos.suite import OTHERS, VICTIM
 from bench.jobs import logs as job_logs
-from bench.jobs.calls import MODEL, PROMPT, Caller, job_lines, refusal_of
+from bench.jobs.calls import MODEL, PROMPT, Caller, RealtimeTarget, closed_loop, job_lines
 from bench.jobs.figures import gaps_verdict, inter_token_gaps, latency, rate, ratio
 from bench.jobs.metrics import scrape, total
 from bench.jobs.suite import Running
 from bench.load.records import OUTCOME_CUT_OFF, OUTCOME_OK, OUTCOME_TIMED_OUT, waited_ttft
-from bench.load.run import run_load
-from bench.load.scenario import PlannedRequest, Scenario, parse_scenario
-from bench.load.targets import TargetError
-from sluice.v1 import common_pb2, inference_pb2
+from bench.load.run import LoadResult, run_load
+from bench.load.scenario import Scenario, parse_scenario
 
 JOB_TENANT = OTHERS[0]
 SATURATE_TENANT = OTHERS[1]
@@ -89,82 +87,16 @@ async def node_tokens(ctx: Running) -> tuple[float, float | None]:
     return time.monotonic(), value
 
 
-class RealtimeTarget:
-    """A :class:`bench.load.targets.Target` on the raw ``Inference`` stub that also keeps
-    every chunk's arrival time and token count per request."""
-
-    name = "sluice"
-
-    def __init__(self, caller: Caller) -> None:
-        self.caller = caller
-        self.chunks: dict[int, list[tuple[float, int]]] = {}
-
-    async def generate(self, request: PlannedRequest) -> AsyncIterator[inference_pb2.GenerateChunk]:
-        """One streamed REALTIME generation; failures as ``TargetError``."""
-        message = inference_pb2.GenerateRequest(
-            model=MODEL,
-            prompt=request.prompt,
-            options=common_pb2.GenerationOptions(
-                max_new_tokens=request.max_new_tokens, ignore_eos=True
-            ),
-            workload_class=common_pb2.WORKLOAD_CLASS_REALTIME,
-            cache_bypass=True,
-        )
-        seen = self.chunks.setdefault(request.index, [])
-        call = self.caller.inference.Generate(
-            message, metadata=self.caller.metadata, timeout=request.timeout_s
-        )
-        try:
-            async for chunk in call:
-                seen.append((time.perf_counter(), len(chunk.token_ids)))
-                yield chunk
-        except grpc.aio.AioRpcError as exc:
-            r = refusal_of(exc)
-            raise TargetError(
-                r.code, r.message, reason=r.reason, retry_after_s=r.retry_after_s
-            ) from exc
-
-    async def close(self) -> None:
-        """The caller is closed by its owner."""
-
-
 async def saturate(ctx: Running, caller: Caller, opts: GapsOptions) -> dict[str, Any]:
     """The closed loop of BATCH generations; the nodes' tokens per second over its window."""
-    options = common_pb2.GenerationOptions(max_new_tokens=opts.saturate_tokens, ignore_eos=True)
-    failures: list[str] = []
-
-    async def loop(worker: int) -> None:
-        n = 0
-        while True:
-            n += 1
-            message = inference_pb2.GenerateRequest(
-                model=MODEL,
-                prompt=f"saturate {worker} #{n}: {PROMPT}",
-                options=options,
-                workload_class=common_pb2.WORKLOAD_CLASS_BATCH,
-                cache_bypass=True,
-            )
-            try:
-                async for _ in caller.inference.Generate(
-                    message, metadata=caller.metadata, timeout=60
-                ):
-                    pass
-            except grpc.aio.AioRpcError as exc:
-                failures.append(exc.code().name)
-                await asyncio.sleep(0.2)
-
-    tasks = [asyncio.create_task(loop(w)) for w in range(opts.saturate_streams)]
-    try:
+    streams, tokens = opts.saturate_streams, opts.saturate_tokens
+    async with closed_loop(caller, MODEL, PROMPT, streams, tokens) as failures:
         ctx.event(f"saturation: {opts.saturate_streams} closed-loop BATCH streams")
         await asyncio.sleep(opts.warmup_s)
         start_at, start = await node_tokens(ctx)
         window_start = ctx.clock.now()
         await asyncio.sleep(opts.window_s)
         end_at, end = await node_tokens(ctx)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
     tokens_per_s = rate(start, end, end_at - start_at)
     ctx.event(f"saturated: {tokens_per_s or 0:.0f} tokens/s")
     return {
@@ -176,13 +108,32 @@ async def saturate(ctx: Running, caller: Caller, opts: GapsOptions) -> dict[str,
     }
 
 
-def realtime_scenario(rps: float, opts: GapsOptions) -> Scenario:
-    """One REALTIME tenant's seeded Poisson arrivals at ``rps``."""
+class ArrivalOptions(Protocol):
+    """What :func:`realtime_scenario` reads of an experiment's options."""
+
+    @property
+    def phase_s(self) -> float: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def request_timeout_s(self) -> float: ...
+    @property
+    def drain_s(self) -> float: ...
+    @property
+    def prompt_words(self) -> tuple[int, int]: ...
+    @property
+    def realtime_tokens(self) -> int: ...
+
+
+def realtime_scenario(
+    rps: float, opts: ArrivalOptions, model: str = MODEL, name: str = "jobs-realtime"
+) -> Scenario:
+    """One REALTIME tenant's seeded Poisson arrivals of ``model`` at ``rps``."""
     low, high = opts.prompt_words
     return parse_scenario(
         {
-            "name": "jobs-realtime",
-            "model": MODEL,
+            "name": name,
+            "model": model,
             "duration_s": opts.phase_s,
             "seed": opts.seed,
             "request_timeout_s": opts.request_timeout_s,
@@ -199,6 +150,35 @@ def realtime_scenario(rps: float, opts: GapsOptions) -> Scenario:
             ],
         }
     )
+
+
+WAITED = (OUTCOME_OK, OUTCOME_TIMED_OUT, OUTCOME_CUT_OFF)
+"""The outcomes of the requests that waited for their first token (the rest were refused or
+failed): the ones a TTFT p99 covers."""
+
+
+def request_figures(
+    result: LoadResult,
+    chunks: dict[int, list[tuple[float, int]]],
+    gaps_of: tuple[str, ...],
+    dump: Path,
+) -> dict[str, Any]:
+    """A phase's requests: how many, their outcomes, the TTFT of those that waited and the
+    inter-token gaps (from each request's ``chunks``) of those whose outcome is in ``gaps_of``;
+    every record written to ``dump`` as JSON (for digging)."""
+    ttfts = [t for r in result.records if r.outcome in WAITED and (t := waited_ttft(r)) is not None]
+    gaps = [
+        g
+        for r in result.records
+        if r.outcome in gaps_of
+        for g in inter_token_gaps(chunks.get(r.index, []))
+    ]
+    dump.write_text(json.dumps([r.to_json() for r in result.records]))
+    return {
+        "requests": len(result.records),
+        "outcomes": result.report(with_requests=False)["accounting"],
+        **latency(ttfts, gaps),
+    }
 
 
 async def realtime_phase(
@@ -219,25 +199,12 @@ async def realtime_phase(
     started = ctx.clock.now()
     result = await run_load(scenario, target)
     tokens_per_s = await tokens_task
-    served = [
-        r for r in result.records if r.outcome in (OUTCOME_OK, OUTCOME_TIMED_OUT, OUTCOME_CUT_OFF)
-    ]
-    ttfts = [t for r in served if (t := waited_ttft(r)) is not None]
-    gaps = [
-        g
-        for r in result.records
-        if r.outcome == OUTCOME_OK
-        for g in inter_token_gaps(target.chunks.get(r.index, []))
-    ]
-    outcomes = result.report(with_requests=False)["accounting"]
     dump = ctx.suite.run_dir / f"requests-{label.replace(' ', '-')}.json"
-    dump.write_text(json.dumps([r.to_json() for r in result.records]))  # for digging
-    ctx.event(f"realtime {label} done: {outcomes}")
+    figures = request_figures(result, target.chunks, (OUTCOME_OK,), dump)
+    ctx.event(f"realtime {label} done: {figures['outcomes']}")
     return {
         "window_on_clock_s": [round(started, 2), round(started + scenario.duration_s, 2)],
-        "requests": len(result.records),
-        "outcomes": outcomes,
-        **latency(ttfts, gaps),
+        **figures,
         "node_tokens_per_s": tokens_per_s,
         "output_tokens": sum(r.output_tokens for r in result.records),
     }

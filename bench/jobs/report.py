@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from bench import report_table
 from bench.jobs.figures import (
     PREDICTION_TARGET,
     RECOMPUTED_TARGET,
@@ -14,10 +15,7 @@ from bench.jobs.figures import (
     THROUGHPUT_SHARE_TARGET,
     TTFT_RATIO_TARGET,
 )
-
-Row = dict[str, Any]
-"""``experiment, figure, measured, baseline, ratio, target, pass`` (pass: True, False or None
-for a figure only reported)."""
+from bench.report_table import Row, ms, pct, row, served, times
 
 TITLES = {
     "nothing_lost": "Nothing lost",
@@ -26,44 +24,12 @@ TITLES = {
 }
 
 
-def _ms(seconds: float | None) -> str:
-    return "–" if seconds is None else f"{seconds * 1000:.1f} ms"
-
-
 def _tps(value: float | None) -> str:
     return "–" if value is None else f"{value:,.0f} tokens/s"
 
 
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{value * 100:.1f} %"
-
-
 def _lines(n: int) -> str:
     return f"{n} line" if n == 1 else f"{n} lines"
-
-
-def _x(value: float | None) -> str:
-    return "–" if value is None else f"{value:.2f}×"
-
-
-def _row(
-    experiment: str,
-    figure: str,
-    measured: str,
-    baseline: str = "–",
-    ratio: str = "–",
-    target: str = "report",
-    passed: bool | None = None,
-) -> Row:
-    return {
-        "experiment": experiment,
-        "figure": figure,
-        "measured": measured,
-        "baseline": baseline,
-        "ratio": ratio,
-        "target": target,
-        "pass": passed,
-    }
 
 
 def lost_rows(e: dict[str, Any]) -> list[Row]:
@@ -72,7 +38,7 @@ def lost_rows(e: dict[str, Any]) -> list[Row]:
     results, again = e["results"], e["recomputed"]
     faults = e["faults_injected"]
     rows = [
-        _row(
+        row(
             x,
             f"{e['lines']}-line job completes through {faults} of 3 faults "
             "(2 replica SIGKILLs, 1 Redis SIGKILL)",
@@ -80,7 +46,7 @@ def lost_rows(e: dict[str, Any]) -> list[Row]:
             target="COMPLETED, 3 faults",
             passed=e["job_state"] == "JOB_STATE_COMPLETED" and faults == 3,
         ),
-        _row(
+        row(
             x,
             "custom_ids with exactly one result",
             f"{results['by_id_one_each']} (read {results['results_read']}, missing "
@@ -89,7 +55,7 @@ def lost_rows(e: dict[str, Any]) -> list[Row]:
             target="all",
             passed=results["exactly_once"],
         ),
-        _row(
+        row(
             x,
             "lines computed more than once (duplicate + regenerated, or the nodes' extra "
             "generations if more)",
@@ -97,7 +63,7 @@ def lost_rows(e: dict[str, Any]) -> list[Row]:
             f"{again['node_extra']}); of {again['reclaimed']} lines taken over after a kill, "
             f"{again['reattached']} reattached to their running generation",
             f"{e['lines']} lines",
-            _pct(again["share"]),
+            pct(again["share"]),
             f"≤ {RECOMPUTED_TARGET * 100:g} %",
             again["pass"],
         ),
@@ -105,20 +71,15 @@ def lost_rows(e: dict[str, Any]) -> list[Row]:
     extra = e.get("node_generations")
     if extra is not None:
         rows.append(
-            _row(
+            row(
                 x,
                 "lines the nodes generated to the end more than once (cross-check)",
                 str(extra["extra"]),
                 f"{extra['lines_generated']} lines generated",
-                _pct(extra["extra"] / max(1, extra["lines_generated"])),
+                pct(extra["extra"] / max(1, extra["lines_generated"])),
             )
         )
     return rows
-
-
-def _refused(phase: dict[str, Any]) -> str:
-    outcomes = phase.get("outcomes", {})
-    return f"{outcomes.get('planned', 0) - outcomes.get('refused', 0)} served"
 
 
 def gaps_rows(e: dict[str, Any]) -> list[Row]:
@@ -130,44 +91,44 @@ def gaps_rows(e: dict[str, Any]) -> list[Row]:
     which = "closed loop" if saturated == closed else "job alone"
     other = f"job alone {_tps(by_job)}" if which == "closed loop" else f"closed loop {_tps(closed)}"
     return [
-        _row(
+        row(
             x,
             "REALTIME TTFT p99, with the job vs alone",
-            f"{_ms(busy['ttft_p99_s'])} ({_refused(busy)})",
-            f"{_ms(alone['ttft_p99_s'])} ({_refused(alone)})",
-            _x(e["ttft_ratio"]),
+            f"{ms(busy['ttft_p99_s'])} ({served(busy)})",
+            f"{ms(alone['ttft_p99_s'])} ({served(alone)})",
+            times(e["ttft_ratio"]),
             f"≤ {TTFT_RATIO_TARGET:g}×",
             e["ttft_pass"],
         ),
-        _row(
+        row(
             x,
             "REALTIME requests refused, with the job vs alone",
             str(busy.get("outcomes", {}).get("refused", 0)),
             str(alone.get("outcomes", {}).get("refused", 0)),
             target="report (not in TTFT p99, which covers requests served)",
         ),
-        _row(
+        row(
             x,
             "REALTIME inter-token p99, with the job vs alone",
-            _ms(busy["inter_token_p99_s"]),
-            _ms(alone["inter_token_p99_s"]),
-            _x(e["inter_token_ratio"]),
+            ms(busy["inter_token_p99_s"]),
+            ms(alone["inter_token_p99_s"]),
+            times(e["inter_token_ratio"]),
         ),
-        _row(
+        row(
             x,
             "nodes' generated tokens/s with the job vs saturated",
             _tps(busy["node_tokens_per_s"]),
             f"{_tps(saturated)} ({which}; {other})",
-            _pct(e["throughput_share"]),
+            pct(e["throughput_share"]),
             f"≥ {THROUGHPUT_SHARE_TARGET * 100:g} %",
             e["throughput_pass"],
         ),
-        _row(
+        row(
             x,
             f"nodes' generated tokens/s, REALTIME alone ({e['realtime_rps']:g} req/s)",
             _tps(alone["node_tokens_per_s"]),
             _tps(saturated),
-            _pct(alone["node_tokens_per_s"] / saturated if saturated else None),
+            pct(alone["node_tokens_per_s"] / saturated if saturated else None),
             "about 50 % (the offered load)",
         ),
     ]
@@ -180,7 +141,7 @@ def deadline_rows(e: dict[str, Any]) -> list[Row]:
     too_big = e["too_big_alone"]
     late, early, alone = pair["late"], pair["early"], prediction["alone"]
     return [
-        _row(
+        row(
             x,
             "two jobs submitted together: the earlier window finishes first",
             f"early done at {early['actual_s']} s, late at {late['actual_s']} s; "
@@ -188,37 +149,37 @@ def deadline_rows(e: dict[str, Any]) -> list[Row]:
             target="early first",
             passed=pair["early_first"],
         ),
-        _row(
+        row(
             x,
             f"job due in {refusals['window_s']} s that fits alone but not behind a queued one "
             f"({_lines(refusals['idle']['lines'])} × {refusals['idle']['line_tokens']} tokens, "
             f"{refusals['idle']['bytes']} bytes) refused at submit, idle and busy",
-            f"max {_ms(refusals['max_s'])}, p50 {_ms(refusals['p50_s'])}; "
+            f"max {ms(refusals['max_s'])}, p50 {ms(refusals['p50_s'])}; "
             f"{refusals['refused_with_retry_info']}/{refusals['attempts']} RESOURCE_EXHAUSTED "
             "with RetryInfo",
             target=f"≤ {REFUSAL_TARGET_S * 1000:g} ms, RetryInfo",
             passed=refusals["pass"],
         ),
-        _row(
+        row(
             x,
             f"job that cannot fit its window even alone ({too_big['lines']} lines)",
-            f"{too_big['code']} {too_big['reason']} in {_ms(too_big['elapsed_s'])}",
+            f"{too_big['code']} {too_big['reason']} in {ms(too_big['elapsed_s'])}",
         ),
-        _row(
+        row(
             x,
             "predicted completion at accept vs actual, a job alone",
             f"predicted {alone['predicted_s']:.1f} s",
             f"actual {alone['actual_s']} s",
-            _pct(prediction["error"]),
+            pct(prediction["error"]),
             f"within {PREDICTION_TARGET * 100:g} %",
             prediction["pass"],
         ),
-        _row(
+        row(
             x,
             "predicted vs actual, the two jobs (late predicted before early existed)",
             f"early {early['predicted_s']:.1f} s / late {late['predicted_s']:.1f} s",
             f"early {early['actual_s']} s / late {late['actual_s']} s",
-            f"{_pct(early['prediction_error'])} / {_pct(late['prediction_error'])}",
+            f"{pct(early['prediction_error'])} / {pct(late['prediction_error'])}",
         ),
     ]
 
@@ -228,34 +189,6 @@ ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "gaps": gaps_rows,
     "deadlines": deadline_rows,
 }
-
-
-def rows(experiments: dict[str, dict[str, Any]]) -> list[Row]:
-    """Every row, in the issue's order; an experiment that failed gives one ``error`` row."""
-    out: list[Row] = []
-    for name, entry in experiments.items():
-        if "error" in entry:
-            out.append(_row(name, TITLES[name], f"error: {entry['error']}", passed=False))
-        else:
-            out += ROWS[name](entry)
-    return out
-
-
-def _verdict(value: bool | None) -> str:
-    return "–" if value is None else ("pass" if value else "**FAIL**")
-
-
-def table(figures: list[Row]) -> list[str]:
-    """The markdown table of ``figures``."""
-    lines = [
-        "| experiment | figure | measured | baseline (same run) | ratio | target | pass |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in figures:
-        cells = [TITLES.get(r["experiment"], r["experiment"]), r["figure"], r["measured"]]
-        cells += [r["baseline"], r["ratio"], r["target"], _verdict(r["pass"])]
-        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-    return lines
 
 
 def _lost_details(e: dict[str, Any]) -> list[str]:
@@ -277,9 +210,9 @@ def _lost_details(e: dict[str, Any]) -> list[str]:
 
 def _phase(label: str, p: dict[str, Any]) -> str:
     return (
-        f"- {label}: {p['outcomes']}; TTFT p50 {_ms(p['ttft_p50_s'])}, p99 "
-        f"{_ms(p['ttft_p99_s'])}; inter-token p50 {_ms(p['inter_token_p50_s'])}, p99 "
-        f"{_ms(p['inter_token_p99_s'])}; nodes {_tps(p['node_tokens_per_s'])}; node "
+        f"- {label}: {p['outcomes']}; TTFT p50 {ms(p['ttft_p50_s'])}, p99 "
+        f"{ms(p['ttft_p99_s'])}; inter-token p50 {ms(p['inter_token_p50_s'])}, p99 "
+        f"{ms(p['inter_token_p99_s'])}; nodes {_tps(p['node_tokens_per_s'])}; node "
         f"ejections in the window {p.get('node_ejections')}"
     )
 
@@ -331,27 +264,14 @@ DETAILS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
 }
 
 
-DISTURBED_SHARE = 0.1
-"""Other processes taking more of the machine than this during an experiment make its figures
-unrepresentative: the nodes run at nice 10 and yield to them."""
+def _where(e: dict[str, Any]) -> str:
+    return f"- run directory: `{e.get('run_dir', '?')}`, {e.get('wall_s')} s"
 
 
-def disturbed(experiments: dict[str, dict[str, Any]]) -> list[str]:
-    """A warning line per experiment during which other processes took more than 10 % of the
-    machine's CPU time (and a blank line after), or nothing."""
-    lines = []
-    for name, entry in experiments.items():
-        share = (entry.get("cpu") or {}).get("other_processes_share")
-        if share is not None and share > DISTURBED_SHARE:
-            lines.append(
-                f"**Disturbed:** other processes on the machine took {share * 100:.0f} % of its "
-                f"CPU time during *{TITLES[name]}*; its figures are not representative."
-            )
-    return [*lines, ""] if lines else []
-
-
-def _timeline(entry: dict[str, Any]) -> str:
-    return "; ".join(f"{t['t_s']:g} s {t['event']}" for t in entry.get("timeline", []))
+REPORT = report_table.Report(TITLES, ROWS, DETAILS, _where)
+rows = REPORT.rows
+table = REPORT.table
+disturbed = REPORT.disturbed
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -367,26 +287,6 @@ def markdown(doc: dict[str, Any]) -> str:
         f"`{s['scheduler_flags']}` (defaults otherwise). Figures of this run only; definitions in "
         "jobs.json and `bench/jobs/figures.py`.",
         "",
-        *table(doc["figures"]),
-        "",
-        *disturbed(doc["experiments"]),
-        "## Per experiment",
-        "",
+        *REPORT.body(doc),
     ]
-    for name, entry in doc["experiments"].items():
-        lines += [f"### {TITLES[name]}", ""]
-        if "error" in entry:
-            lines += [f"Not measured: {entry['error']}", ""]
-        else:
-            lines += DETAILS[name](entry)
-        lines += [f"- run directory: `{entry.get('run_dir', '?')}`, {entry.get('wall_s')} s"]
-        cpu = entry.get("cpu")
-        if cpu:
-            lines.append(
-                f"- CPU: {cpu['available_s']} core-seconds available; the suite and the bench "
-                f"used {cpu['suite_and_bench_s']}, other processes on the machine "
-                f"{cpu['other_processes_s']} ({_pct(cpu['other_processes_share'])} of the "
-                "machine)"
-            )
-        lines += [f"- timeline: {_timeline(entry)}", ""]
     return "\n".join(lines)

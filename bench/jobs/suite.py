@@ -63,14 +63,17 @@ def with_flags(argv: list[str], flags: list[str]) -> list[str]:
     return [*out, *flags]
 
 
-def restart_scheduler(suite: ChaosSuite, flags: list[str], timeout_s: float = 60.0) -> None:
-    """Restart the supervisor's scheduler with ``flags`` added to its command line (blocking;
-    before supervision starts, so the supervisor never sees the stop)."""
-    child = suite.child("scheduler")
+def restart_child(
+    suite: ChaosSuite, name: str, flags: list[str], timeout_s: float, stop_s: float | None = None
+) -> None:
+    """Restart the supervisor's child ``name`` with ``flags`` added to its command line
+    (blocking; unsupervised, so the supervisor never sees the stop): stopped (killed after
+    ``stop_s``, by default ``timeout_s``), started again, waited for until it serves."""
+    child = suite.child(name)
     child.argv = with_flags(child.argv, flags)
     child.proc.terminate()
     try:
-        child.proc.wait(timeout_s)
+        child.proc.wait(timeout_s if stop_s is None else stop_s)
     except subprocess.TimeoutExpired:
         child.proc.kill()
         child.proc.wait()
@@ -84,6 +87,12 @@ def restart_scheduler(suite: ChaosSuite, flags: list[str], timeout_s: float = 60
         mesh=suite.mesh,
         peer=child.identity,
     )
+
+
+def restart_scheduler(suite: ChaosSuite, flags: list[str], timeout_s: float = 60.0) -> None:
+    """Restart the supervisor's scheduler with ``flags`` added to its command line (blocking;
+    before supervision starts, so the supervisor never sees the stop)."""
+    restart_child(suite, "scheduler", flags, timeout_s)
     suite.wait_nodes(set(NODES))
 
 
@@ -203,12 +212,17 @@ class CpuMeter:
     machine: float | None = field(default_factory=_machine_busy_s)
     own: float = field(default_factory=_own_cpu_s)
 
+    def own_cpu_s(self) -> float:
+        """The CPU seconds counted as ours now (``own`` is their value when the meter was
+        made)."""
+        return _own_cpu_s()
+
     def figures(self) -> dict[str, float | None]:
         """CPU seconds since the meter was made: available, machine busy, ours, others'."""
         wall = time.monotonic() - self.started
         cores = os.cpu_count() or 1
         busy_now = _machine_busy_s()
-        own = _own_cpu_s() - self.own
+        own = max(0.0, self.own_cpu_s() - self.own)
         busy = None if busy_now is None or self.machine is None else busy_now - self.machine
         others = None if busy is None else max(0.0, busy - own)
         return {
