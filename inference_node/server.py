@@ -78,6 +78,7 @@ from inference_node.engine.types import (
     RequestTooLargeError,
     SamplingParams,
     TokenDelta,
+    joined,
 )
 from inference_node.errors import (
     ADAPTER_INVALID,
@@ -341,24 +342,44 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         self, lm: LanguageModel, stream: DeltaStream, interval: float
     ) -> AsyncGenerator[inference_pb2.GenerateChunk, None]:
         """The chunks of an admitted generation, at most one per ``interval`` seconds after
-        the first (tokens made meanwhile go out together); closing it cancels the
-        generation."""
+        the first (tokens made meanwhile go out together), the last one the moment the
+        generation ends (never held back to the interval: a job line's slot is taken again
+        at once); closing it cancels the generation."""
         self.in_flight += 1
         first = True
         loop = asyncio.get_running_loop()
         sent_at = 0.0
+        held: TokenDelta | None = None
+        """Read but not sent yet: the interval has not elapsed."""
+        reading: asyncio.Task[TokenDelta | None] | None = None
         try:
             while True:
-                if interval and not first and (wait := sent_at + interval - loop.time()) > 0:
-                    await asyncio.sleep(wait)
-                delta = await self._next_delta(stream)
+                if held is None:
+                    delta = await (reading or self._next_delta(stream))
+                else:
+                    reading = reading or asyncio.ensure_future(self._next_delta(stream))
+                    left = sent_at + interval - loop.time()
+                    done, _ = await asyncio.wait({reading}, timeout=max(0.0, left))
+                    if not done:  # the interval is over: send what came meanwhile
+                        yield self._chunk(lm, held, first)
+                        held, sent_at = None, loop.time()
+                        continue
+                    delta = reading.result()
+                reading = None
                 if delta is None:
+                    if held is not None:
+                        yield self._chunk(lm, held, first)
                     break
-                yield self._chunk(lm, delta, first)
-                first = False
-                sent_at = loop.time()
+                held = delta if held is None else joined(held, delta)
+                due = not interval or first or loop.time() >= sent_at + interval
+                if due or held.finish_reason is not None:
+                    yield self._chunk(lm, held, first)
+                    first, held, sent_at = False, None, loop.time()
         finally:
             self.in_flight -= 1
+            if reading is not None:  # closed while a read was pending
+                reading.cancel()
+                reading.add_done_callback(lambda t: t.cancelled() or t.exception())
             await stream.aclose()
 
     async def Embed(

@@ -127,6 +127,22 @@ async def test_stream_interval_merges_tokens_into_fewer_chunks(suite: Suite) -> 
     assert len(arrivals) < 64
 
 
+async def test_the_last_chunk_is_not_held_back_to_the_stream_interval(suite: Suite) -> None:
+    """A request paced at 20 s (a job line's answer is read whole): its first chunk at once,
+    the rest in one last chunk the moment it ends, not when the interval is over."""
+    node = await suite.start_node("node-slow-paced")
+    stub = node_pb2_grpc.NodeStub(suite.channel(node.address))
+    request = node_request(max_new_tokens=16)
+    request.stream_interval_ms = 20_000
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    chunks = [c async for c in stub.Generate(request)]
+    assert loop.time() - started < 10.0
+    assert len(chunks) == 2
+    assert sum(len(c.token_ids) for c in chunks) == 16
+    assert chunks[-1].usage.completion_tokens == 16
+
+
 async def test_stream_interval_zero_still_delivers_every_token(suite: Suite) -> None:
     """Pacing off (0): the plain path, no sleep between chunks, loses no token."""
     node = await suite.start_node("node-unpaced", stream_interval_ms=0)

@@ -85,6 +85,17 @@ class TokenDelta:
     completion_tokens: int
 
 
+def joined(earlier: TokenDelta, later: TokenDelta) -> TokenDelta:
+    """Two consecutive deltas of one request as one (the later one's finish and counts)."""
+    return TokenDelta(
+        earlier.text + later.text,
+        earlier.token_ids + later.token_ids,
+        later.finish_reason,
+        later.prompt_tokens,
+        later.completion_tokens,
+    )
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot of the engine's load.
