@@ -66,6 +66,7 @@ def gap_config(settings: NodeSettings) -> GapConfig:
     return GapConfig(
         yield_bound_s=settings.training_yield_bound_ms / 1000,
         itl_budget_s=settings.training_itl_budget_ms / 1000,
+        itl_share=settings.training_itl_share,
     )
 
 

@@ -64,9 +64,13 @@ class NodeSettings(ServiceSettings):
     training_yield_bound_ms: float = Field(default=50.0, gt=0)
     """Longest a fine-tune's unit of work may be predicted to take: the most an inference
     request waits for training (docs/decisions/node-training-units.md)."""
-    training_itl_budget_ms: float = Field(default=100.0, gt=0)
-    """Inter-token budget of running requests: a fine-tune's units run beside them only in
-    what their measured decode step leaves of it."""
+    training_itl_budget_ms: float = Field(default=0.0, ge=0)
+    """Inter-token target of running requests: a fine-tune's units may stretch their gaps
+    (decode step plus training) up to it; 0 (default): none, the gap policy's share and the
+    model's own step-time tail bound training instead (inference_node/training/gaps.py)."""
+    training_itl_share: float = Field(default=0.15, ge=0, le=1)
+    """Training beside running requests adds at most this share of their decode time to their
+    inter-token gaps, on average."""
     detached_retain_seconds: float = Field(default=120.0, gt=0)
     """How long a detached generation (a job line, ``NodeGenerateRequest.detached``) is kept
     after it ends for a replica that takes the line over: longer than the schedulers'

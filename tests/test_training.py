@@ -6,6 +6,7 @@ memory estimate against what autograd really keeps."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -434,31 +435,43 @@ def test_a_unit_predicted_over_the_yield_bound_never_runs() -> None:
     assert safe.predict("backward", 100) == pytest.approx(30 * MS)
 
 
-def test_beside_running_sequences_a_unit_must_fit_the_inter_token_slack() -> None:
-    """Slack is the budget minus the decode step minus training already run since that
-    step; an unmeasured unit or decode time refuses; a new decode step restores the slack,
-    and each unit run beside sequences is recorded as a decode delay."""
+def test_beside_running_sequences_a_unit_must_fit_the_share_the_tail_and_the_budget() -> None:
+    """Beside running sequences a unit runs only within the allowance: the credit decode
+    steps earned (the share of their time, banked up to the yield bound, spent by units), the
+    tail (a gap stays within the recent steps' quantile, or the average step stretched by the
+    share); an inter-token target, when set, replaces both; unmeasured refuses; each unit
+    beside sequences is recorded as a decode delay."""
     clock = FakeClock()
-    policy = GapPolicy(GAPS, clock)
+    config = replace(GAPS, itl_share=0.25, tail_quantile=0.9, itl_budget_s=0.0)
+    policy = GapPolicy(config, clock)
     assert policy.decide("forward", 10, waiting=0, running=2).reason is GapReason.UNMEASURED
-    _run(policy, clock, "forward", 10, 32 * MS)
+    _run(policy, clock, "forward", 10, 8 * MS)
     assert policy.decide("forward", 10, waiting=0, running=2).reason is GapReason.UNMEASURED
-    policy.decode_step(64 * MS)  # slack 128 - 64 = 64
+    policy.decode_step(64 * MS)  # credit 16; tail max(64, 1.25 x 64) = 80: 16 over the step
     decision = policy.decide("forward", 10, waiting=0, running=2)
     assert decision.run and decision.reason is GapReason.SLACK
-    assert decision.allowance_s == 64 * MS
-    policy.unit_started("forward", 10, running=2)
-    clock.advance(48 * MS)  # it ran longer than predicted: slack left 16
-    policy.unit_finished()
-    decision = policy.decide("forward", 5, waiting=0, running=2)  # predicted 40 (not less)
-    assert not decision.run and decision.reason is GapReason.NO_SLACK
     assert decision.allowance_s == 16 * MS
-    policy.decode_step(64 * MS)
-    assert policy.decide("forward", 5, waiting=0, running=2).run  # 40 fits 64
-    policy.decode_step(96 * MS)  # decode EWMA 80: slack 48 holds 40, not 60
-    assert policy.decide("forward", 10, waiting=0, running=2).run
-    assert not policy.decide("forward", 15, waiting=0, running=2).run
-    assert list(policy.decode_delays) == [48 * MS]
+    policy.unit_started("forward", 10, running=2)
+    clock.advance(12 * MS)  # ran longer than predicted: credit 4 left, the gap at 76
+    policy.unit_finished()
+    decision = policy.decide("forward", 10, waiting=0, running=2)  # predicted 10
+    assert not decision.run and decision.reason is GapReason.NO_SLACK
+    assert decision.allowance_s == 4 * MS
+    for _ in range(3):
+        policy.decode_step(64 * MS)  # credit 4 + 3 x 16 = 52; the gap starts again
+    assert policy.allowance() == 16 * MS
+    policy.decode_step(192 * MS)  # a long step: average 128, tail 192, credit capped at 64
+    assert policy.allowance() == 64 * MS
+    assert policy.decide("forward", 60, waiting=0, running=2).run  # predicted 60
+    assert list(policy.decode_delays) == [12 * MS]
+    capped = GapPolicy(replace(config, itl_budget_s=72 * MS), clock)
+    _run(capped, clock, "forward", 10, 8 * MS)
+    capped.decode_step(64 * MS)  # a target replaces share and tail: it leaves 8 of 72
+    assert capped.allowance() == 8 * MS
+    capped.decode_step(64 * MS)
+    assert capped.allowance() == 8 * MS  # no credit is needed
+    assert capped.decide("forward", 10, waiting=0, running=2).run
+    assert not capped.decide("forward", 20, waiting=0, running=2).run
 
 
 def test_an_idle_engine_trains_back_to_back_for_one_slice_then_looks_for_work() -> None:

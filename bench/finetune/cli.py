@@ -108,8 +108,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--itl-budget-ms",
         type=float,
-        help="the nodes' --training-itl-budget-ms (default: 1.2 × the inter-token p99 measured "
-        "without training)",
+        help="the nodes' --training-itl-budget-ms (default: none, the node's share and tail rule)",
     )
     p.add_argument("--eval-prompts", type=int, choices=range(1, len(HELD_OUT_ITEMS) + 1))
     p.add_argument(
@@ -199,7 +198,8 @@ def settings_of(plan: Plan, run_dir: Path) -> dict[str, Any]:
         "node_flags": " ".join(plan.flags.flags(Path("<run-dir>"))),
         "yield_bound_ms": plan.flags.yield_bound_ms,
         "itl_budget_ms": plan.flags.itl_budget_ms,
-        "itl_budget": "1.2 × the inter-token p99 measured without training"
+        "itl_budget": "none (the node's default: its share of the decode time and its own "
+        "step-time tail)"
         if plan.flags.itl_budget_ms is None
         else f"{plan.flags.itl_budget_ms:g} ms",
         "finetune": asdict(plan.spec),

@@ -192,12 +192,16 @@ def _phase(p: dict[str, Any]) -> str:
     )
 
 
+def _budget(ms: float | None) -> str:
+    return "none" if ms is None else f"{ms:g} ms"
+
+
 def _sharing_details(e: dict[str, Any]) -> list[str]:
     cap, alone, job = e["capacity"], e["alone"], e["load_job"]
     flags = e["node_flags"]
     lines = [
         f"- the node after the baseline: yield bound {flags['yield_bound_ms']:g} ms, inter-token "
-        f"budget {flags['itl_budget_ms']:g} ms ({e['itl_budget_from']})",
+        f"budget {_budget(flags['itl_budget_ms'])} ({e['itl_budget_from']})",
         f"- capacity: {cap['streams']} closed-loop BATCH streams of {cap['max_new_tokens']} "
         f"tokens, {_tps(cap['node_tokens_per_s'])} over {cap['window_s']} s "
         f"({cap['failed_calls']} failed calls); REALTIME requests of {e['realtime_tokens']} "

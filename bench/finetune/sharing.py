@@ -6,12 +6,10 @@
    second over the window (as :mod:`bench.jobs.gaps` measures saturation);
 2. **without training**: REALTIME Poisson arrivals (seeded) at ``compared_load`` of the
    capacity for ``phase_s``; then the node is restarted into the ``finetune`` pool
-   (:meth:`~bench.finetune.suite.FinetuneSuite.configure`), its inter-token budget
-   (``--training-itl-budget-ms``) 1.2 × the inter-token p99 just measured unless one is
-   given: the figure's target expressed as the node's knob (the node's default, 100 ms, is
-   unrelated to the model's own inter-token time: SmolLM2 here decodes at ~120 ms a token at
-   30 % load, which leaves it no slack at all, while a fast model's every gap could be
-   stretched to 100 ms);
+   (:meth:`~bench.finetune.suite.FinetuneSuite.configure`) with no inter-token target
+   unless one is given (``--itl-budget-ms``): the node's gap policy then bounds training by
+   its share of the decode time and the model's own step-time tail, which follow the model
+   (an absolute target set from this phase's p99 let training stretch every gap up to it);
 3. a fine-tune job (the *load job*: the quality task's spec, long enough to outlast the
    phases) is submitted through the Jobs API and trains on the node; once it has logged
    ``job_warmup_steps`` steps, **alone**: ``alone_s`` with no inference, its training
@@ -29,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import grpc
@@ -37,7 +35,6 @@ import grpc
 from bench.chaos.suite import OTHERS, VICTIM
 from bench.finetune.calls import TrainSpec, submit_finetune, training_lines, wait_job
 from bench.finetune.figures import (
-    INTER_TOKEN_RATIO_TARGET,
     progress_curve,
     realtime_rps,
     sharing_verdict,
@@ -195,21 +192,12 @@ def _label(load: float) -> str:
     return f"with training at {load * 100:g} %"
 
 
-def itl_budget_ms(flags: NodeFlags, without: dict[str, Any]) -> float:
-    """The nodes' inter-token budget: the one given, else the figure's own target, 1.2 × the
-    inter-token p99 measured without training (at least 1 ms)."""
-    if flags.itl_budget_ms is not None:
-        return flags.itl_budget_ms
-    p99_ms = float(without["inter_token_p99_s"]) * 1000
-    return max(1.0, round(INTER_TOKEN_RATIO_TARGET * p99_ms, 1))
-
-
 async def sharing(
     ctx: Running, model: str, spec: TrainSpec, opts: SharingOptions, flags: NodeFlags
 ) -> dict[str, Any]:
     """Run figures 1-3's experiment on a started suite (its node not configured yet: the
-    baseline is measured on `sluice up`'s node, which is then restarted with ``flags``, the
-    inter-token budget derived from the baseline unless given); its figures."""
+    baseline is measured on `sluice up`'s node, which is then restarted with ``flags``); its
+    figures."""
     suite = ctx.suite
     assert isinstance(suite, FinetuneSuite)
     credentials = suite.public_credentials()
@@ -231,7 +219,7 @@ async def sharing(
         without = await phase(
             ctx, realtime, scenario(opts.compared_load), "without training", bound_s
         )
-        configured = replace(flags, itl_budget_ms=itl_budget_ms(flags, without))
+        configured = flags
         ctx.event(f"restarting {FIRST_NODE} with {configured}")
         await suite.configure(configured)
         ctx.event(f"{FIRST_NODE} serves with the finetune pool")
@@ -274,7 +262,7 @@ async def sharing(
         "yield_waits": yield_waits(first[1], last[1], bound_s),
         "yield_bound_s": bound_s,
         "node_flags": asdict(configured),
-        "itl_budget_from": "given" if flags.itl_budget_ms is not None else "1.2 × p99 without",
+        "itl_budget_from": "given" if flags.itl_budget_ms is not None else "none (share and tail)",
         "load_job": {
             "job_id": job_id,
             "steps_when_cancelled": trained.training.step,

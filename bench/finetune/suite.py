@@ -57,7 +57,8 @@ class NodeFlags:
     one thread, over the default 50 ms with the policy's 1.25 safety factor, so at the
     default training would only run on remeasures; the run records what it used."""
     itl_budget_ms: float | None = None
-    """``--training-itl-budget-ms``; None leaves the node's default (100 ms)."""
+    """``--training-itl-budget-ms``; None leaves the node's default (none: the gap policy's
+    share of the decode time and the model's own step-time tail bound training)."""
     pools: tuple[str, ...] = ("realtime", "finetune")
 
     def flags(self, run_dir: Path) -> list[str]:

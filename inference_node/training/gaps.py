@@ -6,10 +6,24 @@ between decode steps. The rule, in order:
 1. Never while inference requests wait to be admitted (``waiting > 0``): they go first.
 2. Never a unit predicted to take longer than ``yield_bound_s``: the most a real-time request
    can wait for training is one unit, so the bound caps every unit, idle or not.
-3. With sequences running, only a unit that fits the slack of their inter-token budget: the
-   budget ``itl_budget_s`` minus the measured decode step time minus the training already run
-   since the last decode step. A unit never measured is refused here (it is measured when the
-   node is idle).
+3. With sequences running, only a unit that fits their inter-token allowance: the yield
+   bound, and the lesser of
+
+   - the **share**: training beside sequences adds on average at most ``itl_share`` of their
+     decode time to the gaps between their tokens. Each decode step earns ``itl_share`` times
+     its seconds of credit (banked up to the yield bound), each unit run beside sequences
+     spends its measured seconds;
+   - the **tail**: a gap (the decode step's average, the training since that step, the unit)
+     stays within the node's own long gap, the ``tail_quantile`` of its last ``tail_steps``
+     decode steps: a stretched gap is no longer than what the model's steps already take
+     now and then (or the step's average stretched by the share, when its steps hardly
+     vary), so the inter-token tail follows the model's own, not a fixed number;
+
+   or, when the deployment sets an inter-token target ``itl_budget_s`` (> 0), what the gap
+   leaves of it instead of those two: an explicit target lets training stretch every gap up
+   to it.
+
+   A unit never measured is refused here (it is measured when the node is idle).
 4. Idle (nothing running or waiting), units run back to back up to ``idle_slice_s``; then one
    refusal (``slice_over``) hands the loop a turn to look for work, and a new slice starts.
 
@@ -59,8 +73,16 @@ class GapConfig:
 
     yield_bound_s: float = 0.05
     """Longest a training unit may be predicted to take: the most real-time work may wait."""
-    itl_budget_s: float = 0.1
-    """Inter-token budget of running requests: decode step plus training between two steps."""
+    itl_share: float = 0.15
+    """Training beside running sequences adds at most this share of their decode time to their
+    inter-token gaps, on average (rule 3's share)."""
+    tail_quantile: float = 0.9
+    """A gap with training stays within this quantile of the recent decode steps (rule 3)."""
+    tail_steps: int = 256
+    """Decode steps the tail is read from (the newest)."""
+    itl_budget_s: float = 0.0
+    """Inter-token target of running requests: a gap (decode step plus training) may stretch
+    up to it; 0: none, the share and the tail bound training instead (rule 3)."""
     idle_slice_s: float = 0.25
     """Training run back to back on an idle engine before it looks for work again."""
     ewma_alpha: float = 0.3
@@ -74,9 +96,13 @@ class GapConfig:
     this old, to measure it afresh."""
 
     def __post_init__(self) -> None:
-        for name in ("yield_bound_s", "itl_budget_s", "idle_slice_s", "remeasure_after_s"):
+        for name in ("yield_bound_s", "idle_slice_s", "remeasure_after_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.itl_budget_s < 0 or not 0 <= self.itl_share <= 1:
+            raise ValueError("itl_budget_s must be >= 0 and itl_share in [0, 1]")
+        if not 0 < self.tail_quantile <= 1 or self.tail_steps < 1:
+            raise ValueError("tail_quantile must be in (0, 1] and tail_steps >= 1")
         if not 0 < self.ewma_alpha <= 1:
             raise ValueError(f"ewma_alpha must be in (0, 1], got {self.ewma_alpha}")
         if self.safety < 1:
@@ -133,6 +159,10 @@ class GapPolicy:
         self._remeasure: str | None = None
         self._decode_s: float | None = None
         self._since_decode = 0.0
+        self._steps: deque[float] = deque(maxlen=config.tail_steps)
+        self._tail_s: float | None = None
+        self._credit = 0.0
+        """Seconds training may still add beside running sequences (rule 3's share)."""
         self._slice_used = 0.0
         self._running: _Running | None = None
         self._last: tuple[float, float] | None = None
@@ -172,9 +202,26 @@ class GapPolicy:
     def decode_step(self, seconds: float) -> None:
         """A decode step of the running sequences took ``seconds``: fold it into the decode
         step time, and start a new inter-token gap."""
-        previous, alpha = self._decode_s, self.config.ewma_alpha
+        config = self.config
+        previous, alpha = self._decode_s, config.ewma_alpha
         self._decode_s = seconds if previous is None else previous + alpha * (seconds - previous)
         self._since_decode = 0.0
+        self._credit = min(config.yield_bound_s, self._credit + config.itl_share * seconds)
+        self._steps.append(seconds)
+        if len(self._steps) < 16 or len(self._steps) % 16 == 0:  # sorted now and then
+            ordered = sorted(self._steps)
+            self._tail_s = ordered[min(len(ordered) - 1, int(config.tail_quantile * len(ordered)))]
+
+    def allowance(self) -> float | None:
+        """Seconds a unit may take beside running sequences now (rule 3), ``None`` before a
+        decode step was measured."""
+        if self._decode_s is None or self._tail_s is None:
+            return None
+        config, gap = self.config, self._decode_s + self._since_decode
+        if config.itl_budget_s > 0:
+            return min(config.yield_bound_s, config.itl_budget_s - gap)
+        tail = max(self._tail_s, (1 + config.itl_share) * self._decode_s)
+        return min(config.yield_bound_s, self._credit, tail - gap)
 
     # -- the decision -------------------------------------------------------------------------
 
@@ -193,10 +240,9 @@ class GapPolicy:
             return GapDecision(False, GapReason.OVER_BOUND, predicted, bound)
         if running > 0:
             self._slice_used = 0.0
-            if predicted is None or self._decode_s is None:
+            allowance = self.allowance()
+            if predicted is None or allowance is None:
                 return GapDecision(False, GapReason.UNMEASURED, predicted, 0.0)
-            slack = self.config.itl_budget_s - self._decode_s - self._since_decode
-            allowance = min(bound, slack)
             reason = GapReason.SLACK if predicted <= allowance else GapReason.NO_SLACK
             return GapDecision(predicted <= allowance, reason, predicted, max(allowance, 0.0))
         left = self.config.idle_slice_s - self._slice_used
@@ -249,6 +295,7 @@ class GapPolicy:
         if unit.beside_sequences:
             self._record("decode", seconds)
             self._since_decode += seconds
+            self._credit -= seconds
         else:
             self._slice_used += seconds
         self.training_seconds += seconds
