@@ -417,9 +417,10 @@ def test_training_never_runs_while_inference_waits() -> None:
 
 
 def test_a_unit_predicted_over_the_yield_bound_never_runs() -> None:
-    """The prediction is the average time scaled up by the work over the average work (never
-    down): a unit twice the measured size predicted over the bound is refused even on an idle
-    engine; a smaller unit is predicted at the full average."""
+    """The prediction is the median time of the kind's last runs, scaled up by the work over
+    their median work (never down): a unit twice the measured size predicted over the bound
+    is refused even on an idle engine; a smaller unit is predicted at the full median; one
+    slow run among several does not lift it, a majority of slow runs does."""
     clock = FakeClock()
     policy = GapPolicy(GAPS, clock)
     _run(policy, clock, "backward", 100, 40 * MS)
@@ -427,9 +428,15 @@ def test_a_unit_predicted_over_the_yield_bound_never_runs() -> None:
     decision = policy.decide("backward", 200, waiting=0, running=0)
     assert not decision.run and decision.reason is GapReason.OVER_BOUND
     assert policy.decide("backward", 100, waiting=0, running=0).run
-    _run(policy, clock, "backward", 100, 20 * MS)  # EWMA 0.5: halfway to the new rate
+    _run(policy, clock, "backward", 100, 20 * MS)  # the median of two: halfway
     assert policy.predict("backward", 100) == pytest.approx(30 * MS)
     assert policy.predict("backward", 10) == pytest.approx(30 * MS)
+    for seconds in (20, 20, 200):  # runs 40, 20, 20, 20, 200: one slow run
+        _run(policy, clock, "backward", 100, seconds * MS)
+    assert policy.predict("backward", 100) == pytest.approx(20 * MS)
+    for _ in range(2):  # runs 20, 20, 200, 200, 200
+        _run(policy, clock, "backward", 100, 200 * MS)
+    assert policy.decide("backward", 100, waiting=0, running=0).reason is GapReason.OVER_BOUND
     safe = GapPolicy(GapConfig(safety=1.5), clock)
     safe.observe("backward", 100, 20 * MS)
     assert safe.predict("backward", 100) == pytest.approx(30 * MS)

@@ -27,20 +27,21 @@ between decode steps. The rule, in order:
 4. Idle (nothing running or waiting), units run back to back up to ``idle_slice_s``; then one
    refusal (``slice_over``) hands the loop a turn to look for work, and a new slice starts.
 
-A prediction is only as good as its measurements: one slow run (a collection, a burst of load
-from another process) can lift a kind's average over the bound, and a kind that never runs is
-never measured again, so the fine-tune would stall for good. So on an idle engine a kind
-refused over the bound whose last measurement is older than ``remeasure_after_s`` runs once
-more (``remeasure``) and its averages restart from that run: the bound then holds as it does
-for a kind's first run, which is measured the same way.
+Predictions come from the last ``PREDICTION_RUNS`` runs of each unit kind, their seconds and
+work (tokens of the micro-batch for a layer unit, rows for a loss chunk): the median time,
+scaled up linearly for a unit with more work than their median but never down, times
+``safety``. A median, not an average: one slow run (a collection, a burst of load from another
+process) would lift an average over the bound, and under load a kind refused over the bound
+never runs beside sequences to be measured again, so the fine-tune would stall for good while
+the node serves. A kind whose runs really are slow stays refused; on an idle engine, one whose
+last measurement is older than ``remeasure_after_s`` runs once more (``remeasure``) and its
+runs restart from that one: the bound then holds as it does for a kind's first run, which is
+measured the same way.
 
-Predictions come from EWMAs per unit kind of the measured seconds and work (tokens of the
-micro-batch for a layer unit, rows for a loss chunk): the average time, scaled up linearly for
-a unit with more work than average but never down, times ``safety``. A unit that takes far
-longer than predicted is the failure mode: the bound then holds only as well as the EWMA
-predicts, which is why every run is measured (:meth:`GapPolicy.unit_finished`) and the waits it
-caused are recorded (:attr:`GapPolicy.admission_waits`, :attr:`GapPolicy.decode_delays`) for
-the p99 the benchmark reports against the bound.
+A unit that takes far longer than predicted is the failure mode: the bound then holds only as
+well as the prediction, which is why every run is measured (:meth:`GapPolicy.unit_finished`)
+and the waits it caused are recorded (:attr:`GapPolicy.admission_waits`,
+:attr:`GapPolicy.decode_delays`) for the p99 the benchmark reports against the bound.
 
 Pure and synchronous: it takes a clock and does no I/O; the engine thread owns it.
 """
@@ -48,6 +49,7 @@ Pure and synchronous: it takes a clock and does no I/O; the engine thread owns i
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,7 +88,7 @@ class GapConfig:
     idle_slice_s: float = 0.25
     """Training run back to back on an idle engine before it looks for work again."""
     ewma_alpha: float = 0.3
-    """Weight of the newest measurement in a kind's averages."""
+    """Weight of the newest decode step in the decode step's average."""
     safety: float = 1.25
     """Factor on every prediction."""
     max_recorded_waits: int = 10_000
@@ -133,8 +135,12 @@ class _Running:
     beside_sequences: bool
     arrivals: list[float]
     fresh: bool
-    """Its measurement restarts the kind's averages (a remeasure)."""
+    """Its measurement restarts the kind's runs (a remeasure)."""
 
+
+PREDICTION_RUNS = 5
+"""Runs of a kind its prediction is the median of: one slow run (a collection, another
+process's burst) does not lift it over the bound, three slow runs in five do."""
 
 WaitListener = Callable[[str, float], None]
 """Told every wait recorded: ``("admission" | "decode", seconds)``."""
@@ -154,7 +160,7 @@ class GapPolicy:
         self._clock = clock
         self.on_wait = on_wait
         """Told every recorded wait (for a metric), besides the deques below."""
-        self._seen: dict[str, tuple[float, float]] = {}  # kind: EWMA (seconds, work)
+        self._seen: dict[str, deque[tuple[float, float]]] = {}  # kind: last runs (s, work)
         self._measured_at: dict[str, float] = {}
         self._remeasure: str | None = None
         self._decode_s: float | None = None
@@ -176,27 +182,24 @@ class GapPolicy:
     # -- predictions --------------------------------------------------------------------------
 
     def observe(self, kind: str, work: int, seconds: float, *, fresh: bool = False) -> None:
-        """Fold a measured run of a ``kind`` unit of ``work`` into its averages (``fresh``:
-        restart them from it)."""
+        """Add a measured run of a ``kind`` unit of ``work`` to its last runs (``fresh``:
+        forget the others)."""
         self._measured_at[kind] = self._clock()
-        previous = self._seen.get(kind)
-        if previous is None or fresh:
-            self._seen[kind] = (seconds, float(max(work, 1)))
-            return
-        alpha = self.config.ewma_alpha
-        self._seen[kind] = (
-            previous[0] + alpha * (seconds - previous[0]),
-            previous[1] + alpha * (max(work, 1) - previous[1]),
-        )
+        runs = self._seen.get(kind)
+        if runs is None or fresh:
+            runs = self._seen[kind] = deque(maxlen=PREDICTION_RUNS)
+        runs.append((seconds, float(max(work, 1))))
 
     def predict(self, kind: str, work: int) -> float | None:
         """Predicted seconds of a ``kind`` unit of ``work``, ``None`` if never measured: the
-        kind's average time, scaled up for work above its average work but never down (a
-        small unit still pays fixed costs, such as reading the LM head's weights)."""
-        seen = self._seen.get(kind)
-        if seen is None:
+        median time of the kind's last runs, scaled up for work above their median work but
+        never down (a small unit still pays fixed costs, such as reading the LM head's
+        weights)."""
+        runs = self._seen.get(kind)
+        if not runs:
             return None
-        seconds, typical = seen
+        seconds = statistics.median(r[0] for r in runs)
+        typical = statistics.median(r[1] for r in runs)
         return seconds * max(1.0, max(work, 1) / typical) * self.config.safety
 
     def decode_step(self, seconds: float) -> None:
