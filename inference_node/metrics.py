@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from inference_node.engine.types import EngineStats
@@ -87,6 +87,23 @@ class TrainingMetrics:
         )
 
 
+def _step_family(stats: dict[str, EngineStats]) -> HistogramMetricFamily:
+    steps = HistogramMetricFamily(
+        "sluice_node_step_seconds",
+        "Duration of the engine's steps that decoded (prefill chunks riding along included).",
+        labels=["model"],
+    )
+    for model, s in stats.items():
+        if s.steps is not None:
+            buckets = [(_le(bound), count) for bound, count in s.steps.buckets]
+            steps.add_metric([model], buckets, s.steps.sum_s)
+    return steps
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
 class EngineCollector(Collector):
     """Reads every engine's stats when Prometheus scrapes (no timer, nothing stale)."""
 
@@ -97,7 +114,7 @@ class EngineCollector(Collector):
         self._gpu = gpu
         self._process = psutil.Process()
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | HistogramMetricFamily]:
         running = GaugeMetricFamily(
             "sluice_node_running_sequences",
             "Sequences decoding.",
@@ -125,7 +142,8 @@ class EngineCollector(Collector):
             "LoRA adapter cache bytes allowed.",
             labels=["model"],
         )
-        for model, stats in self._stats().items():
+        current = self._stats()
+        for model, stats in current.items():
             for cls in WorkloadClass:
                 running.add_metric([model, cls.label], stats.running.get(cls, 0))
                 waiting.add_metric([model, cls.label], stats.waiting.get(cls, 0))
@@ -139,6 +157,7 @@ class EngineCollector(Collector):
         )
         rss.add_metric([], self._process.memory_info().rss)
         yield from (running, waiting, kv_used, kv_budget, rate, adapters, adapter_budget, rss)
+        yield _step_family(current)
         reading = self._gpu.read() if self._gpu is not None else None
         if reading is not None:
             free = GaugeMetricFamily("sluice_node_gpu_free_bytes", "Free GPU memory (CUDA).")

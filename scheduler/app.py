@@ -34,7 +34,7 @@ from scheduler.response_cache import ResponseCache
 from scheduler.routing import OutlierConfig, OutlierDetector, RetryBudget
 from scheduler.server import AdminServicer, InferenceServicer, JobsServicer
 from scheduler.tenants import TenantDirectory, TenantsDocumentError
-from scheduler.usage import UsageBook
+from scheduler.usage import UsageBook, UsageCollector
 from scheduler.validation import class_label
 from sluice import __version__
 from sluice.contract import ADAPTERS_PREFIX, NODES_PREFIX, SCHEDULERS_PREFIX
@@ -158,6 +158,7 @@ class SchedulerService:
             self.etcd, ADAPTERS_PREFIX, decode_record
         )
         self.usage = UsageBook()
+        registry.register(UsageCollector(self.usage))
         self.gate = _dispatch_gate(self.nodes, self.tenants, self.metrics, settings)
         self.quotas = _quota_gate(settings, self.metrics)
         self.live_tenants = LiveTenants(self.etcd, self.tenants, self.tenants.all(), self.metrics)

@@ -344,13 +344,19 @@ class Dispatcher:
         watched: WatchedStream,
         started: float,
         stats: StreamStats,
+        timed_class: str,
     ) -> None:
-        """Account for a chunk on its way to the client (the first one names the node)."""
+        """Account for a chunk on its way to the client (the first one names the node);
+        ``timed_class``: the class label its time per token is recorded under, empty for a
+        stream paced on purpose (a job line's)."""
         first = not watched.first_chunk_at
-        watched.chunk(self._clock(), len(chunk.token_ids))
+        previous, now, tokens = watched.last_chunk_at, self._clock(), len(chunk.token_ids)
+        watched.chunk(now, tokens)
         if first:
             chunk.node_id = node.node_id
             self._observe(node, "ttft", watched.first_chunk_at - started)
+        elif timed_class and tokens:
+            self._metrics.inter_token.labels(timed_class).observe((now - previous) / tokens)
         stats.generated += len(chunk.token_ids)
         if chunk.usage.prompt_tokens:
             stats.prompt_tokens = chunk.usage.prompt_tokens
@@ -386,6 +392,7 @@ class Dispatcher:
         tried: set[str] = set()
         forward, keyed = _node_request(req, tenant, adapter, detach_key, stream_interval_ms)
         cls = WorkloadClass.from_wire(req.workload_class)
+        timed = "" if stream_interval_ms else cls.label
         node: NodeHandle | None = first
         self.budget.record_request()
         for attempt in range(self._max_attempts):
@@ -404,7 +411,7 @@ class Dispatcher:
                 )
                 watched = self._watch(node, call)
                 async for chunk in call:
-                    self._relay(chunk, node, watched, started, stats)
+                    self._relay(chunk, node, watched, started, stats, timed)
                     sent += 1
                     on_tokens(len(chunk.token_ids))
                     yield chunk

@@ -11,6 +11,11 @@ from prometheus_client.registry import Collector
 
 from sluice.runtime.telemetry import RPC_LATENCY_BUCKETS
 
+INTER_TOKEN_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 0.75, 1.0, 2.5,
+)  # fmt: skip
+"""Seconds; 0.25 is the REALTIME time-per-output-token objective of the overload benchmark."""
+
 QUEUE_WAIT_BUCKETS = (
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 )  # fmt: skip
@@ -117,6 +122,14 @@ class SchedulerMetrics:
 
     def _add_node_metrics(self, registry: CollectorRegistry) -> None:
         """Calls to nodes: dispatches, retries, in flight, the fleet and ejections."""
+        self.inter_token = Histogram(
+            "sluice_scheduler_inter_token_seconds",
+            "Time per output token of streamed generations, one sample per chunk after the "
+            "first: the gap since the previous chunk over its tokens (paced job lines left out).",
+            ["workload_class"],
+            buckets=INTER_TOKEN_BUCKETS,
+            registry=registry,
+        )
         self.dispatches = Counter(
             "sluice_scheduler_dispatches",
             "Requests sent to a node, by node and result.",

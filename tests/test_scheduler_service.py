@@ -464,6 +464,14 @@ async def test_tenant_usage_is_own_unless_admin(suite: Suite, schedulers: Schedu
         admin_pb2.GetTenantUsageRequest(tenant="alpha"), metadata=auth(ADMIN_KEY)
     )
     assert other.requests == 1
+    value = schedulers.registries[0].get_sample_value
+    tokens = {"tenant": "alpha", "kind": "generated"}
+    assert value("sluice_scheduler_tenant_tokens_total", tokens) == 3
+    assert value("sluice_scheduler_tenant_requests_total", {"tenant": "alpha"}) == 1
+    for _ in range(3):  # each stream's chunks after its first: their time per token
+        await generate(schedulers.stub(service), max_new_tokens=16)
+    timed = value("sluice_scheduler_inter_token_seconds_count", {"workload_class": "realtime"})
+    assert timed is not None and timed >= 1
 
 
 async def test_list_nodes_shows_load_estimate_and_latency(

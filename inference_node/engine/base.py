@@ -19,6 +19,7 @@ import weakref
 
 import structlog
 
+from inference_node.engine.step_times import StepTimes
 from inference_node.engine.text import kv_bytes_per_token, sampling_violations
 from inference_node.engine.types import (
     DeltaStream,
@@ -183,6 +184,8 @@ class ThreadedEngine:
         self._idle_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._kv_used = 0
         self._decode_rate = 0.0
+        self.step_times = StepTimes()
+        """Durations of the steps that decoded (engine thread; read by the node's metrics)."""
 
     # -- asyncio side ---------------------------------------------------------------------
 
@@ -241,6 +244,7 @@ class ThreadedEngine:
             queued_tokens=queued,
             adapter_bytes=adapter_bytes,
             adapter_budget_bytes=adapter_budget,
+            steps=self.step_times.snapshot(),
         )
 
     async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 - the Engine interface
@@ -421,7 +425,9 @@ class ThreadedEngine:
         return fault
 
     def _record_decode_step(self, seconds: float, tokens: int = 1) -> None:
-        """Fold one decode step (``tokens`` tokens in ``seconds``) into the EWMA rate."""
+        """Fold one decode step (``tokens`` tokens in ``seconds``) into the EWMA rate and the
+        step-time histogram."""
+        self.step_times.observe(seconds)
         rate = tokens / max(seconds, 1e-9)
         previous = self._decode_rate
         self._decode_rate = rate if previous == 0 else previous + _EWMA_ALPHA * (rate - previous)

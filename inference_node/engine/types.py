@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from inference_node.engine.step_times import StepSnapshot
 from sluice.contract import WorkloadClass
 
 
@@ -118,6 +119,8 @@ class EngineStats:
     queued_tokens: int
     adapter_bytes: int = 0
     adapter_budget_bytes: int = 0
+    steps: StepSnapshot | None = None
+    """The durations of its decode steps so far (None: the engine does not time them)."""
 
 
 class DeltaStream(AsyncIterator[TokenDelta], abc.ABC):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import structlog
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 
 from sluice.runtime.server import wait_for_signal
 from sluice.runtime.settings import ServiceSettings
@@ -78,6 +78,7 @@ async def run_service(
     """
     configure_logging(settings.log_format, settings.log_level)
     registry = CollectorRegistry()
+    ProcessCollector(registry=registry)  # process_cpu_seconds_total, memory, open fds
     metrics = MetricsServer(registry, settings.metrics_host, settings.metrics_port)
     metrics.start()
     try:
