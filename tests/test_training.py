@@ -417,10 +417,11 @@ def test_training_never_runs_while_inference_waits() -> None:
 
 
 def test_a_unit_predicted_over_the_yield_bound_never_runs() -> None:
-    """The prediction is the median time of the kind's last runs, scaled up by the work over
-    their median work (never down): a unit twice the measured size predicted over the bound
-    is refused even on an idle engine; a smaller unit is predicted at the full median; one
-    slow run among several does not lift it, a majority of slow runs does."""
+    """The prediction is the median time of the kind's last runs of at least the unit's work,
+    or all of them scaled up linearly for a larger unit: a unit twice the measured size
+    predicted over the bound is refused even on an idle engine; a smaller unit is predicted
+    at the full median (never scaled down); one slow run among several does not lift it, a
+    majority of slow runs does."""
     clock = FakeClock()
     policy = GapPolicy(GAPS, clock)
     _run(policy, clock, "backward", 100, 40 * MS)
@@ -434,9 +435,15 @@ def test_a_unit_predicted_over_the_yield_bound_never_runs() -> None:
     for seconds in (20, 20, 200):  # runs 40, 20, 20, 20, 200: one slow run
         _run(policy, clock, "backward", 100, seconds * MS)
     assert policy.predict("backward", 100) == pytest.approx(20 * MS)
-    for _ in range(2):  # runs 20, 20, 200, 200, 200
+    for _ in range(3):  # the last seven: 20, 20, 20, 200, 200, 200, 200
         _run(policy, clock, "backward", 100, 200 * MS)
     assert policy.decide("backward", 100, waiting=0, running=0).reason is GapReason.OVER_BOUND
+    rows = GapPolicy(GAPS, clock)  # a loss chunk: a fixed cost, small rows cost as much
+    _run(rows, clock, "loss", 8, 40 * MS)
+    _run(rows, clock, "loss", 2, 36 * MS)
+    assert rows.predict("loss", 8) == pytest.approx(40 * MS)
+    assert rows.predict("loss", 2) == pytest.approx(38 * MS)
+    assert rows.predict("loss", 16) == pytest.approx((80 + 288) / 2 * MS)  # each scaled up
     safe = GapPolicy(GapConfig(safety=1.5), clock)
     safe.observe("backward", 100, 20 * MS)
     assert safe.predict("backward", 100) == pytest.approx(30 * MS)

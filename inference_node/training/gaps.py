@@ -28,8 +28,9 @@ between decode steps. The rule, in order:
    refusal (``slice_over``) hands the loop a turn to look for work, and a new slice starts.
 
 Predictions come from the last ``PREDICTION_RUNS`` runs of each unit kind, their seconds and
-work (tokens of the micro-batch for a layer unit, rows for a loss chunk): the median time,
-scaled up linearly for a unit with more work than their median but never down, times
+work (tokens of the micro-batch for a layer unit, rows for a loss chunk): the median time of
+those of at least the unit's work (never a smaller run's, scaled: a loss chunk pays the LM
+head's read whatever its rows), or of all scaled up when it is larger than any, times
 ``safety``. A median, not an average: one slow run (a collection, a burst of load from another
 process) would lift an average over the bound, and under load a kind refused over the bound
 never runs beside sequences to be measured again, so the fine-tune would stall for good while
@@ -138,9 +139,9 @@ class _Running:
     """Its measurement restarts the kind's runs (a remeasure)."""
 
 
-PREDICTION_RUNS = 5
+PREDICTION_RUNS = 7
 """Runs of a kind its prediction is the median of: one slow run (a collection, another
-process's burst) does not lift it over the bound, three slow runs in five do."""
+process's burst) does not lift it over the bound, four slow runs in seven do."""
 
 WaitListener = Callable[[str, float], None]
 """Told every wait recorded: ``("admission" | "decode", seconds)``."""
@@ -192,15 +193,20 @@ class GapPolicy:
 
     def predict(self, kind: str, work: int) -> float | None:
         """Predicted seconds of a ``kind`` unit of ``work``, ``None`` if never measured: the
-        median time of the kind's last runs, scaled up for work above their median work but
-        never down (a small unit still pays fixed costs, such as reading the LM head's
-        weights)."""
+        median time of the kind's last runs of at least that work (a smaller unit still pays
+        fixed costs, such as reading the LM head's weights, so it is never predicted below
+        them), or, when it is larger than all of them, the median of their times each scaled
+        up linearly to its work."""
         runs = self._seen.get(kind)
         if not runs:
             return None
-        seconds = statistics.median(r[0] for r in runs)
-        typical = statistics.median(r[1] for r in runs)
-        return seconds * max(1.0, max(work, 1) / typical) * self.config.safety
+        work = max(work, 1)
+        covering = [seconds for seconds, done in runs if done >= work]
+        if covering:
+            seconds = statistics.median(covering)
+        else:
+            seconds = statistics.median(seconds * work / done for seconds, done in runs)
+        return seconds * self.config.safety
 
     def decode_step(self, seconds: float) -> None:
         """A decode step of the running sequences took ``seconds``: fold it into the decode
