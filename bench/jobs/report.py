@@ -87,9 +87,13 @@ def gaps_rows(e: dict[str, Any]) -> list[Row]:
     x = "gaps"
     alone, busy, saturated = e["alone"], e["with_job"], e["saturated"]["node_tokens_per_s"]
     closed = e["saturated"]["closed_loop"]["node_tokens_per_s"]
-    by_job = e["saturated"]["job_alone"]["node_tokens_per_s"]
-    which = "closed loop" if saturated == closed else "job alone"
-    other = f"job alone {_tps(by_job)}" if which == "closed loop" else f"closed loop {_tps(closed)}"
+    around = e["saturated"]["job_around_phase"]["node_tokens_per_s"]
+    which = "closed loop" if saturated == closed else "the job alone around the phase"
+    other = (
+        f"the job alone around the phase {_tps(around)}"
+        if which == "closed loop"
+        else f"closed loop {_tps(closed)}"
+    )
     return [
         row(
             x,
@@ -219,8 +223,12 @@ def _phase(label: str, p: dict[str, Any]) -> str:
 
 def _gaps_details(e: dict[str, Any]) -> list[str]:
     closed, alone_job, job = e["saturated"]["closed_loop"], e["saturated"]["job_alone"], e["job"]
+    around = e["saturated"]["job_around_phase"]
     return [
-        f"- saturated (the higher of the two is the baseline): closed loop of "
+        f"- saturated, the baseline: the higher of the closed loop and the job alone around the "
+        f"phase with the job ({_tps(around['before'])} before it, {_tps(around['after'])} after, "
+        f"mean {_tps(around['node_tokens_per_s'])}; the machine's speed drifts over minutes)",
+        f"- measured first (the REALTIME rate is half the higher of these two): closed loop of "
         f"{closed['streams']} BATCH streams of {closed['max_new_tokens']} tokens "
         f"{_tps(closed['node_tokens_per_s'])} ({closed['failed_calls']} failed calls, node "
         f"ejections {closed.get('node_ejections')}); a job alone ({alone_job['lines']} lines of "
