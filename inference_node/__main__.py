@@ -17,7 +17,7 @@ from sluice.runtime import grpc_io
 grpc_io.configure()  # before grpc loads: the engine is read once
 
 import structlog
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 
 from inference_node.app import NodeService, default_engine, load_models
 from inference_node.config import NodeSettings
@@ -65,6 +65,7 @@ def main(argv: list[str]) -> None:
     stop.install()
     generators, embedders = load_models(settings)
     registry = CollectorRegistry()
+    ProcessCollector(registry=registry)  # process_cpu_seconds_total, memory, open fds
     metrics = MetricsServer(registry, settings.metrics_host, settings.metrics_port)
     metrics.start()
     # Engines are built here; everything asyncio (gRPC server included) is built on the loop's

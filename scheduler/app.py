@@ -268,6 +268,8 @@ class SchedulerService:
                 n.breaker.state.value,
                 self.nodes.outliers.ejected(n.node_id),
                 n.score(),
+                n.book.sequences(),
+                n.book.reported_tokens + n.book.tokens_sent_since_report,
             )
             for n in self.nodes.nodes()
         ]

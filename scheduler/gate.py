@@ -207,6 +207,8 @@ class DispatchGate:
             token_s=self._nodes.token_seconds(item.model),
             busy=view.busy,
         )
+        if math.isfinite(verdict.predicted_wait_s):
+            self._metrics.predicted_wait.labels(cls).observe(verdict.predicted_wait_s)
         if not verdict.admitted:
             raise self._refusal(item, verdict)
         if not self.queues and view.room:

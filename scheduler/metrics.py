@@ -30,6 +30,11 @@ class NodeGaugeRow:
     circuit: str
     ejected: bool
     load_score: float
+    sequences: int = 0
+    """Sequences on the node as this replica estimates them (its own plus the reports')."""
+    tokens_in_flight: float = 0.0
+    """Weighted tokens of work the node has not done yet (its last report plus those sent
+    since)."""
 
 
 @dataclass(frozen=True)
@@ -69,11 +74,24 @@ class _LiveCollector(Collector):
             "Load score the router uses (estimated sequences / capacity + KV use).",
             labels=["node"],
         )
+        sequences = GaugeMetricFamily(
+            "sluice_scheduler_node_sequences",
+            "Sequences on a node as this replica estimates them (its own plus the node's reports).",
+            labels=["node"],
+        )
+        tokens = GaugeMetricFamily(
+            "sluice_scheduler_node_tokens_in_flight",
+            "Weighted tokens of work a node has not done yet (its last report plus what this "
+            "replica sent since).",
+            labels=["node"],
+        )
         for row in self._state.nodes():
             circuit.add_metric([row.node], CIRCUIT_VALUES.get(row.circuit, 0))
             ejected.add_metric([row.node], int(row.ejected))
             score.add_metric([row.node], row.load_score)
-        yield from (circuit, ejected, score)
+            sequences.add_metric([row.node], row.sequences)
+            tokens.add_metric([row.node], row.tokens_in_flight)
+        yield from (circuit, ejected, score, sequences, tokens)
 
 
 class SchedulerMetrics:
@@ -122,6 +140,14 @@ class SchedulerMetrics:
 
     def _add_node_metrics(self, registry: CollectorRegistry) -> None:
         """Calls to nodes: dispatches, retries, in flight, the fleet and ejections."""
+        self.predicted_wait = Histogram(
+            "sluice_scheduler_predicted_queue_wait_seconds",
+            "Queue wait admission predicted for each request it decided on, by class (refused "
+            "ones included: the signal of a fleet short of capacity).",
+            ["workload_class"],
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=registry,
+        )
         self.inter_token = Histogram(
             "sluice_scheduler_inter_token_seconds",
             "Time per output token of streamed generations, one sample per chunk after the "

@@ -448,7 +448,9 @@ def registry_value(registry: CollectorRegistry, result: str) -> float | None:
 
 async def test_tenant_usage_is_own_unless_admin(suite: Suite, schedulers: Schedulers) -> None:
     """A tenant reads its own usage (with weight and counts); another's is PERMISSION_DENIED,
-    unless the caller is an admin tenant."""
+    unless the caller is an admin tenant. /metrics shows the same counts by tenant, each
+    stream's time per token after its first chunk, each admission's predicted wait and each
+    node's estimated sequences and tokens in flight."""
     await suite.start_node("node-a")
     service = await schedulers.start()
     await ready(service)
@@ -472,6 +474,10 @@ async def test_tenant_usage_is_own_unless_admin(suite: Suite, schedulers: Schedu
         await generate(schedulers.stub(service), max_new_tokens=16)
     timed = value("sluice_scheduler_inter_token_seconds_count", {"workload_class": "realtime"})
     assert timed is not None and timed >= 1
+    predicted = {"workload_class": "realtime"}
+    assert value("sluice_scheduler_predicted_queue_wait_seconds_count", predicted) == 4
+    assert value("sluice_scheduler_node_sequences", {"node": "node-a"}) == 0  # all ended
+    assert value("sluice_scheduler_node_tokens_in_flight", {"node": "node-a"}) is not None
 
 
 async def test_list_nodes_shows_load_estimate_and_latency(
