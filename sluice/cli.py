@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.live import Live
@@ -38,6 +38,9 @@ from sluice.cli_connect import (
 from sluice.cli_jobs import jobs_app
 from sluice.local.rundir import read_endpoints
 from sluice.v1 import admin_pb2
+
+if TYPE_CHECKING:
+    from sluice.local.up import Supervisor
 
 app = typer.Typer(help="Sluice: keep a model-serving fleet answering under overload.")
 app.add_typer(jobs_app, name="jobs")
@@ -94,11 +97,18 @@ def up(
             "(default: a local CA and mutual TLS, in <run-dir>/pki).",
         ),
     ] = False,
+    observe: Annotated[
+        bool,
+        typer.Option(
+            "--observe",
+            help="Also start Prometheus (when a prometheus binary is installed) scraping the "
+            "suite, with Sluice's alert rules loaded; prints its URL.",
+        ),
+    ] = False,
 ) -> None:
     """Start etcd, Redis, the cache, N nodes and the scheduler, restart any that crashes, and
     stop all on Ctrl-C/SIGTERM."""
     with _needs_services():
-        from sluice.local.demo import print_endpoints  # noqa: PLC0415
         from sluice.local.up import Supervisor, UpConfig  # noqa: PLC0415
 
     config = UpConfig(
@@ -115,8 +125,17 @@ def up(
     )
     if node_nice is not None:
         config.node_cpu_nice = node_nice
-    sup = Supervisor(config, say=lambda m: console.print(f"[dim]{m}[/dim]"))
+    _supervise(Supervisor(config, say=lambda m: console.print(f"[dim]{m}[/dim]")), observe)
+
+
+def _supervise(sup: Supervisor, observe: bool) -> None:
+    """Start the suite (and its Prometheus with ``observe``), keep it running until SIGINT or
+    SIGTERM, then stop everything we started."""
+    from sluice.local.demo import print_endpoints  # noqa: PLC0415 - needs the services
+    from sluice.local.observe import PrometheusProcess, start_observer  # noqa: PLC0415
+
     stop_requested = False
+    prometheus: PrometheusProcess | None = None
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stop_requested
@@ -126,8 +145,10 @@ def up(
     signal.signal(signal.SIGINT, on_signal)
     try:
         with console.status("starting the suite (the first start converts model weights)…"):
-            sup.start()
+            endpoints = sup.start()
         print_endpoints(sup, console)
+        if observe:
+            prometheus = start_observer(endpoints, sup.run_dir, console.print)
         console.print("Ctrl-C to stop.")
         # A crashed child is restarted (or given up) by `poll`; the rest keeps serving.
         while not stop_requested:
@@ -135,6 +156,8 @@ def up(
             time.sleep(0.2)
     finally:
         console.print("stopping…")
+        if prometheus is not None:
+            prometheus.stop()
         sup.stop()
 
 
