@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sluice-installed
 
-.PHONY: setup protos lint test demo up bench bench-load-smoke bench-engine bench-node-start clean
+.PHONY: setup protos lint test demo up bench bench-load-smoke bench-engine bench-node-start clean prometheus dashboards deploy-check
 
 setup: $(STAMP)
 
@@ -27,15 +27,32 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy sluice scheduler inference_node cache_service bench
 	$(VENV)/bin/lint-imports --no-logo
 
-test: lint
+test: lint prometheus
 	$(PY) -m pytest -q
+
+# promtool and a Prometheus server (Debian's `prometheus`) for the alert rules' unit tests, the
+# real-Prometheus test and `sluice up --observe`; installed only when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+prometheus:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+	  ($(SUDO) apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus)
+
+# Regenerate the Grafana dashboards and the PrometheusRule after changing a panel or a rule.
+dashboards: $(STAMP)
+	$(PY) deploy/monitoring/dashboards/generate.py
+
+# Kubernetes manifests, images and autoscaling, statically (kustomize builds, schemas).
+deploy-check: $(STAMP)
+	$(PY) -m pytest -q tests/test_deploy_manifests.py tests/test_deploy_images.py \
+	  tests/test_deploy_autoscaling.py tests/test_monitoring_rules.py tests/test_dashboards.py
 
 # Starts the suite (etcd, Redis, cache, nodes, scheduler), sends real requests, shuts down.
 demo: $(STAMP)
 	$(VENV)/bin/sluice demo
 
 up: $(STAMP)
-	$(VENV)/bin/sluice up
+	$(VENV)/bin/sluice up $(UP_ARGS)
 
 # Overload benchmark: the naive one-at-a-time HF server, then the Sluice suite, on SmolLM2 under
 # bench/scenarios/overload.yaml (~50 min on 2 cores). Shorter: make bench BENCH_ARGS="--step-s 30"
