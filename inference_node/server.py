@@ -349,32 +349,37 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         first = True
         loop = asyncio.get_running_loop()
         sent_at = 0.0
-        held: TokenDelta | None = None
+        held: list[TokenDelta] = []
         """Read but not sent yet: the interval has not elapsed."""
         reading: asyncio.Task[TokenDelta | None] | None = None
         try:
             while True:
-                if held is None:
-                    delta = await (reading or self._next_delta(stream))
-                else:
-                    reading = reading or asyncio.ensure_future(self._next_delta(stream))
-                    left = sent_at + interval - loop.time()
-                    done, _ = await asyncio.wait({reading}, timeout=max(0.0, left))
-                    if not done:  # the interval is over: send what came meanwhile
-                        yield self._chunk(lm, held, first)
-                        held, sent_at = None, loop.time()
-                        continue
-                    delta = reading.result()
+                try:
+                    if not held:
+                        delta = await (reading or self._next_delta(stream))
+                    else:
+                        reading = reading or asyncio.ensure_future(self._next_delta(stream))
+                        left = sent_at + interval - loop.time()
+                        done, _ = await asyncio.wait({reading}, timeout=max(0.0, left))
+                        if not done:  # the interval is over: send what came meanwhile
+                            yield self._chunk(lm, joined(held), first)
+                            held, sent_at = [], loop.time()
+                            continue
+                        delta = reading.result()
+                except Exception:
+                    if held:  # what came before the fault goes out first
+                        yield self._chunk(lm, joined(held), first)
+                    raise
                 reading = None
                 if delta is None:
-                    if held is not None:
-                        yield self._chunk(lm, held, first)
+                    if held:
+                        yield self._chunk(lm, joined(held), first)
                     break
-                held = delta if held is None else joined(held, delta)
+                held.append(delta)
                 due = not interval or first or loop.time() >= sent_at + interval
-                if due or held.finish_reason is not None:
-                    yield self._chunk(lm, held, first)
-                    first, held, sent_at = False, None, loop.time()
+                if due or delta.finish_reason is not None:
+                    yield self._chunk(lm, joined(held), first)
+                    first, held, sent_at = False, [], loop.time()
         finally:
             self.in_flight -= 1
             if reading is not None:  # closed while a read was pending

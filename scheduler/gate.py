@@ -60,6 +60,8 @@ class Placement:
     node: NodeHandle
 
 
+NO_CAPACITY_WAIT_S = 1e6
+"""The predicted wait recorded for a request no node could ever take (admission says inf)."""
 _Key = tuple[str, WorkloadClass]
 """(model, class): what slots, shares and queues are counted per."""
 
@@ -207,8 +209,9 @@ class DispatchGate:
             token_s=self._nodes.token_seconds(item.model),
             busy=view.busy,
         )
-        if math.isfinite(verdict.predicted_wait_s):
-            self._metrics.predicted_wait.labels(cls).observe(verdict.predicted_wait_s)
+        # No capacity at all predicts an infinite wait: counted past the largest bucket.
+        wait = min(verdict.predicted_wait_s, NO_CAPACITY_WAIT_S)
+        self._metrics.predicted_wait.labels(cls).observe(wait)
         if not verdict.admitted:
             raise self._refusal(item, verdict)
         if not self.queues and view.room:

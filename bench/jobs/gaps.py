@@ -1,7 +1,6 @@
 """Experiment 2, *gaps filled, real time untouched*, on one suite:
 
-1. **saturated**, measured two ways, the higher being the baseline throughput (the stricter
-   one for the ≥ 90 % target):
+1. **saturated first**, measured two ways, the higher sizing the REALTIME load:
 
    - *closed loop*: ``saturate_streams`` BATCH generations from this process (a finished one
      replaced at once) for ``warmup_s`` + ``window_s``;
@@ -13,12 +12,12 @@
    work that competes with the nodes for the CPUs (the nodes run at nice 10), while a job's
    chunks stop at the scheduler;
 2. **alone**: REALTIME open-loop Poisson arrivals (:func:`bench.load.run.run_load`, seeded) at
-   ``realtime_share`` of the baseline for ``phase_s``;
+   ``realtime_share`` of that for ``phase_s``;
 3. **with the job**: a job large enough to outlast the phase is submitted; once the nodes
    generate at 90 % of the job-alone throughput (or after ``job_warmup_s``), the nodes'
    throughput with that job alone over ``window_s``, then the same arrivals (same seed) again,
-   then the job alone over ``window_s`` once more; then the job is cancelled and the closed loop
-runs again (``warmup_s`` + ``window_s``).
+   then the job alone over ``window_s`` once more; then the job is cancelled and the closed
+   loop runs again (``warmup_s`` + ``window_s``).
 
 The throughput target's baseline is measured *around the phase*, not minutes before it: the
 higher of the job alone (the mean of the windows just before and just after the phase) and the
@@ -249,9 +248,14 @@ async def job_window(ctx: Running, seconds: float) -> float | None:
     return rate(start, end, end_at - start_at)
 
 
+def _shown(tokens_per_s: float | None) -> str:
+    return "not measured" if tokens_per_s is None else f"{tokens_per_s:.0f} tokens/s"
+
+
 def bracketing(before: float | None, after: float | None) -> dict[str, Any]:
-    """The job alone around the phase: both windows and their mean (of those measured)."""
-    measured = [v for v in (before, after) if v]
+    """The job alone around the phase: both windows and their mean (of those measured: one
+    alone when the other could not be read)."""
+    measured = [v for v in (before, after) if v is not None]
     mean = sum(measured) / len(measured) if measured else None
     return {"before": before, "after": after, "node_tokens_per_s": mean}
 
@@ -319,16 +323,18 @@ async def gaps_filled(ctx: Running, opts: GapsOptions) -> dict[str, Any]:
         warmup = await _job_warmup(ctx, goal, opts.job_warmup_s)
         ctx.event(f"job warm-up over after {warmup:g} s")
         before = await job_window(ctx, opts.window_s)
-        ctx.event(f"the job alone before the phase: {before or 0:.0f} tokens/s")
+        ctx.event(f"the job alone before the phase: {_shown(before)}")
         with_job = await realtime_phase(ctx, realtime, scenario, "with the job")
         job = await jobs.get(job_id)
         job_counts = {"total": job.request_counts.total, "completed": job.request_counts.completed}
         ctx.event(f"job: {job_counts['completed']} of {job_counts['total']} lines done")
         after = await job_window(ctx, opts.window_s)
-        ctx.event(f"the job alone after the phase: {after or 0:.0f} tokens/s")
-        await jobs.cancel(job_id)
-        await jobs.wait_final(job_id, 60.0)
+        ctx.event(f"the job alone after the phase: {_shown(after)}")
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await jobs.cancel(job_id)
+        final = await jobs.wait_final(job_id, 30.0)
         closed_after = await saturate(ctx, batch, opts)
+        closed_after["job_final_before"] = final is not None
     finally:
         if job_id:
             with contextlib.suppress(grpc.aio.AioRpcError):

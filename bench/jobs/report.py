@@ -87,6 +87,8 @@ def gaps_rows(e: dict[str, Any]) -> list[Row]:
     x = "gaps"
     alone, busy, saturated = e["alone"], e["with_job"], e["saturated"]["node_tokens_per_s"]
     closed = e["saturated"]["closed_loop_after"]["node_tokens_per_s"]
+    firsts = (e["saturated"]["closed_loop"], e["saturated"]["job_alone"])
+    sized = max((f["node_tokens_per_s"] or 0.0 for f in firsts), default=0.0) or None
     around = e["saturated"]["job_around_phase"]["node_tokens_per_s"]
     which = "closed loop after" if saturated == closed else "the job alone around the phase"
     other = (
@@ -131,8 +133,8 @@ def gaps_rows(e: dict[str, Any]) -> list[Row]:
             x,
             f"nodes' generated tokens/s, REALTIME alone ({e['realtime_rps']:g} req/s)",
             _tps(alone["node_tokens_per_s"]),
-            _tps(saturated),
-            pct(alone["node_tokens_per_s"] / saturated if saturated else None),
+            f"{_tps(sized)} (saturated first, which sized the load)",
+            pct(alone["node_tokens_per_s"] / sized if sized else None),
             "about 50 % (the offered load)",
         ),
     ]
@@ -228,7 +230,9 @@ def _gaps_details(e: dict[str, Any]) -> list[str]:
         f"- saturated, the baseline, measured around the phase with the job (the machine's speed "
         f"drifts over minutes): the higher of the job alone ({_tps(around['before'])} before "
         f"it, {_tps(around['after'])} after, mean {_tps(around['node_tokens_per_s'])}) and the "
-        f"closed loop right after ({_tps(after['node_tokens_per_s'])})",
+        f"closed loop right after ({_tps(after['node_tokens_per_s'])}, "
+        f"{after.get('failed_calls')} failed calls, node ejections {after.get('node_ejections')}, "
+        f"the job final before it: {after.get('job_final_before')})",
         f"- measured first (the REALTIME rate is half the higher of these two): closed loop of "
         f"{closed['streams']} BATCH streams of {closed['max_new_tokens']} tokens "
         f"{_tps(closed['node_tokens_per_s'])} ({closed['failed_calls']} failed calls, node "
@@ -241,7 +245,8 @@ def _gaps_details(e: dict[str, Any]) -> list[str]:
         _phase("alone", e["alone"]),
         _phase("with the job", e["with_job"]),
         f"- job: {job['lines']} lines of {job['line_tokens']} tokens, warm-up {job['warmup_s']} s, "
-        f"{job['completed']} lines done when the phase ended (then cancelled)",
+        f"{job['completed']} lines done when the phase ended (then the job alone once more, "
+        "then cancelled)",
     ]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -86,14 +86,17 @@ class TokenDelta:
     completion_tokens: int
 
 
-def joined(earlier: TokenDelta, later: TokenDelta) -> TokenDelta:
-    """Two consecutive deltas of one request as one (the later one's finish and counts)."""
+def joined(deltas: Sequence[TokenDelta]) -> TokenDelta:
+    """Consecutive deltas of one request as one (the last one's finish and counts)."""
+    if len(deltas) == 1:
+        return deltas[0]
+    last = deltas[-1]
     return TokenDelta(
-        earlier.text + later.text,
-        earlier.token_ids + later.token_ids,
-        later.finish_reason,
-        later.prompt_tokens,
-        later.completion_tokens,
+        "".join(d.text for d in deltas),
+        tuple(i for d in deltas for i in d.token_ids),
+        last.finish_reason,
+        last.prompt_tokens,
+        last.completion_tokens,
     )
 
 
