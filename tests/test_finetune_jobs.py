@@ -629,7 +629,7 @@ async def test_a_fine_tune_whose_window_closes_expires(suite: Suite) -> None:
     async with training_node(suite.etcd, TrainingNode("ft-a", fleet, step_s=0.3)):
         scheduler = await suite.start_scheduler(redis_url=suite.redis_url, **FAST)
         await finetune_nodes(scheduler, 1)
-        job = await submit(suite, spec(max_steps=100), window_s=2)
+        job = await submit(suite, spec(max_steps=100), window_s=4)  # 30 s of steps
         done = await wait_final(suite, job.job_id)
         await eventually(lambda: fleet.cancelled == [job.job_id])
     assert done.state == jobs_pb2.JOB_STATE_EXPIRED
