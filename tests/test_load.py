@@ -9,8 +9,10 @@ model for a few seconds and check that every planned request is accounted for.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
+import statistics
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from tests.harness import API_KEY, Suite
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOKE = REPO_ROOT / "bench" / "scenarios" / "smoke.yaml"
 OVERLOAD = REPO_ROOT / "bench" / "scenarios" / "overload.yaml"
+CHAT_LONGTAIL = REPO_ROOT / "bench" / "scenarios" / "chat-longtail.yaml"
 RECORD_KEYS = {
     "index",
     "tenant",
@@ -223,6 +226,7 @@ def test_bundled_scenarios_validate() -> None:
         ("C", "batch", 1.0),
     ]
     assert overload.slo.ttft_s == 2.0 and overload.slo.tpot_s == 0.25
+    assert load_scenario(CHAT_LONGTAIL).slo == overload.slo
 
 
 @pytest.mark.parametrize(
@@ -309,6 +313,34 @@ def test_plan_is_seeded_poisson_scaled_and_bounded() -> None:
     assert abs(len(doubled) - 2 * len(plan)) < 4 * math.sqrt(2 * len(plan))
     capped = plan_requests(parse_scenario(scenario_data(duration_s=200, max_requests=50)))
     assert len(capped) == 50 and capped == plan[:50]
+
+
+def test_long_tailed_lengths_and_bursty_arrivals_have_the_shape_asked() -> None:
+    """Log-normal lengths stay in their bounds with about half under the median; gamma gaps
+    keep the mean rate with the coefficient of variation asked (Poisson's is 1); a tenant
+    that names Poisson arrivals gets the plan it got before they could be named."""
+    data = scenario_data(duration_s=2000)
+    data["tenants"][0]["prompt_tokens"] = {
+        "kind": "lognormal",
+        "median": 100,
+        "sigma": 1.0,
+        "min": 8,
+        "max": 1000,
+    }
+    data["tenants"][0]["arrivals"] = {"kind": "gamma", "cv": 3}
+    plan = [r for r in plan_requests(parse_scenario(data)) if r.tenant == "A"]
+    lengths = [r.prompt_tokens for r in plan]
+    assert min(lengths) >= 8 and max(lengths) <= 1000 and max(lengths) > 500
+    assert 0.4 < sum(n < 100 for n in lengths) / len(lengths) < 0.6
+    gaps = [b.scheduled_s - a.scheduled_s for a, b in itertools.pairwise(plan)]
+    mean = statistics.fmean(gaps)
+    assert abs(mean - 1 / 2.0) < 0.1, mean  # A's rate: 2 per second
+    assert 2.4 < statistics.pstdev(gaps) / mean < 3.6
+    poisson = scenario_data()
+    poisson["tenants"][0]["arrivals"] = {"kind": "poisson"}
+    assert plan_requests(parse_scenario(poisson)) == plan_requests(parse_scenario(scenario_data()))
+    chat = load_scenario(CHAT_LONGTAIL)
+    assert {t.arrivals.kind for t in chat.tenants} == {"gamma"}
 
 
 def test_changing_one_tenant_leaves_the_others_arrivals_alone() -> None:

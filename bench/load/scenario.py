@@ -27,6 +27,7 @@ each tenant has its own random stream, so changing one tenant leaves the others'
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from dataclasses import dataclass, replace
@@ -108,7 +109,55 @@ class Choice(_Strict):
         return rng.choice(self.values)
 
 
-Length = Annotated[Fixed | Uniform | Choice, Field(discriminator="kind")]
+class LogNormal(_Strict):
+    """A long-tailed length, as in public chat traces: ``median`` times ``exp(sigma * z)`` for
+    a standard normal ``z``, rounded and clipped to ``[min, max]``."""
+
+    kind: Literal["lognormal"]
+    median: float = Field(gt=0)
+    sigma: float = Field(gt=0, le=4)
+    min: int = Field(default=1, ge=1)
+    max: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LogNormal:
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be at least min ({self.min})")
+        return self
+
+    def draw(self, rng: random.Random) -> int:
+        """A long-tailed length."""
+        value = round(self.median * math.exp(self.sigma * rng.gauss(0.0, 1.0)))
+        return min(self.max, max(self.min, value))
+
+
+Length = Annotated[Fixed | Uniform | Choice | LogNormal, Field(discriminator="kind")]
+
+
+class Poisson(_Strict):
+    """Arrivals of a Poisson process: exponential gaps (coefficient of variation 1)."""
+
+    kind: Literal["poisson"] = "poisson"
+
+    def gap(self, rng: random.Random, rate: float) -> float:
+        """Seconds to the next arrival at ``rate`` per second on average."""
+        return rng.expovariate(rate)
+
+
+class Gamma(_Strict):
+    """Bursty arrivals: gamma-distributed gaps with mean ``1 / rate`` and coefficient of
+    variation ``cv`` (above 1: bursts and lulls; 2-4 is what public chat traces show)."""
+
+    kind: Literal["gamma"]
+    cv: float = Field(gt=0, le=10)
+
+    def gap(self, rng: random.Random, rate: float) -> float:
+        """Seconds to the next arrival at ``rate`` per second on average."""
+        shape = 1.0 / (self.cv * self.cv)
+        return rng.gammavariate(shape, 1.0 / (rate * shape))
+
+
+Arrivals = Annotated[Poisson | Gamma, Field(discriminator="kind")]
 
 
 class ApiKeySource(_Strict):
@@ -153,6 +202,7 @@ class TenantLoad(_Strict):
     """A :attr:`sluice.contract.WorkloadClass.label`."""
     weight: float = Field(default=1.0, gt=0)
     rate_rps: float = Field(gt=0)
+    arrivals: Arrivals = Field(default_factory=Poisson)
     prompt_tokens: Length
     output_tokens: Length
     timeout_s: float | None = Field(default=None, gt=0)
@@ -282,7 +332,8 @@ def make_prompt(rng: random.Random, tokens: int) -> str:
 def plan_requests(
     scenario: Scenario, *, duration_s: float | None = None, total_rps: float | None = None
 ) -> list[PlannedRequest]:
-    """Poisson arrivals of every tenant over the window, merged in time order.
+    """Every tenant's arrivals (Poisson unless it says ``arrivals: {kind: gamma, cv: ...}``)
+    over the window, merged in time order.
 
     ``total_rps`` scales every tenant's rate by the same factor so they sum to it; the plan is
     cut at ``max_requests``.
@@ -293,7 +344,7 @@ def plan_requests(
     for tenant in scenario.tenants:
         rng = random.Random(f"{scenario.seed}:{tenant.name}")
         rate = tenant.rate_rps * scale
-        t = rng.expovariate(rate)
+        t = tenant.arrivals.gap(rng, rate)
         while t < window:
             prompt_tokens = tenant.prompt_tokens.draw(rng)
             drafts.append(
@@ -308,6 +359,6 @@ def plan_requests(
                     timeout_s=scenario.timeout_for(tenant),
                 )
             )
-            t += rng.expovariate(rate)
+            t += tenant.arrivals.gap(rng, rate)
     drafts.sort(key=lambda r: (r.scheduled_s, r.tenant))
     return [replace(r, index=i) for i, r in enumerate(drafts[: scenario.max_requests])]
