@@ -143,6 +143,25 @@ async def test_the_last_chunk_is_not_held_back_to_the_stream_interval(suite: Sui
     assert chunks[-1].usage.completion_tokens == 16
 
 
+async def test_load_reports_carry_the_fitted_step_cost(suite: Suite) -> None:
+    """After enough decode steps of varying batches the node's load report carries its
+    model's step cost, fitted on those steps, with non-negative terms."""
+    node = await suite.start_node("node-costed")
+    stub = node_pb2_grpc.NodeStub(suite.channel(node.address))
+    assert not node.servicer.load_report().step_costs
+
+    async def run(n: int) -> None:
+        request = node_request(max_new_tokens=n)
+        request.request_id = f"costed-{n}"
+        _ = [c async for c in stub.Generate(request)]
+
+    await asyncio.gather(run(20), run(40), run(60))  # 3 rows, then 2, then 1
+    (cost,) = node.servicer.load_report().step_costs
+    assert cost.model == node_request().request.model and cost.samples >= 16
+    assert min(cost.base_s, cost.per_sequence_s, cost.per_prefill_token_s) >= 0
+    assert cost.base_s + cost.per_sequence_s > 0
+
+
 async def test_stream_interval_zero_still_delivers_every_token(suite: Suite) -> None:
     """Pacing off (0): the plain path, no sleep between chunks, loses no token."""
     node = await suite.start_node("node-unpaced", stream_interval_ms=0)

@@ -19,6 +19,7 @@ import weakref
 
 import structlog
 
+from inference_node.engine.step_model import StepModel
 from inference_node.engine.step_times import StepTimes
 from inference_node.engine.text import kv_bytes_per_token, sampling_violations
 from inference_node.engine.types import (
@@ -186,6 +187,8 @@ class ThreadedEngine:
         self._decode_rate = 0.0
         self.step_times = StepTimes()
         """Durations of the steps that decoded (engine thread; read by the node's metrics)."""
+        self.step_model = StepModel()
+        """Step time against decode rows and prefilled tokens (engine thread; load reports)."""
 
     # -- asyncio side ---------------------------------------------------------------------
 
@@ -245,6 +248,7 @@ class ThreadedEngine:
             adapter_bytes=adapter_bytes,
             adapter_budget_bytes=adapter_budget,
             steps=self.step_times.snapshot(),
+            step_cost=self.step_model.cost,
         )
 
     async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 - the Engine interface
@@ -424,10 +428,11 @@ class ThreadedEngine:
         fault.__cause__ = exc
         return fault
 
-    def _record_decode_step(self, seconds: float, tokens: int = 1) -> None:
-        """Fold one decode step (``tokens`` tokens in ``seconds``) into the EWMA rate and the
-        step-time histogram."""
+    def _record_decode_step(self, seconds: float, tokens: int = 1, prefilled: int = 0) -> None:
+        """Fold one decode step (``tokens`` tokens in ``seconds``, ``prefilled`` prompt tokens
+        riding along) into the EWMA rate, the step-time histogram and the step-cost fit."""
         self.step_times.observe(seconds)
+        self.step_model.observe(seconds, tokens, prefilled)
         rate = tokens / max(seconds, 1e-9)
         previous = self._decode_rate
         self._decode_rate = rate if previous == 0 else previous + _EWMA_ALPHA * (rate - previous)

@@ -397,7 +397,8 @@ class BatchingEngine(ThreadedEngine):
         logits = self._runner.step(decode_tokens, decode_positions, prefills, lora)
         elapsed = time.perf_counter() - started
         if decode_tokens:
-            self._record_decode_step(elapsed, len(decode_tokens))
+            prefilled = sum(len(p.tokens) for p in prefills)
+            self._record_decode_step(elapsed, len(decode_tokens), prefilled)
             self.training.decode_step(elapsed)
         for seq in rows:
             seq.computed += 1

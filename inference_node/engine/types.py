@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from inference_node.engine.step_model import StepCost
 from inference_node.engine.step_times import StepSnapshot
 from sluice.contract import WorkloadClass
 
@@ -124,6 +125,8 @@ class EngineStats:
     adapter_budget_bytes: int = 0
     steps: StepSnapshot | None = None
     """The durations of its decode steps so far (None: the engine does not time them)."""
+    step_cost: StepCost | None = None
+    """What a step costs, fitted on its recent steps (None: not enough steps yet)."""
 
 
 class DeltaStream(AsyncIterator[TokenDelta], abc.ABC):
