@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Iterable
 
 import structlog
 from prometheus_client import CollectorRegistry
 
 from inference_node.adapters import AdapterCache, AdapterStore
 from inference_node.config import NodeSettings
+from inference_node.embed_batcher import BatchSizer, EmbedBatcher
 from inference_node.engine import build_engine
 from inference_node.engine.llama import supports
 from inference_node.engine.types import Engine
@@ -46,7 +48,10 @@ NODE_SERVICE = node_pb2.DESCRIPTOR.services_by_name["Node"].full_name
 
 def default_engine(lm: LanguageModel, settings: NodeSettings) -> Engine:
     """The engine a node runs unless told otherwise (continuous batching where supported,
-    with a cache of ``settings.adapter_cache_bytes`` of LoRA adapters from the store)."""
+    with a cache of ``settings.adapter_cache_bytes`` of LoRA adapters from the store), or
+    vLLM's with ``--engine vllm``."""
+    if settings.engine == "vllm":
+        return _vllm_engine(lm, settings)
     adapters = None
     if settings.adapter_cache_bytes > 0 and supports(lm):
         store = AdapterStore(settings.adapters_dir)
@@ -61,12 +66,55 @@ def default_engine(lm: LanguageModel, settings: NodeSettings) -> Engine:
     )
 
 
+def training_metrics(registry: CollectorRegistry, models: Iterable[str]) -> TrainingMetrics:
+    """The node's training counters, every model's series at 0 from the start."""
+    metrics = TrainingMetrics(registry)
+    metrics.start_at_zero(models)
+    return metrics
+
+
+def _vllm_engine(lm: LanguageModel, settings: NodeSettings) -> Engine:
+    """vLLM's engine for ``lm``, on the Hugging Face directory it was loaded from (imports
+    vLLM: only a node started with ``--engine vllm`` does)."""
+    from inference_node.engine.vllm_engine import VllmEngine, VllmOptions  # noqa: PLC0415
+    from inference_node.engine.vllm_mapping import checkpoint_dir  # noqa: PLC0415
+
+    model_path = settings.model_path if lm.name == settings.models[0] else None
+    options = VllmOptions(
+        model_dir=checkpoint_dir(lm.name, model_path, settings.model_cache_dir),
+        dtype=settings.dtype,
+        max_sequences=settings.max_sequences,
+        max_batched_tokens=settings.max_batched_tokens,
+        kv_budget_bytes=settings.memory_budget_bytes,
+        max_waiting=settings.max_waiting,
+    )
+    return VllmEngine(lm, options)
+
+
 def gap_config(settings: NodeSettings) -> GapConfig:
     """When a node's fine-tunes may run (inference_node/training/gaps.py)."""
     return GapConfig(
         yield_bound_s=settings.training_yield_bound_ms / 1000,
         itl_budget_s=settings.training_itl_budget_ms / 1000,
         itl_share=settings.training_itl_share,
+    )
+
+
+def embed_batcher(settings: NodeSettings, metrics: NodeMetrics) -> EmbedBatcher:
+    """The node's embedding thread, merging concurrent Embed calls up to a batch size it
+    measures its way to for each model (``settings.embed_*``), each forward's size into
+    ``metrics``."""
+
+    def new_sizer() -> BatchSizer:
+        return BatchSizer(
+            max_size=settings.embed_max_batch,
+            latency_bound_s=settings.embed_batch_latency_ms / 1000,
+        )
+
+    return EmbedBatcher(
+        new_sizer,
+        max_wait_s=settings.embed_max_wait_ms / 1000,
+        on_batch=lambda model, texts: metrics.embed_batch_size.labels(model).observe(texts),
     )
 
 
@@ -131,7 +179,7 @@ class NodeService:
             ),
             adapters=AdapterStore(settings.adapters_dir),
             gaps=gap_config(settings),
-            metrics=TrainingMetrics(registry),
+            metrics=training_metrics(registry, generators),
             is_draining=lambda: self.draining,
         )
         self.server = GrpcServer(
@@ -140,11 +188,13 @@ class NodeService:
             registry,
             callers=CallerCheck({NODE_SERVICE: [Role.SCHEDULER]}),
         )
+        metrics = NodeMetrics(registry)
         self.servicer = NodeServicer(
             self.node_id,
             served,
             embedders,
-            NodeMetrics(registry),
+            metrics,
+            embeds=embed_batcher(settings, metrics),
             is_draining=lambda: self.draining,
             start_drain=self._start_drain,
             load_interval_s=settings.load_report_interval_ms / 1000,

@@ -38,6 +38,10 @@ class NodeSettings(ServiceSettings):
     """Device the models run on."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Weights and activations dtype."""
+    engine: Literal["builtin", "vllm"] = "builtin"
+    """Generation engine: the built-in continuous batching engine, or vLLM's ``AsyncLLM`` in
+    this process (needs ``.venv-vllm``, ``make setup-vllm``; no fine-tuning, no adapters;
+    inference_node/engine/vllm_engine.py)."""
     pools: list[str] = Field(default_factory=lambda: ["realtime"])
     """Pools this node serves: realtime, finetune, or both. Only a node of the finetune pool
     accepts Train (fine-tunes run on its engine thread, in the gaps inference leaves)."""
@@ -77,6 +81,15 @@ class NodeSettings(ServiceSettings):
     ``job_reclaim_idle_seconds``."""
     max_waiting: int = 256
     """Requests queued in the engine beyond which new ones are refused (RESOURCE_EXHAUSTED)."""
+    embed_max_batch: int = Field(default=64, ge=1)
+    """Most texts one embedding forward takes: concurrent Embed calls (any tenants) are merged
+    up to a size the node picks from its measured latency curve (inference_node/
+    embed_batcher.py); 1 runs each call alone."""
+    embed_max_wait_ms: float = Field(default=5.0, ge=0)
+    """Longest the embedding thread, once free, waits for more calls to fill a batch (only
+    while calls come concurrently: a lone caller never waits)."""
+    embed_batch_latency_ms: float = Field(default=500.0, gt=0)
+    """Latency bound of one embedding forward: the batch grows only while it stays within."""
     advertise_host: str = ""
     """Host published in the registry; empty means ``host``."""
     advertise_port: int = 0

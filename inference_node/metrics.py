@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -12,6 +12,9 @@ from prometheus_client.registry import Collector
 from inference_node.engine.types import EngineStats
 from inference_node.gpu import GpuProbe
 from sluice.contract import WorkloadClass
+
+EMBED_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+"""Texts per forward: powers of two, as the batch sizer grows its limit."""
 
 
 class NodeMetrics:
@@ -34,6 +37,13 @@ class NodeMetrics:
             "sluice_node_requests",
             "Requests finished, by model and finish reason.",
             ["model", "finish_reason"],
+            registry=registry,
+        )
+        self.embed_batch_size = Histogram(
+            "sluice_node_embed_batch_size",
+            "Texts in each forward of an embedding model (concurrent Embed calls merged).",
+            ["model"],
+            buckets=EMBED_BATCH_BUCKETS,
             registry=registry,
         )
 
@@ -85,6 +95,13 @@ class TrainingMetrics:
             ["model"],
             registry=registry,
         )
+
+    def start_at_zero(self, models: Iterable[str]) -> None:
+        """Give ``models`` their series at 0 now: a counter a dashboard or alert reads must
+        exist before its first event (the first checkpoint can be minutes away)."""
+        for model in models:
+            for counter in (self.tokens, self.steps, self.checkpoints):
+                counter.labels(model)
 
 
 def _step_family(stats: dict[str, EngineStats]) -> HistogramMetricFamily:

@@ -131,15 +131,29 @@ class Embedder:
         Returns one unit-length vector per text (in order) and the total number of tokens read.
         Blocking: call it from a worker thread when on an event loop.
         """
+        vectors, tokens = self.embed_each(texts)
+        return vectors, sum(tokens)
+
+    def embed_each(
+        self, texts: Sequence[str], batch_size: int | None = None
+    ) -> tuple[list[list[float]], list[int]]:
+        """As :meth:`embed`, with the tokens read per text, in forwards of ``batch_size`` texts
+        at most (default :attr:`batch_size`). A text's vector does not depend on the texts it
+        shares a forward with: the dense layers see its real tokens only, attention masks the
+        padding out, pooling averages its own tokens."""
+        size = batch_size or self.batch_size
         vectors: list[list[float]] = []
-        total_tokens = 0
+        tokens: list[int] = []
         with torch.inference_mode():
-            for start in range(0, len(texts), self.batch_size):
-                ids, mask = self.tokenize(texts[start : start + self.batch_size])
-                total_tokens += int(mask.sum().item())
-                hidden = self.encoder(ids, mask).float()
-                weights = mask.unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+            for start in range(0, len(texts), size):
+                ids, mask = self.tokenize(texts[start : start + size])
+                lengths = mask.sum(dim=1)
+                tokens.extend(int(n) for n in lengths.tolist())
+                hidden = self.encoder.packed(ids, mask).float()  # real tokens only
+                owner = torch.repeat_interleave(torch.arange(len(lengths)), lengths.cpu())
+                summed = hidden.new_zeros(len(lengths), hidden.shape[-1])
+                summed.index_add_(0, owner.to(hidden.device), hidden)
+                pooled = summed / lengths.unsqueeze(-1).to(hidden.dtype).clamp(min=1e-9)
                 normed = torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
                 vectors.extend(normed.cpu().tolist())
-        return vectors, total_tokens
+        return vectors, tokens

@@ -292,3 +292,35 @@ class BertEncoder:
             out = torch.addmm(layer["down_b"], inner, layer["down_t"]).view(batch, length, size)
             x = F.layer_norm(x + out, (size,), layer["ln2_w"], layer["ln2_b"], self.eps)
         return x
+
+    @torch.inference_mode()
+    def packed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``[tokens, hidden]`` of the real tokens only (mask 1, in order) of
+        right-padded ``ids``: the same values as :meth:`__call__`'s at those positions, but
+        every dense layer runs on the real tokens alone, so a batch of texts of unequal
+        lengths pays for padding only inside attention."""
+        batch, length = ids.shape
+        size, heads = self.hidden_size, self.heads
+        # The real tokens' flat positions, found once (one host sync): every layer then
+        # gathers and scatters by index, never by boolean mask (a sync per use on a GPU).
+        idx = mask.reshape(-1).nonzero().squeeze(1)
+        positions = idx % length
+        x = F.embedding(ids.reshape(-1).index_select(0, idx), self.word)
+        x = x + self.position.index_select(0, positions)
+        x = F.layer_norm(x + self.token_type, (size,), *self.embed_norm, eps=self.eps)
+        keys_valid = mask.bool()[:, None, None, :]
+        for layer in self.layers:
+            qkv = torch.addmm(layer["qkv_b"], x, layer["qkv_t"])
+            padded = qkv.new_zeros(batch * length, 3 * size).index_copy_(0, idx, qkv)
+            q, k, v = (
+                t.view(batch, length, heads, size // heads).transpose(1, 2)
+                for t in torch.split(padded.view(batch, length, 3 * size), size, dim=-1)
+            )
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keys_valid)
+            ctx = ctx.transpose(1, 2).reshape(-1, size).index_select(0, idx)
+            attended = torch.addmm(layer["o_b"], ctx, layer["o_t"])
+            x = F.layer_norm(x + attended, (size,), layer["ln1_w"], layer["ln1_b"], self.eps)
+            inner = F.gelu(torch.addmm(layer["up_b"], x, layer["up_t"]))
+            out = torch.addmm(layer["down_b"], inner, layer["down_t"])
+            x = F.layer_norm(x + out, (size,), layer["ln2_w"], layer["ln2_b"], self.eps)
+        return x

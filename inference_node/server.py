@@ -51,7 +51,6 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import psutil
@@ -64,6 +63,7 @@ from inference_node.adapters import (
     AdapterTooLargeError,
 )
 from inference_node.detached import DetachedGenerations
+from inference_node.embed_batcher import EmbedBatcher, EmbedderClosedError, EmbedQueueFullError
 from inference_node.engine.types import (
     DeltaStream,
     DuplicateRequestError,
@@ -95,6 +95,7 @@ from inference_node.errors import (
 from inference_node.gpu import GpuProbe
 from inference_node.metrics import NodeMetrics
 from inference_node.model_types import Embedder, LanguageModel
+from inference_node.reports import step_cost_proto
 from inference_node.train_service import TrainService
 from sluice import limits
 from sluice.contract import WorkloadClass
@@ -117,9 +118,6 @@ FINISH = {
 }
 DEFAULT_MAX_NEW_TOKENS = 128
 ENGINE_FULL_RETRY_S = 1.0
-MAX_EMBEDS_WAITING = 64
-"""Embed calls queued for the embedding thread at most; more are refused OVERLOADED (the
-scheduler admits no more than a node's slots, so only a caller around it reaches this)."""
 LOAD_INTERVAL_MS = (10, 10_000)
 """Bounds of StreamLoad.min_interval_ms (0 keeps the node's default)."""
 MAX_DRAIN_GRACE_S = 3600.0
@@ -179,6 +177,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         embedders: dict[str, Embedder],
         metrics: NodeMetrics,
         *,
+        embeds: EmbedBatcher,
         is_draining: Callable[[], bool],
         start_drain: Callable[[float], None],
         load_interval_s: float = 0.2,
@@ -195,9 +194,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         self._start_drain = start_drain
         self._load_interval_s = load_interval_s
         self._stream_interval_s = stream_interval_s
-        # One thread owns the embedding models, as the engine thread owns the generator.
-        self._embed_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
-        self._embeds_waiting = 0
+        # One thread owns the embedding models, as the engine thread owns the generator;
+        # concurrent Embed calls share its forwards.
+        self.embeds = embeds
         self._process = psutil.Process()
         self._gpu = gpu
         self._training = training
@@ -398,32 +397,27 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             violations.append(("model", f"model {req.model!r} is not loaded on this node"))
         _refuse(violations)
         assert embedder is not None
-        if self._embeds_waiting >= MAX_EMBEDS_WAITING:
-            raise ResourceExhausted(
-                f"{self._embeds_waiting} embeddings already wait on this node",
-                retry_after_s=ENGINE_FULL_RETRY_S,
-            )
         self.in_flight += 1
-        self._embeds_waiting += 1
         try:
-            loop = asyncio.get_running_loop()
-            vectors, tokens = await loop.run_in_executor(
-                self._embed_pool, embedder.embed, list(req.inputs)
-            )
+            result = await self.embeds.embed(embedder, req.inputs)
+        except EmbedQueueFullError as exc:
+            raise ResourceExhausted(str(exc), retry_after_s=ENGINE_FULL_RETRY_S) from exc
+        except EmbedderClosedError as exc:
+            raise Unavailable(f"node {self._node_id} is draining", reason="NODE_DRAINING") from exc
         finally:
             self.in_flight -= 1
-            self._embeds_waiting -= 1
+        tokens = result.prompt_tokens
         self._metrics.prompt_tokens.labels(embedder.name).inc(tokens)
         return inference_pb2.EmbedResponse(
-            embeddings=[inference_pb2.Embedding(values=v) for v in vectors],
+            embeddings=[inference_pb2.Embedding(values=v) for v in result.vectors],
             dimensions=embedder.dimensions,
             usage=common_pb2.Usage(prompt_tokens=tokens),
             node_id=self._node_id,
         )
 
     def load_report(self) -> common_pb2.LoadReport:
-        """The node's load now, summed over its generation engines; the slots a fine-tune
-        holds as ``reserved_sequences``."""
+        """The node's load now, summed over its generation engines (each one's step cost on its
+        own); the slots a fine-tune holds as ``reserved_sequences``."""
         report = common_pb2.LoadReport(
             node_id=self._node_id,
             rss_bytes=self._process.memory_info().rss,
@@ -435,8 +429,10 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         )
         running: dict[WorkloadClass, int] = {}
         waiting: dict[WorkloadClass, int] = {}
-        for _lm, engine in self._generators.values():
+        for lm, engine in self._generators.values():
             stats = engine.stats()
+            if stats.step_cost is not None:
+                report.step_costs.append(step_cost_proto(lm.name, stats.step_cost))
             for cls, n in stats.running.items():
                 running[cls] = running.get(cls, 0) + n
             for cls, n in stats.waiting.items():
@@ -497,4 +493,4 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
 
     def close(self) -> None:
         """Stop the embedding thread."""
-        self._embed_pool.shutdown(wait=False, cancel_futures=True)
+        self.embeds.close()

@@ -80,6 +80,10 @@ def up(
         typer.Option(help="Comma-separated pools of every node: realtime, finetune or both."),
     ] = "realtime,finetune",
     port: Annotated[int, typer.Option(help="Scheduler port (0: a free one).")] = 0,
+    engine: Annotated[
+        str,
+        typer.Option(help="Nodes' engine: builtin, or vllm (in .venv-vllm: make setup-vllm)."),
+    ] = "builtin",
     node_nice: Annotated[
         int | None,
         typer.Option(
@@ -122,6 +126,7 @@ def up(
         pools=[p for p in pools.split(",") if p],
         scheduler_port=port,
         insecure=insecure,
+        engine=engine,
     )
     if node_nice is not None:
         config.node_cpu_nice = node_nice

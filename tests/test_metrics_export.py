@@ -1,12 +1,16 @@
-"""Metrics read at scrape time: the engine's step-time histogram as the node exports it."""
+"""Metrics read at scrape time: the engine's step-time histogram as the node exports it, the
+training counters from zero, the step-cost fit load reports carry."""
 
 from __future__ import annotations
 
+import random
+
 from prometheus_client import CollectorRegistry
 
+from inference_node.engine.step_model import StepModel
 from inference_node.engine.step_times import StepTimes
 from inference_node.engine.types import EngineStats
-from inference_node.metrics import EngineCollector
+from inference_node.metrics import EngineCollector, TrainingMetrics
 from sluice.contract import WorkloadClass
 
 
@@ -29,3 +33,44 @@ def test_step_times_are_a_cumulative_histogram_the_node_exports_per_model() -> N
     assert value("sluice_node_step_seconds_bucket", {"model": "m", "le": "+Inf"}) == 4
     assert value("sluice_node_step_seconds_count", {"model": "m"}) == 4
     assert value("sluice_node_step_seconds_count", {"model": "other"}) is None
+
+
+def test_training_counters_exist_at_zero_before_the_first_event() -> None:
+    """A node's training counters have every model's series from the start, at 0 (the live
+    dashboards and alerts read them before the first checkpoint)."""
+    registry = CollectorRegistry()
+    TrainingMetrics(registry).start_at_zero(["m"])
+    for name in ("tokens", "steps", "checkpoints"):
+        value = registry.get_sample_value(f"sluice_node_training_{name}_total", {"model": "m"})
+        assert value == 0
+
+
+def test_the_step_model_recovers_a_linear_step_cost_and_keeps_terms_non_negative() -> None:
+    """Steps costing 20 ms + 3 ms a sequence + 0.5 ms a prefilled token (with noise) fit
+    back to about those, warm-up steps and a stall left out; a cost that falls with prefill
+    tokens drops that term rather than predict cheaper steps for more work; nothing is
+    published before 16 steps, nor while the rows never varied (an engine that never batched
+    says nothing of what one more sequence costs)."""
+    rng = random.Random(5)
+    model = StepModel(window=256, refit_every=8)
+    for _ in range(8):
+        model.observe(2.0, 1, 0)  # warm-up: compilation, allocation
+    for _ in range(40):
+        model.observe(0.02, 1, 0)
+    assert model.cost is None  # one row each time: no slope to read
+    model.observe(3.0, 16, 0)  # a stall: clipped to 5x the median
+    for _ in range(256):
+        rows, tokens = rng.randint(1, 32), rng.choice([0, 0, 0, 64, 128])
+        model.observe(0.020 + 0.003 * rows + 0.0005 * tokens + rng.gauss(0, 0.001), rows, tokens)
+    cost = model.cost
+    assert cost is not None and cost.samples == 256  # the window
+    assert abs(cost.base_s - 0.020) < 0.002
+    assert abs(cost.per_sequence_s - 0.003) < 0.0002
+    assert abs(cost.per_prefill_token_s - 0.0005) < 0.00005
+    assert abs(cost.predict(10, 64) - (0.020 + 0.030 + 0.032)) < 0.003
+    falling = StepModel(refit_every=1, skip=0)
+    for i in range(64):
+        rows, tokens = 1 + i % 8, 16 * (i % 4)
+        falling.observe(0.05 + 0.002 * rows - 0.0001 * tokens, rows, tokens)
+    assert falling.cost is not None and falling.cost.per_prefill_token_s == 0
+    assert falling.cost.per_sequence_s > 0

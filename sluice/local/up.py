@@ -66,6 +66,10 @@ class UpConfig:
     scheduler_port: int = 0
     startup_timeout_s: float = 600.0
     grace_s: float = 10.0
+    engine: str = "builtin"
+    """Each node's generation engine: ``builtin``, or ``vllm`` (nodes run on
+    ``vllm_python``, the interpreter of ``.venv-vllm`` that ``make setup-vllm`` builds)."""
+    vllm_python: Path = Path(".venv-vllm/bin/python")
     insecure: bool = False
     """Plaintext everywhere, no etcd auth, no Redis users. Off by default: the suite gets a
     CA and a certificate per service in ``<run-dir>/pki``, mutual TLS on every internal hop,
@@ -182,6 +186,7 @@ class Supervisor:
         args: list[str],
         identity: Identity,
         secrets: dict[str, str] | None = None,
+        python: str = sys.executable,
     ) -> Child:
         """Start a service; ``secrets`` (such as ``SLUICE_REDIS_URL``) go in its environment,
         never on its command line."""
@@ -200,7 +205,7 @@ class Supervisor:
         if self.lockdown is not None:
             env.update(self.lockdown.env(identity))
         argv = [
-            sys.executable, "-m", module,
+            python, "-m", module,
             "--host", host, "--port", str(port),
             "--metrics-host", host, "--metrics-port", str(metrics_port),
             "--grace-seconds", str(self.config.grace_s),
@@ -252,6 +257,20 @@ class Supervisor:
                         return
                 time.sleep(0.2)
         raise TimeoutError("the scheduler did not see every node in time")
+
+    def _node_python(self, node_args: list[str]) -> str:
+        """The nodes' interpreter; with the vLLM engine, ``.venv-vllm``'s (``node_args`` gain
+        ``--engine vllm`` and serve the realtime pool only: vLLM runs no fine-tunes)."""
+        if self.config.engine == "builtin":
+            return sys.executable
+        if self.config.engine != "vllm":
+            raise ValueError(f"unknown engine {self.config.engine!r}: builtin or vllm")
+        python = self.config.vllm_python.absolute()
+        if not python.exists():
+            raise RuntimeError(f"{python} not found: run `make setup-vllm` first")
+        node_args[node_args.index("--pools") + 1] = "realtime"
+        node_args += ["--engine", "vllm"]
+        return str(python)
 
     def _start_stores(self) -> tuple[StoreProcess, StoreProcess]:
         """etcd and Redis; locked down (certificates, etcd users, Redis users) unless the
@@ -341,11 +360,16 @@ class Supervisor:
         ]  # fmt: skip
         if cfg.max_sequences is not None:
             node_args += ["--max-sequences", str(cfg.max_sequences)]
+        node_python = self._node_python(node_args)
         nodes: list[Child] = []
         for i in range(1, cfg.nodes + 1):
             node_id = f"node-{i}"
             args = [*node_args, "--node-id", node_id]
-            nodes.append(self._spawn(node_id, "inference_node", args, node_identity(node_id)))
+            nodes.append(
+                self._spawn(
+                    node_id, "inference_node", args, node_identity(node_id), None, node_python
+                )
+            )
             if i == 1:  # the first node converts model weights once; the others load the copy
                 self._wait_serving(nodes[0], deadline)
         scheduler = self._spawn(

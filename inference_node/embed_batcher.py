@@ -1,0 +1,400 @@
+"""Dynamic batching of ``Embed`` calls: concurrent requests, of any tenants, merged into one
+forward on the node's embedding thread, then split back per request.
+
+:class:`BatchSizer` (synchronous, no I/O) chooses how many texts a forward may take from the
+latency curve the node measures as it runs. :class:`EmbedBatcher` owns the queue and the
+thread: it takes the waiting requests of one model in arrival order up to the sizer's limit,
+runs them as one forward (``Embedder.embed_each``) and hands each request its own vectors and
+prompt tokens. A text's vector does not depend on its batch mates (padding is masked), so a
+batched answer equals the one-at-a-time answer within float rounding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import structlog
+
+from inference_node.model_types import Embedder
+
+log = structlog.get_logger(__name__)
+
+
+MAX_EMBEDS_WAITING = 64
+"""Embed calls queued for the embedding thread at most; more are refused OVERLOADED (the
+scheduler admits no more than a node's slots, so only a caller around it reaches this)."""
+
+
+class EmbedQueueFullError(Exception):
+    """As many requests as the bound already wait for the embedding thread."""
+
+
+class EmbedderClosedError(Exception):
+    """The batcher was closed before the request ran."""
+
+
+@dataclass
+class _Curve:
+    """Moving averages of one size class's batches: texts and seconds; the batch count at
+    its last update."""
+
+    texts: float
+    seconds: float
+    updated: int
+
+    @property
+    def throughput(self) -> float:
+        """Texts per second."""
+        return self.texts / max(self.seconds, 1e-9)
+
+
+class BatchSizer:
+    """The most texts one forward may take, from the latency curve measured as the node runs.
+
+    Algorithm: each forward is filed under its size class (the power of two at or below its
+    text count) as moving averages of texts and seconds. The limit is the largest class
+    reached by walking up from 1 while each class's latency stays within
+    ``latency_bound_s`` and its throughput is no worse than ``1 - tolerance`` of the best
+    below it; a class not measured yet stops the walk and becomes the limit (a batch may grow
+    into it, which measures it). A class that stopped the walk is tried again once
+    ``retry_after`` forwards have passed without it (the machine's load may have changed),
+    its old average replaced by the new forward. A forward that failed (:meth:`failed`)
+    counts its class as over the bound. All classes within bounds: ``max_size``.
+    Guarantees: 1 ≤ limit ≤ ``max_size``; ``max_size`` 1 runs every request alone. Failure
+    mode: a curve measured while other work took the CPUs misleads it until the retry; the
+    latency bound keeps a wrong guess from growing forwards without limit.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_size: int,
+        latency_bound_s: float,
+        tolerance: float = 0.1,
+        retry_after: int = 64,
+        smoothing: float = 0.3,
+    ) -> None:
+        if max_size < 1:
+            raise ValueError("max_size must be at least 1")
+        self.max_size = max_size
+        self.latency_bound_s = latency_bound_s
+        self.tolerance = tolerance
+        self.retry_after = retry_after
+        self.smoothing = smoothing
+        self.limit = 1
+        self._curves: dict[int, _Curve] = {}
+        self._batches = 0
+
+    @staticmethod
+    def size_class(texts: int) -> int:
+        """The power of two at or below ``texts`` (≥ 1)."""
+        return 1 << (max(texts, 1).bit_length() - 1)
+
+    def curve(self) -> dict[int, tuple[float, float]]:
+        """Size class → (average latency in seconds, texts per second), as measured."""
+        return {k: (c.seconds, c.throughput) for k, c in sorted(self._curves.items())}
+
+    def record(self, texts: int, seconds: float) -> None:
+        """One forward of ``texts`` texts took ``seconds``; moves the limit."""
+        self._batches += 1
+        key = self.size_class(texts)
+        curve = self._curves.get(key)
+        if curve is None or self._stale(curve):
+            self._curves[key] = _Curve(texts, seconds, self._batches)
+        else:
+            a = self.smoothing
+            curve.texts += a * (texts - curve.texts)
+            curve.seconds += a * (seconds - curve.seconds)
+            curve.updated = self._batches
+        self.limit = self._choose()
+
+    def failed(self, texts: int) -> None:
+        """A forward of ``texts`` texts failed (out of memory, say): its size class counts as
+        over the latency bound, so the limit falls below it until the class is retried
+        (``retry_after`` forwards later)."""
+        self._batches += 1
+        self._curves[self.size_class(texts)] = _Curve(texts, math.inf, self._batches)
+        self.limit = self._choose()
+
+    def _stale(self, curve: _Curve) -> bool:
+        return self._batches - curve.updated > self.retry_after
+
+    def _choose(self) -> int:
+        best = 0.0
+        size = 1
+        while size <= self.max_size:
+            curve = self._curves.get(size)
+            if curve is None:
+                return size
+            worse = curve.throughput < best * (1 - self.tolerance)
+            if curve.seconds > self.latency_bound_s or worse:
+                return size if self._stale(curve) else max(1, size // 2)
+            best = max(best, curve.throughput)
+            size *= 2
+        return self.max_size
+
+
+@dataclass
+class EmbedResult:
+    """One request's share of a forward."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+@dataclass(eq=False)
+class _Waiting:
+    embedder: Embedder
+    texts: list[str]
+    future: asyncio.Future[EmbedResult]
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+class EmbedBatcher:
+    """The embedding thread and the requests waiting for it.
+
+    :meth:`embed` queues a request and waits for its result. One task takes batches: when the
+    thread is free it waits at most ``max_wait_s`` for as many texts of the head request's
+    model as that model's previous batch had (capped by its sizer's limit), then runs every
+    waiting request of that model that fits under the limit as one forward. The previous
+    sizes are forgotten whenever the queue empties, so a request that arrives with nothing
+    queued never waits. Each model has its own :class:`BatchSizer` (``new_sizer()``, made on
+    its first request), so one model's latency never caps another's batches.
+
+    A request whose caller goes away before its batch runs leaves the queue at once; one that
+    goes away while its batch runs leaves its result unread, and the others are unaffected. A
+    merged forward that fails marks its size class as over the bound in the model's sizer
+    (an out-of-memory at N texts is not tried again soon) and is retried one request at a
+    time, so only the request at fault fails. ``on_batch(model, texts)`` is told each
+    forward's size (metrics); an error there, or in the sizer, is logged and the batch is
+    answered all the same. Should the batching task die all the same, its requests fail with
+    the error and the next request starts a new task.
+    """
+
+    def __init__(
+        self,
+        new_sizer: Callable[[], BatchSizer],
+        *,
+        max_wait_s: float,
+        max_waiting: int = MAX_EMBEDS_WAITING,
+        on_batch: Callable[[str, int], None] = lambda model, texts: None,
+    ) -> None:
+        self.new_sizer = new_sizer
+        self.sizers: dict[str, BatchSizer] = {}
+        """Model name → its sizer."""
+        self.max_wait_s = max_wait_s
+        self.max_waiting = max_waiting
+        self._on_batch = on_batch
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self._queue: deque[_Waiting] = deque()
+        self._running: list[_Waiting] = []
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._previous_texts: dict[str, int] = {}
+        self.waiting = 0
+        """Requests queued or running (the bound counts these)."""
+        self._closed = False
+
+    def sizer(self, model: str) -> BatchSizer:
+        """``model``'s sizer, made on first use."""
+        sizer = self.sizers.get(model)
+        if sizer is None:
+            sizer = self.sizers[model] = self.new_sizer()
+        return sizer
+
+    @property
+    def queued(self) -> int:
+        """Requests queued, not yet running."""
+        return len(self._queue)
+
+    async def embed(self, embedder: Embedder, texts: Sequence[str]) -> EmbedResult:
+        """``texts``' vectors and prompt tokens, computed in some batch. Raises
+        :class:`EmbedQueueFullError` at once past ``max_waiting``, :class:`EmbedderClosedError`
+        once closed."""
+        if self._closed:
+            raise EmbedderClosedError("the embedding thread is closed")
+        if self.waiting >= self.max_waiting:
+            raise EmbedQueueFullError(f"{self.waiting} embeddings already wait on this node")
+        loop = asyncio.get_running_loop()
+        item = _Waiting(embedder, list(texts), loop.create_future())
+        self._queue.append(item)
+        self._arrived.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="embed-batcher")
+            self._task.add_done_callback(self._stopped)
+        self.waiting += 1
+        try:
+            return await item.future
+        finally:
+            self.waiting -= 1
+            if not item.future.done():  # the caller went away first
+                item.future.cancel()
+            with contextlib.suppress(ValueError):  # not queued: taken, or settled
+                self._queue.remove(item)
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                self._previous_texts.clear()  # a request arriving now never waits
+                while not self._queue:
+                    self._arrived.clear()
+                    await self._arrived.wait()
+            await self._fill(self._queue[0].embedder)
+            batch = self._take()
+            if batch:
+                self._running = batch
+                await self._forward(batch)
+                self._running = []
+
+    async def _fill(self, embedder: Embedder) -> None:
+        """Wait, at most ``max_wait_s``, until as many texts of ``embedder`` wait as its
+        previous batch had (no more than its limit)."""
+        target = min(self.sizer(embedder.name).limit, self._previous_texts.get(embedder.name, 1))
+        deadline = time.monotonic() + self.max_wait_s
+        while self._texts_waiting(embedder) < target:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), left)
+
+    def _texts_waiting(self, embedder: Embedder) -> int:
+        return sum(
+            len(w.texts) for w in self._queue if w.embedder is embedder and not w.future.done()
+        )
+
+    def _take(self) -> list[_Waiting]:
+        """The head request and the later ones of its model that fit under the limit, in
+        arrival order; requests whose callers left are dropped."""
+        while self._queue and self._queue[0].future.done():
+            self._queue.popleft()
+        if not self._queue:
+            return []
+        head = self._queue.popleft()
+        batch, texts, kept = [head], len(head.texts), deque[_Waiting]()
+        limit = self.sizer(head.embedder.name).limit
+        while self._queue:
+            item = self._queue.popleft()
+            if item.future.done():
+                continue
+            if item.embedder is head.embedder and texts + len(item.texts) <= limit:
+                batch.append(item)
+                texts += len(item.texts)
+            else:
+                kept.append(item)
+        self._queue = kept
+        return batch
+
+    async def _forward(self, batch: list[_Waiting]) -> None:
+        """Run ``batch`` as one forward and split the results back."""
+        embedder = batch[0].embedder
+        sizer = self.sizer(embedder.name)
+        texts = [t for item in batch for t in item.texts]
+        chunk = max(sizer.max_size, embedder.batch_size)
+        loop = asyncio.get_running_loop()
+        try:
+            vectors, tokens, seconds = await loop.run_in_executor(
+                self._pool, _timed_forward, embedder, texts, chunk
+            )
+        except Exception as exc:
+            if len(batch) == 1:
+                _settle(batch[0].future, exc)
+                return
+            log.warning(
+                "embed_batch_failed",
+                model=embedder.name,
+                requests=len(batch),
+                texts=len(texts),
+                error=repr(exc),
+            )
+            if len(texts) <= chunk:  # one forward: its size class is over the bound
+                try:
+                    sizer.failed(len(texts))
+                except Exception:
+                    log.exception("embed_batch_sizer_failed", model=embedder.name)
+            for item in batch:  # one at a time: only the request at fault fails
+                if not item.future.done():
+                    await self._forward([item])
+            return
+        try:
+            self._measured(embedder.name, sizer, len(texts), seconds, chunk)
+        except Exception:  # bookkeeping only: the vectors are good
+            log.exception("embed_batch_bookkeeping_failed", model=embedder.name)
+        start = 0
+        for item in batch:
+            end = start + len(item.texts)
+            result = EmbedResult(vectors[start:end], sum(tokens[start:end]))
+            if not item.future.done():
+                item.future.set_result(result)
+            start = end
+
+    def _measured(
+        self, model: str, sizer: BatchSizer, texts: int, seconds: float, chunk: int
+    ) -> None:
+        """A forward of ``texts`` texts of ``model`` took ``seconds``: the sizer, the previous
+        size and ``on_batch`` are told."""
+        self._previous_texts[model] = texts
+        if texts <= chunk:  # one forward: a point of the curve
+            limit = sizer.limit
+            sizer.record(texts, seconds)
+            if sizer.limit != limit:
+                log.info(
+                    "embed_batch_limit_changed",
+                    model=model,
+                    limit=sizer.limit,
+                    texts=texts,
+                    seconds=round(seconds, 4),
+                )
+        self._on_batch(model, texts)
+
+    def _stopped(self, task: asyncio.Task[None]) -> None:
+        """The batching task ended: closed, or died of a bug. The requests it held fail (with
+        the bug's error), and the next request starts a new task."""
+        if self._task is not task:  # a new task took over its queue
+            return
+        self._task = None
+        if task.cancelled():
+            self._fail_all(EmbedderClosedError("the embedding thread was stopped"))
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("embed_batcher_died", error=repr(exc), exc_info=exc)
+            self._fail_all(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for item in [*self._running, *self._queue]:
+            _settle(item.future, exc)
+        self._running = []
+        self._queue.clear()
+
+    def close(self) -> None:
+        """Fail every request queued or running and stop the thread (a forward already on
+        the thread finishes there, its result unread)."""
+        self._closed = True
+        self._fail_all(EmbedderClosedError("the embedding thread is closed"))
+        if self._task is not None:
+            self._task.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _timed_forward(
+    embedder: Embedder, texts: list[str], chunk: int
+) -> tuple[list[list[float]], list[int], float]:
+    """On the embedding thread: the batch's vectors, tokens per text and seconds taken (in
+    forwards of ``chunk`` texts at most: one, unless a single request has more)."""
+    began = time.perf_counter()
+    vectors, tokens = embedder.embed_each(texts, batch_size=chunk)
+    return vectors, tokens, time.perf_counter() - began
+
+
+def _settle(future: asyncio.Future[EmbedResult], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

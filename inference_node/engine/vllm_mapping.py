@@ -1,0 +1,119 @@
+"""What maps between Sluice and vLLM for :mod:`inference_node.engine.vllm_engine`: sampling
+parameters, finish reasons, the checkpoint directory vLLM loads, and a stat logger that keeps
+vLLM's own scheduler stats for the node's load reports. vLLM is imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from inference_node.engine.step_times import StepTimes
+from inference_node.engine.types import FinishReason, SamplingParams
+from inference_node.loading import is_converted
+
+_EWMA_ALPHA = 0.2
+_STEP_GAP_CAP_S = 5.0
+"""Gaps between vLLM's outputs longer than this are idle time, not a step."""
+
+
+class VllmStats:
+    """A vLLM per-engine stat logger (duck-typed ``StatLoggerBase``) keeping the latest
+    scheduler stats, a decode-rate average and the step-time histogram for ``stats()``.
+    Called on the engine thread after each batch of engine-core outputs."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.waiting = 0
+        self.kv_usage = 0.0
+        self.decode_rate = 0.0
+        self.steps = StepTimes()
+        self._last_at: float | None = None
+
+    def __call__(self, _vllm_config: Any, _engine_index: int = 0) -> VllmStats:
+        return self  # the factory vLLM calls: one engine, this sink
+
+    def record(
+        self,
+        scheduler_stats: Any,
+        iteration_stats: Any,
+        mm_cache_stats: Any = None,
+        engine_idx: int = 0,
+    ) -> None:
+        now = time.monotonic()
+        busy_before = self.running > 0
+        if scheduler_stats is not None:
+            self.running = int(scheduler_stats.num_running_reqs)
+            self.waiting = int(scheduler_stats.num_waiting_reqs) + int(
+                getattr(scheduler_stats, "num_skipped_waiting_reqs", 0)
+            )
+            self.kv_usage = float(scheduler_stats.kv_cache_usage)
+        tokens = int(iteration_stats.num_generation_tokens) if iteration_stats else 0
+        last, self._last_at = self._last_at, now
+        if last is None or not busy_before or tokens == 0:
+            return
+        gap = now - last
+        if 0 < gap < _STEP_GAP_CAP_S:
+            self.steps.observe(gap)
+            rate = tokens / gap
+            previous = self.decode_rate
+            self.decode_rate = rate if not previous else previous + _EWMA_ALPHA * (rate - previous)
+
+    def log(self) -> None:
+        pass
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+    def record_sleep_state(self, *_args: Any, **_kwargs: Any) -> None:
+        pass
+
+    def record_admission_rejection(self, _reason: str) -> None:
+        pass
+
+
+def finish_reason(reason: str | None, stop_reason: Any) -> FinishReason | None:
+    """vLLM's ``finish_reason``/``stop_reason`` as Sluice's: ``stop`` on a stop string is STOP,
+    on EOS or a stop token id EOS; ``length`` LENGTH; ``abort`` CANCELLED."""
+    if reason is None:
+        return None
+    if reason == "length":
+        return FinishReason.LENGTH
+    if reason == "stop":
+        return FinishReason.STOP if isinstance(stop_reason, str) else FinishReason.EOS
+    return FinishReason.CANCELLED
+
+
+def vllm_sampling(params: SamplingParams, eos_ids: frozenset[int]) -> Any:
+    """vLLM ``SamplingParams`` for Sluice's, streaming deltas."""
+    from vllm import SamplingParams as VllmSamplingParams  # type: ignore[import-not-found]  # noqa: PLC0415
+    from vllm.sampling_params import RequestOutputKind  # type: ignore[import-not-found]  # noqa: PLC0415
+
+    return VllmSamplingParams(
+        max_tokens=params.max_new_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        seed=params.seed,
+        stop=list(params.stop) or None,
+        stop_token_ids=None if params.ignore_eos else sorted(eos_ids),
+        ignore_eos=params.ignore_eos,
+        output_kind=RequestOutputKind.DELTA,
+        skip_special_tokens=True,
+    )
+
+
+def checkpoint_dir(name: str, model_path: Path | None, cache_dir: Path) -> Path:
+    """The Hugging Face directory vLLM loads for generator ``name``: ``model_path`` when given,
+    else the node's converted copy of a built-in GGUF model (``<cache_dir>/<name>``, written by
+    :func:`inference_node.loading.convert_gguf`: config, safetensors, tokenizer, template).
+    ``ValueError`` when there is none (``tiny-random-llama`` is built in-process)."""
+    if model_path is not None:
+        return Path(model_path)
+    target = Path(cache_dir) / name
+    if is_converted(target):
+        return target
+    raise ValueError(
+        f"the vLLM engine needs a Hugging Face checkpoint directory for {name!r}: "
+        "serve smollm2-135m-instruct or pass --model-path"
+    )

@@ -1,0 +1,510 @@
+"""Dynamic batching of Embed calls (``inference_node/embed_batcher.py``): the batch sizer on
+synthetic latency curves; the batcher and a real node on all-MiniLM-L6-v2.
+
+Nothing here depends on timing: a :class:`GatedEmbedder` holds the embedding thread in a
+forward until the test lets it go, so the requests sent meanwhile are known to wait together,
+and a :class:`FixedSizer` pins the batch limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from prometheus_client import CollectorRegistry
+
+from inference_node.app import NodeService
+from inference_node.config import NodeSettings
+from inference_node.embed_batcher import (
+    BatchSizer,
+    EmbedBatcher,
+    EmbedderClosedError,
+    EmbedQueueFullError,
+    EmbedResult,
+)
+from inference_node.model_types import Embedder
+from sluice.v1 import inference_pb2, node_pb2, node_pb2_grpc
+from tests.harness import eventually
+from tests.test_end_to_end import details_of, unpack
+
+MINILM = "all-minilm-l6-v2"
+TOLERANCE = 1e-5
+Node = tuple[NodeService, CollectorRegistry]
+TEXTS = [
+    "a cat",
+    "The quick brown fox jumps over the lazy dog near the bank of the river.",
+    "embeddings",
+    "Dynamic batching merges concurrent requests into one forward pass.",
+    "short",
+    "A somewhat longer sentence, so that the batch needs padding and an attention mask.",
+]
+
+
+class FixedSizer(BatchSizer):
+    """A sizer whose limit never moves."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(max_size=limit, latency_bound_s=1.0)
+        self.limit = limit
+
+    def record(self, texts: int, seconds: float) -> None:
+        pass
+
+    def failed(self, texts: int) -> None:
+        pass
+
+
+def fixed(limit: int) -> Callable[[], BatchSizer]:
+    """A sizer factory for :class:`EmbedBatcher`: every model's limit pinned at ``limit``."""
+    return lambda: FixedSizer(limit)
+
+
+class GatedEmbedder(Embedder):
+    """The real embedder, whose forwards wait while :attr:`gate` is clear; it notes each
+    forward's texts, and fails any forward holding ``poison``."""
+
+    def __init__(self, real: Embedder) -> None:
+        self.__dict__.update(real.__dict__)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.forwards: list[list[str]] = []
+
+    def embed_each(
+        self, texts: Sequence[str], batch_size: int | None = None
+    ) -> tuple[list[list[float]], list[int]]:
+        self.entered.set()
+        self.gate.wait(timeout=30)
+        self.forwards.append(list(texts))
+        if "poison" in texts:
+            raise ValueError("poisoned forward")
+        return super().embed_each(texts, batch_size)
+
+
+@pytest.fixture
+def gated(minilm: Embedder) -> GatedEmbedder:
+    return GatedEmbedder(minilm)
+
+
+def alone(embedder: Embedder, texts: Sequence[str]) -> EmbedResult:
+    """``texts`` embedded one at a time (the unbatched reference)."""
+    vectors, tokens = [], 0
+    for text in texts:
+        v, t = Embedder.embed_each(embedder, [text])
+        vectors += v
+        tokens += t[0]
+    return EmbedResult(vectors, tokens)
+
+
+def assert_close(got: EmbedResult, want: EmbedResult) -> None:
+    assert got.prompt_tokens == want.prompt_tokens
+    assert len(got.vectors) == len(want.vectors)
+    for a, b in zip(got.vectors, want.vectors, strict=True):
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= TOLERANCE
+
+
+async def held_thread(batcher: EmbedBatcher, gated: GatedEmbedder) -> asyncio.Task[EmbedResult]:
+    """A request running on the embedding thread, held there until ``gated.gate`` is set."""
+    gated.gate.clear()
+    gated.entered.clear()
+    first = asyncio.create_task(batcher.embed(gated, ["holding the thread"]))
+    await eventually(gated.entered.is_set)
+    return first
+
+
+# The sizer, on synthetic curves
+
+
+def test_the_sizer_grows_while_throughput_rises_within_the_bound() -> None:
+    """Forwards whose throughput keeps rising take the limit up a class at a time, each new
+    class being tried before the next, up to ``max_size``."""
+    sizer = BatchSizer(max_size=12, latency_bound_s=1.0)
+    for size in (1, 2, 4):
+        assert sizer.limit == size
+        sizer.record(size, 0.01 + 0.001 * size)
+    assert sizer.limit == 8
+    sizer.record(8, 0.018)
+    assert sizer.limit == 12  # every class within bounds: max_size
+    assert sorted(sizer.curve()) == [1, 2, 4, 8]
+
+
+def test_the_sizer_steps_back_past_the_latency_bound_and_retries_later() -> None:
+    """A class over the latency bound sets the limit to the class below; it is tried again
+    once ``retry_after`` forwards have passed without it, its old average forgotten."""
+    sizer = BatchSizer(max_size=64, latency_bound_s=0.05, retry_after=4)
+    for size, seconds in ((1, 0.01), (2, 0.015), (4, 0.02)):
+        sizer.record(size, seconds)
+    assert sizer.limit == 8
+    sizer.record(8, 0.08)  # over the bound
+    assert sizer.limit == 4
+    for _ in range(4):
+        sizer.record(4, 0.02)
+        assert sizer.limit == 4
+    sizer.record(4, 0.02)
+    assert sizer.limit == 8  # stale: tried again
+    sizer.record(8, 0.03)  # within the bound now
+    assert sizer.limit == 16
+
+
+def test_the_sizer_stops_where_throughput_falls() -> None:
+    """A class clearly slower per text than the best below it (by more than
+    ``tolerance``) stops the growth; a flat one does not."""
+    sizer = BatchSizer(max_size=64, latency_bound_s=1.0, tolerance=0.1)
+    sizer.record(1, 0.010)  # 100 texts/s
+    sizer.record(2, 0.021)  # 95: within the tolerance
+    assert sizer.limit == 4
+    sizer.record(4, 0.050)  # 80: worse
+    assert sizer.limit == 2
+
+
+def test_a_failed_forward_puts_its_size_class_over_the_bound() -> None:
+    """A failed forward of eight texts sets the limit to four until eight is retried."""
+    sizer = BatchSizer(max_size=64, latency_bound_s=1.0, retry_after=2)
+    for size in (1, 2, 4):
+        sizer.record(size, 0.01 * size)
+    assert sizer.limit == 8
+    sizer.failed(8)
+    assert sizer.limit == 4
+    for _ in range(3):
+        sizer.record(4, 0.04)
+    assert sizer.limit == 8  # stale: tried again
+
+
+def test_a_max_size_of_one_runs_every_request_alone() -> None:
+    """``max_size`` 1 (one at a time) never grows."""
+    sizer = BatchSizer(max_size=1, latency_bound_s=1.0)
+    for _ in range(3):
+        sizer.record(1, 0.001)
+    assert sizer.limit == 1
+
+
+# The batcher, on the real model
+
+
+async def test_concurrent_requests_share_one_forward_with_unbatched_results(
+    gated: GatedEmbedder,
+) -> None:
+    """Six single-text requests sent while the thread is busy run as one forward of six
+    texts; each gets the vector and token count it gets alone (within 1e-5)."""
+    sizes: list[int] = []
+    batcher = EmbedBatcher(fixed(16), max_wait_s=0, on_batch=lambda m, n: sizes.append(n))
+    first = await held_thread(batcher, gated)
+    calls = [asyncio.create_task(batcher.embed(gated, [t])) for t in TEXTS]
+    await eventually(lambda: batcher.waiting == len(TEXTS) + 1)
+    gated.gate.set()
+    results = await asyncio.gather(*calls)
+    await first
+    assert sizes == [1, len(TEXTS)]
+    assert gated.forwards[1] == TEXTS
+    for text, result in zip(TEXTS, results, strict=True):
+        assert_close(result, alone(gated, [text]))
+    batcher.close()
+
+
+async def test_requests_of_several_texts_are_split_back_in_order(gated: GatedEmbedder) -> None:
+    """Requests of 1, 3 and 2 texts of different lengths merged into one forward each get
+    their own vectors, in order, and their own prompt tokens."""
+    batcher = EmbedBatcher(fixed(16), max_wait_s=0)
+    first = await held_thread(batcher, gated)
+    groups = [TEXTS[:1], TEXTS[1:4], TEXTS[4:]]
+    calls = [asyncio.create_task(batcher.embed(gated, g)) for g in groups]
+    await eventually(lambda: batcher.waiting == 4)
+    gated.gate.set()
+    results = await asyncio.gather(*calls)
+    await first
+    assert gated.forwards[1] == TEXTS
+    for group, result in zip(groups, results, strict=True):
+        assert_close(result, alone(gated, group))
+    batcher.close()
+
+
+async def test_a_batch_takes_no_more_texts_than_the_limit(gated: GatedEmbedder) -> None:
+    """With a limit of four texts, six waiting single-text requests run as four, then two."""
+    batcher = EmbedBatcher(fixed(4), max_wait_s=0)
+    first = await held_thread(batcher, gated)
+    calls = [asyncio.create_task(batcher.embed(gated, [t])) for t in TEXTS]
+    await eventually(lambda: batcher.waiting == len(TEXTS) + 1)
+    gated.gate.set()
+    await asyncio.gather(first, *calls)
+    assert [len(f) for f in gated.forwards] == [1, 4, 2]
+    batcher.close()
+
+
+async def test_a_caller_that_leaves_drops_out_and_the_others_are_served(
+    gated: GatedEmbedder,
+) -> None:
+    """A queued request cancelled before its batch runs is left out of the forward; one
+    cancelled while its forward runs leaves its result unread; the others get theirs."""
+    batcher = EmbedBatcher(fixed(16), max_wait_s=0)
+    first = await held_thread(batcher, gated)
+    calls = [asyncio.create_task(batcher.embed(gated, [t])) for t in TEXTS[:3]]
+    await eventually(lambda: batcher.waiting == 4)
+    calls[1].cancel()
+    await eventually(lambda: batcher.waiting == 3)
+    assert batcher.queued == 2  # the cancelled request left the queue at once
+    first.cancel()  # its forward is running
+    await eventually(lambda: batcher.waiting == 2)
+    gated.gate.set()
+    kept = await asyncio.gather(calls[0], calls[2])
+    assert gated.forwards[1] == [TEXTS[0], TEXTS[2]]
+    assert_close(kept[0], alone(gated, [TEXTS[0]]))
+    assert_close(kept[1], alone(gated, [TEXTS[2]]))
+    assert first.cancelled() and calls[1].cancelled()
+    batcher.close()
+
+
+async def test_past_the_waiting_bound_a_request_is_refused_at_once(gated: GatedEmbedder) -> None:
+    """With three requests waiting (the bound), a fourth raises EmbedQueueFullError and the
+    three are served once the thread is free."""
+    batcher = EmbedBatcher(fixed(16), max_wait_s=0, max_waiting=3)
+    first = await held_thread(batcher, gated)
+    calls = [asyncio.create_task(batcher.embed(gated, [t])) for t in TEXTS[:2]]
+    await eventually(lambda: batcher.waiting == 3)
+    with pytest.raises(EmbedQueueFullError):
+        await batcher.embed(gated, ["one too many"])
+    gated.gate.set()
+    assert all(len(r.vectors) == 1 for r in await asyncio.gather(first, *calls))
+    batcher.close()
+
+
+async def test_a_failing_forward_fails_only_the_request_at_fault(gated: GatedEmbedder) -> None:
+    """A merged forward that raises is retried one request at a time: the request whose
+    text fails gets the error, its batch mates their vectors."""
+    batcher = EmbedBatcher(fixed(16), max_wait_s=0)
+    first = await held_thread(batcher, gated)
+    good = asyncio.create_task(batcher.embed(gated, [TEXTS[0]]))
+    bad = asyncio.create_task(batcher.embed(gated, ["poison"]))
+    await eventually(lambda: batcher.waiting == 3)
+    gated.gate.set()
+    await first
+    assert_close(await good, alone(gated, [TEXTS[0]]))
+    with pytest.raises(ValueError, match="poisoned"):
+        await bad
+    batcher.close()
+
+
+async def test_a_failed_merged_forward_lowers_the_limit_below_its_size_class(
+    gated: GatedEmbedder,
+) -> None:
+    """A merged forward that fails (an out-of-memory, say) marks its size class over the
+    bound: the limit falls below it, so the next requests are not merged into the same
+    failing size again; each is retried alone."""
+    batcher = EmbedBatcher(lambda: BatchSizer(max_size=16, latency_bound_s=1000.0), max_wait_s=0)
+    first = await held_thread(batcher, gated)
+    good = asyncio.create_task(batcher.embed(gated, [TEXTS[0]]))
+    bad = asyncio.create_task(batcher.embed(gated, ["poison"]))
+    await eventually(lambda: batcher.waiting == 3)
+    gated.gate.set()
+    await first
+    await good
+    with pytest.raises(ValueError, match="poisoned"):
+        await bad
+    assert gated.forwards[1:] == [[TEXTS[0], "poison"], [TEXTS[0]], ["poison"]]
+    sizer = batcher.sizer(MINILM)
+    assert sizer.limit == 1
+    assert sizer.curve()[2][0] == math.inf
+    first = await held_thread(batcher, gated)
+    calls = [asyncio.create_task(batcher.embed(gated, [t])) for t in TEXTS[:2]]
+    await eventually(lambda: batcher.waiting == 3)
+    gated.gate.set()
+    await asyncio.gather(first, *calls)
+    assert [len(f) for f in gated.forwards[4:]] == [1, 1, 1]  # not merged again
+    batcher.close()
+
+
+async def test_each_model_has_its_own_sizer(gated: GatedEmbedder, minilm: Embedder) -> None:
+    """A failure that lowers one model's limit leaves another model's sizer untouched."""
+    other = GatedEmbedder(minilm)
+    other.name = "other-embedder"
+    batcher = EmbedBatcher(lambda: BatchSizer(max_size=16, latency_bound_s=1000.0), max_wait_s=0)
+    first = await held_thread(batcher, gated)
+    calls = [asyncio.create_task(batcher.embed(gated, [t])) for t in (TEXTS[0], "poison")]
+    await eventually(lambda: batcher.waiting == 3)
+    gated.gate.set()
+    await asyncio.gather(first, *calls, return_exceptions=True)
+    await batcher.embed(other, [TEXTS[1]])
+    assert batcher.sizer(MINILM) is not batcher.sizer(other.name)
+    assert batcher.sizer(MINILM).limit == 1
+    assert batcher.sizer(other.name).limit == 2  # class 1 measured, class 2 next to try
+    assert sorted(batcher.sizer(other.name).curve()) == [1]
+    batcher.close()
+
+
+async def test_close_fails_the_running_batch_and_the_queued_requests(
+    gated: GatedEmbedder,
+) -> None:
+    """Closing while a forward runs fails its request as well as the queued ones."""
+    batcher = EmbedBatcher(fixed(16), max_wait_s=0)
+    first = await held_thread(batcher, gated)
+    queued = asyncio.create_task(batcher.embed(gated, [TEXTS[0]]))
+    await eventually(lambda: batcher.waiting == 2)
+    batcher.close()
+    gated.gate.set()  # the thread's forward finishes, unread
+    for call in (first, queued):
+        with pytest.raises(EmbedderClosedError):
+            await call
+    assert batcher.waiting == 0 and batcher.queued == 0
+    with pytest.raises(EmbedderClosedError):
+        await batcher.embed(gated, [TEXTS[1]])
+
+
+async def test_a_cancelled_request_leaves_the_queue_at_once(gated: GatedEmbedder) -> None:
+    """A queued request whose caller goes away is removed from the queue (texts and all)
+    as soon as it is cancelled, not when the next batch is taken."""
+    batcher = EmbedBatcher(fixed(16), max_wait_s=0)
+    first = await held_thread(batcher, gated)
+    calls = [asyncio.create_task(batcher.embed(gated, [t])) for t in TEXTS[:2]]
+    await eventually(lambda: batcher.queued == 2)
+    calls[0].cancel()
+    await eventually(lambda: batcher.waiting == 2)
+    assert batcher.queued == 1
+    gated.gate.set()
+    await asyncio.gather(first, calls[1])
+    assert gated.forwards[1] == [TEXTS[1]]
+    batcher.close()
+
+
+async def test_errors_outside_the_forward_do_not_stop_the_batcher(
+    gated: GatedEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ``on_batch`` that raises is logged and the request answered; should the batching
+    task die, its requests fail with the error and the next request starts a new task."""
+
+    def broken(model: str, texts: int) -> None:
+        raise RuntimeError("metrics broke")
+
+    batcher = EmbedBatcher(fixed(16), max_wait_s=0, on_batch=broken)
+    assert len((await batcher.embed(gated, [TEXTS[0]])).vectors) == 1
+
+    def dies() -> list[object]:
+        raise RuntimeError("batcher bug")
+
+    monkeypatch.setattr(batcher, "_take", dies)
+    with pytest.raises(RuntimeError, match="batcher bug"):
+        await asyncio.wait_for(batcher.embed(gated, [TEXTS[1]]), 10)
+    monkeypatch.undo()
+    assert len((await asyncio.wait_for(batcher.embed(gated, [TEXTS[2]]), 10)).vectors) == 1
+    batcher.close()
+
+
+async def test_a_lone_request_after_a_burst_does_not_wait(gated: GatedEmbedder) -> None:
+    """The previous batch's size is forgotten once the queue empties: with a wait of 60 s,
+    a lone request after a burst of six is answered at once (well within the 10 s guard)."""
+    batcher = EmbedBatcher(fixed(16), max_wait_s=60)
+    first = await held_thread(batcher, gated)
+    calls = [asyncio.create_task(batcher.embed(gated, [t])) for t in TEXTS]
+    await eventually(lambda: batcher.waiting == len(TEXTS) + 1)
+    gated.gate.set()
+    await asyncio.gather(first, *calls)
+    assert len(gated.forwards[1]) == len(TEXTS)
+    await asyncio.wait_for(batcher.embed(gated, [TEXTS[0]]), 10)
+    batcher.close()
+
+
+def test_packed_matches_the_padded_forward_at_the_real_tokens(minilm: Embedder) -> None:
+    """``BertEncoder.packed`` on texts of unequal lengths gives, at every real token, the
+    hidden state the padded forward gives there, and the one each text gets alone (1e-5)."""
+    ids, mask = minilm.tokenize(TEXTS)
+    lengths = mask.sum(dim=1).tolist()
+    assert len(set(lengths)) > 1  # padding is exercised
+    packed = minilm.encoder.packed(ids, mask)
+    padded = minilm.encoder(ids, mask)
+    assert packed.shape == (sum(lengths), minilm.dimensions)
+    assert (packed - padded[mask.bool()]).abs().max().item() <= TOLERANCE
+    start = 0
+    for row, n in enumerate(lengths):
+        alone_ids = ids[row : row + 1, :n]
+        own = minilm.encoder(alone_ids, mask[row : row + 1, :n])[0]
+        assert (packed[start : start + n] - own).abs().max().item() <= TOLERANCE
+        start += n
+
+
+# A real node, called directly
+
+
+@pytest.fixture
+async def node(
+    etcd: str, gated: GatedEmbedder
+) -> AsyncIterator[tuple[NodeService, CollectorRegistry]]:
+    registry = CollectorRegistry()
+    settings = NodeSettings(
+        etcd_endpoint=etcd,
+        node_id="node-embed",
+        models=[MINILM],
+        registry_ttl_seconds=2,
+        drain_grace_seconds=5,
+    )
+    service = NodeService(settings, registry, {}, {MINILM: gated})
+    await service.start()
+    yield service, registry
+    gated.gate.set()
+    await service.stop(0.5)
+
+
+def embed_call(text: str) -> node_pb2.NodeEmbedRequest:
+    return node_pb2.NodeEmbedRequest(
+        request=inference_pb2.EmbedRequest(model=MINILM, inputs=[text]), tenant="t"
+    )
+
+
+async def test_the_node_merges_concurrent_embed_calls_and_counts_batch_sizes(
+    node: Node, gated: GatedEmbedder
+) -> None:
+    """Through the node's API: Embed calls of several tenants waiting together share one
+    forward (``sluice_node_embed_batch_size`` observes it), each answer equal to the text's
+    unbatched vector with its own prompt tokens; one caller cancelling does not disturb the
+    others."""
+    service, registry = node
+    service.servicer.embeds.sizers[MINILM] = FixedSizer(16)
+    async with grpc.aio.insecure_channel(service.address) as channel:
+        stub = node_pb2_grpc.NodeStub(channel)
+        gated.gate.clear()
+        gated.entered.clear()
+        first = stub.Embed(embed_call("holding the thread"))
+        await eventually(gated.entered.is_set)
+        calls = [stub.Embed(embed_call(t)) for t in TEXTS]
+        leaving = stub.Embed(embed_call("going away"))
+        await eventually(lambda: service.servicer.embeds.waiting == len(TEXTS) + 2)
+        leaving.cancel()
+        await eventually(lambda: service.servicer.embeds.waiting == len(TEXTS) + 1)
+        gated.gate.set()
+        replies = [await c for c in calls]
+        await first
+    for text, reply in zip(TEXTS, replies, strict=True):
+        want = alone(gated, [text])
+        got = EmbedResult([list(e.values) for e in reply.embeddings], reply.usage.prompt_tokens)
+        assert_close(got, want)
+    assert gated.forwards[1] == TEXTS
+    labels = {"model": MINILM}
+    assert registry.get_sample_value("sluice_node_embed_batch_size_count", labels) == 2
+    assert registry.get_sample_value("sluice_node_embed_batch_size_sum", labels) == 1 + len(TEXTS)
+    tokens = sum(r.usage.prompt_tokens for r in replies)
+    counted = registry.get_sample_value("sluice_node_prompt_tokens_total", labels)
+    assert counted is not None and counted >= tokens
+
+
+async def test_the_node_refuses_past_the_waiting_bound_with_retry_info(
+    node: Node, gated: GatedEmbedder
+) -> None:
+    """Past ``max_waiting`` Embed calls the node answers RESOURCE_EXHAUSTED with RetryInfo."""
+    service, _ = node
+    service.servicer.embeds.max_waiting = 2
+    async with grpc.aio.insecure_channel(service.address) as channel:
+        stub = node_pb2_grpc.NodeStub(channel)
+        gated.gate.clear()
+        calls = [stub.Embed(embed_call(t)) for t in TEXTS[:2]]
+        await eventually(lambda: service.servicer.embeds.waiting == 2)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Embed(embed_call("one too many"))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        retry = unpack(details_of(err.value), error_details_pb2.RetryInfo)
+        assert isinstance(retry, error_details_pb2.RetryInfo)
+        assert retry.retry_delay.ToTimedelta().total_seconds() > 0
+        gated.gate.set()
+        for call in calls:
+            assert len((await call).embeddings) == 1

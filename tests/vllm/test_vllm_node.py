@@ -1,0 +1,216 @@
+"""Smoke test of ``inference_node --engine vllm`` (``make test-vllm``, in ``.venv-vllm``).
+
+One real node process serves SmolLM2 through vLLM (float32, like the built-in engine's default,
+so greedy output is compared exactly), at most 4 sequences at once so that a few requests make
+it queue. The tests share it and run in order; the last one drains it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from inference_node.engine import EngineRequest, SamplingParams, build_engine
+from inference_node.models import SMOLLM2, load_language_model
+from sluice.local.stores import StoreProcess, free_port
+from sluice.local.up import wait_serving
+from sluice.v1 import common_pb2, inference_pb2, node_pb2, node_pb2_grpc
+from tests.harness import eventually
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed"),
+    pytest.mark.timeout(900),
+]
+
+MAX_SEQUENCES = 4
+CACHE_DIR = Path.home() / ".cache" / "sluice" / "models"
+QUESTION = "What is the capital of France?"
+
+
+class Node:
+    def __init__(self, address: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.address = address
+        self.proc = proc
+        self.log = log
+
+
+@pytest.fixture(scope="module")
+def node(etcd_server: StoreProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """A node process on the vLLM engine (start-up ~90 s on 2 cores: model load, compile)."""
+    base = tmp_path_factory.mktemp("vllm-node")
+    log_path = base / "node.log"
+    port = free_port("127.0.0.1")
+    argv = [
+        sys.executable, "-m", "inference_node", "--engine", "vllm",
+        "--models", SMOLLM2, "--dtype", "float32", "--pools", "realtime",
+        "--max-sequences", str(MAX_SEQUENCES), "--stream-interval-ms", "0",
+        "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+        "--etcd-endpoint", etcd_server.address, "--node-id", "vllm-smoke",
+        "--model-cache-dir", str(CACHE_DIR),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SLUICE_LOG_FORMAT": "json"}
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_serving(f"127.0.0.1:{port}", proc, log_path, 600, "vllm node")
+        yield Node(f"127.0.0.1:{port}", proc, log_path)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+async def stub(node: Node) -> AsyncIterator[node_pb2_grpc.NodeStub]:
+    async with grpc.aio.insecure_channel(node.address) as channel:
+        yield node_pb2_grpc.NodeStub(channel)
+
+
+def _request(
+    key: str,
+    max_new_tokens: int,
+    workload_class: int = common_pb2.WORKLOAD_CLASS_REALTIME,
+    *,
+    ignore_eos: bool = True,
+) -> node_pb2.NodeGenerateRequest:
+    return node_pb2.NodeGenerateRequest(
+        request=inference_pb2.GenerateRequest(
+            model=SMOLLM2,
+            messages=[common_pb2.ChatMessage(role="user", content=QUESTION)],
+            options=common_pb2.GenerationOptions(
+                max_new_tokens=max_new_tokens, ignore_eos=ignore_eos
+            ),
+            workload_class=workload_class,  # type: ignore[arg-type]
+        ),
+        tenant="smoke",
+        request_id=key,
+    )
+
+
+async def _load(stub: node_pb2_grpc.NodeStub) -> common_pb2.LoadReport:
+    call = stub.StreamLoad(node_pb2.StreamLoadRequest())
+    report = await anext(aiter(call))
+    call.cancel()
+    return report  # type: ignore[no-any-return]
+
+
+def _counts(report: common_pb2.LoadReport) -> dict[int, tuple[int, int]]:
+    return {c.workload_class: (c.running, c.waiting) for c in report.classes}
+
+
+async def _builtin_greedy(max_new_tokens: int) -> tuple[int, ...]:
+    """The built-in engine's greedy token ids for the same chat prompt, in float32."""
+    lm = load_language_model(SMOLLM2, cache_dir=CACHE_DIR)
+    prompt = tuple(lm.tokenizer.apply_chat_template([("user", QUESTION)]))
+    engine = build_engine(lm, max_sequences=1)
+    engine.start()
+    try:
+        stream = engine.submit(
+            EngineRequest("ref", prompt, SamplingParams(max_new_tokens=max_new_tokens))
+        )
+        return tuple([t async for delta in stream for t in delta.token_ids])
+    finally:
+        engine.close()
+
+
+async def test_streams_chunks_with_usage_and_the_builtin_engines_greedy_tokens(
+    stub: node_pb2_grpc.NodeStub,
+) -> None:
+    """A greedy request streams chunks ending with a finish reason and usage, and its tokens
+    equal the built-in engine's greedy tokens (both float32: exact, no tolerance)."""
+    started = time.monotonic()
+    chunks = [c async for c in stub.Generate(_request("greedy", 16, ignore_eos=False))]
+    seconds = time.monotonic() - started
+    last = chunks[-1]
+    assert last.finish_reason in (common_pb2.FINISH_REASON_LENGTH, common_pb2.FINISH_REASON_EOS)
+    assert last.usage.prompt_tokens > 0
+    tokens = tuple(t for c in chunks for t in c.token_ids)
+    assert last.usage.completion_tokens == len(tokens) > 0
+    assert "".join(c.text for c in chunks).strip()
+    assert chunks[0].node_id == "vllm-smoke"
+    print(f"vllm greedy: {len(tokens)} tokens in {seconds:.2f} s")  # noqa: T201
+    assert tokens == await _builtin_greedy(16)
+
+
+async def test_a_cancelled_stream_frees_its_request(stub: node_pb2_grpc.NodeStub) -> None:
+    """Cancelling a long stream after its first chunk aborts it in vLLM: the node's load
+    report shows nothing running soon after."""
+    call = stub.Generate(_request("cancel-me", 1000))
+    await anext(aiter(call))
+    call.cancel()
+
+    async def idle() -> bool:
+        counts = _counts(await _load(stub))
+        return all(running == waiting == 0 for running, waiting in counts.values())
+
+    deadline = time.monotonic() + 10
+    while not await idle():
+        assert time.monotonic() < deadline, "the cancelled request still runs"
+        await asyncio.sleep(0.1)
+
+
+async def test_load_reports_and_realtime_ahead_of_queued_batch(
+    stub: node_pb2_grpc.NodeStub,
+) -> None:
+    """With every slot taken by BATCH streams and two more BATCH waiting, load reports show
+    running and waiting by class, KV in use and a decode rate; a REALTIME request sent last
+    gets its first token before either waiting BATCH request (vLLM priority scheduling)."""
+    batch = common_pb2.WORKLOAD_CLASS_BATCH
+    first_at: dict[str, float] = {}
+
+    async def consume(key: str, request: node_pb2.NodeGenerateRequest) -> None:
+        async for chunk in stub.Generate(request):
+            if chunk.token_ids and key not in first_at:
+                first_at[key] = time.monotonic()
+
+    # Slots free one at a time (lengths differ), so the first free one decides the order.
+    running = [
+        asyncio.ensure_future(consume(f"run{i}", _request(f"run{i}", 40 + 25 * i, batch)))
+        for i in range(MAX_SEQUENCES)
+    ]
+    await eventually(lambda: len(first_at) == MAX_SEQUENCES, timeout=60)
+    queued = [
+        asyncio.ensure_future(consume(f"wait{i}", _request(f"wait{i}", 8, batch))) for i in range(2)
+    ]
+    report = await _load(stub)
+    deadline = time.monotonic() + 10
+    while _counts(report)[batch] != (MAX_SEQUENCES, 2):
+        assert time.monotonic() < deadline, f"counts {_counts(report)}"
+        await asyncio.sleep(0.1)
+        report = await _load(stub)
+    assert report.kv_budget_bytes > 0
+    assert 0 < report.kv_used_bytes <= report.kv_budget_bytes
+    assert report.decode_tokens_per_s > 0
+    realtime = asyncio.ensure_future(consume("rt", _request("rt", 8)))
+    await asyncio.gather(*running, *queued, realtime)
+    assert first_at["rt"] < min(first_at["wait0"], first_at["wait1"]), first_at
+
+
+async def test_drain_finishes_in_flight_then_refuses(
+    stub: node_pb2_grpc.NodeStub, node: Node
+) -> None:
+    """Drain lets a running stream finish, refuses new work UNAVAILABLE, and the node exits."""
+    call = stub.Generate(_request("last", 24))
+    first = await anext(aiter(call))
+    reply = await stub.Drain(node_pb2.DrainRequest(grace_seconds=30))
+    assert reply.in_flight >= 1
+    rest = [c async for c in call]
+    assert (rest or [first])[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        _ = [c async for c in stub.Generate(_request("too-late", 4))]
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    await eventually(lambda: node.proc.poll() is not None, timeout=60, interval=0.5)
+    assert node.proc.returncode == 0, node.log.read_text()[-3000:]
