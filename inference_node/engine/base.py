@@ -19,6 +19,7 @@ import weakref
 
 import structlog
 
+from inference_node.engine.draining import Draining
 from inference_node.engine.step_model import StepModel
 from inference_node.engine.step_times import StepTimes
 from inference_node.engine.text import kv_bytes_per_token, sampling_violations
@@ -150,7 +151,7 @@ class _DeltaStream(DeltaStream):
             self._engine._cancel_job(self._job)
 
 
-class ThreadedEngine:
+class ThreadedEngine(Draining):
     """The asyncio side every engine shares: submit, cancel, stats, drain, start, close.
 
     A subclass implements ``_run`` (the model-owning thread's loop) and may override
@@ -250,28 +251,6 @@ class ThreadedEngine:
             steps=self.step_times.snapshot(),
             step_cost=self.step_model.cost,
         )
-
-    async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 - the Engine interface
-        """Refuse new requests, wait up to ``timeout`` s for in-flight ones, cancel the rest.
-
-        Cancelled running requests end at the engine's next step.
-        """
-        loop = asyncio.get_running_loop()
-        idle = asyncio.Event()
-        with self._lock:
-            self._closed = True
-            if self._jobs:
-                self._idle_waiters.append((loop, idle))
-            else:
-                idle.set()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await idle.wait()
-        with self._lock:
-            left = list(self._jobs.values())
-        for job in left:
-            self._cancel_job(job)
-        log.info("engine_drained", model=self._lm.name, cancelled=len(left))
 
     def start(self) -> None:
         """Start the engine thread (idempotent); ``EngineClosedError`` after :meth:`close`."""

@@ -39,6 +39,7 @@ from typing import Any
 
 import structlog
 
+from inference_node.engine.draining import Draining
 from inference_node.engine.text import kv_bytes_per_token, sampling_violations
 from inference_node.engine.types import (
     DeltaStream,
@@ -131,7 +132,7 @@ class _Stream(DeltaStream):
         self._finalizer()  # cancels the request once; a no-op after it ended
 
 
-class VllmEngine:
+class VllmEngine(Draining):
     """Generation on vLLM's ``AsyncLLM`` (module doc); implements the ``Engine`` protocol."""
 
     def __init__(self, lm: LanguageModel, options: VllmOptions) -> None:
@@ -247,25 +248,6 @@ class VllmEngine:
             queued_tokens=queued,
             steps=self._sink.steps.snapshot(),
         )
-
-    async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 - the Engine interface
-        """Refuse new requests, wait up to ``timeout`` s for in-flight ones, cancel the rest."""
-        loop = asyncio.get_running_loop()
-        idle = asyncio.Event()
-        with self._lock:
-            self._closed = True
-            if self._jobs:
-                self._idle_waiters.append((loop, idle))
-            else:
-                idle.set()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await idle.wait()
-        with self._lock:
-            left = list(self._jobs.values())
-        for job in left:
-            self._cancel_job(job)
-        log.info("engine_drained", model=self._lm.name, cancelled=len(left))
 
     def start(self) -> None:
         """Run vLLM's loop on a thread of its own (idempotent)."""
