@@ -35,6 +35,7 @@ from inference_node.engine.types import (
     RequestFaultError,
     RequestTooLargeError,
     TokenDelta,
+    joined,
 )
 from inference_node.model_types import LanguageModel
 from sluice.contract import WorkloadClass
@@ -124,22 +125,14 @@ class _DeltaStream(DeltaStream):
         queue_ = self._job.queue
         if queue_.empty() or item.finish_reason is not None:
             return item
-        text, token_ids = [item.text], list(item.token_ids)
-        while not queue_.empty() and item.finish_reason is None:
+        merged = [item]
+        while not queue_.empty() and merged[-1].finish_reason is None:
             nxt = queue_.get_nowait()
             if isinstance(nxt, BaseException):
                 queue_.put_nowait(nxt)  # nothing else can follow an error
                 break
-            item = nxt
-            text.append(item.text)
-            token_ids.extend(item.token_ids)
-        return TokenDelta(
-            "".join(text),
-            tuple(token_ids),
-            item.finish_reason,
-            item.prompt_tokens,
-            item.completion_tokens,
-        )
+            merged.append(nxt)
+        return joined(merged)
 
     async def aclose(self) -> None:
         """Stop iterating and cancel the request if it is still in flight."""
