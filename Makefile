@@ -107,7 +107,7 @@ bench-jobs: $(STAMP)
 # Fine-tuning in the gaps (issue 19): REALTIME beside a fine-tune on the same node, progress
 # against load, the waits training caused, a killed node's job resumed with the same losses,
 # the adapter served; one secure suite of SmolLM2 → bench/results/finetune.{json,md,png}
-# (~8 min on 2 idle cores). The whole path on the tiny model, its numbers meaningless:
+# (~13 min on 2 idle cores). The whole path on the tiny model, its numbers meaningless:
 # make bench-finetune FINETUNE_ARGS=--smoke (~1.5 min, written under .sluice/bench/finetune-smoke).
 FINETUNE_ARGS ?=
 .PHONY: bench-finetune

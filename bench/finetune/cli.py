@@ -3,8 +3,8 @@ those named with ``--experiment``) one after the other; writes ``finetune.json``
 ``finetune.md`` and ``finetune.png`` under ``--out-dir`` (``bench/results``; a smoke run's go
 under ``.sluice/bench/finetune-smoke``) with this run's figures only.
 
-The full run is SmolLM2-135M-Instruct (``sluice up``'s default model) and takes about 8
-minutes on 2 idle CPUs (each experiment is bounded: at most 19 minutes in all when the product
+The full run is SmolLM2-135M-Instruct (``sluice up``'s default model) and takes about 13
+minutes on 2 idle CPUs (each experiment is bounded: at most 26 minutes in all when the product
 stalls); ``--smoke`` runs the whole path on tiny-random-llama with short phases in about a
 minute and a half (its numbers mean nothing).
 
@@ -63,7 +63,7 @@ class Plan:
 
 
 def full_plan() -> Plan:
-    """SmolLM2: ~4 min of phases, two 80-step fine-tunes (~8 min in all on 2 idle CPUs)."""
+    """SmolLM2: ~9 min of phases, two 80-step fine-tunes (~13 min in all on 2 idle CPUs)."""
     return Plan(
         mode="full",
         model=FULL_MODEL,
@@ -71,7 +71,7 @@ def full_plan() -> Plan:
         sharing=SharingOptions(),
         resume=ResumeOptions(),
         flags=NodeFlags(),
-        budget_s={"sharing": 480.0, "resume": 660.0},
+        budget_s={"sharing": 900.0, "resume": 660.0},
     )
 
 
@@ -83,6 +83,7 @@ def smoke_plan() -> Plan:
         spec=TrainSpec(steps=40, checkpoint_every=4, max_sequence_tokens=64, learning_rate=5e-3),
         sharing=SharingOptions(
             phase_s=6.0,
+            compared_phase_s=6.0,
             alone_s=4.0,
             saturate_warmup_s=2.0,
             saturate_s=4.0,
@@ -101,7 +102,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.finetune", description=__doc__)
     p.add_argument("--smoke", action="store_true", help="tiny-random-llama, short phases")
     p.add_argument("--experiment", action="append", choices=NAMES, help="repeatable; default: all")
-    p.add_argument("--phase-s", type=float, help="each REALTIME phase")
+    p.add_argument("--phase-s", type=float, help="each REALTIME phase of the curve")
+    p.add_argument(
+        "--compared-phase-s", type=float, help="the compared phase and each phase without training"
+    )
     p.add_argument("--alone-s", type=float, help="the load job alone")
     p.add_argument("--steps", type=int, help="optimizer steps of the reference and killed jobs")
     p.add_argument("--yield-bound-ms", type=float, help="the nodes' --training-yield-bound-ms")
@@ -125,6 +129,8 @@ def plan_of(args: argparse.Namespace) -> Plan:
     plan = smoke_plan() if args.smoke else full_plan()
     if args.phase_s is not None:
         plan = replace(plan, sharing=replace(plan.sharing, phase_s=args.phase_s))
+    if args.compared_phase_s is not None:
+        plan = replace(plan, sharing=replace(plan.sharing, compared_phase_s=args.compared_phase_s))
     if args.alone_s is not None:
         plan = replace(plan, sharing=replace(plan.sharing, alone_s=args.alone_s))
     if args.steps is not None:

@@ -52,7 +52,8 @@ def sharing_rows(e: dict[str, Any]) -> list[Row]:
     return [
         row(
             x,
-            f"REALTIME TTFT p99 at {load} load, with training vs without (same arrivals)",
+            f"REALTIME TTFT p99 at {load} load, with training vs without (same arrivals, "
+            "before and after pooled)",
             f"{ms(compared['ttft_p99_s'])} ({served(compared)})",
             f"{ms(without['ttft_p99_s'])} ({served(without)})",
             times(e["ttft_ratio"]),
@@ -200,13 +201,18 @@ def _sharing_details(e: dict[str, Any]) -> list[str]:
     cap, alone, job = e["capacity"], e["alone"], e["load_job"]
     flags = e["node_flags"]
     lines = [
-        f"- the node after the baseline: yield bound {flags['yield_bound_ms']:g} ms, inter-token "
+        f"- the node: yield bound {flags['yield_bound_ms']:g} ms, inter-token "
         f"budget {_budget(flags['itl_budget_ms'])} ({e['itl_budget_from']})",
         f"- capacity: {cap['streams']} closed-loop BATCH streams of {cap['max_new_tokens']} "
         f"tokens, {_tps(cap['node_tokens_per_s'])} over {cap['window_s']} s "
         f"({cap['failed_calls']} failed calls); REALTIME requests of {e['realtime_tokens']} "
         "tokens (Poisson, same seed at every load)",
-        f"- without training: {_phase(e['without'])[2:]}",
+        f"- without training, the baseline: the phases before and after pooled, "
+        f"{served(e['without'])}; TTFT p50 {ms(e['without']['ttft_p50_s'])}, p99 "
+        f"{ms(e['without']['ttft_p99_s'])}; inter-token p50 "
+        f"{ms(e['without']['inter_token_p50_s'])}, p99 {ms(e['without']['inter_token_p99_s'])}",
+        f"- without training, before: {_phase(e['without']['before'])[2:]}",
+        f"- without training, after: {_phase(e['without']['after'])[2:]}",
         f"- alone: the load job with no inference, {_tps(alone['training_tokens_per_s'])} "
         f"({alone['training_steps']} steps in {alone['window_s']} s); units deferred: "
         f"{alone['deferred']}",
@@ -258,8 +264,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"Generated {doc['generated_at']} on {doc['machine']} in {doc['wall_s']:g} s "
         f"({s['mode']} mode). One secure `sluice up` suite of `{s['model']}` (mutual TLS, "
-        "supervised); its node, `sluice up`'s own for the baseline without training, then "
-        f"restarted with `{s['node_flags']}` and an inter-token budget of "
+        "supervised); its node restarted with "
+        f"`{s['node_flags']}` and an inter-token budget of "
         f"{s['itl_budget']}; a second node with the same flags started for the kill. "
         "Fine-tunes through the Jobs API, traffic through the raw `Inference` stub. Figures of "
         "this run only; definitions in finetune.json and `bench/finetune/figures.py`; the "

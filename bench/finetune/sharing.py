@@ -4,19 +4,24 @@
 1. **capacity**: a closed loop of ``saturate_streams`` BATCH generations (more than the node's
    BATCH slots) for ``saturate_warmup_s`` + ``saturate_s``; the node's generated tokens per
    second over the window (as :mod:`bench.jobs.gaps` measures saturation);
-2. **without training**: REALTIME Poisson arrivals (seeded) at ``compared_load`` of the
-   capacity for ``phase_s``; then the node is restarted into the ``finetune`` pool
-   (:meth:`~bench.finetune.suite.FinetuneSuite.configure`) with no inter-token target
+   The node has been restarted into the ``finetune`` pool first
+   (:meth:`~bench.finetune.suite.FinetuneSuite.configure`), with no inter-token target
    unless one is given (``--itl-budget-ms``): the node's gap policy then bounds training by
    its share of the decode time and the model's own step-time tail, which follow the model
-   (an absolute target set from this phase's p99 let training stretch every gap up to it);
+   (an absolute target set from a measured p99 let training stretch every gap up to it);
+2. **without training, before**: REALTIME Poisson arrivals (seeded) at ``compared_load`` of
+   the capacity for ``compared_phase_s``;
 3. a fine-tune job (the *load job*: the quality task's spec, long enough to outlast the
    phases) is submitted through the Jobs API and trains on the node; once it has logged
    ``job_warmup_steps`` steps, **alone**: ``alone_s`` with no inference, its training
    tokens per second;
-4. **with training**: the arrivals at each of ``loads`` for ``phase_s`` each, the one at
-   ``compared_load`` the very arrivals of phase 2 (same seed, same rate); then the job is
-   cancelled.
+4. **with training**: the arrivals at each other load of ``loads`` for ``phase_s`` (the
+   curve), then those of phase 2 again (same seed, rate and length) at ``compared_load``;
+   then the job is cancelled;
+5. **without training, after**: phase 2's arrivals once more. The baseline is the two
+   phases without training pooled: the machine's speed drifts by a fifth or more over
+   minutes, and a baseline on both sides of the compared phase follows it
+   (``docs/decisions/bench-finetune-baseline-around-phase.md``).
 
 Every phase reads the node's ``/metrics`` at the start and the end of its arrival window:
 generated tokens, training tokens, the units deferred by reason, the yield-wait histograms.
@@ -27,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import grpc
@@ -43,8 +48,8 @@ from bench.finetune.figures import (
 from bench.finetune.suite import FIRST_NODE, FinetuneSuite, NodeFlags
 from bench.finetune.task import training_examples
 from bench.jobs.calls import Caller, RealtimeTarget, closed_loop
-from bench.jobs.figures import rate
-from bench.jobs.gaps import WAITED, realtime_scenario, request_figures
+from bench.jobs.figures import latency, rate
+from bench.jobs.gaps import WAITED, realtime_scenario, request_figures, samples
 from bench.jobs.metrics import Samples, scrape, total
 from bench.jobs.suite import Running
 from bench.load.run import run_load
@@ -69,12 +74,16 @@ class SharingOptions:
     loads: tuple[float, ...] = (0.1, 0.3, 0.6)
     compared_load: float = 0.3
     phase_s: float = 45.0
+    """Each phase of the curve."""
+    compared_phase_s: float = 120.0
+    """The compared phase and each phase without training: ~270 REALTIME requests each at
+    30 % load, so that a p99 is not the largest of a few dozen."""
     alone_s: float = 30.0
     saturate_streams: int = 40
     saturate_tokens: int = 32
     saturate_warmup_s: float = 5.0
     saturate_s: float = 15.0
-    realtime_tokens: int = 32
+    realtime_tokens: int = 16
     prompt_words: tuple[int, int] = (8, 32)
     seed: int = 19
     request_timeout_s: float = 30.0
@@ -146,11 +155,15 @@ async def capacity(
     }
 
 
+Pool = tuple[list[float], list[float]]
+"""A phase's TTFTs and inter-token gaps (seconds), to pool phases by."""
+
+
 async def phase(
     ctx: Running, caller: Caller, scenario: Scenario, label: str, bound_s: float
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Pool]:
     """The arrivals of ``scenario``: the REALTIME requests' latency, and the node's rates and
-    yield waits over the arrival window."""
+    yield waits over the arrival window; with the latency samples."""
     suite = ctx.suite
     assert isinstance(suite, FinetuneSuite)
     target = RealtimeTarget(caller, scenario.model)
@@ -164,15 +177,35 @@ async def phase(
     reads = asyncio.create_task(window())
     result = await run_load(scenario, target)
     start, end = await reads
-    dump = suite.run_dir / f"requests-{label.replace(' ', '-').replace('%', 'pct')}.json"
+    name = label.replace(" ", "-").replace("%", "pct").replace(",", "")
+    dump = suite.run_dir / f"requests-{name}.json"
     # inter-token gaps of streams cut off or timed out too: the slowest are the ones that matter
     figures = request_figures(result, target.chunks, WAITED, dump)
     ctx.event(f"{label} done: {figures['outcomes']}")
     return {
         "rps": round(scenario.total_rps, 3),
+        "duration_s": scenario.duration_s,
         **figures,
         **counter_rates(start, end),
         "yield_waits": yield_waits(start[1], end[1], bound_s),
+    }, samples(result, target.chunks, WAITED)
+
+
+def pooled(
+    load: float, before: tuple[dict[str, Any], Pool], after: tuple[dict[str, Any], Pool]
+) -> dict[str, Any]:
+    """The baseline: the phases without training on both sides of the compared one, their
+    requests pooled (each phase's own figures kept under ``before`` and ``after``)."""
+    (b, (b_ttfts, b_gaps)), (a, (a_ttfts, a_gaps)) = before, after
+    outcomes = {k: b["outcomes"].get(k, 0) + a["outcomes"].get(k, 0) for k in b["outcomes"]}
+    return {
+        "load": load,
+        "rps": b["rps"],
+        "requests": b["requests"] + a["requests"],
+        "outcomes": outcomes,
+        **latency(b_ttfts + a_ttfts, b_gaps + a_gaps),
+        "before": {"load": load, **b},
+        "after": {"load": load, **a},
     }
 
 
@@ -195,9 +228,8 @@ def _label(load: float) -> str:
 async def sharing(
     ctx: Running, model: str, spec: TrainSpec, opts: SharingOptions, flags: NodeFlags
 ) -> dict[str, Any]:
-    """Run figures 1-3's experiment on a started suite (its node not configured yet: the
-    baseline is measured on `sluice up`'s node, which is then restarted with ``flags``); its
-    figures."""
+    """Run figures 1-3's experiment on a started suite (its node not configured yet: it is
+    restarted with ``flags`` first); its figures."""
     suite = ctx.suite
     assert isinstance(suite, FinetuneSuite)
     credentials = suite.public_credentials()
@@ -205,24 +237,26 @@ async def sharing(
     batch = Caller(suite.scheduler, suite.keys[SATURATE_TENANT], credentials)
     realtime = Caller(suite.scheduler, suite.keys[VICTIM], credentials)
     tuner = Caller(suite.scheduler, suite.keys[JOB_TENANT], credentials)
-    job_id = ""
+    job_id, cancelled = "", False
+    bound_s = flags.yield_bound_ms / 1000
     try:
+        ctx.event(f"restarting {FIRST_NODE} with {flags}")
+        await suite.configure(flags)
+        ctx.event(f"{FIRST_NODE} serves with the finetune pool")
         cap = await capacity(ctx, batch, model, opts)
         if not cap["node_tokens_per_s"]:
             raise RuntimeError("the node's capacity could not be measured")
 
         def scenario(load: float) -> Scenario:
             rps = realtime_rps(cap["node_tokens_per_s"], load, opts.realtime_tokens)
+            if load == opts.compared_load:
+                return realtime_scenario(
+                    rps, replace(opts, phase_s=opts.compared_phase_s), model, "finetune-realtime"
+                )
             return realtime_scenario(rps, opts, model, "finetune-realtime")
 
-        bound_s = flags.yield_bound_ms / 1000
-        without = await phase(
-            ctx, realtime, scenario(opts.compared_load), "without training", bound_s
-        )
-        configured = flags
-        ctx.event(f"restarting {FIRST_NODE} with {configured}")
-        await suite.configure(configured)
-        ctx.event(f"{FIRST_NODE} serves with the finetune pool")
+        compared_at = scenario(opts.compared_load)
+        before = await phase(ctx, realtime, compared_at, "without training, before", bound_s)
         job = await submit_finetune(
             tuner, spec.proto(model, LOAD_ADAPTER, opts.load_job_steps), LOAD_LINES
         )
@@ -237,31 +271,39 @@ async def sharing(
         ctx.event(f"load job trains: {opts.job_warmup_steps} steps logged")
         alone = await _alone(ctx, opts)
         first = await read_node(suite)
-        loaded = [  # one after the other
-            {"load": load, **await phase(ctx, realtime, scenario(load), _label(load), bound_s)}
-            for load in opts.loads
-        ]
+        order = [x for x in opts.loads if x != opts.compared_load] + [opts.compared_load]
+        loaded = {  # one after the other, the compared load last: next to the phase after
+            load: (await phase(ctx, realtime, scenario(load), _label(load), bound_s))[0]
+            for load in order
+        }
         last = await read_node(suite)
         trained = await tuner.get(job_id)
+        await tuner.cancel(job_id)
+        await tuner.wait_final(job_id, 60.0)
+        cancelled = True
+        ctx.event(f"load job {job_id} cancelled")
+        after = await phase(ctx, realtime, compared_at, "without training, after", bound_s)
     finally:
-        if job_id:
+        if job_id and not cancelled:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await tuner.cancel(job_id)
             await tuner.wait_final(job_id, 60.0)
         for caller in (batch, realtime, tuner):
             await caller.close()
-    compared = next(p for p in loaded if p["load"] == opts.compared_load)
+    with_training = [{"load": load, **loaded[load]} for load in sorted(loaded)]
+    without = pooled(opts.compared_load, before, after)
+    compared = loaded[opts.compared_load]
     return {
         "capacity": cap,
         "compared_load": opts.compared_load,
         "realtime_tokens": opts.realtime_tokens,
-        "without": {"load": opts.compared_load, **without},
+        "without": without,
         "alone": alone,
-        "with_training": loaded,
-        "curve": progress_curve(loaded, alone["training_tokens_per_s"]),
+        "with_training": with_training,
+        "curve": progress_curve(with_training, alone["training_tokens_per_s"]),
         "yield_waits": yield_waits(first[1], last[1], bound_s),
         "yield_bound_s": bound_s,
-        "node_flags": asdict(configured),
+        "node_flags": asdict(flags),
         "itl_budget_from": "given" if flags.itl_budget_ms is not None else "none (share and tail)",
         "load_job": {
             "job_id": job_id,

@@ -166,15 +166,11 @@ WAITED = (OUTCOME_OK, OUTCOME_TIMED_OUT, OUTCOME_CUT_OFF)
 failed): the ones a TTFT p99 covers."""
 
 
-def request_figures(
-    result: LoadResult,
-    chunks: dict[int, list[tuple[float, int]]],
-    gaps_of: tuple[str, ...],
-    dump: Path,
-) -> dict[str, Any]:
-    """A phase's requests: how many, their outcomes, the TTFT of those that waited and the
-    inter-token gaps (from each request's ``chunks``) of those whose outcome is in ``gaps_of``;
-    every record written to ``dump`` as JSON (for digging)."""
+def samples(
+    result: LoadResult, chunks: dict[int, list[tuple[float, int]]], gaps_of: tuple[str, ...]
+) -> tuple[list[float], list[float]]:
+    """The TTFT of a phase's requests that waited, and the inter-token gaps (from each
+    request's ``chunks``) of those whose outcome is in ``gaps_of``."""
     ttfts = [t for r in result.records if r.outcome in WAITED and (t := waited_ttft(r)) is not None]
     gaps = [
         g
@@ -182,6 +178,18 @@ def request_figures(
         if r.outcome in gaps_of
         for g in inter_token_gaps(chunks.get(r.index, []))
     ]
+    return ttfts, gaps
+
+
+def request_figures(
+    result: LoadResult,
+    chunks: dict[int, list[tuple[float, int]]],
+    gaps_of: tuple[str, ...],
+    dump: Path,
+) -> dict[str, Any]:
+    """A phase's requests: how many, their outcomes and the percentiles of :func:`samples`;
+    every record written to ``dump`` as JSON (for digging)."""
+    ttfts, gaps = samples(result, chunks, gaps_of)
     dump.write_text(json.dumps([r.to_json() for r in result.records]))
     return {
         "requests": len(result.records),
