@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sluice-installed
 
-.PHONY: setup protos lint test demo up bench bench-load-smoke bench-engine bench-node-start clean prometheus dashboards deploy-check setup-vllm test-vllm
+.PHONY: setup protos lint test demo up bench bench-slo bench-load-smoke bench-engine bench-node-start clean prometheus dashboards deploy-check setup-vllm test-vllm
 
 setup: $(STAMP)
 
@@ -59,6 +59,13 @@ up: $(STAMP)
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) -m bench.overload $(BENCH_ARGS)
+
+# Overload on every scenario with `sluice up`'s default node settings (issue 20: SLO attainment per
+# class at 2x and 4x capacity, capacity against the original terms) and the autoscaling signals
+# scored against SLO risk (issue 21) -> bench/results/slo.{json,md} (~45 min on 2 idle cores).
+SLO_ARGS ?=
+bench-slo: $(STAMP)
+	$(PY) -m bench.slo $(SLO_ARGS)
 
 # The overload benchmark's whole path on the tiny model in about a minute (its numbers mean nothing).
 bench-load-smoke: $(STAMP)

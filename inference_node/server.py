@@ -322,6 +322,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             params=sampling_params(req.options),
             workload_class=req.workload_class,  # the engine reads 0 as REALTIME
             adapter=request.adapter,
+            step_budget_s=request.step_budget_s,
         )
         interval = (
             request.stream_interval_ms / 1000

@@ -15,7 +15,7 @@ from scheduler.adapters import AdapterDirectory, AdapterRecord, decode_record
 from scheduler.admission import AdmissionConfig
 from scheduler.background import BackgroundTasks
 from scheduler.catalog import ModelCatalog
-from scheduler.config import SchedulerSettings
+from scheduler.config import SchedulerSettings, step_budgets
 from scheduler.dispatch import Dispatcher
 from scheduler.gate import DispatchGate
 from scheduler.jobs.finetune import FinetuneRunner
@@ -89,6 +89,7 @@ def _node_directory(
         mesh=mesh,
         low_class_headroom=settings.low_class_headroom,
         default_tokens_per_s=settings.default_tokens_per_s,
+        step_budgets=step_budgets(settings),
     )
 
 

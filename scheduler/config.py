@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from sluice import limits
+from sluice.contract import WorkloadClass
 from sluice.runtime.settings import ServiceSettings
 
 
@@ -100,6 +101,18 @@ class SchedulerSettings(ServiceSettings):
     is waiting for its first token, and a quick refusal with a time to come back serves them
     better than seconds of silence (docs/decisions/scheduler-realtime-max-wait.md). Leave room
     for the prompt under your TTFT objective; 0: only the deadline counts."""
+    realtime_itl_target_seconds: float = 0.2
+    """REALTIME's inter-token target: a sequence joins a node's batch only if the node's fitted
+    step time with it stays within the target of every REALTIME stream there (the time per
+    output token of MLPerf's LLM server scenario, 200 ms); 0: no guard beyond the slots."""
+    batch_itl_target_seconds: float = 1.0
+    """BATCH's inter-token target: looser, it fills a node only where REALTIME does not run
+    (the node preempts BATCH down to REALTIME's batch when a REALTIME request arrives)."""
+    finetune_itl_target_seconds: float = 2.0
+    """FINETUNE-class generations' inter-token target."""
+    itl_step_share: float = Field(default=0.8, gt=0, le=1)
+    """Share of an inter-token target a decode step may take: the rest is left for the
+    prompt chunks new requests prefill in the same steps (docs/decisions/scheduler-itl-guard.md)."""
     promote_lead_seconds: float = 1.0
     """A queued BATCH or FINETUNE request is served first (nothing else for its model starts
     before it) from this long before the latest start admission promised it, so it still
@@ -157,3 +170,13 @@ class SchedulerSettings(ServiceSettings):
     finetune_stall_seconds: float = 60.0
     """A Train call with no event this long (a node sends progress about every second) is
     cancelled and the fine-tune moved, as if its node had died."""
+
+
+def step_budgets(settings: SchedulerSettings) -> dict[WorkloadClass, float]:
+    """Each class's step budget: its inter-token target times ``itl_step_share``."""
+    targets = {
+        WorkloadClass.REALTIME: settings.realtime_itl_target_seconds,
+        WorkloadClass.BATCH: settings.batch_itl_target_seconds,
+        WorkloadClass.FINETUNE: settings.finetune_itl_target_seconds,
+    }
+    return {c: max(0.0, t) * settings.itl_step_share for c, t in targets.items()}

@@ -392,6 +392,7 @@ class Dispatcher:
         tried: set[str] = set()
         forward, keyed = _node_request(req, tenant, adapter, detach_key, stream_interval_ms)
         cls = WorkloadClass.from_wire(req.workload_class)
+        forward.step_budget_s = self._nodes.step_budget(cls)
         timed = "" if stream_interval_ms else cls.label
         node: NodeHandle | None = first
         self.budget.record_request()

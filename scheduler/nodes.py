@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -159,6 +159,7 @@ class NodeDirectory:
         clock: Callable[[], float] = time.monotonic,
         low_class_headroom: float = 0.125,
         default_tokens_per_s: float = 200.0,
+        step_budgets: Mapping[WorkloadClass, float] | None = None,
     ) -> None:
         self._view = view
         self._breaker_config = breaker_config or BreakerConfig()
@@ -168,6 +169,7 @@ class NodeDirectory:
         self._clock = clock
         self._headroom = low_class_headroom
         self._default_rate = default_tokens_per_s
+        self._budgets = dict(step_budgets or {})
         self._nodes: dict[str, NodeHandle] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._retiring: list[NodeHandle] = []
@@ -217,9 +219,15 @@ class NodeDirectory:
         ]
         return [n for n in serving if not self.outliers.ejected(n.node_id)] or serving
 
+    def step_budget(self, workload_class: WorkloadClass) -> float:
+        """The longest decode step ``workload_class``'s inter-token target allows (0: none),
+        sent with each of its requests (:mod:`sluice.itl`)."""
+        return self._budgets.get(workload_class, 0.0)
+
     def has_room(self, node: NodeHandle, workload_class: WorkloadClass) -> bool:
-        """True when ``node`` can take one more request of ``workload_class``."""
-        return node.book.has_room(workload_class, self._headroom)
+        """True when ``node`` can take one more request of ``workload_class``: a slot, and
+        its inter-token target kept (:meth:`scheduler.routing.LoadBook.capacity`)."""
+        return node.book.has_room(workload_class, self._headroom, budgets=self._budgets)
 
     def capacity(self, model: str, workload_class: WorkloadClass) -> SlotView:
         """One look at the candidates for a request: the sequences they offer the class
@@ -230,7 +238,7 @@ class NodeDirectory:
         slots = free = 0
         room = False
         for n in cands:
-            cap = n.book.capacity(workload_class, self._headroom)
+            cap = n.book.capacity(workload_class, self._headroom, self._budgets)
             slots += cap
             free += max(0, cap - n.book.sequences(workload_class))
             room = room or self.has_room(n, workload_class)
@@ -436,6 +444,7 @@ class NodeDirectory:
                         report.decode_tokens_per_s,
                         by_class=classes_of(report),
                         reserved=report.reserved_sequences,
+                        steps=report.step_costs,
                     )
                     backoff = 0.2
                     self._changed()

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from scheduler.queues import Clock
 from sluice.contract import WorkloadClass
+from sluice.itl import StepFit, fitted_limit
 
 DEFAULT_MAX_SEQUENCES = 32
 """Capacity assumed for a node that publishes none."""
@@ -47,6 +48,12 @@ class LoadBook:
     report) that no class may use and no preemption frees: every class's capacity is
     ``max_sequences`` less those, so the node is never sent work it cannot admit (work
     waiting there would keep the training from running at all).
+
+    Inter-token targets (:mod:`sluice.itl`): with the node's fitted step time (``step``, from
+    its reports) and each class's step budget, a class's capacity is also the batch whose
+    predicted step fits the tightest budget among it and the classes it cannot preempt that
+    run there: REALTIME counts its own budget (the node preempts lower classes down to it),
+    BATCH the tighter REALTIME one while REALTIME runs there, its own looser one otherwise.
     """
 
     max_sequences: int = DEFAULT_MAX_SEQUENCES
@@ -61,6 +68,8 @@ class LoadBook:
     """Sequences on the node that are not this scheduler's, by class, from the reports."""
     last_excess: dict[WorkloadClass, int] = field(default_factory=dict)
     tokens_sent_since_report: float = 0.0
+    step: StepFit | None = None
+    """The node's fitted step time, from its last report (None before it has one)."""
 
     @property
     def in_flight(self) -> int:
@@ -81,12 +90,14 @@ class LoadBook:
         rate: float,
         by_class: Mapping[WorkloadClass, int] | None = None,
         reserved: int = 0,
+        steps: Sequence[StepFit] = (),
     ) -> None:
         """A fresh load report: the others' sequences (``by_class`` when the report splits
-        them, else all counted as the top class), KV use, queued tokens, rate and the slots
-        training holds."""
+        them, else all counted as the top class), KV use, queued tokens, rate, the slots
+        training holds and the fitted step times (the costliest per sequence counts)."""
         reported = dict(by_class) if by_class is not None else {TOP_CLASS: sequences}
         self.reserved = max(0, reserved)
+        self.step = max(steps, key=lambda f: (f.per_sequence_s, f.base_s), default=None)
         for cls in WorkloadClass:
             excess = max(0, reported.get(cls, 0) - self.own.get(cls, 0))
             self.foreign[cls] = min(excess, self.last_excess.get(cls, 0))
@@ -127,7 +138,11 @@ class LoadBook:
         return self.sequences() / cap + self.kv_fraction + tokens / (cap * TOKENS_PER_SEQUENCE)
 
     def has_room(
-        self, workload_class: WorkloadClass, headroom: float, kv_limit: float = 0.95
+        self,
+        workload_class: WorkloadClass,
+        headroom: float,
+        kv_limit: float = 0.95,
+        budgets: Mapping[WorkloadClass, float] | None = None,
     ) -> bool:
         """True when one more sequence of ``workload_class`` fits: fewer sequences it cannot
         preempt than its capacity, and KV cache left unless lower classes hold some to give
@@ -137,14 +152,30 @@ class LoadBook:
         blocking = self.sequences(workload_class)
         if self.kv_fraction >= kv_limit and blocking >= self.sequences():
             return False
-        return blocking < self.capacity(workload_class, headroom)
+        return blocking < self.capacity(workload_class, headroom, budgets)
 
-    def capacity(self, workload_class: WorkloadClass, headroom: float) -> int:
-        """Sequences ``workload_class`` may fill on the node (all :attr:`usable` ones for
-        REALTIME)."""
+    def capacity(
+        self,
+        workload_class: WorkloadClass,
+        headroom: float,
+        budgets: Mapping[WorkloadClass, float] | None = None,
+    ) -> int:
+        """Sequences ``workload_class`` may fill on the node: all :attr:`usable` ones for
+        REALTIME, less ``headroom`` below it; at most the batch its step budget and those of
+        the classes above it running there allow (``budgets``, see the class doc)."""
         cap = self.usable
         if not workload_class.is_top:
             cap -= max(1, math.ceil(cap * headroom)) if cap > 1 else 0
+        if budgets:
+            rank = workload_class.rank
+            tight = [
+                budgets.get(c, 0.0)
+                for c in WorkloadClass
+                if c == workload_class
+                or (c.rank < rank and self.own.get(c, 0) + self.foreign.get(c, 0) > 0)
+            ]
+            fit = fitted_limit(self.step, tight)
+            cap = cap if fit is None else max(1, min(cap, fit))
         return cap
 
 

@@ -23,8 +23,11 @@ from inference_node.engine import (
     TokenDelta,
     build_engine,
 )
+from inference_node.engine.step_model import StepCost, StepModel
 from inference_node.models import LanguageModel, load_language_model
 from sluice.contract import WorkloadClass
+
+BATCH = WorkloadClass.BATCH
 
 
 @pytest.fixture
@@ -240,3 +243,36 @@ async def test_drain_finishes_in_flight_and_refuses_new(
     assert deltas[-1].finish_reason is FinishReason.LENGTH
     with pytest.raises(EngineClosedError):
         engine.submit(request("late", p, 2))
+
+
+async def test_step_budgets_bound_the_batch_and_realtime_preempts_batch_down_to_its_own(
+    lm: LanguageModel,
+) -> None:
+    """With a step fitted at 10 ms + 10 ms a sequence, BATCH requests whose step budget is
+    50 ms run four at once out of eight slots; a REALTIME request with a 30 ms budget preempts
+    them down to one beside it, and every generation still ends exactly."""
+    engine = make_engine(lm, max_sequences=8)
+    engine.step_model = StepModel(refit_every=10**9)  # the fit is set, not learned
+    engine.step_model.cost = StepCost(0.010, 0.010, 0.0, samples=100)
+    try:
+        ids = prompts(lm, [8, 9, 10, 11, 12, 13, 6], seed=3)
+
+        def budgeted(rid: str, p: list[int], cls: WorkloadClass, budget: float) -> EngineRequest:
+            params = SamplingParams(max_new_tokens=60, ignore_eos=True)
+            return EngineRequest(rid, tuple(p), params, cls, step_budget_s=budget)
+
+        batch = [engine.submit(budgeted(f"b{i}", p, BATCH, 0.05)) for i, p in enumerate(ids[:6])]
+        firsts = [await anext(s) for s in batch[:4]]
+        stats = engine.stats()
+        assert stats.running[BATCH] == 4 and stats.waiting[BATCH] == 2
+        realtime = engine.submit(budgeted("rt", ids[6], WorkloadClass.REALTIME, 0.03))
+        rt_first = await anext(realtime)
+        stats = engine.stats()
+        assert stats.running[WorkloadClass.REALTIME] == 1 and stats.running[BATCH] == 1
+        rt_rest = await collect(realtime)
+        rests = await asyncio.gather(*(collect(s) for s in batch))
+    finally:
+        engine.close()
+    assert ids_of([rt_first, *rt_rest]) == hf_greedy(lm, ids[6], 60)
+    for i in (0, 3):  # preempted or not, each equals an uninterrupted greedy run
+        assert ids_of([firsts[i], *rests[i]]) == hf_greedy(lm, ids[i], 60)

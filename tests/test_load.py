@@ -14,6 +14,7 @@ import json
 import math
 import statistics
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOKE = REPO_ROOT / "bench" / "scenarios" / "smoke.yaml"
 OVERLOAD = REPO_ROOT / "bench" / "scenarios" / "overload.yaml"
 CHAT_LONGTAIL = REPO_ROOT / "bench" / "scenarios" / "chat-longtail.yaml"
+EMBED_HEAVY = REPO_ROOT / "bench" / "scenarios" / "embed-heavy.yaml"
+EMBEDDER = "all-minilm-l6-v2"
 RECORD_KEYS = {
     "index",
     "tenant",
@@ -61,6 +64,7 @@ RECORD_KEYS = {
     "retry_after_s",
     "details",
     "finish_reason",
+    "kind",
     "finished",
 }
 
@@ -112,6 +116,21 @@ def scenario_data(**overrides: Any) -> dict[str, Any]:
     return data
 
 
+def embed_tenant(**overrides: Any) -> dict[str, Any]:
+    """A batch embed tenant ``E`` of 2-4 texts of 3-6 words per call, with overrides."""
+    tenant: dict[str, Any] = {
+        "name": "E",
+        "class": "batch",
+        "kind": "embed",
+        "model": EMBEDDER,
+        "rate_rps": 4.0,
+        "prompt_tokens": {"kind": "uniform", "min": 3, "max": 6},
+        "texts": {"kind": "uniform", "min": 2, "max": 4},
+    }
+    tenant.update(overrides)
+    return tenant
+
+
 # -- statistics ------------------------------------------------------------------------------
 
 
@@ -132,6 +151,42 @@ def test_slo_requires_ok_status_and_both_bounds() -> None:
     assert not meets_slo(rec(0, tpot_s=0.26), slo)
     assert meets_slo(rec(0, tpot_s=None, output_tokens=1), slo), "one token: no TPOT to judge"
     assert not meets_slo(rec(0, outcome="error", status="INTERNAL"), slo)
+
+
+def test_embed_slo_is_an_ok_answer_within_embed_s() -> None:
+    """An Embed (TTFT = latency, no TPOT) meets the SLO when it answers OK within ``embed_s``,
+    whatever the TTFT bound; a miss is counted as a TTFT miss against that bound."""
+    slo = SLO(ttft_s=2.0, tpot_s=0.25, embed_s=0.5)
+
+    def embed(index: int, latency: float | None, **kw: Any) -> RequestRecord:
+        return rec(index, kind="embed", ttft_s=latency, e2e_s=latency, tpot_s=None,
+                   output_tokens=0, requested_tokens=12, **kw)  # fmt: skip
+
+    assert meets_slo(embed(0, 0.5), slo)
+    assert not meets_slo(embed(0, 0.51), slo)
+    assert meets_slo(rec(0, ttft_s=1.0), slo) and not meets_slo(embed(0, 1.0), slo)
+    refused = embed(0, None, outcome="refused", status="RESOURCE_EXHAUSTED", retry_after_s=0.2)
+    assert not meets_slo(refused, slo)
+    records = [embed(0, 0.1), embed(1, 0.9), rec(2, ttft_s=0.9), refused]
+    s = summarize(records, duration_s=1.0, elapsed_s=1.0, slo=slo)
+    assert (s["meeting_slo"], s["ttft_slo_misses"], s["tpot_slo_misses"]) == (2, 1, 0)
+    assert (s["refused"], s["refused_without_retryinfo"], s["output_tokens"]) == (1, 0, 10)
+
+
+def test_fairness_counts_an_embed_as_the_tokens_it_read() -> None:
+    """Equal weights: G generates 30 tokens, all served; E asks to embed 90, gets 60 (the rest
+    of what was served): fair, as an Embed serves its ``requested_tokens`` (it outputs none)."""
+    records = [rec(i, "G", output_tokens=10, requested_tokens=10) for i in range(3)]
+    records += [
+        rec(10 + i, "E", kind="embed", output_tokens=0, requested_tokens=30, tpot_s=None)
+        for i in range(2)
+    ]
+    records.append(
+        rec(20, "E", kind="embed", output_tokens=0, requested_tokens=30, outcome="refused",
+            status="RESOURCE_EXHAUSTED")
+    )  # fmt: skip
+    # 90 tokens served, G asked for 30: its fair share is 30, E's the other 60, which E got.
+    assert tenant_fairness(records, {"G": 1.0, "E": 1.0})["realtime"] == pytest.approx(1.0)
 
 
 def test_summary_of_a_synthetic_trace_matches_hand_computed_answers() -> None:
@@ -251,6 +306,21 @@ def test_bundled_scenarios_validate() -> None:
             "tenants[0] (A).api_key: set exactly one of env, file, value",
         ),
         (lambda d: d.update(tenants=[]), "tenants: List should have at least 1 item"),
+        (
+            lambda d: d["tenants"][0].pop("output_tokens"),
+            "tenants[0] (A): output_tokens is required for a generate tenant",
+        ),
+        (
+            lambda d: d["tenants"].append(
+                embed_tenant(output_tokens={"kind": "fixed", "value": 4})
+            ),
+            "tenants[2] (E): an embed tenant generates no tokens: remove output_tokens",
+        ),
+        (
+            lambda d: d["tenants"][0].update(texts={"kind": "fixed", "value": 2}),
+            "tenants[0] (A): texts is for embed tenants (kind: embed) only",
+        ),
+        (lambda d: d["tenants"][0].update(kind="rerank"), "tenants[0] (A).kind: Input should be"),
     ],
 )
 def test_scenario_validation_errors_name_the_field(mutate: Any, expected: str) -> None:
@@ -343,6 +413,65 @@ def test_long_tailed_lengths_and_bursty_arrivals_have_the_shape_asked() -> None:
     assert {t.arrivals.kind for t in chat.tenants} == {"gamma"}
 
 
+def test_embed_tenants_need_no_output_tokens_and_models_lists_each_model_once() -> None:
+    """An embed tenant validates without ``output_tokens`` and names its own model; ``models()``
+    is every model the requests name, the scenario's first, each once."""
+    data = scenario_data()
+    data["tenants"] += [embed_tenant(), embed_tenant(name="F", texts={"kind": "fixed", "value": 1})]
+    scenario = parse_scenario(data)
+    assert scenario.tenants[2].output_tokens is None and scenario.tenants[3].kind == "embed"
+    assert scenario.models() == ("tiny-random-llama", EMBEDDER)
+    assert parse_scenario(scenario_data()).models() == ("tiny-random-llama",)
+    heavy = load_scenario(EMBED_HEAVY)
+    assert heavy.models() == ("smollm2-135m-instruct", EMBEDDER)
+    assert heavy.slo.embed_s == 0.5 and 1.0 <= heavy.total_rps <= 5.0
+    embed_rps = sum(t.rate_rps for t in heavy.tenants if t.kind == "embed")
+    assert embed_rps > 0.75 * heavy.total_rps, "most of the traffic embeds"
+
+
+# The first five requests of ``scenario_data()``'s plan (seed 3), computed with the planner as
+# it was before embed tenants existed: they must not change a generate-only plan by one draw.
+GENERATE_PLAN_HEAD = [
+    ("B", 0.003135523, 4, 4, "country right early stud"),
+    ("B", 0.048791526, 4, 4, "night school green car"),
+    ("B", 0.352528928, 4, 4, "service month problem ti"),
+    ("B", 0.88094051, 4, 4, "light work war thing"),
+    ("A", 0.972410757, 8, 4, "president hour guy count"),
+]
+
+
+def test_generate_plans_are_unchanged_by_embed_support() -> None:
+    """A generate-only plan is what it was before Embeds (same draws, same prompts); adding an
+    embed tenant leaves the generate tenants' requests alone."""
+    plan = plan_requests(parse_scenario(scenario_data()))
+    head = [
+        (r.tenant, round(r.scheduled_s, 9), r.prompt_tokens, r.max_new_tokens, r.prompt[:24])
+        for r in plan[:5]
+    ]
+    assert head == GENERATE_PLAN_HEAD
+    assert {(r.kind, r.model, r.texts) for r in plan} == {("generate", "tiny-random-llama", ())}
+    mixed = scenario_data()
+    mixed["tenants"].append(embed_tenant())
+    with_embeds = plan_requests(parse_scenario(mixed))
+    generated = [replace(r, index=-1) for r in with_embeds if r.kind == "generate"]
+    assert generated == [replace(r, index=-1) for r in plan]
+
+
+def test_embed_plan_draws_texts_per_call_and_words_per_text() -> None:
+    """An Embed carries 2-4 texts of 3-6 words each, asks for no tokens, counts its work as all
+    its words, and is the same for the same seed."""
+    data = scenario_data(duration_s=20)
+    data["tenants"].append(embed_tenant())
+    scenario = parse_scenario(data)
+    embeds = [r for r in plan_requests(scenario) if r.kind == "embed"]
+    assert len(embeds) > 40 and embeds == [r for r in plan_requests(scenario) if r.kind == "embed"]
+    for r in embeds:
+        assert (r.tenant, r.model, r.prompt, r.max_new_tokens) == ("E", EMBEDDER, "", 0)
+        assert 2 <= len(r.texts) <= 4 and all(3 <= len(t.split()) <= 6 for t in r.texts)
+        assert r.prompt_tokens == r.requested_tokens == sum(len(t.split()) for t in r.texts)
+    assert {len(r.texts) for r in embeds} == {2, 3, 4}
+
+
 def test_changing_one_tenant_leaves_the_others_arrivals_alone() -> None:
     base = parse_scenario(scenario_data())
     changed_data = scenario_data()
@@ -426,8 +555,9 @@ def test_overload_report_has_exactly_the_published_schema() -> None:
 
 
 class ScriptedTarget:
-    """A fake target whose answer depends on ``index % 5``: a full stream, a refusal with
-    RetryInfo, a timeout, a stream that ends without a finish reason, a client-side bug."""
+    """A fake target whose answer depends on ``index % 5``: a full stream (or every vector), a
+    refusal with RetryInfo, a timeout, a stream that ends without a finish reason (or a vector
+    short), a client-side bug."""
 
     name = "scripted"
 
@@ -448,8 +578,48 @@ class ScriptedTarget:
             final.usage.prompt_tokens = 7
             yield final
 
+    async def embed(self, request: PlannedRequest) -> int:
+        kind = request.index % 5
+        if kind == 1:
+            raise TargetError("RESOURCE_EXHAUSTED", "busy", reason="OVERLOADED", retry_after_s=0.5)
+        if kind == 2:
+            raise TargetError("DEADLINE_EXCEEDED", "too slow")
+        if kind == 4:
+            raise ValueError("bug")
+        await asyncio.sleep(0.001)
+        return len(request.texts) - (kind == 3)
+
     async def close(self) -> None:
         """Nothing to close."""
+
+
+async def test_every_embed_outcome_is_classified_like_a_generate() -> None:
+    """Embeds end in the same outcomes as streams (a short answer is an error); an answered
+    one has TTFT = end-to-end latency, no tokens and no TPOT, and a refusal keeps RetryInfo."""
+    data = scenario_data(duration_s=0.5, drain_s=1)
+    data["tenants"] = [embed_tenant()]
+    result = await run_load(parse_scenario(data), ScriptedTarget(), total_rps=40.0)
+    report = result.report()
+    _assert_accounted(report)
+    expected = {
+        0: ("ok", "OK"),
+        1: ("refused", "RESOURCE_EXHAUSTED"),
+        2: ("timed_out", "DEADLINE_EXCEEDED"),
+        3: ("error", "INCOMPLETE_ANSWER"),
+        4: ("error", "CLIENT_ERROR"),
+    }
+    for r in report["requests"]:
+        assert (r["outcome"], r["status"], r["kind"]) == (*expected[r["index"] % 5], "embed")
+    ok = next(r for r in report["requests"] if r["index"] % 5 == 0)
+    assert ok["ttft_s"] == ok["e2e_s"] > 0 and ok["tpot_s"] is None
+    assert (ok["output_tokens"], ok["finished"]) == (0, True)
+    assert 6 <= ok["requested_tokens"] <= 24, "2-4 texts of 3-6 words"
+    refused = next(r for r in report["requests"] if r["index"] % 5 == 1)
+    assert (refused["reason"], refused["retry_after_s"]) == ("OVERLOADED", 0.5)
+    assert report["tenants"]["E"]["kind"] == "embed" and report["models"] == [
+        "tiny-random-llama",
+        EMBEDDER,
+    ]
 
 
 async def test_every_outcome_is_classified_and_accounted_for() -> None:
@@ -508,6 +678,30 @@ async def test_smoke_run_against_the_suite_writes_well_formed_json(
         assert r["output_tokens"] == r["requested_tokens"], "ignore_eos fixes the length"
         assert 0 < r["ttft_s"] <= r["e2e_s"]
     assert report["all"]["requests"] == len(report["requests"])
+
+
+async def test_embed_and_generate_mix_against_the_suite(running: Suite) -> None:
+    """A generate tenant and an embed tenant through the SDK against the real suite: every
+    Embed answers OK with one vector per text, each generation with its asked length."""
+    assert running.scheduler is not None
+    data = scenario_data(duration_s=1.0, drain_s=10)
+    data["tenants"] = [data["tenants"][0], embed_tenant()]
+    scenario = parse_scenario(data)
+    keys = {"A": API_KEY, "E": API_KEY}
+    target = make_target("sluice", scenario, running.scheduler.address, keys)
+    try:
+        result = await run_load(scenario, target, total_rps=6.0)
+    finally:
+        await target.close()
+    report = result.report()
+    _assert_accounted(report)
+    embeds = [r for r in report["requests"] if r["kind"] == "embed"]
+    assert embeds and all(r["outcome"] == "ok" for r in report["requests"]), report["accounting"]
+    for r in embeds:
+        assert r["ttft_s"] == r["e2e_s"] > 0 and r["output_tokens"] == 0
+    for r in report["requests"]:
+        if r["kind"] == "generate":
+            assert r["output_tokens"] == r["requested_tokens"]
 
 
 async def _in_thread(fn: Any, *args: Any) -> Any:

@@ -241,6 +241,10 @@ class RealtimeTarget:
                 r.code, r.message, reason=r.reason, retry_after_s=r.retry_after_s
             ) from exc
 
+    async def embed(self, request: PlannedRequest) -> int:
+        """Always ``UNIMPLEMENTED``: this target measures generation streams only."""
+        raise TargetError("UNIMPLEMENTED", "RealtimeTarget serves generation only")
+
     async def close(self) -> None:
         """The caller is closed by its owner."""
 

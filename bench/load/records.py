@@ -6,7 +6,9 @@ synthetic traces with known answers. Conventions, stated once:
 
 * A request *meets the SLO* when it finished with status ``OK``, its time to first token is at
   most ``SLO.ttft_s`` and its mean time per output token at most ``SLO.tpot_s`` (a request with
-  one output token has no TPOT and passes that half).
+  one output token has no TPOT and passes that half). An Embed has no tokens: its answer is
+  its first (and last) output, so its TTFT and end-to-end latency are both the answer's
+  latency, and it meets the SLO when it answers ``OK`` within ``SLO.embed_s``.
 * TTFT and end-to-end percentiles cover requests that finished, timed out or were cut off
   (refusals and other errors are counted on their own). A request that never received a token
   counts with the time it waited (a lower bound of its true TTFT), so a server that lets
@@ -17,6 +19,8 @@ synthetic traces with known answers. Conventions, stated once:
   *i*'s weighted max-min fair share of everything served (weights, capped by each tenant's
   demand). When every tenant is backlogged this is Jain's index on weight-normalised shares;
   a tenant asking for less than its weight entitles it to is judged against what it asked.
+  Work is tokens: a Generate's output tokens, an Embed's tokens read (what the scheduler's
+  fair queuing charges it).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ OUTCOMES: tuple[str, ...] = (
 
 
 _WAITED = frozenset({OUTCOME_OK, OUTCOME_TIMED_OUT, OUTCOME_CUT_OFF})
+KIND_EMBED = "embed"
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,12 @@ class SLO:
     """Most seconds from send to the first output token."""
     tpot_s: float = 0.25
     """Most mean seconds per output token after the first."""
+    embed_s: float = 0.5
+    """Most seconds from send to an Embed's answer."""
+
+    def first_output_s(self, record: RequestRecord) -> float:
+        """The bound on the record's TTFT: ``ttft_s``, or ``embed_s`` for an Embed."""
+        return self.embed_s if record.kind == KIND_EMBED else self.ttft_s
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,8 @@ class RequestRecord:
     """The status message of a failed request."""
     finish_reason: str = ""
     """Finish reason of the last chunk (``LENGTH``, ``EOS``, ...), empty without one."""
+    kind: str = "generate"
+    """``generate`` or ``embed``."""
 
     @property
     def finished(self) -> bool:
@@ -102,10 +115,13 @@ class RequestRecord:
 
 
 def meets_slo(record: RequestRecord, slo: SLO) -> bool:
-    """Whether ``record`` finished OK within the TTFT and TPOT bounds."""
+    """Whether ``record`` finished OK within the TTFT and TPOT bounds (an Embed: answered
+    within ``slo.embed_s``)."""
     if record.outcome != OUTCOME_OK or record.ttft_s is None:
         return False
-    return record.ttft_s <= slo.ttft_s and (record.tpot_s is None or record.tpot_s <= slo.tpot_s)
+    if record.ttft_s > slo.first_output_s(record):
+        return False
+    return record.tpot_s is None or record.tpot_s <= slo.tpot_s
 
 
 def waited_ttft(record: RequestRecord) -> float | None:
@@ -137,7 +153,9 @@ def summarize(
     return {
         "requests": len(records),
         "meeting_slo": good,
-        "ttft_slo_misses": sum(r.ttft_s is None or r.ttft_s > slo.ttft_s for r in finished),
+        "ttft_slo_misses": sum(
+            r.ttft_s is None or r.ttft_s > slo.first_output_s(r) for r in finished
+        ),
         "tpot_slo_misses": sum(r.tpot_s is not None and r.tpot_s > slo.tpot_s for r in finished),
         "slo_attainment": slo_attainment(records, slo),
         "goodput_rps": good / duration_s if duration_s > 0 else 0.0,
@@ -166,9 +184,9 @@ def tenant_fairness(
 ) -> dict[str, float]:
     """Fairness within each workload class that has two or more tenants, plus ``all``.
 
-    Work is output tokens: served is what finished requests delivered, demand is what every
-    launched request asked for. Classes are compared separately because across classes
-    priority, not weight, decides; ``all`` ignores classes.
+    Work is tokens (see the module docstring): served is what finished requests delivered,
+    demand is what every launched request asked for. Classes are compared separately because
+    across classes priority, not weight, decides; ``all`` ignores classes.
     """
     result: dict[str, float] = {}
     classes = sorted({r.workload_class for r in records})
@@ -183,7 +201,7 @@ def tenant_fairness(
         for r in group:
             demand[r.tenant] += r.requested_tokens
             if r.outcome == OUTCOME_OK:
-                served[r.tenant] += r.output_tokens
+                served[r.tenant] += r.requested_tokens if r.kind == KIND_EMBED else r.output_tokens
         result[name] = fairness(served, demand, {t: weights.get(t, 1.0) for t in tenants})
     return result
 

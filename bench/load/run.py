@@ -4,7 +4,9 @@ Each tenant of the scenario (:mod:`bench.load.scenario`) sends Poisson arrivals 
 scenario's window, whether or not earlier requests have been answered (open loop: a slow server
 faces a growing backlog, as in production). Every request is streamed and recorded
 (:class:`bench.load.records.RequestRecord`): scheduled and actual send time, time to first token,
-mean time per output token, end-to-end latency, tokens, final status code and details.
+mean time per output token, end-to-end latency, tokens, final status code and details. An embed
+tenant's requests are unary Embed calls: the answer's latency is both their TTFT and their
+end-to-end latency, with no output tokens.
 
 The run is bounded: at most ``max_requests`` launches, arrivals stop at the end of the window,
 and requests still running ``drain_s`` later are cancelled and recorded as ``cut_off``. Every
@@ -47,6 +49,7 @@ from sluice.v1 import common_pb2
 NOT_SENT = "NOT_SENT"
 CLIENT_ERROR = "CLIENT_ERROR"  # the load generator itself failed on this request
 INCOMPLETE_STREAM = "INCOMPLETE_STREAM"  # status OK, but no (or a CANCELLED) final chunk
+INCOMPLETE_ANSWER = "INCOMPLETE_ANSWER"  # an Embed answered OK, but not one vector per text
 ProgressFn = Callable[[int, int, int], None]  # (launched, done, planned)
 
 
@@ -80,7 +83,8 @@ class LoadResult:
     @property
     def slo(self) -> SLO:
         """The scenario's SLO."""
-        return SLO(self.scenario.slo.ttft_s, self.scenario.slo.tpot_s)
+        spec = self.scenario.slo
+        return SLO(spec.ttft_s, spec.tpot_s, spec.embed_s)
 
     def weights(self) -> dict[str, float]:
         """Tenant → weight."""
@@ -99,6 +103,8 @@ class LoadResult:
             group = [r for r in self.records if r.tenant == tenant.name]
             tenants[tenant.name] = {
                 "class": tenant.workload_class,
+                "kind": tenant.kind,
+                "model": self.scenario.model_for(tenant),
                 "weight": tenant.weight,
                 "offered_rps": self.offered_rps * tenant.rate_rps / self.scenario.total_rps,
                 **self.summary(group),
@@ -111,12 +117,17 @@ class LoadResult:
             "scenario": self.scenario.name,
             "target": self.target,
             "model": self.scenario.model,
+            "models": list(self.scenario.models()),
             "offered_rps": self.offered_rps,
             "duration_s": self.duration_s,
             "elapsed_s": self.elapsed_s,
             "started_at_unix_s": self.started_at_unix_s,
             "seed": self.scenario.seed,
-            "slo": {"ttft_s": self.slo.ttft_s, "tpot_s": self.slo.tpot_s},
+            "slo": {
+                "ttft_s": self.slo.ttft_s,
+                "tpot_s": self.slo.tpot_s,
+                "embed_s": self.slo.embed_s,
+            },
             "all": self.summary(),
             "tenants": tenants,
             "classes": classes,
@@ -169,7 +180,7 @@ def _record(
         tpot_s=tpot,
         e2e_s=ended - sent if ended is not None and sent is not None else None,
         output_tokens=tokens,
-        requested_tokens=request.max_new_tokens,
+        requested_tokens=request.requested_tokens,
         prompt_tokens=progress.prompt_tokens,
         status=status,
         outcome=outcome,
@@ -177,12 +188,15 @@ def _record(
         retry_after_s=error.retry_after_s if error else None,
         details=error.message if error else details,
         finish_reason=progress.finish_reason,
+        kind=request.kind,
     )
 
 
 async def _one(
     target: Target, request: PlannedRequest, progress: _Progress, clock: Callable[[], float]
 ) -> RequestRecord:
+    if request.kind == "embed":
+        return await _one_embed(target, request, progress, clock)
     progress.sent_s = clock()
     try:
         async for chunk in target.generate(request):
@@ -217,6 +231,37 @@ async def _one(
             status=INCOMPLETE_STREAM,
             outcome=OUTCOME_ERROR,
             details=f"stream ended OK without a finish reason ({progress.finish_reason or 'none'})",
+        )
+    return _record(request, progress, status="OK", outcome=OUTCOME_OK)
+
+
+async def _one_embed(
+    target: Target, request: PlannedRequest, progress: _Progress, clock: Callable[[], float]
+) -> RequestRecord:
+    """An Embed: its answer is its first and last output (TTFT = end-to-end latency)."""
+    progress.sent_s = clock()
+    try:
+        vectors = await target.embed(request)
+    except TargetError as exc:
+        progress.ended_s = clock()
+        return _record(request, progress, status=exc.code, outcome=_outcome(exc.code), error=exc)
+    except Exception as exc:  # a bug or a transport surprise: still accounted for
+        progress.ended_s = clock()
+        return _record(
+            request,
+            progress,
+            status=CLIENT_ERROR,
+            outcome=OUTCOME_ERROR,
+            details=f"{type(exc).__name__}: {exc}",
+        )
+    progress.ended_s = progress.first_token_s = clock()
+    if vectors != len(request.texts):
+        return _record(
+            request,
+            progress,
+            status=INCOMPLETE_ANSWER,
+            outcome=OUTCOME_ERROR,
+            details=f"{vectors} vectors for {len(request.texts)} texts",
         )
     return _record(request, progress, status="OK", outcome=OUTCOME_OK)
 

@@ -17,12 +17,20 @@ tenants:
     rate_rps: 0.15                        # Poisson arrivals
     prompt_tokens: {kind: uniform, min: 16, max: 128}
     output_tokens: {kind: choice, values: [32, 64, 96]}
+  - name: E
+    kind: embed                           # Embed calls instead of Generate
+    model: all-minilm-l6-v2               # default: the scenario's model
+    rate_rps: 1.0
+    prompt_tokens: {kind: fixed, value: 12}   # words per text
+    texts: {kind: uniform, min: 8, max: 32}   # texts per call (default: 1)
 ```
 
 Prompts are made of common English words that are one token each in SmolLM2's tokenizer, so a
 drawn prompt length is its length in that model's tokens (other tokenizers count differently;
 the server reports the real count). The plan is a pure function of the scenario and its seed:
 each tenant has its own random stream, so changing one tenant leaves the others' arrivals alone.
+An embed tenant draws from its stream only what it uses (texts per call, then each text's
+length), so adding one changes no generate tenant's plan.
 """
 
 from __future__ import annotations
@@ -194,7 +202,7 @@ class ApiKeySource(_Strict):
 
 
 class TenantLoad(_Strict):
-    """One tenant's traffic."""
+    """One tenant's traffic: Generate calls, or Embed calls (``kind: embed``)."""
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     api_key: ApiKeySource | None = None
@@ -203,9 +211,26 @@ class TenantLoad(_Strict):
     weight: float = Field(default=1.0, gt=0)
     rate_rps: float = Field(gt=0)
     arrivals: Arrivals = Field(default_factory=Poisson)
+    kind: Literal["generate", "embed"] = "generate"
+    model: str | None = Field(default=None, min_length=1)
+    """The model its calls name; default: the scenario's (an embed tenant names an embedder)."""
     prompt_tokens: Length
-    output_tokens: Length
+    """A generate tenant's prompt length; an embed tenant's length of each text."""
+    output_tokens: Length | None = None
+    """Answer length: required for a generate tenant, absent for an embed tenant."""
+    texts: Length = Field(default_factory=lambda: Fixed(kind="fixed", value=1))
+    """Texts per Embed call (embed tenants only)."""
     timeout_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _fields_fit_kind(self) -> TenantLoad:
+        if self.kind == "generate" and self.output_tokens is None:
+            raise ValueError("output_tokens is required for a generate tenant")
+        if self.kind == "embed" and self.output_tokens is not None:
+            raise ValueError("an embed tenant generates no tokens: remove output_tokens")
+        if self.kind == "generate" and "texts" in self.model_fields_set:
+            raise ValueError("texts is for embed tenants (kind: embed) only")
+        return self
 
 
 class SLOSpec(_Strict):
@@ -213,6 +238,8 @@ class SLOSpec(_Strict):
 
     ttft_s: float = Field(default=2.0, gt=0)
     tpot_s: float = Field(default=0.25, gt=0)
+    embed_s: float = Field(default=0.5, gt=0)
+    """An Embed meets the SLO when it answers OK within this many seconds."""
 
 
 class Scenario(_Strict):
@@ -240,6 +267,15 @@ class Scenario(_Strict):
         if repeated:
             raise ValueError(f"tenant names must be unique; repeated: {', '.join(repeated)}")
         return tenants
+
+    def model_for(self, tenant: TenantLoad) -> str:
+        """The model the tenant's requests name."""
+        return tenant.model or self.model
+
+    def models(self) -> tuple[str, ...]:
+        """Every distinct model the scenario's requests name, the scenario's model first (what
+        a suite must serve to run it)."""
+        return tuple(dict.fromkeys([self.model, *(self.model_for(t) for t in self.tenants)]))
 
     def timeout_for(self, tenant: TenantLoad) -> float:
         """The tenant's per-request deadline."""
@@ -319,9 +355,23 @@ class PlannedRequest:
     """The tenant's class label; :meth:`sluice.contract.WorkloadClass.from_label` reads it."""
     scheduled_s: float
     prompt: str
+    """A Generate's prompt; empty for an Embed."""
     prompt_tokens: int
+    """A Generate's prompt length; an Embed's length of all its texts together."""
     max_new_tokens: int
+    """0 for an Embed."""
     timeout_s: float
+    kind: Literal["generate", "embed"] = "generate"
+    model: str = ""
+    """The model to call; empty: the target's default (the scenario's model)."""
+    texts: tuple[str, ...] = ()
+    """An Embed's inputs; empty for a Generate."""
+
+    @property
+    def requested_tokens(self) -> int:
+        """The work it asks for, as fairness counts it: a Generate's output tokens, an Embed's
+        tokens read (the scheduler charges an Embed its prompt tokens)."""
+        return self.prompt_tokens if self.kind == "embed" else self.max_new_tokens
 
 
 def make_prompt(rng: random.Random, tokens: int) -> str:
@@ -346,19 +396,41 @@ def plan_requests(
         rate = tenant.rate_rps * scale
         t = tenant.arrivals.gap(rng, rate)
         while t < window:
-            prompt_tokens = tenant.prompt_tokens.draw(rng)
-            drafts.append(
-                PlannedRequest(
-                    index=-1,
-                    tenant=tenant.name,
-                    workload_class=tenant.workload_class,
-                    scheduled_s=t,
-                    prompt=make_prompt(rng, prompt_tokens),
-                    prompt_tokens=prompt_tokens,
-                    max_new_tokens=tenant.output_tokens.draw(rng),
-                    timeout_s=scenario.timeout_for(tenant),
-                )
-            )
+            drafts.append(_draft(scenario, tenant, rng, t))
             t += tenant.arrivals.gap(rng, rate)
     drafts.sort(key=lambda r: (r.scheduled_s, r.tenant))
     return [replace(r, index=i) for i, r in enumerate(drafts[: scenario.max_requests])]
+
+
+def _draft(
+    scenario: Scenario, tenant: TenantLoad, rng: random.Random, scheduled_s: float
+) -> PlannedRequest:
+    """The tenant's request at ``scheduled_s`` (index -1), drawn from its stream ``rng``.
+
+    A Generate draws its prompt length, prompt and answer length, in that order, exactly as
+    before Embeds existed (so generate plans are unchanged); an Embed draws its text count,
+    then every text's length, then their words.
+    """
+    texts: tuple[str, ...] = ()
+    if tenant.kind == "embed":
+        lengths = [tenant.prompt_tokens.draw(rng) for _ in range(tenant.texts.draw(rng))]
+        texts = tuple(make_prompt(rng, n) for n in lengths)
+        prompt, prompt_tokens, max_new_tokens = "", sum(lengths), 0
+    else:
+        assert tenant.output_tokens is not None  # the validator requires it for generate
+        prompt_tokens = tenant.prompt_tokens.draw(rng)
+        prompt = make_prompt(rng, prompt_tokens)
+        max_new_tokens = tenant.output_tokens.draw(rng)
+    return PlannedRequest(
+        index=-1,
+        tenant=tenant.name,
+        workload_class=tenant.workload_class,
+        scheduled_s=scheduled_s,
+        prompt=prompt,
+        prompt_tokens=prompt_tokens,
+        max_new_tokens=max_new_tokens,
+        timeout_s=scenario.timeout_for(tenant),
+        kind=tenant.kind,
+        model=scenario.model_for(tenant),
+        texts=texts,
+    )

@@ -6,7 +6,8 @@
   ``Inference`` stub; it needs no key.
 
 Both stream ``sluice.v1.GenerateChunk`` messages and turn every failure into a
-:class:`TargetError` carrying the status code name and its ``google.rpc`` details.
+:class:`TargetError` carrying the status code name and its ``google.rpc`` details. Only Sluice
+embeds; the naive baseline answers an Embed with ``UNIMPLEMENTED``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ class Target(Protocol):
         """Stream one request's chunks; raise :class:`TargetError` when it fails."""
         ...
 
+    async def embed(self, request: PlannedRequest) -> int:
+        """Embed the request's texts and return how many vectors came back; raise
+        :class:`TargetError` when it fails."""
+        ...
+
     async def close(self) -> None:
         """Release channels."""
         ...
@@ -95,7 +101,7 @@ class SluiceTarget:
         s = self._settings
         try:
             async for chunk in client.generate(
-                s.model,
+                request.model or s.model,
                 request.prompt,
                 max_new_tokens=request.max_new_tokens,
                 temperature=s.temperature if s.temperature > 0 else None,
@@ -106,14 +112,32 @@ class SluiceTarget:
             ):
                 yield chunk
         except SluiceRpcError as exc:
-            raise TargetError(
-                exc.code.name, exc.message, reason=exc.reason, retry_after_s=exc.retry_after_s
-            ) from exc
+            raise _error_from_sdk(exc) from exc
+
+    async def embed(self, request: PlannedRequest) -> int:
+        """One Embed of the request's texts as its tenant; the number of vectors."""
+        client = self._by_tenant[request.tenant]
+        try:
+            reply = await client.embed(
+                request.model or self._settings.model,
+                list(request.texts),
+                workload_class=WorkloadClass.from_label(request.workload_class),
+                timeout_s=request.timeout_s,
+            )
+        except SluiceRpcError as exc:
+            raise _error_from_sdk(exc) from exc
+        return len(reply.embeddings)
 
     async def close(self) -> None:
         """Close every client."""
         for client in self._clients.values():
             await client.close()
+
+
+def _error_from_sdk(exc: SluiceRpcError) -> TargetError:
+    return TargetError(
+        exc.code.name, exc.message, reason=exc.reason, retry_after_s=exc.retry_after_s
+    )
 
 
 def _error_from_rpc(exc: grpc.aio.AioRpcError) -> TargetError:
@@ -136,7 +160,7 @@ class NaiveTarget:
     async def generate(self, request: PlannedRequest) -> AsyncIterator[inference_pb2.GenerateChunk]:
         """One streamed generation (the class is sent; the naive server ignores it)."""
         message = inference_pb2.GenerateRequest(
-            model=self._settings.model,
+            model=request.model or self._settings.model,
             prompt=request.prompt,
             options=_options(self._settings, request),
             workload_class=WorkloadClass.from_label(request.workload_class),  # type: ignore[arg-type]
@@ -147,6 +171,10 @@ class NaiveTarget:
                 yield chunk
         except grpc.aio.AioRpcError as exc:
             raise _error_from_rpc(exc) from exc
+
+    async def embed(self, request: PlannedRequest) -> int:
+        """Always ``UNIMPLEMENTED``: the naive baseline serves generation only."""
+        raise TargetError("UNIMPLEMENTED", "the naive baseline serves generation only")
 
     async def close(self) -> None:
         """Close the channel."""

@@ -13,6 +13,8 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Protocol
 
 from bench.load.run import LoadResult, make_target, run_load
 from bench.load.scenario import PlannedRequest, Scenario, make_prompt, plan_requests
@@ -21,6 +23,14 @@ from bench.overload.options import Options
 from bench.overload.report import REALTIME
 from bench.overload.search import RATE_DIGITS, BudgetExhausted, SearchResult, find_capacity
 from bench.overload.servers import Server
+
+
+class Observer(Protocol):
+    """Something that watches each load run, keyed by ``(target, offered rate)``."""
+
+    def watch(self, key: tuple[str, float]) -> AbstractContextManager[object]:
+        """A context held through the run."""
+        ...
 
 
 def realtime_share(scenario: Scenario) -> float:
@@ -33,10 +43,18 @@ def realtime_share(scenario: Scenario) -> float:
 class Benchmark:
     """Runs the measurements and remembers each, keyed by (target, offered rate)."""
 
-    def __init__(self, scenario: Scenario, keys: dict[str, str], options: Options) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        keys: dict[str, str],
+        options: Options,
+        observer: Observer | None = None,
+    ) -> None:
         self.scenario = scenario
         self.keys = keys
         self.options = options
+        self.observer = observer
+        """Watches each load run (``bench.slo`` samples the scheduler's metrics through it)."""
         self.runs: dict[tuple[str, float], LoadResult] = {}
         self.started = time.monotonic()
 
@@ -102,8 +120,10 @@ class Benchmark:
 
         async def go() -> LoadResult:
             target = make_target(server.name, scenario, server.address, self.keys)
+            watch = self.observer.watch(key) if self.observer is not None else nullcontext()
             try:
-                return await run_load(scenario, target, duration_s=duration, total_rps=rate)
+                with watch:
+                    return await run_load(scenario, target, duration_s=duration, total_rps=rate)
             finally:
                 await target.close()
 

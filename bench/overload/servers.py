@@ -98,6 +98,8 @@ class SluiceSuite:
         self.nodes = nodes
         self.max_sequences = max_sequences
         self.address = ""
+        self.metrics_address = ""
+        """The scheduler's Prometheus endpoint (host:port) once started."""
         self._supervisor: Supervisor | None = None
 
     def write_tenants(self) -> Path:
@@ -119,7 +121,7 @@ class SluiceSuite:
         config = UpConfig(
             run_dir=self.run_dir / "suite",
             nodes=self.nodes,
-            models=[self.scenario.model],
+            models=list(self.scenario.models()),
             tenants_file=self.write_tenants(),
             max_sequences=self.max_sequences,
             node_cpu_nice=MODEL_CPU_NICE,
@@ -133,6 +135,7 @@ class SluiceSuite:
             self._supervisor.stop()
             raise
         self.address = endpoints.scheduler["grpc"]
+        self.metrics_address = endpoints.scheduler["metrics"]
 
     def stop(self) -> None:
         """Stop every child, then the stores."""

@@ -5,8 +5,9 @@ Every engine step:
 1. new requests move from the inbox to the waiting heap, ordered by (workload class, arrival);
    cancelled requests leave (a running one frees its slot now);
 2. admission: while the step's token budget (``max_batched_tokens`` minus one token per
-   decoding sequence) and a free slot last, the best waiting request gets a slot and a prefill
-   chunk. With every slot taken, the best waiting request preempts running sequences of a
+   decoding sequence) and a free slot last (within the batch the sequences' step budgets
+   allow, :mod:`sluice.itl`), the best waiting request gets a slot and a prefill chunk. With
+   every slot taken, the best waiting request preempts running sequences of a
    lower class (the lowest class, latest arrival first), as many as free one slot (several
    when a fine-tune took slots from a full engine); each victim goes back to the waiting
    heap with its generated tokens appended to its prompt and is recomputed when readmitted:
@@ -68,6 +69,7 @@ from inference_node.engine.types import (
 )
 from inference_node.model_types import LanguageModel
 from inference_node.training import GapConfig
+from sluice.itl import fitted_limit
 
 if TYPE_CHECKING:  # the metrics module imports this package
     from inference_node.metrics import TrainingMetrics
@@ -354,10 +356,13 @@ class BatchingEngine(ThreadedEngine):
         return n
 
     def _room_for(self, candidate: BatchSequence) -> bool:
-        """Whether ``candidate`` gets a slot: a free one within :meth:`_slot_limit`, else ones
-        preempted from lower classes, as many as bring the sequences under the limit (more
-        than one when a fine-tune took slots from a full engine)."""
-        over = len(self._active()) - self._slot_limit() + 1
+        """Whether ``candidate`` gets a slot: a free one within :meth:`_slot_limit` and the
+        batch the tightest step budget among the sequences and it allows (:mod:`sluice.itl`),
+        else ones preempted from lower classes, as many as bring the sequences under the
+        limit (more than one when a fine-tune took slots from a full engine)."""
+        active, limit = self._active(), self._slot_limit()
+        budgets = (s.job.request.step_budget_s for s in [*active, candidate])
+        over = len(active) - min(limit, fitted_limit(self.step_model.cost, budgets) or limit) + 1
         return over <= 0 or self._preempt_for(candidate, over)
 
     def _preempt_for(self, candidate: BatchSequence, count: int) -> bool:

@@ -68,6 +68,9 @@ class EngineRequest:
     params: SamplingParams
     workload_class: int = WorkloadClass.REALTIME
     adapter: str = ""
+    step_budget_s: float = 0.0
+    """The longest decode step the request's inter-token target allows; 0: none
+    (:mod:`sluice.itl`)."""
 
 
 @dataclass(frozen=True)

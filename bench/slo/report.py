@@ -1,0 +1,144 @@
+"""``slo.md``: the verdict table, then each scenario's levels by class, then the signals."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.slo.figures import (
+    ATTAINMENT_TARGET,
+    GOODPUT_TARGET,
+    REFUSAL_P99_TARGET_S,
+)
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{v * 100:.1f} %"
+
+
+def _s(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f} s"
+
+
+def _num(v: float | None, digits: int = 3) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _ok(v: bool) -> str:
+    return "pass" if v else "**FAIL**"
+
+
+TARGETS = {
+    "realtime_attainment_admitted": f"≥ {ATTAINMENT_TARGET * 100:g} %",
+    "realtime_goodput_vs_1x": f"≥ {GOODPUT_TARGET:g}×",
+    "errors_besides_refusals": "0",
+    "refused_without_retryinfo": "0",
+    "refusal_p99_s": f"≤ {REFUSAL_P99_TARGET_S * 1000:g} ms",
+}
+
+
+def _value(name: str, value: Any) -> str:
+    if name == "realtime_attainment_admitted":
+        return _pct(value)
+    if name == "realtime_goodput_vs_1x":
+        return "–" if value is None else f"{value:.2f}×"
+    if name == "refusal_p99_s":
+        return "–" if value is None else f"{value * 1000:.1f} ms"
+    return str(value)
+
+
+def verdict_rows(doc: dict[str, Any]) -> list[str]:
+    """One row per figure: scenario, figure, measured, target, pass."""
+    rows = ["| scenario | figure | measured | target | pass |", "| --- | --- | --- | --- | --- |"]
+    for e in doc["scenarios"]:
+        name = e["scenario"]
+        if "error" in e:
+            rows.append(f"| {name} | run | error: {e['error']} | measured | **FAIL** |")
+        cap = e.get("capacity", {})
+        rows.append(
+            f"| {name} | capacity at SLO, default settings vs the original terms (16 "
+            f"sequences, no guard) | {_num(cap.get('capacity_rps'))} vs "
+            f"{_num(cap.get('reference_rps'))} req/s ({_num(cap.get('ratio'), 2)}×) | ≥ 1× | "
+            f"{_ok(bool(cap.get('pass')))} |"
+        )
+        for level in e.get("levels", [])[1:]:
+            for check, result in level["verdict"]["checks"].items():
+                rows.append(
+                    f"| {name} | {level['label']} ({level['offered_rps']:.3f} req/s): {check} | "
+                    f"{_value(check, result['value'])} | {TARGETS[check]} | "
+                    f"{_ok(result['pass'])} |"
+                )
+    return rows
+
+
+def level_rows(e: dict[str, Any]) -> list[str]:
+    """Each level's classes."""
+    rows = [
+        "| level | req/s | class | requests | admitted | met SLO (of admitted) | goodput req/s | "
+        "refused | refusal p99 | TTFT p99 | TPOT p99 | errors | unfinished |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for level in e.get("levels", []):
+        for cls, c in level["classes"].items():
+            p99 = c["refusal_p99_s"]
+            rows.append(
+                f"| {level['label']} | {level['offered_rps']:.3f} | {cls} | {c['requests']} | "
+                f"{c['admitted']} | {_pct(c['attainment_admitted'])} | "
+                f"{c['goodput_rps']:.3f} | {c['refused']} | "
+                f"{'–' if p99 is None else f'{p99 * 1000:.1f} ms'} | {_s(c['ttft_p99_s'])} | "
+                f"{_s(c['tpot_p99_s'])} | {c['errors']} | {c['unfinished']} |"
+            )
+    return rows
+
+
+def search_line(label: str, steps: list[dict[str, Any]], capacity: float | None) -> str:
+    """A search as one line."""
+    probes = ", ".join(
+        f"{s['offered_rps']:g} → {s['attainment'] * 100:.0f} %{'' if s['passed'] else ' ✗'}"
+        for s in steps
+    )
+    return f"- {label}: capacity {_num(capacity)} req/s ({probes or 'no probes'})"
+
+
+def signal_rows(doc: dict[str, Any]) -> list[str]:
+    """Each signal's score."""
+    rows = [
+        "| signal | bins read | bins at risk | Spearman vs share missed | AUC (at risk) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, s in doc["signals"].items():
+        rows.append(
+            f"| {name} | {s['bins']} | {s['at_risk']} | {_num(s['spearman'], 2)} | "
+            f"{_num(s['auc'], 2)} |"
+        )
+    return rows
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The whole ``slo.md``."""
+    lines = [
+        "# Overload on every scenario, default settings (`make bench-slo`)",
+        "",
+        f"Generated {doc['generated_at']} in {doc['wall_s']:g} s. Sluice only, one node as "
+        "`sluice up` starts it (32 sequences, the inter-token guard on), against the same "
+        "scenario under the original terms (16 sequences, no guard). Definitions: "
+        "`bench/slo/figures.py`, `bench/slo/signals.py`; every figure is of this run.",
+        "",
+        *verdict_rows(doc),
+        "",
+    ]
+    for e in doc["scenarios"]:
+        lines += [f"## {e['scenario']}", ""]
+        ref = e.get("reference")
+        if ref:
+            lines.append(search_line("original terms", ref["search"], ref.get("capacity_rps")))
+        lines += [search_line("default settings", e.get("search", []), e.get("capacity_rps")), ""]
+        lines += [*level_rows(e), ""]
+    lines += [
+        "## Autoscaling signals (issue 21)",
+        "",
+        "Each run cut into 5-s bins; a bin is at risk when more than 5 % of the REALTIME "
+        "requests sent in it were not served within the SLO (refused, failed or late).",
+        "",
+        *signal_rows(doc),
+    ]
+    return "\n".join(lines)
