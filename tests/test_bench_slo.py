@@ -12,7 +12,7 @@ from bench.jobs.metrics import parse
 from bench.load.records import OUTCOME_OK, OUTCOME_REFUSED, RequestRecord
 from bench.slo.figures import by_class, capacity_verdict, level_verdict
 from bench.slo.report import markdown
-from bench.slo.signals import auc, bins, ranks, score_signals, spearman
+from bench.slo.signals import auc, best_threshold, bins, ranks, score_signals, spearman
 
 
 def record(
@@ -68,6 +68,9 @@ def test_ranks_spearman_and_auc() -> None:
     assert auc([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == 1.0
     assert auc([0.5, 0.5], [False, True]) == 0.5
     assert auc([1.0], [True]) is None
+    cut = best_threshold([0.1, 0.2, 0.8, 0.9, 0.3], [False, False, True, True, True])
+    assert cut == {"value": 0.3, "j": 1.0, "tpr": 1.0, "fpr": 0.0}
+    assert best_threshold([0.1], [False]) is None
 
 
 def test_bins_read_each_signal_and_the_realtime_share_not_served_in_slo() -> None:
@@ -167,4 +170,4 @@ def test_the_report_has_a_row_per_figure_and_the_signal_table() -> None:
     text = markdown(doc)
     assert "| chat-longtail | capacity at SLO" in text and "1.20×" in text
     assert text.count("| chat-longtail | 2x capacity") == 5
-    assert "| predicted_wait_s | 0 | 0 | – | – |" in text
+    assert "| predicted_wait_s | 0 | 0 | – | – | – |" in text

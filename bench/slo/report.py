@@ -102,13 +102,16 @@ def search_line(label: str, steps: list[dict[str, Any]], capacity: float | None)
 def signal_rows(doc: dict[str, Any]) -> list[str]:
     """Each signal's score."""
     rows = [
-        "| signal | bins read | bins at risk | Spearman vs share missed | AUC (at risk) |",
-        "| --- | --- | --- | --- | --- |",
+        "| signal | bins read | bins at risk | Spearman vs share missed | AUC (at risk) | "
+        "best cut (TPR / FPR) |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in doc["signals"].items():
+        cut = s.get("threshold")
+        best = "–" if not cut else f"≥ {cut['value']:.3g} ({cut['tpr']:.2f} / {cut['fpr']:.2f})"
         rows.append(
             f"| {name} | {s['bins']} | {s['at_risk']} | {_num(s['spearman'], 2)} | "
-            f"{_num(s['auc'], 2)} |"
+            f"{_num(s['auc'], 2)} | {best} |"
         )
     return rows
 

@@ -16,8 +16,9 @@ cut into bins of ``bin_s``; in each bin:
 
 SLO risk of a bin: the share of the REALTIME requests sent in it that were not served within
 the SLO (refused, failed, or answered past it): what scaling up would have saved. Each signal is
-scored over the bins of every run by Spearman's rank correlation with that share and by the
-area under the ROC curve of telling bins at risk (share above ``risk_share``) from the others.
+scored over the bins of every run by Spearman's rank correlation with that share, by the
+area under the ROC curve of telling bins at risk (share above ``risk_share``) from the others,
+and by the value that tells them apart best (Youden's J): a scaling target's starting point.
 """
 
 from __future__ import annotations
@@ -192,6 +193,23 @@ def auc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
     return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
 
 
+def best_threshold(scores: Sequence[float], positive: Sequence[bool]) -> dict[str, Any] | None:
+    """The value of ``scores`` that best tells positives from negatives as "at or above it":
+    the one maximizing Youden's J (true-positive rate less false-positive rate), with both
+    rates; None without both kinds."""
+    pos = sum(positive)
+    neg = len(positive) - pos
+    if pos == 0 or neg == 0:
+        return None
+    best: dict[str, Any] | None = None
+    for cut in sorted(set(scores)):
+        tpr = sum(s >= cut and p for s, p in zip(scores, positive, strict=True)) / pos
+        fpr = sum(s >= cut and not p for s, p in zip(scores, positive, strict=True)) / neg
+        if best is None or tpr - fpr > best["j"]:
+            best = {"value": cut, "j": tpr - fpr, "tpr": tpr, "fpr": fpr}
+    return best
+
+
 def score_signals(
     all_bins: Sequence[Mapping[str, Any]], risk_share: float = 0.05
 ) -> dict[str, dict[str, Any]]:
@@ -207,5 +225,6 @@ def score_signals(
             "at_risk": sum(y > risk_share for y in ys),
             "spearman": spearman(xs, ys),
             "auc": auc(xs, [y > risk_share for y in ys]),
+            "threshold": best_threshold(xs, [y > risk_share for y in ys]),
         }
     return out
