@@ -33,7 +33,8 @@ def batch_limit(base_s: float, per_sequence_s: float, budget_s: float) -> int | 
     that does not grow with sequences)."""
     if not 0 < budget_s < math.inf or not 0 < per_sequence_s < math.inf:
         return None
-    return max(1, math.floor((budget_s - base_s) / per_sequence_s + 1e-9))
+    fits = (budget_s - base_s) / per_sequence_s + 1e-6
+    return max(1, math.floor(fits)) if math.isfinite(fits) else None
 
 
 def tightest(budgets: Iterable[float]) -> float:

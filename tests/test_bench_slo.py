@@ -145,6 +145,7 @@ def test_level_verdicts_follow_the_targets() -> None:
     }
     assert capacity_verdict(1.8, 1.6)["pass"] and not capacity_verdict(1.2, 1.6)["pass"]
     assert not capacity_verdict(1.2, None)["pass"]
+    assert not capacity_verdict(0.0, 0.0)["pass"]  # nothing met the SLO on either
 
 
 def test_the_report_has_a_row_per_figure_and_the_signal_table() -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 
+from bench.slo.cli import GUARD_OFF
 from scheduler.config import SchedulerSettings, step_budgets
 from scheduler.routing import LoadBook
 from sluice.contract import WorkloadClass
 from sluice.itl import batch_limit, fitted_limit, tightest
+from sluice.runtime.settings import parse_settings
 from sluice.v1 import common_pb2
 
 RT, BATCH = WorkloadClass.REALTIME, WorkloadClass.BATCH
@@ -69,3 +71,9 @@ def test_the_costliest_fit_of_a_report_counts() -> None:
     cheap = common_pb2.StepCost(model="e", base_s=0.001, per_sequence_s=0.0001)
     book.on_report(0, 0, 0, 0, 0.0, steps=[cheap, FIT])
     assert book.capacity(RT, 0.125, BUDGETS) == 8
+
+
+def test_the_scheduler_command_line_turns_the_guard_off() -> None:
+    """What ``bench.slo``'s reference suite passes (`sluice up`'s ``scheduler_args``)."""
+    settings = parse_settings(SchedulerSettings, GUARD_OFF, "scheduler")
+    assert set(step_budgets(settings).values()) == {0.0}

@@ -221,6 +221,31 @@ async def _alone(ctx: Running, opts: SharingOptions) -> dict[str, Any]:
     return {"window_s": round(end[0] - start[0], 2), **figures}
 
 
+async def stop_training(
+    ctx: Running, tuner: Caller, job_id: str, timeout_s: float = 60.0, quiet_s: float = 2.0
+) -> None:
+    """Cancel the load job and wait until it is final and the node has stopped training (its
+    training-token counter holds still for ``quiet_s``): the phase after it must not run
+    beside a job still training. ``RuntimeError`` when that does not happen in ``timeout_s``."""
+    suite = ctx.suite
+    assert isinstance(suite, FinetuneSuite)
+    with contextlib.suppress(grpc.aio.AioRpcError):  # a lost answer: the polls below tell
+        await tuner.cancel(job_id)
+    if await tuner.wait_final(job_id, timeout_s) is None:
+        raise RuntimeError(f"the load job was not final {timeout_s:g} s after its cancel")
+    deadline = time.monotonic() + timeout_s
+    last = -1.0
+    while time.monotonic() < deadline:
+        _, samples = await read_node(suite)
+        trained = total(samples or {}, TRAINED)
+        if trained == last:
+            ctx.event(f"load job {job_id} cancelled, the node's training stopped")
+            return
+        last = trained
+        await asyncio.sleep(quiet_s)
+    raise RuntimeError("the node kept training after the load job was cancelled")
+
+
 def _label(load: float) -> str:
     return f"with training at {load * 100:g} %"
 
@@ -278,10 +303,8 @@ async def sharing(
         }
         last = await read_node(suite)
         trained = await tuner.get(job_id)
-        await tuner.cancel(job_id)
-        await tuner.wait_final(job_id, 60.0)
+        await stop_training(ctx, tuner, job_id)
         cancelled = True
-        ctx.event(f"load job {job_id} cancelled")
         after = await phase(ctx, realtime, compared_at, "without training, after", bound_s)
     finally:
         if job_id and not cancelled:

@@ -91,12 +91,15 @@ class SluiceSuite:
         run_dir: Path,
         nodes: int = 1,
         max_sequences: int | None = None,
+        scheduler_args: list[str] | None = None,
     ) -> None:
         self.scenario = scenario
         self.keys = keys
         self.run_dir = run_dir
         self.nodes = nodes
         self.max_sequences = max_sequences
+        self.scheduler_args = list(scheduler_args or [])
+        """More scheduler flags (``bench.slo``'s reference turns the inter-token guard off)."""
         self.address = ""
         self.metrics_address = ""
         """The scheduler's Prometheus endpoint (host:port) once started."""
@@ -124,6 +127,7 @@ class SluiceSuite:
             models=list(self.scenario.models()),
             tenants_file=self.write_tenants(),
             max_sequences=self.max_sequences,
+            scheduler_args=self.scheduler_args,
             node_cpu_nice=MODEL_CPU_NICE,
             # Its figures compare scheduling policies, measured plaintext since the start.
             insecure=True,

@@ -18,13 +18,11 @@ started is stopped by its PID (the suite's supervisor), on errors too.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,12 +42,12 @@ from bench.slo.signals import Sampler, bins, score_signals
 from sluice.runtime.auth import new_api_key
 
 REFERENCE_MAX_SEQUENCES = 16
-GUARD_OFF = {
-    "SLUICE_REALTIME_ITL_TARGET_SECONDS": "0",
-    "SLUICE_BATCH_ITL_TARGET_SECONDS": "0",
-    "SLUICE_FINETUNE_ITL_TARGET_SECONDS": "0",
-}
-"""The scheduler's environment for the reference suite (its settings read ``SLUICE_*``)."""
+GUARD_OFF = [
+    "--realtime-itl-target-seconds", "0",
+    "--batch-itl-target-seconds", "0",
+    "--finetune-itl-target-seconds", "0",
+]  # fmt: skip
+"""The reference scheduler's flags: no inter-token target, slots alone."""
 MULTIPLES = (1.0, 2.0, 4.0)
 
 
@@ -72,21 +70,6 @@ def options(args: argparse.Namespace) -> Options:
         max_search_steps=args.max_search_steps,
         node_max_sequences=0,
     )
-
-
-@contextlib.contextmanager
-def environment(extra: dict[str, str]) -> Iterator[None]:
-    """``extra`` in this process's environment (the suite's children inherit it), then not."""
-    saved = {k: os.environ.get(k) for k in extra}
-    os.environ.update(extra)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _meets(result: LoadResult) -> Callable[[RequestRecord], bool]:
@@ -116,10 +99,12 @@ def run_scenario(
 
     def measure() -> None:
         searched["default"] = bench.search(suite, start_rps)
-        cap = searched["default"].capacity_rps or min(
-            (s.offered_rps for s in searched["default"].steps), default=start_rps
-        )
-        plan = [(m * cap, f"{m:g}x capacity") for m in MULTIPLES]
+        cap = searched["default"].capacity_rps
+        of = "capacity"
+        if cap <= 0:  # no rate met the SLO: the levels say what they are multiples of
+            cap = min((s.offered_rps for s in searched["default"].steps), default=start_rps)
+            of = "the lowest rate probed (no capacity at SLO found)"
+        plan = [(m * cap, f"{m:g}x {of}") for m in MULTIPLES]
         done.extend(bench.levels(suite, plan))
 
     try:
@@ -138,6 +123,8 @@ def run_scenario(
     entry["capacity"] = capacity_verdict(
         entry["capacity_rps"] or 0.0, (entry.get("reference") or {}).get("capacity_rps")
     )
+    if "error" in entry:
+        entry["capacity"]["pass"] = False
     entry["bins"] = all_bins
     return entry
 
@@ -150,17 +137,18 @@ def _search_only(
     run_dir: Path,
     all_bins: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    suite = SluiceSuite(scenario, keys, run_dir, max_sequences=REFERENCE_MAX_SEQUENCES)
+    suite = SluiceSuite(
+        scenario, keys, run_dir, max_sequences=REFERENCE_MAX_SEQUENCES, scheduler_args=GUARD_OFF
+    )
     sampler = Sampler(lambda: suite.metrics_address)
     bench = Benchmark(scenario, keys, opts, observer=sampler)
     found: dict[str, SearchResult] = {}
     out: dict[str, Any] = {
         "max_sequences": REFERENCE_MAX_SEQUENCES,
-        "scheduler_environment": GUARD_OFF,
+        "scheduler_flags": GUARD_OFF,
     }
     try:
-        with environment(GUARD_OFF):
-            run_target(bench, suite, lambda: found.update(ref=bench.search(suite, start_rps)))
+        run_target(bench, suite, lambda: found.update(ref=bench.search(suite, start_rps)))
     except Exception as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
     search = found.get("ref")
@@ -245,9 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run every scenario, write slo.json and slo.md; exit 1 when one could not be measured."""
     args = parse_args(argv)
     if args.rescore is not None:
-        doc = json.loads(args.rescore.read_text())
-        doc["signals"] = score_signals([b for e in doc["scenarios"] for b in e.get("bins", [])])
-        write(doc, args.rescore.parent)
+        earlier: dict[str, Any] = json.loads(args.rescore.read_text())
+        bins_read = [b for e in earlier["scenarios"] for b in e.get("bins", [])]
+        write({**earlier, "signals": score_signals(bins_read)}, args.rescore.parent)
         return 0
     paths = args.scenario or default_scenarios()
     opts = options(args)

@@ -113,5 +113,5 @@ def capacity_verdict(capacity: float, reference: float | None) -> dict[str, Any]
         "capacity_rps": capacity,
         "reference_rps": reference,
         "ratio": capacity / reference if reference else None,
-        "pass": reference is not None and capacity >= reference,
+        "pass": capacity > 0 and reference is not None and capacity >= reference,
     }

@@ -5,9 +5,9 @@ the HorizontalPodAutoscaler and KEDA follow).
 A :class:`Sampler` thread reads the scheduler every ``interval_s`` while a run lasts. The run is
 cut into bins of ``bin_s``; in each bin:
 
-- ``predicted_wait_s``: the mean queue wait admission predicted for the decisions made in the
-  bin (``sluice_scheduler_predicted_queue_wait_seconds``, increase of sum over increase of
-  count; refused requests included), None without decisions;
+- ``predicted_wait_s``: the mean queue wait admission predicted for the REALTIME decisions
+  made in the bin (``sluice_scheduler_predicted_queue_wait_seconds``, increase of sum over
+  increase of count; refused requests included), None without decisions;
 - ``tokens_in_flight``: tokens the scheduler estimates in flight per node
   (``sluice_scheduler_node_tokens_in_flight``), the mean of the bin's samples;
 - ``sequences``: running and waiting sequences per node (``sluice_scheduler_node_sequences``:
@@ -102,8 +102,11 @@ def bin_signals(
     first = before[-1] if before else (inside[0] if inside else None)
     last = inside[-1] if inside else None
     if first is not None and last is not None:
-        count = total(last, PREDICTED + "_count") - total(first, PREDICTED + "_count")
-        summed = total(last, PREDICTED + "_sum") - total(first, PREDICTED + "_sum")
+        count, summed = (
+            total(last, PREDICTED + part, workload_class=REALTIME)
+            - total(first, PREDICTED + part, workload_class=REALTIME)
+            for part in ("_count", "_sum")
+        )
         if count > 0:
             out["predicted_wait_s"] = summed / count
     return out

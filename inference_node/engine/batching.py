@@ -357,12 +357,13 @@ class BatchingEngine(ThreadedEngine):
 
     def _room_for(self, candidate: BatchSequence) -> bool:
         """Whether ``candidate`` gets a slot: a free one within :meth:`_slot_limit` and the
-        batch the tightest step budget among the sequences and it allows (:mod:`sluice.itl`),
-        else ones preempted from lower classes, as many as bring the sequences under the
-        limit (more than one when a fine-tune took slots from a full engine)."""
-        active, limit = self._active(), self._slot_limit()
-        budgets = (s.job.request.step_budget_s for s in [*active, candidate])
-        over = len(active) - min(limit, fitted_limit(self.step_model.cost, budgets) or limit) + 1
+        batch the tightest step budget among it and the sequences it cannot preempt allows
+        (:mod:`sluice.itl`), else ones preempted from lower classes, as many as bring the
+        sequences under the limit (several when a fine-tune took slots from a full engine)."""
+        active, rank = self._active(), candidate.job.workload_class.rank
+        kept = [s for s in [*active, candidate] if s.job.workload_class.rank <= rank]
+        fit = fitted_limit(self.step_model.cost, (s.job.request.step_budget_s for s in kept))
+        over = len(active) - min(self._slot_limit(), fit or self._slot_limit()) + 1
         return over <= 0 or self._preempt_for(candidate, over)
 
     def _preempt_for(self, candidate: BatchSequence, count: int) -> bool:

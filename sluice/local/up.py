@@ -71,10 +71,11 @@ class UpConfig:
     ``vllm_python``, the interpreter of ``.venv-vllm`` that ``make setup-vllm`` builds)."""
     vllm_python: Path = Path(".venv-vllm/bin/python")
     insecure: bool = False
-    """Plaintext everywhere, no etcd auth, no Redis users. Off by default: the suite gets a
-    CA and a certificate per service in ``<run-dir>/pki``, mutual TLS on every internal hop,
-    TLS on the public port, etcd users per certificate and Redis ACL users
-    (``sluice.local.lockdown``)."""
+    """Plaintext everywhere, no etcd auth, no Redis users. Off by default: a CA and a certificate
+    per service in ``<run-dir>/pki``, mutual TLS on every internal hop, TLS on the public port,
+    etcd users per certificate and Redis ACL users (``sluice.local.lockdown``)."""
+    scheduler_args: list[str] = field(default_factory=list)
+    """More flags for the scheduler (``--<setting> <value>``, any ``SchedulerSettings`` field)."""
 
 
 @dataclass
@@ -102,8 +103,7 @@ class Child:
         return self.grpc_address
 
     def respawn(self) -> None:
-        """Start the process again with the same command line (ports included); returns at
-        once."""
+        """Start the process again with the same command line (ports included); returns."""
         self.proc = subprocess.Popen(
             self.argv, stdout=self.log, stderr=subprocess.STDOUT, env=self.env
         )
@@ -372,10 +372,11 @@ class Supervisor:
             )
             if i == 1:  # the first node converts model weights once; the others load the copy
                 self._wait_serving(nodes[0], deadline)
+        front = ["--tenants-file", str(tenants), "--cache-address", cache.grpc_address]
         scheduler = self._spawn(
             "scheduler",
             "scheduler",
-            [*common, "--tenants-file", str(tenants), "--cache-address", cache.grpc_address],
+            [*common, *front, *cfg.scheduler_args],
             Identity(Role.SCHEDULER),
             self._redis_env("scheduler", redis.address),
         )
