@@ -78,7 +78,8 @@ def test_metric_names_are_read_from_the_code() -> None:
         "sluice_node_running_sequences",
         "sluice_node_waiting_sequences",
         "sluice_scheduler_requests_total",
-        "sluice_scheduler_queue_wait_seconds_bucket",
+        "sluice_scheduler_predicted_queue_wait_seconds_sum",
+        "sluice_scheduler_predicted_queue_wait_seconds_count",
         "sluice_scheduler_finetune_jobs",
     } <= exported_series()
 
@@ -131,7 +132,7 @@ def _targets(autoscaler: Obj) -> list[str]:
     for metric in autoscaler["spec"]["metrics"]:
         target = metric[metric["type"].lower()]["target"]
         raw = str(target.get("averageValue", target.get("value", target.get("averageUtilization"))))
-        values.append("0.25" if raw == "250m" else raw)
+        values.append(f"{int(raw[:-1]) / 1000:g}" if raw.endswith("m") else raw)  # 300m: 0.3
     return sorted(values)
 
 
@@ -262,7 +263,7 @@ def test_deploy_doc_cites_measured_figures_that_exist() -> None:
     assert cited and all((ROOT / path).is_file() for path in cited), cited
     for target in (
         "sluice_node_sequences_in_flight",
-        "sluice_scheduler_queue_wait_p90_seconds",
+        "sluice_scheduler_predicted_queue_wait_mean_seconds",
         "sluice_scheduler_requests_per_second",
         "sluice_scheduler_finetune_jobs_open",
     ):
