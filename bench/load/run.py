@@ -192,6 +192,18 @@ def _record(
     )
 
 
+def _failed(
+    request: PlannedRequest, progress: _Progress, exc: Exception, clock: Callable[[], float]
+) -> RequestRecord:
+    """The record of a request that raised ``exc``: a target's error with its status code,
+    anything else as the load generator's own (``CLIENT_ERROR``)."""
+    progress.ended_s = clock()
+    if isinstance(exc, TargetError):
+        return _record(request, progress, status=exc.code, outcome=_outcome(exc.code), error=exc)
+    details = f"{type(exc).__name__}: {exc}"
+    return _record(request, progress, status=CLIENT_ERROR, outcome=OUTCOME_ERROR, details=details)
+
+
 async def _one(
     target: Target, request: PlannedRequest, progress: _Progress, clock: Callable[[], float]
 ) -> RequestRecord:
@@ -211,18 +223,8 @@ async def _one(
                 progress.finish_reason = progress.finish_reason.removeprefix("FINISH_REASON_")
                 progress.usage_tokens = chunk.usage.completion_tokens
                 progress.prompt_tokens = chunk.usage.prompt_tokens
-    except TargetError as exc:
-        progress.ended_s = clock()
-        return _record(request, progress, status=exc.code, outcome=_outcome(exc.code), error=exc)
-    except Exception as exc:  # a bug or a transport surprise: still accounted for
-        progress.ended_s = clock()
-        return _record(
-            request,
-            progress,
-            status=CLIENT_ERROR,
-            outcome=OUTCOME_ERROR,
-            details=f"{type(exc).__name__}: {exc}",
-        )
+    except Exception as exc:  # a target's error, a bug or a transport surprise: accounted for
+        return _failed(request, progress, exc, clock)
     progress.ended_s = clock()
     if progress.finish_reason in ("", "CANCELLED"):  # a stream must end with a finish reason
         return _record(
@@ -242,18 +244,8 @@ async def _one_embed(
     progress.sent_s = clock()
     try:
         vectors = await target.embed(request)
-    except TargetError as exc:
-        progress.ended_s = clock()
-        return _record(request, progress, status=exc.code, outcome=_outcome(exc.code), error=exc)
-    except Exception as exc:  # a bug or a transport surprise: still accounted for
-        progress.ended_s = clock()
-        return _record(
-            request,
-            progress,
-            status=CLIENT_ERROR,
-            outcome=OUTCOME_ERROR,
-            details=f"{type(exc).__name__}: {exc}",
-        )
+    except Exception as exc:  # a target's error, a bug or a transport surprise: accounted for
+        return _failed(request, progress, exc, clock)
     progress.ended_s = progress.first_token_s = clock()
     if vectors != len(request.texts):
         return _record(
