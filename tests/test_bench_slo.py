@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from bench.jobs.metrics import parse
-from bench.load.records import OUTCOME_OK, OUTCOME_REFUSED, RequestRecord
+from bench.load.records import OUTCOME_OK, OUTCOME_REFUSED, SLO, RequestRecord
 from bench.slo.figures import by_class, capacity_verdict, level_verdict
 from bench.slo.report import markdown
 from bench.slo.signals import auc, best_threshold, bins, ranks, score_signals, spearman
@@ -108,7 +108,7 @@ def test_class_figures_count_admitted_requests_and_refusals() -> None:
     records = [record(i, float(i)) for i in range(18)]
     records += [record(18, 18.0, ttft=5.0), record(19, 19.0, OUTCOME_REFUSED, e2e=0.004)]
     records += [record(20, 20.0, OUTCOME_REFUSED, retry=None, e2e=0.02)]
-    figures = by_class(records, meets, 10.0)["realtime"]
+    figures = by_class(records, SLO(), 10.0)["realtime"]
     assert figures["admitted"] == 19 and figures["met_slo"] == 18
     assert figures["attainment_admitted"] == pytest.approx(18 / 19)
     assert figures["refused"] == 2 and figures["refused_without_retryinfo"] == 1

@@ -210,7 +210,7 @@ def _levels(
                 "label": label,
                 "offered_rps": rate,
                 "window_s": result.duration_s,
-                "classes": by_class(result.records, meets, result.duration_s),
+                "classes": by_class(result.records, result.slo, result.duration_s),
             }
         )
     return out

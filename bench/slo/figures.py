@@ -17,11 +17,10 @@ pure so they are tested without servers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bench.load.records import OUTCOME_ERROR, OUTCOME_REFUSED, RequestRecord
-from bench.stats import percentile
+from bench.load.records import SLO, RequestRecord, summarize
 
 ATTAINMENT_TARGET = 0.95
 GOODPUT_TARGET = 0.9
@@ -29,42 +28,32 @@ REFUSAL_P99_TARGET_S = 0.010
 OVERLOAD_MULTIPLES = (2.0, 4.0)
 
 
-def class_figures(
-    records: Sequence[RequestRecord], meets: Callable[[RequestRecord], bool], window_s: float
-) -> dict[str, Any]:
-    """One class's requests in one run."""
-    refused = [r for r in records if r.outcome == OUTCOME_REFUSED]
-    admitted = [r for r in records if r.outcome != OUTCOME_REFUSED]
-    good = [r for r in admitted if meets(r)]
+def class_figures(records: Sequence[RequestRecord], slo: SLO, window_s: float) -> dict[str, Any]:
+    """One class's requests in one run: :func:`bench.load.records.summarize`'s counts, with
+    the SLO attainment of the admitted (refused requests never meet the SLO, so those that
+    met it are all admitted)."""
+    summary = summarize(records, duration_s=window_s, elapsed_s=window_s, slo=slo)
+    admitted = summary["requests"] - summary["refused"]
+    kept = (
+        "requests", "goodput_rps", "refused", "refused_without_retryinfo", "errors",
+        "unfinished", "ttft_p99_s", "tpot_p99_s",
+    )  # fmt: skip
     return {
-        "requests": len(records),
-        "admitted": len(admitted),
-        "met_slo": len(good),
-        "attainment_admitted": len(good) / len(admitted) if admitted else None,
-        "goodput_rps": len(good) / window_s if window_s > 0 else 0.0,
-        "refused": len(refused),
-        "refused_without_retryinfo": sum(r.retry_after_s is None for r in refused),
-        "refusal_p99_s": percentile([r.e2e_s for r in refused if r.e2e_s is not None], 99)
-        if refused
-        else None,
-        "errors": sum(r.outcome == OUTCOME_ERROR for r in records),
-        "unfinished": sum(r.outcome not in (OUTCOME_REFUSED, OUTCOME_ERROR, "ok") for r in records),
-        "ttft_p99_s": percentile([r.ttft_s for r in admitted if r.ttft_s is not None], 99)
-        if admitted
-        else None,
-        "tpot_p99_s": percentile([r.tpot_s for r in admitted if r.tpot_s is not None], 99)
-        if any(r.tpot_s is not None for r in admitted)
-        else None,
+        **{k: summary[k] for k in kept},
+        "admitted": admitted,
+        "met_slo": summary["meeting_slo"],
+        "attainment_admitted": summary["meeting_slo"] / admitted if admitted else None,
+        "refusal_p99_s": summary["refusal_p99_s"] if summary["refused"] else None,
     }
 
 
 def by_class(
-    records: Sequence[RequestRecord], meets: Callable[[RequestRecord], bool], window_s: float
+    records: Sequence[RequestRecord], slo: SLO, window_s: float
 ) -> dict[str, dict[str, Any]]:
     """:func:`class_figures` of each class present."""
     classes = sorted({r.workload_class for r in records})
     return {
-        c: class_figures([r for r in records if r.workload_class == c], meets, window_s)
+        c: class_figures([r for r in records if r.workload_class == c], slo, window_s)
         for c in classes
     }
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.jobs.metrics import Samples, scrape, total
-from bench.load.records import OUTCOME_OK, RequestRecord
+from bench.load.records import RequestRecord
 
 PREDICTED = "sluice_scheduler_predicted_queue_wait_seconds"
 TOKENS = "sluice_scheduler_node_tokens_in_flight"
@@ -116,11 +116,6 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def served_in_slo(record: RequestRecord, meets: Callable[[RequestRecord], bool]) -> bool:
-    """Whether a request was answered within the SLO."""
-    return record.outcome == OUTCOME_OK and meets(record)
-
-
 def bins(
     points: Sequence[tuple[float, Samples]],
     records: Sequence[RequestRecord],
@@ -142,7 +137,7 @@ def bins(
             and edge <= r.sent_s < edge + bin_s
         ]
         if sent:
-            bad = sum(not served_in_slo(r, meets) for r in sent)
+            bad = sum(not meets(r) for r in sent)  # meets: answered OK within the SLO
             out.append(
                 {
                     "t_s": edge,
