@@ -60,6 +60,8 @@ class Plan:
     resume: ResumeOptions
     flags: NodeFlags
     budget_s: dict[str, float]
+    device: str = "cpu"
+    """Where the nodes run the model (``cuda`` for the GPU check; float32 either way)."""
 
 
 def full_plan() -> Plan:
@@ -114,6 +116,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=float,
         help="the nodes' --training-itl-budget-ms (default: none, the node's share and tail rule)",
     )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the nodes' device")
     p.add_argument("--eval-prompts", type=int, choices=range(1, len(HELD_OUT_ITEMS) + 1))
     p.add_argument(
         "--out-dir",
@@ -141,7 +144,7 @@ def plan_of(args: argparse.Namespace) -> Plan:
         plan = replace(plan, flags=replace(plan.flags, itl_budget_ms=args.itl_budget_ms))
     if args.eval_prompts is not None:
         plan = replace(plan, resume=replace(plan.resume, eval_prompts=args.eval_prompts))
-    return plan
+    return replace(plan, device=args.device)
 
 
 def experiments(plan: Plan) -> dict[str, Experiment]:
@@ -182,7 +185,7 @@ async def run(plan: Plan, names: list[str], run_dir: Path) -> dict[str, dict[str
         print(f"   {message}", flush=True)
 
     try:
-        async with running(run_dir, plan.model, say=say) as suite:
+        async with running(run_dir, plan.model, plan.device, say=say) as suite:
             for name in NAMES:
                 if name not in names:
                     continue
@@ -201,6 +204,7 @@ def settings_of(plan: Plan, run_dir: Path) -> dict[str, Any]:
     return {
         "mode": plan.mode,
         "model": plan.model,
+        "device": plan.device,
         "node_flags": " ".join(plan.flags.flags(Path("<run-dir>"))),
         "yield_bound_ms": plan.flags.yield_bound_ms,
         "itl_budget_ms": plan.flags.itl_budget_ms,

@@ -78,6 +78,7 @@ class FinetuneSuite(ChaosSuite):
     """:class:`ChaosSuite` serving ``model`` (the tenants may use it), one node to start."""
 
     model: str = "tiny-random-llama"
+    device: str = "cpu"
     node_flags: NodeFlags | None = None
     """The flags the node was restarted with (None: `sluice up`'s node, not configured)."""
     supervision: asyncio.Task[None] | None = None
@@ -95,6 +96,7 @@ class FinetuneSuite(ChaosSuite):
             run_dir=self.run_dir,
             nodes=self.nodes,
             models=[self.model],
+            device=self.device,
             tenants_file=tenants,
             startup_timeout_s=self.startup_timeout_s,
             grace_s=2.0,
@@ -139,7 +141,7 @@ class FinetuneSuite(ChaosSuite):
             raise RuntimeError("the suite is not started and configured")
         secrets = self.supervisor.enroll_node(node_id)
         args = [
-            "--etcd-endpoint", self.endpoints.etcd, "--models", self.model, "--device", "cpu",
+            "--etcd-endpoint", self.endpoints.etcd, "--models", self.model, "--device", self.device,
             "--dtype", "float32", "--cpu-nice", str(UpConfig.node_cpu_nice),
             "--node-id", node_id, *self.node_flags.flags(self.run_dir),
         ]  # fmt: skip
@@ -191,12 +193,12 @@ class TreeCpuMeter(CpuMeter):
 
 @contextlib.asynccontextmanager
 async def running(
-    run_dir: Path, model: str, say: Callable[[str], None] = print
+    run_dir: Path, model: str, device: str = "cpu", say: Callable[[str], None] = print
 ) -> AsyncIterator[FinetuneSuite]:
     """A fresh suite of ``model`` in ``run_dir`` (emptied first), supervised while the block
     runs, then stopped (every process by its PID), on errors too."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    suite = FinetuneSuite(run_dir, nodes=1, model=model, say=lambda m: say(f"  {m}"))
+    suite = FinetuneSuite(run_dir, nodes=1, model=model, device=device, say=lambda m: say(f"  {m}"))
     try:
         await asyncio.to_thread(suite.start)
         suite.start_supervising()
