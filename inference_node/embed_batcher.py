@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import time
 from collections import deque
@@ -154,7 +155,30 @@ class _Waiting:
     embedder: Embedder
     texts: list[str]
     future: asyncio.Future[EmbedResult]
+    rank: int = 0
+    """Its workload class's rank (0: REALTIME): lower ranks are taken first."""
+    seq: int = 0
+    """Arrival order."""
     queued_at: float = field(default_factory=time.monotonic)
+    taken: int = 0
+    """Texts handed to forwards so far: a request larger than a forward's room is taken in
+    slices, one forward after another."""
+    vectors: list[list[float]] = field(default_factory=list)
+    tokens: int = 0
+
+    @property
+    def left(self) -> int:
+        """Texts not yet handed to a forward."""
+        return len(self.texts) - self.taken
+
+
+@dataclass(frozen=True)
+class _Slice:
+    """Texts ``start:end`` of a request, in one forward."""
+
+    item: _Waiting
+    start: int
+    end: int
 
 
 class EmbedBatcher:
@@ -162,8 +186,12 @@ class EmbedBatcher:
 
     :meth:`embed` queues a request and waits for its result. One task takes batches: when the
     thread is free it waits at most ``max_wait_s`` for as many texts of the head request's
-    model as that model's previous batch had (capped by its sizer's limit), then runs every
-    waiting request of that model that fits under the limit as one forward. The previous
+    model as that model's previous batch had (capped by its sizer's limit), then fills one
+    forward of at most the limit's texts from the waiting requests of that model. The head
+    is the waiting request of the highest class (lowest rank), the earliest among them, and
+    the forward is filled in that order too: a request with more texts than the room left is
+    taken in slices, its next slice in a later forward, so a REALTIME request waits for at most
+    one forward of the limit's size whatever lower-class requests hold. The previous
     sizes are forgotten whenever the queue empties, so a request that arrives with nothing
     queued never waits. Each model has its own :class:`BatchSizer` (``new_sizer()``, made on
     its first request), so one model's latency never caps another's batches.
@@ -195,6 +223,7 @@ class EmbedBatcher:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self._queue: deque[_Waiting] = deque()
         self._running: list[_Waiting] = []
+        self._arrivals = itertools.count()
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._previous_texts: dict[str, int] = {}
@@ -214,16 +243,16 @@ class EmbedBatcher:
         """Requests queued, not yet running."""
         return len(self._queue)
 
-    async def embed(self, embedder: Embedder, texts: Sequence[str]) -> EmbedResult:
-        """``texts``' vectors and prompt tokens, computed in some batch. Raises
-        :class:`EmbedQueueFullError` at once past ``max_waiting``, :class:`EmbedderClosedError`
-        once closed."""
+    async def embed(self, embedder: Embedder, texts: Sequence[str], rank: int = 0) -> EmbedResult:
+        """``texts``' vectors and prompt tokens, computed in some batches; ``rank``: the
+        request's class rank (0 = REALTIME, taken first). Raises :class:`EmbedQueueFullError`
+        at once past ``max_waiting``, :class:`EmbedderClosedError` once closed."""
         if self._closed:
             raise EmbedderClosedError("the embedding thread is closed")
         if self.waiting >= self.max_waiting:
             raise EmbedQueueFullError(f"{self.waiting} embeddings already wait on this node")
         loop = asyncio.get_running_loop()
-        item = _Waiting(embedder, list(texts), loop.create_future())
+        item = _Waiting(embedder, list(texts), loop.create_future(), rank, next(self._arrivals))
         self._queue.append(item)
         self._arrived.set()
         if self._task is None or self._task.done():
@@ -246,10 +275,11 @@ class EmbedBatcher:
                 while not self._queue:
                     self._arrived.clear()
                     await self._arrived.wait()
-            await self._fill(self._queue[0].embedder)
+            head = min(self._queue, key=_order)
+            await self._fill(head.embedder)
             batch = self._take()
             if batch:
-                self._running = batch
+                self._running = [piece.item for piece in batch]
                 await self._forward(batch)
                 self._running = []
 
@@ -267,37 +297,36 @@ class EmbedBatcher:
                 await asyncio.wait_for(self._arrived.wait(), left)
 
     def _texts_waiting(self, embedder: Embedder) -> int:
-        return sum(
-            len(w.texts) for w in self._queue if w.embedder is embedder and not w.future.done()
-        )
+        return sum(w.left for w in self._queue if w.embedder is embedder and not w.future.done())
 
-    def _take(self) -> list[_Waiting]:
-        """The head request and the later ones of its model that fit under the limit, in
-        arrival order; requests whose callers left are dropped."""
-        while self._queue and self._queue[0].future.done():
-            self._queue.popleft()
-        if not self._queue:
+    def _take(self) -> list[_Slice]:
+        """One forward's texts, at most the head's model's limit: the waiting requests of
+        that model in class then arrival order, the last one sliced to the room left;
+        requests whose callers left are dropped, requests fully taken leave the queue."""
+        live = sorted((w for w in self._queue if not w.future.done()), key=_order)
+        if not live:
+            self._queue.clear()
             return []
-        head = self._queue.popleft()
-        batch, texts, kept = [head], len(head.texts), deque[_Waiting]()
-        limit = self.sizer(head.embedder.name).limit
-        while self._queue:
-            item = self._queue.popleft()
-            if item.future.done():
-                continue
-            if item.embedder is head.embedder and texts + len(item.texts) <= limit:
-                batch.append(item)
-                texts += len(item.texts)
-            else:
-                kept.append(item)
-        self._queue = kept
+        head = live[0]
+        room = self.sizer(head.embedder.name).limit
+        batch: list[_Slice] = []
+        for item in live:
+            if room <= 0:
+                break
+            if item.embedder is head.embedder:
+                count = min(item.left, room)
+                batch.append(_Slice(item, item.taken, item.taken + count))
+                item.taken += count
+                room -= count
+        self._queue = deque(w for w in self._queue if not w.future.done() and w.left > 0)
         return batch
 
-    async def _forward(self, batch: list[_Waiting]) -> None:
-        """Run ``batch`` as one forward and split the results back."""
-        embedder = batch[0].embedder
+    async def _forward(self, batch: list[_Slice]) -> None:
+        """Run ``batch`` as one forward and hand each request its share; a request is
+        answered once its last slice ran."""
+        embedder = batch[0].item.embedder
         sizer = self.sizer(embedder.name)
-        texts = [t for item in batch for t in item.texts]
+        texts = [t for piece in batch for t in piece.item.texts[piece.start : piece.end]]
         chunk = max(sizer.max_size, embedder.batch_size)
         loop = asyncio.get_running_loop()
         try:
@@ -306,7 +335,7 @@ class EmbedBatcher:
             )
         except Exception as exc:
             if len(batch) == 1:
-                _settle(batch[0].future, exc)
+                _settle(batch[0].item.future, exc)
                 return
             log.warning(
                 "embed_batch_failed",
@@ -320,20 +349,21 @@ class EmbedBatcher:
                     sizer.failed(len(texts))
                 except Exception:
                     log.exception("embed_batch_sizer_failed", model=embedder.name)
-            for item in batch:  # one at a time: only the request at fault fails
-                if not item.future.done():
-                    await self._forward([item])
+            for piece in batch:  # one at a time: only the request at fault fails
+                if not piece.item.future.done():
+                    await self._forward([piece])
             return
         try:
             self._measured(embedder.name, sizer, len(texts), seconds, chunk)
         except Exception:  # bookkeeping only: the vectors are good
             log.exception("embed_batch_bookkeeping_failed", model=embedder.name)
         start = 0
-        for item in batch:
-            end = start + len(item.texts)
-            result = EmbedResult(vectors[start:end], sum(tokens[start:end]))
-            if not item.future.done():
-                item.future.set_result(result)
+        for piece in batch:
+            item, end = piece.item, start + piece.end - piece.start
+            item.vectors.extend(vectors[start:end])
+            item.tokens += sum(tokens[start:end])
+            if len(item.vectors) == len(item.texts) and not item.future.done():
+                item.future.set_result(EmbedResult(item.vectors, item.tokens))
             start = end
 
     def _measured(
@@ -393,6 +423,11 @@ def _timed_forward(
     began = time.perf_counter()
     vectors, tokens = embedder.embed_each(texts, batch_size=chunk)
     return vectors, tokens, time.perf_counter() - began
+
+
+def _order(item: _Waiting) -> tuple[int, int]:
+    """Service order: class rank, then arrival."""
+    return item.rank, item.seq
 
 
 def _settle(future: asyncio.Future[EmbedResult], exc: BaseException) -> None:

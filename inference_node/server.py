@@ -400,7 +400,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         assert embedder is not None
         self.in_flight += 1
         try:
-            result = await self.embeds.embed(embedder, req.inputs)
+            rank = WorkloadClass.from_wire(req.workload_class).rank
+            result = await self.embeds.embed(embedder, req.inputs, rank)
         except EmbedQueueFullError as exc:
             raise ResourceExhausted(str(exc), retry_after_s=ENGINE_FULL_RETRY_S) from exc
         except EmbedderClosedError as exc:

@@ -235,6 +235,55 @@ async def test_a_batch_takes_no_more_texts_than_the_limit(gated: GatedEmbedder) 
     batcher.close()
 
 
+class SteppedEmbedder(GatedEmbedder):
+    """The real embedder whose every forward waits for one :attr:`permits` release."""
+
+    def __init__(self, real: Embedder) -> None:
+        super().__init__(real)
+        self.permits = threading.Semaphore(0)
+
+    def embed_each(
+        self, texts: Sequence[str], batch_size: int | None = None
+    ) -> tuple[list[list[float]], list[int]]:
+        self.forwards.append(list(texts))
+        self.permits.acquire(timeout=30)
+        return Embedder.embed_each(self, texts, batch_size)
+
+
+async def test_realtime_goes_first_and_a_large_lower_class_request_is_sliced(
+    minilm: Embedder,
+) -> None:
+    """With a limit of four texts, a BATCH request of six texts queued before two REALTIME
+    ones: the REALTIME texts fill the next forward first and the BATCH request runs in slices
+    of the room left; a REALTIME request arriving between two slices runs before the next
+    one. Every request gets the vectors it gets alone, in order."""
+    stepped = SteppedEmbedder(minilm)
+    batcher = EmbedBatcher(fixed(4), max_wait_s=0)
+    first = asyncio.create_task(batcher.embed(stepped, ["holding the thread"]))
+    await eventually(lambda: len(stepped.forwards) == 1)
+    bulk = asyncio.create_task(batcher.embed(stepped, TEXTS, rank=1))
+    urgent = [asyncio.create_task(batcher.embed(stepped, [t])) for t in ("rt one", "rt two")]
+    await eventually(lambda: batcher.waiting == 4)
+    stepped.permits.release()
+    await eventually(lambda: len(stepped.forwards) == 2)
+    held = await first
+    late = asyncio.create_task(batcher.embed(stepped, ["rt late"]))
+    await eventually(lambda: batcher.waiting == 4)
+    stepped.permits.release(3)
+    results = await asyncio.gather(bulk, *urgent, late)
+    assert stepped.forwards == [
+        ["holding the thread"],
+        ["rt one", "rt two", *TEXTS[:2]],
+        ["rt late", *TEXTS[2:5]],
+        TEXTS[5:],
+    ]
+    assert_close(results[0], alone(minilm, TEXTS))
+    assert_close(results[1], alone(minilm, ["rt one"]))
+    assert_close(results[3], alone(minilm, ["rt late"]))
+    assert_close(held, alone(minilm, ["holding the thread"]))
+    batcher.close()
+
+
 async def test_a_caller_that_leaves_drops_out_and_the_others_are_served(
     gated: GatedEmbedder,
 ) -> None:
