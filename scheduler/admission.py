@@ -247,6 +247,8 @@ class Admission:
         left to generate its ``max_new_tokens``, even one that could start at once while the
         nodes are ``busy`` (a full batch decodes slowly: its streams would hit the deadline
         unfinished; on idle nodes ``token_s``, measured under the last load, says nothing).
+        A REALTIME ``item`` never starts at once while lower-class work promoted now waits
+        (it holds the model until it starts, after a running request ends).
         An admitted lower-class ``item`` is stamped with its promised ``start_by``.
         """
         ahead = self.cost_ahead(item)
@@ -254,7 +256,9 @@ class Admission:
         usable = (item.deadline - now) * (1.0 - self.config.deadline_margin)
         decode = item.max_new_tokens * token_s
         top = item.workload_class.is_top
-        if room_now and ahead <= 0:
+        # Lower-class work promoted now goes first and holds the model until it starts.
+        promised = self._queues.promised_cost(item.model, now) if top else 0.0
+        if room_now and ahead <= 0 and promised <= 0:
             if busy and decode > usable:  # starts now, but cannot end in time
                 retry = busy_cost / rate if rate > 0 else self.config.min_retry_s
                 detail = (
@@ -263,7 +267,7 @@ class Admission:
                 )
                 return Verdict(False, retry, OVERLOADED, detail)
             return self._admit(item, 0.0, now + usable - decode)
-        if not room_now:
+        if not room_now or promised > 0:  # it starts once a running request ends
             ahead += busy_cost
         if rate <= 0:
             return Verdict(False, math.inf, NO_CAPACITY)

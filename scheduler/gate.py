@@ -201,22 +201,17 @@ class DispatchGate:
         cls = item.workload_class.label
         self.demand.arrived(item)
         view = self._nodes.capacity(item.model, item.workload_class)
-        verdict = self.admission.decide(
-            item,
-            self._nodes.service_rate(item.model),
-            view.room,
-            busy_cost=self._avg_cost or self.cost(item),
-            token_s=self._nodes.token_seconds(item.model),
-            busy=view.busy,
-        )
+        startable = view.room and self._share_allows(item, view)
+        verdict = self._decide(item, view, startable)
         # No capacity at all predicts an infinite wait: counted past the largest bucket.
         wait = min(verdict.predicted_wait_s, NO_CAPACITY_WAIT_S)
         self._metrics.predicted_wait.labels(cls).observe(wait)
+        structlog.contextvars.bind_contextvars(predicted_wait_ms=round(wait * 1000, 1))
         if not verdict.admitted:
             raise self._refusal(item, verdict)
-        if not self.queues and view.room:
-            # Nothing waits on this replica: the request goes straight to a node when the
-            # slot-share rule lets it, with the counters a queue pass would have updated.
+        if not self.queues and startable:
+            # Nothing waits on this replica: the request goes straight to a node, with the
+            # counters a queue pass would have updated.
             node = self._start_now(item, view)
             if node is not None:
                 self._metrics.admission.labels(cls, "admitted", "").inc()
@@ -260,6 +255,23 @@ class DispatchGate:
             raise
         finally:
             self._waiters.pop(item.request_id, None)
+
+    def _decide(self, item: QueuedRequest, view: SlotView, startable: bool) -> Verdict:
+        """Admission's verdict on ``item``: ``startable`` when a node has room and its
+        tenant's slot share lets it start now."""
+        busy_cost = self._avg_cost or self.cost(item)
+        if view.room and not startable:
+            # A slot is free but its tenant holds its share: one of its own requests ends
+            # first, which comes share⁻¹ times later than the next end of any request.
+            busy_cost /= max(self.admission.share(item), 1e-6)
+        return self.admission.decide(
+            item,
+            self._nodes.service_rate(item.model),
+            startable,
+            busy_cost=busy_cost,
+            token_s=self._nodes.token_seconds(item.model),
+            busy=view.busy,
+        )
 
     @staticmethod
     def _booked(future: asyncio.Future[NodeHandle]) -> bool:
@@ -349,15 +361,19 @@ class DispatchGate:
         self._metrics.queue_wait.labels(item.workload_class.label, item.tenant).observe(waited)
         self.shares.started(item.model, item.workload_class, item.tenant)
 
-    def _start_now(self, item: QueuedRequest, view: SlotView) -> NodeHandle | None:
-        """The node ``item`` starts on without queuing, or None (queue it)."""
+    def _share_allows(self, item: QueuedRequest, view: SlotView) -> bool:
+        """Whether the slot-share rule lets ``item``'s tenant take one of ``view``'s free
+        slots now (nothing of the class queued on this replica)."""
         key = (item.model, item.workload_class)
         active = self.admission.active(*key)
         demand = self._demand(key, active | {item.tenant}) if active - {item.tenant} else None
-        if not self.shares.may_start(
+        return self.shares.may_start(
             *key, item.tenant, view.slots, view.free, active, demand=demand, waiting={}
-        ):
-            return None
+        )
+
+    def _start_now(self, item: QueuedRequest, view: SlotView) -> NodeHandle | None:
+        """The node ``item`` starts on without queuing (its share allows it), or None."""
+        key = (item.model, item.workload_class)
         node = self._nodes.pick(*key, affinity=item.affinity, need_room=True, among=view.candidates)
         if node is None:
             return None

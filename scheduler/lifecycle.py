@@ -300,6 +300,7 @@ class GenerateFlow:
     def _observe_ttft(self) -> None:
         seconds = time.perf_counter() - self._started
         self._path.metrics.ttft.labels(self.workload_class.label).observe(seconds)
+        structlog.contextvars.bind_contextvars(ttft_ms=round(seconds * 1000, 1))
 
     async def _check_quota(self) -> QuotaCheck:
         """The tenant's quotas: answered, or (overlapped) still on the way; refusals counted.
@@ -413,11 +414,16 @@ class GenerateFlow:
 async def admit(gate: DispatchGate, item: QueuedRequest, counters: TenantCounters) -> NodeHandle:
     """Admission, the queue and a node slot booked for ``item`` (give it back with
     ``gate.release``); a refusal is counted for the tenant and raised."""
+    began = time.perf_counter()
     try:
-        return await gate.acquire(item)
+        node = await gate.acquire(item)
     except SluiceError as exc:
         counters.refuse(exc.reason)
         raise
+    # The request's log line (rpc_finished) says how long it queued and where it ran.
+    queued_ms = round((time.perf_counter() - began) * 1000, 1)
+    structlog.contextvars.bind_contextvars(queued_ms=queued_ms, node_id=node.node_id)
+    return node
 
 
 TENANT_CAP_RETRY_S = 1.0

@@ -605,6 +605,18 @@ def test_realtime_wait_counts_lower_class_work_promoted_while_it_waits() -> None
     assert verdict.admitted and verdict.predicted_wait_s == pytest.approx(3.0)
 
 
+def test_realtime_with_room_waits_when_promoted_lower_class_work_holds_the_model() -> None:
+    """A node has room, but a BATCH request promoted now waits (it holds the model until it
+    starts): a REALTIME request is not predicted to start at once; it waits for a running
+    request to end (the average cost, 50 tokens) and the promoted work (100), 1.5 s at 100
+    tokens/s, and with no promoted work it starts at once."""
+    clock, queues, admission = make()
+    assert admission.decide(item("rt", REALTIME, prompt=0), 100.0, True).predicted_wait_s == 0
+    queues.push(item("b", BATCH, prompt=0, new=100, start_by=clock() + 0.1))
+    verdict = admission.decide(item("rt", REALTIME, prompt=0), 100.0, True, busy_cost=50.0)
+    assert verdict.admitted and verdict.predicted_wait_s == pytest.approx(1.5)
+
+
 def test_shed_walks_promoted_items_first() -> None:
     """Capacity halves: a promoted BATCH request (it is served next) keeps its place, and
     the REALTIME request behind it, which no longer fits, is the one shed."""
