@@ -160,3 +160,15 @@ endif
 # vLLM's start: model load and torch.compile, cached after the first run). Not part of `make test`.
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_PY) -m pytest -q tests/vllm
+
+# Sluice + vLLM against bare vLLM (issue 20): vLLM's own OpenAI server (`vllm serve` with the
+# engine settings the node gives vLLM: same model directory, dtype, context, batch, KV cache),
+# then `sluice up` with one node on vLLM; capacity at SLO of each, then both at 2x and 4x bare
+# vLLM's capacity, on overload.yaml and chat-longtail.yaml → bench/results/vllm.{json,md}
+# (estimated ~50 min on 2 cores, ~2 min of it each vLLM start; not yet timed). The whole path
+# with short steps, its numbers meaningless: make bench-vllm VLLM_BENCH_ARGS=--smoke (overload
+# only, written under .sluice/bench/vllm-smoke).
+VLLM_BENCH_ARGS ?=
+.PHONY: bench-vllm
+bench-vllm: $(STAMP) $(VLLM_STAMP)
+	$(PY) -m bench.vllm --vllm-python $(VLLM_PY) $(VLLM_BENCH_ARGS)

@@ -1,7 +1,9 @@
-"""``python -m bench.load SCENARIO --target sluice|naive``: one load run from the command line.
+"""``python -m bench.load SCENARIO --target sluice|naive|openai``: one load run from the command
+line.
 
-Runs :func:`bench.load.run.run_load` against a running suite (``sluice up``) or the naive
-server, prints a per-tenant summary and writes the run's JSON report.
+Runs :func:`bench.load.run.run_load` against a running suite (``sluice up``), the naive server
+or an OpenAI-compatible server such as vLLM's own (``--target openai --endpoint host:port``),
+prints a per-tenant summary and writes the run's JSON report.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.load.openai_target import OpenAITarget, openai_target
 from bench.load.run import LoadResult, make_target, resolve_api_keys, run_load
 from bench.load.scenario import Scenario, ScenarioError, load_scenario
 from bench.load.targets import TARGETS, Target
@@ -56,7 +59,7 @@ def render_summary(report: Mapping[str, Any]) -> str:
 
 
 def _default_endpoint(target: str) -> str | None:
-    if target == "naive":
+    if target != "sluice":
         return None
     env = os.environ.get("SLUICE_ENDPOINTS", "").split(",")[0].strip()
     if env:
@@ -67,6 +70,12 @@ def _default_endpoint(target: str) -> str | None:
         return str(read_endpoints(Path(".sluice"))["scheduler"]["grpc"])
     except (OSError, KeyError, ValueError):
         return None
+
+
+def _make(target: str, spec: Scenario, address: str, keys: Mapping[str, str]) -> Target:
+    if target == OpenAITarget.name:
+        return openai_target(spec, address)
+    return make_target(target, spec, address, keys)
 
 
 def _default_key() -> str | None:
@@ -132,7 +141,7 @@ def cli_main(
         flush=True,
     )
     result = asyncio.run(
-        _run_cli(spec, lambda: make_target(target, spec, address, keys), duration_s, print)
+        _run_cli(spec, lambda: _make(target, spec, address, keys), duration_s, print)
     )
     report = result.report()
     path = out or Path(".sluice") / "bench" / f"load-{spec.name}-{target}.json"
@@ -147,11 +156,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m bench.load``."""
     p = argparse.ArgumentParser(
         prog="python -m bench.load",
-        description="Run a load scenario against Sluice or the naive server.",
+        description="Run a load scenario against Sluice, the naive server or an "
+        "OpenAI-compatible server (vLLM's own).",
     )
     p.add_argument("scenario", type=Path, help="scenario YAML (see bench/scenarios/)")
     p.add_argument("--target", choices=TARGETS, default="sluice")
-    p.add_argument("--endpoint", help="host:port (default: SLUICE_ENDPOINTS or .sluice/)")
+    p.add_argument("--endpoint", help="host:port (sluice's default: SLUICE_ENDPOINTS or .sluice/)")
     p.add_argument("--api-key", help="key for tenants without one in the scenario")
     p.add_argument("--out", type=Path, help="JSON report path")
     p.add_argument("--duration-s", type=float, help="override the scenario's arrival window")

@@ -8,6 +8,9 @@
 Both stream ``sluice.v1.GenerateChunk`` messages and turn every failure into a
 :class:`TargetError` carrying the status code name and its ``google.rpc`` details. Only Sluice
 embeds; the naive baseline answers an Embed with ``UNIMPLEMENTED``.
+
+A third target, ``openai`` (an OpenAI-compatible server such as vLLM's own, over HTTP), lives in
+:mod:`bench.load.openai_target`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from sluice.contract import WorkloadClass
 from sluice.sdk.errors import from_rpc_error
 from sluice.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
-TARGETS = ("sluice", "naive")
+TARGETS = ("sluice", "naive", "openai")
 
 
 class TargetError(Exception):

@@ -92,8 +92,13 @@ class SluiceSuite:
         nodes: int = 1,
         max_sequences: int | None = None,
         scheduler_args: list[str] | None = None,
+        engine: str = "builtin",
+        vllm_python: Path | None = None,
     ) -> None:
         self.scenario = scenario
+        self.engine = engine
+        """The nodes' engine (``UpConfig.engine``); ``vllm_python`` runs them with ``vllm``."""
+        self.vllm_python = vllm_python
         self.keys = keys
         self.run_dir = run_dir
         self.nodes = nodes
@@ -119,8 +124,9 @@ class SluiceSuite:
         path.write_text(yaml.safe_dump({"tenants": tenants}, sort_keys=False))
         return path
 
-    def start(self) -> None:
-        """Start etcd, Redis, cache, node(s) and scheduler; returns once all serve."""
+    def config(self) -> UpConfig:
+        """What ``sluice up`` starts (writes the tenants file)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         config = UpConfig(
             run_dir=self.run_dir / "suite",
             nodes=self.nodes,
@@ -131,8 +137,15 @@ class SluiceSuite:
             node_cpu_nice=MODEL_CPU_NICE,
             # Its figures compare scheduling policies, measured plaintext since the start.
             insecure=True,
+            engine=self.engine,
         )
-        self._supervisor = Supervisor(config)
+        if self.vllm_python is not None:
+            config.vllm_python = self.vllm_python
+        return config
+
+    def start(self) -> None:
+        """Start etcd, Redis, cache, node(s) and scheduler; returns once all serve."""
+        self._supervisor = Supervisor(self.config())
         try:
             endpoints = self._supervisor.start()
         except BaseException:
