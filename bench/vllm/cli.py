@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -227,10 +228,16 @@ def vllm_version(python: Path) -> str:
     return done.stdout.strip()
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run every scenario, write vllm.json and vllm.md; 1 when one could not be measured, 2
     for bad arguments."""
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every server started is stopped by the finally blocks.
+    signal.signal(signal.SIGTERM, _terminated)
     args.vllm_python = args.vllm_python.absolute()  # not resolved: a venv's python is a link
     names = SMOKE_SCENARIOS if args.smoke else DEFAULT_SCENARIOS
     paths = args.scenario or [SCENARIOS_DIR / n for n in names]
