@@ -75,6 +75,17 @@ class NodeHandle:
     average)."""
     retired: asyncio.Event | None = None
     """Set once a node taken out of rotation has no request of this scheduler left."""
+    stream_token_s: float = 0.0
+    """Seconds per token between the chunks of its REALTIME streams now (a moving average
+    over chunks, :meth:`observe_token_gap`): it moves as the batch grows, while the
+    inter-token average of finished streams lags by their length."""
+
+    def observe_token_gap(self, seconds_per_token: float, alpha: float = 0.05) -> None:
+        """One REALTIME chunk came ``seconds_per_token`` per token after the previous one."""
+        old = self.stream_token_s
+        self.stream_token_s = (
+            seconds_per_token if old == 0 else old + alpha * (seconds_per_token - old)
+        )
 
     @property
     def node_id(self) -> str:
@@ -246,12 +257,13 @@ class NodeDirectory:
 
     def token_seconds(self, model: str) -> float:
         """Seconds per generated token on the fastest node serving ``model``: the lowest
-        inter-token latency moving average among them (0 while none is measured yet)."""
+        among them of the larger of the inter-token moving average of finished streams and
+        that of the REALTIME chunks streaming now (0 while none is measured yet)."""
         measured = [
             latency
             for n in self._nodes.values()
             if any(m.name == model for m in n.info.models)
-            and (latency := self.outliers.latency(n.node_id, "itl")) > 0
+            and (latency := max(self.outliers.latency(n.node_id, "itl"), n.stream_token_s)) > 0
         ]
         return min(measured, default=0.0)
 

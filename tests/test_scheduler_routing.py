@@ -7,9 +7,12 @@ import random
 import tracemalloc
 
 from scheduler import routing
+from scheduler.admission import ThroughputMeter
+from scheduler.nodes import NodeHandle
 from scheduler.routing import AffinityTable, LoadBook, OutlierDetector, RetryBudget, power_of_two
 from sluice.contract import WorkloadClass
 from sluice.runtime.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from sluice.v1 import common_pb2
 from tests.test_scheduler_core import FakeClock
 
 REALTIME, BATCH = WorkloadClass.REALTIME, WorkloadClass.BATCH
@@ -315,3 +318,24 @@ def test_slots_a_fine_tune_holds_are_capacity_no_class_may_use() -> None:
     assert book.usable == 8 and book.has_room(REALTIME, 0.125)
     book.on_report(9, 0, 0, 100, 1.0, by_class={BATCH: 4, REALTIME: 5}, reserved=9)
     assert book.usable == 1  # never less than one slot
+
+
+def test_a_node_s_streaming_token_time_follows_its_realtime_chunks() -> None:
+    """The per-token gap of REALTIME chunks is a moving average that starts at the first
+    gap and moves 5 % of the way to each later one: after a batch grows from 0.1 to 0.2 s a
+    token, 30 chunks bring it most of the way (admission's token time no longer waits for
+    the slower streams to finish)."""
+    clock = FakeClock()
+    node = NodeHandle(
+        info=common_pb2.NodeInfo(node_id="n1"),
+        channel=None,  # type: ignore[arg-type]
+        stub=None,  # type: ignore[arg-type]
+        breaker=CircuitBreaker(BreakerConfig(), clock),
+        meter=ThroughputMeter(clock),
+    )
+    assert node.stream_token_s == 0
+    node.observe_token_gap(0.1)
+    assert node.stream_token_s == 0.1
+    for _ in range(30):
+        node.observe_token_gap(0.2)
+    assert 0.17 < node.stream_token_s < 0.2
