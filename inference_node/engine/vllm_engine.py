@@ -247,6 +247,7 @@ class VllmEngine(Draining):
             decode_tokens_per_s=self._sink.decode_rate,
             queued_tokens=queued,
             steps=self._sink.steps.snapshot(),
+            step_cost=self._sink.step_model.cost,
         )
 
     def start(self) -> None:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from inference_node.engine.step_model import StepModel
 from inference_node.engine.step_times import StepTimes
 from inference_node.engine.types import FinishReason, SamplingParams
 from inference_node.loading import is_converted
@@ -20,8 +21,10 @@ _STEP_GAP_CAP_S = 5.0
 
 class VllmStats:
     """A vLLM per-engine stat logger (duck-typed ``StatLoggerBase``) keeping the latest
-    scheduler stats, a decode-rate average and the step-time histogram for ``stats()``.
-    Called on the engine thread after each batch of engine-core outputs."""
+    scheduler stats, a decode-rate average, the step-time histogram and the step-time fit
+    (against decode rows and prompt tokens, as the built-in engine's: the scheduler's
+    inter-token guard counts a vLLM node's batch with it) for ``stats()``. Called on the
+    engine thread after each batch of engine-core outputs."""
 
     def __init__(self) -> None:
         self.running = 0
@@ -29,6 +32,7 @@ class VllmStats:
         self.kv_usage = 0.0
         self.decode_rate = 0.0
         self.steps = StepTimes()
+        self.step_model = StepModel()
         self._last_at: float | None = None
 
     def __call__(self, _vllm_config: Any, _engine_index: int = 0) -> VllmStats:
@@ -56,6 +60,8 @@ class VllmStats:
         gap = now - last
         if 0 < gap < _STEP_GAP_CAP_S:
             self.steps.observe(gap)
+            prompt = int(getattr(iteration_stats, "num_prompt_tokens", 0) or 0)
+            self.step_model.observe(gap, tokens, prompt)
             rate = tokens / gap
             previous = self.decode_rate
             self.decode_rate = rate if not previous else previous + _EWMA_ALPHA * (rate - previous)
