@@ -73,7 +73,9 @@ bench-load-smoke: $(STAMP)
 		--step-s 3 --min-requests 5 --level-min-requests 5 --max-step-s 5 --drain-s 5 \
 		--naive-start-rps 4 --max-search-steps 3 --refine-steps 0 --settle-s 0.5
 
-# Engine benchmark: HF baselines vs the Sluice engine on real SmolLM2, in one run (~20 min).
+# Engine benchmark: HF baselines and vLLM's own engine vs the Sluice engine on real SmolLM2, in
+# one run (~20 min, ~10 more with vLLM: it starts once per concurrency). vLLM runs on
+# .venv-vllm's interpreter (`make setup-vllm`); without it, it is skipped with a note.
 bench-engine: $(STAMP)
 	$(PY) -m bench.engine
 	$(PY) -m bench.engine.node_start

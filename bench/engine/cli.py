@@ -8,11 +8,17 @@ requests, prompts of 20–300 random tokens, 16/64/128 new tokens, greedy, EOS i
 * ``hf_generate_batch`` (c): transformers' continuous-batching manager (``generate_batch``'s
   engine) driven as a closed loop of C requests,
 * ``sluice`` (d): ``inference_node.engine.build_engine`` with C asyncio clients,
+* ``vllm`` (e): vLLM's own v1 ``AsyncLLM`` set up as an ``--engine vllm`` node sets it up, with
+  C asyncio clients (:mod:`bench.engine.vllm_worker`),
 
-each (system, C) in its own worker subprocess, so peak RSS is that system's own. C=1 runs serve
-only the first ``--sequential-requests`` requests (HF decodes ~14 tok/s on 2 cores). A further
-worker measures the fp32 matmul roofline and TTFT of requests arriving while 31 others decode.
-Results go to ``engine.json``, ``engine.md`` and ``engine.png`` under ``--out-dir``.
+each (system, C) in its own worker subprocess, so peak RSS is that system's own. The ``vllm``
+workers run on ``--vllm-python`` (``.venv-vllm``'s interpreter, which ``make setup-vllm``
+builds), every other worker on this interpreter; where that interpreter is missing, ``vllm`` is
+left out of the default systems (and out of an explicit ``--systems``) with a note in the
+report. ``sluice`` and ``vllm`` run at every ``--concurrency``. C=1 runs serve only the first
+``--sequential-requests`` requests (HF decodes ~14 tok/s on 2 cores). A further worker measures
+the fp32 matmul roofline and TTFT of requests arriving while 31 others decode. Results go to
+``engine.json``, ``engine.md`` and ``engine.png`` under ``--out-dir``.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from bench.engine.common import (
     JOB_RUN,
     SLUICE,
     SYSTEMS,
+    VLLM,
     JobSpec,
     failed_run,
 )
@@ -46,13 +53,16 @@ from bench.engine.driver import (
     write_outputs,
 )
 from bench.engine.report import render_text
-from bench.paths import RESULTS_DIR
+from bench.paths import REPO_ROOT, RESULTS_DIR
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_CONCURRENCY = "1,8,32,64"
 MAX_AUTO_BASELINE_CONCURRENCY = 32
 DEFAULT_KV_BUDGET_BYTES = 2 * GIB
 DEFAULT_WORKER_TIMEOUT_S = 1800.0
+# Not resolved: a virtualenv's python is a symlink, and only the path inside the virtualenv
+# makes it that virtualenv's interpreter.
+DEFAULT_VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
 
 
 def _int_list(text: str) -> list[int]:
@@ -70,46 +80,31 @@ def _systems(text: str) -> list[str]:
     return [s for s in SYSTEMS if s in chosen]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Command-line flags (see ``--help``)."""
-    p = argparse.ArgumentParser(
-        prog="python -m bench.engine",
-        description="HF generate / static batches / generate_batch vs the Sluice engine.",
-    )
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--requests", type=int, default=64, help="workload size")
-    p.add_argument(
-        "--concurrency",
-        type=_int_list,
-        default=_int_list(DEFAULT_CONCURRENCY),
-        help="closed-loop concurrencies for sluice (default 1,8,32,64)",
-    )
-    p.add_argument(
-        "--baseline-concurrency",
-        type=_int_list,
-        default=None,
-        help="concurrencies for hf_static and hf_generate_batch (default: the "
-        f"--concurrency values in [2, {MAX_AUTO_BASELINE_CONCURRENCY}])",
-    )
-    p.add_argument(
-        "--systems",
-        type=_systems,
-        default=list(SYSTEMS),
-        help=f"comma-separated subset of {','.join(SYSTEMS)}",
-    )
-    p.add_argument(
-        "--sequential-requests",
-        type=int,
-        default=12,
-        help="requests served by the C=1 runs (the first N of the workload)",
-    )
-    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kv-budget-bytes", type=int, default=DEFAULT_KV_BUDGET_BYTES)
-    p.add_argument("--max-batched-tokens", type=int, default=2048)
-    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "sluice" / "models")
+def interpreter_exists(python: Path) -> bool:
+    """Whether ``python`` is an executable file (a symlink to one counts)."""
+    return python.is_file() and os.access(python, os.X_OK)
+
+
+def default_systems(vllm_python: Path) -> list[str]:
+    """Every system, ``vllm`` only when ``vllm_python`` exists."""
+    return [s for s in SYSTEMS if s != VLLM or interpreter_exists(vllm_python)]
+
+
+def choose_systems(
+    requested: Sequence[str] | None, vllm_python: Path
+) -> tuple[list[str], dict[str, str]]:
+    """The systems to run (``requested``, or every system when ``None``) and those skipped,
+    with why: ``vllm`` is skipped when ``vllm_python`` does not exist."""
+    chosen = list(SYSTEMS if requested is None else requested)
+    skipped: dict[str, str] = {}
+    if VLLM in chosen and not interpreter_exists(vllm_python):
+        chosen.remove(VLLM)
+        skipped[VLLM] = f"{vllm_python} not found (`make setup-vllm` builds it)"
+    return chosen, skipped
+
+
+def _add_aux_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of the aux job: the mid-batch TTFT mode and the matmul roofline."""
     p.add_argument("--skip-midbatch", action="store_true", help="skip the mid-batch TTFT mode")
     p.add_argument("--midbatch-background-tokens", type=int, default=400)
     p.add_argument("--midbatch-probes", type=int, default=10)
@@ -123,6 +118,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--matmul-seconds", type=float, default=1.5, help="timed seconds per matmul shape"
     )
+
+
+def _add_runner_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of how the driver runs its workers."""
     p.add_argument("--worker-timeout-s", type=float, default=DEFAULT_WORKER_TIMEOUT_S)
     p.add_argument(
         "--time-budget-s",
@@ -142,6 +141,57 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=1,
         help="workers run at once; above 1 they disturb each other's timings (smoke tests only)",
     )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line flags (see ``--help``)."""
+    p = argparse.ArgumentParser(
+        prog="python -m bench.engine",
+        description="HF generate / static batches / generate_batch / vLLM vs the Sluice engine.",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--requests", type=int, default=64, help="workload size")
+    p.add_argument(
+        "--concurrency",
+        type=_int_list,
+        default=_int_list(DEFAULT_CONCURRENCY),
+        help="closed-loop concurrencies for sluice and vllm (default 1,8,32,64)",
+    )
+    p.add_argument(
+        "--baseline-concurrency",
+        type=_int_list,
+        default=None,
+        help="concurrencies for hf_static and hf_generate_batch (default: the "
+        f"--concurrency values in [2, {MAX_AUTO_BASELINE_CONCURRENCY}])",
+    )
+    p.add_argument(
+        "--systems",
+        type=_systems,
+        default=None,
+        help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all; {VLLM} only "
+        "where --vllm-python exists)",
+    )
+    p.add_argument(
+        "--vllm-python",
+        type=Path,
+        default=DEFAULT_VLLM_PYTHON,
+        help="the interpreter of the vllm workers (default: .venv-vllm's)",
+    )
+    p.add_argument(
+        "--sequential-requests",
+        type=int,
+        default=12,
+        help="requests served by the C=1 runs (the first N of the workload)",
+    )
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-budget-bytes", type=int, default=DEFAULT_KV_BUDGET_BYTES)
+    p.add_argument("--max-batched-tokens", type=int, default=2048)
+    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "sluice" / "models")
+    _add_aux_flags(p)
+    _add_runner_flags(p)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -149,6 +199,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--requests and --sequential-requests must be at least 1")
     if args.parallel_workers < 1:
         p.error("--parallel-workers must be at least 1")
+    args.systems, args.skipped_systems = choose_systems(args.systems, args.vllm_python)
     if args.baseline_concurrency is None:
         args.baseline_concurrency = [
             c for c in args.concurrency if 1 < c <= MAX_AUTO_BASELINE_CONCURRENCY
@@ -157,7 +208,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def plan_jobs(args: argparse.Namespace) -> list[JobSpec]:
-    """The aux job (roofline, mid-batch) first, then sluice, then the HF baselines."""
+    """The aux job (roofline, mid-batch) first, then sluice, vllm, then the HF baselines."""
     sequential = min(args.sequential_requests, args.requests)
     common: dict[str, Any] = {
         "model": args.model,
@@ -187,8 +238,9 @@ def plan_jobs(args: argparse.Namespace) -> list[JobSpec]:
         )
     ]
     runs: list[tuple[str, int]] = []
-    if SLUICE in args.systems:
-        runs += [(SLUICE, c) for c in args.concurrency]
+    for system in (SLUICE, VLLM):
+        if system in args.systems:
+            runs += [(system, c) for c in args.concurrency]
     if HF_SEQUENTIAL in args.systems and 1 in args.concurrency:
         runs.append((HF_SEQUENTIAL, 1))
     for system in (HF_STATIC, HF_GENERATE_BATCH):
@@ -206,9 +258,15 @@ def worker_main(spec_json: str, out_path: Path) -> int:
     """Entry point of a worker subprocess: run the job, write its record (or error) as JSON."""
     spec = JobSpec.from_json(spec_json)
     try:
-        from bench.engine.workers import run_job  # noqa: PLC0415 - the driver stays torch-free
+        if spec.system == VLLM:
+            # vLLM's interpreter: no HF or Sluice engine imports beside vLLM's own.
+            from bench.engine.vllm_worker import run_vllm  # noqa: PLC0415
 
-        record = run_job(spec)
+            record = run_vllm(spec)
+        else:
+            from bench.engine.workers import run_job  # noqa: PLC0415 - the driver stays torch-free
+
+            record = run_job(spec)
         status = 0
     except Exception as exc:
         record = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
@@ -230,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"engine benchmark: {args.model} on {args.device} ({args.dtype}), "
         f"{args.requests} requests, seed {args.seed}, {len(jobs)} workers"
     )
+    for system, why in args.skipped_systems.items():
+        print(f"{system}: skipped, {why}")
     if args.parallel_workers > 1:
         print(f"warning: {args.parallel_workers} workers run at once: timings are not comparable")
     aux: dict[str, Any] = {}

@@ -21,12 +21,18 @@ HF_SEQUENTIAL = "hf_sequential"
 HF_STATIC = "hf_static"
 HF_GENERATE_BATCH = "hf_generate_batch"
 SLUICE = "sluice"
-SYSTEMS: tuple[str, ...] = (HF_SEQUENTIAL, HF_STATIC, HF_GENERATE_BATCH, SLUICE)
+VLLM = "vllm"
+SYSTEMS: tuple[str, ...] = (HF_SEQUENTIAL, HF_STATIC, HF_GENERATE_BATCH, SLUICE, VLLM)
 SYSTEM_LABELS: dict[str, str] = {
     HF_SEQUENTIAL: "(a) HF generate, one at a time",
     HF_STATIC: "(b) HF generate, padded static batches",
     HF_GENERATE_BATCH: "(c) HF generate_batch (continuous batching)",
     SLUICE: "(d) Sluice engine",
+    VLLM: "(e) vLLM's own engine (v1 AsyncLLM in the worker, run by the .venv-vllm interpreter) "
+    "on the node's converted checkpoint with the engine settings of an `--engine vllm` node "
+    "(dtype, sequences max(C, 32), tokens per step, KV cache bytes, prefix caching off), "
+    "its start and torch.compile untimed; its peak RSS sums the worker and the processes "
+    "vLLM starts (shared pages counted in each)",
 }
 
 JOB_RUN = "run"
@@ -39,6 +45,8 @@ LOWEST_PROMPT_ID = 100  # ids below this are left out of prompts (special and co
 GIB = 1 << 30
 MIB = 1 << 20
 MIDBATCH_SEED_OFFSET = 1_000_003  # the mid-batch prompts come from their own seeded stream
+HEAD_TOKENS = 16  # request 0's first tokens are kept to compare greedy outputs across systems
+MIN_ENGINE_SEQUENCES = 32  # sluice and vllm run with max(C, 32) sequences at most
 
 
 @dataclass(frozen=True)
@@ -176,12 +184,19 @@ class CpuMeter:
     def finish(self) -> dict[str, float]:
         """``own_cpu_fraction`` and ``other_cpu_fraction`` of all CPU time since creation."""
         busy, total, own = (b - a for a, b in zip(self._start, cpu_sample(), strict=True))
-        if total <= 0:
-            return {"own_cpu_fraction": 0.0, "other_cpu_fraction": 0.0}
-        return {
-            "own_cpu_fraction": min(1.0, own / total),
-            "other_cpu_fraction": min(1.0, max(0.0, busy - own) / total),
-        }
+        return cpu_fractions(busy, total, own)
+
+
+def cpu_fractions(busy_s: float, total_s: float, own_s: float) -> dict[str, float]:
+    """Of ``total_s`` machine CPU seconds, the share ``own_s`` used (``own_cpu_fraction``)
+    and the share the rest of ``busy_s`` used (``other_cpu_fraction``); zeros when
+    ``total_s`` is not positive."""
+    if total_s <= 0:
+        return {"own_cpu_fraction": 0.0, "other_cpu_fraction": 0.0}
+    return {
+        "own_cpu_fraction": min(1.0, own_s / total_s),
+        "other_cpu_fraction": min(1.0, max(0.0, busy_s - own_s) / total_s),
+    }
 
 
 def summarize_run(

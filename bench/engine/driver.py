@@ -27,6 +27,7 @@ from bench.engine.common import (
     OUTPUT_LENGTHS,
     PROMPT_MAX_TOKENS,
     PROMPT_MIN_TOKENS,
+    VLLM,
     JobSpec,
     cpu_sample,
 )
@@ -50,18 +51,25 @@ WORKER_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_NO_USAGE_STATS": "1",  # no usage report thread (nor network attempt) in vllm workers
 }
 
 
-def run_worker_process(spec: JobSpec, timeout_s: float, workdir: Path) -> dict[str, Any]:
-    """Run ``spec`` in a fresh ``python -m bench.engine --worker`` process and read its record.
+def worker_python(system: str, vllm_python: Path) -> str:
+    """The interpreter a worker of ``system`` runs on: ``vllm_python`` for ``vllm`` (vLLM
+    lives in its own virtualenv), this one for every other system and the aux job."""
+    return str(vllm_python) if system == VLLM else sys.executable
 
-    A worker that fails, crashes or times out gives ``{"error": ...}`` instead.
-    """
+
+def run_worker_process(
+    spec: JobSpec, timeout_s: float, workdir: Path, python: str = sys.executable
+) -> dict[str, Any]:
+    """Run ``spec`` in a fresh ``<python> -m bench.engine --worker`` process and read its
+    record. A worker that fails, crashes or times out gives ``{"error": ...}`` instead."""
     name = f"{spec.kind}-{spec.system or 'aux'}-{spec.concurrency}"
     out_path, log_path = workdir / f"{name}.json", workdir / f"{name}.log"
     cmd = [
-        sys.executable,
+        python,
         "-m",
         "bench.engine",
         "--worker",
@@ -159,6 +167,10 @@ def build_report(
     for key in ("torch_version", "transformers_version", "device_name"):
         if key in aux:
             machine[key] = aux[key]
+    vllm_run = next((r for r in runs if r["system"] == VLLM and "vllm_version" in r), {})
+    for key in ("vllm_version", "vllm_torch_version"):
+        if key in vllm_run:
+            machine[key] = vllm_run[key]
     machine["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     midbatch_ran = "midbatch_ttft_p99_s" in aux and not aux.get("midbatch_error")
     midbatch: dict[str, Any] = {"ran": midbatch_ran}
@@ -189,6 +201,7 @@ def build_report(
             "concurrency": args.concurrency,
             "baseline_concurrency": args.baseline_concurrency,
             "systems": args.systems,
+            "vllm_python": str(args.vllm_python),
             "kv_budget_bytes": args.kv_budget_bytes,
             "max_batched_tokens": args.max_batched_tokens,
             "parallel_workers": args.parallel_workers,
@@ -213,6 +226,7 @@ def build_report(
         "prefill_s": float(aux.get("prefill_s", 0.0)),
         "midbatch": midbatch,
         "greedy_agreement": _agreement(runs),
+        "skipped_systems": dict(args.skipped_systems),
     }
     report["ratios"] = compute_ratios(runs)
     report["targets"] = evaluate_targets(report)
@@ -287,7 +301,8 @@ def run_jobs(
         if timeout < MIN_JOB_SECONDS:
             record: dict[str, Any] = {"error": "skipped: --time-budget-s exhausted"}
         else:
-            record = run_worker_process(spec, timeout, workdir)
+            python = worker_python(spec.system, args.vllm_python)
+            record = run_worker_process(spec, timeout, workdir, python)
         record["waited_for_idle_s"] = waited
         records[number] = record
         seconds = time.monotonic() - job_started

@@ -17,6 +17,7 @@ from transformers import ContinuousBatchingConfig, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from bench.engine.common import (
+    HEAD_TOKENS,
     HF_GENERATE_BATCH,
     HF_SEQUENTIAL,
     HF_STATIC,
@@ -27,7 +28,7 @@ from bench.engine.common import (
     current_rss_bytes,
     summarize_run,
 )
-from bench.engine.model import HEAD_TOKENS, pad_id, warmup_request
+from bench.engine.model import pad_id, warmup_request
 from inference_node.engine.text import kv_bytes_per_token
 from inference_node.models import LanguageModel
 

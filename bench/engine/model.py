@@ -12,7 +12,6 @@ from bench.engine.common import BenchRequest, JobSpec, build_workload, random_pr
 from inference_node.engine.text import kv_bytes_per_token  # reported with each run
 from inference_node.models import LanguageModel, load_language_model
 
-HEAD_TOKENS = 16  # request 0's first tokens are kept to compare greedy outputs across systems
 WARMUP_PROMPT_TOKENS = 8
 WARMUP_NEW_TOKENS = 4
 

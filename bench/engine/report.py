@@ -19,6 +19,7 @@ from bench.engine.common import (
     SLUICE,
     SYSTEM_LABELS,
     SYSTEMS,
+    VLLM,
 )
 
 RSS_HEADROOM_BYTES = int(1.5 * GIB)
@@ -37,6 +38,8 @@ TABLE_HEADER = (
     "note",
 )
 BUSY_RUN_FRACTION = 0.10  # other processes' share of machine CPU above which a run is suspect
+VLLM_TARGET = "C=32: sluice >= 0.6x vllm (output tok/s)"
+VLLM_TARGET_RATIO = 0.6
 
 
 def add_roofline(runs: Sequence[dict[str, Any]], matmul_gflops: float, parameters: int) -> None:
@@ -74,7 +77,8 @@ def _ratio(
 
 
 def compute_ratios(runs: Sequence[dict[str, Any]]) -> dict[str, float | None]:
-    """Output-throughput ratios of Sluice over each baseline at the same C, plus C=64 vs b@32."""
+    """Output-throughput ratios of Sluice over each baseline at the same C, plus C=64 vs b@32,
+    plus Sluice over vllm at every C vllm ran at."""
     ratios: dict[str, float | None] = {
         "sluice/hf_sequential@1": _ratio(runs, (SLUICE, 1), (HF_SEQUENTIAL, 1))
     }
@@ -83,6 +87,8 @@ def compute_ratios(runs: Sequence[dict[str, Any]]) -> dict[str, float | None]:
         for base in (HF_STATIC, HF_GENERATE_BATCH):
             ratios[f"sluice/{base}@{c}"] = _ratio(runs, (SLUICE, c), (base, c))
     ratios["sluice@64/hf_static@32"] = _ratio(runs, (SLUICE, 64), (HF_STATIC, 32))
+    for c in sorted({r["concurrency"] for r in runs if r["system"] == VLLM}):
+        ratios[f"sluice/{VLLM}@{c}"] = _ratio(runs, (SLUICE, c), (VLLM, c))
     return ratios
 
 
@@ -123,6 +129,12 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             "C=1: sluice >= 0.9x hf_sequential (output tok/s)",
             ratios.get("sluice/hf_sequential@1"),
             0.9,
+        ),
+        _target(
+            VLLM_TARGET,
+            ratios.get(f"sluice/{VLLM}@32"),
+            VLLM_TARGET_RATIO,
+            note=_skipped_note(report, VLLM),
         ),
     ]
     midbatch = report.get("midbatch", {})
@@ -171,6 +183,11 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     return targets
 
 
+def _skipped_note(report: dict[str, Any], system: str) -> str:
+    why = report.get("skipped_systems", {}).get(system)
+    return f"{system} skipped: {why}" if why else ""
+
+
 def _fmt(value: float | None, digits: int) -> str:
     if value is None or not math.isfinite(value):
         return "-"
@@ -196,7 +213,7 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
                 "-" if failed else f"{100 * run['roofline_fraction_with_prompt']:.2f}%",
                 "-" if failed else _fmt(run["wall_s"], 1),
                 "-" if failed else f"{100 * run.get('other_cpu_fraction', 0.0):.0f}%",
-                _short(str(run["error"])) if failed else "",
+                _short(str(run["error"])) if failed else str(run.get("note", "")),
             ]
         )
     return rows
@@ -266,6 +283,8 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
             f"WARNING: other processes used over {BUSY_RUN_FRACTION:.0%} of the machine's CPU "
             f"during {', '.join(busy)}: those numbers are unreliable; rerun on an idle machine"
         )
+    for system, why in report.get("skipped_systems", {}).items():
+        lines.append(f"{system}: skipped, {why}")
     heads = report.get("greedy_agreement", {})
     if heads:
         parts = [f"{k} {v}" for k, v in heads.items()]
@@ -305,7 +324,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Machine: {machine['cpu_model']}, {machine['cpu_count']} CPUs, "
         f"{report.get('threads', '?')} torch threads, device {machine.get('device_name', '?')}, "
         f"torch {machine.get('torch_version', '?')}, transformers "
-        f"{machine.get('transformers_version', '?')}  ",
+        f"{machine.get('transformers_version', '?')}"
+        + (
+            f"; vLLM {machine['vllm_version']} (torch {machine.get('vllm_torch_version', '?')})"
+            if "vllm_version" in machine
+            else ""
+        )
+        + "  ",
         f"Model: {report['config']['model']} ({report['config']['dtype']}); KV budget "
         f"{report['config']['kv_budget_bytes'] / GIB:.2f} GiB; load average at start/end "
         f"{machine['loadavg_start']} / {machine.get('loadavg_end')}",

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.engine.common import (
+    HEAD_TOKENS,
     MIDBATCH_SEED_OFFSET,
+    MIN_ENGINE_SEQUENCES,
     SLUICE,
     BenchRequest,
     CpuMeter,
@@ -28,7 +30,7 @@ from bench.engine.common import (
     summarize_run,
     token_pool,
 )
-from bench.engine.model import HEAD_TOKENS, special_ids, vocab_size, warmup_request
+from bench.engine.model import special_ids, vocab_size, warmup_request
 from bench.stats import percentile
 from inference_node.engine import (
     DeltaStream,
@@ -145,7 +147,7 @@ def run_sluice(
     As in a node, the engine loop runs on the main thread and the clients' event loop on a
     helper thread (``run_with_engine``).
     """
-    max_sequences = max(spec.concurrency, 32)
+    max_sequences = max(spec.concurrency, MIN_ENGINE_SEQUENCES)
     engine = build_bench_engine(lm, spec, max_sequences)
     return run_with_engine(engine, lambda: _sluice(engine, lm, workload, spec, max_sequences))
 
@@ -211,7 +213,7 @@ def _mean_step(tracks: Sequence[_Track], start: float, end: float) -> float | No
 def measure_midbatch(lm: LanguageModel, spec: JobSpec) -> dict[str, Any]:
     """TTFT of probes arriving one at a time while ``midbatch_background`` requests decode
     (engine loop on the main thread, as in a node)."""
-    engine = build_bench_engine(lm, spec, max(32, spec.midbatch_background + 1))
+    engine = build_bench_engine(lm, spec, max(MIN_ENGINE_SEQUENCES, spec.midbatch_background + 1))
     return run_with_engine(engine, lambda: _midbatch(engine, lm, spec))
 
 
