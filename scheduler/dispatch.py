@@ -159,6 +159,12 @@ def _node_request(
     return forward, keyed
 
 
+def _attempt_on(node: NodeHandle, tried: set[str]) -> None:
+    """An attempt goes to ``node``: noted as tried, and named in the request's log line."""
+    tried.add(node.node_id)
+    structlog.contextvars.bind_contextvars(node_id=node.node_id)
+
+
 def _detach_keyed(forward: _Forward, key: str) -> _Forward:
     """``forward`` with the caller's stable key (a detached generation's name)."""
     forward.request_id = key
@@ -358,7 +364,7 @@ class Dispatcher:
         elif timed_class and tokens:
             self._metrics.inter_token.labels(timed_class).observe((now - previous) / tokens)
             if timed_class == WorkloadClass.REALTIME.label:
-                node.observe_token_gap((now - previous) / tokens)
+                node.observe_token_gap((now - previous) / tokens, now)
         stats.generated += len(chunk.token_ids)
         if chunk.usage.prompt_tokens:
             stats.prompt_tokens = chunk.usage.prompt_tokens
@@ -400,7 +406,7 @@ class Dispatcher:
         self.budget.record_request()
         for attempt in range(self._max_attempts):
             assert node is not None
-            tried.add(node.node_id)
+            _attempt_on(node, tried)
             self._metrics.in_flight.inc()
             stats.dispatched = True
             sent = 0
@@ -467,7 +473,7 @@ class Dispatcher:
         self.budget.record_request()
         for attempt in range(self._max_attempts):
             assert node is not None
-            tried.add(node.node_id)
+            _attempt_on(node, tried)
             self._metrics.in_flight.inc()
             retry = None
             try:

@@ -258,17 +258,14 @@ class DispatchGate:
 
     def _decide(self, item: QueuedRequest, view: SlotView, startable: bool) -> Verdict:
         """Admission's verdict on ``item``: ``startable`` when a node has room and its
-        tenant's slot share lets it start now."""
-        busy_cost = self._avg_cost or self.cost(item)
-        if view.room and not startable:
-            # A slot is free but its tenant holds its share: one of its own requests ends
-            # first, which comes share⁻¹ times later than the next end of any request.
-            busy_cost /= max(self.admission.share(item), 1e-6)
+        tenant's slot share lets it start now (held back, it waits for a request to end,
+        as without room: the share rule may be keeping the slot for another tenant's burst,
+        which any end frees, or the tenant may be over its share)."""
         return self.admission.decide(
             item,
             self._nodes.service_rate(item.model),
             startable,
-            busy_cost=busy_cost,
+            busy_cost=self._avg_cost or self.cost(item),
             token_s=self._nodes.token_seconds(item.model),
             busy=view.busy,
         )

@@ -414,15 +414,18 @@ class GenerateFlow:
 async def admit(gate: DispatchGate, item: QueuedRequest, counters: TenantCounters) -> NodeHandle:
     """Admission, the queue and a node slot booked for ``item`` (give it back with
     ``gate.release``); a refusal is counted for the tenant and raised."""
+    # A job line's later attempt runs in the same task: its log fields start afresh.
+    structlog.contextvars.unbind_contextvars("predicted_wait_ms", "queued_ms", "ttft_ms")
     began = time.perf_counter()
     try:
         node = await gate.acquire(item)
     except SluiceError as exc:
         counters.refuse(exc.reason)
         raise
-    # The request's log line (rpc_finished) says how long it queued and where it ran.
+    # The request's log line (rpc_finished) says how long it queued (the dispatcher names
+    # the node of each attempt).
     queued_ms = round((time.perf_counter() - began) * 1000, 1)
-    structlog.contextvars.bind_contextvars(queued_ms=queued_ms, node_id=node.node_id)
+    structlog.contextvars.bind_contextvars(queued_ms=queued_ms)
     return node
 
 

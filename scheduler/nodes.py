@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -76,16 +77,29 @@ class NodeHandle:
     retired: asyncio.Event | None = None
     """Set once a node taken out of rotation has no request of this scheduler left."""
     stream_token_s: float = 0.0
-    """Seconds per token between the chunks of its REALTIME streams now (a moving average
-    over chunks, :meth:`observe_token_gap`): it moves as the batch grows, while the
-    inter-token average of finished streams lags by their length."""
+    """Seconds per token between the chunks of its REALTIME streams lately (a moving average
+    in time, :meth:`observe_token_gap`): it moves as the batch grows, while the inter-token
+    average of finished streams lags by their length."""
+    stream_token_at: float = 0.0
+    """When :attr:`stream_token_s` last moved (the scheduler's clock)."""
 
-    def observe_token_gap(self, seconds_per_token: float, alpha: float = 0.05) -> None:
-        """One REALTIME chunk came ``seconds_per_token`` per token after the previous one."""
-        old = self.stream_token_s
-        self.stream_token_s = (
-            seconds_per_token if old == 0 else old + alpha * (seconds_per_token - old)
-        )
+    def observe_token_gap(self, seconds_per_token: float, now: float, tau_s: float = 2.0) -> None:
+        """A REALTIME chunk came ``seconds_per_token`` per token after the previous one. The
+        average moves by ``1 - exp(-dt / tau_s)`` for the ``dt`` since its last move, so the
+        chunks of one step (every stream reports the same gap at once) count about once, and
+        it starts afresh after ``2 tau_s`` without chunks."""
+        dt = now - self.stream_token_at
+        if self.stream_token_s == 0 or dt > 2 * tau_s:
+            self.stream_token_s = seconds_per_token
+        else:
+            weight = 1 - math.exp(-max(dt, 0.0) / tau_s)
+            self.stream_token_s += weight * (seconds_per_token - self.stream_token_s)
+        self.stream_token_at = now
+
+    def live_token_s(self, now: float, stale_s: float = 4.0) -> float:
+        """:attr:`stream_token_s` while REALTIME chunks came within ``stale_s``, else 0 (no
+        REALTIME stream runs there: the finished streams' average speaks for it)."""
+        return self.stream_token_s if now - self.stream_token_at <= stale_s else 0.0
 
     @property
     def node_id(self) -> str:
@@ -259,11 +273,12 @@ class NodeDirectory:
         """Seconds per generated token on the fastest node serving ``model``: the lowest
         among them of the larger of the inter-token moving average of finished streams and
         that of the REALTIME chunks streaming now (0 while none is measured yet)."""
+        now = self._clock()
         measured = [
             latency
             for n in self._nodes.values()
             if any(m.name == model for m in n.info.models)
-            and (latency := max(self.outliers.latency(n.node_id, "itl"), n.stream_token_s)) > 0
+            and (latency := max(self.outliers.latency(n.node_id, "itl"), n.live_token_s(now))) > 0
         ]
         return min(measured, default=0.0)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 import tracemalloc
 
+import pytest
+
 from scheduler import routing
 from scheduler.admission import ThroughputMeter
 from scheduler.nodes import NodeHandle
@@ -320,11 +322,11 @@ def test_slots_a_fine_tune_holds_are_capacity_no_class_may_use() -> None:
     assert book.usable == 1  # never less than one slot
 
 
-def test_a_node_s_streaming_token_time_follows_its_realtime_chunks() -> None:
-    """The per-token gap of REALTIME chunks is a moving average that starts at the first
-    gap and moves 5 % of the way to each later one: after a batch grows from 0.1 to 0.2 s a
-    token, 30 chunks bring it most of the way (admission's token time no longer waits for
-    the slower streams to finish)."""
+def test_a_node_s_streaming_token_time_follows_its_realtime_chunks_in_time() -> None:
+    """The per-token gap of REALTIME chunks is a moving average in time (2 s): the chunks of
+    one step, arriving together, barely move it; steps 0.15 s apart bring it from 0.1 to most
+    of the way to 0.2 s in 3 s; it is read as 0 once no REALTIME chunk came for 4 s, and a
+    chunk after a long pause starts it afresh."""
     clock = FakeClock()
     node = NodeHandle(
         info=common_pb2.NodeInfo(node_id="n1"),
@@ -333,9 +335,16 @@ def test_a_node_s_streaming_token_time_follows_its_realtime_chunks() -> None:
         breaker=CircuitBreaker(BreakerConfig(), clock),
         meter=ThroughputMeter(clock),
     )
-    assert node.stream_token_s == 0
-    node.observe_token_gap(0.1)
-    assert node.stream_token_s == 0.1
-    for _ in range(30):
-        node.observe_token_gap(0.2)
-    assert 0.17 < node.stream_token_s < 0.2
+    assert node.live_token_s(clock()) == 0
+    node.observe_token_gap(0.1, clock())
+    for _ in range(31):  # one step's chunks, all at once
+        node.observe_token_gap(0.5, clock())
+    assert node.stream_token_s == pytest.approx(0.1)
+    for _ in range(20):
+        clock.advance(0.15)
+        node.observe_token_gap(0.2, clock())
+    assert 0.17 < node.live_token_s(clock()) < 0.2
+    clock.advance(4.1)
+    assert node.live_token_s(clock()) == 0
+    node.observe_token_gap(0.3, clock())
+    assert node.live_token_s(clock()) == 0.3
