@@ -275,8 +275,9 @@ class EmbedBatcher:
                 while not self._queue:
                     self._arrived.clear()
                     await self._arrived.wait()
-            head = min(self._queue, key=_order)
-            await self._fill(head.embedder)
+            head = min(self._queue, key=lambda w: (w.future.done(), *_order(w)))
+            if not head.future.done():  # (else _take drops what is settled)
+                await self._fill(head.embedder)
             batch = self._take()
             if batch:
                 self._running = [piece.item for piece in batch]
@@ -334,6 +335,11 @@ class EmbedBatcher:
                 self._pool, _timed_forward, embedder, texts, chunk
             )
         except Exception as exc:
+            if 1 < len(texts) <= chunk:  # one forward of several texts: its size is over the bound
+                try:
+                    sizer.failed(len(texts))
+                except Exception:
+                    log.exception("embed_batch_sizer_failed", model=embedder.name)
             if len(batch) == 1:
                 _settle(batch[0].item.future, exc)
                 return
@@ -344,14 +350,7 @@ class EmbedBatcher:
                 texts=len(texts),
                 error=repr(exc),
             )
-            if len(texts) <= chunk:  # one forward: its size class is over the bound
-                try:
-                    sizer.failed(len(texts))
-                except Exception:
-                    log.exception("embed_batch_sizer_failed", model=embedder.name)
-            for piece in batch:  # one at a time: only the request at fault fails
-                if not piece.item.future.done():
-                    await self._forward([piece])
+            await self._retry_alone(batch, sizer.limit)
             return
         try:
             self._measured(embedder.name, sizer, len(texts), seconds, chunk)
@@ -365,6 +364,21 @@ class EmbedBatcher:
             if len(item.vectors) == len(item.texts) and not item.future.done():
                 item.future.set_result(EmbedResult(item.vectors, item.tokens))
             start = end
+
+    async def _retry_alone(self, batch: list[_Slice], limit: int) -> None:
+        """After a merged forward failed: each slice again on its own, so only the request at
+        fault fails; a slice larger than the (lowered) ``limit`` goes back to the queue, to be
+        taken again in slices that fit it (it is always its request's latest slice)."""
+        for piece in batch:
+            item = piece.item
+            if item.future.done():
+                continue
+            if piece.end - piece.start > limit:
+                item.taken = piece.start
+                if item not in self._queue:
+                    self._queue.appendleft(item)
+            else:
+                await self._forward([piece])
 
     def _measured(
         self, model: str, sizer: BatchSizer, texts: int, seconds: float, chunk: int

@@ -284,6 +284,49 @@ async def test_realtime_goes_first_and_a_large_lower_class_request_is_sliced(
     batcher.close()
 
 
+class HalvingSizer(FixedSizer):
+    """A fixed limit that a failed forward halves."""
+
+    def failed(self, texts: int) -> None:
+        self.limit = max(1, texts // 2)
+
+
+class SmallForwardsOnly(SteppedEmbedder):
+    """Fails every forward of more than two texts (an out-of-memory, say); no permits."""
+
+    def embed_each(
+        self, texts: Sequence[str], batch_size: int | None = None
+    ) -> tuple[list[list[float]], list[int]]:
+        self.gate.wait(timeout=30)
+        self.forwards.append(list(texts))
+        if len(texts) > 2:
+            raise MemoryError("too many texts at once")
+        return Embedder.embed_each(self, texts, batch_size)
+
+
+async def test_a_slice_of_a_failed_forward_is_taken_again_at_the_lowered_limit(
+    minilm: Embedder,
+) -> None:
+    """A merged forward of four texts fails: the limit falls to two, the REALTIME request's
+    text runs alone, and the BATCH request's slice of three goes back to be taken in slices
+    of two; both get the vectors they get alone."""
+    small = SmallForwardsOnly(minilm)
+    batcher = EmbedBatcher(lambda: HalvingSizer(4), max_wait_s=0)
+    small.gate.clear()
+    first = asyncio.create_task(batcher.embed(small, ["holding"]))
+    await eventually(lambda: batcher.waiting == 1 and not batcher.queued)
+    bulk = asyncio.create_task(batcher.embed(small, TEXTS, rank=1))
+    urgent = asyncio.create_task(batcher.embed(small, ["rt one"]))
+    await eventually(lambda: batcher.waiting == 3)
+    small.gate.set()
+    await first
+    assert_close(await urgent, alone(minilm, ["rt one"]))
+    assert_close(await bulk, alone(minilm, TEXTS))
+    assert small.forwards[1] == ["rt one", *TEXTS[:3]]
+    assert [len(f) for f in small.forwards[2:]] == [1, 2, 2, 2]
+    batcher.close()
+
+
 async def test_a_caller_that_leaves_drops_out_and_the_others_are_served(
     gated: GatedEmbedder,
 ) -> None:
