@@ -192,6 +192,7 @@ class VllmEngine(Draining):
             enable_prefix_caching=False,
             enforce_eager=o.enforce_eager,
             disable_log_stats=True,  # our stat logger only (module doc)
+            enable_logging_iteration_details=True,  # each step's rows and time: the step fit
         )
         return AsyncLLM.from_engine_args(args, stat_loggers=[self._sink])
 

@@ -22,9 +22,9 @@ _STEP_GAP_CAP_S = 5.0
 class VllmStats:
     """A vLLM per-engine stat logger (duck-typed ``StatLoggerBase``) keeping the latest
     scheduler stats, a decode-rate average, the step-time histogram and the step-time fit
-    (against decode rows and prompt tokens, as the built-in engine's: the scheduler's
-    inter-token guard counts a vLLM node's batch with it) for ``stats()``. Called on the
-    engine thread after each batch of engine-core outputs."""
+    (each step's engine time against its decode rows and prefilled prompt tokens, as the
+    built-in engine's: the scheduler's inter-token guard counts a vLLM node's batch with it)
+    for ``stats()``. Called on the engine thread after each batch of engine-core outputs."""
 
     def __init__(self) -> None:
         self.running = 0
@@ -47,6 +47,7 @@ class VllmStats:
     ) -> None:
         now = time.monotonic()
         busy_before = self.running > 0
+        self._fit_step(scheduler_stats)
         if scheduler_stats is not None:
             self.running = int(scheduler_stats.num_running_reqs)
             self.waiting = int(scheduler_stats.num_waiting_reqs) + int(
@@ -60,11 +61,20 @@ class VllmStats:
         gap = now - last
         if 0 < gap < _STEP_GAP_CAP_S:
             self.steps.observe(gap)
-            prompt = int(getattr(iteration_stats, "num_prompt_tokens", 0) or 0)
-            self.step_model.observe(gap, tokens, prompt)
             rate = tokens / gap
             previous = self.decode_rate
             self.decode_rate = rate if not previous else previous + _EWMA_ALPHA * (rate - previous)
+
+    def _fit_step(self, scheduler_stats: Any) -> None:
+        """One engine step's time against its decode rows and the prompt tokens it prefilled
+        (chunks counted as scheduled), as vLLM's iteration details give them (the engine is
+        built with ``enable_logging_iteration_details``)."""
+        details = getattr(scheduler_stats, "iteration_details", None)
+        if details is None or getattr(details, "is_dummy", False) or details.elapsed_ms <= 0:
+            return
+        self.step_model.observe(
+            details.elapsed_ms / 1000, details.num_generation_requests, details.num_ctx_tokens
+        )
 
     def log(self) -> None:
         pass
