@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -275,12 +276,18 @@ def worker_main(spec_json: str, out_path: Path) -> int:
     return status
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (or, with ``--worker``, one of its jobs)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.worker:
         return worker_main(args.worker, args.worker_out)
+    # SIGTERM unwinds like Ctrl-C: the running worker's process group is killed on the way.
+    signal.signal(signal.SIGTERM, _terminated)
     started = time.monotonic()
     machine = machine_info()
     jobs = plan_jobs(args)

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -80,19 +81,25 @@ def run_worker_process(
     env = {**os.environ, **WORKER_ENV}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     with log_path.open("wb") as log:
+        # Its own process group: vLLM's engine core is a child of the worker, and a worker
+        # that times out (or a driver stopped) must not leave it running beside later jobs.
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        returncode: int | None = None
         try:
-            proc = subprocess.run(
-                cmd,
-                cwd=REPO_ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=timeout_s,
-                check=False,
-            )
-            returncode: int | None = proc.returncode
+            returncode = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            returncode = None
+            pass
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     log_tail = log_path.read_text(encoding="utf-8", errors="replace")[-ERROR_TAIL_CHARS:]
     record: dict[str, Any] = {}
     if out_path.is_file():
