@@ -18,7 +18,7 @@ from typing import Protocol
 
 from bench.load.run import LoadResult, make_target, run_load
 from bench.load.scenario import PlannedRequest, Scenario, make_prompt, plan_requests
-from bench.load.targets import TargetError
+from bench.load.targets import Target, TargetError
 from bench.overload.options import Options
 from bench.overload.report import REALTIME
 from bench.overload.search import RATE_DIGITS, BudgetExhausted, SearchResult, find_capacity
@@ -98,6 +98,10 @@ class Benchmark:
         if time.monotonic() - self.started + needed > budget:
             raise BudgetExhausted(f"{needed:.0f} s more would pass the {budget:.0f} s budget")
 
+    def target(self, server: Server, scenario: Scenario) -> Target:
+        """The load target that drives ``server`` (by its name, with the tenants' keys)."""
+        return make_target(server.name, scenario, server.address, self.keys)
+
     def measure(
         self,
         server: Server,
@@ -119,7 +123,7 @@ class Benchmark:
             scenario = scenario.model_copy(update={"drain_s": self.options.drain_s})
 
         async def go() -> LoadResult:
-            target = make_target(server.name, scenario, server.address, self.keys)
+            target = self.target(server, scenario)
             watch = self.observer.watch(key) if self.observer is not None else nullcontext()
             try:
                 with watch:
@@ -157,7 +161,7 @@ class Benchmark:
         )
 
         async def go() -> None:
-            target = make_target(server.name, self.scenario, server.address, self.keys)
+            target = self.target(server, self.scenario)
             deadline = time.monotonic() + timeout_s
             done = 0
             try:

@@ -3,10 +3,8 @@ search, levels, runs keyed by server and rate) with each server's target chosen 
 bare vLLM server is driven over HTTP (:mod:`bench.load.openai_target`) and Sluice through its
 SDK, under the same scenario, arrivals and windows.
 
-:meth:`TargetBenchmark.measure` is :meth:`Benchmark.measure` with that choice (which calls
-:func:`bench.load.run.make_target`, knowing ``sluice`` and ``naive`` only): a run at a rate
-already measured with a window at least as long is reused, the time budget and the drain
-override apply alike, and the pause after each run is the same.
+:meth:`TargetBenchmark.target` is the only change: :class:`Benchmark` runs every load through
+it, and :func:`bench.load.run.make_target` knows ``sluice`` and ``naive`` only.
 """
 
 from __future__ import annotations
@@ -52,43 +50,10 @@ class TargetBenchmark(Benchmark):
         super().__init__(scenario, keys, options)
         self.make = make
 
-    def measure(
-        self,
-        server: Server,
-        rate: float,
-        min_requests: int | None = None,
-        realtime_min_requests: int = 0,
-    ) -> LoadResult:
-        """One load run at ``rate`` (a long enough earlier one at that rate is reused)."""
-        rate = round(rate, RATE_DIGITS)
-        key = (server.name, rate)
-        duration = self.duration_for(rate, min_requests, realtime_min_requests)
-        earlier = self.runs.get(key)
-        if earlier is not None and earlier.duration_s >= duration - 1e-6:
-            return earlier
-        self._check_budget(duration)
-        scenario = self.scenario
-        if self.options.drain_s is not None:
-            scenario = scenario.model_copy(update={"drain_s": self.options.drain_s})
-
-        async def go() -> LoadResult:
-            target = self.make(server.name, scenario, server.address)
-            try:
-                return await run_load(scenario, target, duration_s=duration, total_rps=rate)
-            finally:
-                await target.close()
-
-        result = self.runs[key] = asyncio.run(go())
-        s = result.summary()
-        print(
-            f"  {server.name:<6} {rate:7.3f} req/s x {duration:4.0f} s: {s['requests']:4d} "
-            f"requests, SLO {s['slo_attainment']:6.1%}, goodput {s['goodput_rps']:.3f}/s, TTFT p99 "
-            f"{s['ttft_p99_s']:.2f} s, refused {s['refused']}, errors {s['errors']}, unfinished "
-            f"{s['unfinished']} [{time.monotonic() - self.started:.0f} s]",
-            flush=True,
-        )
-        time.sleep(self.options.settle_s)
-        return result
+    def target(self, server: Server, scenario: Scenario) -> Target:
+        """The target ``make`` gives for ``server`` (bare vLLM over HTTP, Sluice through its
+        SDK); every run of :class:`Benchmark` goes through it."""
+        return self.make(server.name, scenario, server.address)
 
     def warm(self, server: Server, rate: float, seconds: float) -> None:
         """``seconds`` of the scenario at ``rate``, recorded nowhere (as ``bench.slo`` warms a
@@ -98,7 +63,7 @@ class TargetBenchmark(Benchmark):
             return
 
         async def go() -> LoadResult:
-            target = self.make(server.name, self.scenario, server.address)
+            target = self.target(server, self.scenario)
             try:
                 return await run_load(self.scenario, target, duration_s=seconds, total_rps=rate)
             finally:
