@@ -25,7 +25,7 @@ from bench.engine.common import JOB_RUN, BenchRequest, JobSpec
 from bench.engine.driver import build_report, worker_python
 from bench.engine.proctree import TreeRssSampler, descendants, tree_pids
 from bench.engine.report import VLLM_TARGET, render_markdown, render_text
-from bench.engine.vllm_worker import VllmCalls, closed_loop, engine_args
+from bench.engine.vllm_worker import VllmCalls, engine_args, vllm_loop
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_KEYS: dict[str, type] = {
@@ -310,7 +310,7 @@ async def test_vllm_closed_loop_keeps_c_requests_in_flight() -> None:
     each request's leading tokens kept."""
     llm = _FakeLlm()
     requests = [BenchRequest(i, (100 + i, 5), 3 + i % 4) for i in range(10)]
-    results, heads = await closed_loop(_calls(llm), requests, 3, "bench")
+    results, heads = await vllm_loop(_calls(llm), requests, 3, "bench")
     assert sorted(r.index for r in results) == list(range(10))
     assert llm.most_in_flight == 3
     for result in results:
@@ -321,7 +321,7 @@ async def test_vllm_closed_loop_keeps_c_requests_in_flight() -> None:
 
 async def test_vllm_closed_loop_fails_a_request_that_ends_short() -> None:
     with pytest.raises(RuntimeError, match="bench-0: 2 tokens of 3"):
-        await closed_loop(_calls(_FakeLlm(short=True)), [BenchRequest(0, (7,), 3)], 1, "bench")
+        await vllm_loop(_calls(_FakeLlm(short=True)), [BenchRequest(0, (7,), 3)], 1, "bench")
 
 
 def test_descendants_follow_the_parent_chain() -> None:

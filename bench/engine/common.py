@@ -7,13 +7,14 @@ workload from the spec, so every system serves exactly the same requests.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
 import resource
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from bench.stats import percentile
 
@@ -244,3 +245,57 @@ def failed_run(spec: JobSpec, error: str) -> dict[str, Any]:
         "other_cpu_fraction": 0.0,
         "error": error,
     }
+
+
+class ClientOutcome(Protocol):
+    """One request as a closed-loop client saw it (each system's own outcome type)."""
+
+    @property
+    def ttft_s(self) -> float: ...
+    @property
+    def latency_s(self) -> float: ...
+    @property
+    def tokens(self) -> list[int]: ...
+    @property
+    def finish(self) -> object: ...
+
+
+_O = TypeVar("_O", bound=ClientOutcome)
+
+
+async def closed_loop(
+    requests: Sequence[BenchRequest],
+    concurrency: int,
+    prefix: str,
+    serve: Callable[[str, BenchRequest], Awaitable[_O]],
+    length: object,
+) -> tuple[list[RequestResult], dict[int, list[int]]]:
+    """C client tasks; each takes the next request from a shared list when its last one
+    finished (``serve(request_id, request)``). A request must end by ``length`` with exactly
+    its tokens. Returns the results and each request's first ``HEAD_TOKENS`` tokens."""
+    pending: Iterator[BenchRequest] = iter(requests)
+    results: list[RequestResult] = []
+    heads: dict[int, list[int]] = {}
+
+    async def client() -> None:
+        for request in pending:
+            request_id = f"{prefix}-{request.index}"
+            outcome = await serve(request_id, request)
+            if outcome.finish != length or len(outcome.tokens) != request.max_new_tokens:
+                raise RuntimeError(
+                    f"{request_id}: {len(outcome.tokens)} tokens of {request.max_new_tokens},"
+                    f" finish {outcome.finish}"
+                )
+            results.append(
+                RequestResult(
+                    request.index,
+                    len(request.prompt),
+                    len(outcome.tokens),
+                    outcome.ttft_s,
+                    outcome.latency_s,
+                )
+            )
+            heads[request.index] = outcome.tokens[:HEAD_TOKENS]
+
+    await asyncio.gather(*(client() for _ in range(max(1, min(concurrency, len(requests))))))
+    return results, heads

@@ -11,12 +11,11 @@ import itertools
 import random
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from bench.engine.common import (
-    HEAD_TOKENS,
     MIDBATCH_SEED_OFFSET,
     MIN_ENGINE_SEQUENCES,
     SLUICE,
@@ -24,6 +23,7 @@ from bench.engine.common import (
     CpuMeter,
     JobSpec,
     RequestResult,
+    closed_loop,
     current_rss_bytes,
     peak_rss_bytes,
     random_prompt,
@@ -96,37 +96,12 @@ async def engine_request(
 async def _engine_closed_loop(
     engine: Engine, requests: Sequence[BenchRequest], concurrency: int, prefix: str
 ) -> tuple[list[RequestResult], dict[int, list[int]]]:
-    """C client tasks; each takes the next request from a shared list when its last finished."""
-    pending: Iterator[BenchRequest] = iter(requests)
-    results: list[RequestResult] = []
-    heads: dict[int, list[int]] = {}
+    """:func:`closed_loop` through ``engine``."""
 
-    async def client() -> None:
-        for request in pending:
-            request_id = f"{prefix}-{request.index}"
-            outcome = await engine_request(
-                engine, request_id, request.prompt, request.max_new_tokens
-            )
-            if outcome.finish is not FinishReason.LENGTH or len(outcome.tokens) != (
-                request.max_new_tokens
-            ):
-                raise RuntimeError(
-                    f"{request_id}: {len(outcome.tokens)} tokens of {request.max_new_tokens},"
-                    f" finish {outcome.finish}"
-                )
-            results.append(
-                RequestResult(
-                    request.index,
-                    len(request.prompt),
-                    len(outcome.tokens),
-                    outcome.ttft_s,
-                    outcome.latency_s,
-                )
-            )
-            heads[request.index] = outcome.tokens[:HEAD_TOKENS]
+    async def serve(request_id: str, request: BenchRequest) -> _Outcome:
+        return await engine_request(engine, request_id, request.prompt, request.max_new_tokens)
 
-    await asyncio.gather(*(client() for _ in range(max(1, min(concurrency, len(requests))))))
-    return results, heads
+    return await closed_loop(requests, concurrency, prefix, serve, FinishReason.LENGTH)
 
 
 def build_bench_engine(lm: LanguageModel, spec: JobSpec, max_sequences: int) -> Engine:

@@ -39,18 +39,18 @@ import importlib.metadata
 import os
 import resource
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.engine.common import (
-    HEAD_TOKENS,
     MIN_ENGINE_SEQUENCES,
     VLLM,
     BenchRequest,
     JobSpec,
     RequestResult,
+    closed_loop,
     cpu_fractions,
     cpu_sample,
     current_rss_bytes,
@@ -134,50 +134,28 @@ async def vllm_request(
     return Outcome((first if first is not None else done) - sent, done - sent, tokens, finish)
 
 
-async def closed_loop(
+async def vllm_loop(
     calls: VllmCalls, requests: Sequence[BenchRequest], concurrency: int, prefix: str
 ) -> tuple[list[RequestResult], dict[int, list[int]]]:
-    """C client tasks; each takes the next request from a shared list when its last one
-    finished. Returns the results and each request's first ``HEAD_TOKENS`` tokens."""
-    pending: Iterator[BenchRequest] = iter(requests)
-    results: list[RequestResult] = []
-    heads: dict[int, list[int]] = {}
+    """:func:`closed_loop` through vLLM."""
 
-    async def client() -> None:
-        for request in pending:
-            request_id = f"{prefix}-{request.index}"
-            outcome = await vllm_request(calls, request_id, request.prompt, request.max_new_tokens)
-            if outcome.finish != LENGTH or len(outcome.tokens) != request.max_new_tokens:
-                raise RuntimeError(
-                    f"{request_id}: {len(outcome.tokens)} tokens of {request.max_new_tokens},"
-                    f" finish {outcome.finish}"
-                )
-            results.append(
-                RequestResult(
-                    request.index,
-                    len(request.prompt),
-                    len(outcome.tokens),
-                    outcome.ttft_s,
-                    outcome.latency_s,
-                )
-            )
-            heads[request.index] = outcome.tokens[:HEAD_TOKENS]
+    async def serve(request_id: str, request: BenchRequest) -> Outcome:
+        return await vllm_request(calls, request_id, request.prompt, request.max_new_tokens)
 
-    await asyncio.gather(*(client() for _ in range(max(1, min(concurrency, len(requests))))))
-    return results, heads
+    return await closed_loop(requests, concurrency, prefix, serve, LENGTH)
 
 
 async def measure(calls: VllmCalls, setup: ModelSetup, spec: JobSpec) -> dict[str, Any]:
     """Warm up (untimed), then serve the workload at ``spec.concurrency``: the run record."""
     second = dataclasses.replace(setup.warmup, index=setup.warmup.index - 1)
-    await closed_loop(calls, [setup.warmup], 1, "warmup")
-    await closed_loop(calls, [setup.warmup, second], 2, "warmup-pair")
+    await vllm_loop(calls, [setup.warmup], 1, "warmup")
+    await vllm_loop(calls, [setup.warmup, second], 2, "warmup-pair")
     rss_before = current_rss_bytes()
     root = os.getpid()
     busy_before, total_before, _ = cpu_sample()
     own_before = tree_cpu_seconds(root)
     started = time.perf_counter()
-    results, heads = await closed_loop(calls, setup.workload, spec.concurrency, "bench")
+    results, heads = await vllm_loop(calls, setup.workload, spec.concurrency, "bench")
     wall = time.perf_counter() - started
     busy_after, total_after, _ = cpu_sample()
     cpu = cpu_fractions(
