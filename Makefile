@@ -74,10 +74,14 @@ bench-load-smoke: $(STAMP)
 		--naive-start-rps 4 --max-search-steps 3 --refine-steps 0 --settle-s 0.5
 
 # Engine benchmark: HF baselines and vLLM's own engine vs the Sluice engine on real SmolLM2, in
-# one run (~20 min, ~10 more with vLLM: it starts once per concurrency). vLLM runs on
-# .venv-vllm's interpreter (`make setup-vllm`); without it, it is skipped with a note.
+# one run (~20 min, ~10 more with vLLM: it starts once per concurrency), then the bfloat16 path
+# against HF generate and vLLM in bf16 (~10 min, engine-bf16.*). vLLM runs on .venv-vllm's
+# interpreter (`make setup-vllm`); without it, it is skipped with a note.
+ENGINE_BF16_ARGS ?= --dtype bfloat16 --out-name engine-bf16 --systems sluice,vllm,hf_sequential \
+	--concurrency 1,32 --skip-midbatch
 bench-engine: $(STAMP)
 	$(PY) -m bench.engine
+	$(PY) -m bench.engine $(ENGINE_BF16_ARGS)
 	$(PY) -m bench.engine.node_start
 
 bench-node-start: $(STAMP)

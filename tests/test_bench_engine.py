@@ -22,7 +22,7 @@ import pytest
 
 from bench.engine.cli import default_systems, parse_args, plan_jobs
 from bench.engine.common import JOB_RUN, BenchRequest, JobSpec
-from bench.engine.driver import build_report, worker_python
+from bench.engine.driver import build_report, worker_python, write_outputs
 from bench.engine.proctree import TreeRssSampler, descendants, tree_pids
 from bench.engine.report import VLLM_TARGET, render_markdown, render_text
 from bench.engine.vllm_worker import VllmCalls, engine_args, vllm_loop
@@ -343,3 +343,36 @@ def test_tree_rss_counts_child_processes() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def _greedy_target(report: dict[str, Any]) -> dict[str, Any]:
+    return next(t for t in report["targets"] if t["name"].startswith("greedy "))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "head", "status"),
+    [
+        ("float32", [1, 2, 3, 4], "PASS"),
+        ("float32", [1, 2, 3, 9], "FAIL"),
+        ("bfloat16", [1, 2, 9, 9], "PASS"),  # the stated bf16 tolerance: the first half
+        ("bfloat16", [1, 9, 9, 9], "FAIL"),
+    ],
+)
+def test_greedy_target_holds_sluice_to_hf_generate_per_dtype(
+    dtype: str, head: list[int], status: str
+) -> None:
+    runs = [_run("hf_sequential", 1, 10.0), _run("sluice", 1, 12.0), _run("sluice", 32, 90.0)]
+    runs[0]["request0_head"] = [1, 2, 3, 4]
+    runs[1]["request0_head"] = [1, 2, 3, 4]
+    runs[2]["request0_head"] = head  # the least agreeing run decides
+    report = _report(["--dtype", dtype], runs)
+    assert _greedy_target(report)["status"] == status
+    assert dtype in _greedy_target(report)["name"]
+
+
+def test_out_name_names_the_result_files(tmp_path: Path) -> None:
+    argv = ["--out-name", "engine-bf16", "--dtype", "bfloat16"]
+    report = _report(argv, [_run("hf_sequential", 1, 10.0), _run("sluice", 1, 12.0)])
+    paths = write_outputs(report, tmp_path, parse_args(argv).out_name)
+    assert {p.name for p in paths} >= {"engine-bf16.json", "engine-bf16.md"}
+    assert not (tmp_path / "engine.json").exists()

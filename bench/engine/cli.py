@@ -187,6 +187,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="requests served by the C=1 runs (the first N of the workload)",
     )
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument(
+        "--out-name", default="engine", help="results are written to OUT_DIR/OUT_NAME.{json,md,png}"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-budget-bytes", type=int, default=DEFAULT_KV_BUDGET_BYTES)
     p.add_argument("--max-batched-tokens", type=int, default=2048)
@@ -312,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs.append(record)
     report = build_report(args, argv, machine, aux, runs)
     report["duration_s"] = time.monotonic() - started
-    paths = write_outputs(report, args.out_dir)
+    paths = write_outputs(report, args.out_dir, args.out_name)
     print()
     print(render_text(report))
     print()

@@ -240,10 +240,10 @@ def build_report(
     return report
 
 
-def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Write engine.json, engine.md and engine.png (a stale PNG is removed if plotting fails)."""
+def write_outputs(report: dict[str, Any], out_dir: Path, name: str = "engine") -> list[Path]:
+    """Write ``name``.json, .md and .png (a stale PNG is removed if plotting fails)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path, png_path = (out_dir / f"engine.{ext}" for ext in ("json", "md", "png"))
+    json_path, md_path, png_path = (out_dir / f"{name}.{ext}" for ext in ("json", "md", "png"))
     json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     md_path.write_text(render_markdown(report), encoding="utf-8")
     try:

@@ -40,6 +40,10 @@ TABLE_HEADER = (
 BUSY_RUN_FRACTION = 0.10  # other processes' share of machine CPU above which a run is suspect
 VLLM_TARGET = "C=32: sluice >= 0.6x vllm (output tok/s)"
 VLLM_TARGET_RATIO = 0.6
+# Share of request 0's leading greedy tokens Sluice must share with HF generate in the same
+# dtype: all in float32; in bfloat16 a rounding difference may flip a near-tie later on (the
+# batch shapes differ), so the stated tolerance is the first half.
+GREEDY_AGREEMENT = {"float32": 1.0, "bfloat16": 0.5}
 
 
 def add_roofline(runs: Sequence[dict[str, Any]], matmul_gflops: float, parameters: int) -> None:
@@ -137,6 +141,7 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             note=_skipped_note(report, VLLM),
         ),
     ]
+    targets.append(_greedy_target(report))
     midbatch = report.get("midbatch", {})
     if midbatch.get("ran"):
         bound = report["prefill_s"] + 2 * report["decode_step_s"]
@@ -181,6 +186,23 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         )
     )
     return targets
+
+
+def _greedy_target(report: dict[str, Any]) -> dict[str, Any]:
+    """Every Sluice run's share of request 0's leading greedy tokens equal to HF generate's
+    (the least of them) against :data:`GREEDY_AGREEMENT` for the run's dtype."""
+    dtype = report["config"]["dtype"]
+    need = GREEDY_AGREEMENT.get(dtype, 1.0)
+    shares = []
+    for run, agreed in report.get("greedy_agreement", {}).items():
+        same, _, total = agreed.partition("/")
+        if run.startswith(f"{SLUICE}@") and int(total) > 0:
+            shares.append(int(same) / int(total))
+    return _target(
+        f"greedy ({dtype}): sluice shares >= {need:.0%} of HF generate's leading tokens",
+        min(shares) if shares else None,
+        need,
+    )
 
 
 def _skipped_note(report: dict[str, Any], system: str) -> str:
