@@ -82,7 +82,7 @@ def _vllm_engine(lm: LanguageModel, settings: NodeSettings) -> Engine:
     model_path = settings.model_path if lm.name == settings.models[0] else None
     options = VllmOptions(
         model_dir=checkpoint_dir(lm.name, model_path, settings.model_cache_dir),
-        dtype=settings.dtype,
+        dtype=str(lm.dtype).removeprefix("torch."),
         max_sequences=settings.max_sequences,
         max_batched_tokens=settings.max_batched_tokens,
         kv_budget_bytes=settings.memory_budget_bytes,

@@ -42,15 +42,58 @@ _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.b
 _DEFAULT_CONTEXT = 2048
 
 
+AUTO = "auto"
+"""The dtype setting that picks per device (:func:`dtype_name`)."""
+_CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX, from Linux's
+    ``/proc/cpuinfo`` flags, or ``cpuinfo``'s text); False where they cannot be read."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return bool(_CPU_BF16_FLAGS & set(line.partition(":")[2].split()))
+    return False
+
+
+def dtype_name(device: str, dtype: str) -> str:
+    """``dtype``, or for ``auto`` what a generator runs in on ``device``: bfloat16 where the
+    hardware computes in it (a CUDA device that supports it; a CPU with AVX-512 BF16 or AMX),
+    float32 elsewhere. Embedders run in float32 under ``auto`` (:func:`embedder_dtype_name`).
+    bfloat16 about doubles the built-in engine's tokens/s on such CPUs and halves prefill
+    (docs/decisions/node-dtype-auto.md)."""
+    if dtype != AUTO:
+        return dtype
+    if device == "cuda":
+        return (
+            "bfloat16"
+            if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            else "float32"
+        )
+    return "bfloat16" if cpu_has_bf16() else "float32"
+
+
+def embedder_dtype_name(dtype: str) -> str:
+    """An embedder's dtype for the setting ``dtype``: float32 under ``auto`` (its vectors are
+    stored and compared long after; a forward is cheap next to a generation)."""
+    return "float32" if dtype == AUTO else dtype
+
+
 def resolve(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    """The torch device and dtype named; ``ValueError`` for unknown ones or CUDA without a GPU."""
-    if dtype not in _DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; use float32 or bfloat16")
+    """The torch device and dtype named (``auto`` as :func:`dtype_name` picks it);
+    ``ValueError`` for unknown ones or CUDA without a GPU."""
+    if dtype != AUTO and dtype not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; use auto, float32 or bfloat16")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device {device!r}; use cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda requested but no CUDA device is available")
-    return torch.device(device), _DTYPES[dtype]
+    return torch.device(device), _DTYPES[dtype_name(device, dtype)]
 
 
 def package_dir(module: str) -> Path:

@@ -70,7 +70,12 @@ def up(
         Path | None, typer.Option(help="Tenants YAML (else a dev tenant).")
     ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="auto (bfloat16 where the hardware computes in it), float32 or bfloat16."
+        ),
+    ] = "auto",
     max_sequences: Annotated[
         int | None,
         typer.Option(help="Each node's batch cap (default: the node's own, 32)."),

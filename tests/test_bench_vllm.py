@@ -38,6 +38,7 @@ from bench.vllm.figures import capacity_verdict, level_verdict
 from bench.vllm.measure import Phase, TargetBenchmark, level_plan, target_factory
 from bench.vllm.report import markdown
 from bench.vllm.servers import VLLM_SERVER, VllmServe, node_settings
+from inference_node.loading import dtype_name
 from sluice.local.stores import free_port
 from sluice.local.up import UpConfig
 from sluice.v1 import common_pb2
@@ -366,8 +367,10 @@ def test_load_cli_needs_an_endpoint_for_the_openai_target(
 
 def test_bare_vllm_gets_the_engine_settings_of_the_node_sluice_up_starts() -> None:
     """The node's defaults (32 sequences, 512 tokens per step, 2 GiB of KV cache), ``sluice
-    up``'s dtype and batch cap, the model's context, prefix caching off."""
+    up``'s dtype (``auto`` resolved as the node resolves it) and batch cap, the model's
+    context, prefix caching off."""
     node = node_settings(UpConfig(engine="vllm"))
+    assert node.dtype == dtype_name("cpu", "auto") != "auto"
     serve = VllmServe.like_node(node, MODEL, Path("/models/smol"), 8192)
     argv = serve.argv(Path("/venv/bin/python"), "127.0.0.1", 8000)
     flags = dict(zip(argv[5::2], argv[6::2], strict=False))
@@ -379,7 +382,7 @@ def test_bare_vllm_gets_the_engine_settings_of_the_node_sluice_up_starts() -> No
         "/models/smol",
     ]
     assert flags["--served-model-name"] == MODEL and flags["--port"] == "8000"
-    assert flags["--dtype"] == "float32" and flags["--max-model-len"] == "8192"
+    assert flags["--dtype"] == node.dtype and flags["--max-model-len"] == "8192"
     assert flags["--max-num-seqs"] == "32" and flags["--max-num-batched-tokens"] == "512"
     assert flags["--kv-cache-memory-bytes"] == str(2 * 1024**3)
     assert "--no-enable-prefix-caching" in argv

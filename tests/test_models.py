@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from inference_node.engine import EngineRequest, FinishReason, SamplingParams, SerialEngine
+from inference_node.loading import cpu_has_bf16, dtype_name
 from inference_node.models import (
     EMBEDDER_NAMES,
     GENERATOR_NAMES,
@@ -60,6 +61,22 @@ def test_tiny_model_in_bfloat16(tmp_path: Path) -> None:
         load_language_model("tiny-random-llama", dtype="float16", cache_dir=tmp_path)
     with pytest.raises(ValueError):
         load_embedder("no-such-embedder")
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_hardware_computes_in_it(tmp_path: Path) -> None:
+    """``auto``: bfloat16 for generators on a CPU whose flags name AVX-512 BF16 or AMX,
+    float32 elsewhere; embedders stay float32; explicit dtypes pass through."""
+    assert cpu_has_bf16("processor : 0\nflags : fpu sse avx512f avx512_bf16\n")
+    assert cpu_has_bf16("flags\t\t: fpu amx_bf16 amx_tile\n")
+    assert not cpu_has_bf16("flags : fpu sse avx2 avx512f\n")
+    assert not cpu_has_bf16("no flags here")
+    assert dtype_name("cpu", "float32") == "float32"
+    assert dtype_name("cuda", "bfloat16") == "bfloat16"
+    here = "bfloat16" if cpu_has_bf16() else "float32"
+    assert dtype_name("cpu", "auto") == here
+    lm = load_language_model("tiny-random-llama", dtype="auto", cache_dir=tmp_path)
+    assert str(lm.dtype) == f"torch.{here}"
+    assert load_embedder("all-minilm-l6-v2", dtype="auto").encoder.word.dtype == torch.float32
 
 
 def test_name_predicates() -> None:

@@ -133,7 +133,7 @@ def settings_json(
         "sluice_up": {
             "engine": config.engine,
             "nodes": config.nodes,
-            "dtype": config.dtype,
+            "dtype": node.dtype,
             "max_sequences": node.max_sequences,
             "max_batched_tokens": node.max_batched_tokens,
             "memory_budget_bytes": node.memory_budget_bytes,

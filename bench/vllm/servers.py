@@ -46,10 +46,13 @@ STOP_GRACE_S = 30.0
 def node_settings(config: UpConfig) -> NodeSettings:
     """The settings a node of ``config`` runs with: its defaults (``sluice up`` passes no
     ``SLUICE_*`` variable down) plus the flags ``sluice up`` gives it."""
+    from inference_node.loading import dtype_name  # noqa: PLC0415 (torch)
+
     defaults = NodeSettings.model_construct()
     return defaults.model_copy(
         update={
-            "dtype": config.dtype,
+            # Resolved as the node resolves it: bare vLLM is given the same dtype.
+            "dtype": dtype_name(config.device, config.dtype),
             "device": config.device,
             "max_sequences": defaults.max_sequences
             if config.max_sequences is None

@@ -53,7 +53,7 @@ class UpConfig:
     models: list[str] = field(default_factory=lambda: ["smollm2-135m-instruct", "all-minilm-l6-v2"])
     tenants_file: Path | None = None
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"
     max_sequences: int | None = None
     """Each node's batch cap; None keeps the node's default."""
     pools: list[str] = field(default_factory=lambda: ["realtime", "finetune"])
