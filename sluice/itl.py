@@ -49,23 +49,3 @@ def fitted_limit(fit: StepFit | None, budgets: Iterable[float]) -> int | None:
     if fit is None:
         return None
     return batch_limit(fit.base_s, fit.per_sequence_s, tightest(budgets))
-
-
-class PrefillFit(StepFit, Protocol):
-    """A step fit that also prices each prompt token prefilled in the step."""
-
-    @property
-    def per_prefill_token_s(self) -> float: ...
-
-
-def prefill_allowance(fit: PrefillFit | None, decoding: int, budget_s: float) -> int | None:
-    """Prompt tokens a step that decodes ``decoding`` rows may prefill and still fit
-    ``budget_s`` by ``fit`` (0 when the decode alone fills it); None when nothing limits them
-    (no fit, no budget, or a fit where prompt tokens cost nothing)."""
-    if fit is None or not 0 < budget_s < math.inf:
-        return None
-    per_token = fit.per_prefill_token_s
-    if not 0 < per_token < math.inf:
-        return None
-    left = budget_s - fit.base_s - fit.per_sequence_s * decoding
-    return max(0, math.floor(left / per_token)) if math.isfinite(left) else None

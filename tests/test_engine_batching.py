@@ -23,7 +23,6 @@ from inference_node.engine import (
     TokenDelta,
     build_engine,
 )
-from inference_node.engine.prefill_guard import FLOOR_TOKENS
 from inference_node.engine.step_model import StepCost, StepModel
 from inference_node.models import LanguageModel, load_language_model
 from sluice.contract import WorkloadClass
@@ -244,48 +243,6 @@ async def test_drain_finishes_in_flight_and_refuses_new(
     assert deltas[-1].finish_reason is FinishReason.LENGTH
     with pytest.raises(EngineClosedError):
         engine.submit(request("late", p, 2))
-
-
-async def test_lower_class_prompts_get_what_a_decoding_realtime_streams_budget_leaves(
-    lm: LanguageModel,
-) -> None:
-    """With a step fitted at 10 ms + 2 ms a sequence + 1 ms a prompt token, a REALTIME stream
-    with a 30 ms step budget leaves 18 prompt tokens a step: a BATCH prompt of 150 tokens is
-    prefilled in chunks of the floor (32) while the stream decodes, the REALTIME prompt that
-    follows in one chunk, and both generations still equal greedy runs."""
-    engine = make_engine(lm, max_sequences=8)
-    engine.step_model = StepModel(refit_every=10**9)  # the fit is set, not learned
-    engine.step_model.cost = StepCost(0.010, 0.002, 0.001, samples=100)
-    chunks: list[tuple[int, int]] = []  # (decoding rows, prompt tokens) of each prefill
-    step = engine._runner.step
-
-    def recorded(tokens: list[int], positions: list[int], prefills: list[Any], lora: Any) -> Any:
-        chunks.extend((len(tokens), len(p.tokens)) for p in prefills)
-        return step(tokens, positions, prefills, lora)
-
-    engine._runner.step = recorded  # type: ignore[method-assign]
-    try:
-        rt_ids, batch_ids, late_ids = prompts(lm, [8, 150, 120], seed=11)
-
-        def budgeted(rid: str, p: list[int], cls: WorkloadClass, budget: float) -> EngineRequest:
-            params = SamplingParams(max_new_tokens=40, ignore_eos=True)
-            return EngineRequest(rid, tuple(p), params, cls, step_budget_s=budget)
-
-        realtime = engine.submit(budgeted("rt", rt_ids, WorkloadClass.REALTIME, 0.03))
-        rt_first = await anext(realtime)
-        batch = engine.submit(budgeted("b", batch_ids, BATCH, 0.5))
-        b_first = await anext(batch)
-        late = engine.submit(budgeted("rt2", late_ids, WorkloadClass.REALTIME, 0.03))
-        rests = await asyncio.gather(collect(realtime), collect(batch), collect(late))
-    finally:
-        engine.close()
-    assert chunks[0] == (0, 8)  # alone, the REALTIME prompt in one chunk
-    batch_chunks = [n for rows, n in chunks if n != 120][1:]
-    assert sum(batch_chunks) == 150 and max(batch_chunks) == FLOOR_TOKENS
-    assert (1, 120) in chunks or (2, 120) in chunks  # never held back
-    assert ids_of([rt_first, *rests[0]]) == hf_greedy(lm, rt_ids, 40)
-    assert ids_of([b_first, *rests[1]]) == hf_greedy(lm, batch_ids, 40)
-    assert ids_of(rests[2]) == hf_greedy(lm, late_ids, 40)
 
 
 async def test_step_budgets_bound_the_batch_and_realtime_preempts_batch_down_to_its_own(

@@ -6,11 +6,10 @@ from __future__ import annotations
 import math
 
 from bench.slo.cli import GUARD_OFF
-from inference_node.engine.step_model import StepCost
 from scheduler.config import SchedulerSettings, step_budgets
 from scheduler.routing import LoadBook
 from sluice.contract import WorkloadClass
-from sluice.itl import batch_limit, fitted_limit, prefill_allowance, tightest
+from sluice.itl import batch_limit, fitted_limit, tightest
 from sluice.runtime.settings import parse_settings
 from sluice.v1 import common_pb2
 
@@ -78,14 +77,3 @@ def test_the_scheduler_command_line_turns_the_guard_off() -> None:
     """What ``bench.slo``'s reference suite passes (`sluice up`'s ``scheduler_args``)."""
     settings = parse_settings(SchedulerSettings, GUARD_OFF, "scheduler")
     assert set(step_budgets(settings).values()) == {0.0}
-
-
-def test_prompt_tokens_get_what_the_decode_leaves_of_the_budget() -> None:
-    """10 ms + 5 ms a row + 1 ms a prompt token: 4 rows within 50 ms leave 20 tokens; a
-    decode over budget leaves none; no fit, budget or prompt price sets no limit."""
-    fit = StepCost(0.010, 0.005, 0.001, samples=100)
-    assert prefill_allowance(fit, 4, 0.050) == 20
-    assert prefill_allowance(fit, 10, 0.050) == 0
-    assert prefill_allowance(None, 4, 0.050) is None
-    assert prefill_allowance(fit, 4, 0.0) is None
-    assert prefill_allowance(StepCost(0.010, 0.005, 0.0, samples=100), 4, 0.050) is None

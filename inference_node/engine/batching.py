@@ -6,13 +6,12 @@ Every engine step:
    cancelled requests leave (a running one frees its slot now);
 2. admission: while the step's token budget (``max_batched_tokens`` minus one token per
    decoding sequence) and a free slot last (within the batch the sequences' step budgets
-   allow, :mod:`sluice.itl`; lower classes' prompt tokens within what the decoding streams'
-   budget leaves, :mod:`~inference_node.engine.prefill_guard`), the best waiting request gets
-   a slot and a prefill chunk. With every slot taken, it preempts running sequences of a lower
-   class (the lowest class, latest arrival first), as many as free one slot (several when a
-   fine-tune took slots from a full engine); each victim goes back to the waiting heap with
-   its generated tokens appended to its prompt and is recomputed when readmitted: its stream
-   pauses, nothing already sent is lost or repeated;
+   allow, :mod:`sluice.itl`), the best waiting request gets a slot and a prefill chunk. With
+   every slot taken, the best waiting request preempts running sequences of a
+   lower class (the lowest class, latest arrival first), as many as free one slot (several
+   when a fine-tune took slots from a full engine); each victim goes back to the waiting
+   heap with its generated tokens appended to its prompt and is recomputed when readmitted:
+   its stream pauses, nothing already sent is lost or repeated;
 3. one forward pass (:class:`LlamaRunner.step`) runs the decode token of every running sequence
    and every prefill chunk together;
 4. each row's token is sampled and streamed at once; finished sequences free their slots (the
@@ -58,7 +57,6 @@ from inference_node.engine.base import WAKE, Job, JobState, ThreadedEngine
 from inference_node.engine.gap_training import GapTrainer, TrainingMemoryError, TrainingRun
 from inference_node.engine.llama import LlamaRunner, Prefill
 from inference_node.engine.lora_rows import EngineAdapters
-from inference_node.engine.prefill_guard import LowerPrefill, next_chunk
 from inference_node.engine.sequences import BatchingConfig, BatchSequence
 from inference_node.engine.text import SamplingError, TextStream, make_generator, sample
 from inference_node.engine.types import (
@@ -321,19 +319,16 @@ class BatchingEngine(ThreadedEngine):
     def _admit(self, budget: int) -> list[Prefill]:
         """Continue partial prefills, then admit waiting requests (preempting if needed)."""
         prefills: list[Prefill] = []
-        guard = LowerPrefill.plan(
-            self.step_model.cost, [s for s in self._slots[: self._ready] if s]
-        )
         for seq in self._active():
-            if seq.slot >= self._ready and budget > 0 and not guard.capped(seq):
-                budget -= self._plan_prefill(seq, guard.take(seq, budget), prefills)
+            if seq.slot >= self._ready and budget > 0:
+                budget -= self._plan_prefill(seq, budget, prefills)
         while self._waiting and budget > 0:
             _, candidate = self._waiting[0]
             if candidate.job.state is JobState.DONE:
                 heapq.heappop(self._waiting)
                 self._adapters.release(candidate)
                 continue
-            if guard.capped(candidate) or not self._room_for(candidate):
+            if not self._room_for(candidate):
                 break
             heapq.heappop(self._waiting)
             with self._lock:
@@ -344,12 +339,21 @@ class BatchingEngine(ThreadedEngine):
             slot = self._slots.index(None, self._ready)
             candidate.slot = slot
             self._slots[slot] = candidate
-            budget -= self._plan_prefill(candidate, guard.take(candidate, budget), prefills)
+            budget -= self._plan_prefill(candidate, budget, prefills)
         return prefills
 
     def _plan_prefill(self, seq: BatchSequence, budget: int, prefills: list[Prefill]) -> int:
-        prefills.append(next_chunk(seq, budget))
-        return len(prefills[-1].tokens)
+        start = seq.computed
+        n = min(len(seq.tokens) - start, budget)
+        prefills.append(
+            Prefill(
+                slot=seq.slot,
+                tokens=seq.tokens[start : start + n],
+                start=start,
+                wants_logits=start + n == len(seq.tokens),
+            )
+        )
+        return n
 
     def _room_for(self, candidate: BatchSequence) -> bool:
         """Whether ``candidate`` gets a slot: a free one within :meth:`_slot_limit` and the
