@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from scheduler.queues import Clock, FairQueues, QueuedRequest
 from sluice.contract import WorkloadClass
@@ -59,6 +59,11 @@ class AdmissionConfig:
     """Longest predicted queue wait a REALTIME request is admitted with (0: no bound beyond
     its deadline). Its deadline says when the client gives up; this says how long someone
     waiting for a first token should sit in silence before being told to come back."""
+    ttft_targets: Mapping[WorkloadClass, float] = field(default_factory=dict)
+    """Each class's time-to-first-token target (absent or 0: none): a request that would
+    queue is refused at once when its predicted wait plus its prompt's prefill exceeds it;
+    one that starts at once, or whose prompt alone takes longer, is never refused for it
+    (nothing sooner exists: a retry would miss it as well)."""
     lower_class_wait_factor: float = 2.0
     """A waiting request below ``REALTIME`` must fit its deadline with its predicted wait
     counted this many times over: higher-class work arriving after it is served first
@@ -235,6 +240,7 @@ class Admission:
         busy_cost: float = 0.0,
         token_s: float = 0.0,
         busy: bool = True,
+        prefill_s: float = 0.0,
     ) -> Verdict:
         """Admit ``item`` or refuse it now.
 
@@ -248,7 +254,8 @@ class Admission:
         nodes are ``busy`` (a full batch decodes slowly: its streams would hit the deadline
         unfinished; on idle nodes ``token_s``, measured under the last load, says nothing).
         A REALTIME ``item`` never starts at once while lower-class work promoted now waits
-        (it holds the model until it starts, after a running request ends).
+        (it holds the model until it starts, after a running request ends). ``prefill_s``:
+        its prompt's predicted prefill, counted with its wait against its class's TTFT target.
         An admitted lower-class ``item`` is stamped with its promised ``start_by``.
         """
         ahead = self.cost_ahead(item)
@@ -279,6 +286,13 @@ class Admission:
         padded = wait if top else wait * self.config.lower_class_wait_factor
         if padded + decode > usable:
             return Verdict(False, wait, OVERLOADED)
+        ttft = self.config.ttft_targets.get(item.workload_class, 0.0)
+        if ttft > 0 and prefill_s <= ttft < wait + prefill_s:  # its wait is what would miss it
+            detail = (
+                f"predicted first token in {wait + prefill_s:.3f}s (wait {wait:.3f}s, prompt "
+                f"{prefill_s:.3f}s) is over the {ttft:g}s {item.workload_class.label} TTFT target"
+            )
+            return Verdict(False, wait, OVERLOADED, detail, past_deadline=False)
         limit = self.config.realtime_max_wait_s
         if top and limit > 0 and wait > limit:
             detail = f"predicted wait {wait:.3f}s is over the {limit:g}s REALTIME queue bound"

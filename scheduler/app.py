@@ -15,7 +15,7 @@ from scheduler.adapters import AdapterDirectory, AdapterRecord, decode_record
 from scheduler.admission import AdmissionConfig
 from scheduler.background import BackgroundTasks
 from scheduler.catalog import ModelCatalog
-from scheduler.config import SchedulerSettings, step_budgets
+from scheduler.config import SchedulerSettings, step_budgets, ttft_targets
 from scheduler.dispatch import Dispatcher
 from scheduler.gate import DispatchGate
 from scheduler.jobs.finetune import FinetuneRunner
@@ -113,6 +113,7 @@ def _dispatch_gate(
         admission_config=AdmissionConfig(
             default_tokens_per_s=settings.default_tokens_per_s,
             realtime_max_wait_s=settings.realtime_max_wait_seconds,
+            ttft_targets=ttft_targets(settings),
         ),
     )
 

@@ -99,8 +99,18 @@ class SchedulerSettings(ServiceSettings):
     """A REALTIME request predicted to wait longer than this in the queue is refused at once
     (OVERLOADED, retry after the predicted wait) even when its deadline is further: someone
     is waiting for its first token, and a quick refusal with a time to come back serves them
-    better than seconds of silence (docs/decisions/scheduler-realtime-max-wait.md). Leave room
-    for the prompt under your TTFT objective; 0: only the deadline counts."""
+    better than seconds of silence (docs/decisions/scheduler-realtime-max-wait.md); the TTFT
+    target below also counts the prompt's prefill. 0: only the deadline counts."""
+    realtime_ttft_target_seconds: float = 2.0
+    """REALTIME's time-to-first-token target: a REALTIME request that would queue is refused at
+    once (OVERLOADED, retry after the predicted wait) when its predicted wait plus its
+    prompt's prefill (prompt tokens x the fastest serving node's fitted cost per prompt token)
+    exceeds it; one that can start at once, or whose prompt alone takes longer, is never
+    refused for it. 2 s: a common chat TTFT objective. 0: none."""
+    batch_ttft_target_seconds: float = 0.0
+    """BATCH's TTFT target (0: none; BATCH is held to its deadline and admission's promise)."""
+    finetune_ttft_target_seconds: float = 0.0
+    """FINETUNE-class generations' TTFT target (0: none)."""
     realtime_itl_target_seconds: float = 0.2
     """REALTIME's inter-token target: a sequence joins a node's batch only if the node's fitted
     step time with it stays within the target of every REALTIME stream there (the time per
@@ -170,6 +180,15 @@ class SchedulerSettings(ServiceSettings):
     finetune_stall_seconds: float = 60.0
     """A Train call with no event this long (a node sends progress about every second) is
     cancelled and the fine-tune moved, as if its node had died."""
+
+
+def ttft_targets(settings: SchedulerSettings) -> dict[WorkloadClass, float]:
+    """Each class's TTFT target in seconds (0: none)."""
+    return {
+        WorkloadClass.REALTIME: max(0.0, settings.realtime_ttft_target_seconds),
+        WorkloadClass.BATCH: max(0.0, settings.batch_ttft_target_seconds),
+        WorkloadClass.FINETUNE: max(0.0, settings.finetune_ttft_target_seconds),
+    }
 
 
 def step_budgets(settings: SchedulerSettings) -> dict[WorkloadClass, float]:

@@ -268,6 +268,7 @@ class DispatchGate:
             busy_cost=self._avg_cost or self.cost(item),
             token_s=self._nodes.token_seconds(item.model),
             busy=view.busy,
+            prefill_s=self._nodes.prefill_seconds(item.model, item.prompt_tokens),
         )
 
     @staticmethod

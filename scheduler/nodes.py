@@ -282,6 +282,15 @@ class NodeDirectory:
         ]
         return min(measured, default=0.0)
 
+    def prefill_seconds(self, model: str, prompt_tokens: int) -> float:
+        """Seconds the fastest node serving ``model`` is predicted to take prefilling
+        ``prompt_tokens`` (its fitted cost per prompt token); 0 while none has a fit."""
+        fits = [
+            n.book.step for n in self._nodes.values() if any(m.name == model for m in n.info.models)
+        ]
+        costs = [f.per_prefill_token_s for f in fits if f is not None and f.per_prefill_token_s > 0]
+        return min(costs, default=0.0) * max(0, prompt_tokens)
+
     def capacity_rate(self, model: str) -> float:
         """Weighted tokens per second the serving nodes with ``model`` could retire together
         (:meth:`NodeHandle.capacity_rate`); 0 when none serves it."""

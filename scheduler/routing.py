@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from scheduler.queues import Clock
 from sluice.contract import WorkloadClass
-from sluice.itl import StepFit, fitted_limit
+from sluice.itl import PrefillFit, fitted_limit
 
 DEFAULT_MAX_SEQUENCES = 32
 """Capacity assumed for a node that publishes none."""
@@ -68,7 +68,7 @@ class LoadBook:
     """Sequences on the node that are not this scheduler's, by class, from the reports."""
     last_excess: dict[WorkloadClass, int] = field(default_factory=dict)
     tokens_sent_since_report: float = 0.0
-    step: StepFit | None = None
+    step: PrefillFit | None = None
     """The node's fitted step time, from its last report (None before it has one)."""
 
     @property
@@ -90,7 +90,7 @@ class LoadBook:
         rate: float,
         by_class: Mapping[WorkloadClass, int] | None = None,
         reserved: int = 0,
-        steps: Sequence[StepFit] = (),
+        steps: Sequence[PrefillFit] = (),
     ) -> None:
         """A fresh load report: the others' sequences (``by_class`` when the report splits
         them, else all counted as the top class), KV use, queued tokens, rate, the slots

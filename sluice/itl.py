@@ -49,3 +49,11 @@ def fitted_limit(fit: StepFit | None, budgets: Iterable[float]) -> int | None:
     if fit is None:
         return None
     return batch_limit(fit.base_s, fit.per_sequence_s, tightest(budgets))
+
+
+class PrefillFit(StepFit, Protocol):
+    """A step fit that also prices each prompt token prefilled in the step (the scheduler
+    predicts a prompt's prefill from it)."""
+
+    @property
+    def per_prefill_token_s(self) -> float: ...

@@ -551,6 +551,27 @@ def test_realtime_request_past_its_queue_bound_is_refused_at_once() -> None:
     assert batch.admitted
 
 
+def test_a_queued_realtime_request_whose_first_token_would_miss_its_ttft_target_is_refused() -> (
+    None
+):
+    """TTFT target 2 s, no queue bound: a predicted 1 s wait admits a short prompt (0.2 s of
+    prefill) and refuses a long one (1.5 s; retry after the wait); one whose prompt alone
+    takes longer than the target is admitted (a retry would miss it too); BATCH has no target."""
+    clock, queues, _ = make()
+    config = AdmissionConfig(realtime_max_wait_s=0, ttft_targets={REALTIME: 2.0})
+    admission = Admission(queues, clock, lambda _t: 1.0, config)
+    queues.push(item("me", REALTIME, prompt=0, new=100))
+    short = admission.decide(item("me", REALTIME, new=10), 100.0, False, prefill_s=0.2)
+    assert short.admitted and short.predicted_wait_s == pytest.approx(1.0, rel=0.05)
+    long = admission.decide(item("me", REALTIME, new=10), 100.0, False, prefill_s=1.5)
+    assert not long.admitted and long.reason == OVERLOADED and not long.past_deadline
+    assert long.predicted_wait_s == pytest.approx(1.0, rel=0.05)
+    assert "2s realtime TTFT target" in long.detail
+    hopeless = admission.decide(item("you", REALTIME, new=10), 100.0, False, prefill_s=2.5)
+    assert hopeless.admitted
+    assert admission.decide(item("me", BATCH, new=10), 100.0, False, prefill_s=5.0).admitted
+
+
 def test_admitted_batch_request_is_promoted_ahead_of_realtime_near_its_latest_start() -> None:
     """Admission stamps a BATCH request with the start it promises: 20 s left, 10 % margin,
     100 tokens at 0.05 s leave 18 - 5 = 13 s of slack, half of it promised (the wait factor

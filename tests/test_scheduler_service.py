@@ -231,9 +231,11 @@ async def test_unmeetable_deadline_is_refused_at_once_and_client_gone_leaves_que
     deadline is refused at once (OVERLOADED, RetryInfo = predicted wait, pushback trailer);
     cancelling the queued call removes it from the queue at once."""
     await suite.start_node("node-a", max_sequences=1)
-    # The deadline alone decides here: the REALTIME queue-wait bound would refuse the 20 s
-    # wait of the queued request too.
-    service = await schedulers.start(default_tokens_per_s=50.0, realtime_max_wait_seconds=0)
+    # The deadline alone decides here: the REALTIME queue-wait bound and TTFT target would
+    # refuse the 20 s wait of the queued request too.
+    service = await schedulers.start(
+        default_tokens_per_s=50.0, realtime_max_wait_seconds=0, realtime_ttft_target_seconds=0
+    )
     await ready(service)
     stub = schedulers.stub(service)
     running = stub.Generate(gen_request("busy", max_new_tokens=1000), metadata=auth())
