@@ -70,11 +70,11 @@ def dtype_name(device: str, dtype: str) -> str:
     if dtype != AUTO:
         return dtype
     if device == "cuda":
-        return (
-            "bfloat16"
-            if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-            else "float32"
+        # Emulated bf16 (compute capability below 8) is slow, and vLLM refuses it.
+        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(
+            including_emulation=False
         )
+        return "bfloat16" if native else "float32"
     return "bfloat16" if cpu_has_bf16() else "float32"
 
 

@@ -283,10 +283,12 @@ class NodeDirectory:
         return min(measured, default=0.0)
 
     def prefill_seconds(self, model: str, prompt_tokens: int) -> float:
-        """Seconds the fastest node serving ``model`` is predicted to take prefilling
-        ``prompt_tokens`` (its fitted cost per prompt token); 0 while none has a fit."""
+        """Seconds the fastest healthy node serving ``model`` is predicted to take prefilling
+        ``prompt_tokens`` (``model``'s fitted cost per prompt token there: a lower bound, each
+        chunk's fixed cost and the decode rows beside it left out); 0 while none has a fit
+        (an embedder has none)."""
         fits = [
-            n.book.step for n in self._nodes.values() if any(m.name == model for m in n.info.models)
+            n.book.fits.get(model) for n in self._nodes.values() if n.healthy and not n.draining
         ]
         costs = [f.per_prefill_token_s for f in fits if f is not None and f.per_prefill_token_s > 0]
         return min(costs, default=0.0) * max(0, prompt_tokens)

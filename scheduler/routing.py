@@ -69,7 +69,10 @@ class LoadBook:
     last_excess: dict[WorkloadClass, int] = field(default_factory=dict)
     tokens_sent_since_report: float = 0.0
     step: PrefillFit | None = None
-    """The node's fitted step time, from its last report (None before it has one)."""
+    """The node's fitted step time, from its last report (None before it has one): of all
+    its models, the costliest per sequence."""
+    fits: dict[str, PrefillFit] = field(default_factory=dict)
+    """Each model's fitted step time, from the last report."""
 
     @property
     def in_flight(self) -> int:
@@ -98,6 +101,7 @@ class LoadBook:
         reported = dict(by_class) if by_class is not None else {TOP_CLASS: sequences}
         self.reserved = max(0, reserved)
         self.step = max(steps, key=lambda f: (f.per_sequence_s, f.base_s), default=None)
+        self.fits = {f.model: f for f in steps}
         for cls in WorkloadClass:
             excess = max(0, reported.get(cls, 0) - self.own.get(cls, 0))
             self.foreign[cls] = min(excess, self.last_excess.get(cls, 0))

@@ -52,8 +52,11 @@ def fitted_limit(fit: StepFit | None, budgets: Iterable[float]) -> int | None:
 
 
 class PrefillFit(StepFit, Protocol):
-    """A step fit that also prices each prompt token prefilled in the step (the scheduler
-    predicts a prompt's prefill from it)."""
+    """One model's step fit that also prices each prompt token prefilled in the step (a load
+    report's ``StepCost``: the scheduler predicts a prompt's prefill from it)."""
+
+    @property
+    def model(self) -> str: ...
 
     @property
     def per_prefill_token_s(self) -> float: ...

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from bench.slo.cli import GUARD_OFF
-from scheduler.config import SchedulerSettings, step_budgets
+from scheduler.config import SchedulerSettings, step_budgets, ttft_targets
 from scheduler.routing import LoadBook
 from sluice.contract import WorkloadClass
 from sluice.itl import batch_limit, fitted_limit, tightest
@@ -77,3 +77,15 @@ def test_the_scheduler_command_line_turns_the_guard_off() -> None:
     """What ``bench.slo``'s reference suite passes (`sluice up`'s ``scheduler_args``)."""
     settings = parse_settings(SchedulerSettings, GUARD_OFF, "scheduler")
     assert set(step_budgets(settings).values()) == {0.0}
+    assert set(ttft_targets(settings).values()) == {0.0}
+
+
+def test_a_report_keeps_each_models_fit_for_its_prefill() -> None:
+    """The batch limit counts the costliest fit of a report; a model's prompt is priced by
+    its own fit (an embedder reports none)."""
+    book = LoadBook(max_sequences=64)
+    cheap = common_pb2.StepCost(model="e", base_s=0.001, per_sequence_s=0.0001)
+    book.on_report(0, 0, 0, 0, 0.0, steps=[cheap, FIT])
+    assert book.step is FIT
+    assert book.fits["e"] is cheap and book.fits[FIT.model] is FIT
+    assert "all-minilm-l6-v2" not in book.fits

@@ -115,6 +115,7 @@ class ChaosSuite:
             run_dir=self.run_dir,
             nodes=self.nodes,
             models=[MODEL],
+            dtype="float32",  # as the nodes it adds later (start_node)
             tenants_file=tenants,
             startup_timeout_s=self.startup_timeout_s,
             grace_s=2.0,

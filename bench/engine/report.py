@@ -262,6 +262,8 @@ def _target_lines(report: dict[str, Any], *, markdown: bool = False) -> list[str
                 detail = f" ({t['value'] / MIB:.0f} MiB vs {t['threshold'] / MIB:.0f} MiB)"
             elif "TTFT" in t["name"]:
                 detail = f" ({t['value']:.3f} s vs {t['threshold']:.3f} s)"
+            elif t["name"].startswith("greedy"):
+                detail = f" ({t['value']:.0%} vs {t['threshold']:.0%})"
             else:
                 detail = f" ({t['value']:.2f}x vs {t['threshold']:.2f}x)"
         note = f" [{t['note']}]" if t.get("note") else ""

@@ -97,6 +97,7 @@ class FinetuneSuite(ChaosSuite):
             nodes=self.nodes,
             models=[self.model],
             device=self.device,
+            dtype="float32",  # as the extra node below: a job resumed across nodes compares losses
             tenants_file=tenants,
             startup_timeout_s=self.startup_timeout_s,
             grace_s=2.0,

@@ -64,7 +64,7 @@ class NaiveModel:
 
 
 def load_model(
-    name: str, *, device: str = "cpu", dtype: str = "float32", cache_dir: Path | None = None
+    name: str, *, device: str = "cpu", dtype: str = "auto", cache_dir: Path | None = None
 ) -> NaiveModel:
     """The model Sluice nodes serve, loaded the same way (the one place that touches loading)."""
     from inference_node.models import load_language_model  # noqa: PLC0415 - torch-heavy import
@@ -375,7 +375,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50061)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="as the node's --dtype (auto: what a node picks on this machine)",
+    )
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
     p.add_argument(

@@ -122,8 +122,9 @@ def markdown(doc: dict[str, Any]) -> str:
         "# Overload on every scenario, default settings (`make bench-slo`)",
         "",
         f"Generated {doc['generated_at']} in {doc['wall_s']:g} s. Sluice only, one node as "
-        "`sluice up` starts it (32 sequences, the inter-token guard on), against the same "
-        "scenario under the original terms (16 sequences, no guard). Definitions: "
+        "`sluice up` starts it (32 sequences, the inter-token guard and TTFT target on), "
+        "against the same scenario under the original terms (16 sequences, no guard, no TTFT "
+        "target); both in the node's default dtype (`auto`: bf16 on this CPU). Definitions: "
         "`bench/slo/figures.py`, `bench/slo/signals.py`; every figure is of this run.",
         "",
         *verdict_rows(doc),

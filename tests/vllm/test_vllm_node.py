@@ -1,8 +1,8 @@
 """Smoke test of ``inference_node --engine vllm`` (``make test-vllm``, in ``.venv-vllm``).
 
-One real node process serves SmolLM2 through vLLM (float32, like the built-in engine's default,
-so greedy output is compared exactly), at most 4 sequences at once so that a few requests make
-it queue. The tests share it and run in order; the last one drains it.
+One real node process serves SmolLM2 through vLLM (float32, pinned so that greedy output is
+compared exactly with the built-in engine's in float32), at most 4 sequences at once so that a
+few requests make it queue. The tests share it and run in order; the last one drains it.
 """
 
 from __future__ import annotations
