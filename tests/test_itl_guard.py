@@ -82,10 +82,11 @@ def test_the_scheduler_command_line_turns_the_guard_off() -> None:
 
 def test_a_report_keeps_each_models_fit_for_its_prefill() -> None:
     """The batch limit counts the costliest fit of a report; a model's prompt is priced by
-    its own fit (an embedder reports none)."""
+    its own fit, from the last report only."""
     book = LoadBook(max_sequences=64)
     cheap = common_pb2.StepCost(model="e", base_s=0.001, per_sequence_s=0.0001)
     book.on_report(0, 0, 0, 0, 0.0, steps=[cheap, FIT])
     assert book.step is FIT
     assert book.fits["e"] is cheap and book.fits[FIT.model] is FIT
-    assert "all-minilm-l6-v2" not in book.fits
+    book.on_report(0, 0, 0, 0, 0.0, steps=[FIT])  # a model the node stopped fitting is gone
+    assert "e" not in book.fits and book.step is FIT
