@@ -15,6 +15,7 @@ import torch
 from inference_node.engine import (
     BatchingConfig,
     BatchingEngine,
+    DeltaStream,
     EngineClosedError,
     EngineRequest,
     FinishReason,
@@ -185,6 +186,40 @@ async def test_realtime_preempts_batch_and_batch_still_completes_exactly(
     assert ids_of([first1, *rest1]) == hf_greedy(lm, b1, 120)
     assert ids_of([first2, *rest2]) == hf_greedy(lm, b2, 120)
     assert ids_of(realtime) == hf_greedy(lm, rt, 8)
+
+
+async def test_a_prompt_done_behind_a_preemptors_partial_prompt_trades_slots_with_it(
+    lm: LanguageModel,
+) -> None:
+    """Every slot taken: X and Y decode, A's prompt finishes in the step in which REALTIME C
+    preempts Y and takes its slot for the first chunk of its own prompt. A then trades slots
+    with C (no slot is free to park C in; it used to fail the step with ValueError), and
+    every generation, Y's recomputed, equals HF generate. Stepped by hand: the order matters."""
+    engine = BatchingEngine(
+        lm, BatchingConfig(max_sequences=3, max_batched_tokens=16, kv_budget_bytes=64 * 1024**2)
+    )
+    x, y, a, c = prompts(lm, [4, 4, 20, 30], seed=11)
+    sizes = {"x": 40, "y": 40, "a": 10, "c": 5}
+    streams: dict[str, DeltaStream] = {}
+
+    def step(*new: tuple[str, list[int], WorkloadClass]) -> None:
+        for rid, ids, cls in new:
+            streams[rid] = engine.submit(request(rid, ids, sizes[rid], cls))
+        assert engine._intake()
+        engine._step()
+
+    try:
+        step(("x", x, BATCH), ("y", y, BATCH))  # both prefilled: two running
+        step(("a", a, BATCH))  # 14 of A's 20 prompt tokens
+        step(("c", c, WorkloadClass.REALTIME))  # A's last 6; C preempts Y, 8 of its 30
+        stats = engine.stats()
+        assert stats.running[BATCH] == 2 and stats.running[WorkloadClass.REALTIME] == 1
+        engine.start()
+        results = await asyncio.gather(*(collect(s) for s in streams.values()))
+    finally:
+        engine.close()
+    for rid, ids, deltas in zip(streams, (x, y, a, c), results, strict=True):
+        assert ids_of(deltas) == hf_greedy(lm, ids, sizes[rid])
 
 
 async def test_request_beyond_memory_budget_is_refused(lm: LanguageModel) -> None:

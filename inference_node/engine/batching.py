@@ -305,13 +305,14 @@ class BatchingEngine(ThreadedEngine):
         target = self._ready
         if seq.slot != target:
             other = self._slots[target]
-            if other is not None:  # a sequence still prefilling: swap the two
-                free = self._slots.index(None)
-                self._runner.move(target, free, other.computed)
-                other.slot = free
-                self._slots[free] = other
-            self._runner.move(seq.slot, target, seq.computed)
-            self._slots[seq.slot] = None
+            if other is not None:  # a sequence still prefilling: the two trade slots (every
+                # slot may be taken, so none is free to park it in)
+                self._runner.swap(target, seq.slot, other.computed, seq.computed)
+                other.slot = seq.slot
+                self._slots[other.slot] = other
+            else:
+                self._runner.move(seq.slot, target, seq.computed)
+                self._slots[seq.slot] = None
             seq.slot = target
             self._slots[target] = seq
         self._ready += 1

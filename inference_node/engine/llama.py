@@ -147,6 +147,16 @@ class LlamaRunner:
             self.k_cache[:, dst, :, :length].copy_(self.k_cache[:, src, :, :length])
             self.v_cache[:, dst, :, :length].copy_(self.v_cache[:, src, :, :length])
 
+    def swap(self, a: int, b: int, length_a: int, length_b: int) -> None:
+        """Exchange two sequences' KV positions: the first ``length_a`` of slot ``a`` with the
+        first ``length_b`` of slot ``b``."""
+        n = max(length_a, length_b)
+        if a != b and n > 0:
+            for cache in (self.k_cache, self.v_cache):
+                held = cache[:, a, :, :n].clone()
+                cache[:, a, :, :n].copy_(cache[:, b, :, :n])
+                cache[:, b, :, :n].copy_(held)
+
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         variance = x.pow(2).mean(-1, keepdim=True)
         return x * torch.rsqrt(variance + self.eps) * weight
