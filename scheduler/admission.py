@@ -241,6 +241,7 @@ class Admission:
         token_s: float = 0.0,
         busy: bool = True,
         prefill_s: float = 0.0,
+        room_in_s: float = 0.0,
     ) -> Verdict:
         """Admit ``item`` or refuse it now.
 
@@ -256,12 +257,14 @@ class Admission:
         A REALTIME ``item`` never starts at once while lower-class work promoted now waits
         (it holds the model until it starts, after a running request ends). ``prefill_s``:
         its prompt's predicted prefill, counted with its wait against its class's TTFT target.
-        An admitted lower-class ``item`` is stamped with its promised ``start_by``.
+        ``room_in_s``: when no node has room, the least time until one takes its prompt (a
+        prefill bucket draining); its wait is at least that. An admitted lower-class ``item``
+        is stamped with its promised ``start_by``.
         """
         ahead = self.cost_ahead(item)
         now = self._clock()
         usable = (item.deadline - now) * (1.0 - self.config.deadline_margin)
-        decode = item.max_new_tokens * token_s
+        decode = item.decode_s = item.max_new_tokens * token_s
         top = item.workload_class.is_top
         # Lower-class work promoted now goes first and holds the model until it starts.
         promised = self._queues.promised_cost(item.model, now) if top else 0.0
@@ -280,7 +283,7 @@ class Admission:
             return Verdict(False, math.inf, NO_CAPACITY)
         rate = self.class_rate(item.model, item.workload_class, rate)
         own = self._queues.queued_cost(item.workload_class, item.model, item.tenant)
-        wait = max(ahead / rate, own / (rate * self.share(item)))
+        wait = max(ahead / rate, own / (rate * self.share(item)), room_in_s)
         if top:  # lower-class items promoted while it waits go first (queues: promises)
             wait += self._queues.promised_cost(item.model, now + wait) / rate
         padded = wait if top else wait * self.config.lower_class_wait_factor
@@ -317,7 +320,9 @@ class Admission:
         Each model's queue is walked in service order (promoted items, then class rank, then
         arrival): a request whose predicted start (cost kept ahead of it / rate, or for a
         lower-class request the time it is promoted, when sooner) plus its own decode time
-        (``max_new_tokens`` x ``token_s_of(model)``) is past its deadline is dropped and no
+        (``max_new_tokens`` x ``token_s_of(model)``, at most what its admission counted: a
+        queued request is shed for a wait that grew, not for the inter-token time swinging
+        with the prompts the node prefills) is past its deadline is dropped and no
         longer counts for those behind it. Lower classes sit behind higher ones, so when
         capacity shrinks they are the ones dropped first. A model that no node can serve
         keeps its requests for ``no_capacity_grace_s`` (a node may be restarting), then sheds
@@ -350,7 +355,10 @@ class Admission:
                 wait = ahead / rate
                 if item.request_id not in promoted:  # promoted by then, it goes first
                     wait = min(wait, max(0.0, item.start_by - lead - now))
-                if now + wait + item.max_new_tokens * token_s > item.deadline:
+                decode = item.max_new_tokens * token_s
+                if item.decode_s > 0:
+                    decode = min(decode, item.decode_s)
+                if now + wait + decode > item.deadline:
                     dropped.append(Shed(item, wait, OVERLOADED))
                 else:
                     ahead += item.cost(weight)

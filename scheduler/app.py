@@ -15,7 +15,7 @@ from scheduler.adapters import AdapterDirectory, AdapterRecord, decode_record
 from scheduler.admission import AdmissionConfig
 from scheduler.background import BackgroundTasks
 from scheduler.catalog import ModelCatalog
-from scheduler.config import SchedulerSettings, step_budgets, ttft_targets
+from scheduler.config import SchedulerSettings, prefill_guard, step_budgets, ttft_targets
 from scheduler.dispatch import Dispatcher
 from scheduler.gate import DispatchGate
 from scheduler.jobs.finetune import FinetuneRunner
@@ -90,6 +90,7 @@ def _node_directory(
         low_class_headroom=settings.low_class_headroom,
         default_tokens_per_s=settings.default_tokens_per_s,
         step_budgets=step_budgets(settings),
+        prefill_guard=prefill_guard(settings),
     )
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from scheduler.prefill import PrefillGuard
 from sluice import limits
 from sluice.contract import WorkloadClass
 from sluice.runtime.settings import ServiceSettings
@@ -123,6 +124,13 @@ class SchedulerSettings(ServiceSettings):
     itl_step_share: float = Field(default=0.8, gt=0, le=1)
     """Share of an inter-token target a decode step may take: the rest is left for the
     prompt chunks new requests prefill in the same steps (docs/decisions/scheduler-itl-guard.md)."""
+    prefill_burst_intervals: float = 8.0
+    """Prompt prefill a node may take at once beside the streams it runs, in REALTIME
+    inter-token targets (8 x 0.2 s = 1.6 s: one 1,000-token prompt on a 2-core CPU); what
+    follows waits until the node has worked it off at the share of its time the streams'
+    targets leave to prompts (docs/decisions/scheduler-prefill-bucket.md). 0: no guard."""
+    lower_class_prefill_share: float = Field(default=0.5, ge=0, le=1)
+    """Share of that burst classes below REALTIME may fill (the rest is REALTIME's)."""
     promote_lead_seconds: float = 1.0
     """A queued BATCH or FINETUNE request is served first (nothing else for its model starts
     before it) from this long before the latest start admission promised it, so it still
@@ -191,11 +199,24 @@ def ttft_targets(settings: SchedulerSettings) -> dict[WorkloadClass, float]:
     }
 
 
+def itl_targets(settings: SchedulerSettings) -> dict[WorkloadClass, float]:
+    """Each class's inter-token target in seconds (0: none)."""
+    return {
+        WorkloadClass.REALTIME: max(0.0, settings.realtime_itl_target_seconds),
+        WorkloadClass.BATCH: max(0.0, settings.batch_itl_target_seconds),
+        WorkloadClass.FINETUNE: max(0.0, settings.finetune_itl_target_seconds),
+    }
+
+
 def step_budgets(settings: SchedulerSettings) -> dict[WorkloadClass, float]:
     """Each class's step budget: its inter-token target times ``itl_step_share``."""
-    targets = {
-        WorkloadClass.REALTIME: settings.realtime_itl_target_seconds,
-        WorkloadClass.BATCH: settings.batch_itl_target_seconds,
-        WorkloadClass.FINETUNE: settings.finetune_itl_target_seconds,
-    }
-    return {c: max(0.0, t) * settings.itl_step_share for c, t in targets.items()}
+    return {c: t * settings.itl_step_share for c, t in itl_targets(settings).items()}
+
+
+def prefill_guard(settings: SchedulerSettings) -> PrefillGuard:
+    """The nodes' prefill bucket settings (:mod:`scheduler.prefill`)."""
+    return PrefillGuard(
+        itl_targets(settings),
+        burst_intervals=settings.prefill_burst_intervals,
+        lower_class_share=settings.lower_class_prefill_share,
+    )

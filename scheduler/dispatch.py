@@ -43,7 +43,8 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 from scheduler.metrics import SchedulerMetrics
-from scheduler.nodes import NodeDirectory, NodeHandle
+from scheduler.node_handle import NodeHandle
+from scheduler.nodes import NodeDirectory
 from scheduler.routing import RetryBudget
 from scheduler.stall import StallPolicy, StallWatch, WatchedStream
 from sluice.contract import REQUEST_ID_METADATA, WorkloadClass
@@ -294,6 +295,19 @@ class Dispatcher:
             raise RemoteError(exc, prefix=f"node {node.node_id}: ") from exc
         return retry
 
+    def _redispatched(
+        self,
+        node: NodeHandle,
+        cost: float,
+        affinity: str,
+        workload_class: WorkloadClass,
+        model: str,
+        prompt_tokens: int,
+    ) -> None:
+        """Book a retry on ``node``, its prompt in the node's prefill bucket."""
+        prefill = node.book.prefill_cost(model, prompt_tokens)
+        self._nodes.dispatched(node, cost, affinity, workload_class, prefill)
+
     def _remaining(self, deadline: float) -> float:
         left = deadline - self._clock()
         if left <= 0:
@@ -384,6 +398,7 @@ class Dispatcher:
         *,
         cost: float,
         affinity: str = "",
+        prompt_tokens: int = 0,
         on_tokens: Callable[[int], None] = lambda _n: None,
         stats: StreamStats | None = None,
         adapter: str = "",
@@ -393,7 +408,9 @@ class Dispatcher:
         """Stream a generation from ``first`` (booked by the gate), retrying elsewhere before
         the first chunk. ``detach_key``: the node keeps generating if this stream ends and
         hands the generation to a later call with that key (a job line a replica may die
-        holding); ``stream_interval_ms``: the node's chunk pacing (0: its default).
+        holding); ``stream_interval_ms``: the node's chunk pacing (0: its default);
+        ``prompt_tokens``: its prompt's estimated length, charged to a retry node's prefill
+        bucket.
         ``on_tokens`` is told of generated tokens as they arrive; ``adapter``
         (``"<owner>/<name>"``) names a fine-tuned adapter of the request's base model."""
         stats = stats or StreamStats()
@@ -434,7 +451,7 @@ class Dispatcher:
                 retry = self._after_stall(
                     node, sent, last=last, req=req, tried=tried, affinity=affinity
                 )
-                self._nodes.dispatched(retry, cost, affinity, cls)
+                self._redispatched(retry, cost, affinity, cls, req.model, prompt_tokens)
             except grpc.aio.AioRpcError as exc:
                 if sent:
                     raise self._midstream(node, exc, sent) from exc
@@ -442,7 +459,7 @@ class Dispatcher:
                 retry = self._after_failure(
                     node, exc, last=last, req=req, tried=tried, affinity=affinity
                 )
-                self._nodes.dispatched(retry, cost, affinity, cls)
+                self._redispatched(retry, cost, affinity, cls, req.model, prompt_tokens)
             finally:
                 self._metrics.in_flight.dec()
                 self._nodes.finished(node, cost if done else 0, cls)

@@ -26,7 +26,8 @@ import structlog
 
 from scheduler.admission import NO_CAPACITY, Admission, AdmissionConfig, Shed, Verdict
 from scheduler.metrics import SchedulerMetrics
-from scheduler.nodes import NodeDirectory, NodeHandle, SlotView
+from scheduler.node_handle import POOL_FOR_CLASS, NodeHandle
+from scheduler.nodes import NodeDirectory, SlotView
 from scheduler.queues import Clock, FairQueues, QueueConfig, QueuedRequest, QueueFull
 from scheduler.shares import DemandMeter, SlotShares
 from scheduler.tenants import TenantDirectory
@@ -91,12 +92,16 @@ class _PassScan:
         self._views: dict[_Key, SlotView] = {}
         self._sharing: dict[_Key, tuple[set[str], dict[str, int]]] = {}
         self._demands: dict[_Key, dict[str, float] | None] = {}  # unchanged in a pass
+        self._prompt_held: dict[tuple[str, str], int] = {}  # (model, pool): best rank held
 
     def placeable(self, item: QueuedRequest) -> bool:
         """True when ``item`` can start now; the node chosen for it is kept for :meth:`took`."""
         key = (item.model, item.workload_class)
         if key in self._full or (*key, item.tenant) in self._held_back:
             return False
+        held = self._prompt_held.get((item.model, POOL_FOR_CLASS[item.workload_class]), math.inf)
+        if item.workload_class.rank > held:
+            return False  # a higher class's prompt waits for these nodes' buckets: it goes first
         view = self._views.get(key)
         if view is None:
             view = self._views[key] = self._nodes.capacity(*key)
@@ -124,9 +129,17 @@ class _PassScan:
         ):
             self._held_back.add((*key, item.tenant))  # the rest is kept for the others
             return False
-        node = self._nodes.pick(*key, affinity=item.affinity, need_room=True, among=view.candidates)
-        if node is None:
+        node = self._nodes.pick(
+            *key,
+            affinity=item.affinity,
+            need_room=True,
+            among=view.candidates,
+            prompt=item.prompt_tokens,
+        )
+        if node is None:  # its prompt waits for a prefill bucket: so do those behind it
             self._full.add(key)
+            pool, rank = (item.model, POOL_FOR_CLASS[item.workload_class]), item.workload_class.rank
+            self._prompt_held[pool] = min(rank, self._prompt_held.get(pool, rank))
             return False
         self._chosen[item.request_id] = node
         return True
@@ -200,9 +213,10 @@ class DispatchGate:
         """Admit ``item`` and wait for a node booked for it; raises the refusal otherwise."""
         cls = item.workload_class.label
         self.demand.arrived(item)
-        view = self._nodes.capacity(item.model, item.workload_class)
-        startable = view.room and self._share_allows(item, view)
-        verdict = self._decide(item, view, startable)
+        view = self._nodes.capacity(item.model, item.workload_class, item.prompt_tokens)
+        share_ok = view.slot_room and self._share_allows(item, view)
+        startable = share_ok and view.room
+        verdict = self._decide(item, view, startable, prompt_held=share_ok and not view.room)
         # No capacity at all predicts an infinite wait: counted past the largest bucket.
         wait = min(verdict.predicted_wait_s, NO_CAPACITY_WAIT_S)
         self._metrics.predicted_wait.labels(cls).observe(wait)
@@ -256,19 +270,31 @@ class DispatchGate:
         finally:
             self._waiters.pop(item.request_id, None)
 
-    def _decide(self, item: QueuedRequest, view: SlotView, startable: bool) -> Verdict:
+    def _decide(
+        self, item: QueuedRequest, view: SlotView, startable: bool, prompt_held: bool = False
+    ) -> Verdict:
         """Admission's verdict on ``item``: ``startable`` when a node has room and its
         tenant's slot share lets it start now (held back, it waits for a request to end,
         as without room: the share rule may be keeping the slot for another tenant's burst,
-        which any end frees, or the tenant may be over its share)."""
+        which any end frees, or the tenant may be over its share). Without room, the wait
+        is at least the time until a prefill bucket takes its prompt and those queued before
+        it (:mod:`scheduler.prefill`); ``prompt_held``: a slot is free and only the bucket
+        holds it, so no running request's end is waited for."""
+        model, cls, prompt = item.model, item.workload_class, item.prompt_tokens
+        ahead = sum(  # prompts queued before it take the bucket first
+            i.prompt_tokens
+            for i in self.queues.items()
+            if i.model == model and i.workload_class.rank <= cls.rank
+        )
         return self.admission.decide(
             item,
             self._nodes.service_rate(item.model),
             startable,
-            busy_cost=self._avg_cost or self.cost(item),
+            busy_cost=0.0 if prompt_held else self._avg_cost or self.cost(item),
             token_s=self._nodes.token_seconds(item.model),
             busy=view.busy,
-            prefill_s=self._nodes.prefill_seconds(item.model, item.prompt_tokens),
+            prefill_s=self._nodes.prefill_seconds(model, prompt),
+            room_in_s=0.0 if startable else self._nodes.prefill_wait(model, cls, prompt, ahead),
         )
 
     @staticmethod
@@ -354,7 +380,8 @@ class DispatchGate:
         """``item`` leaves for ``node``: book it there and on its tenant's slot share."""
         cost = self.cost(item)
         self._avg_cost = cost if not self._avg_cost else 0.9 * self._avg_cost + 0.1 * cost
-        self._nodes.dispatched(node, cost, item.affinity, item.workload_class)
+        prefill = node.book.prefill_cost(item.model, item.prompt_tokens)
+        self._nodes.dispatched(node, cost, item.affinity, item.workload_class, prefill)
         waited = self._clock() - item.enqueued_at
         self._metrics.queue_wait.labels(item.workload_class.label, item.tenant).observe(waited)
         self.shares.started(item.model, item.workload_class, item.tenant)
@@ -372,7 +399,13 @@ class DispatchGate:
     def _start_now(self, item: QueuedRequest, view: SlotView) -> NodeHandle | None:
         """The node ``item`` starts on without queuing (its share allows it), or None."""
         key = (item.model, item.workload_class)
-        node = self._nodes.pick(*key, affinity=item.affinity, need_room=True, among=view.candidates)
+        node = self._nodes.pick(
+            *key,
+            affinity=item.affinity,
+            need_room=True,
+            among=view.candidates,
+            prompt=item.prompt_tokens,
+        )
         if node is None:
             return None
         self.queues.start_now(item)

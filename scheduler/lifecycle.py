@@ -32,7 +32,7 @@ from scheduler.config import SchedulerSettings
 from scheduler.dispatch import Dispatcher, StreamStats
 from scheduler.gate import DispatchGate, affinity_key
 from scheduler.metrics import SchedulerMetrics
-from scheduler.nodes import NodeHandle
+from scheduler.node_handle import NodeHandle
 from scheduler.queues import QueuedRequest
 from scheduler.quotas import QuotaCheck, QuotaGate
 from scheduler.response_cache import ResponseCache
@@ -341,6 +341,7 @@ class GenerateFlow:
             node,
             cost=gate.cost(item),
             affinity=item.affinity,
+            prompt_tokens=item.prompt_tokens,
             on_tokens=lambda n: gate.charge(item, n),
             stats=self._stats,
             adapter=self.adapter,

@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from scheduler.admission import ThroughputMeter
-from scheduler.routing import AffinityTable, LoadBook, OutlierDetector, power_of_two
+from scheduler.node_handle import NodeHandle, classes_of
+from scheduler.prefill import PrefillGuard
+from scheduler.routing import AffinityTable, OutlierDetector, power_of_two
 from sluice.contract import WorkloadClass
 from sluice.runtime.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from sluice.runtime.registry import PrefixView
@@ -35,120 +36,6 @@ from sluice.runtime.tls import NAME_PATTERN, Mesh, node_identity
 from sluice.v1 import common_pb2, node_pb2, node_pb2_grpc
 
 log = structlog.get_logger(__name__)
-
-POOL_FOR_CLASS: dict[WorkloadClass, str] = {
-    WorkloadClass.REALTIME: "realtime",
-    WorkloadClass.BATCH: "realtime",
-    WorkloadClass.FINETUNE: "finetune",
-}
-
-
-def classes_of(report: common_pb2.LoadReport) -> dict[WorkloadClass, int]:
-    """The sequences (running and waiting) of each class a load report shows; a class the
-    contract does not know counts as the top one (it may not be preempted)."""
-    out: dict[WorkloadClass, int] = {}
-    for counts in report.classes:
-        try:
-            cls = WorkloadClass.from_wire(counts.workload_class)
-        except ValueError:
-            cls = WorkloadClass.REALTIME
-        out[cls] = out.get(cls, 0) + counts.running + counts.waiting
-    return out
-
-
-@dataclass
-class NodeHandle:
-    """One node as this scheduler sees it."""
-
-    info: common_pb2.NodeInfo
-    channel: grpc.aio.Channel
-    stub: node_pb2_grpc.NodeStub
-    breaker: CircuitBreaker
-    meter: ThroughputMeter
-    healthy: bool = False
-    load: common_pb2.LoadReport | None = None
-    book: LoadBook = field(default_factory=LoadBook)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    last_report_at: float = field(default_factory=time.monotonic)
-    """When the node last showed it is alive: a load report, or its addition (monotonic)."""
-    busy_rate: float = 0.0
-    """Weighted tokens per second the node's requests retired while it was busy (a moving
-    average)."""
-    retired: asyncio.Event | None = None
-    """Set once a node taken out of rotation has no request of this scheduler left."""
-    stream_token_s: float = 0.0
-    """Seconds per token between the chunks of its REALTIME streams lately (a moving average
-    in time, :meth:`observe_token_gap`): it moves as the batch grows, while the inter-token
-    average of finished streams lags by their length."""
-    stream_token_at: float = 0.0
-    """When :attr:`stream_token_s` last moved (the scheduler's clock)."""
-
-    def observe_token_gap(self, seconds_per_token: float, now: float, tau_s: float = 2.0) -> None:
-        """A REALTIME chunk came ``seconds_per_token`` per token after the previous one. The
-        average moves by ``1 - exp(-dt / tau_s)`` for the ``dt`` since its last move, so the
-        chunks of one step (every stream reports the same gap at once) count about once, and
-        it starts afresh after ``2 tau_s`` without chunks."""
-        dt = now - self.stream_token_at
-        if self.stream_token_s == 0 or dt > 2 * tau_s:
-            self.stream_token_s = seconds_per_token
-        else:
-            weight = 1 - math.exp(-max(dt, 0.0) / tau_s)
-            self.stream_token_s += weight * (seconds_per_token - self.stream_token_s)
-        self.stream_token_at = now
-
-    def live_token_s(self, now: float, stale_s: float = 4.0) -> float:
-        """:attr:`stream_token_s` while REALTIME chunks came within ``stale_s``, else 0 (no
-        REALTIME stream runs there: the finished streams' average speaks for it)."""
-        return self.stream_token_s if now - self.stream_token_at <= stale_s else 0.0
-
-    @property
-    def node_id(self) -> str:
-        """The node's id."""
-        return self.info.node_id
-
-    @property
-    def in_flight(self) -> int:
-        """Requests this scheduler has in flight on the node."""
-        return self.book.in_flight
-
-    @property
-    def draining(self) -> bool:
-        """True when the registry or the node's last load report says it is draining."""
-        return self.info.state != common_pb2.NODE_STATE_SERVING or (
-            self.load is not None and self.load.state == common_pb2.NODE_STATE_DRAINING
-        )
-
-    def service_rate(self, default: float) -> float:
-        """Weighted tokens per second the node retires: measured, reported, else ``default``."""
-        measured = max(self.meter.rate(), self.load.decode_tokens_per_s if self.load else 0.0)
-        return measured if measured > 0 else default
-
-    def capacity_rate(self, default: float) -> float:
-        """Weighted tokens per second the node retires when busy (see
-        :meth:`observe_capacity`), at least ``default`` (a node never busy has not shown its
-        capacity)."""
-        return max(self.busy_rate, default)
-
-    def observe_capacity(self, report: common_pb2.LoadReport) -> None:
-        """At each load report showing the node busy (running at least three quarters of its
-        sequences), fold the weighted tokens per second its requests retired (the throughput
-        meter: requests as the gate costs them, prompt and generation) into
-        :attr:`busy_rate`: a moving average, not a peak. (The node's own decode rate counts
-        decode steps alone, several times what requests get end to end.)"""
-        running = sum(c.running for c in report.classes)
-        rate = self.meter.rate()
-        if rate <= 0 or running < 0.75 * self.book.usable:
-            return
-        self.busy_rate = rate if self.busy_rate == 0 else 0.9 * self.busy_rate + 0.1 * rate
-
-    def serves(self, model: str, workload_class: WorkloadClass) -> bool:
-        """True when the node has ``model`` and a pool admitting ``workload_class``."""
-        pool = POOL_FOR_CLASS.get(workload_class, "realtime")
-        return pool in self.info.pools and any(m.name == model for m in self.info.models)
-
-    def score(self) -> float:
-        """Lower is better (see :meth:`scheduler.routing.LoadBook.score`)."""
-        return self.book.score()
 
 
 @dataclass(frozen=True)
@@ -161,7 +48,9 @@ class SlotView:
     free: int
     """Of those, free now."""
     room: bool
-    """Some candidate could take one more request of the class now."""
+    """Some candidate could take one more request of the class now (its prompt included)."""
+    slot_room: bool = False
+    """Some candidate has a slot for it (its prefill bucket aside)."""
 
     @property
     def busy(self) -> bool:
@@ -185,6 +74,7 @@ class NodeDirectory:
         low_class_headroom: float = 0.125,
         default_tokens_per_s: float = 200.0,
         step_budgets: Mapping[WorkloadClass, float] | None = None,
+        prefill_guard: PrefillGuard | None = None,
     ) -> None:
         self._view = view
         self._breaker_config = breaker_config or BreakerConfig()
@@ -195,6 +85,7 @@ class NodeDirectory:
         self._headroom = low_class_headroom
         self._default_rate = default_tokens_per_s
         self._budgets = dict(step_budgets or {})
+        self.prefill_guard = prefill_guard or PrefillGuard()
         self._nodes: dict[str, NodeHandle] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._retiring: list[NodeHandle] = []
@@ -249,25 +140,63 @@ class NodeDirectory:
         sent with each of its requests (:mod:`sluice.itl`)."""
         return self._budgets.get(workload_class, 0.0)
 
-    def has_room(self, node: NodeHandle, workload_class: WorkloadClass) -> bool:
-        """True when ``node`` can take one more request of ``workload_class``: a slot, and
-        its inter-token target kept (:meth:`scheduler.routing.LoadBook.capacity`)."""
-        return node.book.has_room(workload_class, self._headroom, budgets=self._budgets)
+    def has_room(
+        self, node: NodeHandle, workload_class: WorkloadClass, model: str = "", prompt: int = 0
+    ) -> bool:
+        """True when ``node`` can take one more request of ``workload_class``: a slot, its
+        inter-token target kept (:meth:`scheduler.routing.LoadBook.capacity`), and room in
+        its prefill bucket for a ``prompt`` of that many tokens of ``model``."""
+        book = node.book
+        if not book.has_room(workload_class, self._headroom, budgets=self._budgets):
+            return False
+        return prompt <= 0 or self._prefill_wait(node, model, workload_class, prompt) <= 0
 
-    def capacity(self, model: str, workload_class: WorkloadClass) -> SlotView:
-        """One look at the candidates for a request: the sequences they offer the class
-        together, how many are free now (every class and replica counted: the nodes' reports
-        plus this replica's own bookings) and whether one has room; one walk of the node list
-        for admission, slot shares and the pick."""
+    def _prefill_wait(
+        self,
+        node: NodeHandle,
+        model: str,
+        workload_class: WorkloadClass,
+        prompt: int,
+        ahead: float = 0.0,
+    ) -> float:
+        book, now = node.book, self._clock()
+        return book.prefill_wait(
+            workload_class,
+            book.prefill_cost(model, prompt),
+            self.prefill_guard,
+            now,
+            node.live_token_s(now),
+            ahead_s=book.prefill_cost(model, 1) * ahead,
+        )
+
+    def prefill_wait(
+        self, model: str, workload_class: WorkloadClass, prompt: int, ahead: int = 0
+    ) -> float:
+        """Seconds until the first candidate's prefill bucket takes a ``prompt`` of that many
+        tokens of ``model``, the ``ahead`` prompt tokens queued before it spread over the
+        candidates (0: now or no candidate)."""
+        cands = self.candidates(model, workload_class)
+        share = ahead / max(1, len(cands))
+        waits = [self._prefill_wait(n, model, workload_class, prompt, share) for n in cands]
+        return min(waits, default=0.0)
+
+    def capacity(self, model: str, workload_class: WorkloadClass, prompt: int = 0) -> SlotView:
+        """One look at the candidates for a request (of ``prompt`` tokens): the sequences they
+        offer the class together, how many are free now (every class and replica counted: the
+        nodes' reports plus this replica's own bookings) and whether one has room; one walk of
+        the node list for admission, slot shares and the pick."""
         cands = self.candidates(model, workload_class)
         slots = free = 0
-        room = False
+        room = slot_room = False
         for n in cands:
             cap = n.book.capacity(workload_class, self._headroom, self._budgets)
             slots += cap
             free += max(0, cap - n.book.sequences(workload_class))
-            room = room or self.has_room(n, workload_class)
-        return SlotView(cands, slots, free, room)
+            if n.book.has_room(workload_class, self._headroom, budgets=self._budgets):
+                slot_room = True
+                prompt_waits = prompt > 0 and self._prefill_wait(n, model, workload_class, prompt)
+                room = room or not prompt_waits
+        return SlotView(cands, slots, free, room, slot_room)
 
     def token_seconds(self, model: str) -> float:
         """Seconds per generated token on the fastest node serving ``model``: the lowest
@@ -324,15 +253,17 @@ class NodeDirectory:
         affinity: str = "",
         need_room: bool = False,
         among: list[NodeHandle] | None = None,
+        prompt: int = 0,
     ) -> NodeHandle | None:
         """Power of two choices among the candidates (``among``, when already known) not in
-        ``exclude`` (with room, when ``need_room``), preferring the node that last served
-        ``affinity`` on a tie."""
+        ``exclude`` (with room for a ``prompt`` of that many tokens, when ``need_room``),
+        preferring the node that last served ``affinity`` on a tie."""
         cands = among if among is not None else self.candidates(model, workload_class)
         pool = [
             n
             for n in cands
-            if n.node_id not in exclude and (not need_room or self.has_room(n, workload_class))
+            if n.node_id not in exclude
+            and (not need_room or self.has_room(n, workload_class, model, prompt))
         ]
         preferred = self._nodes.get(self.affinity.get(affinity) or "")
         while pool:
@@ -348,8 +279,12 @@ class NodeDirectory:
         tokens: float,
         affinity: str = "",
         workload_class: WorkloadClass = WorkloadClass.REALTIME,
+        prefill_s: float = 0.0,
     ) -> None:
-        """Book a request of ``workload_class`` sent to ``node``."""
+        """Book a request of ``workload_class`` sent to ``node`` (``prefill_s``: its prompt's
+        predicted prefill there, into the node's prefill bucket)."""
+        now = self._clock()
+        node.book.on_prefill(prefill_s, self.prefill_guard, now, node.live_token_s(now))
         node.book.on_dispatch(tokens, workload_class)
         self.affinity.put(affinity, node.node_id)
 
@@ -362,6 +297,8 @@ class NodeDirectory:
         """Book the end of a request of ``workload_class`` on ``node`` (``cost``: requested
         weighted tokens, for the throughput meter; 0 when it failed) and wake whoever waits
         for room."""
+        now = self._clock()
+        node.book.settle_prefill(self.prefill_guard, now, node.live_token_s(now))
         node.book.on_finish(workload_class)
         if node.retired is not None and node.in_flight <= 0:
             node.retired.set()
@@ -474,6 +411,8 @@ class NodeDirectory:
                     handle.load = report
                     handle.last_report_at = self._clock()
                     handle.observe_capacity(report)
+                    now = self._clock()  # the bucket drains at the share before the report
+                    handle.book.settle_prefill(self.prefill_guard, now, handle.live_token_s(now))
                     handle.book.on_report(
                         sum(c.running + c.waiting for c in report.classes),
                         report.queued_tokens,

@@ -77,6 +77,8 @@ class QueuedRequest:
     the deadline (infinite: no promise); it is promoted as that nears."""
     affinity: str = ""
     """Session id or prompt-prefix digest: routing prefers the node that served it last."""
+    decode_s: float = 0.0
+    """The decode time admission counted for it (0: none measured then)."""
     enqueued_at: float = 0.0
     seq: int = 0
 

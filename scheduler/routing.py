@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from scheduler.prefill import PrefillBucket, PrefillGuard
 from scheduler.queues import Clock
 from sluice.contract import WorkloadClass
 from sluice.itl import PrefillFit, fitted_limit
@@ -73,6 +74,9 @@ class LoadBook:
     its models, the costliest per sequence."""
     fits: dict[str, PrefillFit] = field(default_factory=dict)
     """Each model's fitted step time, from the last report."""
+    prefill: PrefillBucket = field(default_factory=PrefillBucket)
+    """Prompt prefill this scheduler sent and the node has not yet worked off
+    (:mod:`scheduler.prefill`)."""
 
     @property
     def in_flight(self) -> int:
@@ -128,6 +132,52 @@ class LoadBook:
             for cls in WorkloadClass
             if workload_class is None or cls.rank <= workload_class.rank
         )
+
+    def running(self) -> set[WorkloadClass]:
+        """Classes with sequences on the node (estimated as :meth:`sequences`)."""
+        return {c for c in WorkloadClass if self.own.get(c, 0) + self.foreign.get(c, 0) > 0}
+
+    def prefill_cost(self, model: str, prompt_tokens: int) -> float:
+        """Seconds the node is predicted to spend prefilling ``prompt_tokens`` of ``model``
+        (its fitted cost per prompt token; 0 without one)."""
+        fit = self.fits.get(model)
+        if fit is None or not fit.per_prefill_token_s > 0:
+            return 0.0
+        return fit.per_prefill_token_s * max(0, prompt_tokens)
+
+    def settle_prefill(self, guard: PrefillGuard, now: float, measured_s: float = 0.0) -> float:
+        """Drain the prefill bucket up to ``now`` at the share the batch running there
+        leaves to prompts (``measured_s``: its REALTIME streams' time per token lately, 0
+        when none ran); returns that share."""
+        step = self.step
+        step_s = step.base_s + step.per_sequence_s * self.sequences() if step is not None else 0.0
+        share = guard.drain_share(step_s, self.running(), measured_s)
+        self.prefill.settle(now, share)
+        return share
+
+    def prefill_wait(
+        self,
+        workload_class: WorkloadClass,
+        cost_s: float,
+        guard: PrefillGuard,
+        now: float,
+        measured_s: float = 0.0,
+        ahead_s: float = 0.0,
+    ) -> float:
+        """Seconds until a prompt of ``cost_s`` of ``workload_class``, behind ``ahead_s`` of
+        prompts queued for the node, may start there (0: now): none while no stream of its
+        class or a higher one runs there."""
+        share = self.settle_prefill(guard, now, measured_s)
+        if not any(c.rank <= workload_class.rank for c in self.running()):
+            return 0.0
+        return self.prefill.wait(cost_s, guard.allowance(workload_class), share, ahead_s)
+
+    def on_prefill(
+        self, cost_s: float, guard: PrefillGuard, now: float, measured_s: float = 0.0
+    ) -> None:
+        """A prompt of ``cost_s`` prefill seconds was sent (before its sequence is booked)."""
+        self.settle_prefill(guard, now, measured_s)
+        self.prefill.add(cost_s)
 
     @property
     def usable(self) -> int:

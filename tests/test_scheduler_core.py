@@ -443,6 +443,22 @@ def test_shrinking_capacity_sheds_lowest_class_first() -> None:
     assert all(x.request_id in queues for x in realtime)
 
 
+def test_a_queued_request_is_shed_for_its_wait_not_for_a_slower_token_time() -> None:
+    """Behind 10 s of queued work and admitted at 0.1 s a token (50 tokens: 5 s), a request
+    with 20 s left stays queued when the measured token time swings to 0.5 s (25 s, past
+    its deadline): shedding counts the decode time admission counted. A wait that grew past
+    the deadline (the rate halved: 20 s) still sheds it."""
+    clock, queues, admission = make()
+    for _ in range(10):
+        queues.push(item("a", REALTIME, prompt=0, new=100))
+    late = item("b", REALTIME, prompt=0, new=50, deadline=clock() + 20)
+    assert admission.decide(late, rate=100.0, room_now=False, token_s=0.1).admitted
+    assert late.decode_s == pytest.approx(5.0)
+    queues.push(late)
+    assert admission.shed(lambda _m: 100.0, lambda _m: 0.5) == []
+    assert [s.item for s in admission.shed(lambda _m: 50.0, lambda _m: 0.5)] == [late]
+
+
 def test_model_with_no_node_sheds_after_grace() -> None:
     """With no capacity at all a queued request is kept for the grace period, then shed."""
     clock, queues, admission = make()

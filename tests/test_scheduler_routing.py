@@ -10,7 +10,7 @@ import pytest
 
 from scheduler import routing
 from scheduler.admission import ThroughputMeter
-from scheduler.nodes import NodeHandle
+from scheduler.node_handle import NodeHandle
 from scheduler.routing import AffinityTable, LoadBook, OutlierDetector, RetryBudget, power_of_two
 from sluice.contract import WorkloadClass
 from sluice.runtime.breaker import BreakerConfig, BreakerState, CircuitBreaker

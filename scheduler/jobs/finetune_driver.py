@@ -61,7 +61,7 @@ from scheduler.jobs.metrics import FinetuneMetrics
 from scheduler.jobs.model import JobRecord
 from scheduler.jobs.outcomes import persist
 from scheduler.jobs.store import Delivery, JobStore, now_ms
-from scheduler.nodes import NodeHandle
+from scheduler.node_handle import NodeHandle
 from sluice.contract import REQUEST_ID_METADATA
 from sluice.v1 import jobs_pb2, node_pb2
 

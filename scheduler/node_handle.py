@@ -1,0 +1,131 @@
+"""One inference node as the scheduler sees it: its channel, breaker, health, load book and
+measured rates (:class:`scheduler.nodes.NodeDirectory` keeps one per registered node)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from scheduler.admission import ThroughputMeter
+from scheduler.routing import LoadBook
+from sluice.contract import WorkloadClass
+from sluice.runtime.breaker import CircuitBreaker
+from sluice.v1 import common_pb2, node_pb2_grpc
+
+POOL_FOR_CLASS: dict[WorkloadClass, str] = {
+    WorkloadClass.REALTIME: "realtime",
+    WorkloadClass.BATCH: "realtime",
+    WorkloadClass.FINETUNE: "finetune",
+}
+
+
+def classes_of(report: common_pb2.LoadReport) -> dict[WorkloadClass, int]:
+    """The sequences (running and waiting) of each class a load report shows; a class the
+    contract does not know counts as the top one (it may not be preempted)."""
+    out: dict[WorkloadClass, int] = {}
+    for counts in report.classes:
+        try:
+            cls = WorkloadClass.from_wire(counts.workload_class)
+        except ValueError:
+            cls = WorkloadClass.REALTIME
+        out[cls] = out.get(cls, 0) + counts.running + counts.waiting
+    return out
+
+
+@dataclass
+class NodeHandle:
+    """One node as this scheduler sees it."""
+
+    info: common_pb2.NodeInfo
+    channel: grpc.aio.Channel
+    stub: node_pb2_grpc.NodeStub
+    breaker: CircuitBreaker
+    meter: ThroughputMeter
+    healthy: bool = False
+    load: common_pb2.LoadReport | None = None
+    book: LoadBook = field(default_factory=LoadBook)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    last_report_at: float = field(default_factory=time.monotonic)
+    """When the node last showed it is alive: a load report, or its addition (monotonic)."""
+    busy_rate: float = 0.0
+    """Weighted tokens per second the node's requests retired while it was busy (a moving
+    average)."""
+    retired: asyncio.Event | None = None
+    """Set once a node taken out of rotation has no request of this scheduler left."""
+    stream_token_s: float = 0.0
+    """Seconds per token between the chunks of its REALTIME streams lately (a moving average
+    in time, :meth:`observe_token_gap`): it moves as the batch grows, while the inter-token
+    average of finished streams lags by their length."""
+    stream_token_at: float = 0.0
+    """When :attr:`stream_token_s` last moved (the scheduler's clock)."""
+
+    def observe_token_gap(self, seconds_per_token: float, now: float, tau_s: float = 2.0) -> None:
+        """A REALTIME chunk came ``seconds_per_token`` per token after the previous one. The
+        average moves by ``1 - exp(-dt / tau_s)`` for the ``dt`` since its last move, so the
+        chunks of one step (every stream reports the same gap at once) count about once, and
+        it starts afresh after ``2 tau_s`` without chunks."""
+        dt = now - self.stream_token_at
+        if self.stream_token_s == 0 or dt > 2 * tau_s:
+            self.stream_token_s = seconds_per_token
+        else:
+            weight = 1 - math.exp(-max(dt, 0.0) / tau_s)
+            self.stream_token_s += weight * (seconds_per_token - self.stream_token_s)
+        self.stream_token_at = now
+
+    def live_token_s(self, now: float, stale_s: float = 4.0) -> float:
+        """:attr:`stream_token_s` while REALTIME chunks came within ``stale_s``, else 0 (no
+        REALTIME stream runs there: the finished streams' average speaks for it)."""
+        return self.stream_token_s if now - self.stream_token_at <= stale_s else 0.0
+
+    @property
+    def node_id(self) -> str:
+        """The node's id."""
+        return self.info.node_id
+
+    @property
+    def in_flight(self) -> int:
+        """Requests this scheduler has in flight on the node."""
+        return self.book.in_flight
+
+    @property
+    def draining(self) -> bool:
+        """True when the registry or the node's last load report says it is draining."""
+        return self.info.state != common_pb2.NODE_STATE_SERVING or (
+            self.load is not None and self.load.state == common_pb2.NODE_STATE_DRAINING
+        )
+
+    def service_rate(self, default: float) -> float:
+        """Weighted tokens per second the node retires: measured, reported, else ``default``."""
+        measured = max(self.meter.rate(), self.load.decode_tokens_per_s if self.load else 0.0)
+        return measured if measured > 0 else default
+
+    def capacity_rate(self, default: float) -> float:
+        """Weighted tokens per second the node retires when busy (see
+        :meth:`observe_capacity`), at least ``default`` (a node never busy has not shown its
+        capacity)."""
+        return max(self.busy_rate, default)
+
+    def observe_capacity(self, report: common_pb2.LoadReport) -> None:
+        """At each load report showing the node busy (running at least three quarters of its
+        sequences), fold the weighted tokens per second its requests retired (the throughput
+        meter: requests as the gate costs them, prompt and generation) into
+        :attr:`busy_rate`: a moving average, not a peak. (The node's own decode rate counts
+        decode steps alone, several times what requests get end to end.)"""
+        running = sum(c.running for c in report.classes)
+        rate = self.meter.rate()
+        if rate <= 0 or running < 0.75 * self.book.usable:
+            return
+        self.busy_rate = rate if self.busy_rate == 0 else 0.9 * self.busy_rate + 0.1 * rate
+
+    def serves(self, model: str, workload_class: WorkloadClass) -> bool:
+        """True when the node has ``model`` and a pool admitting ``workload_class``."""
+        pool = POOL_FOR_CLASS.get(workload_class, "realtime")
+        return pool in self.info.pools and any(m.name == model for m in self.info.models)
+
+    def score(self) -> float:
+        """Lower is better (see :meth:`scheduler.routing.LoadBook.score`)."""
+        return self.book.score()
