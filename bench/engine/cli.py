@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.engine.common import (
+    DEFAULT_MODEL,
     GIB,
     HF_GENERATE_BATCH,
     HF_SEQUENTIAL,
@@ -56,7 +57,6 @@ from bench.engine.driver import (
 from bench.engine.report import render_text
 from bench.paths import REPO_ROOT, RESULTS_DIR
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_CONCURRENCY = "1,8,32,64"
 MAX_AUTO_BASELINE_CONCURRENCY = 32
 DEFAULT_KV_BUDGET_BYTES = 2 * GIB

@@ -37,6 +37,7 @@ SYSTEM_LABELS: dict[str, str] = {
 }
 
 JOB_RUN = "run"
+DEFAULT_MODEL = "smollm2-135m-instruct"
 JOB_AUX = "aux"  # the matmul roofline, then (unless skipped) the mid-batch TTFT mode
 
 OUTPUT_LENGTHS: tuple[int, ...] = (16, 64, 128)

@@ -233,6 +233,7 @@ def build_report(
         "prefill_s": float(aux.get("prefill_s", 0.0)),
         "midbatch": midbatch,
         "greedy_agreement": _agreement(runs),
+        "teacher_forced": aux.get("teacher_forced"),
         "skipped_systems": dict(args.skipped_systems),
     }
     report["ratios"] = compute_ratios(runs)

@@ -21,6 +21,7 @@ from bench.engine.common import (
     SYSTEMS,
     VLLM,
 )
+from bench.engine.teacher_forced import TIE_STEPS
 
 RSS_HEADROOM_BYTES = int(1.5 * GIB)
 TABLE_HEADER = (
@@ -40,10 +41,12 @@ TABLE_HEADER = (
 BUSY_RUN_FRACTION = 0.10  # other processes' share of machine CPU above which a run is suspect
 VLLM_TARGET = "C=32: sluice >= 0.6x vllm (output tok/s)"
 VLLM_TARGET_RATIO = 0.6
-# Share of request 0's leading greedy tokens Sluice must share with HF generate in the same
-# dtype: all in float32; in bfloat16 a rounding difference may flip a near-tie later on (the
-# batch shapes differ), so the stated tolerance is the first half.
-GREEDY_AGREEMENT = {"float32": 1.0, "bfloat16": 0.5}
+# Share of request 0's leading greedy tokens Sluice must share with HF generate: all in
+# float32. In bfloat16 two correct forwards round differently and free-running output parts for
+# good at the first near tie, so the stated tolerance is teacher-forced instead: on HF's own
+# greedy tokens the engine's argmax may differ only on a tie (bench/engine/teacher_forced.py);
+# the leading-token share is reported.
+GREEDY_AGREEMENT = {"float32": 1.0}
 
 
 def add_roofline(runs: Sequence[dict[str, Any]], matmul_gflops: float, parameters: int) -> None:
@@ -190,9 +193,28 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _greedy_target(report: dict[str, Any]) -> dict[str, Any]:
     """Every Sluice run's share of request 0's leading greedy tokens equal to HF generate's
-    (the least of them) against :data:`GREEDY_AGREEMENT` for the run's dtype."""
+    (the least of them) against :data:`GREEDY_AGREEMENT` for the run's dtype; outside
+    float32, the teacher-forced flips beyond a tie (none allowed)."""
     dtype = report["config"]["dtype"]
-    need = GREEDY_AGREEMENT.get(dtype, 1.0)
+    if dtype not in GREEDY_AGREEMENT:
+        forced = report.get("teacher_forced") or {}
+        beyond = forced.get("flips_beyond_tie")
+        note = forced.get("error", "")
+        if beyond is not None:
+            note = (
+                f"argmax agrees at {forced['agree']} of {forced['positions']} positions "
+                f"({forced['requests']} requests x {forced['tokens']}); "
+                f"{len(forced['flips'])} flips, {beyond} beyond a tie"
+            )
+        return _target(
+            f"greedy ({dtype}): teacher-forced on HF generate's tokens, flips only on ties "
+            f"(HF margin <= {TIE_STEPS} {dtype} steps)",
+            beyond,
+            0,
+            at_most=True,
+            note=note,
+        )
+    need = GREEDY_AGREEMENT[dtype]
     shares = []
     for run, agreed in report.get("greedy_agreement", {}).items():
         same, _, total = agreed.partition("/")

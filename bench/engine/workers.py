@@ -29,6 +29,7 @@ from bench.engine.common import (
 from bench.engine.hf import run_hf_generate_batch, run_hf_sequential, run_hf_static
 from bench.engine.model import load_model, model_facts, sync_device, workload_for
 from bench.engine.sluice_engine import measure_midbatch, run_sluice
+from bench.engine.teacher_forced import teacher_forced
 from inference_node.models import LanguageModel
 
 MATMUL_WARMUP_ITERATIONS = 3
@@ -71,12 +72,19 @@ def _run_aux(spec: JobSpec) -> dict[str, Any]:
     meter = CpuMeter()
     record.update(measure_matmul(device, dtype, spec.matmul_seconds))
     record["matmul"]["other_cpu_fraction"] = meter.finish()["other_cpu_fraction"]
+    lm: LanguageModel | None = None
     if spec.midbatch:
         try:
             lm = load_model(spec)
             record.update(measure_midbatch(lm, spec))
         except Exception as exc:  # the roofline is still worth reporting
             record["midbatch_error"] = f"{type(exc).__name__}: {exc}"
+    if spec.dtype != "float32":  # the stated bf16 tolerance: flips on ties only
+        try:
+            lm = lm or load_model(spec)
+            record["teacher_forced"] = teacher_forced(lm, workload_for(lm, spec))
+        except Exception as exc:
+            record["teacher_forced"] = {"error": f"{type(exc).__name__}: {exc}"}
     return record
 
 
