@@ -642,6 +642,18 @@ def test_realtime_wait_counts_lower_class_work_promoted_while_it_waits() -> None
     assert verdict.admitted and verdict.predicted_wait_s == pytest.approx(3.0)
 
 
+def test_realtime_wait_counts_promises_that_fall_due_in_the_longer_wait_too() -> None:
+    """2 s behind REALTIME work, plus a BATCH request promised at 1.5 s: 3 s, within which (1 s
+    lead) one promised at 3.5 s falls due as well: 4 s. One promised at 30 s never counts."""
+    clock, queues, admission = make()
+    for _ in range(2):
+        queues.push(item("rt", REALTIME, prompt=0, new=100))
+    for start in (1.5, 3.5, 30.0):
+        queues.push(item("b", BATCH, prompt=0, new=100, start_by=clock() + start))
+    verdict = admission.decide(item("rt", REALTIME, prompt=0), rate=100.0, room_now=False)
+    assert verdict.admitted and verdict.predicted_wait_s == pytest.approx(4.0)
+
+
 def test_realtime_with_room_waits_when_promoted_lower_class_work_holds_the_model() -> None:
     """A node has room, but a BATCH request promoted now waits (it holds the model until it
     starts): a REALTIME request is not predicted to start at once; it waits for a running
