@@ -1,6 +1,6 @@
 """gRPC servicer of the internal ``Node`` service: protobuf ⇄ tokenizer + engine + embedder.
 
-How ``Generate`` answers (the scheduler's ``scheduler.dispatch.blame`` reads these codes):
+How ``Generate`` answers (the scheduler's ``scheduler.blame.blame`` reads these codes):
 
 ==========================================  ==================  =======================
 what happened                               status              ``ErrorInfo.reason``

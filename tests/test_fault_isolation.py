@@ -39,8 +39,8 @@ from inference_node.engine import batching as engine_batching
 from inference_node.engine import serial as engine_serial
 from inference_node.engine.text import SamplingError, TextStream, sample
 from inference_node.models import LanguageModel
+from scheduler.blame import Blame, blame
 from scheduler.config import DEFAULT_MODELS, ModelSpec
-from scheduler.dispatch import Blame, blame
 from scheduler.tenants import Tenant
 from scheduler.validation import class_label, validate_embed, validate_generate
 from sluice.contract import REQUEST_ID_METADATA, WorkloadClass
