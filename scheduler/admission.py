@@ -13,7 +13,9 @@ Invariants of :meth:`Admission.decide`:
   inter-token time) fits the deadline less ``deadline_margin``; below REALTIME the wait counts
   ``lower_class_wait_factor`` times; a REALTIME wait past ``realtime_max_wait_s`` is refused;
 - an admitted lower-class request is stamped with the start it is promised (``start_by``),
-  which the queues keep by promoting it.
+  which the queues keep by promoting it;
+- a REALTIME wait is padded by how much longer than predicted recent REALTIME waits turned out
+  (:class:`WaitCalibration`), and its first token counts the time from dispatch measured lately.
 
 Why, with the figures: docs/decisions/scheduler-finish-time-admission.md,
 scheduler-lower-class-wait-factor.md, scheduler-lower-class-promise.md,
@@ -129,6 +131,50 @@ class ThroughputMeter:
         return self._sum / span
 
 
+class WaitCalibration:
+    """How much longer than predicted the queue kept REALTIME requests of a model lately:
+    the ``quantile`` of (waited - predicted) over the last ``window`` such requests within
+    ``max_age_s`` (split conformal prediction on a sliding window). A prediction counts only
+    the work it can see; promotions, slot shares and streams ending together move real waits
+    off it, by 2-6x at the tail (bench-slo overload 4x), and the margin pads the wait the TTFT
+    target and the queue bound judge by what the queue did, whatever the cause."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        window: int = 64,
+        max_age_s: float = 60.0,
+        quantile: float = 0.9,
+        min_samples: int = 8,
+    ) -> None:
+        self._clock = clock
+        self._window = window
+        self._max_age = max_age_s
+        self._quantile = quantile
+        self._min_samples = min_samples
+        self._samples: dict[str, deque[tuple[float, float]]] = {}
+
+    def record(self, model: str, predicted_s: float, waited_s: float) -> None:
+        """A request predicted to wait ``predicted_s`` (before calibration) waited
+        ``waited_s``."""
+        samples = self._samples.setdefault(model, deque(maxlen=self._window))
+        samples.append((self._clock(), waited_s - predicted_s))
+
+    def margin(self, model: str) -> float:
+        """Seconds to add to a predicted wait (0 until ``min_samples`` are recent)."""
+        samples = self._samples.get(model)
+        if not samples:
+            return 0.0
+        horizon = self._clock() - self._max_age
+        while samples and samples[0][0] < horizon:
+            samples.popleft()
+        if len(samples) < self._min_samples:
+            return 0.0
+        residuals = sorted(r for _, r in samples)
+        rank = min(len(residuals) - 1, math.ceil(self._quantile * len(residuals)) - 1)
+        return max(0.0, residuals[rank])
+
+
 class RateMeter:
     """Cost per second recorded over a fixed trailing window (shorter while the meter is
     younger than the window, never shorter than one second). ``watched_since``: when it began
@@ -179,6 +225,15 @@ class Admission:
         self._weight = weight
         self._admitted: dict[tuple[str, WorkloadClass], RateMeter] = {}
         self._seen: dict[tuple[str, WorkloadClass], dict[str, float]] = {}
+        self.calibration = WaitCalibration(clock)
+        """REALTIME waits as they turned out (:meth:`started` records them)."""
+
+    def started(self, item: QueuedRequest) -> None:
+        """``item`` left the queue for a node: a REALTIME request's wait, against the one
+        predicted, calibrates the next predictions."""
+        if item.workload_class.is_top and item.predicted_wait_s is not None:
+            waited = self._clock() - item.enqueued_at
+            self.calibration.record(item.model, item.predicted_wait_s, waited)
 
     def record_admitted(self, item: QueuedRequest) -> None:
         """``item`` was admitted: its cost counts against lower classes' rate, and its tenant
@@ -256,7 +311,10 @@ class Admission:
         unfinished; on idle nodes ``token_s``, measured under the last load, says nothing).
         A REALTIME ``item`` never starts at once while lower-class work promoted now waits
         (it holds the model until it starts, after a running request ends). ``prefill_s``:
-        its prompt's predicted prefill, counted with its wait against its class's TTFT target.
+        its predicted time from dispatch to first token (its prompt's prefill, or the time
+        measured lately when longer), counted with its wait against its class's TTFT target;
+        a REALTIME wait counts the calibration margin (:class:`WaitCalibration`) there and
+        against the queue bound.
         ``room_in_s``: when no node has room, the least time until one takes its prompt (a
         prefill bucket draining); its wait is at least that. An admitted lower-class ``item``
         is stamped with its promised ``start_by``.
@@ -286,6 +344,8 @@ class Admission:
         wait = max(ahead / rate, own / (rate * self.share(item)), room_in_s)
         if top:  # lower-class items promoted while it waits go first (queues: promises)
             wait = self._with_promises(item.model, now, wait, rate)
+            item.predicted_wait_s = wait
+            wait += self.calibration.margin(item.model)
         padded = wait if top else wait * self.config.lower_class_wait_factor
         if padded + decode > usable:
             return Verdict(False, wait, OVERLOADED)

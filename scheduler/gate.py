@@ -87,9 +87,12 @@ class _PassScan:
         self._shares = shares
         self._demand = demand
         self._chosen: dict[str, NodeHandle] = {}
-        self._full: set[_Key] = set()  # no room now: no room later in this pass either
+        # Promoted lower-class items may use REALTIME's headroom (NodeDirectory.has_room), so
+        # room is read per (model, class, promoted).
+        self._promoted = {i.request_id for i in queues.promoted()}
+        self._full: set[tuple[str, WorkloadClass, bool]] = set()  # no room now, nor in this pass
         self._held_back: set[tuple[str, WorkloadClass, str]] = set()  # past its share
-        self._views: dict[_Key, SlotView] = {}
+        self._views: dict[tuple[str, WorkloadClass, bool], SlotView] = {}
         self._sharing: dict[_Key, tuple[set[str], dict[str, int]]] = {}
         self._demands: dict[_Key, dict[str, float] | None] = {}  # unchanged in a pass
         self._prompt_held: dict[tuple[str, str], int] = {}  # (model, pool): best rank held
@@ -97,16 +100,18 @@ class _PassScan:
     def placeable(self, item: QueuedRequest) -> bool:
         """True when ``item`` can start now; the node chosen for it is kept for :meth:`took`."""
         key = (item.model, item.workload_class)
-        if key in self._full or (*key, item.tenant) in self._held_back:
+        promoted = item.request_id in self._promoted
+        room_key = (*key, promoted)
+        if room_key in self._full or (*key, item.tenant) in self._held_back:
             return False
         held = self._prompt_held.get((item.model, POOL_FOR_CLASS[item.workload_class]), math.inf)
         if item.workload_class.rank > held:
             return False  # a higher class's prompt waits for these nodes' buckets: it goes first
-        view = self._views.get(key)
+        view = self._views.get(room_key)
         if view is None:
-            view = self._views[key] = self._nodes.capacity(*key)
+            view = self._views[room_key] = self._nodes.capacity(*key, promoted=promoted)
         if not view.room:  # the common case under load: a pass woken by a report
-            self._full.add(key)
+            self._full.add(room_key)
             return False
         if key not in self._sharing:
             self._sharing[key] = (
@@ -135,9 +140,10 @@ class _PassScan:
             need_room=True,
             among=view.candidates,
             prompt=item.prompt_tokens,
+            promoted=promoted,
         )
         if node is None:  # its prompt waits for a prefill bucket: so do those behind it
-            self._full.add(key)
+            self._full.add(room_key)
             pool, rank = (item.model, POOL_FOR_CLASS[item.workload_class]), item.workload_class.rank
             self._prompt_held[pool] = min(rank, self._prompt_held.get(pool, rank))
             return False
@@ -148,7 +154,8 @@ class _PassScan:
         """``item`` was popped: its (model, class) has one slot fewer and maybe other tenants
         queued, so what was read for it is read again. Returns the node chosen for it."""
         key = (item.model, item.workload_class)
-        self._views.pop(key, None)
+        self._views.pop((*key, False), None)
+        self._views.pop((*key, True), None)
         self._sharing.pop(key, None)
         self._held_back.difference_update({k for k in self._held_back if k[:2] == key})
         return self._chosen[item.request_id]
@@ -293,7 +300,9 @@ class DispatchGate:
             busy_cost=0.0 if prompt_held else self._avg_cost or self.cost(item),
             token_s=self._nodes.token_seconds(item.model),
             busy=view.busy,
-            prefill_s=self._nodes.prefill_seconds(model, prompt),
+            prefill_s=max(
+                self._nodes.prefill_seconds(model, prompt), self._nodes.first_token_seconds(model)
+            ),
             room_in_s=0.0 if startable else self._nodes.prefill_wait(model, cls, prompt, ahead),
         )
 
@@ -384,6 +393,7 @@ class DispatchGate:
         self._nodes.dispatched(node, cost, item.affinity, item.workload_class, prefill)
         waited = self._clock() - item.enqueued_at
         self._metrics.queue_wait.labels(item.workload_class.label, item.tenant).observe(waited)
+        self.admission.started(item)
         self.shares.started(item.model, item.workload_class, item.tenant)
 
     def _share_allows(self, item: QueuedRequest, view: SlotView) -> bool:

@@ -140,14 +140,28 @@ class NodeDirectory:
         sent with each of its requests (:mod:`sluice.itl`)."""
         return self._budgets.get(workload_class, 0.0)
 
+    def _reserve(self, promoted: bool) -> float:
+        """Share of a node's sequences lower classes leave to REALTIME (none for a promoted
+        request: holding its model, it would otherwise keep REALTIME waiting behind it while
+        those slots sit idle; docs/decisions/scheduler-lower-class-promise.md)."""
+        return 0.0 if promoted else self._headroom
+
     def has_room(
-        self, node: NodeHandle, workload_class: WorkloadClass, model: str = "", prompt: int = 0
+        self,
+        node: NodeHandle,
+        workload_class: WorkloadClass,
+        model: str = "",
+        prompt: int = 0,
+        *,
+        promoted: bool = False,
     ) -> bool:
         """True when ``node`` can take one more request of ``workload_class``: a slot, its
         inter-token target kept (:meth:`scheduler.routing.LoadBook.capacity`), and room in
-        its prefill bucket for a ``prompt`` of that many tokens of ``model``."""
+        its prefill bucket for a ``prompt`` of that many tokens of ``model``. A ``promoted``
+        lower-class request (its promised start is due) may use the slots lower classes
+        otherwise leave to REALTIME: it goes before REALTIME anyway."""
         book = node.book
-        if not book.has_room(workload_class, self._headroom, budgets=self._budgets):
+        if not book.has_room(workload_class, self._reserve(promoted), budgets=self._budgets):
             return False
         return prompt <= 0 or self._prefill_wait(node, model, workload_class, prompt) <= 0
 
@@ -180,19 +194,23 @@ class NodeDirectory:
         waits = [self._prefill_wait(n, model, workload_class, prompt, share) for n in cands]
         return min(waits, default=0.0)
 
-    def capacity(self, model: str, workload_class: WorkloadClass, prompt: int = 0) -> SlotView:
+    def capacity(
+        self, model: str, workload_class: WorkloadClass, prompt: int = 0, *, promoted: bool = False
+    ) -> SlotView:
         """One look at the candidates for a request (of ``prompt`` tokens): the sequences they
         offer the class together, how many are free now (every class and replica counted: the
         nodes' reports plus this replica's own bookings) and whether one has room; one walk of
-        the node list for admission, slot shares and the pick."""
+        the node list for admission, slot shares and the pick (``promoted``: see
+        :meth:`has_room`)."""
         cands = self.candidates(model, workload_class)
         slots = free = 0
         room = slot_room = False
+        reserve = self._reserve(promoted)
         for n in cands:
-            cap = n.book.capacity(workload_class, self._headroom, self._budgets)
+            cap = n.book.capacity(workload_class, reserve, self._budgets)
             slots += cap
             free += max(0, cap - n.book.sequences(workload_class))
-            if n.book.has_room(workload_class, self._headroom, budgets=self._budgets):
+            if n.book.has_room(workload_class, reserve, budgets=self._budgets):
                 slot_room = True
                 prompt_waits = prompt > 0 and self._prefill_wait(n, model, workload_class, prompt)
                 room = room or not prompt_waits
@@ -221,6 +239,18 @@ class NodeDirectory:
         ]
         costs = [f.per_prefill_token_s for f in fits if f is not None and f.per_prefill_token_s > 0]
         return min(costs, default=0.0) * max(0, prompt_tokens)
+
+    def first_token_seconds(self, model: str) -> float:
+        """Seconds from dispatch to first token lately (the moving average of the nodes'
+        time to first token the outlier detector keeps) on the fastest healthy node serving
+        ``model``; 0 while none is measured. Under load it is a step or two of the batch
+        beside the prompt's prefill, several times the prefill alone."""
+        measured = [
+            self.outliers.latency(n.node_id, "ttft")
+            for n in self._nodes.values()
+            if n.healthy and not n.draining and any(m.name == model for m in n.info.models)
+        ]
+        return min((t for t in measured if t > 0), default=0.0)
 
     def capacity_rate(self, model: str) -> float:
         """Weighted tokens per second the serving nodes with ``model`` could retire together
@@ -254,16 +284,20 @@ class NodeDirectory:
         need_room: bool = False,
         among: list[NodeHandle] | None = None,
         prompt: int = 0,
+        promoted: bool = False,
     ) -> NodeHandle | None:
         """Power of two choices among the candidates (``among``, when already known) not in
-        ``exclude`` (with room for a ``prompt`` of that many tokens, when ``need_room``),
-        preferring the node that last served ``affinity`` on a tie."""
+        ``exclude`` (with room for a ``prompt`` of that many tokens, when ``need_room``; for a
+        ``promoted`` request as :meth:`has_room` says), preferring the node that last served
+        ``affinity`` on a tie."""
         cands = among if among is not None else self.candidates(model, workload_class)
         pool = [
             n
             for n in cands
             if n.node_id not in exclude
-            and (not need_room or self.has_room(n, workload_class, model, prompt))
+            and (
+                not need_room or self.has_room(n, workload_class, model, prompt, promoted=promoted)
+            )
         ]
         preferred = self._nodes.get(self.affinity.get(affinity) or "")
         while pool:

@@ -79,6 +79,9 @@ class QueuedRequest:
     """Session id or prompt-prefix digest: routing prefers the node that served it last."""
     decode_s: float = 0.0
     """The decode time admission counted for it (0: none measured then)."""
+    predicted_wait_s: float | None = None
+    """The queue wait admission's model predicted for it before calibration (None: admitted
+    to start at once); with the wait it had, it calibrates later predictions."""
     enqueued_at: float = 0.0
     seq: int = 0
 

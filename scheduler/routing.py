@@ -215,10 +215,11 @@ class LoadBook:
         budgets: Mapping[WorkloadClass, float] | None = None,
     ) -> int:
         """Sequences ``workload_class`` may fill on the node: all :attr:`usable` ones for
-        REALTIME, less ``headroom`` below it; at most the batch its step budget and those of
-        the classes above it running there allow (``budgets``, see the class doc)."""
+        REALTIME, less ``headroom`` below it (at least one slot when above 0); at most the
+        batch its step budget and those of the classes above it running there allow
+        (``budgets``, see the class doc)."""
         cap = self.usable
-        if not workload_class.is_top:
+        if not workload_class.is_top and headroom > 0:
             cap -= max(1, math.ceil(cap * headroom)) if cap > 1 else 0
         if budgets:
             rank = workload_class.rank

@@ -654,6 +654,29 @@ def test_realtime_wait_counts_promises_that_fall_due_in_the_longer_wait_too() ->
     assert verdict.admitted and verdict.predicted_wait_s == pytest.approx(4.0)
 
 
+def test_realtime_waits_are_padded_by_how_much_longer_recent_ones_turned_out() -> None:
+    """Ten REALTIME requests predicted 0.5 s each waited 0.5-1.4 s: the 90th percentile of
+    the overrun (0.8 s) pads the next prediction, so a 1 s wait (1.8 s padded) is refused by
+    the 1.5 s REALTIME queue bound. The overruns count against the uncalibrated prediction
+    (no feedback), only REALTIME's, and they age out after a minute."""
+    clock, queues, _ = make()
+    admission = Admission(queues, clock, lambda _: 1.0, AdmissionConfig(realtime_max_wait_s=1.5))
+    for overrun in [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]:
+        done = item("rt", REALTIME, prompt=0, new=50)
+        done.enqueued_at, done.predicted_wait_s = clock(), 0.5
+        clock.advance(0.5 + overrun)
+        admission.started(done)
+    admission.started(item("b", BATCH, prompt=0, new=50, start_by=clock()))  # not counted
+    assert admission.calibration.margin("m") == pytest.approx(0.8)
+    queues.push(item("rt", REALTIME, prompt=0, new=100))
+    probe = item("rt", REALTIME, prompt=0, new=0)
+    verdict = admission.decide(probe, rate=100.0, room_now=False)
+    assert not verdict.admitted and verdict.predicted_wait_s == pytest.approx(1.8)
+    assert probe.predicted_wait_s == pytest.approx(1.0)
+    clock.advance(61.0)
+    assert admission.decide(item("rt", REALTIME, prompt=0, new=0), 100.0, False).admitted
+
+
 def test_realtime_with_room_waits_when_promoted_lower_class_work_holds_the_model() -> None:
     """A node has room, but a BATCH request promoted now waits (it holds the model until it
     starts): a REALTIME request is not predicted to start at once; it waits for a running
