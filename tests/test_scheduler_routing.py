@@ -54,6 +54,17 @@ def test_lower_classes_leave_headroom_to_realtime() -> None:
     assert book.has_room(REALTIME, 0.125)
 
 
+def test_without_headroom_a_lower_class_may_take_the_last_slots() -> None:
+    """A promoted BATCH request is checked with no headroom (NodeDirectory.has_room): on a
+    node with 7 of 8 slots taken it may start, where BATCH otherwise leaves the last one."""
+    book = LoadBook(max_sequences=8)
+    for _ in range(7):
+        book.on_dispatch(10, BATCH)
+    assert not book.has_room(BATCH, 0.125)
+    assert book.has_room(BATCH, 0.0)
+    assert book.capacity(BATCH, 0.0) == 8
+
+
 def test_full_kv_cache_means_no_room() -> None:
     """A node reporting its KV cache nearly full takes nothing more."""
     book = LoadBook(max_sequences=8)
