@@ -35,12 +35,21 @@ from inference_node.models import load_language_model
 from inference_node.training import StagedStep, UnitKind
 
 
+def _sync() -> None:
+    """Wait for queued GPU work (a no-op on CPU), so that a timing holds the kernels it
+    launched, not only their launch."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _median_s(run: Callable[[], object], repeats: int) -> float:
     run()  # warm
     times = []
     for _ in range(repeats):
+        _sync()
         started = time.perf_counter()
         run()
+        _sync()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
@@ -64,11 +73,13 @@ def _training_costs(lm: object, repeats: int, rows: int, length: int) -> dict[st
     adapter = LoraAdapter.for_model(lm, LoraConfig(rank=8), seed=1).requires_grad_()  # type: ignore[arg-type]
     half = length // 2
     examples = [Example(list(range(30, 30 + half)), list(range(40, 40 + half)))] * rows
-    batch = make_batch(examples, pad_id=0)
+    batch = make_batch(examples, pad_id=0, device=lm.device)  # type: ignore[attr-defined]
     totals: dict[str, list[float]] = {}
     for _ in range(repeats + 1):
         step = StagedStep(model, adapter, batch)
+        _sync()
         step.run_all()
+        _sync()
         for factor in adapter.parameters():
             factor.grad = None
         spent: dict[str, float] = {}
@@ -87,10 +98,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--stretch", type=float, default=1.2, help="inter-token limit (x without)")
     p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs (float32)"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     cache = args.cache_dir or NodeSettings().model_cache_dir
-    lm = load_language_model("smollm2-135m-instruct", cache_dir=cache)
+    lm = load_language_model("smollm2-135m-instruct", device=args.device, cache_dir=cache)
     plain, mixed = _decode_costs(lm, args.running, args.riding, args.repeats)
     ride = (mixed - plain) / args.riding
     unit = _training_costs(lm, args.repeats, rows=2, length=128)

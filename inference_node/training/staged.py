@@ -125,6 +125,7 @@ class StagedStep:
         self.model, self.adapter, self.batch = model, adapter, batch
         self.generator = generator
         self._clock = clock
+        self._on_gpu = batch.input_ids.device.type == "cuda"
         targets = batch.labels[:, 1:]
         self._picked = targets != IGNORE_INDEX
         self._targets = targets[self._picked]
@@ -170,6 +171,8 @@ class StagedStep:
         kind, work, run = self._plan[self._position]
         started = self._clock()
         run()
+        if self._on_gpu:  # a unit's time is its kernels' (the next decode step would wait)
+            torch.cuda.current_stream(self.batch.input_ids.device).synchronize()
         self.timings.append(UnitTiming(kind, work, self._clock() - started))
         self._position += 1
         return self.done
