@@ -34,11 +34,14 @@ from inference_node.lora import Example, FrozenLlama, LoraAdapter, LoraConfig, m
 from inference_node.models import load_language_model
 from inference_node.training import StagedStep, UnitKind
 
+_ON_GPU: list[bool] = [False]
+"""Whether the model runs on CUDA (set by :func:`main`)."""
+
 
 def _sync() -> None:
     """Wait for queued GPU work (a no-op on CPU), so that a timing holds the kernels it
     launched, not only their launch."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if _ON_GPU[0]:
         torch.cuda.synchronize()
 
 
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    _ON_GPU[0] = args.device == "cuda"
     cache = args.cache_dir or NodeSettings().model_cache_dir
     lm = load_language_model("smollm2-135m-instruct", device=args.device, cache_dir=cache)
     plain, mixed = _decode_costs(lm, args.running, args.riding, args.repeats)
