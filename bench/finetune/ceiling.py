@@ -34,25 +34,22 @@ from inference_node.lora import Example, FrozenLlama, LoraAdapter, LoraConfig, m
 from inference_node.models import load_language_model
 from inference_node.training import StagedStep, UnitKind
 
-_ON_GPU: list[bool] = [False]
-"""Whether the model runs on CUDA (set by :func:`main`)."""
 
-
-def _sync() -> None:
+def _sync(device: torch.device) -> None:
     """Wait for queued GPU work (a no-op on CPU), so that a timing holds the kernels it
     launched, not only their launch."""
-    if _ON_GPU[0]:
-        torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def _median_s(run: Callable[[], object], repeats: int) -> float:
+def _median_s(run: Callable[[], object], repeats: int, device: torch.device) -> float:
     run()  # warm
     times = []
     for _ in range(repeats):
-        _sync()
+        _sync(device)
         started = time.perf_counter()
         run()
-        _sync()
+        _sync(device)
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
@@ -64,9 +61,9 @@ def _decode_costs(lm: object, running: int, riding: int, repeats: int) -> tuple[
     for slot in range(running):  # each running sequence has a 100-token context
         runner.step([], [], [Prefill(slot, list(range(10, 110)), 0, True)])
     tokens, positions = [11] * running, [100] * running
-    plain = _median_s(lambda: runner.step(tokens, positions, []), repeats)
+    plain = _median_s(lambda: runner.step(tokens, positions, []), repeats, lm.device)  # type: ignore[attr-defined]
     ride = [Prefill(running, list(range(20, 20 + riding)), 0, False)]
-    mixed = _median_s(lambda: runner.step(tokens, positions, ride), repeats)
+    mixed = _median_s(lambda: runner.step(tokens, positions, ride), repeats, lm.device)  # type: ignore[attr-defined]
     return plain, mixed
 
 
@@ -80,9 +77,9 @@ def _training_costs(lm: object, repeats: int, rows: int, length: int) -> dict[st
     totals: dict[str, list[float]] = {}
     for _ in range(repeats + 1):
         step = StagedStep(model, adapter, batch)
-        _sync()
+        _sync(batch.input_ids.device)
         step.run_all()
-        _sync()
+        _sync(batch.input_ids.device)
         for factor in adapter.parameters():
             factor.grad = None
         spent: dict[str, float] = {}
@@ -106,7 +103,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    _ON_GPU[0] = args.device == "cuda"
     cache = args.cache_dir or NodeSettings().model_cache_dir
     lm = load_language_model("smollm2-135m-instruct", device=args.device, cache_dir=cache)
     plain, mixed = _decode_costs(lm, args.running, args.riding, args.repeats)
