@@ -271,8 +271,8 @@ async def test_generate_beside_training_is_unchanged_and_waits_within_the_yield_
     """While a fine-tune runs, the load report shows the slots it holds
     (``reserved_sequences``, no sequence of any class) and its KV budget shrinks; afterwards
     neither. Generate streams, one after another and together, complete with the
-    tokens they get on an idle node; the waits training caused them (admission and next
-    token) were recorded, and their p99 is within the yield bound."""
+    tokens they get on an idle node; the waits training caused them were recorded, in the
+    policy and the metric alike, and their p99 is within the yield bound."""
     node = await start_trainer(suite)
     node_stub = stub(suite, node)
     prompts = ["Colour of the sea? ", "Hello there", "A longer prompt, for a longer prefill."]
@@ -303,15 +303,17 @@ async def test_generate_beside_training_is_unchanged_and_waits_within_the_yield_
     await eventually(lambda: node.engines[tiny_lm.name].training.run is None)
     await eventually(lambda: node.servicer.load_report().reserved_sequences == 0)
 
+    # Whether a request arrives while a unit runs (an admission wait) or a unit fits beside
+    # running sequences (a decode delay) depends on thread timing; tests/test_training.py
+    # records both on a fake clock. Here: some wait was recorded, each kind reached the
+    # metric, and the p99 is within the bound.
     policy = engine.training.policy
-    assert policy is not None and policy.admission_waits and policy.decode_delays
+    assert policy is not None and (policy.admission_waits or policy.decode_delays)
     p99 = policy.wait_quantile(0.99)
     assert p99 is not None and p99 <= YIELD_BOUND_S
     histogram = node.training.metrics.yield_wait
-    recorded = sum(
-        histogram.labels(tiny_lm.name, wait)._sum.get() > 0 for wait in ("admission", "decode")
-    )
-    assert recorded == 2
+    for wait, waits in (("admission", policy.admission_waits), ("decode", policy.decode_delays)):
+        assert (histogram.labels(tiny_lm.name, wait)._sum.get() > 0) == bool(waits)
     logging.getLogger(__name__).info(
         f"yield waits: {len(policy.admission_waits)} admission, {len(policy.decode_delays)} "
         f"decode; p50 {policy.wait_quantile(0.5):.4f} s, p99 {p99:.4f} s, "

@@ -208,6 +208,7 @@ async def test_refusal_is_remembered_until_the_bucket_refills(
     }
     assert counts == {"ok": 1, "exceeded": 1, "exceeded_cached": 1}
     raised = tenant(requests_per_second=1000)  # new quotas: the old answer no longer holds
+    await asyncio.sleep(0.01)  # the emptied bucket refills one request per ms at the new rate
     await gate.acquire(raised, 1, "r4", 5)
     await asyncio.sleep(retry_of(cached.value) + 0.05)
     await gate.acquire(t, 1, "r5", 5)  # refilled: Redis is asked again and admits
