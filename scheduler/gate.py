@@ -29,6 +29,7 @@ from scheduler.metrics import SchedulerMetrics
 from scheduler.node_handle import POOL_FOR_CLASS, NodeHandle
 from scheduler.nodes import NodeDirectory, SlotView
 from scheduler.queues import Clock, FairQueues, QueueConfig, QueuedRequest, QueueFull
+from scheduler.running import RunningBook
 from scheduler.shares import DemandMeter, SlotShares
 from scheduler.tenants import TenantDirectory
 from sluice.contract import WorkloadClass
@@ -186,6 +187,7 @@ class DispatchGate:
         self.admission = Admission(self.queues, clock, self._weight, admission_config)
         self.shares = SlotShares(clock, self._weight)
         self.demand = DemandMeter(clock)
+        self.running = RunningBook(clock, self.demand.expected_tokens)
         self._waiters: dict[str, asyncio.Future[NodeHandle]] = {}
         self._kick_pending = False
         self._avg_cost = 0.0
@@ -285,25 +287,33 @@ class DispatchGate:
         as without room: the share rule may be keeping the slot for another tenant's burst,
         which any end frees, or the tenant may be over its share). Without room, the wait
         is at least the time until a prefill bucket takes its prompt and those queued before
-        it (:mod:`scheduler.prefill`); ``prompt_held``: a slot is free and only the bucket
-        holds it, so no running request's end is waited for."""
+        it (:mod:`scheduler.prefill`), and until enough running requests it cannot preempt
+        ended (:mod:`scheduler.running`); ``prompt_held``: a slot is free and only the bucket
+        holds it, so no running request's end is waited for. Below REALTIME, the class's own
+        pace lately counts for its decode when slower than the nodes' time per token."""
         model, cls, prompt = item.model, item.workload_class, item.prompt_tokens
-        ahead = sum(  # prompts queued before it take the bucket first
-            i.prompt_tokens
-            for i in self.queues.items()
-            if i.model == model and i.workload_class.rank <= cls.rank
-        )
+        before = [  # queued before it: they take the bucket and the next slots first
+            i for i in self.queues.items() if i.model == model and i.workload_class.rank <= cls.rank
+        ]
+        token_s = self._nodes.token_seconds(model)
+        room_in_s = 0.0
+        if not startable:
+            ahead = sum(i.prompt_tokens for i in before)
+            room_in_s = self._nodes.prefill_wait(model, cls, prompt, ahead)
+            if not prompt_held:
+                ends = self.running.end_wait(model, cls, len(before), token_s)
+                room_in_s = max(room_in_s, ends)
         return self.admission.decide(
             item,
             self._nodes.service_rate(item.model),
             startable,
             busy_cost=0.0 if prompt_held else self._avg_cost or self.cost(item),
-            token_s=self._nodes.token_seconds(item.model),
+            token_s=token_s if cls.is_top else max(token_s, self.running.pace(model, cls)),
             busy=view.busy,
             prefill_s=max(
                 self._nodes.prefill_seconds(model, prompt), self._nodes.first_token_seconds(model)
             ),
-            room_in_s=0.0 if startable else self._nodes.prefill_wait(model, cls, prompt, ahead),
+            room_in_s=room_in_s,
         )
 
     @staticmethod
@@ -335,9 +345,16 @@ class DispatchGate:
         ``generated``: the tokens it made, when it ran to its end (what its tenant's requests
         are expected to use, for the demand meter)."""
         self.shares.ended(item.model, item.workload_class, item.tenant)
+        self.running.ended(item, generated)
         if generated is not None:
             self.demand.finished(item, generated)
         self.kick()
+
+    def streamed(self, item: QueuedRequest, tokens: int) -> None:
+        """``item`` streamed ``tokens`` generated tokens: charged, and counted against its
+        predicted end."""
+        self.running.streamed(item, tokens)
+        self.charge(item, tokens)
 
     def charge(self, item: QueuedRequest, tokens: float) -> None:
         """Charge ``tokens`` (generated, or a prompt correction) to the request's tenant."""
@@ -395,6 +412,7 @@ class DispatchGate:
         self._metrics.queue_wait.labels(item.workload_class.label, item.tenant).observe(waited)
         self.admission.started(item)
         self.shares.started(item.model, item.workload_class, item.tenant)
+        self.running.started(item)
 
     def _share_allows(self, item: QueuedRequest, view: SlotView) -> bool:
         """Whether the slot-share rule lets ``item``'s tenant take one of ``view``'s free

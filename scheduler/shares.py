@@ -215,6 +215,12 @@ class DemandMeter:
         fraction = min(1.0, generated / item.max_new_tokens)
         self._used_fraction[key] = 0.8 * self._used_fraction.get(key, 1.0) + 0.2 * fraction
 
+    def expected_tokens(self, item: QueuedRequest) -> float:
+        """Tokens ``item`` is expected to generate: its ``max_new_tokens`` times the fraction
+        its tenant's finished requests of the class used."""
+        key = (item.model, item.workload_class, item.tenant)
+        return item.max_new_tokens * self._used_fraction.get(key, 1.0)
+
     def rate(self, model: str, workload_class: WorkloadClass, tenant: str) -> float:
         """Tokens per second ``tenant`` has asked for over the window (0 when none)."""
         meter = self._meters.get((model, workload_class, tenant))
