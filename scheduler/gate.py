@@ -187,7 +187,7 @@ class DispatchGate:
         self.admission = Admission(self.queues, clock, self._weight, admission_config)
         self.shares = SlotShares(clock, self._weight)
         self.demand = DemandMeter(clock)
-        self.running = RunningBook(clock, self.demand.expected_tokens)
+        self.running = RunningBook(clock, self.demand.expected_tokens, POOL_FOR_CLASS)
         self._waiters: dict[str, asyncio.Future[NodeHandle]] = {}
         self._kick_pending = False
         self._avg_cost = 0.0
@@ -283,17 +283,20 @@ class DispatchGate:
         self, item: QueuedRequest, view: SlotView, startable: bool, prompt_held: bool = False
     ) -> Verdict:
         """Admission's verdict on ``item``: ``startable`` when a node has room and its
-        tenant's slot share lets it start now (held back, it waits for a request to end,
-        as without room: the share rule may be keeping the slot for another tenant's burst,
-        which any end frees, or the tenant may be over its share). Without room, the wait
-        is at least the time until a prefill bucket takes its prompt and those queued before
-        it (:mod:`scheduler.prefill`), and until enough running requests it cannot preempt
-        ended (:mod:`scheduler.running`); ``prompt_held``: a slot is free and only the bucket
-        holds it, so no running request's end is waited for. Below REALTIME, the class's own
-        pace lately counts for its decode when slower than the nodes' time per token."""
+        tenant's slot share lets it start now (held back, it waits for a request to end, as
+        without room: the share rule may keep the slot for another tenant's burst, or the
+        tenant may be over its share). Without room, the wait is at least the time until a
+        prefill bucket takes its prompt and those queued before it (:mod:`scheduler.prefill`)
+        and until a slot is left for it (:mod:`scheduler.running`); ``prompt_held``: a slot is
+        free and only the bucket holds it. Below REALTIME, the class's own pace lately
+        counts for its decode when slower than the nodes' time per token."""
         model, cls, prompt = item.model, item.workload_class, item.prompt_tokens
+        pool = POOL_FOR_CLASS[cls]
         before = [  # queued before it: they take the bucket and the next slots first
-            i for i in self.queues.items() if i.model == model and i.workload_class.rank <= cls.rank
+            i
+            for i in self.queues.items()
+            if i.model == model and i.workload_class.rank <= cls.rank
+            if POOL_FOR_CLASS[i.workload_class] == pool
         ]
         token_s = self._nodes.token_seconds(model)
         room_in_s = 0.0
@@ -301,14 +304,14 @@ class DispatchGate:
             ahead = sum(i.prompt_tokens for i in before)
             room_in_s = self._nodes.prefill_wait(model, cls, prompt, ahead)
             if not prompt_held:
-                ends = self.running.end_wait(model, cls, len(before), token_s)
+                ends = self.running.end_wait(model, cls, before, token_s)
                 room_in_s = max(room_in_s, ends)
         return self.admission.decide(
             item,
             self._nodes.service_rate(item.model),
             startable,
             busy_cost=0.0 if prompt_held else self._avg_cost or self.cost(item),
-            token_s=token_s if cls.is_top else max(token_s, self.running.pace(model, cls)),
+            token_s=token_s if cls.is_top else max(token_s, self.running.pace(model, cls, token_s)),
             busy=view.busy,
             prefill_s=max(
                 self._nodes.prefill_seconds(model, prompt), self._nodes.first_token_seconds(model)

@@ -217,9 +217,17 @@ class DemandMeter:
 
     def expected_tokens(self, item: QueuedRequest) -> float:
         """Tokens ``item`` is expected to generate: its ``max_new_tokens`` times the fraction
-        its tenant's finished requests of the class used."""
+        its tenant's finished requests of the class used (a tenant with none yet: the mean
+        of the other tenants' of the model and class, 1 without any)."""
         key = (item.model, item.workload_class, item.tenant)
-        return item.max_new_tokens * self._used_fraction.get(key, 1.0)
+        fraction = self._used_fraction.get(key)
+        if fraction is None:
+            known = [
+                f for (m, c, _t), f in self._used_fraction.items()
+                if m == item.model and c == item.workload_class
+            ]  # fmt: skip
+            fraction = sum(known) / len(known) if known else 1.0
+        return item.max_new_tokens * fraction
 
     def rate(self, model: str, workload_class: WorkloadClass, tenant: str) -> float:
         """Tokens per second ``tenant`` has asked for over the window (0 when none)."""
