@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+import torch
 
 from inference_node.lora import (
     AdapterConfigError,
@@ -182,6 +183,8 @@ class AdapterStore:
                     str(ref), f"adapter {ref}: {WEIGHTS_FILE} is {size} bytes, over {limit}"
                 )
             adapter = LoraAdapter.load(directory, device=lm.device)
+            if lm.device.type == "cuda":  # copied on this thread's stream; the engine's differs
+                torch.cuda.current_stream(lm.device).synchronize()
         except (AdapterFormatError, AdapterConfigError) as exc:
             raise AdapterInvalidError(str(ref), f"adapter {ref}: {exc}") from exc
         except OSError as exc:

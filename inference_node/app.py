@@ -97,6 +97,9 @@ def gap_config(settings: NodeSettings) -> GapConfig:
         yield_bound_s=settings.training_yield_bound_ms / 1000,
         itl_budget_s=settings.training_itl_budget_ms / 1000,
         itl_share=settings.training_itl_share,
+        concurrent=settings.training_concurrency == "thread"
+        or (settings.training_concurrency == "auto" and settings.device == "cuda"),
+        duty=settings.training_duty,
     )
 
 

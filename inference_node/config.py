@@ -77,6 +77,14 @@ class NodeSettings(ServiceSettings):
     training_itl_share: float = Field(default=0.15, ge=0, le=1)
     """Training beside running requests adds at most this share of their decode time to their
     inter-token gaps, on average."""
+    training_concurrency: Literal["auto", "gaps", "thread"] = "auto"
+    """Where fine-tunes run: ``gaps``, unit by unit in the engine thread's gaps (the three
+    settings above); ``thread``, on a thread and CUDA stream of their own beside decode, busy
+    at most ``training_duty`` of the time while inference runs
+    (docs/decisions/node-training-own-stream.md); ``auto``: ``thread`` on CUDA, ``gaps`` on
+    the CPU (where two threads would only split the cores)."""
+    training_duty: float = Field(default=0.5, gt=0, le=1)
+    """With ``thread``: the most of its time training is busy while inference runs."""
     detached_retain_seconds: float = Field(default=120.0, gt=0)
     """How long a detached generation (a job line, ``NodeGenerateRequest.detached``) is kept
     after it ends for a replica that takes the line over: longer than the schedulers'

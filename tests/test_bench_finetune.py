@@ -238,6 +238,7 @@ def test_node_flags_name_the_pools_stores_and_bounds_and_leave_an_unset_budget_o
     assert flags == [
         "--pools", "realtime,finetune", "--checkpoint-dir", "/r/checkpoints",
         "--adapters-dir", "/r/adapters", "--training-yield-bound-ms", "100",
+        "--training-concurrency", "auto",
     ]  # fmt: skip
     budget = NodeFlags(itl_budget_ms=84.5).flags(Path("/r"))
     assert budget[-2:] == ["--training-itl-budget-ms", "84.5"]
@@ -249,6 +250,9 @@ def test_the_plan_is_smollm2_by_default_tiny_in_smoke_and_takes_overrides() -> N
     assert full.model == "smollm2-135m-instruct"
     assert full.sharing.compared_load in full.sharing.loads
     smoke = plan_of(parse_args(["--smoke", "--phase-s", "3", "--yield-bound-ms", "75"]))
+    assert smoke.flags.concurrency == "auto"
+    thread = plan_of(parse_args(["--smoke", "--training-concurrency", "thread"]))
+    assert "--training-concurrency thread" in settings_of(thread, Path("/r"))["node_flags"]
     assert smoke.model == "tiny-random-llama" and smoke.sharing.phase_s == 3.0
     assert smoke.flags.yield_bound_ms == 75.0 and smoke.flags.itl_budget_ms is None
     settings = settings_of(smoke, Path("/r"))

@@ -117,6 +117,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the nodes' --training-itl-budget-ms (default: none, the node's share and tail rule)",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the nodes' device")
+    p.add_argument(
+        "--training-concurrency",
+        choices=("auto", "gaps", "thread"),
+        help="the nodes' --training-concurrency (default auto: thread on CUDA, gaps on the CPU)",
+    )
     p.add_argument("--eval-prompts", type=int, choices=range(1, len(HELD_OUT_ITEMS) + 1))
     p.add_argument(
         "--out-dir",
@@ -142,6 +147,8 @@ def plan_of(args: argparse.Namespace) -> Plan:
         plan = replace(plan, flags=replace(plan.flags, yield_bound_ms=args.yield_bound_ms))
     if args.itl_budget_ms is not None:
         plan = replace(plan, flags=replace(plan.flags, itl_budget_ms=args.itl_budget_ms))
+    if args.training_concurrency is not None:
+        plan = replace(plan, flags=replace(plan.flags, concurrency=args.training_concurrency))
     if args.eval_prompts is not None:
         plan = replace(plan, resume=replace(plan.resume, eval_prompts=args.eval_prompts))
     return replace(plan, device=args.device)

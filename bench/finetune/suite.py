@@ -59,6 +59,9 @@ class NodeFlags:
     itl_budget_ms: float | None = None
     """``--training-itl-budget-ms``; None leaves the node's default (none: the gap policy's
     share of the decode time and the model's own step-time tail bound training)."""
+    concurrency: str = "auto"
+    """``--training-concurrency``: ``auto`` trains on a thread of its own on CUDA, in the
+    engine thread's gaps on the CPU."""
     pools: tuple[str, ...] = ("realtime", "finetune")
 
     def flags(self, run_dir: Path) -> list[str]:
@@ -69,6 +72,7 @@ class NodeFlags:
             "--checkpoint-dir", str(run_dir / "checkpoints"),
             "--adapters-dir", str(run_dir / "adapters"),
             "--training-yield-bound-ms", f"{self.yield_bound_ms:g}",
+            "--training-concurrency", self.concurrency,
             *(["--training-itl-budget-ms", *budget] if budget else []),
         ]  # fmt: skip
 

@@ -28,11 +28,12 @@ outside the batch, and one that cannot be loaded ends alone with an
 :class:`~inference_node.adapters.AdapterError`. Sequences of different adapters and of the
 base model share every step, prefill and decode alike.
 
-Fine-tuning (:mod:`inference_node.engine.gap_training`): a :class:`TrainingRun` handed to
-the engine (:meth:`BatchingEngine.start_training`) runs unit by unit on this thread after
-each step and whenever the engine would otherwise sleep, as far as the gap policy allows
-(docs/decisions/node-training-units.md). Its memory takes whole KV slots while it runs: no
-sequence is admitted into them, and its units wait while more sequences than the rest run.
+Fine-tuning (:mod:`~inference_node.engine.gap_training`): a :class:`TrainingRun` handed to
+the engine (:meth:`BatchingEngine.start_training`) runs unit by unit on this thread in the
+gaps its policy allows (docs/decisions/node-training-units.md), or on a thread and CUDA stream
+of its own (:mod:`~inference_node.engine.concurrent_training`; decode then runs on a
+high-priority stream). Its memory takes whole KV slots while it runs: no sequence is admitted
+into them, and its units wait while more sequences than the rest run.
 
 Failure isolation: the work done for one sequence alone (setting up its sampler and text
 stream, sampling its row, detokenizing and checking its stop strings) runs under its own
@@ -54,6 +55,7 @@ import torch
 
 from inference_node.adapters import AdapterCache, AdapterError
 from inference_node.engine.base import WAKE, Job, JobState, ThreadedEngine
+from inference_node.engine.concurrent_training import use_decode_stream
 from inference_node.engine.gap_training import GapTrainer, TrainingMemoryError, TrainingRun
 from inference_node.engine.llama import LlamaRunner, Prefill
 from inference_node.engine.lora_rows import EngineAdapters
@@ -82,12 +84,9 @@ ADAPTER_POLL_S = 0.005
 
 
 class BatchingEngine(ThreadedEngine):
-    """Continuous batching over :class:`LlamaRunner` (Llama-family models).
-
-    ``adapters``, the node's cache of ``lm``'s LoRA adapters, lets requests name one
-    (``EngineRequest.adapter``); without it a request naming one is refused at submit. The
-    engine closes it when it closes.
-    """
+    """Continuous batching over :class:`LlamaRunner` (Llama-family models). ``adapters``, the
+    node's cache of ``lm``'s LoRA adapters (closed with the engine), lets requests name one
+    (``EngineRequest.adapter``); without it a request naming one is refused at submit."""
 
     _thread_name = "batching-engine"
 
@@ -190,6 +189,7 @@ class BatchingEngine(ThreadedEngine):
     # -- engine thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        use_decode_stream(self._lm.device)
         log.info("engine_started", model=self._lm.name)
         while not self._stopping.is_set():
             if not self._intake():

@@ -29,11 +29,14 @@ inter-token slack or idle) and runs it if so. The engine tells it of every reque
 (:meth:`GapTrainer.request_arrived`, dated at submit) and every decode step's time, so the
 policy records the waits training caused and keeps its slack right. A run also holds part of
 the KV budget (whole slots, :attr:`TrainingRun.reserved_slots`): its units wait until the
-engine's sequences fit in the rest (deferred for ``memory``).
+engine's sequences fit in the rest (deferred for ``memory``). With ``GapConfig.concurrent``
+the run goes to a thread of its own instead (:mod:`inference_node.engine.concurrent_training`):
+the engine thread then only tells it what runs there.
 
 Thread safety: :meth:`GapTrainer.offer` and :meth:`TrainingRun.request_stop` are called from
-the event loop, everything else from the engine thread; they share only the current run (an
-attribute, replaced under a lock) and the run's stop flag.
+the event loop, everything else from the engine thread (and, for a run on its own thread,
+``_end`` and ``_count_unit`` from that thread); they share the current run and its thread
+(read and replaced together under a lock) and the run's stop flag.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import torch
 
+from inference_node.engine.concurrent_training import ConcurrentTraining, training_stream
 from inference_node.training import (
     GapConfig,
     GapPolicy,
@@ -75,6 +79,8 @@ one unit: a LoRA factor or its moments are far smaller)."""
 REPLAYED_STEPS = 4096
 """Steps a checkpoint remembers for a resumed run to send again (see the module doc)."""
 STEPS_KEY = "steps"
+CLOSE_JOIN_S = 10.0
+"""Longest a closing engine waits for a fine-tune's own thread to finish its unit."""
 MAX_UNCONSUMED_EVENTS = 16
 """Events a run's listener may leave untaken before its units wait (see the module doc)."""
 
@@ -216,6 +222,10 @@ class TrainingRun:
         self.history: deque[StepRecord] = deque(history, maxlen=REPLAYED_STEPS)
         """The last steps run (those of its checkpoint first), for the next checkpoint."""
 
+    def stopped(self) -> TrainingStoppedError:
+        """The error it ends with after :meth:`request_stop`."""
+        return TrainingStoppedError(self.stop_reason or "cancelled")
+
     def request_stop(self, reason: str) -> None:
         """Stop after the unit running now (any thread); the first reason wins."""
         if self.stop_reason is None:
@@ -305,6 +315,9 @@ class GapTrainer:
         self._policy: GapPolicy | None = None
         self._ready = True
         self._metrics: TrainingMetrics | None = None
+        self._thread: ConcurrentTraining | None = None
+        self._stream: torch.cuda.Stream | None = None
+        """The training thread's CUDA stream, made once (the allocator caches per stream)."""
 
     # -- any thread ---------------------------------------------------------------------------
 
@@ -333,14 +346,31 @@ class GapTrainer:
                 self._policy = GapPolicy(gaps, self._clock, on_wait=self._record_wait)
             self._metrics = metrics
             self._ready = True
-            self._run = run
+            thread = None
+            if gaps.concurrent:
+                device = run.trainer.device
+                if self._stream is None:
+                    self._stream = training_stream(device)
+                thread = ConcurrentTraining(
+                    run,
+                    stream=self._stream,
+                    device=device,
+                    duty=gaps.duty,
+                    on_unit=lambda kind, seconds: self._count_unit(run, kind, seconds),
+                    end=self._end,
+                    poll_s=TRAINING_POLL_S,
+                    clock=self._clock,
+                )
+            self._run, self._thread = run, thread
+        if thread is not None:
+            thread.start()
 
     # -- engine thread ------------------------------------------------------------------------
 
     def idle_wait(self) -> float | None:
         """How long an engine with no inference work may sleep: ``None`` (until work comes)
         without a fine-tune, 0 when its next unit may run now, else :data:`TRAINING_POLL_S`."""
-        if self._run is None:
+        if self._run is None or self._thread is not None:
             return None
         return 0.0 if self._ready else TRAINING_POLL_S
 
@@ -359,13 +389,21 @@ class GapTrainer:
         requests not admitted, ``running`` sequences admitted and ``memory_free`` whether
         they leave the run's reserved slots free; ``seen`` is when the engine last found
         no new request. ``True`` when a unit ran and another may follow."""
-        run, policy = self._run, self._policy
+        with self._lock:  # a run and its thread are replaced together
+            run, policy, thread = self._run, self._policy, self._thread
+        if thread is not None:  # it trains on its own thread: tell it what runs here
+            thread.engine_state(waiting=waiting, running=running, memory_free=memory_free)
+            if run is not None and run.stop_reason is not None:
+                thread.wake()
+            return False
         if run is None or policy is None:
             return False
         if run.started is None:
             run.started = self._clock()
+            if run.trainer.device.type == "cuda":  # built on other threads' streams
+                torch.cuda.synchronize(run.trainer.device)
         if run.stop_reason is not None:
-            self._end(run, TrainingStoppedError(run.stop_reason))
+            self._end(run, run.stopped())
             return False
         try:
             work = run.next_work()
@@ -402,18 +440,21 @@ class GapTrainer:
             run.busy_s += policy.unit_finished()
             self._fail(run, exc)
             return False
-        run.busy_s += policy.unit_finished()
+        self._count_unit(run, kind, policy.unit_finished())
         self._ready = True
-        if self._metrics is not None:
-            self._metrics.units.labels(self.model, kind).inc()
         if finished:
             self._end(run, None)
             return False
         return True
 
     def close(self, error: BaseException) -> None:
-        """The engine stops: end the fine-tune on it with ``error``."""
-        run = self._run
+        """The engine stops: end the fine-tune on it with ``error`` (one on its own thread
+        stops after its unit in flight)."""
+        with self._lock:
+            run, thread = self._run, self._thread
+        if thread is not None:
+            thread.stop(error)
+            thread.join(CLOSE_JOIN_S)
         if run is not None:
             self._end(run, error)
 
@@ -433,10 +474,18 @@ class GapTrainer:
         log.exception("training_unit_failed", model=self.model, step=run.trainer.step)
         self._end(run, exc)
 
+    def _count_unit(self, run: TrainingRun, kind: str, seconds: float) -> None:
+        run.busy_s += seconds
+        if self._metrics is not None:
+            self._metrics.units.labels(self.model, kind).inc()
+
     def _end(self, run: TrainingRun, error: BaseException | None) -> None:
         with self._lock:
-            if self._run is run:
-                self._run = None
+            if self._run is not run:
+                return  # ended already (the engine closed as its thread stopped)
+            self._run = None
+            if self._thread is not None and self._thread.run is run:
+                self._thread = None
         run.end(error)
 
     def _record_wait(self, wait: str, seconds: float) -> None:

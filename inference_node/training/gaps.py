@@ -97,6 +97,13 @@ class GapConfig:
     remeasure_after_s: float = 5.0
     """An idle engine runs a kind refused over the bound again once its last measurement is
     this old, to measure it afresh."""
+    concurrent: bool = False
+    """Train on a thread and CUDA stream of its own beside decode instead of in the engine
+    thread's gaps (inference_node/engine/concurrent_training.py); the rules above then do
+    not apply."""
+    duty: float = 0.5
+    """With ``concurrent``: the most of its time the training thread is busy while the
+    engine has sequences running or requests waiting."""
 
     def __post_init__(self) -> None:
         for name in ("yield_bound_s", "idle_slice_s", "remeasure_after_s"):
@@ -112,6 +119,8 @@ class GapConfig:
             raise ValueError(f"safety must be >= 1, got {self.safety}")
         if self.max_recorded_waits < 1:
             raise ValueError("max_recorded_waits must be >= 1")
+        if not 0 < self.duty <= 1:
+            raise ValueError(f"duty must be in (0, 1], got {self.duty}")
 
 
 @dataclass(frozen=True)

@@ -171,6 +171,11 @@ class Trainer:
         self._current: _StepInProgress | None = None
 
     @property
+    def device(self) -> torch.device:
+        """Where the model and the adapter being trained are."""
+        return self._device
+
+    @property
     def done(self) -> bool:
         """Whether every optimizer step has run."""
         return self.step >= self.total_steps
