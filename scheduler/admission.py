@@ -297,6 +297,7 @@ class Admission:
         busy: bool = True,
         prefill_s: float = 0.0,
         room_in_s: float = 0.0,
+        idle_prefill_s: float | None = None,
     ) -> Verdict:
         """Admit ``item`` or refuse it now.
 
@@ -311,10 +312,13 @@ class Admission:
         unfinished; on idle nodes ``token_s``, measured under the last load, says nothing).
         A REALTIME ``item`` never starts at once while lower-class work promoted now waits
         (it holds the model until it starts, after a running request ends). ``prefill_s``:
-        its predicted time from dispatch to first token (its prompt's prefill, or the time
-        measured lately when longer), counted with its wait against its class's TTFT target;
-        a REALTIME wait counts the calibration margin (:class:`WaitCalibration`) there and
-        against the queue bound.
+        its predicted time from dispatch to first token under the load now (its prompt's
+        prefill beside the batch, or the time measured lately when longer), counted with its
+        wait against its class's TTFT target, even for a request that would start at once;
+        ``idle_prefill_s`` (default ``prefill_s``): its prompt's prefill alone, a request
+        whose prompt alone misses the target being admitted all the same (it never could
+        meet it). A REALTIME wait counts the calibration margin (:class:`WaitCalibration`)
+        there and against the queue bound.
         ``room_in_s``: when no node has room, the least time until one takes its prompt (a
         prefill bucket draining); its wait is at least that. An admitted lower-class ``item``
         is stamped with its promised ``start_by``.
@@ -326,6 +330,8 @@ class Admission:
         top = item.workload_class.is_top
         # Lower-class work promoted now goes first and holds the model until it starts.
         promised = self._queues.promised_cost(item.model, now) if top else 0.0
+        ttft = self.config.ttft_targets.get(item.workload_class, 0.0)
+        alone = prefill_s if idle_prefill_s is None else idle_prefill_s
         if room_now and ahead <= 0 and promised <= 0:
             if busy and decode > usable:  # starts now, but cannot end in time
                 retry = busy_cost / rate if rate > 0 else self.config.min_retry_s
@@ -334,6 +340,8 @@ class Admission:
                     f"new tokens need {decode:.1f}s"
                 )
                 return Verdict(False, retry, OVERLOADED, detail)
+            if ttft > 0 and alone <= ttft < prefill_s:  # the load there would miss it
+                return self._ttft_refusal(item, 0.0, prefill_s, ttft)
             return self._admit(item, 0.0, now + usable - decode)
         if not room_now or promised > 0:  # it starts once a running request ends
             ahead += busy_cost
@@ -349,18 +357,25 @@ class Admission:
         padded = wait if top else wait * self.config.lower_class_wait_factor
         if padded + decode > usable:
             return Verdict(False, wait, OVERLOADED)
-        ttft = self.config.ttft_targets.get(item.workload_class, 0.0)
-        if ttft > 0 and prefill_s <= ttft < wait + prefill_s:  # its wait is what would miss it
-            detail = (
-                f"predicted first token in {wait + prefill_s:.3f}s (wait {wait:.3f}s, prompt "
-                f"{prefill_s:.3f}s) is over the {ttft:g}s {item.workload_class.label} TTFT target"
-            )
-            return Verdict(False, wait, OVERLOADED, detail, past_deadline=False)
+        if ttft > 0 and alone <= ttft < wait + prefill_s:  # its wait or the load would miss it
+            return self._ttft_refusal(item, wait, prefill_s, ttft)
         limit = self.config.realtime_max_wait_s
         if top and limit > 0 and wait > limit:
             detail = f"predicted wait {wait:.3f}s is over the {limit:g}s REALTIME queue bound"
             return Verdict(False, wait, OVERLOADED, detail, past_deadline=False)
         return self._admit(item, wait, now + usable - decode)
+
+    def _ttft_refusal(
+        self, item: QueuedRequest, wait: float, prefill_s: float, ttft: float
+    ) -> Verdict:
+        """Refused now: its first token would come past its class's TTFT target; retry once
+        the wait or the load ahead of its prompt had time to shrink by the excess."""
+        detail = (
+            f"predicted first token in {wait + prefill_s:.3f}s (wait {wait:.3f}s, prompt "
+            f"{prefill_s:.3f}s) is over the {ttft:g}s {item.workload_class.label} TTFT target"
+        )
+        retry = max(wait, wait + prefill_s - ttft, self.config.min_retry_s)
+        return Verdict(False, retry, OVERLOADED, detail, past_deadline=False)
 
     def _with_promises(self, model: str, now: float, wait: float, rate: float) -> float:
         """``wait`` plus the lower-class work promoted before the request would start, to a

@@ -291,6 +291,7 @@ class DispatchGate:
         free and only the bucket holds it. Below REALTIME, the class's own pace lately
         counts for its decode when slower than the nodes' time per token."""
         model, cls, prompt = item.model, item.workload_class, item.prompt_tokens
+        nodes = self._nodes
         pool = POOL_FOR_CLASS[cls]
         before = [  # queued before it: they take the bucket and the next slots first
             i
@@ -298,25 +299,25 @@ class DispatchGate:
             if i.model == model and i.workload_class.rank <= cls.rank
             if POOL_FOR_CLASS[i.workload_class] == pool
         ]
-        token_s = self._nodes.token_seconds(model)
+        token_s = nodes.token_seconds(model)
         room_in_s = 0.0
         if not startable:
             ahead = sum(i.prompt_tokens for i in before)
-            room_in_s = self._nodes.prefill_wait(model, cls, prompt, ahead)
+            room_in_s = nodes.prefill_wait(model, cls, prompt, ahead)
             if not prompt_held:
-                ends = self.running.end_wait(model, cls, before, token_s)
-                room_in_s = max(room_in_s, ends)
+                room_in_s = max(room_in_s, self.running.end_wait(model, cls, before, token_s))
         return self.admission.decide(
             item,
-            self._nodes.service_rate(item.model),
+            nodes.service_rate(item.model),
             startable,
             busy_cost=0.0 if prompt_held else self._avg_cost or self.cost(item),
             token_s=token_s if cls.is_top else max(token_s, self.running.pace(model, cls, token_s)),
             busy=view.busy,
             prefill_s=max(
-                self._nodes.prefill_seconds(model, prompt), self._nodes.first_token_seconds(model)
+                nodes.loaded_first_token_seconds(model, prompt), nodes.first_token_seconds(model)
             ),
             room_in_s=room_in_s,
+            idle_prefill_s=nodes.prefill_seconds(model, prompt),
         )
 
     @staticmethod
@@ -354,8 +355,7 @@ class DispatchGate:
         self.kick()
 
     def streamed(self, item: QueuedRequest, tokens: int) -> None:
-        """``item`` streamed ``tokens`` generated tokens: charged, and counted against its
-        predicted end."""
+        """``item`` streamed ``tokens`` generated tokens (charged; its predicted end nears)."""
         self.running.streamed(item, tokens)
         self.charge(item, tokens)
 

@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from scheduler.admission import ThroughputMeter
 from scheduler.node_handle import NodeHandle, classes_of
 from scheduler.prefill import PrefillGuard
-from scheduler.routing import AffinityTable, OutlierDetector, power_of_two
+from scheduler.routing import DEFAULT_STEP_TOKENS, AffinityTable, OutlierDetector, power_of_two
 from sluice.contract import WorkloadClass
 from sluice.runtime.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from sluice.runtime.registry import PrefixView
@@ -239,6 +239,18 @@ class NodeDirectory:
         ]
         costs = [f.per_prefill_token_s for f in fits if f is not None and f.per_prefill_token_s > 0]
         return min(costs, default=0.0) * max(0, prompt_tokens)
+
+    def loaded_first_token_seconds(self, model: str, prompt_tokens: int) -> float:
+        """Seconds from dispatch to first token predicted for a prompt of ``prompt_tokens``
+        on the healthy node serving ``model`` where it comes soonest, under the load there
+        now (:meth:`LoadBook.first_token_s`); 0 while none has a fit."""
+        now, times = self._clock(), []
+        for n in self._nodes.values():
+            if n.healthy and not n.draining and any(m.name == model for m in n.info.models):
+                n.book.settle_prefill(self.prefill_guard, now, n.live_token_s(now))
+                step = n.info.capacity.max_batched_tokens or DEFAULT_STEP_TOKENS
+                times.append(n.book.first_token_s(model, prompt_tokens, step))
+        return min((t for t in times if t > 0), default=0.0)
 
     def first_token_seconds(self, model: str) -> float:
         """Seconds from dispatch to first token lately (the moving average of the nodes'

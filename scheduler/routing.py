@@ -19,6 +19,8 @@ from sluice.itl import PrefillFit, fitted_limit
 
 DEFAULT_MAX_SEQUENCES = 32
 """Capacity assumed for a node that publishes none."""
+DEFAULT_STEP_TOKENS = 512
+"""Tokens per engine step assumed for a node that publishes none (the node's default)."""
 TOKENS_PER_SEQUENCE = 512
 """Queued tokens counted as one sequence of load in the score."""
 
@@ -144,6 +146,20 @@ class LoadBook:
         if fit is None or not fit.per_prefill_token_s > 0:
             return 0.0
         return fit.per_prefill_token_s * max(0, prompt_tokens)
+
+    def first_token_s(self, model: str, prompt_tokens: int, step_tokens: int) -> float:
+        """Seconds from dispatch to the first token of a prompt of ``prompt_tokens`` of
+        ``model`` sent now (0 without a fit): the node's engine prefills the prompts it holds
+        (the bucket's debt, then this one) in chunks of ``step_tokens`` less the sequences
+        decoding beside them, each step paying the fit's fixed and per-sequence cost, every
+        prompt token its own. Call :meth:`settle_prefill` first."""
+        fit = self.fits.get(model)
+        if fit is None or not fit.per_prefill_token_s > 0:
+            return 0.0
+        rows = self.sequences()
+        tokens = self.prefill.debt_s / fit.per_prefill_token_s + max(1, prompt_tokens)
+        steps = math.ceil(tokens / max(1, step_tokens - rows))
+        return steps * (fit.base_s + fit.per_sequence_s * rows) + tokens * fit.per_prefill_token_s
 
     def settle_prefill(self, guard: PrefillGuard, now: float, measured_s: float = 0.0) -> float:
         """Drain the prefill bucket up to ``now`` at the share the batch running there

@@ -125,3 +125,37 @@ def test_a_realtime_prompt_that_would_wait_past_its_ttft_target_for_the_bucket_i
     assert late.retry_after(config) == pytest.approx(1.8)
     soon = admission.decide(item, 1000.0, False, prefill_s=0.3, room_in_s=0.5)
     assert soon.admitted and soon.predicted_wait_s == pytest.approx(0.5)
+
+
+def test_a_prompt_s_first_token_under_load_counts_the_chunks_and_the_prompts_before_it() -> None:
+    """Two streams decode beside it: a 1000-token prompt takes 2 steps of 510 prompt tokens
+    (0.07 s each besides its tokens' 2 s); 0.5 s of prompts already sent (250 tokens) go
+    first and make it 3 steps. Without a fit nothing is predicted."""
+    book = book_with(RT, RT)
+    assert book.first_token_s("m", 1000, 512) == pytest.approx(2 * 0.07 + 2.0)
+    book.prefill.add(0.5)
+    assert book.first_token_s("m", 1000, 512) == pytest.approx(3 * 0.07 + 2.5)
+    assert book.first_token_s("other", 1000, 512) == 0.0
+
+
+def test_a_realtime_request_that_could_start_now_is_refused_when_the_load_would_miss_its_ttft() -> (
+    None
+):
+    """A slot is free and nothing is queued, but beside the batch its prompt's first token
+    is predicted in 2.5 s (0.3 s alone): refused now, to retry after the 0.5 s excess; under
+    the target it starts; a prompt that alone takes 2.4 s is admitted (it never could meet
+    the target, so waiting for less load would not help)."""
+    now = [0.0]
+    queues = FairQueues(lambda: now[0], lambda _t: 1.0)
+    config = AdmissionConfig(realtime_max_wait_s=0, ttft_targets={RT: 2.0})
+    admission = Admission(queues, lambda: now[0], lambda _t: 1.0, config)
+    item = request(RT, 150, deadline=60.0)
+    late = admission.decide(item, 1000.0, True, busy=False, prefill_s=2.5, idle_prefill_s=0.3)
+    assert not late.admitted and not late.past_deadline and "TTFT target" in late.detail
+    assert late.retry_after(config) == pytest.approx(0.5)
+    soon = admission.decide(item, 1000.0, True, busy=False, prefill_s=1.5, idle_prefill_s=0.3)
+    assert soon.admitted
+    long_prompt = admission.decide(
+        item, 1000.0, True, busy=False, prefill_s=3.0, idle_prefill_s=2.4
+    )
+    assert long_prompt.admitted
