@@ -291,17 +291,16 @@ class DispatchGate:
         free and only the bucket holds it. Below REALTIME, the class's own pace lately
         counts for its decode when slower than the nodes' time per token."""
         model, cls, prompt = item.model, item.workload_class, item.prompt_tokens
-        nodes = self._nodes
-        pool = POOL_FOR_CLASS[cls]
-        before = [  # queued before it: they take the bucket and the next slots first
-            i
-            for i in self.queues.items()
-            if i.model == model and i.workload_class.rank <= cls.rank
-            if POOL_FOR_CLASS[i.workload_class] == pool
-        ]
+        nodes, pool = self._nodes, POOL_FOR_CLASS[cls]
         token_s = nodes.token_seconds(model)
         room_in_s = 0.0
         if not startable:
+            before = [  # queued before it: they take the bucket and the next slots first
+                i
+                for i in self.queues.items()
+                if i.model == model and i.workload_class.rank <= cls.rank
+                if POOL_FOR_CLASS[i.workload_class] == pool
+            ]
             ahead = sum(i.prompt_tokens for i in before)
             room_in_s = nodes.prefill_wait(model, cls, prompt, ahead)
             if not prompt_held:

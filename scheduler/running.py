@@ -39,6 +39,10 @@ PACE_STALE_S = 30.0
 """A pace no stream updated for this long is forgotten (0 again)."""
 PACE_MAX_FACTOR = 3.0
 """A lower class's pace counts at most this many times the nodes' time per token."""
+END_WAIT_HORIZON = 32
+"""Queued requests :meth:`RunningBook.end_wait` lets take slots before the one it predicts
+for (further back, the fluid estimate of the cost ahead is the better one, and each decision
+is on the refusal path)."""
 LEAK_GRACE_S = 60.0
 """A run still here this long after its deadline is dropped (its end was never told)."""
 
@@ -134,7 +138,7 @@ class RunningBook:
         if not ends:
             return 0.0
         heapq.heapify(ends)
-        for queued in before:  # each takes the next slot that frees and holds it
+        for queued in before[:END_WAIT_HORIZON]:  # each takes the next slot that frees
             freed = heapq.heappop(ends)
             heapq.heappush(ends, freed + self._expected(queued) * token_s)
         return ends[0]
