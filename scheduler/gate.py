@@ -8,8 +8,8 @@ ended, a load report or health change arrived, a node joined or left) the dispat
 :class:`Placement` list; :meth:`DispatchGate._dispatch` then resolves those futures. A
 periodic tick re-predicts the queue and sheds what can no longer start before its deadline.
 
-A request whose client goes away is cancelled by gRPC; its task's ``CancelledError`` removes
-it from the queue at once (or, if a node had just been booked for it, gives the node back).
+A request whose client goes away is cancelled by gRPC: it leaves the queue at once (or, if
+a node had just been booked for it, gives the node back).
 """
 
 from __future__ import annotations
@@ -187,7 +187,8 @@ class DispatchGate:
         self.admission = Admission(self.queues, clock, self._weight, admission_config)
         self.shares = SlotShares(clock, self._weight)
         self.demand = DemandMeter(clock)
-        self.running = RunningBook(clock, self.demand.expected_tokens, POOL_FOR_CLASS)
+        full = nodes.full_token_seconds
+        self.running = RunningBook(clock, self.demand.expected_tokens, POOL_FOR_CLASS, full)
         self._waiters: dict[str, asyncio.Future[NodeHandle]] = {}
         self._kick_pending = False
         self._avg_cost = 0.0
@@ -288,8 +289,8 @@ class DispatchGate:
         tenant may be over its share). Without room, the wait is at least the time until a
         prefill bucket takes its prompt and those queued before it (:mod:`scheduler.prefill`)
         and until a slot is left for it (:mod:`scheduler.running`); ``prompt_held``: a slot is
-        free and only the bucket holds it. Below REALTIME, the class's own pace lately
-        counts for its decode when slower than the nodes' time per token."""
+        free and only the bucket holds it. Below REALTIME, decode is priced at the slowest of
+        the nodes' time per token, the class's own pace lately and a full node's step."""
         model, cls, prompt = item.model, item.workload_class, item.prompt_tokens
         nodes, pool = self._nodes, POOL_FOR_CLASS[cls]
         token_s = nodes.token_seconds(model)
@@ -310,7 +311,7 @@ class DispatchGate:
             nodes.service_rate(item.model),
             startable,
             busy_cost=0.0 if prompt_held else self._avg_cost or self.cost(item),
-            token_s=token_s if cls.is_top else max(token_s, self.running.pace(model, cls, token_s)),
+            token_s=token_s if cls.is_top else self.running.lower_token_s(model, cls, token_s),
             busy=view.busy,
             prefill_s=max(
                 nodes.loaded_first_token_seconds(model, prompt), nodes.first_token_seconds(model)

@@ -229,6 +229,19 @@ class NodeDirectory:
         ]
         return min(measured, default=0.0)
 
+    def full_token_seconds(self, model: str) -> float:
+        """Seconds per generated token on the fastest healthy node serving ``model`` once its
+        batch is full (:meth:`LoadBook.full_step_s` at REALTIME's step budget, which the node
+        holds while REALTIME runs there); 0 while none has a fit. A lower-class stream may be
+        joined by a REALTIME burst right after it starts: its decode is priced at this."""
+        budget = self._budgets.get(WorkloadClass.REALTIME, 0.0)
+        steps = [
+            n.book.full_step_s(model, budget)
+            for n in self._nodes.values()
+            if n.healthy and not n.draining and any(m.name == model for m in n.info.models)
+        ]
+        return min((s for s in steps if s > 0), default=0.0)
+
     def prefill_seconds(self, model: str, prompt_tokens: int) -> float:
         """Seconds the fastest healthy node serving ``model`` is predicted to take prefilling
         ``prompt_tokens`` (``model``'s fitted cost per prompt token there: a lower bound, each

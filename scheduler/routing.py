@@ -15,7 +15,7 @@ from typing import TypeVar
 from scheduler.prefill import PrefillBucket, PrefillGuard
 from scheduler.queues import Clock
 from sluice.contract import WorkloadClass
-from sluice.itl import PrefillFit, fitted_limit
+from sluice.itl import PrefillFit, batch_limit, fitted_limit
 
 DEFAULT_MAX_SEQUENCES = 32
 """Capacity assumed for a node that publishes none."""
@@ -160,6 +160,16 @@ class LoadBook:
         tokens = self.prefill.debt_s / fit.per_prefill_token_s + max(1, prompt_tokens)
         steps = math.ceil(tokens / max(1, step_tokens - rows))
         return steps * (fit.base_s + fit.per_sequence_s * rows) + tokens * fit.per_prefill_token_s
+
+    def full_step_s(self, model: str, budget_s: float) -> float:
+        """Seconds of a decode step of ``model`` with the node full: every usable slot taken,
+        or the batch ``budget_s`` allows when that is fewer (0 without a fit)."""
+        fit = self.fits.get(model)
+        if fit is None:
+            return 0.0
+        limit = batch_limit(fit.base_s, fit.per_sequence_s, budget_s)
+        full = self.usable if limit is None else min(self.usable, limit)
+        return fit.base_s + fit.per_sequence_s * full
 
     def settle_prefill(self, guard: PrefillGuard, now: float, measured_s: float = 0.0) -> float:
         """Drain the prefill bucket up to ``now`` at the share the batch running there

@@ -19,7 +19,11 @@ counted 96 tokens at the REALTIME pace. :meth:`RunningBook.pace` is each lower c
 seconds per generated token from first token to end of its streams of at least
 ``PACE_MIN_TOKENS`` that finished lately (an exponential average, forgotten after
 ``PACE_STALE_S`` without one), which admission counts for their decode when it is the slower
-(at most ``PACE_MAX_FACTOR`` times the nodes' time per token).
+(at most ``PACE_MAX_FACTOR`` times the nodes' time per token). Before any finished, a pace
+learned on a half-empty node said nothing of the burst that filled it next: in ``make
+bench-slo`` (overload 4x, 2026-12-04) BATCH admitted in the first second of the burst at
+the idle node's 0.05 s per token got 0.13-0.2 s and three were cut by their deadline. So a
+lower-class decode is never priced below a full node's step (:meth:`lower_token_s`).
 """
 
 from __future__ import annotations
@@ -63,8 +67,10 @@ class RunningBook:
         clock: Clock,
         expected_tokens: Callable[[QueuedRequest], float],
         pool_of: Mapping[WorkloadClass, str],
+        full_token_s: Callable[[str], float] | None = None,
     ) -> None:
         self._clock = clock
+        self._full = full_token_s
         self._expected = expected_tokens
         self._pool_of = pool_of
         self._runs: dict[str, _Run] = {}
@@ -109,6 +115,13 @@ class RunningBook:
         if known is None or self._clock() - known[1] >= PACE_STALE_S:
             return 0.0
         return min(known[0], PACE_MAX_FACTOR * token_s) if token_s > 0 else known[0]
+
+    def lower_token_s(self, model: str, workload_class: WorkloadClass, token_s: float) -> float:
+        """Seconds per token a lower-class request's decode is priced at: the slowest of the
+        nodes' ``token_s`` now, the class's :meth:`pace` and a full node's step
+        (``full_token_s``): what it gets if higher classes fill the node once it started."""
+        full = self._full(model) if self._full is not None else 0.0
+        return max(token_s, self.pace(model, workload_class, token_s), full)
 
     def end_wait(
         self,

@@ -159,3 +159,15 @@ def test_a_realtime_request_that_could_start_now_is_refused_when_the_load_would_
         item, 1000.0, True, busy=False, prefill_s=3.0, idle_prefill_s=2.4
     )
     assert long_prompt.admitted
+
+
+def test_a_full_node_s_step_is_its_usable_slots_or_the_batch_the_budget_allows() -> None:
+    """50 ms + 10 ms a sequence: 32 slots make 0.37 s; a 0.16 s budget allows 11 sequences
+    (0.16 s); 4 slots held by training leave 28; another model, or none fitted, says 0."""
+    book = book_with(RT)
+    assert book.full_step_s("m", 0.0) == pytest.approx(0.05 + 0.01 * 32)
+    assert book.full_step_s("m", 0.16) == pytest.approx(0.05 + 0.01 * 11)
+    book.on_report(0, 0, 0, 0, 0.0, reserved=4, steps=[FIT])
+    assert book.full_step_s("m", 1.0) == pytest.approx(0.05 + 0.01 * 28)
+    assert book.full_step_s("other", 0.16) == 0.0
+    assert LoadBook().full_step_s("m", 0.16) == 0.0

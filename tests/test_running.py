@@ -116,3 +116,25 @@ def test_a_lower_class_pace_is_learned_from_first_token_to_end_of_its_finished_s
     stream("b5", BATCH, 51, 10.0, ran=True)  # a fresh start, not averaged with the stale
     assert running.pace("m", BATCH, 1.0) == pytest.approx(0.2)
     assert len(running) == 0
+
+
+def test_a_lower_class_decode_is_priced_at_no_less_than_a_full_node_s_step() -> None:
+    """BATCH admitted on a half-empty node at its 0.05 s per token gets a full node's step
+    once REALTIME fills it: its decode counts the slowest of the nodes' time per token, its
+    class's pace and the full step; without a full step known, the first two."""
+    clock = Clock()
+    full = {"m": 0.16}
+    running = RunningBook(
+        clock, lambda item: float(item.max_new_tokens), POOL_FOR_CLASS, lambda m: full.get(m, 0.0)
+    )
+    assert running.lower_token_s("m", BATCH, 0.05) == pytest.approx(0.16)
+    assert running.lower_token_s("m", BATCH, 0.2) == pytest.approx(0.2)
+    assert running.lower_token_s("other", BATCH, 0.05) == pytest.approx(0.05)
+    item = request("b", BATCH, 51)
+    running.started(item)
+    running.streamed(item, 1)
+    clock.now += 15.0  # 0.3 s a token
+    running.streamed(item, 50)
+    running.ended(item, 51)
+    assert running.lower_token_s("m", BATCH, 0.1) == pytest.approx(0.3)
+    assert book(clock).lower_token_s("m", BATCH, 0.05) == pytest.approx(0.05)
