@@ -118,6 +118,26 @@ def test_levels_lengthen_the_judged_level_and_reuse_runs_no_shorter(
     assert len(windows) == 4, "every later run was no longer than one already made"
 
 
+def test_each_run_s_requests_are_written_where_the_benchmark_is_told(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With ``records_dir`` set, a run leaves ``<server>-<rate>.jsonl``: one line a request."""
+    records = [rec(0, "A"), refusal(1)]
+
+    async def fake_run_load(
+        s: Scenario, target: object, *, duration_s: float, total_rps: float
+    ) -> LoadResult:
+        return LoadResult(s, "naive", records, duration_s, duration_s, total_rps, 0.0)
+
+    monkeypatch.setattr(overload, "run_load", fake_run_load)
+    monkeypatch.setattr(overload, "make_target", lambda *args: FakeTarget())
+    bench = Benchmark(scenario(), {}, Options(settle_s=0.0))
+    bench.records_dir = tmp_path / "records"
+    bench.measure(FakeServer(), 0.5)
+    lines = (tmp_path / "records" / "naive-0.5.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [r.to_json() for r in records]
+
+
 # -- report checks ---------------------------------------------------------------------------
 
 

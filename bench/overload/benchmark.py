@@ -9,11 +9,13 @@ REALTIME requests, on average and in its seeded plan, within ``max_level_s``.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Protocol
 
 from bench.load.run import LoadResult, make_target, run_load
@@ -57,6 +59,9 @@ class Benchmark:
         """Watches each load run (``bench.slo`` samples the scheduler's metrics through it)."""
         self.runs: dict[tuple[str, float], LoadResult] = {}
         self.started = time.monotonic()
+        self.records_dir: Path | None = None
+        """Where each run's requests are written, one JSON line each (``<server>-<rate>.jsonl``:
+        what a figure was made of, for reading after the run); None: nowhere."""
 
     def duration_for(
         self, rate: float, min_requests: int | None = None, realtime_min_requests: int = 0
@@ -133,6 +138,10 @@ class Benchmark:
 
         result = asyncio.run(go())
         self.runs[key] = result
+        if self.records_dir is not None:
+            self.records_dir.mkdir(parents=True, exist_ok=True)
+            lines = (json.dumps(r.to_json()) + "\n" for r in result.records)
+            (self.records_dir / f"{server.name}-{rate:g}.jsonl").write_text("".join(lines))
         s = result.summary()
         print(
             f"  {server.name:<6} {rate:7.3f} req/s x {duration:4.0f} s: "

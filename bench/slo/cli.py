@@ -118,6 +118,7 @@ def run_scenario(
     bench = Benchmark(scenario, keys, opts, observer=sampler)
     own_dir = run_dir / f"{scenario.name}-default"
     own_dir.mkdir(parents=True, exist_ok=True)
+    bench.records_dir = own_dir / "records"
     suite = SluiceSuite(scenario, keys, own_dir, max_sequences=None)
     searched: dict[str, SearchResult] = {}
     done: list[tuple[float, str]] = []
@@ -168,6 +169,7 @@ def _search_only(
     )
     sampler = Sampler(lambda: suite.metrics_address)
     bench = Benchmark(scenario, keys, opts, observer=sampler)
+    bench.records_dir = run_dir / "records"
     found: dict[str, SearchResult] = {}
     out: dict[str, Any] = {
         "max_sequences": REFERENCE_MAX_SEQUENCES,

@@ -179,10 +179,12 @@ def run_scenario(scenario: Scenario, args: argparse.Namespace, run_dir: Path) ->
         )
     server = BareVllm(serve, args.vllm_python, run_dir / scenario.name / "vllm")
     bare = Phase(TargetBenchmark(scenario, keys, opts, make), server)
+    bare.bench.records_dir = run_dir / scenario.name / "vllm" / "records"
     warming = (args.start_rps, args.warm_s)
     run_phase(bare, args.start_rps, warming, lambda s: level_plan(s, args.start_rps))
     plan = level_plan(bare.search, args.start_rps) if bare.search else []
     sluice = Phase(TargetBenchmark(scenario, keys, opts, make), suite)
+    sluice.bench.records_dir = run_dir / scenario.name / "sluice" / "records"
     if bare.search is None:
         sluice.error = "not run: bare vLLM's capacity was not measured"
     else:
