@@ -323,6 +323,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             workload_class=req.workload_class,  # the engine reads 0 as REALTIME
             adapter=request.adapter,
             step_budget_s=request.step_budget_s,
+            time_left_s=0.0 if request.detached else (context.time_remaining() or 0.0),
         )
         interval = (
             request.stream_interval_ms / 1000
@@ -443,6 +444,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             report.kv_budget_bytes += stats.kv_budget_bytes
             report.decode_tokens_per_s += stats.decode_tokens_per_s
             report.queued_tokens += stats.queued_tokens
+            report.pinned_sequences += stats.pinned
         reading = self._gpu.read() if self._gpu is not None else None
         if reading is not None:
             report.gpu_free_bytes = reading.free_bytes

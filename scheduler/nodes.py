@@ -481,6 +481,7 @@ class NodeDirectory:
                         by_class=classes_of(report),
                         reserved=report.reserved_sequences,
                         steps=report.step_costs,
+                        pinned=report.pinned_sequences,
                     )
                     backoff = 0.2
                     self._changed()

@@ -62,6 +62,9 @@ class LoadBook:
     max_sequences: int = DEFAULT_MAX_SEQUENCES
     reserved: int = 0
     """Slots a fine-tune on the node holds, from the last report."""
+    pinned: int = 0
+    """Lower-class sequences the node keeps from preemption (their deadlines near), from the
+    last report: REALTIME counts them as its own when it looks for room."""
     reported_tokens: int = 0
     kv_fraction: float = 0.0
     reported_rate: float = 0.0
@@ -100,12 +103,14 @@ class LoadBook:
         by_class: Mapping[WorkloadClass, int] | None = None,
         reserved: int = 0,
         steps: Sequence[PrefillFit] = (),
+        pinned: int = 0,
     ) -> None:
         """A fresh load report: the others' sequences (``by_class`` when the report splits
         them, else all counted as the top class), KV use, queued tokens, rate, the slots
         training holds and the fitted step times (the costliest per sequence counts)."""
         reported = dict(by_class) if by_class is not None else {TOP_CLASS: sequences}
         self.reserved = max(0, reserved)
+        self.pinned = max(0, pinned)
         self.step = max(steps, key=lambda f: (f.per_sequence_s, f.base_s), default=None)
         self.fits = {f.model: f for f in steps}
         for cls in WorkloadClass:
@@ -128,8 +133,10 @@ class LoadBook:
 
     def sequences(self, workload_class: WorkloadClass | None = None) -> int:
         """Estimated sequences on the node (our own in flight plus the others'): all of them,
-        or those ``workload_class`` cannot preempt (its own class and the ones above)."""
-        return sum(
+        or those ``workload_class`` cannot preempt (its own class and the ones above; for
+        REALTIME, the pinned lower-class ones too)."""
+        pinned = self.pinned if workload_class is not None and workload_class.is_top else 0
+        return pinned + sum(
             self.own.get(cls, 0) + self.foreign.get(cls, 0)
             for cls in WorkloadClass
             if workload_class is None or cls.rank <= workload_class.rank

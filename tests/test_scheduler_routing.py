@@ -287,6 +287,19 @@ def test_realtime_is_held_back_only_by_what_it_cannot_preempt() -> None:
     assert book.has_room(REALTIME, 0.25) and not book.has_room(BATCH, 0.25)
 
 
+def test_batch_sequences_the_node_pinned_hold_realtime_back() -> None:
+    """Four BATCH sequences fill the node; once it reports three of them pinned (their
+    deadlines near: no preemption), REALTIME has room for one, BATCH's own count unchanged."""
+    book = LoadBook(max_sequences=4)
+    for _ in range(4):
+        book.on_dispatch(10, BATCH)
+    book.on_report(4, 0, 0, 100, 50.0, by_class={BATCH: 4}, pinned=3)
+    assert book.sequences(REALTIME) == 3 and book.sequences(BATCH) == book.sequences() == 4
+    assert book.has_room(REALTIME, 0.0)
+    book.on_dispatch(10, REALTIME)
+    assert not book.has_room(REALTIME, 0.0)
+
+
 def test_other_schedulers_sequences_are_counted_by_their_class() -> None:
     """Reports split by class: another replica's BATCH sequences do not hold REALTIME back,
     its REALTIME ones do."""

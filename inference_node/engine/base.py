@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import enum
 import itertools
+import math
 import queue
 import threading
 import time
@@ -70,11 +71,16 @@ class Job:
         self.request = request
         self.workload_class = workload_class
         self.seq = seq
+        left = request.time_left_s
+        self.deadline = time.monotonic() + left if left > 0 else math.inf
+        """Its caller's deadline (``time.monotonic``; infinite: none)."""
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[TokenDelta | BaseException] = asyncio.Queue()
         self.state = JobState.WAITING
         self.cancel_requested = False
         self.generated = 0
+        self.pinned = False
+        """Kept from preemption, first to wait (:mod:`inference_node.engine.promises`)."""
 
     def deliver(self, item: TokenDelta | BaseException) -> None:
         """Hand ``item`` to the consumer's loop; a closed loop cancels the request."""
@@ -218,7 +224,7 @@ class ThreadedEngine(Draining):
         """Per-class counts, KV use and budget, decode rate and outstanding tokens."""
         running = dict.fromkeys(WorkloadClass, 0)
         waiting = dict.fromkeys(WorkloadClass, 0)
-        queued = 0
+        queued = pinned = 0
         self._reap()
         with self._lock:
             for job in self._jobs.values():
@@ -227,6 +233,7 @@ class ThreadedEngine(Draining):
                     continue
                 if job.state is JobState.RUNNING:
                     running[job.workload_class] += 1
+                    pinned += job.pinned
                     queued += max(params.max_new_tokens - job.generated, 0)
                 elif job.state is JobState.WAITING:
                     waiting[job.workload_class] += 1
@@ -243,6 +250,7 @@ class ThreadedEngine(Draining):
             adapter_budget_bytes=adapter_budget,
             steps=self.step_times.snapshot(),
             step_cost=self.step_model.cost,
+            pinned=pinned,
         )
 
     def start(self) -> None:

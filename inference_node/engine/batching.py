@@ -7,11 +7,11 @@ Every engine step:
 2. admission: while the step's token budget (``max_batched_tokens`` minus one token per
    decoding sequence) and a free slot last (within the batch the sequences' step budgets
    allow, :mod:`sluice.itl`), the best waiting request gets a slot and a prefill chunk. With
-   every slot taken, the best waiting request preempts running sequences of a
-   lower class (the lowest class, latest arrival first), as many as free one slot (several
-   when a fine-tune took slots from a full engine); each victim goes back to the waiting
-   heap with its generated tokens appended to its prompt and is recomputed when readmitted:
-   its stream pauses, nothing already sent is lost or repeated;
+   every slot taken, it preempts running sequences of a lower class that can afford a pause
+   before their deadline (:mod:`~inference_node.engine.promises`: lowest class, latest
+   arrival first), as many as free one slot (several when a fine-tune took slots); each goes
+   back to wait with its generated tokens appended to its prompt, recomputed when readmitted
+   (its stream pauses; nothing sent is lost or repeated), first once its deadline nears;
 3. one forward pass (:class:`LlamaRunner.step`) runs the decode token of every running sequence
    and every prefill chunk together;
 4. each row's token is sampled and streamed at once; finished sequences free their slots (the
@@ -22,11 +22,10 @@ So a request never waits for another's generation to end: it joins at the next s
 first token comes out of the step that prefills it.
 
 Adapters (multi-LoRA, :mod:`inference_node.engine.lora_rows`): a request may name a LoRA
-adapter of the model. Its sequence pins the adapter in the node's :class:`AdapterCache` from
-intake until it ends; while the adapter loads (on the cache's thread) the sequence waits
-outside the batch, and one that cannot be loaded ends alone with an
-:class:`~inference_node.adapters.AdapterError`. Sequences of different adapters and of the
-base model share every step, prefill and decode alike.
+adapter of the model, held in the node's :class:`AdapterCache` from intake until it ends; it
+waits outside the batch while the adapter loads (on the cache's thread), and ends alone with
+an :class:`~inference_node.adapters.AdapterError` if it cannot. Sequences of different
+adapters and of the base model share every step.
 
 Fine-tuning (:mod:`~inference_node.engine.gap_training`): a :class:`TrainingRun` handed to
 the engine (:meth:`BatchingEngine.start_training`) runs unit by unit on this thread in the
@@ -35,12 +34,11 @@ of its own (:mod:`~inference_node.engine.concurrent_training`; decode then runs 
 high-priority stream). Its memory takes whole KV slots while it runs: no sequence is admitted
 into them, and its units wait while more sequences than the rest run.
 
-Failure isolation: the work done for one sequence alone (setting up its sampler and text
-stream, sampling its row, detokenizing and checking its stop strings) runs under its own
-``try``; an exception there ends that request with :class:`RequestFaultError` and the batch
-goes on. Only a failure of the shared step (the batched forward pass, the slot bookkeeping)
-ends every running sequence, with :class:`EngineFaultError`; waiting requests stay queued and
-the engine keeps serving.
+Failure isolation: the work for one sequence alone (its sampler and text stream, sampling
+its row, detokenizing, its stop strings) runs under its own ``try``: an exception there ends
+that request with :class:`RequestFaultError` and the batch goes on. Only a failure of the
+shared step (the forward pass, the slot bookkeeping) ends every running sequence, with
+:class:`EngineFaultError`; waiting requests stay queued and the engine keeps serving.
 """
 
 from __future__ import annotations
@@ -59,6 +57,7 @@ from inference_node.engine.concurrent_training import use_decode_stream
 from inference_node.engine.gap_training import GapTrainer, TrainingMemoryError, TrainingRun
 from inference_node.engine.llama import LlamaRunner, Prefill
 from inference_node.engine.lora_rows import EngineAdapters
+from inference_node.engine.promises import Costs, pin_due, victims
 from inference_node.engine.sequences import BatchingConfig, BatchSequence
 from inference_node.engine.text import SamplingError, TextStream, make_generator, sample
 from inference_node.engine.types import (
@@ -323,6 +322,7 @@ class BatchingEngine(ThreadedEngine):
         for seq in self._active():
             if seq.slot >= self._ready and budget > 0:
                 budget -= self._plan_prefill(seq, budget, prefills)
+        pin_due(self._waiting, Costs.of(self.step_model.cost, self._slot_limit()))
         while self._waiting and budget > 0:
             _, candidate = self._waiting[0]
             if candidate.job.state is JobState.DONE:
@@ -368,15 +368,15 @@ class BatchingEngine(ThreadedEngine):
         return over <= 0 or self._preempt_for(candidate, over)
 
     def _preempt_for(self, candidate: BatchSequence, count: int) -> bool:
-        """Free ``count`` slots for ``candidate`` by preempting running sequences of lower
-        classes (the lowest class, latest arrival first); none when fewer than that exist."""
+        """Free ``count`` slots for ``candidate`` by preempting lower-class sequences that can
+        afford it (:func:`~inference_node.engine.promises.victims`); none when fewer can."""
         rank = candidate.job.workload_class.rank
         running = (s for s in self._slots[: self._ready] if s is not None)
-        lower = [s for s in running if s.job.workload_class.rank > rank]
-        victims = sorted(lower, key=lambda s: s.key, reverse=True)[:count]
-        if len(victims) < count:
+        costs = Costs.of(self.step_model.cost, self._slot_limit())
+        chosen = victims(running, rank, count, costs)
+        if chosen is None:
             return False
-        for victim in victims:
+        for victim in chosen:
             self._release(victim)
             victim.computed = 0
             with self._lock:

@@ -42,6 +42,21 @@ class BatchSequence:
         self.adapter: LoraAdapter | None = None
 
     @property
+    def pinned(self) -> bool:
+        """Its deadline nears: it waits before every other request and is never preempted
+        (:mod:`inference_node.engine.promises`)."""
+        return self.job.pinned
+
+    @pinned.setter
+    def pinned(self, value: bool) -> None:
+        self.job.pinned = value
+
+    @property
+    def deadline(self) -> float:
+        """Its caller's deadline (``time.monotonic``; infinite: none)."""
+        return self.job.deadline
+
+    @property
     def key(self) -> tuple[int, int]:
-        """Waiting order: class rank first, then arrival."""
-        return (self.job.workload_class.rank, self.job.seq)
+        """Waiting order: pinned first, then class rank, then arrival."""
+        return (-1 if self.pinned else self.job.workload_class.rank, self.job.seq)

@@ -71,6 +71,9 @@ class EngineRequest:
     step_budget_s: float = 0.0
     """The longest decode step the request's inter-token target allows; 0: none
     (:mod:`sluice.itl`)."""
+    time_left_s: float = 0.0
+    """Seconds before its caller's deadline when it was submitted; 0: none
+    (:mod:`inference_node.engine.promises`)."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,8 @@ class EngineStats:
     """The durations of its decode steps so far (None: the engine does not time them)."""
     step_cost: StepCost | None = None
     """What a step costs, fitted on its recent steps (None: not enough steps yet)."""
+    pinned: int = 0
+    """Running lower-class sequences no class may preempt (:mod:`~.promises`)."""
 
 
 class DeltaStream(AsyncIterator[TokenDelta], abc.ABC):
