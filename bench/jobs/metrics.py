@@ -6,8 +6,9 @@ is killed and restarted (its counter starts again from zero) as the sum over its
 from __future__ import annotations
 
 import re
+import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -42,10 +43,14 @@ def total(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, pairs), v in samples.items() if n == name and wanted <= set(pairs))
 
 
-def scrape(address: str, timeout_s: float = 2.0) -> Samples | None:
-    """``http://<address>/metrics`` parsed; None when it cannot be read (a process down)."""
+def scrape(address: str, timeout_s: float = 2.0, names: Sequence[str] = ()) -> Samples | None:
+    """``http://<address>/metrics`` parsed; None when it cannot be read (a process down).
+    ``names``: only those samples (``name[]`` query parameters: the server formats nothing
+    else, a twentieth of the scheduler's full exposition, which holds its GIL for ~4 ms)."""
+    query = urllib.parse.urlencode([("name[]", n) for n in names])
+    url = f"http://{address}/metrics" + (f"?{query}" if query else "")
     try:
-        with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout_s) as reply:
+        with urllib.request.urlopen(url, timeout=timeout_s) as reply:
             return parse(reply.read().decode())
     except OSError:
         return None
