@@ -29,8 +29,7 @@ the engine's shared step failed             UNAVAILABLE         ``ENGINE_FAULT``
 anything else (a bug)                       INTERNAL            ``INTERNAL``
 ==========================================  ==================  =======================
 
-``Train`` (a fine-tune in the engine's gaps) answers as :mod:`inference_node.train_service`
-says.
+``Train`` (a fine-tune in the engine's gaps) answers as :mod:`inference_node.train_service` says.
 
 The adapter's errors come before any chunk (the adapter loads before the request's first
 step). The node checks no access to an adapter: the scheduler resolved it for the tenant.
@@ -64,6 +63,7 @@ from inference_node.adapters import (
 )
 from inference_node.detached import DetachedGenerations
 from inference_node.embed_batcher import EmbedBatcher, EmbedderClosedError, EmbedQueueFullError
+from inference_node.engine.promises import time_left
 from inference_node.engine.types import (
     DeltaStream,
     DuplicateRequestError,
@@ -323,7 +323,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             workload_class=req.workload_class,  # the engine reads 0 as REALTIME
             adapter=request.adapter,
             step_budget_s=request.step_budget_s,
-            time_left_s=0.0 if request.detached else (context.time_remaining() or 0.0),
+            time_left_s=0.0 if request.detached else time_left(context.time_remaining()),
         )
         interval = (
             request.stream_interval_ms / 1000

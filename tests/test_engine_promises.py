@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from pathlib import Path
 
 import pytest
 
 from inference_node.engine import BatchingConfig, BatchingEngine, DeltaStream, EngineRequest
-from inference_node.engine.promises import Costs
+from inference_node.engine.promises import Costs, time_left
 from inference_node.engine.step_model import StepCost
 from inference_node.models import LanguageModel, load_language_model
 from sluice.contract import WorkloadClass
@@ -101,9 +102,67 @@ async def test_a_waiting_sequence_whose_deadline_nears_goes_before_waiting_realt
     assert order == ["first", "urgent", "late", "calm"]
 
 
+async def test_a_running_sequence_is_pinned_once_its_slack_runs_out(lm: LanguageModel) -> None:
+    """One slot, BATCH with all the time it wants: its caller's deadline then comes to 5 s
+    away (40 tokens need 4.8): it is pinned as it runs, REALTIME waits for its end instead of
+    preempting it, and the load report counts it."""
+    engine = engine_of(lm, 1)
+    batch, rt = prompts(lm, [10, 6], seed=9)
+    streams: list[DeltaStream] = []
+    try:
+        streams.append(engine.submit(request("b", batch, 40, BATCH)))
+        assert engine._intake()
+        engine._step()
+        (seq,) = [s for s in engine._slots if s is not None]
+        assert not seq.pinned
+        seq.job.deadline = time.monotonic() + 5.0
+        streams.append(engine.submit(request("rt", rt, 4)))
+        assert engine._intake()
+        engine._step()
+        assert seq.pinned and running_ids(engine) == {"b"}
+        stats = engine.stats()
+        assert stats.pinned == 1 and stats.waiting[RT] == 1
+        engine.start()
+        results = await asyncio.gather(*(collect(s) for s in streams))
+    finally:
+        engine.close()
+    assert ids_of(results[0]) == hf_greedy(lm, batch, 40)
+    assert ids_of(results[1]) == hf_greedy(lm, rt, 4)
+
+
+async def test_a_pinned_request_takes_its_slot_from_its_own_class_when_it_can_afford_it(
+    lm: LanguageModel,
+) -> None:
+    """Both slots hold BATCH without deadlines; BATCH whose deadline is near arrives pinned
+    and preempts the later of them rather than wait behind every running stream."""
+    engine = engine_of(lm, 2)
+    first, second, urgent = prompts(lm, [8, 8, 8], seed=13)
+    streams: list[DeltaStream] = []
+    try:
+        streams.append(engine.submit(request("first", first, 30, BATCH)))
+        streams.append(engine.submit(request("second", second, 30, BATCH)))
+        assert engine._intake()
+        engine._step()
+        streams.append(engine.submit(with_deadline(request("urgent", urgent, 5, BATCH), 1.5)))
+        assert engine._intake()
+        engine._step()
+        assert running_ids(engine) == {"first", "urgent"}
+        engine.start()
+        results = await asyncio.gather(*(collect(s) for s in streams))
+    finally:
+        engine.close()
+    for ids, n, deltas in zip((first, second, urgent), (30, 30, 5), results, strict=True):
+        assert ids_of(deltas) == hf_greedy(lm, ids, n)
+
+
 def test_needs_are_priced_at_a_full_batch_s_step() -> None:
     """Without a fit nothing is priced (a sequence's slack is its time left); with one, a
-    token costs the step of a full batch and a prompt token its fitted prefill cost."""
+    token costs the step of a full batch (every slot, or the batch the tightest step budget
+    there allows) and a prompt token its fitted prefill cost; an expired deadline is kept
+    as the least time left, none as none."""
     assert Costs.of(None, 32) == Costs()
-    costs = Costs.of(StepCost(0.05, 0.01, 0.002, 64), 10)
+    fit = StepCost(0.05, 0.01, 0.002, 64)
+    costs = Costs.of(fit, 10)
     assert costs.token_s == pytest.approx(0.15) and costs.prefill_token_s == pytest.approx(0.002)
+    assert Costs.of(fit, 32, [0.0, 1.0, 0.16]).token_s == pytest.approx(0.16)
+    assert time_left(None) == 0.0 and time_left(0.0) > 0 and time_left(3.5) == 3.5

@@ -237,6 +237,7 @@ class ThreadedEngine(Draining):
                     queued += max(params.max_new_tokens - job.generated, 0)
                 elif job.state is JobState.WAITING:
                     waiting[job.workload_class] += 1
+                    pinned += job.pinned
                     queued += len(job.request.prompt_token_ids) + params.max_new_tokens
         adapter_bytes, adapter_budget = self._adapter_bytes()
         return EngineStats(

@@ -18,8 +18,7 @@ Every engine step:
    last running sequence moves into the hole so running slots stay ``0..B-1``), and sequences
    whose prefill completed join the running batch for the next step.
 
-So a request never waits for another's generation to end: it joins at the next step, and its
-first token comes out of the step that prefills it.
+So a request never waits for another's generation to end: it joins at the next step.
 
 Adapters (multi-LoRA, :mod:`inference_node.engine.lora_rows`): a request may name a LoRA
 adapter of the model, held in the node's :class:`AdapterCache` from intake until it ends; it
@@ -27,12 +26,11 @@ waits outside the batch while the adapter loads (on the cache's thread), and end
 an :class:`~inference_node.adapters.AdapterError` if it cannot. Sequences of different
 adapters and of the base model share every step.
 
-Fine-tuning (:mod:`~inference_node.engine.gap_training`): a :class:`TrainingRun` handed to
-the engine (:meth:`BatchingEngine.start_training`) runs unit by unit on this thread in the
-gaps its policy allows (docs/decisions/node-training-units.md), or on a thread and CUDA stream
-of its own (:mod:`~inference_node.engine.concurrent_training`; decode then runs on a
-high-priority stream). Its memory takes whole KV slots while it runs: no sequence is admitted
-into them, and its units wait while more sequences than the rest run.
+Fine-tuning (:mod:`~inference_node.engine.gap_training`): a :class:`TrainingRun` runs unit
+by unit on this thread in the gaps its policy allows (docs/decisions/node-training-units.md),
+or on a thread and CUDA stream of its own (:mod:`~inference_node.engine.concurrent_training`;
+decode then runs on a high-priority stream). Its memory takes whole KV slots while it runs,
+and its units wait while more sequences than the rest run.
 
 Failure isolation: the work for one sequence alone (its sampler and text stream, sampling
 its row, detokenizing, its stop strings) runs under its own ``try``: an exception there ends
@@ -322,7 +320,7 @@ class BatchingEngine(ThreadedEngine):
         for seq in self._active():
             if seq.slot >= self._ready and budget > 0:
                 budget -= self._plan_prefill(seq, budget, prefills)
-        pin_due(self._waiting, Costs.of(self.step_model.cost, self._slot_limit()))
+        pin_due(self._waiting, self._active(), self._costs())
         while self._waiting and budget > 0:
             _, candidate = self._waiting[0]
             if candidate.job.state is JobState.DONE:
@@ -358,22 +356,25 @@ class BatchingEngine(ThreadedEngine):
 
     def _room_for(self, candidate: BatchSequence) -> bool:
         """Whether ``candidate`` gets a slot: a free one within :meth:`_slot_limit` and the
-        batch the tightest step budget among it and the sequences it cannot preempt allows
-        (:mod:`sluice.itl`), else ones preempted from lower classes, as many as bring the
-        sequences under the limit (several when a fine-tune took slots from a full engine)."""
+        batch the tightest step budget among it and those it cannot preempt allows, else as
+        many preempted as bring the sequences under the limit (several after a fine-tune)."""
         active, rank = self._active(), candidate.job.workload_class.rank
         kept = [s for s in [*active, candidate] if s.job.workload_class.rank <= rank]
         fit = fitted_limit(self.step_model.cost, (s.job.request.step_budget_s for s in kept))
         over = len(active) - min(self._slot_limit(), fit or self._slot_limit()) + 1
         return over <= 0 or self._preempt_for(candidate, over)
 
+    def _costs(self) -> Costs:
+        seqs = [*self._active(), *(s for _, s in self._waiting)]
+        budgets = (s.job.request.step_budget_s for s in seqs)
+        return Costs.of(self.step_model.cost, self._slot_limit(), budgets)
+
     def _preempt_for(self, candidate: BatchSequence, count: int) -> bool:
-        """Free ``count`` slots for ``candidate`` by preempting lower-class sequences that can
-        afford it (:func:`~inference_node.engine.promises.victims`); none when fewer can."""
-        rank = candidate.job.workload_class.rank
+        """Free ``count`` slots for ``candidate`` by preempting lower-class sequences (its own
+        class too, for a pinned one) that can afford it (:func:`.promises.victims`)."""
+        rank = candidate.job.workload_class.rank - int(candidate.pinned)
         running = (s for s in self._slots[: self._ready] if s is not None)
-        costs = Costs.of(self.step_model.cost, self._slot_limit())
-        chosen = victims(running, rank, count, costs)
+        chosen = victims(running, rank, count, self._costs())
         if chosen is None:
             return False
         for victim in chosen:
@@ -423,8 +424,7 @@ class BatchingEngine(ThreadedEngine):
         return seq
 
     def _emit(self, rows: list[BatchSequence], tokens: list[int | RequestFaultError]) -> None:
-        """Stream each row's token; end the sequences that finished or faulted, and move
-        those whose prefill completed into the running batch."""
+        """Stream each row's token; end those that finished or faulted; run the prefilled."""
         ended: list[tuple[BatchSequence, TokenDelta | RequestFaultError]] = []
         newly_ready: list[BatchSequence] = []
         for seq, token in zip(rows, tokens, strict=True):

@@ -9,7 +9,7 @@ first seconds of the burst were preempted two or three times each and cut by the
 deadline. So each request carries the time left before its caller's deadline
 (``EngineRequest.time_left_s``) and its *slack* is that time less what it still needs: its
 remaining tokens at a full batch's step (``SAFETY`` times over), plus prefilling again what
-preemption dropped. A sequence is preempted only while its slack is over ``MARGIN_S``; a
+preemption would drop. A sequence is preempted only while its slack is over ``MARGIN_S``; a
 waiting one whose slack fell to it is *pinned*: it goes before every waiting request,
 REALTIME too, and is never preempted again. A request without a deadline (a detached one, a
 caller that set none) has all the slack in the world.
@@ -25,11 +25,18 @@ from dataclasses import dataclass
 
 from inference_node.engine.sequences import BatchSequence
 from inference_node.engine.step_model import StepCost
+from sluice.itl import fitted_limit
 
 MARGIN_S = 1.0
 """Slack a sequence keeps: preempted only above it, pinned at it."""
 SAFETY = 1.2
 """Times over its remaining tokens' decode is counted."""
+
+
+def time_left(remaining: float | None) -> float:
+    """``EngineRequest.time_left_s`` for a call whose gRPC ``time_remaining()`` is
+    ``remaining`` (None: no deadline; 0: already passed, kept as the least time left)."""
+    return 0.0 if remaining is None else max(remaining, 1e-3)
 
 
 @dataclass(frozen=True)
@@ -42,27 +49,31 @@ class Costs:
     prefill_token_s: float = 0.0
 
     @classmethod
-    def of(cls, fit: StepCost | None, full_batch: int) -> Costs:
-        """The costs a step fit gives with ``full_batch`` sequences decoding."""
+    def of(cls, fit: StepCost | None, slots: int, budgets: Iterable[float] = ()) -> Costs:
+        """The costs a step fit gives with the node full: ``slots`` sequences, or the batch
+        the tightest of ``budgets`` (the step budgets of the requests there) allows."""
         if fit is None:
             return cls()
-        return cls(max(0.0, fit.predict(full_batch)), max(0.0, fit.per_prefill_token_s))
+        limit = fitted_limit(fit, budgets)
+        full = slots if limit is None else min(slots, limit)
+        return cls(max(0.0, fit.predict(full)), max(0.0, fit.per_prefill_token_s))
 
 
 def slack_s(seq: BatchSequence, costs: Costs, now: float) -> float:
-    """Seconds ``seq`` could still pause and finish before its deadline."""
+    """Seconds ``seq`` could still pause and finish before its deadline: its remaining tokens
+    and, as if it were preempted now, its whole prompt and output prefilled again."""
     if not math.isfinite(seq.deadline):
         return math.inf
     remaining = max(0, seq.job.request.params.max_new_tokens - len(seq.text.generated))
-    again = (len(seq.tokens) - seq.computed) * costs.prefill_token_s
+    again = len(seq.tokens) * costs.prefill_token_s
     return seq.deadline - now - remaining * costs.token_s * SAFETY - again
 
 
 def victims(
     running: Iterable[BatchSequence], rank: int, count: int, costs: Costs
 ) -> list[BatchSequence] | None:
-    """``count`` sequences of classes below ``rank`` that can afford a pause, the lowest
-    class and latest arrival first; None when fewer than that can."""
+    """``count`` unpinned sequences of classes below ``rank`` that can afford a pause, the
+    lowest class and latest arrival first; None when fewer than that can."""
     now = time.monotonic()
     lower = [
         s
@@ -73,14 +84,22 @@ def victims(
     return chosen if len(chosen) == count else None
 
 
-def pin_due(waiting: list[tuple[tuple[int, int], BatchSequence]], costs: Costs) -> None:
-    """Pin every sequence of ``waiting`` (the engine's heap of (key, sequence)) below the top
-    class whose slack fell to ``MARGIN_S``, and restore the heap for their new keys."""
+def pin_due(
+    waiting: list[tuple[tuple[int, int], BatchSequence]],
+    running: Iterable[BatchSequence],
+    costs: Costs,
+) -> None:
+    """Pin every sequence below the top class, running or in ``waiting`` (the engine's heap of
+    (key, sequence)), whose slack fell to ``MARGIN_S`` before its deadline passed (one past
+    it is lost either way and holds nobody back), and restore the heap for the new keys."""
     now = time.monotonic()
     due = [
         s
-        for _, s in waiting
-        if not s.pinned and not s.job.workload_class.is_top and slack_s(s, costs, now) <= MARGIN_S
+        for s in [*running, *(s for _, s in waiting)]
+        if not s.pinned
+        and not s.job.workload_class.is_top
+        and s.deadline > now
+        and slack_s(s, costs, now) <= MARGIN_S
     ]
     for seq in due:
         seq.pinned = True

@@ -134,7 +134,8 @@ class EngineStats:
     step_cost: StepCost | None = None
     """What a step costs, fitted on its recent steps (None: not enough steps yet)."""
     pinned: int = 0
-    """Running lower-class sequences no class may preempt (:mod:`~.promises`)."""
+    """Lower-class sequences no class may preempt or pass, running or waiting
+    (:mod:`~inference_node.engine.promises`)."""
 
 
 class DeltaStream(AsyncIterator[TokenDelta], abc.ABC):
