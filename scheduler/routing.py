@@ -15,7 +15,7 @@ from typing import TypeVar
 from scheduler.prefill import PrefillBucket, PrefillGuard
 from scheduler.queues import Clock
 from sluice.contract import WorkloadClass
-from sluice.itl import PrefillFit, batch_limit, fitted_limit
+from sluice.itl import PrefillFit, fitted_limit, full_step_s
 
 DEFAULT_MAX_SEQUENCES = 32
 """Capacity assumed for a node that publishes none."""
@@ -172,11 +172,7 @@ class LoadBook:
         """Seconds of a decode step of ``model`` with the node full: every usable slot taken,
         or the batch ``budget_s`` allows when that is fewer (0 without a fit)."""
         fit = self.fits.get(model)
-        if fit is None:
-            return 0.0
-        limit = batch_limit(fit.base_s, fit.per_sequence_s, budget_s)
-        full = self.usable if limit is None else min(self.usable, limit)
-        return fit.base_s + fit.per_sequence_s * full
+        return 0.0 if fit is None else full_step_s(fit, self.usable, [budget_s])
 
     def settle_prefill(self, guard: PrefillGuard, now: float, measured_s: float = 0.0) -> float:
         """Drain the prefill bucket up to ``now`` at the share the batch running there

@@ -51,6 +51,15 @@ def fitted_limit(fit: StepFit | None, budgets: Iterable[float]) -> int | None:
     return batch_limit(fit.base_s, fit.per_sequence_s, tightest(budgets))
 
 
+def full_step_s(fit: StepFit, slots: int, budgets: Iterable[float] = ()) -> float:
+    """Seconds of a decode step by ``fit`` with the node full: ``slots`` sequences, or the
+    batch the tightest of ``budgets`` allows when that is fewer (the scheduler prices a
+    lower-class request's decode at it, the node a sequence's remaining tokens)."""
+    limit = fitted_limit(fit, budgets)
+    full = slots if limit is None else min(slots, limit)
+    return fit.base_s + fit.per_sequence_s * full
+
+
 class PrefillFit(StepFit, Protocol):
     """One model's step fit that also prices each prompt token prefilled in the step (a load
     report's ``StepCost``: the scheduler predicts a prompt's prefill from it)."""

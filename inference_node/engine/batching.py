@@ -320,7 +320,7 @@ class BatchingEngine(ThreadedEngine):
         for seq in self._active():
             if seq.slot >= self._ready and budget > 0:
                 budget -= self._plan_prefill(seq, budget, prefills)
-        pin_due(self._waiting, self._active(), self._costs())
+        pin_due(self._waiting, self._active(), self._costs)
         while self._waiting and budget > 0:
             _, candidate = self._waiting[0]
             if candidate.job.state is JobState.DONE:
@@ -371,10 +371,10 @@ class BatchingEngine(ThreadedEngine):
 
     def _preempt_for(self, candidate: BatchSequence, count: int) -> bool:
         """Free ``count`` slots for ``candidate`` by preempting lower-class sequences (its own
-        class too, for a pinned one) that can afford it (:func:`.promises.victims`)."""
+        class too, for a pinned one) that :func:`.promises.pin_due` left unpinned."""
         rank = candidate.job.workload_class.rank - int(candidate.pinned)
         running = (s for s in self._slots[: self._ready] if s is not None)
-        chosen = victims(running, rank, count, self._costs())
+        chosen = victims(running, rank, count)
         if chosen is None:
             return False
         for victim in chosen:

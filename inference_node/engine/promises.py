@@ -20,12 +20,12 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from inference_node.engine.sequences import BatchSequence
 from inference_node.engine.step_model import StepCost
-from sluice.itl import fitted_limit
+from sluice.itl import full_step_s
 
 MARGIN_S = 1.0
 """Slack a sequence keeps: preempted only above it, pinned at it."""
@@ -54,9 +54,7 @@ class Costs:
         the tightest of ``budgets`` (the step budgets of the requests there) allows."""
         if fit is None:
             return cls()
-        limit = fitted_limit(fit, budgets)
-        full = slots if limit is None else min(slots, limit)
-        return cls(max(0.0, fit.predict(full)), max(0.0, fit.per_prefill_token_s))
+        return cls(max(0.0, full_step_s(fit, slots, budgets)), max(0.0, fit.per_prefill_token_s))
 
 
 def slack_s(seq: BatchSequence, costs: Costs, now: float) -> float:
@@ -69,17 +67,11 @@ def slack_s(seq: BatchSequence, costs: Costs, now: float) -> float:
     return seq.deadline - now - remaining * costs.token_s * SAFETY - again
 
 
-def victims(
-    running: Iterable[BatchSequence], rank: int, count: int, costs: Costs
-) -> list[BatchSequence] | None:
-    """``count`` unpinned sequences of classes below ``rank`` that can afford a pause, the
-    lowest class and latest arrival first; None when fewer than that can."""
-    now = time.monotonic()
-    lower = [
-        s
-        for s in running
-        if s.job.workload_class.rank > rank and not s.pinned and slack_s(s, costs, now) > MARGIN_S
-    ]
+def victims(running: Iterable[BatchSequence], rank: int, count: int) -> list[BatchSequence] | None:
+    """``count`` sequences of classes below ``rank`` that can afford a pause (unpinned: call
+    :func:`pin_due` first in the same step), the lowest class and latest arrival first; None
+    when fewer than that can."""
+    lower = [s for s in running if s.job.workload_class.rank > rank and not s.pinned]
     chosen = sorted(lower, key=lambda s: s.key, reverse=True)[:count]
     return chosen if len(chosen) == count else None
 
@@ -87,20 +79,23 @@ def victims(
 def pin_due(
     waiting: list[tuple[tuple[int, int], BatchSequence]],
     running: Iterable[BatchSequence],
-    costs: Costs,
+    costs: Callable[[], Costs],
 ) -> None:
     """Pin every sequence below the top class, running or in ``waiting`` (the engine's heap of
     (key, sequence)), whose slack fell to ``MARGIN_S`` before its deadline passed (one past
-    it is lost either way and holds nobody back), and restore the heap for the new keys."""
+    it is lost either way and holds nobody back), and restore the heap for the new keys.
+    ``costs`` is asked only when some such sequence has a deadline (a step without one pays
+    a scan of flags, no pricing)."""
     now = time.monotonic()
-    due = [
+    open_ = [
         s
         for s in [*running, *(s for _, s in waiting)]
-        if not s.pinned
-        and not s.job.workload_class.is_top
-        and s.deadline > now
-        and slack_s(s, costs, now) <= MARGIN_S
+        if not s.pinned and not s.job.workload_class.is_top and now < s.deadline < math.inf
     ]
+    if not open_:
+        return
+    priced = costs()
+    due = [s for s in open_ if slack_s(s, priced, now) <= MARGIN_S]
     for seq in due:
         seq.pinned = True
     if due:
