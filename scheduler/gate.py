@@ -71,8 +71,7 @@ _Key = tuple[str, WorkloadClass]
 class _PassScan:
     """What one dispatch pass has read, per (model, class), while the queues look at many
     items: the candidates' slots, the tenants active and queued, their demand, and which keys
-    and tenants can start nothing more in this pass. :meth:`took` drops what a booking
-    changes."""
+    and tenants can start nothing more in this pass (:meth:`took` drops what a booking moves)."""
 
     def __init__(
         self,
@@ -355,7 +354,8 @@ class DispatchGate:
         self.kick()
 
     def streamed(self, item: QueuedRequest, tokens: int) -> None:
-        """``item`` streamed ``tokens`` generated tokens (charged; its predicted end nears)."""
+        """``item`` streamed ``tokens`` tokens: charged, its end nears, its first one timed."""
+        self.admission.first_token(item)
         self.running.streamed(item, tokens)
         self.charge(item, tokens)
 

@@ -82,7 +82,13 @@ class QueuedRequest:
     predicted_wait_s: float | None = None
     """The queue wait admission's model predicted for it before calibration (None: admitted
     to start at once); with the wait it had, it calibrates later predictions."""
+    predicted_first_token_s: float | None = None
+    """Its time from dispatch to first token admission predicted before calibration (a
+    REALTIME request held to a TTFT target; None: none, or already counted); with the time
+    its first token took, it calibrates later predictions."""
     enqueued_at: float = 0.0
+    dispatched_at: float = 0.0
+    """When it left the queue for a node (0: not yet)."""
     seq: int = 0
 
     def cost(self, prompt_weight: float) -> float:
