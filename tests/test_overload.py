@@ -76,6 +76,22 @@ def test_a_short_seeded_draw_lengthens_the_window_until_the_plan_holds_enough() 
     assert realtime_planned(s, 0.12, window - 1) < 16
 
 
+def test_a_search_window_grows_until_its_seeded_plan_holds_min_requests() -> None:
+    """Bursty arrivals draw fewer requests than the average in some windows: the window grows
+    to the whole second after the 15th planned arrival (never shorter than the average's,
+    capped at max_step_s)."""
+    s = scenario()
+    bench = Benchmark(s, {}, Options())
+    planned = len(plan_requests(s, duration_s=15 / 0.12, total_rps=0.12))
+    assert planned < 15, "the seed's plan at the average window falls short"
+    window = bench.duration_for(0.12)
+    assert window > 15 / 0.12 and window == int(window)
+    assert len(plan_requests(s, duration_s=window, total_rps=0.12)) == 15
+    assert len(plan_requests(s, duration_s=window - 1, total_rps=0.12)) < 15
+    assert bench.duration_for(0.001) == 300.0, "capped"
+    assert bench.duration_for(10.0) == 45.0, "step_s when the plan holds enough"
+
+
 class FakeServer:
     """Stands in for a started server: ``Benchmark.measure`` only reads these."""
 
@@ -105,13 +121,14 @@ def test_levels_lengthen_the_judged_level_and_reuse_runs_no_shorter(
     monkeypatch.setattr(overload, "make_target", lambda *args: FakeTarget())
     bench = Benchmark(scenario(), {}, Options(settle_s=0.0))
     server = FakeServer()
-    bench.measure(server, 0.12)  # search steps: 15 requests, 125 s and 62.5 s
-    bench.measure(server, 0.24)  # a level wants 25 requests: 104 s
+    bench.measure(server, 0.12)  # search steps: 15 requests (planned: 151 s and 76 s)
+    bench.measure(server, 0.24)  # a level wants 25 requests (planned: 128 s)
     plan = [(0.12, "1x naive capacity"), (0.24, "2x naive capacity")]
     done = bench.levels(server, plan, realtime_judged_at=0.12)
     assert done == plan
     judged = bench.duration_for(0.12, 25, realtime_min_requests=16)
-    assert windows == [(0.12, 125.0), (0.24, 62.5), (0.12, judged), (0.24, 25 / 0.24)]
+    step, level = bench.duration_for, bench.duration_for(0.24, 25)
+    assert windows == [(0.12, step(0.12)), (0.24, step(0.24)), (0.12, judged), (0.24, level)]
     assert bench.runs[("naive", 0.12)].duration_s == judged > 200.0
     bench.levels(server, plan, realtime_judged_at=0.12)
     bench.measure(server, 0.12, 25)

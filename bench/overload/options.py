@@ -12,7 +12,8 @@ class Options:
     step_s: float = 45.0
     """Arrival window of each run, unless ``min_requests`` needs longer."""
     min_requests: int = 15
-    """Requests a search step should hold on average: slow rates get longer windows."""
+    """Requests a search step should hold, on average and in its seeded plan: slow rates and
+    short draws get longer windows."""
     level_min_requests: int = 25
     """Requests a load level should hold on average (a shorter search step at the same rate
     is measured again, longer, so tail latencies rest on more samples)."""
