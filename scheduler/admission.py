@@ -349,9 +349,7 @@ class Admission:
         promised = self._queues.promised_cost(item.model, now) if top else 0.0
         ttft = self.config.ttft_targets.get(item.workload_class, 0.0)
         alone = prefill_s if idle_prefill_s is None else idle_prefill_s
-        if top and ttft > 0:
-            item.predicted_first_token_s = prefill_s
-            prefill_s += self.first_token_calibration.margin(item.model)
+        prefill_s = self._first_token_s(item, prefill_s, ttft)
         if room_now and ahead <= 0 and promised <= 0:
             if busy and decode > usable:  # starts now, but cannot end in time
                 retry = busy_cost / rate if rate > 0 else self.config.min_retry_s
@@ -384,6 +382,14 @@ class Admission:
             detail = f"predicted wait {wait:.3f}s is over the {limit:g}s REALTIME queue bound"
             return Verdict(False, wait, OVERLOADED, detail, past_deadline=False)
         return self._admit(item, wait, now + usable - decode)
+
+    def _first_token_s(self, item: QueuedRequest, prefill_s: float, ttft: float) -> float:
+        """``prefill_s`` padded by the first-token calibration margin for a REALTIME ``item``
+        held to a TTFT target (its prediction is kept to calibrate by); else unchanged."""
+        if not item.workload_class.is_top or ttft <= 0:
+            return prefill_s
+        item.predicted_first_token_s = prefill_s
+        return prefill_s + self.first_token_calibration.margin(item.model)
 
     def _ttft_refusal(
         self, item: QueuedRequest, wait: float, prefill_s: float, ttft: float

@@ -338,6 +338,11 @@ def test_every_dashboard_query_and_rule_returns_real_series_and_induced_alerts_f
         "REALTIME inter-token times and the node's step times, scraped",
     )
     run_jobs(live)
+    eventually(  # a 3-step fine-tune can end between two scrapes, and the flood slows them
+        lambda: bool(live.series("rate(sluice_node_training_units_total[5s])")),
+        15,
+        "the node's training units, scraped twice",
+    )
 
     stop = threading.Event()
     pool = flood(live, stop)
