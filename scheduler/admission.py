@@ -131,6 +131,13 @@ class ThroughputMeter:
         return self._sum / span
 
 
+FIRST_TOKEN_CALIBRATED_FROM = 0.5
+"""Share of the TTFT target from which first-token predictions are calibrated and padded:
+near the target, where admission decides. Calibrated everywhere, a first burst's 0.8-1.5 s
+first tokens predicted at 0.05 s padded every later REALTIME prompt by 2 s and refused 16 of
+49 requests at 1.414 req/s (bench-vllm chat-longtail, 2026-12-04 21:20)."""
+
+
 class WaitCalibration:
     """How much longer than predicted the queue kept REALTIME requests of a model lately (or
     their first token took after dispatch: ``Admission.first_token_calibration``):
@@ -385,8 +392,10 @@ class Admission:
 
     def _first_token_s(self, item: QueuedRequest, prefill_s: float, ttft: float) -> float:
         """``prefill_s`` padded by the first-token calibration margin for a REALTIME ``item``
-        held to a TTFT target (its prediction is kept to calibrate by); else unchanged."""
-        if not item.workload_class.is_top or ttft <= 0:
+        held to a TTFT target and predicted at :data:`FIRST_TOKEN_CALIBRATED_FROM` of it or
+        more (its prediction is kept to calibrate by); else unchanged."""
+        top = item.workload_class.is_top
+        if not top or ttft <= 0 or prefill_s < FIRST_TOKEN_CALIBRATED_FROM * ttft:
             return prefill_s
         item.predicted_first_token_s = prefill_s
         return prefill_s + self.first_token_calibration.margin(item.model)

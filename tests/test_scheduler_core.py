@@ -593,7 +593,9 @@ def test_realtime_first_tokens_later_than_predicted_pad_the_next_ttft_test() -> 
     token took 1.0-1.9 s: the 90th percentile of the overrun (0.8 s) pads the next
     prediction, so a prompt predicted at 1.5 s (2.3 s padded) is refused by the 2 s TTFT
     target, one at 1.1 s is admitted. Each counts once (later chunks do not), only requests
-    held to a target count (BATCH has none here), and the overruns age out after a minute."""
+    held to a target count (BATCH has none here), and only predictions of half the target or
+    more: a 0.2 s one that took 3 s is neither counted nor padded (the burst that follows an
+    idle node is no evidence about the edge). The overruns age out after a minute."""
     clock, queues, _ = make()
     config = AdmissionConfig(realtime_max_wait_s=0, ttft_targets={REALTIME: 2.0})
     admission = Admission(queues, clock, lambda _t: 1.0, config)
@@ -612,10 +614,17 @@ def test_realtime_first_tokens_later_than_predicted_pad_the_next_ttft_test() -> 
     admission.started(batch)
     clock.advance(3.0)
     admission.first_token(batch)
+    small = item("rt", REALTIME, prompt=0, new=50)
+    assert admission.decide(small, 100.0, True, prefill_s=0.2).admitted
+    assert small.predicted_first_token_s is None
+    admission.started(small)
+    clock.advance(3.0)
+    admission.first_token(small)
     assert admission.first_token_calibration.margin("m") == pytest.approx(0.8)
     late = admission.decide(item("rt", REALTIME, new=10), 100.0, True, prefill_s=1.5)
     assert not late.admitted and "predicted first token in 2.300s" in late.detail
     assert admission.decide(item("rt", REALTIME, new=10), 100.0, True, prefill_s=1.1).admitted
+    assert admission.decide(item("rt", REALTIME, new=10), 100.0, True, prefill_s=0.99).admitted
     clock.advance(61.0)
     assert admission.decide(item("rt", REALTIME, new=10), 100.0, True, prefill_s=1.5).admitted
 

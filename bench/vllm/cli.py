@@ -208,8 +208,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-step-s", type=float, default=120.0)
     p.add_argument("--drain-s", type=float, default=None)
     p.add_argument("--settle-s", type=float, default=2.0)
-    p.add_argument("--refine-steps", type=int, default=1)
-    p.add_argument("--max-search-steps", type=int, default=5)
+    p.add_argument(  # 3: a grid of 2^(1/8) = 1.09x, fine enough to judge a 0.9x ratio
+        "--refine-steps", type=int, default=3, help="midpoints probed once bracketed"
+    )
+    p.add_argument("--max-search-steps", type=int, default=7)
     p.add_argument("--smoke", action="store_true", help="the whole path, short steps")
     args = p.parse_args(argv)
     if args.smoke:
