@@ -773,3 +773,19 @@ def test_shed_keeps_a_lower_class_request_its_promotion_will_serve() -> None:
     queues.push(unpromised)
     dropped = admission.shed(lambda _m: 100.0)
     assert [s.item for s in dropped] == [unpromised]
+
+
+def test_the_node_is_told_what_the_ttft_target_leaves_a_request() -> None:
+    """REALTIME (2 s target) queued 0.5 s leaves 1.5 s for its first token (what the node's
+    request carries, for vLLM's ordering); BATCH (no target) leaves none."""
+    clock, queues, _ = make()
+    config = AdmissionConfig(realtime_max_wait_s=0, ttft_targets={REALTIME: 2.0})
+    admission = Admission(queues, clock, lambda _t: 1.0, config)
+    rt, batch = item("rt", REALTIME), item("b", BATCH)
+    rt.enqueued_at = batch.enqueued_at = clock()
+    clock.advance(0.5)
+    admission.started(rt)
+    admission.started(batch)
+    clock.advance(3.0)  # later calls read the dispatch time
+    assert admission.first_token_budget(rt) == pytest.approx(1.5)
+    assert admission.first_token_budget(batch) == 0.0
