@@ -133,9 +133,8 @@ class ThroughputMeter:
 
 FIRST_TOKEN_CALIBRATED_FROM = 0.5
 """Share of the TTFT target from which first-token predictions are calibrated and padded:
-near the target, where admission decides. Calibrated everywhere, a first burst's 0.8-1.5 s
-first tokens predicted at 0.05 s padded every later REALTIME prompt by 2 s and refused 16 of
-49 requests at 1.414 req/s (bench-vllm chat-longtail, 2026-12-04 21:20)."""
+near the target, where admission decides (everywhere, a first burst's overruns refused a
+third of a probe's requests: ``docs/decisions/scheduler-first-token-calibration.md``)."""
 
 
 class WaitCalibration:
@@ -247,14 +246,15 @@ class Admission:
             waited = item.dispatched_at - item.enqueued_at
             self.calibration.record(item.model, item.predicted_wait_s, waited)
 
-    def first_token(self, item: QueuedRequest) -> None:
+    def first_token(self, item: QueuedRequest, retried: bool = False) -> None:
         """``item``'s first token arrived: for a REALTIME request held to a TTFT target, the
         time since dispatch, against the one predicted, calibrates the next predictions (a
         node's chunked prefill, the batch beside it and requests dispatched with it move real
         first tokens off the prediction: bench-vllm chat-longtail 4x, 2.1-2.5 s against
-        under 2 s predicted, 2026-12-04). Counted once; called on every chunk."""
+        under 2 s predicted, 2026-12-04). Counted once; called on every chunk; not counted
+        when ``retried`` (sent to another node after a failure: not the node's time)."""
         predicted, item.predicted_first_token_s = item.predicted_first_token_s, None
-        if predicted is not None and item.dispatched_at:
+        if predicted is not None and item.dispatched_at and not retried:
             took = self._clock() - item.dispatched_at
             self.first_token_calibration.record(item.model, predicted, took)
 

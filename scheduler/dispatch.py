@@ -68,7 +68,11 @@ _Forward = TypeVar("_Forward", node_pb2.NodeGenerateRequest, node_pb2.NodeEmbedR
 
 
 def _keyed(forward: _Forward) -> _Forward:
-    """``forward`` with a new job key for this attempt (bound to the log context too)."""
+    """``forward`` with a new job key for this attempt (bound to the log context too); a
+    retry's carries no first-token budget (the failed attempt took its time: the node then
+    orders it by class)."""
+    if forward.request_id and isinstance(forward, node_pb2.NodeGenerateRequest):
+        forward.first_token_budget_s = 0.0
     forward.request_id = new_job_key()
     structlog.contextvars.bind_contextvars(job_key=forward.request_id)
     return forward
@@ -113,7 +117,12 @@ class StreamStats:
 
     generated: int = 0
     prompt_tokens: int = 0
-    dispatched: bool = False
+    attempts: int = 0
+    """Nodes it was sent to (a retry after a failure or stall before the first chunk: 2+)."""
+
+    @property
+    def dispatched(self) -> bool:
+        return self.attempts > 0
 
 
 class Dispatcher:
@@ -357,7 +366,7 @@ class Dispatcher:
             assert node is not None
             _attempt_on(node, tried)
             self._metrics.in_flight.inc()
-            stats.dispatched = True
+            stats.attempts += 1
             sent = 0
             started = self._clock()
             done = False

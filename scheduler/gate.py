@@ -353,9 +353,9 @@ class DispatchGate:
             self.demand.finished(item, generated)
         self.kick()
 
-    def streamed(self, item: QueuedRequest, tokens: int) -> None:
+    def streamed(self, item: QueuedRequest, tokens: int, retried: bool = False) -> None:
         """``item`` streamed ``tokens`` tokens: charged, its end nears, its first one timed."""
-        self.admission.first_token(item)
+        self.admission.first_token(item, retried)
         self.running.streamed(item, tokens)
         self.charge(item, tokens)
 

@@ -342,7 +342,7 @@ class GenerateFlow:
             cost=gate.cost(item),
             affinity=item.affinity,
             prompt_tokens=item.prompt_tokens,
-            on_tokens=lambda n: gate.streamed(item, n),
+            on_tokens=lambda n: gate.streamed(item, n, self._stats.attempts > 1),
             stats=self._stats,
             adapter=self.adapter,
             detach_key=self._detach_key,

@@ -12,8 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler.admission import NO_CAPACITY, OVERLOADED, Admission, AdmissionConfig
+from scheduler.dispatch import _keyed
 from scheduler.queues import FairQueues, QueueConfig, QueuedRequest, QueueFull
 from sluice.contract import WorkloadClass
+from sluice.v1 import node_pb2
 
 REALTIME, BATCH, FINETUNE = WorkloadClass.REALTIME, WorkloadClass.BATCH, WorkloadClass.FINETUNE
 
@@ -614,6 +616,11 @@ def test_realtime_first_tokens_later_than_predicted_pad_the_next_ttft_test() -> 
     admission.started(batch)
     clock.advance(3.0)
     admission.first_token(batch)
+    retried = item("rt", REALTIME, prompt=0, new=50)
+    assert admission.decide(retried, 100.0, True, prefill_s=1.0).admitted
+    admission.started(retried)
+    clock.advance(3.0)
+    admission.first_token(retried, retried=True)  # another node's after a failure: not counted
     small = item("rt", REALTIME, prompt=0, new=50)
     assert admission.decide(small, 100.0, True, prefill_s=0.2).admitted
     assert small.predicted_first_token_s is None
@@ -789,3 +796,6 @@ def test_the_node_is_told_what_the_ttft_target_leaves_a_request() -> None:
     clock.advance(3.0)  # later calls read the dispatch time
     assert admission.first_token_budget(rt) == pytest.approx(1.5)
     assert admission.first_token_budget(batch) == 0.0
+    forward = node_pb2.NodeGenerateRequest(first_token_budget_s=1.5)
+    assert _keyed(forward).first_token_budget_s == 1.5, "the first attempt carries it"
+    assert _keyed(forward).first_token_budget_s == 0.0, "a retry does not"

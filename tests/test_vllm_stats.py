@@ -60,3 +60,5 @@ def test_realtime_keeps_arrival_order_while_its_first_token_fits_its_budget() ->
     assert priority(rt, 2.0, 0, 73, 12, 512, None) == rt.rank
     assert priority(batch, 9.0, 0, 73, 12, 512, COST) == batch.rank
     assert priority(ft, 9.0, 0, 73, 12, 512, COST) == ft.rank
+    no_prompt_term = StepCost(base_s=0.1, per_sequence_s=0.01, per_prefill_token_s=0.0, samples=9)
+    assert priority(rt, 9.0, 5000, 73, 12, 512, no_prompt_term) == rt.rank, "prompts unpriced"

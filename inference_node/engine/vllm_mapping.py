@@ -105,11 +105,15 @@ def priority(
     before it, ahead of those after) while its first token is predicted within the budget that
     way. The prediction: ``ahead_tokens`` (prompts waiting before it) and its own, prefilled in
     steps of ``step_tokens`` less the ``rows`` decoding beside them at the fitted ``cost``,
-    plus one whole step in flight; no fit, no prediction (its class's rank). Always
+    plus one whole step in flight; no fit (or none with a prompt term), no prediction (its
+    class's rank). REALTIME sent later still overtakes it: not in the prediction (the
+    scheduler's first-token calibration sees what that costs). Always
     overtaking cost BATCH what REALTIME did not need: in bench-vllm's chat-longtail at 1.3-1.5
     req/s two BATCH first tokens came at 2.05-2.15 s, after two REALTIME prompts sent 0.24 s
     later, where bare vLLM's first-come order met every 2-s target (2026-12-04 21:09)."""
     if workload_class is not WorkloadClass.REALTIME or budget_s <= 0 or cost is None:
+        return workload_class.rank
+    if cost.per_prefill_token_s <= 0:  # no prompt term fitted: a prompt's cost is unknown
         return workload_class.rank
     room = max(1, step_tokens - rows)
     tokens = ahead_tokens + prompt_tokens
