@@ -258,15 +258,6 @@ class Admission:
             took = self._clock() - item.dispatched_at
             self.first_token_calibration.record(item.model, predicted, took)
 
-    def first_token_budget(self, item: QueuedRequest) -> float:
-        """Seconds ``item``'s first token may still take under its class's TTFT target once
-        it leaves the queue (the target less its wait; 0: no target), for the node."""
-        ttft = self.config.ttft_targets.get(item.workload_class, 0.0)
-        if ttft <= 0:
-            return 0.0
-        waited = (item.dispatched_at or self._clock()) - item.enqueued_at
-        return max(ttft - waited, 1e-3)
-
     def record_admitted(self, item: QueuedRequest) -> None:
         """``item`` was admitted: its cost counts against lower classes' rate, and its tenant
         is active in its class."""

@@ -15,13 +15,11 @@ request to it with ``run_coroutine_threadsafe``; deltas come back with
 vLLM abort the request (its ``generate`` aborts on cancellation) and free its KV blocks.
 
 Mapping: Sluice's classes go to vLLM's ``priority`` scheduling (``scheduling_policy="priority"``;
-lower runs first: REALTIME 0, BATCH 1, FINETUNE 2; a REALTIME prompt whose first token is
-predicted within its budget behind the waiting prompts takes BATCH's rank: ``priority``);
-``SamplingParams`` map one to one (greedy is temperature 0; EOS ids of the model are stop
-token ids unless ``ignore_eos``). Load comes from vLLM's own scheduler stats (running and
-waiting requests, KV cache usage, the time between its steps), read through a stat logger;
-vLLM knows no classes, so its waiting count is attributed to the not-yet-started requests of
-lowest priority (the ones its priority queue holds back).
+lower runs first: REALTIME 0, BATCH 1, FINETUNE 2); ``SamplingParams`` map one to one (greedy is
+temperature 0; EOS ids of the model are stop token ids unless ``ignore_eos``). Load comes from
+vLLM's own scheduler stats (running and waiting requests, KV cache usage, the time between its
+steps), read through a stat logger; vLLM knows no classes, so its waiting count is attributed
+to the not-yet-started requests of lowest priority (the ones its priority queue holds back).
 Fine-tuning and LoRA adapters are not served here (Train is refused FAILED_PRECONDITION
 ``MODEL_NOT_TRAINABLE`` because this is no ``BatchingEngine``; an adapter is refused at submit).
 """
@@ -56,7 +54,7 @@ from inference_node.engine.types import (
     RequestTooLargeError,
     TokenDelta,
 )
-from inference_node.engine.vllm_mapping import VllmStats, finish_reason, priority, vllm_sampling
+from inference_node.engine.vllm_mapping import VllmStats, finish_reason, vllm_sampling
 from inference_node.model_types import LanguageModel
 from sluice.contract import WorkloadClass
 
@@ -87,8 +85,6 @@ class _Job:
     seq: int
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[TokenDelta | BaseException] = field(default_factory=asyncio.Queue)
-    priority: int = 0
-    """vLLM's priority for it (:func:`~inference_node.engine.vllm_mapping.priority`)."""
     started: bool = False
     """vLLM sent its first output: it is running (not waiting)."""
     generated: int = 0
@@ -214,7 +210,6 @@ class VllmEngine(Draining):
             if waiting >= self._options.max_waiting:
                 raise EngineFullError(f"{waiting} requests are already waiting")
             job = _Job(request, workload_class, next(self._seq), asyncio.get_running_loop())
-            job.priority = self._priority(job)
             self._jobs[request.request_id] = job
             job.future = asyncio.run_coroutine_threadsafe(self._generate(job), self._loop)
         job.future.add_done_callback(lambda _f: self._ended(job))
@@ -308,7 +303,7 @@ class VllmEngine(Draining):
                 {"prompt_token_ids": list(request.prompt_token_ids)},
                 vllm_sampling(request.params, self._lm.eos_token_ids),
                 request.request_id,
-                priority=job.priority,
+                priority=job.workload_class.rank,
             )
             async for out in outputs:
                 job.started = True
@@ -368,21 +363,7 @@ class VllmEngine(Draining):
 
     @staticmethod
     def _order(job: _Job) -> tuple[int, int]:
-        return job.priority, job.seq
-
-    def _priority(self, job: _Job) -> int:
-        """``job``'s vLLM priority, from the jobs in flight (under the lock)."""
-        live = [j for j in self._jobs.values() if not j.cancelled]
-        ahead = [j for j in live if not j.started and j.priority <= WorkloadClass.BATCH.rank]
-        return priority(
-            job.workload_class,
-            job.request.first_token_budget_s,
-            sum(len(j.request.prompt_token_ids) for j in ahead),
-            len(job.request.prompt_token_ids),
-            sum(1 for j in live if j.started),
-            self._options.max_batched_tokens,
-            self._sink.step_model.cost,
-        )
+        return job.workload_class.rank, job.seq
 
     def _cancel_job(self, job: _Job) -> None:
         """Cancel ``job``'s task (vLLM aborts the request); any thread, idempotent."""

@@ -1,7 +1,6 @@
 """What maps between Sluice and vLLM for :mod:`inference_node.engine.vllm_engine`: sampling
-parameters, finish reasons, a request's priority, the checkpoint directory vLLM loads, and a
-stat logger that keeps vLLM's own scheduler stats for the node's load reports. vLLM is imported
-inside functions only.
+parameters, finish reasons, the checkpoint directory vLLM loads, and a stat logger that keeps
+vLLM's own scheduler stats for the node's load reports. vLLM is imported inside functions only.
 """
 
 from __future__ import annotations
@@ -10,11 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from inference_node.engine.step_model import StepCost, StepModel
+from inference_node.engine.step_model import StepModel
 from inference_node.engine.step_times import StepTimes
 from inference_node.engine.types import FinishReason, SamplingParams
 from inference_node.loading import is_converted
-from sluice.contract import WorkloadClass
 
 _EWMA_ALPHA = 0.2
 _STEP_GAP_CAP_S = 5.0
@@ -89,38 +87,6 @@ class VllmStats:
 
     def record_admission_rejection(self, _reason: str) -> None:
         pass
-
-
-def priority(
-    workload_class: WorkloadClass,
-    budget_s: float,
-    ahead_tokens: int,
-    prompt_tokens: int,
-    rows: int,
-    step_tokens: int,
-    cost: StepCost | None,
-) -> int:
-    """vLLM's priority for a request (lower runs first): its class's rank, but a REALTIME
-    request with a first-token budget takes BATCH's rank (behind the BATCH prompts that came
-    before it, ahead of those after) while its first token is predicted within the budget that
-    way. The prediction: ``ahead_tokens`` (prompts waiting before it) and its own, prefilled in
-    steps of ``step_tokens`` less the ``rows`` decoding beside them at the fitted ``cost``,
-    plus one whole step in flight; no fit (or none with a prompt term), no prediction (its
-    class's rank). REALTIME sent later still overtakes it: not in the prediction (the
-    scheduler's first-token calibration sees what that costs). Always
-    overtaking cost BATCH what REALTIME did not need: in bench-vllm's chat-longtail at 1.3-1.5
-    req/s two BATCH first tokens came at 2.05-2.15 s, after two REALTIME prompts sent 0.24 s
-    later, where bare vLLM's first-come order met every 2-s target (2026-12-04 21:09)."""
-    if workload_class is not WorkloadClass.REALTIME or budget_s <= 0 or cost is None:
-        return workload_class.rank
-    if cost.per_prefill_token_s <= 0:  # no prompt term fitted: a prompt's cost is unknown
-        return workload_class.rank
-    room = max(1, step_tokens - rows)
-    tokens = ahead_tokens + prompt_tokens
-    steps = max(1.0, tokens / room)
-    rows_s = cost.base_s + cost.per_sequence_s * rows
-    predicted = steps * rows_s + cost.per_prefill_token_s * tokens + cost.predict(rows, room)
-    return WorkloadClass.BATCH.rank if predicted <= budget_s else workload_class.rank
 
 
 def finish_reason(reason: str | None, stop_reason: Any) -> FinishReason | None:
