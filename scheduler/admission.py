@@ -241,9 +241,9 @@ class Admission:
     def started(self, item: QueuedRequest) -> None:
         """``item`` left the queue for a node: a REALTIME request's wait, against the one
         predicted, calibrates the next predictions."""
-        item.dispatched_at = self._clock()
+        now = item.dispatched_at = self._clock()
         if item.workload_class.is_top and item.predicted_wait_s is not None:
-            waited = item.dispatched_at - item.enqueued_at
+            waited = now - item.enqueued_at
             self.calibration.record(item.model, item.predicted_wait_s, waited)
 
     def first_token(self, item: QueuedRequest, retried: bool = False) -> None:
@@ -251,10 +251,10 @@ class Admission:
         time since dispatch, against the one predicted, calibrates the next predictions (a
         node's chunked prefill, the batch beside it and requests dispatched with it move real
         first tokens off the prediction: bench-vllm chat-longtail 4x, 2.1-2.5 s against
-        under 2 s predicted, 2026-12-04). Counted once; called on every chunk; not counted
-        when ``retried`` (sent to another node after a failure: not the node's time)."""
+        under 2 s predicted, 2026-12-04). Counted once; not counted when ``retried`` (sent to
+        another node after a failure: not the node's time)."""
         predicted, item.predicted_first_token_s = item.predicted_first_token_s, None
-        if predicted is not None and item.dispatched_at and not retried:
+        if predicted is not None and item.dispatched_at is not None and not retried:
             took = self._clock() - item.dispatched_at
             self.first_token_calibration.record(item.model, predicted, took)
 

@@ -353,9 +353,8 @@ class DispatchGate:
             self.demand.finished(item, generated)
         self.kick()
 
-    def streamed(self, item: QueuedRequest, tokens: int, retried: bool = False) -> None:
-        """``item`` streamed ``tokens`` tokens: charged, its end nears, its first one timed."""
-        self.admission.first_token(item, retried)
+    def streamed(self, item: QueuedRequest, tokens: int) -> None:
+        """``item`` streamed ``tokens`` generated tokens (charged; its predicted end nears)."""
         self.running.streamed(item, tokens)
         self.charge(item, tokens)
 

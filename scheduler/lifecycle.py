@@ -342,7 +342,7 @@ class GenerateFlow:
             cost=gate.cost(item),
             affinity=item.affinity,
             prompt_tokens=item.prompt_tokens,
-            on_tokens=lambda n: gate.streamed(item, n, self._stats.attempts > 1),
+            on_tokens=lambda n: gate.streamed(item, n),
             stats=self._stats,
             adapter=self.adapter,
             detach_key=self._detach_key,
@@ -352,6 +352,7 @@ class GenerateFlow:
         async with contextlib.aclosing(stream):
             async for chunk in stream:
                 if first:
+                    gate.admission.first_token(item, retried=self._stats.attempts > 1)
                     await self._quota_granted()
                     self._observe_ttft()
                     first = False

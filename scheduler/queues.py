@@ -87,8 +87,8 @@ class QueuedRequest:
     REALTIME request held to a TTFT target; None: none, or already counted); with the time
     its first token took, it calibrates later predictions."""
     enqueued_at: float = 0.0
-    dispatched_at: float = 0.0
-    """When it left the queue for a node (0: not yet)."""
+    dispatched_at: float | None = None
+    """When it left the queue for a node (None: not yet)."""
     seq: int = 0
 
     def cost(self, prompt_weight: float) -> float:

@@ -607,7 +607,7 @@ def test_realtime_first_tokens_later_than_predicted_pad_the_next_ttft_test() -> 
         clock.advance(1.0 + overrun)
         admission.first_token(done)
         clock.advance(0.5)
-        admission.first_token(done)  # a later chunk: not counted again
+        admission.first_token(done)  # told again: not counted again
         assert done.predicted_first_token_s is None
     batch = item("b", BATCH, prompt=0, new=50)
     assert admission.decide(batch, 100.0, True, prefill_s=1.0).admitted
