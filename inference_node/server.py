@@ -323,6 +323,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             workload_class=req.workload_class,  # the engine reads 0 as REALTIME
             adapter=request.adapter,
             step_budget_s=request.step_budget_s,
+            first_token_budget_s=request.first_token_budget_s,
             time_left_s=0.0 if request.detached else time_left(context.time_remaining()),
         )
         interval = (

@@ -248,15 +248,23 @@ class Admission:
 
     def first_token(self, item: QueuedRequest, retried: bool = False) -> None:
         """``item``'s first token arrived: for a REALTIME request held to a TTFT target, the
-        time since dispatch, against the one predicted, calibrates the next predictions (a
-        node's chunked prefill, the batch beside it and requests dispatched with it move real
-        first tokens off the prediction: bench-vllm chat-longtail 4x, 2.1-2.5 s against
-        under 2 s predicted, 2026-12-04). Counted once; not counted when ``retried`` (sent to
-        another node after a failure: not the node's time)."""
+        time since dispatch, against the one predicted, calibrates the next predictions
+        (``docs/decisions/scheduler-first-token-calibration.md``). Counted once; not when
+        ``retried`` (sent to another node after a failure: not the node's time)."""
         predicted, item.predicted_first_token_s = item.predicted_first_token_s, None
         if predicted is not None and item.dispatched_at is not None and not retried:
             took = self._clock() - item.dispatched_at
             self.first_token_calibration.record(item.model, predicted, took)
+
+    def first_token_budget(self, item: QueuedRequest) -> float:
+        """What ``item``'s TTFT target leaves its first token once dispatched (the target less
+        its wait) for the node to order its prompt by; 0 without a target, and for one
+        predicted near it (calibrated: a node's deliberate delay would pad every next one)."""
+        ttft = self.config.ttft_targets.get(item.workload_class, 0.0)
+        if ttft <= 0 or item.predicted_first_token_s is not None:
+            return 0.0
+        waited = (item.dispatched_at or self._clock()) - item.enqueued_at
+        return max(ttft - waited, 0.0)
 
     def record_admitted(self, item: QueuedRequest) -> None:
         """``item`` was admitted: its cost counts against lower classes' rate, and its tenant

@@ -68,7 +68,11 @@ _Forward = TypeVar("_Forward", node_pb2.NodeGenerateRequest, node_pb2.NodeEmbedR
 
 
 def _keyed(forward: _Forward) -> _Forward:
-    """``forward`` with a new job key for this attempt (bound to the log context too)."""
+    """``forward`` with a new job key for this attempt (bound to the log context too); a
+    retry's carries no first-token budget (the failed attempt took its time: the node then
+    orders it by class)."""
+    if forward.request_id and isinstance(forward, node_pb2.NodeGenerateRequest):
+        forward.first_token_budget_s = 0.0
     forward.request_id = new_job_key()
     structlog.contextvars.bind_contextvars(job_key=forward.request_id)
     return forward
@@ -343,20 +347,19 @@ class Dispatcher:
         adapter: str = "",
         detach_key: str = "",
         stream_interval_ms: int = 0,
+        first_token_budget_s: float = 0.0,
     ) -> AsyncGenerator[inference_pb2.GenerateChunk, None]:
         """Stream a generation from ``first`` (booked by the gate), retrying elsewhere before
-        the first chunk. ``detach_key``: the node keeps generating if this stream ends and
-        hands the generation to a later call with that key (a job line a replica may die
-        holding); ``stream_interval_ms``: the node's chunk pacing (0: its default);
-        ``prompt_tokens``: its prompt's estimated length, charged to a retry node's prefill
-        bucket.
-        ``on_tokens`` is told of generated tokens as they arrive; ``adapter``
-        (``"<owner>/<name>"``) names a fine-tuned adapter of the request's base model."""
-        stats = stats or StreamStats()
-        tried: set[str] = set()
-        forward, keyed = _node_request(req, tenant, adapter, detach_key, stream_interval_ms)
+        the first chunk. ``detach_key``: the node keeps generating past this stream for a later
+        call with that key (a job line); ``stream_interval_ms``: its chunk pacing (0: default);
+        ``prompt_tokens``: the prompt's estimate (a retry node's prefill bucket); ``adapter``:
+        ``"<owner>/<name>"``; ``first_token_budget_s``: what the TTFT target leaves its first
+        token (0: nothing to spare). ``on_tokens`` is told of generated tokens as they come."""
+        stats, tried = stats or StreamStats(), set[str]()
         cls = WorkloadClass.from_wire(req.workload_class)
+        forward, keyed = _node_request(req, tenant, adapter, detach_key, stream_interval_ms)
         forward.step_budget_s = self._nodes.step_budget(cls)
+        forward.first_token_budget_s = first_token_budget_s
         timed = "" if stream_interval_ms else cls.label
         node: NodeHandle | None = first
         self.budget.record_request()

@@ -12,8 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler.admission import NO_CAPACITY, OVERLOADED, Admission, AdmissionConfig
+from scheduler.dispatch import _keyed
 from scheduler.queues import FairQueues, QueueConfig, QueuedRequest, QueueFull
 from sluice.contract import WorkloadClass
+from sluice.v1 import node_pb2
 
 REALTIME, BATCH, FINETUNE = WorkloadClass.REALTIME, WorkloadClass.BATCH, WorkloadClass.FINETUNE
 
@@ -778,3 +780,29 @@ def test_shed_keeps_a_lower_class_request_its_promotion_will_serve() -> None:
     queues.push(unpromised)
     dropped = admission.shed(lambda _m: 100.0)
     assert [s.item for s in dropped] == [unpromised]
+
+
+def test_the_node_is_told_what_the_ttft_target_leaves_a_first_token() -> None:
+    """REALTIME (2 s target) queued 0.5 s leaves 1.5 s for its first token (the node's
+    request carries it, for vLLM's queue order); BATCH (no target) none, nor a REALTIME
+    prompt predicted near its target (its first token calibrates the next predictions: a
+    deliberate delay there would pad them all), nor a retry."""
+    clock, queues, _ = make()
+    config = AdmissionConfig(realtime_max_wait_s=0, ttft_targets={REALTIME: 2.0})
+    admission = Admission(queues, clock, lambda _t: 1.0, config)
+    rt, batch = item("rt", REALTIME, prompt=0, new=5), item("b", BATCH, prompt=0, new=5)
+    near = item("rt", REALTIME, prompt=0, new=5)
+    assert admission.decide(rt, 100.0, True, prefill_s=0.2).admitted
+    assert admission.decide(near, 100.0, True, prefill_s=1.2).admitted
+    for it in (rt, batch, near):
+        it.enqueued_at = clock()
+    clock.advance(0.5)
+    for it in (rt, batch, near):
+        admission.started(it)
+    clock.advance(3.0)  # later calls read the dispatch time
+    assert admission.first_token_budget(rt) == pytest.approx(1.5)
+    assert admission.first_token_budget(batch) == 0.0
+    assert admission.first_token_budget(near) == 0.0
+    forward = node_pb2.NodeGenerateRequest(first_token_budget_s=1.5)
+    assert _keyed(forward).first_token_budget_s == 1.5, "the first attempt carries it"
+    assert _keyed(forward).first_token_budget_s == 0.0, "a retry does not"

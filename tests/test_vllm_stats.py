@@ -1,5 +1,6 @@
 """The vLLM node's stat logger (:class:`inference_node.engine.vllm_mapping.VllmStats`), fed
-the shapes vLLM passes it (duck-typed: no vLLM in this environment)."""
+the shapes vLLM passes it (duck-typed: no vLLM in this environment), and where a prompt goes
+in vLLM's priority queue (:func:`inference_node.engine.vllm_mapping.placement`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from inference_node.engine.vllm_mapping import VllmStats
+from inference_node.engine.step_model import StepCost
+from inference_node.engine.vllm_mapping import Placement, VllmStats, Waiting, placement
+from sluice.contract import WorkloadClass
 
 
 def _stats(rows: int, prompt: int, elapsed_ms: float, dummy: bool = False) -> SimpleNamespace:
@@ -37,3 +40,49 @@ def test_steps_fit_the_step_time_against_decode_rows_and_prompt_tokens() -> None
     assert cost.base_s == pytest.approx(0.020, abs=1e-3)
     assert cost.per_sequence_s == pytest.approx(0.005, abs=2e-4)
     assert cost.per_prefill_token_s == pytest.approx(0.001, abs=1e-4)
+
+
+COST = StepCost(base_s=0.1, per_sequence_s=0.01, per_prefill_token_s=0.001, samples=64)
+RT, BATCH, FT = WorkloadClass.REALTIME, WorkloadClass.BATCH, WorkloadClass.FINETUNE
+
+
+def _place(budget: float, waiting: list[Waiting], ahead: int = 0, **kw: object) -> Placement:
+    cls = kw.get("cls", RT)
+    cost = kw.get("cost", COST)
+    assert isinstance(cls, WorkloadClass)
+    assert cost is None or isinstance(cost, StepCost)
+    return placement(cls, budget, 73, waiting, ahead, 12, 512, cost, now=11.0)
+
+
+def test_realtime_goes_as_late_among_waiting_batch_as_its_first_token_budget_allows() -> None:
+    """Fit 0.1 s + 10 ms a decode row + 1 ms a prompt token, 512-token steps, 12 rows: a step
+    prefills 500 prompt tokens in 0.22 s + 1 ms each, plus one whole step in flight (0.72 s).
+    BATCH prompts of 400 and 600 tokens wait; a 73-token REALTIME prompt's first token behind
+    both: 1,073 / 500 steps x 0.22 + 1.073 + 0.72 = 2.27 s; behind the first only: 1.41 s;
+    ahead of both: 1.01 s. It takes BATCH's rank and the latest of those places within its
+    budget (first come, first served where that fits), else ahead of them all."""
+    waiting = [Waiting(10.0, False, 400), Waiting(10.5, False, 600)]
+    assert _place(2.5, waiting) == Placement(BATCH.rank, 11.0)
+    assert _place(2.0, waiting) == Placement(BATCH.rank, pytest.approx(10.5 - 1e-6))
+    assert _place(1.2, waiting) == Placement(BATCH.rank, pytest.approx(10.0 - 1e-6))
+    assert _place(0.5, waiting) == _place(1.2, waiting), "nothing fits: ahead of all BATCH"
+    assert _place(2.0, [], ahead=500) == Placement(BATCH.rank, 11.0), "1.55 s behind 500"
+    assert _place(1.5, [], ahead=500) == Placement(BATCH.rank, 11.0), "nothing to overtake"
+
+
+def test_realtime_never_goes_ahead_of_a_waiting_realtime_prompt() -> None:
+    """A REALTIME prompt placed behind BATCH counted on the prompts ahead of it: a later one
+    goes behind it even when its own budget is short (then right behind it)."""
+    waiting = [Waiting(10.0, False, 400), Waiting(10.2, True, 100), Waiting(10.5, False, 600)]
+    assert _place(1.2, waiting) == Placement(BATCH.rank, pytest.approx(10.5 - 1e-6))
+    assert _place(9.0, waiting) == Placement(BATCH.rank, 11.0)
+
+
+def test_without_a_budget_a_fit_or_realtime_a_prompt_takes_its_class_rank() -> None:
+    waiting = [Waiting(10.0, False, 400)]
+    assert _place(0.0, waiting) == Placement(RT.rank, 11.0)
+    assert _place(2.0, waiting, cost=None) == Placement(RT.rank, 11.0)
+    unpriced = StepCost(base_s=0.1, per_sequence_s=0.01, per_prefill_token_s=0.0, samples=9)
+    assert _place(9.0, waiting, cost=unpriced) == Placement(RT.rank, 11.0), "prompts unpriced"
+    assert _place(9.0, waiting, cls=BATCH) == Placement(BATCH.rank, 11.0)
+    assert _place(9.0, waiting, cls=FT) == Placement(FT.rank, 11.0)

@@ -74,6 +74,9 @@ class EngineRequest:
     time_left_s: float = 0.0
     """Seconds before its caller's deadline when it was submitted; 0: none
     (:mod:`inference_node.engine.promises`)."""
+    first_token_budget_s: float = 0.0
+    """Seconds its first token may take under its class's TTFT target; 0: none (read by the
+    vLLM engine's ordering, :func:`inference_node.engine.vllm_mapping.placement`)."""
 
 
 @dataclass(frozen=True)

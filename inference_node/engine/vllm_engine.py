@@ -15,11 +15,14 @@ request to it with ``run_coroutine_threadsafe``; deltas come back with
 vLLM abort the request (its ``generate`` aborts on cancellation) and free its KV blocks.
 
 Mapping: Sluice's classes go to vLLM's ``priority`` scheduling (``scheduling_policy="priority"``;
-lower runs first: REALTIME 0, BATCH 1, FINETUNE 2); ``SamplingParams`` map one to one (greedy is
-temperature 0; EOS ids of the model are stop token ids unless ``ignore_eos``). Load comes from
-vLLM's own scheduler stats (running and waiting requests, KV cache usage, the time between its
-steps), read through a stat logger; vLLM knows no classes, so its waiting count is attributed
-to the not-yet-started requests of lowest priority (the ones its priority queue holds back).
+lower runs first, then earlier ``arrival_time``: REALTIME 0, BATCH 1, FINETUNE 2, except that
+a REALTIME prompt with a first-token budget shares BATCH's rank and an ``arrival_time`` that
+puts it as late among the waiting BATCH prompts as its budget allows: ``placement``);
+``SamplingParams`` map one to one (greedy is temperature 0; EOS ids of the model are stop token
+ids unless ``ignore_eos``). Load comes from vLLM's own scheduler stats (running and waiting
+requests, KV cache usage, the time between its steps), read through a stat logger; vLLM knows
+no classes, so its waiting count is attributed to the not-yet-started requests last in its
+priority queue (the ones it holds back).
 Fine-tuning and LoRA adapters are not served here (Train is refused FAILED_PRECONDITION
 ``MODEL_NOT_TRAINABLE`` because this is no ``BatchingEngine``; an adapter is refused at submit).
 """
@@ -54,7 +57,14 @@ from inference_node.engine.types import (
     RequestTooLargeError,
     TokenDelta,
 )
-from inference_node.engine.vllm_mapping import VllmStats, finish_reason, vllm_sampling
+from inference_node.engine.vllm_mapping import (
+    Placement,
+    VllmStats,
+    Waiting,
+    finish_reason,
+    placement,
+    vllm_sampling,
+)
 from inference_node.model_types import LanguageModel
 from sluice.contract import WorkloadClass
 
@@ -78,6 +88,10 @@ class VllmOptions:
     """Skip torch.compile (faster start, slower steps)."""
 
 
+def _tokens(job: _Job) -> int:
+    return len(job.request.prompt_token_ids)
+
+
 @dataclass(eq=False)
 class _Job:
     request: EngineRequest
@@ -85,6 +99,8 @@ class _Job:
     seq: int
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[TokenDelta | BaseException] = field(default_factory=asyncio.Queue)
+    place: Placement = field(default_factory=lambda: Placement(0, 0.0))
+    """Its place in vLLM's priority queue (:func:`~.vllm_mapping.placement`)."""
     started: bool = False
     """vLLM sent its first output: it is running (not waiting)."""
     generated: int = 0
@@ -210,6 +226,7 @@ class VllmEngine(Draining):
             if waiting >= self._options.max_waiting:
                 raise EngineFullError(f"{waiting} requests are already waiting")
             job = _Job(request, workload_class, next(self._seq), asyncio.get_running_loop())
+            job.place = self._placement(job)
             self._jobs[request.request_id] = job
             job.future = asyncio.run_coroutine_threadsafe(self._generate(job), self._loop)
         job.future.add_done_callback(lambda _f: self._ended(job))
@@ -299,11 +316,16 @@ class VllmEngine(Draining):
         assert task is not None
         self._tasks.add(task)
         try:
+            prompt = {
+                "type": "token",
+                "prompt_token_ids": list(request.prompt_token_ids),
+                "arrival_time": job.place.key,  # its place among equal priorities
+            }
             outputs = self._llm.generate(
-                {"prompt_token_ids": list(request.prompt_token_ids)},
+                prompt,
                 vllm_sampling(request.params, self._lm.eos_token_ids),
                 request.request_id,
-                priority=job.workload_class.rank,
+                priority=job.place.priority,
             )
             async for out in outputs:
                 job.started = True
@@ -362,8 +384,30 @@ class VllmEngine(Draining):
     # -- helpers -------------------------------------------------------------------------------
 
     @staticmethod
-    def _order(job: _Job) -> tuple[int, int]:
-        return job.workload_class.rank, job.seq
+    def _order(job: _Job) -> tuple[int, float]:
+        return job.place.priority, job.place.key
+
+    def _placement(self, job: _Job) -> Placement:
+        """``job``'s place in vLLM's queue, from the prompts waiting there (under the lock)."""
+        live = [j for j in self._jobs.values() if not j.cancelled]
+        band = WorkloadClass.BATCH.rank
+        unstarted = sorted((j for j in live if not j.started), key=self._order)
+        waiting = [
+            Waiting(j.place.key, j.workload_class is WorkloadClass.REALTIME, _tokens(j))
+            for j in unstarted
+            if j.place.priority == band
+        ]
+        return placement(
+            job.workload_class,
+            job.request.first_token_budget_s,
+            _tokens(job),
+            waiting,
+            sum(_tokens(j) for j in unstarted if j.place.priority < band),
+            sum(1 for j in live if j.started),
+            self._options.max_batched_tokens,
+            self._sink.step_model.cost,
+            time.time(),
+        )
 
     def _cancel_job(self, job: _Job) -> None:
         """Cancel ``job``'s task (vLLM aborts the request); any thread, idempotent."""

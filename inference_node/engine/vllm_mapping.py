@@ -1,18 +1,22 @@
 """What maps between Sluice and vLLM for :mod:`inference_node.engine.vllm_engine`: sampling
-parameters, finish reasons, the checkpoint directory vLLM loads, and a stat logger that keeps
-vLLM's own scheduler stats for the node's load reports. vLLM is imported inside functions only.
+parameters, finish reasons, where a prompt goes in vLLM's priority queue, the checkpoint
+directory vLLM loads, and a stat logger that keeps vLLM's own scheduler stats for the node's
+load reports. vLLM is imported inside functions only.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from inference_node.engine.step_model import StepModel
+from inference_node.engine.step_model import StepCost, StepModel
 from inference_node.engine.step_times import StepTimes
 from inference_node.engine.types import FinishReason, SamplingParams
 from inference_node.loading import is_converted
+from sluice.contract import WorkloadClass
 
 _EWMA_ALPHA = 0.2
 _STEP_GAP_CAP_S = 5.0
@@ -87,6 +91,77 @@ class VllmStats:
 
     def record_admission_rejection(self, _reason: str) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A prompt handed to vLLM that has not started (no output yet), in BATCH's band of the
+    priority queue: its key there (vLLM's ``arrival_time``), whether it is REALTIME, its
+    length."""
+
+    key: float
+    realtime: bool
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a prompt goes in vLLM's queue (lower ``priority`` first, then lower ``key``)."""
+
+    priority: int
+    key: float
+
+
+_KEY_GAP_S = 1e-6
+"""How far before the waiting prompt it goes ahead of a placed prompt's key is."""
+
+
+def placement(
+    workload_class: WorkloadClass,
+    budget_s: float,
+    prompt_tokens: int,
+    waiting: Sequence[Waiting],
+    ahead_tokens: int,
+    rows: int,
+    step_tokens: int,
+    cost: StepCost | None,
+    now: float,
+) -> Placement:
+    """Where a prompt goes among ``waiting`` (sorted by key; behind ``ahead_tokens`` of
+    prompts waiting at a higher rank): its class's rank at ``now``,
+    except a REALTIME prompt with a first-token ``budget_s`` under a fit with a prompt term.
+    That one shares BATCH's rank and goes as late as its first token is still predicted within
+    the budget: behind the BATCH prompts before it while that fits, else ahead of as many as
+    needed, never ahead of a waiting REALTIME prompt (first come, first served among
+    REALTIME, so a later one cannot take the time a placed one counted on). Predicted: the
+    prompts ahead and its own, prefilled in steps of ``step_tokens`` less the ``rows``
+    decoding beside them at the fitted ``cost``, plus one step in flight. Always overtaking
+    cost BATCH what REALTIME did not need (``docs/decisions/node-vllm-realtime-placement.md``).
+    """
+    rank = workload_class.rank
+    if workload_class is not WorkloadClass.REALTIME or budget_s <= 0 or cost is None:
+        return Placement(rank, now)
+    if cost.per_prefill_token_s <= 0:  # no prompt term fitted: a prompt's cost is unknown
+        return Placement(rank, now)
+    first = max((i + 1 for i, w in enumerate(waiting) if w.realtime), default=0)
+    room = max(1, step_tokens - rows)
+    rows_s = cost.base_s + cost.per_sequence_s * rows
+    in_flight = cost.predict(rows, room)
+    ahead = ahead_tokens + sum(w.tokens for w in waiting)
+    position = len(waiting)
+    while position > first:
+        tokens = ahead + prompt_tokens
+        predicted = max(1.0, tokens / room) * rows_s + cost.per_prefill_token_s * tokens
+        if predicted + in_flight <= budget_s:
+            break
+        position -= 1
+        ahead -= waiting[position].tokens
+    band = WorkloadClass.BATCH.rank
+    if position == len(waiting):
+        return Placement(band, max(now, waiting[-1].key + _KEY_GAP_S) if waiting else now)
+    after = waiting[position].key
+    before = waiting[position - 1].key if position > 0 else after - 2 * _KEY_GAP_S
+    return Placement(band, after - min(_KEY_GAP_S, max(after - before, 0.0) / 2))
 
 
 def finish_reason(reason: str | None, stop_reason: Any) -> FinishReason | None:

@@ -27,7 +27,7 @@ from sluice.v1 import inference_pb2 as sluice_dot_v1_dot_inference__pb2
 from sluice.v1 import jobs_pb2 as sluice_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14sluice/v1/node.proto\x12\tsluice.v1\x1a\x16sluice/v1/common.proto\x1a\x19sluice/v1/inference.proto\x1a\x14sluice/v1/jobs.proto\"\xd1\x01\n\x13NodeGenerateRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.sluice.v1.GenerateRequest\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12\x10\n\x08\x64\x65tached\x18\x05 \x01(\x08\x12\x13\n\x0b\x61ttach_only\x18\x06 \x01(\x08\x12\x1a\n\x12stream_interval_ms\x18\x07 \x01(\r\x12\x15\n\rstep_budget_s\x18\x08 \x01(\x01\"`\n\x10NodeEmbedRequest\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.sluice.v1.EmbedRequest\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\",\n\x11StreamLoadRequest\x12\x17\n\x0fmin_interval_ms\x18\x01 \x01(\x05\"%\n\x0c\x44rainRequest\x12\x15\n\rgrace_seconds\x18\x01 \x01(\x05\"\"\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\x05\"\x87\x01\n\x10NodeTrainRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12%\n\x04spec\x18\x03 \x01(\x0b\x32\x17.sluice.v1.FinetuneSpec\x12,\n\x08\x65xamples\x18\x04 \x03(\x0b\x32\x1a.sluice.v1.TrainingExample\"B\n\x0eTrainedAdapter\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\xbc\x01\n\x0eNodeTrainEvent\x12\'\n\x04step\x18\x01 \x01(\x0b\x32\x17.sluice.v1.TrainingStepH\x00\x12/\n\x08progress\x18\x02 \x01(\x0b\x32\x1b.sluice.v1.TrainingProgressH\x00\x12\x19\n\x0f\x63heckpoint_step\x18\x03 \x01(\x03H\x00\x12,\n\x07\x61\x64\x61pter\x18\x04 \x01(\x0b\x32\x19.sluice.v1.TrainedAdapterH\x00\x42\x07\n\x05\x65vent2\xd2\x02\n\x04Node\x12\x46\n\x08Generate\x12\x1e.sluice.v1.NodeGenerateRequest\x1a\x18.sluice.v1.GenerateChunk0\x01\x12>\n\x05\x45mbed\x12\x1b.sluice.v1.NodeEmbedRequest\x1a\x18.sluice.v1.EmbedResponse\x12\x43\n\nStreamLoad\x12\x1c.sluice.v1.StreamLoadRequest\x1a\x15.sluice.v1.LoadReport0\x01\x12:\n\x05\x44rain\x12\x17.sluice.v1.DrainRequest\x1a\x18.sluice.v1.DrainResponse\x12\x41\n\x05Train\x12\x1b.sluice.v1.NodeTrainRequest\x1a\x19.sluice.v1.NodeTrainEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14sluice/v1/node.proto\x12\tsluice.v1\x1a\x16sluice/v1/common.proto\x1a\x19sluice/v1/inference.proto\x1a\x14sluice/v1/jobs.proto\"\xef\x01\n\x13NodeGenerateRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.sluice.v1.GenerateRequest\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12\x10\n\x08\x64\x65tached\x18\x05 \x01(\x08\x12\x13\n\x0b\x61ttach_only\x18\x06 \x01(\x08\x12\x1a\n\x12stream_interval_ms\x18\x07 \x01(\r\x12\x15\n\rstep_budget_s\x18\x08 \x01(\x01\x12\x1c\n\x14\x66irst_token_budget_s\x18\t \x01(\x01\"`\n\x10NodeEmbedRequest\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.sluice.v1.EmbedRequest\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\",\n\x11StreamLoadRequest\x12\x17\n\x0fmin_interval_ms\x18\x01 \x01(\x05\"%\n\x0c\x44rainRequest\x12\x15\n\rgrace_seconds\x18\x01 \x01(\x05\"\"\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\x05\"\x87\x01\n\x10NodeTrainRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12%\n\x04spec\x18\x03 \x01(\x0b\x32\x17.sluice.v1.FinetuneSpec\x12,\n\x08\x65xamples\x18\x04 \x03(\x0b\x32\x1a.sluice.v1.TrainingExample\"B\n\x0eTrainedAdapter\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\xbc\x01\n\x0eNodeTrainEvent\x12\'\n\x04step\x18\x01 \x01(\x0b\x32\x17.sluice.v1.TrainingStepH\x00\x12/\n\x08progress\x18\x02 \x01(\x0b\x32\x1b.sluice.v1.TrainingProgressH\x00\x12\x19\n\x0f\x63heckpoint_step\x18\x03 \x01(\x03H\x00\x12,\n\x07\x61\x64\x61pter\x18\x04 \x01(\x0b\x32\x19.sluice.v1.TrainedAdapterH\x00\x42\x07\n\x05\x65vent2\xd2\x02\n\x04Node\x12\x46\n\x08Generate\x12\x1e.sluice.v1.NodeGenerateRequest\x1a\x18.sluice.v1.GenerateChunk0\x01\x12>\n\x05\x45mbed\x12\x1b.sluice.v1.NodeEmbedRequest\x1a\x18.sluice.v1.EmbedResponse\x12\x43\n\nStreamLoad\x12\x1c.sluice.v1.StreamLoadRequest\x1a\x15.sluice.v1.LoadReport0\x01\x12:\n\x05\x44rain\x12\x17.sluice.v1.DrainRequest\x1a\x18.sluice.v1.DrainResponse\x12\x41\n\x05Train\x12\x1b.sluice.v1.NodeTrainRequest\x1a\x19.sluice.v1.NodeTrainEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,21 +35,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.v1.node_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NODEGENERATEREQUEST']._serialized_start=109
-  _globals['_NODEGENERATEREQUEST']._serialized_end=318
-  _globals['_NODEEMBEDREQUEST']._serialized_start=320
-  _globals['_NODEEMBEDREQUEST']._serialized_end=416
-  _globals['_STREAMLOADREQUEST']._serialized_start=418
-  _globals['_STREAMLOADREQUEST']._serialized_end=462
-  _globals['_DRAINREQUEST']._serialized_start=464
-  _globals['_DRAINREQUEST']._serialized_end=501
-  _globals['_DRAINRESPONSE']._serialized_start=503
-  _globals['_DRAINRESPONSE']._serialized_end=537
-  _globals['_NODETRAINREQUEST']._serialized_start=540
-  _globals['_NODETRAINREQUEST']._serialized_end=675
-  _globals['_TRAINEDADAPTER']._serialized_start=677
-  _globals['_TRAINEDADAPTER']._serialized_end=743
-  _globals['_NODETRAINEVENT']._serialized_start=746
-  _globals['_NODETRAINEVENT']._serialized_end=934
-  _globals['_NODE']._serialized_start=937
-  _globals['_NODE']._serialized_end=1275
+  _globals['_NODEGENERATEREQUEST']._serialized_end=348
+  _globals['_NODEEMBEDREQUEST']._serialized_start=350
+  _globals['_NODEEMBEDREQUEST']._serialized_end=446
+  _globals['_STREAMLOADREQUEST']._serialized_start=448
+  _globals['_STREAMLOADREQUEST']._serialized_end=492
+  _globals['_DRAINREQUEST']._serialized_start=494
+  _globals['_DRAINREQUEST']._serialized_end=531
+  _globals['_DRAINRESPONSE']._serialized_start=533
+  _globals['_DRAINRESPONSE']._serialized_end=567
+  _globals['_NODETRAINREQUEST']._serialized_start=570
+  _globals['_NODETRAINREQUEST']._serialized_end=705
+  _globals['_TRAINEDADAPTER']._serialized_start=707
+  _globals['_TRAINEDADAPTER']._serialized_end=773
+  _globals['_NODETRAINEVENT']._serialized_start=776
+  _globals['_NODETRAINEVENT']._serialized_end=964
+  _globals['_NODE']._serialized_start=967
+  _globals['_NODE']._serialized_end=1305
 # @@protoc_insertion_point(module_scope)

@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class NodeGenerateRequest(_message.Message):
-    __slots__ = ("request", "tenant", "request_id", "adapter", "detached", "attach_only", "stream_interval_ms", "step_budget_s")
+    __slots__ = ("request", "tenant", "request_id", "adapter", "detached", "attach_only", "stream_interval_ms", "step_budget_s", "first_token_budget_s")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class NodeGenerateRequest(_message.Message):
     ATTACH_ONLY_FIELD_NUMBER: _ClassVar[int]
     STREAM_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     STEP_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
     request: _inference_pb2.GenerateRequest
     tenant: str
     request_id: str
@@ -27,7 +28,8 @@ class NodeGenerateRequest(_message.Message):
     attach_only: bool
     stream_interval_ms: int
     step_budget_s: float
-    def __init__(self, request: _Optional[_Union[_inference_pb2.GenerateRequest, _Mapping]] = ..., tenant: _Optional[str] = ..., request_id: _Optional[str] = ..., adapter: _Optional[str] = ..., detached: _Optional[bool] = ..., attach_only: _Optional[bool] = ..., stream_interval_ms: _Optional[int] = ..., step_budget_s: _Optional[float] = ...) -> None: ...
+    first_token_budget_s: float
+    def __init__(self, request: _Optional[_Union[_inference_pb2.GenerateRequest, _Mapping]] = ..., tenant: _Optional[str] = ..., request_id: _Optional[str] = ..., adapter: _Optional[str] = ..., detached: _Optional[bool] = ..., attach_only: _Optional[bool] = ..., stream_interval_ms: _Optional[int] = ..., step_budget_s: _Optional[float] = ..., first_token_budget_s: _Optional[float] = ...) -> None: ...
 
 class NodeEmbedRequest(_message.Message):
     __slots__ = ("request", "tenant", "request_id")
