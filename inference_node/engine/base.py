@@ -44,6 +44,9 @@ from sluice.contract import WorkloadClass
 log = structlog.get_logger(__name__)
 
 _EWMA_ALPHA = 0.2
+_SLOW_ALPHA = 0.05
+"""The prefill carried per step is averaged over ~20 steps: a sequence's remaining decode
+spans many, and one step's prompts say little of the next ones'."""
 _JOIN_TIMEOUT_S = 30.0
 
 
@@ -185,6 +188,8 @@ class ThreadedEngine(Draining):
         self._idle_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._kv_used = 0
         self._decode_rate = 0.0
+        self.prefill_per_step = 0.0
+        """Prompt tokens a decode step prefilled lately (a slow average; engine thread)."""
         self.step_times = StepTimes()
         """Durations of the steps that decoded (engine thread; read by the node's metrics)."""
         self.step_model = StepModel()
@@ -417,3 +422,4 @@ class ThreadedEngine(Draining):
         rate = tokens / max(seconds, 1e-9)
         previous = self._decode_rate
         self._decode_rate = rate if previous == 0 else previous + _EWMA_ALPHA * (rate - previous)
+        self.prefill_per_step += _SLOW_ALPHA * (prefilled - self.prefill_per_step)

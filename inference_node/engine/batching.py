@@ -365,9 +365,9 @@ class BatchingEngine(ThreadedEngine):
         return over <= 0 or self._preempt_for(candidate, over)
 
     def _costs(self) -> Costs:
-        seqs = [*self._active(), *(s for _, s in self._waiting)]
-        budgets = (s.job.request.step_budget_s for s in seqs)
-        return Costs.of(self.step_model.cost, self._slot_limit(), budgets)
+        active, fit, prefill = self._active(), self.step_model.cost, self.prefill_per_step
+        budgets = (s.job.request.step_budget_s for s in [*active, *(s for _, s in self._waiting)])
+        return Costs.of(fit, self._slot_limit(), budgets, prefill, active)
 
     def _preempt_for(self, candidate: BatchSequence, count: int) -> bool:
         """Free ``count`` slots for ``candidate`` by preempting lower-class sequences (its own

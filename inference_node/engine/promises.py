@@ -8,8 +8,10 @@ until no REALTIME request does. Under a REALTIME overload that can be until its 
 first seconds of the burst were preempted two or three times each and cut by their 20-s
 deadline. So each request carries the time left before its caller's deadline
 (``EngineRequest.time_left_s``) and its *slack* is that time less what it still needs: its
-remaining tokens at a full batch's step (``SAFETY`` times over), plus prefilling again what
-preemption would drop. A sequence is preempted only while its slack is over ``MARGIN_S``; a
+remaining tokens at a full batch's step with the prompt tokens steps carried lately
+(``SAFETY`` times over), plus, as if it were preempted now, prefilling again what preemption
+would drop and waiting for a slot (while every slot is taken, until the running sequence
+nearest its end ends). A sequence is preempted only while its slack is over ``MARGIN_S``; a
 waiting one whose slack fell to it is *pinned*: it goes before every waiting request,
 REALTIME too, and is never preempted again. A request without a deadline (a detached one, a
 caller that set none) has all the slack in the world.
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 from inference_node.engine.sequences import BatchSequence
 from inference_node.engine.step_model import StepCost
-from sluice.itl import full_step_s
+from sluice.itl import fitted_limit, full_step_s
 
 MARGIN_S = 1.0
 """Slack a sequence keeps: preempted only above it, pinned at it."""
@@ -42,29 +44,50 @@ def time_left(remaining: float | None) -> float:
 @dataclass(frozen=True)
 class Costs:
     """What a sequence still needs is priced at: seconds per generated token with a full
-    batch, and per prompt token prefilled again (both 0 before the engine has a step fit:
-    every sequence then has its whole time left as slack)."""
+    batch, per prompt token prefilled again, and the wait for a slot (all 0 before the engine
+    has a step fit: every sequence then has its whole time left as slack)."""
 
     token_s: float = 0.0
     prefill_token_s: float = 0.0
+    slot_wait_s: float = 0.0
 
     @classmethod
-    def of(cls, fit: StepCost | None, slots: int, budgets: Iterable[float] = ()) -> Costs:
+    def of(
+        cls,
+        fit: StepCost | None,
+        slots: int,
+        budgets: Iterable[float] = (),
+        prefill_per_step: float = 0.0,
+        running: Iterable[BatchSequence] = (),
+    ) -> Costs:
         """The costs a step fit gives with the node full: ``slots`` sequences, or the batch
-        the tightest of ``budgets`` (the step budgets of the requests there) allows."""
+        the tightest of ``budgets`` (the step budgets of the requests there) allows, each
+        step also prefilling ``prefill_per_step`` prompt tokens (what steps carried lately:
+        under a REALTIME overload new prompts ride along every step). While ``running``
+        fills that batch with sequences a pinned one cannot take a slot from (top class, or
+        pinned), a slot frees when the one of them nearest its end ends."""
         if fit is None:
             return cls()
-        return cls(max(0.0, full_step_s(fit, slots, budgets)), max(0.0, fit.per_prefill_token_s))
+        budgets = list(budgets)
+        prefill_token_s = max(0.0, fit.per_prefill_token_s)
+        token_s = max(0.0, full_step_s(fit, slots, budgets)) + prefill_token_s * prefill_per_step
+        held = [s for s in running if s.pinned or s.job.workload_class.is_top]
+        full = len(held) >= min(slots, fitted_limit(fit, budgets) or slots) > 0
+        return cls(token_s, prefill_token_s, min(map(_remaining, held)) * token_s if full else 0)
+
+
+def _remaining(seq: BatchSequence) -> int:
+    return max(0, seq.job.request.params.max_new_tokens - len(seq.text.generated))
 
 
 def slack_s(seq: BatchSequence, costs: Costs, now: float) -> float:
     """Seconds ``seq`` could still pause and finish before its deadline: its remaining tokens
-    and, as if it were preempted now, its whole prompt and output prefilled again."""
+    and, as if it were preempted now, the wait for a slot and its whole prompt and output
+    prefilled again."""
     if not math.isfinite(seq.deadline):
         return math.inf
-    remaining = max(0, seq.job.request.params.max_new_tokens - len(seq.text.generated))
-    again = len(seq.tokens) * costs.prefill_token_s
-    return seq.deadline - now - remaining * costs.token_s * SAFETY - again
+    again = len(seq.tokens) * costs.prefill_token_s + costs.slot_wait_s
+    return seq.deadline - now - _remaining(seq) * costs.token_s * SAFETY - again
 
 
 def victims(running: Iterable[BatchSequence], rank: int, count: int) -> list[BatchSequence] | None:
