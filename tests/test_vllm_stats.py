@@ -59,26 +59,29 @@ def test_realtime_goes_as_late_among_waiting_batch_as_its_first_token_budget_all
     prefills 500 prompt tokens in 0.22 s + 1 ms each, plus one whole step in flight (0.72 s).
     BATCH prompts of 400 and 600 tokens wait; a 73-token REALTIME prompt's first token behind
     both: 1,073 / 500 steps x 0.22 + 1.073 + 0.72 = 2.27 s; behind the first only: 1.41 s;
-    ahead of both: 1.01 s. It takes BATCH's rank and the latest of those places within its
-    budget (first come, first served where that fits), else ahead of them all."""
+    ahead of both: 1.01 s. It takes BATCH's rank and a key at the latest of those places
+    within its budget (first come, first served where that fits), else REALTIME's rank."""
     waiting = [Waiting(10.0, False, 400), Waiting(10.5, False, 600)]
     assert _place(2.5, waiting) == Placement(BATCH.rank, 11.0)
     assert _place(2.0, waiting) == Placement(BATCH.rank, pytest.approx(10.5 - 1e-6))
-    assert _place(1.2, waiting) == Placement(BATCH.rank, pytest.approx(10.0 - 1e-6))
-    assert _place(0.5, waiting) == _place(1.2, waiting), "nothing fits: ahead of all BATCH"
-    assert _place(2.0, [], ahead=500) == Placement(BATCH.rank, 11.0), "1.55 s behind 500"
-    assert _place(1.5, [], ahead=500) == Placement(BATCH.rank, 11.0), "nothing to overtake"
+    assert _place(1.2, waiting) == Placement(RT.rank, 11.0), "ahead of both"
+    assert _place(0.5, waiting) == Placement(RT.rank, 11.0), "nothing fits: ahead of all BATCH"
+    assert _place(2.0, [], ahead=500) == Placement(RT.rank, 11.0), "nothing to wait behind"
 
 
 def test_realtime_never_goes_ahead_of_a_waiting_realtime_prompt() -> None:
     """A REALTIME prompt placed behind BATCH counted on the prompts ahead of it: a later one
-    goes behind it even when its own budget is short (then right behind it)."""
+    goes behind it even when its own budget is short or it has none (then right behind it:
+    a REALTIME prompt taking REALTIME's rank would go ahead of it)."""
     waiting = [Waiting(10.0, False, 400), Waiting(10.2, True, 100), Waiting(10.5, False, 600)]
     assert _place(1.2, waiting) == Placement(BATCH.rank, pytest.approx(10.5 - 1e-6))
+    assert _place(0.0, waiting) == Placement(BATCH.rank, pytest.approx(10.5 - 1e-6))
+    assert _place(9.0, waiting, cost=None) == Placement(BATCH.rank, pytest.approx(10.5 - 1e-6))
     assert _place(9.0, waiting) == Placement(BATCH.rank, 11.0)
 
 
 def test_without_a_budget_a_fit_or_realtime_a_prompt_takes_its_class_rank() -> None:
+    """With no REALTIME prompt waiting."""
     waiting = [Waiting(10.0, False, 400)]
     assert _place(0.0, waiting) == Placement(RT.rank, 11.0)
     assert _place(2.0, waiting, cost=None) == Placement(RT.rank, 11.0)

@@ -16,8 +16,9 @@ vLLM abort the request (its ``generate`` aborts on cancellation) and free its KV
 
 Mapping: Sluice's classes go to vLLM's ``priority`` scheduling (``scheduling_policy="priority"``;
 lower runs first, then earlier ``arrival_time``: REALTIME 0, BATCH 1, FINETUNE 2, except that
-a REALTIME prompt with a first-token budget shares BATCH's rank and an ``arrival_time`` that
-puts it as late among the waiting BATCH prompts as its budget allows: ``placement``);
+a REALTIME prompt with a first-token budget goes as late among the waiting BATCH prompts as
+its budget allows, and none goes ahead of a waiting REALTIME prompt: it then takes BATCH's
+rank and an ``arrival_time`` between its neighbours': ``placement``);
 ``SamplingParams`` map one to one (greedy is temperature 0; EOS ids of the model are stop token
 ids unless ``ignore_eos``). Load comes from vLLM's own scheduler stats (running and waiting
 requests, KV cache usage, the time between its steps), read through a stat logger; vLLM knows

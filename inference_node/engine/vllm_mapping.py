@@ -127,41 +127,51 @@ def placement(
     cost: StepCost | None,
     now: float,
 ) -> Placement:
-    """Where a prompt goes among ``waiting`` (sorted by key; behind ``ahead_tokens`` of
-    prompts waiting at a higher rank): its class's rank at ``now``,
-    except a REALTIME prompt with a first-token ``budget_s`` under a fit with a prompt term.
-    That one shares BATCH's rank and goes as late as its first token is still predicted within
-    the budget: behind the BATCH prompts before it while that fits, else ahead of as many as
-    needed, never ahead of a waiting REALTIME prompt (first come, first served among
-    REALTIME, so a later one cannot take the time a placed one counted on). Predicted: the
-    prompts ahead and its own, prefilled in steps of ``step_tokens`` less the ``rows``
-    decoding beside them at the fitted ``cost``, plus one step in flight. Always overtaking
-    cost BATCH what REALTIME did not need (``docs/decisions/node-vllm-realtime-placement.md``).
-    """
+    """Where a prompt goes among ``waiting`` (BATCH's rank, sorted by key; behind
+    ``ahead_tokens`` of prompts waiting at a higher rank): its class's rank at ``now``, but
+    REALTIME keeps first come, first served among REALTIME (a later one cannot take the time
+    a placed one counted on). A REALTIME prompt with a first-token ``budget_s`` under a fit
+    with a prompt term goes as late among the waiting BATCH prompts as its first token is
+    still predicted within the budget (:func:`_latest_fit`); one without, or with no such
+    place, right behind the last waiting REALTIME prompt. Ahead of every prompt there, it
+    takes REALTIME's rank (vLLM then also preempts it last); elsewhere BATCH's, with a key
+    between its neighbours'. Always overtaking cost BATCH what REALTIME did not need
+    (``docs/decisions/node-vllm-realtime-placement.md``)."""
     rank = workload_class.rank
-    if workload_class is not WorkloadClass.REALTIME or budget_s <= 0 or cost is None:
-        return Placement(rank, now)
-    if cost.per_prefill_token_s <= 0:  # no prompt term fitted: a prompt's cost is unknown
+    if workload_class is not WorkloadClass.REALTIME:
         return Placement(rank, now)
     first = max((i + 1 for i, w in enumerate(waiting) if w.realtime), default=0)
+    position = first
+    if budget_s > 0 and cost is not None and cost.per_prefill_token_s > 0:
+        tokens = [ahead_tokens + prompt_tokens, *(w.tokens for w in waiting)]
+        position = max(first, _latest_fit(tokens, budget_s, rows, step_tokens, cost))
+    if position == 0:
+        return Placement(rank, now)
+    band = WorkloadClass.BATCH.rank
+    if position == len(waiting):
+        return Placement(band, max(now, waiting[-1].key + _KEY_GAP_S))
+    after, before = waiting[position].key, waiting[position - 1].key
+    return Placement(band, after - min(_KEY_GAP_S, max(after - before, 0.0) / 2))
+
+
+def _latest_fit(
+    tokens: Sequence[int], budget_s: float, rows: int, step_tokens: int, cost: StepCost
+) -> int:
+    """How many of the waiting prompts (``tokens[1:]``, in order) a prompt can wait behind
+    with its first token predicted within ``budget_s`` (``tokens[0]``: its own and those
+    always ahead); 0 when none. Predicted: the tokens ahead and its own, prefilled in steps of
+    ``step_tokens`` less the ``rows`` decoding beside them at the fitted ``cost``, plus one
+    whole step in flight."""
     room = max(1, step_tokens - rows)
     rows_s = cost.base_s + cost.per_sequence_s * rows
     in_flight = cost.predict(rows, room)
-    ahead = ahead_tokens + sum(w.tokens for w in waiting)
-    position = len(waiting)
-    while position > first:
-        tokens = ahead + prompt_tokens
-        predicted = max(1.0, tokens / room) * rows_s + cost.per_prefill_token_s * tokens
+    total = sum(tokens)
+    for position in range(len(tokens) - 1, 0, -1):
+        predicted = max(1.0, total / room) * rows_s + cost.per_prefill_token_s * total
         if predicted + in_flight <= budget_s:
-            break
-        position -= 1
-        ahead -= waiting[position].tokens
-    band = WorkloadClass.BATCH.rank
-    if position == len(waiting):
-        return Placement(band, max(now, waiting[-1].key + _KEY_GAP_S) if waiting else now)
-    after = waiting[position].key
-    before = waiting[position - 1].key if position > 0 else after - 2 * _KEY_GAP_S
-    return Placement(band, after - min(_KEY_GAP_S, max(after - before, 0.0) / 2))
+            return position
+        total -= tokens[position]
+    return 0
 
 
 def finish_reason(reason: str | None, stop_reason: Any) -> FinishReason | None:
