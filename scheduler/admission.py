@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from scheduler.first_token_budget import FirstTokenBudgets
 from scheduler.queues import Clock, FairQueues, QueuedRequest
 from sluice.contract import WorkloadClass
 
@@ -237,6 +238,8 @@ class Admission:
         self.first_token_calibration = WaitCalibration(clock)
         """REALTIME times from dispatch to first token as they turned out, against the
         prompt's predicted ``prefill_s`` (:meth:`first_token` records them)."""
+        self.first_token_budgets = FirstTokenBudgets(clock, self.config.ttft_targets)
+        """What each first token may take at its node (:meth:`_ttft_refusal` holds them)."""
 
     def started(self, item: QueuedRequest) -> None:
         """``item`` left the queue for a node: a REALTIME request's wait, against the one
@@ -255,16 +258,6 @@ class Admission:
         if predicted is not None and item.dispatched_at is not None and not retried:
             took = self._clock() - item.dispatched_at
             self.first_token_calibration.record(item.model, predicted, took)
-
-    def first_token_budget(self, item: QueuedRequest) -> float:
-        """What ``item``'s TTFT target leaves its first token once dispatched (the target less
-        its wait) for the node to order its prompt by; 0 without a target, and for one
-        predicted near it (calibrated: a node's deliberate delay would pad every next one)."""
-        ttft = self.config.ttft_targets.get(item.workload_class, 0.0)
-        if ttft <= 0 or item.predicted_first_token_s is not None:
-            return 0.0
-        waited = (item.dispatched_at or self._clock()) - item.enqueued_at
-        return max(ttft - waited, 0.0)
 
     def record_admitted(self, item: QueuedRequest) -> None:
         """``item`` was admitted: its cost counts against lower classes' rate, and its tenant
@@ -418,6 +411,7 @@ class Admission:
             f"{prefill_s:.3f}s) is over the {ttft:g}s {item.workload_class.label} TTFT target"
         )
         retry = max(wait, wait + prefill_s - ttft, self.config.min_retry_s)
+        self.first_token_budgets.refused(item.model)
         return Verdict(False, retry, OVERLOADED, detail, past_deadline=False)
 
     def _with_promises(self, model: str, now: float, wait: float, rate: float) -> float:

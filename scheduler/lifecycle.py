@@ -347,7 +347,7 @@ class GenerateFlow:
             adapter=self.adapter,
             detach_key=self._detach_key,
             stream_interval_ms=self._stream_interval_ms,
-            first_token_budget_s=gate.admission.first_token_budget(item),
+            first_token_budget_s=gate.admission.first_token_budgets.budget(item),
         )
         first = True
         async with contextlib.aclosing(stream):

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from scheduler.admission import NO_CAPACITY, OVERLOADED, Admission, AdmissionConfig
 from scheduler.dispatch import _keyed
+from scheduler.first_token_budget import TTFT_PRESSURE_HOLD_S
 from scheduler.queues import FairQueues, QueueConfig, QueuedRequest, QueueFull
 from sluice.contract import WorkloadClass
 from sluice.v1 import node_pb2
@@ -786,7 +787,8 @@ def test_the_node_is_told_what_the_ttft_target_leaves_a_first_token() -> None:
     """REALTIME (2 s target) queued 0.5 s leaves 1.5 s for its first token (the node's
     request carries it, for vLLM's queue order); BATCH (no target) none, nor a REALTIME
     prompt predicted near its target (its first token calibrates the next predictions: a
-    deliberate delay there would pad them all), nor a retry."""
+    deliberate delay there would pad them all), nor a retry, nor any while the target
+    refused a request lately."""
     clock, queues, _ = make()
     config = AdmissionConfig(realtime_max_wait_s=0, ttft_targets={REALTIME: 2.0})
     admission = Admission(queues, clock, lambda _t: 1.0, config)
@@ -800,9 +802,15 @@ def test_the_node_is_told_what_the_ttft_target_leaves_a_first_token() -> None:
     for it in (rt, batch, near):
         admission.started(it)
     clock.advance(3.0)  # later calls read the dispatch time
-    assert admission.first_token_budget(rt) == pytest.approx(1.5)
-    assert admission.first_token_budget(batch) == 0.0
-    assert admission.first_token_budget(near) == 0.0
+    assert admission.first_token_budgets.budget(rt) == pytest.approx(1.5)
+    assert admission.first_token_budgets.budget(batch) == 0.0
+    assert admission.first_token_budgets.budget(near) == 0.0
+    clock.advance(1.0)
+    late = item("rt", REALTIME, prompt=0, new=5)
+    assert not admission.decide(late, 100.0, True, prefill_s=2.5, idle_prefill_s=0.1).admitted
+    assert admission.first_token_budgets.budget(rt) == 0.0, "refused for the target: no slack"
+    clock.advance(TTFT_PRESSURE_HOLD_S)
+    assert admission.first_token_budgets.budget(rt) == pytest.approx(1.5)
     forward = node_pb2.NodeGenerateRequest(first_token_budget_s=1.5)
     assert _keyed(forward).first_token_budget_s == 1.5, "the first attempt carries it"
     assert _keyed(forward).first_token_budget_s == 0.0, "a retry does not"
