@@ -411,7 +411,7 @@ class Admission:
             f"{prefill_s:.3f}s) is over the {ttft:g}s {item.workload_class.label} TTFT target"
         )
         retry = max(wait, wait + prefill_s - ttft, self.config.min_retry_s)
-        self.first_token_budgets.refused(item.model)
+        self.first_token_budgets.refused(item)
         return Verdict(False, retry, OVERLOADED, detail, past_deadline=False)
 
     def _with_promises(self, model: str, now: float, wait: float, rate: float) -> float:

@@ -71,8 +71,7 @@ def _keyed(forward: _Forward) -> _Forward:
     """``forward`` with a new job key for this attempt (bound to the log context too); a
     retry's carries no first-token budget (the failed attempt took its time: the node then
     orders it by class)."""
-    if forward.request_id and isinstance(forward, node_pb2.NodeGenerateRequest):
-        forward.first_token_budget_s = 0.0
+    _retry_unbudgeted(forward)
     forward.request_id = new_job_key()
     structlog.contextvars.bind_contextvars(job_key=forward.request_id)
     return forward
@@ -104,8 +103,14 @@ def _attempt_on(node: NodeHandle, tried: set[str]) -> None:
     structlog.contextvars.bind_contextvars(node_id=node.node_id)
 
 
+def _retry_unbudgeted(forward: _Forward) -> None:
+    if forward.request_id and isinstance(forward, node_pb2.NodeGenerateRequest):
+        forward.first_token_budget_s = 0.0
+
+
 def _detach_keyed(forward: _Forward, key: str) -> _Forward:
     """``forward`` with the caller's stable key (a detached generation's name)."""
+    _retry_unbudgeted(forward)
     forward.request_id = key
     structlog.contextvars.bind_contextvars(job_key=key)
     return forward

@@ -5,8 +5,8 @@ as late among waiting BATCH prompts as that budget allows, instead of ahead of t
 
 A budget is only slack the scheduler is sure of: none for a request predicted near its
 target (its first token calibrates the next predictions, and a node's deliberate delay would
-pad them all), none on a retry, and none for a while after a refusal for the target (REALTIME
-is short of time there; a late first token then also raises the measured first-token time
+pad them all), none on a retry, and none for a while after a REALTIME refusal for the target
+(REALTIME is short of time there; a late first token then also raises the measured first-token time
 that every next prediction is floored at). Why, with the runs:
 ``docs/decisions/node-vllm-realtime-placement.md``.
 """
@@ -20,7 +20,8 @@ from scheduler.queues import Clock, QueuedRequest
 from sluice.contract import WorkloadClass
 
 TTFT_PRESSURE_HOLD_S = 20.0
-"""After a refusal for a model's TTFT target, how long its first tokens get no budget."""
+"""After a REALTIME refusal for a model's TTFT target, how long its first tokens get no
+budget (one scheduler replica's view: others keep theirs)."""
 
 
 class FirstTokenBudgets:
@@ -31,15 +32,17 @@ class FirstTokenBudgets:
         self._targets = targets
         self._refused_at: dict[str, float] = {}
 
-    def refused(self, model: str) -> None:
-        """A request for ``model`` was refused: its first token would miss the target."""
-        self._refused_at[model] = self._clock()
+    def refused(self, item: QueuedRequest) -> None:
+        """``item`` was refused: its first token would miss its class's TTFT target (only
+        REALTIME's holds the budgets back: they are REALTIME's)."""
+        if item.workload_class.is_top:
+            self._refused_at[item.model] = self._clock()
 
     def budget(self, item: QueuedRequest) -> float:
         """What ``item``'s TTFT target leaves its first token once dispatched (the target less
         its wait); 0 when there is no slack to give (module doc)."""
         ttft, now = self._targets.get(item.workload_class, 0.0), self._clock()
-        if ttft <= 0 or item.predicted_first_token_s is not None:
+        if not item.workload_class.is_top or ttft <= 0 or item.predicted_first_token_s is not None:
             return 0.0
         if now - self._refused_at.get(item.model, -math.inf) < TTFT_PRESSURE_HOLD_S:
             return 0.0

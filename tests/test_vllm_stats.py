@@ -89,3 +89,31 @@ def test_without_a_budget_a_fit_or_realtime_a_prompt_takes_its_class_rank() -> N
     assert _place(9.0, waiting, cost=unpriced) == Placement(RT.rank, 11.0), "prompts unpriced"
     assert _place(9.0, waiting, cls=BATCH) == Placement(BATCH.rank, 11.0)
     assert _place(9.0, waiting, cls=FT) == Placement(FT.rank, 11.0)
+
+
+def test_realtime_prompts_placed_one_behind_another_keep_distinct_keys_in_order() -> None:
+    """Six REALTIME prompts without a budget, each right behind the last, ahead of a BATCH
+    prompt: their keys stay strictly between their neighbours' (the engine's keys count
+    seconds from its start, where a float step is tiny), so vLLM keeps their order."""
+    now = 1234.5
+    waiting = [Waiting(now - 0.5, False, 400), Waiting(now - 0.4, False, 600)]
+    placed = [_place(0.0, waiting)]
+    assert placed[0] == Placement(RT.rank, 11.0), "nothing REALTIME waits: REALTIME's rank"
+    waiting.insert(0, Waiting(now - 0.6, True, 73))  # as if it had gone in BATCH's band
+    for _ in range(6):
+        p = placement(RT, 0.0, 73, waiting, 0, 12, 512, COST, now=now)
+        assert p.priority == BATCH.rank
+        index = next(i for i, w in enumerate(waiting) if w.key > p.key)
+        assert waiting[index - 1].key < p.key < waiting[index].key
+        assert waiting[index - 1].realtime and not waiting[index].realtime
+        waiting.insert(index, Waiting(p.key, True, 73))
+    assert [w.realtime for w in waiting] == [True] * 7 + [False, False]
+
+
+def test_a_prompt_waits_only_behind_prompts_vllm_has_seats_for() -> None:
+    """32 seats, 12 rows running: 19 waiting prompts can start beside it; a budget that
+    would fit behind 25 BATCH prompts of 10 tokens places it behind 19."""
+    waiting = [Waiting(10.0 + i / 100, False, 10) for i in range(25)]
+    assert _place(9.0, waiting) == Placement(BATCH.rank, 11.0)
+    full = placement(RT, 9.0, 73, waiting, 0, 12, 512, COST, now=11.0, seats=32)
+    assert full == Placement(BATCH.rank, pytest.approx(10.19 - 1e-6))

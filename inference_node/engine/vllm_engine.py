@@ -161,6 +161,9 @@ class VllmEngine(Draining):
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
         self._seq = itertools.count()
+        self._epoch = time.monotonic() - 1.0
+        """Queue keys count seconds from here: small numbers keep sub-microsecond gaps apart
+        (at ``time.time()``'s 1.8e9 one float step is 0.24 us)."""
         self._closed = False
         self._idle_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._sink = VllmStats()
@@ -393,6 +396,7 @@ class VllmEngine(Draining):
         live = [j for j in self._jobs.values() if not j.cancelled]
         band = WorkloadClass.BATCH.rank
         unstarted = sorted((j for j in live if not j.started), key=self._order)
+        higher = [j for j in unstarted if j.place.priority < band]
         waiting = [
             Waiting(j.place.key, j.workload_class is WorkloadClass.REALTIME, _tokens(j))
             for j in unstarted
@@ -403,11 +407,12 @@ class VllmEngine(Draining):
             job.request.first_token_budget_s,
             _tokens(job),
             waiting,
-            sum(_tokens(j) for j in unstarted if j.place.priority < band),
+            sum(_tokens(j) for j in higher),
             sum(1 for j in live if j.started),
             self._options.max_batched_tokens,
             self._sink.step_model.cost,
-            time.time(),
+            time.monotonic() - self._epoch,
+            seats=self._options.max_sequences - len(higher),
         )
 
     def _cancel_job(self, job: _Job) -> None:

@@ -126,14 +126,17 @@ def placement(
     step_tokens: int,
     cost: StepCost | None,
     now: float,
+    seats: int | None = None,
 ) -> Placement:
     """Where a prompt goes among ``waiting`` (BATCH's rank, sorted by key; behind
     ``ahead_tokens`` of prompts waiting at a higher rank): its class's rank at ``now``, but
     REALTIME keeps first come, first served among REALTIME (a later one cannot take the time
     a placed one counted on). A REALTIME prompt with a first-token ``budget_s`` under a fit
     with a prompt term goes as late among the waiting BATCH prompts as its first token is
-    still predicted within the budget (:func:`_latest_fit`); one without, or with no such
-    place, right behind the last waiting REALTIME prompt. Ahead of every prompt there, it
+    still predicted within the budget (:func:`_latest_fit`; behind fewer than ``seats``
+    less the ``rows`` running, the sequences vLLM may run beside them: a prompt beyond
+    waits for one to end); one without, or with no such place, right behind the last
+    waiting REALTIME prompt. Ahead of every prompt there, it
     takes REALTIME's rank (vLLM then also preempts it last); elsewhere BATCH's, with a key
     between its neighbours'. Always overtaking cost BATCH what REALTIME did not need
     (``docs/decisions/node-vllm-realtime-placement.md``)."""
@@ -143,15 +146,18 @@ def placement(
     first = max((i + 1 for i, w in enumerate(waiting) if w.realtime), default=0)
     position = first
     if budget_s > 0 and cost is not None and cost.per_prefill_token_s > 0:
-        tokens = [ahead_tokens + prompt_tokens, *(w.tokens for w in waiting)]
+        free = len(waiting) if seats is None else max(0, seats - rows - 1)
+        tokens = [ahead_tokens + prompt_tokens, *(w.tokens for w in waiting[:free])]
         position = max(first, _latest_fit(tokens, budget_s, rows, step_tokens, cost))
     if position == 0:
         return Placement(rank, now)
     band = WorkloadClass.BATCH.rank
+    last = Placement(band, max(now, waiting[-1].key + _KEY_GAP_S))
     if position == len(waiting):
-        return Placement(band, max(now, waiting[-1].key + _KEY_GAP_S))
+        return last
     after, before = waiting[position].key, waiting[position - 1].key
-    return Placement(band, after - min(_KEY_GAP_S, max(after - before, 0.0) / 2))
+    key = after - min(_KEY_GAP_S, max(after - before, 0.0) / 2)
+    return Placement(band, key) if before < key < after else last
 
 
 def _latest_fit(
