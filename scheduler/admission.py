@@ -67,6 +67,8 @@ class AdmissionConfig:
     queue is refused at once when its predicted wait plus its prompt's prefill exceeds it;
     one that starts at once, or whose prompt alone takes longer, is never refused for it
     (nothing sooner exists: a retry would miss it as well)."""
+    first_token_budgets: bool = False
+    """Whether nodes are told what each first token may take (:class:`FirstTokenBudgets`)."""
     lower_class_wait_factor: float = 2.0
     """A waiting request below ``REALTIME`` must fit its deadline with its predicted wait
     counted this many times over: higher-class work arriving after it is served first
@@ -238,7 +240,9 @@ class Admission:
         self.first_token_calibration = WaitCalibration(clock)
         """REALTIME times from dispatch to first token as they turned out, against the
         prompt's predicted ``prefill_s`` (:meth:`first_token` records them)."""
-        self.first_token_budgets = FirstTokenBudgets(clock, self.config.ttft_targets)
+        self.first_token_budgets = FirstTokenBudgets(
+            clock, self.config.ttft_targets, self.config.first_token_budgets
+        )
         """What each first token may take at its node (:meth:`_ttft_refusal` holds them)."""
 
     def started(self, item: QueuedRequest) -> None:

@@ -115,6 +115,7 @@ def _dispatch_gate(
             default_tokens_per_s=settings.default_tokens_per_s,
             realtime_max_wait_s=settings.realtime_max_wait_seconds,
             ttft_targets=ttft_targets(settings),
+            first_token_budgets=settings.first_token_budgets,
         ),
     )
 

@@ -3,7 +3,8 @@ itself (``NodeGenerateRequest.first_token_budget_s``): the vLLM node places a RE
 as late among waiting BATCH prompts as that budget allows, instead of ahead of them all
 (``inference_node/engine/vllm_mapping.py: placement``).
 
-A budget is only slack the scheduler is sure of: none for a request predicted near its
+Off unless the scheduler's ``first_token_budgets`` setting is on. A budget is only slack
+the scheduler is sure of: none for a request predicted near its
 target (its first token calibrates the next predictions, and a node's deliberate delay would
 pad them all), none on a retry, and none for a while after a REALTIME refusal for the target
 (REALTIME is short of time there; a late first token then also raises the measured first-token time
@@ -27,9 +28,11 @@ budget (one scheduler replica's view: others keep theirs)."""
 class FirstTokenBudgets:
     """Budgets under the classes' TTFT ``targets`` (module doc)."""
 
-    def __init__(self, clock: Clock, targets: Mapping[WorkloadClass, float]) -> None:
+    def __init__(
+        self, clock: Clock, targets: Mapping[WorkloadClass, float], enabled: bool = True
+    ) -> None:
         self._clock = clock
-        self._targets = targets
+        self._targets = targets if enabled else {}
         self._refused_at: dict[str, float] = {}
 
     def refused(self, item: QueuedRequest) -> None:

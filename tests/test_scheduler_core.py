@@ -790,8 +790,11 @@ def test_the_node_is_told_what_the_ttft_target_leaves_a_first_token() -> None:
     deliberate delay there would pad them all), nor a retry, nor any while the target
     refused a request lately."""
     clock, queues, _ = make()
-    config = AdmissionConfig(realtime_max_wait_s=0, ttft_targets={REALTIME: 2.0})
+    config = AdmissionConfig(
+        realtime_max_wait_s=0, ttft_targets={REALTIME: 2.0}, first_token_budgets=True
+    )
     admission = Admission(queues, clock, lambda _t: 1.0, config)
+    off = Admission(queues, clock, lambda _t: 1.0, AdmissionConfig(ttft_targets={REALTIME: 2.0}))
     rt, batch = item("rt", REALTIME, prompt=0, new=5), item("b", BATCH, prompt=0, new=5)
     near = item("rt", REALTIME, prompt=0, new=5)
     assert admission.decide(rt, 100.0, True, prefill_s=0.2).admitted
@@ -803,6 +806,7 @@ def test_the_node_is_told_what_the_ttft_target_leaves_a_first_token() -> None:
         admission.started(it)
     clock.advance(3.0)  # later calls read the dispatch time
     assert admission.first_token_budgets.budget(rt) == pytest.approx(1.5)
+    assert off.first_token_budgets.budget(rt) == 0.0, "off by default"
     assert admission.first_token_budgets.budget(batch) == 0.0
     assert admission.first_token_budgets.budget(near) == 0.0
     clock.advance(1.0)
