@@ -326,11 +326,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             first_token_budget_s=request.first_token_budget_s,
             time_left_s=0.0 if request.detached else time_left(context.time_remaining()),
         )
-        interval = (
-            request.stream_interval_ms / 1000
-            if request.stream_interval_ms
-            else self._stream_interval_s
-        )
+        interval = request.stream_interval_ms / 1000 or self._stream_interval_s
         chunks = self._chunks(lm, self._submit(engine, engine_request), interval)
         if request.detached and key:
             async for chunk in self.detached.start(key, owner, chunks).follow():
