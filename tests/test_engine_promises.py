@@ -174,26 +174,23 @@ def test_needs_are_priced_at_a_full_batch_s_step() -> None:
 async def test_a_full_node_of_sequences_it_cannot_displace_prices_the_wait_for_a_slot(
     lm: LanguageModel,
 ) -> None:
-    """Two slots held by REALTIME with 3 and 8 tokens left: a slot frees in 3 steps (0.3 s),
-    which a lower-class sequence's slack counts (it waits that long once preempted). With an
+    """Two slots held by REALTIME asking 3 and 8 tokens: after the first step (2 and 7 left)
+    a slot frees in 2 steps (0.2 s at 0.1 s a step), after the second in 1, which a
+    lower-class sequence's slack counts (it waits that long once preempted). With an
     unpinned BATCH sequence in one of them a pinned one would take its slot: no wait."""
-    engine = engine_of(lm, 2)
     a, b, c = prompts(lm, [6, 6, 6], seed=5)
-    try:
-        streams = [engine.submit(request("rt1", a, 3)), engine.submit(request("rt2", b, 8))]
-        assert engine._intake()
-        engine._step()
-        assert engine._costs().slot_wait_s == pytest.approx(0.2), "first tokens: 2 and 7 left"
-        engine._step()
-        assert engine._costs().slot_wait_s == pytest.approx(0.1), "1 token left of 3 after two"
-    finally:
-        engine.close()
-    engine = engine_of(lm, 2)
-    try:
-        streams = [engine.submit(request("rt", a, 8)), engine.submit(request("b", c, 8, BATCH))]
-        assert engine._intake()
-        engine._step()
-        assert engine._costs().slot_wait_s == 0.0
-    finally:
-        engine.close()
-    assert len(streams) == 2  # held open until here: a dropped stream cancels its request
+    for pair, waits in (
+        ((request("rt1", a, 3), request("rt2", b, 8)), (0.2, 0.1)),
+        ((request("rt", a, 8), request("b", c, 8, BATCH)), (0.0, 0.0)),
+    ):
+        engine = engine_of(lm, 2)
+        streams = [engine.submit(r) for r in pair]  # held: a dropped stream cancels its request
+        try:
+            assert engine._intake()
+            for wait in waits:
+                engine._step()
+                assert engine._costs().slot_wait_s == pytest.approx(wait)
+        finally:
+            for stream in streams:
+                await stream.aclose()
+            engine.close()
