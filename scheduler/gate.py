@@ -312,9 +312,7 @@ class DispatchGate:
             busy_cost=0.0 if prompt_held else self._avg_cost or self.cost(item),
             token_s=token_s if cls.is_top else self.running.lower_token_s(model, cls, token_s),
             busy=view.busy,
-            prefill_s=max(
-                nodes.loaded_first_token_seconds(model, prompt), nodes.first_token_seconds(model)
-            ),
+            prefill_s=nodes.loaded_first_token_seconds(model, prompt),
             room_in_s=room_in_s,
             idle_prefill_s=nodes.prefill_seconds(model, prompt),
         )
