@@ -323,8 +323,7 @@ class Dispatcher:
         if first:
             chunk.node_id = node.node_id
             self._observe(node, "ttft", watched.first_chunk_at - started)
-            if timed_class == WorkloadClass.REALTIME.label:
-                node.observe_first_token(watched.first_chunk_at - started, now)
+            node.observe_first_token(watched.first_chunk_at - started, now)
         elif timed_class and tokens:
             self._metrics.inter_token.labels(timed_class).observe((now - previous) / tokens)
             if timed_class == WorkloadClass.REALTIME.label:

@@ -305,6 +305,8 @@ class DispatchGate:
             room_in_s = nodes.prefill_wait(model, cls, prompt, ahead)
             if not prompt_held:
                 room_in_s = max(room_in_s, self.running.end_wait(model, cls, before, token_s))
+        first = nodes.loaded_first_token_seconds(model, prompt)
+        structlog.contextvars.bind_contextvars(predicted_first_token_ms=round(first * 1000, 1))
         return self.admission.decide(
             item,
             nodes.service_rate(item.model),
@@ -312,7 +314,7 @@ class DispatchGate:
             busy_cost=0.0 if prompt_held else self._avg_cost or self.cost(item),
             token_s=token_s if cls.is_top else self.running.lower_token_s(model, cls, token_s),
             busy=view.busy,
-            prefill_s=nodes.loaded_first_token_seconds(model, prompt),
+            prefill_s=first,
             room_in_s=room_in_s,
             idle_prefill_s=nodes.prefill_seconds(model, prompt),
         )

@@ -418,7 +418,9 @@ async def admit(gate: DispatchGate, item: QueuedRequest, counters: TenantCounter
     """Admission, the queue and a node slot booked for ``item`` (give it back with
     ``gate.release``); a refusal is counted for the tenant and raised."""
     # A job line's later attempt runs in the same task: its log fields start afresh.
-    structlog.contextvars.unbind_contextvars("predicted_wait_ms", "queued_ms", "ttft_ms")
+    structlog.contextvars.unbind_contextvars(
+        "predicted_wait_ms", "predicted_first_token_ms", "queued_ms", "ttft_ms"
+    )
     began = time.perf_counter()
     try:
         node = await gate.acquire(item)

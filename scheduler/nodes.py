@@ -256,11 +256,10 @@ class NodeDirectory:
     def loaded_first_token_seconds(self, model: str, prompt_tokens: int) -> float:
         """Seconds from dispatch to first token predicted for a prompt of ``prompt_tokens``
         on the healthy node serving ``model`` where it comes soonest: under the load there now
-        (:meth:`LoadBook.first_token_s`), or its REALTIME first tokens' time lately when
-        longer (:meth:`NodeHandle.live_first_token_s`: a step or two of the batch beside the
-        prompt's prefill, which the fit misses under load; other classes' first tokens wait
-        behind REALTIME's and are not counted: scheduler-realtime-first-token-floor.md); 0
-        while none has a fit or a measure."""
+        (:meth:`LoadBook.first_token_s`), or its first tokens' time lately when longer
+        (:meth:`NodeHandle.live_first_token_s`: a step or two of the batch beside the
+        prompt's prefill, which the fit misses under load; none 4 s after the last:
+        scheduler-first-token-floor.md); 0 while none has a fit or a measure."""
         now, times = self._clock(), []
         for n in self._nodes.values():
             if n.healthy and not n.draining and any(m.name == model for m in n.info.models):
