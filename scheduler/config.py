@@ -134,7 +134,7 @@ class SchedulerSettings(ServiceSettings):
     inter-token targets (8 x 0.2 s = 1.6 s: one 1,000-token prompt on a 2-core CPU); what
     follows waits until the node has worked it off at the share of its time the streams'
     targets leave to prompts (docs/decisions/scheduler-prefill-bucket.md). 0: no guard."""
-    lower_class_prefill_share: float = Field(default=0.75, ge=0, le=1)
+    lower_class_prefill_share: float = Field(default=0.5, ge=0, le=1)
     """Share of that burst classes below REALTIME may fill (the rest is REALTIME's)."""
     promote_lead_seconds: float = 1.0
     """A queued BATCH or FINETUNE request is served first (nothing else for its model starts

@@ -41,7 +41,7 @@ class PrefillGuard:
     """Each class's inter-token target in seconds (0: none)."""
     burst_intervals: float = 8.0
     """Depth of the bucket in the tightest inter-token target (0: no guard)."""
-    lower_class_share: float = 0.75
+    lower_class_share: float = 0.5
     """Share of the depth classes below REALTIME may fill."""
     min_share: float = 0.1
     """Least share of a node's time prompts may take (a batch already at its target still
