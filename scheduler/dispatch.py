@@ -323,7 +323,6 @@ class Dispatcher:
         if first:
             chunk.node_id = node.node_id
             self._observe(node, "ttft", watched.first_chunk_at - started)
-            node.observe_first_token(watched.first_chunk_at - started, now)
         elif timed_class and tokens:
             self._metrics.inter_token.labels(timed_class).observe((now - previous) / tokens)
             if timed_class == WorkloadClass.REALTIME.label:

@@ -305,7 +305,8 @@ class DispatchGate:
             room_in_s = nodes.prefill_wait(model, cls, prompt, ahead)
             if not prompt_held:
                 room_in_s = max(room_in_s, self.running.end_wait(model, cls, before, token_s))
-        first = nodes.loaded_first_token_seconds(model, prompt)
+        loaded = nodes.loaded_first_token_seconds(model, prompt)
+        first = max(loaded, nodes.first_token_seconds(model))
         structlog.contextvars.bind_contextvars(predicted_first_token_ms=round(first * 1000, 1))
         return self.admission.decide(
             item,

@@ -62,11 +62,6 @@ class NodeHandle:
     average of finished streams lags by their length."""
     stream_token_at: float = 0.0
     """When :attr:`stream_token_s` last moved (the scheduler's clock)."""
-    first_token_s: float = 0.0
-    """Seconds from dispatch to first token of its streams lately, every class (a moving
-    average over first tokens, :meth:`observe_first_token`)."""
-    first_token_at: float = 0.0
-    """When :attr:`first_token_s` last moved (the scheduler's clock)."""
 
     def observe_token_gap(self, seconds_per_token: float, now: float, tau_s: float = 2.0) -> None:
         """A REALTIME chunk came ``seconds_per_token`` per token after the previous one. The
@@ -85,22 +80,6 @@ class NodeHandle:
         """:attr:`stream_token_s` while REALTIME chunks came within ``stale_s``, else 0 (no
         REALTIME stream runs there: the finished streams' average speaks for it)."""
         return self.stream_token_s if now - self.stream_token_at <= stale_s else 0.0
-
-    def observe_first_token(self, seconds: float, now: float, alpha: float = 0.2) -> None:
-        """A stream's first token came ``seconds`` after its dispatch here: folded into
-        :attr:`first_token_s` with weight ``alpha``, or starting it afresh once it is stale
-        (:meth:`live_first_token_s`)."""
-        if self.live_first_token_s(now) == 0:
-            self.first_token_s = seconds
-        else:
-            self.first_token_s += alpha * (seconds - self.first_token_s)
-        self.first_token_at = now
-
-    def live_first_token_s(self, now: float, stale_s: float = 4.0) -> float:
-        """:attr:`first_token_s` while a first token came within ``stale_s``, else 0: the
-        prompts that delayed it are prefilled by then, and an older average (a busier
-        minute's) would refuse REALTIME prompts on a node that takes them at once."""
-        return self.first_token_s if now - self.first_token_at <= stale_s else 0.0
 
     @property
     def node_id(self) -> str:

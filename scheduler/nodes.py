@@ -255,19 +255,27 @@ class NodeDirectory:
 
     def loaded_first_token_seconds(self, model: str, prompt_tokens: int) -> float:
         """Seconds from dispatch to first token predicted for a prompt of ``prompt_tokens``
-        on the healthy node serving ``model`` where it comes soonest: under the load there now
-        (:meth:`LoadBook.first_token_s`), or its first tokens' time lately when longer
-        (:meth:`NodeHandle.live_first_token_s`: a step or two of the batch beside the
-        prompt's prefill, which the fit misses under load; none 4 s after the last:
-        scheduler-first-token-floor.md); 0 while none has a fit or a measure."""
+        on the healthy node serving ``model`` where it comes soonest, under the load there
+        now (:meth:`LoadBook.first_token_s`); 0 while none has a fit."""
         now, times = self._clock(), []
         for n in self._nodes.values():
             if n.healthy and not n.draining and any(m.name == model for m in n.info.models):
                 n.book.settle_prefill(self.prefill_guard, now, n.live_token_s(now))
                 step = n.info.capacity.max_batched_tokens or DEFAULT_STEP_TOKENS
-                loaded = n.book.first_token_s(model, prompt_tokens, step)
-                times.append(max(loaded, n.live_first_token_s(now)))
+                times.append(n.book.first_token_s(model, prompt_tokens, step))
         return min((t for t in times if t > 0), default=0.0)
+
+    def first_token_seconds(self, model: str) -> float:
+        """Seconds from dispatch to first token lately (the moving average of the nodes'
+        time to first token the outlier detector keeps) on the fastest healthy node serving
+        ``model``; 0 while none is measured. Under load it is a step or two of the batch
+        beside the prompt's prefill, several times the prefill alone."""
+        measured = [
+            self.outliers.latency(n.node_id, "ttft")
+            for n in self._nodes.values()
+            if n.healthy and not n.draining and any(m.name == model for m in n.info.models)
+        ]
+        return min((t for t in measured if t > 0), default=0.0)
 
     def capacity_rate(self, model: str) -> float:
         """Weighted tokens per second the serving nodes with ``model`` could retire together

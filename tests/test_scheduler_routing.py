@@ -372,26 +372,3 @@ def test_a_node_s_streaming_token_time_follows_its_realtime_chunks_in_time() -> 
     assert node.live_token_s(clock()) == 0
     node.observe_token_gap(0.3, clock())
     assert node.live_token_s(clock()) == 0.3
-
-
-def test_a_node_s_first_token_time_is_a_moving_average_read_only_while_fresh() -> None:
-    """First tokens move the node's dispatch-to-first-token average by 0.2 each; 4 s after
-    the last one it reads 0 (the prompts behind it are prefilled by then), and the next one
-    starts it afresh instead of averaging with a busier minute's."""
-    clock = FakeClock()
-    node = NodeHandle(
-        info=common_pb2.NodeInfo(node_id="n1"),
-        channel=None,  # type: ignore[arg-type]
-        stub=None,  # type: ignore[arg-type]
-        breaker=CircuitBreaker(BreakerConfig(), clock),
-        meter=ThroughputMeter(clock),
-    )
-    assert node.live_first_token_s(clock()) == 0
-    node.observe_first_token(2.5, clock())
-    clock.advance(1.0)
-    node.observe_first_token(0.5, clock())
-    assert node.live_first_token_s(clock()) == pytest.approx(2.1)
-    clock.advance(4.1)
-    assert node.live_first_token_s(clock()) == 0
-    node.observe_first_token(0.2, clock())
-    assert node.live_first_token_s(clock()) == pytest.approx(0.2)
