@@ -104,6 +104,7 @@ def _attempt_on(node: NodeHandle, tried: set[str]) -> None:
 
 
 def _retry_unbudgeted(forward: _Forward) -> None:
+    """A later attempt (its forward already keyed) goes without a first-token budget."""
     if forward.request_id and isinstance(forward, node_pb2.NodeGenerateRequest):
         forward.first_token_budget_s = 0.0
 

@@ -97,8 +97,7 @@ def test_realtime_prompts_placed_one_behind_another_keep_distinct_keys_in_order(
     seconds from its start, where a float step is tiny), so vLLM keeps their order."""
     now = 1234.5
     waiting = [Waiting(now - 0.5, False, 400), Waiting(now - 0.4, False, 600)]
-    placed = [_place(0.0, waiting)]
-    assert placed[0] == Placement(RT.rank, 11.0), "nothing REALTIME waits: REALTIME's rank"
+    assert _place(0.0, waiting) == Placement(RT.rank, 11.0), "nothing REALTIME waits: its rank"
     waiting.insert(0, Waiting(now - 0.6, True, 73))  # as if it had gone in BATCH's band
     for _ in range(6):
         p = placement(RT, 0.0, 73, waiting, 0, 12, 512, COST, now=now)
