@@ -8,11 +8,12 @@ helper thread. SIGTERM/SIGINT, or a finished Drain RPC, drains and stops the nod
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import threading
 
-from sluice.runtime import grpc_io
+from sluice.runtime import affinity, grpc_io
 
 grpc_io.configure()  # before grpc loads: the engine is read once
 
@@ -55,6 +56,22 @@ class _StopSignal:
         await self._event.wait()
 
 
+def keep_engine_cores() -> None:
+    """Move this process's threads and its engines' unbound ones off the cores an engine bound
+    its compute threads to (``NodeSettings.keep_engine_cores``)."""
+    if not affinity.supported():
+        return
+    me = os.getpid()
+    split = affinity.keep_engine_cores([me], [me])
+    if split.moved:
+        log.info(
+            "engine_cores_kept",
+            engine_cores=sorted(split.engine),
+            other_cores=sorted(split.others),
+            threads_moved=split.moved,
+        )
+
+
 def main(argv: list[str]) -> None:
     """Load models, serve until SIGTERM/SIGINT or a finished Drain RPC, then exit."""
     settings = parse_settings(NodeSettings, argv, "Sluice inference node")
@@ -72,6 +89,8 @@ def main(argv: list[str]) -> None:
     # own thread inside serve(), since grpc.aio objects bind to the loop that creates them.
     engines = {name: default_engine(lm, settings) for name, lm in generators.items()}
     main_engine = next(iter(engines.values()), None)
+    if settings.keep_engine_cores:
+        keep_engine_cores()
 
     async def serve() -> None:
         service = NodeService(

@@ -117,5 +117,10 @@ class NodeSettings(ServiceSettings):
     which runs everything on one machine, passes 10): model compute, and with it the node's
     own gRPC threads, then yields the CPU to the scheduler, the stores and clients on the same
     machine. 0 for a node with a machine or pod to itself."""
+    keep_engine_cores: bool = True
+    """Once its engine is up, move the node's own threads and its engine's unbound ones (vLLM's
+    engine-core process) off the cores the engine bound its compute threads to (vLLM's CPU
+    worker binds all but one core; sluice/runtime/affinity.py). Linux only; nothing moves when
+    no thread is bound (the built-in engine, CUDA)."""
     drain_grace_seconds: float = 30.0
     """How long a drain waits for in-flight requests before cancelling them."""

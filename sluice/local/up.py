@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import IO
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sluice.local.health import serving_now, wait_serving
 from sluice.local.lockdown import Lockdown, enable_etcd_auth, prepare
 from sluice.local.restarts import RestartRules
 from sluice.local.rundir import DEV_KEY_FILE, ENDPOINTS_FILE, dev_api_key, read_endpoints
@@ -39,6 +39,7 @@ from sluice.local.stores import (
     redis_process,
 )
 from sluice.local.watchdog import Restartable, Watchdog
+from sluice.runtime import affinity
 from sluice.runtime.auth import new_api_key, write_tenants_file
 from sluice.runtime.tls import Identity, Mesh, Role, node_identity
 from sluice.v1 import admin_pb2, admin_pb2_grpc
@@ -62,6 +63,10 @@ class UpConfig:
     """Nice increment of each node (0-19). Everything here shares one machine, so model
     compute runs at a lower CPU priority than the scheduler, the stores and local clients
     (docs/decisions/node-cpu-nice.md)."""
+    keep_engine_cores: bool = True
+    """Keep the cores a node's engine binds its compute threads to (vLLM on the CPU) for
+    them: the nodes move their own threads off them, and the services here theirs
+    (docs/decisions/node-engine-cores.md)."""
     host: str = "127.0.0.1"
     scheduler_port: int = 0
     startup_timeout_s: float = 600.0
@@ -161,7 +166,9 @@ class Supervisor:
         self.children: list[Child] = []
         self.api_key: str | None = None
         self.endpoints: Endpoints | None = None
-        self.watchdog = Watchdog(self.logs, say, rules, clock)
+        self.watchdog = Watchdog(
+            self.logs, say, rules, clock, on_serving_again=self.keep_engine_cores
+        )
         self._clock = clock
         self._started_at: dict[str, float] = {}
         self.lockdown: Lockdown | None = None
@@ -353,6 +360,7 @@ class Supervisor:
             "--device", cfg.device,
             "--dtype", cfg.dtype,
             "--cpu-nice", str(cfg.node_cpu_nice),
+            "--keep-engine-cores", str(cfg.keep_engine_cores).lower(),
             "--pools", ",".join(cfg.pools),
             # The fleet's adapter and checkpoint stores: one directory every node shares.
             "--adapters-dir", str(self.run_dir / "adapters"),
@@ -405,8 +413,25 @@ class Supervisor:
             },
         )
         (self.run_dir / ENDPOINTS_FILE).write_text(self.endpoints.to_json())
+        self.keep_engine_cores()
         self._watch_all()
         return self.endpoints
+
+    def keep_engine_cores(self) -> None:
+        """Move the stores' and services' threads off the cores the nodes' engines bound their
+        compute threads to (each node moved its own already: ``NodeSettings.keep_engine_cores``;
+        sluice/runtime/affinity.py, docs/decisions/node-engine-cores.md). Linux only."""
+        if not self.config.keep_engine_cores or not affinity.supported():
+            return
+        nodes = [c.proc.pid for c in self.children if c.module == "inference_node"]
+        processes: list[Restartable] = [*self.stores, *self.children]
+        others = [p.proc.pid for p in processes if p.proc is not None and p.proc.poll() is None]
+        split = affinity.keep_engine_cores(nodes, others)
+        if split.moved:
+            self.say(
+                f"kept cores {sorted(split.engine)} for the nodes' engines: "
+                f"{split.moved} threads of the services moved to {sorted(split.others)}"
+            )
 
     def _watch_all(self) -> None:
         """Hand every process to the watchdog: from here on a crash is a restart."""
@@ -443,58 +468,12 @@ class Supervisor:
             endpoints.unlink()
 
 
-__all__ = ["Endpoints", "Supervisor", "UpConfig", "dev_api_key", "read_endpoints"]
-
-
-def serving_now(
-    address: str,
-    timeout_s: float = 0.2,
-    *,
-    mesh: Mesh | None = None,
-    peer: Identity | None = None,
-) -> bool:
-    """Whether ``address`` answers ``SERVING`` on ``grpc.health.v1`` within ``timeout_s``
-    (through ``mesh`` to ``peer`` when the suite is secure)."""
-    with (mesh or Mesh()).sync_channel(address, peer) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=timeout_s
-            )
-        except grpc.RpcError:
-            return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-
-def wait_serving(
-    address: str,
-    proc: subprocess.Popen[bytes],
-    log_path: Path,
-    timeout_s: float,
-    name: str = "",
-    *,
-    poll_s: float = 0.1,
-    mesh: Mesh | None = None,
-    peer: Identity | None = None,
-) -> None:
-    """Poll ``grpc.health.v1`` at ``address`` until it says ``SERVING``.
-
-    Raises ``RuntimeError`` with the tail of ``log_path`` if ``proc`` exits first, and
-    ``TimeoutError`` after ``timeout_s``.
-    """
-    name = name or address
-    deadline = time.monotonic() + timeout_s
-    with (mesh or Mesh()).sync_channel(address, peer) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if proc.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{name} not SERVING after {timeout_s:.0f}s; see {log_path}")
-            time.sleep(poll_s)
+__all__ = [
+    "Endpoints",
+    "Supervisor",
+    "UpConfig",
+    "dev_api_key",
+    "read_endpoints",
+    "serving_now",
+    "wait_serving",
+]

@@ -74,8 +74,11 @@ class Watchdog:
         say: Callable[[str], None] = lambda _m: None,
         rules: RestartRules | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_serving_again: Callable[[], None] = lambda: None,
     ) -> None:
         self.logs = logs
+        self.on_serving_again = on_serving_again
+        """Called once a restarted process serves again (`sluice up` re-places its threads)."""
         self.say = say
         self.rules = rules or RestartRules()
         self._clock = clock
@@ -176,6 +179,7 @@ class Watchdog:
             after_s=round(took, 1),
         )
         self.say(f"{watch.process.name} serves again, {took:.1f} s after restart {restarts}")
+        self.on_serving_again()
 
     def _event(self, watch: _Watch, level: str, event: str, **fields: Any) -> None:
         """One JSON line in supervisor.log and in the process's own log."""

@@ -1,0 +1,104 @@
+"""Keep the cores an engine bound its compute threads to for those threads alone (Linux).
+
+vLLM's CPU worker binds its OpenMP threads to cores of its own (``VLLM_CPU_OMP_THREADS_BIND``,
+``auto``: all but the last core of the NUMA node) and leaves the rest to "other processes". Its
+engine-core process (which spins on ``sched_yield`` while a step runs), the node's gRPC
+threads and whatever else shares the machine are not bound: the kernel's load balancer moves
+them onto the worker's core as soon as the other cores are busy, and the worker's step waits.
+:func:`keep_engine_cores` finds the cores the process tree's bound threads hold and moves every
+other thread of the tree off them (docs/decisions/node-engine-cores.md). The node does it for
+its own process tree once its engine is up; ``sluice up`` does it for the services it runs
+beside the nodes once they all serve (and again after a restart). Threads made later inherit
+their creator's affinity, so a pass holds until a process restarts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+PROC = Path("/proc")
+
+
+@dataclass(frozen=True)
+class CoreSplit:
+    """What :func:`keep_engine_cores` did: the engine's cores, the others', threads moved."""
+
+    engine: frozenset[int]
+    others: frozenset[int]
+    moved: int
+
+
+def supported() -> bool:
+    """Whether this platform has per-thread affinity under ``/proc`` (Linux)."""
+    return hasattr(os, "sched_setaffinity") and (PROC / "self" / "task").is_dir()
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process descended from it (from each process's parent in
+    ``/proc/<pid>/stat``), ``root`` first."""
+    children: dict[int, list[int]] = {}
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])  # the name may hold spaces
+        children.setdefault(parent, []).append(int(entry.name))
+    tree, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        tree.append(pid)
+        stack.extend(children.get(pid, ()))
+    return tree
+
+
+def threads(pids: Iterable[int]) -> dict[int, frozenset[int]]:
+    """Every thread of ``pids`` with its CPU affinity (threads that end meanwhile left out)."""
+    out: dict[int, frozenset[int]] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for task in (PROC / str(pid) / "task").iterdir():
+                with contextlib.suppress(OSError):  # ProcessLookupError is one
+                    out[int(task.name)] = frozenset(os.sched_getaffinity(int(task.name)))
+    return out
+
+
+def engine_cores(roots: Iterable[int], cores: frozenset[int]) -> frozenset[int]:
+    """The cores the engines under ``roots`` (inference nodes) bound their compute threads to:
+    the union of the strict subsets of ``cores`` that threads of each root's descendants are
+    bound to. A root's own threads never count, nor do descendants' threads sharing its main
+    thread's affinity (an earlier :func:`keep_engine_cores` moved them there)."""
+    engine: frozenset[int] = frozenset()
+    for root in roots:
+        own = threads([root]).get(root, cores)
+        for affinity in threads(process_tree(root)[1:]).values():
+            if affinity < cores and affinity != own:
+                engine |= affinity
+    return engine
+
+
+def keep_engine_cores(engine_roots: Iterable[int], movable_roots: Iterable[int]) -> CoreSplit:
+    """Move every thread of ``movable_roots``' process trees off the cores the engines under
+    ``engine_roots`` hold (:func:`engine_cores`), onto the others this process may use. Threads
+    bound within the engine's cores stay, as do those already off them. Nothing moves when no
+    engine thread is bound or the engines hold every core; ``moved`` is then 0."""
+    movable = threads(t for root in movable_roots for t in process_tree(root))
+    cores = frozenset(os.sched_getaffinity(0)).union(*movable.values())
+    engine = engine_cores(engine_roots, cores)
+    others = cores - engine
+    if not engine or not others:
+        return CoreSplit(engine, others, 0)
+    moved = 0
+    for tid, affinity in movable.items():
+        if affinity <= engine or affinity <= others:
+            continue
+        with contextlib.suppress(OSError):  # ended meanwhile, or not ours to move
+            os.sched_setaffinity(tid, others)
+            moved += 1
+    return CoreSplit(engine, others, moved)
