@@ -62,7 +62,11 @@ def keep_engine_cores() -> None:
     if not affinity.supported():
         return
     me = os.getpid()
-    split = affinity.keep_engine_cores([me], [me])
+    try:
+        split = affinity.keep_engine_cores([me], [me])
+    except Exception as exc:  # placement only: the node serves as well without it
+        log.warning("engine_cores_not_kept", error=repr(exc))
+        return
     if split.moved:
         log.info(
             "engine_cores_kept",

@@ -98,6 +98,13 @@ def up(
             "the scheduler and stores on this machine (0: same priority; default 10).",
         ),
     ] = None,
+    keep_engine_cores: Annotated[
+        bool,
+        typer.Option(
+            help="Keep the cores a node's engine binds its compute to (vLLM on the CPU) for "
+            "it: the nodes, stores and services move their other threads off them.",
+        ),
+    ] = True,
     insecure: Annotated[
         bool,
         typer.Option(
@@ -132,6 +139,7 @@ def up(
         scheduler_port=port,
         insecure=insecure,
         engine=engine,
+        keep_engine_cores=keep_engine_cores,
     )
     if node_nice is not None:
         config.node_cpu_nice = node_nice

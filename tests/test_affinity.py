@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -34,7 +35,7 @@ time.sleep(60)
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 
 
-def _stop(procs: list[subprocess.Popen[str]], pids: list[int]) -> None:
+def _stop(procs: list[subprocess.Popen[Any]], pids: list[int]) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 9)
@@ -106,3 +107,19 @@ def test_nothing_moves_without_a_bound_thread() -> None:
         assert _affinity(service.pid) == set(CORES)
     finally:
         _stop([service], [])
+
+
+def test_process_tree_reads_a_name_that_is_not_utf8() -> None:
+    """The kernel writes a process's name as raw bytes (cut at 15, possibly mid-character)."""
+    code = "open('/proc/self/comm', 'wb').write(b'caf\\xc3'); print(1, flush=True); "
+    child = subprocess.Popen(
+        [sys.executable, "-c", code + "import time; time.sleep(60)"],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None
+        child.stdout.readline()
+        assert (affinity.PROC / str(child.pid) / "comm").read_bytes() == b"caf\xc3\n"
+        assert child.pid in affinity.process_tree(os.getpid())
+    finally:
+        _stop([child], [])

@@ -196,6 +196,24 @@ def test_watchdog_restarts_a_killed_process_after_the_delay_and_logs_each_step(
     assert other.respawns == 0 and not other.log_path.exists()
 
 
+def test_watchdog_calls_its_hook_once_a_restarted_process_serves_again(tmp_path: Path) -> None:
+    """``on_serving_again`` (`sluice up` re-places its services' threads there) runs once per
+    restarted process back in service, not at the restart itself."""
+    clock, calls = FakeClock(), []
+    dog = Watchdog(tmp_path, clock=clock, on_serving_again=lambda: calls.append(clock()))
+    node = FakeProcess("node-1", tmp_path / "node-1.log")
+    dog.watch(node)
+    node.proc.returncode = 1
+    dog.poll()
+    clock.advance(0.5)
+    dog.poll()
+    assert node.respawns == 1 and calls == []
+    node.serving = True
+    dog.poll()
+    dog.poll()
+    assert calls == [clock()]
+
+
 def test_watchdog_gives_up_a_process_that_keeps_crashing(tmp_path: Path) -> None:
     """The fifth crash within a minute gives the process up: said once, never restarted again."""
     dog, clock, said, (cache,) = _watchdog(tmp_path, "cache")

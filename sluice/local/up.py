@@ -418,15 +418,22 @@ class Supervisor:
         return self.endpoints
 
     def keep_engine_cores(self) -> None:
-        """Move the stores' and services' threads off the cores the nodes' engines bound their
-        compute threads to (each node moved its own already: ``NodeSettings.keep_engine_cores``;
-        sluice/runtime/affinity.py, docs/decisions/node-engine-cores.md). Linux only."""
+        """Move the stores' and the other services' threads off the cores the nodes' engines
+        bound their compute threads to. Each node moves its own (``NodeSettings.
+        keep_engine_cores``); a node is never moved from here, since one restarting would hand
+        the narrowed cores on to the engine it is about to start (sluice/runtime/affinity.py,
+        docs/decisions/node-engine-cores.md). Linux only; a failure is said, not raised."""
         if not self.config.keep_engine_cores or not affinity.supported():
             return
-        nodes = [c.proc.pid for c in self.children if c.module == "inference_node"]
-        processes: list[Restartable] = [*self.stores, *self.children]
-        others = [p.proc.pid for p in processes if p.proc is not None and p.proc.poll() is None]
-        split = affinity.keep_engine_cores(nodes, others)
+        live = [c for c in self.children if c.proc.poll() is None]
+        nodes = [c.proc.pid for c in live if c.module == "inference_node"]
+        services = [c.proc.pid for c in live if c.module != "inference_node"]
+        services += [s.proc.pid for s in self.stores if s.proc and s.proc.poll() is None]
+        try:
+            split = affinity.keep_engine_cores(nodes, services)
+        except Exception as exc:  # placement only: the suite serves as well without it
+            self.say(f"could not keep the nodes' engine cores: {exc!r}")
+            return
         if split.moved:
             self.say(
                 f"kept cores {sorted(split.engine)} for the nodes' engines: "

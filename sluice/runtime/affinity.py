@@ -6,7 +6,9 @@ engine-core process (which spins on ``sched_yield`` while a step runs), the node
 threads and whatever else shares the machine are not bound: the kernel's load balancer moves
 them onto the worker's core as soon as the other cores are busy, and the worker's step waits.
 :func:`keep_engine_cores` finds the cores the process tree's bound threads hold and moves every
-other thread of the tree off them (docs/decisions/node-engine-cores.md). The node does it for
+other thread of the tree off them (docs/decisions/node-engine-cores.md). Where vLLM binds one
+logical CPU per physical core (x86 with SMT), the siblings of its cores count as others: what
+moves there still shares those physical cores. The node does it for
 its own process tree once its engine is up; ``sluice up`` does it for the services it runs
 beside the nodes once they all serve (and again after a restart). Threads made later inherit
 their creator's affinity, so a pass holds until a process restarts.
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROC = Path("/proc")
+_PASSES = 3
+"""Scans at most: a thread started while one moved the others is moved by the next."""
 
 
 @dataclass(frozen=True)
@@ -44,11 +48,10 @@ def process_tree(root: int) -> list[int]:
     for entry in PROC.iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # ended meanwhile
+        try:  # the name is raw bytes and may hold spaces and ")": read what follows the last
+            parent = int((entry / "stat").read_bytes().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):  # ended meanwhile
             continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])  # the name may hold spaces
         children.setdefault(parent, []).append(int(entry.name))
     tree, stack = [], [root]
     while stack:
@@ -88,17 +91,24 @@ def keep_engine_cores(engine_roots: Iterable[int], movable_roots: Iterable[int])
     ``engine_roots`` hold (:func:`engine_cores`), onto the others this process may use. Threads
     bound within the engine's cores stay, as do those already off them. Nothing moves when no
     engine thread is bound or the engines hold every core; ``moved`` is then 0."""
+    movable_roots, engine_roots = list(movable_roots), list(engine_roots)
     movable = threads(t for root in movable_roots for t in process_tree(root))
     cores = frozenset(os.sched_getaffinity(0)).union(*movable.values())
     engine = engine_cores(engine_roots, cores)
     others = cores - engine
-    if not engine or not others:
-        return CoreSplit(engine, others, 0)
     moved = 0
-    for tid, affinity in movable.items():
-        if affinity <= engine or affinity <= others:
-            continue
-        with contextlib.suppress(OSError):  # ended meanwhile, or not ours to move
-            os.sched_setaffinity(tid, others)
-            moved += 1
+    if not engine or not others:
+        return CoreSplit(engine, others, moved)
+    for _ in range(_PASSES):  # threads and processes started during a pass: the next one
+        fresh = 0
+        for tid, affinity in movable.items():
+            if affinity <= engine or affinity <= others:
+                continue
+            with contextlib.suppress(OSError):  # ended meanwhile, or not ours to move
+                os.sched_setaffinity(tid, others)
+                fresh += 1
+        moved += fresh
+        if not fresh:
+            break
+        movable = threads(t for root in movable_roots for t in process_tree(root))
     return CoreSplit(engine, others, moved)
