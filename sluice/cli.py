@@ -59,6 +59,12 @@ def _needs_services() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
+KEEP_ENGINE_CORES_HELP = (
+    "Keep the cores a node's engine binds its compute to (vLLM on the CPU) for it: the nodes, "
+    "stores and services move their other threads off them."
+)
+
+
 @app.command()
 def up(
     run_dir: RunDir = DEFAULT_RUN_DIR,
@@ -98,13 +104,7 @@ def up(
             "the scheduler and stores on this machine (0: same priority; default 10).",
         ),
     ] = None,
-    keep_engine_cores: Annotated[
-        bool,
-        typer.Option(
-            help="Keep the cores a node's engine binds its compute to (vLLM on the CPU) for "
-            "it: the nodes, stores and services move their other threads off them.",
-        ),
-    ] = True,
+    keep_engine_cores: Annotated[bool, typer.Option(help=KEEP_ENGINE_CORES_HELP)] = True,
     insecure: Annotated[
         bool,
         typer.Option(
