@@ -112,11 +112,12 @@ class SchedulerSettings(ServiceSettings):
     """BATCH's TTFT target (0: none; BATCH is held to its deadline and admission's promise)."""
     finetune_ttft_target_seconds: float = 0.0
     """FINETUNE-class generations' TTFT target (0: none)."""
-    first_token_budgets: bool = True
+    first_token_budgets: bool = False
     """Send each REALTIME request's node what its TTFT target leaves its first token, for an
     engine that places prompts itself (the vLLM node: behind waiting BATCH prompts while it
-    fits; the built-in engine ignores it). On by default since the vLLM node keeps its
-    engine's cores (docs/decisions/node-vllm-realtime-placement.md)."""
+    fits; the built-in engine ignores it). Off by default: on, it met bare vLLM's capacity but
+    missed REALTIME's target in bursts at 2x or 4x in every run
+    (docs/decisions/node-vllm-realtime-placement.md)."""
     realtime_itl_target_seconds: float = 0.2
     """REALTIME's inter-token target: a sequence joins a node's batch only if the node's fitted
     step time with it stays within the target of every REALTIME stream there (the time per
