@@ -41,10 +41,10 @@ def supported() -> bool:
     return hasattr(os, "sched_setaffinity") and (PROC / "self" / "task").is_dir()
 
 
-def process_tree(root: int) -> list[int]:
-    """``root`` and every process descended from it (from each process's parent in
-    ``/proc/<pid>/stat``), ``root`` first."""
-    children: dict[int, list[int]] = {}
+def children() -> dict[int, list[int]]:
+    """Every process's children, from each process's parent in ``/proc/<pid>/stat`` (one scan
+    of ``/proc``)."""
+    found: dict[int, list[int]] = {}
     for entry in PROC.iterdir():
         if not entry.name.isdigit():
             continue
@@ -52,13 +52,26 @@ def process_tree(root: int) -> list[int]:
             parent = int((entry / "stat").read_bytes().rsplit(b")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):  # ended meanwhile
             continue
-        children.setdefault(parent, []).append(int(entry.name))
+        found.setdefault(parent, []).append(int(entry.name))
+    return found
+
+
+def process_tree(root: int, kids: dict[int, list[int]] | None = None) -> list[int]:
+    """``root`` and every process descended from it, ``root`` first (``kids``: a
+    :func:`children` scan to reuse; default a fresh one)."""
+    kids = children() if kids is None else kids
     tree, stack = [], [root]
     while stack:
         pid = stack.pop()
         tree.append(pid)
-        stack.extend(children.get(pid, ()))
+        stack.extend(kids.get(pid, ()))
     return tree
+
+
+def _tree_threads(roots: list[int]) -> dict[int, frozenset[int]]:
+    """:func:`threads` of every process under ``roots``, from one scan of ``/proc``."""
+    kids = children()
+    return threads(pid for root in roots for pid in process_tree(root, kids))
 
 
 def threads(pids: Iterable[int]) -> dict[int, frozenset[int]]:
@@ -78,9 +91,10 @@ def engine_cores(roots: Iterable[int], cores: frozenset[int]) -> frozenset[int]:
     bound to. A root's own threads never count, nor do descendants' threads sharing its main
     thread's affinity (an earlier :func:`keep_engine_cores` moved them there)."""
     engine: frozenset[int] = frozenset()
+    kids = children()
     for root in roots:
         own = threads([root]).get(root, cores)
-        for affinity in threads(process_tree(root)[1:]).values():
+        for affinity in threads(process_tree(root, kids)[1:]).values():
             if affinity < cores and affinity != own:
                 engine |= affinity
     return engine
@@ -91,8 +105,8 @@ def keep_engine_cores(engine_roots: Iterable[int], movable_roots: Iterable[int])
     ``engine_roots`` hold (:func:`engine_cores`), onto the others this process may use. Threads
     bound within the engine's cores stay, as do those already off them. Nothing moves when no
     engine thread is bound or the engines hold every core; ``moved`` is then 0."""
-    movable_roots, engine_roots = list(movable_roots), list(engine_roots)
-    movable = threads(t for root in movable_roots for t in process_tree(root))
+    movable_roots = list(movable_roots)
+    movable = _tree_threads(movable_roots)
     cores = frozenset(os.sched_getaffinity(0)).union(*movable.values())
     engine = engine_cores(engine_roots, cores)
     others = cores - engine
@@ -110,5 +124,5 @@ def keep_engine_cores(engine_roots: Iterable[int], movable_roots: Iterable[int])
         moved += fresh
         if not fresh:
             break
-        movable = threads(t for root in movable_roots for t in process_tree(root))
+        movable = _tree_threads(movable_roots)
     return CoreSplit(engine, others, moved)
