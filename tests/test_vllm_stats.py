@@ -9,7 +9,16 @@ from types import SimpleNamespace
 import pytest
 
 from inference_node.engine.step_model import StepCost
-from inference_node.engine.vllm_mapping import Placement, VllmStats, Waiting, placement
+from inference_node.engine.types import SamplingParams
+from inference_node.engine.vllm_mapping import (
+    Placement,
+    Seat,
+    VllmStats,
+    Waiting,
+    may_give_seat,
+    placement,
+    seat_preemptions,
+)
 from sluice.contract import WorkloadClass
 
 
@@ -116,3 +125,66 @@ def test_a_prompt_waits_only_behind_prompts_vllm_has_seats_for() -> None:
     assert _place(9.0, waiting) == Placement(BATCH.rank, 11.0)
     full = placement(RT, 9.0, 73, waiting, 0, 12, 512, COST, now=11.0, seats=32)
     assert full == Placement(BATCH.rank, pytest.approx(10.19 - 1e-6))
+
+
+def _seat(rid: str, cls: WorkloadClass, order: float, started: bool, movable: bool = True) -> Seat:
+    return Seat(rid, cls.rank, (cls.rank, order), started, movable)
+
+
+def test_each_held_back_realtime_prompt_takes_the_seat_of_the_latest_lowest_class_stream() -> None:
+    """With every seat taken, the REALTIME prompts vLLM holds back (the last of those not
+    started, in queue order) each take the seat of a movable lower-class stream: FINETUNE
+    before BATCH, the latest in the queue first; none for a seat already being freed."""
+    seats = [
+        _seat("b-old", BATCH, 1.0, True),
+        _seat("b-new", BATCH, 5.0, True),
+        _seat("b-kept", BATCH, 6.0, True, movable=False),
+        _seat("ft", FT, 2.0, True),
+        _seat("rt-run", RT, 3.0, True),
+        _seat("rt-1", RT, 7.0, False),
+        _seat("rt-2", RT, 8.0, False),
+        _seat("b-wait", BATCH, 9.0, False),
+    ]
+    assert seat_preemptions(seats, 5, 3, 5, set()) == [("rt-1", "ft"), ("rt-2", "b-new")]
+    assert seat_preemptions(seats, 5, 3, 5, {"rt-1"}) == [("rt-2", "ft")]
+    # a REALTIME prompt not held back is prefilling: it has its seat
+    assert seat_preemptions(seats, 5, 2, 5, set()) == [("rt-2", "ft")]
+    assert seat_preemptions(seats, 5, 1, 5, set()) == []
+    # a free seat, or nothing waiting: vLLM seats it itself
+    assert seat_preemptions(seats, 4, 3, 5, set()) == []
+    assert seat_preemptions(seats, 5, 0, 5, set()) == []
+    # no movable lower-class stream: nothing to preempt
+    stuck = [s for s in seats if s.request_id in {"b-kept", "rt-run", "rt-1"}]
+    assert seat_preemptions(stuck, 3, 1, 3, set()) == []
+
+
+def test_a_stream_gives_its_seat_only_without_stop_strings_or_seeded_sampling_and_with_slack() -> (
+    None
+):
+    """A restart must not change a stream: one with stop strings or seeded sampling keeps its
+    seat; so does one whose caller's deadline leaves it under a second of slack after its
+    remaining tokens at a full step (1.2 times over) and prefilling its tokens again."""
+    greedy = SamplingParams(max_new_tokens=64)
+    full = (40, 100)  # 40 tokens left, 100 to prefill again
+
+    def gives(params: SamplingParams, left_s: float, elapsed_s: float = 1.0) -> bool:
+        return may_give_seat(params, left_s, elapsed_s, full, COST, 12)
+
+    assert gives(greedy, 0.0)  # no deadline
+    assert not gives(SamplingParams(max_new_tokens=64, stop=("\n",)), 0.0)
+    assert not gives(SamplingParams(max_new_tokens=64, temperature=0.7, seed=3), 0.0)
+    assert gives(SamplingParams(max_new_tokens=64, temperature=0.7), 0.0)
+    # need: 1.2 * 40 * (0.1 + 0.01 * 12) + 0.001 * 100 = 10.66 s; slack over 1 s
+    assert gives(greedy, 12.7)
+    assert not gives(greedy, 12.6)
+    assert may_give_seat(greedy, 3.0, 1.0, full, None, 12)  # no fit yet: the time left
+    assert not may_give_seat(greedy, 1.9, 1.0, full, None, 12)
+
+
+def test_the_stat_logger_calls_the_seat_check_after_each_step() -> None:
+    stats = VllmStats()
+    calls: list[int] = []
+    stats.on_step = lambda: calls.append(stats.running)
+    stats.record(_stats(3, 0, 50.0), None)
+    stats.record(None, None)
+    assert calls == [3]

@@ -18,7 +18,10 @@ Mapping: Sluice's classes go to vLLM's ``priority`` scheduling (``scheduling_pol
 lower runs first, then earlier ``arrival_time``: REALTIME 0, BATCH 1, FINETUNE 2, except that
 a REALTIME prompt with a first-token budget goes as late among the waiting BATCH prompts as
 its budget allows, and none goes ahead of a waiting REALTIME prompt: it then takes BATCH's
-rank and an ``arrival_time`` between its neighbours': ``placement``);
+rank and an ``arrival_time`` between its neighbours': ``placement``). vLLM preempts only for
+KV cache, so with every seat taken a REALTIME prompt would wait for some stream to end: after
+each step the node preempts a running lower-class request for each REALTIME one vLLM holds
+back, and sends it again later with its output so far as prompt (``_seat_realtime``);
 ``SamplingParams`` map one to one (greedy is temperature 0; EOS ids of the model are stop token
 ids unless ``ignore_eos``). Load comes from vLLM's own scheduler stats (running and waiting
 requests, KV cache usage, the time between its steps), read through a stat logger; vLLM knows
@@ -31,13 +34,11 @@ Fine-tuning and LoRA adapters are not served here (Train is refused FAILED_PRECO
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import itertools
 import threading
 import time
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +59,14 @@ from inference_node.engine.types import (
     RequestTooLargeError,
     TokenDelta,
 )
+from inference_node.engine.vllm_jobs import Job, JobStream, prefill_tokens, seat
 from inference_node.engine.vllm_mapping import (
     Placement,
     VllmStats,
     Waiting,
     finish_reason,
     placement,
+    seat_preemptions,
     vllm_sampling,
 )
 from inference_node.model_types import LanguageModel
@@ -89,66 +92,6 @@ class VllmOptions:
     """Skip torch.compile (faster start, slower steps)."""
 
 
-def _tokens(job: _Job) -> int:
-    return len(job.request.prompt_token_ids)
-
-
-@dataclass(eq=False)
-class _Job:
-    request: EngineRequest
-    workload_class: WorkloadClass
-    seq: int
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[TokenDelta | BaseException] = field(default_factory=asyncio.Queue)
-    place: Placement = field(default_factory=lambda: Placement(0, 0.0))
-    """Its place in vLLM's priority queue (:func:`~.vllm_mapping.placement`)."""
-    started: bool = False
-    """vLLM sent its first output: it is running (not waiting)."""
-    generated: int = 0
-    cancelled: bool = False
-    future: concurrent.futures.Future[None] | None = None
-    end: TokenDelta | BaseException | None = None
-    """The last delta (or the error) to send once its task is done."""
-
-    def deliver(self, item: TokenDelta | BaseException) -> None:
-        with contextlib.suppress(RuntimeError):  # the consumer's loop is closed
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-    def final(self, reason: FinishReason) -> TokenDelta:
-        return TokenDelta("", (), reason, len(self.request.prompt_token_ids), self.generated)
-
-
-class _Stream(DeltaStream):
-    """The consumer's side of one request; closing or dropping it cancels the request."""
-
-    def __init__(self, engine: VllmEngine, job: _Job) -> None:
-        self._job = job
-        self._finished = False
-        self._finalizer = weakref.finalize(self, engine._cancel_job, job)
-        self._finalizer.atexit = False
-
-    async def __anext__(self) -> TokenDelta:
-        if self._finished:
-            raise StopAsyncIteration
-        try:
-            item = await self._job.queue.get()
-        except asyncio.CancelledError:
-            await self.aclose()
-            raise
-        if isinstance(item, BaseException):
-            self._finished = True
-            self._finalizer.detach()
-            raise item
-        if item.finish_reason is not None:
-            self._finished = True
-            self._finalizer.detach()
-        return item
-
-    async def aclose(self) -> None:
-        self._finished = True
-        self._finalizer()  # cancels the request once; a no-op after it ended
-
-
 class VllmEngine(Draining):
     """Generation on vLLM's ``AsyncLLM`` (module doc); implements the ``Engine`` protocol."""
 
@@ -159,7 +102,7 @@ class VllmEngine(Draining):
         self._options = options
         self._kv_per_token = kv_bytes_per_token(lm)
         self._lock = threading.Lock()
-        self._jobs: dict[str, _Job] = {}
+        self._jobs: dict[str, Job] = {}
         self._seq = itertools.count()
         self._epoch = time.monotonic() - 1.0
         """Queue keys count seconds from here: small numbers keep sub-microsecond gaps apart
@@ -167,6 +110,9 @@ class VllmEngine(Draining):
         self._closed = False
         self._idle_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._sink = VllmStats()
+        self._sink.on_step = self._seat_realtime
+        self._seating: set[str] = set()
+        """REALTIME requests a preemption is freeing a seat for (engine thread)."""
         self._tasks: set[asyncio.Task[None]] = set()
         """The requests' tasks (on the engine thread only)."""
         self._loop = asyncio.new_event_loop()
@@ -229,12 +175,12 @@ class VllmEngine(Draining):
             waiting = sum(1 for j in self._jobs.values() if not j.started and not j.cancelled)
             if waiting >= self._options.max_waiting:
                 raise EngineFullError(f"{waiting} requests are already waiting")
-            job = _Job(request, workload_class, next(self._seq), asyncio.get_running_loop())
+            job = Job(request, workload_class, next(self._seq), asyncio.get_running_loop())
             job.place = self._placement(job)
             self._jobs[request.request_id] = job
             job.future = asyncio.run_coroutine_threadsafe(self._generate(job), self._loop)
         job.future.add_done_callback(lambda _f: self._ended(job))
-        return _Stream(self, job)
+        return JobStream(job, self._cancel_job)
 
     def cancel(self, request_id: str) -> None:
         """Cancel a request; its stream ends with a CANCELLED delta."""
@@ -244,23 +190,27 @@ class VllmEngine(Draining):
             self._cancel_job(job)
 
     def stats(self) -> EngineStats:
-        """Per-class running and waiting (vLLM's counts, attributed), KV use, decode rate."""
+        """Per-class running and waiting (vLLM's counts, attributed), KV use, decode rate, and
+        the running lower-class sequences no REALTIME one can take the seat of (``pinned``)."""
         running = dict.fromkeys(WorkloadClass, 0)
         waiting = dict.fromkeys(WorkloadClass, 0)
-        queued = 0
+        queued = pinned = 0
+        now, rows, cost = time.monotonic(), self._options.max_sequences, self._sink.step_model.cost
         with self._lock:
             live = [j for j in self._jobs.values() if not j.cancelled]
+            kept = [j for j in live if j.started and not j.workload_class.is_top]
+            pinned = sum(1 for j in kept if not seat(j, self._order(j), now, rows, cost).movable)
         unstarted = sorted((j for j in live if not j.started), key=self._order)
         held_back = min(self._sink.waiting, len(unstarted))
         held = {id(j) for j in unstarted[len(unstarted) - held_back :]} if held_back else set()
         for job in live:
-            params = job.request.params
+            left = max(job.request.params.max_new_tokens - job.generated, 0)
             if id(job) in held:
                 waiting[job.workload_class] += 1
-                queued += len(job.request.prompt_token_ids) + params.max_new_tokens
+                queued += prefill_tokens(job) + left
             else:
                 running[job.workload_class] += 1
-                queued += max(params.max_new_tokens - job.generated, 0)
+                queued += left
         return EngineStats(
             running=running,
             waiting=waiting,
@@ -269,7 +219,8 @@ class VllmEngine(Draining):
             decode_tokens_per_s=self._sink.decode_rate,
             queued_tokens=queued,
             steps=self._sink.steps.snapshot(),
-            step_cost=self._sink.step_model.cost,
+            step_cost=cost,
+            pinned=pinned,
         )
 
     def start(self) -> None:
@@ -312,47 +263,100 @@ class VllmEngine(Draining):
 
     # -- on the engine thread ------------------------------------------------------------------
 
-    async def _generate(self, job: _Job) -> None:
-        """Run ``job`` through vLLM, forwarding each delta; its end goes in ``job.end``, which
+    async def _generate(self, job: Job) -> None:
+        """Run ``job`` through vLLM, forwarding each delta, again from where it stopped after
+        each preemption (:meth:`_seat_realtime`); its end goes in ``job.end``, which
         :meth:`_ended` delivers (also when the task was cancelled before it ever ran)."""
-        request = job.request
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
         try:
-            prompt = {
-                "type": "token",
-                "prompt_token_ids": list(request.prompt_token_ids),
-                "arrival_time": job.place.key,  # its place among equal priorities
-            }
-            outputs = self._llm.generate(
-                prompt,
-                vllm_sampling(request.params, self._lm.eos_token_ids),
-                request.request_id,
-                priority=job.place.priority,
-            )
-            async for out in outputs:
-                job.started = True
-                delta = self._delta(job, out)
-                if delta.finish_reason is not None:
-                    job.end = delta
-                elif delta.text or delta.token_ids:
-                    job.deliver(delta)
+            while True:
+                job.run = run = asyncio.ensure_future(self._run_once(job))
+                try:
+                    await asyncio.wait({run})
+                except asyncio.CancelledError:  # the caller went away: vLLM aborts it
+                    run.cancel()
+                    await asyncio.wait({run})
+                    raise
+                if not (run.cancelled() and job.preempted):
+                    run.result()
+                    return
+                job.preempted, job.restarts = False, job.restarts + 1
         except Exception as exc:
-            log.warning("vllm_request_failed", request_id=request.request_id, exc_info=exc)
+            log.warning("vllm_request_failed", request_id=job.request.request_id, exc_info=exc)
             job.end = EngineFaultError(f"vLLM failed the request: {type(exc).__name__}")
         finally:
             self._tasks.discard(task)
+            self._seating.discard(job.request.request_id)
 
-    def _ended(self, job: _Job) -> None:
+    async def _run_once(self, job: Job) -> None:
+        """One vLLM request for ``job``: its prompt and output so far, for the tokens left,
+        at its place in the queue."""
+        request = job.request
+        params = replace(
+            request.params, max_new_tokens=request.params.max_new_tokens - job.generated
+        )
+        prompt = {
+            "type": "token",
+            "prompt_token_ids": [*request.prompt_token_ids, *job.token_ids],
+            "arrival_time": job.place.key,  # its place among equal priorities
+        }
+        outputs = self._llm.generate(
+            prompt,
+            vllm_sampling(params, self._lm.eos_token_ids),
+            f"{request.request_id}#{job.restarts}" if job.restarts else request.request_id,
+            priority=job.place.priority,
+        )
+        async for out in outputs:
+            if not job.started:
+                job.started = True
+                self._seating.discard(request.request_id)
+            delta = self._delta(job, out)
+            if delta.finish_reason is not None:
+                job.end = delta
+            elif delta.text or delta.token_ids:
+                job.deliver(delta)
+
+    def _seat_realtime(self) -> None:
+        """After each vLLM step (engine thread): with every seat taken, preempt a running
+        lower-class request for each REALTIME one vLLM holds back (:func:`seat_preemptions`);
+        the preempted one goes back to vLLM with its output so far, at its place."""
+        try:
+            with self._lock:
+                jobs = {j.request.request_id: j for j in self._jobs.values() if not j.cancelled}
+                now, rows = time.monotonic(), self._options.max_sequences
+                cost = self._sink.step_model.cost
+                seats = [seat(j, self._order(j), now, rows, cost) for j in jobs.values()]
+            pairs = seat_preemptions(
+                seats, self._sink.running, self._sink.waiting, rows, self._seating
+            )
+            for waiting_id, victim_id in pairs:
+                victim = jobs[victim_id]
+                if victim.run is None or victim.run.done():
+                    continue
+                self._seating.add(waiting_id)
+                victim.preempted, victim.started = True, False
+                victim.run.cancel()
+                log.info(
+                    "sequence_preempted",
+                    request_id=victim_id,
+                    by=waiting_id,
+                    generated=victim.generated,
+                )
+        except Exception as exc:  # never break vLLM's output handler
+            log.warning("vllm_seat_check_failed", exc_info=exc)
+
+    def _ended(self, job: Job) -> None:
         """``job``'s task is done (finished, failed or cancelled): retire it, send its end."""
         self._retire(job)
         job.deliver(job.end if job.end is not None else job.final(FinishReason.CANCELLED))
 
-    def _delta(self, job: _Job, out: Any) -> TokenDelta:
+    def _delta(self, job: Job, out: Any) -> TokenDelta:
         completion = out.outputs[0]
         token_ids = tuple(int(t) for t in completion.token_ids)
         job.generated += len(token_ids)
+        job.token_ids.extend(token_ids)
         return TokenDelta(
             completion.text,
             token_ids,
@@ -388,26 +392,26 @@ class VllmEngine(Draining):
     # -- helpers -------------------------------------------------------------------------------
 
     @staticmethod
-    def _order(job: _Job) -> tuple[int, float]:
+    def _order(job: Job) -> tuple[int, float]:
         return job.place.priority, job.place.key
 
-    def _placement(self, job: _Job) -> Placement:
+    def _placement(self, job: Job) -> Placement:
         """``job``'s place in vLLM's queue, from the prompts waiting there (under the lock)."""
         live = [j for j in self._jobs.values() if not j.cancelled]
         band = WorkloadClass.BATCH.rank
         unstarted = sorted((j for j in live if not j.started), key=self._order)
         higher = [j for j in unstarted if j.place.priority < band]
         waiting = [
-            Waiting(j.place.key, j.workload_class is WorkloadClass.REALTIME, _tokens(j))
+            Waiting(j.place.key, j.workload_class is WorkloadClass.REALTIME, prefill_tokens(j))
             for j in unstarted
             if j.place.priority == band
         ]
         return placement(
             job.workload_class,
             job.request.first_token_budget_s,
-            _tokens(job),
+            prefill_tokens(job),
             waiting,
-            sum(_tokens(j) for j in higher),
+            sum(prefill_tokens(j) for j in higher),
             sum(1 for j in live if j.started),
             self._options.max_batched_tokens,
             self._sink.step_model.cost,
@@ -415,7 +419,7 @@ class VllmEngine(Draining):
             seats=self._options.max_sequences - len(higher),
         )
 
-    def _cancel_job(self, job: _Job) -> None:
+    def _cancel_job(self, job: Job) -> None:
         """Cancel ``job``'s task (vLLM aborts the request); any thread, idempotent."""
         with self._lock:
             if job.cancelled or job.request.request_id not in self._jobs:
@@ -425,7 +429,7 @@ class VllmEngine(Draining):
         if future is not None:
             future.cancel()
 
-    def _retire(self, job: _Job) -> None:
+    def _retire(self, job: Job) -> None:
         with self._lock:
             if self._jobs.get(job.request.request_id) is job:
                 del self._jobs[job.request.request_id]

@@ -1,17 +1,19 @@
 """What maps between Sluice and vLLM for :mod:`inference_node.engine.vllm_engine`: sampling
-parameters, finish reasons, where a prompt goes in vLLM's priority queue, the checkpoint
-directory vLLM loads, and a stat logger that keeps vLLM's own scheduler stats for the node's
-load reports. vLLM is imported inside functions only.
+parameters, finish reasons, where a prompt goes in vLLM's priority queue, which lower-class
+sequence gives its seat to a REALTIME prompt, the checkpoint directory vLLM loads, and a stat
+logger that keeps vLLM's own scheduler stats for the node's load reports. vLLM is imported
+inside functions only.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from inference_node.engine.promises import MARGIN_S, SAFETY
 from inference_node.engine.step_model import StepCost, StepModel
 from inference_node.engine.step_times import StepTimes
 from inference_node.engine.types import FinishReason, SamplingParams
@@ -38,6 +40,8 @@ class VllmStats:
         self.steps = StepTimes()
         self.step_model = StepModel()
         self._last_at: float | None = None
+        self.on_step: Callable[[], None] | None = None
+        """Called after each record (on the engine thread): the engine's seat check."""
 
     def __call__(self, _vllm_config: Any, _engine_index: int = 0) -> VllmStats:
         return self  # the factory vLLM calls: one engine, this sink
@@ -58,6 +62,8 @@ class VllmStats:
                 getattr(scheduler_stats, "num_skipped_waiting_reqs", 0)
             )
             self.kv_usage = float(scheduler_stats.kv_cache_usage)
+        if self.on_step is not None and scheduler_stats is not None:
+            self.on_step()
         tokens = int(iteration_stats.num_generation_tokens) if iteration_stats else 0
         last, self._last_at = self._last_at, now
         if last is None or not busy_before or tokens == 0:
@@ -178,6 +184,73 @@ def _latest_fit(
             return position
         total -= tokens[position]
     return 0
+
+
+@dataclass(frozen=True)
+class Seat:
+    """A request handed to vLLM, as :func:`seat_preemptions` sees it: its id, class rank,
+    place in vLLM's queue (priority, key), whether it runs (vLLM sent it output), and whether
+    it may give its seat up (a lower class, and nothing a restart would change: no stop
+    strings, no seeded sampling, slack before its caller's deadline)."""
+
+    request_id: str
+    rank: int
+    order: tuple[int, float]
+    started: bool
+    movable: bool = False
+
+
+def seat_preemptions(
+    seats: Sequence[Seat], running: int, waiting: int, max_sequences: int, seating: Collection[str]
+) -> list[tuple[str, str]]:
+    """Pairs (REALTIME request waiting for a seat, running lower-class request to preempt for
+    it). vLLM preempts only for KV cache; with ``max_sequences`` running, a REALTIME prompt
+    waits, whatever its priority, until some sequence ends (``make bench-vllm`` 05:32, overload
+    at 4x: six REALTIME first tokens of 2.6-2.9 s behind 32 running streams). Its ``waiting``
+    requests are the last of those not started in queue order (the ones vLLM holds back);
+    those of them that are REALTIME and not already ``seating`` (a preemption for them in
+    flight) each take the seat of a movable lower-class one: the lowest class, latest in the
+    queue first (whom vLLM itself would preempt), which goes back to the queue at its place."""
+    if running < max_sequences or waiting <= 0:
+        return []
+    unstarted = sorted((s for s in seats if not s.started), key=lambda s: s.order)
+    held = unstarted[max(0, len(unstarted) - waiting) :]
+    top = WorkloadClass.REALTIME.rank
+    need = [s.request_id for s in held if s.rank == top and s.request_id not in seating]
+    if not need:
+        return []
+    victims = sorted(
+        (s for s in seats if s.started and s.movable and s.rank > top),
+        key=lambda s: (s.rank, s.order),
+        reverse=True,
+    )
+    return list(zip(need, (v.request_id for v in victims), strict=False))
+
+
+def may_give_seat(
+    params: SamplingParams,
+    time_left_s: float,
+    elapsed_s: float,
+    tokens: tuple[int, int],
+    cost: StepCost | None,
+    rows: int,
+) -> bool:
+    """Whether a running sequence may be preempted (:attr:`Seat.movable`, its class aside):
+    no stop strings (vLLM holds back text that may start one, which a restart would drop),
+    no seeded sampling (a restart draws from a fresh generator), and its slack over
+    :data:`~.promises.MARGIN_S`: the ``time_left_s`` its caller gave at submit (0: no
+    deadline) less the ``elapsed_s`` since, its remaining tokens (``tokens[0]``) at a step
+    of ``rows`` (``SAFETY`` times over) and prefilling again its prompt and output so far
+    (``tokens[1]``), as the built-in engine prices it (:mod:`~.promises`)."""
+    if params.stop or (params.seed is not None and params.temperature > 0):
+        return False
+    if time_left_s <= 0:
+        return True
+    need = 0.0
+    if cost is not None:
+        step_s = cost.base_s + cost.per_sequence_s * rows
+        need = SAFETY * tokens[0] * step_s + cost.per_prefill_token_s * tokens[1]
+    return time_left_s - elapsed_s - need > MARGIN_S
 
 
 def finish_reason(reason: str | None, stop_reason: Any) -> FinishReason | None:

@@ -162,23 +162,30 @@ async def test_a_cancelled_stream_frees_its_request(stub: node_pb2_grpc.NodeStub
         await asyncio.sleep(0.1)
 
 
-async def test_load_reports_and_realtime_ahead_of_queued_batch(
-    stub: node_pb2_grpc.NodeStub,
+async def test_load_reports_and_realtime_takes_a_batch_seat(
+    stub: node_pb2_grpc.NodeStub, node: Node
 ) -> None:
     """With every slot taken by BATCH streams and two more BATCH waiting, load reports show
-    running and waiting by class, KV in use and a decode rate; a REALTIME request sent last
-    gets its first token before either waiting BATCH request (vLLM priority scheduling)."""
+    running and waiting by class, KV in use and a decode rate. A REALTIME request sent last
+    gets its first token before any of those streams ends: the node preempts the latest
+    running BATCH stream for it (vLLM itself preempts only for KV cache), which then ends
+    with every token it was asked for, the same greedy tokens as its longest neighbour's."""
     batch = common_pb2.WORKLOAD_CLASS_BATCH
     first_at: dict[str, float] = {}
+    end_at: dict[str, float] = {}
+    tokens: dict[str, list[int]] = {}
 
     async def consume(key: str, request: node_pb2.NodeGenerateRequest) -> None:
         async for chunk in stub.Generate(request):
             if chunk.token_ids and key not in first_at:
                 first_at[key] = time.monotonic()
+            tokens.setdefault(key, []).extend(chunk.token_ids)
+            if chunk.finish_reason:
+                end_at[key] = time.monotonic()
 
     # Slots free one at a time (lengths differ), so the first free one decides the order.
     running = [
-        asyncio.ensure_future(consume(f"run{i}", _request(f"run{i}", 40 + 25 * i, batch)))
+        asyncio.ensure_future(consume(f"run{i}", _request(f"run{i}", 100 + 25 * i, batch)))
         for i in range(MAX_SEQUENCES)
     ]
     await eventually(lambda: len(first_at) == MAX_SEQUENCES, timeout=60)
@@ -196,7 +203,13 @@ async def test_load_reports_and_realtime_ahead_of_queued_batch(
     assert report.decode_tokens_per_s > 0
     realtime = asyncio.ensure_future(consume("rt", _request("rt", 8)))
     await asyncio.gather(*running, *queued, realtime)
+    ran = [f"run{i}" for i in range(MAX_SEQUENCES)]
+    assert first_at["rt"] < min(end_at[k] for k in ran), (first_at, end_at)
     assert first_at["rt"] < min(first_at["wait0"], first_at["wait1"]), first_at
+    last = f"run{MAX_SEQUENCES - 1}"
+    assert '"sequence_preempted"' in node.log.read_text()
+    assert len(tokens[last]) == 100 + 25 * (MAX_SEQUENCES - 1)
+    assert tokens[last][: len(tokens["run2"])] == tokens["run2"]
 
 
 async def test_drain_finishes_in_flight_then_refuses(

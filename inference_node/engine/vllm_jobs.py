@@ -1,0 +1,105 @@
+"""The vLLM node's requests (:mod:`inference_node.engine.vllm_engine`): each request's state
+across the node's threads and its preemptions, the consumer's stream of it, and how seat
+preemption (:func:`~.vllm_mapping.seat_preemptions`) sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from inference_node.engine.step_model import StepCost
+from inference_node.engine.types import DeltaStream, EngineRequest, FinishReason, TokenDelta
+from inference_node.engine.vllm_mapping import Placement, Seat, may_give_seat
+from sluice.contract import WorkloadClass
+
+
+def prefill_tokens(job: Job) -> int:
+    """The tokens it prefills: its prompt, and its output so far once preempted."""
+    return len(job.request.prompt_token_ids) + len(job.token_ids)
+
+
+@dataclass(eq=False)
+class Job:
+    """One request handed to vLLM: what the consumer's loop, the gRPC thread and the engine
+    thread share about it (under the engine's lock where it says so)."""
+
+    request: EngineRequest
+    workload_class: WorkloadClass
+    seq: int
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[TokenDelta | BaseException] = field(default_factory=asyncio.Queue)
+    place: Placement = field(default_factory=lambda: Placement(0, 0.0))
+    """Its place in vLLM's priority queue (:func:`~.vllm_mapping.placement`)."""
+    started: bool = False
+    """vLLM sent its first output: it is running (not waiting)."""
+    generated: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    """Its output so far: a preempted request goes back to vLLM with them as prompt."""
+    submitted_at: float = field(default_factory=time.monotonic)
+    run: asyncio.Task[None] | None = None
+    """Its current vLLM request (engine thread); cancelled to preempt it."""
+    preempted: bool = False
+    restarts: int = 0
+    cancelled: bool = False
+    future: concurrent.futures.Future[None] | None = None
+    end: TokenDelta | BaseException | None = None
+    """The last delta (or the error) to send once its task is done."""
+
+    def deliver(self, item: TokenDelta | BaseException) -> None:
+        with contextlib.suppress(RuntimeError):  # the consumer's loop is closed
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def final(self, reason: FinishReason) -> TokenDelta:
+        return TokenDelta("", (), reason, len(self.request.prompt_token_ids), self.generated)
+
+
+class JobStream(DeltaStream):
+    """The consumer's side of one request; closing or dropping it cancels the request."""
+
+    def __init__(self, job: Job, cancel: Callable[[Job], None]) -> None:
+        self._job = job
+        self._finished = False
+        self._finalizer = weakref.finalize(self, cancel, job)
+        self._finalizer.atexit = False
+
+    async def __anext__(self) -> TokenDelta:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            item = await self._job.queue.get()
+        except asyncio.CancelledError:
+            await self.aclose()
+            raise
+        if isinstance(item, BaseException):
+            self._finished = True
+            self._finalizer.detach()
+            raise item
+        if item.finish_reason is not None:
+            self._finished = True
+            self._finalizer.detach()
+        return item
+
+    async def aclose(self) -> None:
+        self._finished = True
+        self._finalizer()  # cancels the request once; a no-op after it ended
+
+
+def seat(job: Job, order: tuple[int, float], now: float, rows: int, cost: StepCost | None) -> Seat:
+    """``job`` as :func:`~.vllm_mapping.seat_preemptions` sees it, at ``order`` in vLLM's
+    queue (under the engine's lock; ``rows``: vLLM's sequences)."""
+    request = job.request
+    movable = job.started and may_give_seat(
+        request.params,
+        request.time_left_s,
+        now - job.submitted_at,
+        (request.params.max_new_tokens - job.generated, prefill_tokens(job)),
+        cost,
+        rows,
+    )
+    return Seat(request.request_id, job.workload_class.rank, order, job.started, movable)
