@@ -11,6 +11,7 @@ import pytest
 from inference_node.engine.step_model import StepCost
 from inference_node.engine.types import SamplingParams
 from inference_node.engine.vllm_mapping import (
+    FirstTokenCalibration,
     Placement,
     Seat,
     VllmStats,
@@ -188,3 +189,51 @@ def test_the_stat_logger_calls_the_seat_check_after_each_step() -> None:
     stats.record(_stats(3, 0, 50.0), None)
     stats.record(None, None)
     assert calls == [3]
+
+
+def test_placement_keeps_the_calibrated_margin_and_none_uncalibrated() -> None:
+    """The first token predicted at the chosen place comes with it; the budget less the
+    calibration margin decides the place, and with no calibration yet a REALTIME prompt
+    goes ahead of the BATCH prompts as without a budget."""
+    waiting = [Waiting(10.0, False, 400), Waiting(10.5, False, 600)]
+    behind_both = placement(RT, 2.5, 73, waiting, 0, 12, 512, COST, now=11.0)
+    assert behind_both == Placement(BATCH.rank, 11.0)
+    assert behind_both.predicted_s == pytest.approx(2.26512)
+    tight = placement(RT, 2.5, 73, waiting, 0, 12, 512, COST, now=11.0, margin_s=0.5)
+    assert tight == Placement(BATCH.rank, pytest.approx(10.5 - 1e-6))
+    assert tight.predicted_s == pytest.approx(1.41 + 0.00012, abs=0.01)
+    first = placement(RT, 2.5, 73, waiting, 0, 12, 512, COST, now=11.0, margin_s=None)
+    assert first == Placement(RT.rank, 11.0)
+    assert first.predicted_s == pytest.approx(1.013, abs=0.01)
+    assert placement(BATCH, 2.5, 73, waiting, 0, 12, 512, COST, now=11.0).predicted_s == 0.0
+
+
+def test_calibration_is_the_90th_percentile_lateness_of_recent_queued_first_tokens() -> None:
+    """Only first tokens predicted half a second or more count; none until eight are recent,
+    and those older than a minute drop out; a first token earlier than predicted pads
+    nothing."""
+    cal = FirstTokenCalibration()
+    for i in range(7):
+        cal.record(float(i), 1.0, 1.0 + 0.1 * i)
+    cal.record(7.0, 0.3, 3.0)  # a step or two: not a queue's error
+    assert cal.margin(8.0) is None
+    cal.record(8.0, 1.0, 0.5)
+    assert cal.margin(8.0) == pytest.approx(0.6)  # 8 samples: the 8th smallest of -0.5..0.6
+    for i in range(60):
+        cal.record(9.0 + i / 10, 1.0, 0.2)
+    assert cal.margin(19.0) == 0.0
+    assert cal.margin(200.0) is None
+
+
+def test_a_realtime_prompt_placed_behind_held_back_batch_gets_no_seat_freed() -> None:
+    """A freed seat goes to the first prompt vLLM holds back: a REALTIME prompt placed among
+    BATCH ones (BATCH's priority) behind a held-back BATCH prompt would not get it, so none
+    is freed for it; one ahead of every held-back BATCH prompt gets one."""
+    seats = [
+        _seat("b-run", BATCH, 1.0, True),
+        Seat("b-wait", BATCH.rank, (BATCH.rank, 4.0), False),
+        Seat("rt-placed", RT.rank, (BATCH.rank, 5.0), False),
+    ]
+    assert seat_preemptions(seats, 1, 2, 1, set()) == []
+    ahead = [*seats[:1], Seat("rt-placed", RT.rank, (BATCH.rank, 3.0), False), seats[1]]
+    assert seat_preemptions(ahead, 1, 2, 1, set()) == [("rt-placed", "b-run")]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 from typing import Any
 
 import structlog
@@ -21,7 +20,7 @@ class Draining:
     ``_idle_waiters`` when its last job ends."""
 
     _lm: LanguageModel
-    _lock: threading.Lock
+    _lock: contextlib.AbstractContextManager[Any]  # a Lock or an RLock
     _closed: bool
     _jobs: dict[str, Any]
     _idle_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]

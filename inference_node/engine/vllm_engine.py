@@ -45,7 +45,7 @@ from typing import Any
 import structlog
 
 from inference_node.engine.draining import Draining
-from inference_node.engine.text import kv_bytes_per_token, sampling_violations
+from inference_node.engine.text import kv_bytes_per_token
 from inference_node.engine.types import (
     DeltaStream,
     DuplicateRequestError,
@@ -55,12 +55,12 @@ from inference_node.engine.types import (
     EngineRequest,
     EngineStats,
     FinishReason,
-    InvalidRequestError,
-    RequestTooLargeError,
     TokenDelta,
 )
-from inference_node.engine.vllm_jobs import Job, JobStream, prefill_tokens, seat
+from inference_node.engine.vllm_jobs import Job, JobStream, prefill_tokens, seat, validate
 from inference_node.engine.vllm_mapping import (
+    KEY_GAP_S,
+    FirstTokenCalibration,
     Placement,
     VllmStats,
     Waiting,
@@ -75,6 +75,10 @@ from sluice.contract import WorkloadClass
 log = structlog.get_logger(__name__)
 
 _JOIN_TIMEOUT_S = 30.0
+SEATING_STEPS = 3
+"""vLLM steps a preemption has to seat its REALTIME prompt (the abort reaches vLLM's engine
+core, which may have scheduled the next step already) before one still held back gets another
+(the seat may have gone to a prompt ahead of it)."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,7 @@ class VllmEngine(Draining):
         self._lm = lm
         self._options = options
         self._kv_per_token = kv_bytes_per_token(lm)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a stream's finalizer may run where it is held
         self._jobs: dict[str, Job] = {}
         self._seq = itertools.count()
         self._epoch = time.monotonic() - 1.0
@@ -111,8 +115,12 @@ class VllmEngine(Draining):
         self._idle_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._sink = VllmStats()
         self._sink.on_step = self._seat_realtime
-        self._seating: set[str] = set()
-        """REALTIME requests a preemption is freeing a seat for (engine thread)."""
+        self._calibration = FirstTokenCalibration()
+        """How late REALTIME first tokens came against their prediction (under the lock)."""
+        self._steps = 0
+        self._seating: dict[str, int] = {}
+        """REALTIME requests a preemption is freeing a seat for, and the step it was made at
+        (engine thread; after ``SEATING_STEPS`` more, one still held back gets another)."""
         self._tasks: set[asyncio.Task[None]] = set()
         """The requests' tasks (on the engine thread only)."""
         self._loop = asyncio.new_event_loop()
@@ -166,13 +174,15 @@ class VllmEngine(Draining):
 
     def submit(self, request: EngineRequest) -> DeltaStream:
         """Validate and hand ``request`` to vLLM; see :meth:`Engine.submit`."""
-        workload_class = self._validate(request)
+        workload_class = validate(request, self._lm, self._kv_per_token, self._kv_budget)
         with self._lock:
             if self._closed:
                 raise EngineClosedError("engine is not accepting requests")
             if request.request_id in self._jobs:
                 raise DuplicateRequestError(f"request {request.request_id!r} is already in flight")
-            waiting = sum(1 for j in self._jobs.values() if not j.started and not j.cancelled)
+            waiting = sum(
+                1 for j in self._jobs.values() if not (j.started or j.cancelled or j.restarts)
+            )
             if waiting >= self._options.max_waiting:
                 raise EngineFullError(f"{waiting} requests are already waiting")
             job = Job(request, workload_class, next(self._seq), asyncio.get_running_loop())
@@ -276,19 +286,22 @@ class VllmEngine(Draining):
                 try:
                     await asyncio.wait({run})
                 except asyncio.CancelledError:  # the caller went away: vLLM aborts it
-                    run.cancel()
+                    if not job.preempted:  # else its cancel is in flight: let it abort
+                        run.cancel()
                     await asyncio.wait({run})
                     raise
-                if not (run.cancelled() and job.preempted):
+                if not (run.cancelled() and job.preempted) or job.cancelled:
                     run.result()
                     return
                 job.preempted, job.restarts = False, job.restarts + 1
+                with self._lock:
+                    job.place = self._resumed_place(job)
         except Exception as exc:
             log.warning("vllm_request_failed", request_id=job.request.request_id, exc_info=exc)
             job.end = EngineFaultError(f"vLLM failed the request: {type(exc).__name__}")
         finally:
             self._tasks.discard(task)
-            self._seating.discard(job.request.request_id)
+            self._seating.pop(job.request.request_id, None)
 
     async def _run_once(self, job: Job) -> None:
         """One vLLM request for ``job``: its prompt and output so far, for the tokens left,
@@ -311,18 +324,52 @@ class VllmEngine(Draining):
         async for out in outputs:
             if not job.started:
                 job.started = True
-                self._seating.discard(request.request_id)
+                self._seating.pop(request.request_id, None)
+                self._first_token(job)
             delta = self._delta(job, out)
             if delta.finish_reason is not None:
                 job.end = delta
             elif delta.text or delta.token_ids:
                 job.deliver(delta)
 
+    def _first_token(self, job: Job) -> None:
+        """``job``'s first token came: a REALTIME one calibrates placement (engine thread)."""
+        if job.restarts or not job.workload_class.is_top or job.place.predicted_s <= 0:
+            return
+        now = time.monotonic()
+        took = now - job.submitted_at
+        with self._lock:
+            self._calibration.record(now, job.place.predicted_s, took)
+        if job.place.priority != job.workload_class.rank:  # placed among BATCH prompts
+            log.info(
+                "realtime_placed",
+                request_id=job.request.request_id,
+                predicted_ms=round(job.place.predicted_s * 1000, 1),
+                first_token_ms=round(took * 1000, 1),
+            )
+
+    def _resumed_place(self, job: Job) -> Placement:
+        """Where a preempted ``job`` goes back (under the lock): its place, but behind every
+        REALTIME prompt placed among BATCH ones (each counted on the prompts ahead of it)."""
+        band, place = WorkloadClass.BATCH.rank, job.place
+        placed = [
+            j.place.key
+            for j in self._jobs.values()
+            if j.workload_class.is_top and j.place.priority == band and not j.started
+        ]
+        if place.priority != band or not placed or max(placed) < place.key:
+            return place
+        return Placement(band, max(placed) + KEY_GAP_S)
+
     def _seat_realtime(self) -> None:
         """After each vLLM step (engine thread): with every seat taken, preempt a running
         lower-class request for each REALTIME one vLLM holds back (:func:`seat_preemptions`);
         the preempted one goes back to vLLM with its output so far, at its place."""
         try:
+            self._steps += 1
+            for rid, step in list(self._seating.items()):
+                if step < self._steps - SEATING_STEPS:
+                    del self._seating[rid]
             with self._lock:
                 jobs = {j.request.request_id: j for j in self._jobs.values() if not j.cancelled}
                 now, rows = time.monotonic(), self._options.max_sequences
@@ -335,7 +382,7 @@ class VllmEngine(Draining):
                 victim = jobs[victim_id]
                 if victim.run is None or victim.run.done():
                     continue
-                self._seating.add(waiting_id)
+                self._seating[waiting_id] = self._steps
                 victim.preempted, victim.started = True, False
                 victim.run.cancel()
                 log.info(
@@ -357,6 +404,7 @@ class VllmEngine(Draining):
         token_ids = tuple(int(t) for t in completion.token_ids)
         job.generated += len(token_ids)
         job.token_ids.extend(token_ids)
+        job.text_pending = not completion.text and (bool(token_ids) or job.text_pending)
         return TokenDelta(
             completion.text,
             token_ids,
@@ -417,6 +465,7 @@ class VllmEngine(Draining):
             self._sink.step_model.cost,
             time.monotonic() - self._epoch,
             seats=self._options.max_sequences - len(higher),
+            margin_s=self._calibration.margin(time.monotonic()),
         )
 
     def _cancel_job(self, job: Job) -> None:
@@ -439,42 +488,3 @@ class VllmEngine(Draining):
         for loop, idle in waiters:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(idle.set)
-
-    def _validate(self, request: EngineRequest) -> WorkloadClass:
-        """Every rule ``request`` breaks (:class:`InvalidRequestError`), then
-        :class:`RequestTooLargeError`; returns its class (0 read as REALTIME)."""
-        params = request.params
-        prompt = request.prompt_token_ids
-        violations = sampling_violations(params)
-        if not prompt:
-            violations.append(("prompt", "the prompt is empty"))
-        elif min(prompt) < 0 or max(prompt) >= self._lm.vocab_size:
-            violations.append(("prompt", f"token ids must be in [0, {self._lm.vocab_size})"))
-        if params.max_new_tokens < 1:
-            violations.append(("options.max_new_tokens", "must be at least 1"))
-        if request.adapter:
-            violations.append(
-                ("adapter", f"{self._lm.name!r} runs on the vLLM engine, which serves no adapters")
-            )
-        workload_class = WorkloadClass.REALTIME
-        try:
-            workload_class = WorkloadClass.from_wire(request.workload_class)
-        except ValueError:
-            violations.append(("workload_class", f"unknown value {int(request.workload_class)}"))
-        total = len(prompt) + params.max_new_tokens
-        if total > self._lm.max_context_tokens:
-            violations.append(
-                (
-                    "options.max_new_tokens",
-                    f"prompt ({len(prompt)} tokens) plus max_new_tokens ({params.max_new_tokens})"
-                    f" exceeds the context of {self._lm.max_context_tokens} tokens",
-                )
-            )
-        if violations:
-            raise InvalidRequestError(violations)
-        if total * self._kv_per_token > self._kv_budget:
-            raise RequestTooLargeError(
-                f"request needs {total * self._kv_per_token} bytes of KV cache, "
-                f"more than the budget of {self._kv_budget} bytes"
-            )
-        return workload_class

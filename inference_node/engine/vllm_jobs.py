@@ -1,6 +1,6 @@
-"""The vLLM node's requests (:mod:`inference_node.engine.vllm_engine`): each request's state
-across the node's threads and its preemptions, the consumer's stream of it, and how seat
-preemption (:func:`~.vllm_mapping.seat_preemptions`) sees it.
+"""The vLLM node's requests (:mod:`inference_node.engine.vllm_engine`): what it refuses at
+submit, each request's state across the node's threads and its preemptions, the consumer's
+stream of it, and how seat preemption (:func:`~.vllm_mapping.seat_preemptions`) sees it.
 """
 
 from __future__ import annotations
@@ -14,8 +14,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from inference_node.engine.step_model import StepCost
-from inference_node.engine.types import DeltaStream, EngineRequest, FinishReason, TokenDelta
+from inference_node.engine.text import sampling_violations
+from inference_node.engine.types import (
+    DeltaStream,
+    EngineRequest,
+    FinishReason,
+    InvalidRequestError,
+    RequestTooLargeError,
+    TokenDelta,
+)
 from inference_node.engine.vllm_mapping import Placement, Seat, may_give_seat
+from inference_node.model_types import LanguageModel
 from sluice.contract import WorkloadClass
 
 
@@ -46,6 +55,9 @@ class Job:
     """Its current vLLM request (engine thread); cancelled to preempt it."""
     preempted: bool = False
     restarts: int = 0
+    text_pending: bool = False
+    """Its last tokens gave no text yet (a character cut between tokens): a restart would
+    decode them anew, with the prompt, so it keeps its seat until they do."""
     cancelled: bool = False
     future: concurrent.futures.Future[None] | None = None
     end: TokenDelta | BaseException | None = None
@@ -90,11 +102,17 @@ class JobStream(DeltaStream):
         self._finalizer()  # cancels the request once; a no-op after it ended
 
 
+MAX_RESTARTS = 3
+"""Preemptions a request may take (each prefills its prompt and output again)."""
+
+
 def seat(job: Job, order: tuple[int, float], now: float, rows: int, cost: StepCost | None) -> Seat:
     """``job`` as :func:`~.vllm_mapping.seat_preemptions` sees it, at ``order`` in vLLM's
     queue (under the engine's lock; ``rows``: vLLM's sequences)."""
     request = job.request
-    movable = job.started and may_give_seat(
+    movable = (
+        job.started and not job.text_pending and job.restarts < MAX_RESTARTS
+    ) and may_give_seat(
         request.params,
         request.time_left_s,
         now - job.submitted_at,
@@ -103,3 +121,46 @@ def seat(job: Job, order: tuple[int, float], now: float, rows: int, cost: StepCo
         rows,
     )
     return Seat(request.request_id, job.workload_class.rank, order, job.started, movable)
+
+
+def validate(
+    request: EngineRequest, lm: LanguageModel, kv_per_token: int, kv_budget: int
+) -> WorkloadClass:
+    """Every rule ``request`` breaks (:class:`InvalidRequestError`), then
+    :class:`RequestTooLargeError` (beyond ``kv_budget`` bytes of KV cache at
+    ``kv_per_token``); returns its class (0 read as REALTIME)."""
+    params = request.params
+    prompt = request.prompt_token_ids
+    violations = sampling_violations(params)
+    if not prompt:
+        violations.append(("prompt", "the prompt is empty"))
+    elif min(prompt) < 0 or max(prompt) >= lm.vocab_size:
+        violations.append(("prompt", f"token ids must be in [0, {lm.vocab_size})"))
+    if params.max_new_tokens < 1:
+        violations.append(("options.max_new_tokens", "must be at least 1"))
+    if request.adapter:
+        violations.append(
+            ("adapter", f"{lm.name!r} runs on the vLLM engine, which serves no adapters")
+        )
+    workload_class = WorkloadClass.REALTIME
+    try:
+        workload_class = WorkloadClass.from_wire(request.workload_class)
+    except ValueError:
+        violations.append(("workload_class", f"unknown value {int(request.workload_class)}"))
+    total = len(prompt) + params.max_new_tokens
+    if total > lm.max_context_tokens:
+        violations.append(
+            (
+                "options.max_new_tokens",
+                f"prompt ({len(prompt)} tokens) plus max_new_tokens ({params.max_new_tokens})"
+                f" exceeds the context of {lm.max_context_tokens} tokens",
+            )
+        )
+    if violations:
+        raise InvalidRequestError(violations)
+    if total * kv_per_token > kv_budget:
+        raise RequestTooLargeError(
+            f"request needs {total * kv_per_token} bytes of KV cache, "
+            f"more than the budget of {kv_budget} bytes"
+        )
+    return workload_class

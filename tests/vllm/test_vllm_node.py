@@ -207,7 +207,8 @@ async def test_load_reports_and_realtime_takes_a_batch_seat(
     assert first_at["rt"] < min(end_at[k] for k in ran), (first_at, end_at)
     assert first_at["rt"] < min(first_at["wait0"], first_at["wait1"]), first_at
     last = f"run{MAX_SEQUENCES - 1}"
-    assert '"sequence_preempted"' in node.log.read_text()
+    preempted = [line for line in node.log.read_text().splitlines() if "sequence_preempted" in line]
+    assert preempted and all(f'"request_id": "{last}"' in line for line in preempted), preempted
     assert len(tokens[last]) == 100 + 25 * (MAX_SEQUENCES - 1)
     assert tokens[last][: len(tokens["run2"])] == tokens["run2"]
 
