@@ -146,17 +146,17 @@ def test_each_held_back_realtime_prompt_takes_the_seat_of_the_latest_lowest_clas
         _seat("rt-2", RT, 8.0, False),
         _seat("b-wait", BATCH, 9.0, False),
     ]
-    assert seat_preemptions(seats, 5, 3, 5, set()) == [("rt-1", "ft"), ("rt-2", "b-new")]
-    assert seat_preemptions(seats, 5, 3, 5, {"rt-1"}) == [("rt-2", "ft")]
+    assert seat_preemptions(seats, 5, 3, 5, set()) == ([("rt-1", "ft"), ("rt-2", "b-new")], [])
+    assert seat_preemptions(seats, 5, 3, 5, {"rt-1"}) == ([("rt-2", "ft")], [])
     # a REALTIME prompt not held back is prefilling: it has its seat
-    assert seat_preemptions(seats, 5, 2, 5, set()) == [("rt-2", "ft")]
-    assert seat_preemptions(seats, 5, 1, 5, set()) == []
+    assert seat_preemptions(seats, 5, 2, 5, set()) == ([("rt-2", "ft")], [])
+    assert seat_preemptions(seats, 5, 1, 5, set()) == ([], [])
     # a free seat, or nothing waiting: vLLM seats it itself
-    assert seat_preemptions(seats, 4, 3, 5, set()) == []
-    assert seat_preemptions(seats, 5, 0, 5, set()) == []
+    assert seat_preemptions(seats, 4, 3, 5, set()) == ([], [])
+    assert seat_preemptions(seats, 5, 0, 5, set()) == ([], [])
     # no movable lower-class stream: nothing to preempt
     stuck = [s for s in seats if s.request_id in {"b-kept", "rt-run", "rt-1"}]
-    assert seat_preemptions(stuck, 3, 1, 3, set()) == []
+    assert seat_preemptions(stuck, 3, 1, 3, set()) == ([], [])
 
 
 def test_a_stream_gives_its_seat_only_without_stop_strings_or_seeded_sampling_and_with_slack() -> (
@@ -225,15 +225,16 @@ def test_calibration_is_the_90th_percentile_lateness_of_recent_queued_first_toke
     assert cal.margin(200.0) is None
 
 
-def test_a_realtime_prompt_placed_behind_held_back_batch_gets_no_seat_freed() -> None:
+def test_a_realtime_prompt_placed_behind_held_back_batch_is_lifted_not_given_a_seat() -> None:
     """A freed seat goes to the first prompt vLLM holds back: a REALTIME prompt placed among
     BATCH ones (BATCH's priority) behind a held-back BATCH prompt would not get it, so none
-    is freed for it; one ahead of every held-back BATCH prompt gets one."""
+    is freed for it: it goes back at REALTIME's rank; one ahead of every held-back BATCH
+    prompt gets one."""
     seats = [
         _seat("b-run", BATCH, 1.0, True),
         Seat("b-wait", BATCH.rank, (BATCH.rank, 4.0), False),
         Seat("rt-placed", RT.rank, (BATCH.rank, 5.0), False),
     ]
-    assert seat_preemptions(seats, 1, 2, 1, set()) == []
+    assert seat_preemptions(seats, 1, 2, 1, set()) == ([], ["rt-placed"])
     ahead = [*seats[:1], Seat("rt-placed", RT.rank, (BATCH.rank, 3.0), False), seats[1]]
-    assert seat_preemptions(ahead, 1, 2, 1, set()) == [("rt-placed", "b-run")]
+    assert seat_preemptions(ahead, 1, 2, 1, set()) == ([("rt-placed", "b-run")], [])

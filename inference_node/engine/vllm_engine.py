@@ -57,9 +57,15 @@ from inference_node.engine.types import (
     FinishReason,
     TokenDelta,
 )
-from inference_node.engine.vllm_jobs import Job, JobStream, prefill_tokens, seat, validate
+from inference_node.engine.vllm_jobs import (
+    Job,
+    JobStream,
+    prefill_tokens,
+    resumed_place,
+    seat,
+    validate,
+)
 from inference_node.engine.vllm_mapping import (
-    KEY_GAP_S,
     FirstTokenCalibration,
     Placement,
     VllmStats,
@@ -181,7 +187,7 @@ class VllmEngine(Draining):
             if request.request_id in self._jobs:
                 raise DuplicateRequestError(f"request {request.request_id!r} is already in flight")
             waiting = sum(
-                1 for j in self._jobs.values() if not (j.started or j.cancelled or j.restarts)
+                1 for j in list(self._jobs.values()) if not (j.started or j.cancelled or j.restarts)
             )
             if waiting >= self._options.max_waiting:
                 raise EngineFullError(f"{waiting} requests are already waiting")
@@ -207,7 +213,7 @@ class VllmEngine(Draining):
         queued = pinned = 0
         now, rows, cost = time.monotonic(), self._options.max_sequences, self._sink.step_model.cost
         with self._lock:
-            live = [j for j in self._jobs.values() if not j.cancelled]
+            live = [j for j in list(self._jobs.values()) if not j.cancelled]
             kept = [j for j in live if j.started and not j.workload_class.is_top]
             pinned = sum(1 for j in kept if not seat(j, self._order(j), now, rows, cost).movable)
         unstarted = sorted((j for j in live if not j.started), key=self._order)
@@ -295,7 +301,10 @@ class VllmEngine(Draining):
                     return
                 job.preempted, job.restarts = False, job.restarts + 1
                 with self._lock:
-                    job.place = self._resumed_place(job)
+                    if job.lifted:  # ahead of every BATCH prompt, after earlier REALTIME ones
+                        job.place = Placement(job.workload_class.rank, job.place.key)
+                    else:
+                        job.place = resumed_place(job, list(self._jobs.values()))
         except Exception as exc:
             log.warning("vllm_request_failed", request_id=job.request.request_id, exc_info=exc)
             job.end = EngineFaultError(f"vLLM failed the request: {type(exc).__name__}")
@@ -324,17 +333,19 @@ class VllmEngine(Draining):
         async for out in outputs:
             if not job.started:
                 job.started = True
-                self._seating.pop(request.request_id, None)
-                self._first_token(job)
+                seated = self._seating.pop(request.request_id, None) is not None
+                self._first_token(job, seated)
             delta = self._delta(job, out)
             if delta.finish_reason is not None:
                 job.end = delta
             elif delta.text or delta.token_ids:
                 job.deliver(delta)
 
-    def _first_token(self, job: Job) -> None:
-        """``job``'s first token came: a REALTIME one calibrates placement (engine thread)."""
-        if job.restarts or not job.workload_class.is_top or job.place.predicted_s <= 0:
+    def _first_token(self, job: Job, seated: bool) -> None:
+        """``job``'s first token came: a REALTIME one calibrates placement (engine thread),
+        unless it was lifted or restarted, or waited for a seat (``seated``: a preemption
+        freed one; the prediction counts no such wait)."""
+        if seated or job.restarts or not job.workload_class.is_top or job.place.predicted_s <= 0:
             return
         now = time.monotonic()
         took = now - job.submitted_at
@@ -348,19 +359,6 @@ class VllmEngine(Draining):
                 first_token_ms=round(took * 1000, 1),
             )
 
-    def _resumed_place(self, job: Job) -> Placement:
-        """Where a preempted ``job`` goes back (under the lock): its place, but behind every
-        REALTIME prompt placed among BATCH ones (each counted on the prompts ahead of it)."""
-        band, place = WorkloadClass.BATCH.rank, job.place
-        placed = [
-            j.place.key
-            for j in self._jobs.values()
-            if j.workload_class.is_top and j.place.priority == band and not j.started
-        ]
-        if place.priority != band or not placed or max(placed) < place.key:
-            return place
-        return Placement(band, max(placed) + KEY_GAP_S)
-
     def _seat_realtime(self) -> None:
         """After each vLLM step (engine thread): with every seat taken, preempt a running
         lower-class request for each REALTIME one vLLM holds back (:func:`seat_preemptions`);
@@ -371,13 +369,21 @@ class VllmEngine(Draining):
                 if step < self._steps - SEATING_STEPS:
                     del self._seating[rid]
             with self._lock:
-                jobs = {j.request.request_id: j for j in self._jobs.values() if not j.cancelled}
+                jobs = {
+                    j.request.request_id: j for j in list(self._jobs.values()) if not j.cancelled
+                }
                 now, rows = time.monotonic(), self._options.max_sequences
                 cost = self._sink.step_model.cost
                 seats = [seat(j, self._order(j), now, rows, cost) for j in jobs.values()]
-            pairs = seat_preemptions(
+            pairs, lifts = seat_preemptions(
                 seats, self._sink.running, self._sink.waiting, rows, self._seating
             )
+            for lifted_id in lifts:  # not started: nothing to prefill again
+                lifted = jobs[lifted_id]
+                if lifted.run is not None and not lifted.run.done() and not lifted.preempted:
+                    lifted.preempted, lifted.lifted = True, True
+                    lifted.run.cancel()
+                    log.info("realtime_lifted", request_id=lifted_id)
             for waiting_id, victim_id in pairs:
                 victim = jobs[victim_id]
                 if victim.run is None or victim.run.done():
@@ -385,12 +391,8 @@ class VllmEngine(Draining):
                 self._seating[waiting_id] = self._steps
                 victim.preempted, victim.started = True, False
                 victim.run.cancel()
-                log.info(
-                    "sequence_preempted",
-                    request_id=victim_id,
-                    by=waiting_id,
-                    generated=victim.generated,
-                )
+                kept = victim.generated
+                log.info("sequence_preempted", request_id=victim_id, by=waiting_id, generated=kept)
         except Exception as exc:  # never break vLLM's output handler
             log.warning("vllm_seat_check_failed", exc_info=exc)
 
@@ -404,7 +406,8 @@ class VllmEngine(Draining):
         token_ids = tuple(int(t) for t in completion.token_ids)
         job.generated += len(token_ids)
         job.token_ids.extend(token_ids)
-        job.text_pending = not completion.text and (bool(token_ids) or job.text_pending)
+        if token_ids and not job.workload_class.is_top:  # only lower classes give seats
+            job.text_pending = self._lm.tokenizer.decode(job.token_ids[-4:]).endswith("\ufffd")
         return TokenDelta(
             completion.text,
             token_ids,
@@ -445,7 +448,7 @@ class VllmEngine(Draining):
 
     def _placement(self, job: Job) -> Placement:
         """``job``'s place in vLLM's queue, from the prompts waiting there (under the lock)."""
-        live = [j for j in self._jobs.values() if not j.cancelled]
+        live = [j for j in list(self._jobs.values()) if not j.cancelled]
         band = WorkloadClass.BATCH.rank
         unstarted = sorted((j for j in live if not j.started), key=self._order)
         higher = [j for j in unstarted if j.place.priority < band]
@@ -465,7 +468,11 @@ class VllmEngine(Draining):
             self._sink.step_model.cost,
             time.monotonic() - self._epoch,
             seats=self._options.max_sequences - len(higher),
-            margin_s=self._calibration.margin(time.monotonic()),
+            margin_s=(
+                self._calibration.margin(time.monotonic())
+                if job.request.first_token_budget_s > 0
+                else None
+            ),
         )
 
     def _cancel_job(self, job: Job) -> None:

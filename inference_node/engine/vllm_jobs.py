@@ -10,7 +10,7 @@ import concurrent.futures
 import contextlib
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from inference_node.engine.step_model import StepCost
@@ -23,7 +23,7 @@ from inference_node.engine.types import (
     RequestTooLargeError,
     TokenDelta,
 )
-from inference_node.engine.vllm_mapping import Placement, Seat, may_give_seat
+from inference_node.engine.vllm_mapping import KEY_GAP_S, Placement, Seat, may_give_seat
 from inference_node.model_types import LanguageModel
 from sluice.contract import WorkloadClass
 
@@ -56,8 +56,10 @@ class Job:
     preempted: bool = False
     restarts: int = 0
     text_pending: bool = False
-    """Its last tokens gave no text yet (a character cut between tokens): a restart would
-    decode them anew, with the prompt, so it keeps its seat until they do."""
+    """Its last token ends within a character (vLLM holds its bytes back): a restart would
+    decode them anew, with the prompt, so it keeps its seat until the character ends."""
+    lifted: bool = False
+    """A REALTIME prompt placed among BATCH ones that went back at REALTIME's rank."""
     cancelled: bool = False
     future: concurrent.futures.Future[None] | None = None
     end: TokenDelta | BaseException | None = None
@@ -164,3 +166,19 @@ def validate(
             f"more than the budget of {kv_budget} bytes"
         )
     return workload_class
+
+
+def resumed_place(job: Job, jobs: Sequence[Job]) -> Placement:
+    """Where a preempted ``job`` goes back among ``jobs`` (under the engine's lock): its place,
+    but behind every REALTIME prompt placed among BATCH ones (each counted on the prompts
+    ahead of it), before the next waiting prompt."""
+    band, place = WorkloadClass.BATCH.rank, job.place
+    waiting = [
+        j for j in jobs if j.place.priority == band and not (j.started or j.cancelled or j is job)
+    ]
+    placed = [j.place.key for j in waiting if j.workload_class.is_top]
+    if place.priority != band or not placed or max(placed) < place.key:
+        return place
+    after = min((j.place.key for j in waiting if j.place.key > max(placed)), default=None)
+    key = max(placed) + KEY_GAP_S if after is None else (max(placed) + after) / 2
+    return Placement(band, key)

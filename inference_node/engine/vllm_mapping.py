@@ -201,19 +201,22 @@ def placement(
     if budget_s > 0 and margin_s is not None and cost is not None and cost.per_prefill_token_s > 0:
         fit = _latest_fit(tokens, budget_s - margin_s, rows, step_tokens, cost)
         position = max(first, fit)
-    predicted = 0.0
-    if cost is not None and cost.per_prefill_token_s > 0:
-        ahead = ahead_tokens + prompt_tokens + sum(w.tokens for w in waiting[:position])
-        predicted = first_token_s(ahead, rows, step_tokens, cost)
+
+    def predicted(behind: int) -> float:
+        if cost is None or not cost.per_prefill_token_s > 0:
+            return 0.0
+        ahead = ahead_tokens + prompt_tokens + sum(w.tokens for w in waiting[:behind])
+        return first_token_s(ahead, rows, step_tokens, cost)
+
     if position == 0:
-        return Placement(rank, now, predicted)
+        return Placement(rank, now, predicted(0))
     band = WorkloadClass.BATCH.rank
-    last = Placement(band, max(now, waiting[-1].key + KEY_GAP_S), predicted)
+    last = Placement(band, max(now, waiting[-1].key + KEY_GAP_S), predicted(len(waiting)))
     if position == len(waiting):
         return last
     after, before = waiting[position].key, waiting[position - 1].key
     key = after - min(KEY_GAP_S, max(after - before, 0.0) / 2)
-    return Placement(band, key, predicted) if before < key < after else last
+    return Placement(band, key, predicted(position)) if before < key < after else last
 
 
 def first_token_s(tokens: int, rows: int, step_tokens: int, cost: StepCost) -> float:
@@ -256,11 +259,14 @@ class Seat:
 
 def seat_preemptions(
     seats: Sequence[Seat], running: int, waiting: int, max_sequences: int, seating: Collection[str]
-) -> list[tuple[str, str]]:
+) -> tuple[list[tuple[str, str]], list[str]]:
     """Pairs (REALTIME request waiting for a seat, running lower-class request to preempt for
-    it). vLLM preempts only for KV cache; with ``max_sequences`` running, a REALTIME prompt
-    waits, whatever its priority, until some sequence ends (``make bench-vllm`` 05:32, overload
-    at 4x: six REALTIME first tokens of 2.6-2.9 s behind 32 running streams). Its ``waiting``
+    it), and the REALTIME prompts placed among BATCH ones that a held-back BATCH prompt is
+    ahead of (to go back at REALTIME's rank: a freed seat would never reach them).
+
+    vLLM preempts only for KV cache; with ``max_sequences`` running, a REALTIME prompt waits,
+    whatever its priority, until some sequence ends (``make bench-vllm`` 05:32, overload at
+    4x: six REALTIME first tokens of 2.6-2.9 s behind 32 running streams). Its ``waiting``
     requests are the last of those not started in queue order (the ones vLLM holds back).
     Those of them that are REALTIME with no other class held back ahead of them (a freed seat
     goes to the first held back) and not already ``seating`` (a preemption for them in
@@ -268,23 +274,28 @@ def seat_preemptions(
     queue first (whom vLLM itself would preempt), which goes back to the queue (behind any
     REALTIME prompt placed among BATCH ones)."""
     if running < max_sequences or waiting <= 0:
-        return []
+        return [], []
     unstarted = sorted((s for s in seats if not s.started), key=lambda s: s.order)
     top = WorkloadClass.REALTIME.rank
     need: list[str] = []
+    lifts: list[str] = []
+    behind_other = False
     for held in unstarted[max(0, len(unstarted) - waiting) :]:
+        behind_other = behind_other or held.rank != top
         if held.rank != top:
-            break
-        if held.request_id not in seating:
+            continue
+        if behind_other:
+            lifts.append(held.request_id)
+        elif held.request_id not in seating:
             need.append(held.request_id)
     if not need:
-        return []
+        return [], lifts
     victims = sorted(
         (s for s in seats if s.started and s.movable and s.rank > top),
         key=lambda s: (s.rank, s.order),
         reverse=True,
     )
-    return list(zip(need, (v.request_id for v in victims), strict=False))
+    return list(zip(need, (v.request_id for v in victims), strict=False)), lifts
 
 
 def may_give_seat(
