@@ -115,8 +115,8 @@ class SchedulerSettings(ServiceSettings):
     first_token_budgets: bool = False
     """Send each REALTIME request's node what its TTFT target leaves its first token, for an
     engine that places prompts itself (the vLLM node: behind waiting BATCH prompts while it
-    fits; the built-in engine ignores it). Off by default: on, it met bare vLLM's capacity but
-    missed REALTIME's target in bursts at 2x or 4x in every run
+    fits; the built-in engine ignores it). Off by default: on, it missed REALTIME's target in
+    bursts at 2x or 4x in every run, calibrated too
     (docs/decisions/node-vllm-realtime-placement.md)."""
     realtime_itl_target_seconds: float = 0.2
     """REALTIME's inter-token target: a sequence joins a node's batch only if the node's fitted

@@ -4,12 +4,14 @@ in vLLM's priority queue (:func:`inference_node.engine.vllm_mapping.placement`).
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
 import pytest
 
 from inference_node.engine.step_model import StepCost
-from inference_node.engine.types import SamplingParams
+from inference_node.engine.types import EngineRequest, SamplingParams
+from inference_node.engine.vllm_jobs import Job, resumed_place
 from inference_node.engine.vllm_mapping import (
     FirstTokenCalibration,
     Placement,
@@ -238,3 +240,31 @@ def test_a_realtime_prompt_placed_behind_held_back_batch_is_lifted_not_given_a_s
     assert seat_preemptions(seats, 1, 2, 1, set()) == ([], ["rt-placed"])
     ahead = [*seats[:1], Seat("rt-placed", RT.rank, (BATCH.rank, 3.0), False), seats[1]]
     assert seat_preemptions(ahead, 1, 2, 1, set()) == ([("rt-placed", "b-run")], [])
+
+
+def _job(rid: str, cls: WorkloadClass, place: Placement, started: bool = False) -> Job:
+    request = EngineRequest(rid, (1, 2, 3), SamplingParams(max_new_tokens=8))
+    job = Job(request, cls, 0, asyncio.new_event_loop(), place=place)
+    job.started = started
+    return job
+
+
+def test_a_preempted_stream_goes_back_behind_realtime_prompts_placed_among_batch() -> None:
+    """A preempted BATCH stream keeps its place unless a REALTIME prompt placed among BATCH
+    ones waits behind it (that prompt counted on the prompts ahead of it): then it goes right
+    behind the last such prompt, before the next waiting prompt."""
+    band = BATCH.rank
+    victim = _job("v", BATCH, Placement(band, 1.0))
+    others = [
+        _job("rt-placed", RT, Placement(band, 3.0)),
+        _job("b-next", BATCH, Placement(band, 4.0)),
+        _job("rt-started", RT, Placement(band, 9.0), started=True),
+        _job("rt-front", RT, Placement(RT.rank, 8.0)),
+    ]
+    assert resumed_place(victim, [victim, *others]) == Placement(band, 3.5)
+    assert resumed_place(victim, [victim, *others[:1]]) == Placement(band, 3.0 + 1e-6)
+    assert resumed_place(victim, [victim, *others[1:]]) == victim.place
+    late = _job("late", BATCH, Placement(band, 5.0))
+    assert resumed_place(late, [late, *others]) == late.place
+    for job in (victim, late, *others):
+        job.loop.close()

@@ -186,9 +186,7 @@ class VllmEngine(Draining):
                 raise EngineClosedError("engine is not accepting requests")
             if request.request_id in self._jobs:
                 raise DuplicateRequestError(f"request {request.request_id!r} is already in flight")
-            waiting = sum(
-                1 for j in list(self._jobs.values()) if not (j.started or j.cancelled or j.restarts)
-            )
+            waiting = sum(1 for j in list(self._jobs.values()) if j.new_and_waiting)
             if waiting >= self._options.max_waiting:
                 raise EngineFullError(f"{waiting} requests are already waiting")
             job = Job(request, workload_class, next(self._seq), asyncio.get_running_loop())
@@ -301,8 +299,10 @@ class VllmEngine(Draining):
                     return
                 job.preempted, job.restarts = False, job.restarts + 1
                 with self._lock:
-                    if job.lifted:  # ahead of every BATCH prompt, after earlier REALTIME ones
-                        job.place = Placement(job.workload_class.rank, job.place.key)
+                    if job.lifted:  # REALTIME's keys are arrivals: after earlier REALTIME ones
+                        job.place = Placement(
+                            job.workload_class.rank, job.submitted_at - self._epoch
+                        )
                     else:
                         job.place = resumed_place(job, list(self._jobs.values()))
         except Exception as exc:
@@ -333,29 +333,30 @@ class VllmEngine(Draining):
         async for out in outputs:
             if not job.started:
                 job.started = True
-                seated = self._seating.pop(request.request_id, None) is not None
-                self._first_token(job, seated)
+                self._seating.pop(request.request_id, None)
+                self._first_token(job)
             delta = self._delta(job, out)
             if delta.finish_reason is not None:
                 job.end = delta
             elif delta.text or delta.token_ids:
                 job.deliver(delta)
 
-    def _first_token(self, job: Job, seated: bool) -> None:
+    def _first_token(self, job: Job) -> None:
         """``job``'s first token came: a REALTIME one calibrates placement (engine thread),
-        unless it was lifted or restarted, or waited for a seat (``seated``: a preemption
-        freed one; the prediction counts no such wait)."""
-        if seated or job.restarts or not job.workload_class.is_top or job.place.predicted_s <= 0:
+        unless it was lifted or waited for a seat a preemption freed (the prediction counts
+        no such wait)."""
+        predicted = job.place.predicted_s
+        if job.seat_freed or job.restarts or predicted <= 0 or not job.workload_class.is_top:
             return
         now = time.monotonic()
         took = now - job.submitted_at
         with self._lock:
-            self._calibration.record(now, job.place.predicted_s, took)
+            self._calibration.record(now, predicted, took)
         if job.place.priority != job.workload_class.rank:  # placed among BATCH prompts
             log.info(
                 "realtime_placed",
                 request_id=job.request.request_id,
-                predicted_ms=round(job.place.predicted_s * 1000, 1),
+                predicted_ms=round(predicted * 1000, 1),
                 first_token_ms=round(took * 1000, 1),
             )
 
@@ -389,6 +390,7 @@ class VllmEngine(Draining):
                 if victim.run is None or victim.run.done():
                     continue
                 self._seating[waiting_id] = self._steps
+                jobs[waiting_id].seat_freed = True
                 victim.preempted, victim.started = True, False
                 victim.run.cancel()
                 kept = victim.generated

@@ -60,10 +60,17 @@ class Job:
     decode them anew, with the prompt, so it keeps its seat until the character ends."""
     lifted: bool = False
     """A REALTIME prompt placed among BATCH ones that went back at REALTIME's rank."""
+    seat_freed: bool = False
+    """A REALTIME prompt a preemption freed a seat for."""
     cancelled: bool = False
     future: concurrent.futures.Future[None] | None = None
     end: TokenDelta | BaseException | None = None
     """The last delta (or the error) to send once its task is done."""
+
+    @property
+    def new_and_waiting(self) -> bool:
+        """Not started, and no stream preempted back into the queue (those count apart)."""
+        return not (self.started or self.cancelled) and (self.lifted or not self.restarts)
 
     def deliver(self, item: TokenDelta | BaseException) -> None:
         with contextlib.suppress(RuntimeError):  # the consumer's loop is closed
