@@ -34,9 +34,9 @@ from inference_node.engine import (
     SerialEngine,
     TokenDelta,
 )
-from inference_node.engine import base as engine_base
 from inference_node.engine import batching as engine_batching
 from inference_node.engine import serial as engine_serial
+from inference_node.engine import text as engine_text
 from inference_node.engine.text import SamplingError, TextStream, sample
 from inference_node.models import LanguageModel
 from scheduler.blame import Blame, blame
@@ -113,7 +113,7 @@ async def test_denormal_temperature_that_slips_past_validation_no_longer_ends_th
     batch as a greedy neighbour: sampling cannot overflow any more (it samples greedily) and
     the neighbour gets every token it gets alone."""
     alone = ids_of(await collect(batching.submit(engine_request("alone", 40))))
-    monkeypatch.setattr(engine_base, "sampling_violations", lambda _params: [])
+    monkeypatch.setattr(engine_text, "sampling_violations", lambda _params: [])
     victim = batching.submit(engine_request("victim", 40))
     first = await anext(victim)
     poison = batching.submit(engine_request("poison", 8, temperature=1e-45, seed=1))

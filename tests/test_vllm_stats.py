@@ -11,7 +11,7 @@ import pytest
 
 from inference_node.engine.step_model import StepCost
 from inference_node.engine.types import EngineRequest, SamplingParams
-from inference_node.engine.vllm_jobs import Job, resumed_place
+from inference_node.engine.vllm_jobs import Job, resumed_place, seat
 from inference_node.engine.vllm_mapping import (
     FirstTokenCalibration,
     Placement,
@@ -267,4 +267,25 @@ def test_a_preempted_stream_goes_back_behind_realtime_prompts_placed_among_batch
     late = _job("late", BATCH, Placement(band, 5.0))
     assert resumed_place(late, [late, *others]) == late.place
     for job in (victim, late, *others):
+        job.loop.close()
+
+
+def test_a_stream_cut_inside_a_character_restarted_thrice_or_realtime_keeps_its_seat() -> None:
+    """Only a running lower-class stream gives its seat, and not when its last ids decode to
+    a trailing U+FFFD (vLLM holds those bytes back) or it was restarted three times."""
+
+    def movable(job: Job, text: str = "ok") -> bool:
+        return seat(job, (job.workload_class.rank, 1.0), 0.0, 12, COST, lambda _ids: text).movable
+
+    batch = _job("b", BATCH, Placement(BATCH.rank, 1.0), started=True)
+    batch.token_ids.extend([5, 6])
+    assert movable(batch)
+    assert not movable(batch, "ok \ufffd")
+    waiting = _job("w", BATCH, Placement(BATCH.rank, 1.0))
+    realtime = _job("r", RT, Placement(RT.rank, 1.0), started=True)
+    assert not movable(waiting)
+    assert not movable(realtime)
+    batch.restarts = 3
+    assert not movable(batch)
+    for job in (batch, waiting, realtime):
         job.loop.close()

@@ -23,7 +23,7 @@ import structlog
 from inference_node.engine.draining import Draining
 from inference_node.engine.step_model import StepModel
 from inference_node.engine.step_times import StepTimes
-from inference_node.engine.text import kv_bytes_per_token, sampling_violations
+from inference_node.engine.text import checked_request, kv_bytes_per_token
 from inference_node.engine.types import (
     DeltaStream,
     DuplicateRequestError,
@@ -32,7 +32,6 @@ from inference_node.engine.types import (
     EngineRequest,
     EngineStats,
     FinishReason,
-    InvalidRequestError,
     RequestFaultError,
     RequestTooLargeError,
     TokenDelta,
@@ -294,35 +293,14 @@ class ThreadedEngine(Draining):
 
     def _validate(self, request: EngineRequest) -> WorkloadClass:
         """Check ``request`` against the model and budget: every rule it breaks at once
-        (:class:`InvalidRequestError`), then :class:`RequestTooLargeError`; returns its
-        class, unspecified (0) read as REALTIME. The node's second line of defence after the
-        scheduler's validation: sampling parameters must be numerically safe."""
-        params = request.params
-        prompt = request.prompt_token_ids
-        violations = sampling_violations(params)
-        if not prompt:
-            violations.append(("prompt", "the prompt is empty"))
-        elif min(prompt) < 0 or max(prompt) >= self._vocab_size:
-            violations.append(("prompt", f"token ids must be in [0, {self._vocab_size})"))
-        if params.max_new_tokens < 1:
-            violations.append(("options.max_new_tokens", "must be at least 1"))
-        violations.extend(self._adapter_violations(request.adapter))
-        workload_class = WorkloadClass.REALTIME
-        try:
-            workload_class = WorkloadClass.from_wire(request.workload_class)
-        except ValueError:
-            violations.append(("workload_class", f"unknown value {int(request.workload_class)}"))
-        total = len(prompt) + params.max_new_tokens
-        if total > self._lm.max_context_tokens:
-            violations.append(
-                (
-                    "options.max_new_tokens",
-                    f"prompt ({len(prompt)} tokens) plus max_new_tokens ({params.max_new_tokens})"
-                    f" exceeds the context of {self._lm.max_context_tokens} tokens",
-                )
-            )
-        if violations:
-            raise InvalidRequestError(violations)
+        (:class:`InvalidRequestError`, :func:`~.text.checked_request`), then
+        :class:`RequestTooLargeError`; returns its class."""
+        workload_class, total = checked_request(
+            request,
+            self._vocab_size,
+            self._lm.max_context_tokens,
+            self._adapter_violations(request.adapter),
+        )
         self._check_fits(total)
         return workload_class
 

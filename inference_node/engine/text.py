@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from inference_node.engine.types import FinishReason, SamplingParams, TokenDelta
+from inference_node.engine.types import (
+    EngineRequest,
+    FinishReason,
+    InvalidRequestError,
+    SamplingParams,
+    TokenDelta,
+)
 from inference_node.model_types import LanguageModel
 from sluice import limits
+from sluice.contract import WorkloadClass
 
 
 def sampling_violations(params: SamplingParams) -> list[tuple[str, str]]:
@@ -15,6 +22,46 @@ def sampling_violations(params: SamplingParams) -> list[tuple[str, str]]:
     limits (:func:`sluice.limits.sampling_violations`), which the scheduler and the node's
     servicer check first."""
     return limits.sampling_violations(params.temperature, params.top_p, params.stop)
+
+
+def checked_request(
+    request: EngineRequest,
+    vocab_size: int,
+    max_context_tokens: int,
+    adapter_violations: list[tuple[str, str]],
+) -> tuple[WorkloadClass, int]:
+    """``request``'s class (unspecified, 0, read as REALTIME) and its prompt plus
+    ``max_new_tokens``, or :class:`InvalidRequestError` with every rule it breaks at once:
+    numerically safe sampling, prompt ids within ``vocab_size``, at least one new token, the
+    engine's ``adapter_violations``, a class the contract defines, the model's context. The
+    node's second line of defence after the scheduler's validation, for every engine."""
+    params = request.params
+    prompt = request.prompt_token_ids
+    violations = sampling_violations(params)
+    if not prompt:
+        violations.append(("prompt", "the prompt is empty"))
+    elif min(prompt) < 0 or max(prompt) >= vocab_size:
+        violations.append(("prompt", f"token ids must be in [0, {vocab_size})"))
+    if params.max_new_tokens < 1:
+        violations.append(("options.max_new_tokens", "must be at least 1"))
+    violations.extend(adapter_violations)
+    workload_class = WorkloadClass.REALTIME
+    try:
+        workload_class = WorkloadClass.from_wire(request.workload_class)
+    except ValueError:
+        violations.append(("workload_class", f"unknown value {int(request.workload_class)}"))
+    total = len(prompt) + params.max_new_tokens
+    if total > max_context_tokens:
+        violations.append(
+            (
+                "options.max_new_tokens",
+                f"prompt ({len(prompt)} tokens) plus max_new_tokens ({params.max_new_tokens})"
+                f" exceeds the context of {max_context_tokens} tokens",
+            )
+        )
+    if violations:
+        raise InvalidRequestError(violations)
+    return workload_class, total
 
 
 class SamplingError(ArithmeticError):

@@ -45,6 +45,7 @@ from typing import Any
 import structlog
 
 from inference_node.engine.draining import Draining
+from inference_node.engine.step_model import StepCost
 from inference_node.engine.text import kv_bytes_per_token
 from inference_node.engine.types import (
     DeltaStream,
@@ -68,9 +69,11 @@ from inference_node.engine.vllm_jobs import (
 from inference_node.engine.vllm_mapping import (
     FirstTokenCalibration,
     Placement,
+    Seat,
     VllmStats,
     Waiting,
     finish_reason,
+    held_by_vllm,
     placement,
     seat_preemptions,
     vllm_sampling,
@@ -124,9 +127,8 @@ class VllmEngine(Draining):
         self._calibration = FirstTokenCalibration()
         """How late REALTIME first tokens came against their prediction (under the lock)."""
         self._steps = 0
-        self._seating: dict[str, int] = {}
-        """REALTIME requests a preemption is freeing a seat for, and the step it was made at
-        (engine thread; after ``SEATING_STEPS`` more, one still held back gets another)."""
+        """vLLM steps seen (engine thread): a preemption seats its REALTIME prompt within
+        ``SEATING_STEPS`` of them, or one still held back gets another."""
         self._tasks: set[asyncio.Task[None]] = set()
         """The requests' tasks (on the engine thread only)."""
         self._loop = asyncio.new_event_loop()
@@ -213,10 +215,9 @@ class VllmEngine(Draining):
         with self._lock:
             live = [j for j in list(self._jobs.values()) if not j.cancelled]
             kept = [j for j in live if j.started and not j.workload_class.is_top]
-            pinned = sum(1 for j in kept if not seat(j, self._order(j), now, rows, cost).movable)
+            pinned = sum(1 for j in kept if not self._seat(j, now, rows, cost).movable)
         unstarted = sorted((j for j in live if not j.started), key=self._order)
-        held_back = min(self._sink.waiting, len(unstarted))
-        held = {id(j) for j in unstarted[len(unstarted) - held_back :]} if held_back else set()
+        held = {id(j) for j in held_by_vllm(unstarted, self._sink.waiting)}
         for job in live:
             left = max(job.request.params.max_new_tokens - job.generated, 0)
             if id(job) in held:
@@ -310,7 +311,6 @@ class VllmEngine(Draining):
             job.end = EngineFaultError(f"vLLM failed the request: {type(exc).__name__}")
         finally:
             self._tasks.discard(task)
-            self._seating.pop(job.request.request_id, None)
 
     async def _run_once(self, job: Job) -> None:
         """One vLLM request for ``job``: its prompt and output so far, for the tokens left,
@@ -333,7 +333,6 @@ class VllmEngine(Draining):
         async for out in outputs:
             if not job.started:
                 job.started = True
-                self._seating.pop(request.request_id, None)
                 self._first_token(job)
             delta = self._delta(job, out)
             if delta.finish_reason is not None:
@@ -346,7 +345,8 @@ class VllmEngine(Draining):
         unless it was lifted or waited for a seat a preemption freed (the prediction counts
         no such wait)."""
         predicted = job.place.predicted_s
-        if job.seat_freed or job.restarts or predicted <= 0 or not job.workload_class.is_top:
+        waited = job.seat_freed_at is not None
+        if waited or job.restarts or predicted <= 0 or not job.workload_class.is_top:
             return
         now = time.monotonic()
         took = now - job.submitted_at
@@ -364,20 +364,21 @@ class VllmEngine(Draining):
         """After each vLLM step (engine thread): with every seat taken, preempt a running
         lower-class request for each REALTIME one vLLM holds back (:func:`seat_preemptions`);
         the preempted one goes back to vLLM with its output so far, at its place."""
+        self._steps += 1
+        rows = self._options.max_sequences
+        if self._sink.running < rows or self._sink.waiting <= 0:
+            return  # a seat is free, or nothing waits: vLLM seats what waits itself
         try:
-            self._steps += 1
-            for rid, step in list(self._seating.items()):
-                if step < self._steps - SEATING_STEPS:
-                    del self._seating[rid]
             with self._lock:
                 jobs = {
                     j.request.request_id: j for j in list(self._jobs.values()) if not j.cancelled
                 }
-                now, rows = time.monotonic(), self._options.max_sequences
-                cost = self._sink.step_model.cost
-                seats = [seat(j, self._order(j), now, rows, cost) for j in jobs.values()]
+                now, cost = time.monotonic(), self._sink.step_model.cost
+                seats = [self._seat(j, now, rows, cost) for j in jobs.values()]
+            since = self._steps - SEATING_STEPS
+            seating = {rid for rid, j in jobs.items() if j.seating_since(since)}
             pairs, lifts = seat_preemptions(
-                seats, self._sink.running, self._sink.waiting, rows, self._seating
+                seats, self._sink.running, self._sink.waiting, rows, seating
             )
             for lifted_id in lifts:  # not started: nothing to prefill again
                 lifted = jobs[lifted_id]
@@ -389,8 +390,7 @@ class VllmEngine(Draining):
                 victim = jobs[victim_id]
                 if victim.run is None or victim.run.done():
                     continue
-                self._seating[waiting_id] = self._steps
-                jobs[waiting_id].seat_freed = True
+                jobs[waiting_id].seat_freed_at = self._steps
                 victim.preempted, victim.started = True, False
                 victim.run.cancel()
                 kept = victim.generated
@@ -406,10 +406,7 @@ class VllmEngine(Draining):
     def _delta(self, job: Job, out: Any) -> TokenDelta:
         completion = out.outputs[0]
         token_ids = tuple(int(t) for t in completion.token_ids)
-        job.generated += len(token_ids)
         job.token_ids.extend(token_ids)
-        if token_ids and not job.workload_class.is_top:  # only lower classes give seats
-            job.text_pending = self._lm.tokenizer.decode(job.token_ids[-4:]).endswith("\ufffd")
         return TokenDelta(
             completion.text,
             token_ids,
@@ -447,6 +444,9 @@ class VllmEngine(Draining):
     @staticmethod
     def _order(job: Job) -> tuple[int, float]:
         return job.place.priority, job.place.key
+
+    def _seat(self, job: Job, now: float, rows: int, cost: StepCost | None) -> Seat:
+        return seat(job, self._order(job), now, rows, cost, self._lm.tokenizer.decode)
 
     def _placement(self, job: Job) -> Placement:
         """``job``'s place in vLLM's queue, from the prompts waiting there (under the lock)."""

@@ -14,12 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from inference_node.engine.step_model import StepCost
-from inference_node.engine.text import sampling_violations
+from inference_node.engine.text import checked_request
 from inference_node.engine.types import (
     DeltaStream,
     EngineRequest,
     FinishReason,
-    InvalidRequestError,
     RequestTooLargeError,
     TokenDelta,
 )
@@ -47,7 +46,6 @@ class Job:
     """Its place in vLLM's priority queue (:func:`~.vllm_mapping.placement`)."""
     started: bool = False
     """vLLM sent its first output: it is running (not waiting)."""
-    generated: int = 0
     token_ids: list[int] = field(default_factory=list)
     """Its output so far: a preempted request goes back to vLLM with them as prompt."""
     submitted_at: float = field(default_factory=time.monotonic)
@@ -55,17 +53,22 @@ class Job:
     """Its current vLLM request (engine thread); cancelled to preempt it."""
     preempted: bool = False
     restarts: int = 0
-    text_pending: bool = False
-    """Its last token ends within a character (vLLM holds its bytes back): a restart would
-    decode them anew, with the prompt, so it keeps its seat until the character ends."""
     lifted: bool = False
     """A REALTIME prompt placed among BATCH ones that went back at REALTIME's rank."""
-    seat_freed: bool = False
-    """A REALTIME prompt a preemption freed a seat for."""
+    seat_freed_at: int | None = None
+    """The vLLM step at which a preemption freed a seat for this REALTIME prompt."""
     cancelled: bool = False
     future: concurrent.futures.Future[None] | None = None
     end: TokenDelta | BaseException | None = None
     """The last delta (or the error) to send once its task is done."""
+
+    @property
+    def generated(self) -> int:
+        return len(self.token_ids)
+
+    def seating_since(self, step: int) -> bool:
+        """A preemption freed a seat for it at ``step`` or later (it may not have reached it)."""
+        return self.seat_freed_at is not None and self.seat_freed_at >= step
 
     @property
     def new_and_waiting(self) -> bool:
@@ -115,19 +118,33 @@ MAX_RESTARTS = 3
 """Preemptions a request may take (each prefills its prompt and output again)."""
 
 
-def seat(job: Job, order: tuple[int, float], now: float, rows: int, cost: StepCost | None) -> Seat:
+def seat(
+    job: Job,
+    order: tuple[int, float],
+    now: float,
+    rows: int,
+    cost: StepCost | None,
+    decode: Callable[[Sequence[int]], str],
+) -> Seat:
     """``job`` as :func:`~.vllm_mapping.seat_preemptions` sees it, at ``order`` in vLLM's
-    queue (under the engine's lock; ``rows``: vLLM's sequences)."""
+    queue (under the engine's lock; ``rows``: vLLM's sequences). A lower-class stream whose
+    last token ends within a character (its last ids ``decode`` to a trailing U+FFFD: vLLM
+    holds those bytes back, and a restart would decode them anew with the prompt) keeps its
+    seat, checked last: it decodes."""
     request = job.request
     movable = (
-        job.started and not job.text_pending and job.restarts < MAX_RESTARTS
-    ) and may_give_seat(
-        request.params,
-        request.time_left_s,
-        now - job.submitted_at,
-        (request.params.max_new_tokens - job.generated, prefill_tokens(job)),
-        cost,
-        rows,
+        job.started
+        and not job.workload_class.is_top
+        and job.restarts < MAX_RESTARTS
+        and may_give_seat(
+            request.params,
+            request.time_left_s,
+            now - job.submitted_at,
+            (request.params.max_new_tokens - job.generated, prefill_tokens(job)),
+            cost,
+            rows,
+        )
+        and not decode(job.token_ids[-4:]).endswith("\ufffd")
     )
     return Seat(request.request_id, job.workload_class.rank, order, job.started, movable)
 
@@ -135,38 +152,16 @@ def seat(job: Job, order: tuple[int, float], now: float, rows: int, cost: StepCo
 def validate(
     request: EngineRequest, lm: LanguageModel, kv_per_token: int, kv_budget: int
 ) -> WorkloadClass:
-    """Every rule ``request`` breaks (:class:`InvalidRequestError`), then
+    """Every rule ``request`` breaks (:class:`InvalidRequestError`,
+    :func:`~.text.checked_request`; an adapter among them: vLLM serves none), then
     :class:`RequestTooLargeError` (beyond ``kv_budget`` bytes of KV cache at
-    ``kv_per_token``); returns its class (0 read as REALTIME)."""
-    params = request.params
-    prompt = request.prompt_token_ids
-    violations = sampling_violations(params)
-    if not prompt:
-        violations.append(("prompt", "the prompt is empty"))
-    elif min(prompt) < 0 or max(prompt) >= lm.vocab_size:
-        violations.append(("prompt", f"token ids must be in [0, {lm.vocab_size})"))
-    if params.max_new_tokens < 1:
-        violations.append(("options.max_new_tokens", "must be at least 1"))
-    if request.adapter:
-        violations.append(
-            ("adapter", f"{lm.name!r} runs on the vLLM engine, which serves no adapters")
-        )
-    workload_class = WorkloadClass.REALTIME
-    try:
-        workload_class = WorkloadClass.from_wire(request.workload_class)
-    except ValueError:
-        violations.append(("workload_class", f"unknown value {int(request.workload_class)}"))
-    total = len(prompt) + params.max_new_tokens
-    if total > lm.max_context_tokens:
-        violations.append(
-            (
-                "options.max_new_tokens",
-                f"prompt ({len(prompt)} tokens) plus max_new_tokens ({params.max_new_tokens})"
-                f" exceeds the context of {lm.max_context_tokens} tokens",
-            )
-        )
-    if violations:
-        raise InvalidRequestError(violations)
+    ``kv_per_token``); returns its class."""
+    adapter = (
+        [("adapter", f"{lm.name!r} runs on the vLLM engine, which serves no adapters")]
+        if request.adapter
+        else []
+    )
+    workload_class, total = checked_request(request, lm.vocab_size, lm.max_context_tokens, adapter)
     if total * kv_per_token > kv_budget:
         raise RequestTooLargeError(
             f"request needs {total * kv_per_token} bytes of KV cache, "

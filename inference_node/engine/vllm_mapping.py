@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from inference_node.engine.promises import MARGIN_S, SAFETY
 from inference_node.engine.step_model import StepCost, StepModel
@@ -22,6 +22,7 @@ from inference_node.engine.types import FinishReason, SamplingParams
 from inference_node.loading import is_converted
 from sluice.contract import WorkloadClass
 
+T = TypeVar("T")
 _EWMA_ALPHA = 0.2
 _STEP_GAP_CAP_S = 5.0
 """Gaps between vLLM's outputs longer than this are idle time, not a step."""
@@ -257,6 +258,12 @@ class Seat:
     movable: bool = False
 
 
+def held_by_vllm(unstarted: Sequence[T], waiting: int) -> Sequence[T]:
+    """The requests vLLM holds back: the last ``waiting`` of those not started, in queue
+    order (vLLM knows no classes; its waiting count is all it reports)."""
+    return unstarted[max(0, len(unstarted) - waiting) :] if waiting > 0 else []
+
+
 def seat_preemptions(
     seats: Sequence[Seat], running: int, waiting: int, max_sequences: int, seating: Collection[str]
 ) -> tuple[list[tuple[str, str]], list[str]]:
@@ -266,7 +273,7 @@ def seat_preemptions(
 
     vLLM preempts only for KV cache; with ``max_sequences`` running, a REALTIME prompt waits,
     whatever its priority, until some sequence ends (``make bench-vllm`` 05:32, overload at
-    4x: six REALTIME first tokens of 2.6-2.9 s behind 32 running streams). Its ``waiting``
+    4x: six REALTIME first tokens of 2.6-2.9 s with every seat taken). Its ``waiting``
     requests are the last of those not started in queue order (the ones vLLM holds back).
     Those of them that are REALTIME with no other class held back ahead of them (a freed seat
     goes to the first held back) and not already ``seating`` (a preemption for them in
@@ -280,7 +287,7 @@ def seat_preemptions(
     need: list[str] = []
     lifts: list[str] = []
     behind_other = False
-    for held in unstarted[max(0, len(unstarted) - waiting) :]:
+    for held in held_by_vllm(unstarted, waiting):
         behind_other = behind_other or held.rank != top
         if held.rank != top:
             continue

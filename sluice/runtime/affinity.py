@@ -68,9 +68,12 @@ def process_tree(root: int, kids: dict[int, list[int]] | None = None) -> list[in
     return tree
 
 
-def _tree_threads(roots: list[int]) -> dict[int, frozenset[int]]:
-    """:func:`threads` of every process under ``roots``, from one scan of ``/proc``."""
-    kids = children()
+def _tree_threads(
+    roots: list[int], kids: dict[int, list[int]] | None = None
+) -> dict[int, frozenset[int]]:
+    """:func:`threads` of every process under ``roots`` (``kids``: a :func:`children` scan
+    to reuse; default a fresh one)."""
+    kids = children() if kids is None else kids
     return threads(pid for root in roots for pid in process_tree(root, kids))
 
 
@@ -85,13 +88,16 @@ def threads(pids: Iterable[int]) -> dict[int, frozenset[int]]:
     return out
 
 
-def engine_cores(roots: Iterable[int], cores: frozenset[int]) -> frozenset[int]:
+def engine_cores(
+    roots: Iterable[int], cores: frozenset[int], kids: dict[int, list[int]] | None = None
+) -> frozenset[int]:
     """The cores the engines under ``roots`` (inference nodes) bound their compute threads to:
     the union of the strict subsets of ``cores`` that threads of each root's descendants are
     bound to. A root's own threads never count, nor do descendants' threads sharing its main
-    thread's affinity (an earlier :func:`keep_engine_cores` moved them there)."""
+    thread's affinity (an earlier :func:`keep_engine_cores` moved them there). ``kids``: a
+    :func:`children` scan to reuse (default a fresh one)."""
     engine: frozenset[int] = frozenset()
-    kids = children()
+    kids = children() if kids is None else kids
     for root in roots:
         own = threads([root]).get(root, cores)
         for affinity in threads(process_tree(root, kids)[1:]).values():
@@ -105,10 +111,10 @@ def keep_engine_cores(engine_roots: Iterable[int], movable_roots: Iterable[int])
     ``engine_roots`` hold (:func:`engine_cores`), onto the others this process may use. Threads
     bound within the engine's cores stay, as do those already off them. Nothing moves when no
     engine thread is bound or the engines hold every core; ``moved`` is then 0."""
-    movable_roots = list(movable_roots)
-    movable = _tree_threads(movable_roots)
+    movable_roots, kids = list(movable_roots), children()
+    movable = _tree_threads(movable_roots, kids)
     cores = frozenset(os.sched_getaffinity(0)).union(*movable.values())
-    engine = engine_cores(engine_roots, cores)
+    engine = engine_cores(engine_roots, cores, kids)
     others = cores - engine
     moved = 0
     if not engine or not others:
