@@ -130,6 +130,26 @@ def test_a_prompt_waits_only_behind_prompts_vllm_has_seats_for() -> None:
     assert full == Placement(BATCH.rank, pytest.approx(10.19 - 1e-6))
 
 
+def test_within_a_class_prompts_go_by_their_prefill_finish_tag() -> None:
+    """At its class's rank a prompt's key is its arrival plus its own prefill at the fitted
+    cost (1 ms a token): of BATCH prompts of 163 and 47 tokens sent together, the 47 goes
+    first; a 769-token one sent 0.5 s before a 163-token one still goes first past it only
+    where the short one came later than its own prefill time allows. Before a fit (no cost
+    term) the keys are arrivals: first come, first served. REALTIME at its rank alike."""
+    long_, short = (
+        placement(BATCH, 0.0, n, [], 0, 12, 512, COST, now=16.0, own_s=n * 1e-3) for n in (163, 47)
+    )
+    assert short.priority == long_.priority == BATCH.rank
+    assert short.key < long_.key
+    early = placement(BATCH, 0.0, 769, [], 0, 12, 512, COST, now=15.5, own_s=0.769)
+    assert long_.key < early.key, "the 163 came 0.5 s later, within the 769's 0.77 s"
+    late = placement(BATCH, 0.0, 163, [], 0, 12, 512, COST, now=16.7, own_s=0.163)
+    assert early.key < late.key, "came 1.2 s later: past the 769's own prefill"
+    assert placement(BATCH, 0.0, 163, [], 0, 12, 512, None, now=16.0) == Placement(1, 16.0)
+    rt = placement(RT, 0.0, 73, [], 0, 12, 512, COST, now=16.0, own_s=0.073)
+    assert rt == Placement(RT.rank, pytest.approx(16.073), rt.predicted_s)
+
+
 def _seat(rid: str, cls: WorkloadClass, order: float, started: bool, movable: bool = True) -> Seat:
     return Seat(rid, cls.rank, (cls.rank, order), started, movable)
 

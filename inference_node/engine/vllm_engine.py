@@ -14,19 +14,18 @@ request to it with ``run_coroutine_threadsafe``; deltas come back with
 ``call_soon_threadsafe``. Closing, dropping or cancelling a stream cancels its task, which makes
 vLLM abort the request (its ``generate`` aborts on cancellation) and free its KV blocks.
 
-Mapping: Sluice's classes go to vLLM's ``priority`` scheduling (``scheduling_policy="priority"``;
-lower runs first, then earlier ``arrival_time``: REALTIME 0, BATCH 1, FINETUNE 2, except that
-a REALTIME prompt with a first-token budget goes as late among the waiting BATCH prompts as
-its budget allows, and none goes ahead of a waiting REALTIME prompt: it then takes BATCH's
-rank and an ``arrival_time`` between its neighbours': ``placement``). vLLM preempts only for
-KV cache, so with every seat taken a REALTIME prompt would wait for some stream to end: after
-each step the node preempts a running lower-class request for each REALTIME one vLLM holds
-back, and sends it again later with its output so far as prompt (``_seat_realtime``);
+Mapping: Sluice's classes go to vLLM's ``priority`` scheduling (lower runs first: REALTIME 0,
+BATCH 1, FINETUNE 2; then the earlier ``arrival_time``, set to the prompt's prefill finish tag,
+``finish_tag``), except that a REALTIME prompt with a first-token budget goes as late among the
+waiting BATCH prompts as its budget allows, none ahead of a waiting REALTIME prompt (at BATCH's
+rank, keyed between its neighbours: ``placement``). vLLM preempts only for KV cache, so with
+every seat taken a REALTIME prompt would wait for some stream to end: after each step the node
+preempts a running lower-class request for each REALTIME one vLLM holds back, and sends it
+again later with its output so far as prompt (``_seat_realtime``);
 ``SamplingParams`` map one to one (greedy is temperature 0; EOS ids of the model are stop token
-ids unless ``ignore_eos``). Load comes from vLLM's own scheduler stats (running and waiting
-requests, KV cache usage, the time between its steps), read through a stat logger; vLLM knows
-no classes, so its waiting count is attributed to the not-yet-started requests last in its
-priority queue (the ones it holds back).
+ids unless ``ignore_eos``). Load comes from vLLM's scheduler stats (running and waiting
+requests, KV use, step times) through a stat logger; vLLM knows no classes, so its waiting
+count goes to the not-yet-started requests last in its queue (the ones it holds back).
 Fine-tuning and LoRA adapters are not served here (Train is refused FAILED_PRECONDITION
 ``MODEL_NOT_TRAINABLE`` because this is no ``BatchingEngine``; an adapter is refused at submit).
 """
@@ -61,6 +60,7 @@ from inference_node.engine.types import (
 from inference_node.engine.vllm_jobs import (
     Job,
     JobStream,
+    prefill_s,
     prefill_tokens,
     resumed_place,
     seat,
@@ -73,6 +73,7 @@ from inference_node.engine.vllm_mapping import (
     VllmStats,
     Waiting,
     finish_reason,
+    finish_tag,
     held_by_vllm,
     placement,
     seat_preemptions,
@@ -300,12 +301,11 @@ class VllmEngine(Draining):
                     return
                 job.preempted, job.restarts = False, job.restarts + 1
                 with self._lock:
-                    if job.lifted:  # REALTIME's keys are arrivals: after earlier REALTIME ones
-                        job.place = Placement(
-                            job.workload_class.rank, job.submitted_at - self._epoch
-                        )
-                    else:
-                        job.place = resumed_place(job, list(self._jobs.values()))
+                    at = job.submitted_at - self._epoch  # lifted: by its tag, as at submit
+                    tag = finish_tag(at, prefill_s(job, self._sink.step_model.cost))
+                    jobs = list(self._jobs.values())
+                    lifted = Placement(job.workload_class.rank, tag)
+                    job.place = lifted if job.lifted else resumed_place(job, jobs)
         except Exception as exc:
             log.warning("vllm_request_failed", request_id=job.request.request_id, exc_info=exc)
             job.end = EngineFaultError(f"vLLM failed the request: {type(exc).__name__}")
@@ -475,6 +475,7 @@ class VllmEngine(Draining):
                 if job.request.first_token_budget_s > 0
                 else None
             ),
+            own_s=prefill_s(job, self._sink.step_model.cost),
         )
 
     def _cancel_job(self, job: Job) -> None:

@@ -32,6 +32,11 @@ def prefill_tokens(job: Job) -> int:
     return len(job.request.prompt_token_ids) + len(job.token_ids)
 
 
+def prefill_s(job: Job, cost: StepCost | None) -> float:
+    """Its prefill alone at the fitted step ``cost`` (0 before a fit)."""
+    return cost.per_prefill_token_s * prefill_tokens(job) if cost is not None else 0.0
+
+
 @dataclass(eq=False)
 class Job:
     """One request handed to vLLM: what the consumer's loop, the gRPC thread and the engine

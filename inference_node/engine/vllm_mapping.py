@@ -178,6 +178,7 @@ def placement(
     now: float,
     seats: int | None = None,
     margin_s: float | None = 0.0,
+    own_s: float = 0.0,
 ) -> Placement:
     """Where a prompt goes among ``waiting`` (BATCH's rank, sorted by key; behind
     ``ahead_tokens`` of prompts waiting at a higher rank): its class's rank at ``now``, but
@@ -191,10 +192,11 @@ def placement(
     waiting REALTIME prompt. Ahead of every prompt there, it
     takes REALTIME's rank (vLLM then also preempts it last); elsewhere BATCH's, with a key
     between its neighbours'. Always overtaking cost BATCH what REALTIME did not need
-    (``docs/decisions/node-vllm-realtime-placement.md``)."""
+    (``docs/decisions/node-vllm-realtime-placement.md``). At its class's rank its key is
+    :func:`finish_tag` (``own_s``: its prefill alone at the fitted cost)."""
     rank = workload_class.rank
     if workload_class is not WorkloadClass.REALTIME:
-        return Placement(rank, now)
+        return Placement(rank, finish_tag(now, own_s))
     first = max((i + 1 for i, w in enumerate(waiting) if w.realtime), default=0)
     position = first
     free = len(waiting) if seats is None else max(0, seats - rows - 1)
@@ -210,7 +212,7 @@ def placement(
         return first_token_s(ahead, rows, step_tokens, cost)
 
     if position == 0:
-        return Placement(rank, now, predicted(0))
+        return Placement(rank, finish_tag(now, own_s), predicted(0))
     band = WorkloadClass.BATCH.rank
     last = Placement(band, max(now, waiting[-1].key + KEY_GAP_S), predicted(len(waiting)))
     if position == len(waiting):
@@ -218,6 +220,16 @@ def placement(
     after, before = waiting[position].key, waiting[position - 1].key
     key = after - min(KEY_GAP_S, max(after - before, 0.0) / 2)
     return Placement(band, key, predicted(position)) if before < key < after else last
+
+
+def finish_tag(arrival_s: float, own_s: float) -> float:
+    """A prompt's key at its class's rank: when its prefill would end had it run alone on
+    arrival (``own_s``: that prefill at the fitted cost; 0 without a fit), as fair queueing
+    tags a packet. Within a class a short prompt so passes a long one that came less than the
+    long one's own prefill time before it, and no prompt waits behind more than the work that
+    came in that time: one step's chunks then give more first tokens within a target than
+    first come, first served (``docs/decisions/node-vllm-prefill-finish-tags.md``)."""
+    return arrival_s + max(0.0, own_s)
 
 
 def first_token_s(tokens: int, rows: int, step_tokens: int, cost: StepCost) -> float:
