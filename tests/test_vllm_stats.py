@@ -11,7 +11,7 @@ import pytest
 
 from inference_node.engine.step_model import StepCost
 from inference_node.engine.types import EngineRequest, SamplingParams
-from inference_node.engine.vllm_jobs import Job, resumed_place, seat
+from inference_node.engine.vllm_jobs import Job, prefill_s, resumed_place, seat
 from inference_node.engine.vllm_mapping import (
     FirstTokenCalibration,
     Placement,
@@ -131,23 +131,40 @@ def test_a_prompt_waits_only_behind_prompts_vllm_has_seats_for() -> None:
 
 
 def test_within_a_class_prompts_go_by_their_prefill_finish_tag() -> None:
-    """At its class's rank a prompt's key is its arrival plus its own prefill at the fitted
-    cost (1 ms a token): of BATCH prompts of 163 and 47 tokens sent together, the 47 goes
-    first; a 769-token one sent 0.5 s before a 163-token one still goes first past it only
-    where the short one came later than its own prefill time allows. Before a fit (no cost
-    term) the keys are arrivals: first come, first served. REALTIME at its rank alike."""
-    long_, short = (
-        placement(BATCH, 0.0, n, [], 0, 12, 512, COST, now=16.0, own_s=n * 1e-3) for n in (163, 47)
-    )
-    assert short.priority == long_.priority == BATCH.rank
-    assert short.key < long_.key
-    early = placement(BATCH, 0.0, 769, [], 0, 12, 512, COST, now=15.5, own_s=0.769)
-    assert long_.key < early.key, "the 163 came 0.5 s later, within the 769's 0.77 s"
-    late = placement(BATCH, 0.0, 163, [], 0, 12, 512, COST, now=16.7, own_s=0.163)
-    assert early.key < late.key, "came 1.2 s later: past the 769's own prefill"
-    assert placement(BATCH, 0.0, 163, [], 0, 12, 512, None, now=16.0) == Placement(1, 16.0)
-    rt = placement(RT, 0.0, 73, [], 0, 12, 512, COST, now=16.0, own_s=0.073)
-    assert rt == Placement(RT.rank, pytest.approx(16.073), rt.predicted_s)
+    """At its class's rank a prompt's key is its arrival plus its own prefill (``own_s``):
+    of BATCH prompts of 163 and 47 tokens sent together, the 47 goes first; a 163-token
+    prompt sent 0.5 s after a 769-token one goes ahead of it (within the 769's 0.77 s), one
+    sent 1.2 s after does not. REALTIME at its rank alike."""
+
+    def key(cls: WorkloadClass, tokens: int, now: float) -> float:
+        p = placement(cls, 0.0, tokens, [], 0, 12, 512, COST, now=now, own_s=tokens * 1e-3)
+        assert p.priority == cls.rank
+        return p.key
+
+    assert key(BATCH, 47, 16.0) < key(BATCH, 163, 16.0)
+    assert key(BATCH, 163, 16.0) < key(BATCH, 769, 15.5) < key(BATCH, 163, 16.7)
+    assert key(RT, 73, 16.0) == pytest.approx(16.073)
+
+
+def test_a_prompts_own_prefill_counts_its_output_so_far_and_nothing_before_a_fit() -> None:
+    """``prefill_s``: its prompt (and output so far, once preempted) at the fitted cost per
+    prompt token; 0 before the node has a fit (its key is then its arrival)."""
+    job = _job("b", BATCH, Placement(BATCH.rank, 1.0))
+    assert prefill_s(job, None) == 0.0
+    assert prefill_s(job, COST) == pytest.approx(len(job.request.prompt_token_ids) * 1e-3)
+    job.token_ids.extend([5, 6, 7])
+    assert prefill_s(job, COST) == pytest.approx((len(job.request.prompt_token_ids) + 3) * 1e-3)
+
+
+def test_no_batch_prompt_goes_ahead_of_a_realtime_prompt_placed_among_batch_ones() -> None:
+    """A REALTIME prompt placed behind a long BATCH prompt counted on the prompts ahead of
+    it: a later short BATCH prompt, whose tag alone would put it first, goes right behind the
+    placed one instead; a FINETUNE prompt keeps its tag (its own rank)."""
+    waiting = [Waiting(16.269, False, 769), Waiting(16.269 + 1e-6, True, 73)]
+    short = placement(BATCH, 0.0, 163, waiting, 0, 12, 512, COST, now=15.7, own_s=0.163)
+    assert short == Placement(BATCH.rank, pytest.approx(16.269 + 2e-6))
+    ft = placement(FT, 0.0, 163, waiting, 0, 12, 512, COST, now=15.7, own_s=0.163)
+    assert ft == Placement(FT.rank, pytest.approx(15.863))
 
 
 def _seat(rid: str, cls: WorkloadClass, order: float, started: bool, movable: bool = True) -> Seat:

@@ -451,9 +451,11 @@ class VllmEngine(Draining):
     def _placement(self, job: Job) -> Placement:
         """``job``'s place in vLLM's queue, from the prompts waiting there (under the lock)."""
         live = [j for j in list(self._jobs.values()) if not j.cancelled]
-        band = WorkloadClass.BATCH.rank
+        band, rank, request = WorkloadClass.BATCH.rank, job.workload_class.rank, job.request
+        now, own = time.monotonic() - self._epoch, prefill_s(job, self._sink.step_model.cost)
         unstarted = sorted((j for j in live if not j.started), key=self._order)
-        higher = [j for j in unstarted if j.place.priority < band]
+        tag = finish_tag(now, own)  # a REALTIME prompt's own key: those ahead have earlier ones
+        higher = [j for j in unstarted if j.place.priority < band and (rank or j.place.key < tag)]
         waiting = [
             Waiting(j.place.key, j.workload_class is WorkloadClass.REALTIME, prefill_tokens(j))
             for j in unstarted
@@ -461,21 +463,19 @@ class VllmEngine(Draining):
         ]
         return placement(
             job.workload_class,
-            job.request.first_token_budget_s,
+            request.first_token_budget_s,
             prefill_tokens(job),
             waiting,
             sum(prefill_tokens(j) for j in higher),
             sum(1 for j in live if j.started),
             self._options.max_batched_tokens,
             self._sink.step_model.cost,
-            time.monotonic() - self._epoch,
+            now,
             seats=self._options.max_sequences - len(higher),
-            margin_s=(
-                self._calibration.margin(time.monotonic())
-                if job.request.first_token_budget_s > 0
-                else None
-            ),
-            own_s=prefill_s(job, self._sink.step_model.cost),
+            margin_s=self._calibration.margin(now + self._epoch)
+            if request.first_token_budget_s > 0
+            else None,
+            own_s=own,
         )
 
     def _cancel_job(self, job: Job) -> None:

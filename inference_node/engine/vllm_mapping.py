@@ -124,6 +124,8 @@ class Placement:
     class)."""
 
 
+_BAND = WorkloadClass.BATCH.rank
+"""The rank ``waiting`` prompts share (:func:`placement`)."""
 KEY_GAP_S = 1e-6
 """How far before the waiting prompt it goes ahead of a placed prompt's key is."""
 CALIBRATED_FROM_S = 0.5
@@ -181,22 +183,23 @@ def placement(
     own_s: float = 0.0,
 ) -> Placement:
     """Where a prompt goes among ``waiting`` (BATCH's rank, sorted by key; behind
-    ``ahead_tokens`` of prompts waiting at a higher rank): its class's rank at ``now``, but
-    REALTIME keeps first come, first served among REALTIME (a later one cannot take the time
-    a placed one counted on). A REALTIME prompt with a first-token ``budget_s`` under a fit
-    with a prompt term goes as late among the waiting BATCH prompts as its first token is
-    still predicted within the budget, ``margin_s`` added (:class:`FirstTokenCalibration`;
-    None: not calibrated, no such place) (:func:`_latest_fit`; behind fewer than ``seats``
-    less the ``rows`` running, the sequences vLLM may run beside them: a prompt beyond
-    waits for one to end); one without, or with no such place, right behind the last
-    waiting REALTIME prompt. Ahead of every prompt there, it
-    takes REALTIME's rank (vLLM then also preempts it last); elsewhere BATCH's, with a key
-    between its neighbours'. Always overtaking cost BATCH what REALTIME did not need
-    (``docs/decisions/node-vllm-realtime-placement.md``). At its class's rank its key is
-    :func:`finish_tag` (``own_s``: its prefill alone at the fitted cost)."""
-    rank = workload_class.rank
+    ``ahead_tokens`` of prompts waiting at a higher rank): its class's rank, keyed by its
+    :func:`finish_tag` (``own_s``: its prefill alone at the fitted cost), but no REALTIME
+    prompt goes ahead of a REALTIME prompt placed among BATCH ones, nor a BATCH prompt (a
+    later one cannot take the time a placed one counted on). A REALTIME prompt with a
+    first-token ``budget_s`` under a fit with a prompt term goes as late among the waiting
+    BATCH prompts as its first token is still predicted within the budget, ``margin_s`` added
+    (:class:`FirstTokenCalibration`; None: not calibrated, no such place) (:func:`_latest_fit`;
+    behind fewer than ``seats`` less the ``rows`` running, the sequences vLLM may run beside
+    them: a prompt beyond waits for one to end); one without, or with no such place, right
+    behind the last REALTIME prompt placed there. Ahead of every prompt there, it takes
+    REALTIME's rank (vLLM then also preempts it last); elsewhere BATCH's, with a key between
+    its neighbours'. Always overtaking cost BATCH what REALTIME did not need
+    (``docs/decisions/node-vllm-realtime-placement.md``)."""
+    rank, tag = workload_class.rank, finish_tag(now, own_s)
     if workload_class is not WorkloadClass.REALTIME:
-        return Placement(rank, finish_tag(now, own_s))
+        placed = max((w.key for w in waiting if w.realtime), default=-math.inf)
+        return Placement(rank, max(tag, placed + KEY_GAP_S) if rank == _BAND else tag)
     first = max((i + 1 for i, w in enumerate(waiting) if w.realtime), default=0)
     position = first
     free = len(waiting) if seats is None else max(0, seats - rows - 1)
@@ -212,23 +215,22 @@ def placement(
         return first_token_s(ahead, rows, step_tokens, cost)
 
     if position == 0:
-        return Placement(rank, finish_tag(now, own_s), predicted(0))
-    band = WorkloadClass.BATCH.rank
-    last = Placement(band, max(now, waiting[-1].key + KEY_GAP_S), predicted(len(waiting)))
+        return Placement(rank, tag, predicted(0))
+    last = Placement(_BAND, max(now, waiting[-1].key + KEY_GAP_S), predicted(len(waiting)))
     if position == len(waiting):
         return last
     after, before = waiting[position].key, waiting[position - 1].key
     key = after - min(KEY_GAP_S, max(after - before, 0.0) / 2)
-    return Placement(band, key, predicted(position)) if before < key < after else last
+    return Placement(_BAND, key, predicted(position)) if before < key < after else last
 
 
 def finish_tag(arrival_s: float, own_s: float) -> float:
     """A prompt's key at its class's rank: when its prefill would end had it run alone on
-    arrival (``own_s``: that prefill at the fitted cost; 0 without a fit), as fair queueing
-    tags a packet. Within a class a short prompt so passes a long one that came less than the
-    long one's own prefill time before it, and no prompt waits behind more than the work that
-    came in that time: one step's chunks then give more first tokens within a target than
-    first come, first served (``docs/decisions/node-vllm-prefill-finish-tags.md``)."""
+    arrival (``own_s``: that prefill at the fitted cost; 0 without a fit), shortest prefill
+    first with aging. Within a class a short prompt passes a long one that came less than the
+    long one's own prefill time before it, never one that came earlier than that: in a burst,
+    one step's chunk then gives more first tokens within a target than first come, first served
+    (``docs/decisions/node-vllm-prefill-finish-tags.md``)."""
     return arrival_s + max(0.0, own_s)
 
 
