@@ -17,11 +17,11 @@ vLLM abort the request (its ``generate`` aborts on cancellation) and free its KV
 Mapping: Sluice's classes go to vLLM's ``priority`` scheduling (lower runs first: REALTIME 0,
 BATCH 1, FINETUNE 2; then the earlier ``arrival_time``, set to the prompt's prefill finish tag,
 ``finish_tag``), except that a REALTIME prompt with a first-token budget goes as late among the
-waiting BATCH prompts as its budget allows, none ahead of a waiting REALTIME prompt (at BATCH's
-rank, keyed between its neighbours: ``placement``). vLLM preempts only for KV cache, so with
-every seat taken a REALTIME prompt would wait for some stream to end: after each step the node
-preempts a running lower-class request for each REALTIME one vLLM holds back, and sends it
-again later with its output so far as prompt (``_seat_realtime``);
+waiting BATCH prompts as its budget allows, at BATCH's rank keyed between its neighbours, and
+no later prompt goes ahead of one placed there (``placement``). vLLM preempts only for KV
+cache, so with every seat taken a REALTIME prompt would wait for some stream to end: after each
+step the node preempts a running lower-class request for each REALTIME one vLLM holds back,
+and sends it again later with its output so far as prompt (``_seat_realtime``);
 ``SamplingParams`` map one to one (greedy is temperature 0; EOS ids of the model are stop token
 ids unless ``ignore_eos``). Load comes from vLLM's scheduler stats (running and waiting
 requests, KV use, step times) through a stat logger; vLLM knows no classes, so its waiting
@@ -300,12 +300,10 @@ class VllmEngine(Draining):
                     run.result()
                     return
                 job.preempted, job.restarts = False, job.restarts + 1
-                with self._lock:
-                    at = job.submitted_at - self._epoch  # lifted: by its tag, as at submit
-                    tag = finish_tag(at, prefill_s(job, self._sink.step_model.cost))
+                with self._lock:  # a lifted prompt goes back at REALTIME's rank, by its tag
                     jobs = list(self._jobs.values())
-                    lifted = Placement(job.workload_class.rank, tag)
-                    job.place = lifted if job.lifted else resumed_place(job, jobs)
+                    rank = job.workload_class.rank
+                    job.place = Placement(rank, job.tag) if job.lifted else resumed_place(job, jobs)
         except Exception as exc:
             log.warning("vllm_request_failed", request_id=job.request.request_id, exc_info=exc)
             job.end = EngineFaultError(f"vLLM failed the request: {type(exc).__name__}")
@@ -449,12 +447,14 @@ class VllmEngine(Draining):
         return seat(job, self._order(job), now, rows, cost, self._lm.tokenizer.decode)
 
     def _placement(self, job: Job) -> Placement:
-        """``job``'s place in vLLM's queue, from the prompts waiting there (under the lock)."""
+        """``job``'s place in vLLM's queue, from the prompts waiting there, and its finish tag
+        (``job.tag``) (under the lock, at submit)."""
         live = [j for j in list(self._jobs.values()) if not j.cancelled]
         band, rank, request = WorkloadClass.BATCH.rank, job.workload_class.rank, job.request
-        now, own = time.monotonic() - self._epoch, prefill_s(job, self._sink.step_model.cost)
+        clock = time.monotonic()
+        now, own = clock - self._epoch, prefill_s(job, self._sink.step_model.cost)
         unstarted = sorted((j for j in live if not j.started), key=self._order)
-        tag = finish_tag(now, own)  # a REALTIME prompt's own key: those ahead have earlier ones
+        job.tag = tag = finish_tag(now, own)  # REALTIME: those with earlier tags are ahead
         higher = [j for j in unstarted if j.place.priority < band and (rank or j.place.key < tag)]
         waiting = [
             Waiting(j.place.key, j.workload_class is WorkloadClass.REALTIME, prefill_tokens(j))
@@ -472,9 +472,7 @@ class VllmEngine(Draining):
             self._sink.step_model.cost,
             now,
             seats=self._options.max_sequences - len(higher),
-            margin_s=self._calibration.margin(now + self._epoch)
-            if request.first_token_budget_s > 0
-            else None,
+            margin_s=self._calibration.margin(clock) if request.first_token_budget_s > 0 else None,
             own_s=own,
         )
 

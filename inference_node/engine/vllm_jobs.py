@@ -58,6 +58,8 @@ class Job:
     """Its current vLLM request (engine thread); cancelled to preempt it."""
     preempted: bool = False
     restarts: int = 0
+    tag: float = 0.0
+    """Its key at its class's rank (:func:`~.vllm_mapping.finish_tag`, set at submit)."""
     lifted: bool = False
     """A REALTIME prompt placed among BATCH ones that went back at REALTIME's rank."""
     seat_freed_at: int | None = None

@@ -198,8 +198,8 @@ def placement(
     (``docs/decisions/node-vllm-realtime-placement.md``)."""
     rank, tag = workload_class.rank, finish_tag(now, own_s)
     if workload_class is not WorkloadClass.REALTIME:
-        placed = max((w.key for w in waiting if w.realtime), default=-math.inf)
-        return Placement(rank, max(tag, placed + KEY_GAP_S) if rank == _BAND else tag)
+        placed = [w.key + KEY_GAP_S for w in waiting if w.realtime] if rank == _BAND else []
+        return Placement(rank, max([tag, *placed]))
     first = max((i + 1 for i, w in enumerate(waiting) if w.realtime), default=0)
     position = first
     free = len(waiting) if seats is None else max(0, seats - rows - 1)
