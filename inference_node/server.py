@@ -442,6 +442,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             report.decode_tokens_per_s += stats.decode_tokens_per_s
             report.queued_tokens += stats.queued_tokens
             report.pinned_sequences += stats.pinned
+            if stats.realtime_ahead_tokens is not None:
+                report.realtime_prefill_ahead_tokens[lm.name] = stats.realtime_ahead_tokens
         reading = self._gpu.read() if self._gpu is not None else None
         if reading is not None:
             report.gpu_free_bytes = reading.free_bytes

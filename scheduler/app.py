@@ -31,7 +31,8 @@ from scheduler.nodes import NodeDirectory
 from scheduler.queues import QueueConfig
 from scheduler.quotas import QuotaGate, quota_redis
 from scheduler.response_cache import ResponseCache
-from scheduler.routing import OutlierConfig, OutlierDetector, RetryBudget
+from scheduler.retry_budget import RetryBudget
+from scheduler.routing import OutlierConfig, OutlierDetector
 from scheduler.server import AdminServicer, InferenceServicer, JobsServicer
 from scheduler.tenants import TenantDirectory, TenantsDocumentError
 from scheduler.usage import UsageBook, UsageCollector

@@ -43,7 +43,7 @@ from scheduler.blame import Blame, blame
 from scheduler.metrics import SchedulerMetrics
 from scheduler.node_handle import NodeHandle
 from scheduler.nodes import NodeDirectory
-from scheduler.routing import RetryBudget
+from scheduler.retry_budget import RetryBudget
 from scheduler.stall import StallPolicy, StallWatch, WatchedStream
 from sluice.contract import REQUEST_ID_METADATA, WorkloadClass
 from sluice.runtime import context
@@ -254,8 +254,7 @@ class Dispatcher:
         prompt_tokens: int,
     ) -> None:
         """Book a retry on ``node``, its prompt in the node's prefill bucket."""
-        prefill = node.book.prefill_cost(model, prompt_tokens)
-        self._nodes.dispatched(node, cost, affinity, workload_class, prefill)
+        self._nodes.dispatched(node, cost, affinity, workload_class, model, prompt_tokens)
 
     def _remaining(self, deadline: float) -> float:
         left = deadline - self._clock()

@@ -305,8 +305,8 @@ class DispatchGate:
             room_in_s = nodes.prefill_wait(model, cls, prompt, ahead)
             if not prompt_held:
                 room_in_s = max(room_in_s, self.running.end_wait(model, cls, before, token_s))
-        loaded = nodes.loaded_first_token_seconds(model, prompt)
-        first = max(loaded, nodes.first_token_seconds(model))
+        loaded, told = nodes.loaded_first_token_seconds(model, prompt)
+        first = loaded if told else max(loaded, nodes.first_token_seconds(model))
         structlog.contextvars.bind_contextvars(predicted_first_token_ms=round(first * 1000, 1))
         return self.admission.decide(
             item,
@@ -407,14 +407,13 @@ class DispatchGate:
 
     def _book(self, item: QueuedRequest, node: NodeHandle) -> None:
         """``item`` leaves for ``node``: book it there and on its tenant's slot share."""
-        cost = self.cost(item)
+        cost, cls = self.cost(item), item.workload_class
         self._avg_cost = cost if not self._avg_cost else 0.9 * self._avg_cost + 0.1 * cost
-        prefill = node.book.prefill_cost(item.model, item.prompt_tokens)
-        self._nodes.dispatched(node, cost, item.affinity, item.workload_class, prefill)
+        self._nodes.dispatched(node, cost, item.affinity, cls, item.model, item.prompt_tokens)
         waited = self._clock() - item.enqueued_at
-        self._metrics.queue_wait.labels(item.workload_class.label, item.tenant).observe(waited)
+        self._metrics.queue_wait.labels(cls.label, item.tenant).observe(waited)
         self.admission.started(item)
-        self.shares.started(item.model, item.workload_class, item.tenant)
+        self.shares.started(item.model, cls, item.tenant)
         self.running.started(item)
 
     def _share_allows(self, item: QueuedRequest, view: SlotView) -> bool:

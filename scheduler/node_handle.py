@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from scheduler.admission import ThroughputMeter
+from scheduler.prefill import PrefillGuard
 from scheduler.routing import LoadBook
 from sluice.contract import WorkloadClass
 from sluice.runtime.breaker import CircuitBreaker
@@ -108,6 +109,25 @@ class NodeHandle:
         :meth:`observe_capacity`), at least ``default`` (a node never busy has not shown its
         capacity)."""
         return max(self.busy_rate, default)
+
+    def on_report(self, report: common_pb2.LoadReport, now: float, guard: PrefillGuard) -> None:
+        """A load report came at ``now``: the load book takes it, after draining its prefill
+        bucket at the share before it."""
+        self.load, self.last_report_at = report, now
+        self.observe_capacity(report)
+        self.book.settle_prefill(guard, now, self.live_token_s(now))
+        self.book.on_report(
+            sum(c.running + c.waiting for c in report.classes),
+            report.queued_tokens,
+            report.kv_used_bytes,
+            report.kv_budget_bytes,
+            report.decode_tokens_per_s,
+            by_class=classes_of(report),
+            reserved=report.reserved_sequences,
+            steps=report.step_costs,
+            pinned=report.pinned_sequences,
+            ahead=report.realtime_prefill_ahead_tokens,
+        )
 
     def observe_capacity(self, report: common_pb2.LoadReport) -> None:
         """At each load report showing the node busy (running at least three quarters of its

@@ -26,7 +26,7 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from scheduler.admission import ThroughputMeter
-from scheduler.node_handle import NodeHandle, classes_of
+from scheduler.node_handle import NodeHandle
 from scheduler.prefill import PrefillGuard
 from scheduler.routing import DEFAULT_STEP_TOKENS, AffinityTable, OutlierDetector, power_of_two
 from sluice.contract import WorkloadClass
@@ -253,17 +253,19 @@ class NodeDirectory:
         costs = [f.per_prefill_token_s for f in fits if f is not None and f.per_prefill_token_s > 0]
         return min(costs, default=0.0) * max(0, prompt_tokens)
 
-    def loaded_first_token_seconds(self, model: str, prompt_tokens: int) -> float:
-        """Seconds from dispatch to first token predicted for a prompt of ``prompt_tokens``
-        on the healthy node serving ``model`` where it comes soonest, under the load there
-        now (:meth:`LoadBook.first_token_s`); 0 while none has a fit."""
+    def loaded_first_token_seconds(self, model: str, prompt_tokens: int) -> tuple[float, bool]:
+        """Seconds from dispatch to first token of a prompt of ``prompt_tokens`` on the
+        healthy node serving ``model`` where it comes soonest, under its load now
+        (:meth:`LoadBook.first_token_s`; 0 while none has a fit), and whether that node tells
+        the prompts ahead (:meth:`LoadBook.tells_ahead`)."""
         now, times = self._clock(), []
         for n in self._nodes.values():
             if n.healthy and not n.draining and any(m.name == model for m in n.info.models):
-                n.book.settle_prefill(self.prefill_guard, now, n.live_token_s(now))
-                step = n.info.capacity.max_batched_tokens or DEFAULT_STEP_TOKENS
-                times.append(n.book.first_token_s(model, prompt_tokens, step))
-        return min((t for t in times if t > 0), default=0.0)
+                book, step = n.book, n.info.capacity.max_batched_tokens or DEFAULT_STEP_TOKENS
+                book.settle_prefill(self.prefill_guard, now, n.live_token_s(now))
+                t = book.first_token_s(model, prompt_tokens, step)
+                times.append((t, book.tells_ahead(model)))
+        return min((t for t in times if t[0] > 0), default=(0.0, False))
 
     def first_token_seconds(self, model: str) -> float:
         """Seconds from dispatch to first token lately (the moving average of the nodes'
@@ -338,13 +340,16 @@ class NodeDirectory:
         tokens: float,
         affinity: str = "",
         workload_class: WorkloadClass = WorkloadClass.REALTIME,
-        prefill_s: float = 0.0,
+        model: str = "",
+        prompt_tokens: int = 0,
     ) -> None:
-        """Book a request of ``workload_class`` sent to ``node`` (``prefill_s``: its prompt's
-        predicted prefill there, into the node's prefill bucket)."""
+        """Book a request of ``workload_class`` sent to ``node``, its prompt of
+        ``prompt_tokens`` for ``model`` in the node's prefill bucket at its predicted prefill
+        there."""
         now = self._clock()
+        prefill_s = node.book.prefill_cost(model, prompt_tokens)
         node.book.on_prefill(prefill_s, self.prefill_guard, now, node.live_token_s(now))
-        node.book.on_dispatch(tokens, workload_class)
+        node.book.on_dispatch(tokens, workload_class, model, prompt_tokens)
         self.affinity.put(affinity, node.node_id)
 
     def finished(
@@ -467,22 +472,7 @@ class NodeDirectory:
         while True:
             try:
                 async for report in handle.stub.StreamLoad(node_pb2.StreamLoadRequest()):
-                    handle.load = report
-                    handle.last_report_at = self._clock()
-                    handle.observe_capacity(report)
-                    now = self._clock()  # the bucket drains at the share before the report
-                    handle.book.settle_prefill(self.prefill_guard, now, handle.live_token_s(now))
-                    handle.book.on_report(
-                        sum(c.running + c.waiting for c in report.classes),
-                        report.queued_tokens,
-                        report.kv_used_bytes,
-                        report.kv_budget_bytes,
-                        report.decode_tokens_per_s,
-                        by_class=classes_of(report),
-                        reserved=report.reserved_sequences,
-                        steps=report.step_costs,
-                        pinned=report.pinned_sequences,
-                    )
+                    handle.on_report(report, self._clock(), self.prefill_guard)
                     backoff = 0.2
                     self._changed()
             except grpc.aio.AioRpcError:

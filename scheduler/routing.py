@@ -1,5 +1,5 @@
 """Routing decisions, synchronous and I/O-free: load estimates, power of two choices with
-affinity, latency-outlier ejection and the retry budget. :mod:`scheduler.nodes` feeds them.
+affinity and latency-outlier ejection. :mod:`scheduler.nodes` feeds them.
 """
 
 from __future__ import annotations
@@ -82,6 +82,11 @@ class LoadBook:
     prefill: PrefillBucket = field(default_factory=PrefillBucket)
     """Prompt prefill this scheduler sent and the node has not yet worked off
     (:mod:`scheduler.prefill`)."""
+    ahead_tokens: dict[str, int] = field(default_factory=dict)
+    """Per model, the prompt tokens a REALTIME prompt sent there now waits for, from the last
+    report (a model absent: the node does not tell)."""
+    sent_since_report: dict[tuple[str, bool], int] = field(default_factory=dict)
+    """Prompt tokens this scheduler sent since that report, per (model, REALTIME or not)."""
 
     @property
     def in_flight(self) -> int:
@@ -104,10 +109,12 @@ class LoadBook:
         reserved: int = 0,
         steps: Sequence[PrefillFit] = (),
         pinned: int = 0,
+        ahead: Mapping[str, int] | None = None,
     ) -> None:
         """A fresh load report: the others' sequences (``by_class`` when the report splits
         them, else all counted as the top class), KV use, queued tokens, rate, the slots
-        training holds and the fitted step times (the costliest per sequence counts)."""
+        training holds, the fitted step times (the costliest per sequence counts) and the
+        prompt tokens ahead of a REALTIME prompt per model (``ahead``)."""
         reported = dict(by_class) if by_class is not None else {TOP_CLASS: sequences}
         self.reserved = max(0, reserved)
         self.pinned = max(0, pinned)
@@ -121,11 +128,23 @@ class LoadBook:
         self.kv_fraction = kv_used / kv_budget if kv_budget > 0 else 0.0
         self.reported_rate = rate
         self.tokens_sent_since_report = 0.0
+        self.ahead_tokens = dict(ahead or {})
+        self.sent_since_report.clear()
 
-    def on_dispatch(self, tokens: float, workload_class: WorkloadClass = TOP_CLASS) -> None:
-        """This scheduler sent the node a request of ``tokens`` weighted tokens."""
+    def on_dispatch(
+        self,
+        tokens: float,
+        workload_class: WorkloadClass = TOP_CLASS,
+        model: str = "",
+        prompt_tokens: int = 0,
+    ) -> None:
+        """This scheduler sent the node a request of ``tokens`` weighted tokens (a prompt of
+        ``prompt_tokens`` for ``model``)."""
         self.own[workload_class] = self.own.get(workload_class, 0) + 1
         self.tokens_sent_since_report += tokens
+        if model and prompt_tokens > 0:
+            key = (model, workload_class.is_top)
+            self.sent_since_report[key] = self.sent_since_report.get(key, 0) + prompt_tokens
 
     def on_finish(self, workload_class: WorkloadClass = TOP_CLASS) -> None:
         """A request of ``workload_class`` this scheduler sent there ended."""
@@ -155,18 +174,33 @@ class LoadBook:
         return fit.per_prefill_token_s * max(0, prompt_tokens)
 
     def first_token_s(self, model: str, prompt_tokens: int, step_tokens: int) -> float:
-        """Seconds from dispatch to the first token of a prompt of ``prompt_tokens`` of
-        ``model`` sent now (0 without a fit): the node's engine prefills the prompts it holds
-        (the bucket's debt, then this one) in chunks of ``step_tokens`` less the sequences
-        decoding beside them, each step paying the fit's fixed and per-sequence cost, every
-        prompt token its own. Call :meth:`settle_prefill` first."""
+        """Seconds from dispatch to the first token of a REALTIME prompt of ``prompt_tokens``
+        of ``model`` sent now (0 without a fit): the node's engine prefills the prompts ahead
+        of it, then this one, in chunks of ``step_tokens`` less the sequences decoding beside
+        them, each step paying the fit's fixed and per-sequence cost, every prompt token its
+        own. Ahead of it: where the node tells (:meth:`tells_ahead`), the tokens its last
+        report named, the REALTIME prompts sent since and at most a step of the others sent
+        since, behind the step under way; else the bucket's debt. Call :meth:`settle_prefill`
+        first."""
         fit = self.fits.get(model)
         if fit is None or not fit.per_prefill_token_s > 0:
             return 0.0
-        rows = self.sequences()
-        tokens = self.prefill.debt_s / fit.per_prefill_token_s + max(1, prompt_tokens)
-        steps = math.ceil(tokens / max(1, step_tokens - rows))
+        rows, reported = self.sequences(), self.ahead_tokens.get(model)
+        if reported is None:
+            ahead, under_way = self.prefill.debt_s / fit.per_prefill_token_s, 0
+        else:
+            lower = self.sent_since_report.get((model, False), 0)
+            ahead = reported + self.sent_since_report.get((model, True), 0)
+            ahead, under_way = ahead + min(lower, step_tokens), 1
+        tokens = ahead + max(1, prompt_tokens)
+        steps = math.ceil(tokens / max(1, step_tokens - rows)) + under_way
         return steps * (fit.base_s + fit.per_sequence_s * rows) + tokens * fit.per_prefill_token_s
+
+    def tells_ahead(self, model: str) -> bool:
+        """The node reports the prompt tokens ahead of a REALTIME prompt of ``model`` and has
+        a fit to time them by: :meth:`first_token_s` follows its queue, not the bucket."""
+        fit = self.fits.get(model)
+        return model in self.ahead_tokens and fit is not None and fit.per_prefill_token_s > 0
 
     def full_step_s(self, model: str, budget_s: float) -> float:
         """Seconds of a decode step of ``model`` with the node full: every usable slot taken,
@@ -405,76 +439,3 @@ class OutlierDetector:
     def forget(self, node: str) -> None:
         """Drop a node that left the registry."""
         self._nodes.pop(node, None)
-
-
-class RetryBudget:
-    """Retries may add at most ``ratio`` extra load over a sliding window.
-
-    Every first attempt deposits ``ratio`` of a retry; a retry spends one. ``min_retries`` per
-    window (1/s by default, as Finagle's floor) are always allowed so a lightly used scheduler
-    can still retry a dead node's requests. Without a budget, retries multiply load exactly
-    when the fleet is failing.
-
-    Attempts are counted, not stored: ``buckets`` ring slots of ``window_s / buckets`` seconds
-    each (Finagle's windowed adder), so memory is the same at one request a minute or a million
-    a second. The window slides a slot at a time: an attempt counts for between
-    ``window_s - window_s / buckets`` and ``window_s`` after it was made, and over any
-    ``buckets`` consecutive slots retries stay within ``max(min_retries, ratio × requests)``.
-    """
-
-    def __init__(
-        self,
-        clock: Clock,
-        ratio: float = 0.2,
-        window_s: float = 10.0,
-        min_retries: int = 10,
-        buckets: int = 10,
-    ) -> None:
-        if window_s <= 0 or buckets < 1:
-            raise ValueError("window_s must be positive and buckets at least 1")
-        self._clock = clock
-        self._ratio = ratio
-        self._min = min_retries
-        self._slot_s = window_s / buckets
-        self._requests = [0] * buckets
-        self._retries = [0] * buckets
-        self._request_sum = 0
-        self._retry_sum = 0
-        self._slot = self._slot_at(clock())
-
-    @property
-    def buckets(self) -> int:
-        """Slots the counts live in (fixed at construction)."""
-        return len(self._requests)
-
-    def _slot_at(self, now: float) -> int:
-        return math.floor(now / self._slot_s)
-
-    def _advance(self) -> int:
-        """Clear the slots the window has left since the last call; the current slot's index.
-        A clock that goes back keeps the current slot."""
-        slot = self._slot_at(self._clock())
-        n = len(self._requests)
-        if slot > self._slot:
-            for s in range(self._slot + 1, min(slot, self._slot + n) + 1):
-                i = s % n
-                self._request_sum -= self._requests[i]
-                self._retry_sum -= self._retries[i]
-                self._requests[i] = self._retries[i] = 0
-            self._slot = slot
-        return self._slot % n
-
-    def record_request(self) -> None:
-        """A first attempt was made."""
-        self._requests[self._advance()] += 1
-        self._request_sum += 1
-
-    def try_spend(self) -> bool:
-        """Take one retry from the budget; False when it is spent."""
-        i = self._advance()
-        allowed = max(self._min, math.floor(self._ratio * self._request_sum))
-        if self._retry_sum >= allowed:
-            return False
-        self._retries[i] += 1
-        self._retry_sum += 1
-        return True

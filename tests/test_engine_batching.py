@@ -222,6 +222,31 @@ async def test_a_prompt_done_behind_a_preemptors_partial_prompt_trades_slots_wit
         assert ids_of(deltas) == hf_greedy(lm, ids, sizes[rid])
 
 
+async def test_stats_count_the_prompt_tokens_ahead_of_a_realtime_prompt(lm: LanguageModel) -> None:
+    """A prompt being prefilled counts whole until its first token, a waiting REALTIME one
+    too; a waiting BATCH one does not (a REALTIME prompt goes before it), nor does a stream
+    past its first token. Stepped by hand."""
+    engine = BatchingEngine(
+        lm, BatchingConfig(max_sequences=3, max_batched_tokens=16, kv_budget_bytes=64 * 1024**2)
+    )
+    x, a, r, b = prompts(lm, [4, 20, 6, 8], seed=3)
+    streams = [engine.submit(request("x", x, 40, BATCH))]
+    try:
+        assert engine.stats().realtime_ahead_tokens == 0  # a waiting BATCH prompt
+        assert engine._intake()
+        engine._step()  # x prefilled: it decodes
+        streams.append(engine.submit(request("a", a, 10, BATCH)))
+        assert engine._intake()
+        engine._step()  # 15 of A's 20 prompt tokens
+        streams.append(engine.submit(request("r", r, 5)))
+        streams.append(engine.submit(request("b", b, 5, BATCH)))
+        assert engine.stats().realtime_ahead_tokens == 20 + 6
+    finally:
+        engine.close()
+        for stream in streams:
+            await stream.aclose()
+
+
 async def test_request_beyond_memory_budget_is_refused(lm: LanguageModel) -> None:
     """A request whose prompt plus output cannot fit a KV slot is refused at submit."""
     per_token = 2 * 2 * 2 * 16 * 4  # K and V, layers, KV heads, head size, float32 bytes

@@ -173,6 +173,7 @@ async def test_aclose_cancels_and_frees_engine(engine: SerialEngine, lm: Languag
     assert deltas[-1].finish_reason is FinishReason.LENGTH
     stats = engine.stats()
     assert sum(stats.running.values()) == 0 and sum(stats.waiting.values()) == 0
+    assert stats.realtime_ahead_tokens is None  # it runs one request alone: no prompts ahead
 
 
 async def test_task_cancel_and_dropped_stream_cancel(

@@ -156,8 +156,10 @@ async def test_load_reports_carry_the_fitted_step_cost(suite: Suite) -> None:
         _ = [c async for c in stub.Generate(request)]
 
     await asyncio.gather(run(20), run(40), run(60))  # 3 rows, then 2, then 1
-    (cost,) = node.servicer.load_report().step_costs
+    report = node.servicer.load_report()
+    (cost,) = report.step_costs
     assert cost.model == node_request().request.model and cost.samples >= 16
+    assert dict(report.realtime_prefill_ahead_tokens) == {cost.model: 0}  # idle again
     assert min(cost.base_s, cost.per_sequence_s, cost.per_prefill_token_s) >= 0
     assert cost.base_s + cost.per_sequence_s > 0
 

@@ -136,6 +136,25 @@ def test_a_prompt_s_first_token_under_load_counts_the_chunks_and_the_prompts_bef
     book.prefill.add(0.5)
     assert book.first_token_s("m", 1000, 512) == pytest.approx(3 * 0.07 + 2.5)
     assert book.first_token_s("other", 1000, 512) == 0.0
+    assert not book.tells_ahead("m")
+
+
+def test_where_the_node_tells_the_prompts_ahead_the_first_token_follows_its_queue() -> None:
+    """The node's report names 400 prompt tokens ahead of a REALTIME prompt: the bucket's
+    debt no longer counts; the REALTIME prompts sent since the report do, the others at most
+    a step's worth, and the step under way comes first. A new report starts the count again."""
+    book = book_with(RT, RT)
+    book.prefill.add(5.0)  # the bucket's debt: 2500 tokens, not what the node holds
+    book.on_report(2, 0, 0, 0, 0.0, by_class={RT: 2}, steps=[FIT], ahead={"m": 400})
+    assert book.tells_ahead("m") and not book.tells_ahead("other")
+    step = 0.05 + 0.01 * 2
+    assert book.first_token_s("m", 100, 512) == pytest.approx(2 * step + 500 * 0.002)
+    book.on_dispatch(10, RT, "m", 300)
+    book.on_dispatch(10, BATCH, "m", 2000)  # at most a step of it: 512
+    step = 0.05 + 0.01 * 4  # both decode beside it now
+    assert book.first_token_s("m", 100, 512) == pytest.approx(4 * step + 1312 * 0.002)
+    book.on_report(4, 0, 0, 0, 0.0, by_class={RT: 3, BATCH: 1}, steps=[FIT], ahead={"m": 0})
+    assert book.first_token_s("m", 100, 512) == pytest.approx(2 * step + 100 * 0.002)
 
 
 def test_a_realtime_request_that_could_start_now_is_refused_when_the_load_would_miss_its_ttft() -> (

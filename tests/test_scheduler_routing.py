@@ -11,7 +11,9 @@ import pytest
 from scheduler import routing
 from scheduler.admission import ThroughputMeter
 from scheduler.node_handle import NodeHandle
-from scheduler.routing import AffinityTable, LoadBook, OutlierDetector, RetryBudget, power_of_two
+from scheduler.prefill import PrefillGuard
+from scheduler.retry_budget import RetryBudget
+from scheduler.routing import AffinityTable, LoadBook, OutlierDetector, power_of_two
 from sluice.contract import WorkloadClass
 from sluice.runtime.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from sluice.v1 import common_pb2
@@ -372,3 +374,23 @@ def test_a_node_s_streaming_token_time_follows_its_realtime_chunks_in_time() -> 
     assert node.live_token_s(clock()) == 0
     node.observe_token_gap(0.3, clock())
     assert node.live_token_s(clock()) == 0.3
+
+
+def test_a_load_report_reaches_the_book_with_the_prompts_ahead_per_model() -> None:
+    """``NodeHandle.on_report``: the book takes the report's counts, step fits and the prompt
+    tokens ahead of a REALTIME prompt for each model the node tells them for."""
+    clock = FakeClock()
+    node = NodeHandle(
+        info=common_pb2.NodeInfo(node_id="n1"),
+        channel=None,  # type: ignore[arg-type]
+        stub=None,  # type: ignore[arg-type]
+        breaker=CircuitBreaker(BreakerConfig(), clock),
+        meter=ThroughputMeter(clock),
+    )
+    report = common_pb2.LoadReport(node_id="n1", realtime_prefill_ahead_tokens={"m": 700})
+    report.classes.add(workload_class=BATCH, running=2)
+    report.step_costs.add(model="m", base_s=0.05, per_sequence_s=0.01, per_prefill_token_s=0.002)
+    node.on_report(report, clock(), PrefillGuard())
+    assert node.load is report and node.book.sequences() == 0  # a first report: none foreign
+    assert node.book.ahead_tokens == {"m": 700} and node.book.tells_ahead("m")
+    assert node.book.first_token_s("m", 100, 512) == pytest.approx(3 * 0.05 + 800 * 0.002)

@@ -11,7 +11,7 @@ import pytest
 
 from inference_node.engine.step_model import StepCost
 from inference_node.engine.types import EngineRequest, SamplingParams
-from inference_node.engine.vllm_jobs import Job, prefill_s, resumed_place, seat
+from inference_node.engine.vllm_jobs import Job, load, prefill_s, resumed_place, seat
 from inference_node.engine.vllm_mapping import (
     FirstTokenCalibration,
     Placement,
@@ -325,4 +325,26 @@ def test_a_stream_cut_inside_a_character_restarted_thrice_or_realtime_keeps_its_
     batch.restarts = 3
     assert not movable(batch)
     for job in (batch, waiting, realtime):
+        job.loop.close()
+
+
+def test_the_load_counts_begun_prefills_and_held_realtime_prompts_ahead_of_a_realtime_one() -> None:
+    """Of the requests not yet at their first token, those vLLM does not hold back are being
+    prefilled (it runs them before any waiting prompt, whatever their class): their prompts
+    count ahead of a REALTIME prompt whole, a BATCH one's too. Of the held ones only those at
+    REALTIME's rank do; a REALTIME prompt placed among BATCH ones does not, nor does a
+    running stream (its prompt is done). A preempted one prefills its output again."""
+    band = BATCH.rank
+    streaming = _job("s", RT, Placement(RT.rank, 1.0), started=True)
+    begun = _job("b-begun", BATCH, Placement(band, 2.0))
+    held_rt = _job("rt-held", RT, Placement(RT.rank, 3.0))
+    held_rt.token_ids.extend([4, 5])  # preempted after two tokens
+    placed = _job("rt-placed", RT, Placement(band, 4.0))
+    held_batch = _job("b-held", BATCH, Placement(band, 5.0))
+    jobs = [streaming, begun, held_rt, placed, held_batch]
+    running, waiting, queued, ahead = load(jobs, {id(j) for j in jobs[2:]})
+    assert ahead == 3 + (3 + 2)
+    assert running == {RT: 1, BATCH: 1, FT: 0} and waiting == {RT: 2, BATCH: 1, FT: 0}
+    assert queued == 8 + 8 + (5 + 6) + (3 + 8) + (3 + 8)
+    for job in jobs:
         job.loop.close()

@@ -160,6 +160,9 @@ class ThreadedEngine(Draining):
     """
 
     _thread_name = "engine"
+    _prefills_beside_decode = True
+    """A prompt's prefill runs in the steps that decode the others, so the prompts ahead of a
+    new one are what it waits for (stats tell them); False where a request runs alone."""
 
     def __init__(
         self, lm: LanguageModel, *, max_waiting: int = 256, kv_budget_bytes: int | None = None
@@ -225,10 +228,12 @@ class ThreadedEngine(Draining):
             self._cancel_job(job)
 
     def stats(self) -> EngineStats:
-        """Per-class counts, KV use and budget, decode rate and outstanding tokens."""
+        """Per-class counts, KV use and budget, decode rate, outstanding tokens and (where
+        prefill runs beside decode) the prompt tokens ahead of a REALTIME prompt: the running
+        ones not yet at their first token, then the waiting REALTIME and pinned ones."""
         running = dict.fromkeys(WorkloadClass, 0)
         waiting = dict.fromkeys(WorkloadClass, 0)
-        queued = pinned = 0
+        queued = pinned = ahead = 0
         self._reap()
         with self._lock:
             for job in self._jobs.values():
@@ -239,10 +244,13 @@ class ThreadedEngine(Draining):
                     running[job.workload_class] += 1
                     pinned += job.pinned
                     queued += max(params.max_new_tokens - job.generated, 0)
+                    ahead += 0 if job.generated else len(job.request.prompt_token_ids)
                 elif job.state is JobState.WAITING:
                     waiting[job.workload_class] += 1
                     pinned += job.pinned
                     queued += len(job.request.prompt_token_ids) + params.max_new_tokens
+                    if job.pinned or job.workload_class.is_top:
+                        ahead += len(job.request.prompt_token_ids) + job.generated
         adapter_bytes, adapter_budget = self._adapter_bytes()
         return EngineStats(
             running=running,
@@ -256,6 +264,7 @@ class ThreadedEngine(Draining):
             steps=self.step_times.snapshot(),
             step_cost=self.step_model.cost,
             pinned=pinned,
+            realtime_ahead_tokens=ahead if self._prefills_beside_decode else None,
         )
 
     def start(self) -> None:

@@ -32,6 +32,7 @@ class SerialEngine(ThreadedEngine):
     """Serves requests one at a time, in priority order, on one model-owning thread."""
 
     _thread_name = "serial-engine"
+    _prefills_beside_decode = False
 
     def _finish(self, job: Job, item: TokenDelta | BaseException) -> None:
         self._kv_used = 0  # one request at a time: its cache goes with it

@@ -60,6 +60,7 @@ from inference_node.engine.types import (
 from inference_node.engine.vllm_jobs import (
     Job,
     JobStream,
+    load,
     prefill_s,
     prefill_tokens,
     resumed_place,
@@ -207,26 +208,17 @@ class VllmEngine(Draining):
             self._cancel_job(job)
 
     def stats(self) -> EngineStats:
-        """Per-class running and waiting (vLLM's counts, attributed), KV use, decode rate, and
-        the running lower-class sequences no REALTIME one can take the seat of (``pinned``)."""
-        running = dict.fromkeys(WorkloadClass, 0)
-        waiting = dict.fromkeys(WorkloadClass, 0)
-        queued = pinned = 0
+        """Per-class running and waiting (vLLM's counts, attributed), KV use, decode rate, the
+        running lower-class sequences no REALTIME one can take the seat of (``pinned``) and
+        the prompt tokens ahead of a REALTIME prompt (:func:`~.vllm_jobs.load`)."""
         now, rows, cost = time.monotonic(), self._options.max_sequences, self._sink.step_model.cost
         with self._lock:
             live = [j for j in list(self._jobs.values()) if not j.cancelled]
             kept = [j for j in live if j.started and not j.workload_class.is_top]
             pinned = sum(1 for j in kept if not self._seat(j, now, rows, cost).movable)
         unstarted = sorted((j for j in live if not j.started), key=self._order)
-        held = {id(j) for j in held_by_vllm(unstarted, self._sink.waiting)}
-        for job in live:
-            left = max(job.request.params.max_new_tokens - job.generated, 0)
-            if id(job) in held:
-                waiting[job.workload_class] += 1
-                queued += prefill_tokens(job) + left
-            else:
-                running[job.workload_class] += 1
-                queued += left
+        held = held_by_vllm(unstarted, self._sink.waiting)
+        running, waiting, queued, ahead = load(live, {id(j) for j in held})
         return EngineStats(
             running=running,
             waiting=waiting,
@@ -237,6 +229,7 @@ class VllmEngine(Draining):
             steps=self._sink.steps.snapshot(),
             step_cost=cost,
             pinned=pinned,
+            realtime_ahead_tokens=ahead,
         )
 
     def start(self) -> None:

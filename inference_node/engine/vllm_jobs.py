@@ -1,6 +1,7 @@
 """The vLLM node's requests (:mod:`inference_node.engine.vllm_engine`): what it refuses at
 submit, each request's state across the node's threads and its preemptions, the consumer's
-stream of it, and how seat preemption (:func:`~.vllm_mapping.seat_preemptions`) sees it.
+stream of it, how seat preemption (:func:`~.vllm_mapping.seat_preemptions`) sees it, and
+the load they make.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import concurrent.futures
 import contextlib
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from inference_node.engine.step_model import StepCost
@@ -25,6 +26,8 @@ from inference_node.engine.types import (
 from inference_node.engine.vllm_mapping import KEY_GAP_S, Placement, Seat, may_give_seat
 from inference_node.model_types import LanguageModel
 from sluice.contract import WorkloadClass
+
+_TOP = WorkloadClass.REALTIME.rank
 
 
 def prefill_tokens(job: Job) -> int:
@@ -119,6 +122,29 @@ class JobStream(DeltaStream):
     async def aclose(self) -> None:
         self._finished = True
         self._finalizer()  # cancels the request once; a no-op after it ended
+
+
+def load(
+    live: Sequence[Job], held: Collection[int]
+) -> tuple[dict[WorkloadClass, int], dict[WorkloadClass, int], int, int]:
+    """Running and waiting requests per class, the tokens of work left and the prompt tokens
+    ahead of a REALTIME prompt, of the ``live`` requests, those with ids in ``held`` held back
+    by vLLM (the rest run). Ahead: every prefill vLLM has begun, whole (it runs those before
+    any waiting prompt, whatever their priority), then the held prompts at REALTIME's rank."""
+    running = dict.fromkeys(WorkloadClass, 0)
+    waiting = dict.fromkeys(WorkloadClass, 0)
+    queued = ahead = 0
+    for job in live:
+        left = max(job.request.params.max_new_tokens - job.generated, 0)
+        if id(job) in held:
+            waiting[job.workload_class] += 1
+            queued += prefill_tokens(job) + left
+            ahead += prefill_tokens(job) if job.place.priority == _TOP else 0
+        else:
+            running[job.workload_class] += 1
+            queued += left
+            ahead += 0 if job.started else prefill_tokens(job)
+    return running, waiting, queued, ahead
 
 
 MAX_RESTARTS = 3
