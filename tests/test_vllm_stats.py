@@ -11,7 +11,14 @@ import pytest
 
 from inference_node.engine.step_model import StepCost
 from inference_node.engine.types import EngineRequest, SamplingParams
-from inference_node.engine.vllm_jobs import Job, load, prefill_s, resumed_place, seat
+from inference_node.engine.vllm_jobs import (
+    Job,
+    begun_below,
+    load,
+    prefill_s,
+    resumed_place,
+    seat,
+)
 from inference_node.engine.vllm_mapping import (
     FirstTokenCalibration,
     Placement,
@@ -346,5 +353,31 @@ def test_the_load_counts_begun_prefills_and_held_realtime_prompts_ahead_of_a_rea
     assert ahead == 3 + (3 + 2)
     assert running == {RT: 1, BATCH: 1, FT: 0} and waiting == {RT: 2, BATCH: 1, FT: 0}
     assert queued == 8 + 8 + (5 + 6) + (3 + 8) + (3 + 8)
+    for job in jobs:
+        job.loop.close()
+
+
+def test_the_prompts_paused_for_a_realtime_one_are_the_lower_class_ones_vllm_may_prefill() -> None:
+    """After step 5 vLLM reported one request waiting: of the prompts sent before it, the last
+    in queue order is held back, the others (a BATCH and a FINETUNE one) may be prefilling;
+    one sent since may be too. A REALTIME prompt, a stream and a prompt already being sent
+    back are never paused, and a paused prompt still counts as new and waiting."""
+    band = BATCH.rank
+    stream = _job("s", BATCH, Placement(band, 0.5), started=True)
+    first = _job("b1", BATCH, Placement(band, 1.0))
+    second = _job("f", FT, Placement(FT.rank, 0.2))
+    held = _job("f-late", FT, Placement(FT.rank, 0.9))
+    rt = _job("rt", RT, Placement(RT.rank, 3.0))
+    resent = _job("b0", BATCH, Placement(band, 0.1))
+    resent.preempted = True
+    fresh = _job("b2", BATCH, Placement(band, 2.0))
+    jobs = [stream, fresh, second, rt, first, resent, held]
+    for job in jobs:
+        job.sent_step = 6 if job is fresh else 4
+    order = lambda j: (j.place.priority, j.place.key)  # noqa: E731
+    assert begun_below(jobs, 1, 5, order) == [first, fresh, second]
+    assert begun_below(jobs, 3, 5, order) == [fresh]
+    first.restarts = first.pauses = 3
+    assert first.new_and_waiting
     for job in jobs:
         job.loop.close()

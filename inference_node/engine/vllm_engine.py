@@ -61,6 +61,7 @@ from inference_node.engine.vllm_jobs import (
     Job,
     JobStream,
     load,
+    pause_prefills,
     prefill_s,
     prefill_tokens,
     resumed_place,
@@ -173,7 +174,7 @@ class VllmEngine(Draining):
             max_num_batched_tokens=o.max_batched_tokens,
             kv_cache_memory_bytes=o.kv_budget_bytes,
             scheduling_policy="priority",
-            enable_prefix_caching=False,
+            enable_prefix_caching=True,  # a paused or preempted prompt resumes from its blocks
             enforce_eager=o.enforce_eager,
             disable_log_stats=True,  # our stat logger only (module doc)
             enable_logging_iteration_details=True,  # each step's rows and time: the step fit
@@ -280,6 +281,13 @@ class VllmEngine(Draining):
         assert task is not None
         self._tasks.add(task)
         try:
+            if job.workload_class.is_top:  # it goes before the lower-class prefills under way
+                with self._lock:
+                    live = [
+                        j for j in list(self._jobs.values()) if not j.cancelled and j is not job
+                    ]
+                    rid, waiting = job.request.request_id, self._sink.waiting
+                    pause_prefills(live, waiting, self._steps, self._order, rid)
             while True:
                 job.run = run = asyncio.ensure_future(self._run_once(job))
                 try:
@@ -315,6 +323,7 @@ class VllmEngine(Draining):
             "prompt_token_ids": [*request.prompt_token_ids, *job.token_ids],
             "arrival_time": job.place.key,  # its place among equal priorities
         }
+        job.sent_step = self._steps
         outputs = self._llm.generate(
             prompt,
             vllm_sampling(params, self._lm.eos_token_ids),

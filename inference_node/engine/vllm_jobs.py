@@ -14,6 +14,8 @@ import weakref
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
+import structlog
+
 from inference_node.engine.step_model import StepCost
 from inference_node.engine.text import checked_request
 from inference_node.engine.types import (
@@ -23,11 +25,18 @@ from inference_node.engine.types import (
     RequestTooLargeError,
     TokenDelta,
 )
-from inference_node.engine.vllm_mapping import KEY_GAP_S, Placement, Seat, may_give_seat
+from inference_node.engine.vllm_mapping import (
+    KEY_GAP_S,
+    Placement,
+    Seat,
+    held_by_vllm,
+    may_give_seat,
+)
 from inference_node.model_types import LanguageModel
 from sluice.contract import WorkloadClass
 
 _TOP = WorkloadClass.REALTIME.rank
+log = structlog.get_logger(__name__)
 
 
 def prefill_tokens(job: Job) -> int:
@@ -61,6 +70,11 @@ class Job:
     """Its current vLLM request (engine thread); cancelled to preempt it."""
     preempted: bool = False
     restarts: int = 0
+    pauses: int = 0
+    """Of its restarts, those that sent it back unstarted for a REALTIME prompt
+    (:func:`pause_prefills`): nothing it streamed is prefilled again."""
+    sent_step: int = 0
+    """vLLM steps the engine had seen when it was last sent (engine thread)."""
     tag: float = 0.0
     """Its key at its class's rank (:func:`~.vllm_mapping.finish_tag`, set at submit)."""
     lifted: bool = False
@@ -83,7 +97,9 @@ class Job:
     @property
     def new_and_waiting(self) -> bool:
         """Not started, and no stream preempted back into the queue (those count apart)."""
-        return not (self.started or self.cancelled) and (self.lifted or not self.restarts)
+        return not (self.started or self.cancelled) and (
+            self.lifted or self.restarts == self.pauses
+        )
 
     def deliver(self, item: TokenDelta | BaseException) -> None:
         with contextlib.suppress(RuntimeError):  # the consumer's loop is closed
@@ -147,6 +163,38 @@ def load(
     return running, waiting, queued, ahead
 
 
+def begun_below(
+    live: Sequence[Job], waiting: int, step: int, order: Callable[[Job], tuple[int, float]]
+) -> list[Job]:
+    """The lower-class prompts of ``live`` that vLLM may be prefilling: not at their first
+    token, and either sent after its last step's stats (``step``: the steps seen then) or
+    not among the ``waiting`` it reported holding back (:func:`~.vllm_mapping.held_by_vllm`
+    over those sent before). vLLM shows no request's progress: a held prompt taken for begun
+    costs only its resend."""
+    seen = sorted((j for j in live if not j.started and j.sent_step < step), key=order)
+    held = {id(j) for j in held_by_vllm(seen, waiting)}
+    lower = (j for j in live if not (j.started or j.preempted or j.workload_class.is_top))
+    return sorted((j for j in lower if id(j) not in held), key=order)
+
+
+def pause_prefills(
+    live: Sequence[Job],
+    waiting: int,
+    step: int,
+    order: Callable[[Job], tuple[int, float]],
+    by: str,
+) -> None:
+    """Send the prompts :func:`begun_below` names back to vLLM's queue at their place, for
+    REALTIME request ``by`` (under the engine's lock, on the engine thread): vLLM runs a begun
+    prefill before any waiting prompt, whatever its priority. With prefix caching their prefill
+    resumes after the blocks already computed."""
+    for victim in begun_below(live, waiting, step, order):
+        if victim.run is not None and not victim.run.done():
+            victim.preempted, victim.pauses = True, victim.pauses + 1
+            victim.run.cancel()
+            log.info("prefill_paused", request_id=victim.request.request_id, by=by)
+
+
 MAX_RESTARTS = 3
 """Preemptions a request may take (each prefills its prompt and output again)."""
 
@@ -168,7 +216,7 @@ def seat(
     movable = (
         job.started
         and not job.workload_class.is_top
-        and job.restarts < MAX_RESTARTS
+        and job.restarts - job.pauses < MAX_RESTARTS
         and may_give_seat(
             request.params,
             request.time_left_s,

@@ -217,6 +217,41 @@ async def test_load_reports_and_realtime_takes_a_batch_seat(
     assert tokens[victim][:common] == tokens[reference][:common]
 
 
+async def test_a_realtime_prompt_goes_before_a_batch_prefill_under_way(
+    stub: node_pb2_grpc.NodeStub, node: Node
+) -> None:
+    """A REALTIME prompt sent while vLLM prefills a long BATCH prompt (about 1,500 tokens, three
+    steps) sends that prompt back to vLLM's queue behind it: the REALTIME first token comes
+    first, and the BATCH stream, resumed from its cached blocks, still ends with the same
+    greedy tokens as the same prompt run alone."""
+    batch = common_pb2.WORKLOAD_CLASS_BATCH
+    long_text = " ".join(f"item{i} is {i * 7 % 13}" for i in range(300))
+
+    def long_request(key: str, workload_class: int) -> node_pb2.NodeGenerateRequest:
+        request = _request(key, 12, workload_class)
+        request.request.messages[0].content = long_text
+        return request
+
+    first_at: dict[str, float] = {}
+    tokens: dict[str, list[int]] = {}
+
+    async def consume(key: str, request: node_pb2.NodeGenerateRequest) -> None:
+        async for chunk in stub.Generate(request):
+            if chunk.token_ids and key not in first_at:
+                first_at[key] = time.monotonic()
+            tokens.setdefault(key, []).extend(chunk.token_ids)
+
+    long_prompt = asyncio.ensure_future(consume("long", long_request("long", batch)))
+    await asyncio.sleep(0.5)  # its first chunk is being prefilled
+    await consume("rt-now", _request("rt-now", 4))
+    await long_prompt
+    await consume("alone", long_request("alone", common_pb2.WORKLOAD_CLASS_REALTIME))
+    assert first_at["rt-now"] < first_at["long"], first_at
+    assert tokens["long"] == tokens["alone"] and len(tokens["long"]) == 12
+    lines = [json.loads(x) for x in node.log.read_text().splitlines() if "prefill_paused" in x]
+    assert [(x["request_id"], x["by"]) for x in lines] == [("long", "rt-now")], lines
+
+
 async def test_drain_finishes_in_flight_then_refuses(
     stub: node_pb2_grpc.NodeStub, node: Node
 ) -> None:
