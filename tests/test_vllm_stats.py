@@ -329,7 +329,9 @@ def test_a_stream_cut_inside_a_character_restarted_thrice_or_realtime_keeps_its_
     realtime = _job("r", RT, Placement(RT.rank, 1.0), started=True)
     assert not movable(waiting)
     assert not movable(realtime)
-    batch.restarts = 3
+    batch.restarts, batch.pauses = 3, 1  # a pause is no seat restart
+    assert movable(batch)
+    batch.pauses = 0
     assert not movable(batch)
     for job in (batch, waiting, realtime):
         job.loop.close()
@@ -337,22 +339,26 @@ def test_a_stream_cut_inside_a_character_restarted_thrice_or_realtime_keeps_its_
 
 def test_the_load_counts_begun_prefills_and_held_realtime_prompts_ahead_of_a_realtime_one() -> None:
     """Of the requests not yet at their first token, those vLLM does not hold back are being
-    prefilled (it runs them before any waiting prompt, whatever their class): their prompts
-    count ahead of a REALTIME prompt whole, a BATCH one's too. Of the held ones only those at
-    REALTIME's rank do; a REALTIME prompt placed among BATCH ones does not, nor does a
+    prefilled (it runs them before any waiting prompt, whatever their class): a REALTIME
+    one's prompt counts ahead of a REALTIME prompt whole, lower-class ones at most the step
+    under way (a REALTIME prompt sends the rest back). Of the held ones only those at
+    REALTIME's rank count; a REALTIME prompt placed among BATCH ones does not, nor does a
     running stream (its prompt is done). A preempted one prefills its output again."""
     band = BATCH.rank
     streaming = _job("s", RT, Placement(RT.rank, 1.0), started=True)
     begun = _job("b-begun", BATCH, Placement(band, 2.0))
+    begun_ft = _job("f-begun", FT, Placement(FT.rank, 2.0))
+    begun_rt = _job("rt-begun", RT, Placement(RT.rank, 2.5))
     held_rt = _job("rt-held", RT, Placement(RT.rank, 3.0))
     held_rt.token_ids.extend([4, 5])  # preempted after two tokens
     placed = _job("rt-placed", RT, Placement(band, 4.0))
     held_batch = _job("b-held", BATCH, Placement(band, 5.0))
-    jobs = [streaming, begun, held_rt, placed, held_batch]
-    running, waiting, queued, ahead = load(jobs, {id(j) for j in jobs[2:]})
-    assert ahead == 3 + (3 + 2)
-    assert running == {RT: 1, BATCH: 1, FT: 0} and waiting == {RT: 2, BATCH: 1, FT: 0}
-    assert queued == 8 + 8 + (5 + 6) + (3 + 8) + (3 + 8)
+    jobs = [streaming, begun, begun_ft, begun_rt, held_rt, placed, held_batch]
+    running, waiting, queued, ahead = load(jobs, {id(j) for j in jobs[4:]}, 512)
+    assert ahead == 3 + (3 + 2) + (3 + 3)
+    assert load(jobs, {id(j) for j in jobs[4:]}, 4)[3] == 3 + (3 + 2) + 4
+    assert running == {RT: 2, BATCH: 1, FT: 1} and waiting == {RT: 2, BATCH: 1, FT: 0}
+    assert queued == 8 * 4 + (5 + 6) + (3 + 8) + (3 + 8)
     for job in jobs:
         job.loop.close()
 
@@ -361,7 +367,8 @@ def test_the_prompts_paused_for_a_realtime_one_are_the_lower_class_ones_vllm_may
     """After step 5 vLLM reported one request waiting: of the prompts sent before it, the last
     in queue order is held back, the others (a BATCH and a FINETUNE one) may be prefilling;
     one sent since may be too. A REALTIME prompt, a stream and a prompt already being sent
-    back are never paused, and a paused prompt still counts as new and waiting."""
+    back are never paused (nor one not sent yet, or sent back since those stats), and a paused
+    prompt still counts as new and waiting."""
     band = BATCH.rank
     stream = _job("s", BATCH, Placement(band, 0.5), started=True)
     first = _job("b1", BATCH, Placement(band, 1.0))
@@ -371,12 +378,16 @@ def test_the_prompts_paused_for_a_realtime_one_are_the_lower_class_ones_vllm_may
     resent = _job("b0", BATCH, Placement(band, 0.1))
     resent.preempted = True
     fresh = _job("b2", BATCH, Placement(band, 2.0))
-    jobs = [stream, fresh, second, rt, first, resent, held]
+    unsent = _job("b3", BATCH, Placement(band, 0.3))
+    jobs = [stream, fresh, second, rt, first, resent, held, unsent]
     for job in jobs:
         job.sent_step = 6 if job is fresh else 4
+        job.run = None if job is unsent else job.loop.create_future()  # type: ignore[assignment]
     order = lambda j: (j.place.priority, j.place.key)  # noqa: E731
     assert begun_below(jobs, 1, 5, order) == [first, fresh, second]
     assert begun_below(jobs, 3, 5, order) == [fresh]
+    fresh.paused_at = 5  # sent back since step 5's stats: not again
+    assert begun_below(jobs, 3, 5, order) == []
     first.restarts = first.pauses = 3
     assert first.new_and_waiting
     for job in jobs:

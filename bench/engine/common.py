@@ -31,7 +31,8 @@ SYSTEM_LABELS: dict[str, str] = {
     SLUICE: "(d) Sluice engine",
     VLLM: "(e) vLLM's own engine (v1 AsyncLLM in the worker, run by the .venv-vllm interpreter) "
     "on the node's converted checkpoint with the engine settings of an `--engine vllm` node "
-    "(dtype, sequences max(C, 32), tokens per step, KV cache bytes, prefix caching off), "
+    "(dtype, sequences max(C, 32), tokens per step, KV cache bytes; prefix caching off, as "
+    "the built-in engine has none), "
     "its start and torch.compile untimed; its peak RSS sums the worker and the processes "
     "vLLM starts (shared pages counted in each)",
 }

@@ -13,8 +13,10 @@ Rules:
   up for an ``--engine vllm`` node (:func:`engine_args`): the node's converted Hugging Face
   directory (``checkpoint_dir``), the job's dtype, the model's context as ``max_model_len``,
   ``max_num_seqs`` max(C, 32) (sluice's ``max_sequences``), the job's tokens per step and KV
-  cache bytes (the values sluice runs with), prefix caching off, torch.compile on, stats
-  logging off. Scheduling stays vLLM's default first-come-first-served: the node asks for
+  cache bytes (the values sluice runs with), torch.compile on, stats logging off; prefix
+  caching off, unlike the node (which turns it on to resume the prompts it pauses or
+  preempts): the built-in engine has no prefix cache, and this compares the engines' speed.
+  Scheduling stays vLLM's default first-come-first-served: the node asks for
   ``priority`` only to order Sluice's classes, and every request here is of one class.
 * Requests: token-id prompts (``TokensPrompt``); greedy, exactly ``max_new_tokens`` tokens
   (``min_tokens`` = ``max_tokens``, EOS ignored); outputs streamed as deltas, so TTFT ends at

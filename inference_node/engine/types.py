@@ -141,8 +141,8 @@ class EngineStats:
     (:mod:`~inference_node.engine.promises`)."""
     realtime_ahead_tokens: int | None = None
     """Prompt tokens a REALTIME prompt submitted now would wait for before its own prefill
-    starts: the rest of the prefills under way (counted whole), then the waiting prompts it
-    cannot pass (None: the engine does not tell)."""
+    starts: the prefills under way that go on before it, then the waiting prompts it cannot
+    pass (None: the engine does not tell)."""
 
 
 class DeltaStream(AsyncIterator[TokenDelta], abc.ABC):

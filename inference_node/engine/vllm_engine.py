@@ -21,11 +21,12 @@ waiting BATCH prompts as its budget allows, at BATCH's rank keyed between its ne
 no later prompt goes ahead of one placed there (``placement``). vLLM preempts only for KV
 cache, so with every seat taken a REALTIME prompt would wait for some stream to end: after each
 step the node preempts a running lower-class request for each REALTIME one vLLM holds back,
-and sends it again later with its output so far as prompt (``_seat_realtime``);
-``SamplingParams`` map one to one (greedy is temperature 0; EOS ids of the model are stop token
-ids unless ``ignore_eos``). Load comes from vLLM's scheduler stats (running and waiting
-requests, KV use, step times) through a stat logger; vLLM knows no classes, so its waiting
-count goes to the not-yet-started requests last in its queue (the ones it holds back).
+and sends it again later with its output so far as prompt (``_seat_realtime``). vLLM also runs
+a begun prefill before any waiting prompt: the lower-class ones go back to its queue before a
+REALTIME prompt is sent (``pause_prefills``; prefix caching keeps their blocks). Sampling maps
+one to one (greedy is temperature 0; the model's EOS ids stop unless ``ignore_eos``). Load
+comes from vLLM's scheduler stats (running and waiting requests, KV use, step times) through a
+stat logger; its waiting count goes to the not-yet-started requests last in its queue.
 Fine-tuning and LoRA adapters are not served here (Train is refused FAILED_PRECONDITION
 ``MODEL_NOT_TRAINABLE`` because this is no ``BatchingEngine``; an adapter is refused at submit).
 """
@@ -210,8 +211,7 @@ class VllmEngine(Draining):
 
     def stats(self) -> EngineStats:
         """Per-class running and waiting (vLLM's counts, attributed), KV use, decode rate, the
-        running lower-class sequences no REALTIME one can take the seat of (``pinned``) and
-        the prompt tokens ahead of a REALTIME prompt (:func:`~.vllm_jobs.load`)."""
+        lower-class streams REALTIME cannot unseat (``pinned``), prompt tokens ahead (``load``)."""
         now, rows, cost = time.monotonic(), self._options.max_sequences, self._sink.step_model.cost
         with self._lock:
             live = [j for j in list(self._jobs.values()) if not j.cancelled]
@@ -219,7 +219,8 @@ class VllmEngine(Draining):
             pinned = sum(1 for j in kept if not self._seat(j, now, rows, cost).movable)
         unstarted = sorted((j for j in live if not j.started), key=self._order)
         held = held_by_vllm(unstarted, self._sink.waiting)
-        running, waiting, queued, ahead = load(live, {id(j) for j in held})
+        steps = self._options.max_batched_tokens
+        running, waiting, queued, ahead = load(live, {id(j) for j in held}, steps)
         return EngineStats(
             running=running,
             waiting=waiting,
@@ -274,20 +275,17 @@ class VllmEngine(Draining):
     # -- on the engine thread ------------------------------------------------------------------
 
     async def _generate(self, job: Job) -> None:
-        """Run ``job`` through vLLM, forwarding each delta, again from where it stopped after
-        each preemption (:meth:`_seat_realtime`); its end goes in ``job.end``, which
-        :meth:`_ended` delivers (also when the task was cancelled before it ever ran)."""
+        """Run ``job`` through vLLM (a REALTIME one after pausing lower-class prefills),
+        forwarding each delta, again from where it stopped after each preemption or pause; its
+        end goes in ``job.end``, which :meth:`_ended` delivers (also if cancelled unrun)."""
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
         try:
-            if job.workload_class.is_top:  # it goes before the lower-class prefills under way
+            if job.place.priority == WorkloadClass.REALTIME.rank:  # before lower-class prefills
                 with self._lock:
-                    live = [
-                        j for j in list(self._jobs.values()) if not j.cancelled and j is not job
-                    ]
-                    rid, waiting = job.request.request_id, self._sink.waiting
-                    pause_prefills(live, waiting, self._steps, self._order, rid)
+                    jobs = list(self._jobs.values())
+                    pause_prefills(jobs, job, self._sink.waiting, self._steps, self._order)
             while True:
                 job.run = run = asyncio.ensure_future(self._run_once(job))
                 try:
@@ -300,11 +298,13 @@ class VllmEngine(Draining):
                 if not (run.cancelled() and job.preempted) or job.cancelled:
                     run.result()
                     return
-                job.preempted, job.restarts = False, job.restarts + 1
-                with self._lock:  # a lifted prompt goes back at REALTIME's rank, by its tag
-                    jobs = list(self._jobs.values())
-                    rank = job.workload_class.rank
-                    job.place = Placement(rank, job.tag) if job.lifted else resumed_place(job, jobs)
+                paused, job.pausing, job.preempted = job.pausing, False, False
+                job.restarts, job.pauses = job.restarts + 1, job.pauses + paused
+                with self._lock:  # lifted: at REALTIME's rank, by its tag; paused: where it was
+                    if job.lifted:
+                        job.place = Placement(job.workload_class.rank, job.tag)
+                    elif not paused:
+                        job.place = resumed_place(job, list(self._jobs.values()))
         except Exception as exc:
             log.warning("vllm_request_failed", request_id=job.request.request_id, exc_info=exc)
             job.end = EngineFaultError(f"vLLM failed the request: {type(exc).__name__}")

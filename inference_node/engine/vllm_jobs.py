@@ -73,6 +73,10 @@ class Job:
     pauses: int = 0
     """Of its restarts, those that sent it back unstarted for a REALTIME prompt
     (:func:`pause_prefills`): nothing it streamed is prefilled again."""
+    paused_at: int = -1
+    """vLLM steps seen when it was last sent back so (engine thread)."""
+    pausing: bool = False
+    """Its current preemption is a pause (engine thread)."""
     sent_step: int = 0
     """vLLM steps the engine had seen when it was last sent (engine thread)."""
     tag: float = 0.0
@@ -141,15 +145,16 @@ class JobStream(DeltaStream):
 
 
 def load(
-    live: Sequence[Job], held: Collection[int]
+    live: Sequence[Job], held: Collection[int], step_tokens: int
 ) -> tuple[dict[WorkloadClass, int], dict[WorkloadClass, int], int, int]:
     """Running and waiting requests per class, the tokens of work left and the prompt tokens
     ahead of a REALTIME prompt, of the ``live`` requests, those with ids in ``held`` held back
-    by vLLM (the rest run). Ahead: every prefill vLLM has begun, whole (it runs those before
-    any waiting prompt, whatever their priority), then the held prompts at REALTIME's rank."""
+    by vLLM (the rest run). Ahead: the REALTIME prompts vLLM is prefilling or holds at
+    REALTIME's rank, whole, and of the lower-class prefills it has begun at most the step
+    under way (``step_tokens``): a REALTIME prompt sends the rest back (:func:`pause_prefills`)."""
     running = dict.fromkeys(WorkloadClass, 0)
     waiting = dict.fromkeys(WorkloadClass, 0)
-    queued = ahead = 0
+    queued = ahead = lower = 0
     for job in live:
         left = max(job.request.params.max_new_tokens - job.generated, 0)
         if id(job) in held:
@@ -159,44 +164,54 @@ def load(
         else:
             running[job.workload_class] += 1
             queued += left
-            ahead += 0 if job.started else prefill_tokens(job)
-    return running, waiting, queued, ahead
+            begun = 0 if job.started else prefill_tokens(job)
+            ahead += begun if job.workload_class.is_top else 0
+            lower += 0 if job.workload_class.is_top else begun
+    return running, waiting, queued, ahead + min(lower, step_tokens)
 
 
 def begun_below(
     live: Sequence[Job], waiting: int, step: int, order: Callable[[Job], tuple[int, float]]
 ) -> list[Job]:
-    """The lower-class prompts of ``live`` that vLLM may be prefilling: not at their first
-    token, and either sent after its last step's stats (``step``: the steps seen then) or
-    not among the ``waiting`` it reported holding back (:func:`~.vllm_mapping.held_by_vllm`
-    over those sent before). vLLM shows no request's progress: a held prompt taken for begun
-    costs only its resend."""
+    """The lower-class prompts of ``live`` that vLLM may be prefilling: sent to it, not at
+    their first token, not sent back already since its last step's stats (``step``: the
+    steps seen then), and either sent since those stats or not among the ``waiting`` it
+    reported holding back (:func:`~.vllm_mapping.held_by_vllm` over those sent before). vLLM
+    shows no request's progress: a held prompt taken for begun costs only its resend."""
     seen = sorted((j for j in live if not j.started and j.sent_step < step), key=order)
     held = {id(j) for j in held_by_vllm(seen, waiting)}
-    lower = (j for j in live if not (j.started or j.preempted or j.workload_class.is_top))
+    lower = (
+        j
+        for j in live
+        if not (j.started or j.preempted or j.workload_class.is_top or j.paused_at == step)
+        and j.run is not None
+    )
     return sorted((j for j in lower if id(j) not in held), key=order)
 
 
 def pause_prefills(
-    live: Sequence[Job],
+    jobs: Sequence[Job],
+    by: Job,
     waiting: int,
     step: int,
     order: Callable[[Job], tuple[int, float]],
-    by: str,
 ) -> None:
-    """Send the prompts :func:`begun_below` names back to vLLM's queue at their place, for
-    REALTIME request ``by`` (under the engine's lock, on the engine thread): vLLM runs a begun
-    prefill before any waiting prompt, whatever its priority. With prefix caching their prefill
-    resumes after the blocks already computed."""
+    """Send the prompts of ``jobs`` :func:`begun_below` names back to vLLM's queue at their
+    own place, for the REALTIME prompt ``by`` at REALTIME's rank (under the engine's lock, on
+    the engine thread): vLLM runs a begun prefill before any waiting prompt, whatever its
+    priority. With prefix caching their prefill resumes after the blocks already computed."""
+    live = [j for j in jobs if not j.cancelled and j is not by]
     for victim in begun_below(live, waiting, step, order):
         if victim.run is not None and not victim.run.done():
-            victim.preempted, victim.pauses = True, victim.pauses + 1
+            victim.preempted, victim.pausing, victim.paused_at = True, True, step
             victim.run.cancel()
-            log.info("prefill_paused", request_id=victim.request.request_id, by=by)
+            rid = victim.request.request_id
+            log.info("prefill_paused", request_id=rid, by=by.request.request_id)
 
 
 MAX_RESTARTS = 3
-"""Preemptions a request may take (each prefills its prompt and output again)."""
+"""Seat preemptions a request may take (each prefills its prompt and output again); pauses
+(:func:`pause_prefills`) do not count."""
 
 
 def seat(
