@@ -366,7 +366,8 @@ def test_the_load_counts_begun_prefills_and_held_realtime_prompts_ahead_of_a_rea
 def test_the_prompts_paused_for_a_realtime_one_are_the_lower_class_ones_vllm_may_prefill() -> None:
     """After step 5 vLLM reported one request waiting: of the prompts sent before it, the last
     in queue order is held back, the others (a BATCH and a FINETUNE one) may be prefilling;
-    one sent since may be too. A REALTIME prompt, a stream and a prompt already being sent
+    one sent since may be too. Each prompt (3 tokens) outlasts a step of 2 tokens; with steps
+    of 3 none would, and none is paused. A REALTIME prompt, a stream and a prompt already being sent
     back are never paused (nor one not sent yet, or sent back since those stats), and a paused
     prompt still counts as new and waiting."""
     band = BATCH.rank
@@ -384,10 +385,11 @@ def test_the_prompts_paused_for_a_realtime_one_are_the_lower_class_ones_vllm_may
         job.sent_step = 6 if job is fresh else 4
         job.run = None if job is unsent else job.loop.create_future()  # type: ignore[assignment]
     order = lambda j: (j.place.priority, j.place.key)  # noqa: E731
-    assert begun_below(jobs, 1, 5, order) == [first, fresh, second]
-    assert begun_below(jobs, 3, 5, order) == [fresh]
+    assert begun_below(jobs, 1, 5, 2, order) == [first, fresh, second]
+    assert begun_below(jobs, 3, 5, 2, order) == [fresh]
+    assert begun_below(jobs, 1, 5, 3, order) == []  # each ends within a step of 3 tokens
     fresh.paused_at = 5  # sent back since step 5's stats: not again
-    assert begun_below(jobs, 3, 5, order) == []
+    assert begun_below(jobs, 3, 5, 2, order) == []
     first.restarts = first.pauses = 3
     assert first.new_and_waiting
     for job in jobs:

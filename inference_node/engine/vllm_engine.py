@@ -284,8 +284,8 @@ class VllmEngine(Draining):
         try:
             if job.place.priority == WorkloadClass.REALTIME.rank:  # before lower-class prefills
                 with self._lock:
-                    jobs = list(self._jobs.values())
-                    pause_prefills(jobs, job, self._sink.waiting, self._steps, self._order)
+                    jobs, step = list(self._jobs.values()), self._options.max_batched_tokens
+                    pause_prefills(jobs, job, self._sink.waiting, (self._steps, step), self._order)
             while True:
                 job.run = run = asyncio.ensure_future(self._run_once(job))
                 try:

@@ -171,13 +171,19 @@ def load(
 
 
 def begun_below(
-    live: Sequence[Job], waiting: int, step: int, order: Callable[[Job], tuple[int, float]]
+    live: Sequence[Job],
+    waiting: int,
+    step: int,
+    step_tokens: int,
+    order: Callable[[Job], tuple[int, float]],
 ) -> list[Job]:
-    """The lower-class prompts of ``live`` that vLLM may be prefilling: sent to it, not at
-    their first token, not sent back already since its last step's stats (``step``: the
-    steps seen then), and either sent since those stats or not among the ``waiting`` it
-    reported holding back (:func:`~.vllm_mapping.held_by_vllm` over those sent before). vLLM
-    shows no request's progress: a held prompt taken for begun costs only its resend."""
+    """The lower-class prompts of ``live`` that vLLM may be prefilling beyond the step under
+    way: longer than a step's ``step_tokens`` (a shorter one ends with that step, and would
+    lose its whole prefill: prefix caching keeps full blocks only), sent to it, not at their
+    first token, not sent back already since its last step's stats (``step``: the steps seen
+    then), and either sent since those stats or not among the ``waiting`` it reported holding
+    back (:func:`~.vllm_mapping.held_by_vllm` over those sent before). vLLM shows no
+    request's progress: a held prompt taken for begun costs only its resend."""
     seen = sorted((j for j in live if not j.started and j.sent_step < step), key=order)
     held = {id(j) for j in held_by_vllm(seen, waiting)}
     lower = (
@@ -185,6 +191,7 @@ def begun_below(
         for j in live
         if not (j.started or j.preempted or j.workload_class.is_top or j.paused_at == step)
         and j.run is not None
+        and prefill_tokens(j) > step_tokens
     )
     return sorted((j for j in lower if id(j) not in held), key=order)
 
@@ -193,17 +200,18 @@ def pause_prefills(
     jobs: Sequence[Job],
     by: Job,
     waiting: int,
-    step: int,
+    step: tuple[int, int],
     order: Callable[[Job], tuple[int, float]],
 ) -> None:
     """Send the prompts of ``jobs`` :func:`begun_below` names back to vLLM's queue at their
     own place, for the REALTIME prompt ``by`` at REALTIME's rank (under the engine's lock, on
     the engine thread): vLLM runs a begun prefill before any waiting prompt, whatever its
-    priority. With prefix caching their prefill resumes after the blocks already computed."""
+    priority. With prefix caching their prefill resumes after the blocks already computed.
+    ``step``: vLLM steps seen, and its tokens per step."""
     live = [j for j in jobs if not j.cancelled and j is not by]
-    for victim in begun_below(live, waiting, step, order):
+    for victim in begun_below(live, waiting, *step, order):
         if victim.run is not None and not victim.run.done():
-            victim.preempted, victim.pausing, victim.paused_at = True, True, step
+            victim.preempted, victim.pausing, victim.paused_at = True, True, step[0]
             victim.run.cancel()
             rid = victim.request.request_id
             log.info("prefill_paused", request_id=rid, by=by.request.request_id)
