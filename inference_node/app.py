@@ -87,6 +87,7 @@ def _vllm_engine(lm: LanguageModel, settings: NodeSettings) -> Engine:
         max_batched_tokens=settings.max_batched_tokens,
         kv_budget_bytes=settings.memory_budget_bytes,
         max_waiting=settings.max_waiting,
+        prefix_caching=settings.vllm_prefix_caching,
     )
     return VllmEngine(lm, options)
 

@@ -357,6 +357,7 @@ def test_the_load_counts_begun_prefills_and_held_realtime_prompts_ahead_of_a_rea
     running, waiting, queued, ahead = load(jobs, {id(j) for j in jobs[4:]}, 512)
     assert ahead == 3 + (3 + 2) + (3 + 3)
     assert load(jobs, {id(j) for j in jobs[4:]}, 4)[3] == 3 + (3 + 2) + 4
+    assert load(jobs, {id(j) for j in jobs[4:]})[3] == ahead  # no pauses: whole, uncapped
     assert running == {RT: 2, BATCH: 1, FT: 1} and waiting == {RT: 2, BATCH: 1, FT: 0}
     assert queued == 8 * 4 + (5 + 6) + (3 + 8) + (3 + 8)
     for job in jobs:

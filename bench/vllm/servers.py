@@ -6,9 +6,11 @@
   ``.venv-vllm``, with what the node gives vLLM's engine (``VllmEngine._build`` in
   ``inference_node/engine/vllm_engine.py``): the same Hugging Face directory (the node's
   converted copy of the GGUF, :func:`checkpoint`), dtype, context length, batch (sequences and
-  tokens per step) and KV cache bytes, prefix caching on, its stats logging off. What stays
-  vLLM's own: first-come-first-served scheduling (the node asks for ``priority`` to map Sluice's
-  classes, which a bare server's clients cannot send) and one token per streamed chunk.
+  tokens per step) and KV cache bytes, prefix caching off (the node's default: each level
+  replays the same prompts, which a prefix cache would serve from the level before), its stats
+  logging off. What stays vLLM's own: first-come-first-served scheduling (the node asks for
+  ``priority`` to map Sluice's classes, which a bare server's clients cannot send) and one
+  token per streamed chunk.
 
 Both model processes run niced alike (``MODEL_CPU_NICE``) in the environment ``sluice up`` gives
 its nodes. Every process is stopped by its PID: the bare server by SIGTERM, then SIGKILL to the
@@ -117,7 +119,7 @@ class VllmServe:
             "--max-num-seqs", str(self.max_num_seqs),
             "--max-num-batched-tokens", str(self.max_num_batched_tokens),
             "--kv-cache-memory-bytes", str(self.kv_cache_memory_bytes),
-            "--enable-prefix-caching",
+            "--no-enable-prefix-caching",
             "--disable-log-stats",
             # One log line per request would cost the 2 cores what the node never pays.
             "--disable-uvicorn-access-log",

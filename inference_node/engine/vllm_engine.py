@@ -107,6 +107,7 @@ class VllmOptions:
     max_waiting: int = 256
     enforce_eager: bool = False
     """Skip torch.compile (faster start, slower steps)."""
+    prefix_caching: bool = False  # and the pauses of lower-class prefills it makes cheap
 
 
 class VllmEngine(Draining):
@@ -175,7 +176,7 @@ class VllmEngine(Draining):
             max_num_batched_tokens=o.max_batched_tokens,
             kv_cache_memory_bytes=o.kv_budget_bytes,
             scheduling_policy="priority",
-            enable_prefix_caching=True,  # a paused or preempted prompt resumes from its blocks
+            enable_prefix_caching=o.prefix_caching,
             enforce_eager=o.enforce_eager,
             disable_log_stats=True,  # our stat logger only (module doc)
             enable_logging_iteration_details=True,  # each step's rows and time: the step fit
@@ -219,7 +220,7 @@ class VllmEngine(Draining):
             pinned = sum(1 for j in kept if not self._seat(j, now, rows, cost).movable)
         unstarted = sorted((j for j in live if not j.started), key=self._order)
         held = held_by_vllm(unstarted, self._sink.waiting)
-        steps = self._options.max_batched_tokens
+        steps = self._options.max_batched_tokens if self._options.prefix_caching else None
         running, waiting, queued, ahead = load(live, {id(j) for j in held}, steps)
         return EngineStats(
             running=running,
@@ -282,7 +283,7 @@ class VllmEngine(Draining):
         assert task is not None
         self._tasks.add(task)
         try:
-            if job.place.priority == WorkloadClass.REALTIME.rank:  # before lower-class prefills
+            if self._options.prefix_caching and job.place.priority == WorkloadClass.REALTIME.rank:
                 with self._lock:
                     jobs, step = list(self._jobs.values()), self._options.max_batched_tokens
                     pause_prefills(jobs, job, self._sink.waiting, (self._steps, step), self._order)
@@ -419,8 +420,7 @@ class VllmEngine(Draining):
         """Cancel the requests' tasks (vLLM aborts them), then vLLM's output task (before
         its engine core goes away under it), then stop the loop."""
         handler = getattr(self._llm, "output_handler", None)
-        # Only these two: vLLM's own tasks (its engine-core client's socket reader) must
-        # outlive the output task, which would otherwise fail on a "dead" engine.
+        # Only these two: vLLM's own (its socket reader) must outlive the output task.
         for group in (list(self._tasks), [handler] if handler is not None else []):
             for task in group:
                 task.cancel()

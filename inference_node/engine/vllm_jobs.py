@@ -145,13 +145,14 @@ class JobStream(DeltaStream):
 
 
 def load(
-    live: Sequence[Job], held: Collection[int], step_tokens: int
+    live: Sequence[Job], held: Collection[int], step_tokens: int | None = None
 ) -> tuple[dict[WorkloadClass, int], dict[WorkloadClass, int], int, int]:
     """Running and waiting requests per class, the tokens of work left and the prompt tokens
     ahead of a REALTIME prompt, of the ``live`` requests, those with ids in ``held`` held back
     by vLLM (the rest run). Ahead: the REALTIME prompts vLLM is prefilling or holds at
-    REALTIME's rank, whole, and of the lower-class prefills it has begun at most the step
-    under way (``step_tokens``): a REALTIME prompt sends the rest back (:func:`pause_prefills`)."""
+    REALTIME's rank and the lower-class prefills it has begun, whole; of the latter at most
+    the step under way (``step_tokens``) where a REALTIME prompt sends the rest back
+    (:func:`pause_prefills`)."""
     running = dict.fromkeys(WorkloadClass, 0)
     waiting = dict.fromkeys(WorkloadClass, 0)
     queued = ahead = lower = 0
@@ -167,7 +168,12 @@ def load(
             begun = 0 if job.started else prefill_tokens(job)
             ahead += begun if job.workload_class.is_top else 0
             lower += 0 if job.workload_class.is_top else begun
-    return running, waiting, queued, ahead + min(lower, step_tokens)
+    return (
+        running,
+        waiting,
+        queued,
+        ahead + (lower if step_tokens is None else min(lower, step_tokens)),
+    )
 
 
 def begun_below(

@@ -2,7 +2,8 @@
 
 One real node process serves SmolLM2 through vLLM (float32, pinned so that greedy output is
 compared exactly with the built-in engine's in float32), at most 4 sequences at once so that a
-few requests make it queue. The tests share it and run in order; the last one drains it.
+few requests make it queue, prefix caching on (so that it pauses lower-class prefills). The
+tests share it and run in order; the last one drains it.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def node(etcd_server: StoreProcess, tmp_path_factory: pytest.TempPathFactory) ->
     argv = [
         sys.executable, "-m", "inference_node", "--engine", "vllm",
         "--models", SMOLLM2, "--dtype", "float32", "--pools", "realtime",
+        "--vllm-prefix-caching", "true",
         "--max-sequences", str(MAX_SEQUENCES), "--stream-interval-ms", "0",
         "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
         "--etcd-endpoint", etcd_server.address, "--node-id", "vllm-smoke",
