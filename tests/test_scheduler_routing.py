@@ -348,19 +348,24 @@ def test_slots_a_fine_tune_holds_are_capacity_no_class_may_use() -> None:
     assert book.usable == 1  # never less than one slot
 
 
-def test_a_node_s_streaming_token_time_follows_its_realtime_chunks_in_time() -> None:
-    """The per-token gap of REALTIME chunks is a moving average in time (2 s): the chunks of
-    one step, arriving together, barely move it; steps 0.15 s apart bring it from 0.1 to most
-    of the way to 0.2 s in 3 s; it is read as 0 once no REALTIME chunk came for 4 s, and a
-    chunk after a long pause starts it afresh."""
-    clock = FakeClock()
-    node = NodeHandle(
+def _handle(clock: FakeClock) -> NodeHandle:
+    """A node handle with no channel: only its book and its measured rates are used."""
+    return NodeHandle(
         info=common_pb2.NodeInfo(node_id="n1"),
         channel=None,  # type: ignore[arg-type]
         stub=None,  # type: ignore[arg-type]
         breaker=CircuitBreaker(BreakerConfig(), clock),
         meter=ThroughputMeter(clock),
     )
+
+
+def test_a_node_s_streaming_token_time_follows_its_realtime_chunks_in_time() -> None:
+    """The per-token gap of REALTIME chunks is a moving average in time (2 s): the chunks of
+    one step, arriving together, barely move it; steps 0.15 s apart bring it from 0.1 to most
+    of the way to 0.2 s in 3 s; it is read as 0 once no REALTIME chunk came for 4 s, and a
+    chunk after a long pause starts it afresh."""
+    clock = FakeClock()
+    node = _handle(clock)
     assert node.live_token_s(clock()) == 0
     node.observe_token_gap(0.1, clock())
     for _ in range(31):  # one step's chunks, all at once
@@ -380,13 +385,7 @@ def test_a_load_report_reaches_the_book_with_the_prompts_ahead_per_model() -> No
     """``NodeHandle.on_report``: the book takes the report's counts, step fits and the prompt
     tokens ahead of a REALTIME prompt for each model the node tells them for."""
     clock = FakeClock()
-    node = NodeHandle(
-        info=common_pb2.NodeInfo(node_id="n1"),
-        channel=None,  # type: ignore[arg-type]
-        stub=None,  # type: ignore[arg-type]
-        breaker=CircuitBreaker(BreakerConfig(), clock),
-        meter=ThroughputMeter(clock),
-    )
+    node = _handle(clock)
     report = common_pb2.LoadReport(node_id="n1", realtime_prefill_ahead_tokens={"m": 700})
     report.classes.add(workload_class=BATCH, running=2)
     report.step_costs.add(model="m", base_s=0.05, per_sequence_s=0.01, per_prefill_token_s=0.002)
