@@ -44,12 +44,11 @@ class NodeSettings(ServiceSettings):
     """Generation engine: the built-in continuous batching engine, or vLLM's ``AsyncLLM`` in
     this process (needs ``.venv-vllm``, ``make setup-vllm``; no fine-tuning, no adapters;
     inference_node/engine/vllm_engine.py)."""
-    vllm_prefix_caching: bool = False
-    """With ``engine vllm``: vLLM's prefix caching, and with it, before a REALTIME prompt goes
-    to vLLM, the lower-class prefills it has begun (longer than a step) go back to its queue
-    and resume after their cached blocks. Off: ``make bench-vllm`` replays each level's prompts,
-    which a prefix cache serves from the level before (docs/decisions/
-    node-vllm-prefill-pausing.md)."""
+    vllm_prefix_caching: bool = True
+    """With ``engine vllm``: vLLM's prefix caching (its own default), and with it, before a
+    REALTIME prompt goes to vLLM, the lower-class prefills it has begun (longer than a step) go
+    back to its queue and resume after their cached blocks (docs/decisions/
+    node-vllm-prefill-pausing.md). Off: neither."""
     pools: list[str] = Field(default_factory=lambda: ["realtime"])
     """Pools this node serves: realtime, finetune, or both. Only a node of the finetune pool
     accepts Train (fine-tunes run on its engine thread, in the gaps inference leaves)."""

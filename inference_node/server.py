@@ -95,7 +95,7 @@ from inference_node.errors import (
 from inference_node.gpu import GpuProbe
 from inference_node.metrics import NodeMetrics
 from inference_node.model_types import Embedder, LanguageModel
-from inference_node.reports import step_cost_proto
+from inference_node.reports import add_engine_stats
 from inference_node.train_service import TrainService
 from sluice import limits
 from sluice.contract import WorkloadClass
@@ -430,20 +430,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         running: dict[WorkloadClass, int] = {}
         waiting: dict[WorkloadClass, int] = {}
         for lm, engine in self._generators.values():
-            stats = engine.stats()
-            if stats.step_cost is not None:
-                report.step_costs.append(step_cost_proto(lm.name, stats.step_cost))
-            for cls, n in stats.running.items():
-                running[cls] = running.get(cls, 0) + n
-            for cls, n in stats.waiting.items():
-                waiting[cls] = waiting.get(cls, 0) + n
-            report.kv_used_bytes += stats.kv_used_bytes
-            report.kv_budget_bytes += stats.kv_budget_bytes
-            report.decode_tokens_per_s += stats.decode_tokens_per_s
-            report.queued_tokens += stats.queued_tokens
-            report.pinned_sequences += stats.pinned
-            if stats.realtime_ahead_tokens is not None:
-                report.realtime_prefill_ahead_tokens[lm.name] = stats.realtime_ahead_tokens
+            add_engine_stats(report, lm.name, engine.stats(), running, waiting)
         reading = self._gpu.read() if self._gpu is not None else None
         if reading is not None:
             report.gpu_free_bytes = reading.free_bytes

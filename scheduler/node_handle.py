@@ -127,6 +127,7 @@ class NodeHandle:
             steps=report.step_costs,
             pinned=report.pinned_sequences,
             ahead=report.realtime_prefill_ahead_tokens,
+            cached=report.prefix_cache_hit_ratio,
         )
 
     def observe_capacity(self, report: common_pb2.LoadReport) -> None:

@@ -180,7 +180,7 @@ class NodeDirectory:
             self.prefill_guard,
             now,
             node.live_token_s(now),
-            ahead_s=book.prefill_cost(model, 1) * ahead,
+            ahead_s=book.prefill_cost(model, ahead),
         )
 
     def prefill_wait(

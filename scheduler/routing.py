@@ -87,6 +87,9 @@ class LoadBook:
     report (a model absent: the node does not tell)."""
     sent_since_report: dict[tuple[str, bool], int] = field(default_factory=dict)
     """Prompt tokens this scheduler sent since that report, per (model, REALTIME or not)."""
+    cached: dict[str, float] = field(default_factory=dict)
+    """Per model, the share of new prompts' tokens the node's prefix cache held lately, from
+    the last report (those it does not compute; a model absent: no such cache)."""
 
     @property
     def in_flight(self) -> int:
@@ -110,11 +113,13 @@ class LoadBook:
         steps: Sequence[PrefillFit] = (),
         pinned: int = 0,
         ahead: Mapping[str, int] | None = None,
+        cached: Mapping[str, float] | None = None,
     ) -> None:
         """A fresh load report: the others' sequences (``by_class`` when the report splits
         them, else all counted as the top class), KV use, queued tokens, rate, the slots
         training holds, the fitted step times (the costliest per sequence counts) and the
-        prompt tokens ahead of a REALTIME prompt per model (``ahead``)."""
+        prompt tokens ahead of a REALTIME prompt and the prefix cache's hit ratio per model
+        (``ahead``, ``cached``)."""
         reported = dict(by_class) if by_class is not None else {TOP_CLASS: sequences}
         self.reserved = max(0, reserved)
         self.pinned = max(0, pinned)
@@ -129,6 +134,7 @@ class LoadBook:
         self.reported_rate = rate
         self.tokens_sent_since_report = 0.0
         self.ahead_tokens = dict(ahead or {})
+        self.cached = {m: min(1.0, max(0.0, r)) for m, r in (cached or {}).items()}
         self.sent_since_report.clear()
 
     def on_dispatch(
@@ -165,23 +171,31 @@ class LoadBook:
         """Classes with sequences on the node (estimated as :meth:`sequences`)."""
         return {c for c in WorkloadClass if self.own.get(c, 0) + self.foreign.get(c, 0) > 0}
 
-    def prefill_cost(self, model: str, prompt_tokens: int) -> float:
+    def prefill_cost(self, model: str, prompt_tokens: float) -> float:
         """Seconds the node is predicted to spend prefilling ``prompt_tokens`` of ``model``
-        (its fitted cost per prompt token; 0 without one)."""
+        (its fitted cost per prompt token, less the share its prefix cache holds; 0 without
+        one)."""
         fit = self.fits.get(model)
         if fit is None or not fit.per_prefill_token_s > 0:
             return 0.0
-        return fit.per_prefill_token_s * max(0, prompt_tokens)
+        return fit.per_prefill_token_s * self.computed(model, max(0, prompt_tokens))
+
+    def computed(self, model: str, prompt_tokens: float) -> float:
+        """Of ``prompt_tokens`` new to ``model`` there, those the node is expected to compute:
+        less the share its prefix cache held lately (:attr:`cached`), at least one."""
+        if prompt_tokens <= 0:
+            return 0.0
+        return max(1.0, prompt_tokens * (1.0 - self.cached.get(model, 0.0)))
 
     def first_token_s(self, model: str, prompt_tokens: int, step_tokens: int) -> float:
         """Seconds from dispatch to the first token of a REALTIME prompt of ``prompt_tokens``
         of ``model`` sent now (0 without a fit): the node's engine prefills the prompts ahead
         of it, then this one, in chunks of ``step_tokens`` less the sequences decoding beside
         them, each step paying the fit's fixed and per-sequence cost, every prompt token its
-        own. Ahead of it: where the node tells (:meth:`tells_ahead`), the tokens its last
-        report named, the REALTIME prompts sent since and at most a step of the others sent
-        since, behind the step under way; else the bucket's debt. Call :meth:`settle_prefill`
-        first."""
+        own (less the share its prefix cache holds). Ahead of it: where the node tells
+        (:meth:`tells_ahead`), the tokens its last report named, the REALTIME prompts sent
+        since and at most a step of the others sent since, behind the step under way; else
+        the bucket's debt. Call :meth:`settle_prefill` first."""
         fit = self.fits.get(model)
         if fit is None or not fit.per_prefill_token_s > 0:
             return 0.0
@@ -192,7 +206,7 @@ class LoadBook:
             lower = self.sent_since_report.get((model, False), 0)
             ahead = reported + self.sent_since_report.get((model, True), 0)
             ahead, under_way = ahead + min(lower, step_tokens), 1
-        tokens = ahead + max(1, prompt_tokens)
+        tokens = self.computed(model, ahead + max(1, prompt_tokens))
         steps = math.ceil(tokens / max(1, step_tokens - rows)) + under_way
         return steps * (fit.base_s + fit.per_sequence_s * rows) + tokens * fit.per_prefill_token_s
 

@@ -368,7 +368,8 @@ def test_load_cli_needs_an_endpoint_for_the_openai_target(
 def test_bare_vllm_gets_the_engine_settings_of_the_node_sluice_up_starts() -> None:
     """The node's defaults (32 sequences, 512 tokens per step, 2 GiB of KV cache), ``sluice
     up``'s dtype (``auto`` resolved as the node resolves it) and batch cap, the model's
-    context, prefix caching off."""
+    context, prefix caching on as the node has it (vLLM's own default), off where the node's
+    is."""
     node = node_settings(UpConfig(engine="vllm"))
     assert node.dtype == dtype_name("cpu", "auto") != "auto"
     serve = VllmServe.like_node(node, MODEL, Path("/models/smol"), 8192)
@@ -385,7 +386,10 @@ def test_bare_vllm_gets_the_engine_settings_of_the_node_sluice_up_starts() -> No
     assert flags["--dtype"] == node.dtype and flags["--max-model-len"] == "8192"
     assert flags["--max-num-seqs"] == "32" and flags["--max-num-batched-tokens"] == "512"
     assert flags["--kv-cache-memory-bytes"] == str(2 * 1024**3)
-    assert "--no-enable-prefix-caching" in argv
+    assert "--enable-prefix-caching" in argv and "--no-enable-prefix-caching" not in argv
+    uncached = node.model_copy(update={"vllm_prefix_caching": False})
+    argv = VllmServe.like_node(uncached, MODEL, Path("/m"), 8192).argv(Path("/p"), "h", 1)
+    assert "--no-enable-prefix-caching" in argv and "--enable-prefix-caching" not in argv
     capped = node_settings(UpConfig(engine="vllm", max_sequences=16, dtype="bfloat16"))
     assert (capped.max_sequences, capped.dtype) == (16, "bfloat16")
 

@@ -30,6 +30,7 @@ from bench.load.scenario import (
     load_scenario,
     parse_scenario,
     plan_requests,
+    vocabulary,
 )
 from bench.load.targets import TargetError
 from bench.overload.naive_server import SerialGenerator, load_model, start_server
@@ -383,6 +384,27 @@ def test_plan_is_seeded_poisson_scaled_and_bounded() -> None:
     assert abs(len(doubled) - 2 * len(plan)) < 4 * math.sqrt(2 * len(plan))
     capped = plan_requests(parse_scenario(scenario_data(duration_s=200, max_requests=50)))
     assert len(capped) == 50 and capped == plan[:50]
+
+
+def test_a_salted_plan_keeps_lengths_and_arrivals_with_prompts_of_its_own() -> None:
+    """A load run's salt moves only which word each draw names: the same arrivals, lengths
+    and vocabulary, but prompts no other salt (or none) sends, so a prefix cache cannot serve
+    one run from another's."""
+    scenario = parse_scenario(scenario_data(duration_s=60))
+    plain = plan_requests(scenario)
+    salted = plan_requests(scenario, salt="2x30")
+    assert salted == plan_requests(scenario, salt="2x30"), "same salt, same plan"
+    keep = ("tenant", "scheduled_s", "prompt_tokens", "max_new_tokens")
+    assert [[getattr(r, k) for k in keep] for r in salted] == [
+        [getattr(r, k) for k in keep] for r in plain
+    ]
+    assert all(len(r.prompt.split()) == r.prompt_tokens for r in salted)
+    assert set(vocabulary("2x30")) == set(WORDS) and vocabulary("") == WORDS
+    other = plan_requests(scenario, salt="4x30")
+    long = [i for i, r in enumerate(plain) if r.prompt_tokens >= 6]
+    assert long and all(
+        len({plain[i].prompt, salted[i].prompt, other[i].prompt}) == 3 for i in long
+    )
 
 
 def test_long_tailed_lengths_and_bursty_arrivals_have_the_shape_asked() -> None:

@@ -160,6 +160,7 @@ async def test_load_reports_carry_the_fitted_step_cost(suite: Suite) -> None:
     (cost,) = report.step_costs
     assert cost.model == node_request().request.model and cost.samples >= 16
     assert dict(report.realtime_prefill_ahead_tokens) == {cost.model: 0}  # idle again
+    assert not report.prefix_cache_hit_ratio  # the built-in engine keeps no prefix cache
     assert min(cost.base_s, cost.per_sequence_s, cost.per_prefill_token_s) >= 0
     assert cost.base_s + cost.per_sequence_s > 0
 

@@ -157,6 +157,23 @@ def test_where_the_node_tells_the_prompts_ahead_the_first_token_follows_its_queu
     assert book.first_token_s("m", 100, 512) == pytest.approx(2 * step + 100 * 0.002)
 
 
+def test_prompt_tokens_the_node_s_prefix_cache_holds_are_not_priced() -> None:
+    """The node reports that its prefix cache held 60 % of new prompts' tokens lately: a
+    prompt's prefill and its first token count 40 % of its tokens and of those ahead (at
+    least one token), a report without the ratio prices them whole again."""
+    book = book_with(RT, RT)
+    book.on_report(
+        2, 0, 0, 0, 0.0, by_class={RT: 2}, steps=[FIT], ahead={"m": 400}, cached={"m": 0.6}
+    )
+    step = 0.05 + 0.01 * 2
+    assert book.prefill_cost("m", 1000) == pytest.approx(400 * 0.002)
+    assert book.prefill_cost("m", 1) == pytest.approx(0.002) and book.prefill_cost("m", 0) == 0
+    assert book.first_token_s("m", 100, 512) == pytest.approx(2 * step + 200 * 0.002)
+    assert book.prefill_cost("other", 1000) == 0.0  # no fit for it
+    book.on_report(2, 0, 0, 0, 0.0, by_class={RT: 2}, steps=[FIT], ahead={"m": 400})
+    assert book.first_token_s("m", 100, 512) == pytest.approx(2 * step + 500 * 0.002)
+
+
 def test_a_realtime_request_that_could_start_now_is_refused_when_the_load_would_miss_its_ttft() -> (
     None
 ):

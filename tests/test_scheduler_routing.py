@@ -383,13 +383,17 @@ def test_a_node_s_streaming_token_time_follows_its_realtime_chunks_in_time() -> 
 
 def test_a_load_report_reaches_the_book_with_the_prompts_ahead_per_model() -> None:
     """``NodeHandle.on_report``: the book takes the report's counts, step fits and the prompt
-    tokens ahead of a REALTIME prompt for each model the node tells them for."""
+    tokens ahead of a REALTIME prompt and the prefix cache's hit ratio for each model the node
+    tells them for."""
     clock = FakeClock()
     node = _handle(clock)
-    report = common_pb2.LoadReport(node_id="n1", realtime_prefill_ahead_tokens={"m": 700})
+    report = common_pb2.LoadReport(
+        node_id="n1", realtime_prefill_ahead_tokens={"m": 700}, prefix_cache_hit_ratio={"m": 0.5}
+    )
     report.classes.add(workload_class=BATCH, running=2)
     report.step_costs.add(model="m", base_s=0.05, per_sequence_s=0.01, per_prefill_token_s=0.002)
     node.on_report(report, clock(), PrefillGuard())
     assert node.load is report and node.book.sequences() == 0  # a first report: none foreign
     assert node.book.ahead_tokens == {"m": 700} and node.book.tells_ahead("m")
-    assert node.book.first_token_s("m", 100, 512) == pytest.approx(3 * 0.05 + 800 * 0.002)
+    assert node.book.cached == {"m": 0.5}  # half of the 800 prompt tokens are priced
+    assert node.book.first_token_s("m", 100, 512) == pytest.approx(2 * 0.05 + 400 * 0.002)

@@ -22,6 +22,7 @@ from inference_node.engine.vllm_jobs import (
 from inference_node.engine.vllm_mapping import (
     FirstTokenCalibration,
     Placement,
+    PrefixHits,
     Seat,
     VllmStats,
     Waiting,
@@ -235,6 +236,21 @@ def test_the_stat_logger_calls_the_seat_check_after_each_step() -> None:
     stats.record(_stats(3, 0, 50.0), None)
     stats.record(None, None)
     assert calls == [3]
+
+
+def test_the_prefix_hit_ratio_weighs_the_last_new_prompts_by_their_length() -> None:
+    """Cached over prompt tokens of the last ``window`` new prompts (0 before any; a count
+    past the prompt is the prompt)."""
+    hits = PrefixHits(window=3)
+    assert hits.ratio() == 0.0
+    hits.observe(100, 0)
+    hits.observe(300, 256)
+    assert hits.ratio() == pytest.approx(256 / 400)
+    hits.observe(100, 500)
+    hits.observe(0, 0)  # nothing to count
+    assert hits.ratio() == pytest.approx(356 / 500)
+    hits.observe(500, 0)  # the first prompt leaves the window
+    assert hits.ratio() == pytest.approx(356 / 900)
 
 
 def test_placement_keeps_the_calibrated_margin_and_none_uncalibrated() -> None:

@@ -265,15 +265,17 @@ async def run_load(
     duration_s: float | None = None,
     total_rps: float | None = None,
     on_progress: ProgressFn | None = None,
+    salt: str = "",
 ) -> LoadResult:
     """Run the scenario against ``target`` and return every request's record.
 
     ``duration_s`` overrides the arrival window, ``total_rps`` scales every tenant's rate so
-    they sum to it. Raises ``RuntimeError`` if a planned request is missing from the records
-    (which would be a bug here, never a server's fault).
+    they sum to it, ``salt`` gives the run prompts of its own (:func:`plan_requests`). Raises
+    ``RuntimeError`` if a planned request is missing from the records (which would be a bug
+    here, never a server's fault).
     """
     window = duration_s if duration_s is not None else scenario.duration_s
-    plan = plan_requests(scenario, duration_s=window, total_rps=total_rps)
+    plan = plan_requests(scenario, duration_s=window, total_rps=total_rps, salt=salt)
     loop = asyncio.get_running_loop()
     started_at = time.time()
     t0 = loop.time()

@@ -35,6 +35,7 @@ length), so adding one changes no generate tenant's plan.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -61,6 +62,20 @@ _WORD_TEXT = """time year people way day man thing woman life child world school
     garden window music table paper light green blue red small large early young important
     public bad same able"""
 WORDS: tuple[str, ...] = tuple(_WORD_TEXT.split())
+
+
+@functools.lru_cache(maxsize=64)
+def vocabulary(salt: str = "") -> tuple[str, ...]:
+    """:data:`WORDS`, or with a ``salt`` the same words in an order that salt alone fixes.
+
+    A plan drawn with a salted vocabulary has the same lengths and arrivals as the unsalted one
+    (the draws are the same; only the word each index names moves) but prompts no other salt
+    produces, so a server's prefix cache cannot serve one load run from the run before it."""
+    if not salt:
+        return WORDS
+    words = list(WORDS)
+    random.Random(f"words:{salt}").shuffle(words)
+    return tuple(words)
 
 
 class ScenarioError(ValueError):
@@ -374,20 +389,25 @@ class PlannedRequest:
         return self.prompt_tokens if self.kind == "embed" else self.max_new_tokens
 
 
-def make_prompt(rng: random.Random, tokens: int) -> str:
-    """``tokens`` random words (one SmolLM2 token each)."""
-    return " ".join(rng.choice(WORDS) for _ in range(tokens))
+def make_prompt(rng: random.Random, tokens: int, words: tuple[str, ...] = WORDS) -> str:
+    """``tokens`` random ``words`` (one SmolLM2 token each)."""
+    return " ".join(rng.choice(words) for _ in range(tokens))
 
 
 def plan_requests(
-    scenario: Scenario, *, duration_s: float | None = None, total_rps: float | None = None
+    scenario: Scenario,
+    *,
+    duration_s: float | None = None,
+    total_rps: float | None = None,
+    salt: str = "",
 ) -> list[PlannedRequest]:
     """Every tenant's arrivals (Poisson unless it says ``arrivals: {kind: gamma, cv: ...}``)
     over the window, merged in time order.
 
     ``total_rps`` scales every tenant's rate by the same factor so they sum to it; the plan is
-    cut at ``max_requests``.
+    cut at ``max_requests``. A ``salt`` draws the prompts' words from :func:`vocabulary`.
     """
+    words = vocabulary(salt)
     window = duration_s if duration_s is not None else scenario.duration_s
     scale = total_rps / scenario.total_rps if total_rps is not None else 1.0
     drafts: list[PlannedRequest] = []
@@ -396,14 +416,18 @@ def plan_requests(
         rate = tenant.rate_rps * scale
         t = tenant.arrivals.gap(rng, rate)
         while t < window:
-            drafts.append(_draft(scenario, tenant, rng, t))
+            drafts.append(_draft(scenario, tenant, rng, t, words))
             t += tenant.arrivals.gap(rng, rate)
     drafts.sort(key=lambda r: (r.scheduled_s, r.tenant))
     return [replace(r, index=i) for i, r in enumerate(drafts[: scenario.max_requests])]
 
 
 def _draft(
-    scenario: Scenario, tenant: TenantLoad, rng: random.Random, scheduled_s: float
+    scenario: Scenario,
+    tenant: TenantLoad,
+    rng: random.Random,
+    scheduled_s: float,
+    words: tuple[str, ...],
 ) -> PlannedRequest:
     """The tenant's request at ``scheduled_s`` (index -1), drawn from its stream ``rng``.
 
@@ -414,12 +438,12 @@ def _draft(
     texts: tuple[str, ...] = ()
     if tenant.kind == "embed":
         lengths = [tenant.prompt_tokens.draw(rng) for _ in range(tenant.texts.draw(rng))]
-        texts = tuple(make_prompt(rng, n) for n in lengths)
+        texts = tuple(make_prompt(rng, n, words) for n in lengths)
         prompt, prompt_tokens, max_new_tokens = "", sum(lengths), 0
     else:
         assert tenant.output_tokens is not None  # the validator requires it for generate
         prompt_tokens = tenant.prompt_tokens.draw(rng)
-        prompt = make_prompt(rng, prompt_tokens)
+        prompt = make_prompt(rng, prompt_tokens, words)
         max_new_tokens = tenant.output_tokens.draw(rng)
     return PlannedRequest(
         index=-1,

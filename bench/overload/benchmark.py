@@ -131,12 +131,16 @@ class Benchmark:
         if self.options.drain_s is not None:
             scenario = scenario.model_copy(update={"drain_s": self.options.drain_s})
 
+        run_salt = f"{rate:g}x{duration:g}"  # prompts no other run sends (prefix caches)
+
         async def go() -> LoadResult:
             target = self.target(server, scenario)
             watch = self.observer.watch(key) if self.observer is not None else nullcontext()
             try:
                 with watch:
-                    return await run_load(scenario, target, duration_s=duration, total_rps=rate)
+                    return await run_load(
+                        scenario, target, duration_s=duration, total_rps=rate, salt=run_salt
+                    )
             finally:
                 await target.close()
 

@@ -90,7 +90,7 @@ def warm(bench: Benchmark, suite: SluiceSuite, rate: float, seconds: float = WAR
     async def go() -> None:
         target = make_target(suite.name, bench.scenario, suite.address, bench.keys)
         try:
-            await run_load(bench.scenario, target, duration_s=seconds, total_rps=rate)
+            await run_load(bench.scenario, target, duration_s=seconds, total_rps=rate, salt="warm")
         finally:
             await target.close()
 

@@ -65,7 +65,9 @@ class TargetBenchmark(Benchmark):
         async def go() -> LoadResult:
             target = self.target(server, self.scenario)
             try:
-                return await run_load(self.scenario, target, duration_s=seconds, total_rps=rate)
+                return await run_load(
+                    self.scenario, target, duration_s=seconds, total_rps=rate, salt="warm"
+                )
             finally:
                 await target.close()
 

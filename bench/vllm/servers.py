@@ -92,6 +92,8 @@ class VllmServe:
     max_num_batched_tokens: int
     kv_cache_memory_bytes: int
     """The node's ``memory_budget_bytes``, which it passes as ``kv_cache_memory_bytes``."""
+    prefix_caching: bool = True
+    """The node's ``vllm_prefix_caching`` (vLLM's own default is on)."""
 
     @classmethod
     def like_node(
@@ -106,6 +108,7 @@ class VllmServe:
             max_num_seqs=settings.max_sequences,
             max_num_batched_tokens=settings.max_batched_tokens,
             kv_cache_memory_bytes=settings.memory_budget_bytes,
+            prefix_caching=settings.vllm_prefix_caching,
         )
 
     def argv(self, python: Path, host: str, port: int) -> list[str]:
@@ -119,7 +122,7 @@ class VllmServe:
             "--max-num-seqs", str(self.max_num_seqs),
             "--max-num-batched-tokens", str(self.max_num_batched_tokens),
             "--kv-cache-memory-bytes", str(self.kv_cache_memory_bytes),
-            "--no-enable-prefix-caching",
+            "--enable-prefix-caching" if self.prefix_caching else "--no-enable-prefix-caching",
             "--disable-log-stats",
             # One log line per request would cost the 2 cores what the node never pays.
             "--disable-uvicorn-access-log",

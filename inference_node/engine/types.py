@@ -143,6 +143,9 @@ class EngineStats:
     """Prompt tokens a REALTIME prompt submitted now would wait for before its own prefill
     starts: the prefills under way that go on before it, then the waiting prompts it cannot
     pass (None: the engine does not tell)."""
+    prefix_hit_ratio: float | None = None
+    """The share of new prompts' tokens found in the engine's prefix cache lately, which it
+    does not compute again (None: it has no prefix cache)."""
 
 
 class DeltaStream(AsyncIterator[TokenDelta], abc.ABC):

@@ -98,16 +98,14 @@ core, which may have scheduled the next step already) before one still held back
 class VllmOptions:
     """How the node sets vLLM up (from ``NodeSettings``)."""
 
-    model_dir: Path
-    """A Hugging Face checkpoint directory (config, safetensors, tokenizer)."""
+    model_dir: Path  # a Hugging Face checkpoint directory (config, safetensors, tokenizer)
     dtype: str = "float32"
     max_sequences: int = 32
     max_batched_tokens: int = 512
     kv_budget_bytes: int = 2 * 1024**3
     max_waiting: int = 256
-    enforce_eager: bool = False
-    """Skip torch.compile (faster start, slower steps)."""
-    prefix_caching: bool = False  # and the pauses of lower-class prefills it makes cheap
+    enforce_eager: bool = False  # skip torch.compile (faster start, slower steps)
+    prefix_caching: bool = True  # and the pauses of lower-class prefills it makes cheap
 
 
 class VllmEngine(Draining):
@@ -134,8 +132,7 @@ class VllmEngine(Draining):
         self._steps = 0
         """vLLM steps seen (engine thread): a preemption seats its REALTIME prompt within
         ``SEATING_STEPS`` of them, or one still held back gets another."""
-        self._tasks: set[asyncio.Task[None]] = set()
-        """The requests' tasks (on the engine thread only)."""
+        self._tasks: set[asyncio.Task[None]] = set()  # the requests' (engine thread only)
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
         self._serving = threading.Event()
@@ -218,6 +215,7 @@ class VllmEngine(Draining):
             live = [j for j in list(self._jobs.values()) if not j.cancelled]
             kept = [j for j in live if j.started and not j.workload_class.is_top]
             pinned = sum(1 for j in kept if not self._seat(j, now, rows, cost).movable)
+            hits = self._sink.prefix_hits.ratio() if self._options.prefix_caching else None
         unstarted = sorted((j for j in live if not j.started), key=self._order)
         held = held_by_vllm(unstarted, self._sink.waiting)
         steps = self._options.max_batched_tokens if self._options.prefix_caching else None
@@ -233,6 +231,7 @@ class VllmEngine(Draining):
             step_cost=cost,
             pinned=pinned,
             realtime_ahead_tokens=ahead,
+            prefix_hit_ratio=hits,
         )
 
     def start(self) -> None:
@@ -334,31 +333,32 @@ class VllmEngine(Draining):
         async for out in outputs:
             if not job.started:
                 job.started = True
-                self._first_token(job)
+                self._first_token(job, out.num_cached_tokens)
             delta = self._delta(job, out)
             if delta.finish_reason is not None:
                 job.end = delta
             elif delta.text or delta.token_ids:
                 job.deliver(delta)
 
-    def _first_token(self, job: Job) -> None:
-        """``job``'s first token came: a REALTIME one calibrates placement (engine thread),
-        unless it was lifted or waited for a seat a preemption freed (the prediction counts
-        no such wait)."""
-        predicted = job.place.predicted_s
-        waited = job.seat_freed_at is not None
-        if waited or job.restarts or predicted <= 0 or not job.workload_class.is_top:
-            return
-        now = time.monotonic()
-        took = now - job.submitted_at
+    def _first_token(self, job: Job, cached: int | None) -> None:
+        """``job``'s first token came (engine thread): a new prompt's ``cached`` tokens count
+        in the prefix hit ratio; a REALTIME one calibrates placement, unless it was lifted or
+        waited for a seat a preemption freed (the prediction counts no such wait)."""
+        now, predicted, fresh = time.monotonic(), job.place.predicted_s, not job.restarts
         with self._lock:
-            self._calibration.record(now, predicted, took)
+            if cached is not None and fresh:
+                self._sink.prefix_hits.observe(len(job.request.prompt_token_ids), cached)
+            if job.seat_freed_at is not None or not fresh or predicted <= 0:
+                return
+            if not job.workload_class.is_top:
+                return
+            self._calibration.record(now, predicted, now - job.submitted_at)
         if job.place.priority != job.workload_class.rank:  # placed among BATCH prompts
             log.info(
                 "realtime_placed",
                 request_id=job.request.request_id,
                 predicted_ms=round(predicted * 1000, 1),
-                first_token_ms=round(took * 1000, 1),
+                first_token_ms=round((now - job.submitted_at) * 1000, 1),
             )
 
     def _seat_realtime(self) -> None:

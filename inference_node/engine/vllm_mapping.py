@@ -42,6 +42,7 @@ class VllmStats:
         self.decode_rate = 0.0
         self.steps = StepTimes()
         self.step_model = StepModel()
+        self.prefix_hits = PrefixHits()
         self._last_at: float | None = None
         self.on_step: Callable[[], None] | None = None
         """Called after each record (on the engine thread): the engine's seat check."""
@@ -100,6 +101,25 @@ class VllmStats:
 
     def record_admission_rejection(self, _reason: str) -> None:
         pass
+
+
+class PrefixHits:
+    """The share of new prompts' tokens vLLM found in its prefix cache, over the last
+    ``window`` prompts sent the first time (a preempted or paused prompt sent again finds its
+    own blocks, which says nothing of the next new prompt's), weighted by their length."""
+
+    def __init__(self, window: int = 64) -> None:
+        self._prompts: deque[tuple[int, int]] = deque(maxlen=window)
+
+    def observe(self, prompt_tokens: int, cached_tokens: int) -> None:
+        """A new prompt of ``prompt_tokens`` began with ``cached_tokens`` of them cached."""
+        if prompt_tokens > 0:
+            self._prompts.append((prompt_tokens, min(max(0, cached_tokens), prompt_tokens)))
+
+    def ratio(self) -> float:
+        """Cached over prompt tokens in the window (0 before any prompt)."""
+        total = sum(p for p, _ in self._prompts)
+        return sum(c for _, c in self._prompts) / total if total else 0.0
 
 
 @dataclass(frozen=True)

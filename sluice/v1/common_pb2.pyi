@@ -148,7 +148,7 @@ class ClassCounts(_message.Message):
     def __init__(self, workload_class: _Optional[_Union[WorkloadClass, str]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("node_id", "classes", "kv_used_bytes", "kv_budget_bytes", "decode_tokens_per_s", "rss_bytes", "queued_tokens", "gpu_free_bytes", "gpu_total_bytes", "gpu_utilization_percent", "state", "timestamp_unix_ms", "reserved_sequences", "step_costs", "pinned_sequences", "realtime_prefill_ahead_tokens")
+    __slots__ = ("node_id", "classes", "kv_used_bytes", "kv_budget_bytes", "decode_tokens_per_s", "rss_bytes", "queued_tokens", "gpu_free_bytes", "gpu_total_bytes", "gpu_utilization_percent", "state", "timestamp_unix_ms", "reserved_sequences", "step_costs", "pinned_sequences", "realtime_prefill_ahead_tokens", "prefix_cache_hit_ratio")
     class RealtimePrefillAheadTokensEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +156,13 @@ class LoadReport(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class PrefixCacheHitRatioEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     KV_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +179,7 @@ class LoadReport(_message.Message):
     STEP_COSTS_FIELD_NUMBER: _ClassVar[int]
     PINNED_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     REALTIME_PREFILL_AHEAD_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_RATIO_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     classes: _containers.RepeatedCompositeFieldContainer[ClassCounts]
     kv_used_bytes: int
@@ -188,7 +196,8 @@ class LoadReport(_message.Message):
     step_costs: _containers.RepeatedCompositeFieldContainer[StepCost]
     pinned_sequences: int
     realtime_prefill_ahead_tokens: _containers.ScalarMap[str, int]
-    def __init__(self, node_id: _Optional[str] = ..., classes: _Optional[_Iterable[_Union[ClassCounts, _Mapping]]] = ..., kv_used_bytes: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., decode_tokens_per_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., gpu_free_bytes: _Optional[int] = ..., gpu_total_bytes: _Optional[int] = ..., gpu_utilization_percent: _Optional[float] = ..., state: _Optional[_Union[NodeState, str]] = ..., timestamp_unix_ms: _Optional[int] = ..., reserved_sequences: _Optional[int] = ..., step_costs: _Optional[_Iterable[_Union[StepCost, _Mapping]]] = ..., pinned_sequences: _Optional[int] = ..., realtime_prefill_ahead_tokens: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    prefix_cache_hit_ratio: _containers.ScalarMap[str, float]
+    def __init__(self, node_id: _Optional[str] = ..., classes: _Optional[_Iterable[_Union[ClassCounts, _Mapping]]] = ..., kv_used_bytes: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., decode_tokens_per_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., gpu_free_bytes: _Optional[int] = ..., gpu_total_bytes: _Optional[int] = ..., gpu_utilization_percent: _Optional[float] = ..., state: _Optional[_Union[NodeState, str]] = ..., timestamp_unix_ms: _Optional[int] = ..., reserved_sequences: _Optional[int] = ..., step_costs: _Optional[_Iterable[_Union[StepCost, _Mapping]]] = ..., pinned_sequences: _Optional[int] = ..., realtime_prefill_ahead_tokens: _Optional[_Mapping[str, int]] = ..., prefix_cache_hit_ratio: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class StepCost(_message.Message):
     __slots__ = ("model", "base_s", "per_sequence_s", "per_prefill_token_s", "samples")

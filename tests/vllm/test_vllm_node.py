@@ -2,8 +2,8 @@
 
 One real node process serves SmolLM2 through vLLM (float32, pinned so that greedy output is
 compared exactly with the built-in engine's in float32), at most 4 sequences at once so that a
-few requests make it queue, prefix caching on (so that it pauses lower-class prefills). The
-tests share it and run in order; the last one drains it.
+few requests make it queue, prefix caching on (the default, with which it pauses lower-class
+prefills). The tests share it and run in order; the last one drains it.
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ def node(etcd_server: StoreProcess, tmp_path_factory: pytest.TempPathFactory) ->
     argv = [
         sys.executable, "-m", "inference_node", "--engine", "vllm",
         "--models", SMOLLM2, "--dtype", "float32", "--pools", "realtime",
-        "--vllm-prefix-caching", "true",
         "--max-sequences", str(MAX_SEQUENCES), "--stream-interval-ms", "0",
         "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
         "--etcd-endpoint", etcd_server.address, "--node-id", "vllm-smoke",
@@ -225,7 +224,8 @@ async def test_a_realtime_prompt_goes_before_a_batch_prefill_under_way(
     """A REALTIME prompt sent while vLLM prefills a long BATCH prompt (about 1,500 tokens, three
     steps) sends that prompt back to vLLM's queue behind it: the REALTIME first token comes
     first, and the BATCH stream, resumed from its cached blocks, still ends with the built-in
-    engine's greedy tokens for that prompt (both float32: exact)."""
+    engine's greedy tokens for that prompt (both float32: exact). The same prompt sent again
+    finds its blocks in the prefix cache, which the load report's hit ratio shows."""
     batch = common_pb2.WORKLOAD_CLASS_BATCH
     long_text = " ".join(f"item{i} is {i * 7 % 13}" for i in range(300))
 
@@ -252,6 +252,9 @@ async def test_a_realtime_prompt_goes_before_a_batch_prefill_under_way(
     lines = [json.loads(x) for x in node.log.read_text().splitlines() if "prefill_paused" in x]
     paused = [(x["request_id"], x["by"]) for x in lines if x["by"] == "rt-now"]
     assert paused == [("long", "rt-now")], lines
+    await consume("long-again", long_request("long-again", batch))  # its blocks are cached
+    (ratio,) = (await _load(stub)).prefix_cache_hit_ratio.values()
+    assert 0 < ratio < 1, ratio  # new prompts only: the paused one's resumption is no hit
 
 
 async def test_drain_finishes_in_flight_then_refuses(
