@@ -119,6 +119,7 @@ def embed_batcher(settings: NodeSettings, metrics: NodeMetrics) -> EmbedBatcher:
         new_sizer,
         max_wait_s=settings.embed_max_wait_ms / 1000,
         on_batch=lambda model, texts: metrics.embed_batch_size.labels(model).observe(texts),
+        lower_forward_s=settings.embed_lower_class_forward_ms / 1000 or None,
     )
 
 

@@ -105,6 +105,11 @@ class NodeSettings(ServiceSettings):
     while calls come concurrently: a lone caller never waits)."""
     embed_batch_latency_ms: float = Field(default=500.0, gt=0)
     """Latency bound of one embedding forward: the batch grows only while it stays within."""
+    embed_lower_class_forward_ms: float = Field(default=150.0, ge=0)
+    """Lower-class (BATCH, FINETUNE) texts fill an embedding forward only as far as they take
+    about this long at the pace the node measures, so a REALTIME Embed arriving behind them
+    waits about this long, not the latency bound (0: no such cap; inference_node/
+    embed_batcher.py)."""
     advertise_host: str = ""
     """Host published in the registry; empty means ``host``."""
     advertise_port: int = 0

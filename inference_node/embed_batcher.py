@@ -28,6 +28,8 @@ from inference_node.model_types import Embedder
 log = structlog.get_logger(__name__)
 
 
+MIN_PACE_CHARS = 200
+"""Forwards of fewer characters leave the measured pace alone: their fixed cost dominates."""
 MAX_EMBEDS_WAITING = 64
 """Embed calls queued for the embedding thread at most; more are refused OVERLOADED (the
 scheduler admits no more than a node's slots, so only a caller around it reaches this)."""
@@ -90,6 +92,9 @@ class BatchSizer:
         self.retry_after = retry_after
         self.smoothing = smoothing
         self.limit = 1
+        self.seconds_per_char: float | None = None
+        """Moving average of a forward's seconds per character of its texts, over forwards of
+        :data:`MIN_PACE_CHARS` or more (None before one): what lower-class texts cost."""
         self._curves: dict[int, _Curve] = {}
         self._batches = 0
 
@@ -102,8 +107,13 @@ class BatchSizer:
         """Size class → (average latency in seconds, texts per second), as measured."""
         return {k: (c.seconds, c.throughput) for k, c in sorted(self._curves.items())}
 
-    def record(self, texts: int, seconds: float) -> None:
-        """One forward of ``texts`` texts took ``seconds``; moves the limit."""
+    def record(self, texts: int, seconds: float, chars: int = 0) -> None:
+        """One forward of ``texts`` texts (``chars`` characters) took ``seconds``; moves the
+        limit and the pace."""
+        if chars >= MIN_PACE_CHARS and math.isfinite(seconds):
+            pace, self.seconds_per_char = self.seconds_per_char, seconds / chars
+            if pace is not None:
+                self.seconds_per_char = pace + self.smoothing * (seconds / chars - pace)
         self._batches += 1
         key = self.size_class(texts)
         curve = self._curves.get(key)
@@ -115,6 +125,12 @@ class BatchSizer:
             curve.seconds += a * (seconds - curve.seconds)
             curve.updated = self._batches
         self.limit = self._choose()
+
+    def chars_within(self, seconds: float | None) -> float:
+        """Characters of texts one forward takes in ``seconds`` at the measured pace (no bound
+        without a pace or ``seconds``)."""
+        pace = self.seconds_per_char
+        return math.inf if seconds is None or not pace else seconds / pace
 
     def failed(self, texts: int) -> None:
         """A forward of ``texts`` texts failed (out of memory, say): its size class counts as
@@ -191,7 +207,11 @@ class EmbedBatcher:
     is the waiting request of the highest class (lowest rank), the earliest among them, and
     the forward is filled in that order too: a request with more texts than the room left is
     taken in slices, its next slice in a later forward, so a REALTIME request waits for at most
-    one forward of the limit's size whatever lower-class requests hold. The previous
+    one forward of the limit's size whatever lower-class requests hold. With
+    ``lower_forward_s``, lower-class texts fill a forward only as far as they take that long
+    at the pace the model's sizer measured (at least one text, when they are all it holds): a
+    REALTIME request arriving behind them waits about that long, not the limit's latency
+    bound, and its own forward is not stretched by them past it. The previous
     sizes are forgotten whenever the queue empties, so a request that arrives with nothing
     queued never waits. Each model has its own :class:`BatchSizer` (``new_sizer()``, made on
     its first request), so one model's latency never caps another's batches.
@@ -213,8 +233,10 @@ class EmbedBatcher:
         max_wait_s: float,
         max_waiting: int = MAX_EMBEDS_WAITING,
         on_batch: Callable[[str, int], None] = lambda model, texts: None,
+        lower_forward_s: float | None = None,
     ) -> None:
         self.new_sizer = new_sizer
+        self.lower_forward_s = lower_forward_s
         self.sizers: dict[str, BatchSizer] = {}
         """Model name → its sizer."""
         self.max_wait_s = max_wait_s
@@ -309,13 +331,19 @@ class EmbedBatcher:
             self._queue.clear()
             return []
         head = live[0]
-        room = self.sizer(head.embedder.name).limit
+        sizer = self.sizer(head.embedder.name)
+        room, lower_chars = sizer.limit, sizer.chars_within(self.lower_forward_s)
         batch: list[_Slice] = []
         for item in live:
             if room <= 0:
                 break
             if item.embedder is head.embedder:
                 count = min(item.left, room)
+                if item.rank > 0:  # lower class: as far as its characters fit
+                    count, chars = _fitting(item, count, lower_chars, alone=not batch)
+                    if count == 0:
+                        break
+                    lower_chars -= chars
                 batch.append(_Slice(item, item.taken, item.taken + count))
                 item.taken += count
                 room -= count
@@ -353,7 +381,8 @@ class EmbedBatcher:
             await self._retry_alone(batch, sizer.limit)
             return
         try:
-            self._measured(embedder.name, sizer, len(texts), seconds, chunk)
+            chars = sum(len(t) for t in texts)
+            self._measured(embedder.name, sizer, (len(texts), chars), seconds, chunk)
         except Exception:  # bookkeeping only: the vectors are good
             log.exception("embed_batch_bookkeeping_failed", model=embedder.name)
         start = 0
@@ -381,14 +410,15 @@ class EmbedBatcher:
                 await self._forward([piece])
 
     def _measured(
-        self, model: str, sizer: BatchSizer, texts: int, seconds: float, chunk: int
+        self, model: str, sizer: BatchSizer, size: tuple[int, int], seconds: float, chunk: int
     ) -> None:
-        """A forward of ``texts`` texts of ``model`` took ``seconds``: the sizer, the previous
-        size and ``on_batch`` are told."""
+        """A forward of ``size`` (texts, characters) of ``model`` took ``seconds``: the sizer,
+        the previous size and ``on_batch`` are told."""
+        texts, chars = size
         self._previous_texts[model] = texts
         if texts <= chunk:  # one forward: a point of the curve
             limit = sizer.limit
-            sizer.record(texts, seconds)
+            sizer.record(texts, seconds, chars)
             if sizer.limit != limit:
                 log.info(
                     "embed_batch_limit_changed",
@@ -437,6 +467,17 @@ def _timed_forward(
     began = time.perf_counter()
     vectors, tokens = embedder.embed_each(texts, batch_size=chunk)
     return vectors, tokens, time.perf_counter() - began
+
+
+def _fitting(item: _Waiting, count: int, chars: float, alone: bool) -> tuple[int, int]:
+    """How many of ``item``'s next ``count`` texts fit in ``chars`` characters (at least one
+    when the forward would hold nothing else: ``alone``), and their characters."""
+    taken = used = 0
+    for text in item.texts[item.taken : item.taken + count]:
+        if used + len(text) > chars and not (alone and taken == 0):
+            break
+        taken, used = taken + 1, used + len(text)
+    return taken, used
 
 
 def _order(item: _Waiting) -> tuple[int, int]:

@@ -52,7 +52,7 @@ class FixedSizer(BatchSizer):
         super().__init__(max_size=limit, latency_bound_s=1.0)
         self.limit = limit
 
-    def record(self, texts: int, seconds: float) -> None:
+    def record(self, texts: int, seconds: float, chars: int = 0) -> None:
         pass
 
     def failed(self, texts: int) -> None:
@@ -175,6 +175,21 @@ def test_a_failed_forward_puts_its_size_class_over_the_bound() -> None:
     assert sizer.limit == 8  # stale: tried again
 
 
+def test_the_sizer_learns_seconds_per_character_from_forwards_long_enough() -> None:
+    """The pace is a moving average of seconds per character over forwards of 200 characters
+    or more (shorter ones are mostly fixed cost); a forward's characters within a time follow
+    from it (no bound before a pace, or without a time)."""
+    sizer = BatchSizer(max_size=16, latency_bound_s=1.0)
+    assert sizer.chars_within(0.1) == math.inf
+    sizer.record(8, 0.5, chars=1000)
+    sizer.record(1, 0.01, chars=10)
+    assert sizer.seconds_per_char == pytest.approx(0.0005)
+    sizer.record(8, 1.0, chars=1000)
+    assert sizer.seconds_per_char == pytest.approx(0.0005 + 0.3 * 0.0005)
+    assert sizer.chars_within(0.13) == pytest.approx(200)
+    assert sizer.chars_within(None) == math.inf
+
+
 def test_a_max_size_of_one_runs_every_request_alone() -> None:
     """``max_size`` 1 (one at a time) never grows."""
     sizer = BatchSizer(max_size=1, latency_bound_s=1.0)
@@ -281,6 +296,38 @@ async def test_realtime_goes_first_and_a_large_lower_class_request_is_sliced(
     assert_close(results[1], alone(minilm, ["rt one"]))
     assert_close(results[3], alone(minilm, ["rt late"]))
     assert_close(held, alone(minilm, ["holding the thread"]))
+    batcher.close()
+
+
+async def test_lower_class_texts_fill_a_forward_only_as_far_as_they_take_the_time_allowed(
+    minilm: Embedder,
+) -> None:
+    """At 0.01 s per character and 1 s allowed, a BATCH request's texts go 100 characters to
+    a forward, beside a REALTIME text that does not count against them (and never past the
+    limit): 5 + 71 + 10, then 66 + 5, then 82. A lower-class text longer than that runs
+    alone. Every request still gets the vectors it gets alone."""
+    stepped = SteppedEmbedder(minilm)
+    batcher = EmbedBatcher(fixed(16), max_wait_s=0, lower_forward_s=1.0)
+    batcher.sizer(stepped.name).seconds_per_char = 0.01
+    first = asyncio.create_task(batcher.embed(stepped, ["holding the thread"]))
+    await eventually(lambda: len(stepped.forwards) == 1)
+    bulk = asyncio.create_task(batcher.embed(stepped, TEXTS, rank=1))
+    long = "word " * 40
+    too_long = asyncio.create_task(batcher.embed(stepped, [long], rank=2))
+    urgent = asyncio.create_task(batcher.embed(stepped, ["rt one"]))
+    await eventually(lambda: batcher.waiting == 4)
+    stepped.permits.release(5)
+    results = await asyncio.gather(bulk, too_long, urgent, first)
+    assert stepped.forwards == [
+        ["holding the thread"],
+        ["rt one", *TEXTS[:3]],
+        TEXTS[3:5],
+        TEXTS[5:],
+        [long],
+    ]
+    assert_close(results[0], alone(minilm, TEXTS))
+    assert_close(results[1], alone(minilm, [long]))
+    assert_close(results[2], alone(minilm, ["rt one"]))
     batcher.close()
 
 
