@@ -47,7 +47,7 @@ def test_the_guard_derives_its_depth_and_share_from_the_targets() -> None:
     assert GUARD.drain_share(0.15, {RT}, measured_s=0.19) == pytest.approx(0.25)
     settings = SchedulerSettings()
     assert prefill_guard(settings).burst_s == pytest.approx(
-        8 * settings.realtime_itl_target_seconds
+        16 * settings.realtime_itl_target_seconds
     )
     off = prefill_guard(parse_settings(SchedulerSettings, GUARD_OFF, "scheduler"))
     assert off.burst_s == 0.0  # bench-slo's reference suite runs without it
