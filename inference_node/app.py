@@ -23,7 +23,8 @@ from prometheus_client import CollectorRegistry
 
 from inference_node.adapters import AdapterCache, AdapterStore
 from inference_node.config import NodeSettings
-from inference_node.embed_batcher import BatchSizer, EmbedBatcher
+from inference_node.embed_batcher import EmbedBatcher
+from inference_node.embed_sizer import BatchSizer
 from inference_node.engine import build_engine
 from inference_node.engine.llama import supports
 from inference_node.engine.types import Engine

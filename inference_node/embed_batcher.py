@@ -1,12 +1,13 @@
 """Dynamic batching of ``Embed`` calls: concurrent requests, of any tenants, merged into one
 forward on the node's embedding thread, then split back per request.
 
-:class:`BatchSizer` (synchronous, no I/O) chooses how many texts a forward may take from the
-latency curve the node measures as it runs. :class:`EmbedBatcher` owns the queue and the
-thread: it takes the waiting requests of one model in arrival order up to the sizer's limit,
-runs them as one forward (``Embedder.embed_each``) and hands each request its own vectors and
-prompt tokens. A text's vector does not depend on its batch mates (padding is masked), so a
-batched answer equals the one-at-a-time answer within float rounding.
+:class:`~inference_node.embed_sizer.BatchSizer` (synchronous, no I/O) chooses how many texts
+a forward may take from the latency curve the node measures as it runs. :class:`EmbedBatcher`
+owns the queue and the thread: it takes the waiting requests of one model in arrival order up
+to the sizer's limit, runs them as one forward (``Embedder.embed_each``) and hands each
+request its own vectors and prompt tokens. A text's vector does not depend on its batch mates
+(padding is masked), so a batched answer equals the one-at-a-time answer within float
+rounding.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -23,13 +23,18 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from inference_node.embed_sizer import BatchSizer
 from inference_node.model_types import Embedder
 
 log = structlog.get_logger(__name__)
 
 
-MIN_PACE_CHARS = 200
-"""Forwards of fewer characters leave the measured pace alone: their fixed cost dominates."""
+CHARS_PER_TOKEN_CAP = 8
+"""A text counts at most this many characters per token the embedder keeps: the rest of a
+longer one is truncated away and costs nothing."""
+MAX_PASSED_OVER = 4
+"""Forwards a lower-class text too long for the time allowed may be passed over for
+REALTIME texts before it goes beside them all the same."""
 MAX_EMBEDS_WAITING = 64
 """Embed calls queued for the embedding thread at most; more are refused OVERLOADED (the
 scheduler admits no more than a node's slots, so only a caller around it reaches this)."""
@@ -41,121 +46,6 @@ class EmbedQueueFullError(Exception):
 
 class EmbedderClosedError(Exception):
     """The batcher was closed before the request ran."""
-
-
-@dataclass
-class _Curve:
-    """Moving averages of one size class's batches: texts and seconds; the batch count at
-    its last update."""
-
-    texts: float
-    seconds: float
-    updated: int
-
-    @property
-    def throughput(self) -> float:
-        """Texts per second."""
-        return self.texts / max(self.seconds, 1e-9)
-
-
-class BatchSizer:
-    """The most texts one forward may take, from the latency curve measured as the node runs.
-
-    Algorithm: each forward is filed under its size class (the power of two at or below its
-    text count) as moving averages of texts and seconds. The limit is the largest class
-    reached by walking up from 1 while each class's latency stays within
-    ``latency_bound_s`` and its throughput is no worse than ``1 - tolerance`` of the best
-    below it; a class not measured yet stops the walk and becomes the limit (a batch may grow
-    into it, which measures it). A class that stopped the walk is tried again once
-    ``retry_after`` forwards have passed without it (the machine's load may have changed),
-    its old average replaced by the new forward. A forward that failed (:meth:`failed`)
-    counts its class as over the bound. All classes within bounds: ``max_size``.
-    Guarantees: 1 ≤ limit ≤ ``max_size``; ``max_size`` 1 runs every request alone. Failure
-    mode: a curve measured while other work took the CPUs misleads it until the retry; the
-    latency bound keeps a wrong guess from growing forwards without limit.
-    """
-
-    def __init__(
-        self,
-        *,
-        max_size: int,
-        latency_bound_s: float,
-        tolerance: float = 0.1,
-        retry_after: int = 64,
-        smoothing: float = 0.3,
-    ) -> None:
-        if max_size < 1:
-            raise ValueError("max_size must be at least 1")
-        self.max_size = max_size
-        self.latency_bound_s = latency_bound_s
-        self.tolerance = tolerance
-        self.retry_after = retry_after
-        self.smoothing = smoothing
-        self.limit = 1
-        self.seconds_per_char: float | None = None
-        """Moving average of a forward's seconds per character of its texts, over forwards of
-        :data:`MIN_PACE_CHARS` or more (None before one): what lower-class texts cost."""
-        self._curves: dict[int, _Curve] = {}
-        self._batches = 0
-
-    @staticmethod
-    def size_class(texts: int) -> int:
-        """The power of two at or below ``texts`` (≥ 1)."""
-        return 1 << (max(texts, 1).bit_length() - 1)
-
-    def curve(self) -> dict[int, tuple[float, float]]:
-        """Size class → (average latency in seconds, texts per second), as measured."""
-        return {k: (c.seconds, c.throughput) for k, c in sorted(self._curves.items())}
-
-    def record(self, texts: int, seconds: float, chars: int = 0) -> None:
-        """One forward of ``texts`` texts (``chars`` characters) took ``seconds``; moves the
-        limit and the pace."""
-        if chars >= MIN_PACE_CHARS and math.isfinite(seconds):
-            pace, self.seconds_per_char = self.seconds_per_char, seconds / chars
-            if pace is not None:
-                self.seconds_per_char = pace + self.smoothing * (seconds / chars - pace)
-        self._batches += 1
-        key = self.size_class(texts)
-        curve = self._curves.get(key)
-        if curve is None or self._stale(curve):
-            self._curves[key] = _Curve(texts, seconds, self._batches)
-        else:
-            a = self.smoothing
-            curve.texts += a * (texts - curve.texts)
-            curve.seconds += a * (seconds - curve.seconds)
-            curve.updated = self._batches
-        self.limit = self._choose()
-
-    def chars_within(self, seconds: float | None) -> float:
-        """Characters of texts one forward takes in ``seconds`` at the measured pace (no bound
-        without a pace or ``seconds``)."""
-        pace = self.seconds_per_char
-        return math.inf if seconds is None or not pace else seconds / pace
-
-    def failed(self, texts: int) -> None:
-        """A forward of ``texts`` texts failed (out of memory, say): its size class counts as
-        over the latency bound, so the limit falls below it until the class is retried
-        (``retry_after`` forwards later)."""
-        self._batches += 1
-        self._curves[self.size_class(texts)] = _Curve(texts, math.inf, self._batches)
-        self.limit = self._choose()
-
-    def _stale(self, curve: _Curve) -> bool:
-        return self._batches - curve.updated > self.retry_after
-
-    def _choose(self) -> int:
-        best = 0.0
-        size = 1
-        while size <= self.max_size:
-            curve = self._curves.get(size)
-            if curve is None:
-                return size
-            worse = curve.throughput < best * (1 - self.tolerance)
-            if curve.seconds > self.latency_bound_s or worse:
-                return size if self._stale(curve) else max(1, size // 2)
-            best = max(best, curve.throughput)
-            size *= 2
-        return self.max_size
 
 
 @dataclass
@@ -176,6 +66,8 @@ class _Waiting:
     seq: int = 0
     """Arrival order."""
     queued_at: float = field(default_factory=time.monotonic)
+    passed_over: int = 0
+    """Forwards that left its next text out for being too long beside others."""
     taken: int = 0
     """Texts handed to forwards so far: a request larger than a forward's room is taken in
     slices, one forward after another."""
@@ -209,7 +101,9 @@ class EmbedBatcher:
     taken in slices, its next slice in a later forward, so a REALTIME request waits for at most
     one forward of the limit's size whatever lower-class requests hold. With
     ``lower_forward_s``, lower-class texts fill a forward only as far as they take that long
-    at the pace the model's sizer measured (at least one text, when they are all it holds): a
+    at the pace the model's sizer measured (at least one text, when they are all it holds or
+    one was passed over :data:`MAX_PASSED_OVER` times; a text counts no more characters than
+    the embedder keeps of it): a
     REALTIME request arriving behind them waits about that long, not the limit's latency
     bound, and its own forward is not stretched by them past it. The previous
     sizes are forgotten whenever the queue empties, so a request that arrives with nothing
@@ -340,9 +234,12 @@ class EmbedBatcher:
             if item.embedder is head.embedder:
                 count = min(item.left, room)
                 if item.rank > 0:  # lower class: as far as its characters fit
-                    count, chars = _fitting(item, count, lower_chars, alone=not batch)
+                    first = not batch or item.passed_over >= MAX_PASSED_OVER
+                    count, chars = _fitting(item, count, lower_chars, first)
                     if count == 0:
+                        item.passed_over += 1
                         break
+                    item.passed_over = 0
                     lower_chars -= chars
                 batch.append(_Slice(item, item.taken, item.taken + count))
                 item.taken += count
@@ -381,7 +278,7 @@ class EmbedBatcher:
             await self._retry_alone(batch, sizer.limit)
             return
         try:
-            chars = sum(len(t) for t in texts)
+            chars = sum(_chars(embedder, t) for t in texts)
             self._measured(embedder.name, sizer, (len(texts), chars), seconds, chunk)
         except Exception:  # bookkeeping only: the vectors are good
             log.exception("embed_batch_bookkeeping_failed", model=embedder.name)
@@ -469,15 +366,22 @@ def _timed_forward(
     return vectors, tokens, time.perf_counter() - began
 
 
-def _fitting(item: _Waiting, count: int, chars: float, alone: bool) -> tuple[int, int]:
+def _fitting(item: _Waiting, count: int, chars: float, first: bool) -> tuple[int, int]:
     """How many of ``item``'s next ``count`` texts fit in ``chars`` characters (at least one
-    when the forward would hold nothing else: ``alone``), and their characters."""
+    with ``first``: the forward would hold nothing else, or it was passed over enough), and
+    their characters."""
     taken = used = 0
     for text in item.texts[item.taken : item.taken + count]:
-        if used + len(text) > chars and not (alone and taken == 0):
+        size = _chars(item.embedder, text)
+        if used + size > chars and not (first and taken == 0):
             break
-        taken, used = taken + 1, used + len(text)
+        taken, used = taken + 1, used + size
     return taken, used
+
+
+def _chars(embedder: Embedder, text: str) -> int:
+    """The characters of ``text`` a forward pays for (:data:`CHARS_PER_TOKEN_CAP`)."""
+    return min(len(text), CHARS_PER_TOKEN_CAP * embedder.max_tokens)
 
 
 def _order(item: _Waiting) -> tuple[int, int]:

@@ -130,12 +130,11 @@ class SchedulerSettings(ServiceSettings):
     itl_step_share: float = Field(default=0.8, gt=0, le=1)
     """Share of an inter-token target a decode step may take: the rest is left for the
     prompt chunks new requests prefill in the same steps (docs/decisions/scheduler-itl-guard.md)."""
-    prefill_burst_intervals: float = 16.0
+    prefill_burst_intervals: float = 8.0
     """Prompt prefill a node may take at once beside the streams it runs, in REALTIME
-    inter-token targets (16 x 0.2 s = 3.2 s: about 2,600 prompt tokens on a 2-core CPU, the
-    tokens 8 held while the step fit priced them at half their cost); what follows waits
-    until the node has worked it off at the share of its time the streams' targets leave to
-    prompts (docs/decisions/scheduler-prefill-bucket.md). 0: no guard."""
+    inter-token targets (8 x 0.2 s = 1.6 s: one 1,000-token prompt on a 2-core CPU); what
+    follows waits until the node has worked it off at the share of its time the streams'
+    targets leave to prompts (docs/decisions/scheduler-prefill-bucket.md). 0: no guard."""
     lower_class_prefill_share: float = Field(default=0.5, ge=0, le=1)
     """Share of that burst classes below REALTIME may fill (the rest is REALTIME's)."""
     promote_lead_seconds: float = 1.0

@@ -39,7 +39,7 @@ class PrefillGuard:
 
     itl_targets: Mapping[WorkloadClass, float] = field(default_factory=dict)
     """Each class's inter-token target in seconds (0: none)."""
-    burst_intervals: float = 16.0
+    burst_intervals: float = 8.0
     """Depth of the bucket in the tightest inter-token target (0: no guard)."""
     lower_class_share: float = 0.5
     """Share of the depth classes below REALTIME may fill."""

@@ -200,13 +200,13 @@ class LoadBook:
         if fit is None or not fit.per_prefill_token_s > 0:
             return 0.0
         rows, reported = self.sequences(), self.ahead_tokens.get(model)
-        if reported is None:
+        if reported is None:  # the bucket's debt: priced less the cache already
             ahead, under_way = self.prefill.debt_s / fit.per_prefill_token_s, 0
         else:
             lower = self.sent_since_report.get((model, False), 0)
             ahead = reported + self.sent_since_report.get((model, True), 0)
-            ahead, under_way = ahead + min(lower, step_tokens), 1
-        tokens = self.computed(model, ahead + max(1, prompt_tokens))
+            ahead, under_way = self.computed(model, ahead + min(lower, step_tokens)), 1
+        tokens = ahead + self.computed(model, max(1, prompt_tokens))
         steps = math.ceil(tokens / max(1, step_tokens - rows)) + under_way
         return steps * (fit.base_s + fit.per_sequence_s * rows) + tokens * fit.per_prefill_token_s
 

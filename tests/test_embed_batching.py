@@ -21,12 +21,12 @@ from prometheus_client import CollectorRegistry
 from inference_node.app import NodeService
 from inference_node.config import NodeSettings
 from inference_node.embed_batcher import (
-    BatchSizer,
     EmbedBatcher,
     EmbedderClosedError,
     EmbedQueueFullError,
     EmbedResult,
 )
+from inference_node.embed_sizer import BatchSizer
 from inference_node.model_types import Embedder
 from sluice.v1 import inference_pb2, node_pb2, node_pb2_grpc
 from tests.harness import eventually
@@ -328,6 +328,29 @@ async def test_lower_class_texts_fill_a_forward_only_as_far_as_they_take_the_tim
     assert_close(results[0], alone(minilm, TEXTS))
     assert_close(results[1], alone(minilm, [long]))
     assert_close(results[2], alone(minilm, ["rt one"]))
+    batcher.close()
+
+
+async def test_a_long_lower_class_text_passed_over_four_times_goes_beside_realtime(
+    minilm: Embedder,
+) -> None:
+    """A BATCH text longer than the characters allowed waits while REALTIME texts fill each
+    forward, but only four times: the fifth forward takes it beside the REALTIME text."""
+    stepped = SteppedEmbedder(minilm)
+    batcher = EmbedBatcher(fixed(16), max_wait_s=0, lower_forward_s=1.0)
+    batcher.sizer(stepped.name).seconds_per_char = 0.01  # 100 characters
+    long = "word " * 40
+    calls = [asyncio.create_task(batcher.embed(stepped, ["holding the thread"]))]
+    await eventually(lambda: len(stepped.forwards) == 1)
+    calls.append(asyncio.create_task(batcher.embed(stepped, [long], rank=1)))
+    for i in range(5):
+        calls.append(asyncio.create_task(batcher.embed(stepped, [f"rt {i}"])))
+        await eventually(lambda: batcher.queued == 2)  # the long text and this one
+        stepped.permits.release()
+        await eventually(lambda n=i: len(stepped.forwards) == n + 2)
+    stepped.permits.release()
+    await asyncio.gather(*calls)
+    assert stepped.forwards[1:] == [["rt 0"], ["rt 1"], ["rt 2"], ["rt 3"], ["rt 4", long]]
     batcher.close()
 
 

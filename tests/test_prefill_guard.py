@@ -47,7 +47,7 @@ def test_the_guard_derives_its_depth_and_share_from_the_targets() -> None:
     assert GUARD.drain_share(0.15, {RT}, measured_s=0.19) == pytest.approx(0.25)
     settings = SchedulerSettings()
     assert prefill_guard(settings).burst_s == pytest.approx(
-        16 * settings.realtime_itl_target_seconds
+        8 * settings.realtime_itl_target_seconds
     )
     off = prefill_guard(parse_settings(SchedulerSettings, GUARD_OFF, "scheduler"))
     assert off.burst_s == 0.0  # bench-slo's reference suite runs without it
@@ -160,7 +160,8 @@ def test_where_the_node_tells_the_prompts_ahead_the_first_token_follows_its_queu
 def test_prompt_tokens_the_node_s_prefix_cache_holds_are_not_priced() -> None:
     """The node reports that its prefix cache held 60 % of new prompts' tokens lately: a
     prompt's prefill and its first token count 40 % of its tokens and of those ahead (at
-    least one token), a report without the ratio prices them whole again."""
+    least one token; the bucket's debt only once), a report without the ratio prices them
+    whole again."""
     book = book_with(RT, RT)
     book.on_report(
         2, 0, 0, 0, 0.0, by_class={RT: 2}, steps=[FIT], ahead={"m": 400}, cached={"m": 0.6}
@@ -172,6 +173,10 @@ def test_prompt_tokens_the_node_s_prefix_cache_holds_are_not_priced() -> None:
     assert book.prefill_cost("other", 1000) == 0.0  # no fit for it
     book.on_report(2, 0, 0, 0, 0.0, by_class={RT: 2}, steps=[FIT], ahead={"m": 400})
     assert book.first_token_s("m", 100, 512) == pytest.approx(2 * step + 500 * 0.002)
+    untold = book_with(RT, RT)  # no queue reported: the bucket's debt, priced less the cache
+    untold.on_report(2, 0, 0, 0, 0.0, by_class={RT: 2}, steps=[FIT], cached={"m": 0.6})
+    untold.prefill.add(untold.prefill_cost("m", 500))  # 200 tokens' worth, not discounted again
+    assert untold.first_token_s("m", 100, 512) == pytest.approx(step + 240 * 0.002)
 
 
 def test_a_realtime_request_that_could_start_now_is_refused_when_the_load_would_miss_its_ttft() -> (

@@ -6,11 +6,11 @@
   ``.venv-vllm``, with what the node gives vLLM's engine (``VllmEngine._build`` in
   ``inference_node/engine/vllm_engine.py``): the same Hugging Face directory (the node's
   converted copy of the GGUF, :func:`checkpoint`), dtype, context length, batch (sequences and
-  tokens per step) and KV cache bytes, prefix caching off (the node's default: each level
-  replays the same prompts, which a prefix cache would serve from the level before), its stats
-  logging off. What stays vLLM's own: first-come-first-served scheduling (the node asks for
-  ``priority`` to map Sluice's classes, which a bare server's clients cannot send) and one
-  token per streamed chunk.
+  tokens per step) and KV cache bytes, prefix caching as the node has it (on by default, as in
+  vLLM; each load run sends prompts of its own, so neither side is served from an earlier
+  run's), its stats logging off. What stays vLLM's own: first-come-first-served scheduling
+  (the node asks for ``priority`` to map Sluice's classes, which a bare server's clients
+  cannot send) and one token per streamed chunk.
 
 Both model processes run niced alike (``MODEL_CPU_NICE``) in the environment ``sluice up`` gives
 its nodes. Every process is stopped by its PID: the bare server by SIGTERM, then SIGKILL to the

@@ -8,13 +8,9 @@ a step never gets cheaper with more work. A term whose work never varied in the 
 out of the fit (least squares would split the cost between it and the base at random), and
 nothing is published while the decode rows never varied (an engine that never batched says
 nothing of what one more sequence costs). The first ``skip`` steps (warm-up: compilation,
-allocation) are not fitted, and no step counts for more than ``clip`` times what its work is
-fitted to cost (or the window's median, if more): one stalled step would otherwise move the
-base for 512 steps. The bound is the fit's own, refitted twice from a first fit clipped at
-``clip`` times the median: a bound at the median alone clipped the few steps that prefill a
-full chunk (0.5-0.7 s beside decode steps of 50 ms on vLLM's CPU engine, a 2026-12-05
-probe) and halved the cost per prompt token. Written and fitted on the engine thread; read
-from any thread as one immutable :class:`StepCost`.
+allocation) are not fitted, and no step counts for more than ``clip`` times the window's
+median: one slow step would otherwise move the base for 512 steps. Written and fitted on the
+engine thread; read from any thread as one immutable :class:`StepCost`.
 """
 
 from __future__ import annotations
@@ -80,24 +76,14 @@ class StepModel:
         if float(data[:, 0].std()) < 1e-9:  # the rows never varied
             return None
         x = torch.cat([torch.ones(len(data), 1, dtype=torch.float64), data[:, :2]], dim=1)
-        seconds, floor = data[:, 2:], float(data[:, 2].median())
+        y = data[:, 2:].clamp(max=self._clip * float(data[:, 2].median()))
         terms = [0, 1] + ([2] if float(data[:, 1].std()) >= 1e-9 else [])
-        coef = _solve(x, seconds.clamp(max=self._clip * floor), terms)
-        for _ in range(2):  # each step bounded by what its work costs, not by the median's
-            bound = self._clip * (x @ coef).clamp(min=floor).unsqueeze(1)
-            coef = _solve(x, torch.minimum(seconds, bound), terms)
+        coef = torch.zeros(3, dtype=torch.float64)
+        while terms:
+            solved = torch.linalg.lstsq(x[:, terms], y).solution.flatten()
+            if bool((solved >= 0).all()):
+                coef[terms] = solved
+                break
+            terms = [t for t, c in zip(terms, solved.tolist(), strict=True) if c >= 0]
         base, per_sequence, per_token = (float(c) for c in coef)
         return StepCost(base, per_sequence, per_token, samples=len(data))
-
-
-def _solve(x: torch.Tensor, y: torch.Tensor, terms: list[int]) -> torch.Tensor:
-    """Least squares of ``y`` on the columns ``terms`` of ``x``, the others zero; a term that
-    fits negative is dropped and the rest refitted."""
-    coef = torch.zeros(x.shape[1], dtype=torch.float64)
-    while terms:
-        solved = torch.linalg.lstsq(x[:, terms], y).solution.flatten()
-        if bool((solved >= 0).all()):
-            coef[terms] = solved
-            break
-        terms = [t for t, c in zip(terms, solved.tolist(), strict=True) if c >= 0]
-    return coef
