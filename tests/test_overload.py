@@ -108,13 +108,16 @@ def test_levels_lengthen_the_judged_level_and_reuse_runs_no_shorter(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The search's run at the naive capacity is too short for the judged level, so that level
-    is measured again, longer; the other levels reuse runs as long as theirs."""
+    is measured again, longer, with prompts of its own; the other levels reuse runs as long as
+    theirs."""
     windows: list[tuple[float, float]] = []
+    salts: list[str] = []
 
     async def fake_run_load(
-        s: Scenario, target: object, *, duration_s: float, total_rps: float
+        s: Scenario, target: object, *, duration_s: float, total_rps: float, salt: str = ""
     ) -> LoadResult:
         windows.append((total_rps, duration_s))
+        salts.append(salt)
         return LoadResult(s, "naive", [], duration_s, duration_s, total_rps, 0.0)
 
     monkeypatch.setattr(overload, "run_load", fake_run_load)
@@ -133,6 +136,7 @@ def test_levels_lengthen_the_judged_level_and_reuse_runs_no_shorter(
     bench.levels(server, plan, realtime_judged_at=0.12)
     bench.measure(server, 0.12, 25)
     assert len(windows) == 4, "every later run was no longer than one already made"
+    assert len(set(salts)) == 4, "each run sends prompts of its own (prefix caches)"
 
 
 def test_each_run_s_requests_are_written_where_the_benchmark_is_told(
@@ -142,7 +146,7 @@ def test_each_run_s_requests_are_written_where_the_benchmark_is_told(
     records = [rec(0, "A"), refusal(1)]
 
     async def fake_run_load(
-        s: Scenario, target: object, *, duration_s: float, total_rps: float
+        s: Scenario, target: object, *, duration_s: float, total_rps: float, salt: str = ""
     ) -> LoadResult:
         return LoadResult(s, "naive", records, duration_s, duration_s, total_rps, 0.0)
 
