@@ -348,9 +348,8 @@ class VllmEngine(Draining):
         with self._lock:
             if cached is not None and fresh:
                 self._sink.prefix_hits.observe(len(job.request.prompt_token_ids), cached)
-            if job.seat_freed_at is not None or not fresh or predicted <= 0:
-                return
-            if not job.workload_class.is_top:
+            waited = job.seat_freed_at is not None
+            if waited or not fresh or predicted <= 0 or not job.workload_class.is_top:
                 return
             self._calibration.record(now, predicted, now - job.submitted_at)
         if job.place.priority != job.workload_class.rank:  # placed among BATCH prompts
