@@ -95,6 +95,10 @@ def up(
         str,
         typer.Option(help="Nodes' engine: builtin, or vllm (in .venv-vllm: make setup-vllm)."),
     ] = "builtin",
+    prefix_caching: Annotated[
+        bool,
+        typer.Option(help="vLLM nodes cache the KV of prompt prefixes (vLLM's default)."),
+    ] = True,
     node_nice: Annotated[
         int | None,
         typer.Option(
@@ -139,6 +143,7 @@ def up(
         scheduler_port=port,
         insecure=insecure,
         engine=engine,
+        vllm_prefix_caching=prefix_caching,
         keep_engine_cores=keep_engine_cores,
     )
     if node_nice is not None:

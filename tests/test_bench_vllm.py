@@ -40,7 +40,7 @@ from bench.vllm.report import markdown
 from bench.vllm.servers import VLLM_SERVER, VllmServe, node_settings
 from inference_node.loading import dtype_name
 from sluice.local.stores import free_port
-from sluice.local.up import UpConfig
+from sluice.local.up import Supervisor, UpConfig
 from sluice.v1 import common_pb2
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -387,7 +387,8 @@ def test_bare_vllm_gets_the_engine_settings_of_the_node_sluice_up_starts() -> No
     assert flags["--max-num-seqs"] == "32" and flags["--max-num-batched-tokens"] == "512"
     assert flags["--kv-cache-memory-bytes"] == str(2 * 1024**3)
     assert "--enable-prefix-caching" in argv and "--no-enable-prefix-caching" not in argv
-    uncached = node.model_copy(update={"vllm_prefix_caching": False})
+    uncached = node_settings(UpConfig(engine="vllm", vllm_prefix_caching=False))
+    assert not uncached.vllm_prefix_caching  # `sluice up --no-prefix-caching`
     argv = VllmServe.like_node(uncached, MODEL, Path("/m"), 8192).argv(Path("/p"), "h", 1)
     assert "--no-enable-prefix-caching" in argv and "--enable-prefix-caching" not in argv
     capped = node_settings(UpConfig(engine="vllm", max_sequences=16, dtype="bfloat16"))
@@ -509,3 +510,22 @@ def test_smoke_shortens_the_steps_but_flags_still_win() -> None:
     args = parse_args(["--smoke", "--step-s", "12"])
     assert (args.step_s, args.max_search_steps, args.warm_s) == (12.0, 2, 5.0)
     assert parse_args([]).step_s == 30.0
+
+
+def test_sluice_up_gives_vllm_nodes_their_interpreter_pool_and_prefix_caching(
+    tmp_path: Path,
+) -> None:
+    """`sluice up --engine vllm` runs nodes on ``.venv-vllm``'s interpreter, in the realtime
+    pool only (vLLM runs no fine-tunes), with prefix caching as asked (on by default)."""
+    python = tmp_path / "python"
+    python.touch()
+    for caching, flag in ((True, "true"), (False, "false")):
+        config = UpConfig(
+            run_dir=tmp_path, engine="vllm", vllm_python=python, vllm_prefix_caching=caching
+        )
+        args = ["--pools", "realtime,finetune"]
+        assert Supervisor(config)._node_python(args) == str(python.absolute())
+        assert args[1] == "realtime" and args[args.index("--engine") + 1] == "vllm"
+        assert args[args.index("--vllm-prefix-caching") + 1] == flag
+    with pytest.raises(RuntimeError, match="make setup-vllm"):
+        Supervisor(UpConfig(engine="vllm", vllm_python=tmp_path / "none"))._node_python([])

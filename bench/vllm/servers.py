@@ -59,6 +59,7 @@ def node_settings(config: UpConfig) -> NodeSettings:
             "max_sequences": defaults.max_sequences
             if config.max_sequences is None
             else config.max_sequences,
+            "vllm_prefix_caching": config.vllm_prefix_caching,
         }
     )
 

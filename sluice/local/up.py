@@ -75,6 +75,9 @@ class UpConfig:
     """Each node's generation engine: ``builtin``, or ``vllm`` (nodes run on
     ``vllm_python``, the interpreter of ``.venv-vllm`` that ``make setup-vllm`` builds)."""
     vllm_python: Path = Path(".venv-vllm/bin/python")
+    vllm_prefix_caching: bool = True
+    """vLLM nodes cache the KV of prompt prefixes (vLLM's own default). The node then pauses
+    begun lower-class prefills for a REALTIME prompt (node-vllm-prefill-pausing.md)."""
     insecure: bool = False
     """Plaintext everywhere, no etcd auth, no Redis users. Off by default: a CA and a certificate
     per service in ``<run-dir>/pki``, mutual TLS on every internal hop, TLS on the public port,
@@ -277,6 +280,7 @@ class Supervisor:
             raise RuntimeError(f"{python} not found: run `make setup-vllm` first")
         node_args[node_args.index("--pools") + 1] = "realtime"
         node_args += ["--engine", "vllm"]
+        node_args += ["--vllm-prefix-caching", str(self.config.vllm_prefix_caching).lower()]
         return str(python)
 
     def _start_stores(self) -> tuple[StoreProcess, StoreProcess]:
