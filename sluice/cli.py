@@ -65,6 +65,11 @@ KEEP_ENGINE_CORES_HELP = (
 )
 
 
+PrefixCaching = Annotated[
+    bool, typer.Option(help="vLLM nodes cache the KV of prompt prefixes (vLLM's default).")
+]
+
+
 @app.command()
 def up(
     run_dir: RunDir = DEFAULT_RUN_DIR,
@@ -95,10 +100,7 @@ def up(
         str,
         typer.Option(help="Nodes' engine: builtin, or vllm (in .venv-vllm: make setup-vllm)."),
     ] = "builtin",
-    prefix_caching: Annotated[
-        bool,
-        typer.Option(help="vLLM nodes cache the KV of prompt prefixes (vLLM's default)."),
-    ] = True,
+    prefix_caching: PrefixCaching = True,
     node_nice: Annotated[
         int | None,
         typer.Option(
