@@ -260,15 +260,18 @@ async def test_a_realtime_prompt_goes_before_a_batch_prefill_under_way(
 async def test_drain_finishes_in_flight_then_refuses(
     stub: node_pb2_grpc.NodeStub, node: Node
 ) -> None:
-    """Drain lets a running stream finish, refuses new work UNAVAILABLE, and the node exits."""
+    """Drain lets a running stream finish, refuses new work UNAVAILABLE while it does, and the
+    node exits. (The refusal is asked while the stream runs: once it ends the node stops
+    serving, and a call racing that stop may end CANCELLED, which the scheduler blames on the
+    node and retries elsewhere.)"""
     call = stub.Generate(_request("last", 24))
     first = await anext(aiter(call))
     reply = await stub.Drain(node_pb2.DrainRequest(grace_seconds=30))
     assert reply.in_flight >= 1
-    rest = [c async for c in call]
-    assert (rest or [first])[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         _ = [c async for c in stub.Generate(_request("too-late", 4))]
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    rest = [c async for c in call]
+    assert (rest or [first])[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
     await eventually(lambda: node.proc.poll() is not None, timeout=60, interval=0.5)
     assert node.proc.returncode == 0, node.log.read_text()[-3000:]
