@@ -66,7 +66,10 @@ KEEP_ENGINE_CORES_HELP = (
 
 
 PrefixCaching = Annotated[
-    bool, typer.Option(help="vLLM nodes cache the KV of prompt prefixes (vLLM's default).")
+    bool,
+    typer.Option(
+        help="With --engine vllm: nodes cache the KV of prompt prefixes (vLLM's default)."
+    ),
 ]
 
 

@@ -268,6 +268,7 @@ async def test_drain_finishes_in_flight_then_refuses(
     first = await anext(aiter(call))
     reply = await stub.Drain(node_pb2.DrainRequest(grace_seconds=30))
     assert reply.in_flight >= 1
+    assert not call.done()  # still streaming: the node is draining, not stopping
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         _ = [c async for c in stub.Generate(_request("too-late", 4))]
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
