@@ -40,7 +40,7 @@ from bench.vllm.report import markdown
 from bench.vllm.servers import VLLM_SERVER, VllmServe, node_settings
 from inference_node.loading import dtype_name
 from sluice.local.stores import free_port
-from sluice.local.up import Supervisor, UpConfig
+from sluice.local.up import UpConfig
 from sluice.v1 import common_pb2
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -510,22 +510,3 @@ def test_smoke_shortens_the_steps_but_flags_still_win() -> None:
     args = parse_args(["--smoke", "--step-s", "12"])
     assert (args.step_s, args.max_search_steps, args.warm_s) == (12.0, 2, 5.0)
     assert parse_args([]).step_s == 30.0
-
-
-def test_sluice_up_gives_vllm_nodes_their_interpreter_pool_and_prefix_caching(
-    tmp_path: Path,
-) -> None:
-    """`sluice up --engine vllm` runs nodes on ``.venv-vllm``'s interpreter, in the realtime
-    pool only (vLLM runs no fine-tunes), with prefix caching as asked (on by default)."""
-    python = tmp_path / "python"
-    python.touch()
-    for caching, flag in ((True, "true"), (False, "false")):
-        config = UpConfig(
-            run_dir=tmp_path, engine="vllm", vllm_python=python, vllm_prefix_caching=caching
-        )
-        args = ["--pools", "realtime,finetune"]
-        assert Supervisor(config)._node_python(args) == str(python.absolute())
-        assert args[1] == "realtime" and args[args.index("--engine") + 1] == "vllm"
-        assert args[args.index("--vllm-prefix-caching") + 1] == flag
-    with pytest.raises(RuntimeError, match="make setup-vllm"):
-        Supervisor(UpConfig(engine="vllm", vllm_python=tmp_path / "none"))._node_python([])

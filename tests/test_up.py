@@ -1,4 +1,5 @@
-"""`sluice up` as a user runs it: real child processes, the CLI against them, clean stop."""
+"""`sluice up` as a user runs it: real child processes, the CLI against them, clean stop; and
+the interpreter and flags it gives vLLM nodes."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sluice import Client, TlsConfig
+from sluice.local.up import Supervisor, UpConfig
 from sluice.runtime.tls import Mesh, TlsFiles, node_identity
 from sluice.v1 import common_pb2, node_pb2, node_pb2_grpc
 
@@ -248,3 +250,22 @@ def _thread_nices(pid: int) -> list[int]:
 def _child_pids(pid: int) -> list[str]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return f.read().split()
+
+
+def test_sluice_up_gives_vllm_nodes_their_interpreter_pool_and_prefix_caching(
+    tmp_path: Path,
+) -> None:
+    """`sluice up --engine vllm` runs nodes on ``.venv-vllm``'s interpreter, in the realtime
+    pool only (vLLM runs no fine-tunes), with prefix caching as asked (on by default)."""
+    python = tmp_path / "python"
+    python.touch()
+    for caching, flag in ((True, "true"), (False, "false")):
+        config = UpConfig(
+            run_dir=tmp_path, engine="vllm", vllm_python=python, vllm_prefix_caching=caching
+        )
+        args = ["--pools", "realtime,finetune"]
+        assert Supervisor(config)._node_python(args) == str(python.absolute())
+        assert args[1] == "realtime" and args[args.index("--engine") + 1] == "vllm"
+        assert args[args.index("--vllm-prefix-caching") + 1] == flag
+    with pytest.raises(RuntimeError, match="make setup-vllm"):
+        Supervisor(UpConfig(engine="vllm", vllm_python=tmp_path / "none"))._node_python([])

@@ -279,8 +279,8 @@ class Supervisor:
         if not python.exists():
             raise RuntimeError(f"{python} not found: run `make setup-vllm` first")
         node_args[node_args.index("--pools") + 1] = "realtime"
-        node_args += ["--engine", "vllm"]
-        node_args += ["--vllm-prefix-caching", str(self.config.vllm_prefix_caching).lower()]
+        caching = str(self.config.vllm_prefix_caching).lower()
+        node_args += ["--engine", "vllm", "--vllm-prefix-caching", caching]
         return str(python)
 
     def _start_stores(self) -> tuple[StoreProcess, StoreProcess]:
