@@ -60,7 +60,7 @@ def default_engine(lm: LanguageModel, settings: NodeSettings) -> Engine:
     return build_engine(
         lm,
         max_sequences=settings.max_sequences,
-        max_batched_tokens=settings.step_tokens(),
+        max_batched_tokens=settings.max_batched_tokens,
         kv_budget_bytes=settings.memory_budget_bytes,
         max_waiting=settings.max_waiting,
         adapters=adapters,
@@ -85,7 +85,7 @@ def _vllm_engine(lm: LanguageModel, settings: NodeSettings) -> Engine:
         model_dir=checkpoint_dir(lm.name, model_path, settings.model_cache_dir),
         dtype=str(lm.dtype).removeprefix("torch."),
         max_sequences=settings.max_sequences,
-        max_batched_tokens=settings.step_tokens(),
+        max_batched_tokens=settings.max_batched_tokens,
         kv_budget_bytes=settings.memory_budget_bytes,
         max_waiting=settings.max_waiting,
         prefix_caching=settings.vllm_prefix_caching,
@@ -248,7 +248,7 @@ class NodeService:
             pools=list(s.pools),
             capacity=common_pb2.Capacity(
                 max_sequences=s.max_sequences,
-                max_batched_tokens=s.step_tokens(),
+                max_batched_tokens=s.max_batched_tokens,
                 memory_budget_bytes=s.memory_budget_bytes,
             ),
             version=__version__,

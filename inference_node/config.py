@@ -22,12 +22,6 @@ def _default_checkpoint_dir() -> Path:
     return Path.home() / ".cache" / "sluice" / "checkpoints"
 
 
-STEP_TOKENS = {"builtin": 512, "vllm": 256}
-"""Each engine's tokens per step unless ``--max-batched-tokens`` says otherwise. vLLM fills
-every step it can with prompt chunks beside the streams, so a step's length is what a stream
-waits for a token while prompts are queued (docs/decisions/node-vllm-step-tokens.md)."""
-
-
 class NodeSettings(ServiceSettings):
     """Settings of an inference node (``SLUICE_*`` env, YAML file or flags)."""
 
@@ -60,9 +54,8 @@ class NodeSettings(ServiceSettings):
     accepts Train (fine-tunes run on its engine thread, in the gaps inference leaves)."""
     max_sequences: int = 32
     """Most sequences the engine runs at once (published as capacity)."""
-    max_batched_tokens: int | None = Field(default=None, ge=1)
-    """Most tokens per engine step (decode plus prefill chunks; published as capacity). None:
-    the engine's default (:meth:`step_tokens`)."""
+    max_batched_tokens: int = 512
+    """Most tokens per engine step (decode plus prefill chunks; published as capacity)."""
     memory_budget_bytes: int = 2 * 1024**3
     """Bytes the KV cache may use."""
     adapters_dir: Path = Field(default_factory=_default_adapters_dir)
@@ -141,9 +134,3 @@ class NodeSettings(ServiceSettings):
     no thread is bound (the built-in engine, CUDA)."""
     drain_grace_seconds: float = 30.0
     """How long a drain waits for in-flight requests before cancelling them."""
-
-    def step_tokens(self) -> int:
-        """``max_batched_tokens``, or the engine's default (:data:`STEP_TOKENS`)."""
-        if self.max_batched_tokens is not None:
-            return self.max_batched_tokens
-        return STEP_TOKENS[self.engine]

@@ -366,10 +366,10 @@ def test_load_cli_needs_an_endpoint_for_the_openai_target(
 
 
 def test_bare_vllm_gets_the_engine_settings_of_the_node_sluice_up_starts() -> None:
-    """The node's defaults (32 sequences, a vLLM node's 256 tokens per step, 2 GiB of KV
-    cache), ``sluice up``'s dtype (``auto`` resolved as the node resolves it) and batch cap,
-    the model's context, prefix caching on as the node has it (vLLM's own default), off where
-    the node's is."""
+    """The node's defaults (32 sequences, 512 tokens per step, 2 GiB of KV cache), ``sluice
+    up``'s dtype (``auto`` resolved as the node resolves it) and batch cap, the model's
+    context, prefix caching on as the node has it (vLLM's own default), off where the node's
+    is."""
     node = node_settings(UpConfig(engine="vllm"))
     assert node.dtype == dtype_name("cpu", "auto") != "auto"
     serve = VllmServe.like_node(node, MODEL, Path("/models/smol"), 8192)
@@ -384,7 +384,7 @@ def test_bare_vllm_gets_the_engine_settings_of_the_node_sluice_up_starts() -> No
     ]
     assert flags["--served-model-name"] == MODEL and flags["--port"] == "8000"
     assert flags["--dtype"] == node.dtype and flags["--max-model-len"] == "8192"
-    assert flags["--max-num-seqs"] == "32" and flags["--max-num-batched-tokens"] == "256"
+    assert flags["--max-num-seqs"] == "32" and flags["--max-num-batched-tokens"] == "512"
     assert flags["--kv-cache-memory-bytes"] == str(2 * 1024**3)
     assert "--enable-prefix-caching" in argv and "--no-enable-prefix-caching" not in argv
     uncached = node_settings(UpConfig(engine="vllm", vllm_prefix_caching=False))

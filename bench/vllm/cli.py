@@ -135,7 +135,7 @@ def settings_json(
             "nodes": config.nodes,
             "dtype": node.dtype,
             "max_sequences": node.max_sequences,
-            "max_batched_tokens": node.step_tokens(),
+            "max_batched_tokens": node.max_batched_tokens,
             "memory_budget_bytes": node.memory_budget_bytes,
             "node_cpu_nice": config.node_cpu_nice,
         },

@@ -56,7 +56,6 @@ def node_settings(config: UpConfig) -> NodeSettings:
             # Resolved as the node resolves it: bare vLLM is given the same dtype.
             "dtype": dtype_name(config.device, config.dtype),
             "device": config.device,
-            "engine": config.engine,
             "max_sequences": defaults.max_sequences
             if config.max_sequences is None
             else config.max_sequences,
@@ -108,7 +107,7 @@ class VllmServe:
             dtype=settings.dtype,
             max_model_len=max_model_len,
             max_num_seqs=settings.max_sequences,
-            max_num_batched_tokens=settings.step_tokens(),
+            max_num_batched_tokens=settings.max_batched_tokens,
             kv_cache_memory_bytes=settings.memory_budget_bytes,
             prefix_caching=settings.vllm_prefix_caching,
         )
