@@ -77,8 +77,8 @@ def training_metrics(registry: CollectorRegistry, models: Iterable[str]) -> Trai
 def _vllm_engine(lm: LanguageModel, settings: NodeSettings) -> Engine:
     """vLLM's engine for ``lm``, on the Hugging Face directory it was loaded from (imports
     vLLM: only a node started with ``--engine vllm`` does)."""
-    from inference_node.engine.vllm_engine import VllmEngine, VllmOptions  # noqa: PLC0415
-    from inference_node.engine.vllm_mapping import checkpoint_dir  # noqa: PLC0415
+    from inference_node.engine.vllm_engine import VllmEngine  # noqa: PLC0415
+    from inference_node.engine.vllm_mapping import VllmOptions, checkpoint_dir  # noqa: PLC0415
 
     model_path = settings.model_path if lm.name == settings.models[0] else None
     options = VllmOptions(
@@ -89,6 +89,7 @@ def _vllm_engine(lm: LanguageModel, settings: NodeSettings) -> Engine:
         kv_budget_bytes=settings.memory_budget_bytes,
         max_waiting=settings.max_waiting,
         prefix_caching=settings.vllm_prefix_caching,
+        pace=settings.vllm_pace,
     )
     return VllmEngine(lm, options)
 

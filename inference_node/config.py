@@ -49,6 +49,10 @@ class NodeSettings(ServiceSettings):
     REALTIME prompt goes to vLLM, the lower-class prefills it has begun (longer than a step) go
     back to its queue and resume after their cached blocks (docs/decisions/
     node-vllm-prefill-pausing.md). Off: neither."""
+    vllm_pace: bool = True
+    """With ``engine vllm``: each step carries only as many prompt tokens as keep every
+    decoding stream at its pace (its step budget a token, on average from its first token:
+    inference_node/engine/pace.py); off: vLLM fills every step to ``max_batched_tokens``."""
     pools: list[str] = Field(default_factory=lambda: ["realtime"])
     """Pools this node serves: realtime, finetune, or both. Only a node of the finetune pool
     accepts Train (fine-tunes run on its engine thread, in the gaps inference leaves)."""

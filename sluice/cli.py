@@ -71,6 +71,22 @@ PrefixCaching = Annotated[
         help="With --engine vllm: nodes cache the KV of prompt prefixes (vLLM's default)."
     ),
 ]
+StreamPace = Annotated[
+    bool,
+    typer.Option(
+        help="With --engine vllm: a step carries only the prompt tokens that keep every "
+        "decoding stream at its class's pace (else vLLM fills each step to its token budget)."
+    ),
+]
+NodeNice = Annotated[
+    int | None,
+    typer.Option(
+        min=0,
+        max=19,
+        help="Nice increment of each node: model compute yields the CPU to "
+        "the scheduler and stores on this machine (0: same priority; default 10).",
+    ),
+]
 
 
 @app.command()
@@ -104,15 +120,8 @@ def up(
         typer.Option(help="Nodes' engine: builtin, or vllm (in .venv-vllm: make setup-vllm)."),
     ] = "builtin",
     prefix_caching: PrefixCaching = True,
-    node_nice: Annotated[
-        int | None,
-        typer.Option(
-            min=0,
-            max=19,
-            help="Nice increment of each node: model compute yields the CPU to "
-            "the scheduler and stores on this machine (0: same priority; default 10).",
-        ),
-    ] = None,
+    pace: StreamPace = True,
+    node_nice: NodeNice = None,
     keep_engine_cores: Annotated[bool, typer.Option(help=KEEP_ENGINE_CORES_HELP)] = True,
     insecure: Annotated[
         bool,
@@ -149,6 +158,7 @@ def up(
         insecure=insecure,
         engine=engine,
         vllm_prefix_caching=prefix_caching,
+        vllm_pace=pace,
         keep_engine_cores=keep_engine_cores,
     )
     if node_nice is not None:

@@ -267,5 +267,10 @@ def test_sluice_up_gives_vllm_nodes_their_interpreter_pool_and_prefix_caching(
         assert Supervisor(config)._node_python(args) == str(python.absolute())
         assert args[1] == "realtime" and args[args.index("--engine") + 1] == "vllm"
         assert args[args.index("--vllm-prefix-caching") + 1] == flag
+        assert args[args.index("--vllm-pace") + 1] == "true"  # on by default
+    config = UpConfig(run_dir=tmp_path, engine="vllm", vllm_python=python, vllm_pace=False)
+    args = ["--pools", "realtime"]
+    Supervisor(config)._node_python(args)
+    assert args[args.index("--vllm-pace") + 1] == "false"  # `sluice up --no-pace`
     with pytest.raises(RuntimeError, match="make setup-vllm"):
         Supervisor(UpConfig(engine="vllm", vllm_python=tmp_path / "none"))._node_python([])

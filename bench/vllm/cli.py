@@ -138,6 +138,7 @@ def settings_json(
             "max_batched_tokens": node.max_batched_tokens,
             "memory_budget_bytes": node.memory_budget_bytes,
             "node_cpu_nice": config.node_cpu_nice,
+            "vllm_pace": node.vllm_pace,
         },
     }
 

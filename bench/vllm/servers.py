@@ -60,6 +60,7 @@ def node_settings(config: UpConfig) -> NodeSettings:
             if config.max_sequences is None
             else config.max_sequences,
             "vllm_prefix_caching": config.vllm_prefix_caching,
+            "vllm_pace": config.vllm_pace,
         }
     )
 

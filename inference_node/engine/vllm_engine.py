@@ -38,13 +38,13 @@ import contextlib
 import itertools
 import threading
 import time
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import structlog
 
 from inference_node.engine.draining import Draining
+from inference_node.engine.pace import pace_args
 from inference_node.engine.step_model import StepCost
 from inference_node.engine.text import kv_bytes_per_token
 from inference_node.engine.types import (
@@ -73,8 +73,10 @@ from inference_node.engine.vllm_mapping import (
     FirstTokenCalibration,
     Placement,
     Seat,
+    VllmOptions,
     VllmStats,
     Waiting,
+    engine_args,
     finish_reason,
     finish_tag,
     held_by_vllm,
@@ -92,20 +94,6 @@ SEATING_STEPS = 3
 """vLLM steps a preemption has to seat its REALTIME prompt (the abort reaches vLLM's engine
 core, which may have scheduled the next step already) before one still held back gets another
 (the seat may have gone to a prompt ahead of it)."""
-
-
-@dataclass(frozen=True)
-class VllmOptions:
-    """How the node sets vLLM up (from ``NodeSettings``)."""
-
-    model_dir: Path  # a Hugging Face checkpoint directory (config, safetensors, tokenizer)
-    dtype: str = "float32"
-    max_sequences: int = 32
-    max_batched_tokens: int = 512
-    kv_budget_bytes: int = 2 * 1024**3
-    max_waiting: int = 256
-    enforce_eager: bool = False  # skip torch.compile (faster start, slower steps)
-    prefix_caching: bool = True  # and the pauses of lower-class prefills it makes cheap
 
 
 class VllmEngine(Draining):
@@ -163,21 +151,7 @@ class VllmEngine(Draining):
         from vllm.engine.arg_utils import AsyncEngineArgs  # type: ignore[import-not-found]  # noqa: PLC0415
         from vllm.v1.engine.async_llm import AsyncLLM  # type: ignore[import-not-found]  # noqa: PLC0415
 
-        o = self._options
-        args = AsyncEngineArgs(
-            model=str(o.model_dir),
-            served_model_name=[self._lm.name],
-            dtype=o.dtype,
-            max_model_len=self._lm.max_context_tokens,
-            max_num_seqs=o.max_sequences,
-            max_num_batched_tokens=o.max_batched_tokens,
-            kv_cache_memory_bytes=o.kv_budget_bytes,
-            scheduling_policy="priority",
-            enable_prefix_caching=o.prefix_caching,
-            enforce_eager=o.enforce_eager,
-            disable_log_stats=True,  # our stat logger only (module doc)
-            enable_logging_iteration_details=True,  # each step's rows and time: the step fit
-        )
+        args = AsyncEngineArgs(**engine_args(self._options, self._lm))
         return AsyncLLM.from_engine_args(args, stat_loggers=[self._sink])
 
     # -- the Engine protocol, on the caller's event loop ------------------------------------
@@ -324,9 +298,15 @@ class VllmEngine(Draining):
             "arrival_time": job.place.key,  # its place among equal priorities
         }
         job.sent_step = self._steps
+        pace = None
+        if self._options.pace:
+            pace = pace_args(
+                request.step_budget_s, request.params.max_new_tokens,
+                request.params.ignore_eos, job.first_at, job.generated,
+            )  # fmt: skip
         outputs = self._llm.generate(
             prompt,
-            vllm_sampling(params, self._lm.eos_token_ids),
+            vllm_sampling(params, self._lm.eos_token_ids, pace),
             f"{request.request_id}#{job.restarts}" if job.restarts else request.request_id,
             priority=job.place.priority,
         )
@@ -345,6 +325,8 @@ class VllmEngine(Draining):
         in the prefix hit ratio; a REALTIME one calibrates placement, unless it was lifted or
         waited for a seat a preemption freed (the prediction counts no such wait)."""
         now, predicted, fresh = time.monotonic(), job.place.predicted_s, not job.restarts
+        if job.first_at is None:
+            job.first_at = now
         with self._lock:
             if cached is not None and fresh:
                 self._sink.prefix_hits.observe(len(job.request.prompt_token_ids), cached)

@@ -66,6 +66,8 @@ class Job:
     token_ids: list[int] = field(default_factory=list)
     """Its output so far: a preempted request goes back to vLLM with them as prompt."""
     submitted_at: float = field(default_factory=time.monotonic)
+    first_at: float | None = None
+    """When its first token came (monotonic; engine thread): its pace is kept from there."""
     run: asyncio.Task[None] | None = None
     """Its current vLLM request (engine thread); cancelled to preempt it."""
     preempted: bool = False

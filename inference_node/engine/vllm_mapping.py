@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from inference_node.engine.pace import PACE_KEY
 from inference_node.engine.promises import MARGIN_S, SAFETY
 from inference_node.engine.step_model import StepCost, StepModel
 from inference_node.engine.step_times import StepTimes
 from inference_node.engine.types import FinishReason, SamplingParams
 from inference_node.loading import is_converted
+from inference_node.model_types import LanguageModel
 from sluice.contract import WorkloadClass
 
 T = TypeVar("T")
@@ -377,8 +379,12 @@ def finish_reason(reason: str | None, stop_reason: Any) -> FinishReason | None:
     return FinishReason.CANCELLED
 
 
-def vllm_sampling(params: SamplingParams, eos_ids: frozenset[int]) -> Any:
-    """vLLM ``SamplingParams`` for Sluice's, streaming deltas."""
+def vllm_sampling(
+    params: SamplingParams, eos_ids: frozenset[int], pace: dict[str, Any] | None = None
+) -> Any:
+    """vLLM ``SamplingParams`` for Sluice's, streaming deltas; ``pace``
+    (:func:`~inference_node.engine.pace.pace_args`) goes to the engine core's scheduler
+    (:mod:`~inference_node.engine.vllm_pace`)."""
     from vllm import SamplingParams as VllmSamplingParams  # type: ignore[import-not-found]  # noqa: PLC0415
     from vllm.sampling_params import RequestOutputKind  # type: ignore[import-not-found]  # noqa: PLC0415
 
@@ -392,7 +398,57 @@ def vllm_sampling(params: SamplingParams, eos_ids: frozenset[int]) -> Any:
         ignore_eos=params.ignore_eos,
         output_kind=RequestOutputKind.DELTA,
         skip_special_tokens=True,
+        extra_args={PACE_KEY: pace} if pace else None,
     )
+
+
+@dataclass(frozen=True)
+class VllmOptions:
+    """How the node sets vLLM up (from ``NodeSettings``)."""
+
+    model_dir: Path  # a Hugging Face checkpoint directory (config, safetensors, tokenizer)
+    dtype: str = "float32"
+    max_sequences: int = 32
+    max_batched_tokens: int = 512
+    kv_budget_bytes: int = 2 * 1024**3
+    max_waiting: int = 256
+    enforce_eager: bool = False  # skip torch.compile (faster start, slower steps)
+    prefix_caching: bool = True  # and the pauses of lower-class prefills it makes cheap
+    pace: bool = True  # cap steps' prompt tokens to keep streams at their pace (vllm_pace)
+
+
+def engine_args(o: VllmOptions, lm: LanguageModel) -> dict[str, Any]:
+    """vLLM's ``AsyncEngineArgs`` for a node serving ``lm`` with ``o``."""
+    return {
+        "model": str(o.model_dir),
+        "served_model_name": [lm.name],
+        "dtype": o.dtype,
+        "max_model_len": lm.max_context_tokens,
+        "max_num_seqs": o.max_sequences,
+        "max_num_batched_tokens": o.max_batched_tokens,
+        "kv_cache_memory_bytes": o.kv_budget_bytes,
+        "scheduling_policy": "priority",
+        "enable_prefix_caching": o.prefix_caching,
+        "enforce_eager": o.enforce_eager,
+        "disable_log_stats": True,  # the node's stat logger only (vllm_engine's doc)
+        "enable_logging_iteration_details": True,  # each step's rows and time: the step fit
+        **(paced_scheduler() if o.pace else {}),
+    }
+
+
+def paced_scheduler() -> dict[str, Any]:
+    """Engine arguments for vLLM's scheduler with the pace cap
+    (:mod:`~inference_node.engine.vllm_pace`): its synchronous scheduler on CPU (where vLLM
+    turns asynchronous scheduling off), else its asynchronous one, with asynchronous scheduling
+    asked for so that the two agree."""
+    from vllm.platforms import current_platform  # type: ignore[import-not-found]  # noqa: PLC0415
+
+    if current_platform.is_cpu():
+        return {"scheduler_cls": "inference_node.engine.vllm_pace.PacedScheduler"}
+    return {
+        "scheduler_cls": "inference_node.engine.vllm_pace.PacedAsyncScheduler",
+        "async_scheduling": True,
+    }
 
 
 def checkpoint_dir(name: str, model_path: Path | None, cache_dir: Path) -> Path:

@@ -78,6 +78,9 @@ class UpConfig:
     vllm_prefix_caching: bool = True
     """vLLM nodes cache the KV of prompt prefixes (vLLM's own default). The node then pauses
     begun lower-class prefills for a REALTIME prompt (node-vllm-prefill-pausing.md)."""
+    vllm_pace: bool = True
+    """vLLM nodes cap each step's prompt tokens to keep decoding streams at their pace
+    (node-vllm-stream-pace.md)."""
     insecure: bool = False
     """Plaintext everywhere, no etcd auth, no Redis users. Off by default: a CA and a certificate
     per service in ``<run-dir>/pki``, mutual TLS on every internal hop, TLS on the public port,
@@ -280,7 +283,8 @@ class Supervisor:
             raise RuntimeError(f"{python} not found: run `make setup-vllm` first")
         node_args[node_args.index("--pools") + 1] = "realtime"
         caching = str(self.config.vllm_prefix_caching).lower()
-        node_args += ["--engine", "vllm", "--vllm-prefix-caching", caching]
+        pace = str(self.config.vllm_pace).lower()
+        node_args += ["--engine", "vllm", "--vllm-prefix-caching", caching, "--vllm-pace", pace]
         return str(python)
 
     def _start_stores(self) -> tuple[StoreProcess, StoreProcess]:
