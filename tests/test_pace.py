@@ -31,9 +31,11 @@ def test_a_short_stream_of_known_length_spends_its_slack_then_caps() -> None:
     # Two full chunk steps later it has no room for a third.
     late = pace.allowance(3, 100.0 + 2 * COST.predict(10, 512), decode, horizon=16)
     assert late < COST.predict(10, 512)
-    tokens = prompt_token_cap(COST, 10, late, full=502, floor=FLOOR_TOKENS)
-    assert FLOOR_TOKENS <= tokens < 502
-    assert COST.predict(10, tokens) == pytest.approx(late, abs=0.0012) or tokens == FLOOR_TOKENS
+    # 0.13 s: room for 59 prompt tokens beside the rows, under the floor.
+    assert prompt_token_cap(COST, 10, late, full=502, floor=FLOOR_TOKENS) == FLOOR_TOKENS
+    # With more room the cap is the most tokens whose step fits it.
+    tokens = prompt_token_cap(COST, 10, 0.3, full=502, floor=FLOOR_TOKENS)
+    assert COST.predict(10, tokens) <= 0.3 < COST.predict(10, tokens + 1)
 
 
 def test_a_long_stream_has_slack_for_full_steps() -> None:
@@ -48,10 +50,16 @@ def test_unknown_length_spends_only_what_was_saved_and_a_short_look_ahead() -> N
     known = Pace(budget_s=0.16, max_tokens=500, exact=True, first_at=0.0)
     unknown = Pace(budget_s=0.16, max_tokens=500, exact=False, first_at=0.0)
     decode = COST.predict(10)
-    assert unknown.allowance(1, 0.0, decode, horizon=16) == pytest.approx(0.16 * 16 - 15 * decode)
-    assert unknown.allowance(1, 0.0, decode, 16) < known.allowance(1, 0.0, decode, 16)
+    # Just after its first token it may end at its fifth: four tokens' worth, three after
+    # the next, no more than a short step.
+    fresh = unknown.allowance(1, 0.0, decode, horizon=4)
+    assert fresh == pytest.approx(0.16 * 4 - 3 * decode)
+    assert fresh < known.allowance(1, 0.0, decode, 4)
+    assert prompt_token_cap(COST, 10, fresh, full=502, floor=64) < 502
+    # What it saved running fast is spent: 40 tokens at 0.06 s leave 4 s for the next step.
+    assert unknown.allowance(40, 39 * 0.06, decode, 4) > 3.9
     # A stream that ran slow has no slack: the step may take only the floor's tokens.
-    behind = unknown.allowance(20, 19 * 0.3, decode, horizon=16)
+    behind = unknown.allowance(20, 19 * 0.3, decode, horizon=4)
     assert behind < decode
     assert prompt_token_cap(COST, 10, behind, full=502, floor=64) == 64
 
@@ -66,12 +74,12 @@ def test_no_limit_before_the_first_token_without_a_budget_or_a_fit() -> None:
 
 
 def test_a_preempted_stream_keeps_its_first_token_and_tokens_made() -> None:
-    args = pace_args(0.16, 40, True, first_at=12.5, done=9)
+    args = pace_args(0.16, 40, True, 1, first_at=12.5, done=9)
     assert args is not None
     pace = pace_from_args(args)
-    assert pace == Pace(0.16, 40, True, first_at=12.5, done_before=9)
+    assert pace == Pace(0.16, 40, True, rank=1, first_at=12.5, done_before=9)
     # Sent again with 9 tokens made: its first new token is its 10th.
     assert pace.allowance(1, 14.0, 0.06, 16) == pytest.approx(0.16 * 39 - 1.5 - 29 * 0.06)
-    assert pace_from_args(pace_args(0.16, 40, False, None, 0)) == Pace(0.16, 40, False)
-    assert pace_args(0.0, 40, True, None, 0) is None
+    assert pace_from_args(pace_args(0.16, 40, False, 0, None, 0)) == Pace(0.16, 40, False)
+    assert pace_args(0.0, 40, True, 0, None, 0) is None
     assert pace_from_args(None) is None

@@ -28,7 +28,7 @@ from inference_node.engine.step_model import StepCost
 
 PACE_KEY = "sluice_pace"
 """The key of a request's pace in vLLM's ``SamplingParams.extra_args`` (:func:`pace_args`)."""
-HORIZON_TOKENS = 16
+HORIZON_TOKENS = 4
 """Tokens looked ahead for a stream of unknown length (module doc)."""
 FLOOR_TOKENS = 64
 """Fewest prompt tokens a step carries while prompts wait, however tight the pace: prompts
@@ -42,7 +42,9 @@ class Pace:
     budget_s: float
     max_tokens: int
     exact: bool
-    """It produces exactly ``max_tokens`` (no EOS stop): its length is known."""
+    """It produces exactly ``max_tokens`` (no EOS, no stop strings): its length is known."""
+    rank: int = 0
+    """Its class's rank (REALTIME 0): prompts of this rank or above are not held back for it."""
     first_at: float | None = None
     """When its first token came (monotonic seconds; None until then)."""
     done_before: int = 0
@@ -78,7 +80,7 @@ def prompt_token_cap(
 
 
 def pace_args(
-    budget_s: float, max_tokens: int, exact: bool, first_at: float | None, done: int
+    budget_s: float, max_tokens: int, exact: bool, rank: int, first_at: float | None, done: int
 ) -> dict[str, float | int | bool] | None:
     """What :class:`Pace` a request carries to vLLM's scheduler (``extra_args[PACE_KEY]``);
     None when it has no budget."""
@@ -88,6 +90,7 @@ def pace_args(
         "budget_s": budget_s,
         "max_tokens": max_tokens,
         "exact": exact,
+        "rank": rank,
         "first_at": first_at or 0.0,
         "done": done,
     }
@@ -102,6 +105,7 @@ def pace_from_args(args: dict[str, float | int | bool] | None) -> Pace | None:
         budget_s=float(args["budget_s"]),
         max_tokens=int(args["max_tokens"]),
         exact=bool(args["exact"]),
+        rank=int(args.get("rank", 0)),
         first_at=first if first > 0 else None,
         done_before=int(args.get("done", 0)),
     )

@@ -300,9 +300,10 @@ class VllmEngine(Draining):
         job.sent_step = self._steps
         pace = None
         if self._options.pace:
+            exact = request.params.ignore_eos and not request.params.stop
             pace = pace_args(
-                request.step_budget_s, request.params.max_new_tokens,
-                request.params.ignore_eos, job.first_at, job.generated,
+                request.step_budget_s, request.params.max_new_tokens, exact,
+                job.workload_class.rank, job.first_at, job.generated,
             )  # fmt: skip
         outputs = self._llm.generate(
             prompt,

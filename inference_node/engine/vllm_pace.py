@@ -7,8 +7,11 @@ step carries the decode rows plus as many prompt tokens as the tightest stream's
 leaves by the step time this scheduler fits from its own steps (seconds from ``schedule`` to
 the end of ``update_from_output``, against decode rows and prompt tokens: a
 :class:`~inference_node.engine.step_model.StepModel` without its median clip, which halves
-the cost of a chunk). Prompts of the tightest stream's class or a higher one are not held
-back for it: their first tokens were priced at full steps by the scheduler that admitted them.
+the cost of a chunk). Prompts of a stream's class or a higher one are not held back for it:
+their first tokens were priced at full steps by the scheduler that admitted them. vLLM
+schedules the requests it runs before those waiting, so a lower-class prefill it has begun
+goes first; with prefix caching the node sends those back before a REALTIME prompt
+(``vllm_jobs.pause_prefills``).
 
 Each request's pace comes in ``SamplingParams.extra_args[PACE_KEY]`` (:func:`pace_args`, from
 the node's ``step_budget_s``): its budget a token, token limit, whether its length is exact,
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -37,7 +41,15 @@ from inference_node.engine.pace import (
 )
 from inference_node.engine.step_model import StepModel
 
-log = structlog.get_logger(__name__)
+log = structlog.wrap_logger(
+    structlog.PrintLogger(),
+    processors=[
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.JSONRenderer(),
+    ],
+)
+"""JSON lines as the node's own (structlog is not configured in vLLM's engine-core process)."""
 
 LOG_EVERY = 200
 """Capped steps between two ``pace_capped`` log lines."""
@@ -56,7 +68,9 @@ class PaceMixin:
         self._full_tokens = int(self.max_num_scheduled_tokens)  # type: ignore[attr-defined]
         self._paces: dict[str, Pace] = {}
         self._fit = StepModel(window=256, clip=math.inf)
-        self._started = 0.0
+        self._starts: dict[int, float] = {}
+        """When each step in flight was scheduled, by its output's id (the asynchronous
+        scheduler schedules the next step before the last one's output comes back)."""
         self._capped = 0
 
     def _pace_of(self, request: Any) -> Pace | None:
@@ -67,41 +81,49 @@ class PaceMixin:
                 self._paces[request.request_id] = pace
         return pace
 
+    def _rank(self, request: Any) -> int:
+        """Its class's rank: vLLM's priority is BATCH's for a REALTIME prompt placed among
+        BATCH ones."""
+        pace = self._pace_of(request)
+        return pace.rank if pace is not None else int(request.priority)
+
     def _budget(self, now: float) -> int:
-        """Tokens for the step about to be scheduled (module doc)."""
+        """Tokens for the step about to be scheduled: for each class with a stream decoding,
+        the prompt tokens its tightest stream allows, but never fewer than the prompts of
+        that class and above need; the least of those (module doc)."""
         running = list(self.running)  # type: ignore[attr-defined]
         decoding = [r for r in running if r.num_output_tokens > 0 and not r.is_prefill_chunk]
-        decoding_ids = {r.request_id for r in decoding}
         cost = self._fit.cost
         if cost is None or not decoding:
             return self._full_tokens
-        rows = len(decoding)
+        rows, full = len(decoding), self._full_tokens - len(decoding)
         decode_s = cost.predict(rows)
-        worst, rank = math.inf, None
+        tightest: dict[int, float] = {}
         for r in decoding:
             pace = self._pace_of(r)
-            if pace is None:
-                continue
-            a = pace.allowance(r.num_output_tokens, now, decode_s, HORIZON_TOKENS)
-            if a < worst:
-                worst, rank = a, r.priority
-        full = self._full_tokens - rows
-        cap = prompt_token_cap(cost, rows, worst, full, min(FLOOR_TOKENS, full))
-        if cap >= full or rank is None:
+            if pace is not None:
+                a = pace.allowance(r.num_output_tokens, now, decode_s, HORIZON_TOKENS)
+                tightest[pace.rank] = min(a, tightest.get(pace.rank, math.inf))
+        floor = min(FLOOR_TOKENS, full)
+        caps = {k: prompt_token_cap(cost, rows, a, full, floor) for k, a in tightest.items()}
+        if all(c >= full for c in caps.values()):
             return self._full_tokens
+        ids = {r.request_id for r in decoding}
         waiting = list(self.waiting)  # type: ignore[attr-defined]
-        ahead = sum(
-            r.num_tokens - r.num_computed_tokens
+        prompts = [
+            (self._rank(r), int(r.num_tokens - r.num_computed_tokens))
             for r in [*running, *waiting]
-            if r.priority <= rank and r.request_id not in decoding_ids
-        )
-        cap = min(full, max(cap, int(ahead)))
-        self._capped += 1
-        if self._capped % LOG_EVERY == 1:
-            log.info(
-                "pace_capped", steps=self._capped, tokens=cap, rows=rows,
-                allowance_ms=round(worst * 1000, 1),
-            )  # fmt: skip
+            if r.request_id not in ids
+        ]
+        cap = min(max(c, sum(t for k, t in prompts if k <= rank)) for rank, c in caps.items())
+        cap = min(cap, full)
+        if cap < min(full, sum(t for _, t in prompts)):  # prompt tokens held back
+            self._capped += 1
+            if self._capped % LOG_EVERY == 1:
+                log.info(
+                    "pace_capped", steps=self._capped, tokens=cap, rows=rows,
+                    allowance_ms=round(min(tightest.values()) * 1000, 1),
+                )  # fmt: skip
         return rows + cap
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
@@ -111,29 +133,29 @@ class PaceMixin:
             out = super().schedule(*args, **kwargs)  # type: ignore[misc]
         finally:
             self.max_num_scheduled_tokens = self._full_tokens
-        self._started = now
+        if len(self._starts) > 8:  # outputs that never came back (none expected)
+            self._starts.clear()
+        self._starts[id(out)] = now
         return out
 
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
         outputs = super().update_from_output(scheduler_output, model_runner_output)  # type: ignore[misc]
         now = time.monotonic()
+        started = self._starts.pop(id(scheduler_output), None)
         scheduled: dict[str, int] = scheduler_output.num_scheduled_tokens
         requests: dict[str, Any] = self.requests  # type: ignore[attr-defined]
         rows = 0
         for rid, tokens in scheduled.items():
+            rows += tokens == 1
             request = requests.get(rid)
-            decoding = tokens == 1
-            rows += decoding
-            if request is None:
+            if request is None or request.num_output_tokens == 0:
                 continue
             pace = self._pace_of(request)
-            if pace is not None and pace.first_at is None and request.num_output_tokens > 0:
-                self._paces[rid] = Pace(
-                    pace.budget_s, pace.max_tokens, pace.exact, now, pace.done_before
-                )
+            if pace is not None and pace.first_at is None:
+                self._paces[rid] = replace(pace, first_at=now)
         total = scheduler_output.total_num_scheduled_tokens
-        if self._started and total:
-            self._fit.observe(now - self._started, rows, total - rows)
+        if started is not None and total:
+            self._fit.observe(now - started, rows, total - rows)
         for rid in [rid for rid in self._paces if rid not in requests]:
             del self._paces[rid]
         return outputs
