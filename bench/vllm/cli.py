@@ -12,8 +12,9 @@ run as Sluice runs it is skipped and the report says why, :func:`skip_reason`):
    overload benchmark's search from ``--start-rps``), then the scenario at 2x and 4x that
    capacity; stopped;
 3. *Sluice + vLLM*: ``sluice up`` with one node on vLLM's engine, warmed alike, its capacity at
-   SLO (the search starts at bare vLLM's), then the same 2x and 4x of *bare vLLM's* capacity;
-   stopped.
+   SLO by the same search from the same rate (a level's result turns on how much the engine
+   ran before it: docs/decisions/bench-vllm-same-search.md), then the same 2x and 4x of *bare
+   vLLM's* capacity; stopped.
 
 Both servers get the same scenario, seed and arrivals (:mod:`bench.vllm.measure`); the figures
 are :mod:`bench.vllm.figures`'. ``--smoke`` runs the whole path with short steps on the overload
@@ -189,8 +190,7 @@ def run_scenario(scenario: Scenario, args: argparse.Namespace, run_dir: Path) ->
     if bare.search is None:
         sluice.error = "not run: bare vLLM's capacity was not measured"
     else:
-        start = bare.search.capacity_rps or args.start_rps
-        run_phase(sluice, start, warming, lambda _search: plan)
+        run_phase(sluice, args.start_rps, warming, lambda _search: plan)
     argv = server.argv or serve.argv(args.vllm_python, server.host, 0)
     return scenario_entry(scenario, settings_json(config, node, serve, argv), bare, sluice, plan)
 
@@ -201,7 +201,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--scenario", type=Path, action="append", help="repeatable")
     p.add_argument("--out-dir", type=Path, help=f"default {RESULTS_DIR} ({SMOKE_DIR} with --smoke)")
     p.add_argument("--vllm-python", type=Path, default=REPO_ROOT / ".venv-vllm" / "bin" / "python")
-    p.add_argument("--start-rps", type=float, default=0.5, help="bare vLLM's first search rate")
+    p.add_argument("--start-rps", type=float, default=0.5, help="both servers' first search rate")
     p.add_argument("--warm-s", type=float, default=WARM_S, help="unmeasured traffic per server")
     p.add_argument("--step-s", type=float, default=30.0)
     p.add_argument("--min-requests", type=int, default=20)
