@@ -171,7 +171,7 @@ test-vllm: $(VLLM_STAMP)
 # engine settings the node gives vLLM: same model directory, dtype, context, batch, KV cache),
 # then `sluice up` with one node on vLLM; capacity at SLO of each, then both at 2x and 4x bare
 # vLLM's capacity, on overload.yaml and chat-longtail.yaml → bench/results/vllm.{json,md}
-# (33-37 min on 2 cores, ~2 min of it each vLLM start, 2026-12-05/06). The whole path
+# (33-36 min on 2 cores, ~2 min of it each vLLM start, 2026-12-05/06). The whole path
 # with short steps, its numbers meaningless: make bench-vllm VLLM_BENCH_ARGS=--smoke (overload
 # only, written under .sluice/bench/vllm-smoke).
 VLLM_BENCH_ARGS ?=

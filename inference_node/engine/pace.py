@@ -44,7 +44,8 @@ class Pace:
     exact: bool
     """It produces exactly ``max_tokens`` (no EOS, no stop strings): its length is known."""
     rank: int = 0
-    """Its class's rank (REALTIME 0): prompts of this rank or above are not held back for it."""
+    """Its class's rank (REALTIME 0): prompts of this class or a higher one are not held back
+    for it."""
     first_at: float | None = None
     """When its first token came (monotonic seconds; None until then)."""
     done_before: int = 0

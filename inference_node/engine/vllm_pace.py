@@ -15,9 +15,10 @@ goes first; with prefix caching the node sends those back before a REALTIME prom
 
 Each request's pace comes in ``SamplingParams.extra_args[PACE_KEY]`` (:func:`pace_args`, from
 the node's ``step_budget_s``): its budget a token, token limit, whether its length is exact,
-and, for a stream sent again after a preemption, its first token's time and the tokens it had
-made. Imported by qualified name in vLLM's engine-core process
-(``AsyncEngineArgs.scheduler_cls``), never by the node itself.
+its class's rank (which decides the prompts not held back for it, rather than vLLM's priority:
+a REALTIME prompt placed among BATCH ones runs at BATCH's), and, for a stream sent again after
+a preemption, its first token's time and the tokens it had made. Imported by qualified name in
+vLLM's engine-core process (``AsyncEngineArgs.scheduler_cls``), never by the node itself.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class PaceMixin:
         self._starts: dict[int, float] = {}
         """When each step in flight was scheduled, by its output's id (the asynchronous
         scheduler schedules the next step before the last one's output comes back)."""
+        self._last_done = 0.0
+        """When the last step's output came back: a step scheduled before then starts then."""
         self._capped = 0
 
     def _pace_of(self, request: Any) -> Pace | None:
@@ -155,7 +158,8 @@ class PaceMixin:
                 self._paces[rid] = replace(pace, first_at=now)
         total = scheduler_output.total_num_scheduled_tokens
         if started is not None and total:
-            self._fit.observe(now - started, rows, total - rows)
+            self._fit.observe(now - max(started, self._last_done), rows, total - rows)
+        self._last_done = now
         for rid in [rid for rid in self._paces if rid not in requests]:
             del self._paces[rid]
         return outputs
