@@ -32,7 +32,8 @@ HORIZON_TOKENS = 4
 """Tokens looked ahead for a stream of unknown length (module doc)."""
 FLOOR_TOKENS = 64
 """Fewest prompt tokens a step carries while prompts wait, however tight the pace: prompts
-always move (64 tokens add about 0.07 s to a step on this CPU)."""
+always move (64 tokens add about 0.07 s to a step at the 1.06-1.3 ms a prompt token of
+docs/decisions/node-step-fit-clip.md)."""
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,6 @@ def prompt_token_cap(
     if cost is None or not cost.per_prefill_token_s > 0 or allowance_s == math.inf:
         return full
     room = (allowance_s - cost.predict(rows)) / cost.per_prefill_token_s
-    if not math.isfinite(room):
-        return full
     return max(floor, min(full, math.floor(room)))
 
 
@@ -101,12 +100,12 @@ def pace_from_args(args: dict[str, float | int | bool] | None) -> Pace | None:
     """The :class:`Pace` of :func:`pace_args`' dict (None for none)."""
     if not args:
         return None
-    first = float(args.get("first_at", 0.0))
+    first = float(args["first_at"])
     return Pace(
         budget_s=float(args["budget_s"]),
         max_tokens=int(args["max_tokens"]),
         exact=bool(args["exact"]),
-        rank=int(args.get("rank", 0)),
+        rank=int(args["rank"]),
         first_at=first if first > 0 else None,
-        done_before=int(args.get("done", 0)),
+        done_before=int(args["done"]),
     )

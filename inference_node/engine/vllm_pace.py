@@ -67,7 +67,8 @@ class PaceMixin:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._full_tokens = int(self.max_num_scheduled_tokens)  # type: ignore[attr-defined]
-        self._paces: dict[str, Pace] = {}
+        self._paces: dict[str, Pace | None] = {}
+        """Each request's pace, parsed once (None: it carries none)."""
         self._fit = StepModel(window=256, clip=math.inf)
         self._starts: dict[int, float] = {}
         """When each step in flight was scheduled, by its output's id (the asynchronous
@@ -77,12 +78,10 @@ class PaceMixin:
         self._capped = 0
 
     def _pace_of(self, request: Any) -> Pace | None:
-        pace = self._paces.get(request.request_id)
-        if pace is None:
-            pace = _pace(request)
-            if pace is not None:
-                self._paces[request.request_id] = pace
-        return pace
+        rid = request.request_id
+        if rid not in self._paces:
+            self._paces[rid] = _pace(request)
+        return self._paces[rid]
 
     def _rank(self, request: Any) -> int:
         """Its class's rank: vLLM's priority is BATCH's for a REALTIME prompt placed among
