@@ -56,7 +56,7 @@ class EmbedResult:
     prompt_tokens: int
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class _Waiting:
     embedder: Embedder
     texts: list[str]
@@ -181,7 +181,7 @@ class EmbedBatcher:
             self.waiting -= 1
             if not item.future.done():  # the caller went away first
                 item.future.cancel()
-            with contextlib.suppress(ValueError):  # not queued: taken, or settled
+            if item in self._queue:  # (not taken yet; a failed deque.remove formats the item)
                 self._queue.remove(item)
 
     async def _run(self) -> None:
