@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from sluice.runtime.settings import ServiceSettings
 
@@ -20,12 +20,6 @@ def _default_adapters_dir() -> Path:
 
 def _default_checkpoint_dir() -> Path:
     return Path.home() / ".cache" / "sluice" / "checkpoints"
-
-
-DEFAULT_MAX_SEQUENCES = {"builtin": 32, "vllm": 64}
-"""``max_sequences`` when it is not set, by engine: vLLM's steps at 32 sequences stay well under
-REALTIME's step budget on CPU, so there the inter-token guard, not the seat count, sets the
-batch (docs/decisions/node-vllm-seats.md)."""
 
 
 class NodeSettings(ServiceSettings):
@@ -62,10 +56,8 @@ class NodeSettings(ServiceSettings):
     pools: list[str] = Field(default_factory=lambda: ["realtime"])
     """Pools this node serves: realtime, finetune, or both. Only a node of the finetune pool
     accepts Train (fine-tunes run on its engine thread, in the gaps inference leaves)."""
-    max_sequences: int = DEFAULT_MAX_SEQUENCES["builtin"]
-    """Most sequences the engine runs at once (published as capacity); unset: the engine's
-    default in :data:`DEFAULT_MAX_SEQUENCES` (32 built-in, 64 vLLM)."""
-
+    max_sequences: int = 32
+    """Most sequences the engine runs at once (published as capacity)."""
     max_batched_tokens: int = 512
     """Most tokens per engine step (decode plus prefill chunks; published as capacity)."""
     memory_budget_bytes: int = 2 * 1024**3
@@ -146,11 +138,3 @@ class NodeSettings(ServiceSettings):
     no thread is bound (the built-in engine, CUDA)."""
     drain_grace_seconds: float = 30.0
     """How long a drain waits for in-flight requests before cancelling them."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _engine_seats(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("max_sequences") is None:
-            engine = str(data.get("engine", "builtin"))
-            return {**data, "max_sequences": DEFAULT_MAX_SEQUENCES.get(engine, 32)}
-        return data

@@ -108,7 +108,7 @@ def up(
     ] = "auto",
     max_sequences: Annotated[
         int | None,
-        typer.Option(help="Each node's batch cap (default: the node's own, 32; 64 on vLLM)."),
+        typer.Option(help="Each node's batch cap (default: the node's own, 32)."),
     ] = None,
     pools: Annotated[
         str,

@@ -38,7 +38,6 @@ from bench.vllm.figures import capacity_verdict, level_verdict
 from bench.vllm.measure import Phase, TargetBenchmark, level_plan, target_factory
 from bench.vllm.report import markdown
 from bench.vllm.servers import VLLM_SERVER, VllmServe, node_settings
-from inference_node.config import NodeSettings
 from inference_node.loading import dtype_name
 from sluice.local.stores import free_port
 from sluice.local.up import UpConfig
@@ -367,7 +366,7 @@ def test_load_cli_needs_an_endpoint_for_the_openai_target(
 
 
 def test_bare_vllm_gets_the_engine_settings_of_the_node_sluice_up_starts() -> None:
-    """The vLLM node's defaults (64 sequences, 512 tokens per step, 2 GiB of KV cache), ``sluice
+    """The node's defaults (32 sequences, 512 tokens per step, 2 GiB of KV cache), ``sluice
     up``'s dtype (``auto`` resolved as the node resolves it) and batch cap, the model's
     context, prefix caching on as the node has it (vLLM's own default), off where the node's
     is."""
@@ -385,8 +384,7 @@ def test_bare_vllm_gets_the_engine_settings_of_the_node_sluice_up_starts() -> No
     ]
     assert flags["--served-model-name"] == MODEL and flags["--port"] == "8000"
     assert flags["--dtype"] == node.dtype and flags["--max-model-len"] == "8192"
-    assert flags["--max-num-seqs"] == "64" and flags["--max-num-batched-tokens"] == "512"
-    assert NodeSettings(engine="vllm").max_sequences == node.max_sequences
+    assert flags["--max-num-seqs"] == "32" and flags["--max-num-batched-tokens"] == "512"
     assert flags["--kv-cache-memory-bytes"] == str(2 * 1024**3)
     assert "--enable-prefix-caching" in argv and "--no-enable-prefix-caching" not in argv
     uncached = node_settings(UpConfig(engine="vllm", vllm_prefix_caching=False))

@@ -32,7 +32,7 @@ from typing import IO
 from bench.load.scenario import Scenario
 from bench.overload.servers import MODEL_CPU_NICE, SluiceSuite
 from bench.paths import REPO_ROOT
-from inference_node.config import DEFAULT_MAX_SEQUENCES, NodeSettings
+from inference_node.config import NodeSettings
 from sluice.local.stores import environment_without_proxies, free_port
 from sluice.local.up import UpConfig
 
@@ -56,7 +56,7 @@ def node_settings(config: UpConfig) -> NodeSettings:
             # Resolved as the node resolves it: bare vLLM is given the same dtype.
             "dtype": dtype_name(config.device, config.dtype),
             "device": config.device,
-            "max_sequences": DEFAULT_MAX_SEQUENCES[config.engine]
+            "max_sequences": defaults.max_sequences
             if config.max_sequences is None
             else config.max_sequences,
             "vllm_prefix_caching": config.vllm_prefix_caching,
