@@ -35,7 +35,7 @@ from bench.overload.options import Options
 from bench.overload.search import SearchResult, SearchStep
 from bench.vllm.cli import parse_args, scenario_entry, skip_reason
 from bench.vllm.figures import capacity_verdict, level_verdict
-from bench.vllm.measure import Phase, TargetBenchmark, level_plan, target_factory
+from bench.vllm.measure import Phase, TargetBenchmark, level_plan, run_paired, target_factory
 from bench.vllm.report import markdown
 from bench.vllm.servers import VLLM_SERVER, VllmServe, node_settings
 from inference_node.loading import dtype_name
@@ -491,6 +491,73 @@ def test_entry_and_report_from_synthetic_runs() -> None:
     assert "| s | capacity at SLO | 0.950 req/s (0.95× bare) | 1.000 req/s |" in text
     assert "100.0 % | 50.0 % (falls) | Sluice ≥ 95 % | pass |" in text
     assert "embed-heavy: not run, embed" in text and "not run |" in text
+
+
+class Turns(TargetBenchmark):
+    """A benchmark whose runs only note themselves in ``events``: a probe passes at or below
+    ``capacity``; ``broken`` raises on the probe at that rate."""
+
+    def __init__(self, events: list[tuple[Any, ...]], capacity: float, broken: float = 0.0):
+        scenario = load_scenario(REPO_ROOT / "bench" / "scenarios" / "overload.yaml")
+        super().__init__(scenario, {}, Options(refine_steps=1), target_factory({}))
+        self.events, self.capacity, self.broken = events, capacity, broken
+
+    def warm(self, server: Any, rate: float, seconds: float) -> None:
+        self.events.append(("warm", server.name))
+
+    def attainment(self, server: Any, rate: float) -> float:
+        self.events.append(("probe", server.name, rate))
+        if rate == self.broken:
+            raise RuntimeError("gone")
+        return 1.0 if rate <= self.capacity else 0.0
+
+    def levels(
+        self, server: Any, plan: Any, realtime_judged_at: float | None = None
+    ) -> list[tuple[float, str]]:
+        self.events.append(("level", server.name, plan[0][0]))
+        return list(plan)
+
+
+def test_paired_run_takes_turns_and_the_other_server_goes_on_when_one_fails() -> None:
+    """Both servers start, warm, probe and run each level in turn, bare vLLM first; a search
+    that ended or failed leaves the other's probes running alone, and both are stopped."""
+    events: list[tuple[Any, ...]] = []
+    stopped: list[str] = []
+
+    class Stopped(FakeServer):
+        def stop(self) -> None:
+            stopped.append(self.name)
+
+    bare = Phase(Turns(events, capacity=2.0), Stopped(VLLM_SERVER))
+    sluice = Phase(Turns(events, capacity=4.0), Stopped("sluice"))
+    run_paired((bare, sluice), 1.0, (1.0, 5.0), lambda s: level_plan(s, 1.0))
+    probes = [(e[1], e[2]) for e in events if e[0] == "probe"]
+    assert probes[:6] == [
+        (VLLM_SERVER, 1.0), ("sluice", 1.0), (VLLM_SERVER, 2.0), ("sluice", 2.0),
+        (VLLM_SERVER, 4.0), ("sluice", 4.0),
+    ]  # fmt: skip
+    assert probes[6:] == [(VLLM_SERVER, 2.8284), ("sluice", 8.0), ("sluice", 5.6569)]
+    assert bare.search is not None and bare.search.capacity_rps == 2.0
+    assert sluice.search is not None and sluice.search.capacity_rps == 4.0
+    assert [e for e in events if e[0] == "level"] == [
+        ("level", VLLM_SERVER, 4.0), ("level", "sluice", 4.0),
+        ("level", VLLM_SERVER, 8.0), ("level", "sluice", 8.0),
+    ]  # fmt: skip
+    assert events[:2] == [("warm", VLLM_SERVER), ("warm", "sluice")]
+    assert stopped == [VLLM_SERVER, "sluice"] and bare.error is sluice.error is None
+
+    events.clear()
+    bare = Phase(Turns(events, capacity=2.0, broken=2.0), FakeServer(VLLM_SERVER))
+    sluice = Phase(Turns(events, capacity=1.0), FakeServer("sluice"))
+    run_paired((bare, sluice), 1.0, (1.0, 5.0), lambda s: level_plan(s, 1.0))
+    assert [(e[1], e[2]) for e in events if e[0] == "probe"] == [
+        (VLLM_SERVER, 1.0), ("sluice", 1.0), (VLLM_SERVER, 2.0), ("sluice", 2.0),
+        ("sluice", 1.4142),
+    ]  # fmt: skip
+    assert bare.error == "RuntimeError: gone" and bare.search is None
+    assert sluice.search is not None and sluice.search.capacity_rps == 1.0
+    assert sluice.error is not None and "levels not run" in sluice.error
+    assert not [e for e in events if e[0] == "level"]
 
 
 def test_scenarios_bare_vllm_cannot_run_are_skipped_with_the_reason() -> None:

@@ -13,17 +13,23 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from bench.load.run import LoadResult, make_target, run_load
 from bench.load.scenario import PlannedRequest, Scenario, make_prompt, plan_requests
 from bench.load.targets import Target, TargetError
 from bench.overload.options import Options
 from bench.overload.report import REALTIME
-from bench.overload.search import RATE_DIGITS, BudgetExhausted, SearchResult, find_capacity
+from bench.overload.search import (
+    RATE_DIGITS,
+    BudgetExhausted,
+    SearchResult,
+    capacity_probes,
+    find_capacity,
+)
 from bench.overload.servers import Server
 
 
@@ -203,21 +209,31 @@ class Benchmark:
         run still holds ``min_requests`` requests on average; a run without requests passes
         nothing.
         """
-        o = self.options
-
-        def attainment(rate: float) -> float:
-            summary = self.measure(server, rate).summary()
-            return float(summary["slo_attainment"]) if summary["requests"] else 0.0
-
         return find_capacity(
-            attainment,
-            start_rps=start_rps,
-            factor=o.search_factor,
-            refine_steps=o.refine_steps,
-            max_steps=o.max_search_steps,
-            required=o.required_attainment,
-            min_rps=o.min_requests / max(o.max_step_s, o.step_s),
+            lambda rate: self.attainment(server, rate), **self.search_terms(start_rps)
         )
+
+    def probes(self, start_rps: float) -> Generator[float, float, SearchResult]:
+        """:meth:`search`'s probes one at a time (:func:`capacity_probes`): send each rate's
+        :meth:`attainment`."""
+        return capacity_probes(**self.search_terms(start_rps))
+
+    def attainment(self, server: Server, rate: float) -> float:
+        """SLO attainment of one run of ``server`` at ``rate`` (0 for a run without requests)."""
+        summary = self.measure(server, rate).summary()
+        return float(summary["slo_attainment"]) if summary["requests"] else 0.0
+
+    def search_terms(self, start_rps: float) -> dict[str, Any]:
+        """The search's settings from the options (see :meth:`search`)."""
+        o = self.options
+        return {
+            "start_rps": start_rps,
+            "factor": o.search_factor,
+            "refine_steps": o.refine_steps,
+            "max_steps": o.max_search_steps,
+            "required": o.required_attainment,
+            "min_rps": o.min_requests / max(o.max_step_s, o.step_s),
+        }
 
     def levels(
         self,

@@ -1,13 +1,14 @@
 """The capacity search: the highest offered rate whose SLO attainment passes, by stepped probes.
 
-Pure: :func:`find_capacity` calls back for each probe's attainment, so it is tested without
-servers. Rates are rounded to :data:`RATE_DIGITS` decimals, and runs are keyed by them.
+Pure: :func:`find_capacity` calls back for each probe's attainment (:func:`capacity_probes`
+takes them one at a time), so it is tested without servers. Rates are rounded to
+:data:`RATE_DIGITS` decimals, and runs are keyed by them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 RATE_DIGITS = 4  # offered rates are rounded to this many decimals (and runs keyed by them)
@@ -50,7 +51,43 @@ def find_capacity(
     required: float = 0.95,
     min_rps: float = 1e-3,
 ) -> SearchResult:
-    """Stepped search for the highest rate whose SLO attainment is at least ``required``.
+    """Stepped search for the highest rate whose SLO attainment is at least ``required``:
+    :func:`capacity_probes` driven by ``attainment_at`` (a :class:`BudgetExhausted` it raises
+    ends the search with what it found)."""
+    probes = capacity_probes(
+        start_rps=start_rps,
+        factor=factor,
+        refine_steps=refine_steps,
+        max_steps=max_steps,
+        required=required,
+        min_rps=min_rps,
+    )
+    try:
+        rate = next(probes)
+        while True:
+            try:
+                attainment = attainment_at(rate)
+            except BudgetExhausted as exc:
+                rate = probes.throw(exc)
+            else:
+                rate = probes.send(attainment)
+    except StopIteration as done:
+        result: SearchResult = done.value
+        return result
+
+
+def capacity_probes(
+    *,
+    start_rps: float,
+    factor: float = 2.0,
+    refine_steps: int = 1,
+    max_steps: int = 8,
+    required: float = 0.95,
+    min_rps: float = 1e-3,
+) -> Generator[float, float, SearchResult]:
+    """The search's probes one at a time: yields each rate to probe and takes its attainment
+    (``send``), so two searches can take turns (``bench.vllm`` alternates two servers'); a
+    :class:`BudgetExhausted` thrown in stops it. Returns the :class:`SearchResult`.
 
     Up by ``factor`` while steps pass, down while they fail (never below ``min_rps``), until one
     of each is known; then ``refine_steps`` geometric midpoints between them. At most
@@ -60,17 +97,15 @@ def find_capacity(
     best_pass: float | None = None
     first_fail: float | None = None
 
-    def probe(rate: float) -> bool:
-        rate = round(rate, RATE_DIGITS)
-        attainment = attainment_at(rate)
+    def step(rate: float, attainment: float) -> bool:
         passed = attainment >= required
-        result.steps.append(SearchStep(rate, attainment, passed))
+        result.steps.append(SearchStep(round(rate, RATE_DIGITS), attainment, passed))
         return passed
 
     rate = max(start_rps, min_rps)
     try:
         while len(result.steps) < max_steps and rate >= min_rps:
-            if probe(rate):
+            if step(rate, (yield round(rate, RATE_DIGITS))):
                 best_pass = rate
                 if first_fail is not None:
                     break
@@ -84,7 +119,7 @@ def find_capacity(
             if best_pass is None or first_fail is None or len(result.steps) >= max_steps:
                 break
             mid = math.sqrt(best_pass * first_fail)
-            if probe(mid):
+            if step(mid, (yield round(mid, RATE_DIGITS))):
                 best_pass = mid
             else:
                 first_fail = mid

@@ -7,14 +7,15 @@ run as Sluice runs it is skipped and the report says why, :func:`skip_reason`):
 
 1. the model's Hugging Face directory and context, as the node resolves them (converting
    SmolLM2's GGUF the first time, :func:`bench.vllm.servers.checkpoint`);
-2. *bare vLLM*: ``vllm serve`` with the node's engine settings (:mod:`bench.vllm.servers`),
-   ``--warm-s`` of the scenario at ``--start-rps`` unmeasured, its capacity at SLO (the
-   overload benchmark's search from ``--start-rps``), then the scenario at 2x and 4x that
-   capacity; stopped;
-3. *Sluice + vLLM*: ``sluice up`` with one node on vLLM's engine, warmed alike, its capacity at
-   SLO by the same search from the same rate (a level's result turns on how much the engine
-   ran before it: docs/decisions/bench-vllm-same-search.md), then the same 2x and 4x of *bare
-   vLLM's* capacity; stopped.
+2. both servers up at once: *bare vLLM*, ``vllm serve`` with the node's engine settings
+   (:mod:`bench.vllm.servers`), and *Sluice + vLLM*, ``sluice up`` with one node on vLLM's
+   engine;
+3. each warmed with ``--warm-s`` of the scenario at ``--start-rps`` (unmeasured), then their
+   capacity searches at SLO (the overload benchmark's search, both from ``--start-rps``) one
+   probe of each in turn, then the scenario at 2x and 4x *bare vLLM's* capacity on each in
+   turn; both stopped. Taking turns puts both servers' runs of a stretch on the machine as it
+   was then (docs/decisions/bench-vllm-paired.md), and both searches climb alike (a level's
+   result turns on how much the engine ran before it: bench-vllm-same-search.md).
 
 Both servers get the same scenario, seed and arrivals (:mod:`bench.vllm.measure`); the figures
 are :mod:`bench.vllm.figures`'. ``--smoke`` runs the whole path with short steps on the overload
@@ -44,7 +45,7 @@ from bench.paths import REPO_ROOT, RESULTS_DIR, SCENARIOS_DIR, SCRATCH_DIR
 from bench.slo.cli import WARM_S, options
 from bench.slo.figures import by_class
 from bench.vllm.figures import capacity_verdict, level_verdict
-from bench.vllm.measure import Phase, TargetBenchmark, level_plan, run_phase, target_factory
+from bench.vllm.measure import Phase, TargetBenchmark, level_plan, run_paired, target_factory
 from bench.vllm.report import markdown
 from bench.vllm.servers import BareVllm, SluiceVllmSuite, VllmServe, checkpoint, node_settings
 from inference_node.config import NodeSettings
@@ -160,7 +161,8 @@ def skip_reason(scenario: Scenario) -> str | None:
 
 
 def run_scenario(scenario: Scenario, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
-    """Both servers on one scenario (bare vLLM first: its capacity sets the levels)."""
+    """Both servers on one scenario, up together and measured in turns (bare vLLM's capacity
+    sets the levels)."""
     skipped = skip_reason(scenario)
     if skipped:
         print(f"{scenario.name}: skipped, {skipped}", flush=True)
@@ -182,15 +184,11 @@ def run_scenario(scenario: Scenario, args: argparse.Namespace, run_dir: Path) ->
     server = BareVllm(serve, args.vllm_python, run_dir / scenario.name / "vllm")
     bare = Phase(TargetBenchmark(scenario, keys, opts, make), server)
     bare.bench.records_dir = run_dir / scenario.name / "vllm" / "records"
-    warming = (args.start_rps, args.warm_s)
-    run_phase(bare, args.start_rps, warming, lambda s: level_plan(s, args.start_rps))
-    plan = level_plan(bare.search, args.start_rps) if bare.search else []
     sluice = Phase(TargetBenchmark(scenario, keys, opts, make), suite)
     sluice.bench.records_dir = run_dir / scenario.name / "sluice" / "records"
-    if bare.search is None:
-        sluice.error = "not run: bare vLLM's capacity was not measured"
-    else:
-        run_phase(sluice, args.start_rps, warming, lambda _search: plan)
+    warming = (args.start_rps, args.warm_s)
+    run_paired((bare, sluice), args.start_rps, warming, lambda s: level_plan(s, args.start_rps))
+    plan = level_plan(bare.search, args.start_rps) if bare.search else []
     argv = server.argv or serve.argv(args.vllm_python, server.host, 0)
     return scenario_entry(scenario, settings_json(config, node, serve, argv), bare, sluice, plan)
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 from bench.load.openai_target import openai_target
 from bench.load.run import LoadResult, make_target, run_load
@@ -20,7 +21,7 @@ from bench.load.scenario import Scenario
 from bench.load.targets import Target
 from bench.overload.benchmark import Benchmark
 from bench.overload.options import Options
-from bench.overload.search import RATE_DIGITS, SearchResult
+from bench.overload.search import RATE_DIGITS, BudgetExhausted, SearchResult
 from bench.overload.servers import Server
 from bench.slo.figures import OVERLOAD_MULTIPLES
 from bench.vllm.servers import VLLM_SERVER
@@ -108,26 +109,77 @@ def level_plan(search: SearchResult, start_rps: float) -> list[tuple[float, str]
     return [(round(m * base, RATE_DIGITS), f"{m:g}x {of}") for m in OVERLOAD_MULTIPLES]
 
 
-def run_phase(
-    phase: Phase,
+def run_paired(
+    phases: Sequence[Phase],
     start_rps: float,
     warming: tuple[float, float],
     plan: Callable[[SearchResult], list[tuple[float, str]]],
 ) -> None:
-    """Start the phase's server, warm it (``warming``: rate and seconds), search its capacity
-    from ``start_rps``, run the levels ``plan`` gives for that search, and always stop it; a
-    failure is kept in ``phase.error`` with whatever was measured before it."""
-    server = phase.server
-    print(f"starting {server.name} ...", flush=True)
-    started = time.monotonic()
+    """Both servers up at once, measured in turns (docs/decisions/bench-vllm-paired.md): start
+    each, warm each (``warming``: rate and seconds), then their capacity searches from
+    ``start_rps`` one probe each in turn, then each level ``plan`` gives for the first phase's
+    search on each server in turn; every server is always stopped. A server that fails keeps
+    its error in ``phase.error`` with whatever was measured before it; the others go on."""
+    live: list[Phase] = []
     try:
-        server.start()
-        print(f"{server.name} ready at {server.address} in {time.monotonic() - started:.0f} s")
-        phase.bench.warm(server, *warming)
-        phase.search = phase.bench.search(server, start_rps)
-        phase.levels = phase.bench.levels(server, plan(phase.search))
+        for phase in phases:
+            if _attempt(phase, partial(_start, phase)):
+                live.append(phase)
+        live = [p for p in live if _attempt(p, partial(p.bench.warm, p.server, *warming))]
+        _search_in_turns(live, start_rps)
+        lead = phases[0]
+        if lead.search is None:
+            for phase in phases[1:]:
+                phase.error = phase.error or f"levels not run: {lead.server.name} has no capacity"
+            return
+        for level in plan(lead.search):
+            for phase in [p for p in live if p.error is None]:
+                _attempt(phase, partial(_level, phase, level))
+    finally:
+        for phase in phases:
+            phase.server.stop()
+
+
+def _start(phase: Phase) -> None:
+    server, started = phase.server, time.monotonic()
+    print(f"starting {server.name} ...", flush=True)
+    server.start()
+    print(f"{server.name} ready at {server.address} in {time.monotonic() - started:.0f} s")
+
+
+def _level(phase: Phase, level: tuple[float, str]) -> None:
+    phase.levels.extend(phase.bench.levels(phase.server, [level]))
+
+
+def _attempt(phase: Phase, step: Callable[[], object]) -> bool:
+    """Run ``step``; on an exception keep it as the phase's error (False)."""
+    try:
+        step()
     except Exception as exc:  # what was measured is kept; the entry says what failed
         phase.error = f"{type(exc).__name__}: {exc}"
-        print(f"{server.name}: {phase.error}", flush=True)
-    finally:
-        server.stop()
+        print(f"{phase.server.name}: {phase.error}", flush=True)
+        return False
+    return True
+
+
+def _search_in_turns(phases: Sequence[Phase], start_rps: float) -> None:
+    """Each phase's capacity search, one probe of each in turn until all ended."""
+    turns = {i: phase.bench.probes(start_rps) for i, phase in enumerate(phases)}
+    rates = {i: next(probes) for i, probes in turns.items()}
+    while rates:
+        for i in list(rates):
+            phase, probes = phases[i], turns[i]
+            try:
+                try:
+                    attainment = phase.bench.attainment(phase.server, rates[i])
+                except BudgetExhausted as exc:
+                    rates[i] = probes.throw(exc)
+                else:
+                    rates[i] = probes.send(attainment)
+            except StopIteration as done:
+                phase.search = done.value
+                del rates[i]
+            except Exception as exc:  # this server's search ends; the other goes on
+                phase.error = f"{type(exc).__name__}: {exc}"
+                print(f"{phase.server.name}: {phase.error}", flush=True)
+                del rates[i]

@@ -113,7 +113,8 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{doc.get('vllm_version', '?')}.{smoke} Bare vLLM is `vllm serve` with the engine "
         "settings the Sluice node gives vLLM (same model directory, dtype, context, batch and KV "
         "cache; its own first-come-first-served scheduling); Sluice + vLLM is `sluice up` with "
-        "one node on vLLM's engine. Both get the same scenario, seed and arrivals; the overload "
+        "one node on vLLM's engine. Both get the same scenario, seed and arrivals, run up together "
+        "and measured in turns, a probe or level of one then of the other; the overload "
         "levels are multiples of bare vLLM's capacity. Definitions: `bench/vllm/figures.py`; "
         "every figure is of this run.",
         "",
