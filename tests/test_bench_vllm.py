@@ -497,9 +497,12 @@ class Turns(TargetBenchmark):
     """A benchmark whose runs only note themselves in ``events``: a probe passes at or below
     ``capacity``; ``broken`` raises on the probe at that rate."""
 
-    def __init__(self, events: list[tuple[Any, ...]], capacity: float, broken: float = 0.0):
+    def __init__(
+        self, events: list[tuple[Any, ...]], capacity: float, broken: float = 0.0, steps: int = 8
+    ):
         scenario = load_scenario(REPO_ROOT / "bench" / "scenarios" / "overload.yaml")
-        super().__init__(scenario, {}, Options(refine_steps=1), target_factory({}))
+        options = Options(refine_steps=1, max_search_steps=steps)
+        super().__init__(scenario, {}, options, target_factory({}))
         self.events, self.capacity, self.broken = events, capacity, broken
 
     def warm(self, server: Any, rate: float, seconds: float) -> None:
@@ -556,8 +559,47 @@ def test_paired_run_takes_turns_and_the_other_server_goes_on_when_one_fails() ->
     ]  # fmt: skip
     assert bare.error == "RuntimeError: gone" and bare.search is None
     assert sluice.search is not None and sluice.search.capacity_rps == 1.0
-    assert sluice.error is not None and "levels not run" in sluice.error
+    assert sluice.error == f"levels not run: {VLLM_SERVER}'s capacity was not measured"
     assert not [e for e in events if e[0] == "level"]
+
+
+def test_paired_run_stops_a_failed_server_at_once_and_every_server_at_the_end() -> None:
+    """A server that cannot start is stopped before the other's first probe; a search allowed
+    no probe still plans levels; a stop that raises leaves the next server stopped too."""
+    events: list[tuple[Any, ...]] = []
+    stops: list[str] = []
+
+    class Broken(FakeServer):
+        def start(self) -> None:
+            raise OSError("no port")
+
+        def stop(self) -> None:
+            stops.append(self.name)
+            events.append(("stop", self.name))
+
+    class Stuck(Broken):
+        def start(self) -> None: ...
+
+        def stop(self) -> None:
+            super().stop()
+            raise RuntimeError("stuck")
+
+    bare = Phase(Turns(events, capacity=2.0), Broken(VLLM_SERVER))
+    sluice = Phase(Turns(events, capacity=1.0), Stuck("sluice"))
+    with pytest.raises(RuntimeError, match="stuck"):
+        run_paired((bare, sluice), 1.0, (1.0, 5.0), lambda s: level_plan(s, 1.0))
+    assert events[0] == ("stop", VLLM_SERVER) and events[-1] == ("stop", "sluice")
+    assert stops == [VLLM_SERVER, "sluice"] and bare.error == "OSError: no port"
+    assert sluice.search is not None and sluice.search.capacity_rps == 1.0
+
+    events.clear()
+    bare = Phase(Turns(events, capacity=2.0, steps=0), FakeServer(VLLM_SERVER))
+    sluice = Phase(Turns(events, capacity=2.0, steps=0), FakeServer("sluice"))
+    run_paired((bare, sluice), 1.0, (1.0, 5.0), lambda s: level_plan(s, 1.0))
+    assert bare.search is not None and bare.search.steps == [] and bare.error is None
+    assert [e[1:] for e in events if e[0] == "level"] == [
+        (VLLM_SERVER, 2.0), ("sluice", 2.0), (VLLM_SERVER, 4.0), ("sluice", 4.0),
+    ]  # fmt: skip
 
 
 def test_scenarios_bare_vllm_cannot_run_are_skipped_with_the_reason() -> None:

@@ -5,13 +5,14 @@ SDK, under the same scenario, arrivals and windows.
 
 :meth:`TargetBenchmark.target` is the only change: :class:`Benchmark` runs every load through
 it, and :func:`bench.load.run.make_target` knows ``sluice`` and ``naive`` only.
+:func:`run_paired` runs both servers' phases of a scenario up together and in turns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -90,6 +91,8 @@ class Phase:
     search: SearchResult | None = None
     levels: list[tuple[float, str]] = field(default_factory=list)
     error: str | None = None
+    stopped: bool = False
+    """Its server was stopped (after a failure, or at the end)."""
 
     def level_result(self, rate: float) -> LoadResult | None:
         """The run of the level at ``rate``, if that level was run (not a search step's)."""
@@ -118,26 +121,46 @@ def run_paired(
     """Both servers up at once, measured in turns (docs/decisions/bench-vllm-paired.md): start
     each, warm each (``warming``: rate and seconds), then their capacity searches from
     ``start_rps`` one probe each in turn, then each level ``plan`` gives for the first phase's
-    search on each server in turn; every server is always stopped. A server that fails keeps
-    its error in ``phase.error`` with whatever was measured before it; the others go on."""
-    live: list[Phase] = []
+    search on each server in turn. A server that fails keeps its error in ``phase.error`` with
+    whatever was measured before it and is stopped at once; the others go on. Every server is
+    stopped at the end, each whatever the others' stops raise."""
     try:
-        for phase in phases:
-            if _attempt(phase, partial(_start, phase)):
-                live.append(phase)
+        live = [p for p in phases if _attempt(p, partial(_start, p))]
         live = [p for p in live if _attempt(p, partial(p.bench.warm, p.server, *warming))]
         _search_in_turns(live, start_rps)
         lead = phases[0]
         if lead.search is None:
             for phase in phases[1:]:
-                phase.error = phase.error or f"levels not run: {lead.server.name} has no capacity"
+                missing = f"levels not run: {lead.server.name}'s capacity was not measured"
+                phase.error = phase.error or missing
             return
-        for level in plan(lead.search):
+        try:
+            levels = plan(lead.search)
+        except Exception as exc:  # no levels for anyone; the searches are kept
+            for phase in live:
+                _fail(phase, exc)
+            return
+        for level in levels:
             for phase in [p for p in live if p.error is None]:
                 _attempt(phase, partial(_level, phase, level))
     finally:
-        for phase in phases:
-            phase.server.stop()
+        _stop_all(list(phases))
+
+
+def _stop_all(phases: list[Phase]) -> None:
+    """Stop every phase's server, the rest still when one stop raises (re-raised after)."""
+    if not phases:
+        return
+    try:
+        _stop(phases[0])
+    finally:
+        _stop_all(phases[1:])
+
+
+def _stop(phase: Phase) -> None:
+    if not phase.stopped:
+        phase.stopped = True
+        phase.server.stop()
 
 
 def _start(phase: Phase) -> None:
@@ -152,34 +175,60 @@ def _level(phase: Phase, level: tuple[float, str]) -> None:
 
 
 def _attempt(phase: Phase, step: Callable[[], object]) -> bool:
-    """Run ``step``; on an exception keep it as the phase's error (False)."""
+    """Run ``step``; on an exception the phase fails (:func:`_fail`) and this is False."""
     try:
         step()
     except Exception as exc:  # what was measured is kept; the entry says what failed
-        phase.error = f"{type(exc).__name__}: {exc}"
-        print(f"{phase.server.name}: {phase.error}", flush=True)
+        _fail(phase, exc)
         return False
     return True
 
 
+def _fail(phase: Phase, exc: Exception) -> None:
+    """Keep ``exc`` as the phase's error and stop its server now, so that it does not load the
+    machine while the other is measured."""
+    phase.error = f"{type(exc).__name__}: {exc}"
+    print(f"{phase.server.name}: {phase.error}", flush=True)
+    try:
+        _stop(phase)
+    except Exception as stop_exc:  # the server's own cleanup failed: nothing more to do
+        print(f"{phase.server.name}: stop failed: {stop_exc!r}", flush=True)
+
+
 def _search_in_turns(phases: Sequence[Phase], start_rps: float) -> None:
     """Each phase's capacity search, one probe of each in turn until all ended."""
-    turns = {i: phase.bench.probes(start_rps) for i, phase in enumerate(phases)}
-    rates = {i: next(probes) for i, probes in turns.items()}
+    turns: dict[int, Generator[float, float, SearchResult]] = {}
+    rates: dict[int, float] = {}
+    for i, phase in enumerate(phases):
+        try:
+            turns[i] = phase.bench.probes(start_rps)
+            rates[i] = next(turns[i])
+        except StopIteration as done:  # no probe allowed (max_steps 0)
+            phase.search = done.value
+        except Exception as exc:
+            _fail(phase, exc)
     while rates:
         for i in list(rates):
             phase, probes = phases[i], turns[i]
             try:
-                try:
-                    attainment = phase.bench.attainment(phase.server, rates[i])
-                except BudgetExhausted as exc:
-                    rates[i] = probes.throw(exc)
+                measured = _probe(phase, rates[i])
+                if isinstance(measured, BudgetExhausted):
+                    rates[i] = probes.throw(measured)
                 else:
-                    rates[i] = probes.send(attainment)
+                    rates[i] = probes.send(measured)
             except StopIteration as done:
                 phase.search = done.value
                 del rates[i]
             except Exception as exc:  # this server's search ends; the other goes on
-                phase.error = f"{type(exc).__name__}: {exc}"
-                print(f"{phase.server.name}: {phase.error}", flush=True)
+                _fail(phase, exc)
                 del rates[i]
+
+
+def _probe(phase: Phase, rate: float) -> float | BudgetExhausted:
+    """The attainment of one probe, or the budget's end to throw into the search."""
+    try:
+        return phase.bench.attainment(phase.server, rate)
+    except BudgetExhausted as exc:
+        return exc
+    except StopIteration as exc:  # the probe's own failure, not the search's end
+        raise RuntimeError(f"probe at {rate:g} req/s: {exc!r}") from exc
