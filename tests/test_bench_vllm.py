@@ -563,34 +563,51 @@ def test_paired_run_takes_turns_and_the_other_server_goes_on_when_one_fails() ->
     assert not [e for e in events if e[0] == "level"]
 
 
-def test_paired_run_stops_a_failed_server_at_once_and_every_server_at_the_end() -> None:
-    """A server that cannot start is stopped before the other's first probe; a search allowed
-    no probe still plans levels; a stop that raises leaves the next server stopped too."""
+def test_paired_run_stops_a_failed_server_at_once_and_every_server_at_the_end(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A server that cannot start is stopped before the other's first probe; a stop that
+    raises is reported and the next server is stopped all the same; a search allowed no probe
+    still plans levels."""
     events: list[tuple[Any, ...]] = []
-    stops: list[str] = []
 
-    class Broken(FakeServer):
+    class Recorded(FakeServer):
+        def stop(self) -> None:
+            events.append(("stop", self.name))
+
+    class Broken(Recorded):
         def start(self) -> None:
             raise OSError("no port")
 
-        def stop(self) -> None:
-            stops.append(self.name)
-            events.append(("stop", self.name))
-
-    class Stuck(Broken):
-        def start(self) -> None: ...
-
+    class Stuck(Recorded):
         def stop(self) -> None:
             super().stop()
             raise RuntimeError("stuck")
 
     bare = Phase(Turns(events, capacity=2.0), Broken(VLLM_SERVER))
-    sluice = Phase(Turns(events, capacity=1.0), Stuck("sluice"))
-    with pytest.raises(RuntimeError, match="stuck"):
-        run_paired((bare, sluice), 1.0, (1.0, 5.0), lambda s: level_plan(s, 1.0))
+    sluice = Phase(Turns(events, capacity=1.0), Recorded("sluice"))
+    run_paired((bare, sluice), 1.0, (1.0, 5.0), lambda s: level_plan(s, 1.0))
     assert events[0] == ("stop", VLLM_SERVER) and events[-1] == ("stop", "sluice")
-    assert stops == [VLLM_SERVER, "sluice"] and bare.error == "OSError: no port"
+    assert [e for e in events if e[0] == "stop"] == [("stop", VLLM_SERVER), ("stop", "sluice")]
+    assert bare.error == "OSError: no port" and bare.search is None
     assert sluice.search is not None and sluice.search.capacity_rps == 1.0
+
+    events.clear()
+    bare = Phase(Turns(events, capacity=1.0), Stuck(VLLM_SERVER))
+    sluice = Phase(Turns(events, capacity=1.0), Recorded("sluice"))
+    run_paired((bare, sluice), 1.0, (1.0, 5.0), lambda s: level_plan(s, 1.0))
+    assert events[-2:] == [("stop", VLLM_SERVER), ("stop", "sluice")]
+    assert "stop failed: RuntimeError('stuck')" in capsys.readouterr().err
+    assert bare.stopped is False and sluice.stopped is True
+
+    def no_plan(_search: SearchResult) -> list[tuple[float, str]]:
+        raise ValueError("no plan")
+
+    bare = Phase(Turns(events, capacity=1.0), FakeServer(VLLM_SERVER))
+    sluice = Phase(Turns(events, capacity=1.0, broken=2.0), FakeServer("sluice"))
+    run_paired((bare, sluice), 1.0, (1.0, 5.0), no_plan)
+    assert bare.error == "ValueError: no plan" and sluice.error == "RuntimeError: gone"
+    assert bare.search is not None and bare.search.capacity_rps == 1.0
 
     events.clear()
     bare = Phase(Turns(events, capacity=2.0, steps=0), FakeServer(VLLM_SERVER))

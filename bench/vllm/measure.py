@@ -11,6 +11,7 @@ it, and :func:`bench.load.run.make_target` knows ``sluice`` and ``naive`` only.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -123,7 +124,7 @@ def run_paired(
     ``start_rps`` one probe each in turn, then each level ``plan`` gives for the first phase's
     search on each server in turn. A server that fails keeps its error in ``phase.error`` with
     whatever was measured before it and is stopped at once; the others go on. Every server is
-    stopped at the end, each whatever the others' stops raise."""
+    stopped at the end, each whatever the others' stops raise (:func:`_stop_all`)."""
     try:
         live = [p for p in phases if _attempt(p, partial(_start, p))]
         live = [p for p in live if _attempt(p, partial(p.bench.warm, p.server, *warming))]
@@ -138,29 +139,31 @@ def run_paired(
             levels = plan(lead.search)
         except Exception as exc:  # no levels for anyone; the searches are kept
             for phase in live:
-                _fail(phase, exc)
+                if phase.error is None:
+                    _fail(phase, exc)
             return
         for level in levels:
             for phase in [p for p in live if p.error is None]:
                 _attempt(phase, partial(_level, phase, level))
     finally:
-        _stop_all(list(phases))
+        _stop_all(phases)
 
 
-def _stop_all(phases: list[Phase]) -> None:
-    """Stop every phase's server, the rest still when one stop raises (re-raised after)."""
-    if not phases:
-        return
-    try:
-        _stop(phases[0])
-    finally:
-        _stop_all(phases[1:])
+def _stop_all(phases: Sequence[Phase]) -> None:
+    """Stop every phase's server; a stop that raises is printed and the others still stop (the
+    run's results are written all the same)."""
+    for phase in phases:
+        try:
+            _stop(phase)
+        except Exception as exc:  # its processes may be left: say so, and go on
+            print(f"{phase.server.name}: stop failed: {exc!r}", file=sys.stderr, flush=True)
 
 
 def _stop(phase: Phase) -> None:
+    """Stop the phase's server unless that already succeeded (a failed stop is tried again)."""
     if not phase.stopped:
-        phase.stopped = True
         phase.server.stop()
+        phase.stopped = True
 
 
 def _start(phase: Phase) -> None:
@@ -189,10 +192,7 @@ def _fail(phase: Phase, exc: Exception) -> None:
     machine while the other is measured."""
     phase.error = f"{type(exc).__name__}: {exc}"
     print(f"{phase.server.name}: {phase.error}", flush=True)
-    try:
-        _stop(phase)
-    except Exception as stop_exc:  # the server's own cleanup failed: nothing more to do
-        print(f"{phase.server.name}: stop failed: {stop_exc!r}", flush=True)
+    _stop_all([phase])  # tried again at the end if it failed
 
 
 def _search_in_turns(phases: Sequence[Phase], start_rps: float) -> None:
