@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Generator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from bench.load.run import LoadResult, make_target, run_load
 from bench.load.scenario import PlannedRequest, Scenario, make_prompt, plan_requests
@@ -27,6 +27,7 @@ from bench.overload.search import (
     RATE_DIGITS,
     BudgetExhausted,
     SearchResult,
+    SearchTerms,
     capacity_probes,
     find_capacity,
 )
@@ -223,7 +224,7 @@ class Benchmark:
         summary = self.measure(server, rate).summary()
         return float(summary["slo_attainment"]) if summary["requests"] else 0.0
 
-    def search_terms(self, start_rps: float) -> dict[str, Any]:
+    def search_terms(self, start_rps: float) -> SearchTerms:
         """The search's settings from the options (see :meth:`search`)."""
         o = self.options
         return {

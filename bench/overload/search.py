@@ -1,8 +1,8 @@
 """The capacity search: the highest offered rate whose SLO attainment passes, by stepped probes.
 
 Pure: :func:`find_capacity` calls back for each probe's attainment (:func:`capacity_probes`
-takes them one at a time), so it is tested without servers. Rates are rounded to
-:data:`RATE_DIGITS` decimals, and runs are keyed by them.
+takes them one at a time, :func:`advance` measures one), so it is tested without servers.
+Rates are rounded to :data:`RATE_DIGITS` decimals, and runs are keyed by them.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Required, TypedDict, Unpack
 
 RATE_DIGITS = 4  # offered rates are rounded to this many decimals (and runs keyed by them)
 
@@ -41,39 +43,46 @@ class SearchResult:
         return any(not s.passed and s.offered_rps > self.capacity_rps for s in self.steps)
 
 
+class SearchTerms(TypedDict, total=False):
+    """:func:`capacity_probes`' settings, as keywords (``start_rps`` required)."""
+
+    start_rps: Required[float]
+    factor: float
+    refine_steps: int
+    max_steps: int
+    required: float
+    min_rps: float
+
+
 def find_capacity(
-    attainment_at: Callable[[float], float],
-    *,
-    start_rps: float,
-    factor: float = 2.0,
-    refine_steps: int = 1,
-    max_steps: int = 8,
-    required: float = 0.95,
-    min_rps: float = 1e-3,
+    attainment_at: Callable[[float], float], **terms: Unpack[SearchTerms]
 ) -> SearchResult:
     """Stepped search for the highest rate whose SLO attainment is at least ``required``:
-    :func:`capacity_probes` driven by ``attainment_at`` (a :class:`BudgetExhausted` it raises
-    ends the search with what it found)."""
-    probes = capacity_probes(
-        start_rps=start_rps,
-        factor=factor,
-        refine_steps=refine_steps,
-        max_steps=max_steps,
-        required=required,
-        min_rps=min_rps,
-    )
+    :func:`capacity_probes` (with ``terms``) driven by ``attainment_at`` (a
+    :class:`BudgetExhausted` it raises ends the search with what it found)."""
+    probes = capacity_probes(**terms)
     try:
         rate = next(probes)
         while True:
-            try:
-                attainment = attainment_at(rate)
-            except BudgetExhausted as exc:
-                rate = probes.throw(exc)
-            else:
-                rate = probes.send(attainment)
+            rate = advance(probes, partial(attainment_at, rate))
     except StopIteration as done:
         result: SearchResult = done.value
         return result
+
+
+def advance(
+    probes: Generator[float, float, SearchResult], attainment: Callable[[], float]
+) -> float:
+    """One probe of a search: ``attainment()`` of the rate ``probes`` gave last, sent in (a
+    :class:`BudgetExhausted` it raises is thrown in instead). The next rate to probe; the
+    search's end raises ``StopIteration`` with the :class:`SearchResult` as its value."""
+    try:
+        measured = attainment()
+    except BudgetExhausted as exc:
+        return probes.throw(exc)
+    except StopIteration as exc:  # the probe's own failure, not the search's end
+        raise RuntimeError(f"probe raised {exc!r}") from exc
+    return probes.send(measured)
 
 
 def capacity_probes(

@@ -35,6 +35,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -187,8 +188,9 @@ def run_scenario(scenario: Scenario, args: argparse.Namespace, run_dir: Path) ->
     sluice = Phase(TargetBenchmark(scenario, keys, opts, make), suite)
     sluice.bench.records_dir = run_dir / scenario.name / "sluice" / "records"
     warming = (args.start_rps, args.warm_s)
-    run_paired((bare, sluice), args.start_rps, warming, lambda s: level_plan(s, args.start_rps))
-    plan = level_plan(bare.search, args.start_rps) if bare.search else []
+    plan = run_paired(
+        (bare, sluice), args.start_rps, warming, partial(level_plan, start_rps=args.start_rps)
+    )
     argv = server.argv or serve.argv(args.vllm_python, server.host, 0)
     return scenario_entry(scenario, settings_json(config, node, serve, argv), bare, sluice, plan)
 

@@ -23,7 +23,7 @@ from bench.load.scenario import Scenario
 from bench.load.targets import Target
 from bench.overload.benchmark import Benchmark
 from bench.overload.options import Options
-from bench.overload.search import RATE_DIGITS, BudgetExhausted, SearchResult
+from bench.overload.search import RATE_DIGITS, SearchResult, advance
 from bench.overload.servers import Server
 from bench.slo.figures import OVERLOAD_MULTIPLES
 from bench.vllm.servers import VLLM_SERVER
@@ -118,13 +118,14 @@ def run_paired(
     start_rps: float,
     warming: tuple[float, float],
     plan: Callable[[SearchResult], list[tuple[float, str]]],
-) -> None:
+) -> list[tuple[float, str]]:
     """Both servers up at once, measured in turns (docs/decisions/bench-vllm-paired.md): start
     each, warm each (``warming``: rate and seconds), then their capacity searches from
     ``start_rps`` one probe each in turn, then each level ``plan`` gives for the first phase's
     search on each server in turn. A server that fails keeps its error in ``phase.error`` with
     whatever was measured before it and is stopped at once; the others go on. Every server is
-    stopped at the end, each whatever the others' stops raise (:func:`_stop_all`)."""
+    stopped at the end, each whatever the others' stops raise (:func:`_stop_all`). Returns the
+    levels planned (none when the first phase's capacity was not measured)."""
     try:
         live = [p for p in phases if _attempt(p, partial(_start, p))]
         live = [p for p in live if _attempt(p, partial(p.bench.warm, p.server, *warming))]
@@ -134,17 +135,18 @@ def run_paired(
             for phase in phases[1:]:
                 missing = f"levels not run: {lead.server.name}'s capacity was not measured"
                 phase.error = phase.error or missing
-            return
+            return []
         try:
             levels = plan(lead.search)
         except Exception as exc:  # no levels for anyone; the searches are kept
             for phase in live:
                 if phase.error is None:
                     _fail(phase, exc)
-            return
+            return []
         for level in levels:
             for phase in [p for p in live if p.error is None]:
                 _attempt(phase, partial(_level, phase, level))
+        return levels
     finally:
         _stop_all(phases)
 
@@ -211,24 +213,11 @@ def _search_in_turns(phases: Sequence[Phase], start_rps: float) -> None:
         for i in list(rates):
             phase, probes = phases[i], turns[i]
             try:
-                measured = _probe(phase, rates[i])
-                if isinstance(measured, BudgetExhausted):
-                    rates[i] = probes.throw(measured)
-                else:
-                    rates[i] = probes.send(measured)
+                measure = partial(phase.bench.attainment, phase.server, rates[i])
+                rates[i] = advance(probes, measure)
             except StopIteration as done:
                 phase.search = done.value
                 del rates[i]
             except Exception as exc:  # this server's search ends; the other goes on
                 _fail(phase, exc)
                 del rates[i]
-
-
-def _probe(phase: Phase, rate: float) -> float | BudgetExhausted:
-    """The attainment of one probe, or the budget's end to throw into the search."""
-    try:
-        return phase.bench.attainment(phase.server, rate)
-    except BudgetExhausted as exc:
-        return exc
-    except StopIteration as exc:  # the probe's own failure, not the search's end
-        raise RuntimeError(f"probe at {rate:g} req/s: {exc!r}") from exc
