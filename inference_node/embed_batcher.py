@@ -13,7 +13,6 @@ rounding.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import time
 from collections import deque
@@ -25,6 +24,7 @@ import structlog
 
 from inference_node.embed_sizer import BatchSizer
 from inference_node.model_types import Embedder
+from sluice.runtime.waits import wait_event
 
 log = structlog.get_logger(__name__)
 
@@ -210,8 +210,7 @@ class EmbedBatcher:
             if left <= 0:
                 return
             self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), left)
+            await wait_event(self._arrived, left)
 
     def _texts_waiting(self, embedder: Embedder) -> int:
         return sum(w.left for w in self._queue if w.embedder is embedder and not w.future.done())

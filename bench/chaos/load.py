@@ -26,6 +26,7 @@ from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from sluice.runtime.waits import wait_event
 from sluice.sdk.errors import SluiceRpcError
 from sluice.v1 import admin_pb2, inference_pb2
 
@@ -220,8 +221,7 @@ class SteadyLoad:
             prompt = f"chaos {self._nonce} {tenant} w{worker} #{n}: once upon a time"
             pause = await run_one(client, record, prompt, self.settings, self.clock)
             if pause > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), pause)
+                await wait_event(self._stopping, pause)
 
     async def stop(self, grace_s: float) -> None:
         """No new requests; open ones get ``grace_s`` to end, then are cancelled and LOST.

@@ -25,7 +25,6 @@ A fine-tune job's stream holds one driver entry, delivered through the jobs' con
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -45,6 +44,7 @@ from scheduler.nodes import NodeDirectory
 from scheduler.tenants import TenantDirectory
 from sluice.contract import WorkloadClass
 from sluice.runtime.breaker import BreakerState
+from sluice.runtime.waits import wait_event
 from sluice.v1 import jobs_pb2
 
 log = structlog.get_logger(__name__)
@@ -156,8 +156,7 @@ class FinetuneRunner:
                 log.exception("finetune_runner_error")
                 await asyncio.sleep(1.0)
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), TICK_S)
+            await wait_event(self._wake, TICK_S)
 
     async def _tick(self) -> None:
         now = time.monotonic()

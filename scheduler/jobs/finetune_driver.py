@@ -63,6 +63,7 @@ from scheduler.jobs.outcomes import persist
 from scheduler.jobs.store import Delivery, JobStore, now_ms
 from scheduler.node_handle import NodeHandle
 from sluice.contract import REQUEST_ID_METADATA
+from sluice.runtime.waits import wait_event
 from sluice.v1 import jobs_pb2, node_pb2
 
 log = structlog.get_logger(__name__)
@@ -70,6 +71,8 @@ log = structlog.get_logger(__name__)
 WATCH_S = 0.5
 """How often a driver reads its job's state while its node trains."""
 REGISTER_TRIES = 20
+LATE_ASK_S = 0.05
+"""How long a request sent at or after the lease's end may wait for Redis's answer."""
 LOST = "lost"
 """A driver's stop reason when another replica took its entry over (or may have)."""
 NOT_COUNTED = {
@@ -190,8 +193,7 @@ class FinetuneDriver:
 
     async def _pause(self, seconds: float) -> None:
         self._poked.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._poked.wait(), seconds)
+        await wait_event(self._poked, seconds)
 
     async def _after(self, outcome: Outcome, node_id: str, spec: jobs_pb2.FinetuneSpec) -> bool:
         """Act on a Train call's outcome; False when the job is done with."""
@@ -300,7 +302,7 @@ class FinetuneDriver:
                 return
             stop = ""
             with contextlib.suppress(Exception):  # Redis away: the reader's writes wait too
-                async with asyncio.timeout(WATCH_S):
+                async with asyncio.timeout(self._within_lease(WATCH_S)):
                     stop = stop_reason(await self.ctx.store.get(self.job_id))
             now = time.monotonic()
             if not stop and (now >= next_check or now >= self._lease_end):
@@ -323,7 +325,7 @@ class FinetuneDriver:
         decides alone."""
         asked = time.monotonic()
         try:
-            async with asyncio.timeout(self.ctx.settings.job_heartbeat_seconds):
+            async with asyncio.timeout(self._within_lease(self.ctx.settings.job_heartbeat_seconds)):
                 held = await self.ctx.ft.keep(
                     self.job_id, self.ctx.consumer, self.delivery.entry_id
                 )
@@ -332,6 +334,11 @@ class FinetuneDriver:
         if held > 0:
             self.confirmed(asked)
         return held != 0  # -1: the job went final (the loop ends it)
+
+    def _within_lease(self, wait_s: float) -> float:
+        """How long a Redis request may wait: ``wait_s``, but not past the lease's end (then
+        only LATE_ASK_S), so a partition stops the call by the lease, not a timeout later."""
+        return min(wait_s, max(self._lease_end - time.monotonic(), LATE_ASK_S))
 
     async def _read(self, call: grpc.aio.UnaryStreamCall, state: _Call) -> None:
         """Record every event of the call (see the module docstring)."""

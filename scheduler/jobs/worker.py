@@ -59,6 +59,7 @@ from scheduler.lifecycle import GenerateFlow, RequestPath
 from scheduler.nodes import NodeDirectory
 from sluice.contract import WorkloadClass
 from sluice.runtime.errors import SluiceError
+from sluice.runtime.waits import wait_event
 from sluice.v1 import jobs_pb2
 
 log = structlog.get_logger(__name__)
@@ -175,8 +176,7 @@ class JobWorker:
                 log.exception("job_worker_error")
                 await asyncio.sleep(1.0)
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), 0.2)
+            await wait_event(self._wake, 0.2)
 
     async def _tick(self) -> None:
         now = time.monotonic()
@@ -354,8 +354,7 @@ class JobWorker:
                 return
             self._wake.clear()
             wait = max(DEFER_FLOOR_S, self.window.paused_until - now)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), min(wait, 1.0))
+            await wait_event(self._wake, min(wait, 1.0))
 
     async def _dead_letter(self, delivery: Delivery, line: jobs_pb2.JobLine) -> None:
         """A line delivered more times than allowed: its last error, else why it has none."""

@@ -28,6 +28,7 @@ from aetcd import rpc as etcd_rpc
 from aetcd import watcher as etcd_watcher
 
 from sluice.runtime.tls import Identity, Mesh, Role
+from sluice.runtime.waits import wait_event
 
 log = structlog.get_logger(__name__)
 
@@ -70,7 +71,8 @@ class _TlsEtcdClient(aetcd.Client):
             return
         # Another task is connecting: wait for it, as aetcd does (aetcd is untyped).
         if self._is_connecting:  # type: ignore[has-type]
-            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            async with asyncio.timeout(self._connect_wait_timeout):  # not wait_for: waits.py
+                await self._connected.wait()
             return
         try:
             self._is_connecting = True
@@ -230,8 +232,7 @@ class PrefixView(Generic[T]):
         if within_s is None:
             await self.synced.wait()
         else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._attempted.wait(), within_s)
+            await wait_event(self._attempted, within_s)
         return self.synced.is_set()
 
     async def stop(self) -> None:
