@@ -9,13 +9,15 @@ from sluice.v1 import common_pb2
 
 
 def step_cost_proto(model: str, cost: StepCost) -> common_pb2.StepCost:
-    """A model's fitted step cost as the load report carries it."""
+    """A model's fitted step cost as the load report carries it (its ``timed`` terms under
+    no model name)."""
     return common_pb2.StepCost(
         model=model,
         base_s=cost.base_s,
         per_sequence_s=cost.per_sequence_s,
         per_prefill_token_s=cost.per_prefill_token_s,
         samples=cost.samples,
+        timed=step_cost_proto("", cost.timed) if cost.timed is not None else None,
     )
 
 

@@ -244,11 +244,11 @@ class NodeDirectory:
 
     def prefill_seconds(self, model: str, prompt_tokens: int) -> float:
         """Seconds the fastest healthy node serving ``model`` is predicted to take prefilling
-        ``prompt_tokens`` (``model``'s fitted cost per prompt token there: a lower bound, each
-        chunk's fixed cost and the decode rows beside it left out); 0 while none has a fit
-        (an embedder has none)."""
+        ``prompt_tokens`` (``model``'s cost per prompt token there as first tokens are timed,
+        :attr:`LoadBook.timings`: a lower bound, each chunk's fixed cost and the decode rows
+        beside it left out); 0 while none has a fit (an embedder has none)."""
         fits = [
-            n.book.fits.get(model) for n in self._nodes.values() if n.healthy and not n.draining
+            n.book.timings.get(model) for n in self._nodes.values() if n.healthy and not n.draining
         ]
         costs = [f.per_prefill_token_s for f in fits if f is not None and f.per_prefill_token_s > 0]
         return min(costs, default=0.0) * max(0, prompt_tokens)

@@ -79,6 +79,11 @@ class LoadBook:
     its models, the costliest per sequence."""
     fits: dict[str, PrefillFit] = field(default_factory=dict)
     """Each model's fitted step time, from the last report."""
+    timings: dict[str, PrefillFit] = field(default_factory=dict)
+    """Each model's step time with no step clipped below its own work's cost (the fit's
+    ``timed`` terms, else the fit), by which first tokens are timed: the fit's median clip
+    halves the prompt cost the holds on lower classes are priced at
+    (``docs/decisions/scheduler-first-token-timed-fit.md``)."""
     prefill: PrefillBucket = field(default_factory=PrefillBucket)
     """Prompt prefill this scheduler sent and the node has not yet worked off
     (:mod:`scheduler.prefill`)."""
@@ -125,6 +130,7 @@ class LoadBook:
         self.pinned = max(0, pinned)
         self.step = max(steps, key=lambda f: (f.per_sequence_s, f.base_s), default=None)
         self.fits = {f.model: f for f in steps}
+        self.timings = {f.model: _timed(f) for f in steps}
         for cls in WorkloadClass:
             excess = max(0, reported.get(cls, 0) - self.own.get(cls, 0))
             self.foreign[cls] = min(excess, self.last_excess.get(cls, 0))
@@ -191,16 +197,16 @@ class LoadBook:
         """Seconds from dispatch to the first token of a REALTIME prompt of ``prompt_tokens``
         of ``model`` sent now (0 without a fit): the node's engine prefills the prompts ahead
         of it, then this one, in chunks of ``step_tokens`` less the sequences decoding beside
-        them, each step paying the fit's fixed and per-sequence cost, every prompt token its
+        them, each step paying its fixed and per-sequence cost, every prompt token its
         own (less the share its prefix cache holds). Ahead of it: where the node tells
         (:meth:`tells_ahead`), the tokens its last report named, the REALTIME prompts sent
         since and at most a step of the others sent since, behind the step under way; else
         the bucket's debt. Call :meth:`settle_prefill` first."""
-        fit = self.fits.get(model)
-        if fit is None or not fit.per_prefill_token_s > 0:
+        fit, timed = self.fits.get(model), self.timings.get(model)
+        if fit is None or timed is None or not fit.per_prefill_token_s > 0:
             return 0.0
         rows, reported = self.sequences(), self.ahead_tokens.get(model)
-        if reported is None:  # the bucket's debt: priced less the cache already
+        if reported is None:  # the bucket's debt (at the fit's price): less the cache already
             ahead, under_way = self.prefill.debt_s / fit.per_prefill_token_s, 0
         else:
             lower = self.sent_since_report.get((model, False), 0)
@@ -208,7 +214,8 @@ class LoadBook:
             ahead, under_way = self.computed(model, ahead + min(lower, step_tokens)), 1
         tokens = ahead + self.computed(model, max(1, prompt_tokens))
         steps = math.ceil(tokens / max(1, step_tokens - rows)) + under_way
-        return steps * (fit.base_s + fit.per_sequence_s * rows) + tokens * fit.per_prefill_token_s
+        step_s = timed.base_s + timed.per_sequence_s * rows
+        return steps * step_s + tokens * timed.per_prefill_token_s
 
     def tells_ahead(self, model: str) -> bool:
         """The node reports the prompt tokens ahead of a REALTIME prompt of ``model`` and has
@@ -453,3 +460,10 @@ class OutlierDetector:
     def forget(self, node: str) -> None:
         """Drop a node that left the registry."""
         self._nodes.pop(node, None)
+
+
+def _timed(fit: PrefillFit) -> PrefillFit:
+    """``fit``'s ``timed`` terms where its node sent them (a prompt cost above 0), else
+    ``fit``."""
+    timed = getattr(fit, "timed", None)
+    return timed if timed is not None and timed.per_prefill_token_s > 0 else fit

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from inference_node.engine.step_model import StepModel
@@ -74,3 +75,23 @@ def test_the_step_model_recovers_a_linear_step_cost_and_keeps_terms_non_negative
         falling.observe(0.05 + 0.002 * rows - 0.0001 * tokens, rows, tokens)
     assert falling.cost is not None and falling.cost.per_prefill_token_s == 0
     assert falling.cost.per_sequence_s > 0
+
+
+def test_the_timed_terms_keep_the_full_chunk_steps_the_median_clip_cuts() -> None:
+    """Decode steps of 50-65 ms and one step in eight prefilling a full 512-token chunk at
+    1.1 ms a token (0.6 s, as on vLLM's CPU engine): the median clip cuts those steps to
+    about 0.3 s and prices a prompt token at about half its cost; the ``timed`` terms bound
+    each step by its own work's cost and recover it. A stall is still clipped there."""
+    rng = random.Random(7)
+    model = StepModel(window=256, refit_every=8, skip=0)
+    model.observe(30.0, 20, 0)  # a stall
+    for i in range(256):
+        rows, tokens = rng.randint(20, 30), 512 if i % 8 == 0 else 0
+        model.observe(0.02 + 0.0015 * rows + 0.0011 * tokens + rng.gauss(0, 0.002), rows, tokens)
+    cost = model.cost
+    assert cost is not None and cost.timed is not None
+    assert cost.per_prefill_token_s < 0.0007  # the median clip
+    assert abs(cost.timed.per_prefill_token_s - 0.0011) < 0.0001
+    assert cost.timed.predict(25, 512) == pytest.approx(0.02 + 0.0015 * 25 + 0.0011 * 512, rel=0.05)
+    assert cost.predict(25, 512) < 0.4
+    assert cost.timed.samples == cost.samples == 256 and cost.timed.timed is None

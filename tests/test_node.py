@@ -145,7 +145,7 @@ async def test_the_last_chunk_is_not_held_back_to_the_stream_interval(suite: Sui
 
 async def test_load_reports_carry_the_fitted_step_cost(suite: Suite) -> None:
     """After enough decode steps of varying batches the node's load report carries its
-    model's step cost, fitted on those steps, with non-negative terms."""
+    model's step cost, fitted on those steps, with non-negative terms, and its timed terms."""
     node = await suite.start_node("node-costed")
     stub = node_pb2_grpc.NodeStub(suite.channel(node.address))
     assert not node.servicer.load_report().step_costs
@@ -163,6 +163,8 @@ async def test_load_reports_carry_the_fitted_step_cost(suite: Suite) -> None:
     assert not report.prefix_cache_hit_ratio  # the built-in engine keeps no prefix cache
     assert min(cost.base_s, cost.per_sequence_s, cost.per_prefill_token_s) >= 0
     assert cost.base_s + cost.per_sequence_s > 0
+    assert cost.HasField("timed") and not cost.timed.model and cost.timed.samples == cost.samples
+    assert min(cost.timed.base_s, cost.timed.per_sequence_s, cost.timed.per_prefill_token_s) >= 0
 
 
 async def test_stream_interval_zero_still_delivers_every_token(suite: Suite) -> None:

@@ -397,3 +397,25 @@ def test_a_load_report_reaches_the_book_with_the_prompts_ahead_per_model() -> No
     assert node.book.ahead_tokens == {"m": 700} and node.book.tells_ahead("m")
     assert node.book.cached == {"m": 0.5}  # half of the 800 prompt tokens are priced
     assert node.book.first_token_s("m", 100, 512) == pytest.approx(2 * 0.05 + 400 * 0.002)
+
+
+def test_first_tokens_are_timed_by_the_timed_terms_and_the_bucket_priced_by_the_fit() -> None:
+    """A report whose fit carries ``timed`` terms (its median clip halved the prompt cost):
+    first tokens and a prompt's prefill alone are timed by those, while the prefill bucket's
+    debt is read back into tokens at the price it was charged at (the fit's)."""
+    clock = FakeClock()
+    node = _handle(clock)
+    report = common_pb2.LoadReport(node_id="n1", realtime_prefill_ahead_tokens={"m": 300})
+    fit = report.step_costs.add(
+        model="m", base_s=0.05, per_sequence_s=0.0, per_prefill_token_s=0.001
+    )
+    fit.timed.CopyFrom(common_pb2.StepCost(base_s=0.04, per_prefill_token_s=0.002))
+    node.on_report(report, clock(), PrefillGuard())
+    assert node.book.first_token_s("m", 100, 512) == pytest.approx(2 * 0.04 + 400 * 0.002)
+    del node.book.ahead_tokens["m"]  # no longer told: the bucket's debt ahead, no step under way
+    node.book.prefill.add(0.2)  # 200 tokens at the fit's price
+    assert node.book.first_token_s("m", 100, 512) == pytest.approx(0.04 + 300 * 0.002)
+    older = common_pb2.LoadReport(node_id="n1")
+    older.step_costs.add(model="m", base_s=0.05, per_prefill_token_s=0.001)  # no timed terms
+    node.on_report(older, clock(), PrefillGuard())
+    assert node.book.timings["m"] is node.book.fits["m"]

@@ -11,12 +11,20 @@ nothing of what one more sequence costs). The first ``skip`` steps (warm-up: com
 allocation) are not fitted, and no step counts for more than ``clip`` times the window's
 median: one slow step would otherwise move the base for 512 steps. Written and fitted on the
 engine thread; read from any thread as one immutable :class:`StepCost`.
+
+The median bound also clips the few steps that prefill a full chunk (0.5-0.7 s beside decode
+steps of 50 ms on vLLM's CPU engine) and halves the cost per prompt token; the holds on lower
+classes are tuned on that price (``docs/decisions/node-step-fit-clip.md``). So each fit also
+carries :attr:`StepCost.timed`: the same terms refitted twice with every step bounded by
+``clip`` times what its own work is fitted to cost (or the median, if more), the seconds steps
+take, by which a scheduler times first tokens.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,6 +37,8 @@ class StepCost:
     per_sequence_s: float
     per_prefill_token_s: float
     samples: int
+    timed: StepCost | None = None
+    """The terms with each step bounded by its own work's cost, not the median (module doc)."""
 
     def predict(self, sequences: int, prefill_tokens: int = 0) -> float:
         """Seconds of a step decoding ``sequences`` rows and prefilling ``prefill_tokens``."""
@@ -76,14 +86,28 @@ class StepModel:
         if float(data[:, 0].std()) < 1e-9:  # the rows never varied
             return None
         x = torch.cat([torch.ones(len(data), 1, dtype=torch.float64), data[:, :2]], dim=1)
-        y = data[:, 2:].clamp(max=self._clip * float(data[:, 2].median()))
+        seconds, floor = data[:, 2:], float(data[:, 2].median())
         terms = [0, 1] + ([2] if float(data[:, 1].std()) >= 1e-9 else [])
-        coef = torch.zeros(3, dtype=torch.float64)
-        while terms:
-            solved = torch.linalg.lstsq(x[:, terms], y).solution.flatten()
-            if bool((solved >= 0).all()):
-                coef[terms] = solved
-                break
-            terms = [t for t, c in zip(terms, solved.tolist(), strict=True) if c >= 0]
-        base, per_sequence, per_token = (float(c) for c in coef)
-        return StepCost(base, per_sequence, per_token, samples=len(data))
+        coef = timed = _solve(x, seconds.clamp(max=self._clip * floor), terms)
+        for _ in range(2 if math.isfinite(self._clip) else 0):  # bounded by its own work's cost
+            bound = self._clip * (x @ timed).clamp(min=floor).unsqueeze(1)
+            timed = _solve(x, torch.minimum(seconds, bound), terms)
+        own = _cost(timed, len(data))
+        return replace(_cost(coef, len(data)), timed=own)
+
+
+def _cost(coef: torch.Tensor, samples: int) -> StepCost:
+    return StepCost(coef[0].item(), coef[1].item(), coef[2].item(), samples)
+
+
+def _solve(x: torch.Tensor, y: torch.Tensor, terms: list[int]) -> torch.Tensor:
+    """Least squares of ``y`` on the columns ``terms`` of ``x``, the others zero; a term that
+    fits negative is dropped and the rest refitted."""
+    coef = torch.zeros(x.shape[1], dtype=torch.float64)
+    while terms:
+        solved = torch.linalg.lstsq(x[:, terms], y).solution.flatten()
+        if bool((solved >= 0).all()):
+            coef[terms] = solved
+            break
+        terms = [t for t, c in zip(terms, solved.tolist(), strict=True) if c >= 0]
+    return coef

@@ -200,15 +200,17 @@ class LoadReport(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., classes: _Optional[_Iterable[_Union[ClassCounts, _Mapping]]] = ..., kv_used_bytes: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., decode_tokens_per_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., gpu_free_bytes: _Optional[int] = ..., gpu_total_bytes: _Optional[int] = ..., gpu_utilization_percent: _Optional[float] = ..., state: _Optional[_Union[NodeState, str]] = ..., timestamp_unix_ms: _Optional[int] = ..., reserved_sequences: _Optional[int] = ..., step_costs: _Optional[_Iterable[_Union[StepCost, _Mapping]]] = ..., pinned_sequences: _Optional[int] = ..., realtime_prefill_ahead_tokens: _Optional[_Mapping[str, int]] = ..., prefix_cache_hit_ratio: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class StepCost(_message.Message):
-    __slots__ = ("model", "base_s", "per_sequence_s", "per_prefill_token_s", "samples")
+    __slots__ = ("model", "base_s", "per_sequence_s", "per_prefill_token_s", "samples", "timed")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BASE_S_FIELD_NUMBER: _ClassVar[int]
     PER_SEQUENCE_S_FIELD_NUMBER: _ClassVar[int]
     PER_PREFILL_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TIMED_FIELD_NUMBER: _ClassVar[int]
     model: str
     base_s: float
     per_sequence_s: float
     per_prefill_token_s: float
     samples: int
-    def __init__(self, model: _Optional[str] = ..., base_s: _Optional[float] = ..., per_sequence_s: _Optional[float] = ..., per_prefill_token_s: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
+    timed: StepCost
+    def __init__(self, model: _Optional[str] = ..., base_s: _Optional[float] = ..., per_sequence_s: _Optional[float] = ..., per_prefill_token_s: _Optional[float] = ..., samples: _Optional[int] = ..., timed: _Optional[_Union[StepCost, _Mapping]] = ...) -> None: ...
