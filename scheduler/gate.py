@@ -259,10 +259,11 @@ class DispatchGate:
             return future.result()
         try:
             left = item.deadline - self._clock()
-            return await asyncio.wait_for(future, timeout=max(left, 0.0))
+            async with asyncio.timeout(max(left, 0.0)):  # not wait_for: sluice/runtime/waits.py
+                return await future
         except TimeoutError:
             if self.queues.cancel(item.request_id) is None and self._booked(future):
-                # Booked in the same loop pass as the timeout fired (wait_for on 3.12+).
+                # Booked in the same loop pass as the timeout fired.
                 self._nodes.finished(future.result(), 0, item.workload_class)
                 self.release(item)
             self._metrics.admission.labels(cls, "shed", "DEADLINE").inc()

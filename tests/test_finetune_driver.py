@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import cast
 
 import grpc
 import pytest
@@ -26,10 +29,12 @@ from inference_node.errors import (
     AlreadyExists,
     FailedPrecondition,
 )
+from scheduler.config import SchedulerSettings
+from scheduler.jobs.finetune_driver import DriverContext, FinetuneDriver
 from scheduler.jobs.finetune_outcomes import classify, progress_fields
 from scheduler.jobs.finetune_store import TRAINED_FIELD, FinetuneStore
-from scheduler.jobs.model import JobKeys
-from scheduler.jobs.store import JobStore
+from scheduler.jobs.model import JobKeys, JobRecord
+from scheduler.jobs.store import Delivery, JobStore
 from sluice.runtime.errors import (
     Internal,
     InvalidArgument,
@@ -339,6 +344,24 @@ async def test_a_replica_cut_off_from_redis_stops_training_before_another_takes_
     assert [r.step.step for r in await steps(suite, job.job_id)] == list(range(1, 41))
     assert b.finetune is not None
     assert b.finetune.ctx.metrics.moves.labels("taken_over")._value.get() == 1
+
+
+def test_an_open_call_s_asks_to_redis_end_half_the_lease_s_margin_past_its_end() -> None:
+    """With a reclaim bound of 3 s and heartbeats of 1 s, the lease ends 1 s before another
+    replica may take the entry: while the call is open, a request to Redis waits at most its
+    own bound before the lease ends, only what is left of the next 0.5 s after it, then not
+    at all (the call is cancelled before the takeover, not a timeout later)."""
+    settings = SchedulerSettings(job_reclaim_idle_seconds=3.0, job_heartbeat_seconds=1.0)
+    ctx = cast(DriverContext, SimpleNamespace(settings=settings))
+    delivery = cast(Delivery, SimpleNamespace(job_id="j", deliveries=1))
+    driver = FinetuneDriver(ctx, delivery, cast(JobRecord, SimpleNamespace(tenant="alpha")))
+    now = time.monotonic()
+    assert 1.9 < driver._lease_end - now <= 2.0  # just confirmed: 3 s less the 1-s margin
+    assert driver._within_lease(0.5) == 0.5
+    driver._lease_end = now - 0.2  # the lease ended 0.2 s ago: 0.3 s of the half margin left
+    assert 0.25 < driver._within_lease(1.0) <= 0.3
+    driver._lease_end = now - 0.6
+    assert driver._within_lease(1.0) == 0.0
 
 
 # -- the runner's small rules --------------------------------------------------------------------

@@ -71,8 +71,6 @@ log = structlog.get_logger(__name__)
 WATCH_S = 0.5
 """How often a driver reads its job's state while its node trains."""
 REGISTER_TRIES = 20
-LATE_ASK_S = 0.05
-"""How long a request sent at or after the lease's end may wait for Redis's answer."""
 LOST = "lost"
 """A driver's stop reason when another replica took its entry over (or may have)."""
 NOT_COUNTED = {
@@ -140,14 +138,17 @@ class FinetuneDriver:
         self._last_error = ""
         self._examples: list[jobs_pb2.TrainingExample] | None = None
         self._lease_end = 0.0
+        settings = ctx.settings
+        # The lease ends this long before another replica may take the entry over.
+        self._margin = min(settings.job_heartbeat_seconds, settings.job_reclaim_idle_seconds / 2)
         self.confirmed(time.monotonic())  # the entry was just read or claimed
 
     def confirmed(self, asked: float) -> None:
         """Redis confirmed, for a request sent at ``asked`` (monotonic), that this replica
         holds the entry and reset its idle time: extend the lease (module docstring)."""
-        settings = self.ctx.settings
-        margin = min(settings.job_heartbeat_seconds, settings.job_reclaim_idle_seconds / 2)
-        self._lease_end = max(self._lease_end, asked + settings.job_reclaim_idle_seconds - margin)
+        self._lease_end = max(
+            self._lease_end, asked + self.ctx.settings.job_reclaim_idle_seconds - self._margin
+        )
 
     def poke(self) -> None:
         """Look at the job's state now (a cancel arrived)."""
@@ -237,7 +238,7 @@ class FinetuneDriver:
         self, node: NodeHandle, record: JobRecord, spec: jobs_pb2.FinetuneSpec
     ) -> Outcome:
         """One Train call on ``node``, watched (see the module docstring)."""
-        if not await self._still_mine():
+        if not await self._still_mine(bounded=False):  # no call open yet: Redis decides
             return Outcome("stopped", LOST)
         if self._examples is None:
             self._examples = await persist(partial(self.ctx.ft.examples, self.job_id))
@@ -317,15 +318,16 @@ class FinetuneDriver:
                 call.cancel()
                 return
 
-    async def _still_mine(self) -> bool:
+    async def _still_mine(self, bounded: bool = True) -> bool:
         """Whether this replica still holds the driver entry, resetting its idle time when it
         does: one whose heartbeat lapsed (a partition from Redis, a frozen loop) may have
         been taken over, and two drivers must not train one job. While Redis cannot tell,
         true until the lease runs out (module docstring); a late check that Redis answers
-        decides alone."""
-        asked = time.monotonic()
+        decides alone, if it answers before half the lease's margin has passed past its end
+        (``bounded``; else within a heartbeat)."""
+        asked, wait = time.monotonic(), self.ctx.settings.job_heartbeat_seconds
         try:
-            async with asyncio.timeout(self._within_lease(self.ctx.settings.job_heartbeat_seconds)):
+            async with asyncio.timeout(self._within_lease(wait) if bounded else wait):
                 held = await self.ctx.ft.keep(
                     self.job_id, self.ctx.consumer, self.delivery.entry_id
                 )
@@ -336,9 +338,10 @@ class FinetuneDriver:
         return held != 0  # -1: the job went final (the loop ends it)
 
     def _within_lease(self, wait_s: float) -> float:
-        """How long a Redis request may wait: ``wait_s``, but not past the lease's end (then
-        only LATE_ASK_S), so a partition stops the call by the lease, not a timeout later."""
-        return min(wait_s, max(self._lease_end - time.monotonic(), LATE_ASK_S))
+        """How long a Redis request of a driver whose call is open may wait: ``wait_s``, but
+        not past half the lease's margin after its end, so a partition stops the call before
+        another replica may take the entry over, not a timeout later."""
+        return min(wait_s, max(0.0, self._lease_end + self._margin / 2 - time.monotonic()))
 
     async def _read(self, call: grpc.aio.UnaryStreamCall, state: _Call) -> None:
         """Record every event of the call (see the module docstring)."""

@@ -15,7 +15,7 @@ async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
     """Wait until ``event`` is set or ``timeout_s`` passed; whether it is set. A cancel is
     always raised."""
     try:
-        async with asyncio.timeout(max(timeout_s, 0.0)):
+        async with asyncio.timeout(timeout_s if timeout_s > 0 else 0.0):  # NaN: no wait
             await event.wait()
     except TimeoutError:
         return event.is_set()
