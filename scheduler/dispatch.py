@@ -326,7 +326,7 @@ class Dispatcher:
         elif timed_class and tokens:
             self._metrics.inter_token.labels(timed_class).observe((now - previous) / tokens)
             if timed_class == WorkloadClass.REALTIME.label:
-                node.observe_token_gap((now - previous) / tokens, now)
+                node.observe_token_gap(now - previous, tokens, now)
         stats.generated += len(chunk.token_ids)
         if chunk.usage.prompt_tokens:
             stats.prompt_tokens = chunk.usage.prompt_tokens

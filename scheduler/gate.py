@@ -66,6 +66,14 @@ NO_CAPACITY_WAIT_S = 1e6
 """The predicted wait recorded for a request no node could ever take (admission says inf)."""
 _Key = tuple[str, WorkloadClass]
 """(model, class): what slots, shares and queues are counted per."""
+HOLD_SLOTS = "slots"
+"""No candidate node has a slot the class may take (the inter-token guard's, or its seats)."""
+HOLD_PREFILL = "prefill"
+"""A slot is free, but the node's prefill bucket (:mod:`scheduler.prefill`) holds the prompt."""
+HOLD_HIGHER = "higher_class_prompt"
+"""A higher class's prompt waits for the same nodes' buckets and goes first."""
+HOLD_SHARE = "tenant_share"
+"""The tenant has its slot share; the rest is kept for the other tenants queued."""
 
 
 class _PassScan:
@@ -80,7 +88,9 @@ class _PassScan:
         queues: FairQueues,
         shares: SlotShares,
         demand: Callable[[_Key, set[str]], dict[str, float] | None],
+        now: float,
     ) -> None:
+        self._now = now
         self._nodes = nodes
         self._admission = admission
         self._queues = queues
@@ -90,7 +100,8 @@ class _PassScan:
         # Promoted lower-class items may use REALTIME's headroom (NodeDirectory.has_room), so
         # room is read per (model, class, promoted).
         self._promoted = {i.request_id for i in queues.promoted()}
-        self._full: set[tuple[str, WorkloadClass, bool]] = set()  # no room now, nor in this pass
+        # No room now, nor in this pass: the hold found.
+        self._full: dict[tuple[str, WorkloadClass, bool], str] = {}
         self._held_back: set[tuple[str, WorkloadClass, str]] = set()  # past its share
         self._views: dict[tuple[str, WorkloadClass, bool], SlotView] = {}
         self._sharing: dict[_Key, tuple[set[str], dict[str, int]]] = {}
@@ -98,21 +109,31 @@ class _PassScan:
         self._prompt_held: dict[tuple[str, str], int] = {}  # (model, pool): best rank held
 
     def placeable(self, item: QueuedRequest) -> bool:
-        """True when ``item`` can start now; the node chosen for it is kept for :meth:`took`."""
+        """True when ``item`` can start now; the node chosen for it is kept for :meth:`took`.
+        Otherwise what held it is noted on it (:meth:`QueuedRequest.hold`)."""
+        hold = self._hold(item)
+        if hold:
+            item.hold(hold, self._now)
+        return not hold
+
+    def _hold(self, item: QueuedRequest) -> str:
+        """What holds ``item`` now (empty: nothing, its node chosen)."""
         key = (item.model, item.workload_class)
         promoted = item.request_id in self._promoted
         room_key = (*key, promoted)
-        if room_key in self._full or (*key, item.tenant) in self._held_back:
-            return False
+        if room_key in self._full:
+            return self._full[room_key]
+        if (*key, item.tenant) in self._held_back:
+            return HOLD_SHARE
         held = self._prompt_held.get((item.model, POOL_FOR_CLASS[item.workload_class]), math.inf)
         if item.workload_class.rank > held:
-            return False  # a higher class's prompt waits for these nodes' buckets: it goes first
+            return HOLD_HIGHER  # a higher class's prompt waits for these nodes' buckets
         view = self._views.get(room_key)
         if view is None:
             view = self._views[room_key] = self._nodes.capacity(*key, promoted=promoted)
         if not view.room:  # the common case under load: a pass woken by a report
-            self._full.add(room_key)
-            return False
+            self._full[room_key] = HOLD_PREFILL if view.slot_room else HOLD_SLOTS
+            return self._full[room_key]
         if key not in self._sharing:
             self._sharing[key] = (
                 self._admission.active(*key),
@@ -133,7 +154,7 @@ class _PassScan:
             waiting=waiting,
         ):
             self._held_back.add((*key, item.tenant))  # the rest is kept for the others
-            return False
+            return HOLD_SHARE
         node = self._nodes.pick(
             *key,
             affinity=item.affinity,
@@ -143,12 +164,12 @@ class _PassScan:
             promoted=promoted,
         )
         if node is None:  # its prompt waits for a prefill bucket: so do those behind it
-            self._full.add(room_key)
+            self._full[room_key] = HOLD_PREFILL
             pool, rank = (item.model, POOL_FOR_CLASS[item.workload_class]), item.workload_class.rank
             self._prompt_held[pool] = min(rank, self._prompt_held.get(pool, rank))
-            return False
+            return HOLD_PREFILL
         self._chosen[item.request_id] = node
-        return True
+        return ""
 
     def took(self, item: QueuedRequest) -> NodeHandle:
         """``item`` was popped: its (model, class) has one slot fewer and maybe other tenants
@@ -384,7 +405,9 @@ class DispatchGate:
         node chosen for it and on its tenant's slot share, and return them in the order placed.
         A request whose waiter is gone (timed out or cancelled as it was popped) is popped but
         neither booked nor returned. Resolving the waiters is :meth:`_dispatch`'s."""
-        scan = _PassScan(self._nodes, self.admission, self.queues, self.shares, self._demand)
+        scan = _PassScan(
+            self._nodes, self.admission, self.queues, self.shares, self._demand, self._clock()
+        )
         placed: list[Placement] = []
         while self.queues:
             item = self.queues.pop(scan.placeable)
@@ -411,7 +434,9 @@ class DispatchGate:
         cost, cls = self.cost(item), item.workload_class
         self._avg_cost = cost if not self._avg_cost else 0.9 * self._avg_cost + 0.1 * cost
         self._nodes.dispatched(node, cost, item.affinity, cls, item.model, item.prompt_tokens)
-        waited = self._clock() - item.enqueued_at
+        now = self._clock()
+        item.hold("", now)
+        waited = now - item.enqueued_at
         self._metrics.queue_wait.labels(cls.label, item.tenant).observe(waited)
         self.admission.started(item)
         self.shares.started(item.model, cls, item.tenant)

@@ -419,7 +419,7 @@ async def admit(gate: DispatchGate, item: QueuedRequest, counters: TenantCounter
     ``gate.release``); a refusal is counted for the tenant and raised."""
     # A job line's later attempt runs in the same task: its log fields start afresh.
     structlog.contextvars.unbind_contextvars(
-        "predicted_wait_ms", "predicted_first_token_ms", "queued_ms", "ttft_ms"
+        "predicted_wait_ms", "predicted_first_token_ms", "queued_ms", "held_ms", "ttft_ms"
     )
     began = time.perf_counter()
     try:
@@ -431,6 +431,9 @@ async def admit(gate: DispatchGate, item: QueuedRequest, counters: TenantCounter
     # the node of each attempt).
     queued_ms = round((time.perf_counter() - began) * 1000, 1)
     structlog.contextvars.bind_contextvars(queued_ms=queued_ms)
+    held_ms = {hold: round(s * 1000) for hold, s in item.held_s.items() if s >= 0.001}
+    if held_ms:  # what kept it queued, per hold
+        structlog.contextvars.bind_contextvars(held_ms=held_ms)
     return node
 
 

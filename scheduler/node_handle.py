@@ -58,23 +58,34 @@ class NodeHandle:
     retired: asyncio.Event | None = None
     """Set once a node taken out of rotation has no request of this scheduler left."""
     stream_token_s: float = 0.0
-    """Seconds per token between the chunks of its REALTIME streams lately (a moving average
-    in time, :meth:`observe_token_gap`): it moves as the batch grows, while the inter-token
-    average of finished streams lags by their length."""
+    """Seconds per token its REALTIME streams got lately (:meth:`observe_token_gap`): it
+    moves as the batch grows, while the inter-token average of finished streams lags by their
+    length."""
     stream_token_at: float = 0.0
     """When :attr:`stream_token_s` last moved (the scheduler's clock)."""
+    _gap_s: float = 0.0
+    """Seconds between the REALTIME chunks lately, each weighted by its age."""
+    _gap_tokens: float = 0.0
+    """Tokens those chunks brought, weighted alike."""
 
-    def observe_token_gap(self, seconds_per_token: float, now: float, tau_s: float = 2.0) -> None:
-        """A REALTIME chunk came ``seconds_per_token`` per token after the previous one. The
-        average moves by ``1 - exp(-dt / tau_s)`` for the ``dt`` since its last move, so the
-        chunks of one step (every stream reports the same gap at once) count about once, and
-        it starts afresh after ``2 tau_s`` without chunks."""
+    def observe_token_gap(self, gap_s: float, tokens: int, now: float, tau_s: float = 2.0) -> None:
+        """A REALTIME chunk of ``tokens`` came ``gap_s`` after the stream's previous one.
+        :attr:`stream_token_s` is the time the chunks took over the tokens they brought, each
+        weighted by ``exp(-age / tau_s)``: the streams' mean time per token over the last few
+        seconds, as their SLO counts it (an average of the gaps in time weighs each by its
+        length, so a prefill step of 0.65 s read as a slow stream though the streams kept
+        their target). It starts afresh after ``2 tau_s`` without chunks."""
+        if tokens <= 0 or gap_s < 0:
+            return
         dt = now - self.stream_token_at
-        if self.stream_token_s == 0 or dt > 2 * tau_s:
-            self.stream_token_s = seconds_per_token
-        else:
-            weight = 1 - math.exp(-max(dt, 0.0) / tau_s)
-            self.stream_token_s += weight * (seconds_per_token - self.stream_token_s)
+        if self._gap_tokens <= 0 or dt > 2 * tau_s:
+            self._gap_s, self._gap_tokens = 0.0, 0.0
+        elif dt > 0:
+            decay = math.exp(-dt / tau_s)
+            self._gap_s, self._gap_tokens = self._gap_s * decay, self._gap_tokens * decay
+        self._gap_s += gap_s
+        self._gap_tokens += tokens
+        self.stream_token_s = self._gap_s / self._gap_tokens
         self.stream_token_at = now
 
     def live_token_s(self, now: float, stale_s: float = 4.0) -> float:

@@ -90,6 +90,23 @@ class QueuedRequest:
     dispatched_at: float | None = None
     """When it left the queue for a node (None: not yet)."""
     seq: int = 0
+    held_s: dict[str, float] = field(default_factory=dict)
+    """Seconds it queued, per hold that kept it (:meth:`hold`): the request's log line says
+    why it waited."""
+    _hold: str | None = None
+    """The hold the last pass found (None: not looked at yet; empty: it left the queue)."""
+    _hold_at: float = 0.0
+
+    def hold(self, reason: str, now: float) -> None:
+        """A dispatch pass found ``reason`` holding it (empty: it left the queue). The time
+        since the pass before counts for the hold found then; time before it was first looked
+        at (behind its tenant's earlier items) counts as ``behind``."""
+        last, since = (
+            (self._hold, self._hold_at) if self._hold is not None else ("behind", self.enqueued_at)
+        )
+        if last and now > since:
+            self.held_s[last] = self.held_s.get(last, 0.0) + now - since
+        self._hold, self._hold_at = reason, now
 
     def cost(self, prompt_weight: float) -> float:
         """Work the request asks for, in weighted tokens (prompt, plus every token it may make)."""

@@ -818,3 +818,18 @@ def test_the_node_is_told_what_the_ttft_target_leaves_a_first_token() -> None:
     forward = node_pb2.NodeGenerateRequest(first_token_budget_s=1.5)
     assert _keyed(forward).first_token_budget_s == 1.5, "the first attempt carries it"
     assert _keyed(forward).first_token_budget_s == 0.0, "a retry does not"
+
+
+def test_a_queued_request_counts_its_time_per_hold_that_kept_it() -> None:
+    """Each dispatch pass notes what held the request; the time until the next pass counts
+    for that hold, time before the first look counts as ``behind``, and leaving the queue
+    closes the count."""
+    r = item()
+    r.enqueued_at = 10.0
+    r.hold("slots", 10.5)  # first looked at half a second in
+    r.hold("slots", 11.0)
+    r.hold("prefill", 12.0)
+    r.hold("", 12.25)  # dispatched
+    assert r.held_s == pytest.approx({"behind": 0.5, "slots": 1.5, "prefill": 0.25})
+    r.hold("", 13.0)  # nothing held it since: nothing more counted
+    assert sum(r.held_s.values()) == pytest.approx(2.25)

@@ -359,26 +359,38 @@ def _handle(clock: FakeClock) -> NodeHandle:
     )
 
 
-def test_a_node_s_streaming_token_time_follows_its_realtime_chunks_in_time() -> None:
-    """The per-token gap of REALTIME chunks is a moving average in time (2 s): the chunks of
-    one step, arriving together, barely move it; steps 0.15 s apart bring it from 0.1 to most
-    of the way to 0.2 s in 3 s; it is read as 0 once no REALTIME chunk came for 4 s, and a
-    chunk after a long pause starts it afresh."""
+def test_a_node_s_streaming_token_time_is_its_realtime_streams_mean_time_per_token() -> None:
+    """The per-token time of REALTIME chunks is the time they took over the tokens they
+    brought, lately (each weighted by its age, 2 s): one 0.65-s prefill step among 0.07-s decode
+    steps leaves it near the streams' mean (an average of the gaps in time read 0.23 s, over a
+    0.2-s target); every stream of a step counts; it is read as 0 once no REALTIME chunk came
+    for 4 s, and a chunk after a long pause starts it afresh."""
     clock = FakeClock()
     node = _handle(clock)
     assert node.live_token_s(clock()) == 0
-    node.observe_token_gap(0.1, clock())
-    for _ in range(31):  # one step's chunks, all at once
-        node.observe_token_gap(0.5, clock())
-    assert node.stream_token_s == pytest.approx(0.1)
-    for _ in range(20):
-        clock.advance(0.15)
-        node.observe_token_gap(0.2, clock())
-    assert 0.17 < node.live_token_s(clock()) < 0.2
+    for _ in range(28):  # two streams, a decode step every 0.07 s
+        clock.advance(0.07)
+        node.observe_token_gap(0.07, 1, clock())
+        node.observe_token_gap(0.07, 1, clock())
+    assert node.stream_token_s == pytest.approx(0.07)
+    clock.advance(0.65)  # a step with a full prompt chunk beside them
+    node.observe_token_gap(0.65, 1, clock())
+    node.observe_token_gap(0.65, 1, clock())
+    assert 0.09 < node.live_token_s(clock()) < 0.12
+    for _ in range(14):
+        clock.advance(0.07)
+        node.observe_token_gap(0.07, 1, clock())
+    assert 0.08 < node.live_token_s(clock()) < 0.1
+    for _ in range(20):  # the streams slow to 0.3 s a token, four tokens a chunk
+        clock.advance(1.2)
+        node.observe_token_gap(1.2, 4, clock())
+    assert node.live_token_s(clock()) == pytest.approx(0.3, rel=0.02)
+    node.observe_token_gap(0.5, 0, clock())  # a chunk without tokens says nothing
+    assert node.live_token_s(clock()) == pytest.approx(0.3, rel=0.02)
     clock.advance(4.1)
     assert node.live_token_s(clock()) == 0
-    node.observe_token_gap(0.3, clock())
-    assert node.live_token_s(clock()) == 0.3
+    node.observe_token_gap(0.3, 1, clock())
+    assert node.live_token_s(clock()) == pytest.approx(0.3)
 
 
 def test_a_load_report_reaches_the_book_with_the_prompts_ahead_per_model() -> None:

@@ -271,8 +271,11 @@ async def test_queued_request_is_dispatched_when_a_slot_frees(
     await eventually(lambda: service.nodes.get("node-a").in_flight == 1)  # type: ignore[union-attr]
     second = asyncio.create_task(generate(stub, prompt="second", max_new_tokens=4))
     await eventually(lambda: len(service.gate.queues) == 1)
+    waiting = next(iter(service.gate.queues.items()))
     assert (await second)[-1].usage.completion_tokens == 4
     await first
+    assert waiting.held_s.get("slots", 0.0) > 0  # its log line says what held it
+    assert set(waiting.held_s) <= {"behind", "slots"}
     text = generate_latest(schedulers.registries[0]).decode()
     assert (
         'sluice_scheduler_queue_wait_seconds_count{tenant="alpha",workload_class="realtime"} 2.0'
