@@ -51,11 +51,8 @@ class AdmissionConfig:
     no_capacity_grace_s: float = 1.0
     """How long a queued request may wait with no node able to serve it before it is shed."""
     arrival_window_s: float = 60.0
-    """Window over which the cost admitted per class is averaged: what higher classes are
-    forecast to take while a lower-class request waits, which may be a minute. A 10-s window
-    read a chat burst as lasting (REALTIME admitted at 343 weighted tokens/s, its mean 224),
-    and BATCH was predicted to wait 69-92 s and refused where it waited 10-12 s
-    (docs/decisions/scheduler-higher-class-forecast.md)."""
+    """Window of the cost admitted per class: what higher classes take while a lower-class
+    request waits (docs/decisions/scheduler-higher-class-forecast.md)."""
     min_class_share: float = 0.05
     """Least share of the nodes' rate a class is predicted to get under higher classes."""
     active_window_s: float = 5.0

@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -28,11 +27,11 @@ from scheduler.admission import NO_CAPACITY, Admission, AdmissionConfig, Shed, V
 from scheduler.metrics import SchedulerMetrics
 from scheduler.node_handle import POOL_FOR_CLASS, NodeHandle
 from scheduler.nodes import NodeDirectory, SlotView
+from scheduler.pass_scan import Key, PassScan
 from scheduler.queues import Clock, FairQueues, QueueConfig, QueuedRequest, QueueFull
 from scheduler.running import RunningBook
 from scheduler.shares import DemandMeter, SlotShares
 from scheduler.tenants import TenantDirectory
-from sluice.contract import WorkloadClass
 from sluice.runtime.errors import DeadlineExceeded, ResourceExhausted, SluiceError, Unavailable
 from sluice.v1 import inference_pb2
 
@@ -64,122 +63,6 @@ class Placement:
 
 NO_CAPACITY_WAIT_S = 1e6
 """The predicted wait recorded for a request no node could ever take (admission says inf)."""
-_Key = tuple[str, WorkloadClass]
-"""(model, class): what slots, shares and queues are counted per."""
-HOLD_SLOTS = "slots"
-"""No candidate node has a slot the class may take (the inter-token guard's, or its seats)."""
-HOLD_PREFILL = "prefill"
-"""A slot is free, but the node's prefill bucket (:mod:`scheduler.prefill`) holds the prompt."""
-HOLD_HIGHER = "higher_class_prompt"
-"""A higher class's prompt waits for the same nodes' buckets and goes first."""
-HOLD_SHARE = "tenant_share"
-"""The tenant has its slot share; the rest is kept for the other tenants queued."""
-
-
-class _PassScan:
-    """What one dispatch pass has read, per (model, class), while the queues look at many
-    items: the candidates' slots, the tenants active and queued, their demand, and which keys
-    and tenants can start nothing more in this pass (:meth:`took` drops what a booking moves)."""
-
-    def __init__(
-        self,
-        nodes: NodeDirectory,
-        admission: Admission,
-        queues: FairQueues,
-        shares: SlotShares,
-        demand: Callable[[_Key, set[str]], dict[str, float] | None],
-        now: float,
-    ) -> None:
-        self._now = now
-        self._nodes = nodes
-        self._admission = admission
-        self._queues = queues
-        self._shares = shares
-        self._demand = demand
-        self._chosen: dict[str, NodeHandle] = {}
-        # Promoted lower-class items may use REALTIME's headroom (NodeDirectory.has_room), so
-        # room is read per (model, class, promoted).
-        self._promoted = {i.request_id for i in queues.promoted()}
-        # No room now, nor in this pass: the hold found.
-        self._full: dict[tuple[str, WorkloadClass, bool], str] = {}
-        self._held_back: set[tuple[str, WorkloadClass, str]] = set()  # past its share
-        self._views: dict[tuple[str, WorkloadClass, bool], SlotView] = {}
-        self._sharing: dict[_Key, tuple[set[str], dict[str, int]]] = {}
-        self._demands: dict[_Key, dict[str, float] | None] = {}  # unchanged in a pass
-        self._prompt_held: dict[tuple[str, str], int] = {}  # (model, pool): best rank held
-
-    def placeable(self, item: QueuedRequest) -> bool:
-        """True when ``item`` can start now; the node chosen for it is kept for :meth:`took`.
-        Otherwise what held it is noted on it (:meth:`QueuedRequest.hold`)."""
-        hold = self._hold(item)
-        if hold:
-            item.hold(hold, self._now)
-        return not hold
-
-    def _hold(self, item: QueuedRequest) -> str:
-        """What holds ``item`` now (empty: nothing, its node chosen)."""
-        key = (item.model, item.workload_class)
-        promoted = item.request_id in self._promoted
-        room_key = (*key, promoted)
-        if room_key in self._full:
-            return self._full[room_key]
-        if (*key, item.tenant) in self._held_back:
-            return HOLD_SHARE
-        held = self._prompt_held.get((item.model, POOL_FOR_CLASS[item.workload_class]), math.inf)
-        if item.workload_class.rank > held:
-            return HOLD_HIGHER  # a higher class's prompt waits for these nodes' buckets
-        view = self._views.get(room_key)
-        if view is None:
-            view = self._views[room_key] = self._nodes.capacity(*key, promoted=promoted)
-        if not view.room:  # the common case under load: a pass woken by a report
-            self._full[room_key] = HOLD_PREFILL if view.slot_room else HOLD_SLOTS
-            return self._full[room_key]
-        if key not in self._sharing:
-            self._sharing[key] = (
-                self._admission.active(*key),
-                self._queues.waiting(item.workload_class, item.model),
-            )
-        active, waiting = self._sharing[key]
-        if key not in self._demands:
-            self._demands[key] = self._demand(key, active)
-        demand = self._demands[key]
-        if not self._shares.may_start(
-            *key,
-            item.tenant,
-            view.slots,
-            view.free,
-            active,
-            queued=waiting,
-            demand=demand,
-            waiting=waiting,
-        ):
-            self._held_back.add((*key, item.tenant))  # the rest is kept for the others
-            return HOLD_SHARE
-        node = self._nodes.pick(
-            *key,
-            affinity=item.affinity,
-            need_room=True,
-            among=view.candidates,
-            prompt=item.prompt_tokens,
-            promoted=promoted,
-        )
-        if node is None:  # its prompt waits for a prefill bucket: so do those behind it
-            self._full[room_key] = HOLD_PREFILL
-            pool, rank = (item.model, POOL_FOR_CLASS[item.workload_class]), item.workload_class.rank
-            self._prompt_held[pool] = min(rank, self._prompt_held.get(pool, rank))
-            return HOLD_PREFILL
-        self._chosen[item.request_id] = node
-        return ""
-
-    def took(self, item: QueuedRequest) -> NodeHandle:
-        """``item`` was popped: its (model, class) has one slot fewer and maybe other tenants
-        queued, so what was read for it is read again. Returns the node chosen for it."""
-        key = (item.model, item.workload_class)
-        self._views.pop((*key, False), None)
-        self._views.pop((*key, True), None)
-        self._sharing.pop(key, None)
-        self._held_back.difference_update({k for k in self._held_back if k[:2] == key})
-        return self._chosen[item.request_id]
 
 
 class DispatchGate:
@@ -278,6 +161,11 @@ class DispatchGate:
         if future.done():  # the common case when there is room: no extra loop iteration
             self._waiters.pop(item.request_id, None)
             return future.result()
+        return await self._queued(item, future)
+
+    async def _queued(self, item: QueuedRequest, future: asyncio.Future[NodeHandle]) -> NodeHandle:
+        """Wait in the queue for the node booked for ``item`` until its deadline."""
+        cls = item.workload_class.label
         try:
             left = item.deadline - self._clock()
             async with asyncio.timeout(max(left, 0.0)):  # not wait_for: sluice/runtime/waits.py
@@ -300,6 +188,7 @@ class DispatchGate:
             raise
         finally:
             self._waiters.pop(item.request_id, None)
+            item.hold("", self._clock())  # booked, shed, timed out or cancelled: holds end
 
     def _decide(
         self, item: QueuedRequest, view: SlotView, startable: bool, prompt_held: bool = False
@@ -405,7 +294,7 @@ class DispatchGate:
         node chosen for it and on its tenant's slot share, and return them in the order placed.
         A request whose waiter is gone (timed out or cancelled as it was popped) is popped but
         neither booked nor returned. Resolving the waiters is :meth:`_dispatch`'s."""
-        scan = _PassScan(
+        scan = PassScan(
             self._nodes, self.admission, self.queues, self.shares, self._demand, self._clock()
         )
         placed: list[Placement] = []
@@ -468,7 +357,7 @@ class DispatchGate:
         self._book(item, node)
         return node
 
-    def _demand(self, key: _Key, tenants: set[str]) -> dict[str, float] | None:
+    def _demand(self, key: Key, tenants: set[str]) -> dict[str, float] | None:
         """Slots each tenant asks of (model, class), for the slot shares' burst headroom."""
         return self.demand.slots(*key, tenants, self._nodes.token_seconds(key[0]))
 

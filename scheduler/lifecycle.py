@@ -427,13 +427,14 @@ async def admit(gate: DispatchGate, item: QueuedRequest, counters: TenantCounter
     except SluiceError as exc:
         counters.refuse(exc.reason)
         raise
+    finally:  # what kept it queued, per hold, dispatched or not
+        held_ms = {hold: round(s * 1000) for hold, s in item.held_s.items() if s >= 0.001}
+        if held_ms:
+            structlog.contextvars.bind_contextvars(held_ms=held_ms)
     # The request's log line (rpc_finished) says how long it queued (the dispatcher names
     # the node of each attempt).
     queued_ms = round((time.perf_counter() - began) * 1000, 1)
     structlog.contextvars.bind_contextvars(queued_ms=queued_ms)
-    held_ms = {hold: round(s * 1000) for hold, s in item.held_s.items() if s >= 0.001}
-    if held_ms:  # what kept it queued, per hold
-        structlog.contextvars.bind_contextvars(held_ms=held_ms)
     return node
 
 

@@ -63,9 +63,9 @@ class NodeHandle:
     length."""
     stream_token_at: float = 0.0
     """When :attr:`stream_token_s` last moved (the scheduler's clock)."""
-    _gap_s: float = 0.0
+    _gap_s: float = field(default=0.0, init=False, repr=False)
     """Seconds between the REALTIME chunks lately, each weighted by its age."""
-    _gap_tokens: float = 0.0
+    _gap_tokens: float = field(default=0.0, init=False, repr=False)
     """Tokens those chunks brought, weighted alike."""
 
     def observe_token_gap(self, gap_s: float, tokens: int, now: float, tau_s: float = 2.0) -> None:
@@ -86,7 +86,7 @@ class NodeHandle:
         self._gap_s += gap_s
         self._gap_tokens += tokens
         self.stream_token_s = self._gap_s / self._gap_tokens
-        self.stream_token_at = now
+        self.stream_token_at = max(now, self.stream_token_at)
 
     def live_token_s(self, now: float, stale_s: float = 4.0) -> float:
         """:attr:`stream_token_s` while REALTIME chunks came within ``stale_s``, else 0 (no

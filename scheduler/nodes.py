@@ -219,7 +219,8 @@ class NodeDirectory:
     def token_seconds(self, model: str) -> float:
         """Seconds per generated token on the fastest node serving ``model``: the lowest
         among them of the larger of the inter-token moving average of finished streams and
-        that of the REALTIME chunks streaming now (0 while none is measured yet)."""
+        the REALTIME streams' mean time per token lately (:meth:`NodeHandle.live_token_s`;
+        0 while none is measured yet)."""
         now = self._clock()
         measured = [
             latency

@@ -33,6 +33,8 @@ from sluice.contract import WorkloadClass
 
 Clock = Callable[[], float]
 """Seconds from a monotonic origin."""
+HOLD_PROMOTED = "promoted_lower_class"
+"""A promoted lower-class request waits for the model and holds it (:meth:`FairQueues.pop`)."""
 
 
 @dataclass(frozen=True)
@@ -93,20 +95,21 @@ class QueuedRequest:
     held_s: dict[str, float] = field(default_factory=dict)
     """Seconds it queued, per hold that kept it (:meth:`hold`): the request's log line says
     why it waited."""
-    _hold: str | None = None
+    _hold: str | None = field(default=None, init=False, repr=False)
     """The hold the last pass found (None: not looked at yet; empty: it left the queue)."""
-    _hold_at: float = 0.0
+    _hold_at: float = field(default=0.0, init=False, repr=False)
 
     def hold(self, reason: str, now: float) -> None:
         """A dispatch pass found ``reason`` holding it (empty: it left the queue). The time
-        since the pass before counts for the hold found then; time before it was first looked
-        at (behind its tenant's earlier items) counts as ``behind``."""
-        last, since = (
-            (self._hold, self._hold_at) if self._hold is not None else ("behind", self.enqueued_at)
-        )
+        since the pass before counts for the hold found then; time before any pass looked at
+        it (behind its tenant's earlier items, past the scan depth) counts as ``behind``."""
+        if self._hold is None:
+            last, since = "behind", self.enqueued_at
+        else:
+            last, since = self._hold, self._hold_at
         if last and now > since:
             self.held_s[last] = self.held_s.get(last, 0.0) + now - since
-        self._hold, self._hold_at = reason, now
+        self._hold, self._hold_at = reason, max(now, since)
 
     def cost(self, prompt_weight: float) -> float:
         """Work the request asks for, in weighted tokens (prompt, plus every token it may make)."""
@@ -298,7 +301,9 @@ class FairQueues:
             for tenant in self.tenant_order(cls):
                 fifo = self._classes[cls].by_tenant[tenant]
                 for item in itertools.islice(fifo, self.config.scan_depth):
-                    if item.model not in held and placeable(item):
+                    if item.model in held:
+                        item.hold(HOLD_PROMOTED, self._clock())
+                    elif placeable(item):
                         return self._take(item)
         return None
 

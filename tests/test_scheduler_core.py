@@ -676,6 +676,23 @@ def test_promoted_items_go_earliest_start_first_and_wait_for_a_placeable_slot() 
     assert queues.pop(always) is early
 
 
+def test_a_request_behind_a_promoted_one_counts_its_wait_as_that_hold() -> None:
+    """A promoted BATCH request that cannot be placed holds its model: a REALTIME request for
+    it is not looked at, and its time counts for the promoted request's hold."""
+    clock, queues, _ = make()
+    promoted = item("x", BATCH, model="m", start_by=clock() + 0.5)
+    queues.push(promoted)
+    rt = item("rt", REALTIME, model="m")
+    queues.push(rt)
+    tried: list[QueuedRequest] = []
+    assert queues.pop(lambda i: bool(tried.append(i))) is None
+    assert tried == [promoted]
+    clock.advance(2.0)
+    assert queues.pop(lambda i: i is promoted) is promoted
+    rt.hold("", clock())
+    assert rt.held_s == pytest.approx({"promoted_lower_class": 2.0})
+
+
 def test_realtime_wait_counts_lower_class_work_promoted_while_it_waits() -> None:
     """A REALTIME request predicted to wait 2 s behind REALTIME work also waits for BATCH work
     whose promised start falls in that time (it will be served first), not for BATCH work
