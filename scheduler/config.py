@@ -225,4 +225,5 @@ def prefill_guard(settings: SchedulerSettings) -> PrefillGuard:
         itl_targets(settings),
         burst_intervals=settings.prefill_burst_intervals,
         lower_class_share=settings.lower_class_prefill_share,
+        measured_share=settings.itl_step_share,
     )

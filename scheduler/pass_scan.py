@@ -1,6 +1,7 @@
 """One dispatch pass's view of the nodes and shares (:class:`PassScan`), and what a pass
-found holding each request it could not place (``HOLD_*``; the request's log line counts the
-time per hold, :meth:`~scheduler.queues.QueuedRequest.hold`)."""
+found holding each request it could not place (``HOLD_*``, with the queues'
+:data:`~scheduler.queues.HOLD_PROMOTED`; the request's log line counts the time per hold,
+:meth:`~scheduler.queues.QueuedRequest.hold`)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from collections.abc import Callable
 from scheduler.admission import Admission
 from scheduler.node_handle import POOL_FOR_CLASS, NodeHandle
 from scheduler.nodes import NodeDirectory, SlotView
-from scheduler.queues import HOLD_PROMOTED, FairQueues, QueuedRequest
+from scheduler.queues import FairQueues, QueuedRequest
 from scheduler.shares import SlotShares
 from sluice.contract import WorkloadClass
 
-__all__ = ["HOLD_PROMOTED", "Key", "PassScan"]
+__all__ = ["HOLD_HIGHER", "HOLD_PREFILL", "HOLD_SHARE", "HOLD_SLOTS", "Key", "PassScan"]
 
 Key = tuple[str, WorkloadClass]
 """(model, class): what slots, shares and queues are counted per."""

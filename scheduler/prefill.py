@@ -46,6 +46,10 @@ class PrefillGuard:
     min_share: float = 0.1
     """Least share of a node's time prompts may take (a batch already at its target still
     takes new prompts, slowly, rather than none until a stream ends)."""
+    measured_share: float = 1.0
+    """Share of the tightest target the REALTIME streams' measured mean time per token may
+    reach before prompts get only ``min_share`` (the step budget's share: the guard plans the
+    streams' steps within it; docs/decisions/scheduler-live-token-mean.md)."""
 
     @property
     def burst_s(self) -> float:
@@ -63,12 +67,13 @@ class PrefillGuard:
     ) -> float:
         """Share of the node's time prompts may take while ``running`` classes decode in
         steps of ``step_s``: 1 with none running or no target among them; ``min_share``
-        while the streams' measured time per token (``measured_s``, 0: none) is over the
-        target already (the fit missed something: long contexts, another tenant's load)."""
+        while the streams' measured time per token (``measured_s``, 0: none) is over
+        ``measured_share`` of the target (the fit missed something: long contexts, another
+        tenant's load)."""
         target = tightest(self.itl_targets.get(c, 0.0) for c in running)
         if target <= 0 or step_s <= 0:
             return 1.0
-        if measured_s > target:
+        if measured_s > target * self.measured_share:
             return self.min_share
         return min(1.0, max(self.min_share, 1.0 - step_s / target))
 

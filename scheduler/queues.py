@@ -293,16 +293,22 @@ class FairQueues:
         another. Returns None when nothing can be placed.
         """
         held: set[str] = set()  # models a promoted item is waiting for
-        for item in self.promoted():
-            if item.model not in held and placeable(item):
+        promoted, now = self.promoted(), self._clock()
+        for item in promoted:
+            if item.model in held:
+                item.hold(HOLD_PROMOTED, now)  # behind an earlier promoted one
+            elif placeable(item):
                 return self._take(item)
             held.add(item.model)
+        looked = {i.request_id for i in promoted} if promoted else set()
         for cls in self.class_order():
             for tenant in self.tenant_order(cls):
                 fifo = self._classes[cls].by_tenant[tenant]
                 for item in itertools.islice(fifo, self.config.scan_depth):
+                    if item.request_id in looked:
+                        continue
                     if item.model in held:
-                        item.hold(HOLD_PROMOTED, self._clock())
+                        item.hold(HOLD_PROMOTED, now)
                     elif placeable(item):
                         return self._take(item)
         return None

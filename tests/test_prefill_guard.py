@@ -46,6 +46,12 @@ def test_the_guard_derives_its_depth_and_share_from_the_targets() -> None:
     assert GUARD.drain_share(0.15, {RT}, measured_s=0.21) == pytest.approx(0.1)
     assert GUARD.drain_share(0.15, {RT}, measured_s=0.19) == pytest.approx(0.25)
     settings = SchedulerSettings()
+    # The scheduler's guard reads them against the step budget's share of the target (0.8:
+    # 0.16 s), where it plans their steps: 0.17 s a token is already over it.
+    planned = prefill_guard(settings)
+    assert planned.measured_share == settings.itl_step_share
+    assert planned.drain_share(0.1, {RT}, measured_s=0.17) == pytest.approx(0.1)
+    assert planned.drain_share(0.1, {RT}, measured_s=0.15) == pytest.approx(0.5)
     assert prefill_guard(settings).burst_s == pytest.approx(
         8 * settings.realtime_itl_target_seconds
     )

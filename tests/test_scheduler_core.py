@@ -678,19 +678,27 @@ def test_promoted_items_go_earliest_start_first_and_wait_for_a_placeable_slot() 
 
 def test_a_request_behind_a_promoted_one_counts_its_wait_as_that_hold() -> None:
     """A promoted BATCH request that cannot be placed holds its model: a REALTIME request for
-    it is not looked at, and its time counts for the promoted request's hold."""
+    it is not looked at, and its time counts as that hold; the promoted one keeps its own."""
     clock, queues, _ = make()
     promoted = item("x", BATCH, model="m", start_by=clock() + 0.5)
     queues.push(promoted)
     rt = item("rt", REALTIME, model="m")
     queues.push(rt)
     tried: list[QueuedRequest] = []
-    assert queues.pop(lambda i: bool(tried.append(i))) is None
+
+    def no_seat(i: QueuedRequest) -> bool:
+        tried.append(i)
+        i.hold("slots", clock())
+        return False
+
+    assert queues.pop(no_seat) is None
     assert tried == [promoted]
     clock.advance(2.0)
     assert queues.pop(lambda i: i is promoted) is promoted
     rt.hold("", clock())
+    promoted.hold("", clock())
     assert rt.held_s == pytest.approx({"promoted_lower_class": 2.0})
+    assert promoted.held_s == pytest.approx({"slots": 2.0})  # its own hold, not behind itself
 
 
 def test_realtime_wait_counts_lower_class_work_promoted_while_it_waits() -> None:
