@@ -57,10 +57,6 @@ class NodeHandle:
     average)."""
     retired: asyncio.Event | None = None
     """Set once a node taken out of rotation has no request of this scheduler left."""
-    stream_token_s: float = 0.0
-    """Seconds per token its REALTIME streams got lately (:meth:`observe_token_gap`): it
-    moves as the batch grows, while the inter-token average of finished streams lags by their
-    length."""
     stream_token_at: float = 0.0
     """When :attr:`stream_token_s` last moved (the scheduler's clock)."""
     _gap_s: float = field(default=0.0, init=False, repr=False)
@@ -85,8 +81,14 @@ class NodeHandle:
             self._gap_s, self._gap_tokens = self._gap_s * decay, self._gap_tokens * decay
         self._gap_s += gap_s
         self._gap_tokens += tokens
-        self.stream_token_s = self._gap_s / self._gap_tokens
         self.stream_token_at = max(now, self.stream_token_at)
+
+    @property
+    def stream_token_s(self) -> float:
+        """Seconds per token its REALTIME streams got lately (:meth:`observe_token_gap`; 0:
+        none yet): it moves as the batch grows, while the inter-token average of finished
+        streams lags by their length."""
+        return self._gap_s / self._gap_tokens if self._gap_tokens > 0 else 0.0
 
     def live_token_s(self, now: float, stale_s: float = 4.0) -> float:
         """:attr:`stream_token_s` while REALTIME chunks came within ``stale_s``, else 0 (no
