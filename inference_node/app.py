@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -106,10 +106,12 @@ def gap_config(settings: NodeSettings) -> GapConfig:
     )
 
 
-def embed_batcher(settings: NodeSettings, metrics: NodeMetrics) -> EmbedBatcher:
+def embed_batcher(
+    settings: NodeSettings, metrics: NodeMetrics, embedders: Mapping[str, Embedder]
+) -> EmbedBatcher:
     """The node's embedding thread, merging concurrent Embed calls up to a batch size it
     measures its way to for each model (``settings.embed_*``), each forward's size into
-    ``metrics``."""
+    ``metrics``; ``embedders``' kernels are built on it first."""
 
     def new_sizer() -> BatchSizer:
         return BatchSizer(
@@ -117,12 +119,14 @@ def embed_batcher(settings: NodeSettings, metrics: NodeMetrics) -> EmbedBatcher:
             latency_bound_s=settings.embed_batch_latency_ms / 1000,
         )
 
-    return EmbedBatcher(
+    batcher = EmbedBatcher(
         new_sizer,
         max_wait_s=settings.embed_max_wait_ms / 1000,
         on_batch=lambda model, texts: metrics.embed_batch_size.labels(model).observe(texts),
         lower_forward_s=settings.embed_lower_class_forward_ms / 1000 or None,
     )
+    batcher.warm(embedders.values())
+    return batcher
 
 
 def load_models(settings: NodeSettings) -> tuple[dict[str, LanguageModel], dict[str, Embedder]]:
@@ -201,7 +205,7 @@ class NodeService:
             served,
             embedders,
             metrics,
-            embeds=embed_batcher(settings, metrics),
+            embeds=embed_batcher(settings, metrics, embedders),
             is_draining=lambda: self.draining,
             start_drain=self._start_drain,
             load_interval_s=settings.load_report_interval_ms / 1000,

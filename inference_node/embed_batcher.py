@@ -16,7 +16,7 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -146,6 +146,13 @@ class EmbedBatcher:
         self.waiting = 0
         """Requests queued or running (the bound counts these)."""
         self._closed = False
+
+    def warm(self, embedders: Iterable[Embedder]) -> None:
+        """Queue each embedder's kernel builds (:meth:`Embedder.warm`) on the embedding thread,
+        ahead of any forward: a forward of a new row count would otherwise build its kernels
+        while it runs, and the sizer would read that as the size's cost."""
+        for embedder in embedders:
+            self._pool.submit(_warm, embedder)
 
     def sizer(self, model: str) -> BatchSizer:
         """``model``'s sizer, made on first use."""
@@ -353,6 +360,18 @@ class EmbedBatcher:
         if self._task is not None:
             self._task.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _warm(embedder: Embedder) -> None:
+    started = time.perf_counter()
+    try:
+        products = embedder.warm()
+    except Exception:  # a cold kernel is slow, not wrong: forwards build their own
+        log.exception("embedder_warm_failed", model=embedder.name)
+        return
+    if products:
+        seconds = round(time.perf_counter() - started, 2)
+        log.info("embedder_warmed", model=embedder.name, products=products, seconds=seconds)
 
 
 def _timed_forward(

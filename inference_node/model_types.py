@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from inference_node import row_buckets
 from inference_node.native import BertEncoder
 from inference_node.tokenizer import Tokenizer
 
@@ -125,6 +126,12 @@ class Embedder:
         )
         return ids, mask
 
+    def warm(self) -> int:
+        """Build the encoder's matmul kernels for every bucketed row count a forward of up to
+        :data:`~inference_node.row_buckets.WARM_ROWS` tokens runs at, where they are built
+        per shape (bfloat16 on CPU); returns the products run. Blocking, as :meth:`embed`."""
+        return row_buckets.warm(self.encoder.products())
+
     def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
         """Embed ``texts`` in batches, truncating each to ``max_tokens``.
 
@@ -147,13 +154,16 @@ class Embedder:
         with torch.inference_mode():
             for start in range(0, len(texts), size):
                 ids, mask = self.tokenize(texts[start : start + size])
-                lengths = mask.sum(dim=1)
-                tokens.extend(int(n) for n in lengths.tolist())
-                hidden = self.encoder.packed(ids, mask).float()  # real tokens only
+                counts = mask.sum(dim=1)
+                tokens.extend(int(n) for n in counts.tolist())
+                # shortest first: the encoder's attention pads each run of rows to its longest
+                order = torch.argsort(counts, stable=True)
+                lengths = counts.index_select(0, order)
+                hidden = self.encoder.packed(ids[order], mask[order]).float()  # real tokens only
                 owner = torch.repeat_interleave(torch.arange(len(lengths)), lengths.cpu())
                 summed = hidden.new_zeros(len(lengths), hidden.shape[-1])
                 summed.index_add_(0, owner.to(hidden.device), hidden)
                 pooled = summed / lengths.unsqueeze(-1).to(hidden.dtype).clamp(min=1e-9)
                 normed = torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
-                vectors.extend(normed.cpu().tolist())
+                vectors.extend(normed.index_select(0, torch.argsort(order)).cpu().tolist())
         return vectors, tokens

@@ -26,7 +26,6 @@ from tokenizers import Tokenizer as RustTokenizer
 
 from inference_node.loading import (
     convert_gguf,
-    embedder_dtype_name,
     from_hf,
     is_converted,
     load_directory,
@@ -121,11 +120,11 @@ def load_language_model(
 
 
 def load_embedder(name: str, *, device: str = "cpu", dtype: str = "float32") -> Embedder:
-    """Load embedder ``name`` onto ``device`` in ``dtype`` (float32 for ``auto``);
-    ``ValueError`` if unknown."""
+    """Load embedder ``name`` onto ``device`` in ``dtype`` (``auto`` as for generators:
+    docs/decisions/node-dtype-auto.md); ``ValueError`` if unknown."""
     if name != MINILM:
         raise ValueError(f"unknown embedder {name!r}; known: {', '.join(EMBEDDER_NAMES)}")
-    torch_device, torch_dtype = resolve(device, embedder_dtype_name(dtype))
+    torch_device, torch_dtype = resolve(device, dtype)
     path = package_dir(_MINILM_PACKAGE) / "model"
     config = read_json(path / "config.json")
     encoder = BertEncoder(config, load_safetensors(path), torch_dtype).to(torch_device)

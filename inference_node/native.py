@@ -13,8 +13,10 @@ greedy tokens, same embeddings.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ import torch.nn.functional as F
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
+
+from inference_node.row_buckets import mm
 
 LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2"})
 
@@ -264,6 +268,12 @@ class BertEncoder:
         self.layers = [{k: v.to(device) for k, v in layer.items()} for layer in self.layers]
         return self
 
+    def products(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The (transposed weight, bias) of each matmul of a layer (every layer's are of the
+        same shapes), as :func:`~inference_node.row_buckets.warm` takes them."""
+        layer = self.layers[0]
+        return [(layer[f"{name}_t"], layer[f"{name}_b"]) for name in ("qkv", "o", "up", "down")]
+
     def parameter_count(self) -> int:
         """Number of weights held."""
         tensors = [self.word, self.position, self.token_type, *self.embed_norm]
@@ -279,17 +289,17 @@ class BertEncoder:
         x = F.layer_norm(x, (size,), *self.embed_norm, eps=self.eps)
         keys_valid = mask.bool()[:, None, None, :]
         for layer in self.layers:
-            qkv = torch.addmm(layer["qkv_b"], x.view(-1, size), layer["qkv_t"])
+            qkv = mm(x.view(-1, size), layer["qkv_t"], layer["qkv_b"])
             q, k, v = (
                 t.view(batch, length, heads, size // heads).transpose(1, 2)
                 for t in torch.split(qkv, size, dim=-1)
             )
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keys_valid)
             ctx = ctx.transpose(1, 2).reshape(-1, size)
-            attended = torch.addmm(layer["o_b"], ctx, layer["o_t"]).view(batch, length, size)
+            attended = mm(ctx, layer["o_t"], layer["o_b"]).view(batch, length, size)
             x = F.layer_norm(x + attended, (size,), layer["ln1_w"], layer["ln1_b"], self.eps)
-            inner = F.gelu(torch.addmm(layer["up_b"], x.view(-1, size), layer["up_t"]))
-            out = torch.addmm(layer["down_b"], inner, layer["down_t"]).view(batch, length, size)
+            inner = F.gelu(mm(x.view(-1, size), layer["up_t"], layer["up_b"]))
+            out = mm(inner, layer["down_t"], layer["down_b"]).view(batch, length, size)
             x = F.layer_norm(x + out, (size,), layer["ln2_w"], layer["ln2_b"], self.eps)
         return x
 
@@ -298,29 +308,91 @@ class BertEncoder:
         """Hidden states ``[tokens, hidden]`` of the real tokens only (mask 1, in order) of
         right-padded ``ids``: the same values as :meth:`__call__`'s at those positions, but
         every dense layer runs on the real tokens alone, so a batch of texts of unequal
-        lengths pays for padding only inside attention."""
-        batch, length = ids.shape
+        lengths pays for padding only inside attention, and there only up to the longest
+        text of its group: attention runs on up to :data:`ATTENTION_GROUPS` runs of rows,
+        each padded to its own longest (:func:`attention_groups`; rows sorted by length,
+        as :meth:`Embedder.embed_each` passes them, make those runs tight)."""
+        length = ids.shape[1]
         size, heads = self.hidden_size, self.heads
         # The real tokens' flat positions, found once (one host sync): every layer then
         # gathers and scatters by index, never by boolean mask (a sync per use on a GPU).
         idx = mask.reshape(-1).nonzero().squeeze(1)
-        positions = idx % length
+        groups: list[_AttentionGroup] = []
+        for start, end in attention_groups(mask.sum(dim=1).tolist()):
+            first = groups[-1].first + groups[-1].tokens if groups else 0
+            groups.append(_AttentionGroup.of(mask[start:end], first, 3 * size, self.word.dtype))
         x = F.embedding(ids.reshape(-1).index_select(0, idx), self.word)
-        x = x + self.position.index_select(0, positions)
+        x = x + self.position.index_select(0, idx % length)
         x = F.layer_norm(x + self.token_type, (size,), *self.embed_norm, eps=self.eps)
-        keys_valid = mask.bool()[:, None, None, :]
         for layer in self.layers:
-            qkv = torch.addmm(layer["qkv_b"], x, layer["qkv_t"])
-            padded = qkv.new_zeros(batch * length, 3 * size).index_copy_(0, idx, qkv)
-            q, k, v = (
-                t.view(batch, length, heads, size // heads).transpose(1, 2)
-                for t in torch.split(padded.view(batch, length, 3 * size), size, dim=-1)
-            )
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keys_valid)
-            ctx = ctx.transpose(1, 2).reshape(-1, size).index_select(0, idx)
-            attended = torch.addmm(layer["o_b"], ctx, layer["o_t"])
+            qkv = mm(x, layer["qkv_t"], layer["qkv_b"])
+            ctx = torch.cat([g.attend(qkv, heads) for g in groups]) if groups else qkv[:, :size]
+            attended = mm(ctx, layer["o_t"], layer["o_b"])
             x = F.layer_norm(x + attended, (size,), layer["ln1_w"], layer["ln1_b"], self.eps)
-            inner = F.gelu(torch.addmm(layer["up_b"], x, layer["up_t"]))
-            out = torch.addmm(layer["down_b"], inner, layer["down_t"])
+            inner = F.gelu(mm(x, layer["up_t"], layer["up_b"]))
+            out = mm(inner, layer["down_t"], layer["down_b"])
             x = F.layer_norm(x + out, (size,), layer["ln2_w"], layer["ln2_b"], self.eps)
         return x
+
+
+ATTENTION_GROUPS = 4
+"""Most runs of rows a packed batch's attention is split into (each its own call)."""
+
+MIN_GROUP_ROWS = 4
+"""Fewest rows in one of those runs: a call costs about as much as a few rows."""
+
+
+def attention_groups(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """Runs ``[start, end)`` of rows of equal count (at most :data:`ATTENTION_GROUPS`, each
+    of at least :data:`MIN_GROUP_ROWS` rows where there are that many) covering every row;
+    none for no rows. On CPU attention costs about its padded tokens, not their square, so
+    splitting rows sorted by length cuts the padding it computes."""
+    rows = len(lengths)
+    count = max(1, min(ATTENTION_GROUPS, rows // MIN_GROUP_ROWS)) if rows else 0
+    bounds = [round(i * rows / count) for i in range(count + 1)] if count else []
+    return list(itertools.pairwise(bounds))
+
+
+@dataclass(frozen=True)
+class _AttentionGroup:
+    """A run of rows of a packed batch, padded to its longest: its real tokens' first row in
+    the packed tokens and where they sit in the padding, its key mask, and a zeroed padded
+    Q/K/V buffer that every layer reuses (only the real tokens' rows are ever written, so the
+    padding stays zero)."""
+
+    rows: int
+    span: int
+    first: int
+    tokens: int
+    where: torch.Tensor
+    keys_valid: torch.Tensor
+    buffer: torch.Tensor
+
+    @staticmethod
+    def of(mask: torch.Tensor, first: int, width: int, dtype: torch.dtype) -> _AttentionGroup:
+        """The group of the rows of ``mask`` whose real tokens start at packed row
+        ``first``, its buffer ``width`` (Q, K and V) wide in ``dtype``."""
+        rows = mask.shape[0]
+        span = int(mask.sum(dim=1).max())
+        where = mask[:, :span].reshape(-1).nonzero().squeeze(1)
+        return _AttentionGroup(
+            rows=rows,
+            span=span,
+            first=first,
+            tokens=where.numel(),
+            where=where,
+            keys_valid=mask[:, None, None, :span].bool(),
+            buffer=torch.zeros(rows * span, width, dtype=dtype, device=mask.device),
+        )
+
+    def attend(self, qkv: torch.Tensor, heads: int) -> torch.Tensor:
+        """The attention output ``[tokens, hidden]`` of this group's real tokens, from the
+        packed fused Q/K/V ``qkv`` of the whole batch."""
+        size = qkv.shape[1] // 3
+        padded = self.buffer.index_copy_(0, self.where, qkv[self.first : self.first + self.tokens])
+        q, k, v = (
+            t.view(self.rows, self.span, heads, size // heads).transpose(1, 2)
+            for t in torch.split(padded.view(self.rows, self.span, 3 * size), size, dim=-1)
+        )
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=self.keys_valid)
+        return ctx.transpose(1, 2).reshape(-1, size).index_select(0, self.where)

@@ -27,6 +27,7 @@ def texts_per_second(dtype: str, seconds: float, threads: int) -> list[tuple[int
     """(batch size, milliseconds per forward, texts per second) at each of :data:`SIZES`."""
     torch.set_num_threads(threads)
     embedder = load_embedder(MODEL, dtype=dtype)
+    embedder.warm()  # as the node does before its first forward
     texts = sentences(TEXTS, 0, WORDS)
     rows = []
     for size in SIZES:
