@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -106,12 +106,10 @@ def gap_config(settings: NodeSettings) -> GapConfig:
     )
 
 
-def embed_batcher(
-    settings: NodeSettings, metrics: NodeMetrics, embedders: Mapping[str, Embedder]
-) -> EmbedBatcher:
+def embed_batcher(settings: NodeSettings, metrics: NodeMetrics) -> EmbedBatcher:
     """The node's embedding thread, merging concurrent Embed calls up to a batch size it
     measures its way to for each model (``settings.embed_*``), each forward's size into
-    ``metrics``; ``embedders``' kernels are built on it first."""
+    ``metrics``."""
 
     def new_sizer() -> BatchSizer:
         return BatchSizer(
@@ -119,14 +117,12 @@ def embed_batcher(
             latency_bound_s=settings.embed_batch_latency_ms / 1000,
         )
 
-    batcher = EmbedBatcher(
+    return EmbedBatcher(
         new_sizer,
         max_wait_s=settings.embed_max_wait_ms / 1000,
         on_batch=lambda model, texts: metrics.embed_batch_size.labels(model).observe(texts),
         lower_forward_s=settings.embed_lower_class_forward_ms / 1000 or None,
     )
-    batcher.warm(embedders.values())
-    return batcher
 
 
 def load_models(settings: NodeSettings) -> tuple[dict[str, LanguageModel], dict[str, Embedder]]:
@@ -205,7 +201,7 @@ class NodeService:
             served,
             embedders,
             metrics,
-            embeds=embed_batcher(settings, metrics, embedders),
+            embeds=embed_batcher(settings, metrics),
             is_draining=lambda: self.draining,
             start_drain=self._start_drain,
             load_interval_s=settings.load_report_interval_ms / 1000,
@@ -272,7 +268,11 @@ class NodeService:
 
     async def start(self, *, main_engine_served_elsewhere: bool = False) -> None:
         """Start the engines (each on its own thread, except the main engine when the caller
-        serves it) and the server, then register in etcd."""
+        serves it) and the server, then register in etcd. The embedders' kernels are built
+        first on the embedding thread (:meth:`EmbedBatcher.warm`, about 2 s for MiniLM in bf16
+        here), not awaited: generation is served meanwhile, and an Embed arriving then waits
+        behind it, as it would behind a forward."""
+        self.servicer.embeds.warm(self._embedders.values())
         for engine in self.engines.values():
             if not (main_engine_served_elsewhere and engine is self.main_engine):
                 engine.start()

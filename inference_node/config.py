@@ -37,8 +37,8 @@ class NodeSettings(ServiceSettings):
     device: Literal["cpu", "cuda"] = "cpu"
     """Device the models run on."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Weights and activations dtype; ``auto``: bfloat16 for generators where the hardware
-    computes in it (AVX-512 BF16 or AMX CPUs, CUDA), else float32; embedders float32
+    """Weights and activations dtype, of generators and embedders; ``auto``: bfloat16 where
+    the hardware computes in it (AVX-512 BF16 or AMX CPUs, CUDA), else float32
     (inference_node/loading.py: ``dtype_name``)."""
     engine: Literal["builtin", "vllm"] = "builtin"
     """Generation engine: the built-in continuous batching engine, or vLLM's ``AsyncLLM`` in

@@ -150,7 +150,9 @@ class EmbedBatcher:
     def warm(self, embedders: Iterable[Embedder]) -> None:
         """Queue each embedder's kernel builds (:meth:`Embedder.warm`) on the embedding thread,
         ahead of any forward: a forward of a new row count would otherwise build its kernels
-        while it runs, and the sizer would read that as the size's cost."""
+        while it runs, and the sizer would read that as the size's cost. Nothing once closed."""
+        if self._closed:
+            return
         for embedder in embedders:
             self._pool.submit(_warm, embedder)
 

@@ -146,8 +146,9 @@ class Embedder:
     ) -> tuple[list[list[float]], list[int]]:
         """As :meth:`embed`, with the tokens read per text, in forwards of ``batch_size`` texts
         at most (default :attr:`batch_size`). A text's vector does not depend on the texts it
-        shares a forward with: the dense layers see its real tokens only, attention masks the
-        padding out, pooling averages its own tokens."""
+        shares a forward with beyond rounding (in bf16, where padded row counts and attention
+        spans change, within bf16 rounding): the dense layers see its real tokens only,
+        attention masks the padding out, pooling averages its own tokens."""
         size = batch_size or self.batch_size
         vectors: list[list[float]] = []
         tokens: list[int] = []

@@ -314,13 +314,27 @@ class BertEncoder:
         as :meth:`Embedder.embed_each` passes them, make those runs tight)."""
         length = ids.shape[1]
         size, heads = self.hidden_size, self.heads
-        # The real tokens' flat positions, found once (one host sync): every layer then
-        # gathers and scatters by index, never by boolean mask (a sync per use on a GPU).
+        # The real tokens' flat positions and each text's length, found once (two host
+        # syncs): every layer then gathers and scatters by index, never by boolean mask (a
+        # sync per use on a GPU).
         idx = mask.reshape(-1).nonzero().squeeze(1)
+        lengths = mask.sum(dim=1).tolist()
         groups: list[_AttentionGroup] = []
-        for start, end in attention_groups(mask.sum(dim=1).tolist()):
+        for start, end in attention_groups(len(lengths)):
             first = groups[-1].first + groups[-1].tokens if groups else 0
-            groups.append(_AttentionGroup.of(mask[start:end], first, 3 * size, self.word.dtype))
+            span, tokens = max(lengths[start:end]), sum(lengths[start:end])
+            real = idx[first : first + tokens]  # this run's tokens, as flat positions
+            groups.append(
+                _AttentionGroup(
+                    rows=end - start,
+                    span=span,
+                    first=first,
+                    tokens=tokens,
+                    where=(real // length - start) * span + real % length,
+                    keys_valid=mask[start:end, None, None, :span].bool(),
+                    buffer=self.word.new_zeros((end - start) * span, 3 * size),
+                )
+            )
         x = F.embedding(ids.reshape(-1).index_select(0, idx), self.word)
         x = x + self.position.index_select(0, idx % length)
         x = F.layer_norm(x + self.token_type, (size,), *self.embed_norm, eps=self.eps)
@@ -342,12 +356,12 @@ MIN_GROUP_ROWS = 4
 """Fewest rows in one of those runs: a call costs about as much as a few rows."""
 
 
-def attention_groups(lengths: Sequence[int]) -> list[tuple[int, int]]:
-    """Runs ``[start, end)`` of rows of equal count (at most :data:`ATTENTION_GROUPS`, each
-    of at least :data:`MIN_GROUP_ROWS` rows where there are that many) covering every row;
-    none for no rows. On CPU attention costs about its padded tokens, not their square, so
-    splitting rows sorted by length cuts the padding it computes."""
-    rows = len(lengths)
+def attention_groups(rows: int) -> list[tuple[int, int]]:
+    """Runs ``[start, end)`` of ``rows`` rows, of equal count (at most
+    :data:`ATTENTION_GROUPS`, each of at least :data:`MIN_GROUP_ROWS` rows where there are
+    that many) covering every row; none for no rows. On CPU attention costs about its padded
+    tokens, not their square, so splitting rows sorted by length cuts the padding it
+    computes."""
     count = max(1, min(ATTENTION_GROUPS, rows // MIN_GROUP_ROWS)) if rows else 0
     bounds = [round(i * rows / count) for i in range(count + 1)] if count else []
     return list(itertools.pairwise(bounds))
@@ -367,23 +381,6 @@ class _AttentionGroup:
     where: torch.Tensor
     keys_valid: torch.Tensor
     buffer: torch.Tensor
-
-    @staticmethod
-    def of(mask: torch.Tensor, first: int, width: int, dtype: torch.dtype) -> _AttentionGroup:
-        """The group of the rows of ``mask`` whose real tokens start at packed row
-        ``first``, its buffer ``width`` (Q, K and V) wide in ``dtype``."""
-        rows = mask.shape[0]
-        span = int(mask.sum(dim=1).max())
-        where = mask[:, :span].reshape(-1).nonzero().squeeze(1)
-        return _AttentionGroup(
-            rows=rows,
-            span=span,
-            first=first,
-            tokens=where.numel(),
-            where=where,
-            keys_valid=mask[:, None, None, :span].bool(),
-            buffer=torch.zeros(rows * span, width, dtype=dtype, device=mask.device),
-        )
 
     def attend(self, qkv: torch.Tensor, heads: int) -> torch.Tensor:
         """The attention output ``[tokens, hidden]`` of this group's real tokens, from the

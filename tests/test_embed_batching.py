@@ -9,14 +9,12 @@ and a :class:`FixedSizer` pins the batch limit.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 import pytest
-import torch
 from google.rpc import error_details_pb2
 from prometheus_client import CollectorRegistry
 
@@ -30,7 +28,6 @@ from inference_node.embed_batcher import (
 )
 from inference_node.embed_sizer import BatchSizer
 from inference_node.model_types import Embedder
-from inference_node.native import ATTENTION_GROUPS, attention_groups
 from sluice.v1 import inference_pb2, node_pb2, node_pb2_grpc
 from tests.harness import eventually
 from tests.test_end_to_end import details_of, unpack
@@ -587,38 +584,6 @@ def test_packed_matches_the_padded_forward_at_the_real_tokens(minilm: Embedder) 
         own = minilm.encoder(alone_ids, mask[row : row + 1, :n])[0]
         assert (packed[start : start + n] - own).abs().max().item() <= TOLERANCE
         start += n
-
-
-def test_attention_groups_split_rows_into_equal_runs() -> None:
-    """Rows split into at most ATTENTION_GROUPS contiguous runs of equal count (± 1), each of
-    at least four rows where there are that many, covering every row once."""
-    assert attention_groups([]) == []
-    assert attention_groups([5, 3]) == [(0, 2)]
-    assert attention_groups([1] * 8) == [(0, 4), (4, 8)]
-    runs = attention_groups(list(range(18)))
-    assert len(runs) == ATTENTION_GROUPS
-    assert runs[0][0] == 0 and runs[-1][1] == 18
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(runs))
-    assert {end - start for start, end in runs} <= {4, 5}
-
-
-def test_packed_attention_in_groups_matches_the_padded_forward(minilm: Embedder) -> None:
-    """With several attention groups, in the given order and sorted by length, the packed
-    forward gives each real token the padded forward's hidden state (1e-5), and
-    ``embed_each`` (which sorts) answers each text in its own place, as alone."""
-    texts = TEXTS * 3
-    ids, mask = minilm.tokenize(texts)
-    assert len(attention_groups(mask.sum(dim=1).tolist())) > 1
-    order = torch.argsort(mask.sum(dim=1))
-    for rows_ids, rows_mask in ((ids, mask), (ids[order], mask[order])):
-        packed = minilm.encoder.packed(rows_ids, rows_mask)
-        padded = minilm.encoder(rows_ids, rows_mask)
-        assert (packed - padded[rows_mask.bool()]).abs().max().item() <= TOLERANCE
-    vectors, tokens = minilm.embed_each(texts)
-    for text, vector, count in zip(texts, vectors, tokens, strict=True):
-        own, (own_count,) = minilm.embed_each([text])
-        assert count == own_count
-        assert max(abs(x - y) for x, y in zip(vector, own[0], strict=True)) <= TOLERANCE
 
 
 async def test_kernels_are_built_on_the_embedding_thread_before_the_first_forward(

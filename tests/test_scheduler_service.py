@@ -229,7 +229,8 @@ async def test_unmeetable_deadline_is_refused_at_once_and_client_gone_leaves_que
 ) -> None:
     """A node with one slot is busy and a long request is queued: a request with a short
     deadline is refused at once (OVERLOADED, RetryInfo = predicted wait, pushback trailer);
-    cancelling the queued call removes it from the queue at once."""
+    cancelling the queued call removes it from the queue at once, and its hold count is
+    closed there: all its time in the queue is counted, none after."""
     await suite.start_node("node-a", max_sequences=1)
     # The deadline alone decides here: the REALTIME queue-wait bound and TTFT target would
     # refuse the 20 s wait of the queued request too.
@@ -242,6 +243,7 @@ async def test_unmeetable_deadline_is_refused_at_once_and_client_gone_leaves_que
     await running.read()
     queued = stub.Generate(gen_request("queued", max_new_tokens=1000), metadata=auth())
     await eventually(lambda: len(service.gate.queues) == 1)
+    waiting = next(iter(service.gate.queues.items()))
     started = time.perf_counter()
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await generate(stub, max_new_tokens=1000, timeout=0.5)
@@ -253,8 +255,16 @@ async def test_unmeetable_deadline_is_refused_at_once_and_client_gone_leaves_que
     assert retry.retry_delay.seconds >= 1  # type: ignore[attr-defined]
     assert pushback_ms(err.value) >= 1000
     assert refused_in < 0.25
+    await asyncio.sleep(0.3)  # long enough in the queue for the count to be told from none
     queued.cancel()
     await eventually(lambda: len(service.gate.queues) == 0, timeout=2.0)
+    left_by = time.monotonic()  # the gate's clock
+    counted = sum(waiting.held_s.values())
+    assert waiting.held_s.get("slots", 0.0) > 0
+    in_queue = left_by - waiting.enqueued_at
+    assert in_queue - 0.25 < counted <= in_queue
+    await asyncio.sleep(0.1)
+    assert sum(waiting.held_s.values()) == counted
     running.cancel()
 
 
