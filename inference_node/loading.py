@@ -65,8 +65,8 @@ def dtype_name(device: str, dtype: str) -> str:
     """``dtype``, or for ``auto`` what a generator runs in on ``device``: bfloat16 where the
     hardware computes in it (a CUDA device that supports it; a CPU with AVX-512 BF16 or AMX),
     float32 elsewhere; embedders follow the same rule. bfloat16 about doubles the built-in
-    engine's tokens/s on such CPUs and halves prefill, and on AMX an embedding forward of 32
-    texts runs 1.6x as many texts a second (docs/decisions/node-dtype-auto.md)."""
+    engine's tokens/s on such CPUs and halves prefill, and on AMX an embedding forward of 16-32
+    texts runs 1.7-1.9x as many texts a second (docs/decisions/node-dtype-auto.md)."""
     if dtype != AUTO:
         return dtype
     if device == "cuda":

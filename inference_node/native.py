@@ -306,7 +306,8 @@ class BertEncoder:
     @torch.inference_mode()
     def packed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Hidden states ``[tokens, hidden]`` of the real tokens only (mask 1, in order) of
-        right-padded ``ids``: the same values as :meth:`__call__`'s at those positions, but
+        right-padded ``ids``: the same values as :meth:`__call__`'s at those positions (within
+        rounding: in bf16 padded row counts and attention spans round differently), but
         every dense layer runs on the real tokens alone, so a batch of texts of unequal
         lengths pays for padding only inside attention, and there only up to the longest
         text of its group: attention runs on up to :data:`ATTENTION_GROUPS` runs of rows,

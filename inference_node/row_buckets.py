@@ -66,13 +66,14 @@ def warm(
     products: Iterable[tuple[torch.Tensor, torch.Tensor | None]], max_rows: int = WARM_ROWS
 ) -> int:
     """Build the kernel of every bucketed row count up to ``max_rows`` for each distinct
-    (weight shape, with or without bias) among ``products`` (each ``(weight_t, bias)`` as
+    (weight shape, with or without bias, dtype) among ``products`` (each ``(weight_t, bias)`` as
     :func:`mm` takes them), by products of zeros, where :func:`builds_per_shape`; returns the
     number of products run (0 elsewhere)."""
-    kinds: dict[tuple[int, int, bool], tuple[torch.Tensor, torch.Tensor | None]] = {}
+    kinds: dict[tuple[int, int, bool, torch.dtype], tuple[torch.Tensor, torch.Tensor | None]]
+    kinds = {}
     for w, b in products:
         if builds_per_shape(w):
-            kinds.setdefault((w.shape[0], w.shape[1], b is not None), (w, b))
+            kinds.setdefault((w.shape[0], w.shape[1], b is not None, w.dtype), (w, b))
     counts = sorted({bucket_rows(r) for r in range(1, max_rows + 1)})
     with torch.inference_mode():
         for w, b in kinds.values():

@@ -23,10 +23,10 @@ TEXTS = [
     "A somewhat longer sentence, so that the batch needs padding and an attention mask.",
 ] * 3
 FLOAT32_TOLERANCE = 1e-5
-BF16_HIDDEN_TOLERANCE = 0.1
-"""Hidden states are of order 1-10; a few bf16 steps apart where rounding differs."""
+BF16_HIDDEN_TOLERANCE = 0.03
+"""Of the largest hidden state's magnitude: a few bf16 steps (one step is 2^-8 of it)."""
 BF16_VECTOR_TOLERANCE = 0.004
-"""Per component of a unit vector: the bound the docs state is 0.0016 on 40 texts."""
+"""Per component of a unit vector (0.0016 at most over 40 texts, 2026-12-06)."""
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,8 @@ def test_attention_groups_split_rows_into_equal_runs() -> None:
 
 def packed_against_padded_and_alone(embedder: Embedder, hidden: float, vector: float) -> None:
     """In the given order and sorted by length, the packed forward (several attention
-    groups) gives each real token the padded forward's hidden state within ``hidden``, and
+    groups) gives each real token the padded forward's hidden state within ``hidden``
+    (absolute in float32, of the largest magnitude in bf16), and
     ``embed_each`` (which sorts) answers each text in its own place, as alone, within
     ``vector`` per component, with its own token count."""
     ids, mask = embedder.tokenize(TEXTS)
@@ -57,8 +58,9 @@ def packed_against_padded_and_alone(embedder: Embedder, hidden: float, vector: f
     order = torch.argsort(mask.sum(dim=1))
     for rows_ids, rows_mask in ((ids, mask), (ids[order], mask[order])):
         packed = embedder.encoder.packed(rows_ids, rows_mask).float()
-        padded = embedder.encoder(rows_ids, rows_mask).float()
-        assert (packed - padded[rows_mask.bool()]).abs().max().item() <= hidden
+        want = embedder.encoder(rows_ids, rows_mask).float()[rows_mask.bool()]
+        scale = 1.0 if hidden < 1e-3 else want.abs().max().item()
+        assert (packed - want).abs().max().item() <= hidden * scale
     vectors, tokens = embedder.embed_each(TEXTS)
     for text, got, count in zip(TEXTS, vectors, tokens, strict=True):
         own, (own_count,) = embedder.embed_each([text])
@@ -72,11 +74,12 @@ def test_packed_attention_in_groups_matches_the_padded_forward(minilm: Embedder)
     packed_against_padded_and_alone(minilm, FLOAT32_TOLERANCE, FLOAT32_TOLERANCE)
 
 
-def test_the_bf16_forward_matches_within_bf16_rounding(minilm_bf16: Embedder) -> None:
+def test_the_bf16_forward_matches_within_bf16_rounding(
+    minilm_bf16: Embedder, minilm: Embedder
+) -> None:
     """bfloat16, matmuls padded to their row buckets: the same checks within bf16 rounding,
     and each vector's cosine with the float32 one at least 0.999."""
     packed_against_padded_and_alone(minilm_bf16, BF16_HIDDEN_TOLERANCE, BF16_VECTOR_TOLERANCE)
-    reference = load_embedder("all-minilm-l6-v2")
     got = torch.tensor(minilm_bf16.embed_each(TEXTS)[0])
-    want = torch.tensor(reference.embed_each(TEXTS)[0])
+    want = torch.tensor(minilm.embed_each(TEXTS)[0])
     assert (got * want).sum(dim=1).min().item() >= 0.999
