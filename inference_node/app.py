@@ -234,6 +234,7 @@ class NodeService:
                 kind=common_pb2.MODEL_KIND_GENERATE,
                 max_context_tokens=lm.max_context_tokens,
                 chat=lm.chat,
+                paces_prompts=self.engines[n].paces_prompts,
             )
             for n, lm in self._generators.items()
         ] + [

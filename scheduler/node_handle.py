@@ -95,6 +95,14 @@ class NodeHandle:
         REALTIME stream runs there: the finished streams' average speaks for it)."""
         return self.stream_token_s if now - self.stream_token_at <= stale_s else 0.0
 
+    def prefill_measured_s(self, now: float) -> float:
+        """The streams' time per token the prefill bucket goes by (:meth:`live_token_s`): 0
+        where the node's engine paces its own prompts (``ModelInfo.paces_prompts``), which
+        already caps what prompts take of each step; the bucket holding them back for a
+        slow hour as well only delays them (docs/decisions/scheduler-live-token-mean.md)."""
+        paced = any(m.paces_prompts for m in self.info.models)
+        return 0.0 if paced else self.live_token_s(now)
+
     @property
     def node_id(self) -> str:
         """The node's id."""
@@ -128,7 +136,7 @@ class NodeHandle:
         bucket at the share before it."""
         self.load, self.last_report_at = report, now
         self.observe_capacity(report)
-        self.book.settle_prefill(guard, now, self.live_token_s(now))
+        self.book.settle_prefill(guard, now, self.prefill_measured_s(now))
         self.book.on_report(
             sum(c.running + c.waiting for c in report.classes),
             report.queued_tokens,

@@ -393,6 +393,28 @@ def test_a_node_s_streaming_token_time_is_its_realtime_streams_mean_time_per_tok
     assert node.live_token_s(clock()) == pytest.approx(0.3)
 
 
+def test_a_node_that_paces_its_own_prompts_gives_the_prefill_bucket_no_measured_time() -> None:
+    """The prefill bucket's measured-time rule (prompts at ``min_share`` once the streams run
+    slower than the step budget) is left to the node where its engine caps each step's prompt
+    tokens itself (``ModelInfo.paces_prompts``, vLLM's pace): its streams' slow hour then
+    drains the bucket at the fitted share, not at ``min_share``."""
+    clock = FakeClock()
+    guard = PrefillGuard({REALTIME: 0.2}, burst_intervals=5.0, measured_share=0.8)
+    fit = common_pb2.StepCost(model="m", base_s=0.05, per_sequence_s=0.01, samples=64)
+    shares = {}
+    for paced in (False, True):
+        node = _handle(clock)
+        node.info.models.add(name="m", kind=common_pb2.MODEL_KIND_GENERATE, paces_prompts=paced)
+        node.book.on_report(0, 0, 0, 0, 0.0, steps=[fit])
+        node.book.on_dispatch(10, REALTIME)
+        node.observe_token_gap(0.3, 1, clock())  # streams at 0.3 s a token, over 0.8 x 0.2 s
+        assert node.live_token_s(clock()) == pytest.approx(0.3)
+        assert node.prefill_measured_s(clock()) == (0.0 if paced else pytest.approx(0.3))
+        shares[paced] = node.book.settle_prefill(guard, clock(), node.prefill_measured_s(clock()))
+    assert shares[False] == pytest.approx(guard.min_share)
+    assert shares[True] == pytest.approx(1 - 0.06 / 0.2)  # one sequence: a 0.06-s step
+
+
 def test_a_load_report_reaches_the_book_with_the_prompts_ahead_per_model() -> None:
     """``NodeHandle.on_report``: the book takes the report's counts, step fits and the prompt
     tokens ahead of a REALTIME prompt and the prefix cache's hit ratio for each model the node

@@ -133,14 +133,16 @@ async def test_with_etcd_up_scheduler_and_node_serve_when_start_returns(
     etcd: str, tiny_lm: LanguageModel
 ) -> None:
     """The usual start is unchanged: when ``start`` returns, the node is registered and the
-    scheduler has read the node view, registered, and both say SERVING."""
+    scheduler has read the node view, registered, and both say SERVING. The built-in engine
+    does not pace its prompts (the scheduler's prefill bucket keeps its measured-time rule)."""
     node = node_on(etcd, tiny_lm)
     scheduler = scheduler_on(etcd)
     try:
         await timed_start(node)
         await timed_start(scheduler)
         assert node.server.is_serving() and scheduler.server.is_serving()
-        assert scheduler.view.get("node-late") is not None
+        seen = scheduler.view.get("node-late")
+        assert seen is not None and [m.paces_prompts for m in seen.models] == [False]
         assert scheduler.registration is not None and scheduler.registration.registered.is_set()
         for address in (node.server.address, scheduler.address):
             health = Health(address)

@@ -205,6 +205,12 @@ class EngineClosedError(Exception):
 class Engine(Protocol):
     """A generation engine that owns a model and streams tokens to asyncio callers."""
 
+    @property
+    def paces_prompts(self) -> bool:
+        """True when it caps each step's prompt tokens to keep its decoding streams within
+        their step budgets (published as ``ModelInfo.paces_prompts``)."""
+        ...
+
     def submit(self, request: EngineRequest) -> DeltaStream:
         """Queue ``request`` and return its delta stream; call it on the event loop thread.
 

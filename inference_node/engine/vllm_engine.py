@@ -105,6 +105,8 @@ class VllmEngine(Draining):
         self._lm = lm
         self._options = options
         self._kv_per_token = kv_bytes_per_token(lm)
+        self.paces_prompts = options.pace
+        """Its scheduler caps steps' prompt tokens (:mod:`~inference_node.engine.vllm_pace`)."""
         self._lock = threading.RLock()  # a stream's finalizer may run where it is held
         self._jobs: dict[str, Job] = {}
         self._seq = itertools.count()

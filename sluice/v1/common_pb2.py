@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/common.proto\x12\tsluice.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc9\x01\n\x11GenerationOptions\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"g\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.sluice.v1.ModelKind\x12\x1a\n\x12max_context_tokens\x18\x03 \x01(\x05\x12\x0c\n\x04\x63hat\x18\x04 \x01(\x08\"Z\n\x08\x43\x61pacity\x12\x15\n\rmax_sequences\x18\x01 \x01(\x05\x12\x1a\n\x12max_batched_tokens\x18\x02 \x01(\x05\x12\x1b\n\x13memory_budget_bytes\x18\x03 \x01(\x03\"\x83\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12$\n\x06models\x18\x03 \x03(\x0b\x32\x14.sluice.v1.ModelInfo\x12\r\n\x05pools\x18\x04 \x03(\t\x12%\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32\x13.sluice.v1.Capacity\x12\x0f\n\x07version\x18\x06 \x01(\t\x12#\n\x05state\x18\x07 \x01(\x0e\x32\x14.sluice.v1.NodeState\x12\x17\n\x0fmetrics_address\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x1a\n\x12started_at_unix_ms\x18\n \x01(\x03\"G\n\rSchedulerInfo\x12\x14\n\x0cscheduler_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"a\n\x0b\x43lassCounts\x12\x30\n\x0eworkload_class\x18\x01 \x01(\x0e\x32\x18.sluice.v1.WorkloadClass\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x0f\n\x07waiting\x18\x03 \x01(\x05\"\xdb\x05\n\nLoadReport\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\'\n\x07\x63lasses\x18\x02 \x03(\x0b\x32\x16.sluice.v1.ClassCounts\x12\x15\n\rkv_used_bytes\x18\x03 \x01(\x03\x12\x17\n\x0fkv_budget_bytes\x18\x04 \x01(\x03\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x05 \x01(\x01\x12\x11\n\trss_bytes\x18\x06 \x01(\x03\x12\x15\n\rqueued_tokens\x18\x07 \x01(\x03\x12\x16\n\x0egpu_free_bytes\x18\x08 \x01(\x03\x12\x17\n\x0fgpu_total_bytes\x18\t \x01(\x03\x12\x1f\n\x17gpu_utilization_percent\x18\n \x01(\x01\x12#\n\x05state\x18\x0b \x01(\x0e\x32\x14.sluice.v1.NodeState\x12\x19\n\x11timestamp_unix_ms\x18\x0c \x01(\x03\x12\x1a\n\x12reserved_sequences\x18\r \x01(\x05\x12\'\n\nstep_costs\x18\x0e \x03(\x0b\x32\x13.sluice.v1.StepCost\x12\x18\n\x10pinned_sequences\x18\x0f \x01(\x05\x12\\\n\x1drealtime_prefill_ahead_tokens\x18\x10 \x03(\x0b\x32\x35.sluice.v1.LoadReport.RealtimePrefillAheadTokensEntry\x12N\n\x16prefix_cache_hit_ratio\x18\x11 \x03(\x0b\x32..sluice.v1.LoadReport.PrefixCacheHitRatioEntry\x1a\x41\n\x1fRealtimePrefillAheadTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a:\n\x18PrefixCacheHitRatioEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x93\x01\n\x08StepCost\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x62\x61se_s\x18\x02 \x01(\x01\x12\x16\n\x0eper_sequence_s\x18\x03 \x01(\x01\x12\x1b\n\x13per_prefill_token_s\x18\x04 \x01(\x01\x12\x0f\n\x07samples\x18\x05 \x01(\x05\x12\"\n\x05timed\x18\x06 \x01(\x0b\x32\x13.sluice.v1.StepCost*\x83\x01\n\rWorkloadClass\x12\x1e\n\x1aWORKLOAD_CLASS_UNSPECIFIED\x10\x00\x12\x1b\n\x17WORKLOAD_CLASS_REALTIME\x10\x01\x12\x18\n\x14WORKLOAD_CLASS_BATCH\x10\x02\x12\x1b\n\x17WORKLOAD_CLASS_FINETUNE\x10\x03*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04*V\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_KIND_GENERATE\x10\x01\x12\x14\n\x10MODEL_KIND_EMBED\x10\x02*X\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_STATE_SERVING\x10\x01\x12\x17\n\x13NODE_STATE_DRAINING\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/common.proto\x12\tsluice.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc9\x01\n\x11GenerationOptions\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"~\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.sluice.v1.ModelKind\x12\x1a\n\x12max_context_tokens\x18\x03 \x01(\x05\x12\x0c\n\x04\x63hat\x18\x04 \x01(\x08\x12\x15\n\rpaces_prompts\x18\x05 \x01(\x08\"Z\n\x08\x43\x61pacity\x12\x15\n\rmax_sequences\x18\x01 \x01(\x05\x12\x1a\n\x12max_batched_tokens\x18\x02 \x01(\x05\x12\x1b\n\x13memory_budget_bytes\x18\x03 \x01(\x03\"\x83\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12$\n\x06models\x18\x03 \x03(\x0b\x32\x14.sluice.v1.ModelInfo\x12\r\n\x05pools\x18\x04 \x03(\t\x12%\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32\x13.sluice.v1.Capacity\x12\x0f\n\x07version\x18\x06 \x01(\t\x12#\n\x05state\x18\x07 \x01(\x0e\x32\x14.sluice.v1.NodeState\x12\x17\n\x0fmetrics_address\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x1a\n\x12started_at_unix_ms\x18\n \x01(\x03\"G\n\rSchedulerInfo\x12\x14\n\x0cscheduler_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"a\n\x0b\x43lassCounts\x12\x30\n\x0eworkload_class\x18\x01 \x01(\x0e\x32\x18.sluice.v1.WorkloadClass\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x0f\n\x07waiting\x18\x03 \x01(\x05\"\xdb\x05\n\nLoadReport\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\'\n\x07\x63lasses\x18\x02 \x03(\x0b\x32\x16.sluice.v1.ClassCounts\x12\x15\n\rkv_used_bytes\x18\x03 \x01(\x03\x12\x17\n\x0fkv_budget_bytes\x18\x04 \x01(\x03\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x05 \x01(\x01\x12\x11\n\trss_bytes\x18\x06 \x01(\x03\x12\x15\n\rqueued_tokens\x18\x07 \x01(\x03\x12\x16\n\x0egpu_free_bytes\x18\x08 \x01(\x03\x12\x17\n\x0fgpu_total_bytes\x18\t \x01(\x03\x12\x1f\n\x17gpu_utilization_percent\x18\n \x01(\x01\x12#\n\x05state\x18\x0b \x01(\x0e\x32\x14.sluice.v1.NodeState\x12\x19\n\x11timestamp_unix_ms\x18\x0c \x01(\x03\x12\x1a\n\x12reserved_sequences\x18\r \x01(\x05\x12\'\n\nstep_costs\x18\x0e \x03(\x0b\x32\x13.sluice.v1.StepCost\x12\x18\n\x10pinned_sequences\x18\x0f \x01(\x05\x12\\\n\x1drealtime_prefill_ahead_tokens\x18\x10 \x03(\x0b\x32\x35.sluice.v1.LoadReport.RealtimePrefillAheadTokensEntry\x12N\n\x16prefix_cache_hit_ratio\x18\x11 \x03(\x0b\x32..sluice.v1.LoadReport.PrefixCacheHitRatioEntry\x1a\x41\n\x1fRealtimePrefillAheadTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a:\n\x18PrefixCacheHitRatioEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x93\x01\n\x08StepCost\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x62\x61se_s\x18\x02 \x01(\x01\x12\x16\n\x0eper_sequence_s\x18\x03 \x01(\x01\x12\x1b\n\x13per_prefill_token_s\x18\x04 \x01(\x01\x12\x0f\n\x07samples\x18\x05 \x01(\x05\x12\"\n\x05timed\x18\x06 \x01(\x0b\x32\x13.sluice.v1.StepCost*\x83\x01\n\rWorkloadClass\x12\x1e\n\x1aWORKLOAD_CLASS_UNSPECIFIED\x10\x00\x12\x1b\n\x17WORKLOAD_CLASS_REALTIME\x10\x01\x12\x18\n\x14WORKLOAD_CLASS_BATCH\x10\x02\x12\x1b\n\x17WORKLOAD_CLASS_FINETUNE\x10\x03*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04*V\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_KIND_GENERATE\x10\x01\x12\x14\n\x10MODEL_KIND_EMBED\x10\x02*X\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_STATE_SERVING\x10\x01\x12\x17\n\x13NODE_STATE_DRAINING\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,14 +35,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOADREPORT_REALTIMEPREFILLAHEADTOKENSENTRY']._serialized_options = b'8\001'
   _globals['_LOADREPORT_PREFIXCACHEHITRATIOENTRY']._loaded_options = None
   _globals['_LOADREPORT_PREFIXCACHEHITRATIOENTRY']._serialized_options = b'8\001'
-  _globals['_WORKLOADCLASS']._serialized_start=1862
-  _globals['_WORKLOADCLASS']._serialized_end=1993
-  _globals['_FINISHREASON']._serialized_start=1996
-  _globals['_FINISHREASON']._serialized_end=2143
-  _globals['_MODELKIND']._serialized_start=2145
-  _globals['_MODELKIND']._serialized_end=2231
-  _globals['_NODESTATE']._serialized_start=2233
-  _globals['_NODESTATE']._serialized_end=2321
+  _globals['_WORKLOADCLASS']._serialized_start=1885
+  _globals['_WORKLOADCLASS']._serialized_end=2016
+  _globals['_FINISHREASON']._serialized_start=2019
+  _globals['_FINISHREASON']._serialized_end=2166
+  _globals['_MODELKIND']._serialized_start=2168
+  _globals['_MODELKIND']._serialized_end=2254
+  _globals['_NODESTATE']._serialized_start=2256
+  _globals['_NODESTATE']._serialized_end=2344
   _globals['_CHATMESSAGE']._serialized_start=37
   _globals['_CHATMESSAGE']._serialized_end=81
   _globals['_GENERATIONOPTIONS']._serialized_start=84
@@ -50,21 +50,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=287
   _globals['_USAGE']._serialized_end=344
   _globals['_MODELINFO']._serialized_start=346
-  _globals['_MODELINFO']._serialized_end=449
-  _globals['_CAPACITY']._serialized_start=451
-  _globals['_CAPACITY']._serialized_end=541
-  _globals['_NODEINFO']._serialized_start=544
-  _globals['_NODEINFO']._serialized_end=803
-  _globals['_SCHEDULERINFO']._serialized_start=805
-  _globals['_SCHEDULERINFO']._serialized_end=876
-  _globals['_CLASSCOUNTS']._serialized_start=878
-  _globals['_CLASSCOUNTS']._serialized_end=975
-  _globals['_LOADREPORT']._serialized_start=978
-  _globals['_LOADREPORT']._serialized_end=1709
-  _globals['_LOADREPORT_REALTIMEPREFILLAHEADTOKENSENTRY']._serialized_start=1584
-  _globals['_LOADREPORT_REALTIMEPREFILLAHEADTOKENSENTRY']._serialized_end=1649
-  _globals['_LOADREPORT_PREFIXCACHEHITRATIOENTRY']._serialized_start=1651
-  _globals['_LOADREPORT_PREFIXCACHEHITRATIOENTRY']._serialized_end=1709
-  _globals['_STEPCOST']._serialized_start=1712
-  _globals['_STEPCOST']._serialized_end=1859
+  _globals['_MODELINFO']._serialized_end=472
+  _globals['_CAPACITY']._serialized_start=474
+  _globals['_CAPACITY']._serialized_end=564
+  _globals['_NODEINFO']._serialized_start=567
+  _globals['_NODEINFO']._serialized_end=826
+  _globals['_SCHEDULERINFO']._serialized_start=828
+  _globals['_SCHEDULERINFO']._serialized_end=899
+  _globals['_CLASSCOUNTS']._serialized_start=901
+  _globals['_CLASSCOUNTS']._serialized_end=998
+  _globals['_LOADREPORT']._serialized_start=1001
+  _globals['_LOADREPORT']._serialized_end=1732
+  _globals['_LOADREPORT_REALTIMEPREFILLAHEADTOKENSENTRY']._serialized_start=1607
+  _globals['_LOADREPORT_REALTIMEPREFILLAHEADTOKENSENTRY']._serialized_end=1672
+  _globals['_LOADREPORT_PREFIXCACHEHITRATIOENTRY']._serialized_start=1674
+  _globals['_LOADREPORT_PREFIXCACHEHITRATIOENTRY']._serialized_end=1732
+  _globals['_STEPCOST']._serialized_start=1735
+  _globals['_STEPCOST']._serialized_end=1882
 # @@protoc_insertion_point(module_scope)

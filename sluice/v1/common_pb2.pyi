@@ -82,16 +82,18 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "kind", "max_context_tokens", "chat")
+    __slots__ = ("name", "kind", "max_context_tokens", "chat", "paces_prompts")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
+    PACES_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ModelKind
     max_context_tokens: int
     chat: bool
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., max_context_tokens: _Optional[int] = ..., chat: _Optional[bool] = ...) -> None: ...
+    paces_prompts: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., max_context_tokens: _Optional[int] = ..., chat: _Optional[bool] = ..., paces_prompts: _Optional[bool] = ...) -> None: ...
 
 class Capacity(_message.Message):
     __slots__ = ("max_sequences", "max_batched_tokens", "memory_budget_bytes")

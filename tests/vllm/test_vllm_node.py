@@ -23,8 +23,10 @@ import pytest
 
 from inference_node.engine import EngineRequest, SamplingParams, build_engine
 from inference_node.models import SMOLLM2, load_language_model
+from sluice.contract import NODES_PREFIX
 from sluice.local.stores import StoreProcess, free_port
 from sluice.local.up import wait_serving
+from sluice.runtime.registry import etcd_client
 from sluice.v1 import common_pb2, inference_pb2, node_pb2, node_pb2_grpc
 from tests.harness import eventually
 
@@ -145,6 +147,20 @@ async def test_streams_chunks_with_usage_and_the_builtin_engines_greedy_tokens(
     assert chunks[0].node_id == "vllm-smoke"
     print(f"vllm greedy: {len(tokens)} tokens in {seconds:.2f} s")  # noqa: T201
     assert tokens == await _builtin_greedy(16)
+
+
+async def test_the_node_publishes_that_vllm_paces_its_prompts(
+    node: Node, etcd_server: StoreProcess
+) -> None:
+    """Its registry entry says the engine caps each step's prompt tokens itself (the pace, on
+    by default): schedulers then leave the prompts' measured-time hold to it."""
+    etcd = etcd_client(etcd_server.address)
+    try:
+        entry = await etcd.get((NODES_PREFIX + "vllm-smoke").encode())
+    finally:
+        await etcd.close()
+    info = common_pb2.NodeInfo.FromString(entry.value)
+    assert [(m.name, m.paces_prompts) for m in info.models] == [(SMOLLM2, True)]
 
 
 async def test_a_cancelled_stream_frees_its_request(stub: node_pb2_grpc.NodeStub) -> None:
