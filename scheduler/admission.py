@@ -157,12 +157,10 @@ class WaitCalibration:
         max_age_s: float = 60.0,
         quantile: float = 0.9,
         min_samples: int = 8,
+        keep_stale: bool = False,
     ) -> None:
-        self._clock = clock
-        self._window = window
-        self._max_age = max_age_s
-        self._quantile = quantile
-        self._min_samples = min_samples
+        self._clock, self._window, self._max_age = clock, window, max_age_s
+        self._quantile, self._min_samples, self._keep_stale = quantile, min_samples, keep_stale
         self._samples: dict[str, deque[tuple[float, float]]] = {}
 
     def record(self, model: str, predicted_s: float, waited_s: float) -> None:
@@ -172,16 +170,18 @@ class WaitCalibration:
         samples.append((self._clock(), waited_s - predicted_s))
 
     def margin(self, model: str) -> float:
-        """Seconds to add to a predicted wait (0 until ``min_samples`` are recent)."""
-        samples = self._samples.get(model)
-        if not samples:
-            return 0.0
+        """Seconds to add to a predicted wait, from the samples within ``max_age_s``; while
+        fewer than ``min_samples`` are recent, none, or with ``keep_stale`` the newest of any
+        age (the last overload's queue guesses best for the next one's first seconds:
+        scheduler-wait-calibration.md)."""
+        samples = self._samples.get(model) or ()
         horizon = self._clock() - self._max_age
-        while samples and samples[0][0] < horizon:
-            samples.popleft()
-        if len(samples) < self._min_samples:
+        recent = [r for at, r in samples if at >= horizon]
+        if len(recent) < self._min_samples and self._keep_stale:
+            recent = [r for _, r in list(samples)[-self._min_samples :]]
+        if len(recent) < self._min_samples:
             return 0.0
-        residuals = sorted(r for _, r in samples)
+        residuals = sorted(recent)
         rank = min(len(residuals) - 1, math.ceil(self._quantile * len(residuals)) - 1)
         return max(0.0, residuals[rank])
 
@@ -236,7 +236,7 @@ class Admission:
         self._weight = weight
         self._admitted: dict[tuple[str, WorkloadClass], RateMeter] = {}
         self._seen: dict[tuple[str, WorkloadClass], dict[str, float]] = {}
-        self.calibration = WaitCalibration(clock)
+        self.calibration = WaitCalibration(clock, keep_stale=True)
         """REALTIME waits as they turned out (:meth:`started` records them)."""
         self.first_token_calibration = WaitCalibration(clock)
         """REALTIME times from dispatch to first token as they turned out, against the

@@ -37,6 +37,14 @@ def classes_of(report: common_pb2.LoadReport) -> dict[WorkloadClass, int]:
     return out
 
 
+def paces_prompts(info: common_pb2.NodeInfo) -> bool:
+    """True when every model the node generates with is on an engine that paces its own
+    lower-class prompts (a model on the built-in engine beside one on vLLM shares the node's
+    prefill bucket, so the bucket keeps its rule)."""
+    generators = [m for m in info.models if m.kind == common_pb2.MODEL_KIND_GENERATE]
+    return bool(generators) and all(m.paces_prompts for m in generators)
+
+
 @dataclass
 class NodeHandle:
     """One node as this scheduler sees it."""
@@ -95,14 +103,6 @@ class NodeHandle:
         REALTIME stream runs there: the finished streams' average speaks for it)."""
         return self.stream_token_s if now - self.stream_token_at <= stale_s else 0.0
 
-    def prefill_measured_s(self, now: float) -> float:
-        """The streams' time per token the prefill bucket goes by (:meth:`live_token_s`): 0
-        where the node's engine paces its own prompts (``ModelInfo.paces_prompts``), which
-        already caps what prompts take of each step; the bucket holding them back for a
-        slow hour as well only delays them (docs/decisions/scheduler-live-token-mean.md)."""
-        paced = any(m.paces_prompts for m in self.info.models)
-        return 0.0 if paced else self.live_token_s(now)
-
     @property
     def node_id(self) -> str:
         """The node's id."""
@@ -120,6 +120,13 @@ class NodeHandle:
             self.load is not None and self.load.state == common_pb2.NODE_STATE_DRAINING
         )
 
+    def take_info(self, info: common_pb2.NodeInfo) -> None:
+        """The node's registry entry, now or anew: its slots and whether it paces its own
+        prompts go to the load book."""
+        self.info = info
+        self.book.max_sequences = info.capacity.max_sequences or self.book.max_sequences
+        self.book.paces_prompts = paces_prompts(info)
+
     def service_rate(self, default: float) -> float:
         """Weighted tokens per second the node retires: measured, reported, else ``default``."""
         measured = max(self.meter.rate(), self.load.decode_tokens_per_s if self.load else 0.0)
@@ -136,7 +143,7 @@ class NodeHandle:
         bucket at the share before it."""
         self.load, self.last_report_at = report, now
         self.observe_capacity(report)
-        self.book.settle_prefill(guard, now, self.prefill_measured_s(now))
+        self.book.settle_prefill(guard, now, self.live_token_s(now))
         self.book.on_report(
             sum(c.running + c.waiting for c in report.classes),
             report.queued_tokens,

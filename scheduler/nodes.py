@@ -179,7 +179,7 @@ class NodeDirectory:
             book.prefill_cost(model, prompt),
             self.prefill_guard,
             now,
-            node.prefill_measured_s(now),
+            node.live_token_s(now),
             ahead_s=book.prefill_cost(model, ahead),
         )
 
@@ -263,7 +263,7 @@ class NodeDirectory:
         for n in self._nodes.values():
             if n.healthy and not n.draining and any(m.name == model for m in n.info.models):
                 book, step = n.book, n.info.capacity.max_batched_tokens or DEFAULT_STEP_TOKENS
-                book.settle_prefill(self.prefill_guard, now, n.prefill_measured_s(now))
+                book.settle_prefill(self.prefill_guard, now, n.live_token_s(now))
                 t = book.first_token_s(model, prompt_tokens, step)
                 times.append((t, book.tells_ahead(model)))
         return min((t for t in times if t[0] > 0), default=(0.0, False))
@@ -349,7 +349,7 @@ class NodeDirectory:
         there."""
         now = self._clock()
         prefill_s = node.book.prefill_cost(model, prompt_tokens)
-        node.book.on_prefill(prefill_s, self.prefill_guard, now, node.prefill_measured_s(now))
+        node.book.on_prefill(prefill_s, self.prefill_guard, now, node.live_token_s(now))
         node.book.on_dispatch(tokens, workload_class, model, prompt_tokens)
         self.affinity.put(affinity, node.node_id)
 
@@ -363,7 +363,7 @@ class NodeDirectory:
         weighted tokens, for the throughput meter; 0 when it failed) and wake whoever waits
         for room."""
         now = self._clock()
-        node.book.settle_prefill(self.prefill_guard, now, node.prefill_measured_s(now))
+        node.book.settle_prefill(self.prefill_guard, now, node.live_token_s(now))
         node.book.on_finish(workload_class)
         if node.retired is not None and node.in_flight <= 0:
             node.retired.set()
@@ -394,8 +394,7 @@ class NodeDirectory:
                 log.info("node_removed", node_id=name)
             return
         if current is not None and current.info.address == info.address:
-            current.info = info
-            current.book.max_sequences = info.capacity.max_sequences or current.book.max_sequences
+            current.take_info(info)
             self._changed()
             return
         if current is not None:
@@ -411,7 +410,7 @@ class NodeDirectory:
             meter=ThroughputMeter(self._clock),
             last_report_at=self._clock(),
         )
-        handle.book.max_sequences = info.capacity.max_sequences or handle.book.max_sequences
+        handle.take_info(info)
         handle.tasks = [
             asyncio.create_task(self._follow_health(handle), name=f"health {name}"),
             asyncio.create_task(self._follow_load(handle), name=f"load {name}"),

@@ -50,6 +50,10 @@ class PrefillGuard:
     """Share of the tightest target the REALTIME streams' measured mean time per token may
     reach before prompts get only ``min_share`` (the step budget's share: the guard plans the
     streams' steps within it; docs/decisions/scheduler-live-token-mean.md)."""
+    paced_measured_share: float = 1.0
+    """The same on a node whose engine paces its own lower-class prompts
+    (``ModelInfo.paces_prompts``): it already caps them to keep the streams at pace, so the
+    rule waits for the target itself there (``math.inf``: never)."""
 
     @property
     def burst_s(self) -> float:
@@ -63,17 +67,22 @@ class PrefillGuard:
         return self.burst_s * share
 
     def drain_share(
-        self, step_s: float, running: set[WorkloadClass], measured_s: float = 0.0
+        self,
+        step_s: float,
+        running: set[WorkloadClass],
+        measured_s: float = 0.0,
+        *,
+        paced: bool = False,
     ) -> float:
         """Share of the node's time prompts may take while ``running`` classes decode in
         steps of ``step_s``: 1 with none running or no target among them; ``min_share``
         while the streams' measured time per token (``measured_s``, 0: none) is over
-        ``measured_share`` of the target (the fit missed something: long contexts, another
-        tenant's load)."""
+        ``measured_share`` of the target (``paced_measured_share`` on a node that ``paced``
+        its own prompts; the fit missed something: long contexts, another tenant's load)."""
         target = tightest(self.itl_targets.get(c, 0.0) for c in running)
         if target <= 0 or step_s <= 0:
             return 1.0
-        if measured_s > target * self.measured_share:
+        if measured_s > target * (self.paced_measured_share if paced else self.measured_share):
             return self.min_share
         return min(1.0, max(self.min_share, 1.0 - step_s / target))
 

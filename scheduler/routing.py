@@ -60,6 +60,9 @@ class LoadBook:
     """
 
     max_sequences: int = DEFAULT_MAX_SEQUENCES
+    paces_prompts: bool = False
+    """The node's engines pace their own lower-class prompts (``ModelInfo.paces_prompts``):
+    the prefill bucket's measured-time rule waits for ``PrefillGuard.paced_measured_share``."""
     reserved: int = 0
     """Slots a fine-tune on the node holds, from the last report."""
     pinned: int = 0
@@ -232,10 +235,11 @@ class LoadBook:
     def settle_prefill(self, guard: PrefillGuard, now: float, measured_s: float = 0.0) -> float:
         """Drain the prefill bucket up to ``now`` at the share the batch running there
         leaves to prompts (``measured_s``: its REALTIME streams' time per token lately, 0
-        when none ran); returns that share."""
+        when none ran; read against the target as :attr:`paces_prompts` says); returns that
+        share."""
         step = self.step
         step_s = step.base_s + step.per_sequence_s * self.sequences() if step is not None else 0.0
-        share = guard.drain_share(step_s, self.running(), measured_s)
+        share = guard.drain_share(step_s, self.running(), measured_s, paced=self.paces_prompts)
         self.prefill.settle(now, share)
         return share
 

@@ -732,7 +732,8 @@ def test_realtime_waits_are_padded_by_how_much_longer_recent_ones_turned_out() -
     """Ten REALTIME requests predicted 0.5 s each waited 0.5-1.4 s: the 90th percentile of
     the overrun (0.8 s) pads the next prediction, so a 1 s wait (1.8 s padded) is refused by
     the 1.5 s REALTIME queue bound. The overruns count against the uncalibrated prediction
-    (no feedback), only REALTIME's, and they age out after a minute."""
+    (no feedback), only REALTIME's. After a minute the newest eight still pad (the next
+    overload's first seconds) until eight recent ones replace them."""
     clock, queues, _ = make()
     admission = Admission(queues, clock, lambda _: 1.0, AdmissionConfig(realtime_max_wait_s=1.5))
     for overrun in [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]:
@@ -748,6 +749,14 @@ def test_realtime_waits_are_padded_by_how_much_longer_recent_ones_turned_out() -
     assert not verdict.admitted and verdict.predicted_wait_s == pytest.approx(1.8)
     assert probe.predicted_wait_s == pytest.approx(1.0)
     clock.advance(61.0)
+    assert admission.calibration.margin("m") == pytest.approx(0.9)  # the newest 8: 0.2-0.9
+    assert not admission.decide(item("rt", REALTIME, prompt=0, new=0), 100.0, False).admitted
+    for n in range(1, 9):  # recent ones on time: the old pad holds until there are eight
+        done = item("rt", REALTIME, prompt=0, new=50)
+        done.enqueued_at, done.predicted_wait_s = clock(), 0.5
+        clock.advance(0.5)
+        admission.started(done)
+        assert admission.calibration.margin("m") == (0.0 if n == 8 else pytest.approx(0.9))
     assert admission.decide(item("rt", REALTIME, prompt=0, new=0), 100.0, False).admitted
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from scheduler import routing
 from scheduler.admission import ThroughputMeter
-from scheduler.node_handle import NodeHandle
+from scheduler.node_handle import NodeHandle, paces_prompts
+from scheduler.nodes import NodeDirectory
 from scheduler.prefill import PrefillGuard
 from scheduler.retry_budget import RetryBudget
 from scheduler.routing import AffinityTable, LoadBook, OutlierDetector, power_of_two
@@ -393,26 +394,58 @@ def test_a_node_s_streaming_token_time_is_its_realtime_streams_mean_time_per_tok
     assert node.live_token_s(clock()) == pytest.approx(0.3)
 
 
-def test_a_node_that_paces_its_own_prompts_gives_the_prefill_bucket_no_measured_time() -> None:
+def _models(*generators: bool, embedder: bool = False) -> common_pb2.NodeInfo:
+    """A node entry with a generating model per flag (whether its engine paces prompts)."""
+    info = common_pb2.NodeInfo(node_id="n1", address="127.0.0.1:1")
+    for i, paced in enumerate(generators):
+        info.models.add(name=f"m{i}", kind=common_pb2.MODEL_KIND_GENERATE, paces_prompts=paced)
+    if embedder:
+        info.models.add(name="e", kind=common_pb2.MODEL_KIND_EMBED)
+    return info
+
+
+def test_a_node_paces_its_prompts_only_when_every_generating_model_s_engine_does() -> None:
+    """One model on the built-in engine beside a vLLM one shares the node's bucket, so the
+    bucket keeps its rule there; an embedder has no say."""
+    assert paces_prompts(_models(True, embedder=True))
+    assert paces_prompts(_models(True, True))
+    assert not paces_prompts(_models(True, False))
+    assert not paces_prompts(_models(embedder=True))
+    assert not paces_prompts(_models(False))
+
+
+async def test_the_measured_time_rule_waits_for_the_full_target_where_the_node_paces_prompts() -> (
+    None
+):
     """The prefill bucket's measured-time rule (prompts at ``min_share`` once the streams run
-    slower than the step budget) is left to the node where its engine caps each step's prompt
-    tokens itself (``ModelInfo.paces_prompts``, vLLM's pace): its streams' slow hour then
-    drains the bucket at the fitted share, not at ``min_share``."""
+    slower than the step budget, 0.16 s here) waits for the target itself (0.2 s) on a node
+    whose engine paces its own lower-class prompts (``ModelInfo.paces_prompts``, vLLM's pace):
+    streams at 0.18 s a token there drain the bucket at the fitted share; at 0.21 s, or on a
+    node that does not pace, at ``min_share``. The flag reaches the book from the registry
+    entry, as it changes (``NodeDirectory``, ``NodeHandle.take_info``)."""
     clock = FakeClock()
     guard = PrefillGuard({REALTIME: 0.2}, burst_intervals=5.0, measured_share=0.8)
-    fit = common_pb2.StepCost(model="m", base_s=0.05, per_sequence_s=0.01, samples=64)
-    shares = {}
-    for paced in (False, True):
-        node = _handle(clock)
-        node.info.models.add(name="m", kind=common_pb2.MODEL_KIND_GENERATE, paces_prompts=paced)
-        node.book.on_report(0, 0, 0, 0, 0.0, steps=[fit])
-        node.book.on_dispatch(10, REALTIME)
-        node.observe_token_gap(0.3, 1, clock())  # streams at 0.3 s a token, over 0.8 x 0.2 s
-        assert node.live_token_s(clock()) == pytest.approx(0.3)
-        assert node.prefill_measured_s(clock()) == (0.0 if paced else pytest.approx(0.3))
-        shares[paced] = node.book.settle_prefill(guard, clock(), node.prefill_measured_s(clock()))
-    assert shares[False] == pytest.approx(guard.min_share)
-    assert shares[True] == pytest.approx(1 - 0.06 / 0.2)  # one sequence: a 0.06-s step
+    directory = NodeDirectory(None, clock=clock, prefill_guard=guard)  # type: ignore[arg-type]
+    node = _handle(clock)
+    node.info = _models(False)  # its address: an update, not a new node
+    directory._nodes["n1"] = node  # no channel: only the book is read
+    fit = common_pb2.StepCost(model="m0", base_s=0.05, per_sequence_s=0.01, samples=64)
+    node.book.on_report(0, 0, 0, 0, 0.0, steps=[fit])
+    node.book.on_dispatch(10, REALTIME)
+    fitted = 1 - 0.06 / 0.2  # one sequence: a 0.06-s step
+    for paced, stream_s, share in (
+        (False, 0.18, guard.min_share),
+        (True, 0.18, fitted),
+        (True, 0.21, guard.min_share),
+        (False, 0.15, fitted),
+    ):
+        directory._on_change("n1", _models(paced))  # the registry's update
+        assert node.book.paces_prompts is paced and directory.get("n1") is node
+        clock.advance(5.0)  # the last gap forgotten: this one alone is the streams' time
+        node.observe_token_gap(stream_s, 1, clock())
+        assert node.book.settle_prefill(guard, clock(), node.live_token_s(clock())) == (
+            pytest.approx(share)
+        )
 
 
 def test_a_load_report_reaches_the_book_with_the_prompts_ahead_per_model() -> None:

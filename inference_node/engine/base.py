@@ -161,10 +161,10 @@ class ThreadedEngine(Draining):
 
     _thread_name = "engine"
     _prefills_beside_decode = True
-    paces_prompts = False
-    """Its steps take the prompt tokens their chunking allows, whatever the streams' pace."""
     """A prompt's prefill runs in the steps that decode the others, so the prompts ahead of a
     new one are what it waits for (stats tell them); False where a request runs alone."""
+    paces_prompts = False
+    """Its steps take the prompt tokens their chunking allows, whatever the streams' pace."""
 
     def __init__(
         self, lm: LanguageModel, *, max_waiting: int = 256, kv_budget_bytes: int | None = None

@@ -105,8 +105,6 @@ class VllmEngine(Draining):
         self._lm = lm
         self._options = options
         self._kv_per_token = kv_bytes_per_token(lm)
-        self.paces_prompts = options.pace
-        """Its scheduler caps steps' prompt tokens (:mod:`~inference_node.engine.vllm_pace`)."""
         self._lock = threading.RLock()  # a stream's finalizer may run where it is held
         self._jobs: dict[str, Job] = {}
         self._seq = itertools.count()
@@ -182,6 +180,12 @@ class VllmEngine(Draining):
             job = self._jobs.get(request_id)
         if job is not None:
             self._cancel_job(job)
+
+    @property
+    def paces_prompts(self) -> bool:
+        """True with the pace cap on (``--vllm-pace``): its scheduler caps each step's prompt
+        tokens of a class below a stream out of slack (:mod:`~inference_node.engine.vllm_pace`)."""
+        return self._options.pace
 
     def stats(self) -> EngineStats:
         """Per-class running and waiting (vLLM's counts, attributed), KV use, decode rate, the

@@ -152,8 +152,8 @@ async def test_streams_chunks_with_usage_and_the_builtin_engines_greedy_tokens(
 async def test_the_node_publishes_that_vllm_paces_its_prompts(
     node: Node, etcd_server: StoreProcess
 ) -> None:
-    """Its registry entry says the engine caps each step's prompt tokens itself (the pace, on
-    by default): schedulers then leave the prompts' measured-time hold to it."""
+    """Its registry entry says the engine paces its own lower-class prompts (the pace cap, on
+    by default): a scheduler's measured-time brake on prompts then waits for the target."""
     etcd = etcd_client(etcd_server.address)
     try:
         entry = await etcd.get((NODES_PREFIX + "vllm-smoke").encode())
