@@ -15,7 +15,8 @@ Invariants of :meth:`Admission.decide`:
 - an admitted lower-class request is stamped with the start it is promised (``start_by``),
   which the queues keep by promoting it;
 - a REALTIME wait is padded by how much longer than predicted recent REALTIME waits turned out
-  (:class:`WaitCalibration`), and its first token counts the time from dispatch measured lately.
+  (:class:`~scheduler.calibration.WaitCalibration`; the last overload's, up to 5 minutes old,
+  while fewer are recent), and its first token counts the time from dispatch measured lately.
 
 Why, with the figures: docs/decisions/scheduler-finish-time-admission.md,
 scheduler-lower-class-wait-factor.md, scheduler-lower-class-promise.md,
@@ -30,6 +31,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from scheduler.calibration import FIRST_TOKEN_CALIBRATED_FROM, STALE_WAIT_S, WaitCalibration
 from scheduler.first_token_budget import FirstTokenBudgets
 from scheduler.queues import Clock, FairQueues, QueuedRequest
 from sluice.contract import WorkloadClass
@@ -135,57 +137,6 @@ class ThroughputMeter:
         return self._sum / span
 
 
-FIRST_TOKEN_CALIBRATED_FROM = 0.5
-"""Share of the TTFT target from which first-token predictions are calibrated and padded:
-near the target, where admission decides (everywhere, a first burst's overruns refused a
-third of a probe's requests: ``docs/decisions/scheduler-first-token-calibration.md``)."""
-
-
-class WaitCalibration:
-    """How much longer than predicted the queue kept REALTIME requests of a model lately (or
-    their first token took after dispatch: ``Admission.first_token_calibration``):
-    the ``quantile`` of (waited - predicted) over the last ``window`` such requests within
-    ``max_age_s`` (split conformal prediction on a sliding window). A prediction counts only
-    the work it can see; promotions, slot shares and streams ending together move real waits
-    off it, by 2-6x at the tail (bench-slo overload 4x), and the margin pads the wait the TTFT
-    target and the queue bound judge by what the queue did, whatever the cause."""
-
-    def __init__(
-        self,
-        clock: Clock,
-        window: int = 64,
-        max_age_s: float = 60.0,
-        quantile: float = 0.9,
-        min_samples: int = 8,
-        keep_stale: bool = False,
-    ) -> None:
-        self._clock, self._window, self._max_age = clock, window, max_age_s
-        self._quantile, self._min_samples, self._keep_stale = quantile, min_samples, keep_stale
-        self._samples: dict[str, deque[tuple[float, float]]] = {}
-
-    def record(self, model: str, predicted_s: float, waited_s: float) -> None:
-        """A request predicted to wait ``predicted_s`` (before calibration) waited
-        ``waited_s``."""
-        samples = self._samples.setdefault(model, deque(maxlen=self._window))
-        samples.append((self._clock(), waited_s - predicted_s))
-
-    def margin(self, model: str) -> float:
-        """Seconds to add to a predicted wait, from the samples within ``max_age_s``; while
-        fewer than ``min_samples`` are recent, none, or with ``keep_stale`` the newest of any
-        age (the last overload's queue guesses best for the next one's first seconds:
-        scheduler-wait-calibration.md)."""
-        samples = self._samples.get(model) or ()
-        horizon = self._clock() - self._max_age
-        recent = [r for at, r in samples if at >= horizon]
-        if len(recent) < self._min_samples and self._keep_stale:
-            recent = [r for _, r in list(samples)[-self._min_samples :]]
-        if len(recent) < self._min_samples:
-            return 0.0
-        residuals = sorted(recent)
-        rank = min(len(residuals) - 1, math.ceil(self._quantile * len(residuals)) - 1)
-        return max(0.0, residuals[rank])
-
-
 class RateMeter:
     """Cost per second recorded over a fixed trailing window (shorter while the meter is
     younger than the window, never shorter than one second). ``watched_since``: when it began
@@ -236,7 +187,7 @@ class Admission:
         self._weight = weight
         self._admitted: dict[tuple[str, WorkloadClass], RateMeter] = {}
         self._seen: dict[tuple[str, WorkloadClass], dict[str, float]] = {}
-        self.calibration = WaitCalibration(clock, keep_stale=True)
+        self.calibration = WaitCalibration(clock, stale_s=STALE_WAIT_S)
         """REALTIME waits as they turned out (:meth:`started` records them)."""
         self.first_token_calibration = WaitCalibration(clock)
         """REALTIME times from dispatch to first token as they turned out, against the

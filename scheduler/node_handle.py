@@ -72,6 +72,9 @@ class NodeHandle:
     _gap_tokens: float = field(default=0.0, init=False, repr=False)
     """Tokens those chunks brought, weighted alike."""
 
+    def __post_init__(self) -> None:
+        self.take_info(self.info)
+
     def observe_token_gap(self, gap_s: float, tokens: int, now: float, tau_s: float = 2.0) -> None:
         """A REALTIME chunk of ``tokens`` came ``gap_s`` after the stream's previous one.
         :attr:`stream_token_s` is the time the chunks took over the tokens they brought, each

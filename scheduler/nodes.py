@@ -410,7 +410,6 @@ class NodeDirectory:
             meter=ThroughputMeter(self._clock),
             last_report_at=self._clock(),
         )
-        handle.take_info(info)
         handle.tasks = [
             asyncio.create_task(self._follow_health(handle), name=f"health {name}"),
             asyncio.create_task(self._follow_load(handle), name=f"load {name}"),

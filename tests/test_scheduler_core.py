@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler.admission import NO_CAPACITY, OVERLOADED, Admission, AdmissionConfig
+from scheduler.calibration import STALE_WAIT_S
 from scheduler.dispatch import _keyed
 from scheduler.first_token_budget import TTFT_PRESSURE_HOLD_S
 from scheduler.queues import FairQueues, QueueConfig, QueuedRequest, QueueFull
@@ -757,6 +758,26 @@ def test_realtime_waits_are_padded_by_how_much_longer_recent_ones_turned_out() -
         clock.advance(0.5)
         admission.started(done)
         assert admission.calibration.margin("m") == (0.0 if n == 8 else pytest.approx(0.9))
+    assert admission.decide(item("rt", REALTIME, prompt=0, new=0), 100.0, False).admitted
+
+
+def test_a_stale_wait_pad_that_refuses_every_queued_realtime_request_ends() -> None:
+    """A pad over the queue bound refuses every REALTIME request that would queue, so no new
+    sample replaces it: it stands for the next overload's first seconds only up to
+    ``STALE_WAIT_S`` after its samples were taken, then queued REALTIME is admitted again."""
+    clock, queues, _ = make()
+    admission = Admission(queues, clock, lambda _: 1.0, AdmissionConfig(realtime_max_wait_s=1.5))
+    for _ in range(8):
+        done = item("rt", REALTIME, prompt=0, new=50)
+        done.enqueued_at, done.predicted_wait_s = clock(), 0.1
+        clock.advance(2.1)
+        admission.started(done)
+    queues.push(item("rt", REALTIME, prompt=0, new=10))
+    clock.advance(61.0)
+    assert admission.calibration.margin("m") == pytest.approx(2.0)
+    assert not admission.decide(item("rt", REALTIME, prompt=0, new=0), 100.0, False).admitted
+    clock.advance(STALE_WAIT_S - 61.0 + 0.1)  # the newest sample is past the bound
+    assert admission.calibration.margin("m") == 0.0
     assert admission.decide(item("rt", REALTIME, prompt=0, new=0), 100.0, False).admitted
 
 

@@ -141,8 +141,10 @@ async def test_with_etcd_up_scheduler_and_node_serve_when_start_returns(
         await timed_start(node)
         await timed_start(scheduler)
         assert node.server.is_serving() and scheduler.server.is_serving()
-        seen = scheduler.view.get("node-late")
+        seen, handle = scheduler.view.get("node-late"), scheduler.nodes.get("node-late")
         assert seen is not None and [m.paces_prompts for m in seen.models] == [False]
+        assert handle is not None and not handle.book.paces_prompts
+        assert handle.book.max_sequences == seen.capacity.max_sequences
         assert scheduler.registration is not None and scheduler.registration.registered.is_set()
         for address in (node.server.address, scheduler.address):
             health = Health(address)
