@@ -155,12 +155,14 @@ def test_scheduler_benchmark_end_to_end(tmp_path: Path) -> None:
     in this run's scheduler log), output tokens for both fairness tenants without errors, both
     isolation phases with victim and flooder arrivals; and the report."""
     out_dir = tmp_path / "results"
+    # 3 s of isolation: calm's flooder, at a quarter of capacity, sends a few requests per
+    # block (over 1.5 s it once sent none, 2026-12-06, when capacity measured low).
     cmd = [
         sys.executable, "-m", "bench.scheduler",
         "--out-dir", str(out_dir), "--run-dir", str(tmp_path / "run"),
         "--overhead-requests", "3", "--quota-probes", "3",
         "--warmup-s", "0.5", "--window-s", "1.5",
-        "--isolation-window-s", "1.5", "--isolation-rounds", "2", "--capacity-window-s", "1",
+        "--isolation-window-s", "3", "--isolation-rounds", "2", "--capacity-window-s", "1",
         "--isolation-settle-s", "0.2",
         "--isolation-deadline-s", "5",
     ]  # fmt: skip
