@@ -60,12 +60,15 @@ class WaitCalibration:
     def margin(self, model: str) -> float:
         """Seconds to add to a predicted wait (0 until ``min_samples`` are recent, or within
         ``stale_s``)."""
-        samples = self._samples.get(model, ())
+        samples = self._samples.get(model)
+        if not samples:
+            return 0.0
         now = self._clock()
+        while samples and samples[0][0] < now - self._stale:
+            samples.popleft()
         recent = [r for at, r in samples if at >= now - self._max_age]
         if len(recent) < self._min_samples:
-            kept = [r for at, r in samples if at >= now - self._stale]
-            recent = kept[-self._min_samples :]
+            recent = [r for _, r in samples][-self._min_samples :]
         if len(recent) < self._min_samples:
             return 0.0
         residuals = sorted(recent)

@@ -207,8 +207,8 @@ class Engine(Protocol):
 
     @property
     def paces_prompts(self) -> bool:
-        """True when it caps each step's prompt tokens to keep its decoding streams within
-        their step budgets (published as ``ModelInfo.paces_prompts``)."""
+        """True when it caps each step's lower-class prompt tokens to keep its decoding
+        streams at their pace (published as ``ModelInfo.paces_prompts``)."""
         ...
 
     def submit(self, request: EngineRequest) -> DeltaStream:
