@@ -70,6 +70,9 @@ class AdmissionConfig:
     queue is refused at once when its predicted wait plus its prompt's prefill exceeds it;
     one that starts at once, or whose prompt alone takes longer, is never refused for it
     (nothing sooner exists: a retry would miss it as well)."""
+    embed_targets: Mapping[WorkloadClass, float] = field(default_factory=dict)
+    """Each class's target for a whole ``Embed`` call (absent or 0: none), held as a TTFT
+    target is: an embedding's first answer is its whole answer, its node call its prompt."""
     first_token_budgets: bool = False
     """Whether nodes are told what each first token may take (:class:`FirstTokenBudgets`)."""
     lower_class_wait_factor: float = 2.0
@@ -299,19 +302,18 @@ class Admission:
         whose prompt alone misses the target being admitted all the same (it never could
         meet it). A REALTIME wait counts the calibration margin (:class:`WaitCalibration`)
         there and against the queue bound, and a REALTIME ``prefill_s`` the margin by which
-        first tokens came later than predicted lately.
-        ``room_in_s``: when no node has room, the least time until one takes its prompt (a
-        prefill bucket draining); its wait is at least that. An admitted lower-class ``item``
-        is stamped with its promised ``start_by``.
+        first tokens came later than predicted lately (an Embed: its class's embed target, its
+        call as ``prefill_s``). ``room_in_s``: when no node has room, the least time until one
+        takes its prompt (a prefill bucket draining); its wait is at least that. An admitted
+        lower-class ``item`` is stamped with its promised ``start_by``.
         """
-        ahead = self.cost_ahead(item)
-        now = self._clock()
+        ahead, now = self.cost_ahead(item), self._clock()
         usable = (item.deadline - now) * (1.0 - self.config.deadline_margin)
         decode = item.decode_s = item.max_new_tokens * token_s
         top = item.workload_class.is_top
         # Lower-class work promoted now goes first and holds the model until it starts.
         promised = self._queues.promised_cost(item.model, now) if top else 0.0
-        ttft = self.config.ttft_targets.get(item.workload_class, 0.0)
+        ttft = self._target(item)
         alone = prefill_s if idle_prefill_s is None else idle_prefill_s
         prefill_s = self._first_token_s(item, prefill_s, ttft)
         if room_now and ahead <= 0 and promised <= 0:
@@ -347,11 +349,16 @@ class Admission:
             return Verdict(False, wait, OVERLOADED, detail, past_deadline=False)
         return self._admit(item, wait, now + usable - decode)
 
+    def _target(self, item: QueuedRequest) -> float:
+        """``item``'s class's TTFT target, or its embed target for an Embed (0: none)."""
+        targets = self.config.embed_targets if item.embed else self.config.ttft_targets
+        return targets.get(item.workload_class, 0.0)
+
     def _first_token_s(self, item: QueuedRequest, prefill_s: float, ttft: float) -> float:
         """``prefill_s`` padded by the first-token calibration margin for a REALTIME ``item``
         held to a TTFT target and predicted at :data:`FIRST_TOKEN_CALIBRATED_FROM` of it or
         more (its prediction is kept to calibrate by); else unchanged."""
-        top = item.workload_class.is_top
+        top = item.workload_class.is_top and not item.embed  # (an Embed has no first token)
         if not top or ttft <= 0 or prefill_s < FIRST_TOKEN_CALIBRATED_FROM * ttft:
             return prefill_s
         item.predicted_first_token_s = prefill_s
@@ -362,12 +369,16 @@ class Admission:
     ) -> Verdict:
         """Refused now: its first token would come past its class's TTFT target; retry once
         the wait or the load ahead of its prompt had time to shrink by the excess."""
+        what, work, target = (
+            ("answer", "call", "embed") if item.embed else ("first token", "prompt", "TTFT")
+        )
         detail = (
-            f"predicted first token in {wait + prefill_s:.3f}s (wait {wait:.3f}s, prompt "
-            f"{prefill_s:.3f}s) is over the {ttft:g}s {item.workload_class.label} TTFT target"
+            f"predicted {what} in {wait + prefill_s:.3f}s (wait {wait:.3f}s, {work} "
+            f"{prefill_s:.3f}s) is over the {ttft:g}s {item.workload_class.label} {target} target"
         )
         retry = max(wait, wait + prefill_s - ttft, self.config.min_retry_s)
-        self.first_token_budgets.refused(item)
+        if not item.embed:
+            self.first_token_budgets.refused(item)
         return Verdict(False, retry, OVERLOADED, detail, past_deadline=False)
 
     def _with_promises(self, model: str, now: float, wait: float, rate: float) -> float:

@@ -15,7 +15,13 @@ from scheduler.adapters import AdapterDirectory, AdapterRecord, decode_record
 from scheduler.admission import AdmissionConfig
 from scheduler.background import BackgroundTasks
 from scheduler.catalog import ModelCatalog
-from scheduler.config import SchedulerSettings, prefill_guard, step_budgets, ttft_targets
+from scheduler.config import (
+    SchedulerSettings,
+    embed_targets,
+    prefill_guard,
+    step_budgets,
+    ttft_targets,
+)
 from scheduler.dispatch import Dispatcher
 from scheduler.gate import DispatchGate
 from scheduler.jobs.finetune import FinetuneRunner
@@ -111,11 +117,13 @@ def _dispatch_gate(
             aging_s=settings.aging_seconds,
             prompt_token_weight=settings.prompt_token_weight,
             promote_lead_s=settings.promote_lead_seconds,
+            promoted_hold_s=settings.promoted_hold_seconds,
         ),
         admission_config=AdmissionConfig(
             default_tokens_per_s=settings.default_tokens_per_s,
             realtime_max_wait_s=settings.realtime_max_wait_seconds,
             ttft_targets=ttft_targets(settings),
+            embed_targets=embed_targets(settings),
             first_token_budgets=settings.first_token_budgets,
         ),
     )

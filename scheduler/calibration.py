@@ -1,5 +1,6 @@
 """How much longer than predicted REALTIME waits and first tokens turned out lately: the pad
-admission adds to its predictions (split conformal prediction on a sliding window).
+admission adds to its predictions (split conformal prediction on a sliding window); how long
+``Embed`` calls took lately (:class:`EmbedTimes`), what admission counts for the next one.
 
 Figures: docs/decisions/scheduler-wait-calibration.md, scheduler-first-token-calibration.md.
 Failure mode: a pad learned in one overload outlives it for at most ``stale_s``; in that
@@ -74,3 +75,24 @@ class WaitCalibration:
         residuals = sorted(recent)
         rank = min(len(residuals) - 1, math.ceil(self._quantile * len(residuals)) - 1)
         return max(0.0, residuals[rank])
+
+
+EMBED_SMOOTHING = 0.2
+"""Weight of each new ``Embed`` call's seconds in its model's moving average."""
+
+
+class EmbedTimes:
+    """Per embedding model, the moving average of its node calls' seconds (the call as the
+    scheduler waits for it: the node's embedding queue and its forward)."""
+
+    def __init__(self) -> None:
+        self._seconds: dict[str, float] = {}
+
+    def record(self, model: str, seconds: float) -> None:
+        """A node answered an ``Embed`` of ``model`` in ``seconds``."""
+        old = self._seconds.get(model)
+        self._seconds[model] = seconds if old is None else old + EMBED_SMOOTHING * (seconds - old)
+
+    def seconds(self, model: str) -> float:
+        """``model``'s calls lately, in seconds (0 before the first)."""
+        return self._seconds.get(model, 0.0)

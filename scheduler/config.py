@@ -112,6 +112,15 @@ class SchedulerSettings(ServiceSettings):
     """BATCH's TTFT target (0: none; BATCH is held to its deadline and admission's promise)."""
     finetune_ttft_target_seconds: float = 0.0
     """FINETUNE-class generations' TTFT target (0: none)."""
+    realtime_embed_target_seconds: float = 0.5
+    """REALTIME's target for a whole ``Embed`` call (its queue wait plus the node's call, the
+    call measured as the scheduler's recent average per model): one predicted past it is
+    refused at once (OVERLOADED, with RetryInfo) instead of queueing, as a generation past
+    its TTFT target. 0.5 s: an interactive retrieval query's embedding. 0: none."""
+    batch_embed_target_seconds: float = 0.0
+    """BATCH's target for a whole ``Embed`` call (0: none; held to its deadline)."""
+    finetune_embed_target_seconds: float = 0.0
+    """FINETUNE-class ``Embed`` calls' target (0: none)."""
     first_token_budgets: bool = False
     """Send each REALTIME request's node what its TTFT target leaves its first token, for an
     engine that places prompts itself (the vLLM node: behind waiting BATCH prompts while it
@@ -141,6 +150,10 @@ class SchedulerSettings(ServiceSettings):
     """A queued BATCH or FINETUNE request is served first (nothing else for its model starts
     before it) from this long before the latest start admission promised it, so it still
     finishes before its deadline."""
+    promoted_hold_seconds: float = Field(default=1.0, ge=0)
+    """Longest such a request, unable to start, keeps its model from other requests (0: until
+    it starts); past it they may pass it, and it goes first whenever it can start
+    (docs/decisions/scheduler-lower-class-promise.md)."""
 
     # Failure handling.
     breaker_failures: int = 5
@@ -202,6 +215,15 @@ def ttft_targets(settings: SchedulerSettings) -> dict[WorkloadClass, float]:
         WorkloadClass.REALTIME: max(0.0, settings.realtime_ttft_target_seconds),
         WorkloadClass.BATCH: max(0.0, settings.batch_ttft_target_seconds),
         WorkloadClass.FINETUNE: max(0.0, settings.finetune_ttft_target_seconds),
+    }
+
+
+def embed_targets(settings: SchedulerSettings) -> dict[WorkloadClass, float]:
+    """Each class's target for a whole ``Embed`` call in seconds (0: none)."""
+    return {
+        WorkloadClass.REALTIME: max(0.0, settings.realtime_embed_target_seconds),
+        WorkloadClass.BATCH: max(0.0, settings.batch_embed_target_seconds),
+        WorkloadClass.FINETUNE: max(0.0, settings.finetune_embed_target_seconds),
     }
 
 

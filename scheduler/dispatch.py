@@ -439,11 +439,12 @@ class Dispatcher:
             assert node is not None
             _attempt_on(node, tried)
             self._metrics.in_flight.inc()
-            retry = None
+            retry, began = None, time.monotonic()
             try:
                 reply: inference_pb2.EmbedResponse = await node.stub.Embed(
                     _keyed(forward), timeout=self._remaining(deadline), metadata=self._metadata()
                 )
+                self._nodes.embed_times.record(req.model, time.monotonic() - began)
                 node.breaker.record_success()
                 self._metrics.dispatches.labels(node.node_id, "ok").inc()
                 reply.node_id = node.node_id

@@ -81,6 +81,7 @@ class EmbedFlow:
             prompt_tokens=estimated_tokens(chars, self._path.settings.chars_per_token),
             max_new_tokens=0,
             deadline=self.deadline,
+            embed=True,
         )
 
     def _end(self, outcome: Outcome) -> None:

@@ -200,7 +200,8 @@ class DispatchGate:
         prefill bucket takes its prompt and those queued before it (:mod:`scheduler.prefill`)
         and until a slot is left for it (:mod:`scheduler.running`); ``prompt_held``: a slot is
         free and only the bucket holds it. Below REALTIME, decode is priced at the slowest of
-        the nodes' time per token, the class's own pace lately and a full node's step."""
+        the nodes' time per token, the class's own pace lately and a full node's step. An
+        Embed's call is priced at the calls of its model lately, in place of a prompt."""
         model, cls, prompt = item.model, item.workload_class, item.prompt_tokens
         nodes, pool = self._nodes, POOL_FOR_CLASS[cls]
         token_s = nodes.token_seconds(model)
@@ -216,8 +217,12 @@ class DispatchGate:
             room_in_s = nodes.prefill_wait(model, cls, prompt, ahead)
             if not prompt_held:
                 room_in_s = max(room_in_s, self.running.end_wait(model, cls, before, token_s))
-        loaded, told = nodes.loaded_first_token_seconds(model, prompt)
-        first = loaded if told else max(loaded, nodes.first_token_seconds(model))
+        if item.embed:  # its answer comes with the node's call, as calls came lately
+            first = idle = nodes.embed_times.seconds(model)
+        else:
+            loaded, told = nodes.loaded_first_token_seconds(model, prompt)
+            first = loaded if told else max(loaded, nodes.first_token_seconds(model))
+            idle = nodes.prefill_seconds(model, prompt)
         structlog.contextvars.bind_contextvars(predicted_first_token_ms=round(first * 1000, 1))
         return self.admission.decide(
             item,
@@ -228,7 +233,7 @@ class DispatchGate:
             busy=view.busy,
             prefill_s=first,
             room_in_s=room_in_s,
-            idle_prefill_s=nodes.prefill_seconds(model, prompt),
+            idle_prefill_s=idle,
         )
 
     @staticmethod

@@ -26,6 +26,7 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from scheduler.admission import ThroughputMeter
+from scheduler.calibration import EmbedTimes
 from scheduler.node_handle import NodeHandle
 from scheduler.prefill import PrefillGuard
 from scheduler.routing import DEFAULT_STEP_TOKENS, AffinityTable, OutlierDetector, power_of_two
@@ -85,6 +86,7 @@ class NodeDirectory:
         self._headroom = low_class_headroom
         self._default_rate = default_tokens_per_s
         self._budgets = dict(step_budgets or {})
+        self.embed_times = EmbedTimes()
         self.prefill_guard = prefill_guard or PrefillGuard()
         self._nodes: dict[str, NodeHandle] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -160,10 +162,20 @@ class NodeDirectory:
         its prefill bucket for a ``prompt`` of that many tokens of ``model``. A ``promoted``
         lower-class request (its promised start is due) may use the slots lower classes
         otherwise leave to REALTIME: it goes before REALTIME anyway."""
-        book = node.book
-        if not book.has_room(workload_class, self._reserve(promoted), budgets=self._budgets):
+        book, budgets = node.book, self._budgets_for(model)
+        if not book.has_room(workload_class, self._reserve(promoted), budgets=budgets):
             return False
         return prompt <= 0 or self._prefill_wait(node, model, workload_class, prompt) <= 0
+
+    def _budgets_for(self, model: str) -> Mapping[WorkloadClass, float] | None:
+        """The step budgets held to ``model``'s requests: none for an embedding model (its
+        calls hold a slot but never join a generation batch)."""
+        embeds = any(
+            m.name == model and m.kind == common_pb2.MODEL_KIND_EMBED
+            for n in self._nodes.values()
+            for m in n.info.models
+        )
+        return None if embeds else self._budgets
 
     def _prefill_wait(
         self,
@@ -205,12 +217,12 @@ class NodeDirectory:
         cands = self.candidates(model, workload_class)
         slots = free = 0
         room = slot_room = False
-        reserve = self._reserve(promoted)
+        reserve, budgets = self._reserve(promoted), self._budgets_for(model)
         for n in cands:
-            cap = n.book.capacity(workload_class, reserve, self._budgets)
+            cap = n.book.capacity(workload_class, reserve, budgets)
             slots += cap
             free += max(0, cap - n.book.sequences(workload_class))
-            if n.book.has_room(workload_class, reserve, budgets=self._budgets):
+            if n.book.has_room(workload_class, reserve, budgets=budgets):
                 slot_room = True
                 prompt_waits = prompt > 0 and self._prefill_wait(n, model, workload_class, prompt)
                 room = room or not prompt_waits

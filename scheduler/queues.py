@@ -54,6 +54,11 @@ class QueueConfig:
     promote_lead_s: float = 1.0
     """A lower-class item is served first once its ``start_by`` is this close (time for
     a few slots to free under load)."""
+    promoted_hold_s: float = 1.0
+    """Longest a promoted item that cannot be placed holds its model (0: no bound): past it,
+    requests it would keep waiting may pass it while it still cannot start (it stays first
+    whenever it can). Unbounded, REALTIME waited 1.7-6.6 s behind BATCH kept out by
+    REALTIME's own batch limit (bench-vllm, overload 4x, 2026-12-06)."""
     lift_credit: float = 256.0
     """How far below the backlogged tenants' smallest counter a tenant that becomes backlogged
     is lifted to (weighted tokens per unit of weight): a bounded credit, so a light tenant's
@@ -77,6 +82,8 @@ class QueuedRequest:
     start_by: float = math.inf
     """The start admission promised a lower-class request, early enough to finish before
     the deadline (infinite: no promise); it is promoted as that nears."""
+    embed: bool = False
+    """An ``Embed`` call (held to its class's embed target, not its TTFT target)."""
     affinity: str = ""
     """Session id or prompt-prefix digest: routing prefers the node that served it last."""
     decode_s: float = 0.0
@@ -92,6 +99,8 @@ class QueuedRequest:
     dispatched_at: float | None = None
     """When it left the queue for a node (None: not yet)."""
     seq: int = 0
+    holding_since: float | None = None
+    """When it first held its model, promoted and not placeable (None: it has not)."""
     held_s: dict[str, float] = field(default_factory=dict)
     """Seconds it queued, per hold that kept it (:meth:`hold`): the request's log line says
     why it waited."""
@@ -273,13 +282,19 @@ class FairQueues:
     def promised_cost(self, model: str, before: float) -> float:
         """Weighted tokens of lower-class items for ``model`` promoted before time ``before``
         (they will go ahead of anything queued now)."""
-        horizon = before + self.config.promote_lead_s
+        horizon, now = before + self.config.promote_lead_s, self._clock()
         weight = self.config.prompt_token_weight
         return sum(
             item.cost(weight)
             for start_by, _, item in self._promised
             if start_by <= horizon and item.model == model and self._queued(item)
+            if not self._hold_over(item, now)
         )
+
+    def _hold_over(self, item: QueuedRequest, now: float) -> bool:
+        """Whether ``item`` held its model for ``promoted_hold_s`` already (it holds no more)."""
+        bound, since = self.config.promoted_hold_s, item.holding_since
+        return bound > 0 and since is not None and now - since >= bound
 
     def pop(self, placeable: Callable[[QueuedRequest], bool]) -> QueuedRequest | None:
         """Take the next request that ``placeable`` accepts and charge its prompt (VTC).
@@ -287,10 +302,10 @@ class FairQueues:
         Promoted items first (:meth:`promoted`): one that cannot be placed holds its model,
         so nothing else for that model starts before it (a slot that frees while a lower class
         lacks room, or is held back by its slot share, would otherwise go to the next REALTIME
-        request, again and again). Then classes in :meth:`class_order`, tenants in
-        :meth:`tenant_order`; each tenant's queue is FIFO, but up to ``scan_depth`` of its
-        items are tried so one model without room does not block the tenant's requests for
-        another. Returns None when nothing can be placed.
+        request, again and again), for ``promoted_hold_s`` at most. Then classes in
+        :meth:`class_order`, tenants in :meth:`tenant_order`; each tenant's queue is FIFO, but
+        up to ``scan_depth`` of its items are tried so one model without room does not block
+        the tenant's requests for another. Returns None when nothing can be placed.
         """
         held: set[str] = set()  # models a promoted item is waiting for
         promoted, now = self.promoted(), self._clock()
@@ -299,7 +314,11 @@ class FairQueues:
                 item.hold(HOLD_PROMOTED, now)  # behind an earlier promoted one
             elif placeable(item):
                 return self._take(item)
-            held.add(item.model)
+            else:
+                if item.holding_since is None:
+                    item.holding_since = now
+                if not self._hold_over(item, now):
+                    held.add(item.model)
         looked = {i.request_id for i in promoted} if promoted else set()
         for cls in self.class_order():
             for tenant in self.tenant_order(cls):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from bench.slo.cli import GUARD_OFF
-from scheduler.config import SchedulerSettings, step_budgets, ttft_targets
+from scheduler.config import SchedulerSettings, embed_targets, step_budgets, ttft_targets
 from scheduler.routing import LoadBook
 from sluice.contract import WorkloadClass
 from sluice.itl import batch_limit, fitted_limit, tightest
@@ -78,6 +78,7 @@ def test_the_scheduler_command_line_turns_the_guard_off() -> None:
     settings = parse_settings(SchedulerSettings, GUARD_OFF, "scheduler")
     assert set(step_budgets(settings).values()) == {0.0}
     assert set(ttft_targets(settings).values()) == {0.0}
+    assert set(embed_targets(settings).values()) == {0.0}
 
 
 def test_a_report_keeps_each_models_fit_for_its_prefill() -> None:

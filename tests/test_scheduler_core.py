@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -592,6 +593,33 @@ def test_a_queued_realtime_request_whose_first_token_would_miss_its_ttft_target_
     assert admission.decide(item("me", BATCH, new=10), 100.0, False, prefill_s=5.0).admitted
 
 
+def test_a_queued_realtime_embed_is_held_to_its_embed_target_not_the_ttft_target() -> None:
+    """Embed target 0.5 s, TTFT target 2 s, no queue bound: behind a predicted 0.4 s wait an
+    Embed whose calls take 0.05 s is admitted, one whose calls take 0.2 s is refused (retry
+    after the wait; the detail names the embed target), a generation with that prefill is
+    not; an Embed that starts at once is never refused for its target."""
+    clock, queues, _ = make()
+    config = AdmissionConfig(
+        realtime_max_wait_s=0, ttft_targets={REALTIME: 2.0}, embed_targets={REALTIME: 0.5}
+    )
+    admission = Admission(queues, clock, lambda _t: 1.0, config)
+    queues.push(item("me", REALTIME, prompt=0, new=40))
+
+    def embed() -> QueuedRequest:
+        return dataclasses.replace(item("me", REALTIME, new=0), embed=True)
+
+    quick = admission.decide(embed(), 100.0, False, prefill_s=0.05)
+    assert quick.admitted and quick.predicted_wait_s == pytest.approx(0.4, rel=0.05)
+    slow = admission.decide(embed(), 100.0, False, prefill_s=0.2)
+    assert not slow.admitted and slow.reason == OVERLOADED and not slow.past_deadline
+    assert slow.predicted_wait_s == pytest.approx(0.4, rel=0.05)
+    assert "predicted answer in" in slow.detail and "0.5s realtime embed target" in slow.detail
+    assert admission.decide(item("me", REALTIME, new=10), 100.0, False, prefill_s=0.2).admitted
+    _, idle, _ = make()
+    at_once = Admission(idle, clock, lambda _t: 1.0, config)
+    assert at_once.decide(embed(), 100.0, True, prefill_s=0.9).admitted
+
+
 def test_realtime_first_tokens_later_than_predicted_pad_the_next_ttft_test() -> None:
     """Ten REALTIME requests admitted at once with 1.0 s predicted from dispatch to first
     token took 1.0-1.9 s: the 90th percentile of the overrun (0.8 s) pads the next
@@ -821,6 +849,30 @@ def test_promoted_item_without_room_holds_its_model() -> None:
     assert queues.pop(lambda i: i.workload_class == REALTIME) is None
     assert queues.pop(always) is batch
     assert queues.pop(always) is realtime
+
+
+def test_a_promoted_item_holds_its_model_for_promoted_hold_s_at_most() -> None:
+    """A promoted BATCH request that cannot start (say REALTIME's batch limit keeps it out)
+    holds its model for ``promoted_hold_s`` (1 s): until then a REALTIME request waits behind
+    it and admission counts it as promoted work; after, the REALTIME request may start, the
+    BATCH one counts no more, and it still goes first once it can start (before the REALTIME
+    request queued behind it)."""
+    clock, queues, _ = make(promoted_hold_s=1.0)
+    batch = item("b", BATCH, prompt=0, new=100, start_by=clock() + 0.5)
+    queues.push(batch)
+    first, second = item("rt", REALTIME), item("rt", REALTIME)
+    queues.push(first)
+    queues.push(second)
+    realtime = lambda i: i.workload_class == REALTIME  # noqa: E731
+    assert queues.pop(realtime) is None
+    assert queues.promised_cost("m", clock()) == 100
+    clock.advance(0.9)
+    assert queues.pop(realtime) is None
+    clock.advance(0.1)
+    assert queues.promised_cost("m", clock()) == 0  # what admission counts as promoted
+    assert queues.pop(realtime) is first
+    assert queues.pop(always) is batch
+    assert queues.pop(always) is second
 
 
 def test_shed_keeps_a_lower_class_request_its_promotion_will_serve() -> None:

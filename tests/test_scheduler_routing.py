@@ -10,6 +10,7 @@ import pytest
 
 from scheduler import routing
 from scheduler.admission import ThroughputMeter
+from scheduler.calibration import EMBED_SMOOTHING
 from scheduler.node_handle import NodeHandle, paces_prompts
 from scheduler.nodes import NodeDirectory
 from scheduler.prefill import PrefillGuard
@@ -486,3 +487,30 @@ def test_first_tokens_are_timed_by_the_timed_terms_and_the_bucket_priced_by_the_
     older.step_costs.add(model="m", base_s=0.05, per_prefill_token_s=0.001)  # no timed terms
     node.on_report(older, clock(), PrefillGuard())
     assert node.book.timings["m"] is node.book.fits["m"]
+
+
+def test_an_embedding_model_s_calls_take_slots_but_no_step_budget() -> None:
+    """A node whose fit allows 8 REALTIME sequences within the step budget: with 8 running, a
+    generation finds no room, an Embed still does (it runs on the embedding thread, not in
+    the batch) until every slot is taken. The scheduler's moving average of Embed calls
+    starts at the first call and follows later ones at :data:`EMBED_SMOOTHING`."""
+    clock = FakeClock()
+    directory = NodeDirectory(None, clock=clock, step_budgets={REALTIME: 0.08})  # type: ignore[arg-type]
+    node = _handle(clock)
+    node.info = _models(False, embedder=True)
+    node.book.max_sequences = 12
+    directory._nodes["n1"] = node  # no channel: only the book is read
+    fit = common_pb2.StepCost(model="m0", base_s=0.04, per_sequence_s=0.005, samples=64)
+    node.book.on_report(0, 0, 0, 0, 0.0, steps=[fit])
+    for _ in range(8):
+        node.book.on_dispatch(10, REALTIME)
+    assert not directory.has_room(node, REALTIME, "m0")
+    assert directory.has_room(node, REALTIME, "e")
+    for _ in range(4):
+        node.book.on_dispatch(10, REALTIME)
+    assert not directory.has_room(node, REALTIME, "e")  # every slot held
+    times = directory.embed_times
+    assert times.seconds("e") == 0.0
+    times.record("e", 0.1)
+    times.record("e", 0.2)
+    assert times.seconds("e") == pytest.approx(0.1 + EMBED_SMOOTHING * 0.1)

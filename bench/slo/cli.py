@@ -50,9 +50,10 @@ GUARD_OFF = [
     "--batch-itl-target-seconds", "0",
     "--finetune-itl-target-seconds", "0",
     "--realtime-ttft-target-seconds", "0",
+    "--realtime-embed-target-seconds", "0",
 ]  # fmt: skip
-"""The reference scheduler's flags: no inter-token or TTFT target, slots alone (the 1.5 s
-REALTIME queue bound it had then stays)."""
+"""The reference scheduler's flags: no inter-token, TTFT or embed target, slots alone (the
+1.5 s REALTIME queue bound it had then stays)."""
 MULTIPLES = (1.0, 2.0, 4.0)
 
 
