@@ -294,7 +294,7 @@ class Admission:
         nodes are ``busy`` (a full batch decodes slowly: its streams would hit the deadline
         unfinished; on idle nodes ``token_s``, measured under the last load, says nothing).
         A REALTIME ``item`` never starts at once while lower-class work promoted now waits
-        (it holds the model until it starts, after a running request ends). ``prefill_s``:
+        (it holds the model until it starts, ``promoted_hold_s`` at most). ``prefill_s``:
         its predicted time from dispatch to first token under the load now (its prompt's
         prefill beside the batch, or the time measured lately when longer), counted with its
         wait against its class's TTFT target, even for a request that would start at once;
@@ -311,7 +311,7 @@ class Admission:
         usable = (item.deadline - now) * (1.0 - self.config.deadline_margin)
         decode = item.decode_s = item.max_new_tokens * token_s
         top = item.workload_class.is_top
-        # Lower-class work promoted now goes first and holds the model until it starts.
+        # Lower-class work promoted now goes first and holds the model (queues: promoted_hold_s).
         promised = self._queues.promised_cost(item.model, now) if top else 0.0
         ttft = self._target(item)
         alone = prefill_s if idle_prefill_s is None else idle_prefill_s

@@ -13,6 +13,7 @@ import math
 from collections import deque
 
 from scheduler.queues import Clock
+from sluice.contract import WorkloadClass
 
 FIRST_TOKEN_CALIBRATED_FROM = 0.5
 """Share of the TTFT target from which first-token predictions are calibrated and padded:
@@ -78,21 +79,31 @@ class WaitCalibration:
 
 
 EMBED_SMOOTHING = 0.2
-"""Weight of each new ``Embed`` call's seconds in its model's moving average."""
+"""Weight of each new ``Embed`` call's seconds in its moving average."""
+EMBED_WINDOW = 32
+"""Calls whose fastest is an ``Embed``'s unloaded time."""
 
 
 class EmbedTimes:
-    """Per embedding model, the moving average of its node calls' seconds (the call as the
-    scheduler waits for it: the node's embedding queue and its forward)."""
+    """Per embedding model and class, how long its node calls took (the call as the scheduler
+    waits for it: the node's embedding queue and its forward): the moving average, and the
+    fastest of the last :data:`EMBED_WINDOW`, what one takes with nothing ahead of it."""
 
     def __init__(self) -> None:
-        self._seconds: dict[str, float] = {}
+        self._average: dict[tuple[str, WorkloadClass], float] = {}
+        self._recent: dict[tuple[str, WorkloadClass], deque[float]] = {}
 
-    def record(self, model: str, seconds: float) -> None:
-        """A node answered an ``Embed`` of ``model`` in ``seconds``."""
-        old = self._seconds.get(model)
-        self._seconds[model] = seconds if old is None else old + EMBED_SMOOTHING * (seconds - old)
+    def record(self, model: str, workload_class: WorkloadClass, seconds: float) -> None:
+        """A node answered an ``Embed`` of ``model`` and ``workload_class`` in ``seconds``."""
+        key = (model, workload_class)
+        old = self._average.get(key)
+        self._average[key] = seconds if old is None else old + EMBED_SMOOTHING * (seconds - old)
+        self._recent.setdefault(key, deque(maxlen=EMBED_WINDOW)).append(seconds)
 
-    def seconds(self, model: str) -> float:
-        """``model``'s calls lately, in seconds (0 before the first)."""
-        return self._seconds.get(model, 0.0)
+    def seconds(self, model: str, workload_class: WorkloadClass) -> float:
+        """The calls' moving average (0 before the first)."""
+        return self._average.get((model, workload_class), 0.0)
+
+    def fastest(self, model: str, workload_class: WorkloadClass) -> float:
+        """The fastest of the last calls (0 before the first)."""
+        return min(self._recent.get((model, workload_class), ()), default=0.0)

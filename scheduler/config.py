@@ -114,9 +114,10 @@ class SchedulerSettings(ServiceSettings):
     """FINETUNE-class generations' TTFT target (0: none)."""
     realtime_embed_target_seconds: float = 0.5
     """REALTIME's target for a whole ``Embed`` call (its queue wait plus the node's call, the
-    call measured as the scheduler's recent average per model): one predicted past it is
-    refused at once (OVERLOADED, with RetryInfo) instead of queueing, as a generation past
-    its TTFT target. 0.5 s: an interactive retrieval query's embedding. 0: none."""
+    call priced at the scheduler's recent average per model and class): one that would queue
+    past it is refused at once (OVERLOADED, with RetryInfo), as a generation past its TTFT
+    target; one that can start at once, or whose call alone (the fastest lately) misses it,
+    is not. 0.5 s: an interactive retrieval query's embedding. 0: none."""
     batch_embed_target_seconds: float = 0.0
     """BATCH's target for a whole ``Embed`` call (0: none; held to its deadline)."""
     finetune_embed_target_seconds: float = 0.0

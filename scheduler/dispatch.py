@@ -444,7 +444,7 @@ class Dispatcher:
                 reply: inference_pb2.EmbedResponse = await node.stub.Embed(
                     _keyed(forward), timeout=self._remaining(deadline), metadata=self._metadata()
                 )
-                self._nodes.embed_times.record(req.model, time.monotonic() - began)
+                self._nodes.embed_times.record(req.model, cls, time.monotonic() - began)
                 node.breaker.record_success()
                 self._metrics.dispatches.labels(node.node_id, "ok").inc()
                 reply.node_id = node.node_id

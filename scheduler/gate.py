@@ -201,7 +201,7 @@ class DispatchGate:
         and until a slot is left for it (:mod:`scheduler.running`); ``prompt_held``: a slot is
         free and only the bucket holds it. Below REALTIME, decode is priced at the slowest of
         the nodes' time per token, the class's own pace lately and a full node's step. An
-        Embed's call is priced at the calls of its model lately, in place of a prompt."""
+        Embed's call is priced at its model's and class's calls lately, in place of a prompt."""
         model, cls, prompt = item.model, item.workload_class, item.prompt_tokens
         nodes, pool = self._nodes, POOL_FOR_CLASS[cls]
         token_s = nodes.token_seconds(model)
@@ -217,8 +217,11 @@ class DispatchGate:
             room_in_s = nodes.prefill_wait(model, cls, prompt, ahead)
             if not prompt_held:
                 room_in_s = max(room_in_s, self.running.end_wait(model, cls, before, token_s))
-        if item.embed:  # its answer comes with the node's call, as calls came lately
-            first = idle = nodes.embed_times.seconds(model)
+        if item.embed:  # its answer comes with the node's call, as its class's came lately
+            first = nodes.embed_times.seconds(model, cls)
+            # Alone, as fast as the fastest lately; one that can start now is not refused for
+            # the target (no call would come sooner, and its call keeps the average current).
+            idle = first if startable else nodes.embed_times.fastest(model, cls)
         else:
             loaded, told = nodes.loaded_first_token_seconds(model, prompt)
             first = loaded if told else max(loaded, nodes.first_token_seconds(model))

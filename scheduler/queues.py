@@ -9,7 +9,8 @@ clock. Invariants:
   ``aging_s``.
 - A lower-class item whose ``start_by`` (the start admission promised) is within
   ``promote_lead_s`` goes before every other item, earliest ``start_by`` first (EDF), and holds
-  its model until it starts (docs/decisions/scheduler-lower-class-promise.md).
+  its model until it starts, for ``promoted_hold_s`` at most
+  (docs/decisions/scheduler-lower-class-promise.md).
 - Inside a class, the Virtual Token Counter of Sheng et al., OSDI 2024 (arXiv:2401.00588): the
   backlogged tenant with the least service (weighted tokens / weight) goes next; prompts are
   charged at dispatch (``prompt_token_weight`` per token), generated tokens as the node makes
@@ -296,6 +297,13 @@ class FairQueues:
         bound, since = self.config.promoted_hold_s, item.holding_since
         return bound > 0 and since is not None and now - since >= bound
 
+    def _stuck(self, item: QueuedRequest, now: float) -> bool:
+        """Promoted ``item`` cannot start now: whether it still holds its model (from the first
+        pass that found it stuck, for ``promoted_hold_s``)."""
+        if item.holding_since is None:
+            item.holding_since = now
+        return not self._hold_over(item, now)
+
     def pop(self, placeable: Callable[[QueuedRequest], bool]) -> QueuedRequest | None:
         """Take the next request that ``placeable`` accepts and charge its prompt (VTC).
 
@@ -312,13 +320,11 @@ class FairQueues:
         for item in promoted:
             if item.model in held:
                 item.hold(HOLD_PROMOTED, now)  # behind an earlier promoted one
+                self._stuck(item, now)  # its time behind it counts against its own hold
             elif placeable(item):
                 return self._take(item)
-            else:
-                if item.holding_since is None:
-                    item.holding_since = now
-                if not self._hold_over(item, now):
-                    held.add(item.model)
+            elif self._stuck(item, now):
+                held.add(item.model)
         looked = {i.request_id for i in promoted} if promoted else set()
         for cls in self.class_order():
             for tenant in self.tenant_order(cls):

@@ -348,6 +348,15 @@ def test_every_dashboard_query_and_rule_returns_real_series_and_induced_alerts_f
     pool = flood(live, stop)
     try:
         eventually(lambda: bool(live.series("sluice_scheduler_queue_depth > 0")), 20, "a queue")
+        # run_jobs' jobs may end between two scrapes: one submitted into the flood stays
+        # unfinished long enough for the job lag gauge to be scraped.
+        lines = [
+            generate_line(f"f{i}", MODEL, f"flood line {i}", max_new_tokens=6) for i in range(4)
+        ]
+        live.client("alpha").submit_job(lines)
+        eventually(
+            lambda: bool(live.series("sluice_scheduler_job_queue_lag_seconds")), 20, "job lag"
+        )
         with pytest.raises(SluiceRpcError):  # predicted to wait far past its deadline
             _generate(
                 live.client("alpha", timeout_s=0.3),

@@ -597,7 +597,8 @@ def test_a_queued_realtime_embed_is_held_to_its_embed_target_not_the_ttft_target
     """Embed target 0.5 s, TTFT target 2 s, no queue bound: behind a predicted 0.4 s wait an
     Embed whose calls take 0.05 s is admitted, one whose calls take 0.2 s is refused (retry
     after the wait; the detail names the embed target), a generation with that prefill is
-    not; an Embed that starts at once is never refused for its target."""
+    not, nor an Embed whose fastest call lately (0.6 s) misses the target alone, nor one that
+    starts at once (the gate passes its average call as its call alone)."""
     clock, queues, _ = make()
     config = AdmissionConfig(
         realtime_max_wait_s=0, ttft_targets={REALTIME: 2.0}, embed_targets={REALTIME: 0.5}
@@ -615,9 +616,10 @@ def test_a_queued_realtime_embed_is_held_to_its_embed_target_not_the_ttft_target
     assert slow.predicted_wait_s == pytest.approx(0.4, rel=0.05)
     assert "predicted answer in" in slow.detail and "0.5s realtime embed target" in slow.detail
     assert admission.decide(item("me", REALTIME, new=10), 100.0, False, prefill_s=0.2).admitted
+    assert admission.decide(embed(), 100.0, False, prefill_s=0.9, idle_prefill_s=0.6).admitted
     _, idle, _ = make()
-    at_once = Admission(idle, clock, lambda _t: 1.0, config)
-    assert at_once.decide(embed(), 100.0, True, prefill_s=0.9).admitted
+    at_once = Admission(idle, clock, lambda _t: 1.0, config)  # the gate passes its average
+    assert at_once.decide(embed(), 100.0, True, prefill_s=0.9, idle_prefill_s=0.9).admitted
 
 
 def test_realtime_first_tokens_later_than_predicted_pad_the_next_ttft_test() -> None:
@@ -856,22 +858,26 @@ def test_a_promoted_item_holds_its_model_for_promoted_hold_s_at_most() -> None:
     holds its model for ``promoted_hold_s`` (1 s): until then a REALTIME request waits behind
     it and admission counts it as promoted work; after, the REALTIME request may start, the
     BATCH one counts no more, and it still goes first once it can start (before the REALTIME
-    request queued behind it)."""
+    request queued behind it). A second promoted request stuck behind the first counts that
+    time against its own hold: the model is not held a second more after the first's ends."""
     clock, queues, _ = make(promoted_hold_s=1.0)
     batch = item("b", BATCH, prompt=0, new=100, start_by=clock() + 0.5)
+    behind = item("c", BATCH, prompt=0, new=50, start_by=clock() + 0.6)
     queues.push(batch)
+    queues.push(behind)
     first, second = item("rt", REALTIME), item("rt", REALTIME)
     queues.push(first)
     queues.push(second)
     realtime = lambda i: i.workload_class == REALTIME  # noqa: E731
     assert queues.pop(realtime) is None
-    assert queues.promised_cost("m", clock()) == 100
+    assert queues.promised_cost("m", clock()) == 150
     clock.advance(0.9)
     assert queues.pop(realtime) is None
     clock.advance(0.1)
     assert queues.promised_cost("m", clock()) == 0  # what admission counts as promoted
     assert queues.pop(realtime) is first
     assert queues.pop(always) is batch
+    assert queues.pop(always) is behind
     assert queues.pop(always) is second
 
 
