@@ -294,7 +294,7 @@ class Admission:
         nodes are ``busy`` (a full batch decodes slowly: its streams would hit the deadline
         unfinished; on idle nodes ``token_s``, measured under the last load, says nothing).
         A REALTIME ``item`` never starts at once while lower-class work promoted now waits
-        (it holds the model until it starts, for ``promoted_hold_s`` at most). ``prefill_s``:
+        (it holds the model until it starts, ``promoted_hold_s`` at most). ``prefill_s``:
         its predicted time from dispatch to first token under the load now (its prompt's
         prefill beside the batch, or the time measured lately when longer), counted with its
         wait against its class's TTFT target, even for a request that would start at once;

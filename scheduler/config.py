@@ -152,9 +152,9 @@ class SchedulerSettings(ServiceSettings):
     before it) from this long before the latest start admission promised it, so it still
     finishes before its deadline."""
     promoted_hold_seconds: float = Field(default=1.0, ge=0)
-    """Longest such requests, unable to start, keep their model from other requests, counted
-    per model until one of them starts (0: no bound); past it the others may pass them, and
-    they go first whenever they can start (docs/decisions/scheduler-lower-class-promise.md)."""
+    """Longest such a request, unable to start, keeps its model from other requests (0: until
+    it starts); past it they may pass it, and it goes first whenever it can start
+    (docs/decisions/scheduler-lower-class-promise.md)."""
 
     # Failure handling.
     breaker_failures: int = 5

@@ -9,8 +9,8 @@ clock. Invariants:
   ``aging_s``.
 - A lower-class item whose ``start_by`` (the start admission promised) is within
   ``promote_lead_s`` goes before every other item, earliest ``start_by`` first (EDF), and holds
-  its model until it starts, the model's promoted work ``promoted_hold_s`` at most between two
-  of its starts (docs/decisions/scheduler-lower-class-promise.md).
+  its model until it starts, for ``promoted_hold_s`` at most
+  (docs/decisions/scheduler-lower-class-promise.md).
 - Inside a class, the Virtual Token Counter of Sheng et al., OSDI 2024 (arXiv:2401.00588): the
   backlogged tenant with the least service (weighted tokens / weight) goes next; prompts are
   charged at dispatch (``prompt_token_weight`` per token), generated tokens as the node makes
@@ -231,8 +231,6 @@ class FairQueues:
         cq.size -= 1
         del self._by_id[item.request_id]
         self._account(item, -1)
-        if not self._by_id:
-            self._holds.clear()  # no promoted work is left to hold anything
         if not fifo:
             cq.last_left_counter = cq.counters.get(item.tenant, 0.0)
 
@@ -286,18 +284,15 @@ class FairQueues:
 
     def promised_cost(self, model: str, before: float) -> float:
         """Weighted tokens of lower-class items for ``model`` promoted before time ``before``
-        (they will go ahead of anything queued now), less those promoted already once the
-        model's hold is over (they hold it no more; those promoted later will)."""
-        now, lead, weight = (
-            self._clock(),
-            self.config.promote_lead_s,
-            self.config.prompt_token_weight,
-        )
-        over = now + lead if self._hold_over(model, now) else -math.inf  # promoted by then: done
+        (they will go ahead of anything queued now; none once they held it ``promoted_hold_s``)."""
+        if self._hold_over(model, self._clock()):
+            return 0.0  # its promoted work holds it no more
+        horizon = before + self.config.promote_lead_s
+        weight = self.config.prompt_token_weight
         return sum(
             item.cost(weight)
             for start_by, _, item in self._promised
-            if over < start_by <= before + lead and item.model == model and self._queued(item)
+            if start_by <= horizon and item.model == model and self._queued(item)
         )
 
     def _hold_over(self, model: str, now: float) -> bool:
@@ -312,16 +307,14 @@ class FairQueues:
         Promoted items first (:meth:`promoted`): one that cannot be placed holds its model,
         so nothing else for that model starts before it (a slot that frees while a lower class
         lacks room, or is held back by its slot share, would otherwise go to the next REALTIME
-        request, again and again), the model's promoted work for ``promoted_hold_s`` at most
-        until one of it starts. Then classes in
+        request, again and again), for ``promoted_hold_s`` at most. Then classes in
         :meth:`class_order`, tenants in :meth:`tenant_order`; each tenant's queue is FIFO, but
         up to ``scan_depth`` of its items are tried so one model without room does not block
         the tenant's requests for another. Returns None when nothing can be placed.
         """
         held: set[str] = set()  # models a promoted item is waiting for
         promoted, now = self.promoted(), self._clock()
-        models = {item.model for item in promoted}  # a hold ends with its model's promoted work
-        self._holds = {m: since for m, since in self._holds.items() if m in models}
+        stuck = {item.model for item in promoted}
         for item in promoted:
             if item.model in held:
                 item.hold(HOLD_PROMOTED, now)  # behind an earlier promoted one
@@ -331,6 +324,8 @@ class FairQueues:
             elif not self._hold_over(item.model, now):
                 self._holds.setdefault(item.model, now)
                 held.add(item.model)
+        for model in [m for m in self._holds if m not in stuck]:  # no promoted work left
+            del self._holds[model]
         looked = {i.request_id for i in promoted} if promoted else set()
         for cls in self.class_order():
             for tenant in self.tenant_order(cls):
