@@ -56,10 +56,9 @@ class QueueConfig:
     """A lower-class item is served first once its ``start_by`` is this close (time for
     a few slots to free under load)."""
     promoted_hold_s: float = 1.0
-    """Longest promoted items that cannot be placed hold their model (0: no bound), counted
-    per model from the first pass that found one stuck until one of them starts: past it,
-    requests they would keep waiting may pass them while they still cannot start (they stay
-    first whenever they can). Unbounded, REALTIME waited 1.7-6.6 s behind BATCH kept out by
+    """Longest a promoted item that cannot be placed holds its model (0: no bound): past it,
+    requests it would keep waiting may pass it while it still cannot start (it stays first
+    whenever it can). Unbounded, REALTIME waited 1.7-6.6 s behind BATCH kept out by
     REALTIME's own batch limit (bench-vllm, overload 4x, 2026-12-06)."""
     lift_credit: float = 256.0
     """How far below the backlogged tenants' smallest counter a tenant that becomes backlogged
@@ -101,6 +100,8 @@ class QueuedRequest:
     dispatched_at: float | None = None
     """When it left the queue for a node (None: not yet)."""
     seq: int = 0
+    holding_since: float | None = None
+    """When it first held its model, promoted and not placeable (None: it has not)."""
     held_s: dict[str, float] = field(default_factory=dict)
     """Seconds it queued, per hold that kept it (:meth:`hold`): the request's log line says
     why it waited."""
@@ -169,9 +170,6 @@ class FairQueues:
         # Lower-class items with a finite start_by, earliest first; entries of items that
         # left the queue are dropped when they reach the top.
         self._promised: list[tuple[float, int, QueuedRequest]] = []
-        self._holds: dict[str, float] = {}
-        """Model → when promoted work that cannot start began holding it (since one of its
-        promoted items last started)."""
 
     # -- adding and removing -------------------------------------------------------------
 
@@ -284,22 +282,27 @@ class FairQueues:
 
     def promised_cost(self, model: str, before: float) -> float:
         """Weighted tokens of lower-class items for ``model`` promoted before time ``before``
-        (they will go ahead of anything queued now; none once they held it ``promoted_hold_s``)."""
-        if self._hold_over(model, self._clock()):
-            return 0.0  # its promoted work holds it no more
-        horizon = before + self.config.promote_lead_s
+        (they will go ahead of anything queued now)."""
+        horizon, now = before + self.config.promote_lead_s, self._clock()
         weight = self.config.prompt_token_weight
         return sum(
             item.cost(weight)
             for start_by, _, item in self._promised
             if start_by <= horizon and item.model == model and self._queued(item)
+            if not self._hold_over(item, now)
         )
 
-    def _hold_over(self, model: str, now: float) -> bool:
-        """Whether promoted work held ``model`` for ``promoted_hold_s`` already, none of it
-        starting meanwhile (it holds the model no more)."""
-        bound, since = self.config.promoted_hold_s, self._holds.get(model)
+    def _hold_over(self, item: QueuedRequest, now: float) -> bool:
+        """Whether ``item`` held its model for ``promoted_hold_s`` already (it holds no more)."""
+        bound, since = self.config.promoted_hold_s, item.holding_since
         return bound > 0 and since is not None and now - since >= bound
+
+    def _stuck(self, item: QueuedRequest, now: float) -> bool:
+        """Promoted ``item`` cannot start now: whether it still holds its model (from the first
+        pass that found it stuck, for ``promoted_hold_s``)."""
+        if item.holding_since is None:
+            item.holding_since = now
+        return not self._hold_over(item, now)
 
     def pop(self, placeable: Callable[[QueuedRequest], bool]) -> QueuedRequest | None:
         """Take the next request that ``placeable`` accepts and charge its prompt (VTC).
@@ -314,18 +317,14 @@ class FairQueues:
         """
         held: set[str] = set()  # models a promoted item is waiting for
         promoted, now = self.promoted(), self._clock()
-        stuck = {item.model for item in promoted}
         for item in promoted:
             if item.model in held:
                 item.hold(HOLD_PROMOTED, now)  # behind an earlier promoted one
+                self._stuck(item, now)  # its time behind it counts against its own hold
             elif placeable(item):
-                self._holds.pop(item.model, None)  # the next one stuck holds it afresh
                 return self._take(item)
-            elif not self._hold_over(item.model, now):
-                self._holds.setdefault(item.model, now)
+            elif self._stuck(item, now):
                 held.add(item.model)
-        for model in [m for m in self._holds if m not in stuck]:  # no promoted work left
-            del self._holds[model]
         looked = {i.request_id for i in promoted} if promoted else set()
         for cls in self.class_order():
             for tenant in self.tenant_order(cls):
