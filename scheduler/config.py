@@ -210,31 +210,25 @@ class SchedulerSettings(ServiceSettings):
     cancelled and the fine-tune moved, as if its node had died."""
 
 
+def _per_class(settings: SchedulerSettings, name: str) -> dict[WorkloadClass, float]:
+    """Each class's setting ``<class>_<name>`` (``realtime_ttft_target_seconds``, ...), at
+    least 0."""
+    return {c: max(0.0, getattr(settings, f"{c.label}_{name}")) for c in WorkloadClass}
+
+
 def ttft_targets(settings: SchedulerSettings) -> dict[WorkloadClass, float]:
     """Each class's TTFT target in seconds (0: none)."""
-    return {
-        WorkloadClass.REALTIME: max(0.0, settings.realtime_ttft_target_seconds),
-        WorkloadClass.BATCH: max(0.0, settings.batch_ttft_target_seconds),
-        WorkloadClass.FINETUNE: max(0.0, settings.finetune_ttft_target_seconds),
-    }
+    return _per_class(settings, "ttft_target_seconds")
 
 
 def embed_targets(settings: SchedulerSettings) -> dict[WorkloadClass, float]:
     """Each class's target for a whole ``Embed`` call in seconds (0: none)."""
-    return {
-        WorkloadClass.REALTIME: max(0.0, settings.realtime_embed_target_seconds),
-        WorkloadClass.BATCH: max(0.0, settings.batch_embed_target_seconds),
-        WorkloadClass.FINETUNE: max(0.0, settings.finetune_embed_target_seconds),
-    }
+    return _per_class(settings, "embed_target_seconds")
 
 
 def itl_targets(settings: SchedulerSettings) -> dict[WorkloadClass, float]:
     """Each class's inter-token target in seconds (0: none)."""
-    return {
-        WorkloadClass.REALTIME: max(0.0, settings.realtime_itl_target_seconds),
-        WorkloadClass.BATCH: max(0.0, settings.batch_itl_target_seconds),
-        WorkloadClass.FINETUNE: max(0.0, settings.finetune_itl_target_seconds),
-    }
+    return _per_class(settings, "itl_target_seconds")
 
 
 def step_budgets(settings: SchedulerSettings) -> dict[WorkloadClass, float]:

@@ -162,18 +162,16 @@ class NodeDirectory:
         its prefill bucket for a ``prompt`` of that many tokens of ``model``. A ``promoted``
         lower-class request (its promised start is due) may use the slots lower classes
         otherwise leave to REALTIME: it goes before REALTIME anyway."""
-        book, budgets = node.book, self._budgets_for(model)
+        book, budgets = node.book, self._budgets_for(node, model)
         if not book.has_room(workload_class, self._reserve(promoted), budgets=budgets):
             return False
         return prompt <= 0 or self._prefill_wait(node, model, workload_class, prompt) <= 0
 
-    def _budgets_for(self, model: str) -> Mapping[WorkloadClass, float] | None:
-        """The step budgets held to ``model``'s requests: none for an embedding model (its
-        calls hold a slot but never join a generation batch)."""
+    def _budgets_for(self, node: NodeHandle, model: str) -> Mapping[WorkloadClass, float] | None:
+        """The step budgets held to ``model``'s requests on ``node``: none where it is an
+        embedding model (its calls hold a slot but never join a generation batch)."""
         embeds = any(
-            m.name == model and m.kind == common_pb2.MODEL_KIND_EMBED
-            for n in self._nodes.values()
-            for m in n.info.models
+            m.name == model and m.kind == common_pb2.MODEL_KIND_EMBED for m in node.info.models
         )
         return None if embeds else self._budgets
 
@@ -217,8 +215,9 @@ class NodeDirectory:
         cands = self.candidates(model, workload_class)
         slots = free = 0
         room = slot_room = False
-        reserve, budgets = self._reserve(promoted), self._budgets_for(model)
+        reserve = self._reserve(promoted)
         for n in cands:
+            budgets = self._budgets_for(n, model)
             cap = n.book.capacity(workload_class, reserve, budgets)
             slots += cap
             free += max(0, cap - n.book.sequences(workload_class))
