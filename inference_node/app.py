@@ -33,6 +33,7 @@ from inference_node.metrics import EngineCollector, NodeMetrics, TrainingMetrics
 from inference_node.model_types import Embedder, LanguageModel
 from inference_node.models import is_embedder, is_generator, load_embedder, load_language_model
 from inference_node.server import NodeServicer
+from inference_node.torch_threads import default_workers, threads_each
 from inference_node.train_service import TrainService
 from inference_node.training import DirectoryCheckpointStore, GapConfig
 from sluice import __version__
@@ -117,11 +118,14 @@ def embed_batcher(settings: NodeSettings, metrics: NodeMetrics) -> EmbedBatcher:
             latency_bound_s=settings.embed_batch_latency_ms / 1000,
         )
 
+    workers = settings.embed_workers or default_workers(settings.device)
     return EmbedBatcher(
         new_sizer,
         max_wait_s=settings.embed_max_wait_ms / 1000,
         on_batch=lambda model, texts: metrics.embed_batch_size.labels(model).observe(texts),
         lower_forward_s=settings.embed_lower_class_forward_ms / 1000 or None,
+        workers=workers,
+        threads=threads_each(workers),
     )
 
 

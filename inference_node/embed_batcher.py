@@ -1,5 +1,5 @@
 """Dynamic batching of ``Embed`` calls: concurrent requests, of any tenants, merged into one
-forward on the node's embedding thread, then split back per request.
+forward on one of the node's embedding threads, then split back per request.
 
 :class:`~inference_node.embed_sizer.BatchSizer` (synchronous, no I/O) chooses how many texts
 a forward may take from the latency curve the node measures as it runs. :class:`EmbedBatcher`
@@ -17,13 +17,14 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import structlog
 
 from inference_node.embed_sizer import BatchSizer
 from inference_node.model_types import Embedder
+from inference_node.torch_threads import pinned_pool
 from sluice.runtime.waits import wait_event
 
 log = structlog.get_logger(__name__)
@@ -90,12 +91,15 @@ class _Slice:
 
 
 class EmbedBatcher:
-    """The embedding thread and the requests waiting for it.
+    """The embedding threads and the requests waiting for them.
 
-    :meth:`embed` queues a request and waits for its result. One task takes batches: when the
-    thread is free it waits at most ``max_wait_s`` for as many texts of the head request's
-    model as that model's previous batch had (capped by its sizer's limit), then fills one
-    forward of at most the limit's texts from the waiting requests of that model. The head
+    :meth:`embed` queues a request and waits for its result. One task takes batches for
+    ``workers`` threads (each running torch on ``threads`` intra-op threads, ``None``: the
+    process's count; :func:`~inference_node.torch_threads.pinned_pool`), so that up to that
+    many forwards run at once: when a thread is free it waits at most ``max_wait_s`` for as
+    many texts of the head request's model as that model's previous batch had (capped by its
+    sizer's limit), then fills one forward of at most the limit's texts from the waiting
+    requests of that model. The head
     is the waiting request of the highest class (lowest rank), the earliest among them, and
     the forward is filled in that order too: a request with more texts than the room left is
     taken in slices, its next slice in a later forward, so a REALTIME request waits for at most
@@ -106,9 +110,10 @@ class EmbedBatcher:
     the embedder keeps of it): a
     REALTIME request arriving behind them waits about that long, not the limit's latency
     bound, and its own forward is not stretched by them past it. The previous
-    sizes are forgotten whenever the queue empties, so a request that arrives with nothing
-    queued never waits. Each model has its own :class:`BatchSizer` (``new_sizer()``, made on
-    its first request), so one model's latency never caps another's batches.
+    sizes are forgotten whenever the queue empties with no forward running, so a request
+    that arrives at an idle node never waits. Each model has its own :class:`BatchSizer`
+    (``new_sizer()``, made on its first request), so one model's latency never caps
+    another's batches.
 
     A request whose caller goes away before its batch runs leaves the queue at once; one that
     goes away while its batch runs leaves its result unread, and the others are unaffected. A
@@ -117,7 +122,8 @@ class EmbedBatcher:
     time, so only the request at fault fails. ``on_batch(model, texts)`` is told each
     forward's size (metrics); an error there, or in the sizer, is logged and the batch is
     answered all the same. Should the batching task die all the same, its requests fail with
-    the error and the next request starts a new task.
+    the error and the next request starts a new task; a forward that dies of a bug fails
+    its own requests.
     """
 
     def __init__(
@@ -128,6 +134,8 @@ class EmbedBatcher:
         max_waiting: int = MAX_EMBEDS_WAITING,
         on_batch: Callable[[str, int], None] = lambda model, texts: None,
         lower_forward_s: float | None = None,
+        workers: int = 1,
+        threads: int | None = None,
     ) -> None:
         self.new_sizer = new_sizer
         self.lower_forward_s = lower_forward_s
@@ -136,9 +144,12 @@ class EmbedBatcher:
         self.max_wait_s = max_wait_s
         self.max_waiting = max_waiting
         self._on_batch = on_batch
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self.workers = workers
+        self._pool = pinned_pool(workers, threads, "embed")
+        self._warming: list[Future[None]] = []
         self._queue: deque[_Waiting] = deque()
-        self._running: list[_Waiting] = []
+        self._forwards: dict[asyncio.Task[None], list[_Waiting]] = {}
+        """Forwards running, each with the requests it holds."""
         self._arrivals = itertools.count()
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -153,8 +164,7 @@ class EmbedBatcher:
         while it runs, and the sizer would read that as the size's cost. Nothing once closed."""
         if self._closed:
             return
-        for embedder in embedders:
-            self._pool.submit(_warm, embedder)
+        self._warming += [self._pool.submit(_warm, embedder) for embedder in embedders]
 
     def sizer(self, model: str) -> BatchSizer:
         """``model``'s sizer, made on first use."""
@@ -194,20 +204,42 @@ class EmbedBatcher:
                 self._queue.remove(item)
 
     async def _run(self) -> None:
+        while self._warming:  # kernels first: a forward would build them while it runs
+            await asyncio.wrap_future(self._warming.pop())
         while True:
             if not self._queue:
-                self._previous_texts.clear()  # a request arriving now never waits
+                if not self._forwards:
+                    self._previous_texts.clear()  # a request arriving now never waits
                 while not self._queue:
                     self._arrived.clear()
                     await self._arrived.wait()
+            if len(self._forwards) >= self.workers:
+                await asyncio.wait(self._forwards, return_when=asyncio.FIRST_COMPLETED)
+                continue
             head = min(self._queue, key=lambda w: (w.future.done(), *_order(w)))
             if not head.future.done():  # (else _take drops what is settled)
                 await self._fill(head.embedder)
             batch = self._take()
             if batch:
-                self._running = [piece.item for piece in batch]
-                await self._forward(batch)
-                self._running = []
+                task = asyncio.create_task(self._forward(batch), name="embed-forward")
+                self._forwards[task] = [piece.item for piece in batch]
+                task.add_done_callback(self._forward_done)
+
+    def _forward_done(self, task: asyncio.Task[None]) -> None:
+        """A forward ended: its requests are answered, or (a bug, or closed) fail with its
+        error."""
+        items = self._forwards.pop(task, [])
+        if not self._queue and not self._forwards:
+            self._previous_texts.clear()  # idle: a request arriving now never waits
+        if task.cancelled():
+            exc: BaseException = EmbedderClosedError("the embedding thread was stopped")
+        elif (error := task.exception()) is not None:
+            log.error("embed_forward_died", error=repr(error), exc_info=error)
+            exc = error
+        else:
+            return
+        for item in items:
+            _settle(item.future, exc)
 
     async def _fill(self, embedder: Embedder) -> None:
         """Wait, at most ``max_wait_s``, until as many texts of ``embedder`` wait as its
@@ -349,9 +381,8 @@ class EmbedBatcher:
             self._fail_all(exc)
 
     def _fail_all(self, exc: BaseException) -> None:
-        for item in [*self._running, *self._queue]:
+        for item in [*itertools.chain(*self._forwards.values()), *self._queue]:
             _settle(item.future, exc)
-        self._running = []
         self._queue.clear()
 
     def close(self) -> None:
@@ -361,6 +392,8 @@ class EmbedBatcher:
         self._fail_all(EmbedderClosedError("the embedding thread is closed"))
         if self._task is not None:
             self._task.cancel()
+        for task in list(self._forwards):
+            task.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 import pytest
+import torch
 from google.rpc import error_details_pb2
 from prometheus_client import CollectorRegistry
 
@@ -28,6 +29,7 @@ from inference_node.embed_batcher import (
 )
 from inference_node.embed_sizer import BatchSizer
 from inference_node.model_types import Embedder
+from inference_node.torch_threads import pinned_pool
 from sluice.v1 import inference_pb2, node_pb2, node_pb2_grpc
 from tests.harness import eventually
 from tests.test_end_to_end import details_of, unpack
@@ -613,6 +615,76 @@ async def test_kernels_are_built_on_the_embedding_thread_before_the_first_forwar
     assert calls[0][1] == calls[1][1] != threading.current_thread().name
 
 
+class CountingGate(GatedEmbedder):
+    """A gated embedder that counts the forwards inside it and the intra-op threads each
+    ran on."""
+
+    def __init__(self, real: Embedder) -> None:
+        super().__init__(real)
+        self.inside = 0
+        self.threads: list[int] = []
+        self._lock = threading.Lock()
+
+    def embed_each(
+        self, texts: Sequence[str], batch_size: int | None = None
+    ) -> tuple[list[list[float]], list[int]]:
+        with self._lock:
+            self.inside += 1
+            self.threads.append(torch.get_num_threads())
+        try:
+            return super().embed_each(texts, batch_size)
+        finally:
+            with self._lock:
+                self.inside -= 1
+
+
+async def test_two_workers_run_two_forwards_at_once_and_merge_what_waits_for_them(
+    gated: GatedEmbedder,
+) -> None:
+    """With two workers of one intra-op thread each: a second request starts on the free
+    worker while the first is held; requests sent while both are held wait together and run
+    as one forward once a worker frees; each answer equals the text's unbatched one, and every
+    forward ran on one intra-op thread while the caller's thread kept its count."""
+    counting = CountingGate(gated)
+    default = torch.get_num_threads()
+    batcher = EmbedBatcher(fixed(16), max_wait_s=0, workers=2, threads=1)
+    counting.gate.clear()
+    first = asyncio.create_task(batcher.embed(counting, ["holding one thread"]))
+    await eventually(lambda: counting.inside == 1)
+    second = asyncio.create_task(batcher.embed(counting, ["holding the other"]))
+    await eventually(lambda: counting.inside == 2)
+    calls = [asyncio.create_task(batcher.embed(counting, [t])) for t in TEXTS]
+    await eventually(lambda: batcher.queued == len(TEXTS))
+    counting.gate.set()
+    results = await asyncio.gather(*calls)
+    await asyncio.gather(first, second)
+    batcher.close()
+    assert [len(f) for f in counting.forwards] == [1, 1, len(TEXTS)]
+    assert counting.forwards[2] == TEXTS
+    for text, result in zip(TEXTS, results, strict=True):
+        assert_close(result, alone(gated, [text]))
+    assert counting.threads == [1, 1, 1]
+    assert torch.get_num_threads() == default
+
+
+def test_a_pinned_pool_runs_its_workers_on_their_share_and_no_other_thread() -> None:
+    """``pinned_pool``'s workers run torch on the count given; the caller's thread and
+    threads started afterwards keep the process's count."""
+    default = torch.get_num_threads()
+    pool = pinned_pool(2, 1, "pinned-test")
+    try:
+        barrier = threading.Barrier(2, timeout=10)  # one call on each worker
+        counts = list(pool.map(lambda _: (barrier.wait(), torch.get_num_threads())[1], [0, 1]))
+        later: list[int] = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+    finally:
+        pool.shutdown()
+    assert counts == [1, 1]
+    assert torch.get_num_threads() == default and later == [default]
+
+
 # A real node, called directly
 
 
@@ -627,6 +699,7 @@ async def node(
         models=[MINILM],
         registry_ttl_seconds=2,
         drain_grace_seconds=5,
+        embed_workers=1,  # one gated thread: the calls sent while it is held wait together
     )
     service = NodeService(settings, registry, {}, {MINILM: gated})
     await service.start()

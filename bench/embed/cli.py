@@ -1,8 +1,10 @@
 """``python -m bench.embed``: issue 20's embedding figure in one run.
 
-Starts an etcd and two real inference nodes serving all-MiniLM-L6-v2: one at a time
-(``--embed-max-batch 1``: every Embed its own forward, the baseline) and batched (the node's
-default batching). Against each, straight over gRPC, in turns: one caller (low load:
+Starts an etcd and four real inference nodes serving all-MiniLM-L6-v2 (:data:`MODES`): one at
+a time (``--embed-max-batch 1 --embed-workers 1``: every Embed its own forward on one
+embedding thread, the node before batching, the baseline), batched (the node's defaults), and,
+reported only, batched on one embedding thread and each Embed alone on the default threads.
+Against each, straight over gRPC, in turns: one caller (low load:
 latency), then 32 concurrent closed-loop callers of single-text requests (requests/s,
 latency), for ``--rounds`` rounds. Writes ``embed.json`` and ``embed.md`` under ``--out-dir``
 with this run's figures only (:mod:`.report`). Every process started is stopped by its PID, on
@@ -30,12 +32,21 @@ from bench.embed.report import HIGH, LOW, markdown, rows
 from bench.jobs.suite import CpuMeter
 from bench.paths import RESULTS_DIR, SCRATCH_DIR
 from bench.scheduler.report import finite
+from inference_node.torch_threads import default_workers
 from sluice.local.stores import etcd_process
 
 TEXTS = 512
 WORDS = (4, 40)
-MODES = {"one_at_a_time": 1, "batched": 0}
-"""Each mode's ``--embed-max-batch`` (0: the ``--max-batch`` argument)."""
+MODES = {
+    "one_at_a_time": (1, 1),
+    "batched": (0, 0),
+    "batched_one_thread": (0, 1),
+    "alone_default_workers": (1, 0),
+}
+"""Each mode's ``--embed-max-batch`` (0: the ``--max-batch`` argument) and
+``--embed-workers`` (0: the node's default): each request alone on one embedding thread (the
+node before batching, the figures' baseline); the node as it ships; and, reported only, the
+merging without the second thread and the second thread without the merging."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -43,7 +54,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.embed", description=__doc__)
     p.add_argument("--callers", type=int, default=int(HIGH), help="the loaded phase's callers")
     p.add_argument("--max-batch", type=int, default=64, help="the batched node's max batch")
-    p.add_argument("--rounds", type=int, default=2, help="turns of the two modes")
+    p.add_argument("--rounds", type=int, default=2, help="turns of the modes")
     p.add_argument("--low-warmup-s", type=float, default=2.0, help="per round and mode")
     p.add_argument("--low-window-s", type=float, default=12.0, help="per round and mode")
     p.add_argument("--high-warmup-s", type=float, default=3.0, help="per round and mode")
@@ -58,7 +69,7 @@ async def measure(
     nodes: dict[str, RunningNode], args: argparse.Namespace, texts: list[str]
 ) -> dict[str, dict[str, Any]]:
     """Per mode, the low-load and the loaded phase, summed over ``--rounds`` rounds in which
-    the modes take turns phase by phase (both nodes run throughout; the one not called idles),
+    the modes take turns phase by phase (all nodes run throughout; those not called idle),
     so that other work on the machine weighs on both alike; with the forwards each node ran."""
     plan = (
         (LOW, 1, args.low_warmup_s, args.low_window_s),
@@ -88,29 +99,36 @@ async def measure(
 
 
 def run(etcd: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Both nodes, the measurements and who used the CPUs meanwhile (read once the nodes
+    """The nodes, the measurements and who used the CPUs meanwhile (read once the nodes
     stopped); an ``error`` entry per mode if the run failed."""
     meter = CpuMeter()
     began = time.monotonic()
     texts = sentences(TEXTS, args.seed, WORDS)
-    batches = {name: max_batch or args.max_batch for name, max_batch in MODES.items()}
+    batches = {name: max_batch or args.max_batch for name, (max_batch, _) in MODES.items()}
+    workers = {name: w or default_workers("cpu") for name, (_, w) in MODES.items()}
     try:
         with contextlib.ExitStack() as stack:
             nodes = {
-                name: stack.enter_context(embedding_node(args.run_dir, etcd, name, max_batch))
-                for name, max_batch in batches.items()
+                name: stack.enter_context(
+                    embedding_node(args.run_dir, etcd, name, batches[name], workers[name])
+                )
+                for name in MODES
             }
             serving = round(time.monotonic() - began, 1)
             measured = asyncio.run(measure(nodes, args, texts))
     except Exception as exc:  # the report says what failed
         error = f"{type(exc).__name__}: {exc}"
-        return {name: {"error": error, "max_batch": b} for name, b in batches.items()}
+        return {
+            name: {"error": error, "max_batch": batches[name], "workers": workers[name]}
+            for name in MODES
+        }
     cpu = meter.figures()
     wall = round(time.monotonic() - began, 1)
     timeline = [{"t_s": 0, "event": "nodes started"}, {"t_s": serving, "event": "serving"}]
     return {
         name: {
             "max_batch": batches[name],
+            "workers": workers[name],
             "phases": measured[name],
             "cpu": cpu,  # the whole run's: the modes took turns
             "log": str(args.run_dir / f"{name}.log"),
@@ -145,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "callers": args.callers,
             "rounds": args.rounds,
             "max_batch": args.max_batch,
+            "default_workers": default_workers("cpu"),
             "low_warmup_s": args.low_warmup_s,
             "low_window_s": args.low_window_s,
             "high_warmup_s": args.high_warmup_s,

@@ -47,9 +47,12 @@ class RunningNode:
 
 
 @contextlib.contextmanager
-def embedding_node(run_dir: Path, etcd: str, name: str, max_batch: int) -> Iterator[RunningNode]:
-    """A node whose Embed forwards take at most ``max_batch`` texts (1: one at a time), with
-    the node's other embedding settings at their defaults; stopped (SIGTERM, then SIGKILL, by
+def embedding_node(
+    run_dir: Path, etcd: str, name: str, max_batch: int, workers: int = 0
+) -> Iterator[RunningNode]:
+    """A node whose Embed forwards take at most ``max_batch`` texts (1: one at a time), run
+    on ``workers`` embedding threads (0: the node's default), with the node's other embedding
+    settings at their defaults; stopped (SIGTERM, then SIGKILL, by
     its PID) when the block ends."""
     port, metrics_port = free_port(HOST), free_port(HOST)
     log_path = run_dir / f"{name}.log"
@@ -57,7 +60,7 @@ def embedding_node(run_dir: Path, etcd: str, name: str, max_batch: int) -> Itera
         sys.executable, "-m", "inference_node", "--host", HOST, "--port", str(port),
         "--metrics-host", HOST, "--metrics-port", str(metrics_port), "--log-format", "json",
         "--grace-seconds", "2", "--etcd-endpoint", etcd, "--node-id", name,
-        "--models", MODEL, "--embed-max-batch", str(max_batch),
+        "--models", MODEL, "--embed-max-batch", str(max_batch), "--embed-workers", str(workers),
     ]  # fmt: skip
     env = environment_without_proxies()
     env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})

@@ -1,6 +1,7 @@
 """The figures of ``bench.embed`` and the written report: one row per figure with its baseline
-measured in the same run (one at a time: the same node with ``--embed-max-batch 1``), the
-ratio, the target and the verdict; a section per node mode with its phases."""
+measured in the same run (one at a time: the node with ``--embed-max-batch 1 --embed-workers
+1``, or where a row says so another mode), the ratio, the target and the verdict; a section
+per node mode with its phases."""
 
 from __future__ import annotations
 
@@ -15,7 +16,12 @@ P99_TARGET = 1.5
 """Batched p99 at one caller over one-at-a-time's, at most."""
 LOW, HIGH = "1", "32"
 """The phases' keys: callers."""
-TITLES = {"one_at_a_time": "One at a time (max batch 1)", "batched": "Batched"}
+TITLES = {
+    "one_at_a_time": "One at a time (max batch 1, one embedding thread)",
+    "batched": "Batched",
+    "batched_one_thread": "Batched on one embedding thread",
+    "alone_default_workers": "Each request alone on the default embedding threads",
+}
 
 
 def _ratio(a: float, b: float) -> float:
@@ -66,6 +72,21 @@ def rows(experiments: dict[str, Entry]) -> list[Row]:
             times(ratio),
         )
     )
+    for name, baseline, against in (
+        ("batched_one_thread", "one_at_a_time", "one at a time (both on one thread)"),
+        ("batched", "alone_default_workers", "each alone on the default threads"),
+    ):
+        a, b = experiments[name]["phases"][HIGH], experiments[baseline]["phases"][HIGH]
+        ratio = _ratio(a["requests_per_s"], b["requests_per_s"])
+        out.append(
+            row(
+                name,
+                f"requests/s, {HIGH} callers: the merging alone, against {against}",
+                f"{a['requests_per_s']:.1f}/s",
+                f"{b['requests_per_s']:.1f}/s",
+                times(ratio),
+            )
+        )
     out.append(
         row(
             "batched",
@@ -80,7 +101,7 @@ def rows(experiments: dict[str, Entry]) -> list[Row]:
 def details(entry: Entry) -> list[str]:
     """A mode's phases as a table."""
     lines = [
-        f"Node `--embed-max-batch {entry['max_batch']}`.",
+        f"Node `--embed-max-batch {entry['max_batch']} --embed-workers {entry['workers']}`.",
         "",
         "| callers | requests/s | p50 | p99 | mean | completed | outcomes | forwards "
         "| texts/forward |",
@@ -102,7 +123,7 @@ def _where(entry: Entry) -> str:
 REPORT = Report(
     titles=TITLES,
     makers={},
-    details={"one_at_a_time": details, "batched": details},
+    details=dict.fromkeys(TITLES, details),
     where=_where,
 )
 
@@ -122,16 +143,21 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Phases: 1 caller ({s['low_warmup_s']:g} s warm-up, {s['low_window_s']:g} s "
         f"measured), then {s['callers']} closed-loop callers ({s['high_warmup_s']:g} s warm-up, "
         f"{s['high_window_s']:g} s measured), per mode and round; {s['rounds']} rounds in which "
-        "the two modes take turns phase by phase",
+        "the modes take turns phase by phase",
         "",
-        "Each mode is a real node process (both registered in a real etcd, both running "
-        "throughout; the one not called idles), called **directly** "
+        "Each mode is a real node process (all registered in a real etcd, all running "
+        "throughout; those not called idle), called **directly** "
         "over gRPC on loopback, not through the scheduler: the figure is the node's batching, "
         "and a scheduler on the same two CPUs would spend per call about as much CPU as the "
         "node's own gRPC handling, capping both modes at its ceiling instead of the node's. "
-        "The baseline is the same node with `--embed-max-batch 1` (every request its own "
-        "forward, as before batching), measured in the same run in turns with the batched node, "
-        "so that other work on the machine weighs on both alike. Latency is from "
+        "The baseline is the node with `--embed-max-batch 1 --embed-workers 1` (every request "
+        "its own forward on one embedding thread: one at a time, as before batching), measured "
+        "in the same run in turns with the others, so that other work on the machine weighs on "
+        "all alike. The batched node runs with its defaults: up to 64 texts a forward and, on "
+        "CPU, two embedding threads with an equal share of torch's threads each (this run: "
+        f"{s.get('default_workers', '–')} embedding threads). Two more modes split the gain: "
+        "the batched node on one embedding thread, and each request alone on the default "
+        "threads. Latency is from "
         "the call to its answer at the caller; requests/s counts the calls answered inside the "
         "measured window.",
         "",
