@@ -108,9 +108,9 @@ def gap_config(settings: NodeSettings) -> GapConfig:
 
 
 def embed_batcher(settings: NodeSettings, metrics: NodeMetrics) -> EmbedBatcher:
-    """The node's embedding thread, merging concurrent Embed calls up to a batch size it
-    measures its way to for each model (``settings.embed_*``), each forward's size into
-    ``metrics``."""
+    """The node's embedding threads (``settings.embed_workers``, 0: :func:`default_workers`),
+    merging concurrent Embed calls up to a batch size it measures its way to for each model
+    (``settings.embed_*``), each forward's size into ``metrics``."""
 
     def new_sizer() -> BatchSizer:
         return BatchSizer(

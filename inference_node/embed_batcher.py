@@ -3,7 +3,7 @@ forward on one of the node's embedding threads, then split back per request.
 
 :class:`~inference_node.embed_sizer.BatchSizer` (synchronous, no I/O) chooses how many texts
 a forward may take from the latency curve the node measures as it runs. :class:`EmbedBatcher`
-owns the queue and the thread: it takes the waiting requests of one model in arrival order up
+owns the queue and the threads: it takes the waiting requests of one model in arrival order up
 to the sizer's limit, runs them as one forward (``Embedder.embed_each``) and hands each
 request its own vectors and prompt tokens. A text's vector does not depend on its batch mates
 (padding is masked), so a batched answer equals the one-at-a-time answer within float
@@ -151,7 +151,7 @@ class EmbedBatcher:
         self._forwards: dict[asyncio.Task[None], list[_Waiting]] = {}
         """Forwards running, each with the requests it holds."""
         self._arrivals = itertools.count()
-        self._arrived = asyncio.Event()
+        self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._previous_texts: dict[str, int] = {}
         self.waiting = 0
@@ -189,7 +189,7 @@ class EmbedBatcher:
         loop = asyncio.get_running_loop()
         item = _Waiting(embedder, list(texts), loop.create_future(), rank, next(self._arrivals))
         self._queue.append(item)
-        self._arrived.set()
+        self._changed.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="embed-batcher")
             self._task.add_done_callback(self._stopped)
@@ -207,18 +207,17 @@ class EmbedBatcher:
         while self._warming:  # kernels first: a forward would build them while it runs
             await asyncio.wrap_future(self._warming.pop())
         while True:
-            if not self._queue:
-                if not self._forwards:
+            takeable = self._takeable()
+            if not takeable:
+                if not self._queue and not self._forwards:
                     self._previous_texts.clear()  # a request arriving now never waits
-                while not self._queue:
-                    self._arrived.clear()
-                    await self._arrived.wait()
+                self._changed.clear()
+                await self._changed.wait()  # an arrival, or a forward's end
+                continue
             if len(self._forwards) >= self.workers:
                 await asyncio.wait(self._forwards, return_when=asyncio.FIRST_COMPLETED)
                 continue
-            head = min(self._queue, key=lambda w: (w.future.done(), *_order(w)))
-            if not head.future.done():  # (else _take drops what is settled)
-                await self._fill(head.embedder)
+            await self._fill(min(takeable, key=_order).embedder)
             batch = self._take()
             if batch:
                 task = asyncio.create_task(self._forward(batch), name="embed-forward")
@@ -227,8 +226,9 @@ class EmbedBatcher:
 
     def _forward_done(self, task: asyncio.Task[None]) -> None:
         """A forward ended: its requests are answered, or (a bug, or closed) fail with its
-        error."""
+        error; their next slices may now be taken."""
         items = self._forwards.pop(task, [])
+        self._changed.set()
         if not self._queue and not self._forwards:
             self._previous_texts.clear()  # idle: a request arriving now never waits
         if task.cancelled():
@@ -246,23 +246,28 @@ class EmbedBatcher:
         previous batch had (no more than its limit)."""
         target = min(self.sizer(embedder.name).limit, self._previous_texts.get(embedder.name, 1))
         deadline = time.monotonic() + self.max_wait_s
-        while self._texts_waiting(embedder) < target:
+        while sum(w.left for w in self._takeable() if w.embedder is embedder) < target:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            self._arrived.clear()
-            await wait_event(self._arrived, left)
+            self._changed.clear()
+            await wait_event(self._changed, left)
 
-    def _texts_waiting(self, embedder: Embedder) -> int:
-        return sum(w.left for w in self._queue if w.embedder is embedder and not w.future.done())
+    def _takeable(self) -> list[_Waiting]:
+        """Queued requests a forward may take texts of now: not settled, and none of their
+        texts in a forward running (a request's slices run one after another, so its vectors
+        come back in order and a failed slice is always its latest)."""
+        busy = {item for items in self._forwards.values() for item in items}
+        return [w for w in self._queue if not w.future.done() and w not in busy]
 
     def _take(self) -> list[_Slice]:
         """One forward's texts, at most the head's model's limit: the waiting requests of
         that model in class then arrival order, the last one sliced to the room left;
-        requests whose callers left are dropped, requests fully taken leave the queue."""
-        live = sorted((w for w in self._queue if not w.future.done()), key=_order)
+        requests whose callers left are dropped, requests fully taken leave the queue; a
+        request with a slice in a running forward waits for it (:meth:`_takeable`)."""
+        live = sorted(self._takeable(), key=_order)
         if not live:
-            self._queue.clear()
+            self._queue = deque(w for w in self._queue if not w.future.done())
             return []
         head = live[0]
         sizer = self.sizer(head.embedder.name)
@@ -289,7 +294,7 @@ class EmbedBatcher:
 
     async def _forward(self, batch: list[_Slice]) -> None:
         """Run ``batch`` as one forward and hand each request its share; a request is
-        answered once its last slice ran."""
+        answered once its last slice ran (its slices run one after another)."""
         embedder = batch[0].item.embedder
         sizer = self.sizer(embedder.name)
         texts = [t for piece in batch for t in piece.item.texts[piece.start : piece.end]]
@@ -334,7 +339,8 @@ class EmbedBatcher:
     async def _retry_alone(self, batch: list[_Slice], limit: int) -> None:
         """After a merged forward failed: each slice again on its own, so only the request at
         fault fails; a slice larger than the (lowered) ``limit`` goes back to the queue, to be
-        taken again in slices that fit it (it is always its request's latest slice)."""
+        taken again in slices that fit it (it is always its request's latest slice: a request
+        has one slice in a forward at a time), once this forward's task ends."""
         for piece in batch:
             item = piece.item
             if item.future.done():

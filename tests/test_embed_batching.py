@@ -667,6 +667,50 @@ async def test_two_workers_run_two_forwards_at_once_and_merge_what_waits_for_the
     assert torch.get_num_threads() == default
 
 
+async def test_a_request_has_one_slice_in_a_forward_at_a_time_and_its_vectors_in_order(
+    gated: GatedEmbedder,
+) -> None:
+    """Two workers, a limit of two texts: a request of six runs in three slices one after
+    another, never two at once (the free worker takes another caller's request instead), so
+    its vectors come back in text order."""
+    counting = CountingGate(gated)
+    batcher = EmbedBatcher(fixed(2), max_wait_s=0, workers=2, threads=1)
+    counting.gate.clear()
+    bulk = asyncio.create_task(batcher.embed(counting, TEXTS))
+    await eventually(lambda: counting.inside == 1)
+    other = asyncio.create_task(batcher.embed(counting, ["another caller"]))
+    await eventually(lambda: counting.inside == 2)
+    assert counting.forwards == [] and batcher.queued == 1  # the bulk's rest waits its turn
+    counting.gate.set()
+    assert_close(await bulk, alone(gated, TEXTS))
+    await other
+    batcher.close()
+    bulk_forwards = [f for f in counting.forwards if f != ["another caller"]]
+    assert bulk_forwards == [TEXTS[0:2], TEXTS[2:4], TEXTS[4:6]]
+
+
+async def test_a_slice_sent_back_after_a_failed_forward_runs_with_nothing_else_queued(
+    minilm: Embedder,
+) -> None:
+    """A merged forward of four texts fails with nothing queued behind it: the limit falls
+    to two and the slice of three that went back to the queue runs without waiting for
+    another call to arrive."""
+    small = SmallForwardsOnly(minilm)
+    batcher = EmbedBatcher(lambda: HalvingSizer(4), max_wait_s=0)
+    small.gate.clear()
+    first = asyncio.create_task(batcher.embed(small, ["holding"]))
+    await eventually(lambda: batcher.waiting == 1 and not batcher.queued)
+    merged = [asyncio.create_task(batcher.embed(small, [t])) for t in TEXTS[:1]]
+    bulk = asyncio.create_task(batcher.embed(small, TEXTS[1:4]))
+    await eventually(lambda: batcher.waiting == 3)
+    small.gate.set()
+    await first
+    results = await asyncio.wait_for(asyncio.gather(*merged, bulk), 10)
+    assert_close(results[-1], alone(minilm, TEXTS[1:4]))
+    assert [len(f) for f in small.forwards[1:]] == [4, 1, 2, 1]
+    batcher.close()
+
+
 def test_a_pinned_pool_runs_its_workers_on_their_share_and_no_other_thread() -> None:
     """``pinned_pool``'s workers run torch on the count given; the caller's thread and
     threads started afterwards keep the process's count."""
