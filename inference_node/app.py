@@ -118,7 +118,8 @@ def embed_batcher(settings: NodeSettings, metrics: NodeMetrics) -> EmbedBatcher:
             latency_bound_s=settings.embed_batch_latency_ms / 1000,
         )
 
-    workers = settings.embed_workers or default_workers(settings.device)
+    beside_generator = any(is_generator(name) for name in settings.models)
+    workers = settings.embed_workers or default_workers(settings.device, beside_generator)
     return EmbedBatcher(
         new_sizer,
         max_wait_s=settings.embed_max_wait_ms / 1000,

@@ -115,9 +115,9 @@ class NodeSettings(ServiceSettings):
     waits about this long, not the latency bound (0: no such cap; inference_node/
     embed_batcher.py)."""
     embed_workers: int = Field(default=0, ge=0)
-    """Embedding forwards run at once, each on an equal share of torch's CPU threads; 0:
-    two on CPU where torch has two threads or more, else one (docs/decisions/
-    node-embed-workers.md)."""
+    """Embedding forwards run at once, each on an equal share of torch's CPU threads; 0: two
+    on a CPU node that serves only embedders where torch has two threads or more, else one
+    (a generator's engine steps share the cores: docs/decisions/node-embed-workers.md)."""
     advertise_host: str = ""
     """Host published in the registry; empty means ``host``."""
     advertise_port: int = 0

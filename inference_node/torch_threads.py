@@ -47,11 +47,15 @@ def pinned_pool(workers: int, threads: int | None, prefix: str) -> ThreadPoolExe
     return pool
 
 
-def default_workers(device: str) -> int:
-    """Forwards worth running at once on ``device``: two on CPU where torch has two threads or
-    more (small forwards leave a second core idle: docs/decisions/node-embed-workers.md), one
-    on CUDA (one stream runs them one after another anyway)."""
-    return 2 if device == "cpu" and torch.get_num_threads() >= 2 else 1
+def default_workers(device: str, beside_generator: bool) -> int:
+    """Embedding forwards worth running at once on ``device``: two on CPU where torch has two
+    threads or more and no generator shares the node (small forwards leave a second core
+    idle), else one: a generator's engine steps would share the cores with both forwards, and
+    its streams' inter-token time is what the scheduler guards; one stream runs them one
+    after another on CUDA anyway (docs/decisions/node-embed-workers.md)."""
+    if device != "cpu" or beside_generator:
+        return 1
+    return 2 if torch.get_num_threads() >= 2 else 1
 
 
 def threads_each(workers: int) -> int | None:

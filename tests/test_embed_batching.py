@@ -29,7 +29,7 @@ from inference_node.embed_batcher import (
 )
 from inference_node.embed_sizer import BatchSizer
 from inference_node.model_types import Embedder
-from inference_node.torch_threads import pinned_pool
+from inference_node.torch_threads import default_workers, pinned_pool
 from sluice.v1 import inference_pb2, node_pb2, node_pb2_grpc
 from tests.harness import eventually
 from tests.test_end_to_end import details_of, unpack
@@ -727,6 +727,14 @@ def test_a_pinned_pool_runs_its_workers_on_their_share_and_no_other_thread() -> 
         pool.shutdown()
     assert counts == [1, 1]
     assert torch.get_num_threads() == default and later == [default]
+
+
+def test_two_embedding_threads_only_on_a_cpu_node_without_a_generator() -> None:
+    """``default_workers``: one beside a generator (its steps share the cores) and on CUDA;
+    two on CPU otherwise, where torch has two threads."""
+    assert default_workers("cpu", beside_generator=True) == 1
+    assert default_workers("cuda", beside_generator=False) == 1
+    assert default_workers("cpu", beside_generator=False) == min(2, torch.get_num_threads())
 
 
 # A real node, called directly

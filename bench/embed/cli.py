@@ -105,7 +105,9 @@ def run(etcd: str, args: argparse.Namespace) -> dict[str, Any]:
     began = time.monotonic()
     texts = sentences(TEXTS, args.seed, WORDS)
     batches = {name: max_batch or args.max_batch for name, (max_batch, _) in MODES.items()}
-    workers = {name: w or default_workers("cpu") for name, (_, w) in MODES.items()}
+    workers = {
+        name: w or default_workers("cpu", beside_generator=False) for name, (_, w) in MODES.items()
+    }
     try:
         with contextlib.ExitStack() as stack:
             nodes = {
@@ -163,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "callers": args.callers,
             "rounds": args.rounds,
             "max_batch": args.max_batch,
-            "default_workers": default_workers("cpu"),
+            "default_workers": default_workers("cpu", beside_generator=False),
             "low_warmup_s": args.low_warmup_s,
             "low_window_s": args.low_window_s,
             "high_warmup_s": args.high_warmup_s,
