@@ -107,10 +107,13 @@ def gap_config(settings: NodeSettings) -> GapConfig:
     )
 
 
-def embed_batcher(settings: NodeSettings, metrics: NodeMetrics) -> EmbedBatcher:
-    """The node's embedding threads (``settings.embed_workers``, 0: :func:`default_workers`),
-    merging concurrent Embed calls up to a batch size it measures its way to for each model
-    (``settings.embed_*``), each forward's size into ``metrics``."""
+def embed_batcher(
+    settings: NodeSettings, metrics: NodeMetrics, *, embedders: bool, beside_generator: bool
+) -> EmbedBatcher:
+    """The node's embedding threads (``settings.embed_workers``, 0: :func:`default_workers`
+    for a node with ``embedders`` loaded, ``beside_generator`` or not; one for a node with
+    none), merging concurrent Embed calls up to a batch size it measures its way to for each
+    model (``settings.embed_*``), each forward's size into ``metrics``."""
 
     def new_sizer() -> BatchSizer:
         return BatchSizer(
@@ -118,8 +121,8 @@ def embed_batcher(settings: NodeSettings, metrics: NodeMetrics) -> EmbedBatcher:
             latency_bound_s=settings.embed_batch_latency_ms / 1000,
         )
 
-    beside_generator = any(is_generator(name) for name in settings.models)
-    workers = settings.embed_workers or default_workers(settings.device, beside_generator)
+    auto = default_workers(settings.device, beside_generator) if embedders else 1
+    workers = settings.embed_workers or auto
     return EmbedBatcher(
         new_sizer,
         max_wait_s=settings.embed_max_wait_ms / 1000,
@@ -206,7 +209,9 @@ class NodeService:
             served,
             embedders,
             metrics,
-            embeds=embed_batcher(settings, metrics),
+            embeds=embed_batcher(
+                settings, metrics, embedders=bool(embedders), beside_generator=bool(generators)
+            ),
             is_draining=lambda: self.draining,
             start_drain=self._start_drain,
             load_interval_s=settings.load_report_interval_ms / 1000,
@@ -275,7 +280,7 @@ class NodeService:
     async def start(self, *, main_engine_served_elsewhere: bool = False) -> None:
         """Start the engines (each on its own thread, except the main engine when the caller
         serves it) and the server, then register in etcd. The embedders' kernels are built
-        first on the embedding thread (:meth:`EmbedBatcher.warm`, about 2 s for MiniLM in bf16
+        first on an embedding thread (:meth:`EmbedBatcher.warm`, about 2 s for MiniLM in bf16
         here), not awaited: generation is served meanwhile, and an Embed arriving then waits
         behind it, as it would behind a forward."""
         self.servicer.embeds.warm(self._embedders.values())

@@ -105,7 +105,7 @@ class NodeSettings(ServiceSettings):
     up to a size the node picks from its measured latency curve (inference_node/
     embed_batcher.py); 1 runs each call alone."""
     embed_max_wait_ms: float = Field(default=5.0, ge=0)
-    """Longest the embedding thread, once free, waits for more calls to fill a batch (only
+    """Longest an embedding thread, once free, waits for more calls to fill a batch (only
     while calls come concurrently: a lone caller never waits)."""
     embed_batch_latency_ms: float = Field(default=500.0, gt=0)
     """Latency bound of one embedding forward: the batch grows only while it stays within."""

@@ -37,12 +37,12 @@ MAX_PASSED_OVER = 4
 """Forwards a lower-class text too long for the time allowed may be passed over for
 REALTIME texts before it goes beside them all the same."""
 MAX_EMBEDS_WAITING = 64
-"""Embed calls queued for the embedding thread at most; more are refused OVERLOADED (the
+"""Embed calls queued for the embedding threads at most; more are refused OVERLOADED (the
 scheduler admits no more than a node's slots, so only a caller around it reaches this)."""
 
 
 class EmbedQueueFullError(Exception):
-    """As many requests as the bound already wait for the embedding thread."""
+    """As many requests as the bound already wait for the embedding threads."""
 
 
 class EmbedderClosedError(Exception):
@@ -159,7 +159,7 @@ class EmbedBatcher:
         self._closed = False
 
     def warm(self, embedders: Iterable[Embedder]) -> None:
-        """Queue each embedder's kernel builds (:meth:`Embedder.warm`) on the embedding thread,
+        """Queue each embedder's kernel builds (:meth:`Embedder.warm`) on the embedding threads,
         ahead of any forward: a forward of a new row count would otherwise build its kernels
         while it runs, and the sizer would read that as the size's cost. Nothing once closed."""
         if self._closed:

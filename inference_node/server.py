@@ -482,5 +482,5 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         return node_pb2.DrainResponse(in_flight=in_flight)
 
     def close(self) -> None:
-        """Stop the embedding thread."""
+        """Stop the embedding threads."""
         self.embeds.close()

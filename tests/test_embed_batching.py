@@ -28,7 +28,7 @@ from inference_node.embed_batcher import (
     EmbedResult,
 )
 from inference_node.embed_sizer import BatchSizer
-from inference_node.model_types import Embedder
+from inference_node.model_types import Embedder, LanguageModel
 from inference_node.torch_threads import default_workers, pinned_pool
 from sluice.v1 import inference_pb2, node_pb2, node_pb2_grpc
 from tests.harness import eventually
@@ -735,6 +735,26 @@ def test_two_embedding_threads_only_on_a_cpu_node_without_a_generator() -> None:
     assert default_workers("cpu", beside_generator=True) == 1
     assert default_workers("cuda", beside_generator=False) == 1
     assert default_workers("cpu", beside_generator=False) == min(2, torch.get_num_threads())
+
+
+def test_a_node_takes_two_embedding_threads_only_without_a_generator(
+    tiny_lm: LanguageModel, minilm: Embedder
+) -> None:
+    """The node's own wiring (``NodeService``): an embedding-only CPU node gets
+    ``default_workers``' two, one serving a generator beside its embedder keeps one, and a
+    node with no embedder starts no pinned threads (its batcher's one thread, unstarted)."""
+
+    def workers(generators: dict[str, LanguageModel], embedders: dict[str, Embedder]) -> int:
+        settings = NodeSettings(node_id="node-threads", models=[*generators, *embedders])
+        service = NodeService(settings, CollectorRegistry(), generators, embedders)
+        try:
+            return service.servicer.embeds.workers
+        finally:
+            service.servicer.embeds.close()
+
+    assert workers({}, {MINILM: minilm}) == default_workers("cpu", beside_generator=False)
+    assert workers({tiny_lm.name: tiny_lm}, {MINILM: minilm}) == 1
+    assert workers({tiny_lm.name: tiny_lm}, {}) == 1
 
 
 # A real node, called directly
