@@ -737,24 +737,25 @@ def test_two_embedding_threads_only_on_a_cpu_node_without_a_generator() -> None:
     assert default_workers("cpu", beside_generator=False) == min(2, torch.get_num_threads())
 
 
-def test_a_node_takes_two_embedding_threads_only_without_a_generator(
+async def test_a_node_takes_two_embedding_threads_only_without_a_generator(
     tiny_lm: LanguageModel, minilm: Embedder
 ) -> None:
-    """The node's own wiring (``NodeService``): an embedding-only CPU node gets
-    ``default_workers``' two, one serving a generator beside its embedder keeps one, and a
-    node with no embedder starts no pinned threads (its batcher's one thread, unstarted)."""
+    """The node's own wiring (``NodeService``, built and closed, never started): an
+    embedding-only CPU node gets ``default_workers``' two, one serving a generator beside its
+    embedder keeps one, and a node with no embedder starts no pinned threads."""
 
-    def workers(generators: dict[str, LanguageModel], embedders: dict[str, Embedder]) -> int:
+    async def workers(generators: dict[str, LanguageModel], embedders: dict[str, Embedder]) -> int:
         settings = NodeSettings(node_id="node-threads", models=[*generators, *embedders])
         service = NodeService(settings, CollectorRegistry(), generators, embedders)
         try:
             return service.servicer.embeds.workers
         finally:
-            service.servicer.embeds.close()
+            await service.crash()
 
-    assert workers({}, {MINILM: minilm}) == default_workers("cpu", beside_generator=False)
-    assert workers({tiny_lm.name: tiny_lm}, {MINILM: minilm}) == 1
-    assert workers({tiny_lm.name: tiny_lm}, {}) == 1
+    only_embedder = await workers({}, {MINILM: minilm})
+    assert only_embedder == default_workers("cpu", beside_generator=False)
+    assert await workers({tiny_lm.name: tiny_lm}, {MINILM: minilm}) == 1
+    assert await workers({tiny_lm.name: tiny_lm}, {}) == 1
 
 
 # A real node, called directly
