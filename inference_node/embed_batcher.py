@@ -209,8 +209,7 @@ class EmbedBatcher:
         while True:
             takeable = self._takeable()
             if not takeable:
-                if not self._queue and not self._forwards:
-                    self._previous_texts.clear()  # a request arriving now never waits
+                self._forget_if_idle()
                 self._changed.clear()
                 await self._changed.wait()  # an arrival, or a forward's end
                 continue
@@ -229,8 +228,7 @@ class EmbedBatcher:
         error; their next slices may now be taken."""
         items = self._forwards.pop(task, [])
         self._changed.set()
-        if not self._queue and not self._forwards:
-            self._previous_texts.clear()  # idle: a request arriving now never waits
+        self._forget_if_idle()
         if task.cancelled():
             exc: BaseException = EmbedderClosedError("the embedding thread was stopped")
         elif (error := task.exception()) is not None:
@@ -240,6 +238,12 @@ class EmbedBatcher:
             return
         for item in items:
             _settle(item.future, exc)
+
+    def _forget_if_idle(self) -> None:
+        """With nothing queued and no forward running, forget the previous batch sizes: a
+        request arriving now never waits."""
+        if not self._queue and not self._forwards:
+            self._previous_texts.clear()
 
     async def _fill(self, embedder: Embedder) -> None:
         """Wait, at most ``max_wait_s``, until as many texts of ``embedder`` wait as its

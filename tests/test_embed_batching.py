@@ -19,7 +19,7 @@ import torch
 from google.rpc import error_details_pb2
 from prometheus_client import CollectorRegistry
 
-from inference_node.app import NodeService
+from inference_node.app import NodeService, embed_batcher
 from inference_node.config import NodeSettings
 from inference_node.embed_batcher import (
     EmbedBatcher,
@@ -28,7 +28,8 @@ from inference_node.embed_batcher import (
     EmbedResult,
 )
 from inference_node.embed_sizer import BatchSizer
-from inference_node.model_types import Embedder, LanguageModel
+from inference_node.metrics import NodeMetrics
+from inference_node.model_types import Embedder
 from inference_node.torch_threads import default_workers, pinned_pool
 from sluice.v1 import inference_pb2, node_pb2, node_pb2_grpc
 from tests.harness import eventually
@@ -623,6 +624,8 @@ class CountingGate(GatedEmbedder):
         super().__init__(real)
         self.inside = 0
         self.threads: list[int] = []
+        self.started: list[list[str]] = []
+        """Each forward's texts as it entered (before the gate)."""
         self._lock = threading.Lock()
 
     def embed_each(
@@ -631,6 +634,7 @@ class CountingGate(GatedEmbedder):
         with self._lock:
             self.inside += 1
             self.threads.append(torch.get_num_threads())
+            self.started.append(list(texts))
         try:
             return super().embed_each(texts, batch_size)
         finally:
@@ -680,7 +684,8 @@ async def test_a_request_has_one_slice_in_a_forward_at_a_time_and_its_vectors_in
     await eventually(lambda: counting.inside == 1)
     other = asyncio.create_task(batcher.embed(counting, ["another caller"]))
     await eventually(lambda: counting.inside == 2)
-    assert counting.forwards == [] and batcher.queued == 1  # the bulk's rest waits its turn
+    assert counting.started == [TEXTS[0:2], ["another caller"]]  # not the bulk's next slice
+    assert batcher.queued == 1  # the bulk's rest waits its turn
     counting.gate.set()
     assert_close(await bulk, alone(gated, TEXTS))
     await other
@@ -737,25 +742,25 @@ def test_two_embedding_threads_only_on_a_cpu_node_without_a_generator() -> None:
     assert default_workers("cpu", beside_generator=False) == min(2, torch.get_num_threads())
 
 
-async def test_a_node_takes_two_embedding_threads_only_without_a_generator(
-    tiny_lm: LanguageModel, minilm: Embedder
-) -> None:
-    """The node's own wiring (``NodeService``, built and closed, never started): an
-    embedding-only CPU node gets ``default_workers``' two, one serving a generator beside its
-    embedder keeps one, and a node with no embedder starts no pinned threads."""
+def test_a_node_takes_two_embedding_threads_only_without_a_generator() -> None:
+    """The node's batcher (``app.embed_batcher``, as ``NodeService`` builds it from the
+    models it loaded): an embedding-only CPU node gets ``default_workers``' two, one serving
+    a generator beside its embedder keeps one, and a node with no embedder one, unpinned."""
 
-    async def workers(generators: dict[str, LanguageModel], embedders: dict[str, Embedder]) -> int:
-        settings = NodeSettings(node_id="node-threads", models=[*generators, *embedders])
-        service = NodeService(settings, CollectorRegistry(), generators, embedders)
-        try:
-            return service.servicer.embeds.workers
-        finally:
-            await service.crash()
+    def workers(*, embedders: bool, beside_generator: bool) -> int:
+        settings = NodeSettings(node_id="node-threads")
+        metrics = NodeMetrics(CollectorRegistry())
+        batcher = embed_batcher(
+            settings, metrics, embedders=embedders, beside_generator=beside_generator
+        )
+        batcher.close()
+        return batcher.workers
 
-    only_embedder = await workers({}, {MINILM: minilm})
-    assert only_embedder == default_workers("cpu", beside_generator=False)
-    assert await workers({tiny_lm.name: tiny_lm}, {MINILM: minilm}) == 1
-    assert await workers({tiny_lm.name: tiny_lm}, {}) == 1
+    assert workers(embedders=True, beside_generator=False) == default_workers(
+        "cpu", beside_generator=False
+    )
+    assert workers(embedders=True, beside_generator=True) == 1
+    assert workers(embedders=False, beside_generator=True) == 1
 
 
 # A real node, called directly
