@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from bench.jobs.metrics import parse, scrape
 from bench.load.records import OUTCOME_OK, OUTCOME_REFUSED, SLO, RequestRecord
-from bench.slo.figures import by_class, capacity_verdict, level_verdict
+from bench.slo.figures import by_class, capacity_verdict, level_verdict, refusals
 from bench.slo.report import markdown
 from bench.slo.signals import (
     SAMPLED,
@@ -126,6 +126,19 @@ def test_class_figures_count_admitted_requests_and_refusals() -> None:
     assert figures["errors"] == 0 and figures["unfinished"] == 0
 
 
+def test_a_levels_refusal_p99_is_over_every_refusal_whatever_its_class() -> None:
+    """Twelve REALTIME refusals, one of them slow, beside a hundred fast BATCH ones: the
+    class's own p99 is about its slowest; the level's is the p99 of all 112."""
+    records = [record(i, 0.0, OUTCOME_REFUSED, e2e=0.003) for i in range(11)]
+    records += [record(11, 0.0, OUTCOME_REFUSED, e2e=0.030)]
+    records += [record(12 + i, 0.0, OUTCOME_REFUSED, cls="batch", e2e=0.004) for i in range(100)]
+    records += [record(200, 0.0)]  # answered: not a refusal
+    assert by_class(records, SLO(), 10.0)["realtime"]["refusal_p99_s"] > 0.02
+    pooled = refusals(records)
+    assert pooled["count"] == 112 and pooled["p99_s"] == pytest.approx(0.004)
+    assert refusals([record(0, 0.0)]) == {"count": 0, "p99_s": None}
+
+
 def _level(attainment: float, goodput: float, refusal_p99: float | None) -> dict[str, Any]:
     rt = {
         "attainment_admitted": attainment,
@@ -140,6 +153,7 @@ def _level(attainment: float, goodput: float, refusal_p99: float | None) -> dict
         "label": "2x capacity",
         "offered_rps": 3.0,
         "classes": {"realtime": rt, "batch": batch},
+        "refusals": {"count": 0 if refusal_p99 is None else 40, "p99_s": refusal_p99},
     }
 
 

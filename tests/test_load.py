@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import statistics
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 
 from bench.load.cli import cli_main
 from bench.load.records import OUTCOMES, SLO, RequestRecord, meets_slo, summarize, tenant_fairness
-from bench.load.run import LoadResult, make_target, run_load
+from bench.load.run import LoadResult, make_target, run_client, run_load
 from bench.load.scenario import (
     WORDS,
     PlannedRequest,
@@ -666,6 +667,41 @@ async def test_every_outcome_is_classified_and_accounted_for() -> None:
     assert (
         "ValueError: bug" in next(r for r in report["requests"] if r["index"] % 5 == 4)["details"]
     )
+
+
+class RefusingTarget:
+    """Refuses each call after ``hold_s`` of work on the client's own thread (no await)."""
+
+    name = "refusing"
+
+    def __init__(self, hold_s: float) -> None:
+        self.hold_s = hold_s
+        self.loops: set[str] = set()
+
+    async def generate(self, request: PlannedRequest) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        self.loops.add(type(asyncio.get_running_loop()).__module__.split(".")[0])
+        end = time.perf_counter() + self.hold_s
+        while time.perf_counter() < end:
+            pass
+        raise TargetError("RESOURCE_EXHAUSTED", "busy", reason="OVERLOADED", retry_after_s=0.5)
+        yield inference_pb2.GenerateChunk()  # never reached: makes this a stream
+
+    async def embed(self, request: PlannedRequest) -> int:
+        raise AssertionError("no embed tenant here")
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+
+def test_a_load_runs_on_the_services_loop_and_times_below_its_millisecond_ticks() -> None:
+    """``run_client`` runs the load on uvloop (a dependency of the project), whose own clock
+    ticks in whole milliseconds; a refusal 0.3 ms after its send is still timed as such."""
+    target = RefusingTarget(hold_s=0.0003)
+    scenario = parse_scenario(scenario_data(duration_s=0.3, drain_s=1))
+    result = run_client(run_load(scenario, target, total_rps=40.0))
+    assert target.loops == {"uvloop"}
+    times = [r.e2e_s for r in result.records if r.outcome == "refused"]
+    assert times and all(t is not None and 0.0003 <= t < 0.05 for t in times), times
 
 
 # -- smoke runs against real servers ---------------------------------------------------------

@@ -9,7 +9,6 @@ prints a per-tenant summary and writes the run's JSON report.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.load.openai_target import OpenAITarget, openai_target
-from bench.load.run import LoadResult, make_target, resolve_api_keys, run_load
+from bench.load.run import LoadResult, make_target, resolve_api_keys, run_client, run_load
 from bench.load.scenario import Scenario, ScenarioError, load_scenario
 from bench.load.targets import TARGETS, Target
 
@@ -140,7 +139,7 @@ def cli_main(
         f"(+ up to {spec.drain_seconds():g} s drain)",
         flush=True,
     )
-    result = asyncio.run(
+    result = run_client(
         _run_cli(spec, lambda: _make(target, spec, address, keys), duration_s, print)
     )
     report = result.report()

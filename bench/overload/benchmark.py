@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Protocol
 
-from bench.load.run import LoadResult, make_target, run_load
+from bench.load.run import LoadResult, make_target, run_client, run_load
 from bench.load.scenario import PlannedRequest, Scenario, make_prompt, plan_requests
 from bench.load.targets import Target, TargetError
 from bench.overload.options import Options
@@ -151,7 +151,7 @@ class Benchmark:
             finally:
                 await target.close()
 
-        result = asyncio.run(go())
+        result = run_client(go())
         self.runs[key] = result
         if self.records_dir is not None:
             self.records_dir.mkdir(parents=True, exist_ok=True)
@@ -201,7 +201,7 @@ class Benchmark:
             finally:
                 await target.close()
 
-        asyncio.run(go())
+        run_client(go())
 
     def search(self, server: Server, start_rps: float) -> SearchResult:
         """Capacity at SLO of ``server``, starting at ``start_rps``.

@@ -20,7 +20,6 @@ started is stopped by its PID (the suite's supervisor), on errors too.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import tempfile
@@ -32,14 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.load.records import RequestRecord, meets_slo
-from bench.load.run import LoadResult, make_target, run_load
+from bench.load.run import LoadResult, make_target, run_client, run_load
 from bench.load.scenario import Scenario, load_scenario
 from bench.overload.benchmark import Benchmark, run_target
 from bench.overload.options import Options
 from bench.overload.search import RATE_DIGITS, SearchResult
 from bench.overload.servers import SluiceSuite
 from bench.paths import RESULTS_DIR, SCENARIOS_DIR, SCRATCH_DIR
-from bench.slo.figures import by_class, capacity_verdict, level_verdict
+from bench.slo.figures import by_class, capacity_verdict, level_verdict, refusals
 from bench.slo.report import markdown
 from bench.slo.signals import Sampler, bins, score_signals
 from sluice.runtime.auth import new_api_key
@@ -95,7 +94,7 @@ def warm(bench: Benchmark, suite: SluiceSuite, rate: float, seconds: float = WAR
         finally:
             await target.close()
 
-    asyncio.run(go())
+    run_client(go())
 
 
 def _meets(result: LoadResult) -> Callable[[RequestRecord], bool]:
@@ -216,6 +215,7 @@ def _levels(
                 "offered_rps": rate,
                 "window_s": result.duration_s,
                 "classes": by_class(result.records, result.slo, result.duration_s),
+                "refusals": refusals(result.records),
             }
         )
     return out

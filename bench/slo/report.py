@@ -62,9 +62,12 @@ def verdict_rows(doc: dict[str, Any]) -> list[str]:
         )
         for level in e.get("levels", [])[1:]:
             for check, result in level["verdict"]["checks"].items():
+                measured = _value(check, result["value"])
+                if check == "refusal_p99_s":
+                    measured += f" of {level['refusals']['count']}"
                 rows.append(
                     f"| {name} | {level['label']} ({level['offered_rps']:.3f} req/s): {check} | "
-                    f"{_value(check, result['value'])} | {TARGETS[check]} | "
+                    f"{measured} | {TARGETS[check]} | "
                     f"{_ok(result['pass'])} |"
                 )
     return rows
@@ -124,8 +127,11 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Generated {doc['generated_at']} in {doc['wall_s']:g} s. Sluice only, one node as "
         "`sluice up` starts it (32 sequences, the inter-token guard and TTFT target on), "
         "against the same scenario under the original terms (16 sequences, no guard, no TTFT "
-        "target); both in the node's default dtype (`auto`: bf16 on this CPU). Definitions: "
-        "`bench/slo/figures.py`, `bench/slo/signals.py`; every figure is of this run.",
+        "target); both in the node's default dtype (`auto`: bf16 on this CPU). The load client "
+        "shares the machine and runs on the services' event loop (uvloop). A level's refusal "
+        "p99 is over all its refusals (`of` how many); each class's is in its table. "
+        "Definitions: `bench/slo/figures.py`, `bench/slo/signals.py`; every figure is of this "
+        "run.",
         "",
         *verdict_rows(doc),
         "",

@@ -10,7 +10,6 @@ it, and :func:`bench.load.run.make_target` knows ``sluice`` and ``naive`` only.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from bench.load.openai_target import openai_target
-from bench.load.run import LoadResult, make_target, run_load
+from bench.load.run import LoadResult, make_target, run_client, run_load
 from bench.load.scenario import Scenario
 from bench.load.targets import Target
 from bench.overload.benchmark import Benchmark
@@ -74,7 +73,7 @@ class TargetBenchmark(Benchmark):
             finally:
                 await target.close()
 
-        records = asyncio.run(go()).records
+        records = run_client(go()).records
         if records and not any(r.finished for r in records):
             first = records[0]
             raise RuntimeError(
