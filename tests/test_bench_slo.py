@@ -167,6 +167,13 @@ def test_level_verdicts_follow_the_targets() -> None:
         "realtime_goodput_vs_1x",
         "refusal_p99_s",
     }
+    # The level's refusals decide, not the worst class's: a slow class p99 over a pooled 8 ms
+    slow_class = _level(0.96, 0.95, 0.008)
+    slow_class["classes"]["realtime"]["refusal_p99_s"] = 0.030
+    assert level_verdict(slow_class, one_x)["checks"]["refusal_p99_s"] == {
+        "value": 0.008,
+        "pass": True,
+    }
     assert capacity_verdict(1.8, 1.6)["pass"] and not capacity_verdict(1.2, 1.6)["pass"]
     assert not capacity_verdict(1.2, None)["pass"]
     assert not capacity_verdict(0.0, 0.0)["pass"]  # nothing met the SLO on either
@@ -192,10 +199,17 @@ def test_the_report_has_a_row_per_figure_and_the_signal_table() -> None:
         "scenarios": [entry],
         "signals": score_signals([]),
     }
+    pooled = [level.pop("refusals") for level in (one_x, two_x)]
+    older = markdown(doc)  # an slo.json from before the pooled figure (``--rescore``)
+    for level, kept in zip((one_x, two_x), pooled, strict=True):
+        level["refusals"] = kept
+    assert "refusal_p99_s | 5.0 ms |" in older and "runs on" not in older
+    doc.update(client_loop="uvloop", refusal_p99_over="level")
     text = markdown(doc)
     assert "| chat-longtail | capacity at SLO" in text and "1.20×" in text
     assert text.count("| chat-longtail | 2x capacity") == 5
     assert "| predicted_wait_s | 0 | 0 | – | – | – |" in text
+    assert "refusal_p99_s | 5.0 ms (40 refusals) |" in text and "runs on uvloop" in text
 
 
 def test_the_sampler_asks_the_server_for_its_signals_only() -> None:

@@ -42,6 +42,7 @@ from bench.slo.figures import by_class, capacity_verdict, level_verdict, refusal
 from bench.slo.report import markdown
 from bench.slo.signals import Sampler, bins, score_signals
 from sluice.runtime.auth import new_api_key
+from sluice.runtime.runner import event_loop_kind
 
 REFERENCE_MAX_SEQUENCES = 16
 GUARD_OFF = [
@@ -290,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "options": asdict(opts),
         "scenarios": entries,
         "signals": score_signals(all_bins),
+        "client_loop": event_loop_kind(),
+        "refusal_p99_over": "level",
     }
     write(doc, args.out_dir)
     return 1 if any("error" in e for e in entries) else 0

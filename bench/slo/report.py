@@ -63,8 +63,9 @@ def verdict_rows(doc: dict[str, Any]) -> list[str]:
         for level in e.get("levels", [])[1:]:
             for check, result in level["verdict"]["checks"].items():
                 measured = _value(check, result["value"])
-                if check == "refusal_p99_s":
-                    measured += f" of {level['refusals']['count']}"
+                if check == "refusal_p99_s" and "refusals" in level:
+                    count = level["refusals"]["count"]
+                    measured = f"{measured} ({count} refusals)" if count else "none refused"
                 rows.append(
                     f"| {name} | {level['label']} ({level['offered_rps']:.3f} req/s): {check} | "
                     f"{measured} | {TARGETS[check]} | "
@@ -119,6 +120,19 @@ def signal_rows(doc: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _method(doc: dict[str, Any]) -> str:
+    """What the run says of its load client and its refusal figure (older files: nothing)."""
+    said = ""
+    if "client_loop" in doc:
+        said += f"The load client shares the machine and runs on {doc['client_loop']}. "
+    if doc.get("refusal_p99_over") == "level":
+        said += (
+            "A level's refusal p99 is over all its refusals, whatever their class (how many "
+            "in brackets); each class's is in its table. "
+        )
+    return said
+
+
 def markdown(doc: dict[str, Any]) -> str:
     """The whole ``slo.md``."""
     lines = [
@@ -127,11 +141,9 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Generated {doc['generated_at']} in {doc['wall_s']:g} s. Sluice only, one node as "
         "`sluice up` starts it (32 sequences, the inter-token guard and TTFT target on), "
         "against the same scenario under the original terms (16 sequences, no guard, no TTFT "
-        "target); both in the node's default dtype (`auto`: bf16 on this CPU). The load client "
-        "shares the machine and runs on the services' event loop (uvloop). A level's refusal "
-        "p99 is over all its refusals (`of` how many); each class's is in its table. "
-        "Definitions: `bench/slo/figures.py`, `bench/slo/signals.py`; every figure is of this "
-        "run.",
+        "target); both in the node's default dtype (`auto`: bf16 on this CPU). "
+        f"{_method(doc)}Definitions: `bench/slo/figures.py`, `bench/slo/signals.py`; every "
+        "figure is of this run.",
         "",
         *verdict_rows(doc),
         "",

@@ -27,23 +27,32 @@ T = TypeVar("T")
 EVENT_LOOP_ENV = "SLUICE_EVENT_LOOP"
 
 
-def run_loop(main: Coroutine[Any, Any, T]) -> T:
-    """Run ``main`` to completion on a new event loop: uvloop's (libuv) when it is installed,
-    else asyncio's own (docs/decisions/runtime-uvloop.md). ``SLUICE_EVENT_LOOP=asyncio`` forces
+def event_loop_kind() -> str:
+    """The loop :func:`run_loop` runs on: ``uvloop`` (libuv) when it is installed, else
+    ``asyncio``'s own (docs/decisions/runtime-uvloop.md). ``SLUICE_EVENT_LOOP=asyncio`` forces
     the latter, ``uvloop`` makes a missing uvloop an ``ImportError``; any other value is a
     ``ValueError``."""
     choice = os.environ.get(EVENT_LOOP_ENV, "auto").lower()
     if choice not in ("auto", "uvloop", "asyncio"):
         raise ValueError(f"{EVENT_LOOP_ENV} must be auto, uvloop or asyncio, not {choice!r}")
-    if choice != "asyncio":
-        try:
-            import uvloop  # noqa: PLC0415 - optional: not built for every platform
-        except ImportError:
-            if choice == "uvloop":
-                raise
-        else:
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                return runner.run(main)
+    if choice == "asyncio":
+        return "asyncio"
+    try:
+        import uvloop  # noqa: F401, PLC0415 - optional: not built for every platform
+    except ImportError:
+        if choice == "uvloop":
+            raise
+        return "asyncio"
+    return "uvloop"
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` to completion on a new event loop of :func:`event_loop_kind`."""
+    if event_loop_kind() == "uvloop":
+        import uvloop  # noqa: PLC0415 - optional, present: event_loop_kind imported it
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main)
     return asyncio.run(main)
 
 
