@@ -1,12 +1,16 @@
-"""The overload benchmark's level windows and its report's checks, on synthetic runs.
+"""The overload benchmark's level windows, its repeated and pooled runs, the confirmation of a
+contested capacity, and its report's checks, on synthetic runs.
 
-No servers: windows are pure functions of the scenario and options, ``Benchmark.levels`` runs
-against a stand-in for ``run_load``, and the checks are computed from hand-made records.
+No servers: windows and the confirmation are pure functions, ``Benchmark.levels`` and
+``Benchmark.repeat`` run against a stand-in for ``run_load``, and the checks are computed from
+hand-made records.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,14 @@ from bench.overload.cli import parse_args
 from bench.overload.options import Options
 from bench.overload.render import check_lines
 from bench.overload.report import build_report
-from bench.overload.search import SearchResult
+from bench.overload.search import (
+    PooledProbe,
+    SearchResult,
+    SearchStep,
+    capacity_after,
+    confirm,
+    contested_rate,
+)
 from bench.stats import percentile
 from tests.test_load import rec as load_record
 
@@ -157,6 +168,99 @@ def test_each_run_s_requests_are_written_where_the_benchmark_is_told(
     bench.measure(FakeServer(), 0.5)
     lines = (tmp_path / "records" / "naive-0.5.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [r.to_json() for r in records]
+
+
+def test_a_repeat_pools_its_window_with_the_earlier_run_and_keeps_each_window(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A repeat at a measured rate runs a search-length window with the same arrivals and
+    prompts of its own; the run kept at the rate holds both windows' records over their summed
+    windows, each window is kept (and watched, and written) on its own, and a later run no
+    longer than the pooled one reuses it. A rate never measured gets just the new window."""
+    calls: list[tuple[float, float, str]] = []
+    watched: list[tuple[str, float, int]] = []
+    outcomes = iter([[rec(0, "A"), rec(1, "A", ttft_s=9.0)], [rec(0, "A"), rec(1, "A")]])
+
+    async def fake_run_load(
+        s: Scenario, target: object, *, duration_s: float, total_rps: float, salt: str = ""
+    ) -> LoadResult:
+        calls.append((total_rps, duration_s, salt))
+        records = next(outcomes, [rec(0, "A")])
+        return LoadResult(s, "naive", records, duration_s, duration_s + 1, total_rps, 0.0)
+
+    class Watcher:
+        @contextmanager
+        def watch(self, key: tuple[str, float, int]) -> Iterator[None]:
+            watched.append(key)
+            yield
+
+    monkeypatch.setattr(overload, "run_load", fake_run_load)
+    monkeypatch.setattr(overload, "make_target", lambda *args: FakeTarget())
+    bench = Benchmark(scenario(), {}, Options(settle_s=0.0), observer=Watcher())
+    bench.records_dir = tmp_path
+    server = FakeServer()
+    assert bench.attainment(server, 0.5) == 0.5
+    probe = bench.pooled_probe(server, 0.5)
+    assert probe == PooledProbe(0.5, 1.0, 0.75, 4, 2)
+    window = bench.duration_for(0.5)
+    assert [c[:2] for c in calls] == [(0.5, window), (0.5, window)]
+    assert len({c[2] for c in calls}) == 2, "the repeat sends prompts of its own"
+    kept = bench.runs[("naive", 0.5)]
+    assert (len(kept.records), kept.duration_s, kept.elapsed_s) == (4, 2 * window, 2 * window + 2)
+    assert [len(w.records) for w in bench.windows[("naive", 0.5)]] == [2, 2]
+    assert watched == [("naive", 0.5, 0), ("naive", 0.5, 1)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["naive-0.5-2.jsonl", "naive-0.5.jsonl"]
+    assert window < bench.duration_for(0.5, 2 * 15) <= 2 * window
+    assert bench.measure(server, 0.5, min_requests=2 * 15) is kept, "no longer than both"
+    assert len(calls) == 2
+    fresh = bench.pooled_probe(server, 0.25)
+    assert (fresh.probes, fresh.pooled_requests, fresh.attainment) == (1, 1, 1.0)
+    assert bench.windows[("naive", 0.25)] == [bench.runs[("naive", 0.25)]]
+    longer = bench.duration_for(0.5, 1000)
+    assert longer > 2 * window
+    bench.measure(server, 0.5, 1000)  # a longer run replaces the pooled one and its files
+    assert len(bench.windows[("naive", 0.5)]) == 1
+    assert not (tmp_path / "naive-0.5-2.jsonl").exists()
+
+
+def test_the_contested_rate_is_the_higher_capacity_when_the_searches_differ() -> None:
+    assert contested_rate([2.8284, 4.0]) == 4.0 == contested_rate([4.0, 0.0])
+    assert contested_rate([4.0, 4.00001]) is None, "rounded as the runs are keyed"
+    assert contested_rate([4.0, 4.0]) is None and contested_rate([2.0]) is None
+    assert contested_rate([]) is None
+
+
+def searched(*steps: tuple[float, bool]) -> SearchResult:
+    """A search with these (rate, passed) steps and its capacity, the highest passed."""
+    found = [SearchStep(rate, 1.0 if ok else 0.5, ok) for rate, ok in steps]
+    return SearchResult(max((s.offered_rps for s in found if s.passed), default=0.0), found)
+
+
+def test_a_pooled_pass_raises_the_capacity_to_the_rate_and_a_fail_drops_it_below() -> None:
+    """Pass: at least the contested rate. Fail: the highest rate below it that passed in the
+    search, though the search never probed the rate the other arm's did in between; 0.0 when
+    none passed."""
+    climbed = searched((1.0, True), (2.0, True), (4.0, True), (8.0, False))
+    refined = searched((1.0, True), (2.0, True), (4.0, False), (2.8284, True))
+    assert capacity_after(refined, 4.0, passed=True) == 4.0
+    assert capacity_after(climbed, 4.0, passed=True) == 4.0
+    assert capacity_after(climbed, 4.0, passed=False) == 2.0
+    assert capacity_after(refined, 4.0, passed=False) == 2.8284
+    assert capacity_after(searched((0.5, False), (0.25, False)), 1.0, passed=False) == 0.0
+
+
+def test_confirm_judges_the_pooled_attainment_and_keeps_the_step() -> None:
+    """The pooled share decides, not the new probe's: 94.7 % then 96.8 % pool to a pass over
+    both probes' requests; the confirmation is kept on the search with the capacity it left,
+    and a failed one counts as a failing step above the capacity (bracketed)."""
+    refined = searched((2.0, True), (4.0, False), (2.8284, True))
+    done = confirm(refined, PooledProbe(4.0, 0.968, 0.957, 190, 2), required=0.95)
+    assert done.passed and (done.capacity_before_rps, done.capacity_rps) == (2.8284, 4.0)
+    assert refined.capacity_rps == 4.0 and refined.confirmations == [done]
+    climbed = searched((2.0, True), (4.0, True))
+    assert not climbed.bracketed
+    failed = confirm(climbed, PooledProbe(4.0, 0.99, 0.94, 200, 2), required=0.95)
+    assert not failed.passed and climbed.capacity_rps == 2.0 and climbed.bracketed
 
 
 # -- report checks ---------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """The overload benchmark's measurements: load runs keyed by (target, offered rate), reused by
-any later run at that rate whose window is no longer; capacity searches; load levels.
+any later run at that rate whose window is no longer; capacity searches; load levels. A rate
+can be measured again (:meth:`Benchmark.repeat`): its runs are then pooled under its key, and
+each window is kept on its own as well (``windows``).
 
 A level holds ``level_min_requests`` requests on average within ``max_step_s``; the level at 1x
 the naive capacity, where REALTIME TTFT is compared, also holds ``realtime_min_requests``
@@ -15,6 +17,7 @@ import random
 import time
 from collections.abc import Callable, Generator, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
@@ -26,6 +29,7 @@ from bench.overload.report import REALTIME
 from bench.overload.search import (
     RATE_DIGITS,
     BudgetExhausted,
+    PooledProbe,
     SearchResult,
     SearchTerms,
     capacity_probes,
@@ -35,11 +39,29 @@ from bench.overload.servers import Server
 
 
 class Observer(Protocol):
-    """Something that watches each load run, keyed by ``(target, offered rate)``."""
+    """Something that watches each load run, keyed by ``(target, offered rate, window)``: the
+    window is 0 for a rate's first run, n for its n-th repeat (:meth:`Benchmark.repeat`)."""
 
-    def watch(self, key: tuple[str, float]) -> AbstractContextManager[object]:
+    def watch(self, key: tuple[str, float, int]) -> AbstractContextManager[object]:
         """A context held through the run."""
         ...
+
+
+def attainment_of(result: LoadResult) -> float:
+    """SLO attainment of a run's requests (0 for a run without requests: it passes nothing)."""
+    summary = result.summary()
+    return float(summary["slo_attainment"]) if summary["requests"] else 0.0
+
+
+def pooled(earlier: LoadResult, later: LoadResult) -> LoadResult:
+    """Two runs at one rate as one: records concatenated, windows and elapsed times summed (a
+    rate per second over it is over both windows), the first one's start."""
+    return replace(
+        earlier,
+        records=[*earlier.records, *later.records],
+        duration_s=earlier.duration_s + later.duration_s,
+        elapsed_s=earlier.elapsed_s + later.elapsed_s,
+    )
 
 
 def realtime_share(scenario: Scenario) -> float:
@@ -65,10 +87,14 @@ class Benchmark:
         self.observer = observer
         """Watches each load run (``bench.slo`` samples the scheduler's metrics through it)."""
         self.runs: dict[tuple[str, float], LoadResult] = {}
+        """The run at each (target, rate): every window there pooled (:func:`pooled`)."""
+        self.windows: dict[tuple[str, float], list[LoadResult]] = {}
+        """Each window at each (target, rate) on its own, in order (what ``runs`` pools)."""
         self.started = time.monotonic()
         self.records_dir: Path | None = None
-        """Where each run's requests are written, one JSON line each (``<server>-<rate>.jsonl``:
-        what a figure was made of, for reading after the run); None: nowhere."""
+        """Where each run's requests are written, one JSON line each (``<server>-<rate>.jsonl``,
+        a repeat's ``<server>-<rate>-<n>.jsonl``: what a figure was made of, for reading after
+        the run); None: nowhere."""
 
     def duration_for(
         self, rate: float, min_requests: int | None = None, realtime_min_requests: int = 0
@@ -126,22 +152,59 @@ class Benchmark:
         realtime_min_requests: int = 0,
     ) -> LoadResult:
         """One load run at ``rate`` with the window :meth:`duration_for` gives; a run of
-        ``server`` at that rate with a window at least as long is reused instead."""
+        ``server`` at that rate with a window at least as long (its windows pooled) is reused
+        instead. A new run replaces what was kept at that rate."""
         rate = round(rate, RATE_DIGITS)
         key = (server.name, rate)
         duration = self.duration_for(rate, min_requests, realtime_min_requests)
         earlier = self.runs.get(key)
         if earlier is not None and earlier.duration_s >= duration - 1e-6:
             return earlier
+        result = self._run(server, rate, duration, 0)
+        self.runs[key] = result
+        self.windows[key] = [result]
+        return result
+
+    def repeat(self, server: Server, rate: float) -> LoadResult:
+        """One more search-length window of ``server`` at ``rate``, with prompts of its own and
+        the same arrivals, pooled with the runs already there (:func:`pooled`); returns the new
+        window alone (``runs`` holds the pooled one)."""
+        rate = round(rate, RATE_DIGITS)
+        key = (server.name, rate)
+        earlier = self.runs.get(key)
+        kept = self.windows.get(key) or ([earlier] if earlier is not None else [])
+        result = self._run(server, rate, self.duration_for(rate), len(kept))
+        self.windows[key] = [*kept, result]
+        self.runs[key] = result if earlier is None else pooled(earlier, result)
+        return result
+
+    def pooled_probe(self, server: Server, rate: float) -> PooledProbe:
+        """:meth:`repeat` at ``rate``, judged alone and with every earlier window there."""
+        window = self.repeat(server, rate)
+        key = (server.name, round(rate, RATE_DIGITS))
+        both = self.runs[key]
+        return PooledProbe(
+            offered_rps=key[1],
+            attainment=attainment_of(window),
+            pooled_attainment=attainment_of(both),
+            pooled_requests=len(both.records),
+            probes=len(self.windows[key]),
+        )
+
+    def _run(self, server: Server, rate: float, duration: float, window: int) -> LoadResult:
+        """One window at ``rate`` (``window``: 0 for the rate's first, n for its n-th repeat),
+        watched by the observer, its records written; raises :class:`BudgetExhausted` when the
+        budget does not allow it."""
         self._check_budget(duration)
         scenario = self.scenario
         if self.options.drain_s is not None:
             scenario = scenario.model_copy(update={"drain_s": self.options.drain_s})
-
-        run_salt = f"{rate:g}x{duration:g}"  # prompts no other run sends (prefix caches)
+        # Prompts no other run sends (prefix caches); a repeat has the same arrivals.
+        run_salt = f"{rate:g}x{duration:g}" + (f"r{window}" if window else "")
 
         async def go() -> LoadResult:
             target = self.target(server, scenario)
+            key = (server.name, rate, window)
             watch = self.observer.watch(key) if self.observer is not None else nullcontext()
             try:
                 with watch:
@@ -152,14 +215,11 @@ class Benchmark:
                 await target.close()
 
         result = run_client(go())
-        self.runs[key] = result
-        if self.records_dir is not None:
-            self.records_dir.mkdir(parents=True, exist_ok=True)
-            lines = (json.dumps(r.to_json()) + "\n" for r in result.records)
-            (self.records_dir / f"{server.name}-{rate:g}.jsonl").write_text("".join(lines))
+        self._write_records(server, rate, window, result)
         s = result.summary()
+        again = f" (window {window + 1})" if window else ""
         print(
-            f"  {server.name:<6} {rate:7.3f} req/s x {duration:4.0f} s: "
+            f"  {server.name:<6} {rate:7.3f} req/s x {duration:4.0f} s{again}: "
             f"{s['requests']:4d} requests, SLO {s['slo_attainment']:6.1%} (misses: TTFT "
             f"{s['ttft_slo_misses']}, TPOT {s['tpot_slo_misses']}), goodput "
             f"{s['goodput_rps']:.3f}/s, TTFT p99 {s['ttft_p99_s']:.2f} s, refused {s['refused']}, "
@@ -169,6 +229,44 @@ class Benchmark:
         )
         time.sleep(self.options.settle_s)
         return result
+
+    def _write_records(self, server: Server, rate: float, window: int, result: LoadResult) -> None:
+        """``<server>-<rate>.jsonl`` under ``records_dir`` (a repeat: ``<server>-<rate>-<n>``,
+        n from 2); a first window removes the repeats of the run it replaces."""
+        if self.records_dir is None:
+            return
+        self.records_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"{server.name}-{rate:g}"
+        if window == 0:
+            for stale in self.records_dir.glob(f"{stem}-*.jsonl"):
+                stale.unlink()
+        name = f"{stem}-{window + 1}.jsonl" if window else f"{stem}.jsonl"
+        lines = (json.dumps(r.to_json()) + "\n" for r in result.records)
+        (self.records_dir / name).write_text("".join(lines))
+
+    def warm(self, server: Server, rate: float, seconds: float) -> None:
+        """``seconds`` of the scenario at ``rate``, recorded nowhere (a fresh server before its
+        search); ``RuntimeError`` with the first failure when no request finished, since every
+        later run would then measure a broken server."""
+        if seconds <= 0:
+            return
+
+        async def go() -> LoadResult:
+            target = self.target(server, self.scenario)
+            try:
+                return await run_load(
+                    self.scenario, target, duration_s=seconds, total_rps=rate, salt="warm"
+                )
+            finally:
+                await target.close()
+
+        records = run_client(go()).records
+        if records and not any(r.finished for r in records):
+            first = records[0]
+            raise RuntimeError(
+                f"{server.name}: no warm-up request finished (first: {first.status} "
+                f"{first.details})"
+            )
 
     def warm_up(self, server: Server, timeout_s: float = 120.0) -> None:
         """A few unmeasured requests so both targets start warm (and Sluice sees its node)."""
@@ -221,8 +319,7 @@ class Benchmark:
 
     def attainment(self, server: Server, rate: float) -> float:
         """SLO attainment of one run of ``server`` at ``rate`` (0 for a run without requests)."""
-        summary = self.measure(server, rate).summary()
-        return float(summary["slo_attainment"]) if summary["requests"] else 0.0
+        return attainment_of(self.measure(server, rate))
 
     def search_terms(self, start_rps: float) -> SearchTerms:
         """The search's settings from the options (see :meth:`search`)."""

@@ -3,12 +3,17 @@
 Pure: :func:`find_capacity` calls back for each probe's attainment (:func:`capacity_probes`
 takes them one at a time, :func:`advance` measures one), so it is tested without servers.
 Rates are rounded to :data:`RATE_DIGITS` decimals, and runs are keyed by them.
+
+Two searches compared (``make bench-slo``'s two arms) may end on neighbouring rates of their
+grids on one probe's luck. :func:`contested_rate` names the rate they disagree on, and
+:func:`confirm` judges an arm there on all its probes at that rate pooled
+(docs/decisions/bench-slo-paired.md).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Required, TypedDict, Unpack
@@ -29,18 +34,53 @@ class SearchStep:
     passed: bool
 
 
+@dataclass(frozen=True)
+class PooledProbe:
+    """One more probe at a rate, and every probe of the same server at that rate pooled."""
+
+    offered_rps: float
+    attainment: float
+    """The new probe's alone."""
+    pooled_attainment: float
+    """Over the requests of every probe at the rate (the search's, if it probed there)."""
+    pooled_requests: int
+    probes: int
+    """How many probes were pooled (the new one included)."""
+
+
+@dataclass
+class Confirmation:
+    """A contested rate probed once more after the search, and what its pooled verdict did to
+    the capacity (:func:`confirm`)."""
+
+    offered_rps: float
+    attainment: float
+    """The new probe's alone."""
+    pooled_attainment: float
+    pooled_requests: int
+    probes: int
+    passed: bool
+    """Whether the pooled attainment met the required share."""
+    capacity_before_rps: float
+    capacity_rps: float
+
+
 @dataclass
 class SearchResult:
-    """A capacity search: the highest passing rate (0.0 if none passed) and its steps."""
+    """A capacity search: the highest passing rate (0.0 if none passed) and its steps; after a
+    confirmation (:func:`confirm`), the capacity it left and the confirmations made."""
 
     capacity_rps: float
     steps: list[SearchStep] = field(default_factory=list)
     stopped_by_budget: bool = False
+    """The time budget ended the search (or a confirmation round after it)."""
+    confirmations: list[Confirmation] = field(default_factory=list)
 
     @property
     def bracketed(self) -> bool:
         """Whether a failing rate above the capacity was seen (else it is only a lower bound)."""
-        return any(not s.passed and s.offered_rps > self.capacity_rps for s in self.steps)
+        seen: list[SearchStep | Confirmation] = [*self.steps, *self.confirmations]
+        return any(not s.passed and s.offered_rps > self.capacity_rps for s in seen)
 
 
 class SearchTerms(TypedDict, total=False):
@@ -136,3 +176,42 @@ def capacity_probes(
         result.stopped_by_budget = True
     result.capacity_rps = round(best_pass, RATE_DIGITS) if best_pass is not None else 0.0
     return result
+
+
+def contested_rate(capacities: Iterable[float]) -> float | None:
+    """The rate two or more searches disagree on: the highest of their capacities when they
+    differ, None when they agree (or fewer than two were measured)."""
+    found = {round(c, RATE_DIGITS) for c in capacities}
+    return max(found) if len(found) > 1 else None
+
+
+def capacity_after(search: SearchResult, rate: float, passed: bool) -> float:
+    """The capacity ``search`` is left with once ``rate`` was judged on its pooled probes:
+    at least ``rate`` when they passed; else the highest rate below ``rate`` that passed in
+    the search (0.0 if none did)."""
+    rate = round(rate, RATE_DIGITS)
+    if passed:
+        return max(search.capacity_rps, rate)
+    below = [s.offered_rps for s in search.steps if s.passed and s.offered_rps < rate]
+    return max(below, default=0.0)
+
+
+def confirm(search: SearchResult, probe: PooledProbe, required: float) -> Confirmation:
+    """Judge ``search``'s server at a contested rate on ``probe`` (its probes there pooled):
+    passed when the pooled attainment is at least ``required``. Sets the search's capacity
+    (:func:`capacity_after`) and keeps the confirmation on it; returns that."""
+    passed = probe.pooled_attainment >= required
+    before = search.capacity_rps
+    done = Confirmation(
+        offered_rps=round(probe.offered_rps, RATE_DIGITS),
+        attainment=probe.attainment,
+        pooled_attainment=probe.pooled_attainment,
+        pooled_requests=probe.pooled_requests,
+        probes=probe.probes,
+        passed=passed,
+        capacity_before_rps=before,
+        capacity_rps=capacity_after(search, probe.offered_rps, passed),
+    )
+    search.capacity_rps = done.capacity_rps
+    search.confirmations.append(done)
+    return done

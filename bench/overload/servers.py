@@ -82,8 +82,6 @@ class NaiveProcess:
 class SluiceSuite:
     """The whole suite through ``sluice up``'s supervisor, with the scenario's tenants."""
 
-    name = "sluice"
-
     def __init__(
         self,
         scenario: Scenario,
@@ -94,7 +92,12 @@ class SluiceSuite:
         scheduler_args: list[str] | None = None,
         engine: str = "builtin",
         vllm_python: Path | None = None,
+        name: str = "sluice",
     ) -> None:
+        self.name = name
+        """What runs, logs and records are keyed by; a :class:`bench.overload.benchmark.
+        Benchmark` reaches a server by it unless its ``target`` says otherwise (``bench.slo``
+        names its two suites by their terms)."""
         self.scenario = scenario
         self.engine = engine
         """The nodes' engine (``UpConfig.engine``); ``vllm_python`` runs them with ``vllm``."""

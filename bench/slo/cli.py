@@ -4,14 +4,25 @@ scaling metric; writes ``slo.json`` and ``slo.md`` under ``--out-dir`` with this
 only.
 
 For each scenario (default: every file of ``bench/scenarios`` but ``smoke.yaml``), with the
-overload benchmark's machinery (:class:`bench.overload.benchmark.Benchmark`), Sluice only:
+overload benchmark's machinery (:class:`bench.overload.benchmark.Benchmark`), Sluice only, two
+suites up together (:func:`bench.overload.paired.run_paired`):
 
-1. *reference*: a suite under the original scenario's terms before the inter-token guard (the
-   node capped at 16 sequences as ``make bench`` runs it, the guard off); its capacity at SLO;
-2. *default*: a suite as `sluice up` starts it (32 sequences, the guard on); its capacity at
-   SLO, then the scenario at 1x, 2x and 4x that capacity.
+- *default*: a suite as `sluice up` starts it (32 sequences, the guard on);
+- *reference*: a suite under the original scenario's terms before the inter-token guard (the
+  node capped at 16 sequences as ``make bench`` runs it, the guard off).
 
-Each suite first gets ``WARM_S`` of the scenario, unmeasured (:func:`warm`).
+1. Each suite gets ``WARM_S`` of the scenario, unmeasured (``Benchmark.warm``).
+2. Their capacity searches at SLO run one probe of each in turn, the default's first.
+3. If the capacities differ, the higher one is the *contested rate*: each suite probes it once
+   more, in turn, and is judged there on all its probes at that rate pooled; its capacity is
+   that rate if they pass, else the highest rate below it that passed in its search (rounds
+   go on while both fell and they still differ: :mod:`bench.overload.paired`).
+4. The reference suite is stopped; the scenario runs on the default suite at 1x, 2x and 4x its
+   capacity.
+
+Taking turns puts both suites' probes of a stretch on the machine as it was then, and the
+confirmation keeps one probe near the SLO's edge from deciding the capacity figure
+(docs/decisions/bench-slo-paired.md).
 
 The scheduler's metrics are sampled through every run (:mod:`bench.slo.signals`). Every process
 started is stopped by its PID (the suite's supervisor), on errors too.
@@ -25,20 +36,24 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from bench.load.records import RequestRecord, meets_slo
-from bench.load.run import LoadResult, make_target, run_client, run_load
+from bench.load.run import LoadResult, make_target
 from bench.load.scenario import Scenario, load_scenario
-from bench.overload.benchmark import Benchmark, run_target
+from bench.load.targets import Target
+from bench.overload.benchmark import Benchmark
 from bench.overload.options import Options
+from bench.overload.paired import Phase, run_paired
 from bench.overload.search import RATE_DIGITS, SearchResult
-from bench.overload.servers import SluiceSuite
+from bench.overload.servers import Server, SluiceSuite
 from bench.paths import RESULTS_DIR, SCENARIOS_DIR, SCRATCH_DIR
 from bench.slo.figures import by_class, capacity_verdict, level_verdict, refusals
+from bench.slo.floor import Observers, RefusalFloor
 from bench.slo.report import markdown
 from bench.slo.signals import Sampler, bins, score_signals
 from sluice.runtime.auth import new_api_key
@@ -55,6 +70,10 @@ GUARD_OFF = [
 """The reference scheduler's flags: no inter-token, TTFT or embed target, slots alone (the
 1.5 s REALTIME queue bound it had then stays)."""
 MULTIPLES = (1.0, 2.0, 4.0)
+DEFAULT_ARM, REFERENCE_ARM = "default", "reference"
+"""The suites' names: runs, log lines and records files are keyed by them."""
+ARMS = "in turns"
+"""What ``slo.json``'s ``arms`` says: both suites up together, measured in turns."""
 
 
 def default_scenarios() -> list[Path]:
@@ -85,17 +104,62 @@ guard and with a cold prompt path (the overload scenario's first probe missed th
 fresh suite and passed later at twice its rate: 2026-12-03, ``bench/results/slo.md``)."""
 
 
-def warm(bench: Benchmark, suite: SluiceSuite, rate: float, seconds: float = WARM_S) -> None:
-    """``seconds`` of the scenario at ``rate`` against ``suite``, recorded nowhere."""
+class SuiteBenchmark(Benchmark):
+    """:class:`Benchmark` whose every server is a Sluice suite, whatever its name (the suites
+    here are named by their terms, :data:`DEFAULT_ARM` and :data:`REFERENCE_ARM`)."""
 
-    async def go() -> None:
-        target = make_target(suite.name, bench.scenario, suite.address, bench.keys)
-        try:
-            await run_load(bench.scenario, target, duration_s=seconds, total_rps=rate, salt="warm")
-        finally:
-            await target.close()
+    def target(self, server: Server, scenario: Scenario) -> Target:
+        """Sluice at the suite's address, with the tenants' keys."""
+        return make_target("sluice", scenario, server.address, self.keys)
 
-    run_client(go())
+
+@dataclass
+class Arm:
+    """One suite's part of a scenario: its phase and the sampler watching its runs."""
+
+    phase: Phase
+    sampler: Sampler
+    floor: RefusalFloor | None = None
+    """The bare refusal floor probed through its runs (None: not probed)."""
+
+
+def arm(
+    scenario: Scenario,
+    keys: dict[str, str],
+    opts: Options,
+    run_dir: Path,
+    name: str,
+    floor: RefusalFloor | None = None,
+) -> Arm:
+    """The suite called ``name`` (:data:`REFERENCE_ARM`: the original terms, search only;
+    otherwise the defaults), its benchmark writing records under ``run_dir``; ``floor`` is
+    probed through each of its runs."""
+    own_dir = run_dir / f"{scenario.name}-{name}"
+    own_dir.mkdir(parents=True, exist_ok=True)
+    reference = name == REFERENCE_ARM
+    suite = SluiceSuite(
+        scenario,
+        keys,
+        own_dir,
+        max_sequences=REFERENCE_MAX_SEQUENCES if reference else None,
+        scheduler_args=GUARD_OFF if reference else None,
+        name=name,
+    )
+    sampler = Sampler(lambda: suite.metrics_address)
+    observer = sampler if floor is None else Observers(sampler, floor)
+    bench = SuiteBenchmark(scenario, keys, opts, observer=observer)
+    bench.records_dir = own_dir / "records"
+    return Arm(Phase(bench, suite, search_only=reference), sampler, floor)
+
+
+def level_plan(search: SearchResult, start_rps: float) -> list[tuple[float, str]]:
+    """The default suite's levels: 1x, 2x and 4x its capacity at SLO, or of the lowest rate its
+    search probed when none met the SLO (the labels say which)."""
+    cap, of = search.capacity_rps, "capacity"
+    if cap <= 0:
+        cap = min((s.offered_rps for s in search.steps), default=start_rps)
+        of = "the lowest rate probed (no capacity at SLO found)"
+    return [(round(m * cap, RATE_DIGITS), f"{m:g}x {of}") for m in MULTIPLES]
 
 
 def _meets(result: LoadResult) -> Callable[[RequestRecord], bool]:
@@ -103,113 +167,87 @@ def _meets(result: LoadResult) -> Callable[[RequestRecord], bool]:
     return lambda r: meets_slo(r, slo)
 
 
+def search_json(search: SearchResult | None) -> dict[str, Any]:
+    """A search as ``slo.json`` keeps it: capacity, steps, the confirmations made."""
+    return {
+        "capacity_rps": search.capacity_rps if search else None,
+        "search": [asdict(s) for s in search.steps] if search else [],
+        "confirmation": [asdict(c) for c in search.confirmations] if search else [],
+    }
+
+
 def run_scenario(
-    scenario: Scenario, opts: Options, start_rps: float, run_dir: Path, reference: bool
+    scenario: Scenario,
+    opts: Options,
+    start_rps: float,
+    run_dir: Path,
+    reference: bool,
+    floor: RefusalFloor | None = None,
 ) -> dict[str, Any]:
-    """Both suites on one scenario (the reference first); the scenario's entry."""
+    """Both suites on one scenario, up together and measured in turns; the scenario's entry."""
     keys = {t.name: new_api_key() for t in scenario.tenants}
+    names = (DEFAULT_ARM, REFERENCE_ARM) if reference else (DEFAULT_ARM,)
+    arms = [arm(scenario, keys, opts, run_dir, name, floor) for name in names]
+    run_paired(
+        [a.phase for a in arms],
+        start_rps,
+        (start_rps, WARM_S),
+        partial(level_plan, start_rps=start_rps),
+        confirm_contested=True,
+    )
+    default = arms[0]
     entry: dict[str, Any] = {"scenario": scenario.name, "model": scenario.model}
     all_bins: list[dict[str, Any]] = []
     if reference:
-        ref_dir = run_dir / f"{scenario.name}-reference"
-        ref_dir.mkdir(parents=True, exist_ok=True)
-        ref = _search_only(scenario, keys, opts, start_rps, ref_dir, all_bins)
-        entry["reference"] = ref
-    sampler = Sampler(lambda: suite.metrics_address)
-    bench = Benchmark(scenario, keys, opts, observer=sampler)
-    own_dir = run_dir / f"{scenario.name}-default"
-    own_dir.mkdir(parents=True, exist_ok=True)
-    bench.records_dir = own_dir / "records"
-    suite = SluiceSuite(scenario, keys, own_dir, max_sequences=None)
-    searched: dict[str, SearchResult] = {}
-    done: list[tuple[float, str]] = []
-
-    def measure() -> None:
-        warm(bench, suite, start_rps)
-        searched["default"] = bench.search(suite, start_rps)
-        cap = searched["default"].capacity_rps
-        of = "capacity"
-        if cap <= 0:  # no rate met the SLO: the levels say what they are multiples of
-            cap = min((s.offered_rps for s in searched["default"].steps), default=start_rps)
-            of = "the lowest rate probed (no capacity at SLO found)"
-        plan = [(m * cap, f"{m:g}x {of}") for m in MULTIPLES]
-        done.extend(bench.levels(suite, plan))
-
-    try:
-        run_target(bench, suite, measure)
-    except Exception as exc:  # what was measured is kept; the entry says what failed
-        entry["error"] = f"{type(exc).__name__}: {exc}"
+        ref = arms[1].phase
+        entry["reference"] = {
+            "max_sequences": REFERENCE_MAX_SEQUENCES,
+            "scheduler_flags": GUARD_OFF,
+            **search_json(ref.search),
+        }
+        if ref.error:
+            entry["reference"]["error"] = ref.error
+        all_bins += _search_bins(arms[1], set(), label="reference")
+    if default.phase.error:
+        entry["error"] = default.phase.error
         print(f"{scenario.name}: {entry['error']}", file=sys.stderr, flush=True)
-    search = searched.get("default")
-    entry["capacity_rps"] = search.capacity_rps if search else None
-    entry["search"] = [vars(s) for s in search.steps] if search else []
-    entry["levels"] = _levels(bench, sampler, done, all_bins)
+    entry.update(search_json(default.phase.search))
+    entry["levels"] = _levels(default, all_bins)
     one_x = entry["levels"][0] if entry["levels"] else None
     for level in entry["levels"][1:]:
         level["verdict"] = level_verdict(level, one_x)
-    _search_bins(bench, sampler, all_bins, {round(r, RATE_DIGITS) for r, _ in done})
+    all_bins += _search_bins(default, {rate for rate, _ in default.phase.levels})
+    ref_entry = entry.get("reference") or {}
     entry["capacity"] = capacity_verdict(
-        entry["capacity_rps"] or 0.0, (entry.get("reference") or {}).get("capacity_rps")
+        entry["capacity_rps"] or 0.0, ref_entry.get("capacity_rps")
     )
-    if "error" in entry:
+    if "error" in entry or "error" in ref_entry:
         entry["capacity"]["pass"] = False
     entry["bins"] = all_bins
     return entry
 
 
-def _search_only(
-    scenario: Scenario,
-    keys: dict[str, str],
-    opts: Options,
-    start_rps: float,
-    run_dir: Path,
-    all_bins: list[dict[str, Any]],
-) -> dict[str, Any]:
-    suite = SluiceSuite(
-        scenario, keys, run_dir, max_sequences=REFERENCE_MAX_SEQUENCES, scheduler_args=GUARD_OFF
-    )
-    sampler = Sampler(lambda: suite.metrics_address)
-    bench = Benchmark(scenario, keys, opts, observer=sampler)
-    bench.records_dir = run_dir / "records"
-    found: dict[str, SearchResult] = {}
-    out: dict[str, Any] = {
-        "max_sequences": REFERENCE_MAX_SEQUENCES,
-        "scheduler_flags": GUARD_OFF,
-    }
-    try:
-
-        def measure() -> None:
-            warm(bench, suite, start_rps)
-            found["ref"] = bench.search(suite, start_rps)
-
-        run_target(bench, suite, measure)
-    except Exception as exc:
-        out["error"] = f"{type(exc).__name__}: {exc}"
-    search = found.get("ref")
-    out["capacity_rps"] = search.capacity_rps if search else None
-    out["search"] = [vars(s) for s in search.steps] if search else []
-    _search_bins(bench, sampler, all_bins, set(), label="reference")
+def _window_bins(a: Arm, key: tuple[str, float], label: str) -> list[dict[str, Any]]:
+    """The bins of each window kept at ``key`` (a repeated rate has several), labelled."""
+    out: list[dict[str, Any]] = []
+    for n, window in enumerate(a.phase.bench.windows.get(key, [])):
+        series = a.sampler.series.get((*key, n))
+        if series is None:
+            continue
+        start, length = window.started_at_unix_s, window.duration_s
+        run_bins = bins(series.points, window.records, start, length, _meets(window))
+        run = f"{label} (window {n + 1})" if n else label
+        out.extend({"run": run, **b} for b in run_bins)
     return out
 
 
-def _levels(
-    bench: Benchmark,
-    sampler: Sampler,
-    done: Sequence[tuple[float, str]],
-    all_bins: list[dict[str, Any]],
-) -> list[dict[str, Any]]:
+def _levels(a: Arm, all_bins: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each level run on the arm, by class (its windows pooled), its bins into ``all_bins``."""
     out = []
-    for rate, label in done:
-        key = ("sluice", rate)
-        result = bench.runs[key]
-        meets = _meets(result)
-        series = sampler.series.get(key)
-        run_bins = (
-            bins(series.points, result.records, result.started_at_unix_s, result.duration_s, meets)
-            if series
-            else []
-        )
-        all_bins.extend({"run": label, **b} for b in run_bins)
+    name = a.phase.server.name
+    for rate, label in a.phase.levels:
+        result = a.phase.bench.runs[(name, rate)]
+        all_bins.extend(_window_bins(a, (name, rate), label))
         out.append(
             {
                 "label": label,
@@ -217,27 +255,27 @@ def _levels(
                 "window_s": result.duration_s,
                 "classes": by_class(result.records, result.slo, result.duration_s),
                 "refusals": refusals(result.records),
+                "floor": _floor(a, (name, rate)),
             }
         )
     return out
 
 
-def _search_bins(
-    bench: Benchmark,
-    sampler: Sampler,
-    all_bins: list[dict[str, Any]],
-    skip: set[float],
-    label: str = "search",
-) -> None:
-    for (_, rate), result in bench.runs.items():
-        series = sampler.series.get(("sluice", rate))
-        if rate in skip or series is None:
-            continue
-        meets = _meets(result)
-        run_bins = bins(
-            series.points, result.records, result.started_at_unix_s, result.duration_s, meets
-        )
-        all_bins.extend({"run": f"{label} {rate:g} req/s", **b} for b in run_bins)
+def _floor(a: Arm, key: tuple[str, float]) -> dict[str, Any] | None:
+    """The refusal floor probed through the windows kept at ``key`` (None: not probed)."""
+    if a.floor is None:
+        return None
+    windows = len(a.phase.bench.windows.get(key, []))
+    return a.floor.summary([(*key, n) for n in range(windows)])
+
+
+def _search_bins(a: Arm, skip: set[float], label: str = "search") -> list[dict[str, Any]]:
+    """The bins of the arm's runs at rates not in ``skip`` (the levels')."""
+    out: list[dict[str, Any]] = []
+    for key in a.phase.bench.windows:
+        if key[1] not in skip:
+            out.extend(_window_bins(a, key, f"{label} {key[1]:g} req/s"))
+    return out
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -255,6 +293,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--refine-steps", type=int, default=1)
     p.add_argument("--max-search-steps", type=int, default=5)
     p.add_argument("--no-reference", action="store_true", help="skip the reference suites")
+    p.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="do not probe a bare refusal server through the runs (bench/slo/floor.py)",
+    )
     p.add_argument(
         "--rescore",
         type=Path,
@@ -279,10 +322,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     started, started_at = time.monotonic(), datetime.now(UTC)
     print(f"bench-slo: {len(paths)} scenarios; logs in {run_dir}", flush=True)
     entries = []
-    for path in paths:
-        scenario = load_scenario(path)
-        print(f"== {scenario.name}", flush=True)
-        entries.append(run_scenario(scenario, opts, args.start_rps, run_dir, not args.no_reference))
+    floor = None if args.no_floor else RefusalFloor(run_dir / "refusal-floor.log")
+    try:
+        if floor is not None:
+            floor.start()
+        for path in paths:
+            scenario = load_scenario(path)
+            print(f"== {scenario.name}", flush=True)
+            reference = not args.no_reference
+            entries.append(run_scenario(scenario, opts, args.start_rps, run_dir, reference, floor))
+    finally:
+        if floor is not None:
+            floor.stop()
     all_bins = [b for e in entries for b in e["bins"]]
     doc: dict[str, Any] = {
         "generated_at": started_at.isoformat(timespec="seconds"),
@@ -293,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "signals": score_signals(all_bins),
         "client_loop": event_loop_kind(),
         "refusal_p99_over": "level",
+        "refusal_floor": "probed" if floor is not None else "off",
+        "arms": ARMS,
     }
     write(doc, args.out_dir)
     return 1 if any("error" in e for e in entries) else 0

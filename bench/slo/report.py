@@ -1,7 +1,9 @@
-"""``slo.md``: the verdict table, then each scenario's levels by class, then the signals."""
+"""``slo.md``: the verdict table, then each scenario's searches (with any confirmation at a
+contested rate) and levels by class, then the signals."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bench.slo.figures import (
@@ -64,14 +66,26 @@ def verdict_rows(doc: dict[str, Any]) -> list[str]:
             for check, result in level["verdict"]["checks"].items():
                 measured = _value(check, result["value"])
                 if check == "refusal_p99_s" and "refusals" in level:
-                    count = level["refusals"]["count"]
-                    measured = f"{measured} ({count} refusals)" if count else "none refused"
+                    measured = _refusal_text(measured, level)
                 rows.append(
                     f"| {name} | {level['label']} ({level['offered_rps']:.3f} req/s): {check} | "
                     f"{measured} | {TARGETS[check]} | "
                     f"{_ok(result['pass'])} |"
                 )
     return rows
+
+
+def _refusal_text(measured: str, level: Mapping[str, Any]) -> str:
+    """A level's refusal p99 with how many refusals it is of and, where it was probed, the bare
+    refusal floor's p99 in the same level."""
+    count = level["refusals"]["count"]
+    said = [f"{count} refusals"] if count else []
+    floor = level.get("floor")
+    if floor:
+        said.append(f"bare floor {floor['p99_s'] * 1000:.1f} ms over {floor['count']} probes")
+    if not count:
+        return "none refused" + (f" ({said[0]})" if said else "")
+    return f"{measured} ({'; '.join(said)})"
 
 
 def level_rows(e: dict[str, Any]) -> list[str]:
@@ -94,13 +108,31 @@ def level_rows(e: dict[str, Any]) -> list[str]:
     return rows
 
 
-def search_line(label: str, steps: list[dict[str, Any]], capacity: float | None) -> str:
-    """A search as one line."""
+def confirmation_text(c: Mapping[str, Any]) -> str:
+    """A contested rate probed again: the pooled verdict and the capacity it left."""
+    was = c["capacity_before_rps"]
+    moved = "" if was == c["capacity_rps"] else f", was {_num(was)}"
+    return (
+        f"confirmed at {c['offered_rps']:g} req/s: pooled {_pct(c['pooled_attainment'])} over "
+        f"{c['pooled_requests']} requests ({c['probes']} probes, this one "
+        f"{_pct(c['attainment'])}), {'pass' if c['passed'] else 'fail ✗'} → capacity "
+        f"{_num(c['capacity_rps'])} req/s{moved}"
+    )
+
+
+def search_line(
+    label: str,
+    steps: list[dict[str, Any]],
+    capacity: float | None,
+    confirmations: Sequence[Mapping[str, Any]] = (),
+) -> str:
+    """A search as one line, then its confirmations (``capacity``: the one they left)."""
     probes = ", ".join(
         f"{s['offered_rps']:g} → {s['attainment'] * 100:.0f} %{'' if s['passed'] else ' ✗'}"
         for s in steps
     )
-    return f"- {label}: capacity {_num(capacity)} req/s ({probes or 'no probes'})"
+    line = f"- {label}: capacity {_num(capacity)} req/s ({probes or 'no probes'})"
+    return "; ".join([line, *(confirmation_text(c) for c in confirmations)])
 
 
 def signal_rows(doc: dict[str, Any]) -> list[str]:
@@ -130,6 +162,20 @@ def _method(doc: dict[str, Any]) -> str:
             "A level's refusal p99 is over all its refusals, whatever their class (how many "
             "in brackets); each class's is in its table. "
         )
+    if doc.get("refusal_floor") == "probed":
+        said += (
+            "A bare gRPC server that refuses every call (`bench.scheduler.refusal_floor`) was "
+            "probed 20 times a second from the load client's loop through every run: its p99 "
+            "in a level (beside the refusal p99) is what any refusal cost on this machine then "
+            "(docs/decisions/bench-refusal-tail-kernel-tick.md). "
+        )
+    if doc.get("arms") == "in turns":
+        said += (
+            "Both suites ran up together, their searches one probe of each in turn (the "
+            "default's first); where their capacities differed, each probed the higher rate "
+            "once more and was judged there on all its probes pooled (each search's line says "
+            "so); the levels ran on the default suite alone, the reference stopped. "
+        )
     return said
 
 
@@ -152,8 +198,21 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += [f"## {e['scenario']}", ""]
         ref = e.get("reference")
         if ref:
-            lines.append(search_line("original terms", ref["search"], ref.get("capacity_rps")))
-        lines += [search_line("default settings", e.get("search", []), e.get("capacity_rps")), ""]
+            lines.append(
+                search_line(
+                    "original terms",
+                    ref["search"],
+                    ref.get("capacity_rps"),
+                    ref.get("confirmation", []),
+                )
+            )
+        own = search_line(
+            "default settings",
+            e.get("search", []),
+            e.get("capacity_rps"),
+            e.get("confirmation", []),
+        )
+        lines += [own, ""]
         lines += [*level_rows(e), ""]
     lines += [
         "## Autoscaling signals (issue 21)",

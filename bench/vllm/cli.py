@@ -17,10 +17,11 @@ run as Sluice runs it is skipped and the report says why, :func:`skip_reason`):
    was then (docs/decisions/bench-vllm-paired.md), and both searches climb alike (a level's
    result turns on how much the engine ran before it: bench-vllm-same-search.md).
 
-Both servers get the same scenario, seed and arrivals (:mod:`bench.vllm.measure`); the figures
-are :mod:`bench.vllm.figures`'. ``--smoke`` runs the whole path with short steps on the overload
-scenario alone and writes under ``.sluice/bench/vllm-smoke``: its numbers mean nothing. Every
-process started is stopped by its PID, on errors too.
+Both servers get the same scenario, seed and arrivals (:mod:`bench.vllm.measure`, in turns by
+:mod:`bench.overload.paired`); the figures are :mod:`bench.vllm.figures`'. ``--smoke`` runs the
+whole path with short steps on the overload scenario alone and writes under
+``.sluice/bench/vllm-smoke``: its numbers mean nothing. Every process started is stopped by its
+PID, on errors too.
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ from typing import Any
 
 from bench.load.run import LoadResult
 from bench.load.scenario import Scenario, ScenarioError, load_scenario
+from bench.overload.paired import Phase, run_paired
 from bench.overload.report import machine_info
 from bench.paths import REPO_ROOT, RESULTS_DIR, SCENARIOS_DIR, SCRATCH_DIR
 from bench.slo.cli import WARM_S, options
 from bench.slo.figures import by_class
 from bench.vllm.figures import capacity_verdict, level_verdict
-from bench.vllm.measure import Phase, TargetBenchmark, level_plan, run_paired, target_factory
+from bench.vllm.measure import TargetBenchmark, level_plan, target_factory
 from bench.vllm.report import markdown
 from bench.vllm.servers import BareVllm, SluiceVllmSuite, VllmServe, checkpoint, node_settings
 from inference_node.config import NodeSettings

@@ -1,0 +1,73 @@
+"""``make bench-slo``'s refusal floor: a real bare refusal server probed from a run's loop, the
+observers held together, and the report's line for it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench.load.run import run_client
+from bench.slo.floor import Observers, RefusalFloor
+from bench.slo.report import _refusal_text
+
+
+def test_the_floor_is_probed_through_a_run_and_stopped_by_its_pid(tmp_path: Path) -> None:
+    floor = RefusalFloor(tmp_path / "floor.log")
+    floor.start()
+    proc = floor._proc
+    assert proc is not None
+    try:
+
+        async def run(key: tuple[str, float, int]) -> None:
+            with floor.watch(key):
+                await asyncio.sleep(0.6)
+
+        run_client(run(("default", 2.0, 0)))
+        run_client(run(("default", 2.0, 1)))
+        run_client(run(("default", 4.0, 0)))
+    finally:
+        floor.stop()
+    assert proc.poll() is not None  # gone, by its PID
+    first, second = floor.times[("default", 2.0, 0)], floor.times[("default", 2.0, 1)]
+    assert len(first) >= 3 and len(second) >= 3 and all(0 < t < 1 for t in first)
+    pooled = floor.summary([("default", 2.0, 0), ("default", 2.0, 1)])
+    assert pooled is not None and pooled["count"] == len(first) + len(second)
+    assert 0 < pooled["p50_s"] <= pooled["p99_s"] < 1
+    assert floor.summary([("reference", 2.0, 0)]) is None
+
+
+def test_observers_hold_every_context_through_the_run_in_order() -> None:
+    said: list[str] = []
+
+    class Watcher:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        @contextlib.contextmanager
+        def watch(self, key: tuple[str, float, int]) -> Iterator[None]:
+            said.append(f"{self.name} in {key[1]:g}")
+            yield
+            said.append(f"{self.name} out")
+
+    with Observers(Watcher("a"), Watcher("b")).watch(("default", 1.0, 0)):
+        said.append("run")
+    assert said == ["a in 1", "b in 1", "run", "b out", "a out"]
+
+
+def test_the_refusal_figure_says_the_floor_of_its_level() -> None:
+    level = {
+        "refusals": {"count": 290, "p99_s": 0.0098},
+        "floor": {"count": 800, "p50_s": 0.002, "p99_s": 0.0071},
+    }
+    assert _refusal_text("9.8 ms", level) == (
+        "9.8 ms (290 refusals; bare floor 7.1 ms over 800 probes)"
+    )
+    assert _refusal_text("–", {**level, "refusals": {"count": 0, "p99_s": None}}) == (
+        "none refused (bare floor 7.1 ms over 800 probes)"
+    )
+    assert _refusal_text("–", {"refusals": {"count": 0, "p99_s": None}}) == "none refused"
+    assert _refusal_text("5.0 ms", {"refusals": {"count": 4, "p99_s": 0.005}, "floor": None}) == (
+        "5.0 ms (4 refusals)"
+    )
