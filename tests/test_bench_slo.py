@@ -22,7 +22,7 @@ from bench.overload import benchmark as overload
 from bench.overload.benchmark import Benchmark
 from bench.overload.options import Options
 from bench.overload.paired import Phase, run_paired
-from bench.overload.search import BudgetExhausted, PooledProbe, SearchResult, SearchStep
+from bench.overload.search import BudgetExhausted, PooledProbe
 from bench.slo import cli as slo
 from bench.slo.figures import by_class, capacity_verdict, level_verdict, refusals
 from bench.slo.report import markdown
@@ -283,22 +283,24 @@ class FakeTarget:
 def run_arms(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, attainments: dict[str, Attainment]
 ) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
-    """``run_scenario`` on the overload scenario with each arm's runs (20 REALTIME requests,
-    the share ``attainments`` gives meeting the SLO) from a stand-in for ``run_load``; the
-    entry and the events (starts, stops, ``(arm, rate, window)`` of every measured run)."""
+    """``run_scenario`` on the overload scenario with each arm's runs from a stand-in for
+    ``run_load`` (as many REALTIME requests as the rate times the window, at least 20; the
+    share ``attainments`` gives meeting the SLO); the entry and the events (starts, stops,
+    ``(arm, rate, window)`` of every measured run)."""
     events: list[tuple[Any, ...]] = []
     windows: Counter[tuple[str, float]] = Counter()
 
     async def fake_run_load(
         s: Scenario, target: FakeTarget, *, duration_s: float, total_rps: float, salt: str = ""
     ) -> LoadResult:
-        met = 20
+        count = max(20, round(total_rps * duration_s))
+        met = count
         if salt != "warm":
             n = windows[(target.arm, total_rps)]
             windows[(target.arm, total_rps)] += 1
             events.append((target.arm, total_rps, n))
-            met = round(20 * attainments[target.arm](total_rps, n))
-        records = [record(i, float(i), ttft=0.2 if i < met else 9.0) for i in range(20)]
+            met = round(count * attainments[target.arm](total_rps, n))
+        records = [record(i, float(i), ttft=0.2 if i < met else 9.0) for i in range(count)]
         return LoadResult(s, "sluice", records, duration_s, duration_s, total_rps, 0.0)
 
     monkeypatch.setattr(overload, "run_load", fake_run_load)
@@ -352,7 +354,11 @@ def test_the_arms_search_in_turns_and_the_contested_rate_is_confirmed_on_pooled_
     assert entry["levels"][0]["window_s"] == 60.0, "the 1x level is both 4-req/s windows"
     (mine,) = entry["confirmation"]
     assert mine["passed"] and mine["pooled_attainment"] == 0.95
-    assert (mine["pooled_requests"], mine["probes"], mine["capacity_before_rps"]) == (40, 2, 2.8284)
+    assert (mine["pooled_requests"], mine["probes"], mine["capacity_before_rps"]) == (
+        240,
+        2,
+        2.8284,
+    )
     assert entry["capacity_rps"] == 4.0 == entry["reference"]["capacity_rps"]
     assert entry["capacity"]["pass"] and "error" not in entry
     assert [s["offered_rps"] for s in entry["search"]] == [0.5, 1.0, 2.0, 4.0, 2.8284]
@@ -371,7 +377,7 @@ def test_the_arms_search_in_turns_and_the_contested_rate_is_confirmed_on_pooled_
         }
     )
     assert (
-        "confirmed at 4 req/s: pooled 95.0 % over 40 requests (2 probes, this one 100.0 %), "
+        "confirmed at 4 req/s: pooled 95.0 % over 240 requests (2 probes, this one 100.0 %), "
         "pass → capacity 4.000 req/s, was 2.828" in text
     )
     assert "one probe of each in turn" in text
@@ -488,13 +494,3 @@ def test_a_budget_that_allows_no_confirmation_leaves_the_searched_capacities() -
     ]  # fmt: skip
     assert plan == [(2.0, "1x capacity"), (4.0, "2x capacity"), (8.0, "4x capacity")]
     assert reference.levels == [] and reference.error is None and default.error is None
-
-
-def test_the_default_arms_levels_are_multiples_of_its_capacity_or_its_lowest_probe() -> None:
-    found = SearchResult(1.4142, [SearchStep(1.4142, 0.97, True)])
-    assert slo.level_plan(found, 0.5) == [
-        (1.4142, "1x capacity"), (2.8284, "2x capacity"), (5.6568, "4x capacity"),
-    ]  # fmt: skip
-    none = SearchResult(0.0, [SearchStep(0.5, 0.2, False), SearchStep(0.25, 0.6, False)])
-    assert [rate for rate, _ in slo.level_plan(none, 0.5)] == [0.25, 0.5, 1.0]
-    assert "no capacity at SLO found" in slo.level_plan(none, 0.5)[0][1]

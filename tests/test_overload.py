@@ -25,14 +25,7 @@ from bench.overload.cli import parse_args
 from bench.overload.options import Options
 from bench.overload.render import check_lines
 from bench.overload.report import build_report
-from bench.overload.search import (
-    PooledProbe,
-    SearchResult,
-    SearchStep,
-    capacity_after,
-    confirm,
-    contested_rate,
-)
+from bench.overload.search import PooledProbe, SearchResult
 from bench.stats import percentile
 from tests.test_load import rec as load_record
 
@@ -210,8 +203,8 @@ def test_a_repeat_pools_its_window_with_the_earlier_run_and_keeps_each_window(
     assert [len(w.records) for w in bench.windows[("naive", 0.5)]] == [2, 2]
     assert watched == [("naive", 0.5, 0), ("naive", 0.5, 1)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["naive-0.5-2.jsonl", "naive-0.5.jsonl"]
-    assert window < bench.duration_for(0.5, 2 * 15) <= 2 * window
-    assert bench.measure(server, 0.5, min_requests=2 * 15) is kept, "no longer than both"
+    assert bench.duration_for(0.5, 4) <= 2 * window
+    assert bench.measure(server, 0.5, min_requests=4) is kept, "no longer than both, as many"
     assert len(calls) == 2
     fresh = bench.pooled_probe(server, 0.25)
     assert (fresh.probes, fresh.pooled_requests, fresh.attainment) == (1, 1, 1.0)
@@ -223,47 +216,30 @@ def test_a_repeat_pools_its_window_with_the_earlier_run_and_keeps_each_window(
     assert not (tmp_path / "naive-0.5-2.jsonl").exists()
 
 
-def test_the_contested_rate_is_the_higher_capacity_when_the_searches_differ() -> None:
-    assert contested_rate([2.8284, 4.0]) == 4.0 == contested_rate([4.0, 0.0])
-    assert contested_rate([4.0, 4.00001]) is None, "rounded as the runs are keyed"
-    assert contested_rate([4.0, 4.0]) is None and contested_rate([2.0]) is None
-    assert contested_rate([]) is None
+def test_a_pooled_run_with_fewer_requests_than_a_level_needs_is_not_reused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two pooled windows repeat one window's arrivals: long enough in summed time, they may
+    still hold fewer requests than the level asks for, and the level is then run anew."""
+    calls: list[float] = []
 
+    async def fake_run_load(
+        s: Scenario, target: object, *, duration_s: float, total_rps: float, salt: str = ""
+    ) -> LoadResult:
+        calls.append(duration_s)
+        return LoadResult(s, "naive", [rec(0, "A")], duration_s, duration_s, total_rps, 0.0)
 
-def searched(*steps: tuple[float, bool]) -> SearchResult:
-    """A search with these (rate, passed) steps and its capacity, the highest passed."""
-    found = [SearchStep(rate, 1.0 if ok else 0.5, ok) for rate, ok in steps]
-    return SearchResult(max((s.offered_rps for s in found if s.passed), default=0.0), found)
-
-
-def test_a_pooled_pass_raises_the_capacity_to_the_rate_and_a_fail_drops_it_below() -> None:
-    """Pass: at least the contested rate. Fail: the highest rate below it that passed in the
-    search, though the search never probed the rate the other arm's did in between; 0.0 when
-    none passed."""
-    climbed = searched((1.0, True), (2.0, True), (4.0, True), (8.0, False))
-    refined = searched((1.0, True), (2.0, True), (4.0, False), (2.8284, True))
-    assert capacity_after(refined, 4.0, passed=True) == 4.0
-    assert capacity_after(climbed, 4.0, passed=True) == 4.0
-    assert capacity_after(climbed, 4.0, passed=False) == 2.0
-    assert capacity_after(refined, 4.0, passed=False) == 2.8284
-    assert capacity_after(searched((0.5, False), (0.25, False)), 1.0, passed=False) == 0.0
-
-
-def test_confirm_judges_the_pooled_attainment_and_keeps_the_step() -> None:
-    """The pooled share decides, not the new probe's: 94.7 % then 96.8 % pool to a pass over
-    both probes' requests; the confirmation is kept on the search with the capacity it left,
-    and a failed one counts as a failing step above the capacity (bracketed)."""
-    refined = searched((2.0, True), (4.0, False), (2.8284, True))
-    done = confirm(refined, PooledProbe(4.0, 0.968, 0.957, 190, 2), required=0.95)
-    assert done.passed and (done.capacity_before_rps, done.capacity_rps) == (2.8284, 4.0)
-    assert refined.capacity_rps == 4.0 and refined.confirmations == [done]
-    climbed = searched((2.0, True), (4.0, True))
-    assert not climbed.bracketed
-    failed = confirm(climbed, PooledProbe(4.0, 0.99, 0.94, 200, 2), required=0.95)
-    assert not failed.passed and climbed.capacity_rps == 2.0 and climbed.bracketed
-
-
-# -- report checks ---------------------------------------------------------------------------
+    monkeypatch.setattr(overload, "run_load", fake_run_load)
+    monkeypatch.setattr(overload, "make_target", lambda *args: FakeTarget())
+    bench = Benchmark(scenario(), {}, Options(settle_s=0.0))
+    server = FakeServer()
+    bench.attainment(server, 0.5)
+    bench.pooled_probe(server, 0.5)
+    window = bench.duration_for(0.5)
+    assert bench.duration_for(0.5, 2 * 15) <= 2 * window, "summed time would do"
+    fresh = bench.measure(server, 0.5, min_requests=2 * 15)
+    assert len(calls) == 3 and bench.runs[("naive", 0.5)] is fresh
+    assert bench.windows[("naive", 0.5)] == [fresh]
 
 
 def rec(index: int, tenant: str, **kw: Any) -> RequestRecord:

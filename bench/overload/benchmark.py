@@ -152,18 +152,31 @@ class Benchmark:
         realtime_min_requests: int = 0,
     ) -> LoadResult:
         """One load run at ``rate`` with the window :meth:`duration_for` gives; a run of
-        ``server`` at that rate with a window at least as long (its windows pooled) is reused
-        instead. A new run replaces what was kept at that rate."""
+        ``server`` at that rate with a window at least as long is reused instead; pooled windows
+        (:meth:`repeat`) only with as many requests as asked for, since they repeat one short
+        window's arrivals, and a bursty plan can hold fewer of them than one window of the
+        summed length. A new run replaces what was kept at that rate."""
         rate = round(rate, RATE_DIGITS)
         key = (server.name, rate)
         duration = self.duration_for(rate, min_requests, realtime_min_requests)
         earlier = self.runs.get(key)
-        if earlier is not None and earlier.duration_s >= duration - 1e-6:
+        if earlier is not None and self._reusable(earlier, key, duration, min_requests):
             return earlier
         result = self._run(server, rate, duration, 0)
         self.runs[key] = result
         self.windows[key] = [result]
         return result
+
+    def _reusable(
+        self, run: LoadResult, key: tuple[str, float], duration: float, wanted: int | None
+    ) -> bool:
+        """Whether the ``run`` kept at ``key`` stands for a window of ``duration`` planned for
+        ``wanted`` requests (see :meth:`measure`)."""
+        if run.duration_s < duration - 1e-6:
+            return False
+        return len(self.windows.get(key, [])) <= 1 or len(run.records) >= (
+            wanted or self.options.min_requests
+        )
 
     def repeat(self, server: Server, rate: float) -> LoadResult:
         """One more search-length window of ``server`` at ``rate``, with prompts of its own and

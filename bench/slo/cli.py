@@ -18,14 +18,15 @@ suites up together (:func:`bench.overload.paired.run_paired`):
    that rate if they pass, else the highest rate below it that passed in its search (rounds
    go on while both fell and they still differ: :mod:`bench.overload.paired`).
 4. The reference suite is stopped; the scenario runs on the default suite at 1x, 2x and 4x its
-   capacity.
+   capacity (a level at a rate its search measured reuses those windows).
 
 Taking turns puts both suites' probes of a stretch on the machine as it was then, and the
 confirmation keeps one probe near the SLO's edge from deciding the capacity figure
 (docs/decisions/bench-slo-paired.md).
 
-The scheduler's metrics are sampled through every run (:mod:`bench.slo.signals`). Every process
-started is stopped by its PID (the suite's supervisor), on errors too.
+The scheduler's metrics are sampled through every run (:mod:`bench.slo.signals`), and a bare
+refusal server is probed through every run (:mod:`bench.slo.floor`). Every process started is
+stopped by its PID (the suite's supervisor, the floor's own), on errors too.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import subprocess
 import sys
 import time
@@ -25,12 +24,14 @@ from typing import Any
 from bench.overload.benchmark import Observer
 from bench.stats import percentile
 from sluice import AsyncClient
+from sluice.local.health import wait_serving
 from sluice.local.stores import free_port
 from sluice.runtime.auth import new_api_key
 from sluice.sdk.errors import SluiceRpcError
 
 PROBE_INTERVAL_S = 0.05
-"""Pause between the end of one probe and the next (20 a second, as the 2026-12-07 runs)."""
+"""Pause between the end of one probe and the next: a little under 20 probes a second, as the
+overload experiments of 2026-12-07 probed."""
 START_TIMEOUT_S = 30.0
 
 Key = tuple[str, float, int]
@@ -47,7 +48,9 @@ class RefusalFloor:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        """Start the server on a free loopback port; returns once it accepts connections."""
+        """Start the server on a free loopback port; returns once its health check says
+        ``SERVING`` (``RuntimeError`` if it exits first, ``TimeoutError`` after
+        :data:`START_TIMEOUT_S`, the process stopped either way)."""
         port = free_port()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
@@ -57,15 +60,11 @@ class RefusalFloor:
                 stderr=subprocess.STDOUT,
             )
         self.address = f"127.0.0.1:{port}"
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"refusal floor exited: see {self.log_path}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                return
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"refusal floor not serving after {START_TIMEOUT_S:g} s")
+        try:
+            wait_serving(self.address, self._proc, self.log_path, START_TIMEOUT_S, "refusal floor")
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 10 s."""
@@ -95,17 +94,26 @@ class RefusalFloor:
     async def _probe(self, times: list[float], stop: asyncio.Event) -> None:
         client = AsyncClient(self.address, api_key=new_api_key(), retry=None)
         try:
+            await self._refusal(client)  # the channel's set-up, not timed
             while not stop.is_set():
-                began = time.perf_counter()
-                try:
-                    async for _ in client.generate("floor", "hello", max_new_tokens=1):
-                        pass
-                except SluiceRpcError as exc:
-                    if exc.code.name == "RESOURCE_EXHAUSTED" and not stop.is_set():
-                        times.append(time.perf_counter() - began)
+                seconds = await self._refusal(client)
+                if seconds is not None and not stop.is_set():
+                    times.append(seconds)
                 await asyncio.sleep(PROBE_INTERVAL_S)
         finally:
             await client.close()
+
+    @staticmethod
+    async def _refusal(client: AsyncClient) -> float | None:
+        """One call's seconds to its refusal; None for anything else (the floor gone)."""
+        began = time.perf_counter()
+        try:
+            async for _ in client.generate("floor", "hello", max_new_tokens=1):
+                pass
+        except SluiceRpcError as exc:
+            if exc.code.name == "RESOURCE_EXHAUSTED":
+                return time.perf_counter() - began
+        return None
 
     def summary(self, keys: list[Key]) -> dict[str, Any] | None:
         """The floor over the runs at ``keys`` (a pooled level has several): how many probes,

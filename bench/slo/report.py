@@ -114,7 +114,8 @@ def confirmation_text(c: Mapping[str, Any]) -> str:
     moved = "" if was == c["capacity_rps"] else f", was {_num(was)}"
     return (
         f"confirmed at {c['offered_rps']:g} req/s: pooled {_pct(c['pooled_attainment'])} over "
-        f"{c['pooled_requests']} requests ({c['probes']} probes, this one "
+        f"{c['pooled_requests']} requests ({c['probes']} probe{'s' if c['probes'] != 1 else ''}, "
+        f"this one "
         f"{_pct(c['attainment'])}), {'pass' if c['passed'] else 'fail ✗'} → capacity "
         f"{_num(c['capacity_rps'])} req/s{moved}"
     )
@@ -174,7 +175,9 @@ def _method(doc: dict[str, Any]) -> str:
             "Both suites ran up together, their searches one probe of each in turn (the "
             "default's first); where their capacities differed, each probed the higher rate "
             "once more and was judged there on all its probes pooled (each search's line says "
-            "so); the levels ran on the default suite alone, the reference stopped. "
+            "so); the reference then stopped and the levels ran on the default suite alone (a "
+            "level at a rate its search measured reuses those windows, run beside the idle "
+            "reference). "
         )
     return said
 

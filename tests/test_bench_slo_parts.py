@@ -1,5 +1,6 @@
-"""``make bench-slo``'s refusal floor: a real bare refusal server probed from a run's loop, the
-observers held together, and the report's line for it."""
+"""``make bench-slo``'s parts beside the suites: the refusal floor (a real bare refusal server
+probed from a run's loop), the observers held together, the report's line for it, and the
+default arm's level plan."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench.load.run import run_client
+from bench.overload.search import SearchResult, SearchStep
+from bench.slo import cli as slo
 from bench.slo.floor import Observers, RefusalFloor
 from bench.slo.report import _refusal_text
 
@@ -71,3 +74,13 @@ def test_the_refusal_figure_says_the_floor_of_its_level() -> None:
     assert _refusal_text("5.0 ms", {"refusals": {"count": 4, "p99_s": 0.005}, "floor": None}) == (
         "5.0 ms (4 refusals)"
     )
+
+
+def test_the_default_arms_levels_are_multiples_of_its_capacity_or_its_lowest_probe() -> None:
+    found = SearchResult(1.4142, [SearchStep(1.4142, 0.97, True)])
+    assert slo.level_plan(found, 0.5) == [
+        (1.4142, "1x capacity"), (2.8284, "2x capacity"), (5.6568, "4x capacity"),
+    ]  # fmt: skip
+    none = SearchResult(0.0, [SearchStep(0.5, 0.2, False), SearchStep(0.25, 0.6, False)])
+    assert [rate for rate, _ in slo.level_plan(none, 0.5)] == [0.25, 0.5, 1.0]
+    assert "no capacity at SLO found" in slo.level_plan(none, 0.5)[0][1]
