@@ -46,9 +46,27 @@ class LiveState:
     nodes: Callable[[], Iterable[NodeGaugeRow]]
 
 
+LIVE_GAUGES = (
+    "sluice_scheduler_queue_depth",
+    "sluice_scheduler_node_circuit_state",
+    "sluice_scheduler_node_ejected",
+    "sluice_scheduler_node_load_score",
+    "sluice_scheduler_node_sequences",
+    "sluice_scheduler_node_tokens_in_flight",
+)
+"""The gauges :class:`_LiveCollector` yields."""
+
+
 class _LiveCollector(Collector):
     def __init__(self, state: LiveState) -> None:
         self._state = state
+
+    def describe(self) -> Iterator[Metric]:
+        """The gauges' names, so the registry knows them when it registers this collector:
+        without them a scrape that names its samples (``/metrics?name[]=...``, as ``make
+        bench-slo``'s sampler asks) gets none of these gauges."""
+        for name in LIVE_GAUGES:
+            yield GaugeMetricFamily(name, "")
 
     def collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily(

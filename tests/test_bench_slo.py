@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry, start_http_server
 
-from bench.jobs.metrics import parse, scrape
+from bench.jobs.metrics import parse
 from bench.load.records import OUTCOME_OK, OUTCOME_REFUSED, SLO, RequestRecord
 from bench.load.run import LoadResult
 from bench.load.scenario import Scenario, load_scenario
@@ -27,7 +26,6 @@ from bench.slo import cli as slo
 from bench.slo.figures import by_class, capacity_verdict, level_verdict, refusals
 from bench.slo.report import markdown
 from bench.slo.signals import (
-    SAMPLED,
     auc,
     best_threshold,
     bins,
@@ -35,7 +33,6 @@ from bench.slo.signals import (
     score_signals,
     spearman,
 )
-from scheduler.metrics import SchedulerMetrics
 
 
 def record(
@@ -223,29 +220,6 @@ def test_the_report_has_a_row_per_figure_and_the_signal_table() -> None:
     assert text.count("| chat-longtail | 2x capacity") == 5
     assert "| predicted_wait_s | 0 | 0 | – | – | – |" in text
     assert "refusal_p99_s | 5.0 ms (40 refusals) |" in text and "runs on uvloop" in text
-
-
-def test_the_sampler_asks_the_server_for_its_signals_only() -> None:
-    """A real exposition server (the scheduler's kind) answers a scrape naming its samples
-    with those alone, a histogram's ``_count`` and ``_sum`` included."""
-    registry = CollectorRegistry()
-    metrics = SchedulerMetrics(registry)
-    metrics.predicted_wait.labels("realtime").observe(0.5)
-    metrics.ttft.labels("realtime").observe(0.5)
-    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
-    try:
-        address = f"127.0.0.1:{server.server_address[1]}"
-        every = scrape(address)
-        only = scrape(address, names=SAMPLED)
-    finally:
-        server.shutdown()
-        thread.join(5)
-    assert every is not None and only is not None
-    assert {name for name, _ in only} == {
-        "sluice_scheduler_predicted_queue_wait_seconds_count",
-        "sluice_scheduler_predicted_queue_wait_seconds_sum",
-    }
-    assert only.items() <= every.items() and len(every) > 10 * len(only)
 
 
 # -- both suites in turns, the contested rate confirmed ---------------------------------------

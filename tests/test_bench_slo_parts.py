@@ -1,6 +1,6 @@
 """``make bench-slo``'s parts beside the suites: the refusal floor (a real bare refusal server
 probed from a run's loop), the observers held together, the report's line for it, and the
-default arm's level plan."""
+default arm's level plan, and the sampler's scrape of the scheduler's signals."""
 
 from __future__ import annotations
 
@@ -9,11 +9,16 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry, start_http_server
+
+from bench.jobs.metrics import scrape, total
 from bench.load.run import run_client
 from bench.overload.search import SearchResult, SearchStep
 from bench.slo import cli as slo
 from bench.slo.floor import Observers, RefusalFloor
 from bench.slo.report import _refusal_text
+from bench.slo.signals import SAMPLED
+from scheduler.metrics import LiveState, NodeGaugeRow, SchedulerMetrics
 
 
 def test_the_floor_is_probed_through_a_run_and_stopped_by_its_pid(tmp_path: Path) -> None:
@@ -84,3 +89,36 @@ def test_the_default_arms_levels_are_multiples_of_its_capacity_or_its_lowest_pro
     none = SearchResult(0.0, [SearchStep(0.5, 0.2, False), SearchStep(0.25, 0.6, False)])
     assert [rate for rate, _ in slo.level_plan(none, 0.5)] == [0.25, 0.5, 1.0]
     assert "no capacity at SLO found" in slo.level_plan(none, 0.5)[0][1]
+
+
+def test_the_sampler_asks_the_server_for_its_signals_only() -> None:
+    """A real exposition server (the scheduler's kind) answers a scrape naming its samples
+    with those alone, a histogram's ``_count`` and ``_sum`` included."""
+    registry = CollectorRegistry()
+    metrics = SchedulerMetrics(registry)
+    metrics.bind(
+        LiveState(
+            lambda: {("realtime", "A"): 2},
+            lambda: [NodeGaugeRow("n1", "closed", False, 0.5, 3, 40.0)],
+        )
+    )
+    metrics.predicted_wait.labels("realtime").observe(0.5)
+    metrics.ttft.labels("realtime").observe(0.5)
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        address = f"127.0.0.1:{server.server_address[1]}"
+        every = scrape(address)
+        only = scrape(address, names=SAMPLED)
+    finally:
+        server.shutdown()
+        thread.join(5)
+    assert every is not None and only is not None
+    assert {name for name, _ in only} == {
+        "sluice_scheduler_predicted_queue_wait_seconds_count",
+        "sluice_scheduler_predicted_queue_wait_seconds_sum",
+        "sluice_scheduler_node_tokens_in_flight",
+        "sluice_scheduler_node_sequences",
+        "sluice_scheduler_queue_depth",
+    }, "the live gauges too (their collector describes them)"
+    assert total(only, "sluice_scheduler_node_tokens_in_flight") == 40.0
+    assert only.items() <= every.items() and len(every) > 5 * len(only)
