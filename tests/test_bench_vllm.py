@@ -32,10 +32,11 @@ from bench.load.run import LoadResult, run_load
 from bench.load.scenario import PlannedRequest, load_scenario, parse_scenario
 from bench.load.targets import GenerationSettings, TargetError
 from bench.overload.options import Options
+from bench.overload.paired import Phase, run_paired
 from bench.overload.search import SearchResult, SearchStep
 from bench.vllm.cli import parse_args, scenario_entry, skip_reason
 from bench.vllm.figures import capacity_verdict, level_verdict
-from bench.vllm.measure import Phase, TargetBenchmark, level_plan, run_paired, target_factory
+from bench.vllm.measure import TargetBenchmark, level_plan, target_factory
 from bench.vllm.report import markdown
 from bench.vllm.servers import VLLM_SERVER, VllmServe, node_settings
 from inference_node.loading import dtype_name

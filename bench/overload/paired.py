@@ -37,6 +37,23 @@ LevelPlan = Callable[[SearchResult], list[tuple[float, str]]]
 """The first phase's search → the ``(rate, label)`` levels every measured phase runs."""
 
 
+def multiples_plan(
+    search: SearchResult,
+    start_rps: float,
+    multiples: Sequence[float],
+    of: str = "capacity",
+    lowest: str = "the lowest rate probed",
+) -> list[tuple[float, str]]:
+    """Levels at ``multiples`` of the search's capacity at SLO (labelled ``"<m>x <of>"``), or of
+    the lowest rate it probed when none met the SLO (``"<m>x <lowest> (no capacity at SLO
+    found)"``; ``start_rps`` without a probe)."""
+    base = search.capacity_rps
+    if base <= 0:
+        base = min((s.offered_rps for s in search.steps), default=start_rps)
+        of = f"{lowest} (no capacity at SLO found)"
+    return [(round(m * base, RATE_DIGITS), f"{m:g}x {of}") for m in multiples]
+
+
 @dataclass
 class Phase:
     """One server's part of a scenario: its search, the levels measured, what failed."""

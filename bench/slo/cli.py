@@ -49,8 +49,8 @@ from bench.load.scenario import Scenario, load_scenario
 from bench.load.targets import Target
 from bench.overload.benchmark import Benchmark
 from bench.overload.options import Options
-from bench.overload.paired import Phase, run_paired
-from bench.overload.search import RATE_DIGITS, SearchResult
+from bench.overload.paired import Phase, multiples_plan, run_paired
+from bench.overload.search import SearchResult
 from bench.overload.servers import Server, SluiceSuite
 from bench.paths import RESULTS_DIR, SCENARIOS_DIR, SCRATCH_DIR
 from bench.slo.figures import by_class, capacity_verdict, level_verdict, refusals
@@ -156,11 +156,7 @@ def arm(
 def level_plan(search: SearchResult, start_rps: float) -> list[tuple[float, str]]:
     """The default suite's levels: 1x, 2x and 4x its capacity at SLO, or of the lowest rate its
     search probed when none met the SLO (the labels say which)."""
-    cap, of = search.capacity_rps, "capacity"
-    if cap <= 0:
-        cap = min((s.offered_rps for s in search.steps), default=start_rps)
-        of = "the lowest rate probed (no capacity at SLO found)"
-    return [(round(m * cap, RATE_DIGITS), f"{m:g}x {of}") for m in MULTIPLES]
+    return multiples_plan(search, start_rps, MULTIPLES)
 
 
 def _meets(result: LoadResult) -> Callable[[RequestRecord], bool]:

@@ -6,8 +6,7 @@ SDK, under the same scenario, arrivals and windows.
 :meth:`TargetBenchmark.target` is the only change: :class:`Benchmark` runs every load through
 it, and :func:`bench.load.run.make_target` knows ``sluice`` and ``naive`` only. Both servers'
 phases of a scenario run up together and in turns through :func:`bench.overload.paired.
-run_paired` (``Phase`` and ``run_paired`` are named here too, as before they moved there);
-:func:`level_plan` says the levels are of bare vLLM's capacity.
+run_paired`; :func:`level_plan` says the levels are of bare vLLM's capacity.
 """
 
 from __future__ import annotations
@@ -20,20 +19,11 @@ from bench.load.scenario import Scenario
 from bench.load.targets import Target
 from bench.overload.benchmark import Benchmark
 from bench.overload.options import Options
-from bench.overload.paired import Phase, run_paired
-from bench.overload.search import RATE_DIGITS, SearchResult
+from bench.overload.paired import multiples_plan
+from bench.overload.search import SearchResult
 from bench.overload.servers import Server
 from bench.slo.figures import OVERLOAD_MULTIPLES
 from bench.vllm.servers import VLLM_SERVER
-
-__all__ = [
-    "Phase",
-    "TargetBenchmark",
-    "TargetFactory",
-    "level_plan",
-    "run_paired",
-    "target_factory",
-]
 
 TargetFactory = Callable[[str, Scenario, str], Target]
 """``(server name, scenario, address)`` → the target to drive that server with."""
@@ -69,8 +59,7 @@ class TargetBenchmark(Benchmark):
 def level_plan(search: SearchResult, start_rps: float) -> list[tuple[float, str]]:
     """The overload levels both servers run: 2x and 4x bare vLLM's capacity at SLO, or of the
     lowest rate its search probed when none met the SLO (the labels say which)."""
-    base, of = search.capacity_rps, "bare vLLM's capacity"
-    if base <= 0:
-        base = min((s.offered_rps for s in search.steps), default=start_rps)
-        of = "the lowest rate probed on bare vLLM (no capacity at SLO found)"
-    return [(round(m * base, RATE_DIGITS), f"{m:g}x {of}") for m in OVERLOAD_MULTIPLES]
+    return multiples_plan(
+        search, start_rps, OVERLOAD_MULTIPLES, "bare vLLM's capacity",
+        "the lowest rate probed on bare vLLM",
+    )  # fmt: skip
